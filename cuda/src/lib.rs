@@ -1,0 +1,1 @@
+//! CUDA support for tensorstream (pinned staging ring, streams, device arena).

@@ -1,0 +1,290 @@
+//! The storage-backend trait: the only thing the engine knows about storage.
+//!
+//! # Contract for implementers
+//!
+//! A backend serves ONE object (a file, a URL, an S3 key). It answers two questions —
+//! [`Backend::stat`] (how big is it, which version) and [`Backend::read_at`] (fill this buffer
+//! from that offset) — and describes itself with [`Capabilities`]. It knows nothing of tensors.
+//!
+//! * `read_at(offset, buf)` fills `buf` completely and returns `buf.len()`, unless the object ends
+//!   first: then it returns the number of bytes up to the end (possibly 0). A short count anywhere
+//!   else is a bug. Transient failures are retried inside the backend; the error that escapes is
+//!   final for that range, with [`Error::is_retryable`] telling whether a fresh attempt might help.
+//! * Every read of one load must observe the same object version as the `stat` that started it.
+//!   Backends that can detect a change (ETag, mtime, size) return [`ErrorKind::ObjectChanged`]
+//!   instead of mixing bytes of two versions.
+//! * `read_at` may be called from many threads at once (`Backend: Sync`).
+//! * Readers returned by [`Backend::open_reader`] own the buffers handed to them until the read
+//!   completes, and give every buffer back, on success and on failure.
+//!
+//! Backends with their own asynchronous machinery (io_uring, an HTTP client on tokio) override
+//! [`Backend::open_reader`]; the default runs `read_at` on a pool of threads, which is all a simple
+//! third-party backend needs. Run [`crate::testkit`] (feature `testkit`) against your backend.
+//!
+//! [`ErrorKind::ObjectChanged`]: crate::ErrorKind::ObjectChanged
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::mem::IoBuf;
+
+/// What `stat` knows about the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Size in bytes.
+    pub size: u64,
+    /// A version tag (HTTP ETag, S3 ETag/version id, mtime+inode for files), if any.
+    pub version: Option<String>,
+}
+
+/// What a backend can do and how it likes to be read. Plain data: the planner and the
+/// conformance suite read it; nothing matches on a backend's concrete type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Arbitrary byte ranges can be read (false: only whole-object streaming).
+    pub ranged_reads: bool,
+    /// Reads bypass the page cache (O_DIRECT): offsets, lengths and buffers must be aligned.
+    pub direct_io: bool,
+    /// Required alignment of offset, length and buffer address (power of two; 1 = none).
+    pub alignment: usize,
+    /// Preferred size of one read request.
+    pub preferred_chunk: usize,
+    /// Reads the backend is happy to have in flight at once.
+    pub max_concurrency: usize,
+    /// Name of the backend kind (`local`, `http`, `s3`, `nfs`, …) for messages and stats.
+    pub kind: &'static str,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            ranged_reads: true,
+            direct_io: false,
+            alignment: 1,
+            preferred_chunk: 8 << 20,
+            max_concurrency: 8,
+            kind: "custom",
+        }
+    }
+}
+
+/// One read handed to a [`RangeReader`].
+#[derive(Debug)]
+pub struct ReadRequest {
+    /// Caller's token, returned in the completion.
+    pub id: u64,
+    /// Object offset of the first byte.
+    pub offset: u64,
+    /// Destination; `buf.len()` bytes are requested.
+    pub buf: IoBuf,
+}
+
+/// A finished read: the buffer comes back with the outcome.
+#[derive(Debug)]
+pub struct ReadDone {
+    /// The request's token.
+    pub id: u64,
+    /// The request's offset.
+    pub offset: u64,
+    /// The buffer, given back.
+    pub buf: IoBuf,
+    /// Bytes read (`buf.len()` unless the object ended), or the error.
+    pub result: Result<usize>,
+}
+
+/// Options for a reader session.
+#[derive(Debug, Clone, Copy)]
+pub struct ReaderOptions {
+    /// Reads to keep in flight.
+    pub queue_depth: usize,
+}
+
+/// A session of many reads in flight: submit requests, wait for completions (any order).
+pub trait RangeReader: Send {
+    /// Queues a read. The caller keeps at most `queue_depth` reads in flight.
+    fn submit(&mut self, req: ReadRequest) -> Result<()>;
+    /// Blocks until a read completes and returns it. Errors only when the reader itself broke
+    /// (per-read failures come back in [`ReadDone::result`] together with the buffer).
+    fn wait(&mut self) -> Result<ReadDone>;
+    /// Reads submitted and not yet returned by `wait`.
+    fn in_flight(&self) -> usize;
+    /// Optional: buffers (by region) that should be registered with the kernel for faster I/O.
+    /// Called once before the first submit. The default does nothing.
+    fn register_buffers(&mut self, _bufs: &[&IoBuf]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A storage backend serving one object. See the module docs for the contract.
+pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
+    /// The object's location as the user wrote it (path or URI), for messages.
+    fn location(&self) -> &str;
+    /// Size and version of the object.
+    fn stat(&self) -> Result<ObjectMeta>;
+    /// How the backend likes to be read.
+    fn capabilities(&self) -> Capabilities;
+    /// Fills `buf` from `offset`; returns fewer bytes only at the end of the object.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize>;
+    /// A reader session with many reads in flight. The default runs `read_at` on
+    /// `opts.queue_depth` threads (capped at 64).
+    fn open_reader(
+        self: Arc<Self>,
+        _meta: &ObjectMeta,
+        opts: &ReaderOptions,
+    ) -> Result<Box<dyn RangeReader>> {
+        Ok(Box::new(ThreadPoolReader::new(self, opts.queue_depth)?))
+    }
+}
+
+/// Conveniences over any [`Backend`] (blanket-implemented; not part of the implementer contract).
+pub trait BackendExt: Backend {
+    /// Reads exactly `len` bytes at `offset`, failing with `Corrupt` if the object ends first.
+    fn read_exact_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        let n = self.read_at(offset, &mut v)?;
+        if n != len {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("object ends after {} bytes, expected {len}", n),
+            )
+            .with_location(self.location())
+            .with_range(offset..offset.saturating_add(len as u64)));
+        }
+        Ok(v)
+    }
+}
+impl<B: Backend + ?Sized> BackendExt for B {}
+
+/// Dispatches `read_at` calls to a fixed pool of threads: the default [`RangeReader`].
+pub struct ThreadPoolReader {
+    tx: Option<Sender<ReadRequest>>,
+    rx: Receiver<ReadDone>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    in_flight: usize,
+}
+
+impl ThreadPoolReader {
+    /// Starts `threads` workers (1..=64) reading through `backend`.
+    pub fn new<B: Backend + ?Sized>(backend: Arc<B>, threads: usize) -> Result<Self> {
+        let threads = threads.clamp(1, 64);
+        let (tx, jobs) = crossbeam_channel::unbounded::<ReadRequest>();
+        let (done_tx, rx) = crossbeam_channel::unbounded::<ReadDone>();
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let jobs = jobs.clone();
+            let done_tx = done_tx.clone();
+            let backend = backend.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("ts-read-{i}"))
+                .spawn(move || {
+                    for mut req in jobs.iter() {
+                        let result = backend.read_at(req.offset, req.buf.as_mut_slice());
+                        let done = ReadDone {
+                            id: req.id,
+                            offset: req.offset,
+                            buf: req.buf,
+                            result,
+                        };
+                        if done_tx.send(done).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| Error::from_io(e, "spawning reader thread"))?;
+            workers.push(h);
+        }
+        Ok(ThreadPoolReader {
+            tx: Some(tx),
+            rx,
+            workers,
+            in_flight: 0,
+        })
+    }
+}
+
+impl RangeReader for ThreadPoolReader {
+    fn submit(&mut self, req: ReadRequest) -> Result<()> {
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "reader closed"))?;
+        tx.send(req)
+            .map_err(|_| Error::new(ErrorKind::Io, "reader threads exited"))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+    fn wait(&mut self) -> Result<ReadDone> {
+        if self.in_flight == 0 {
+            return Err(Error::invalid("wait() with no read in flight"));
+        }
+        let d = self
+            .rx
+            .recv()
+            .map_err(|_| Error::new(ErrorKind::Io, "reader threads exited"))?;
+        self.in_flight -= 1;
+        Ok(d)
+    }
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+impl Drop for ThreadPoolReader {
+    fn drop(&mut self) {
+        self.tx.take();
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A backend over bytes in memory: for tests, examples and the conformance suite's self-check.
+#[derive(Debug, Clone)]
+pub struct MemoryBackend {
+    name: String,
+    data: Arc<Vec<u8>>,
+}
+
+impl MemoryBackend {
+    /// Serves `data` under the name `name`.
+    pub fn new(name: impl Into<String>, data: Vec<u8>) -> Self {
+        MemoryBackend {
+            name: name.into(),
+            data: Arc::new(data),
+        }
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn location(&self) -> &str {
+        &self.name
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        Ok(ObjectMeta {
+            size: self.data.len() as u64,
+            version: None,
+        })
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            kind: "memory",
+            ..Capabilities::default()
+        }
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let len = self.data.len() as u64;
+        if offset > len {
+            return Err(Error::new(
+                ErrorKind::RangeNotSatisfiable,
+                format!("offset {offset} is past the end ({len} bytes)"),
+            )
+            .with_location(&self.name));
+        }
+        let start = offset as usize;
+        let n = buf.len().min(self.data.len() - start);
+        buf[..n].copy_from_slice(&self.data[start..start + n]);
+        Ok(n)
+    }
+}

@@ -1,0 +1,250 @@
+//! The one public error type of tensorstream.
+//!
+//! An [`Error`] carries a [`ErrorKind`], a retryable flag and context (backend, location, byte range).
+//! Crates convert their private, precise error enums into it once, at their boundary.
+
+use std::fmt;
+use std::ops::Range;
+
+/// What went wrong, coarse enough to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The object does not exist.
+    NotFound,
+    /// The caller may not read the object.
+    PermissionDenied,
+    /// The bytes are not a valid file of the expected format (bad header, offsets past EOF, …).
+    Corrupt,
+    /// The input is valid but asks for something this build does not support.
+    Unsupported,
+    /// A byte range lies outside the object.
+    RangeNotSatisfiable,
+    /// The object changed (size, ETag, mtime) while it was being read.
+    ObjectChanged,
+    /// An operation took longer than its deadline.
+    Timeout,
+    /// A GPU / driver error.
+    Device,
+    /// A checksum or MAC did not match.
+    IntegrityMismatch,
+    /// Bad arguments from the caller (empty filter result, bad URI, …).
+    InvalidInput,
+    /// Any other I/O failure.
+    Io,
+}
+
+impl ErrorKind {
+    /// Short lower-case name used in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not found",
+            ErrorKind::PermissionDenied => "permission denied",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::RangeNotSatisfiable => "range not satisfiable",
+            ErrorKind::ObjectChanged => "object changed",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Device => "device error",
+            ErrorKind::IntegrityMismatch => "integrity mismatch",
+            ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::Io => "i/o error",
+        }
+    }
+}
+
+/// The public error type: kind + retryable flag + context + message + optional source.
+pub struct Error {
+    kind: ErrorKind,
+    retryable: bool,
+    message: String,
+    backend: Option<String>,
+    location: Option<String>,
+    range: Option<Range<u64>>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new, permanent error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            retryable: false,
+            message: message.into(),
+            backend: None,
+            location: None,
+            range: None,
+            source: None,
+        }
+    }
+
+    /// Shorthand for a [`ErrorKind::Corrupt`] error.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Corrupt, message)
+    }
+
+    /// Shorthand for a [`ErrorKind::InvalidInput`] error.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidInput, message)
+    }
+
+    /// Shorthand for a [`ErrorKind::Unsupported`] error.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unsupported, message)
+    }
+
+    /// Builds an error from an OS I/O error, mapping its kind.
+    pub fn from_io(err: std::io::Error, what: impl Into<String>) -> Self {
+        use std::io::ErrorKind as K;
+        let kind = match err.kind() {
+            K::NotFound => ErrorKind::NotFound,
+            K::PermissionDenied => ErrorKind::PermissionDenied,
+            K::TimedOut => ErrorKind::Timeout,
+            K::UnexpectedEof => ErrorKind::Corrupt,
+            _ => ErrorKind::Io,
+        };
+        let retryable = matches!(
+            err.kind(),
+            K::Interrupted
+                | K::WouldBlock
+                | K::TimedOut
+                | K::ConnectionReset
+                | K::ConnectionAborted
+        );
+        let mut e = Error::new(kind, format!("{}: {}", what.into(), err));
+        e.retryable = retryable;
+        e.source = Some(Box::new(err));
+        e
+    }
+
+    /// Marks the error retryable (a later attempt may succeed) or permanent.
+    pub fn with_retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+    /// Names the backend (`local`, `http`, `s3`, …).
+    pub fn with_backend(mut self, backend: impl Into<String>) -> Self {
+        self.backend = Some(backend.into());
+        self
+    }
+    /// Names the object (path or URI) unless a location is already set.
+    pub fn with_location(mut self, location: impl Into<String>) -> Self {
+        if self.location.is_none() {
+            self.location = Some(location.into());
+        }
+        self
+    }
+    /// Names the byte range concerned unless one is already set.
+    pub fn with_range(mut self, range: Range<u64>) -> Self {
+        if self.range.is_none() {
+            self.range = Some(range);
+        }
+        self
+    }
+    /// Attaches an underlying error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+    /// Prefixes the message with more context (`"{context}: {message}"`).
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+    /// Whether retrying the same operation may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+    /// The message without context.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    /// The backend, if known.
+    pub fn backend(&self) -> Option<&str> {
+        self.backend.as_deref()
+    }
+    /// The object, if known.
+    pub fn location(&self) -> Option<&str> {
+        self.location.as_deref()
+    }
+    /// The byte range, if known.
+    pub fn range(&self) -> Option<Range<u64>> {
+        self.range.clone()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(loc) = &self.location {
+            write!(f, "{loc}: ")?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some(r) = &self.range {
+            write!(f, " (bytes {}..{})", r.start, r.end)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.kind)
+            .field("retryable", &self.retryable)
+            .field("message", &self.message)
+            .field("backend", &self.backend)
+            .field("location", &self.location)
+            .field("range", &self.range)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e.as_ref() as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_includes_location_and_range() {
+        let e = Error::corrupt("tensor offsets past end of file")
+            .with_location("/m/x.safetensors")
+            .with_range(10..20);
+        assert_eq!(
+            e.to_string(),
+            "/m/x.safetensors: tensor offsets past end of file (bytes 10..20)"
+        );
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn io_error_kinds_map() {
+        let e = Error::from_io(std::io::Error::from(std::io::ErrorKind::NotFound), "open");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e = Error::from_io(std::io::Error::from(std::io::ErrorKind::TimedOut), "read");
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn first_location_wins() {
+        let e = Error::corrupt("x").with_location("a").with_location("b");
+        assert_eq!(e.location(), Some("a"));
+    }
+}

@@ -1,0 +1,70 @@
+//! File formats: pure parsers from a metadata prefix to a [`TensorIndex`].
+//!
+//! A parser never does I/O. [`parse_prefix`] looks at the first bytes of an object and either
+//! returns the index or asks for a longer prefix; [`read_index`] drives that loop through a
+//! [`Backend`], reading only the metadata, never the tensor data.
+
+pub mod safetensors;
+
+use crate::backend::{Backend, BackendExt, ObjectMeta};
+use crate::error::{Error, ErrorKind, Result};
+use crate::index::TensorIndex;
+
+/// Outcome of looking at a prefix of an object.
+#[derive(Debug)]
+pub enum Probe {
+    /// The prefix held all the metadata.
+    Index(TensorIndex),
+    /// The metadata needs the first `n` bytes of the object (more than were given).
+    NeedPrefix(u64),
+}
+
+/// How many bytes the first metadata read asks for.
+pub const FIRST_READ: u64 = 64 * 1024;
+
+/// Largest metadata prefix any format may ask for (hostile headers are rejected before this).
+pub const MAX_METADATA: u64 = 1 << 30;
+
+/// Detects the format from the first bytes and parses the index if `prefix` holds enough.
+pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
+    if object_size == 0 {
+        return Err(Error::corrupt("file is empty"));
+    }
+    if prefix.len() >= 5 && &prefix[..5] == b"|TZR|" {
+        return Err(Error::unsupported(
+            "tensorizer files are not supported by this build yet",
+        ));
+    }
+    safetensors::parse_prefix(prefix, object_size)
+}
+
+/// Reads and parses the metadata of the object behind `backend`.
+pub fn read_index(backend: &dyn Backend, meta: &ObjectMeta) -> Result<TensorIndex> {
+    let loc = backend.location().to_string();
+    let mut want = FIRST_READ.min(meta.size);
+    let mut prefix = backend
+        .read_exact_at(0, want as usize)
+        .map_err(|e| e.with_location(&loc))?;
+    loop {
+        match parse_prefix(&prefix, meta.size).map_err(|e| e.with_location(&loc))? {
+            Probe::Index(idx) => return Ok(idx),
+            Probe::NeedPrefix(n) => {
+                if n <= want || n > meta.size || n > MAX_METADATA {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "metadata asks for a {n}-byte prefix of a {}-byte object",
+                            meta.size
+                        ),
+                    )
+                    .with_location(&loc));
+                }
+                let more = backend
+                    .read_exact_at(want, (n - want) as usize)
+                    .map_err(|e| e.with_location(&loc))?;
+                prefix.extend_from_slice(&more);
+                want = n;
+            }
+        }
+    }
+}

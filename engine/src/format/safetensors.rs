@@ -1,0 +1,253 @@
+//! safetensors: `u64 LE header length` + JSON header + data.
+//!
+//! Validation follows the reference crate: checked arithmetic, every offset checked against the
+//! object size at construction, shape × dtype size must equal the byte length, no overlapping
+//! ranges, no duplicate names, and the header length is bounded before anything is allocated.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::Value;
+
+use super::Probe;
+use crate::dtype::{numel, DType};
+use crate::error::{Error, Result};
+use crate::index::{Format, TensorIndex, TensorInfo, TensorSource};
+
+/// Largest header the reader accepts (the reference crate uses the same bound).
+pub const MAX_HEADER: u64 = 100_000_000;
+
+/// Parses a safetensors header from a prefix of the object.
+pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
+    if object_size < 8 {
+        return Err(Error::corrupt(format!(
+            "file is {object_size} bytes, too short for a safetensors header (8-byte length + JSON)"
+        )));
+    }
+    if prefix.len() < 8 {
+        return Ok(Probe::NeedPrefix(8));
+    }
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&prefix[..8]);
+    let n = u64::from_le_bytes(len_bytes);
+    if n > MAX_HEADER {
+        return Err(Error::corrupt(format!(
+            "not a safetensors file: header length {n} exceeds the {MAX_HEADER}-byte limit"
+        ))
+        .with_range(0..8));
+    }
+    let header_end = 8 + n; // n <= MAX_HEADER, no overflow
+    if header_end > object_size {
+        return Err(Error::corrupt(format!(
+            "safetensors header length {n} runs past the end of the file ({object_size} bytes); \
+             the file is truncated or not safetensors"
+        ))
+        .with_range(0..8));
+    }
+    if (prefix.len() as u64) < header_end {
+        return Ok(Probe::NeedPrefix(header_end));
+    }
+    let header = &prefix[8..header_end as usize];
+    parse_header(header, object_size).map(Probe::Index)
+}
+
+/// Parses the JSON header (without the length prefix) of an object of `object_size` bytes.
+pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
+    let header_len = 8 + header.len() as u64;
+    let data_start = header_len;
+    let data_len = object_size
+        .checked_sub(data_start)
+        .ok_or_else(|| Error::corrupt("safetensors header runs past the end of the file"))?;
+    let text = std::str::from_utf8(header)
+        .map_err(|e| Error::corrupt(format!("safetensors header is not UTF-8: {e}")))?;
+    if !text.starts_with('{') {
+        return Err(Error::corrupt(
+            "safetensors header does not start with '{': not a safetensors file",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let entries = de
+        .deserialize_map(EntriesVisitor)
+        .and_then(|e| de.end().map(|_| e))
+        .map_err(|e| Error::corrupt(format!("safetensors header is not valid JSON: {e}")))?;
+
+    let mut metadata = BTreeMap::new();
+    let mut tensors = Vec::with_capacity(entries.len().min(1 << 20));
+    let mut seen = std::collections::HashSet::new();
+    for (name, value) in entries {
+        if !seen.insert(name.clone()) {
+            return Err(Error::corrupt(format!(
+                "safetensors header names tensor {name:?} twice"
+            )));
+        }
+        if name == "__metadata__" {
+            let obj = value.as_object().ok_or_else(|| {
+                Error::corrupt("safetensors __metadata__ is not an object of strings")
+            })?;
+            for (k, v) in obj {
+                let v = v.as_str().ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "safetensors __metadata__ value for {k:?} is not a string"
+                    ))
+                })?;
+                metadata.insert(k.clone(), v.to_string());
+            }
+            continue;
+        }
+        tensors.push(parse_tensor(&name, &value, data_start, data_len)?);
+    }
+    tensors.sort_by(|a, b| (a.range.start, a.range.end).cmp(&(b.range.start, b.range.end)));
+    let mut prev: Option<&TensorInfo> = None;
+    for t in &tensors {
+        if t.range.is_empty() {
+            continue;
+        }
+        if let Some(p) = prev {
+            if t.range.start < p.range.end {
+                return Err(Error::corrupt(format!(
+                    "tensors {:?} and {:?} overlap (data bytes {}..{} and {}..{})",
+                    p.name,
+                    t.name,
+                    p.range.start - data_start,
+                    p.range.end - data_start,
+                    t.range.start - data_start,
+                    t.range.end - data_start
+                )));
+            }
+        }
+        prev = Some(t);
+    }
+    Ok(TensorIndex {
+        format: Format::Safetensors,
+        tensors,
+        metadata,
+        object_size,
+        header_len,
+        version: 0,
+    })
+}
+
+fn parse_tensor(name: &str, v: &Value, data_start: u64, data_len: u64) -> Result<TensorInfo> {
+    let bad = |what: &str| Error::corrupt(format!("tensor {name:?}: {what}"));
+    let obj = v.as_object().ok_or_else(|| bad("entry is not an object"))?;
+    let dtype_s = obj
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("missing or non-string \"dtype\""))?;
+    let dtype = DType::from_safetensors_name(dtype_s)
+        .ok_or_else(|| bad(&format!("unknown dtype {dtype_s:?}")))?;
+    let shape_v = obj
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("missing or non-array \"shape\""))?;
+    let mut shape = Vec::with_capacity(shape_v.len());
+    for d in shape_v {
+        shape.push(
+            d.as_u64()
+                .ok_or_else(|| bad("shape holds a value that is not a non-negative integer"))?,
+        );
+    }
+    let offs = obj
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("missing or non-array \"data_offsets\""))?;
+    if offs.len() != 2 {
+        return Err(bad("\"data_offsets\" must hold exactly two integers"));
+    }
+    let begin = offs[0]
+        .as_u64()
+        .ok_or_else(|| bad("data_offsets[0] is not a non-negative integer"))?;
+    let end = offs[1]
+        .as_u64()
+        .ok_or_else(|| bad("data_offsets[1] is not a non-negative integer"))?;
+    if begin > end {
+        return Err(bad(&format!(
+            "data_offsets are out of order ({begin} > {end})"
+        )));
+    }
+    if end > data_len {
+        return Err(bad(&format!(
+            "data_offsets {begin}..{end} run past the end of the data ({data_len} bytes): file truncated or corrupt"
+        )));
+    }
+    let n = numel(&shape).ok_or_else(|| bad("shape's element count overflows"))?;
+    let want = dtype
+        .byte_len(n)
+        .ok_or_else(|| bad("shape × dtype size overflows or is not a whole number of bytes"))?;
+    if want != end - begin {
+        return Err(bad(&format!(
+            "shape {shape:?} of {} needs {want} bytes but data_offsets give {}",
+            dtype.safetensors_name(),
+            end - begin
+        )));
+    }
+    Ok(TensorInfo {
+        name: name.to_string(),
+        dtype,
+        shape,
+        range: (data_start + begin)..(data_start + end),
+        source: TensorSource::Stored,
+        path: None,
+        prefix: None,
+    })
+}
+
+/// Collects the header's top-level entries in order, keeping duplicates so they can be rejected.
+struct EntriesVisitor;
+
+impl<'de> Visitor<'de> for EntriesVisitor {
+    type Value = Vec<(String, Value)>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some((k, v)) = map.next_entry::<String, Value>()? {
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+}
+
+/// Serialises a safetensors file image: header + data, tensors written in the given order.
+/// Used by tests, the demo and `convert`. `tensors`: (name, dtype, shape, bytes).
+pub fn write_header(
+    tensors: &[(String, DType, Vec<u64>, u64)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let mut map = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let m: serde_json::Map<String, Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        map.insert("__metadata__".into(), Value::Object(m));
+    }
+    let mut off = 0u64;
+    for (name, dtype, shape, nbytes) in tensors {
+        let end = off
+            .checked_add(*nbytes)
+            .ok_or_else(|| Error::invalid("tensor sizes overflow"))?;
+        map.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, end]}),
+        );
+        off = end;
+    }
+    let mut json = serde_json::to_vec(&Value::Object(map))
+        .map_err(|e| Error::invalid(format!("cannot encode header: {e}")))?;
+    while (8 + json.len()) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,96 @@
+//! The format-independent description of a file's tensors.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use crate::dtype::DType;
+
+/// Which file format an index came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Hugging Face safetensors.
+    Safetensors,
+    /// CoreWeave tensorizer.
+    Tensorizer,
+}
+
+impl Format {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Tensorizer => "tensorizer",
+        }
+    }
+}
+
+/// Where a tensor's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorSource {
+    /// Stored bytes at `range` of the object.
+    Stored,
+    /// Not stored: load as `nbytes` zero bytes (tensorizer meta tensors).
+    Zeros,
+}
+
+/// One tensor of the index.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Display name (dotted for tensorizer json-seq names).
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape (empty for a scalar).
+    pub shape: Vec<u64>,
+    /// Absolute byte range of the tensor's data in the object (empty for zero-size/meta tensors).
+    pub range: Range<u64>,
+    /// Whether the bytes are stored or synthesized.
+    pub source: TensorSource,
+    /// Structured path (tensorizer json-seq names), if the format has one.
+    pub path: Option<Vec<serde_json::Value>>,
+    /// Extra bytes that must be loaded together with the tensor (e.g. a per-tensor header that is
+    /// hashed together with the data). Absolute object range, or `None`.
+    pub prefix: Option<Range<u64>>,
+}
+
+impl TensorInfo {
+    /// Number of bytes of the tensor's data.
+    pub fn nbytes(&self) -> u64 {
+        match self.source {
+            TensorSource::Stored => self.range.end - self.range.start,
+            TensorSource::Zeros => self
+                .dtype
+                .byte_len(crate::dtype::numel(&self.shape).unwrap_or(0))
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// Everything a format reader learned from the metadata prefix.
+#[derive(Debug, Clone)]
+pub struct TensorIndex {
+    /// The format.
+    pub format: Format,
+    /// Tensors in file order (ascending `range.start`).
+    pub tensors: Vec<TensorInfo>,
+    /// Free-form metadata (`__metadata__` in safetensors).
+    pub metadata: BTreeMap<String, String>,
+    /// Size of the object the index was read from.
+    pub object_size: u64,
+    /// Bytes of metadata before the first tensor (header size).
+    pub header_len: u64,
+    /// Format version (tensorizer data version; 0 for safetensors).
+    pub version: u32,
+}
+
+impl TensorIndex {
+    /// Sum of all tensors' byte lengths.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.nbytes()).sum()
+    }
+    /// Looks a tensor up by name.
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}

@@ -1,0 +1,381 @@
+//! Memory the engine owns and lends to readers: aligned host buffers, the host arena, and
+//! [`IoBuf`], the owned buffer handle every read takes and gives back.
+//!
+//! This is one of the named modules where `unsafe` is allowed (with the io_uring submission module
+//! and the CUDA crate): an [`IoBuf`] is a raw window into memory kept alive by an owner, so that
+//! the kernel (io_uring), a DMA engine (CUDA) or a reader thread may write into it while the engine
+//! keeps the rest of the region. The invariants that make this sound are stated on each type.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Owner of a memory region that [`IoBuf`] windows point into.
+///
+/// # Safety
+/// Implementors guarantee that the region `[base(), base() + len())` is valid for reads and writes,
+/// never moves, and stays allocated for as long as the owner value lives (windows hold an `Arc`).
+pub unsafe trait MemRegion: Send + Sync + 'static {
+    /// Start of the region.
+    fn base(&self) -> *mut u8;
+    /// Length of the region in bytes.
+    fn len(&self) -> usize;
+    /// True when the region is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// True when the region is page-locked for DMA by a GPU (pinned host memory).
+    fn is_pinned(&self) -> bool {
+        false
+    }
+}
+
+/// An owned, exclusive window of `len` bytes into a [`MemRegion`].
+///
+/// A read takes an `IoBuf` and gives it back when it completes (the ownership model of
+/// tokio-uring / io-uring): nobody else can touch the window while a read owns it.
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    cap: usize,
+    region: Arc<dyn MemRegion>,
+}
+
+// SAFETY: an IoBuf is the only handle to its window (windows of one region never overlap, see the
+// constructors), and the region itself is Send + Sync, so moving the handle to another thread is
+// sound.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared references only allow reading the window (`as_slice`).
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    /// Builds a window from raw parts.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must lie inside `region`, and no other live `IoBuf` (or any other reference)
+    /// may overlap it for the lifetime of the returned value.
+    pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize, region: Arc<dyn MemRegion>) -> Self {
+        IoBuf {
+            ptr,
+            len,
+            cap: len,
+            region,
+        }
+    }
+
+    /// A window covering a whole, freshly allocated aligned buffer.
+    pub fn aligned(len: usize, align: usize) -> Result<Self> {
+        let buf = AlignedBuf::zeroed(len, align)?;
+        let region: Arc<dyn MemRegion> = Arc::new(buf);
+        let ptr = NonNull::new(region.base()).unwrap_or(NonNull::dangling());
+        // SAFETY: the region was just created and nothing else refers to it.
+        Ok(unsafe { IoBuf::from_raw_parts(ptr, len, region) })
+    }
+
+    /// Length of the window.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True for a zero-length window.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Raw pointer for submission to the kernel / a DMA engine.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    /// Raw pointer for reading.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    /// The bytes of the window.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the window is valid (region invariant), exclusively ours (constructor invariant),
+        // and `&self` forbids concurrent mutation through this handle.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    /// The bytes of the window, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as for `as_slice`, and `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+    /// The region this window belongs to (for buffer registration and pinned checks).
+    pub fn region(&self) -> &Arc<dyn MemRegion> {
+        &self.region
+    }
+    /// Offset of the window inside its region.
+    pub fn offset_in_region(&self) -> usize {
+        self.ptr.as_ptr() as usize - self.region.base() as usize
+    }
+    /// Splits off the first `at` bytes into their own window; `self` keeps the rest.
+    pub fn split_to(&mut self, at: usize) -> Option<IoBuf> {
+        if at > self.len {
+            return None;
+        }
+        let head = IoBuf {
+            ptr: self.ptr,
+            len: at,
+            cap: at,
+            region: self.region.clone(),
+        };
+        // SAFETY: at <= len <= cap, so the new start stays inside (or one past the end of) the
+        // window.
+        self.ptr = unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(at)) };
+        self.len -= at;
+        self.cap -= at;
+        Some(head)
+    }
+    /// Capacity of the window (its length when it was created).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    /// Sets the visible length to `len` (at most the capacity). Returns false if too large.
+    pub fn set_len(&mut self, len: usize) -> bool {
+        if len > self.cap {
+            return false;
+        }
+        self.len = len;
+        true
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// A zero-initialised heap buffer whose start is aligned to `align` (a power of two). Large
+/// buffers come from `calloc`-style zero pages, so allocating a multi-GiB arena costs no RSS until
+/// it is written.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: std::alloc::Layout,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively; the raw pointer is not shared with anyone
+// except through IoBuf windows, which carry their own Send/Sync reasoning.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads (`as_slice`); writes need `&mut` or an exclusive IoBuf window.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `len` zero bytes aligned to `align`.
+    pub fn zeroed(len: usize, align: usize) -> Result<Self> {
+        let layout =
+            std::alloc::Layout::from_size_align(len.max(1), align.max(1)).map_err(|_| {
+                Error::invalid(format!(
+                "cannot allocate {len} bytes aligned to {align} (alignment must be a power of two)"
+            ))
+            })?;
+        // SAFETY: the layout has a non-zero size (len.max(1)).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            Error::new(
+                crate::ErrorKind::Io,
+                format!("out of host memory allocating {len} bytes"),
+            )
+        })?;
+        Ok(AlignedBuf { ptr, layout, len })
+    }
+    /// The aligned bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised (zeroed) bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    /// The aligned bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+// SAFETY: the allocation never moves and lives as long as the AlignedBuf; `len` bytes from `ptr`
+// are valid. Windows (IoBuf) keep the AlignedBuf alive through an Arc.
+unsafe impl MemRegion for AlignedBuf {
+    fn base(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// One host allocation that tensors are loaded into, lent out in non-overlapping windows while
+/// a load runs and readable as a whole once every window is gone.
+pub struct Arena {
+    inner: Arc<dyn MemRegion>,
+}
+
+impl Arena {
+    /// A zeroed host arena of `len` bytes, aligned to `align`.
+    pub fn host(len: usize, align: usize) -> Result<Self> {
+        Ok(Arena {
+            inner: Arc::new(AlignedBuf::zeroed(len, align)?),
+        })
+    }
+
+    /// An arena over any region (e.g. pinned memory from the CUDA crate).
+    pub fn from_region(region: Arc<dyn MemRegion>) -> Self {
+        Arena { inner: region }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.inner.len() == 0
+    }
+    /// The region (for buffer registration).
+    pub fn region(&self) -> &Arc<dyn MemRegion> {
+        &self.inner
+    }
+
+    /// Lends out windows for `ranges`, which must be sorted, non-overlapping and inside the
+    /// arena. Fails if windows from an earlier call are still alive.
+    pub fn windows(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<Vec<IoBuf>> {
+        if Arc::strong_count(&self.inner) != 1 {
+            return Err(Error::invalid("arena windows are still lent out"));
+        }
+        let mut prev_end = 0usize;
+        for r in ranges {
+            if r.start > r.end || r.start < prev_end || r.end > self.inner.len() {
+                return Err(Error::invalid(format!(
+                    "arena window {}..{} overlaps another or lies outside the arena ({} bytes)",
+                    r.start,
+                    r.end,
+                    self.inner.len()
+                )));
+            }
+            prev_end = r.end;
+        }
+        let base = self.inner.base();
+        Ok(ranges
+            .iter()
+            .map(|r| {
+                let ptr = NonNull::new(base.wrapping_add(r.start)).unwrap_or(NonNull::dangling());
+                // SAFETY: the ranges were checked above to be inside the region and pairwise
+                // disjoint, and no windows from earlier calls are alive (strong count was 1), so
+                // each window is exclusive. `&mut self` prevents `as_slice` while we hand them out,
+                // and `as_slice` refuses while any window is alive.
+                unsafe { IoBuf::from_raw_parts(ptr, r.len(), self.inner.clone()) }
+            })
+            .collect())
+    }
+
+    /// The whole arena, once no window is lent out.
+    pub fn as_slice(&self) -> Result<&[u8]> {
+        if Arc::strong_count(&self.inner) != 1 {
+            return Err(Error::invalid(
+                "arena is still being written (windows lent out)",
+            ));
+        }
+        // SAFETY: no IoBuf window exists (strong count 1 and windows hold a clone), so nothing
+        // can write the region while this shared borrow of `self` lives (`windows` needs &mut).
+        Ok(unsafe { std::slice::from_raw_parts(self.inner.base(), self.inner.len()) })
+    }
+
+    /// The whole arena, writable, once no window is lent out.
+    pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
+        if Arc::strong_count(&self.inner) != 1 {
+            return Err(Error::invalid(
+                "arena is still being written (windows lent out)",
+            ));
+        }
+        // SAFETY: as for `as_slice`; `&mut self` makes this the only access.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.inner.base(), self.inner.len()) })
+    }
+}
+
+/// A fixed set of equally sized staging buffers carved out of one aligned allocation.
+pub fn staging_slots(count: usize, slot_size: usize, align: usize) -> Result<Vec<IoBuf>> {
+    let total = count
+        .checked_mul(slot_size)
+        .ok_or_else(|| Error::invalid("staging ring size overflows"))?;
+    let mut whole = IoBuf::aligned(total, align)?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        match whole.split_to(slot_size) {
+            Some(s) => out.push(s),
+            None => return Err(Error::invalid("staging ring split failed")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buffer_is_aligned_and_zeroed() {
+        for align in [1usize, 512, 4096] {
+            let b = AlignedBuf::zeroed(10_000, align).unwrap();
+            assert_eq!(b.as_slice().as_ptr() as usize % align, 0);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            assert_eq!(b.len(), 10_000);
+        }
+        assert!(AlignedBuf::zeroed(10, 3).is_err());
+    }
+
+    #[test]
+    fn arena_windows_are_exclusive_and_checked() {
+        let mut a = Arena::host(8192, 4096).unwrap();
+        assert!(a.windows(&[0..10, 5..20]).is_err());
+        assert!(a.windows(&[0..10, 8000..8193]).is_err());
+        let mut w = a.windows(&[0..4, 4096..4100]).unwrap();
+        assert!(a.as_slice().is_err());
+        assert!(a.windows(&[0..1]).is_err());
+        w[0].as_mut_slice().copy_from_slice(&[1, 2, 3, 4]);
+        w[1].as_mut_slice().copy_from_slice(&[5, 6, 7, 8]);
+        drop(w);
+        let s = a.as_slice().unwrap();
+        assert_eq!(&s[0..4], &[1, 2, 3, 4]);
+        assert_eq!(&s[4096..4100], &[5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn staging_slots_are_disjoint() {
+        let mut slots = staging_slots(4, 4096, 4096).unwrap();
+        for (i, s) in slots.iter_mut().enumerate() {
+            assert_eq!(s.len(), 4096);
+            assert_eq!(s.as_ptr() as usize % 4096, 0);
+            s.as_mut_slice().fill(i as u8);
+        }
+        for (i, s) in slots.iter().enumerate() {
+            assert!(s.as_slice().iter().all(|&x| x == i as u8));
+        }
+    }
+
+    #[test]
+    fn split_to_partitions() {
+        let mut b = IoBuf::aligned(100, 8).unwrap();
+        let h = b.split_to(30).unwrap();
+        assert_eq!(h.len(), 30);
+        assert_eq!(b.len(), 70);
+        assert_eq!(b.offset_in_region(), 30);
+        assert!(b.split_to(71).is_none());
+    }
+}

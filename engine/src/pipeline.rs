@@ -1,0 +1,251 @@
+//! The engine: executes a [`Plan`] through a backend's [`RangeReader`] into a [`Sink`].
+//!
+//! The calling thread keeps `queue_depth` reads in flight; finished reads travel over a
+//! crossbeam channel to the sink's thread, and staging slots travel back over another. Host
+//! memory beyond the sink's destination is bounded by the staging ring (`slots × slot_size`),
+//! whatever the model size; direct reads use no staging at all.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::backend::{Backend, ObjectMeta, ReadRequest, ReaderOptions};
+use crate::error::{Error, ErrorKind, Result};
+use crate::mem::{staging_slots, IoBuf};
+use crate::plan::Plan;
+use crate::sink::Sink;
+
+/// Engine knobs.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Reads in flight.
+    pub queue_depth: usize,
+    /// Total staging memory for non-direct reads (bytes).
+    pub ring_budget: usize,
+    /// Bytes read so far, for progress display.
+    pub progress: Option<Arc<AtomicU64>>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            queue_depth: 16,
+            ring_budget: 256 << 20,
+            progress: None,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    /// Reads issued.
+    pub reads: u64,
+    /// Bytes read from storage (including alignment and gap bytes).
+    pub bytes_read: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Staging bytes allocated.
+    pub staging_bytes: u64,
+}
+
+enum ToSink {
+    Filled(usize, IoBuf),
+}
+
+/// Runs `plan` against `backend` into `sink`. Returns the sink (holding the loaded bytes) and
+/// statistics. On any error no partial result is returned.
+pub fn execute<S: Sink>(
+    backend: Arc<dyn Backend>,
+    meta: &ObjectMeta,
+    plan: Arc<Plan>,
+    mut sink: S,
+    opts: &EngineOptions,
+) -> Result<(S, EngineStats)> {
+    let start = Instant::now();
+    let loc = backend.location().to_string();
+    let depth = opts.queue_depth.clamp(1, 1024);
+    let mut direct = sink.prepare(&plan)?;
+    if direct.len() != plan.reads.len() {
+        return Err(Error::invalid("sink prepared the wrong number of buffers"));
+    }
+    let max_staged = plan
+        .reads
+        .iter()
+        .zip(&direct)
+        .filter(|(_, d)| d.is_none())
+        .map(|(r, _)| r.len() as usize)
+        .max();
+    let mut free: Vec<IoBuf> = Vec::new();
+    let mut staging_bytes = 0u64;
+    if let Some(slot) = max_staged {
+        let count = (opts.ring_budget / slot.max(1)).clamp(2, depth.max(2));
+        if count.saturating_mul(slot) > opts.ring_budget.max(2 * slot) {
+            return Err(Error::invalid(format!(
+                "a read of {slot} bytes does not fit the staging budget of {} bytes",
+                opts.ring_budget
+            )));
+        }
+        free = match sink.staging(count, slot)? {
+            Some(v) => v,
+            None => {
+                let align = backend.capabilities().alignment.max(4096);
+                staging_slots(count, slot, align)?
+            }
+        };
+        staging_bytes = free.iter().map(|b| b.capacity() as u64).sum();
+    }
+
+    let mut reader = backend
+        .clone()
+        .open_reader(meta, &ReaderOptions { queue_depth: depth })?;
+    {
+        let regs: Vec<&IoBuf> = free.iter().chain(direct.iter().flatten()).collect();
+        reader.register_buffers(&regs)?;
+    }
+
+    // Sink thread.
+    let (to_sink, sink_rx): (Sender<ToSink>, Receiver<ToSink>) = crossbeam_channel::unbounded();
+    let (freed_tx, freed_rx): (Sender<IoBuf>, Receiver<IoBuf>) = crossbeam_channel::unbounded();
+    let sink_failed = Arc::new(AtomicBool::new(false));
+    let sink_failed2 = sink_failed.clone();
+    let sink_thread = std::thread::Builder::new()
+        .name("ts-sink".into())
+        .spawn(move || -> (S, Result<()>) {
+            let mut run = || -> Result<()> {
+                for msg in sink_rx.iter() {
+                    let ToSink::Filled(idx, buf) = msg;
+                    for b in sink.accept(idx, buf)? {
+                        let _ = freed_tx.send(b);
+                    }
+                }
+                for b in sink.finish()? {
+                    let _ = freed_tx.send(b);
+                }
+                Ok(())
+            };
+            let r = run();
+            if r.is_err() {
+                sink_failed2.store(true, Ordering::SeqCst);
+            }
+            (sink, r)
+        })
+        .map_err(|e| Error::from_io(e, "spawning sink thread"))?;
+
+    let mut stats = EngineStats {
+        staging_bytes,
+        ..Default::default()
+    };
+    let mut read_err: Option<Error> = None;
+    let mut next = 0usize;
+    let total = plan.reads.len();
+    'outer: while next < total || reader.in_flight() > 0 {
+        // Submit while there is room and a buffer.
+        while read_err.is_none() && next < total && reader.in_flight() < depth {
+            if sink_failed.load(Ordering::SeqCst) {
+                break 'outer;
+            }
+            let op = &plan.reads[next];
+            let want = op.len() as usize;
+            let mut buf = match direct[next].take() {
+                Some(b) => b,
+                None => match free.pop().or_else(|| freed_rx.try_recv().ok()) {
+                    Some(b) => b,
+                    None => break,
+                },
+            };
+            if !buf.set_len(want) {
+                read_err = Some(Error::invalid("staging slot smaller than a read"));
+                break;
+            }
+            if let Err(e) = reader.submit(ReadRequest {
+                id: next as u64,
+                offset: op.obj.start,
+                buf,
+            }) {
+                read_err = Some(e);
+                break;
+            }
+            next += 1;
+        }
+        if reader.in_flight() == 0 {
+            if read_err.is_some() || next >= total {
+                break;
+            }
+            // Every slot is with the sink: wait for one to come back.
+            match freed_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(b) => free.push(b),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+            continue;
+        }
+        let done = reader.wait()?;
+        let idx = done.id as usize;
+        let op = &plan.reads[idx];
+        match done.result {
+            Ok(n) => {
+                let want = op.len();
+                let needed_end = op.segments.last().map_or(op.obj.start, |s| s.obj.end);
+                let reached = op.obj.start + n as u64;
+                let short_ok = reached == meta.size && reached >= needed_end;
+                if (n as u64) != want && !short_ok {
+                    if read_err.is_none() {
+                        read_err = Some(
+                            Error::new(
+                                ErrorKind::Corrupt,
+                                format!(
+                                    "object ended early: read {n} of {want} bytes (object size {} at stat); truncated or changed while loading",
+                                    meta.size
+                                ),
+                            )
+                            .with_range(op.obj.clone()),
+                        );
+                    }
+                    continue;
+                }
+                stats.reads += 1;
+                stats.bytes_read += n as u64;
+                if let Some(p) = &opts.progress {
+                    p.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                if read_err.is_none() && to_sink.send(ToSink::Filled(idx, done.buf)).is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                if read_err.is_none() {
+                    read_err = Some(e.with_range(op.obj.clone()));
+                }
+            }
+        }
+        while let Ok(b) = freed_rx.try_recv() {
+            free.push(b);
+        }
+    }
+    // Drain anything still in flight so every buffer is given back before we return.
+    while reader.in_flight() > 0 {
+        if reader.wait().is_err() {
+            break;
+        }
+    }
+    drop(reader);
+    drop(to_sink);
+    let (sink, sink_res) = sink_thread
+        .join()
+        .map_err(|_| Error::new(ErrorKind::Io, "sink thread panicked"))?;
+    if let Some(e) = read_err {
+        return Err(e.with_location(&loc));
+    }
+    sink_res.map_err(|e| e.with_location(&loc))?;
+    if next < total {
+        return Err(
+            Error::new(ErrorKind::Io, "load stopped before all reads were issued")
+                .with_location(&loc),
+        );
+    }
+    stats.elapsed = start.elapsed();
+    Ok((sink, stats))
+}
