@@ -229,6 +229,12 @@ pub fn write_header(
     }
     let mut off = 0u64;
     for (name, dtype, shape, nbytes) in tensors {
+        if !dtype.is_safetensors() {
+            return Err(Error::invalid(format!(
+                "tensor {name:?}: {} is not a safetensors dtype",
+                dtype.safetensors_name()
+            )));
+        }
         let end = off
             .checked_add(*nbytes)
             .ok_or_else(|| Error::invalid("tensor sizes overflow"))?;
