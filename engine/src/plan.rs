@@ -173,8 +173,22 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
         let (needed, data_off) = match t.source {
             TensorSource::Zeros => (0..0, 0),
             TensorSource::Stored => {
+                if t.range.start > t.range.end {
+                    return Err(Error::corrupt(format!(
+                        "tensor {:?}: byte range {}..{} ends before it starts",
+                        t.name, t.range.start, t.range.end
+                    )));
+                }
+                if let Some(p) = &t.prefix {
+                    if p.start > p.end || p.end > t.range.start {
+                        return Err(Error::corrupt(format!(
+                            "tensor {:?}: prefix {}..{} does not precede its data {}..{}",
+                            t.name, p.start, p.end, t.range.start, t.range.end
+                        )));
+                    }
+                }
                 let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
-                if start > t.range.start || t.range.end > opts.object_size {
+                if t.range.end > opts.object_size {
                     return Err(Error::corrupt(format!(
                         "tensor {:?}: byte range {}..{} lies outside the object ({} bytes)",
                         t.name, start, t.range.end, opts.object_size
