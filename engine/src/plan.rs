@@ -210,19 +210,17 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
     }
 
     // Group into runs of consecutive non-empty needed ranges.
-    let mut runs: Vec<(Range<u64>, Vec<usize>)> = Vec::new(); // (object range, item indices)
+    // (object range, item indices, useful bytes)
+    let mut runs: Vec<(Range<u64>, Vec<usize>, u64)> = Vec::new();
     for (i, (_, r, _)) in items.iter().enumerate() {
         if r.is_empty() {
             continue;
         }
         let len = r.end - r.start;
-        if let Some((run, members)) = runs.last_mut() {
+        if let Some((run, members, run_useful)) = runs.last_mut() {
             let gap = r.start - run.end;
-            let useful: u64 = members
-                .iter()
-                .map(|&m| items[m].1.end - items[m].1.start)
-                .sum::<u64>()
-                + len;
+            // Disjoint ranges inside the object: the sum cannot overflow.
+            let useful = *run_useful + len;
             let span = r.end - run.start;
             let within_amp = (span as f64) <= (useful as f64) * opts.max_amplification.max(1.0);
             let touching_blocks =
@@ -230,10 +228,11 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
             if touching_blocks || (gap <= opts.max_gap && within_amp) {
                 run.end = r.end;
                 members.push(i);
+                *run_useful = useful;
                 continue;
             }
         }
-        runs.push((r.clone(), vec![i]));
+        runs.push((r.clone(), vec![i], len));
     }
 
     let mut placements: Vec<Placement> = Vec::with_capacity(items.len());
@@ -242,7 +241,7 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
     let mut cursor: u64 = 0;
     let object_end_aligned = align_up(opts.object_size, a).ok_or_else(overflow)?;
 
-    for (run, members) in &runs {
+    for (run, members, _) in &runs {
         let ra = align_down(run.start, a);
         let ru = align_up(run.end, a)
             .ok_or_else(overflow)?

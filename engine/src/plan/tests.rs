@@ -222,3 +222,21 @@ fn bad_options_are_invalid_input() {
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(e.to_string().contains("not in the index"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// scale
+
+/// 200 000 contiguous tensors form one run. The planner used to re-sum a run's useful bytes at
+/// every merge (quadratic: this test then ran for many minutes); it must stay linear.
+#[test]
+fn many_small_tensors_plan_in_linear_time() {
+    let n = 200_000u64;
+    let idx = index(
+        (0..n).map(|i| stored("t", i * 3..i * 3 + 3)).collect(),
+        n * 3,
+    );
+    let p = plan(&idx, &all(&idx), &strict(n * 3)).unwrap();
+    assert_eq!(reads(&p), vec![0..n * 3]);
+    assert_eq!(p.placements.len(), n as usize);
+    assert_eq!(p.reads[0].segments.len(), n as usize);
+}
