@@ -63,7 +63,8 @@ pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
         .map_err(|e| Error::corrupt(format!("safetensors header is not UTF-8: {e}")))?;
     if !text.starts_with('{') {
         return Err(Error::corrupt(
-            "safetensors header does not start with '{': not a safetensors file",
+            "safetensors header is not a JSON object (does not start with '{'): \
+             not a safetensors file",
         ));
     }
     let mut de = serde_json::Deserializer::from_str(text);
@@ -143,10 +144,11 @@ fn parse_tensor(name: &str, v: &Value, data_start: u64, data_len: u64) -> Result
         .ok_or_else(|| bad("missing or non-array \"shape\""))?;
     let mut shape = Vec::with_capacity(shape_v.len());
     for d in shape_v {
-        shape.push(
-            d.as_u64()
-                .ok_or_else(|| bad("shape holds a value that is not a non-negative integer"))?,
-        );
+        shape.push(d.as_u64().ok_or_else(|| {
+            bad(&format!(
+                "shape holds {d}, which is not a non-negative integer"
+            ))
+        })?);
     }
     let offs = obj
         .get("data_offsets")
