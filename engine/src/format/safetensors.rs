@@ -83,6 +83,10 @@ pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
             )));
         }
         if name == "__metadata__" {
+            // The reference crate reads it as `Option<HashMap<String, String>>`: null is none.
+            if value.is_null() {
+                continue;
+            }
             let obj = value.as_object().ok_or_else(|| {
                 Error::corrupt("safetensors __metadata__ is not an object of strings")
             })?;

@@ -322,6 +322,13 @@ fn scalars_empty_tensors_and_metadata() {
 }
 
 #[test]
+fn null_metadata_is_no_metadata() {
+    // The reference crate reads `__metadata__` as Option<HashMap<String, String>>.
+    let idx = parse(&image(br#"{"__metadata__":null}"#, 0)).unwrap();
+    assert!(idx.metadata.is_empty());
+}
+
+#[test]
 fn short_prefix_asks_for_more() {
     let bytes = image(
         br#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#,
