@@ -199,6 +199,7 @@ fn ranges_past_the_object_are_rejected() {
 }
 
 #[test]
+#[allow(clippy::reversed_empty_ranges)]
 fn inverted_range_is_an_error_not_a_panic() {
     let idx = index(vec![stored("a", 10..5)], 20);
     expect_err(
@@ -210,6 +211,7 @@ fn inverted_range_is_an_error_not_a_panic() {
 }
 
 #[test]
+#[allow(clippy::reversed_empty_ranges)]
 fn prefix_must_precede_the_data() {
     for (prefix, data) in [
         (30..32, 10..20),
@@ -462,7 +464,12 @@ fn verify_rejects_broken_plans() {
         assert!(e.to_string().contains(needle), "{e} lacks {needle:?}");
     };
     bad(&|p| p.reads[1].segments[0].dest += 1, "lands at");
-    bad(&|p| drop(p.reads.pop()), "covered only up to");
+    bad(
+        &|p| {
+            p.reads.pop();
+        },
+        "covered only up to",
+    );
     bad(
         &|p| p.reads[1].direct = Some(0),
         "not where the direct read puts it",
@@ -484,7 +491,12 @@ fn verify_rejects_broken_plans() {
     );
     bad(&|p| p.arena_len -= 1, "past arena_len");
     bad(&|p| p.useful_bytes += 1, "useful_bytes");
-    bad(&|p| drop(p.placements.pop()), "not the selected tensors");
+    bad(
+        &|p| {
+            p.placements.pop();
+        },
+        "not the selected tensors",
+    );
     assert!(good.verify(&idx, &[0, 1], &o).is_err());
 }
 

@@ -86,11 +86,14 @@ impl Plan {
         let mut useful = 0u64;
         let mut last_needed_start = None;
         for (k, p) in self.placements.iter().enumerate() {
-            let t = &index.tensors[p.tensor];
+            let Some(t) = index.tensors.get(p.tensor) else {
+                ensure!(false, "placement {k} names tensor #{}", p.tensor);
+                unreachable!()
+            };
             let (needed, len) = match t.source {
                 TensorSource::Stored => (
                     t.prefix.as_ref().map_or(t.range.start, |pr| pr.start)..t.range.end,
-                    t.range.end - t.range.start,
+                    t.range.end.saturating_sub(t.range.start),
                 ),
                 TensorSource::Zeros => (0..0, t.nbytes()),
             };
@@ -114,7 +117,7 @@ impl Plan {
                 ensure!(p.needed_dest == p.dest, "placement {k}: needed_dest moved");
                 Window {
                     start: p.dest,
-                    end: p.dest.checked_add(len).unwrap_or(u64::MAX),
+                    end: p.dest.saturating_add(len),
                     shift: None,
                 }
             } else {
@@ -122,19 +125,16 @@ impl Plan {
                     ensure!(prev < needed.start, "placements not in object order at {k}");
                 }
                 last_needed_start = Some(needed.start);
-                useful += needed.end - needed.start;
+                useful = useful.saturating_add(needed.end - needed.start);
                 ensure!(
-                    p.dest.checked_sub(p.needed_dest) == Some(t.range.start - needed.start),
+                    p.dest.checked_sub(p.needed_dest) == t.range.start.checked_sub(needed.start),
                     "placement {k}: dest {} is not needed_dest {} + prefix length",
                     p.dest,
                     p.needed_dest
                 );
                 Window {
                     start: p.needed_dest,
-                    end: p
-                        .needed_dest
-                        .checked_add(needed.end - needed.start)
-                        .unwrap_or(u64::MAX),
+                    end: p.needed_dest.saturating_add(needed.end - needed.start),
                     shift: Some(p.needed_dest as i128 - needed.start as i128),
                 }
             };
@@ -193,7 +193,7 @@ impl Plan {
                     i - 1
                 );
             }
-            read_bytes += r.len();
+            read_bytes = read_bytes.saturating_add(r.len());
             ensure!(!r.segments.is_empty(), "read {i} {o:?} has no segment");
             match (opts.layout, r.direct) {
                 (Layout::Mirror, Some(d)) => {
@@ -204,7 +204,7 @@ impl Plan {
                         r.len(),
                         self.arena_len
                     );
-                    direct.push((d, d + r.len(), d as i128 - o.start as i128));
+                    direct.push((d, d.saturating_add(r.len()), d as i128 - o.start as i128));
                 }
                 (Layout::Mirror, None) => ensure!(false, "mirror read {i} is not direct"),
                 (Layout::Packed { .. }, d) => {
@@ -233,16 +233,16 @@ impl Plan {
                     p.needed
                 );
                 covered[s.placement] = s.obj.end;
+                let want = p.needed_dest.checked_add(s.obj.start - p.needed.start);
                 ensure!(
-                    s.dest == p.needed_dest + (s.obj.start - p.needed.start),
-                    "read {i}: segment {:?} lands at {} instead of {}",
+                    Some(s.dest) == want,
+                    "read {i}: segment {:?} lands at {} instead of {want:?}",
                     s.obj,
-                    s.dest,
-                    p.needed_dest + (s.obj.start - p.needed.start)
+                    s.dest
                 );
                 if let Some(d) = r.direct {
                     ensure!(
-                        s.dest == d + (s.obj.start - o.start),
+                        Some(s.dest) == d.checked_add(s.obj.start - o.start),
                         "read {i}: segment {:?} is not where the direct read puts it",
                         s.obj
                     );

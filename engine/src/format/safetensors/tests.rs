@@ -15,7 +15,7 @@ use crate::format::{self, Probe};
 /// A file image: length + header bytes (padded to 8 with spaces) + `data` zero bytes.
 fn image(header: &[u8], data: usize) -> Vec<u8> {
     let mut h = header.to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
