@@ -53,16 +53,18 @@ fuzz_target!(|input: Input| {
         tensors.push(TensorInfo {
             name: format!("t{i}"),
             dtype: DType::U8,
-            shape: vec![if source == TensorSource::Zeros { u64::from(t.len) } else { range.end.saturating_sub(range.start) }],
+            shape: vec![if source == TensorSource::Zeros {
+                u64::from(t.len)
+            } else {
+                range.end.saturating_sub(range.start)
+            }],
             range,
             source,
             path: None,
             prefix,
         });
     }
-    let object_size = input
-        .object_size
-        .unwrap_or(off + u64::from(input.tail));
+    let object_size = input.object_size.unwrap_or(off + u64::from(input.tail));
     let selected: Vec<usize> = if input.select_all {
         (0..tensors.len()).collect()
     } else {
@@ -80,14 +82,20 @@ fuzz_target!(|input: Input| {
     // Bound the work: at most ~100k reads.
     let chunk_size = input.chunk_size.max(object_size / 100_000);
     let opts = PlanOptions {
-        alignment: if input.alignment_log2 >= 250 { 3 } else { alignment },
+        alignment: if input.alignment_log2 >= 250 {
+            3
+        } else {
+            alignment
+        },
         chunk_size,
         max_gap: input.max_gap,
         max_amplification: input.max_amplification,
         layout: match input.packed {
             None => Layout::Mirror,
             Some(x) if x >= 250 => Layout::Packed { align: 0 },
-            Some(x) => Layout::Packed { align: 1 << (x % 14) },
+            Some(x) => Layout::Packed {
+                align: 1 << (x % 14),
+            },
         },
         object_size,
     };

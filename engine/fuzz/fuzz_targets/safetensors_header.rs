@@ -25,14 +25,20 @@ fuzz_target!(|input: (u64, &[u8])| {
                 let n = numel(&t.shape).expect("validated shape");
                 assert_eq!(t.dtype.byte_len(n), Some(t.range.end - t.range.start));
                 if !t.range.is_empty() {
-                    assert!(t.range.start >= prev_end, "overlap or inside the header: {t:?}");
+                    assert!(
+                        t.range.start >= prev_end,
+                        "overlap or inside the header: {t:?}"
+                    );
                     prev_end = t.range.end;
                 }
                 assert!(t.dtype.is_safetensors());
             }
         }
         Ok(Probe::NeedPrefix(n)) => {
-            assert!(n > bytes.len() as u64 && n <= size, "asks for {n} of {size}");
+            assert!(
+                n > bytes.len() as u64 && n <= size,
+                "asks for {n} of {size}"
+            );
         }
         Err(_) => {}
     }
