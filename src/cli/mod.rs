@@ -188,7 +188,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         u => return Err(format!("bad size {s:?}: unknown unit {u:?}")),
     };
     let v = n * mult as f64;
-    if !(v.is_finite() && v >= 0.0 && v < 1.8e19) {
+    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) {
         return Err(format!("bad size {s:?}: out of range"));
     }
     Ok(v as u64)
