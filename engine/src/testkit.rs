@@ -554,7 +554,7 @@ pub fn check_end_to_end(fx: &dyn Fixture, layout: Layout) {
         });
         if let Layout::Packed { align } = layout {
             ctx.ensure(
-                t.data.is_empty() || t.data.as_ptr() as u64 % align == 0,
+                t.data.is_empty() || (t.data.as_ptr() as u64).is_multiple_of(align),
                 || {
                     format!(
                         "tensor {:?} is not aligned to {align} in a packed load",
