@@ -405,9 +405,10 @@ pub fn check_reader(fx: &dyn Fixture, queue_depth: usize) {
                 ctx.ensure(n == want, || {
                     format!("read at {off} of {len} bytes returned {n} bytes, expected {want} (object {size} bytes)")
                 });
-                ctx.ensure(buf.as_slice()[..n] == data[start..start + n], || {
-                    format!("read at {off} of {len} bytes returned wrong bytes")
-                });
+                ctx.ensure(
+                    n == 0 || buf.as_slice()[..n] == data[start..start + n],
+                    || format!("read at {off} of {len} bytes returned wrong bytes"),
+                );
             }
             Err(e) if start >= size && e.kind() == ErrorKind::RangeNotSatisfiable => {}
             Err(e) => ctx.fail(format_args!(
