@@ -325,7 +325,12 @@ impl Sink for HostSink {
 }
 
 impl HostSink {
-    fn accept_hooked(&mut self, plan: &Arc<Plan>, read: usize, mut buf: IoBuf) -> Result<Vec<IoBuf>> {
+    fn accept_hooked(
+        &mut self,
+        plan: &Arc<Plan>,
+        read: usize,
+        mut buf: IoBuf,
+    ) -> Result<Vec<IoBuf>> {
         let op = &plan.reads[read];
         let h = self
             .hook

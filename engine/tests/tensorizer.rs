@@ -11,7 +11,10 @@ use tensorstream_engine::format::tensorizer::{self, KeySource, ReadOptions};
 use tensorstream_engine::*;
 
 fn fixtures() -> PathBuf {
-    let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures"));
+    let p = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures"
+    ));
     assert!(
         p.join("manifest.json").is_file(),
         "fixtures missing at {} (shared/ must sit beside the checkout)",
@@ -102,7 +105,11 @@ fn check_against_manifest(file: &str, entry: &Value, m: &HostModel) {
             .map(|d| d.as_u64().unwrap())
             .collect();
         assert_eq!(v.shape, &shape[..], "{file}/{name} shape");
-        assert_eq!(v.data.len() as u64, t["nbytes"].as_u64().unwrap(), "{file}/{name} nbytes");
+        assert_eq!(
+            v.data.len() as u64,
+            t["nbytes"].as_u64().unwrap(),
+            "{file}/{name} nbytes"
+        );
         assert_eq!(
             hex(&Sha256::digest(v.data)),
             t["sha256"].as_str().unwrap(),
@@ -191,7 +198,11 @@ fn encrypted_files_need_the_right_key() {
     let key_file = std::fs::read(fixtures().join("v3_encrypted_key.tensors")).unwrap();
     let pw_file = std::fs::read(fixtures().join("v3_encrypted_password.tensors")).unwrap();
     // No key at all: refused before any data is read.
-    let e = err(load(key_file.clone(), &ReadOptions::default(), Layout::Mirror));
+    let e = err(load(
+        key_file.clone(),
+        &ReadOptions::default(),
+        Layout::Mirror,
+    ));
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(e.to_string().contains("encrypted"), "{e}");
     // Wrong raw key.
@@ -222,8 +233,7 @@ fn encrypted_files_need_the_right_key() {
             key: Some(KeySource::Key([0; 32])),
         },
         Layout::Mirror,
-    )
-    );
+    ));
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     // The right password via the hex key of the other file is also refused (different key).
     let hexkey = m["files"]["v3_encrypted_key.tensors"]["encryption"]["key_hex"]
@@ -236,8 +246,7 @@ fn encrypted_files_need_the_right_key() {
             key: Some(KeySource::from_key_file(hexkey.as_bytes()).unwrap()),
         },
         Layout::Mirror,
-    )
-    );
+    ));
     assert_eq!(e.kind(), ErrorKind::IntegrityMismatch);
 }
 
@@ -260,8 +269,7 @@ fn a_flipped_data_byte_fails_verification_naming_the_tensor() {
                 key: None,
             },
             layout,
-        )
-        );
+        ));
         assert_eq!(e.kind(), ErrorKind::IntegrityMismatch, "{e}");
         assert!(e.to_string().contains("layer.0.w"), "{e}");
     }
@@ -278,8 +286,7 @@ fn a_flipped_data_byte_fails_verification_naming_the_tensor() {
             key: Some(KeySource::from_key_file(&(0u8..32).collect::<Vec<u8>>()).unwrap()),
         },
         Layout::Mirror,
-    )
-    );
+    ));
     assert_eq!(e.kind(), ErrorKind::IntegrityMismatch, "{e}");
     assert!(e.to_string().contains("chunk 1"), "{e}");
 }
@@ -372,7 +379,10 @@ fn converted_files_can_be_encrypted_with_a_key_or_a_password() {
             Layout::Mirror,
         ));
         assert!(
-            matches!(e.kind(), ErrorKind::IntegrityMismatch | ErrorKind::InvalidInput),
+            matches!(
+                e.kind(),
+                ErrorKind::IntegrityMismatch | ErrorKind::InvalidInput
+            ),
             "{e}"
         );
     }

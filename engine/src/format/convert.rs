@@ -83,8 +83,8 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
     let mut index = super::read_index(input, &meta)?;
     let hook = tensorizer::prepare(&mut index, &opts.read).map_err(|e| e.with_location(&loc))?;
     let tmp = temp_path(output);
-    let file = File::create(&tmp)
-        .map_err(|e| Error::from_io(e, format!("creating {}", tmp.display())))?;
+    let file =
+        File::create(&tmp).map_err(|e| Error::from_io(e, format!("creating {}", tmp.display())))?;
     let result = (|| -> Result<ConvertStats> {
         let mut w = BufWriter::with_capacity(1 << 20, file);
         let stats = match fmt {
@@ -129,7 +129,7 @@ fn for_each_piece(
     index: &TensorIndex,
     ti: usize,
     hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
     sink: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<u64> {
     let t = &index.tensors[ti];

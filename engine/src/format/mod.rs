@@ -35,6 +35,14 @@ pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
     if prefix.len() >= 5 && &prefix[..5] == tensorizer::MAGIC {
         return tensorizer::parse_prefix(prefix, object_size);
     }
+    // "|???|" cannot start a safetensors file (its header length would exceed the limit).
+    if prefix.len() >= 5 && prefix[0] == b'|' && prefix[4] == b'|' {
+        return Err(Error::corrupt(format!(
+            "unknown magic {:?}: not a tensorizer file (|TZR|) nor safetensors",
+            String::from_utf8_lossy(&prefix[..5])
+        ))
+        .with_range(0..5));
+    }
     safetensors::parse_prefix(prefix, object_size)
 }
 

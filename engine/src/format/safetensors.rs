@@ -97,7 +97,7 @@ pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
         }
         tensors.push(parse_tensor(&name, &value, data_start, data_len)?);
     }
-    tensors.sort_by(|a, b| (a.range.start, a.range.end).cmp(&(b.range.start, b.range.end)));
+    tensors.sort_by_key(|t| (t.range.start, t.range.end));
     let mut prev: Option<&TensorInfo> = None;
     for t in &tensors {
         if t.range.is_empty() {

@@ -67,9 +67,8 @@ impl KeySource {
         if text.len() == 64 {
             let mut k = [0u8; 32];
             for (i, out) in k.iter_mut().enumerate() {
-                *out = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| {
-                    Error::invalid("key file is 64 characters but not hexadecimal")
-                })?;
+                *out = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+                    .map_err(|_| Error::invalid("key file is 64 characters but not hexadecimal"))?;
             }
             return Ok(KeySource::Key(k));
         }
@@ -302,10 +301,16 @@ pub fn derive_key(password: &[u8], p: &PwHash) -> Result<[u8; 32]> {
         )));
     }
     if p.opslimit < 1 || p.opslimit > u32::MAX as u64 {
-        return Err(Error::corrupt(format!("invalid pwhash opslimit {}", p.opslimit)));
+        return Err(Error::corrupt(format!(
+            "invalid pwhash opslimit {}",
+            p.opslimit
+        )));
     }
     if p.memlimit < 8192 {
-        return Err(Error::corrupt(format!("invalid pwhash memlimit {}", p.memlimit)));
+        return Err(Error::corrupt(format!(
+            "invalid pwhash memlimit {}",
+            p.memlimit
+        )));
     }
     if p.memlimit > MAX_MEMLIMIT {
         return Err(Error::unsupported(format!(
@@ -335,7 +340,11 @@ pub fn increment(nonce: &mut [u8; NONCE_LEN]) {
 
 /// Decrypts `data` in place. Each box's MAC is checked before its bytes are touched; on failure
 /// returns the failing chunk's index and leaves that chunk as ciphertext.
-pub fn decrypt(key: &[u8; 32], cipher: &Cipher, data: &mut [u8]) -> std::result::Result<(), String> {
+pub fn decrypt(
+    key: &[u8; 32],
+    cipher: &Cipher,
+    data: &mut [u8],
+) -> std::result::Result<(), String> {
     let aead = XSalsa20Poly1305::new(key.into());
     match cipher {
         Cipher::Sequential { nonce, mac } => aead
@@ -351,7 +360,8 @@ pub fn decrypt(key: &[u8; 32], cipher: &Cipher, data: &mut [u8]) -> std::result:
                     .decrypt_in_place_detached(nonce.into(), b"", data, Tag::from_slice(&macs[0]))
                     .map_err(|_| "MAC mismatch".to_string());
             }
-            let cs = usize::try_from(*chunk_size).map_err(|_| "chunk size too large".to_string())?;
+            let cs =
+                usize::try_from(*chunk_size).map_err(|_| "chunk size too large".to_string())?;
             let want = data.len().div_ceil(cs);
             if want != macs.len() {
                 return Err(format!(
@@ -372,7 +382,11 @@ pub fn decrypt(key: &[u8; 32], cipher: &Cipher, data: &mut [u8]) -> std::result:
 }
 
 /// Encrypts one chunk in place with `nonce`; returns its MAC.
-pub fn encrypt_chunk(key: &[u8; 32], nonce: &[u8; NONCE_LEN], chunk: &mut [u8]) -> Result<[u8; MAC_LEN]> {
+pub fn encrypt_chunk(
+    key: &[u8; 32],
+    nonce: &[u8; NONCE_LEN],
+    chunk: &mut [u8],
+) -> Result<[u8; MAC_LEN]> {
     let aead = XSalsa20Poly1305::new(key.into());
     let tag = aead
         .encrypt_in_place_detached(nonce.into(), b"", chunk)

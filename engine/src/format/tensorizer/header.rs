@@ -54,7 +54,9 @@ pub fn parse(b: &[u8], has_crypt: bool, long_dims: bool) -> Result<TensorHeader>
     c.u16("module index")?;
     let t = c.u8("tensor type")?;
     if t > 2 {
-        return Err(Error::corrupt(format!("per-tensor header has unknown tensor type {t}")));
+        return Err(Error::corrupt(format!(
+            "per-tensor header has unknown tensor type {t}"
+        )));
     }
     let nl = c.u16("name length")? as usize;
     let name = c.take(nl, "name")?.to_vec();

@@ -183,7 +183,9 @@ pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
     let mut l = [0u8; 8];
     l.copy_from_slice(&prefix[FILE_HEADER_LEN..INDEX_START as usize]);
     let index_len = u64::from_le_bytes(l);
-    let index_end = INDEX_START.checked_add(index_len).filter(|&e| e <= object_size);
+    let index_end = INDEX_START
+        .checked_add(index_len)
+        .filter(|&e| e <= object_size);
     let index_end = match index_end {
         Some(e) => e,
         None => {
@@ -302,7 +304,8 @@ fn parse_index(
     for e in &entries {
         let (display, path) = decode_name(&e.name)?;
         let bad = |what: String| Error::corrupt(format!("tensor {display:?}: {what}"));
-        let dtype = dtype_from_tensorizer(&e.dtype).map_err(|err| err.context(format!("tensor {display:?}")))?;
+        let dtype = dtype_from_tensorizer(&e.dtype)
+            .map_err(|err| err.context(format!("tensor {display:?}")))?;
         let n = numel(&e.shape).ok_or_else(|| bad("shape's element count overflows".into()))?;
         let want = dtype
             .byte_len(n)
@@ -510,13 +513,16 @@ pub fn decode_name(raw: &[u8]) -> Result<(String, Option<Vec<Value>>)> {
     if raw.first() == Some(&0x1E) {
         let body = &raw[1..];
         if body.len() < 2 || body[0] != b'[' || body[body.len() - 1] != b']' {
-            return Err(Error::corrupt("tensor name is a json-seq that is not an array"));
+            return Err(Error::corrupt(
+                "tensor name is a json-seq that is not an array",
+            ));
         }
         if body.contains(&b'\n') || body.contains(&b'\r') {
             return Err(Error::corrupt("tensor name (json-seq) contains a newline"));
         }
-        let v: Value = serde_json::from_slice(body)
-            .map_err(|e| Error::corrupt(format!("tensor name (json-seq) is not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(body).map_err(|e| {
+            Error::corrupt(format!("tensor name (json-seq) is not valid JSON: {e}"))
+        })?;
         let arr = v
             .as_array()
             .ok_or_else(|| Error::corrupt("tensor name (json-seq) is not an array"))?;
@@ -537,8 +543,7 @@ pub fn decode_name(raw: &[u8]) -> Result<(String, Option<Vec<Value>>)> {
         }
         Ok((parts.join("."), Some(arr.clone())))
     } else {
-        let s = std::str::from_utf8(raw)
-            .map_err(|_| Error::corrupt("tensor name is not UTF-8"))?;
+        let s = std::str::from_utf8(raw).map_err(|_| Error::corrupt("tensor name is not UTF-8"))?;
         if s.is_empty() {
             return Err(Error::corrupt("tensor name is empty"));
         }
@@ -565,7 +570,9 @@ pub fn encode_name(name: &str, path: Option<&[Value]>) -> Result<Vec<u8>> {
             out.push(b',');
         }
         match c {
-            Value::Number(n) if n.as_u64().is_some() => out.extend_from_slice(n.to_string().as_bytes()),
+            Value::Number(n) if n.as_u64().is_some() => {
+                out.extend_from_slice(n.to_string().as_bytes())
+            }
             Value::String(s) => json_ascii_string(s, &mut out),
             _ => {
                 return Err(Error::invalid(

@@ -5,7 +5,7 @@
 //! * [`header`]: per-tensor headers and their hashes.
 //! * [`crypt`]: XSalsa20-Poly1305 chunked encryption and Argon2id key derivation.
 //! * [`hook`]: the per-tensor [`crate::sink::TensorHook`] that verifies and decrypts while loading.
-//! * [`writer`]: [`Serializer`].
+//! * [`writer`]: the [`Serializer`].
 //!
 //! Loading: [`crate::format::read_index`] gives a [`TensorIndex`] whose stored tensors carry their
 //! per-tensor header as [`crate::TensorInfo::prefix`]; [`prepare`] drops those prefixes when

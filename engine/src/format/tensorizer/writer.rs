@@ -117,7 +117,10 @@ impl<W: Write + Seek> Serializer<W> {
         for s in specs {
             let raw = encode_name(&s.name, s.path.as_deref())?;
             if !seen.insert(raw.clone()) {
-                return Err(Error::invalid(format!("tensor {:?} is declared twice", s.name)));
+                return Err(Error::invalid(format!(
+                    "tensor {:?} is declared twice",
+                    s.name
+                )));
             }
             let dtype = dtype_to_tensorizer(s.dtype)?;
             if is_opaque(dtype) {
@@ -302,9 +305,7 @@ impl<W: Write + Seek> Serializer<W> {
         let mut sha = Sha256::new();
         crc.update(&hashable);
         sha.update(&hashable);
-        self.out
-            .seek(SeekFrom::Start(header_offset))
-            .map_err(io)?;
+        self.out.seek(SeekFrom::Start(header_offset)).map_err(io)?;
         let hlen = self.plan[i].header.buf.len();
         self.out.write_all(&self.plan[i].header.buf).map_err(io)?;
         let mut nonce = crypt::random::<{ crypt::NONCE_LEN }>()?;
@@ -345,9 +346,7 @@ impl<W: Write + Seek> Serializer<W> {
                 }),
             })?;
         }
-        self.out
-            .seek(SeekFrom::Start(header_offset))
-            .map_err(io)?;
+        self.out.seek(SeekFrom::Start(header_offset)).map_err(io)?;
         self.out.write_all(&p.header.buf).map_err(io)?;
         self.end = header_offset + hlen as u64 + nbytes;
         self.out.seek(SeekFrom::Start(self.end)).map_err(io)?;
