@@ -38,6 +38,10 @@ pub struct OpenOptions {
     pub timeout: Option<Duration>,
     /// Local I/O engine: `None` = `TENSORSTREAM_IO` or automatic (io_uring, falling back to pread).
     pub io_mode: Option<IoMode>,
+    /// Local page-cache bypass: `Some(true)` = O_DIRECT where the filesystem allows it,
+    /// `Some(false)` = buffered, `None` = `TENSORSTREAM_DIRECT` or automatic (O_DIRECT unless the
+    /// file is already mostly in the page cache).
+    pub direct_io: Option<bool>,
 }
 
 /// How the local backend does I/O.

@@ -36,6 +36,9 @@ impl LocalFixture {
     fn opts(&self) -> OpenOptions {
         OpenOptions {
             io_mode: Some(self.mode),
+            // Files written by the suite sit in the page cache, which would make the automatic
+            // policy read them buffered: force O_DIRECT so that path is what gets tested.
+            direct_io: Some(true),
             ..OpenOptions::default()
         }
     }
@@ -164,6 +167,7 @@ fn end_to_end_safetensors_from_a_local_file() {
     for mode in [IoMode::Uring, IoMode::Pread] {
         let opts = OpenOptions {
             io_mode: Some(mode),
+            direct_io: Some(true),
             ..OpenOptions::default()
         };
         let be = tensorstream_backends::open(&path, &opts).unwrap();

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::{IoMode, OpenOptions};
+use tensorstream_engine::{Error, Result};
 
 /// `f_type` of a kernel NFS mount (`NFS_SUPER_MAGIC`).
 pub const NFS_SUPER_MAGIC: u64 = 0x6969;
@@ -136,4 +137,42 @@ pub fn direct_alignment(block_size: Option<usize>) -> usize {
 /// written (mtime, nanoseconds).
 pub fn version_string(dev: u64, ino: u64, size: u64, mtime_ns: i128) -> String {
     format!("{dev:x}:{ino:x}:{size:x}:{mtime_ns:x}")
+}
+
+/// Whether loads may bypass the page cache (`TENSORSTREAM_DIRECT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// O_DIRECT unless the file is already (mostly) in the page cache. The default.
+    Auto,
+    /// Always O_DIRECT where the filesystem allows it.
+    Direct,
+    /// Never O_DIRECT.
+    Buffered,
+}
+
+impl CachePolicy {
+    /// Reads `TENSORSTREAM_DIRECT` (`auto`, `always`/`direct`, `never`/`buffered`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("TENSORSTREAM_DIRECT") {
+            Err(_) => Ok(CachePolicy::Auto),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+    /// Parses a policy name.
+    pub fn parse(v: &str) -> Result<Self> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(CachePolicy::Auto),
+            "always" | "direct" | "1" => Ok(CachePolicy::Direct),
+            "never" | "buffered" | "0" => Ok(CachePolicy::Buffered),
+            o => Err(Error::invalid(format!(
+                "TENSORSTREAM_DIRECT={o:?}: expected auto, always or never"
+            ))),
+        }
+    }
+}
+
+/// Decision from a page-cache residency probe: read buffered when at least 3/4 of the sampled
+/// pages are cached (a warm file), O_DIRECT otherwise or when the probe could not run.
+pub fn prefer_buffered(resident_fraction: Option<f64>) -> bool {
+    resident_fraction.is_some_and(|f| f >= 0.75)
 }

@@ -478,3 +478,41 @@ fn empty_and_past_end_requests() {
     );
     assert_eq!(back.len(), 3);
 }
+
+#[test]
+fn cache_policy_parsing_and_residency_decision() {
+    use super::config::{prefer_buffered, CachePolicy};
+    assert_eq!(CachePolicy::parse("").unwrap(), CachePolicy::Auto);
+    assert_eq!(CachePolicy::parse("always").unwrap(), CachePolicy::Direct);
+    assert_eq!(CachePolicy::parse("NEVER").unwrap(), CachePolicy::Buffered);
+    assert!(CachePolicy::parse("sometimes").is_err());
+    assert!(!prefer_buffered(None));
+    assert!(!prefer_buffered(Some(0.0)));
+    assert!(!prefer_buffered(Some(0.5)));
+    assert!(prefer_buffered(Some(0.75)));
+    assert!(prefer_buffered(Some(1.0)));
+}
+
+#[test]
+fn residency_probe_sees_a_freshly_written_file_as_cached() {
+    // A file just written (and read back) is in the page cache; the probe must say so, and the
+    // backend then reads it buffered. Where preadv2(RWF_NOWAIT) is unsupported the probe returns
+    // None and O_DIRECT stays on.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("warm.bin");
+    std::fs::write(&p, vec![7u8; 8 << 20]).unwrap();
+    let _ = std::fs::read(&p).unwrap();
+    let f = std::fs::File::open(&p).unwrap();
+    match super::cached_fraction(&f, 8 << 20) {
+        Some(frac) => {
+            assert!(frac >= 0.75, "freshly written file only {frac} cached");
+            let b =
+                LocalBackend::open(p.to_str().unwrap(), &crate::OpenOptions::default()).unwrap();
+            assert!(
+                !b.capabilities().direct_io,
+                "warm file should be read buffered"
+            );
+        }
+        None => eprintln!("SKIPPED: preadv2(RWF_NOWAIT) unsupported here"),
+    }
+}
