@@ -1,0 +1,1 @@
+//! Unit tests: URI parsing, XDR/RPC encoding and decoding, hostile lengths.
