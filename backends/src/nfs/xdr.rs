@@ -30,7 +30,7 @@ impl fmt::Display for XdrError {
         match self {
             XdrError::Truncated(what) => write!(f, "reply truncated while reading {what}"),
             XdrError::TooLong { what, len, max } => {
-                write!(f, "{what} of {len} bytes exceeds the limit of {max}")
+                write!(f, "{what}: length {len} exceeds the limit of {max}")
             }
             XdrError::Bad(m) => write!(f, "{m}"),
             XdrError::Io(e) => write!(f, "{e}"),
