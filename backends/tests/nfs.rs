@@ -90,7 +90,9 @@ impl Fixture for Fx {
 
 #[test]
 fn conformance_suite() {
-    run_all(&Fx { g: Ganesha::start() });
+    run_all(&Fx {
+        g: Ganesha::start(),
+    });
 }
 
 #[test]
@@ -147,7 +149,11 @@ fn read_at_ranges_match_the_file() {
         let got = be.read_at(off, &mut buf).unwrap();
         let end = (off as usize + len).min(data.len());
         assert_eq!(got, end - off as usize, "read_at({off}, {len})");
-        assert_eq!(&buf[..got], &data[off as usize..end], "read_at({off}, {len})");
+        assert_eq!(
+            &buf[..got],
+            &data[off as usize..end],
+            "read_at({off}, {len})"
+        );
     }
     let e = be.read_at(n + 1, &mut [0u8; 4]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::RangeNotSatisfiable, "{e}");
@@ -197,25 +203,23 @@ fn open_reader_many_in_flight_fills_the_buffers() {
         let n = d.result.unwrap();
         let end = (o as usize + l).min(data.len());
         assert_eq!(n, end.saturating_sub(o as usize));
-        assert!(d.buf.as_slice()[..n] == data[o as usize..end], "read {o}+{l}");
+        assert!(
+            d.buf.as_slice()[..n] == data[o as usize..end],
+            "read {o}+{l}"
+        );
         seen += 1;
     }
     assert_eq!(reader.in_flight(), 0);
-    assert!(reader.wait().is_err(), "wait with nothing in flight is an error");
+    assert!(
+        reader.wait().is_err(),
+        "wait with nothing in flight is an error"
+    );
 }
 
 #[test]
 fn loads_a_64mib_safetensors_file_through_the_engine() {
     let g = Ganesha::start();
-    let sizes = [
-        1u64,
-        40 << 20,
-        0,
-        3,
-        (20 << 20) + 12345,
-        4 << 20,
-        1000,
-    ];
+    let sizes = [1u64, 40 << 20, 0, 3, (20 << 20) + 12345, 4 << 20, 1000];
     let (file, datas) = model_file(&sizes, 10);
     assert!(file.len() >= 64 << 20);
     let uri = g.put("model.safetensors", &file);
@@ -248,7 +252,9 @@ fn reference_fixture_hashes_match_over_nfs() {
     assert_eq!(m.len(), tensors.len());
     for t in tensors {
         let name = t["name"].as_str().unwrap();
-        let v = m.get(name).unwrap_or_else(|| panic!("tensor {name} missing"));
+        let v = m
+            .get(name)
+            .unwrap_or_else(|| panic!("tensor {name} missing"));
         let hash = format!("{:x}", Sha256::digest(v.data));
         assert_eq!(hash, t["sha256"].as_str().unwrap(), "tensor {name}");
     }
@@ -280,8 +286,7 @@ fn directories_and_permissions() {
 
     // A file only root may read, read as uid 1000: the server refuses the READ.
     g.put("secret.bin", &pattern(100, 4));
-    std::fs::set_permissions(g.path("secret.bin"), std::fs::Permissions::from_mode(0o600))
-        .unwrap();
+    std::fs::set_permissions(g.path("secret.bin"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let uri = format!("{}?uid=1000&gid=1000", g.uri("secret.bin"));
     let r = open(&uri, &opts()).and_then(|be| be.read_exact_at(0, 100));
     let e = r.unwrap_err();
@@ -309,7 +314,10 @@ fn server_down_fails_clearly_after_bounded_retries() {
     assert_eq!(e.kind(), ErrorKind::Io, "{e}");
     assert_eq!(e.backend(), Some("nfs"));
     let msg = e.to_string();
-    assert!(msg.contains("cannot connect") && msg.contains("after 3 attempts"), "{msg}");
+    assert!(
+        msg.contains("cannot connect") && msg.contains("after 3 attempts"),
+        "{msg}"
+    );
     assert!(msg.contains(&uri), "{msg}");
 }
 
@@ -326,7 +334,10 @@ fn server_killed_mid_session_gives_an_error_not_a_hang() {
     assert_eq!(be.read_exact_at(0, 1000).unwrap(), &data[..1000]);
     g.stop();
     let e = be.read_exact_at(0, data.len()).unwrap_err();
-    assert!(matches!(e.kind(), ErrorKind::Io | ErrorKind::Timeout), "{e}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Io | ErrorKind::Timeout),
+        "{e}"
+    );
     assert!(e.to_string().contains("giving up after 2 attempts"), "{e}");
 }
 
@@ -389,14 +400,18 @@ fn file_changed_during_a_load_is_never_mixed() {
             // hide the change, so every round writes a different pattern).
             std::thread::sleep(Duration::from_millis(5 * round));
             let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-            f.write_all_at(&pattern(8 << 20, 100 + round), 30 << 20).unwrap();
+            f.write_all_at(&pattern(8 << 20, 100 + round), 30 << 20)
+                .unwrap();
         });
         let r = load(be, Layout::Mirror);
         writer.join().unwrap();
         match r {
             Ok(m) => {
                 for (i, t) in m.tensors().enumerate() {
-                    assert!(t.data == &datas[i][..], "round {round}: mixed bytes in tensor {i}");
+                    assert!(
+                        t.data == &datas[i][..],
+                        "round {round}: mixed bytes in tensor {i}"
+                    );
                 }
             }
             Err(e) => assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}"),
@@ -490,12 +505,21 @@ fn connections_reset_mid_load_are_retried_with_correct_bytes() {
     g.put("reset.safetensors", &file);
     // The first three connections die after 5 MiB of replies each.
     let p = Proxy::start(g.port, 5 << 20, 3, false);
-    let uri = format!("nfs://127.0.0.1:{}/export/reset.safetensors?nconnect=2", p.port);
+    let uri = format!(
+        "nfs://127.0.0.1:{}/export/reset.safetensors?nconnect=2",
+        p.port
+    );
     let m = load(open(&uri, &opts()).unwrap(), Layout::Mirror).unwrap();
     for (i, t) in m.tensors().enumerate() {
-        assert!(t.data == &datas[i][..], "tensor {i} differs after reconnects");
+        assert!(
+            t.data == &datas[i][..],
+            "tensor {i} differs after reconnects"
+        );
     }
-    assert!(p.faults.load(Ordering::Relaxed) >= 1, "the proxy never cut a connection");
+    assert!(
+        p.faults.load(Ordering::Relaxed) >= 1,
+        "the proxy never cut a connection"
+    );
 }
 
 #[test]
@@ -505,7 +529,10 @@ fn stalled_server_times_out_after_bounded_retries() {
     g.put("stall.bin", &data);
     // Every connection stalls after 64 KiB of replies: open works, the 4 MiB read cannot.
     let p = Proxy::start(g.port, 64 << 10, usize::MAX, true);
-    let uri = format!("nfs://127.0.0.1:{}/export/stall.bin?retries=1&nconnect=1", p.port);
+    let uri = format!(
+        "nfs://127.0.0.1:{}/export/stall.bin?retries=1&nconnect=1",
+        p.port
+    );
     let o = OpenOptions {
         timeout: Some(Duration::from_millis(500)),
         ..opts()

@@ -99,7 +99,10 @@ fn decode_component(uri: &str, c: &str) -> Result<String> {
         return Err(bad(uri, format!("bad character in path component {s:?}")));
     }
     if s.len() > super::proto::MAX_NAME {
-        return Err(bad(uri, format!("path component of {} bytes is too long", s.len())));
+        return Err(bad(
+            uri,
+            format!("path component of {} bytes is too long", s.len()),
+        ));
     }
     Ok(s)
 }
@@ -141,7 +144,10 @@ pub fn parse(uri: &str, opts: &OpenOptions) -> Result<NfsConfig> {
         None => (rest, ""),
     };
     if authority.contains('@') {
-        return Err(bad(uri, "user names in nfs:// URIs are not supported (use ?uid=&gid=)"));
+        return Err(bad(
+            uri,
+            "user names in nfs:// URIs are not supported (use ?uid=&gid=)",
+        ));
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) = v6
@@ -184,8 +190,14 @@ pub fn parse(uri: &str, opts: &OpenOptions) -> Result<NfsConfig> {
         components,
         nconnect: DEFAULT_NCONNECT,
         rsize: DEFAULT_RSIZE,
-        concurrency: opts.concurrency.unwrap_or(DEFAULT_CONCURRENCY).clamp(1, 1024),
-        chunk: opts.chunk_size.unwrap_or(DEFAULT_CHUNK).clamp(4096, 1 << 30),
+        concurrency: opts
+            .concurrency
+            .unwrap_or(DEFAULT_CONCURRENCY)
+            .clamp(1, 1024),
+        chunk: opts
+            .chunk_size
+            .unwrap_or(DEFAULT_CHUNK)
+            .clamp(4096, 1 << 30),
         timeout: opts.timeout.unwrap_or(DEFAULT_TIMEOUT),
         retries: DEFAULT_RETRIES,
         uid,

@@ -179,10 +179,7 @@ impl Shared {
             if st.dead.is_none() {
                 st.dead = Some(f.clone());
             }
-            (
-                std::mem::take(&mut st.calls),
-                std::mem::take(&mut st.jobs),
-            )
+            (std::mem::take(&mut st.calls), std::mem::take(&mut st.jobs))
         };
         self.shutdown();
         for (_, p) in calls {
@@ -410,8 +407,8 @@ impl Conn {
         lock(&self.shared.state).dead.is_some()
     }
 
-    /// Sends the job's READs. `Err(job)`: the connection is dead and the job untouched.
-    pub(crate) fn submit(&self, mut job: Job) -> Result<(), Job> {
+    /// Sends the job's READs. `Some(job)`: the connection is dead and the job untouched.
+    pub(crate) fn submit(&self, mut job: Job) -> Option<Job> {
         let rsize = job.rsize.clamp(1, u32::MAX as usize);
         let subs = job.want.div_ceil(rsize);
         let mut msg = Vec::with_capacity(subs * 160);
@@ -429,7 +426,7 @@ impl Conn {
         {
             let mut st = lock(&self.shared.state);
             if st.dead.is_some() {
-                return Err(job);
+                return Some(job);
             }
             let key = st.next_key;
             st.next_key += 1;
@@ -444,7 +441,7 @@ impl Conn {
             st.jobs.insert(key, job);
         }
         self.shared.send(&msg);
-        Ok(())
+        None
     }
 
     /// One COMPOUND call whose reply is small: returns the reply after the xid.
@@ -501,36 +498,43 @@ fn reader_thread(shared: Arc<Shared>, s: TcpStream) {
     };
     let mut wire = Wire::new(BufReader::with_capacity(READ_BUFFER, ts));
     let (f, taken) = loop {
-        if let Err((e, taken)) = one_reply(&shared, &mut wire) {
-            break (e, taken);
+        if let Err(fatal) = one_reply(&shared, &mut wire) {
+            break *fatal;
         }
     };
     shared.fail_all(f, taken);
 }
 
-type Fatal = (Failure, Option<Job>);
+type Fatal = Box<(Failure, Option<Job>)>;
 
 fn fatal(shared: &Shared, e: XdrError) -> Failure {
     Failure::from_xdr(e).context(&shared.peer)
 }
 
 fn one_reply<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fatal> {
-    wire.start_record().map_err(|e| (fatal(shared, e), None))?;
-    let xid = wire.u32("xid").map_err(|e| (fatal(shared, e), None))?;
+    wire.start_record()
+        .map_err(|e| Box::new((fatal(shared, e), None)))?;
+    let xid = wire
+        .u32("xid")
+        .map_err(|e| Box::new((fatal(shared, e), None)))?;
     let pending = lock(&shared.state).calls.remove(&xid);
     match pending {
-        None => wire.finish().map_err(|e| (fatal(shared, e), None)),
+        None => wire
+            .finish()
+            .map_err(|e| Box::new((fatal(shared, e), None))),
         Some(Pending::Call(tx)) => {
             let body = wire
                 .rest(MAX_CALL_REPLY)
-                .map_err(|e| (fatal(shared, e), None))?;
+                .map_err(|e| Box::new((fatal(shared, e), None)))?;
             let _ = tx.send(Ok(body));
             Ok(())
         }
         Some(Pending::Read { key, off, len }) => {
             let job = lock(&shared.state).jobs.remove(&key);
             let Some(mut job) = job else {
-                return wire.finish().map_err(|e| (fatal(shared, e), None));
+                return wire
+                    .finish()
+                    .map_err(|e| Box::new((fatal(shared, e), None)));
             };
             let outcome = {
                 let dst = match job.dest.as_mut_slice().get_mut(off..off + len) {
@@ -541,7 +545,7 @@ fn one_reply<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fata
                             "internal error: sub-read outside its buffer".into(),
                             false,
                         );
-                        return Err((f, Some(job)));
+                        return Err(Box::new((f, Some(job))));
                     }
                 };
                 match rpc::decode_reply_header(wire) {
@@ -552,10 +556,10 @@ fn one_reply<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fata
             };
             let outcome = match outcome {
                 Ok(o) => o,
-                Err(e) => return Err((fatal(shared, e), Some(job))),
+                Err(e) => return Err(Box::new((fatal(shared, e), Some(job)))),
             };
             if let Err(e) = wire.finish() {
-                return Err((fatal(shared, e), Some(job)));
+                return Err(Box::new((fatal(shared, e), Some(job))));
             }
             if let Some(f) = check_read(&job, off, len, outcome) {
                 job.err.get_or_insert(f);

@@ -144,7 +144,9 @@ impl Inner {
 /// Decodes a small call's reply: the RPC header, then `body`.
 fn decode_call<T>(
     reply: &[u8],
-    body: impl FnOnce(&mut SliceSource<'_>) -> std::result::Result<std::result::Result<T, Failure>, XdrError>,
+    body: impl FnOnce(
+        &mut SliceSource<'_>,
+    ) -> std::result::Result<std::result::Result<T, Failure>, XdrError>,
 ) -> std::result::Result<T, Failure> {
     let mut src = SliceSource::new(reply);
     let r = match rpc::decode_reply_header(&mut src) {

@@ -96,7 +96,11 @@ pub(crate) fn op_getattr(e: &mut Enc, bits: [u32; 2]) {
 
 /// Appends READ with the anonymous stateid.
 pub(crate) fn op_read(e: &mut Enc, offset: u64, count: u32) {
-    e.u32(OP_READ).u32(0).fixed(&[0u8; 12]).u64(offset).u32(count);
+    e.u32(OP_READ)
+        .u32(0)
+        .fixed(&[0u8; 12])
+        .u64(offset)
+        .u32(count);
 }
 
 /// Encodes the resolve compound: PUTROOTFH, LOOKUP per component, GETFH, GETATTR(stat).
@@ -368,9 +372,11 @@ pub(crate) fn nfs_failure(st: u32, op: &str) -> Failure {
         ),
         10008 | 10013 | 10018 => (ErrorKind::Io, true, "server busy, try again"),
         10006 => (ErrorKind::Io, true, "server fault"),
-        20 | 21 | 22 | 63 | 10007 | 10029 | 10040 | 10041 => {
-            (ErrorKind::InvalidInput, false, "bad path or not a regular file")
-        }
+        20 | 21 | 22 | 63 | 10007 | 10029 | 10040 | 10041 => (
+            ErrorKind::InvalidInput,
+            false,
+            "bad path or not a regular file",
+        ),
         10019 => (
             ErrorKind::Unsupported,
             false,
@@ -381,7 +387,11 @@ pub(crate) fn nfs_failure(st: u32, op: &str) -> Failure {
             false,
             "the server does not support NFSv4.0",
         ),
-        0 => (ErrorKind::Io, false, "server returned fewer results than operations"),
+        0 => (
+            ErrorKind::Io,
+            false,
+            "server returned fewer results than operations",
+        ),
         _ => (ErrorKind::Io, false, "server error"),
     };
     Failure::new(

@@ -51,8 +51,8 @@ impl Runner {
     fn dispatch(&self, job: Job) {
         let failed = match self.inner.pool.get() {
             Ok(conn) => match conn.submit(job) {
-                Ok(()) => return,
-                Err(job) => (
+                None => return,
+                Some(job) => (
                     job,
                     Failure::new(ErrorKind::Io, "connection closed".into(), true),
                 ),
@@ -85,7 +85,10 @@ impl Runner {
                 Err(f) if f.retryable => {
                     self.in_flight -= 1;
                     let n = job.attempt + 1;
-                    return Some((job, Err(f.context(&format!("giving up after {n} attempts")))));
+                    return Some((
+                        job,
+                        Err(f.context(&format!("giving up after {n} attempts"))),
+                    ));
                 }
                 other => {
                     self.in_flight -= 1;
@@ -149,9 +152,7 @@ impl RangeReader for NfsReader {
             });
             return Ok(());
         }
-        let job = self
-            .runner
-            .job(req.id, req.offset, want, Dest::Io(req.buf));
+        let job = self.runner.job(req.id, req.offset, want, Dest::Io(req.buf));
         self.runner.submit(job);
         Ok(())
     }
@@ -175,10 +176,7 @@ impl RangeReader for NfsReader {
             id,
             offset,
             buf,
-            result: result.map_err(|f| {
-                f.into_error(&uri)
-                    .with_range(offset..offset + want as u64)
-            }),
+            result: result.map_err(|f| f.into_error(&uri).with_range(offset..offset + want as u64)),
         })
     }
 
@@ -205,7 +203,12 @@ pub(crate) fn read_at(inner: &Arc<Inner>, offset: u64, buf: &mut [u8]) -> Result
     loop {
         while first_err.is_none() && next < want && runner.in_flight < depth {
             let len = piece.min(want - next);
-            let job = runner.job(next as u64, offset + next as u64, len, Dest::Vec(vec![0; len]));
+            let job = runner.job(
+                next as u64,
+                offset + next as u64,
+                len,
+                Dest::Vec(vec![0; len]),
+            );
             runner.submit(job);
             next += len;
         }

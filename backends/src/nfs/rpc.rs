@@ -95,7 +95,10 @@ pub(crate) fn decode_reply_header(src: &mut impl Source) -> Result<Result<(), Fa
             let f = |kind, msg: &str| Ok(Err(Failure::new(kind, msg.to_string(), false)));
             match stat {
                 0 => Ok(Ok(())),
-                1 => f(ErrorKind::Unsupported, "server does not serve NFS (PROG_UNAVAIL)"),
+                1 => f(
+                    ErrorKind::Unsupported,
+                    "server does not serve NFS (PROG_UNAVAIL)",
+                ),
                 2 => {
                     let low = src.u32("low version")?;
                     let high = src.u32("high version")?;
@@ -107,8 +110,14 @@ pub(crate) fn decode_reply_header(src: &mut impl Source) -> Result<Result<(), Fa
                         ),
                     )
                 }
-                3 => f(ErrorKind::Unsupported, "server lacks the COMPOUND procedure"),
-                4 => f(ErrorKind::Io, "server could not decode the call (GARBAGE_ARGS)"),
+                3 => f(
+                    ErrorKind::Unsupported,
+                    "server lacks the COMPOUND procedure",
+                ),
+                4 => f(
+                    ErrorKind::Io,
+                    "server could not decode the call (GARBAGE_ARGS)",
+                ),
                 5 => Ok(Err(Failure::new(
                     ErrorKind::Io,
                     "server system error (SYSTEM_ERR)".into(),

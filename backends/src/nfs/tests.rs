@@ -19,8 +19,11 @@ fn be32(v: &[u32]) -> Vec<u8> {
 
 #[test]
 fn parses_host_port_path_and_options() {
-    let c = config::parse("nfs://srv.example:2050/export/a%20b/m.safetensors", &OpenOptions::default())
-        .unwrap();
+    let c = config::parse(
+        "nfs://srv.example:2050/export/a%20b/m.safetensors",
+        &OpenOptions::default(),
+    )
+    .unwrap();
     assert_eq!(c.host, "srv.example");
     assert_eq!(c.port, 2050);
     assert_eq!(c.components, ["export", "a b", "m.safetensors"]);
@@ -28,15 +31,24 @@ fn parses_host_port_path_and_options() {
     assert_eq!(c.rsize, 1 << 20);
     assert_eq!(c.peer(), "srv.example:2050");
 
-    let c = config::parse("NFS://[::1]/e/f?nconnect=8&rsize=65536&uid=5&gid=6&retries=0", &OpenOptions::default())
-        .unwrap();
+    let c = config::parse(
+        "NFS://[::1]/e/f?nconnect=8&rsize=65536&uid=5&gid=6&retries=0",
+        &OpenOptions::default(),
+    )
+    .unwrap();
     assert_eq!((c.host.as_str(), c.port), ("::1", DEFAULT_PORT));
-    assert_eq!((c.nconnect, c.rsize, c.uid, c.gid, c.retries), (8, 65536, 5, 6, 0));
+    assert_eq!(
+        (c.nconnect, c.rsize, c.uid, c.gid, c.retries),
+        (8, 65536, 5, 6, 0)
+    );
     assert_eq!(c.peer(), "[::1]:2049");
 
     // libnfs-style URL options.
-    let c = config::parse("nfs://127.0.0.1/export/f?version=4&nfsport=20491", &OpenOptions::default())
-        .unwrap();
+    let c = config::parse(
+        "nfs://127.0.0.1/export/f?version=4&nfsport=20491",
+        &OpenOptions::default(),
+    )
+    .unwrap();
     assert_eq!(c.port, 20491);
 
     let o = OpenOptions {
@@ -47,7 +59,10 @@ fn parses_host_port_path_and_options() {
     };
     let c = config::parse("nfs://h//x//y/", &o).unwrap();
     assert_eq!(c.components, ["x", "y"]);
-    assert_eq!((c.concurrency, c.chunk, c.timeout), (3, 1 << 16, Duration::from_secs(2)));
+    assert_eq!(
+        (c.concurrency, c.chunk, c.timeout),
+        (3, 1 << 16, Duration::from_secs(2))
+    );
 }
 
 #[test]
@@ -91,7 +106,11 @@ fn rejects_bad_uris() {
 #[test]
 fn xdr_round_trip_and_padding() {
     let mut e = Enc::new();
-    e.u32(7).u64(0x0102_0304_0506_0708).opaque(b"abcde").fixed(b"xy").u32(1);
+    e.u32(7)
+        .u64(0x0102_0304_0506_0708)
+        .opaque(b"abcde")
+        .fixed(b"xy")
+        .u32(1);
     assert_eq!(e.buf.len(), 4 + 8 + (4 + 8) + 4 + 4);
     let mut s = SliceSource::new(&e.buf);
     assert_eq!(s.u32("a").unwrap(), 7);
@@ -165,7 +184,10 @@ fn call_encoding_matches_rfc5531() {
 #[test]
 fn reply_headers_decode_to_the_right_failure() {
     let ok = be32(&[1, 0, 0, 0, 0]);
-    assert_eq!(rpc::decode_reply_header(&mut SliceSource::new(&ok)).unwrap(), Ok(()));
+    assert_eq!(
+        rpc::decode_reply_header(&mut SliceSource::new(&ok)).unwrap(),
+        Ok(())
+    );
     let mismatch = be32(&[1, 0, 0, 0, 2, 2, 3]);
     let f = rpc::decode_reply_header(&mut SliceSource::new(&mismatch))
         .unwrap()
@@ -178,7 +200,12 @@ fn reply_headers_decode_to_the_right_failure() {
         .unwrap_err();
     assert_eq!(f.kind, ErrorKind::PermissionDenied);
     let sys = be32(&[1, 0, 0, 0, 5]);
-    assert!(rpc::decode_reply_header(&mut SliceSource::new(&sys)).unwrap().unwrap_err().retryable);
+    assert!(
+        rpc::decode_reply_header(&mut SliceSource::new(&sys))
+            .unwrap()
+            .unwrap_err()
+            .retryable
+    );
     // A verifier body over RFC 5531's 400 bytes is a protocol error.
     let verf = be32(&[1, 0, 0, 401]);
     assert!(matches!(
@@ -211,7 +238,10 @@ fn record_marking_spans_fragments() {
     w.finish().unwrap(); // skips the rest of the last fragment
     w.start_record().unwrap();
     assert_eq!(w.u32("c").unwrap(), 9);
-    assert!(matches!(w.u32("past the record"), Err(XdrError::Truncated(_))));
+    assert!(matches!(
+        w.u32("past the record"),
+        Err(XdrError::Truncated(_))
+    ));
 }
 
 #[test]
@@ -276,14 +306,22 @@ fn compounds_encode_as_expected() {
     assert_eq!(s.u32("op").unwrap(), proto::OP_GETATTR);
     let words = s.u32("words").unwrap();
     assert_eq!(words, 2);
-    assert_eq!(s.u32("w0").unwrap(), (1 << 1) | (1 << 3) | (1 << 4) | (1 << 30));
+    assert_eq!(
+        s.u32("w0").unwrap(),
+        (1 << 1) | (1 << 3) | (1 << 4) | (1 << 30)
+    );
     assert_eq!(s.u32("w1").unwrap(), 1 << 21); // time_modify = 53
 }
 
 #[test]
 fn fattr_decodes_known_attributes_and_rejects_others() {
     let mut v = Enc::new();
-    v.u32(1).u64(0xabc).u64(12345).u64(1 << 20).u64(1_700_000_000).u32(999);
+    v.u32(1)
+        .u64(0xabc)
+        .u64(12345)
+        .u64(1 << 20)
+        .u64(1_700_000_000)
+        .u32(999);
     let d = fattr(proto::stat_bitmap(), &v.buf);
     let a = proto::decode_fattr(&mut SliceSource::new(&d)).unwrap();
     assert_eq!(
@@ -298,7 +336,10 @@ fn fattr_decodes_known_attributes_and_rejects_others() {
     );
     // An attribute we did not ask for (and cannot skip): error.
     let d = fattr([1 << 5, 0], &be32(&[1]));
-    assert!(matches!(proto::decode_fattr(&mut SliceSource::new(&d)), Err(XdrError::Bad(_))));
+    assert!(matches!(
+        proto::decode_fattr(&mut SliceSource::new(&d)),
+        Err(XdrError::Bad(_))
+    ));
     // Values shorter than the bitmap promises, or with trailing junk.
     let d = fattr(proto::pin_bitmap(), &[0; 8]);
     assert!(proto::decode_fattr(&mut SliceSource::new(&d)).is_err());
@@ -313,7 +354,11 @@ fn read_reply(count: u32, data: &[u8], eof: bool, change: u64, size: u64) -> Vec
     let mut e = Enc::new();
     e.u32(0).opaque(b"").u32(3);
     e.u32(proto::OP_PUTFH).u32(0);
-    e.u32(proto::OP_READ).u32(0).u32(eof as u32).u32(count).fixed(data);
+    e.u32(proto::OP_READ)
+        .u32(0)
+        .u32(eof as u32)
+        .u32(count)
+        .fixed(data);
     e.u32(proto::OP_GETATTR).u32(0);
     let mut v = Enc::new();
     v.u64(change).u64(size);
@@ -343,12 +388,22 @@ fn read_results_land_in_the_destination() {
 
     // A failed READ (NFS4ERR_ACCESS) ends the results.
     let mut e = Enc::new();
-    e.u32(13).opaque(b"").u32(2).u32(proto::OP_PUTFH).u32(0).u32(proto::OP_READ).u32(13);
+    e.u32(13)
+        .opaque(b"")
+        .u32(2)
+        .u32(proto::OP_PUTFH)
+        .u32(0)
+        .u32(proto::OP_READ)
+        .u32(13);
     let f = proto::decode_read(&mut SliceSource::new(&e.buf), &mut [0u8; 4])
         .unwrap()
         .unwrap_err();
     assert_eq!(f.kind, ErrorKind::PermissionDenied);
-    assert!(f.msg.contains("READ") && f.msg.contains("NFS4ERR_ACCESS"), "{}", f.msg);
+    assert!(
+        f.msg.contains("READ") && f.msg.contains("NFS4ERR_ACCESS"),
+        "{}",
+        f.msg
+    );
 
     // Results for operations we did not send.
     let mut e = Enc::new();
@@ -393,7 +448,9 @@ fn nfs_status_codes_map_to_error_kinds() {
     let e = proto::nfs_failure(2, "LOOKUP /x").into_error("nfs://h/x");
     assert_eq!(e.backend(), Some("nfs"));
     assert_eq!(e.location(), Some("nfs://h/x"));
-    assert!(e.to_string().starts_with("nfs://h/x: nfs: LOOKUP /x failed: NFS4ERR_NOENT"));
+    assert!(e
+        .to_string()
+        .starts_with("nfs://h/x: nfs: LOOKUP /x failed: NFS4ERR_NOENT"));
 }
 
 #[test]

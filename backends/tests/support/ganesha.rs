@@ -47,7 +47,9 @@ impl Ganesha {
                 Err(log) => last_log = log,
             }
         }
-        panic!("ganesha.nfsd did not start (is the `nfs-ganesha-vfs` package installed?):\n{last_log}");
+        panic!(
+            "ganesha.nfsd did not start (is the `nfs-ganesha-vfs` package installed?):\n{last_log}"
+        );
     }
 
     fn try_start(bin: &Path, access: &str) -> Result<Ganesha, String> {
@@ -101,7 +103,9 @@ impl Ganesha {
                 return Ok(g);
             }
             if Instant::now() > deadline {
-                return Err(format!("ganesha.nfsd not serving after 30 s; log:\n{log_text}"));
+                return Err(format!(
+                    "ganesha.nfsd not serving after 30 s; log:\n{log_text}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
