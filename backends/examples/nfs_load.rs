@@ -1,5 +1,6 @@
 //! Loads a safetensors file through a backend (e.g. `nfs://…`) into host memory with the engine
-//! and prints one JSON line `{name, secs, gbps, bytes}`. With `--verify LOCAL_PATH` it then
+//! and prints one JSON line `{name, secs, gbps, bytes}`. `--concurrency N` and `--chunk BYTES`
+//! set the open options. With `--verify LOCAL_PATH` it then
 //! compares every tensor with the same file read locally (outside the timed part).
 //!
 //! ```text
@@ -17,13 +18,22 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let uri = args
         .first()
-        .ok_or("usage: nfs_load URI [--verify LOCAL_PATH]")?;
+        .ok_or("usage: nfs_load URI [--concurrency N] [--chunk BYTES] [--verify LOCAL_PATH]")?;
     let verify = args
         .iter()
         .position(|a| a == "--verify")
         .and_then(|i| args.get(i + 1));
+    let flag = |name: &str| -> Option<usize> {
+        let i = args.iter().position(|a| a == name)?;
+        args.get(i + 1)?.parse().ok()
+    };
+    let opts = OpenOptions {
+        concurrency: flag("--concurrency"),
+        chunk_size: flag("--chunk"),
+        ..OpenOptions::default()
+    };
     let start = Instant::now();
-    let be = open(uri, &OpenOptions::default())?;
+    let be = open(uri, &opts)?;
     let meta = be.stat()?;
     let index = format::read_index(be.as_ref(), &meta)?;
     let sel: Vec<usize> = (0..index.tensors.len()).collect();
