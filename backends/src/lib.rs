@@ -10,6 +10,8 @@
 //! `http(s)://` → http, `s3://bucket/key` → s3, `nfs://host[:port]/export/path` → nfs.
 
 #![warn(missing_docs)]
+// `unsafe` only in `local::uring` (io_uring submission), which allows it explicitly.
+#![deny(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::Duration;

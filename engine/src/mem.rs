@@ -126,6 +126,33 @@ impl IoBuf {
         self.cap -= at;
         Some(head)
     }
+    /// Joins two windows of the same region that are exactly adjacent (`self` ends where `other`
+    /// starts, and `self` is not shortened by [`IoBuf::set_len`]) into one window. Gives both back
+    /// unchanged if they are not.
+    pub fn try_join(self, other: IoBuf) -> std::result::Result<IoBuf, (IoBuf, IoBuf)> {
+        let same_region = Arc::ptr_eq(&self.region, &other.region);
+        let adjacent = self.len == self.cap
+            && (self.ptr.as_ptr() as usize).checked_add(self.cap)
+                == Some(other.ptr.as_ptr() as usize);
+        if !same_region || !adjacent {
+            return Err((self, other));
+        }
+        let (len, cap) = match (
+            self.len.checked_add(other.len),
+            self.cap.checked_add(other.cap),
+        ) {
+            (Some(l), Some(c)) => (l, c),
+            _ => return Err((self, other)),
+        };
+        // The union of two exclusive, adjacent windows of one region is exclusive and lies inside
+        // that region: no unsafe needed, the fields simply widen `self`.
+        Ok(IoBuf {
+            ptr: self.ptr,
+            len,
+            cap,
+            region: self.region,
+        })
+    }
     /// Capacity of the window (its length when it was created).
     pub fn capacity(&self) -> usize {
         self.cap
@@ -347,7 +374,8 @@ mod tests {
         assert!(a.windows(&[0..10, 8000..8193]).is_err());
         let mut w = a.windows(&[0..4, 4096..4100]).unwrap();
         assert!(a.as_slice().is_err());
-        assert!(a.windows(&[0..1]).is_err());
+        let one = 0..1usize;
+        assert!(a.windows(std::slice::from_ref(&one)).is_err());
         w[0].as_mut_slice().copy_from_slice(&[1, 2, 3, 4]);
         w[1].as_mut_slice().copy_from_slice(&[5, 6, 7, 8]);
         drop(w);
@@ -367,6 +395,30 @@ mod tests {
         for (i, s) in slots.iter().enumerate() {
             assert!(s.as_slice().iter().all(|&x| x == i as u8));
         }
+    }
+
+    #[test]
+    fn try_join_only_adjacent_windows_of_one_region() {
+        let mut b = IoBuf::aligned(100, 8).unwrap();
+        let a = b.split_to(10).unwrap();
+        let m = b.split_to(20).unwrap();
+        let j = a.try_join(m).unwrap();
+        assert_eq!((j.len(), j.offset_in_region()), (30, 0));
+        // Not adjacent: `b` starts at 30 but we skip a window.
+        let skip = b.split_to(5).unwrap();
+        let (j, b) = j.try_join(b).unwrap_err();
+        let j = j.try_join(skip).unwrap();
+        let mut j = j.try_join(b).unwrap();
+        assert_eq!(j.len(), 100);
+        // A shortened left window cannot be joined (it would hide owned bytes).
+        let mut c = IoBuf::aligned(10, 8).unwrap();
+        let mut left = c.split_to(4).unwrap();
+        assert!(left.set_len(2));
+        assert!(left.try_join(c).is_err());
+        // Different regions never join, even if addresses happened to touch.
+        let other = IoBuf::aligned(10, 8).unwrap();
+        let tail = j.split_to(100).unwrap();
+        assert!(tail.try_join(other).is_err());
     }
 
     #[test]
