@@ -20,6 +20,9 @@ use tensorstream_engine::{Backend, Error, Result};
 
 #[cfg(feature = "local")]
 pub mod local;
+#[cfg(feature = "nfs")]
+#[forbid(unsafe_code)]
+pub mod nfs;
 
 /// Options shared by all backends; each backend reads the ones that concern it.
 #[derive(Debug, Clone, Default)]
@@ -75,6 +78,8 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
         None | Some("file") => open_local(uri.strip_prefix("file://").unwrap_or(uri), opts),
+        #[cfg(feature = "nfs")]
+        Some("nfs") => Ok(Arc::new(nfs::NfsBackend::open(uri, opts)?)),
         Some(other) => Err(Error::unsupported(format!(
             "{uri}: unsupported URI scheme {other:?} (this build knows: file paths{})",
             compiled_schemes()
@@ -82,8 +87,12 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     }
 }
 
-fn compiled_schemes() -> &'static str {
-    ""
+fn compiled_schemes() -> String {
+    let mut s = String::new();
+    if cfg!(feature = "nfs") {
+        s.push_str(", nfs://");
+    }
+    s
 }
 
 #[cfg(feature = "local")]
