@@ -47,13 +47,19 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
             "header_len": idx.header_len,
             "total_bytes": idx.total_bytes(),
             "metadata": idx.metadata,
-            "tensors": idx.tensors.iter().map(|t| json!({
-                "name": t.name,
-                "dtype": t.dtype.name(),
-                "shape": t.shape,
-                "offset": t.range.start,
-                "nbytes": t.nbytes(),
-            })).collect::<Vec<_>>(),
+            "tensors": idx.tensors.iter().map(|t| {
+                let mut o = json!({
+                    "name": t.name,
+                    "dtype": t.dtype.name(),
+                    "shape": t.shape,
+                    "offset": t.range.start,
+                    "nbytes": t.nbytes(),
+                });
+                if let Some(p) = &t.path {
+                    o["path"] = json!(p);
+                }
+                o
+            }).collect::<Vec<_>>(),
         });
         println!("{v}");
         return Ok(());
@@ -195,6 +201,9 @@ pub fn load(
                     "offset": t.offset,
                     "nbytes": t.data.len(),
                 });
+                if let Some(p) = model.index().get(t.name).and_then(|i| i.path.as_ref()) {
+                    o["path"] = json!(p);
+                }
                 if let Some(s) = &sums {
                     o["sha256"] = json!(s[i]);
                 }
