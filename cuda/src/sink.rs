@@ -20,7 +20,7 @@ use crate::copy::{coalesce, landed, read_copies, RoundRobin};
 use crate::device::{CudaDevice, CudaOptions};
 use crate::model::{DeviceModel, LoadTimes};
 use crate::raw::driver::{copy_to_device, mark, DeviceArena, HostSource, InFlight};
-use crate::tracker::{spawn_watcher, Job, Pending, Readiness, ReadyTensor, Report};
+use crate::tracker::{spawn_watcher, Job, Pending, Readiness, ReadyTensor, Report, SlotLedger};
 
 impl Pending for InFlight {
     type Done = (Option<HostSource>, CudaEvent);
@@ -45,8 +45,7 @@ pub struct CudaSink {
     dev: Arc<CudaDevice>,
     state: Option<Loading>,
     rr: RoundRobin,
-    total_slots: usize,
-    held_slots: usize,
+    slots: SlotLedger,
     start: Instant,
     subscriber: Option<Sender<ReadyTensor>>,
     finished: bool,
@@ -66,8 +65,7 @@ impl CudaSink {
             dev,
             state: None,
             rr: RoundRobin::new(streams),
-            total_slots: 0,
-            held_slots: 0,
+            slots: SlotLedger::default(),
             start: Instant::now(),
             subscriber: None,
             finished: false,
@@ -124,7 +122,7 @@ impl CudaSink {
             Report::Done((src, ev)) => {
                 self.dev.recycle_event(ev);
                 if let Some(HostSource::Slot(b)) = src {
-                    self.held_slots = self.held_slots.saturating_sub(1);
+                    self.slots.returned();
                     out.push(b);
                 }
                 Ok(())
@@ -247,7 +245,7 @@ impl Sink for CudaSink {
             Ok(p) => p,
             Err((e, _src)) => return Err(e.with_range(op.obj.clone())),
         };
-        self.held_slots += 1;
+        self.slots.queued();
         let sent = self
             .loading()?
             .jobs
@@ -266,7 +264,7 @@ impl Sink for CudaSink {
         let mut out = Vec::new();
         self.drain(&mut out)?;
         // Block only when every slot is queued for the device: the engine has none to read into.
-        while out.is_empty() && self.total_slots > 0 && self.held_slots >= self.total_slots {
+        while self.slots.must_wait(out.len()) {
             let rep = self
                 .loading()?
                 .reports
@@ -304,7 +302,7 @@ impl Sink for CudaSink {
             )));
         }
         let slots = self.dev.take_slots()?;
-        self.total_slots = slots.len();
+        self.slots.lend(slots.len());
         Ok(Some(slots))
     }
 }

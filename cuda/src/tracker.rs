@@ -153,6 +153,39 @@ impl Readiness {
     }
 }
 
+/// Counts the staging slots the sink holds (copies queued, slot not yet free) against the slots
+/// it lent the engine. The sink may block for a copy only when it holds every slot: then the
+/// engine has nothing to read into, and nothing else can make progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotLedger {
+    total: usize,
+    held: usize,
+}
+
+impl SlotLedger {
+    /// Slots lent to the engine.
+    pub fn lend(&mut self, total: usize) {
+        self.total = total;
+        self.held = 0;
+    }
+    /// A slot was queued for the device.
+    pub fn queued(&mut self) {
+        self.held += 1;
+    }
+    /// A slot came back from the device.
+    pub fn returned(&mut self) {
+        self.held = self.held.saturating_sub(1);
+    }
+    /// Slots held by the sink.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+    /// True when the sink holds every slot and got none back yet: it must wait for a copy.
+    pub fn must_wait(&self, freed_now: usize) -> bool {
+        freed_now == 0 && self.total > 0 && self.held >= self.total
+    }
+}
+
 /// Work the watcher can wait for (a copy with its event; a fake in tests).
 pub trait Pending: Send + 'static {
     /// What comes back once done (the host buffer and the event, for reuse).
