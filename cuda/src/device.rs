@@ -186,6 +186,15 @@ impl CudaDevice {
         .is_ok_and(|v| v > 0)
     }
 
+    /// The cudarc context (for callers that issue their own CUDA work on this device).
+    pub fn cuda_context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// Copy stream `i` (modulo the stream count).
+    pub fn cuda_stream(&self, i: usize) -> &Arc<CudaStream> {
+        self.stream(i)
+    }
+
     pub(crate) fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
