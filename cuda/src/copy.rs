@@ -38,8 +38,7 @@ pub struct CopyOp {
 pub fn read_copies(op: &ReadOp, filled: u64, arena_len: u64) -> Result<Vec<SegCopy>> {
     let mut out = Vec::with_capacity(op.segments.len());
     for seg in &op.segments {
-        if seg.obj.start < op.obj.start || seg.obj.end > op.obj.end || seg.obj.start > seg.obj.end
-        {
+        if seg.obj.start < op.obj.start || seg.obj.end > op.obj.end || seg.obj.start > seg.obj.end {
             return Err(Error::invalid(format!(
                 "segment {}..{} lies outside its read {}..{}",
                 seg.obj.start, seg.obj.end, op.obj.start, op.obj.end

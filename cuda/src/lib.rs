@@ -34,9 +34,7 @@ pub mod tracker;
 #[forbid(unsafe_code)]
 pub mod warm;
 
-pub use device::{
-    device_count, driver_present, parse_device, CudaDevice, CudaOptions, WarmMode,
-};
+pub use device::{device_count, driver_present, parse_device, CudaDevice, CudaOptions, WarmMode};
 pub use load::{load, load_streaming, StreamingLoad};
 pub use model::{DeviceModel, DeviceTensor, LoadTimes};
 pub use sink::CudaSink;

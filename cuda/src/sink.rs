@@ -159,10 +159,8 @@ impl CudaSink {
         if let Some(st) = self.state.as_mut() {
             if let Some(h) = st.watcher.take() {
                 if h.join().is_err() {
-                    first_err.get_or_insert(Error::new(
-                        ErrorKind::Io,
-                        "CUDA watcher thread panicked",
-                    ));
+                    first_err
+                        .get_or_insert(Error::new(ErrorKind::Io, "CUDA watcher thread panicked"));
                 }
             }
             if let Ok(mut g) = st.readiness.lock() {
@@ -243,7 +241,7 @@ impl Sink for CudaSink {
         let ev = self.dev.event()?;
         let pending = match copy_to_device(&arena, HostSource::Slot(buf), &copies, &stream, ev) {
             Ok(p) => p,
-            Err((e, _src)) => return Err(e.with_range(op.obj.clone())),
+            Err(e) => return Err(e.error.with_range(op.obj.clone())),
         };
         self.slots.queued();
         let sent = self

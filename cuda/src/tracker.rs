@@ -79,8 +79,11 @@ impl Readiness {
 
     fn announce(&mut self, i: usize) {
         let at = self.start.elapsed();
-        self.first.get_or_insert(at);
-        self.last = Some(at);
+        // Empty tensors are "ready" at once; they do not count as the first tensor landing.
+        if self.len[i] > 0 {
+            self.first.get_or_insert(at);
+            self.last = Some(at);
+        }
         self.pending -= 1;
         if let Some(tx) = &self.tx {
             let t = ReadyTensor {
@@ -101,9 +104,10 @@ impl Readiness {
     pub fn complete(&mut self, landed: &[(usize, u64)]) -> Result<Vec<usize>> {
         let mut done = Vec::new();
         for &(p, n) in landed {
-            let r = self.remaining.get_mut(p).ok_or_else(|| {
-                Error::invalid(format!("placement #{p} is not in the plan"))
-            })?;
+            let r = self
+                .remaining
+                .get_mut(p)
+                .ok_or_else(|| Error::invalid(format!("placement #{p} is not in the plan")))?;
             if n > *r {
                 return Err(Error::invalid(format!(
                     "placement #{p} received {n} bytes but only {r} were missing"
@@ -125,11 +129,11 @@ impl Readiness {
     pub fn pending(&self) -> usize {
         self.pending
     }
-    /// Time until the first tensor landed.
+    /// Time until the first non-empty tensor landed.
     pub fn first(&self) -> Option<Duration> {
         self.first
     }
-    /// Time until the last tensor landed.
+    /// Time until the last non-empty tensor landed.
     pub fn last(&self) -> Option<Duration> {
         self.last
     }
@@ -210,12 +214,17 @@ pub enum Report<D> {
     Failed(Error),
 }
 
+/// The watcher's job sender, report receiver and thread.
+pub type Watcher<P> = (
+    Sender<Job<P>>,
+    Receiver<Report<<P as Pending>::Done>>,
+    JoinHandle<()>,
+);
+
 /// Starts the thread that waits for each job in order, updates `readiness` (announcing
 /// tensors as they land) and reports the job back. It exits when the job sender is dropped and
 /// every job was reported.
-pub fn spawn_watcher<P: Pending>(
-    readiness: Arc<Mutex<Readiness>>,
-) -> Result<(Sender<Job<P>>, Receiver<Report<P::Done>>, JoinHandle<()>)> {
+pub fn spawn_watcher<P: Pending>(readiness: Arc<Mutex<Readiness>>) -> Result<Watcher<P>> {
     let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job<P>>();
     let (rep_tx, rep_rx) = crossbeam_channel::unbounded::<Report<P::Done>>();
     let h = std::thread::Builder::new()

@@ -246,8 +246,7 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
             let Some(piece) = sh.pieces.get(k) else {
                 return Ok(());
             };
-            let try_register =
-                sh.strategy == WarmStrategy::Register && lock_refused(sh).is_none();
+            let try_register = sh.strategy == WarmStrategy::Register && lock_refused(sh).is_none();
             if try_register {
                 match sh.map.register(ctx, piece.obj.clone()) {
                     Ok(reg) => {
@@ -256,14 +255,9 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
                         }
                         let ev = sh.dev.event()?;
                         let copies = coalesce(&piece.copies);
-                        let f = copy_to_device(
-                            sh.arena,
-                            HostSource::Mapped(reg),
-                            &copies,
-                            &stream,
-                            ev,
-                        )
-                        .map_err(|(e, _)| e)?;
+                        let f =
+                            copy_to_device(sh.arena, HostSource::Mapped(reg), &copies, &stream, ev)
+                                .map_err(|e| e.error)?;
                         q.push_back((f, landed(&piece.copies)));
                         sh.registered.fetch_add(1, Ordering::SeqCst);
                         continue;
@@ -298,8 +292,14 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
                 }
                 read_full(sh.map, &mut slot, off)?;
                 let ev = sh.dev.event()?;
-                let f = copy_to_device(sh.arena, HostSource::Slot(slot), &coalesce(&segs), &stream, ev)
-                    .map_err(|(e, _)| e)?;
+                let f = copy_to_device(
+                    sh.arena,
+                    HostSource::Slot(slot),
+                    &coalesce(&segs),
+                    &stream,
+                    ev,
+                )
+                .map_err(|e| e.error)?;
                 q.push_back((f, landed(&segs)));
                 off = end;
             }

@@ -11,7 +11,10 @@ use tensorstream_engine::format::safetensors::write_header;
 use tensorstream_engine::*;
 
 fn fixtures() -> PathBuf {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures"));
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures"
+    ));
     assert!(
         p.join("manifest.json").is_file(),
         "fixtures missing: {} (shared/ must sit beside the checkout)",
@@ -59,7 +62,10 @@ fn no_driver_or_no_device_is_a_clear_error_not_a_panic() {
     if !driver_present() {
         let e = r.err().expect("no driver must be an error");
         assert_eq!(e.kind(), ErrorKind::Device);
-        assert_eq!(e.message(), "no CUDA driver found (libcuda.so not loadable)");
+        assert_eq!(
+            e.message(),
+            "no CUDA driver found (libcuda.so not loadable)"
+        );
         let e = device_count().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Device);
         let e = CudaDevice::open(3, &CudaOptions::default()).unwrap_err();

@@ -77,7 +77,11 @@ fn hex(b: &[u8]) -> String {
 fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    l.split_whitespace().nth(1)?.parse::<u64>().ok()?.checked_mul(1024)
+    l.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1024)
 }
 
 /// Llama-like layer shapes (hidden 4096, MLP 11008, vocab 32000) in bf16, as many layers as
@@ -101,7 +105,10 @@ fn gen(path: &str, gb: f64) -> Result<()> {
         push(format!("model.layers.{l}.mlp.up_proj.weight"), vec![m, h]);
         push(format!("model.layers.{l}.mlp.down_proj.weight"), vec![h, m]);
         push(format!("model.layers.{l}.input_layernorm.weight"), vec![h]);
-        push(format!("model.layers.{l}.post_attention_layernorm.weight"), vec![h]);
+        push(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            vec![h],
+        );
     }
     push("model.norm.weight".into(), vec![h]);
     push("lm_head.weight".into(), vec![v, h]);
@@ -126,7 +133,8 @@ fn gen(path: &str, gb: f64) -> Result<()> {
             let x = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) & 0x3FFF_3FFF_3FFF_3FFF).to_le_bytes();
             c.copy_from_slice(&x[..c.len()]);
         }
-        w.write_all(&buf[..n]).map_err(|e| Error::from_io(e, path))?;
+        w.write_all(&buf[..n])
+            .map_err(|e| Error::from_io(e, path))?;
         left -= n as u64;
     }
     let f = w
@@ -186,7 +194,10 @@ fn digests(path: &str) -> Result<()> {
             })
             .collect();
         hs.into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::invalid("hash thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("hash thread panicked")))
+            })
             .collect()
     });
     for r in res {
@@ -236,7 +247,10 @@ fn raw_read(path: &str, threads: usize) -> Result<()> {
             })
             .collect();
         hs.into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::invalid("read thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("read thread panicked")))
+            })
             .collect()
     });
     for r in res {
@@ -280,12 +294,16 @@ fn h2d(mib: usize) -> Result<()> {
                 }
             };
             let n = slot.len() as u64;
-            let ops = [tensorstream_cuda::copy::CopyOp { src: 0, dst: 0, len: n }];
+            let ops = [tensorstream_cuda::copy::CopyOp {
+                src: 0,
+                dst: 0,
+                len: n,
+            }];
             let stream = stream_of(&dev, k % streams)?;
             let ev = tensorstream_cuda::raw::driver::new_event(&device_context(&dev)?)?;
             q.push_back(
                 copy_to_device(&arena, HostSource::Slot(slot), &ops, &stream, ev)
-                    .map_err(|(e, _)| e)?,
+                    .map_err(|e| e.error)?,
             );
             sent += n;
             k += 1;
@@ -335,6 +353,7 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
     po.chunk_size = dev.options().slot_size as u64;
     let sel: Vec<usize> = (0..index.tensors.len()).collect();
     let plan = Arc::new(plan(&index, &sel, &po)?);
+    let t_load = start.elapsed().as_secs_f64();
     let (model, mode) = match warm.as_str() {
         "off" => {
             let eo = EngineOptions {
@@ -342,7 +361,10 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
                 ring_budget: dev.options().slots * dev.options().slot_size,
                 progress: None,
             };
-            (load(&dev, be, &meta, index, plan, &eo)?.0, "ring".to_string())
+            (
+                load(&dev, be, &meta, index, plan, &eo)?.0,
+                "ring".to_string(),
+            )
         }
         "register" | "pread" => {
             let s = if warm == "register" {
@@ -353,7 +375,11 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
             let (m, st) = load_mapped(&dev, Path::new(path), index, &plan, s, None)?;
             (m, format!("mapped {s:?} {st:?}"))
         }
-        other => return Err(Error::invalid(format!("--warm {other:?}: off|register|pread"))),
+        other => {
+            return Err(Error::invalid(format!(
+                "--warm {other:?}: off|register|pread"
+            )))
+        }
     };
     let secs = start.elapsed().as_secs_f64();
     let bytes = model.nbytes();
@@ -369,7 +395,8 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
             tensors.push(json!({"name": t.name, "sha256": hex(&h.finalize())}));
         }
     }
-    let first = model.times().first_tensor.map(|d| d.as_secs_f64());
+    // From the start of the command (device open and index read included), like `seconds`.
+    let first = model.times().first_tensor.map(|d| t_load + d.as_secs_f64());
     let name = flag(args, "--name").unwrap_or_else(|| format!("ts-gpu-bench load ({mode})"));
     println!(
         "{}",

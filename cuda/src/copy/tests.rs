@@ -158,7 +158,14 @@ fn coalesce_keeps_gaps_apart() {
     ];
     let c = coalesce(&segs);
     assert_eq!(c.len(), 3);
-    assert_eq!(c[1], CopyOp { src: 10, dst: 256, len: 15 });
+    assert_eq!(
+        c[1],
+        CopyOp {
+            src: 10,
+            dst: 256,
+            len: 15
+        }
+    );
 }
 
 #[test]

@@ -63,8 +63,8 @@ pub fn device_count() -> Result<usize> {
             Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => return Ok(0),
             Err(e) => return Err(device_error("initialising CUDA (cuInit)", e)),
         }
-        let n = result::device::get_count()
-            .map_err(|e| device_error("counting CUDA devices", e))?;
+        let n =
+            result::device::get_count().map_err(|e| device_error("counting CUDA devices", e))?;
         Ok(usize::try_from(n).unwrap_or(0))
     })
 }
@@ -202,7 +202,8 @@ impl DeviceArena {
             return Ok(());
         }
         self.freed = true;
-        bind(&self.ctx)?;
+        // A failed bind only reports an error stored earlier; freeing must still be attempted.
+        let bound = bind(&self.ctx);
         let synced = self
             .ctx
             .synchronize()
@@ -212,7 +213,7 @@ impl DeviceArena {
         // (and the context was synchronized above).
         let freed = unsafe { result::free_sync(self.ptr) }
             .map_err(|e| device_error("freeing the device arena", e));
-        synced.and(freed)
+        bound.and(synced).and(freed)
     }
 }
 
@@ -255,6 +256,19 @@ pub fn new_event(ctx: &Arc<CudaContext>) -> Result<CudaEvent> {
         .map_err(|e| device_error("creating a CUDA event", e))
 }
 
+/// A failed [`copy_to_device`]: the error, and the host source when it is safe to reuse.
+#[derive(Debug)]
+pub struct CopyError {
+    /// What went wrong.
+    pub error: Error,
+    /// The source, or `None` if the device could not confirm earlier copies stopped.
+    pub source: Option<HostSource>,
+}
+
+fn copy_err(error: Error, source: Option<HostSource>) -> Box<CopyError> {
+    Box::new(CopyError { error, source })
+}
+
 /// Queues `copies` from `source` into `arena` on `stream` and records `event` after them.
 /// On error nothing is left pending: the source comes back (or `None` if the device could not
 /// confirm that earlier copies stopped, in which case the memory is deliberately leaked).
@@ -264,12 +278,12 @@ pub fn copy_to_device(
     copies: &[CopyOp],
     stream: &CudaStream,
     event: CudaEvent,
-) -> std::result::Result<InFlight, (Error, Option<HostSource>)> {
+) -> std::result::Result<InFlight, Box<CopyError>> {
     let (ptr, len) = source.ptr_len();
     for c in copies {
         let ok_src = c.src.checked_add(c.len).is_some_and(|e| e <= len as u64);
         if !ok_src {
-            return Err((
+            return Err(copy_err(
                 Error::invalid(format!(
                     "copy of {} bytes at {} lies outside the {len}-byte host buffer",
                     c.len, c.src
@@ -278,11 +292,11 @@ pub fn copy_to_device(
             ));
         }
         if let Err(e) = arena.check(c.dst, c.len) {
-            return Err((e, Some(source)));
+            return Err(copy_err(e, Some(source)));
         }
     }
     if let Err(e) = arena.check_stream(stream).and_then(|_| bind(&arena.ctx)) {
-        return Err((e, Some(source)));
+        return Err(copy_err(e, Some(source)));
     }
     for c in copies.iter().filter(|c| c.len > 0) {
         // SAFETY: source and destination ranges were checked above to lie inside the host
@@ -301,12 +315,12 @@ pub fn copy_to_device(
         .result();
         if let Err(e) = r {
             let err = device_error("queueing a host-to-device copy (cuMemcpyHtoDAsync)", e);
-            return Err((err, settle(stream, source)));
+            return Err(copy_err(err, settle(stream, source)));
         }
     }
     if let Err(e) = event.record(stream) {
         let err = device_error("recording a CUDA event", e);
-        return Err((err, settle(stream, source)));
+        return Err(copy_err(err, settle(stream, source)));
     }
     Ok(InFlight {
         source: Some(source),
@@ -328,11 +342,7 @@ fn settle(stream: &CudaStream, source: HostSource) -> Option<HostSource> {
 }
 
 /// Records `event` on `stream` after work that reads no host memory (memsets).
-pub fn mark(
-    arena: &Arc<DeviceArena>,
-    stream: &CudaStream,
-    event: CudaEvent,
-) -> Result<InFlight> {
+pub fn mark(arena: &Arc<DeviceArena>, stream: &CudaStream, event: CudaEvent) -> Result<InFlight> {
     arena.check_stream(stream)?;
     event
         .record(stream)

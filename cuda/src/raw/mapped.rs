@@ -142,11 +142,7 @@ impl MappedFile {
         // PROT_READ mapping. The Registered value keeps the mapping alive (Arc) and unregisters
         // exactly this base address in Drop.
         unsafe {
-            sys::cuMemHostRegister_v2(
-                p.cast(),
-                end - start,
-                sys::CU_MEMHOSTREGISTER_READ_ONLY,
-            )
+            sys::cuMemHostRegister_v2(p.cast(), end - start, sys::CU_MEMHOSTREGISTER_READ_ONLY)
         }
         .result()
         .map_err(|e| {

@@ -66,7 +66,9 @@ impl PinnedRegion {
                     .result()
                     .map_err(|e| {
                         device_error(
-                            &format!("page-locking {len} bytes of staging memory (cuMemHostRegister)"),
+                            &format!(
+                                "page-locking {len} bytes of staging memory (cuMemHostRegister)"
+                            ),
                             e,
                         )
                     })
@@ -90,7 +92,7 @@ impl PinnedRegion {
         if Arc::strong_count(this) != 1 {
             return Err(Error::invalid("pinned staging slots are still lent out"));
         }
-        if size == 0 || size % PAGE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE) {
             return Err(Error::invalid(format!(
                 "slot size {size} is not a positive multiple of {PAGE}"
             )));

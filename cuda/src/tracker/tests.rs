@@ -16,7 +16,11 @@ fn plan_of(lens: &[(u64, bool)]) -> Plan {
             tensor: i,
             dest,
             len,
-            needed: if stored { 1000 * i as u64..1000 * i as u64 + len } else { 0..0 },
+            needed: if stored {
+                1000 * i as u64..1000 * i as u64 + len
+            } else {
+                0..0
+            },
             needed_dest: dest,
         });
         dest += len.div_ceil(256) * 256;
@@ -41,9 +45,10 @@ fn readiness_announces_each_tensor_once_when_complete() {
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].placement, 1);
     assert_eq!(r.pending(), 3);
-    assert!(r.first().is_some());
+    assert!(r.first().is_none(), "an empty tensor is not a landing");
     assert!(r.complete(&[(0, 60)]).unwrap().is_empty());
     assert_eq!(r.complete(&[(0, 40), (3, 100)]).unwrap(), vec![0]);
+    assert!(r.first().is_some());
     let t: Vec<ReadyTensor> = rx.try_iter().collect();
     assert_eq!(t.len(), 1);
     assert_eq!((t[0].tensor, t[0].ptr, t[0].len), (0, 0x1000, 100));
