@@ -98,6 +98,7 @@ pub struct Loader {
     ring_budget: usize,
     open: OpenOptions,
     progress: Option<Arc<AtomicU64>>,
+    cuda: tensorstream_cuda::CudaOptions,
     verify: bool,
     key: Option<KeySource>,
     fallback_password: Option<KeySource>,
@@ -133,6 +134,7 @@ impl Loader {
             ring_budget: DEFAULT_RING_BUDGET,
             open: OpenOptions::default(),
             progress: None,
+            cuda: tensorstream_cuda::CudaOptions::default(),
             verify: false,
             key: None,
             fallback_password: None,
@@ -254,6 +256,11 @@ impl Loader {
         self.open.chunk_size = self.open.chunk_size.or(s);
         self
     }
+    /// GPU load options (streams, pinned staging slots and their size).
+    pub fn cuda_options(mut self, opts: tensorstream_cuda::CudaOptions) -> Self {
+        self.cuda = opts;
+        self
+    }
     /// A counter the loader adds bytes read to, for progress display.
     pub fn progress(mut self, counter: Arc<AtomicU64>) -> Self {
         self.progress = Some(counter);
@@ -315,12 +322,66 @@ impl Loader {
 
     /// Loads the selected tensors.
     pub fn load(&self) -> Result<LoadedModel> {
-        let started = Instant::now();
         if let Device::Cuda(_) = self.device {
-            return Err(Error::unsupported(
-                "loading to a CUDA device is not available in this build yet",
+            return Err(Error::invalid(
+                "this loader targets a CUDA device: use Loader::load_cuda (or load_cuda_streaming)",
             ));
         }
+        let started = Instant::now();
+        let p = self.prepare(None)?;
+        let sink = match p.hook.clone() {
+            Some(h) => HostSink::with_hook(h, format::tensorizer::hook_threads()),
+            None => HostSink::new(),
+        };
+        let (sink, es) = execute(p.backend.clone(), &p.meta, p.plan.clone(), sink, &p.eopts)?;
+        let (arena, _) = sink.into_parts()?;
+        let stats = p.stats(0, &es, started.elapsed());
+        let host = HostModel::new(arena, p.index, &p.plan)?;
+        let stats = LoadStats {
+            tensor_bytes: host.nbytes(),
+            ..stats
+        };
+        Ok(LoadedModel { host, stats })
+    }
+
+    /// Opens the CUDA device this loader targets (clear error when there is no driver/device).
+    fn cuda_device(&self) -> Result<Arc<tensorstream_cuda::CudaDevice>> {
+        let Device::Cuda(n) = self.device else {
+            return Err(Error::invalid(
+                "this loader targets the cpu: set .device(Device::Cuda(n)) first",
+            ));
+        };
+        tensorstream_cuda::CudaDevice::open(n, &self.cuda)
+    }
+
+    /// Loads the selected tensors into one device allocation on the CUDA device set with
+    /// [`Loader::device`], through pinned staging slots and async copies on several streams.
+    pub fn load_cuda(&self) -> Result<CudaModel> {
+        let started = Instant::now();
+        let dev = self.cuda_device()?;
+        let p = self.prepare(Some(&dev))?;
+        let (model, es) = tensorstream_cuda::load(
+            &dev,
+            p.backend.clone(),
+            &p.meta,
+            p.index.clone(),
+            p.plan.clone(),
+            &p.eopts,
+        )?;
+        let stats = p.stats(model.nbytes(), &es, started.elapsed());
+        Ok(CudaModel { model, stats })
+    }
+
+    /// Like [`Loader::load_cuda`], but returns at once: iterate the result to get each tensor as
+    /// soon as its bytes are on the device, then `wait()` for the whole model.
+    pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
+        let dev = self.cuda_device()?;
+        let p = self.prepare(Some(&dev))?;
+        tensorstream_cuda::load_streaming(&dev, p.backend, p.meta, p.index, p.plan, p.eopts)
+    }
+
+    /// Metadata, selection, verification hooks and the plan, for either destination.
+    fn prepare(&self, dev: Option<&Arc<tensorstream_cuda::CudaDevice>>) -> Result<Prepared> {
         let be = self.backend()?;
         let meta: ObjectMeta = be.stat()?;
         let mut index = format::read_index(be.as_ref(), &meta)?;
@@ -328,6 +389,12 @@ impl Loader {
         let ropts = self.read_options(&index);
         let hook = format::tensorizer::prepare(&mut index, &ropts)
             .map_err(|e| e.with_location(&self.uri))?;
+        if hook.is_some() && dev.is_some() {
+            return Err(Error::unsupported(
+                "verifying or decrypting tensorizer files while loading to a GPU is not supported yet: load to --device cpu",
+            )
+            .with_location(&self.uri));
+        }
         let caps = be.capabilities();
         let mut popts = PlanOptions::new(meta.size);
         popts.alignment = if caps.direct_io {
@@ -336,34 +403,93 @@ impl Loader {
             1
         };
         popts.chunk_size = self.chunk_size.unwrap_or(caps.preferred_chunk).max(4096) as u64;
-        popts.layout = Layout::Mirror;
-        let plan = Arc::new(plan(&index, &sel, &popts).map_err(|e| e.with_location(&self.uri))?);
-        let eopts = EngineOptions {
+        let mut eopts = EngineOptions {
             queue_depth: self.queue_depth.unwrap_or(caps.max_concurrency.max(1)),
             ring_budget: self.ring_budget,
             progress: self.progress.clone(),
         };
-        let sink = match hook {
-            Some(h) => HostSink::with_hook(h, format::tensorizer::hook_threads()),
-            None => HostSink::new(),
-        };
-        let (sink, es) = execute(be.clone(), &meta, plan.clone(), sink, &eopts)?;
-        let (arena, _) = sink.into_parts()?;
-        let host = HostModel::new(arena, index, &plan)?;
-        let elapsed = started.elapsed();
-        let stats = LoadStats {
-            tensor_bytes: host.nbytes(),
+        match dev {
+            None => popts.layout = Layout::Mirror,
+            Some(d) => {
+                // Every read must fit one pinned slot; the ring is the device's slots.
+                let o = d.options();
+                popts.layout = Layout::Packed {
+                    align: tensorstream_cuda::TENSOR_ALIGN,
+                };
+                popts.chunk_size = popts.chunk_size.min(o.slot_size as u64);
+                if popts.alignment > 1 {
+                    popts.chunk_size =
+                        (popts.chunk_size / popts.alignment).max(1) * popts.alignment;
+                }
+                eopts.ring_budget = o.slots * o.slot_size;
+                eopts.queue_depth = eopts.queue_depth.min(o.slots);
+            }
+        }
+        let plan = Arc::new(plan(&index, &sel, &popts).map_err(|e| e.with_location(&self.uri))?);
+        Ok(Prepared {
+            backend: be,
+            meta,
+            index,
+            plan,
+            hook,
+            eopts,
+            caps,
+            chunk: popts.chunk_size,
+        })
+    }
+}
+
+struct Prepared {
+    backend: Arc<dyn Backend>,
+    meta: ObjectMeta,
+    index: TensorIndex,
+    plan: Arc<tensorstream_engine::Plan>,
+    hook: Option<Arc<dyn tensorstream_engine::sink::TensorHook>>,
+    eopts: EngineOptions,
+    caps: tensorstream_engine::Capabilities,
+    chunk: u64,
+}
+
+impl Prepared {
+    fn stats(
+        &self,
+        tensor_bytes: u64,
+        es: &tensorstream_engine::EngineStats,
+        elapsed: Duration,
+    ) -> LoadStats {
+        LoadStats {
+            tensor_bytes,
             bytes_read: es.bytes_read,
             reads: es.reads,
             elapsed,
             io_elapsed: es.elapsed,
             staging_bytes: es.staging_bytes,
-            backend: caps.kind,
-            direct_io: caps.direct_io,
-            queue_depth: eopts.queue_depth,
-            chunk_size: popts.chunk_size,
-        };
-        Ok(LoadedModel { host, stats })
+            backend: self.caps.kind,
+            direct_io: self.caps.direct_io,
+            queue_depth: self.eopts.queue_depth,
+            chunk_size: self.chunk,
+        }
+    }
+}
+
+/// Tensors loaded onto a CUDA device: one device allocation, per-tensor device pointers.
+pub struct CudaModel {
+    model: tensorstream_cuda::DeviceModel,
+    stats: LoadStats,
+}
+
+impl CudaModel {
+    /// The device model (tensors with device pointers, readback, release).
+    pub fn model(&self) -> &tensorstream_cuda::DeviceModel {
+        &self.model
+    }
+    /// Takes the device model out (e.g. to `release()` it explicitly).
+    pub fn into_model(self) -> tensorstream_cuda::DeviceModel {
+        self.model
+    }
+    /// Load statistics.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
     }
 }
 

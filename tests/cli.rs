@@ -224,3 +224,31 @@ fn demo_verifies_and_compares() {
     // The temporary file is removed afterwards.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn cuda_device_without_driver_is_a_clear_error() {
+    let path = fixtures().join("mixed.safetensors");
+    if tensorstream_cuda::driver_present() && tensorstream_cuda::device_count().is_ok_and(|n| n > 0)
+    {
+        // A GPU is here: the same command must load and digest from the device.
+        let out = run_ok(&[
+            "load",
+            path.to_str().unwrap(),
+            "--device",
+            "cuda:0",
+            "--digests",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["device"], "cuda:0");
+        return;
+    }
+    eprintln!("skipped GPU load: no CUDA device; checking the error instead");
+    let e = run_err(&["load", path.to_str().unwrap(), "--device", "cuda:0"]);
+    assert!(
+        e.contains("no CUDA driver found") || e.contains("not present"),
+        "{e}"
+    );
+    let e = run_err(&["load", path.to_str().unwrap(), "--device", "cuda:x"]);
+    assert!(e.contains("bad device"), "{e}");
+}

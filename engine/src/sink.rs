@@ -290,7 +290,7 @@ impl Sink for HostSink {
         let ranges = if direct {
             direct_ranges(&plan.reads)?
         } else {
-            vec![0..arena.len()]
+            std::iter::once(0..arena.len()).collect()
         };
         let stop = Arc::new(AtomicBool::new(false));
         if std::env::var_os("TENSORSTREAM_PREFAULT").is_none_or(|v| v != "0") {

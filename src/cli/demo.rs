@@ -103,13 +103,14 @@ pub fn write_model(
     Ok((tensors.len(), total))
 }
 
-/// Checks one loaded tensor against the generator; returns the first differing byte.
-pub fn verify(seed: u64, data: &[u8]) -> Option<usize> {
-    let mut buf = vec![0u8; 1 << 20];
+/// Checks a piece of a loaded tensor that starts at byte `offset` (a multiple of 8) against the
+/// generator; returns the first differing byte within the piece.
+pub fn verify_at(seed: u64, offset: u64, data: &[u8]) -> Option<usize> {
+    let mut buf = vec![0u8; data.len().min(1 << 20)];
     let mut off = 0usize;
     while off < data.len() {
         let n = (data.len() - off).min(buf.len());
-        fill(seed, off as u64, &mut buf[..n]);
+        fill(seed, offset + off as u64, &mut buf[..n]);
         if buf[..n] != data[off..off + n] {
             let k = buf[..n]
                 .iter()
@@ -120,6 +121,11 @@ pub fn verify(seed: u64, data: &[u8]) -> Option<usize> {
         off += n;
     }
     None
+}
+
+/// Checks one loaded tensor against the generator; returns the first differing byte.
+pub fn verify(seed: u64, data: &[u8]) -> Option<usize> {
+    verify_at(seed, 0, data)
 }
 
 pub fn run(
@@ -161,25 +167,62 @@ pub fn run(
 
     let counter = Arc::new(AtomicU64::new(0));
     let loader = io.loader(&pstr)?.progress(counter.clone());
-    let model = {
-        let _bar = Progress::start("loading", total, counter, io.quiet);
-        loader.load()?
-    };
-    let st = model.stats().clone();
-
-    // Verify every tensor against the generator.
+    // The best device available: the first CUDA GPU when a driver and a device are present.
+    let gpu = tensorstream_cuda::driver_present()
+        && tensorstream_cuda::device_count().is_ok_and(|n| n > 0);
     let mut bad = Vec::new();
-    for (i, t) in model.tensors().enumerate() {
-        if let Some(at) = verify(i as u64, t.data) {
-            bad.push(format!("{} (first bad byte at {at})", t.name));
+    let (st, device_label) = if gpu {
+        let cm = {
+            let _bar = Progress::start("loading", total, counter, io.quiet);
+            loader.device(tensorstream::Device::Cuda(0)).load_cuda()?
+        };
+        // Verify every tensor by reading it back from the device.
+        let m = cm.model();
+        for (i, t) in m.tensors().enumerate() {
+            let mut off = 0usize;
+            let mut first_bad = None;
+            m.read_chunks(&t, 64 << 20, |b| {
+                if first_bad.is_none() {
+                    if let Some(at) = verify_at(i as u64, off as u64, b) {
+                        first_bad = Some(off + at);
+                    }
+                }
+                off += b.len();
+                Ok(())
+            })?;
+            if let Some(at) = first_bad {
+                bad.push(format!("{} (first bad byte at {at})", t.name));
+            }
         }
-    }
-    if model.len() != count {
-        bad.push(format!("loaded {} tensors, expected {count}", model.len()));
-    }
+        if m.len() != count {
+            bad.push(format!("loaded {} tensors, expected {count}", m.len()));
+        }
+        (
+            cm.stats().clone(),
+            "cuda:0 (read back and checked)".to_string(),
+        )
+    } else {
+        let model = {
+            let _bar = Progress::start("loading", total, counter, io.quiet);
+            loader.load()?
+        };
+        // Verify every tensor against the generator.
+        for (i, t) in model.tensors().enumerate() {
+            if let Some(at) = verify(i as u64, t.data) {
+                bad.push(format!("{} (first bad byte at {at})", t.name));
+            }
+        }
+        if model.len() != count {
+            bad.push(format!("loaded {} tensors, expected {count}", model.len()));
+        }
+        (
+            model.stats().clone(),
+            "cpu (host memory; no CUDA device found)".to_string(),
+        )
+    };
     let ts_gbps = st.gbps();
     let base_gbps = file_len as f64 / base_secs / 1e9;
-    println!("  device: cpu (host memory)");
+    println!("  device: {device_label}");
     println!(
         "  tensorstream load  {:>8.3} s  {:>6.2} GB/s  ({} backend{}, queue depth {}, {} reads)",
         st.elapsed.as_secs_f64(),

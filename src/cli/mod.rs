@@ -39,7 +39,7 @@ enum Cmd {
     Load {
         /// Path or URI of a safetensors / tensorizer file.
         uri: String,
-        /// Target device: cpu (cuda:N in GPU builds).
+        /// Target device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Load only tensors whose name matches this glob (repeatable; any may match).
@@ -132,6 +132,15 @@ struct IoArgs {
     /// Never show progress bars.
     #[arg(long)]
     quiet: bool,
+    /// GPU loads: CUDA streams the copies are spread over.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    streams: usize,
+    /// GPU loads: pinned staging slots (allocated once, reused).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    slots: usize,
+    /// GPU loads: size of one pinned staging slot (reads are at most this long).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "16MiB")]
+    slot_size: u64,
     /// Verify every tensor's CRC32 / SHA-256 (tensorizer files) while loading.
     #[arg(long)]
     verify: bool,

@@ -178,34 +178,80 @@ pub fn load(
     } else {
         loader.inspect().map(|i| i.total_bytes()).unwrap_or(0)
     };
-    let model = {
-        let _bar = Progress::start("loading", total, counter, io.quiet || as_json);
-        loader.load()?
-    };
-    let st = model.stats().clone();
-    let peak = tensorstream::peak_rss_bytes();
-    let sums = if with_digests {
-        Some(digests(&model))
+    let quiet = io.quiet || as_json;
+    let (rows, st, first_tensor, index) = if let Device::Cuda(_) = device {
+        let cm = {
+            let _bar = Progress::start("loading", total, counter, quiet);
+            loader.load_cuda()?
+        };
+        let m = cm.model();
+        let mut rows = Vec::with_capacity(m.len());
+        for t in m.tensors() {
+            let sha = if with_digests {
+                // Read back what is on the device and hash it, in bounded host memory.
+                let mut h = Sha256::new();
+                m.read_chunks(&t, 64 << 20, |b| {
+                    h.update(b);
+                    Ok(())
+                })?;
+                Some(hex(&h.finalize()))
+            } else {
+                None
+            };
+            rows.push(Row {
+                name: t.name.to_string(),
+                dtype: t.dtype.name(),
+                shape: t.shape.to_vec(),
+                offset: t.offset,
+                nbytes: t.len,
+                sha,
+            });
+        }
+        let ft = m.times().first_tensor.map(|d| d.as_secs_f64());
+        let st = cm.stats().clone();
+        let index = m.index().clone();
+        (rows, st, ft, index)
     } else {
-        None
-    };
-    if as_json {
-        let tensors: Vec<_> = model
+        let model = {
+            let _bar = Progress::start("loading", total, counter, quiet);
+            loader.load()?
+        };
+        let sums = if with_digests {
+            Some(digests(&model))
+        } else {
+            None
+        };
+        let rows = model
             .tensors()
             .enumerate()
-            .map(|(i, t)| {
+            .map(|(i, t)| Row {
+                name: t.name.to_string(),
+                dtype: t.dtype.name(),
+                shape: t.shape.to_vec(),
+                offset: t.offset,
+                nbytes: t.data.len() as u64,
+                sha: sums.as_ref().map(|s| s[i].clone()),
+            })
+            .collect();
+        (rows, model.stats().clone(), None, model.index().clone())
+    };
+    let peak = tensorstream::peak_rss_bytes();
+    if as_json {
+        let tensors: Vec<_> = rows
+            .iter()
+            .map(|r| {
                 let mut o = json!({
-                    "name": t.name,
-                    "dtype": t.dtype.name(),
-                    "shape": t.shape,
-                    "offset": t.offset,
-                    "nbytes": t.data.len(),
+                    "name": r.name,
+                    "dtype": r.dtype,
+                    "shape": r.shape,
+                    "offset": r.offset,
+                    "nbytes": r.nbytes,
                 });
-                if let Some(p) = model.index().get(t.name).and_then(|i| i.path.as_ref()) {
+                if let Some(p) = index.get(&r.name).and_then(|i| i.path.as_ref()) {
                     o["path"] = json!(p);
                 }
-                if let Some(s) = &sums {
-                    o["sha256"] = json!(s[i]);
+                if let Some(s) = &r.sha {
+                    o["sha256"] = json!(s);
                 }
                 o
             })
@@ -213,7 +259,7 @@ pub fn load(
         let v = json!({
             "uri": uri,
             "device": device.to_string(),
-            "format": model.index().format.name(),
+            "format": index.format.name(),
             "tensors": tensors,
             "bytes": st.tensor_bytes,
             "bytes_read": st.bytes_read,
@@ -221,6 +267,7 @@ pub fn load(
             "seconds": st.elapsed.as_secs_f64(),
             "gbps": st.gbps(),
             "peak_rss_bytes": peak,
+            "first_tensor_seconds": first_tensor,
             "backend": st.backend,
             "direct_io": st.direct_io,
             "queue_depth": st.queue_depth,
@@ -230,8 +277,8 @@ pub fn load(
         return Ok(());
     }
     println!(
-        "loaded {} tensors, {} in {:.3} s: {:.2} GB/s ({} backend{}, {} reads of up to {}, queue depth {})",
-        model.len(),
+        "loaded {} tensors to {device}, {} in {:.3} s: {:.2} GB/s ({} backend{}, {} reads of up to {}, queue depth {})",
+        rows.len(),
         human(st.tensor_bytes),
         st.elapsed.as_secs_f64(),
         st.gbps(),
@@ -241,19 +288,36 @@ pub fn load(
         human(st.chunk_size),
         st.queue_depth
     );
+    if let Some(f) = first_tensor {
+        println!("first tensor on the device after {:.3} s", f);
+    }
     if let Some(p) = peak {
+        let beyond = if let Device::Cuda(_) = device {
+            p
+        } else {
+            p.saturating_sub(st.tensor_bytes)
+        };
         println!(
-            "peak RSS {} ({} beyond the tensor bytes)",
+            "peak RSS {} ({} beyond the tensors' host bytes)",
             human(p),
-            human(p.saturating_sub(st.tensor_bytes))
+            human(beyond)
         );
     }
-    if let Some(s) = sums {
-        for (t, d) in model.tensors().zip(s) {
-            println!("{d}  {}", t.name);
+    for r in &rows {
+        if let Some(d) = &r.sha {
+            println!("{d}  {}", r.name);
         }
     }
     Ok(())
+}
+
+struct Row {
+    name: String,
+    dtype: String,
+    shape: Vec<u64>,
+    offset: u64,
+    nbytes: u64,
+    sha: Option<String>,
 }
 
 /// Drops the page cache (root only).
