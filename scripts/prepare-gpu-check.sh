@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-shared}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 [ -f "$SHARED/fixtures/manifest.json" ] || { echo "missing $SHARED/fixtures" >&2; exit 1; }
 cargo build --release --quiet --bin tensorstream
 cargo build --release --quiet -p tensorstream-cuda --features bench --bin ts-gpu-bench
