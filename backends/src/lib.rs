@@ -18,6 +18,9 @@ use tensorstream_engine::{Backend, Error, Result};
 
 #[cfg(feature = "local")]
 pub mod local;
+#[cfg(feature = "s3")]
+#[forbid(unsafe_code)]
+pub mod s3;
 
 /// Options shared by all backends; each backend reads the ones that concern it.
 #[derive(Debug, Clone, Default)]
@@ -69,6 +72,8 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
         None | Some("file") => open_local(uri.strip_prefix("file://").unwrap_or(uri), opts),
+        #[cfg(feature = "s3")]
+        Some("s3") => Ok(Arc::new(s3::S3Backend::open(uri, opts)?)),
         Some(other) => Err(Error::unsupported(format!(
             "{uri}: unsupported URI scheme {other:?} (this build knows: file paths{})",
             compiled_schemes()
@@ -76,8 +81,12 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     }
 }
 
-fn compiled_schemes() -> &'static str {
-    ""
+fn compiled_schemes() -> String {
+    let mut s = String::new();
+    if cfg!(feature = "s3") {
+        s.push_str(", s3://bucket/key");
+    }
+    s
 }
 
 #[cfg(feature = "local")]
