@@ -40,9 +40,7 @@ impl S3Location {
     /// silently normalise to another key).
     pub fn parse(uri: &str) -> Result<S3Location> {
         let bad = |why: &str| Error::invalid(format!("{uri}: {why} (expected s3://bucket/key)"));
-        let (scheme, rest) = uri
-            .split_once("://")
-            .ok_or_else(|| bad("not a URI"))?;
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("not a URI"))?;
         if !scheme.eq_ignore_ascii_case("s3") {
             return Err(bad(&format!("scheme {scheme:?} is not s3")));
         }
@@ -63,7 +61,9 @@ impl S3Location {
             return Err(bad("missing object key"));
         }
         if key.ends_with('/') {
-            return Err(bad("the key ends with '/', which names a prefix, not an object"));
+            return Err(bad(
+                "the key ends with '/', which names a prefix, not an object",
+            ));
         }
         if key.starts_with('/') || key.contains("//") {
             return Err(bad("empty path segment in the key ('//')"));
@@ -291,7 +291,11 @@ mod tests {
     fn uri_parsing() {
         let ok = [
             ("s3://b/k", "b", "k"),
-            ("S3://bucket/a/b/c.safetensors", "bucket", "a/b/c.safetensors"),
+            (
+                "S3://bucket/a/b/c.safetensors",
+                "bucket",
+                "a/b/c.safetensors",
+            ),
             ("s3://my.bucket-1/dir/x", "my.bucket-1", "dir/x"),
         ];
         for (uri, b, k) in ok {
@@ -331,7 +335,10 @@ mod tests {
         assert!(!c.virtual_host_style);
         assert_eq!(c.concurrency, DEFAULT_CONCURRENCY);
         assert_eq!(c.chunk_size, DEFAULT_CHUNK);
-        assert_eq!((c.timeout, c.io_timeout), (DEFAULT_TIMEOUT, DEFAULT_IO_TIMEOUT));
+        assert_eq!(
+            (c.timeout, c.io_timeout),
+            (DEFAULT_TIMEOUT, DEFAULT_IO_TIMEOUT)
+        );
     }
 
     #[test]
@@ -422,7 +429,10 @@ mod tests {
     fn bad_settings_are_clear_errors() {
         let only_key = env(&[("AWS_ACCESS_KEY_ID", "AK")]);
         let e = S3Config::resolve(&OpenOptions::default(), &only_key).unwrap_err();
-        assert!(e.to_string().contains("AWS_SECRET_ACCESS_KEY is not"), "{e}");
+        assert!(
+            e.to_string().contains("AWS_SECRET_ACCESS_KEY is not"),
+            "{e}"
+        );
         let only_secret = env(&[("AWS_SECRET_ACCESS_KEY", "SK")]);
         let e = S3Config::resolve(&OpenOptions::default(), &only_secret).unwrap_err();
         assert!(e.to_string().contains("AWS_ACCESS_KEY_ID is not"), "{e}");

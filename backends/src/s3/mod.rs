@@ -24,12 +24,13 @@ mod reader;
 #[cfg(test)]
 mod tests;
 
+use std::cell::Cell;
 use std::future::Future;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use opendal::layers::{RetryLayer, TimeoutLayer};
+use opendal::layers::{RetryEvent, RetryLayer, TimeoutLayer};
 use opendal::Operator;
 use tensorstream_engine::{
     Backend, Capabilities, Error, ErrorKind, ObjectMeta, RangeReader, ReaderOptions, Result,
@@ -49,6 +50,26 @@ pub const RETRIES: usize = 4;
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Largest backoff delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+tokio::task_local! {
+    /// Retries the retry layer made for the request running in this scope (see [`counted`]).
+    static RETRIES_SEEN: Cell<usize>;
+}
+
+/// Runs one request (a HEAD, or a GET with its body) in its own retry-count scope, so that its
+/// errors can say whether (and how often) it was retried.
+pub(crate) fn counted<F: Future>(fut: F) -> impl Future<Output = F::Output> {
+    RETRIES_SEEN.scope(Cell::new(0), fut)
+}
+
+fn retries_seen() -> usize {
+    RETRIES_SEEN.try_with(|c| c.get()).unwrap_or(0)
+}
+
+/// The retry layer's hook: counts the retries of the request in scope.
+fn note_retry(_event: RetryEvent<'_>) {
+    let _ = RETRIES_SEEN.try_with(|c| c.set(c.get() + 1));
+}
 
 /// The tokio runtime the backend owns. Shut down without blocking when the backend goes away,
 /// so dropping a backend is fine anywhere (even inside another runtime).
@@ -99,8 +120,10 @@ pub(crate) struct IoCtx {
 
 impl IoCtx {
     /// Converts an OpenDAL error into the public error, with a message that says what to do.
+    /// Call it inside the request's [`counted`] scope.
     pub(crate) fn error(&self, e: opendal::Error, what: &str, range: Option<Range<u64>>) -> Error {
-        let err = map_error(e, what, &self.endpoint, self.io_timeout).with_location(&self.uri);
+        let err = map_error(e, what, &self.endpoint, self.io_timeout, retries_seen())
+            .with_location(&self.uri);
         match range {
             Some(r) => err.with_range(r),
             None => err,
@@ -109,16 +132,19 @@ impl IoCtx {
 }
 
 /// Maps an OpenDAL error to the public one (kind, retryable flag, clear message, source kept).
+/// `retries`: how many times the retry layer retried the request before giving up. (The retry
+/// layer marks every error it returns "persistent", so the status alone cannot tell.)
 pub(crate) fn map_error(
     e: opendal::Error,
     what: &str,
     endpoint: &str,
     io_timeout: Duration,
+    retries: usize,
 ) -> Error {
     use opendal::ErrorKind as K;
-    let retryable = e.is_temporary() || e.is_persistent();
-    let gave_up = if e.is_persistent() {
-        format!(" (gave up after {} attempts)", RETRIES + 1)
+    let retryable = retries > 0 || e.is_temporary();
+    let gave_up = if retries > 0 {
+        format!(" (gave up after {} attempts)", retries + 1)
     } else {
         String::new()
     };
@@ -134,6 +160,11 @@ pub(crate) fn map_error(
         format!("{}: {cause}", e.message())
     };
     let timed_out = e.message().contains("timeout reached");
+    let paren = if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({detail})")
+    };
     let (kind, message) = match e.kind() {
         K::NotFound => (
             ErrorKind::NotFound,
@@ -144,19 +175,19 @@ pub(crate) fn map_error(
             format!(
                 "{what}: access denied by {endpoint}: check the credentials \
                  (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN), the region and \
-                 the bucket policy ({detail})"
+                 the bucket policy{paren}"
             ),
         ),
         K::ConditionNotMatch => (
             ErrorKind::ObjectChanged,
             format!(
                 "{what}: the object was replaced while it was being loaded (its ETag changed); \
-                 load it again ({detail})"
+                 load it again{paren}"
             ),
         ),
         K::RangeNotSatisfied => (
             ErrorKind::RangeNotSatisfiable,
-            format!("{what}: range not satisfiable ({detail})"),
+            format!("{what}: range not satisfiable{paren}"),
         ),
         K::ConfigInvalid => (
             ErrorKind::InvalidInput,
@@ -242,7 +273,15 @@ impl S3Backend {
         let handle = rt.handle()?;
         let _guard = handle.enter();
         let op = build_operator(&loc, &cfg)
-            .map_err(|e| map_error(e, "configuring S3", &cfg.endpoint_display(), cfg.io_timeout))
+            .map_err(|e| {
+                map_error(
+                    e,
+                    "configuring S3",
+                    &cfg.endpoint_display(),
+                    cfg.io_timeout,
+                    0,
+                )
+            })
             .map_err(|e| e.with_location(&uri))?;
         let io = Arc::new(IoCtx {
             op,
@@ -319,7 +358,8 @@ fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator>
                 .with_factor(2.0)
                 .with_min_delay(MIN_BACKOFF)
                 .with_max_delay(MAX_BACKOFF)
-                .with_max_times(RETRIES),
+                .with_max_times(RETRIES)
+                .with_notify(note_retry),
         ))
 }
 
@@ -344,12 +384,15 @@ impl Backend for S3Backend {
 
     fn stat(&self) -> Result<ObjectMeta> {
         let io = self.io.clone();
-        let md = run(&self.rt.handle()?, async move {
-            io.op
-                .stat(&io.key)
-                .await
-                .map_err(|e| io.error(e, "HEAD", None))
-        })?;
+        let md = run(
+            &self.rt.handle()?,
+            counted(async move {
+                io.op
+                    .stat(&io.key)
+                    .await
+                    .map_err(|e| io.error(e, "HEAD", None))
+            }),
+        )?;
         if !md.is_file() {
             return Err(Error::invalid("not an object").with_location(&self.uri));
         }
@@ -376,7 +419,8 @@ impl Backend for S3Backend {
     /// engine's hot path is [`Backend::open_reader`], which reads straight into its buffers.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let pin = self.pinned()?;
-        let want = clamp_read(offset, buf.len(), pin.size).map_err(|e| e.with_location(&self.uri))?;
+        let want =
+            clamp_read(offset, buf.len(), pin.size).map_err(|e| e.with_location(&self.uri))?;
         if want == 0 {
             return Ok(0);
         }

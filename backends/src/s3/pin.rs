@@ -12,8 +12,8 @@
 use opendal::raw::oio;
 use opendal::raw::{
     Layer, OpCompose, OpCopy, OpCreateDir, OpList, OpPresign, OpRead, OpRename, OpRestore, OpStat,
-    OpWrite, RpCreateDir, RpPresign, RpRead, RpRename, RpRestore, RpStat,
-    Service, ServiceInfo, Servicer,
+    OpWrite, RpCreateDir, RpPresign, RpRead, RpRename, RpRestore, RpStat, Service, ServiceInfo,
+    Servicer,
 };
 use opendal::{Buffer, BytesRange, Capability, Error, ErrorKind, OperationContext, Result};
 use std::sync::Arc;
@@ -31,7 +31,9 @@ pub(crate) fn check_etag(expected: &str, got: Option<&str>) -> Result<()> {
     match got {
         Some(got) if normalize_etag(got) != normalize_etag(expected) => Err(Error::new(
             ErrorKind::ConditionNotMatch,
-            format!("object changed while loading: the server sent ETag {got}, expected {expected}"),
+            format!(
+                "object changed while loading: the server sent ETag {got}, expected {expected}"
+            ),
         )),
         _ => Ok(()),
     }

@@ -19,7 +19,7 @@ use tensorstream_engine::{
     Error, ErrorKind, IoBuf, ObjectMeta, RangeReader, ReadDone, ReadRequest, Result,
 };
 
-use super::{clamp_read, IoCtx, S3Backend};
+use super::{clamp_read, counted, IoCtx, S3Backend};
 
 /// Fetches `dst.len()` bytes at `offset` (the caller has clamped the range to the object) with
 /// `chunk`-sized GETs in flight at once. Returns the number of contiguous bytes read from
@@ -34,7 +34,7 @@ pub(crate) async fn read_into(
     let parts = dst.chunks_mut(chunk).enumerate().map(|(i, part)| {
         // i * chunk <= dst.len(), which fits u64; offset + that was clamped to the object size.
         let part_off = offset + (i as u64) * (chunk as u64);
-        read_part(io, etag, part_off, part)
+        counted(read_part(io, etag, part_off, part))
     });
     let results = futures::future::join_all(parts).await;
     let mut total = 0usize;
@@ -54,9 +54,10 @@ pub(crate) async fn read_into(
 async fn read_part(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) -> Result<usize> {
     let end = offset.saturating_add(dst.len() as u64);
     let range = offset..end;
-    let _permit = io.permits.acquire().await.map_err(|_| {
-        Error::new(ErrorKind::Io, "S3 request limiter closed").with_backend("s3")
-    })?;
+    let _permit =
+        io.permits.acquire().await.map_err(|_| {
+            Error::new(ErrorKind::Io, "S3 request limiter closed").with_backend("s3")
+        })?;
     let mut req = io.op.reader_with(&io.key);
     if let Some(e) = etag {
         req = req.if_match(e);

@@ -38,14 +38,22 @@ fn error_mapping() {
     let t = Duration::from_secs(3);
     let cases = [
         (K::NotFound, ErrorKind::NotFound, "no such object"),
-        (K::PermissionDenied, ErrorKind::PermissionDenied, "AWS_SECRET_ACCESS_KEY"),
+        (
+            K::PermissionDenied,
+            ErrorKind::PermissionDenied,
+            "AWS_SECRET_ACCESS_KEY",
+        ),
         (K::ConditionNotMatch, ErrorKind::ObjectChanged, "replaced"),
-        (K::RangeNotSatisfied, ErrorKind::RangeNotSatisfiable, "range"),
+        (
+            K::RangeNotSatisfied,
+            ErrorKind::RangeNotSatisfiable,
+            "range",
+        ),
         (K::ConfigInvalid, ErrorKind::InvalidInput, "configuration"),
         (K::Unexpected, ErrorKind::Io, "GET failed at http://e:1"),
     ];
     for (from, to, msg) in cases {
-        let e = map_error(opendal::Error::new(from, "boom"), "GET", "http://e:1", t);
+        let e = map_error(opendal::Error::new(from, "boom"), "GET", "http://e:1", t, 0);
         assert_eq!(e.kind(), to, "{from:?}");
         assert_eq!(e.backend(), Some("s3"));
         assert!(e.to_string().contains(msg), "{from:?}: {e}");
@@ -56,11 +64,22 @@ fn error_mapping() {
         "GET",
         "http://e:1",
         t,
+        4,
     );
     assert_eq!(e.kind(), ErrorKind::Timeout);
     assert!(e.is_retryable());
     assert!(e.to_string().contains("3.0 s"), "{e}");
-    assert!(e.to_string().contains("gave up after"), "{e}");
+    assert!(e.to_string().contains("gave up after 5 attempts"), "{e}");
+    // Marked persistent by the retry layer but never retried: permanent, no "gave up".
+    let e = map_error(
+        opendal::Error::new(K::NotFound, "nope").set_persistent(),
+        "HEAD",
+        "http://e:1",
+        t,
+        0,
+    );
+    assert!(!e.is_retryable());
+    assert!(!e.to_string().contains("gave up"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,5 @@
+//! Real servers and fault injection for the backends' integration tests. One module per helper;
+//! each test file includes this with `mod support;` and uses what it needs.
+
+#[cfg(feature = "s3")]
+pub mod s3s;
