@@ -1,1 +1,364 @@
-//! tensorstream facade
+//! # tensorstream
+//!
+//! Streams model weights (safetensors; tensorizer) from storage — local disk through io_uring,
+//! and remote backends — into host memory (GPU: see `tensorstream-cuda`), as fast as the
+//! hardware allows, with a small fixed host-memory footprint beyond the destination.
+//!
+//! ```no_run
+//! use tensorstream::Loader;
+//!
+//! let model = Loader::new("model.safetensors")
+//!     .filter_glob("model.layers.0.*")?
+//!     .queue_depth(32)
+//!     .load()?;
+//! for t in model.tensors() {
+//!     println!("{} {} {:?} {} bytes", t.name, t.dtype, t.shape, t.data.len());
+//! }
+//! println!("{:.2} GB/s", model.stats().gbps());
+//! # Ok::<(), tensorstream::Error>(())
+//! ```
+//!
+//! The layers below are public too: [`engine`] (Backend trait, formats, planner, pipeline,
+//! sinks) and [`backends`] (local, remote). A third-party backend implements
+//! [`engine::Backend`] and is used with [`Loader::from_backend`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use tensorstream_backends as backends;
+pub use tensorstream_engine as engine;
+
+pub use tensorstream_backends::{IoMode, OpenOptions};
+pub use tensorstream_engine::{
+    Backend, DType, Error, ErrorKind, Result, TensorIndex, TensorInfo, TensorView,
+};
+
+use tensorstream_engine::{
+    execute, format, plan, EngineOptions, HostModel, HostSink, Layout, ObjectMeta, PlanOptions,
+};
+
+/// Where tensors are loaded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// Host memory.
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if s == "cuda" {
+            return Ok(Device::Cuda(0));
+        }
+        if let Some(n) = s.strip_prefix("cuda:") {
+            return n.parse().map(Device::Cuda).map_err(|_| {
+                Error::invalid(format!("bad device {s:?}: expected cpu, cuda or cuda:N"))
+            });
+        }
+        Err(Error::invalid(format!(
+            "bad device {s:?}: expected cpu, cuda or cuda:N"
+        )))
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+type Predicate = Arc<dyn Fn(&TensorInfo) -> bool + Send + Sync>;
+
+/// Builder for a load: source, selection, device and I/O knobs.
+#[derive(Clone)]
+pub struct Loader {
+    uri: String,
+    backend: Option<Arc<dyn Backend>>,
+    device: Device,
+    globs: Vec<String>,
+    predicate: Option<Predicate>,
+    queue_depth: Option<usize>,
+    chunk_size: Option<usize>,
+    ring_budget: usize,
+    open: OpenOptions,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("uri", &self.uri)
+            .field("device", &self.device)
+            .field("globs", &self.globs)
+            .field("queue_depth", &self.queue_depth)
+            .field("chunk_size", &self.chunk_size)
+            .field("ring_budget", &self.ring_budget)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default staging-ring budget (host memory beyond the destination).
+pub const DEFAULT_RING_BUDGET: usize = 256 << 20;
+
+impl Loader {
+    /// A load of the object at `uri`: a path, `file://`, or any scheme the backends support.
+    pub fn new(uri: impl Into<String>) -> Self {
+        Loader {
+            uri: uri.into(),
+            backend: None,
+            device: Device::Cpu,
+            globs: Vec::new(),
+            predicate: None,
+            queue_depth: None,
+            chunk_size: None,
+            ring_budget: DEFAULT_RING_BUDGET,
+            open: OpenOptions::default(),
+            progress: None,
+        }
+    }
+
+    /// A load through a backend you built yourself (a third-party `Backend`).
+    pub fn from_backend(backend: Arc<dyn Backend>) -> Self {
+        let mut l = Loader::new(backend.location().to_string());
+        l.backend = Some(backend);
+        l
+    }
+
+    /// Target device (default: cpu).
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+    /// Keeps only tensors whose name matches `glob` (several calls: any may match).
+    pub fn filter_glob(mut self, glob: &str) -> Result<Self> {
+        globset::Glob::new(glob)
+            .map_err(|e| Error::invalid(format!("bad filter {glob:?}: {e}")))?;
+        self.globs.push(glob.to_string());
+        Ok(self)
+    }
+    /// Keeps only tensors for which `f` returns true (combined with globs: both must accept).
+    pub fn filter(mut self, f: impl Fn(&TensorInfo) -> bool + Send + Sync + 'static) -> Self {
+        self.predicate = Some(Arc::new(f));
+        self
+    }
+    /// Reads in flight (default: the backend's preference, 16 for local files).
+    pub fn queue_depth(mut self, n: usize) -> Self {
+        self.queue_depth = Some(n.max(1));
+        self.open.concurrency = Some(n.max(1));
+        self
+    }
+    /// Size of one read (default: the backend's preference).
+    pub fn chunk_size(mut self, bytes: usize) -> Self {
+        self.chunk_size = Some(bytes.max(4096));
+        self.open.chunk_size = Some(bytes.max(4096));
+        self
+    }
+    /// Staging memory budget for reads that cannot land in place (default 256 MiB).
+    pub fn ring_budget(mut self, bytes: usize) -> Self {
+        self.ring_budget = bytes.max(1 << 20);
+        self
+    }
+    /// Backend options (headers, S3 endpoint, timeouts, local I/O mode …).
+    pub fn open_options(mut self, opts: OpenOptions) -> Self {
+        let (c, s) = (self.open.concurrency, self.open.chunk_size);
+        self.open = opts;
+        self.open.concurrency = self.open.concurrency.or(c);
+        self.open.chunk_size = self.open.chunk_size.or(s);
+        self
+    }
+    /// A counter the loader adds bytes read to, for progress display.
+    pub fn progress(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.progress = Some(counter);
+        self
+    }
+
+    fn backend(&self) -> Result<Arc<dyn Backend>> {
+        match &self.backend {
+            Some(b) => Ok(b.clone()),
+            None => backends::open(&self.uri, &self.open),
+        }
+    }
+
+    /// Reads only the metadata: the file's tensor index.
+    pub fn inspect(&self) -> Result<TensorIndex> {
+        let be = self.backend()?;
+        let meta = be.stat()?;
+        format::read_index(be.as_ref(), &meta)
+    }
+
+    fn select(&self, index: &TensorIndex) -> Result<Vec<usize>> {
+        let set = if self.globs.is_empty() {
+            None
+        } else {
+            let mut b = globset::GlobSetBuilder::new();
+            for g in &self.globs {
+                b.add(
+                    globset::Glob::new(g)
+                        .map_err(|e| Error::invalid(format!("bad filter {g:?}: {e}")))?,
+                );
+            }
+            Some(
+                b.build()
+                    .map_err(|e| Error::invalid(format!("bad filters: {e}")))?,
+            )
+        };
+        let sel: Vec<usize> = index
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| set.as_ref().is_none_or(|s| s.is_match(&t.name)))
+            .filter(|(_, t)| self.predicate.as_ref().is_none_or(|p| p(t)))
+            .map(|(i, _)| i)
+            .collect();
+        if sel.is_empty() && !index.tensors.is_empty() {
+            let what = if self.globs.is_empty() {
+                "the filter".to_string()
+            } else {
+                format!("filter {}", self.globs.join(", "))
+            };
+            return Err(Error::invalid(format!(
+                "{what} matches none of the {} tensors",
+                index.tensors.len()
+            ))
+            .with_location(&self.uri));
+        }
+        Ok(sel)
+    }
+
+    /// Loads the selected tensors.
+    pub fn load(&self) -> Result<LoadedModel> {
+        let started = Instant::now();
+        if let Device::Cuda(_) = self.device {
+            return Err(Error::unsupported(
+                "loading to a CUDA device is not available in this build yet",
+            ));
+        }
+        let be = self.backend()?;
+        let meta: ObjectMeta = be.stat()?;
+        let index = format::read_index(be.as_ref(), &meta)?;
+        let sel = self.select(&index)?;
+        let caps = be.capabilities();
+        let mut popts = PlanOptions::new(meta.size);
+        popts.alignment = if caps.direct_io {
+            caps.alignment.max(1) as u64
+        } else {
+            1
+        };
+        popts.chunk_size = self.chunk_size.unwrap_or(caps.preferred_chunk).max(4096) as u64;
+        popts.layout = Layout::Mirror;
+        let plan = Arc::new(plan(&index, &sel, &popts).map_err(|e| e.with_location(&self.uri))?);
+        let eopts = EngineOptions {
+            queue_depth: self.queue_depth.unwrap_or(caps.max_concurrency.max(1)),
+            ring_budget: self.ring_budget,
+            progress: self.progress.clone(),
+        };
+        let (sink, es) = execute(be.clone(), &meta, plan.clone(), HostSink::new(), &eopts)?;
+        let (arena, _) = sink.into_parts()?;
+        let host = HostModel::new(arena, index, &plan)?;
+        let elapsed = started.elapsed();
+        let stats = LoadStats {
+            tensor_bytes: host.nbytes(),
+            bytes_read: es.bytes_read,
+            reads: es.reads,
+            elapsed,
+            io_elapsed: es.elapsed,
+            staging_bytes: es.staging_bytes,
+            backend: caps.kind,
+            direct_io: caps.direct_io,
+            queue_depth: eopts.queue_depth,
+            chunk_size: popts.chunk_size,
+        };
+        Ok(LoadedModel { host, stats })
+    }
+}
+
+/// What a load did.
+#[derive(Debug, Clone)]
+pub struct LoadStats {
+    /// Bytes of tensor data loaded.
+    pub tensor_bytes: u64,
+    /// Bytes read from storage (alignment and gap bytes included).
+    pub bytes_read: u64,
+    /// Read requests.
+    pub reads: u64,
+    /// Wall time from start (metadata included) to the last byte in place.
+    pub elapsed: Duration,
+    /// Wall time of the data phase.
+    pub io_elapsed: Duration,
+    /// Host staging memory used besides the destination.
+    pub staging_bytes: u64,
+    /// Backend kind (`local`, `http` …).
+    pub backend: &'static str,
+    /// Whether reads bypassed the page cache.
+    pub direct_io: bool,
+    /// Reads in flight.
+    pub queue_depth: usize,
+    /// Read size.
+    pub chunk_size: u64,
+}
+
+impl LoadStats {
+    /// Tensor bytes per second over the whole load, in GB/s (10^9).
+    pub fn gbps(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.tensor_bytes as f64 / s / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Tensors loaded into memory.
+pub struct LoadedModel {
+    host: HostModel,
+    stats: LoadStats,
+}
+
+impl LoadedModel {
+    /// Tensors in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = TensorView<'_>> {
+        self.host.tensors()
+    }
+    /// A tensor by name.
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        self.host.get(name)
+    }
+    /// Number of tensors loaded.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    /// True when nothing was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    /// The whole file's index.
+    pub fn index(&self) -> &TensorIndex {
+        self.host.index()
+    }
+    /// Load statistics.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
+    }
+}
+
+/// Peak resident set size of this process so far (Linux: VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
