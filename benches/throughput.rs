@@ -67,12 +67,17 @@ fn throughput(c: &mut Criterion) {
             }
         })
     });
-    for (name, mode) in [("tensorstream_io_uring", IoMode::Uring), ("tensorstream_pread", IoMode::Pread)] {
+    for (name, mode) in [
+        ("tensorstream_io_uring", IoMode::Uring),
+        ("tensorstream_pread", IoMode::Pread),
+    ] {
         let loader = Loader::new(&p).open_options(OpenOptions {
             io_mode: Some(mode),
             ..OpenOptions::default()
         });
-        g.bench_function(name, |b| b.iter(|| loader.load().expect("load").stats().tensor_bytes));
+        g.bench_function(name, |b| {
+            b.iter(|| loader.load().expect("load").stats().tensor_bytes)
+        });
     }
     g.finish();
 }

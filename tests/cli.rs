@@ -35,17 +35,27 @@ fn run_ok(args: &[&str]) -> String {
 fn run_err(args: &[&str]) -> String {
     let out = bin().args(args).output().unwrap();
     assert!(!out.status.success(), "tensorstream {args:?} should fail");
-    assert_eq!(out.status.code(), Some(1), "errors exit with 1, not a panic");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "errors exit with 1, not a panic"
+    );
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "one-line error expected: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one-line error expected: {err}"
+    );
     err
 }
 
 #[test]
 fn mixed_safetensors_digests_match_manifest_in_both_io_modes() {
     let m = manifest();
-    let want = m["files"]["mixed.safetensors"]["tensors"].as_array().unwrap();
+    let want = m["files"]["mixed.safetensors"]["tensors"]
+        .as_array()
+        .unwrap();
     let path = fixtures().join("mixed.safetensors");
     for io in ["io_uring", "pread"] {
         let out = run_ok(&[
@@ -70,7 +80,12 @@ fn mixed_safetensors_digests_match_manifest_in_both_io_modes() {
             assert_eq!(g["shape"], w["shape"], "{}", w["name"]);
             assert_eq!(g["nbytes"], w["nbytes"], "{}", w["name"]);
         }
-        assert_eq!(v["bytes"].as_u64().unwrap(), want.iter().map(|w| w["nbytes"].as_u64().unwrap()).sum::<u64>());
+        assert_eq!(
+            v["bytes"].as_u64().unwrap(),
+            want.iter()
+                .map(|w| w["nbytes"].as_u64().unwrap())
+                .sum::<u64>()
+        );
         assert!(v["seconds"].as_f64().unwrap() > 0.0);
         assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
     }
@@ -123,7 +138,10 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
     let d = dir.path();
     let missing = d.join("missing.safetensors");
     let e = run_err(&["load", missing.to_str().unwrap()]);
-    assert!(e.contains("missing.safetensors") && e.contains("No such file"), "{e}");
+    assert!(
+        e.contains("missing.safetensors") && e.contains("No such file"),
+        "{e}"
+    );
 
     let e = run_err(&["load", d.to_str().unwrap()]);
     assert!(e.contains("directory"), "{e}");
@@ -131,13 +149,19 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
     let empty = d.join("empty.safetensors");
     std::fs::write(&empty, b"").unwrap();
     let e = run_err(&["inspect", empty.to_str().unwrap()]);
-    assert!(e.contains("empty.safetensors") && e.contains("empty"), "{e}");
+    assert!(
+        e.contains("empty.safetensors") && e.contains("empty"),
+        "{e}"
+    );
 
     let src = std::fs::read(fixtures().join("mixed.safetensors")).unwrap();
     let trunc = d.join("trunc.safetensors");
     std::fs::write(&trunc, &src[..src.len() - 100]).unwrap();
     let e = run_err(&["load", trunc.to_str().unwrap()]);
-    assert!(e.contains("trunc.safetensors") && e.contains("past the end"), "{e}");
+    assert!(
+        e.contains("trunc.safetensors") && e.contains("past the end"),
+        "{e}"
+    );
 
     let hostile = d.join("hostile.safetensors");
     let mut h = u64::MAX.to_le_bytes().to_vec();
@@ -154,7 +178,12 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
     ]);
     assert!(e.contains("matches none"), "{e}");
 
-    let e = run_err(&["load", fixtures().join("mixed.safetensors").to_str().unwrap(), "--device", "tpu"]);
+    let e = run_err(&[
+        "load",
+        fixtures().join("mixed.safetensors").to_str().unwrap(),
+        "--device",
+        "tpu",
+    ]);
     assert!(e.contains("bad device"), "{e}");
 }
 
@@ -162,7 +191,10 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
 fn permission_denied_is_reported() {
     // Root reads any file regardless of mode bits, so this check is only meaningful for others.
     if std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
     {
         eprintln!("skipped: running as root, mode bits do not deny reads");
@@ -180,7 +212,13 @@ fn permission_denied_is_reported() {
 #[test]
 fn demo_verifies_and_compares() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_ok(&["demo", "--size", "32MiB", "--dir", dir.path().to_str().unwrap()]);
+    let out = run_ok(&[
+        "demo",
+        "--size",
+        "32MiB",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(out.contains("every byte matches"), "{out}");
     assert!(out.contains("std::fs::read"), "{out}");
     // The temporary file is removed afterwards.

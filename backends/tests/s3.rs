@@ -6,7 +6,9 @@ mod support;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use support::proxy::{Faults, Proxy};
 use support::s3s::{S3s, ACCESS_KEY};
 use tensorstream_backends::s3::{S3Backend, S3Location};
 use tensorstream_backends::OpenOptions;
@@ -355,8 +357,11 @@ fn filter_reads_only_the_selected_tensor() {
     let mib = 1usize << 20;
     let (file, datas) = safetensors(&[8 * mib, 8 * mib, 8 * mib], 20);
     s3.put("bkt", "m.safetensors", file);
+    // Through a proxy that logs what the server actually sent.
+    let proxy = Proxy::start(s3.addr());
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port());
     let spy = Arc::new(Spy {
-        inner: s3.backend("bkt", "m.safetensors", &small_chunks()),
+        inner: s3.backend_via(&endpoint, "bkt", "m.safetensors", &small_chunks()),
         ranges: Arc::default(),
         hook: Mutex::new(None),
     });
@@ -375,7 +380,30 @@ fn filter_reads_only_the_selected_tensor() {
         total <= 8 * mib + 4096,
         "read {total} bytes for one 8 MiB tensor"
     );
-    for (off, len) in ranges {
+    // What went over the wire: the header prefix plus tensor 1, nothing of tensors 0 and 2.
+    let sent = proxy.body_bytes();
+    assert!(
+        sent <= (8 * mib) as u64 + 64 * 1024,
+        "{sent} body bytes went over the wire for one 8 MiB tensor"
+    );
+    let mut wire = Vec::new();
+    let mut header_probes = 0;
+    for x in proxy.log() {
+        if x.method == "GET" && x.body_bytes > 0 {
+            let r = x
+                .answered_range()
+                .unwrap_or_else(|| panic!("GET answered without Content-Range: {x:?}"));
+            if r.start == 0 && r.end <= 64 << 10 {
+                // The format reader's probe of the header (a small prefix).
+                header_probes += 1;
+                continue;
+            }
+            wire.push((r.start, (r.end - r.start) as usize));
+        }
+    }
+    assert!(header_probes <= 2, "{header_probes} header probes");
+    assert!(!wire.is_empty());
+    for (off, len) in ranges.into_iter().chain(wire) {
         let r = off..off + len as u64;
         assert!(
             r.end <= skip0.start || r.start >= skip0.end,
@@ -548,4 +576,190 @@ fn object_replaced_mid_load_never_mixes_versions() {
         }
     }
     assert!(spy.hook.lock().unwrap().is_none(), "the hook ran");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults, injected by a proxy in front of s3s-fs
+
+struct Faulty {
+    s3: S3s,
+    proxy: Proxy,
+    data: Vec<u8>,
+}
+
+/// An 8 MiB object behind a proxy.
+fn faulty() -> Faulty {
+    let s3 = S3s::start();
+    let data = pattern(8 << 20, 50);
+    s3.put("bkt", "obj", data.clone());
+    let proxy = Proxy::start(s3.addr());
+    Faulty { s3, proxy, data }
+}
+
+impl Faulty {
+    fn backend(&self, opts: &OpenOptions) -> Arc<S3Backend> {
+        let endpoint = format!("http://127.0.0.1:{}", self.proxy.port());
+        self.s3.backend_via(&endpoint, "bkt", "obj", opts)
+    }
+
+    /// Reads the whole object through the engine's reader path (1 MiB reads, 4 in flight).
+    fn read_all(&self, be: &Arc<S3Backend>) -> Result<Vec<u8>> {
+        let meta = be.stat()?;
+        let mut reader = be
+            .clone()
+            .open_reader(&meta, &ReaderOptions { queue_depth: 4 })?;
+        let mut out = vec![0u8; meta.size as usize];
+        let chunk = 1usize << 20;
+        let mut next = 0usize;
+        let mut first_err = None;
+        while next < out.len() || reader.in_flight() > 0 {
+            while next < out.len() && reader.in_flight() < 4 {
+                let len = chunk.min(out.len() - next);
+                reader.submit(ReadRequest {
+                    id: next as u64,
+                    offset: next as u64,
+                    buf: IoBuf::aligned(len, 1)?,
+                })?;
+                next += len;
+            }
+            let d = reader.wait()?;
+            match d.result {
+                Ok(n) => {
+                    assert_eq!(n, d.buf.len());
+                    out[d.offset as usize..d.offset as usize + n].copy_from_slice(d.buf.as_slice());
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+#[test]
+fn connection_reset_mid_body_resumes_with_correct_bytes() {
+    let f = faulty();
+    f.proxy.set_faults(Faults {
+        reset_after: Some((300_000, 3)),
+        ..Faults::default()
+    });
+    let be = f.backend(&small_chunks());
+    let got = f.read_all(&be).expect("resets are retried");
+    assert!(got == f.data, "bytes differ after resets");
+    let log = f.proxy.log();
+    assert_eq!(log.iter().filter(|x| x.faulted).count(), 3, "{log:?}");
+    // The broken bodies were resumed from where they stopped, not re-read from the start.
+    let resumed = log
+        .iter()
+        .filter(|x| x.method == "GET")
+        .filter_map(|x| x.answered_range())
+        .filter(|r| r.start % (1 << 20) == 300_000)
+        .count();
+    assert!(resumed >= 1, "no resumed range in {log:?}");
+}
+
+#[test]
+fn stall_past_the_timeout_is_retried() {
+    let f = faulty();
+    f.proxy.set_faults(Faults {
+        stall_after: Some((100_000, Duration::from_secs(6), 1)),
+        ..Faults::default()
+    });
+    let be = f.backend(&OpenOptions {
+        timeout: Some(Duration::from_millis(800)),
+        ..small_chunks()
+    });
+    let got = f.read_all(&be).expect("a stall is timed out and retried");
+    assert!(got == f.data, "bytes differ after a stall");
+    assert_eq!(f.proxy.log().iter().filter(|x| x.faulted).count(), 1);
+}
+
+#[test]
+fn stall_on_every_attempt_is_a_timeout_error() {
+    let f = faulty();
+    f.proxy.set_faults(Faults {
+        stall_after: Some((0, Duration::from_secs(5), 100)),
+        ..Faults::default()
+    });
+    let be = f.backend(&OpenOptions {
+        timeout: Some(Duration::from_millis(300)),
+        ..small_chunks()
+    });
+    let meta = be.stat().expect("HEAD has no body to stall");
+    let mut buf = vec![0u8; 1000];
+    let e = be.read_at(0, &mut buf).unwrap_err();
+    eprintln!("stalled: {e}");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("gave up after"), "{e}");
+    assert_eq!(e.location(), Some("s3://bkt/obj"));
+    assert!(meta.size > 0);
+}
+
+#[test]
+fn service_unavailable_is_retried() {
+    let f = faulty();
+    f.proxy.set_faults(Faults {
+        unavailable: Some((3, "1".into())),
+        ..Faults::default()
+    });
+    let be = f.backend(&small_chunks());
+    let got = f.read_all(&be).expect("503s are retried");
+    assert!(got == f.data);
+    assert_eq!(f.proxy.log().iter().filter(|x| x.status == 503).count(), 3);
+}
+
+#[test]
+fn persistent_503_is_a_clear_error() {
+    let f = faulty();
+    f.proxy.set_faults(Faults {
+        unavailable: Some((1000, "1".into())),
+        ..Faults::default()
+    });
+    let be = f.backend(&small_chunks());
+    let e = be.stat().unwrap_err();
+    let msg = e.to_string();
+    eprintln!("503: {msg}");
+    assert_eq!(e.kind(), ErrorKind::Io, "{msg}");
+    assert!(e.is_retryable());
+    assert!(msg.contains("HTTP 503"), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "gave up after {} attempts",
+            tensorstream_backends::s3::RETRIES + 1
+        )),
+        "{msg}"
+    );
+    // Bounded: exactly RETRIES + 1 requests reached the proxy.
+    assert_eq!(f.proxy.log().len(), tensorstream_backends::s3::RETRIES + 1);
+}
+
+/// A middlebox that drops the `Range` header gets the request rejected (the header is part of
+/// the SigV4 signature); if a server ever answered 200 with the whole object anyway, the reader
+/// would fail on the extra bytes (`Corrupt`). Either way the answer is never taken for the range.
+#[test]
+fn a_stripped_range_header_is_never_taken_for_the_range() {
+    let f = faulty();
+    let be = f.backend(&small_chunks());
+    be.stat().unwrap();
+    f.proxy.set_faults(Faults {
+        strip_range: true,
+        ..Faults::default()
+    });
+    let mut buf = vec![0u8; 5000];
+    let e = be.read_at(1000, &mut buf).unwrap_err();
+    assert!(
+        matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::Corrupt),
+        "{e}"
+    );
+    // The GET did go out (with its Range removed) and was answered.
+    assert!(f
+        .proxy
+        .log()
+        .iter()
+        .any(|x| x.method == "GET" && x.status != 0));
 }

@@ -154,11 +154,17 @@ pub(crate) fn map_error(
         cause = s.to_string();
         src = s.source();
     }
-    let detail = if cause.is_empty() || e.message().contains(&cause) {
-        e.message().to_string()
+    let mut detail = if cause.is_empty() || e.message().contains(&cause) {
+        e.message().trim().to_string()
     } else {
-        format!("{}: {cause}", e.message())
+        format!("{}: {cause}", e.message().trim())
     };
+    if detail.is_empty() {
+        // An error response without a body (HEAD, or a proxy's 503): name the HTTP status.
+        detail = http_status(&e.to_string())
+            .map(|s| format!("HTTP {s}"))
+            .unwrap_or_default();
+    }
     let timed_out = e.message().contains("timeout reached");
     let paren = if detail.is_empty() {
         String::new()
@@ -214,6 +220,16 @@ pub(crate) fn map_error(
         .with_retryable(retryable)
         .with_backend("s3")
         .with_source(e)
+}
+
+/// The `status: NNN` an OpenDAL error shows in its context, if any.
+pub(crate) fn http_status(display: &str) -> Option<u16> {
+    let at = display.find("status: ")? + "status: ".len();
+    let digits: String = display[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
 }
 
 /// Runs `fut` on the runtime and waits for it from this (non-async) thread. Safe to call from any

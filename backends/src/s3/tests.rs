@@ -5,7 +5,7 @@ use std::time::Duration;
 use tensorstream_engine::ErrorKind;
 
 use super::pin::{check_etag, normalize_etag};
-use super::{clamp_read, map_error, S3Backend, S3Config, S3Location};
+use super::{clamp_read, http_status, map_error, S3Backend, S3Config, S3Location};
 use crate::OpenOptions;
 use tensorstream_engine::Backend;
 
@@ -109,4 +109,14 @@ fn open_dispatches_s3_uris() {
     let e = crate::open("s3://bucket", &OpenOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(e.to_string().contains("missing object key"), "{e}");
+}
+
+#[test]
+fn http_status_from_error_context() {
+    assert_eq!(
+        http_status("Unexpected at stat, context: { response: Parts { status: 503, version"),
+        Some(503)
+    );
+    assert_eq!(http_status("no status here"), None);
+    assert_eq!(http_status("status: x"), None);
 }
