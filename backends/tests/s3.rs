@@ -738,6 +738,53 @@ fn persistent_503_is_a_clear_error() {
     assert_eq!(f.proxy.log().len(), tensorstream_backends::s3::RETRIES + 1);
 }
 
+/// The object is replaced while a GET body streams, then the connection breaks: the retry layer
+/// resumes the body with a new request, which now reaches the new object. s3s-fs ignores
+/// `If-Match`, so only the client-side ETag check stands between this and mixed bytes.
+#[test]
+fn resume_after_a_replacement_is_object_changed_not_mixed_bytes() {
+    let s3 = Arc::new(S3s::start());
+    let v1 = pattern(2 << 20, 60);
+    let v2 = pattern(2 << 20, 61);
+    s3.put("bkt", "obj", v1.clone());
+    let proxy = Proxy::start(s3.addr());
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port());
+    let be = s3.backend_via(
+        &endpoint,
+        "bkt",
+        "obj",
+        &OpenOptions {
+            concurrency: Some(1),
+            chunk_size: Some(4 << 20),
+            ..OpenOptions::default()
+        },
+    );
+    be.stat().unwrap();
+    let s3h = s3.clone();
+    proxy.set_faults(Faults {
+        replace_after: Some((100_000, Box::new(move || s3h.put("bkt", "obj", v2)))),
+        reset_after: Some((300_000, 1)),
+        ..Faults::default()
+    });
+    let mut buf = vec![0u8; 2 << 20];
+    let r = be.read_at(0, &mut buf);
+    let log = proxy.log();
+    assert!(log.iter().any(|x| x.faulted), "the reset happened: {log:?}");
+    assert!(
+        log.iter()
+            .filter_map(|x| x.answered_range())
+            .any(|r| r.start == 300_000),
+        "the body was resumed at the reset point: {log:?}"
+    );
+    match r {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}"),
+        Ok(n) => panic!(
+            "read {n} bytes after the object changed mid-body (first 300000 bytes from v1: {})",
+            buf[..300_000] == v1[..300_000]
+        ),
+    }
+}
+
 /// A middlebox that drops the `Range` header gets the request rejected (the header is part of
 /// the SigV4 signature); if a server ever answered 200 with the whole object anyway, the reader
 /// would fail on the extra bytes (`Corrupt`). Either way the answer is never taken for the range.
@@ -762,4 +809,118 @@ fn a_stripped_range_header_is_never_taken_for_the_range() {
         .log()
         .iter()
         .any(|x| x.method == "GET" && x.status != 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement (not a test of speed: prints numbers, asserts only correctness)
+//
+//   cargo test --release -p tensorstream-backends --features s3 --test s3 -- \
+//       --ignored --nocapture measure_1gib
+
+#[test]
+#[ignore = "measurement: 1 GiB object, run in release with --ignored --nocapture"]
+fn measure_1gib_load_vs_single_get() {
+    use futures::TryStreamExt;
+    use std::time::Instant;
+
+    let s3 = S3s::start();
+    let tensors = 16usize;
+    let each = 64usize << 20;
+    let sizes = vec![each; tensors];
+    let (file, datas) = safetensors(&sizes, 77);
+    let size = file.len();
+    assert!(size >= 1 << 30);
+    let t = Instant::now();
+    s3.put("bench", "model.safetensors", file);
+    eprintln!("upload: {:.2} s", t.elapsed().as_secs_f64());
+    let gbps = |bytes: usize, secs: f64| bytes as f64 / secs / 1e9;
+
+    // Baseline: ONE GET of the whole object, its body copied into a preallocated host buffer.
+    let op = s3.operator("bench");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let single_get = |dst: &mut Vec<u8>| -> f64 {
+        let t = Instant::now();
+        rt.block_on(async {
+            let r = op.reader("model.safetensors").await.unwrap();
+            let mut s = r.into_stream(0..size as u64).await.unwrap();
+            let mut n = 0;
+            while let Some(buf) = s.try_next().await.unwrap() {
+                for b in buf {
+                    dst[n..n + b.len()].copy_from_slice(&b);
+                    n += b.len();
+                }
+            }
+            assert_eq!(n, size);
+        });
+        t.elapsed().as_secs_f64()
+    };
+
+    // curl with SigV4, one stream, to /dev/null (no copy to memory at all).
+    let curl = |url: &str| -> Option<f64> {
+        let t = Instant::now();
+        let st = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-f",
+                "-o",
+                "/dev/null",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+            ])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .args([
+                "--user",
+                &format!("{}:{}", ACCESS_KEY, support::s3s::SECRET_KEY),
+            ])
+            .arg(url)
+            .status()
+            .ok()?;
+        st.success().then(|| t.elapsed().as_secs_f64())
+    };
+
+    let be = s3.backend("bench", "model.safetensors", &OpenOptions::default());
+    let caps = be.capabilities();
+    let ours = || -> (f64, HostModel) {
+        let t = Instant::now();
+        let (m, _) = load(
+            be.clone(),
+            None,
+            Layout::Mirror,
+            caps.preferred_chunk as u64,
+            caps.max_concurrency,
+        )
+        .unwrap();
+        (t.elapsed().as_secs_f64(), m)
+    };
+
+    let mut dst = vec![0u8; size];
+    dst.iter_mut().step_by(4096).for_each(|b| *b = 1); // fault the pages in once
+    let url = format!("{}/bench/model.safetensors", s3.endpoint());
+    for round in 0..3 {
+        let g = single_get(&mut dst);
+        let (o, m) = ours();
+        for (i, t) in m.tensors().enumerate() {
+            assert!(t.data == &datas[i][..], "tensor {i} differs");
+        }
+        drop(m);
+        let c = curl(&url);
+        eprintln!(
+            "round {round}: tensorstream s3 (concurrency {}, chunk {} MiB): {:.2} GB/s ({:.2} s) | \
+             single GET into memory: {:.2} GB/s ({:.2} s) | ratio {:.2}x | curl --aws-sigv4 \
+             -o /dev/null: {}",
+            caps.max_concurrency,
+            caps.preferred_chunk >> 20,
+            gbps(size, o),
+            o,
+            gbps(size, g),
+            g,
+            g / o,
+            c.map_or("n/a".to_string(), |c| format!("{:.2} GB/s ({c:.2} s)", gbps(size, c))),
+        );
+    }
+    s3.delete("bench", "model.safetensors");
 }
