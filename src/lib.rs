@@ -33,6 +33,9 @@ pub use tensorstream_backends as backends;
 pub use tensorstream_engine as engine;
 
 pub use tensorstream_backends::{IoMode, OpenOptions};
+pub use tensorstream_engine::format::convert::{ConvertOptions, ConvertStats};
+pub use tensorstream_engine::format::tensorizer::KeySource;
+use tensorstream_engine::format::tensorizer::ReadOptions;
 pub use tensorstream_engine::{
     Backend, DType, Error, ErrorKind, Result, TensorIndex, TensorInfo, TensorView,
 };
@@ -95,6 +98,9 @@ pub struct Loader {
     ring_budget: usize,
     open: OpenOptions,
     progress: Option<Arc<AtomicU64>>,
+    verify: bool,
+    key: Option<KeySource>,
+    fallback_password: Option<KeySource>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -127,7 +133,76 @@ impl Loader {
             ring_budget: DEFAULT_RING_BUDGET,
             open: OpenOptions::default(),
             progress: None,
+            verify: false,
+            key: None,
+            fallback_password: None,
         }
+    }
+
+    /// Verify every tensor's CRC32 / SHA-256 against its tensorizer header while loading (on
+    /// worker threads); a mismatch fails the load naming the tensor. Safetensors files have no
+    /// checksums: asking to verify one is an error.
+    pub fn verify_hashes(mut self, yes: bool) -> Self {
+        self.verify = yes;
+        self
+    }
+    /// Key or password for an encrypted tensorizer file (giving one for a file that is not
+    /// encrypted is an error).
+    pub fn key(mut self, key: KeySource) -> Self {
+        self.key = Some(key);
+        self
+    }
+    /// Reads a key file: 32 raw bytes or 64 hex characters.
+    pub fn key_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let p = path.as_ref();
+        let bytes = std::fs::read(p)
+            .map_err(|e| Error::from_io(e, format!("reading key file {}", p.display())))?;
+        Ok(self.key(KeySource::from_key_file(&bytes)?))
+    }
+    /// Reads a password file (one trailing newline is ignored).
+    pub fn password_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let p = path.as_ref();
+        let bytes = std::fs::read(p)
+            .map_err(|e| Error::from_io(e, format!("reading password file {}", p.display())))?;
+        Ok(self.key(KeySource::password(&bytes)?))
+    }
+    /// A password used only if the file turns out to be encrypted and no key was given (e.g.
+    /// from `TENSORSTREAM_PASSWORD`).
+    pub fn password_if_encrypted(mut self, password: &[u8]) -> Result<Self> {
+        self.fallback_password = Some(KeySource::password(password)?);
+        Ok(self)
+    }
+
+    fn read_options(&self, index: &TensorIndex) -> ReadOptions {
+        let key = self.key.clone().or_else(|| {
+            if format::tensorizer::is_encrypted(index) {
+                self.fallback_password.clone()
+            } else {
+                None
+            }
+        });
+        ReadOptions {
+            verify: self.verify,
+            key,
+        }
+    }
+
+    /// Converts the source into `output` (`.tensors` or `.safetensors`), tensor by tensor,
+    /// verifying / decrypting the input as configured and encrypting the output if `encrypt`.
+    pub fn convert(
+        &self,
+        output: &std::path::Path,
+        encrypt: Option<KeySource>,
+    ) -> Result<ConvertStats> {
+        let be = self.backend()?;
+        let meta = be.stat()?;
+        let index = format::read_index(be.as_ref(), &meta)?;
+        let opts = ConvertOptions {
+            read: self.read_options(&index),
+            encrypt,
+            ..ConvertOptions::default()
+        };
+        format::convert::convert(be.as_ref(), output, &opts)
     }
 
     /// A load through a backend you built yourself (a third-party `Backend`).
@@ -248,8 +323,11 @@ impl Loader {
         }
         let be = self.backend()?;
         let meta: ObjectMeta = be.stat()?;
-        let index = format::read_index(be.as_ref(), &meta)?;
+        let mut index = format::read_index(be.as_ref(), &meta)?;
         let sel = self.select(&index)?;
+        let ropts = self.read_options(&index);
+        let hook = format::tensorizer::prepare(&mut index, &ropts)
+            .map_err(|e| e.with_location(&self.uri))?;
         let caps = be.capabilities();
         let mut popts = PlanOptions::new(meta.size);
         popts.alignment = if caps.direct_io {
@@ -265,7 +343,11 @@ impl Loader {
             ring_budget: self.ring_budget,
             progress: self.progress.clone(),
         };
-        let (sink, es) = execute(be.clone(), &meta, plan.clone(), HostSink::new(), &eopts)?;
+        let sink = match hook {
+            Some(h) => HostSink::with_hook(h, format::tensorizer::hook_threads()),
+            None => HostSink::new(),
+        };
+        let (sink, es) = execute(be.clone(), &meta, plan.clone(), sink, &eopts)?;
         let (arena, _) = sink.into_parts()?;
         let host = HostModel::new(arena, index, &plan)?;
         let elapsed = started.elapsed();

@@ -43,8 +43,7 @@ pub fn model_shape(target: u64) -> Vec<(String, Vec<u64>)> {
 /// Deterministic pseudo-random content of tensor `seed`, starting at byte `offset`
 /// (`offset` and `buf.len()` multiples of 8 except possibly the last piece).
 pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
-    let mut word = offset / 8;
-    for chunk in buf.chunks_mut(8) {
+    for (word, chunk) in (offset / 8..).zip(buf.chunks_mut(8)) {
         // splitmix64 of (seed, word index): position-addressable, so verification can regenerate
         // any piece independently.
         let mut z = seed
@@ -55,7 +54,6 @@ pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
         z ^= z >> 31;
         let b = z.to_le_bytes();
         chunk.copy_from_slice(&b[..chunk.len()]);
-        word += 1;
     }
 }
 

@@ -68,6 +68,22 @@ enum Cmd {
         #[command(flatten)]
         io: IoArgs,
     },
+    /// Convert between safetensors and tensorizer (output format by extension: .tensors or
+    /// .safetensors), tensor by tensor.
+    Convert {
+        /// Input: path or URI of a safetensors / tensorizer file.
+        input: String,
+        /// Output file (.tensors or .safetensors).
+        output: std::path::PathBuf,
+        /// Encrypt the .tensors output with this key file (32 raw bytes or 64 hex characters).
+        #[arg(long, value_name = "FILE")]
+        encrypt_key_file: Option<std::path::PathBuf>,
+        /// Encrypt the .tensors output with the password in this file (Argon2id).
+        #[arg(long, value_name = "FILE", conflicts_with = "encrypt_key_file")]
+        encrypt_password_file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        io: IoArgs,
+    },
     /// Time loads of one file: tensorstream vs std::fs::read, cold and/or warm; JSON lines.
     Bench {
         /// Path of a safetensors / tensorizer file.
@@ -116,6 +132,16 @@ struct IoArgs {
     /// Never show progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Verify every tensor's CRC32 / SHA-256 (tensorizer files) while loading.
+    #[arg(long)]
+    verify: bool,
+    /// Key of an encrypted tensorizer file: 32 raw bytes or 64 hex characters.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<std::path::PathBuf>,
+    /// Password of an encrypted tensorizer file (default: $TENSORSTREAM_PASSWORD when the file
+    /// is encrypted).
+    #[arg(long, value_name = "FILE", conflicts_with = "key_file")]
+    password_file: Option<std::path::PathBuf>,
 }
 
 impl IoArgs {
@@ -148,7 +174,21 @@ impl IoArgs {
                 )))
             }
         };
-        let mut l = Loader::new(uri).open_options(open);
+        let mut l = Loader::new(uri)
+            .open_options(open)
+            .verify_hashes(self.verify);
+        if let Some(k) = &self.key_file {
+            l = l.key_file(k)?;
+        }
+        if let Some(p) = &self.password_file {
+            l = l.password_file(p)?;
+        }
+        if let Some(pw) = std::env::var_os("TENSORSTREAM_PASSWORD") {
+            use std::os::unix::ffi::OsStrExt;
+            if !pw.is_empty() {
+                l = l.password_if_encrypted(pw.as_bytes())?;
+            }
+        }
         if let Some(n) = self.concurrency {
             if n == 0 {
                 return Err(Error::invalid("--concurrency must be at least 1"));
@@ -188,7 +228,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         u => return Err(format!("bad size {s:?}: unknown unit {u:?}")),
     };
     let v = n * mult as f64;
-    if !(v.is_finite() && v >= 0.0 && v < 1.8e19) {
+    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) {
         return Err(format!("bad size {s:?}: out of range"));
     }
     Ok(v as u64)
@@ -258,6 +298,19 @@ pub fn run() -> i32 {
             keep,
             io,
         } => demo::run(size, dir, keep, &io),
+        Cmd::Convert {
+            input,
+            output,
+            encrypt_key_file,
+            encrypt_password_file,
+            io,
+        } => output::convert(
+            &input,
+            &output,
+            encrypt_key_file.as_deref(),
+            encrypt_password_file.as_deref(),
+            &io,
+        ),
         Cmd::Bench {
             uri,
             cold,

@@ -31,9 +31,15 @@ fn human(bytes: u64) -> String {
 }
 
 pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
-    let idx = io.loader(uri)?.inspect()?;
+    let loader = io.loader(uri)?;
+    let idx = loader.inspect()?;
+    if io.verify {
+        // Verification needs the data: load everything (checked on worker threads), drop it.
+        drop(loader.load()?);
+    }
     if as_json {
         let v = json!({
+            "verified": io.verify,
             "uri": uri,
             "format": idx.format.name(),
             "version": idx.version,
@@ -41,18 +47,54 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
             "header_len": idx.header_len,
             "total_bytes": idx.total_bytes(),
             "metadata": idx.metadata,
-            "tensors": idx.tensors.iter().map(|t| json!({
-                "name": t.name,
-                "dtype": t.dtype.name(),
-                "shape": t.shape,
-                "offset": t.range.start,
-                "nbytes": t.nbytes(),
-            })).collect::<Vec<_>>(),
+            "tensors": idx.tensors.iter().map(|t| {
+                let mut o = json!({
+                    "name": t.name,
+                    "dtype": t.dtype.name(),
+                    "shape": t.shape,
+                    "offset": t.range.start,
+                    "nbytes": t.nbytes(),
+                });
+                if let Some(p) = &t.path {
+                    o["path"] = json!(p);
+                }
+                o
+            }).collect::<Vec<_>>(),
         });
         println!("{v}");
         return Ok(());
     }
     print_index(uri, &idx);
+    if io.verify {
+        println!("every tensor's hashes verified");
+    }
+    Ok(())
+}
+
+pub fn convert(
+    input: &str,
+    output: &std::path::Path,
+    encrypt_key_file: Option<&std::path::Path>,
+    encrypt_password_file: Option<&std::path::Path>,
+    io: &IoArgs,
+) -> Result<(), Error> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| Error::from_io(e, format!("reading {}", p.display())))
+    };
+    let encrypt = match (encrypt_key_file, encrypt_password_file) {
+        (Some(k), _) => Some(tensorstream::KeySource::from_key_file(&read(k)?)?),
+        (None, Some(p)) => Some(tensorstream::KeySource::password(&read(p)?)?),
+        (None, None) => None,
+    };
+    let started = std::time::Instant::now();
+    let st = io.loader(input)?.convert(output, encrypt)?;
+    println!(
+        "converted {} tensors ({}) to {} in {:.3} s",
+        st.tensors,
+        human(st.bytes),
+        output.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -159,6 +201,9 @@ pub fn load(
                     "offset": t.offset,
                     "nbytes": t.data.len(),
                 });
+                if let Some(p) = model.index().get(t.name).and_then(|i| i.path.as_ref()) {
+                    o["path"] = json!(p);
+                }
                 if let Some(s) = &sums {
                     o["sha256"] = json!(s[i]);
                 }
