@@ -924,3 +924,16 @@ fn measure_1gib_load_vs_single_get() {
     }
     s3.delete("bench", "model.safetensors");
 }
+
+/// https goes through rustls (ring provider installed by the backend): a server that does not
+/// speak TLS gives a clear I/O error, not a panic about a missing crypto provider.
+#[test]
+fn https_endpoint_uses_tls() {
+    let s3 = S3s::start();
+    let endpoint = format!("https://127.0.0.1:{}", s3.port());
+    let be = s3.backend_via(&endpoint, "bkt", "k", &OpenOptions::default());
+    let e = be.stat().unwrap_err();
+    eprintln!("https to a plain-http server: {e}");
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.to_string().contains(&endpoint), "{e}");
+}

@@ -343,8 +343,13 @@ impl S3Backend {
 
 /// Builds the operator: S3 service, then (inner to outer) ETag pin check, timeouts, retries.
 fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator> {
-    // Installs the reqwest HTTP transport (idempotent, first one wins).
-    opendal::install_default();
+    // rustls is built without a default crypto provider: install ring unless the process already
+    // chose one (the http backend does the same).
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    // Installs OpenDAL's reqwest HTTP transport (idempotent, first one wins).
+    opendal_http_transport_reqwest::install_default();
     let mut b = opendal::services::S3::default()
         .root("/")
         .bucket(&loc.bucket)

@@ -174,7 +174,10 @@ impl S3s {
     /// An OpenDAL operator on `bucket` (for uploads).
     pub fn operator(&self, bucket: &str) -> opendal::Operator {
         let _g = self.rt.enter();
-        opendal::install_default();
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        opendal_http_transport_reqwest::install_default();
         let b = opendal::services::S3::default()
             .root("/")
             .bucket(bucket)
