@@ -23,6 +23,9 @@ pub mod local;
 #[cfg(feature = "nfs")]
 #[forbid(unsafe_code)]
 pub mod nfs;
+#[cfg(feature = "s3")]
+#[forbid(unsafe_code)]
+pub mod s3;
 
 /// Options shared by all backends; each backend reads the ones that concern it.
 #[derive(Debug, Clone, Default)]
@@ -80,6 +83,8 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
         None | Some("file") => open_local(uri.strip_prefix("file://").unwrap_or(uri), opts),
         #[cfg(feature = "nfs")]
         Some("nfs") => Ok(Arc::new(nfs::NfsBackend::open(uri, opts)?)),
+        #[cfg(feature = "s3")]
+        Some("s3") => Ok(Arc::new(s3::S3Backend::open(uri, opts)?)),
         Some(other) => Err(Error::unsupported(format!(
             "{uri}: unsupported URI scheme {other:?} (this build knows: file paths{})",
             compiled_schemes()
@@ -91,6 +96,9 @@ fn compiled_schemes() -> String {
     let mut s = String::new();
     if cfg!(feature = "nfs") {
         s.push_str(", nfs://");
+    }
+    if cfg!(feature = "s3") {
+        s.push_str(", s3://bucket/key");
     }
     s
 }

@@ -1,0 +1,472 @@
+//! `s3://bucket/key`: objects on S3 or an S3-compatible store, read through OpenDAL.
+//!
+//! * **Settings** ([`S3Config`]): endpoint, region, credentials and addressing style from the
+//!   standard AWS environment, overridden by [`OpenOptions::s3_endpoint`] /
+//!   [`OpenOptions::s3_region`]. Path-style addressing unless asked otherwise.
+//! * **Concurrency**: a small tokio runtime owned by the backend runs the requests. A read is cut
+//!   into ranged GETs of `chunk_size` bytes (default 16 MiB); at most `concurrency` (default 16)
+//!   are in flight per backend, whichever reader or `read_at` call issued them. Response bytes
+//!   are copied once, straight from the HTTP body chunks into the caller's buffer.
+//! * **Version pinning**: `stat` records the ETag; every GET carries `If-Match` with it, and the
+//!   ETag of every response (including the ones the retry layer makes to resume a broken body) is
+//!   compared with it on the client, for servers that ignore `If-Match`. A change surfaces as
+//!   [`ErrorKind::ObjectChanged`]; bytes of two versions are never mixed.
+//! * **Faults**: OpenDAL's retry layer (exponential backoff with jitter, [`RETRIES`] retries)
+//!   retries connection errors, 5xx, 429 and timeouts, and resumes a broken body from the byte
+//!   where it stopped; a timeout layer bounds every control request and every body read
+//!   ([`OpenOptions::timeout`]).
+//!
+//! Errors carry backend `"s3"` and the location `s3://bucket/key`.
+
+mod config;
+mod pin;
+mod reader;
+#[cfg(test)]
+mod tests;
+
+use std::cell::Cell;
+use std::future::Future;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opendal::layers::{RetryEvent, RetryLayer, TimeoutLayer};
+use opendal::Operator;
+use tensorstream_engine::{
+    Backend, Capabilities, Error, ErrorKind, ObjectMeta, RangeReader, ReaderOptions, Result,
+};
+
+pub use config::{
+    S3Config, S3Location, DEFAULT_CHUNK, DEFAULT_CONCURRENCY, DEFAULT_IO_TIMEOUT, DEFAULT_REGION,
+    DEFAULT_TIMEOUT,
+};
+pub use reader::S3Reader;
+
+use crate::OpenOptions;
+
+/// Retries after a failed attempt (so at most `RETRIES + 1` attempts per request).
+pub const RETRIES: usize = 4;
+/// First backoff delay; it doubles up to [`MAX_BACKOFF`], plus random jitter.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest backoff delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+tokio::task_local! {
+    /// Retries the retry layer made for the request running in this scope (see [`counted`]).
+    static RETRIES_SEEN: Cell<usize>;
+}
+
+/// Runs one request (a HEAD, or a GET with its body) in its own retry-count scope, so that its
+/// errors can say whether (and how often) it was retried.
+pub(crate) fn counted<F: Future>(fut: F) -> impl Future<Output = F::Output> {
+    RETRIES_SEEN.scope(Cell::new(0), fut)
+}
+
+fn retries_seen() -> usize {
+    RETRIES_SEEN.try_with(|c| c.get()).unwrap_or(0)
+}
+
+/// The retry layer's hook: counts the retries of the request in scope.
+fn note_retry(_event: RetryEvent<'_>) {
+    let _ = RETRIES_SEEN.try_with(|c| c.set(c.get() + 1));
+}
+
+/// The tokio runtime the backend owns. Shut down without blocking when the backend goes away,
+/// so dropping a backend is fine anywhere (even inside another runtime).
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Runtime {
+    fn new() -> Result<Self> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 8);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("ts-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::from_io(e, "starting the S3 I/O runtime").with_backend("s3"))?;
+        Ok(Runtime(Some(rt)))
+    }
+
+    fn handle(&self) -> Result<tokio::runtime::Handle> {
+        self.0
+            .as_ref()
+            .map(|rt| rt.handle().clone())
+            .ok_or_else(|| Error::new(ErrorKind::Io, "S3 I/O runtime already shut down"))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// What the I/O tasks need: shared by the backend, its readers and their tasks (which never own
+/// the runtime itself).
+pub(crate) struct IoCtx {
+    pub(crate) op: Operator,
+    pub(crate) key: String,
+    pub(crate) uri: String,
+    pub(crate) endpoint: String,
+    pub(crate) chunk: usize,
+    pub(crate) io_timeout: Duration,
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl IoCtx {
+    /// Converts an OpenDAL error into the public error, with a message that says what to do.
+    /// Call it inside the request's [`counted`] scope.
+    pub(crate) fn error(&self, e: opendal::Error, what: &str, range: Option<Range<u64>>) -> Error {
+        let err = map_error(e, what, &self.endpoint, self.io_timeout, retries_seen())
+            .with_location(&self.uri);
+        match range {
+            Some(r) => err.with_range(r),
+            None => err,
+        }
+    }
+}
+
+/// Maps an OpenDAL error to the public one (kind, retryable flag, clear message, source kept).
+/// `retries`: how many times the retry layer retried the request before giving up. (The retry
+/// layer marks every error it returns "persistent", so the status alone cannot tell.)
+pub(crate) fn map_error(
+    e: opendal::Error,
+    what: &str,
+    endpoint: &str,
+    io_timeout: Duration,
+    retries: usize,
+) -> Error {
+    use opendal::ErrorKind as K;
+    let retryable = retries > 0 || e.is_temporary();
+    let gave_up = if retries > 0 {
+        format!(" (gave up after {} attempts)", retries + 1)
+    } else {
+        String::new()
+    };
+    let mut cause = String::new();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        cause = s.to_string();
+        src = s.source();
+    }
+    let mut detail = if cause.is_empty() || e.message().contains(&cause) {
+        e.message().trim().to_string()
+    } else {
+        format!("{}: {cause}", e.message().trim())
+    };
+    if detail.is_empty() {
+        // An error response without a body (HEAD, or a proxy's 503): name the HTTP status.
+        detail = http_status(&e.to_string())
+            .map(|s| format!("HTTP {s}"))
+            .unwrap_or_default();
+    }
+    let timed_out = e.message().contains("timeout reached");
+    let paren = if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({detail})")
+    };
+    let (kind, message) = match e.kind() {
+        K::NotFound => (
+            ErrorKind::NotFound,
+            format!("{what}: no such object or bucket at {endpoint}"),
+        ),
+        K::PermissionDenied => (
+            ErrorKind::PermissionDenied,
+            format!(
+                "{what}: access denied by {endpoint}: check the credentials \
+                 (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN), the region and \
+                 the bucket policy{paren}"
+            ),
+        ),
+        K::ConditionNotMatch => (
+            ErrorKind::ObjectChanged,
+            format!(
+                "{what}: the object was replaced while it was being loaded (its ETag changed); \
+                 load it again{paren}"
+            ),
+        ),
+        K::RangeNotSatisfied => (
+            ErrorKind::RangeNotSatisfiable,
+            format!("{what}: range not satisfiable{paren}"),
+        ),
+        K::ConfigInvalid => (
+            ErrorKind::InvalidInput,
+            format!("{what}: invalid S3 configuration: {detail}"),
+        ),
+        K::Unsupported => (ErrorKind::Unsupported, format!("{what}: {detail}")),
+        K::IsADirectory | K::NotADirectory => (
+            ErrorKind::InvalidInput,
+            format!("{what}: not an object: {detail}"),
+        ),
+        _ if timed_out => (
+            ErrorKind::Timeout,
+            format!(
+                "{what}: no answer from {endpoint} within {:.1} s{gave_up}",
+                io_timeout.as_secs_f64()
+            ),
+        ),
+        _ => (
+            ErrorKind::Io,
+            format!("{what} failed at {endpoint}{gave_up}: {detail}"),
+        ),
+    };
+    Error::new(kind, message)
+        .with_retryable(retryable)
+        .with_backend("s3")
+        .with_source(e)
+}
+
+/// The `status: NNN` an OpenDAL error shows in its context, if any.
+pub(crate) fn http_status(display: &str) -> Option<u16> {
+    let at = display.find("status: ")? + "status: ".len();
+    let digits: String = display[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// Runs `fut` on the runtime and waits for it from this (non-async) thread. Safe to call from any
+/// thread, including threads of another tokio runtime.
+fn run<T, F>(handle: &tokio::runtime::Handle, fut: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T>> + Send + 'static,
+{
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| {
+        Error::new(
+            ErrorKind::Io,
+            "S3 I/O task ended without a result (runtime shut down)",
+        )
+        .with_backend("s3")
+    })?
+}
+
+/// An object on S3 (or an S3-compatible store). See the module docs.
+pub struct S3Backend {
+    loc: S3Location,
+    uri: String,
+    cfg: S3Config,
+    io: Arc<IoCtx>,
+    /// The version the most recent `stat` saw; `read_at` reads that version.
+    pinned: Mutex<Option<ObjectMeta>>,
+    // Last field: dropped after everything that might still use it.
+    rt: Runtime,
+}
+
+impl std::fmt::Debug for S3Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Backend")
+            .field("uri", &self.uri)
+            .field("config", &self.cfg)
+            .finish()
+    }
+}
+
+impl S3Backend {
+    /// Opens `s3://bucket/key` with settings from `opts` and the process environment. No request
+    /// is made until [`Backend::stat`] or a read.
+    pub fn open(uri: &str, opts: &OpenOptions) -> Result<Self> {
+        let loc = S3Location::parse(uri)?;
+        let cfg = S3Config::from_env(opts).map_err(|e| e.with_location(uri).with_backend("s3"))?;
+        Self::with_config(loc, cfg)
+    }
+
+    /// Opens an object with explicit settings (no environment lookup).
+    pub fn with_config(loc: S3Location, cfg: S3Config) -> Result<Self> {
+        let uri = loc.uri();
+        let rt = Runtime::new()?;
+        let handle = rt.handle()?;
+        let _guard = handle.enter();
+        let op = build_operator(&loc, &cfg)
+            .map_err(|e| {
+                map_error(
+                    e,
+                    "configuring S3",
+                    &cfg.endpoint_display(),
+                    cfg.io_timeout,
+                    0,
+                )
+            })
+            .map_err(|e| e.with_location(&uri))?;
+        let io = Arc::new(IoCtx {
+            op,
+            key: loc.key.clone(),
+            uri: uri.clone(),
+            endpoint: cfg.endpoint_display(),
+            chunk: cfg.chunk_size,
+            io_timeout: cfg.io_timeout,
+            permits: Arc::new(tokio::sync::Semaphore::new(cfg.concurrency)),
+        });
+        Ok(S3Backend {
+            loc,
+            uri,
+            cfg,
+            io,
+            pinned: Mutex::new(None),
+            rt,
+        })
+    }
+
+    /// Bucket and key.
+    pub fn s3_location(&self) -> &S3Location {
+        &self.loc
+    }
+
+    /// The resolved settings.
+    pub fn config(&self) -> &S3Config {
+        &self.cfg
+    }
+
+    fn pinned(&self) -> Result<ObjectMeta> {
+        let cur = self
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match cur {
+            Some(m) => Ok(m),
+            None => self.stat(),
+        }
+    }
+}
+
+/// Builds the operator: S3 service, then (inner to outer) ETag pin check, timeouts, retries.
+fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator> {
+    // rustls is built without a default crypto provider: install ring unless the process already
+    // chose one (the http backend does the same).
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    // Installs OpenDAL's reqwest HTTP transport (idempotent, first one wins).
+    opendal_http_transport_reqwest::install_default();
+    let mut b = opendal::services::S3::default()
+        .root("/")
+        .bucket(&loc.bucket)
+        .region(&cfg.region);
+    if let Some(e) = &cfg.endpoint {
+        b = b.endpoint(e);
+    }
+    if let (Some(ak), Some(sk)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+        b = b.access_key_id(ak).secret_access_key(sk);
+        if let Some(t) = &cfg.session_token {
+            b = b.session_token(t);
+        }
+    }
+    if cfg.virtual_host_style {
+        b = b.enable_virtual_host_style();
+    }
+    Ok(Operator::new(b)?
+        .layer(pin::EtagPinLayer)
+        .layer(
+            TimeoutLayer::new()
+                .with_timeout(cfg.timeout)
+                .with_io_timeout(cfg.io_timeout),
+        )
+        .layer(
+            RetryLayer::new()
+                .with_jitter()
+                .with_factor(2.0)
+                .with_min_delay(MIN_BACKOFF)
+                .with_max_delay(MAX_BACKOFF)
+                .with_max_times(RETRIES)
+                .with_notify(note_retry),
+        ))
+}
+
+/// Checks a read of `len` bytes at `offset` against the object size and returns how many bytes
+/// to fetch (fewer at the end of the object, 0 at the end).
+pub(crate) fn clamp_read(offset: u64, len: usize, size: u64) -> Result<usize> {
+    if offset > size {
+        return Err(Error::new(
+            ErrorKind::RangeNotSatisfiable,
+            format!("offset {offset} is past the end of the object ({size} bytes)"),
+        )
+        .with_backend("s3"));
+    }
+    let left = size - offset;
+    Ok(usize::try_from(left).map_or(len, |l| l.min(len)))
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> &str {
+        &self.uri
+    }
+
+    fn stat(&self) -> Result<ObjectMeta> {
+        let io = self.io.clone();
+        let md = run(
+            &self.rt.handle()?,
+            counted(async move {
+                io.op
+                    .stat(&io.key)
+                    .await
+                    .map_err(|e| io.error(e, "HEAD", None))
+            }),
+        )?;
+        if !md.is_file() {
+            return Err(Error::invalid("not an object").with_location(&self.uri));
+        }
+        let meta = ObjectMeta {
+            size: md.content_length(),
+            version: md.etag().map(str::to_string),
+        };
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
+        Ok(meta)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            ranged_reads: true,
+            direct_io: false,
+            alignment: 1,
+            preferred_chunk: self.cfg.chunk_size,
+            max_concurrency: self.cfg.concurrency,
+            kind: "s3",
+        }
+    }
+
+    /// Reads through a temporary buffer (the borrowed `buf` cannot travel to the runtime); the
+    /// engine's hot path is [`Backend::open_reader`], which reads straight into its buffers.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let pin = self.pinned()?;
+        let want =
+            clamp_read(offset, buf.len(), pin.size).map_err(|e| e.with_location(&self.uri))?;
+        if want == 0 {
+            return Ok(0);
+        }
+        let io = self.io.clone();
+        let data = run(&self.rt.handle()?, async move {
+            let mut v = vec![0u8; want];
+            let n = reader::read_into(&io, pin.version.as_deref(), offset, &mut v).await?;
+            v.truncate(n);
+            Ok(v)
+        })?;
+        buf[..data.len()].copy_from_slice(&data);
+        Ok(data.len())
+    }
+
+    fn open_reader(
+        self: Arc<Self>,
+        meta: &ObjectMeta,
+        _opts: &ReaderOptions,
+    ) -> Result<Box<dyn RangeReader>> {
+        let handle = self.rt.handle()?;
+        Ok(Box::new(S3Reader::new(
+            self.clone(),
+            handle,
+            self.io.clone(),
+            meta.clone(),
+        )))
+    }
+}

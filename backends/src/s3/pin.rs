@@ -1,0 +1,179 @@
+//! Version pinning enforced on the client: an OpenDAL layer that checks the ETag of every GET
+//! response against the `If-Match` ETag the read asked for.
+//!
+//! Every ranged read carries `If-Match: <ETag from stat>`. AWS S3 answers 412 when the object was
+//! replaced, but several S3-compatible servers (s3s-fs among them) ignore the header on GET and
+//! serve the new object. This layer sits *below* the retry layer, so it also sees the requests the
+//! retry layer makes to resume a broken body: any response whose ETag differs from the pinned one
+//! fails with [`opendal::ErrorKind::ConditionNotMatch`] (permanent, never retried), which the
+//! backend reports as [`tensorstream_engine::ErrorKind::ObjectChanged`]. Bytes of two versions
+//! are never mixed.
+
+use opendal::raw::oio;
+use opendal::raw::{
+    Layer, OpCompose, OpCopy, OpCreateDir, OpList, OpPresign, OpRead, OpRename, OpRestore, OpStat,
+    OpWrite, RpCreateDir, RpPresign, RpRead, RpRename, RpRestore, RpStat, Service, ServiceInfo,
+    Servicer,
+};
+use opendal::{Buffer, BytesRange, Capability, Error, ErrorKind, OperationContext, Result};
+use std::sync::Arc;
+
+/// Strips the weak marker and the quotes: `W/"abc"` and `"abc"` compare equal to `abc`.
+pub(crate) fn normalize_etag(e: &str) -> &str {
+    let e = e.trim();
+    let e = e.strip_prefix("W/").unwrap_or(e);
+    e.trim_matches('"')
+}
+
+/// Checks a response's ETag against the expected one. A response without an ETag cannot be
+/// checked and passes (the request still carried `If-Match`).
+pub(crate) fn check_etag(expected: &str, got: Option<&str>) -> Result<()> {
+    match got {
+        Some(got) if normalize_etag(got) != normalize_etag(expected) => Err(Error::new(
+            ErrorKind::ConditionNotMatch,
+            format!(
+                "object changed while loading: the server sent ETag {got}, expected {expected}"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The layer: add it before (i.e. below) the retry layer.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct EtagPinLayer;
+
+impl Layer for EtagPinLayer {
+    fn apply_service(&self, inner: Servicer) -> Servicer {
+        Arc::new(EtagPinService { inner })
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct EtagPinService {
+    inner: Servicer,
+}
+
+/// A reader that checks every opened response.
+pub(crate) struct EtagPinReader {
+    inner: oio::Reader,
+    expected: Option<String>,
+}
+
+impl EtagPinReader {
+    fn check(&self, rp: &RpRead) -> Result<()> {
+        match &self.expected {
+            Some(exp) => check_etag(exp, rp.metadata().and_then(|m| m.etag())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl oio::Read for EtagPinReader {
+    async fn open(&self, range: BytesRange) -> Result<(RpRead, Box<dyn oio::ReadStreamDyn>)> {
+        let (rp, stream) = self.inner.open(range).await?;
+        self.check(&rp)?;
+        Ok((rp, stream))
+    }
+
+    async fn read(&self, range: BytesRange) -> Result<(RpRead, Buffer)> {
+        let (rp, buf) = self.inner.read(range).await?;
+        self.check(&rp)?;
+        Ok((rp, buf))
+    }
+}
+
+impl Service for EtagPinService {
+    type Reader = EtagPinReader;
+    type Writer = oio::Writer;
+    type Lister = oio::Lister;
+    type Deleter = oio::Deleter;
+    type Copier = oio::Copier;
+    type Composer = oio::Composer;
+
+    fn info(&self) -> ServiceInfo {
+        self.inner.info()
+    }
+
+    fn capability(&self) -> Capability {
+        self.inner.capability()
+    }
+
+    async fn create_dir(
+        &self,
+        ctx: &OperationContext,
+        path: &str,
+        args: OpCreateDir,
+    ) -> Result<RpCreateDir> {
+        self.inner.create_dir(ctx, path, args).await
+    }
+
+    async fn stat(&self, ctx: &OperationContext, path: &str, args: OpStat) -> Result<RpStat> {
+        let expected = args.if_match().map(str::to_string);
+        let rp = self.inner.stat(ctx, path, args).await?;
+        if let Some(exp) = expected {
+            check_etag(&exp, rp.clone().into_metadata().etag())?;
+        }
+        Ok(rp)
+    }
+
+    fn read(&self, ctx: &OperationContext, path: &str, args: OpRead) -> Result<Self::Reader> {
+        let expected = args.if_match().map(str::to_string);
+        let inner = self.inner.read(ctx, path, args)?;
+        Ok(EtagPinReader { inner, expected })
+    }
+
+    fn write(&self, ctx: &OperationContext, path: &str, args: OpWrite) -> Result<Self::Writer> {
+        self.inner.write(ctx, path, args)
+    }
+
+    fn delete(&self, ctx: &OperationContext) -> Result<Self::Deleter> {
+        self.inner.delete(ctx)
+    }
+
+    fn list(&self, ctx: &OperationContext, path: &str, args: OpList) -> Result<Self::Lister> {
+        self.inner.list(ctx, path, args)
+    }
+
+    fn copy(
+        &self,
+        ctx: &OperationContext,
+        from: &str,
+        to: &str,
+        args: OpCopy,
+    ) -> Result<Self::Copier> {
+        self.inner.copy(ctx, from, to, args)
+    }
+
+    fn compose(&self, ctx: &OperationContext, to: &str, args: OpCompose) -> Result<Self::Composer> {
+        self.inner.compose(ctx, to, args)
+    }
+
+    async fn rename(
+        &self,
+        ctx: &OperationContext,
+        from: &str,
+        to: &str,
+        args: OpRename,
+    ) -> Result<RpRename> {
+        self.inner.rename(ctx, from, to, args).await
+    }
+
+    async fn restore(
+        &self,
+        ctx: &OperationContext,
+        path: &str,
+        args: OpRestore,
+    ) -> Result<RpRestore> {
+        self.inner.restore(ctx, path, args).await
+    }
+
+    async fn presign(
+        &self,
+        ctx: &OperationContext,
+        path: &str,
+        args: OpPresign,
+    ) -> Result<RpPresign> {
+        self.inner.presign(ctx, path, args).await
+    }
+}

@@ -1,0 +1,218 @@
+//! Many ranged GETs in flight: the [`RangeReader`] of the S3 backend and the read routine shared
+//! with `read_at`.
+//!
+//! Each submitted read becomes one task on the backend's runtime. The task cuts its buffer into
+//! `chunk_size` pieces and fetches them concurrently, each piece waiting for one of the backend's
+//! `concurrency` permits first, so the number of GETs in flight never exceeds it whatever the
+//! engine's queue depth. Body chunks are copied straight from the HTTP client's buffers into the
+//! request's [`IoBuf`]: one copy, no intermediate allocation.
+//!
+//! Every buffer comes back exactly once: the task holds it in a [`Completion`] whose `Drop` sends
+//! it back with the result, so even a cancelled task (runtime shut down) or a panicking one
+//! returns its buffer, with an error.
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use futures::TryStreamExt;
+use tensorstream_engine::{
+    Error, ErrorKind, IoBuf, ObjectMeta, RangeReader, ReadDone, ReadRequest, Result,
+};
+
+use super::{clamp_read, counted, IoCtx, S3Backend};
+
+/// Fetches `dst.len()` bytes at `offset` (the caller has clamped the range to the object) with
+/// `chunk`-sized GETs in flight at once. Returns the number of contiguous bytes read from
+/// `offset`: `dst.len()` unless the object turned out shorter.
+pub(crate) async fn read_into(
+    io: &IoCtx,
+    etag: Option<&str>,
+    offset: u64,
+    dst: &mut [u8],
+) -> Result<usize> {
+    let chunk = io.chunk.max(1);
+    let parts = dst.chunks_mut(chunk).enumerate().map(|(i, part)| {
+        // i * chunk <= dst.len(), which fits u64; offset + that was clamped to the object size.
+        let part_off = offset + (i as u64) * (chunk as u64);
+        counted(read_part(io, etag, part_off, part))
+    });
+    let results = futures::future::join_all(parts).await;
+    let mut total = 0usize;
+    for (i, r) in results.into_iter().enumerate() {
+        let n = r?;
+        let want = chunk.min(dst.len() - i * chunk);
+        total += n;
+        if n < want {
+            // The object ended here: later pieces (if any) cannot have data.
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// One ranged GET into `dst`.
+async fn read_part(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) -> Result<usize> {
+    let end = offset.saturating_add(dst.len() as u64);
+    let range = offset..end;
+    let _permit =
+        io.permits.acquire().await.map_err(|_| {
+            Error::new(ErrorKind::Io, "S3 request limiter closed").with_backend("s3")
+        })?;
+    let mut req = io.op.reader_with(&io.key);
+    if let Some(e) = etag {
+        req = req.if_match(e);
+    }
+    let reader = req
+        .await
+        .map_err(|e| io.error(e, "GET", Some(range.clone())))?;
+    let mut stream = reader
+        .into_stream(range.clone())
+        .await
+        .map_err(|e| io.error(e, "GET", Some(range.clone())))?;
+    let mut n = 0usize;
+    while let Some(buf) = stream
+        .try_next()
+        .await
+        .map_err(|e| io.error(e, "GET", Some(range.clone())))?
+    {
+        for bytes in buf {
+            let next = n
+                .checked_add(bytes.len())
+                .filter(|&e| e <= dst.len())
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "GET: the server sent more than the {} bytes requested (Range header \
+                             ignored?)",
+                            dst.len()
+                        ),
+                    )
+                    .with_backend("s3")
+                    .with_location(&io.uri)
+                    .with_range(range.clone())
+                })?;
+            dst[n..next].copy_from_slice(&bytes);
+            n = next;
+        }
+    }
+    Ok(n)
+}
+
+/// Sends the buffer back when dropped: on completion, on cancellation and on panic.
+struct Completion {
+    id: u64,
+    offset: u64,
+    buf: Option<IoBuf>,
+    result: Option<Result<usize>>,
+    tx: Sender<ReadDone>,
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            let result = self.result.take().unwrap_or_else(|| {
+                Err(Error::new(
+                    ErrorKind::Io,
+                    "S3 read task was cancelled before it finished (runtime shut down or task \
+                     panicked)",
+                )
+                .with_backend("s3"))
+            });
+            let _ = self.tx.send(ReadDone {
+                id: self.id,
+                offset: self.offset,
+                buf,
+                result,
+            });
+        }
+    }
+}
+
+/// The S3 backend's reader session: reads run as tasks on the backend's runtime, pinned to the
+/// object version of the `stat` that started the load.
+pub struct S3Reader {
+    handle: tokio::runtime::Handle,
+    io: Arc<IoCtx>,
+    meta: ObjectMeta,
+    tx: Sender<ReadDone>,
+    rx: Receiver<ReadDone>,
+    in_flight: usize,
+    /// Keeps the runtime alive while the session exists.
+    _backend: Arc<S3Backend>,
+}
+
+impl S3Reader {
+    pub(crate) fn new(
+        backend: Arc<S3Backend>,
+        handle: tokio::runtime::Handle,
+        io: Arc<IoCtx>,
+        meta: ObjectMeta,
+    ) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        S3Reader {
+            handle,
+            io,
+            meta,
+            tx,
+            rx,
+            in_flight: 0,
+            _backend: backend,
+        }
+    }
+}
+
+impl RangeReader for S3Reader {
+    fn submit(&mut self, req: ReadRequest) -> Result<()> {
+        let ReadRequest { id, offset, buf } = req;
+        let mut done = Completion {
+            id,
+            offset,
+            buf: Some(buf),
+            result: None,
+            tx: self.tx.clone(),
+        };
+        let io = self.io.clone();
+        let etag = self.meta.version.clone();
+        let size = self.meta.size;
+        self.handle.spawn(async move {
+            let result = match done.buf.as_mut() {
+                Some(buf) => read_buf(&io, etag.as_deref(), size, offset, buf).await,
+                None => Ok(0),
+            };
+            done.result = Some(result);
+            drop(done);
+        });
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<ReadDone> {
+        if self.in_flight == 0 {
+            return Err(Error::invalid("wait() with no read in flight"));
+        }
+        let d = self.rx.recv().map_err(|_| {
+            Error::new(ErrorKind::Io, "S3 reader: completion channel closed").with_backend("s3")
+        })?;
+        self.in_flight -= 1;
+        Ok(d)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+async fn read_buf(
+    io: &IoCtx,
+    etag: Option<&str>,
+    size: u64,
+    offset: u64,
+    buf: &mut IoBuf,
+) -> Result<usize> {
+    let want = clamp_read(offset, buf.len(), size).map_err(|e| e.with_location(&io.uri))?;
+    if want == 0 {
+        return Ok(0);
+    }
+    read_into(io, etag, offset, &mut buf.as_mut_slice()[..want]).await
+}

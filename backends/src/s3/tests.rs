@@ -1,0 +1,122 @@
+//! Unit tests of the S3 backend's pure parts (the server tests live in `backends/tests/s3.rs`).
+
+use std::time::Duration;
+
+use tensorstream_engine::ErrorKind;
+
+use super::pin::{check_etag, normalize_etag};
+use super::{clamp_read, http_status, map_error, S3Backend, S3Config, S3Location};
+use crate::OpenOptions;
+use tensorstream_engine::Backend;
+
+#[test]
+fn clamp_to_object_size() {
+    assert_eq!(clamp_read(0, 10, 100).unwrap(), 10);
+    assert_eq!(clamp_read(95, 10, 100).unwrap(), 5);
+    assert_eq!(clamp_read(100, 10, 100).unwrap(), 0);
+    assert_eq!(clamp_read(0, 0, 0).unwrap(), 0);
+    assert_eq!(clamp_read(u64::MAX - 1, 10, u64::MAX).unwrap(), 1);
+    let e = clamp_read(101, 10, 100).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::RangeNotSatisfiable);
+}
+
+#[test]
+fn etags_compare_without_quotes_or_weak_marker() {
+    assert_eq!(normalize_etag("\"abc\""), "abc");
+    assert_eq!(normalize_etag("W/\"abc\""), "abc");
+    assert_eq!(normalize_etag(" abc "), "abc");
+    assert!(check_etag("\"abc\"", Some("abc")).is_ok());
+    assert!(check_etag("\"abc\"", None).is_ok());
+    let e = check_etag("\"abc\"", Some("\"abd\"")).unwrap_err();
+    assert_eq!(e.kind(), opendal::ErrorKind::ConditionNotMatch);
+    assert!(!e.is_temporary(), "a changed object must not be retried");
+}
+
+#[test]
+fn error_mapping() {
+    use opendal::ErrorKind as K;
+    let t = Duration::from_secs(3);
+    let cases = [
+        (K::NotFound, ErrorKind::NotFound, "no such object"),
+        (
+            K::PermissionDenied,
+            ErrorKind::PermissionDenied,
+            "AWS_SECRET_ACCESS_KEY",
+        ),
+        (K::ConditionNotMatch, ErrorKind::ObjectChanged, "replaced"),
+        (
+            K::RangeNotSatisfied,
+            ErrorKind::RangeNotSatisfiable,
+            "range",
+        ),
+        (K::ConfigInvalid, ErrorKind::InvalidInput, "configuration"),
+        (K::Unexpected, ErrorKind::Io, "GET failed at http://e:1"),
+    ];
+    for (from, to, msg) in cases {
+        let e = map_error(opendal::Error::new(from, "boom"), "GET", "http://e:1", t, 0);
+        assert_eq!(e.kind(), to, "{from:?}");
+        assert_eq!(e.backend(), Some("s3"));
+        assert!(e.to_string().contains(msg), "{from:?}: {e}");
+        assert!(!e.is_retryable());
+    }
+    let e = map_error(
+        opendal::Error::new(K::Unexpected, "io operation timeout reached").set_persistent(),
+        "GET",
+        "http://e:1",
+        t,
+        4,
+    );
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("3.0 s"), "{e}");
+    assert!(e.to_string().contains("gave up after 5 attempts"), "{e}");
+    // Marked persistent by the retry layer but never retried: permanent, no "gave up".
+    let e = map_error(
+        opendal::Error::new(K::NotFound, "nope").set_persistent(),
+        "HEAD",
+        "http://e:1",
+        t,
+        0,
+    );
+    assert!(!e.is_retryable());
+    assert!(!e.to_string().contains("gave up"), "{e}");
+}
+
+#[test]
+fn open_builds_lazily_and_reports_capabilities() {
+    let cfg = S3Config::resolve(
+        &OpenOptions {
+            s3_endpoint: Some("http://127.0.0.1:1".into()),
+            concurrency: Some(7),
+            chunk_size: Some(1 << 20),
+            ..Default::default()
+        },
+        &|_| None,
+    )
+    .unwrap();
+    let b = S3Backend::with_config(S3Location::parse("s3://b/k").unwrap(), cfg).unwrap();
+    assert_eq!(b.location(), "s3://b/k");
+    let c = b.capabilities();
+    assert_eq!(c.kind, "s3");
+    assert_eq!(c.alignment, 1);
+    assert_eq!(c.preferred_chunk, 1 << 20);
+    assert_eq!(c.max_concurrency, 7);
+    assert!(c.ranged_reads && !c.direct_io);
+}
+
+#[test]
+fn open_dispatches_s3_uris() {
+    let e = crate::open("s3://bucket", &OpenOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("missing object key"), "{e}");
+}
+
+#[test]
+fn http_status_from_error_context() {
+    assert_eq!(
+        http_status("Unexpected at stat, context: { response: Parts { status: 503, version"),
+        Some(503)
+    );
+    assert_eq!(http_status("no status here"), None);
+    assert_eq!(http_status("status: x"), None);
+}
