@@ -44,12 +44,18 @@ fn stage(dir: &Path, prefix: &str) -> Vec<String> {
     names
 }
 
-fn load_json(uri: &str, name: &str, extra: &[&str]) -> serde_json::Value {
+fn load_json(
+    uri: &str,
+    name: &str,
+    extra: &[&str],
+    envs: &[(String, String)],
+) -> serde_json::Value {
     let m = manifest();
     let enc = &m["files"][name]["encryption"];
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorstream"));
     cmd.args(["load", uri, "--digests", "--json", "--quiet"])
-        .args(extra);
+        .args(extra)
+        .envs(envs.iter().map(|(k, v)| (k, v)));
     let keyfile;
     if let Some(k) = enc["key_hex"].as_str() {
         keyfile = tempfile::NamedTempFile::new().unwrap();
@@ -68,13 +74,19 @@ fn load_json(uri: &str, name: &str, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn check_all(base_uri: impl Fn(&str) -> String, dir: &Path, prefix: &str, extra: &[&str]) {
+fn check_all(
+    base_uri: impl Fn(&str) -> String,
+    dir: &Path,
+    prefix: &str,
+    extra: &[&str],
+    envs: &[(String, String)],
+) {
     let m = manifest();
     let names = stage(dir, prefix);
     assert!(names.len() >= 7, "expected every fixture, got {names:?}");
     for name in &names {
         let uri = base_uri(&format!("{prefix}{name}"));
-        let v = load_json(&uri, name, extra);
+        let v = load_json(&uri, name, extra, envs);
         let want = m["files"][name.as_str()]["tensors"].as_array().unwrap();
         let got = v["tensors"].as_array().unwrap();
         assert_eq!(got.len(), want.len(), "{uri}");
@@ -101,5 +113,25 @@ fn nfs_fixtures_match_manifest() {
         &root,
         "cli-",
         &[],
+        &[],
+    );
+}
+
+#[test]
+fn s3_fixtures_match_manifest() {
+    let root = PathBuf::from(env("TS_S3_ROOT"));
+    let endpoint = env("TS_S3_ENDPOINT");
+    // A bucket is a directory under the server's root.
+    let envs = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+    ];
+    check_all(
+        |n| format!("s3://cli-fixtures/{n}"),
+        &root.join("cli-fixtures"),
+        "",
+        &["--s3-endpoint", &endpoint],
+        &envs,
     );
 }
