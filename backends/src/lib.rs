@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use tensorstream_engine::{Backend, Error, Result};
 
+#[cfg(feature = "http")]
+pub mod http;
 #[cfg(feature = "local")]
 pub mod local;
 
@@ -69,6 +71,8 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
         None | Some("file") => open_local(uri.strip_prefix("file://").unwrap_or(uri), opts),
+        #[cfg(feature = "http")]
+        Some("http") | Some("https") => Ok(Arc::new(http::HttpBackend::open(uri, opts)?)),
         Some(other) => Err(Error::unsupported(format!(
             "{uri}: unsupported URI scheme {other:?} (this build knows: file paths{})",
             compiled_schemes()
@@ -76,8 +80,12 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     }
 }
 
-fn compiled_schemes() -> &'static str {
-    ""
+fn compiled_schemes() -> String {
+    let mut s = String::new();
+    if cfg!(feature = "http") {
+        s.push_str(", http://, https://");
+    }
+    s
 }
 
 #[cfg(feature = "local")]

@@ -1,0 +1,182 @@
+//! A private nginx on 127.0.0.1 serving a directory: its own config, pid file, logs and temp
+//! paths in a temp dir, a free port, started in the foreground and killed by PID on drop.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian's nginx lives.
+const CANDIDATES: &[&str] = &["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"];
+
+/// The nginx binary, or a loud failure telling how to install it.
+pub fn nginx_binary() -> PathBuf {
+    for c in CANDIDATES {
+        if Path::new(c).is_file() {
+            return PathBuf::from(c);
+        }
+    }
+    panic!(
+        "nginx not installed: run the README's test command (scripts/test.sh) which installs it \
+         (Debian package nginx-light or nginx)"
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it right away).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A running nginx.
+pub struct Nginx {
+    child: Child,
+    port: u16,
+    root: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Serves `root` on a free port.
+    pub fn start(root: &Path) -> Nginx {
+        Self::start_with(root, "")
+    }
+
+    /// Serves `root`, with `extra` inserted in the `server` block (more `location`s …).
+    pub fn start_with(root: &Path, extra: &str) -> Nginx {
+        let bin = nginx_binary();
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("nginx temp dir");
+            let port = free_port();
+            let conf = config(dir.path(), root, port, extra);
+            let conf_path = dir.path().join("nginx.conf");
+            std::fs::write(&conf_path, conf).expect("write nginx.conf");
+            let err_log = dir.path().join("error.log");
+            let child = Command::new(&bin)
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-e")
+                .arg(&err_log)
+                .arg("-c")
+                .arg(&conf_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            let mut n = Nginx {
+                child,
+                port,
+                root: root.to_path_buf(),
+                dir,
+            };
+            if n.wait_ready(Duration::from_secs(10)) {
+                return n;
+            }
+            last_log = std::fs::read_to_string(&err_log).unwrap_or_default();
+            // Port taken between free_port() and nginx's bind: try another one.
+            if !last_log.contains("Address already in use") {
+                break;
+            }
+        }
+        panic!("nginx did not start; its error log:\n{last_log}");
+    }
+
+    fn wait_ready(&mut self, within: Duration) -> bool {
+        let t0 = Instant::now();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        while t0.elapsed() < within {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                // A full request proves the server (not some other listener) answers.
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                if s.write_all(b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    .is_ok()
+                {
+                    let mut b = [0u8; 12];
+                    if std::io::Read::read(&mut s, &mut b)
+                        .map(|n| n > 0 && b.starts_with(b"HTTP/1.1"))
+                        .unwrap_or(false)
+                    {
+                        return true;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The port nginx listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// `host:port`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+    /// The URL of `name` under the served root.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{}", self.port, name)
+    }
+    /// The served directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// nginx's error log so far (for assertion messages).
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // master_process is off: the child is the only nginx process.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(dir: &Path, root: &Path, port: u16, extra: &str) -> String {
+    let d = dir.display();
+    let tmp = dir.join("tmp");
+    for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        let _ = std::fs::create_dir_all(tmp.join(sub));
+    }
+    let t = tmp.display();
+    format!(
+        r#"daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {t}/body;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+        root {root};
+        location / {{ }}
+        {extra}
+    }}
+}}
+"#,
+        root = root.display()
+    )
+}

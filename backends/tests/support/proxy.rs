@@ -1,0 +1,408 @@
+//! A small fault-injecting HTTP/1.1 proxy (std threads) in front of a real server.
+//!
+//! It forwards requests and responses unchanged (keep-alive included) and logs every exchange
+//! (method, Range asked, status, Content-Range answered, body bytes forwarded). Faults, armed at
+//! any time with [`Proxy::set_faults`]:
+//! * `reset_after`: cut the connection with a TCP RST after N body bytes of a response (the
+//!   first `times` responses whose body is longer than N);
+//! * `stall_after`: stop forwarding after N body bytes for a while (longer than the client's
+//!   timeout), then close;
+//! * `unavailable`: answer the next K requests with `503 Service Unavailable` + `Retry-After`;
+//! * `strip_range`: drop the `Range` header of requests (the server then answers 200);
+//! * `replace_after`: run a hook (e.g. replace the object on disk) once N body bytes in total
+//!   have gone through.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// One request/response that went through the proxy.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// `GET`, `HEAD` …
+    pub method: String,
+    /// The `Range` header the client sent.
+    pub range: Option<String>,
+    /// Status code answered (by the server, or 503 by the proxy).
+    pub status: u16,
+    /// The `Content-Range` the server answered.
+    pub content_range: Option<String>,
+    /// Body bytes forwarded to the client.
+    pub body_bytes: u64,
+    /// True when a fault cut this exchange.
+    pub faulted: bool,
+}
+
+impl Exchange {
+    /// The answered byte range `start..end` from `Content-Range` (exclusive end).
+    pub fn answered_range(&self) -> Option<std::ops::Range<u64>> {
+        let v = self.content_range.as_deref()?.strip_prefix("bytes ")?;
+        let (r, _) = v.split_once('/')?;
+        let (s, e) = r.split_once('-')?;
+        Some(s.trim().parse().ok()?..e.trim().parse::<u64>().ok()? + 1)
+    }
+}
+
+/// Faults to inject (all off by default).
+#[derive(Default)]
+pub struct Faults {
+    /// `(bytes, times)`: reset after `bytes` body bytes, for `times` responses.
+    pub reset_after: Option<(u64, usize)>,
+    /// `(bytes, pause, times)`: stall after `bytes` body bytes for `pause`, for `times` responses.
+    pub stall_after: Option<(u64, Duration, usize)>,
+    /// `(count, retry_after_header)`: answer the next `count` requests with 503.
+    pub unavailable: Option<(usize, String)>,
+    /// Remove `Range` from requests.
+    pub strip_range: bool,
+    /// Run the hook once this many body bytes (counted from when the faults were set) went by.
+    pub replace_after: Option<(u64, Box<dyn FnOnce() + Send>)>,
+}
+
+struct Armed {
+    reset_bytes: u64,
+    reset_left: AtomicUsize,
+    stall_bytes: u64,
+    stall_pause: Duration,
+    stall_left: AtomicUsize,
+    unavailable_left: AtomicUsize,
+    retry_after: String,
+    strip_range: bool,
+    replace_at: u64,
+    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    bytes_since: AtomicU64,
+}
+
+impl Armed {
+    fn from(f: Faults) -> Armed {
+        let (reset_bytes, reset_left) = f.reset_after.unwrap_or((0, 0));
+        let (stall_bytes, stall_pause, stall_left) =
+            f.stall_after.unwrap_or((0, Duration::ZERO, 0));
+        let (unavailable_left, retry_after) = f.unavailable.unwrap_or((0, String::new()));
+        let (replace_at, hook) = match f.replace_after {
+            Some((n, h)) => (n, Some(h)),
+            None => (0, None),
+        };
+        Armed {
+            reset_bytes,
+            reset_left: AtomicUsize::new(reset_left),
+            stall_bytes,
+            stall_pause,
+            stall_left: AtomicUsize::new(stall_left),
+            unavailable_left: AtomicUsize::new(unavailable_left),
+            retry_after,
+            strip_range: f.strip_range,
+            replace_at,
+            hook: Mutex::new(hook),
+            bytes_since: AtomicU64::new(0),
+        }
+    }
+}
+
+fn take_one(a: &AtomicUsize) -> bool {
+    a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    stop: AtomicBool,
+    faults: Mutex<Arc<Armed>>,
+    log: Mutex<Vec<Exchange>>,
+    body_bytes: AtomicU64,
+    clients: Mutex<std::collections::HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
+}
+
+/// The running proxy. Dropping it stops accepting and closes every connection.
+pub struct Proxy {
+    port: u16,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// A proxy on a free port of 127.0.0.1 forwarding to `upstream`.
+    pub fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("proxy bind");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let shared = Arc::new(Shared {
+            upstream,
+            stop: AtomicBool::new(false),
+            faults: Mutex::new(Arc::new(Armed::from(Faults::default()))),
+            log: Mutex::new(Vec::new()),
+            body_bytes: AtomicU64::new(0),
+            clients: Mutex::new(std::collections::HashMap::new()),
+            next_conn: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("proxy-accept".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if s.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let id = s.next_conn.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(c) = conn.try_clone() {
+                        s.clients.lock().unwrap().insert(id, c);
+                    }
+                    let s2 = s.clone();
+                    let _ =
+                        std::thread::Builder::new()
+                            .name("proxy-conn".into())
+                            .spawn(move || {
+                                let _ = handle(conn, &s2);
+                                // Drop our clone so the socket really closes (RST with linger 0).
+                                s2.clients.lock().unwrap().remove(&id);
+                            });
+                }
+            })
+            .expect("spawn proxy acceptor");
+        Proxy {
+            port,
+            shared,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Replaces the armed faults.
+    pub fn set_faults(&self, f: Faults) {
+        *self.shared.faults.lock().unwrap() = Arc::new(Armed::from(f));
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// URL of `name` through the proxy.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{}", self.port, name)
+    }
+    /// Every exchange so far.
+    pub fn log(&self) -> Vec<Exchange> {
+        self.shared.log.lock().unwrap().clone()
+    }
+    /// Forgets the log and the byte count.
+    pub fn clear_log(&self) {
+        self.shared.log.lock().unwrap().clear();
+        self.shared.body_bytes.store(0, Ordering::SeqCst);
+    }
+    /// Body bytes forwarded to clients so far.
+    pub fn body_bytes(&self) -> u64 {
+        self.shared.body_bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port));
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+        for (_, c) in self.shared.clients.lock().unwrap().drain() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Reads an HTTP head (up to the empty line). `None` at a clean EOF.
+fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Vec<String>>> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = r.read_line(&mut line)?;
+        if n == 0 {
+            return if lines.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        let l = line.trim_end_matches(['\r', '\n']).to_string();
+        if l.is_empty() {
+            if lines.is_empty() {
+                continue;
+            }
+            return Ok(Some(lines));
+        }
+        lines.push(l);
+        if lines.len() > 200 {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+    }
+}
+
+fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
+    lines.iter().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn head_bytes(lines: &[String]) -> Vec<u8> {
+    let mut out = String::new();
+    for l in lines {
+        out.push_str(l);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+fn pause(shared: &Shared, d: Duration) {
+    let step = Duration::from_millis(20);
+    let mut left = d;
+    while !left.is_zero() && !shared.stop.load(Ordering::SeqCst) {
+        let s = left.min(step);
+        std::thread::sleep(s);
+        left -= s;
+    }
+}
+
+fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut client_r = BufReader::new(client.try_clone()?);
+    let mut client_w = client;
+    let mut upstream: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    loop {
+        let Some(mut req) = read_head(&mut client_r)? else {
+            return Ok(());
+        };
+        let armed = shared.faults.lock().unwrap().clone();
+        let method = req[0].split(' ').next().unwrap_or("").to_string();
+        let range = header(&req, "range").map(str::to_string);
+        if take_one(&armed.unavailable_left) {
+            let resp = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n",
+                armed.retry_after
+            );
+            client_w.write_all(resp.as_bytes())?;
+            shared.log.lock().unwrap().push(Exchange {
+                method,
+                range,
+                status: 503,
+                content_range: None,
+                body_bytes: 0,
+                faulted: true,
+            });
+            continue;
+        }
+        if armed.strip_range {
+            req.retain(|l| {
+                !l.split_once(':')
+                    .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("range"))
+            });
+        }
+        if upstream.is_none() {
+            let s = TcpStream::connect(shared.upstream)?;
+            s.set_nodelay(true)?;
+            let r = BufReader::with_capacity(256 << 10, s.try_clone()?);
+            upstream = Some((s, r));
+        }
+        let Some((up_w, up_r)) = upstream.as_mut() else {
+            return Ok(());
+        };
+        up_w.write_all(&head_bytes(&req))?;
+        let Some(resp) = read_head(up_r)? else {
+            return Ok(());
+        };
+        let status: u16 = resp[0]
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let content_range = header(&resp, "content-range").map(str::to_string);
+        let no_body = method == "HEAD" || status == 204 || status == 304 || status / 100 == 1;
+        let body_len: Option<u64> = if no_body {
+            Some(0)
+        } else {
+            header(&resp, "content-length").and_then(|v| v.parse().ok())
+        };
+        let close_after = header(&resp, "connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+            || body_len.is_none();
+        client_w.write_all(&head_bytes(&resp))?;
+
+        // Decide this response's fault.
+        let len = body_len.unwrap_or(u64::MAX);
+        let reset_at =
+            (len > armed.reset_bytes && take_one(&armed.reset_left)).then_some(armed.reset_bytes);
+        let stall_at =
+            (reset_at.is_none() && len > armed.stall_bytes && take_one(&armed.stall_left))
+                .then_some(armed.stall_bytes);
+        let cut_at = reset_at.or(stall_at);
+
+        // Log the exchange before any body byte goes out, and count bytes before writing them,
+        // so that a client that has its bytes always finds them in the log.
+        let idx = {
+            let mut log = shared.log.lock().unwrap();
+            log.push(Exchange {
+                method,
+                range,
+                status,
+                content_range,
+                body_bytes: 0,
+                faulted: false,
+            });
+            log.len() - 1
+        };
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut faulted = false;
+        while sent < len {
+            let mut want = ((len - sent).min(buf.len() as u64)) as usize;
+            if let Some(c) = cut_at {
+                if sent >= c {
+                    faulted = true;
+                    break;
+                }
+                want = want.min((c - sent) as usize);
+            }
+            let n = up_r.read(&mut buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            sent += n as u64;
+            if let Some(x) = shared.log.lock().unwrap().get_mut(idx) {
+                x.body_bytes = sent;
+                x.faulted = cut_at.is_some_and(|c| sent >= c) && sent < len;
+            }
+            shared.body_bytes.fetch_add(n as u64, Ordering::SeqCst);
+            let total = armed.bytes_since.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+            if total >= armed.replace_at {
+                let hook = armed.hook.lock().unwrap().take();
+                if let Some(h) = hook {
+                    h();
+                }
+            }
+            client_w.write_all(&buf[..n])?;
+        }
+        if cut_at.is_some_and(|c| sent >= c) && sent < len {
+            faulted = true;
+        }
+        if let Some(x) = shared.log.lock().unwrap().get_mut(idx) {
+            x.faulted = faulted;
+        }
+        if faulted {
+            if reset_at.is_some() {
+                // Let the client take what was sent (an RST drops unread data), then reset.
+                std::thread::sleep(Duration::from_millis(100));
+                // Linger 0: closing the socket sends RST (the caller drops the last clone).
+                let _ = socket2::SockRef::from(&client_w).set_linger(Some(Duration::ZERO));
+            } else {
+                pause(shared, armed.stall_pause);
+                let _ = client_w.shutdown(Shutdown::Both);
+            }
+            return Ok(());
+        }
+        if close_after {
+            let _ = client_w.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+    }
+}
