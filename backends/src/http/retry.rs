@@ -48,14 +48,21 @@ impl Ctx {
 /// Why an attempt failed.
 pub(crate) enum Failure {
     /// Try again after `after` (from `Retry-After`) or after the backoff delay.
-    Retry { err: Error, after: Option<Duration> },
+    Retry {
+        err: Box<Error>,
+        after: Option<Duration>,
+    },
     /// Give up.
-    Fatal(Error),
+    Fatal(Box<Error>),
+}
+
+fn fatal(e: Error) -> Failure {
+    Failure::Fatal(Box::new(e))
 }
 
 fn retry(err: Error) -> Failure {
     Failure::Retry {
-        err: err.with_retryable(true),
+        err: Box::new(err.with_retryable(true)),
         after: None,
     }
 }
@@ -104,11 +111,11 @@ fn from_reqwest(ctx: &Ctx, e: reqwest::Error) -> Failure {
     if retryable {
         retry(err)
     } else {
-        Failure::Fatal(err)
+        fatal(err)
     }
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -128,19 +135,20 @@ fn status_failure(ctx: &Ctx, resp: &Response, class: StatusClass) -> Failure {
             let after = header_str(resp.headers(), header::RETRY_AFTER)
                 .and_then(|v| parse_retry_after(v, SystemTime::now(), ctx.cfg.retry_after_max));
             Failure::Retry {
-                err: ctx
-                    .err(ErrorKind::Io, format!("server answered {text}"))
-                    .with_retryable(true),
+                err: Box::new(
+                    ctx.err(ErrorKind::Io, format!("server answered {text}"))
+                        .with_retryable(true),
+                ),
                 after,
             }
         }
-        StatusClass::NotFound => Failure::Fatal(ctx.err(ErrorKind::NotFound, text)),
-        StatusClass::Denied => Failure::Fatal(ctx.err(
+        StatusClass::NotFound => fatal(ctx.err(ErrorKind::NotFound, text)),
+        StatusClass::Denied => fatal(ctx.err(
             ErrorKind::PermissionDenied,
             format!("{text} (check credentials or --header Authorization)"),
         )),
-        StatusClass::Unsatisfiable => Failure::Fatal(ctx.err(ErrorKind::RangeNotSatisfiable, text)),
-        _ => Failure::Fatal(ctx.err(ErrorKind::Io, format!("unexpected answer {text}"))),
+        StatusClass::Unsatisfiable => fatal(ctx.err(ErrorKind::RangeNotSatisfiable, text)),
+        _ => fatal(ctx.err(ErrorKind::Io, format!("unexpected answer {text}"))),
     }
 }
 
@@ -176,11 +184,11 @@ pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
     loop {
         match stat_once(ctx).await {
             Ok(p) => return Ok(p),
-            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Fatal(e)) => return Err(*e),
             Err(Failure::Retry { err, after }) => {
                 failures += 1;
                 if failures > ctx.cfg.max_retries {
-                    return Err(give_up(ctx, err, failures));
+                    return Err(give_up(ctx, *err, failures));
                 }
                 backoff(ctx, failures, after).await;
             }
@@ -203,7 +211,7 @@ fn check_identity_encoding(ctx: &Ctx, h: &HeaderMap) -> Result<(), Failure> {
     match header_str(h, header::CONTENT_ENCODING) {
         None => Ok(()),
         Some(v) if v.trim().eq_ignore_ascii_case("identity") => Ok(()),
-        Some(v) => Err(Failure::Fatal(ctx.err(
+        Some(v) => Err(fatal(ctx.err(
             ErrorKind::Unsupported,
             format!("server sends the object with Content-Encoding {v:?}; byte ranges need the raw object"),
         ))),
@@ -225,10 +233,7 @@ async fn stat_once(ctx: &Ctx) -> Result<Pin, Failure> {
         check_identity_encoding(ctx, h)?;
         let accept = header_str(h, header::ACCEPT_RANGES).map(|v| v.trim().to_ascii_lowercase());
         if accept.as_deref() == Some("none") {
-            return Err(Failure::Fatal(no_ranges(
-                ctx,
-                "it sends Accept-Ranges: none",
-            )));
+            return Err(fatal(no_ranges(ctx, "it sends Accept-Ranges: none")));
         }
         let len = header_str(h, header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
         if let (Some(size), Some("bytes")) = (len, accept.as_deref()) {
@@ -270,7 +275,7 @@ async fn probe(ctx: &Ctx) -> Result<Pin, Failure> {
             let size = match cr {
                 Some((0, 0, Some(total))) => total,
                 _ => {
-                    return Err(Failure::Fatal(ctx.err(
+                    return Err(fatal(ctx.err(
                         ErrorKind::Unsupported,
                         "server answered a range request without a usable Content-Range total (object size unknown)",
                     )))
@@ -288,7 +293,7 @@ async fn probe(ctx: &Ctx) -> Result<Pin, Failure> {
                 last_modified,
             })
         }
-        StatusClass::Whole => Err(Failure::Fatal(no_ranges(
+        StatusClass::Whole => Err(fatal(no_ranges(
             ctx,
             "it answered 200 with the whole object to a Range request",
         ))),
@@ -353,7 +358,7 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
                 ))
             }
             Ok(()) => {}
-            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Fatal(e)) => return Err(*e),
             Err(Failure::Retry { err, after }) => {
                 if pos >= want {
                     // Everything arrived; only the tail of the exchange failed.
@@ -365,7 +370,7 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
                 }
                 failures += 1;
                 if failures > ctx.cfg.max_retries {
-                    return Err(give_up(ctx, err, failures));
+                    return Err(give_up(ctx, *err, failures));
                 }
                 backoff(ctx, failures, after).await;
             }
@@ -403,7 +408,7 @@ async fn attempt(
                     None => {
                         return (
                             0,
-                            Err(Failure::Fatal(ctx.err(
+                            Err(fatal(ctx.err(
                                 ErrorKind::Io,
                                 "206 Partial Content without a valid Content-Range header",
                             ))),
@@ -414,7 +419,7 @@ async fn attempt(
                 if t != pin.size {
                     return (
                         0,
-                        Err(Failure::Fatal(changed(
+                        Err(fatal(changed(
                             ctx,
                             pin,
                             &format!("size {t} bytes, was {}", pin.size),
@@ -428,7 +433,7 @@ async fn attempt(
             if cs != start || ce > end {
                 return (
                     0,
-                    Err(Failure::Fatal(ctx.err(
+                    Err(fatal(ctx.err(
                         ErrorKind::Io,
                         format!(
                             "server answered bytes {cs}-{ce} to a request for bytes {start}-{end}"
@@ -451,7 +456,7 @@ async fn attempt(
                 if l != pin.size {
                     return (
                         0,
-                        Err(Failure::Fatal(changed(
+                        Err(fatal(changed(
                             ctx,
                             pin,
                             &format!("size {l} bytes, was {}", pin.size),
@@ -462,7 +467,7 @@ async fn attempt(
             if len.is_none() || pin.size > FULL_BODY_FALLBACK_MAX {
                 return (
                     0,
-                    Err(Failure::Fatal(ctx.err(
+                    Err(fatal(ctx.err(
                         ErrorKind::Unsupported,
                         format!(
                             "server ignored the Range header and answered 200 with the whole object ({}); \
@@ -477,13 +482,13 @@ async fn attempt(
         }
         StatusClass::Changed => {
             let now = current_version(ctx).await;
-            (0, Err(Failure::Fatal(changed(ctx, pin, &now))))
+            (0, Err(fatal(changed(ctx, pin, &now))))
         }
         StatusClass::Unsatisfiable => {
             match header_str(&h, header::CONTENT_RANGE).and_then(parse_unsatisfied_total) {
                 Some(t) if t != pin.size => (
                     0,
-                    Err(Failure::Fatal(changed(
+                    Err(fatal(changed(
                         ctx,
                         pin,
                         &format!("size {t} bytes, was {}", pin.size),
@@ -512,16 +517,12 @@ fn version_mismatch(ctx: &Ctx, pin: &Pin, h: &HeaderMap) -> Option<Failure> {
     let (etag, lm) = validators(h);
     if pin.etag_differs(etag.as_deref()) {
         let now = etag.unwrap_or_default();
-        return Some(Failure::Fatal(changed(ctx, pin, &now)));
+        return Some(fatal(changed(ctx, pin, &now)));
     }
     if pin.etag.is_none() {
         if let (Some(a), Some(b)) = (&pin.last_modified, &lm) {
             if a != b {
-                return Some(Failure::Fatal(changed(
-                    ctx,
-                    pin,
-                    &format!("Last-Modified {b}"),
-                )));
+                return Some(fatal(changed(ctx, pin, &format!("Last-Modified {b}"))));
             }
         }
     }
@@ -601,7 +602,7 @@ async fn stream_body(
             if exact {
                 return (
                     got,
-                    Err(Failure::Fatal(ctx.err(
+                    Err(fatal(ctx.err(
                         ErrorKind::Io,
                         format!(
                             "server sent more than the {} bytes of the range",

@@ -9,9 +9,11 @@ use tensorstream_engine::ErrorKind;
 use super::config::*;
 use crate::OpenOptions;
 
+type ContentRange = Option<(u64, u64, Option<u64>)>;
+
 #[test]
 fn content_range_parses_and_rejects() {
-    let table: &[(&str, Option<(u64, u64, Option<u64>)>)] = &[
+    let table: &[(&str, ContentRange)] = &[
         ("bytes 0-0/1", Some((0, 0, Some(1)))),
         ("bytes 100-199/1000", Some((100, 199, Some(1000)))),
         ("bytes  5-9/*", Some((5, 9, None))),
