@@ -597,6 +597,15 @@ fn filter_never_downloads_skipped_tensors() {
 // measurement (not a test): cargo test --release -p tensorstream-backends --features http \
 //   --test http -- --ignored --nocapture bench_http_vs_curl
 
+/// User + system CPU seconds of this process so far (all threads), from /proc/self/stat.
+fn self_cpu_secs() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<f64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // Fields 14 and 15 of the line (utime, stime) are 11 and 12 after the command name.
+    (f.get(10).copied().unwrap_or(0.0) + f.get(11).copied().unwrap_or(0.0)) / 100.0
+}
+
 #[test]
 #[ignore]
 fn bench_http_vs_curl() {
@@ -621,16 +630,70 @@ fn bench_http_vs_curl() {
         .status();
     for round in 0..2 {
         let t = std::time::Instant::now();
-        let st = std::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", &url])
-            .status()
+        let out = std::process::Command::new("bash")
+            .args(["-c", "curl -s -o /dev/null \"$0\" && times", &url])
+            .output()
             .expect("curl");
-        assert!(st.success());
+        assert!(out.status.success());
         let curl = t.elapsed().as_secs_f64();
+        let times = String::from_utf8_lossy(&out.stdout);
+        let curl_cpu = times.lines().nth(1).unwrap_or("").to_string();
+        // What allocating the host arena alone costs (the engine's AlignedBuf::zeroed, which
+        // touches every page), and the backend alone: its reader filling an already-touched
+        // buffer of the same size with 8 MiB reads, 32 in flight.
+        let ta = std::time::Instant::now();
+        let mut whole = IoBuf::aligned(total as usize, 4096).unwrap();
+        let alloc_s = ta.elapsed().as_secs_f64();
+        let chunk = 8usize << 20;
+        let mut windows = Vec::new();
+        while !whole.is_empty() {
+            let n = chunk.min(whole.len());
+            windows.push(whole.split_to(n).unwrap());
+        }
+        let tr = std::time::Instant::now();
+        let b = Arc::new(HttpBackend::open(&url, &OpenOptions::default()).unwrap());
+        let meta = b.stat().unwrap();
+        let mut r = b.clone().open_reader(&meta, &ReaderOptions { queue_depth: 32 }).unwrap();
+        let mut next = 0usize;
+        let mut done_bytes = 0u64;
+        let count = windows.len();
+        let mut bufs = windows.into_iter();
+        while next < count || r.in_flight() > 0 {
+            while next < count && r.in_flight() < 32 {
+                let buf = bufs.next().unwrap();
+                r.submit(ReadRequest { id: next as u64, offset: (next * chunk) as u64, buf }).unwrap();
+                next += 1;
+            }
+            let d = r.wait().unwrap();
+            done_bytes += d.result.unwrap() as u64;
+        }
+        let reader_s = tr.elapsed().as_secs_f64();
+        assert_eq!(done_bytes, total as u64);
+        println!(
+            "backend reader alone: {:.3} GB/s ({reader_s:.3}s); arena-sized zeroed allocation alone: {alloc_s:.3}s",
+            total / reader_s / 1e9
+        );
+        let cpu0 = self_cpu_secs();
         let t = std::time::Instant::now();
-        let b = open(&url, &OpenOptions::default()).unwrap();
-        let (model, _) = load(b, None).unwrap();
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        let o = OpenOptions {
+            concurrency: env("TS_BENCH_CONCURRENCY"),
+            chunk_size: env("TS_BENCH_CHUNK_MIB").map(|m| m << 20),
+            ..Default::default()
+        };
+        let mut cfg = HttpConfig::from_options(&o).unwrap();
+        if let Some(n) = env("TS_BENCH_THREADS") {
+            cfg.runtime_threads = n;
+        }
+        let b: Arc<dyn Backend> = Arc::new(HttpBackend::open_with(&url, cfg).unwrap());
+        let t_open = t.elapsed().as_secs_f64();
+        let (model, stats) = load(b, None).unwrap();
         let ours = t.elapsed().as_secs_f64();
+        println!(
+            "open {t_open:.3}s, engine {:.3}s, total {ours:.3}s; cpu: ours {:.2}s, curl (user sys) {curl_cpu}",
+            stats.elapsed.as_secs_f64(),
+            self_cpu_secs() - cpu0
+        );
         assert_eq!(model.len(), n);
         let check = model.get("t3").unwrap().data;
         assert_eq!(check.len() as u64, ranges[3].end - ranges[3].start);
