@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::nginx::{free_port, Nginx};
+use support::nginx::{free_port, Nginx, TestPki};
 use support::proxy::{Faults, Proxy};
 use tensorstream_backends::http::{HttpBackend, HttpConfig};
 use tensorstream_backends::{open, OpenOptions};
@@ -325,6 +325,48 @@ fn server_down_fails_clearly_after_bounded_retries() {
     assert!(msg.contains(&url), "{msg}");
 }
 
+#[test]
+fn https_with_http2_against_nginx() {
+    let dir = served_dir();
+    let data = pattern(3 << 20, 71);
+    write_file(dir.path(), "x.bin", &data);
+    let pki = TestPki::generate();
+    let nginx = Nginx::start_tls(dir.path(), &pki);
+    let url = nginx.url("x.bin");
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+    // Not trusting the test CA: a clear, permanent TLS error (not retried), no bytes.
+    let e = HttpBackend::open_with(&url, quick_cfg(4, 1 << 20, Duration::from_secs(10), 3))
+        .unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+    assert!(!e.is_retryable(), "{e:?}");
+    assert!(
+        !e.to_string().contains("giving up"),
+        "certificate errors must not be retried: {e}"
+    );
+
+    let mut cfg = quick_cfg(8, 512 << 10, Duration::from_secs(10), 2);
+    cfg.root_certificates_pem = vec![pki.ca_pem.clone().into_bytes()];
+    let b = Arc::new(HttpBackend::open_with(&url, cfg).unwrap());
+    let mut buf = vec![0u8; data.len()];
+    assert_eq!(b.read_at(0, &mut buf).unwrap(), data.len());
+    assert!(buf == data, "bytes over https differ");
+    assert_eq!(b.stat().unwrap().size, data.len() as u64);
+    let log = nginx.access_log();
+    let ranged = log
+        .lines()
+        .filter(|l| l.starts_with("HTTP/2.0 206"))
+        .count();
+    assert_eq!(
+        ranged, 6,
+        "six 512 KiB ranged GETs over HTTP/2 expected:\n{log}"
+    );
+    assert!(
+        !log.contains("HTTP/1.1"),
+        "HTTP/2 was offered but not used:\n{log}"
+    );
+}
+
 // ------------------------------------------------------------------------------------------------
 // faults through the proxy
 
@@ -601,7 +643,10 @@ fn filter_never_downloads_skipped_tensors() {
 fn self_cpu_secs() -> f64 {
     let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<f64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // Fields 14 and 15 of the line (utime, stime) are 11 and 12 after the command name.
     (f.get(10).copied().unwrap_or(0.0) + f.get(11).copied().unwrap_or(0.0)) / 100.0
 }
@@ -653,7 +698,10 @@ fn bench_http_vs_curl() {
         let tr = std::time::Instant::now();
         let b = Arc::new(HttpBackend::open(&url, &OpenOptions::default()).unwrap());
         let meta = b.stat().unwrap();
-        let mut r = b.clone().open_reader(&meta, &ReaderOptions { queue_depth: 32 }).unwrap();
+        let mut r = b
+            .clone()
+            .open_reader(&meta, &ReaderOptions { queue_depth: 32 })
+            .unwrap();
         let mut next = 0usize;
         let mut done_bytes = 0u64;
         let count = windows.len();
@@ -661,7 +709,12 @@ fn bench_http_vs_curl() {
         while next < count || r.in_flight() > 0 {
             while next < count && r.in_flight() < 32 {
                 let buf = bufs.next().unwrap();
-                r.submit(ReadRequest { id: next as u64, offset: (next * chunk) as u64, buf }).unwrap();
+                r.submit(ReadRequest {
+                    id: next as u64,
+                    offset: (next * chunk) as u64,
+                    buf,
+                })
+                .unwrap();
                 next += 1;
             }
             let d = r.wait().unwrap();

@@ -47,6 +47,9 @@ pub struct HttpConfig {
     pub runtime_threads: usize,
     /// Extra headers sent with every request (`Authorization`, …).
     pub headers: HeaderMap,
+    /// Extra trusted root certificates (PEM, one or more per entry), added to the system's
+    /// roots (which also honour `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+    pub root_certificates_pem: Vec<Vec<u8>>,
 }
 
 impl Default for HttpConfig {
@@ -62,6 +65,7 @@ impl Default for HttpConfig {
             retry_after_max: Duration::from_secs(30),
             runtime_threads: 2,
             headers: HeaderMap::new(),
+            root_certificates_pem: Vec::new(),
         }
     }
 }

@@ -131,7 +131,18 @@ impl HttpBackend {
             // Another thread may win the race: either provider is fine.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
+        let mut roots = Vec::new();
+        for pem in &cfg.root_certificates_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                let (_, _, msg) = retry::describe_reqwest(e);
+                Error::invalid(format!("invalid root certificate (PEM): {msg}"))
+                    .with_backend("http")
+                    .with_location(&display)
+            })?;
+            roots.extend(certs);
+        }
         let client = reqwest::Client::builder()
+            .tls_certs_merge(roots)
             .user_agent(concat!("tensorstream/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .pool_max_idle_per_host(cfg.concurrency)

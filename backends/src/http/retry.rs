@@ -76,7 +76,7 @@ pub(crate) fn describe_reqwest(e: reqwest::Error) -> (ErrorKind, bool, String) {
     } else {
         ErrorKind::Io
     };
-    let retryable = !(e.is_builder() || e.is_redirect());
+    let mut retryable = !(e.is_builder() || e.is_redirect());
     let what = if e.is_connect() {
         "cannot connect"
     } else if e.is_body() || e.is_decode() {
@@ -101,6 +101,10 @@ pub(crate) fn describe_reqwest(e: reqwest::Error) -> (ErrorKind, bool, String) {
         if depth > 8 {
             break;
         }
+    }
+    // A certificate the client does not trust will not become trusted by retrying.
+    if msg.contains("certificate") || msg.contains("Certificate") {
+        retryable = false;
     }
     (kind, retryable, msg)
 }

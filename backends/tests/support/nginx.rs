@@ -36,6 +36,43 @@ pub struct Nginx {
     port: u16,
     root: PathBuf,
     dir: tempfile::TempDir,
+    scheme: &'static str,
+}
+
+/// A private test CA and a server certificate for 127.0.0.1 / localhost signed by it.
+pub struct TestPki {
+    /// The CA certificate (PEM): what a client must trust.
+    pub ca_pem: String,
+    /// The server certificate (PEM).
+    pub cert_pem: String,
+    /// The server's private key (PEM).
+    pub key_pem: String,
+}
+
+impl TestPki {
+    /// Generates a fresh CA and server certificate (pure Rust, no openssl CLI).
+    pub fn generate() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "tensorstream test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+        let key = KeyPair::generate().expect("server key");
+        let mut leaf =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .expect("server params");
+        leaf.distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        let issuer = Issuer::from_params(&ca, &ca_key);
+        let cert = leaf.signed_by(&key, &issuer).expect("server cert");
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
 }
 
 impl Nginx {
@@ -46,12 +83,22 @@ impl Nginx {
 
     /// Serves `root`, with `extra` inserted in the `server` block (more `location`s …).
     pub fn start_with(root: &Path, extra: &str) -> Nginx {
+        Self::launch(root, extra, None)
+    }
+
+    /// Serves `root` over HTTPS with HTTP/2 offered (ALPN), using `pki`'s server certificate.
+    /// The access log records the protocol of every request (see [`Nginx::access_log`]).
+    pub fn start_tls(root: &Path, pki: &TestPki) -> Nginx {
+        Self::launch(root, "", Some(pki))
+    }
+
+    fn launch(root: &Path, extra: &str, tls: Option<&TestPki>) -> Nginx {
         let bin = nginx_binary();
         let mut last_log = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("nginx temp dir");
             let port = free_port();
-            let conf = config(dir.path(), root, port, extra);
+            let conf = config(dir.path(), root, port, extra, tls);
             let conf_path = dir.path().join("nginx.conf");
             std::fs::write(&conf_path, conf).expect("write nginx.conf");
             let err_log = dir.path().join("error.log");
@@ -72,6 +119,7 @@ impl Nginx {
                 port,
                 root: root.to_path_buf(),
                 dir,
+                scheme: if tls.is_some() { "https" } else { "http" },
             };
             if n.wait_ready(Duration::from_secs(10)) {
                 return n;
@@ -91,6 +139,14 @@ impl Nginx {
         while t0.elapsed() < within {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
+            }
+            if self.scheme == "https" {
+                // A TLS listener: accepting a connection is all we can check without a client.
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
             if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
                 // A full request proves the server (not some other listener) answers.
@@ -122,11 +178,16 @@ impl Nginx {
     }
     /// The URL of `name` under the served root.
     pub fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{}", self.port, name)
+        format!("{}://127.0.0.1:{}/{}", self.scheme, self.port, name)
     }
     /// The served directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+    /// The access log so far (TLS servers only): one line per request,
+    /// `PROTOCOL STATUS "REQUEST"`.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
     /// nginx's error log so far (for assertion messages).
     pub fn error_log(&self) -> String {
@@ -142,8 +203,26 @@ impl Drop for Nginx {
     }
 }
 
-fn config(dir: &Path, root: &Path, port: u16, extra: &str) -> String {
+fn config(dir: &Path, root: &Path, port: u16, extra: &str, tls: Option<&TestPki>) -> String {
     let d = dir.display();
+    let (listen, tls_conf, access) = match tls {
+        None => (
+            format!("listen 127.0.0.1:{port};"),
+            String::new(),
+            "access_log off;".to_string(),
+        ),
+        Some(p) => {
+            std::fs::write(dir.join("cert.pem"), &p.cert_pem).expect("write cert");
+            std::fs::write(dir.join("key.pem"), &p.key_pem).expect("write key");
+            (
+                format!("listen 127.0.0.1:{port} ssl http2;"),
+                format!("ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;"),
+                format!(
+                    "log_format proto '$server_protocol $status \"$request\"'; access_log {d}/access.log proto;"
+                ),
+            )
+        }
+    };
     let tmp = dir.join("tmp");
     for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
         let _ = std::fs::create_dir_all(tmp.join(sub));
@@ -156,7 +235,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    {access}
     client_body_temp_path {t}/body;
     proxy_temp_path {t}/proxy;
     fastcgi_temp_path {t}/fastcgi;
@@ -169,7 +248,8 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 120s;
     server {{
-        listen 127.0.0.1:{port};
+        {listen}
+        {tls_conf}
         server_name localhost;
         root {root};
         location / {{ }}
