@@ -61,15 +61,18 @@ fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     p
 }
 
-/// Replaces a served file atomically (rename), with a different mtime so nginx's ETag changes.
-fn replace_file(path: &Path, data: &[u8]) {
+/// Prepares a replacement for a served file (different bytes, an mtime an hour later so nginx's
+/// ETag changes) and returns the hook that swaps it in atomically (a rename: instant, so the
+/// other connections see the new version from their next request on).
+fn replacement(path: &Path, data: &[u8]) -> impl FnOnce() + Send + 'static {
     let tmp = path.with_extension("replacing");
     std::fs::write(&tmp, data).expect("write replacement");
     let f = std::fs::File::options().write(true).open(&tmp).unwrap();
     let later = std::time::SystemTime::now() + Duration::from_secs(3600);
     f.set_modified(later).unwrap();
     drop(f);
-    std::fs::rename(&tmp, path).expect("rename replacement");
+    let path = path.to_path_buf();
+    move || std::fs::rename(&tmp, &path).expect("rename replacement")
 }
 
 fn opts(concurrency: usize, chunk: usize) -> OpenOptions {
@@ -521,10 +524,8 @@ fn object_replaced_mid_load_is_object_changed() {
     // Same size, different bytes: only the version tells them apart.
     let (img2, _) = safetensors(&[("a", 8 << 20), ("b", 8 << 20), ("c", 8 << 20)], 32);
     assert_eq!(img.len(), img2.len());
-    let p2 = path.clone();
-    let img2c = img2.clone();
     r.proxy.set_faults(Faults {
-        replace_after: Some((4 << 20, Box::new(move || replace_file(&p2, &img2c)))),
+        replace_after: Some((3 << 20, Box::new(replacement(&path, &img2)))),
         ..Default::default()
     });
     let meta_before = b.stat().unwrap();

@@ -535,18 +535,34 @@ fn version_mismatch(ctx: &Ctx, pin: &Pin, h: &HeaderMap) -> Option<Failure> {
 
 /// Best-effort description of the object's current version after a 412.
 async fn current_version(ctx: &Ctx) -> String {
-    let req = ctx.request(reqwest::Method::HEAD, None);
-    let fut = req.send();
-    match tokio::time::timeout(ctx.cfg.timeout.min(Duration::from_secs(5)), fut).await {
+    let unknown = "a different version (412 Precondition Failed)";
+    let head = || {
+        let fut = ctx.request(reqwest::Method::HEAD, None).send();
+        tokio::time::timeout(ctx.cfg.timeout.min(Duration::from_secs(5)), fut)
+    };
+    let mut answer = head().await;
+    if matches!(answer, Ok(Err(_))) {
+        // Once more: a pooled connection may have been closed by the server meanwhile.
+        answer = head().await;
+    }
+    match answer {
         Ok(Ok(r)) if r.status().is_success() => {
             let (etag, lm) = validators(r.headers());
             match (etag, lm) {
                 (Some(e), _) => e,
                 (None, Some(lm)) => format!("Last-Modified {lm}"),
-                _ => "a different version (412 Precondition Failed)".into(),
+                _ => unknown.into(),
             }
         }
-        _ => "a different version (412 Precondition Failed)".into(),
+        Ok(Ok(r)) => format!(
+            "{unknown}; a HEAD for the new version got {}",
+            status_text(&r)
+        ),
+        Ok(Err(e)) => format!(
+            "{unknown}; a HEAD for the new version failed: {}",
+            describe_reqwest(e).2
+        ),
+        Err(_) => format!("{unknown}; a HEAD for the new version timed out"),
     }
 }
 

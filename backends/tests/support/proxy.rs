@@ -277,11 +277,7 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
         let method = req[0].split(' ').next().unwrap_or("").to_string();
         let range = header(&req, "range").map(str::to_string);
         if take_one(&armed.unavailable_left) {
-            let resp = format!(
-                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n",
-                armed.retry_after
-            );
-            client_w.write_all(resp.as_bytes())?;
+            // Logged before answering, so a client that saw the answer finds it in the log.
             shared.log.lock().unwrap().push(Exchange {
                 method,
                 range,
@@ -290,6 +286,11 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 body_bytes: 0,
                 faulted: true,
             });
+            let resp = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n",
+                armed.retry_after
+            );
+            client_w.write_all(resp.as_bytes())?;
             continue;
         }
         if armed.strip_range {
@@ -326,8 +327,6 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
         let close_after = header(&resp, "connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || body_len.is_none();
-        client_w.write_all(&head_bytes(&resp))?;
-
         // Decide this response's fault.
         let len = body_len.unwrap_or(u64::MAX);
         let reset_at =
@@ -351,6 +350,7 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
             });
             log.len() - 1
         };
+        client_w.write_all(&head_bytes(&resp))?;
         let mut sent = 0u64;
         let mut buf = vec![0u8; 256 << 10];
         let mut faulted = false;
