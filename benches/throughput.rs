@@ -1,1 +1,86 @@
-fn main() {}
+//! File → host throughput, warm page cache, with baselines in the same group:
+//! `std::fs::read`, a 16 MiB `pread` loop, and tensorstream loads (io_uring and pread engines).
+//!
+//! `cargo bench --bench throughput` (size: `TS_BENCH_SIZE`, default 256MiB; file in target/).
+//! Cold-cache, end-to-end numbers come from `tensorstream bench FILE --cold` (JSON lines) and
+//! `scripts/measure-local.sh`, since criterion cannot drop the page cache between iterations.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tensorstream::engine::format::safetensors::write_header;
+use tensorstream::{DType, IoMode, Loader, OpenOptions};
+
+fn bench_file() -> (PathBuf, u64) {
+    let size: u64 = std::env::var("TS_BENCH_SIZE")
+        .ok()
+        .and_then(|s| s.trim_end_matches("MiB").parse::<u64>().ok())
+        .map(|m| m << 20)
+        .unwrap_or(256 << 20);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("bench-{}.safetensors", size >> 20));
+    let per = 4u64 << 20;
+    let n = (size / per).max(1);
+    if let Ok(m) = std::fs::metadata(&path) {
+        if m.len() > size {
+            return (path, m.len());
+        }
+    }
+    let tensors: Vec<(String, DType, Vec<u64>, u64)> = (0..n)
+        .map(|i| (format!("layer.{i}.weight"), DType::BF16, vec![per / 2], per))
+        .collect();
+    let header = write_header(&tensors, &BTreeMap::new()).expect("header");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("create bench file"));
+    f.write_all(&header).expect("write");
+    let chunk: Vec<u8> = (0..per).map(|i| (i * 7 % 251) as u8).collect();
+    for _ in 0..n {
+        f.write_all(&chunk).expect("write");
+    }
+    f.flush().expect("flush");
+    let len = std::fs::metadata(&path).expect("stat").len();
+    (path, len)
+}
+
+fn throughput(c: &mut Criterion) {
+    let (path, len) = bench_file();
+    let p = path.to_str().expect("utf-8 path").to_string();
+    let mut g = c.benchmark_group("file_to_host_warm");
+    g.throughput(Throughput::Bytes(len));
+    g.sample_size(10);
+    g.bench_function("baseline_std_fs_read", |b| {
+        b.iter(|| std::fs::read(&path).expect("read").len())
+    });
+    g.bench_function("baseline_pread_loop_16m", |b| {
+        let f = std::fs::File::open(&path).expect("open");
+        let mut buf = vec![0u8; 16 << 20];
+        b.iter(|| {
+            let mut off = 0u64;
+            loop {
+                let n = f.read_at(&mut buf, off).expect("pread");
+                if n == 0 {
+                    break off;
+                }
+                off += n as u64;
+            }
+        })
+    });
+    for (name, mode) in [
+        ("tensorstream_io_uring", IoMode::Uring),
+        ("tensorstream_pread", IoMode::Pread),
+    ] {
+        let loader = Loader::new(&p).open_options(OpenOptions {
+            io_mode: Some(mode),
+            ..OpenOptions::default()
+        });
+        g.bench_function(name, |b| {
+            b.iter(|| loader.load().expect("load").stats().tensor_bytes)
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, throughput);
+criterion_main!(benches);

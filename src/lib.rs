@@ -1,1 +1,572 @@
-//! tensorstream facade
+//! # tensorstream
+//!
+//! Streams model weights (safetensors; tensorizer) from storage — local disk through io_uring,
+//! and remote backends — into host memory (GPU: see `tensorstream-cuda`), as fast as the
+//! hardware allows, with a small fixed host-memory footprint beyond the destination.
+//!
+//! ```no_run
+//! use tensorstream::Loader;
+//!
+//! let model = Loader::new("model.safetensors")
+//!     .filter_glob("model.layers.0.*")?
+//!     .queue_depth(32)
+//!     .load()?;
+//! for t in model.tensors() {
+//!     println!("{} {} {:?} {} bytes", t.name, t.dtype, t.shape, t.data.len());
+//! }
+//! println!("{:.2} GB/s", model.stats().gbps());
+//! # Ok::<(), tensorstream::Error>(())
+//! ```
+//!
+//! The layers below are public too: [`engine`] (Backend trait, formats, planner, pipeline,
+//! sinks) and [`backends`] (local, remote). A third-party backend implements
+//! [`engine::Backend`] and is used with [`Loader::from_backend`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use tensorstream_backends as backends;
+pub use tensorstream_engine as engine;
+
+pub use tensorstream_backends::{IoMode, OpenOptions};
+pub use tensorstream_engine::format::convert::{ConvertOptions, ConvertStats};
+pub use tensorstream_engine::format::tensorizer::KeySource;
+use tensorstream_engine::format::tensorizer::ReadOptions;
+pub use tensorstream_engine::{
+    Backend, DType, Error, ErrorKind, Result, TensorIndex, TensorInfo, TensorView,
+};
+
+use tensorstream_engine::{
+    execute, format, plan, EngineOptions, HostModel, HostSink, Layout, ObjectMeta, PlanOptions,
+};
+
+/// Where tensors are loaded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// Host memory.
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if s == "cuda" {
+            return Ok(Device::Cuda(0));
+        }
+        if let Some(n) = s.strip_prefix("cuda:") {
+            return n.parse().map(Device::Cuda).map_err(|_| {
+                Error::invalid(format!("bad device {s:?}: expected cpu, cuda or cuda:N"))
+            });
+        }
+        Err(Error::invalid(format!(
+            "bad device {s:?}: expected cpu, cuda or cuda:N"
+        )))
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+type Predicate = Arc<dyn Fn(&TensorInfo) -> bool + Send + Sync>;
+
+/// Builder for a load: source, selection, device and I/O knobs.
+#[derive(Clone)]
+pub struct Loader {
+    uri: String,
+    backend: Option<Arc<dyn Backend>>,
+    device: Device,
+    globs: Vec<String>,
+    predicate: Option<Predicate>,
+    queue_depth: Option<usize>,
+    chunk_size: Option<usize>,
+    ring_budget: usize,
+    open: OpenOptions,
+    progress: Option<Arc<AtomicU64>>,
+    cuda: tensorstream_cuda::CudaOptions,
+    verify: bool,
+    key: Option<KeySource>,
+    fallback_password: Option<KeySource>,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("uri", &self.uri)
+            .field("device", &self.device)
+            .field("globs", &self.globs)
+            .field("queue_depth", &self.queue_depth)
+            .field("chunk_size", &self.chunk_size)
+            .field("ring_budget", &self.ring_budget)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default staging-ring budget (host memory beyond the destination).
+pub const DEFAULT_RING_BUDGET: usize = 256 << 20;
+
+impl Loader {
+    /// A load of the object at `uri`: a path, `file://`, or any scheme the backends support.
+    pub fn new(uri: impl Into<String>) -> Self {
+        Loader {
+            uri: uri.into(),
+            backend: None,
+            device: Device::Cpu,
+            globs: Vec::new(),
+            predicate: None,
+            queue_depth: None,
+            chunk_size: None,
+            ring_budget: DEFAULT_RING_BUDGET,
+            open: OpenOptions::default(),
+            progress: None,
+            cuda: tensorstream_cuda::CudaOptions::default(),
+            verify: false,
+            key: None,
+            fallback_password: None,
+        }
+    }
+
+    /// Verify every tensor's CRC32 / SHA-256 against its tensorizer header while loading (on
+    /// worker threads); a mismatch fails the load naming the tensor. Safetensors files have no
+    /// checksums: asking to verify one is an error.
+    pub fn verify_hashes(mut self, yes: bool) -> Self {
+        self.verify = yes;
+        self
+    }
+    /// Key or password for an encrypted tensorizer file (giving one for a file that is not
+    /// encrypted is an error).
+    pub fn key(mut self, key: KeySource) -> Self {
+        self.key = Some(key);
+        self
+    }
+    /// Reads a key file: 32 raw bytes or 64 hex characters.
+    pub fn key_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let p = path.as_ref();
+        let bytes = std::fs::read(p)
+            .map_err(|e| Error::from_io(e, format!("reading key file {}", p.display())))?;
+        Ok(self.key(KeySource::from_key_file(&bytes)?))
+    }
+    /// Reads a password file (one trailing newline is ignored).
+    pub fn password_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let p = path.as_ref();
+        let bytes = std::fs::read(p)
+            .map_err(|e| Error::from_io(e, format!("reading password file {}", p.display())))?;
+        Ok(self.key(KeySource::password(&bytes)?))
+    }
+    /// A password used only if the file turns out to be encrypted and no key was given (e.g.
+    /// from `TENSORSTREAM_PASSWORD`).
+    pub fn password_if_encrypted(mut self, password: &[u8]) -> Result<Self> {
+        self.fallback_password = Some(KeySource::password(password)?);
+        Ok(self)
+    }
+
+    fn read_options(&self, index: &TensorIndex) -> ReadOptions {
+        let key = self.key.clone().or_else(|| {
+            if format::tensorizer::is_encrypted(index) {
+                self.fallback_password.clone()
+            } else {
+                None
+            }
+        });
+        ReadOptions {
+            verify: self.verify,
+            key,
+        }
+    }
+
+    /// Converts the source into `output` (`.tensors` or `.safetensors`), tensor by tensor,
+    /// verifying / decrypting the input as configured and encrypting the output if `encrypt`.
+    pub fn convert(
+        &self,
+        output: &std::path::Path,
+        encrypt: Option<KeySource>,
+    ) -> Result<ConvertStats> {
+        let be = self.backend()?;
+        let meta = be.stat()?;
+        let index = format::read_index(be.as_ref(), &meta)?;
+        let opts = ConvertOptions {
+            read: self.read_options(&index),
+            encrypt,
+            ..ConvertOptions::default()
+        };
+        format::convert::convert(be.as_ref(), output, &opts)
+    }
+
+    /// A load through a backend you built yourself (a third-party `Backend`).
+    pub fn from_backend(backend: Arc<dyn Backend>) -> Self {
+        let mut l = Loader::new(backend.location().to_string());
+        l.backend = Some(backend);
+        l
+    }
+
+    /// Target device (default: cpu).
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+    /// Keeps only tensors whose name matches `glob` (several calls: any may match).
+    pub fn filter_glob(mut self, glob: &str) -> Result<Self> {
+        globset::Glob::new(glob)
+            .map_err(|e| Error::invalid(format!("bad filter {glob:?}: {e}")))?;
+        self.globs.push(glob.to_string());
+        Ok(self)
+    }
+    /// Keeps only tensors for which `f` returns true (combined with globs: both must accept).
+    pub fn filter(mut self, f: impl Fn(&TensorInfo) -> bool + Send + Sync + 'static) -> Self {
+        self.predicate = Some(Arc::new(f));
+        self
+    }
+    /// Reads in flight (default: the backend's preference, 16 for local files).
+    pub fn queue_depth(mut self, n: usize) -> Self {
+        self.queue_depth = Some(n.max(1));
+        self.open.concurrency = Some(n.max(1));
+        self
+    }
+    /// Size of one read (default: the backend's preference).
+    pub fn chunk_size(mut self, bytes: usize) -> Self {
+        self.chunk_size = Some(bytes.max(4096));
+        self.open.chunk_size = Some(bytes.max(4096));
+        self
+    }
+    /// Staging memory budget for reads that cannot land in place (default 256 MiB).
+    pub fn ring_budget(mut self, bytes: usize) -> Self {
+        self.ring_budget = bytes.max(1 << 20);
+        self
+    }
+    /// Backend options (headers, S3 endpoint, timeouts, local I/O mode …).
+    pub fn open_options(mut self, opts: OpenOptions) -> Self {
+        let (c, s) = (self.open.concurrency, self.open.chunk_size);
+        self.open = opts;
+        self.open.concurrency = self.open.concurrency.or(c);
+        self.open.chunk_size = self.open.chunk_size.or(s);
+        self
+    }
+    /// GPU load options (streams, pinned staging slots and their size).
+    pub fn cuda_options(mut self, opts: tensorstream_cuda::CudaOptions) -> Self {
+        self.cuda = opts;
+        self
+    }
+    /// A counter the loader adds bytes read to, for progress display.
+    pub fn progress(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.progress = Some(counter);
+        self
+    }
+
+    fn backend(&self) -> Result<Arc<dyn Backend>> {
+        match &self.backend {
+            Some(b) => Ok(b.clone()),
+            None => backends::open(&self.uri, &self.open),
+        }
+    }
+
+    /// Reads only the metadata: the file's tensor index.
+    pub fn inspect(&self) -> Result<TensorIndex> {
+        let be = self.backend()?;
+        let meta = be.stat()?;
+        format::read_index(be.as_ref(), &meta)
+    }
+
+    fn select(&self, index: &TensorIndex) -> Result<Vec<usize>> {
+        let set = if self.globs.is_empty() {
+            None
+        } else {
+            let mut b = globset::GlobSetBuilder::new();
+            for g in &self.globs {
+                b.add(
+                    globset::Glob::new(g)
+                        .map_err(|e| Error::invalid(format!("bad filter {g:?}: {e}")))?,
+                );
+            }
+            Some(
+                b.build()
+                    .map_err(|e| Error::invalid(format!("bad filters: {e}")))?,
+            )
+        };
+        let sel: Vec<usize> = index
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| set.as_ref().is_none_or(|s| s.is_match(&t.name)))
+            .filter(|(_, t)| self.predicate.as_ref().is_none_or(|p| p(t)))
+            .map(|(i, _)| i)
+            .collect();
+        if sel.is_empty() && !index.tensors.is_empty() {
+            let what = if self.globs.is_empty() {
+                "the filter".to_string()
+            } else {
+                format!("filter {}", self.globs.join(", "))
+            };
+            return Err(Error::invalid(format!(
+                "{what} matches none of the {} tensors",
+                index.tensors.len()
+            ))
+            .with_location(&self.uri));
+        }
+        Ok(sel)
+    }
+
+    /// Loads the selected tensors.
+    pub fn load(&self) -> Result<LoadedModel> {
+        if let Device::Cuda(_) = self.device {
+            return Err(Error::invalid(
+                "this loader targets a CUDA device: use Loader::load_cuda (or load_cuda_streaming)",
+            ));
+        }
+        let started = Instant::now();
+        let p = self.prepare(None)?;
+        let sink = match p.hook.clone() {
+            Some(h) => HostSink::with_hook(h, format::tensorizer::hook_threads()),
+            None => HostSink::new(),
+        };
+        let (sink, es) = execute(p.backend.clone(), &p.meta, p.plan.clone(), sink, &p.eopts)?;
+        let (arena, _) = sink.into_parts()?;
+        let stats = p.stats(0, &es, started.elapsed());
+        let host = HostModel::new(arena, p.index, &p.plan)?;
+        let stats = LoadStats {
+            tensor_bytes: host.nbytes(),
+            ..stats
+        };
+        Ok(LoadedModel { host, stats })
+    }
+
+    /// Opens the CUDA device this loader targets (clear error when there is no driver/device).
+    fn cuda_device(&self) -> Result<Arc<tensorstream_cuda::CudaDevice>> {
+        let Device::Cuda(n) = self.device else {
+            return Err(Error::invalid(
+                "this loader targets the cpu: set .device(Device::Cuda(n)) first",
+            ));
+        };
+        tensorstream_cuda::CudaDevice::open(n, &self.cuda)
+    }
+
+    /// Loads the selected tensors into one device allocation on the CUDA device set with
+    /// [`Loader::device`], through pinned staging slots and async copies on several streams.
+    pub fn load_cuda(&self) -> Result<CudaModel> {
+        let started = Instant::now();
+        let dev = self.cuda_device()?;
+        let p = self.prepare(Some(&dev))?;
+        let (model, es) = tensorstream_cuda::load(
+            &dev,
+            p.backend.clone(),
+            &p.meta,
+            p.index.clone(),
+            p.plan.clone(),
+            &p.eopts,
+        )?;
+        let stats = p.stats(model.nbytes(), &es, started.elapsed());
+        Ok(CudaModel { model, stats })
+    }
+
+    /// Like [`Loader::load_cuda`], but returns at once: iterate the result to get each tensor as
+    /// soon as its bytes are on the device, then `wait()` for the whole model.
+    pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
+        let dev = self.cuda_device()?;
+        let p = self.prepare(Some(&dev))?;
+        tensorstream_cuda::load_streaming(&dev, p.backend, p.meta, p.index, p.plan, p.eopts)
+    }
+
+    /// Metadata, selection, verification hooks and the plan, for either destination.
+    fn prepare(&self, dev: Option<&Arc<tensorstream_cuda::CudaDevice>>) -> Result<Prepared> {
+        let be = self.backend()?;
+        let meta: ObjectMeta = be.stat()?;
+        let mut index = format::read_index(be.as_ref(), &meta)?;
+        let sel = self.select(&index)?;
+        let ropts = self.read_options(&index);
+        let hook = format::tensorizer::prepare(&mut index, &ropts)
+            .map_err(|e| e.with_location(&self.uri))?;
+        if hook.is_some() && dev.is_some() {
+            return Err(Error::unsupported(
+                "verifying or decrypting tensorizer files while loading to a GPU is not supported yet: load to --device cpu",
+            )
+            .with_location(&self.uri));
+        }
+        let caps = be.capabilities();
+        let mut popts = PlanOptions::new(meta.size);
+        popts.alignment = if caps.direct_io {
+            caps.alignment.max(1) as u64
+        } else {
+            1
+        };
+        popts.chunk_size = self.chunk_size.unwrap_or(caps.preferred_chunk).max(4096) as u64;
+        let mut eopts = EngineOptions {
+            queue_depth: self.queue_depth.unwrap_or(caps.max_concurrency.max(1)),
+            ring_budget: self.ring_budget,
+            progress: self.progress.clone(),
+        };
+        match dev {
+            None => popts.layout = Layout::Mirror,
+            Some(d) => {
+                // Every read must fit one pinned slot; the ring is the device's slots.
+                let o = d.options();
+                popts.layout = Layout::Packed {
+                    align: tensorstream_cuda::TENSOR_ALIGN,
+                };
+                popts.chunk_size = popts.chunk_size.min(o.slot_size as u64);
+                if popts.alignment > 1 {
+                    popts.chunk_size =
+                        (popts.chunk_size / popts.alignment).max(1) * popts.alignment;
+                }
+                eopts.ring_budget = o.slots * o.slot_size;
+                eopts.queue_depth = eopts.queue_depth.min(o.slots);
+            }
+        }
+        let plan = Arc::new(plan(&index, &sel, &popts).map_err(|e| e.with_location(&self.uri))?);
+        Ok(Prepared {
+            backend: be,
+            meta,
+            index,
+            plan,
+            hook,
+            eopts,
+            caps,
+            chunk: popts.chunk_size,
+        })
+    }
+}
+
+struct Prepared {
+    backend: Arc<dyn Backend>,
+    meta: ObjectMeta,
+    index: TensorIndex,
+    plan: Arc<tensorstream_engine::Plan>,
+    hook: Option<Arc<dyn tensorstream_engine::sink::TensorHook>>,
+    eopts: EngineOptions,
+    caps: tensorstream_engine::Capabilities,
+    chunk: u64,
+}
+
+impl Prepared {
+    fn stats(
+        &self,
+        tensor_bytes: u64,
+        es: &tensorstream_engine::EngineStats,
+        elapsed: Duration,
+    ) -> LoadStats {
+        LoadStats {
+            tensor_bytes,
+            bytes_read: es.bytes_read,
+            reads: es.reads,
+            elapsed,
+            io_elapsed: es.elapsed,
+            staging_bytes: es.staging_bytes,
+            backend: self.caps.kind,
+            direct_io: self.caps.direct_io,
+            queue_depth: self.eopts.queue_depth,
+            chunk_size: self.chunk,
+        }
+    }
+}
+
+/// Tensors loaded onto a CUDA device: one device allocation, per-tensor device pointers.
+pub struct CudaModel {
+    model: tensorstream_cuda::DeviceModel,
+    stats: LoadStats,
+}
+
+impl CudaModel {
+    /// The device model (tensors with device pointers, readback, release).
+    pub fn model(&self) -> &tensorstream_cuda::DeviceModel {
+        &self.model
+    }
+    /// Takes the device model out (e.g. to `release()` it explicitly).
+    pub fn into_model(self) -> tensorstream_cuda::DeviceModel {
+        self.model
+    }
+    /// Load statistics.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
+    }
+}
+
+/// What a load did.
+#[derive(Debug, Clone)]
+pub struct LoadStats {
+    /// Bytes of tensor data loaded.
+    pub tensor_bytes: u64,
+    /// Bytes read from storage (alignment and gap bytes included).
+    pub bytes_read: u64,
+    /// Read requests.
+    pub reads: u64,
+    /// Wall time from start (metadata included) to the last byte in place.
+    pub elapsed: Duration,
+    /// Wall time of the data phase.
+    pub io_elapsed: Duration,
+    /// Host staging memory used besides the destination.
+    pub staging_bytes: u64,
+    /// Backend kind (`local`, `http` …).
+    pub backend: &'static str,
+    /// Whether reads bypassed the page cache.
+    pub direct_io: bool,
+    /// Reads in flight.
+    pub queue_depth: usize,
+    /// Read size.
+    pub chunk_size: u64,
+}
+
+impl LoadStats {
+    /// Tensor bytes per second over the whole load, in GB/s (10^9).
+    pub fn gbps(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.tensor_bytes as f64 / s / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Tensors loaded into memory.
+pub struct LoadedModel {
+    host: HostModel,
+    stats: LoadStats,
+}
+
+impl LoadedModel {
+    /// Tensors in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = TensorView<'_>> {
+        self.host.tensors()
+    }
+    /// A tensor by name.
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        self.host.get(name)
+    }
+    /// Number of tensors loaded.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    /// True when nothing was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    /// The whole file's index.
+    pub fn index(&self) -> &TensorIndex {
+        self.host.index()
+    }
+    /// Load statistics.
+    pub fn stats(&self) -> &LoadStats {
+        &self.stats
+    }
+}
+
+/// Peak resident set size of this process so far (Linux: VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}

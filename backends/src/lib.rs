@@ -10,6 +10,8 @@
 //! `http(s)://` → http, `s3://bucket/key` → s3, `nfs://host[:port]/export/path` → nfs.
 
 #![warn(missing_docs)]
+// `unsafe` only in `local::uring` (io_uring submission), which allows it explicitly.
+#![deny(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +19,13 @@ use std::time::Duration;
 use tensorstream_engine::{Backend, Error, Result};
 
 #[cfg(feature = "http")]
+#[forbid(unsafe_code)]
 pub mod http;
 #[cfg(feature = "local")]
 pub mod local;
+#[cfg(feature = "nfs")]
+#[forbid(unsafe_code)]
+pub mod nfs;
 
 /// Options shared by all backends; each backend reads the ones that concern it.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +44,10 @@ pub struct OpenOptions {
     pub timeout: Option<Duration>,
     /// Local I/O engine: `None` = `TENSORSTREAM_IO` or automatic (io_uring, falling back to pread).
     pub io_mode: Option<IoMode>,
+    /// Local page-cache bypass: `Some(true)` = O_DIRECT where the filesystem allows it,
+    /// `Some(false)` = buffered, `None` = `TENSORSTREAM_DIRECT` or automatic (O_DIRECT unless the
+    /// file is already mostly in the page cache).
+    pub direct_io: Option<bool>,
 }
 
 /// How the local backend does I/O.
@@ -71,6 +81,8 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
         None | Some("file") => open_local(uri.strip_prefix("file://").unwrap_or(uri), opts),
+        #[cfg(feature = "nfs")]
+        Some("nfs") => Ok(Arc::new(nfs::NfsBackend::open(uri, opts)?)),
         #[cfg(feature = "http")]
         Some("http") | Some("https") => Ok(Arc::new(http::HttpBackend::open(uri, opts)?)),
         Some(other) => Err(Error::unsupported(format!(
@@ -82,6 +94,9 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
 
 fn compiled_schemes() -> String {
     let mut s = String::new();
+    if cfg!(feature = "nfs") {
+        s.push_str(", nfs://");
+    }
     if cfg!(feature = "http") {
         s.push_str(", http://, https://");
     }

@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-/// An element type. Covers every dtype of the safetensors format plus the complex and float8
-/// types tensorizer files carry.
+/// An element type. Covers every dtype of the safetensors format ([`DType::SAFETENSORS`]) plus
+/// `C128`, which tensorizer files can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[non_exhaustive]
 pub enum DType {
@@ -43,12 +43,12 @@ pub enum DType {
     C64,
     /// IEEE double.
     F64,
-    /// Complex of two f64.
-    C128,
     /// Signed 64-bit.
     I64,
     /// Unsigned 64-bit.
     U64,
+    /// Complex of two f64 (tensorizer only: not a safetensors dtype).
+    C128,
 }
 
 impl DType {
@@ -72,7 +72,32 @@ impl DType {
         DType::F32,
         DType::C64,
         DType::F64,
+        DType::I64,
+        DType::U64,
         DType::C128,
+    ];
+
+    /// The dtypes of the safetensors format, exactly the variants of the reference crate's
+    /// `safetensors::Dtype` (0.6/0.7), in its order. [`DType::C128`] is not among them.
+    pub const SAFETENSORS: [DType; 20] = [
+        DType::Bool,
+        DType::F4,
+        DType::F6E2M3,
+        DType::F6E3M2,
+        DType::U8,
+        DType::I8,
+        DType::F8E5M2,
+        DType::F8E4M3,
+        DType::F8E8M0,
+        DType::I16,
+        DType::U16,
+        DType::F16,
+        DType::BF16,
+        DType::I32,
+        DType::U32,
+        DType::F32,
+        DType::C64,
+        DType::F64,
         DType::I64,
         DType::U64,
     ];
@@ -92,7 +117,8 @@ impl DType {
         }
     }
 
-    /// The name in a safetensors header (`BF16`, `F8_E4M3`, …).
+    /// The upper-case name, as a safetensors header spells it (`BF16`, `F8_E4M3`, …). `C128` is
+    /// not a safetensors dtype (see [`DType::is_safetensors`]); its name is `"C128"`.
     pub fn safetensors_name(self) -> &'static str {
         match self {
             DType::Bool => "BOOL",
@@ -119,9 +145,14 @@ impl DType {
         }
     }
 
-    /// Parses a safetensors header name.
+    /// Whether the safetensors format has this dtype.
+    pub fn is_safetensors(self) -> bool {
+        DType::SAFETENSORS.contains(&self)
+    }
+
+    /// Parses a safetensors header name; `None` for names the format does not define.
     pub fn from_safetensors_name(s: &str) -> Option<DType> {
-        DType::ALL
+        DType::SAFETENSORS
             .iter()
             .copied()
             .find(|d| d.safetensors_name() == s)
@@ -158,10 +189,40 @@ pub fn numel(shape: &[u64]) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// The reference crate's `Dtype` variants (safetensors 0.6/0.7), in order.
+    const REFERENCE: [&str; 20] = [
+        "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16",
+        "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+    ];
+
+    #[test]
+    fn safetensors_dtypes_match_the_reference_crate() {
+        let ours: Vec<&str> = DType::SAFETENSORS
+            .iter()
+            .map(|d| d.safetensors_name())
+            .collect();
+        assert_eq!(ours, REFERENCE);
+        for name in REFERENCE {
+            assert!(DType::from_safetensors_name(name).is_some(), "{name}");
+        }
+        // C128 is a tensorizer dtype only: a safetensors header naming it is not valid.
+        assert_eq!(DType::from_safetensors_name("C128"), None);
+        assert!(!DType::C128.is_safetensors());
+        // Bit widths of the reference crate's `Dtype::bitsize`.
+        let bits: Vec<u64> = DType::SAFETENSORS.iter().map(|d| d.bits()).collect();
+        assert_eq!(
+            bits,
+            [8, 4, 6, 6, 8, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32, 64, 64, 64, 64]
+        );
+    }
+
     #[test]
     fn names_round_trip() {
-        for d in DType::ALL {
+        for d in DType::SAFETENSORS {
             assert_eq!(DType::from_safetensors_name(d.safetensors_name()), Some(d));
+        }
+        for d in DType::ALL {
+            assert!(d == DType::C128 || d.is_safetensors(), "{d:?}");
         }
         assert_eq!(DType::BF16.name(), "bf16");
         assert_eq!(DType::F8E4M3.name(), "f8_e4m3");

@@ -2,8 +2,9 @@
 //!
 //! A [`Plan`] is plain data: where every selected tensor lands in one arena ([`Placement`]), and
 //! the reads that bring the bytes there ([`ReadOp`], each split into per-tensor [`Segment`]s).
-//! Tensors whose gaps are small are coalesced into one run (bounded read amplification), runs are
-//! aligned for O_DIRECT and chunked to the backend's preferred size.
+//! Tensors whose gaps are small are coalesced into one run (bounded read amplification, see
+//! [`PlanOptions::max_gap`]), runs are aligned for O_DIRECT and chunked to the backend's preferred
+//! size. [`Plan::verify`] checks a plan against every promise made here.
 //!
 //! Two layouts:
 //! * [`Layout::Mirror`]: every run is placed in the arena exactly as it lies in the object (with
@@ -36,9 +37,20 @@ pub struct PlanOptions {
     pub alignment: u64,
     /// Largest read (rounded down to a multiple of `alignment`, at least one alignment unit).
     pub chunk_size: u64,
-    /// Two tensors are read together when the gap between them is at most this many bytes …
+    /// Coalescing. Two consecutive selected tensors (in object order) are read in one run when
+    /// the *gap bytes* between them — the whole alignment blocks holding no byte either needs,
+    /// read only to save a request — are at most `max_gap` and less than one chunk, and the
+    /// run's gap bytes stay within [`max_amplification`](Self::max_amplification). Tensors that
+    /// share an alignment block or lie in adjacent blocks cost no gap bytes and are always read
+    /// together. With `alignment` 1 the gap bytes are simply the bytes between the tensors.
+    ///
+    /// So every byte a plan reads is in an aligned block holding needed bytes (alignment
+    /// padding: the price of alignment, not of coalescing), or in a gap of at most `max_gap`
+    /// bytes that is read completely; gaps not coalesced are not read at all.
     pub max_gap: u64,
-    /// … and the run's read bytes stay within this factor of its useful bytes (≥ 1.0).
+    /// Per run, gap bytes read ≤ (`max_amplification` − 1) × the run's useful (needed) bytes.
+    /// Values below 1 (and NaN) count as 1: no gap bytes. With `alignment` 1 this is: the run's
+    /// read bytes ≤ `max_amplification` × its useful bytes.
     pub max_amplification: f64,
     /// Arena layout.
     pub layout: Layout,
@@ -126,6 +138,15 @@ pub struct Plan {
     pub read_bytes: u64,
 }
 
+/// `max_amplification`, at least 1 (NaN counts as 1).
+fn amplification(opts: &PlanOptions) -> f64 {
+    if opts.max_amplification.is_nan() {
+        1.0
+    } else {
+        opts.max_amplification.max(1.0)
+    }
+}
+
 fn align_down(x: u64, a: u64) -> u64 {
     x - x % a
 }
@@ -173,8 +194,22 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
         let (needed, data_off) = match t.source {
             TensorSource::Zeros => (0..0, 0),
             TensorSource::Stored => {
+                if t.range.start > t.range.end {
+                    return Err(Error::corrupt(format!(
+                        "tensor {:?}: byte range {}..{} ends before it starts",
+                        t.name, t.range.start, t.range.end
+                    )));
+                }
+                if let Some(p) = &t.prefix {
+                    if p.start > p.end || p.end > t.range.start {
+                        return Err(Error::corrupt(format!(
+                            "tensor {:?}: prefix {}..{} does not precede its data {}..{}",
+                            t.name, p.start, p.end, t.range.start, t.range.end
+                        )));
+                    }
+                }
                 let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
-                if start > t.range.start || t.range.end > opts.object_size {
+                if t.range.end > opts.object_size {
                     return Err(Error::corrupt(format!(
                         "tensor {:?}: byte range {}..{} lies outside the object ({} bytes)",
                         t.name, start, t.range.end, opts.object_size
@@ -195,44 +230,47 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
         }
     }
 
-    // Group into runs of consecutive non-empty needed ranges.
-    let mut runs: Vec<(Range<u64>, Vec<usize>)> = Vec::new(); // (object range, item indices)
+    // Group into runs of consecutive non-empty needed ranges (see `PlanOptions::max_gap` for
+    // the rule). The gap bytes a merge reads are the whole alignment blocks between the run and
+    // the next range: blocks holding needed bytes are read either way.
+    let amp = amplification(opts);
+    // (object range, item indices, useful bytes, gap bytes read)
+    let mut runs: Vec<(Range<u64>, Vec<usize>, u64, u64)> = Vec::new();
     for (i, (_, r, _)) in items.iter().enumerate() {
         if r.is_empty() {
             continue;
         }
         let len = r.end - r.start;
-        if let Some((run, members)) = runs.last_mut() {
-            let gap = r.start - run.end;
-            let useful: u64 = members
-                .iter()
-                .map(|&m| items[m].1.end - items[m].1.start)
-                .sum::<u64>()
-                + len;
-            let span = r.end - run.start;
-            let within_amp = (span as f64) <= (useful as f64) * opts.max_amplification.max(1.0);
-            let touching_blocks =
-                align_down(r.start, a) < align_up(run.end, a).ok_or_else(overflow)?;
-            if touching_blocks || (gap <= opts.max_gap && within_amp) {
+        if let Some((run, members, run_useful, run_waste)) = runs.last_mut() {
+            let waste =
+                align_down(r.start, a).saturating_sub(align_up(run.end, a).ok_or_else(overflow)?);
+            // Disjoint ranges inside the object: these sums cannot overflow.
+            let useful = *run_useful + len;
+            let total_waste = *run_waste + waste;
+            let merge = waste == 0
+                || (waste <= opts.max_gap
+                    && waste < chunk
+                    && (total_waste as f64) <= (useful as f64) * (amp - 1.0));
+            if merge {
                 run.end = r.end;
                 members.push(i);
+                *run_useful = useful;
+                *run_waste = total_waste;
                 continue;
             }
         }
-        runs.push((r.clone(), vec![i]));
+        runs.push((r.clone(), vec![i], len, 0));
     }
 
     let mut placements: Vec<Placement> = Vec::with_capacity(items.len());
     let mut place_of_item = vec![usize::MAX; items.len()];
     let mut reads = Vec::new();
     let mut cursor: u64 = 0;
-    let object_end_aligned = align_up(opts.object_size, a).ok_or_else(overflow)?;
 
-    for (run, members) in &runs {
+    for (run, members, _, _) in &runs {
         let ra = align_down(run.start, a);
-        let ru = align_up(run.end, a)
-            .ok_or_else(overflow)?
-            .min(object_end_aligned.max(run.end));
+        // `run.end <= object_size`, so this ends less than one alignment unit past the object.
+        let ru = align_up(run.end, a).ok_or_else(overflow)?;
         // Placements of the run's tensors.
         let run_dest = match opts.layout {
             Layout::Mirror => {
@@ -345,3 +383,4 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
 
 #[cfg(test)]
 mod tests;
+mod verify;

@@ -4,9 +4,13 @@
 //! lent the engine a buffer inside its destination for the read ("direct": nothing to copy) or
 //! copies the read's segments out of a staging slot and gives the slot back.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-use crate::error::{Error, Result};
+use crossbeam_channel::Sender;
+
+use crate::error::{Error, ErrorKind, Result};
 use crate::mem::{Arena, IoBuf};
 use crate::plan::{Layout, Plan, ReadOp};
 
@@ -28,13 +32,129 @@ pub trait Sink: Send + 'static {
     }
 }
 
+/// Per-tensor work done once all bytes a tensor needs have landed (hash verification,
+/// decryption). Runs on the sink's worker threads while later reads proceed.
+pub trait TensorHook: Send + Sync + 'static {
+    /// `bytes` holds the tensor's needed object range (its prefix, if any, then its data), writable
+    /// and exclusive to this call; the data starts at `data_start`. `tensor` indexes
+    /// `TensorIndex::tensors`. An error fails the load.
+    fn process(&self, tensor: usize, bytes: &mut [u8], data_start: usize) -> Result<()>;
+}
+
+struct Job {
+    tensor: usize,
+    buf: IoBuf,
+    data_start: usize,
+}
+
+/// Worker pool and per-placement bookkeeping of a [`HostSink`] with a [`TensorHook`].
+struct HookState {
+    hook: Arc<dyn TensorHook>,
+    threads: usize,
+    /// Direct (Mirror) plans: the pieces of each placement's needed range received so far.
+    pieces: Vec<Vec<IoBuf>>,
+    /// Staged (Packed) plans: one arena window per placement's needed range.
+    slots: Vec<Option<IoBuf>>,
+    tx: Option<Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    first_error: Arc<Mutex<Option<Error>>>,
+    failed: Arc<AtomicBool>,
+}
+
+impl HookState {
+    fn start(&mut self) -> Result<()> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        for i in 0..self.threads.max(1) {
+            let rx = rx.clone();
+            let hook = self.hook.clone();
+            let first_error = self.first_error.clone();
+            let failed = self.failed.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("ts-hook-{i}"))
+                .spawn(move || {
+                    for mut job in rx.iter() {
+                        if failed.load(Ordering::SeqCst) {
+                            continue; // drain: the load already failed
+                        }
+                        let r = hook.process(job.tensor, job.buf.as_mut_slice(), job.data_start);
+                        drop(job.buf);
+                        if let Err(e) = r {
+                            failed.store(true, Ordering::SeqCst);
+                            if let Ok(mut slot) = first_error.lock() {
+                                if slot.is_none() {
+                                    *slot = Some(e);
+                                }
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| Error::from_io(e, "spawning tensor hook worker"))?;
+            self.workers.push(h);
+        }
+        self.tx = Some(tx);
+        Ok(())
+    }
+
+    fn take_error(&self) -> Error {
+        self.first_error
+            .lock()
+            .ok()
+            .and_then(|mut e| e.take())
+            .unwrap_or_else(|| Error::new(ErrorKind::Io, "a tensor hook worker failed"))
+    }
+
+    fn dispatch(&self, tensor: usize, buf: IoBuf, data_start: usize) -> Result<()> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(self.take_error());
+        }
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| Error::invalid("tensor hook workers are not running"))?;
+        tx.send(Job {
+            tensor,
+            buf,
+            data_start,
+        })
+        .map_err(|_| Error::new(ErrorKind::Io, "tensor hook workers stopped"))
+    }
+
+    /// Stops the workers after they drained the queue; the first error, if any.
+    fn stop(&mut self) -> Result<()> {
+        self.tx = None;
+        let mut panicked = false;
+        for w in self.workers.drain(..) {
+            panicked |= w.join().is_err();
+        }
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(self.take_error());
+        }
+        if panicked {
+            return Err(Error::new(ErrorKind::Io, "a tensor hook worker panicked"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HookState {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
 /// Loads into one aligned host arena. With a Mirror plan every read lands in the arena directly;
 /// with a Packed plan segments are copied from staging slots.
+///
+/// With a [`TensorHook`] ([`HostSink::with_hook`]), each tensor's needed bytes are handed, as one
+/// exclusive window of the arena, to a small worker pool as soon as they are complete; `finish`
+/// waits for the workers and returns the first error. Without a hook nothing of this runs.
 pub struct HostSink {
     arena: Option<Arena>,
     plan: Option<Arc<Plan>>,
     remaining: Vec<u64>,
     done_order: Vec<usize>,
+    hook: Option<HookState>,
+    prefault: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
 }
 
 impl HostSink {
@@ -45,15 +165,48 @@ impl HostSink {
             plan: None,
             remaining: Vec::new(),
             done_order: Vec::new(),
+            hook: None,
+            prefault: None,
         }
     }
 
+    fn stop_prefault(&mut self, early: bool) {
+        if let Some((h, stop)) = self.prefault.take() {
+            if early {
+                stop.store(true, Ordering::Relaxed);
+            }
+            let _ = h.join();
+        }
+    }
+
+    /// A sink that runs `hook` on `threads` worker threads for every loaded tensor.
+    pub fn with_hook(hook: Arc<dyn TensorHook>, threads: usize) -> Self {
+        let mut s = Self::new();
+        s.hook = Some(HookState {
+            hook,
+            threads: threads.clamp(1, 64),
+            pieces: Vec::new(),
+            slots: Vec::new(),
+            tx: None,
+            workers: Vec::new(),
+            first_error: Arc::new(Mutex::new(None)),
+            failed: Arc::new(AtomicBool::new(false)),
+        });
+        s
+    }
+
     /// The arena, once the load finished. Placements that finished, in completion order.
-    pub fn into_parts(self) -> Result<(Arena, Vec<usize>)> {
+    pub fn into_parts(mut self) -> Result<(Arena, Vec<usize>)> {
+        if let Some(h) = self.hook.as_mut() {
+            h.stop()?;
+        }
+        self.hook = None;
+        self.stop_prefault(true);
         let arena = self
             .arena
+            .take()
             .ok_or_else(|| Error::invalid("host sink was never prepared"))?;
-        Ok((arena, self.done_order))
+        Ok((arena, std::mem::take(&mut self.done_order)))
     }
 
     fn land(&mut self, read: usize) -> Result<()> {
@@ -103,6 +256,46 @@ impl Sink for HostSink {
         } else {
             plan.reads.iter().map(|_| None).collect()
         };
+        if let Some(h) = self.hook.as_mut() {
+            h.pieces = plan.placements.iter().map(|_| Vec::new()).collect();
+            h.slots = plan.placements.iter().map(|_| None).collect();
+            if !direct {
+                // One window per placement that reads anything, lent for the whole load.
+                let mut order: Vec<usize> = (0..plan.placements.len())
+                    .filter(|&i| !plan.placements[i].needed.is_empty())
+                    .collect();
+                order.sort_by_key(|&i| plan.placements[i].needed_dest);
+                let ranges = order
+                    .iter()
+                    .map(|&i| {
+                        let p = &plan.placements[i];
+                        let s = usize::try_from(p.needed_dest)
+                            .map_err(|_| Error::invalid("arena offset too large"))?;
+                        let n = usize::try_from(p.needed.end - p.needed.start)
+                            .map_err(|_| Error::invalid("tensor too large"))?;
+                        let e = s
+                            .checked_add(n)
+                            .ok_or_else(|| Error::invalid("arena offset too large"))?;
+                        Ok(s..e)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                for (w, &i) in arena.windows(&ranges)?.into_iter().zip(&order) {
+                    h.slots[i] = Some(w);
+                }
+            }
+            h.start()?;
+        }
+        // Fault the arena's pages in ahead of the reads, on another thread, so the read path does
+        // not take one page fault per 4 KiB of a fresh allocation.
+        let ranges = if direct {
+            direct_ranges(&plan.reads)?
+        } else {
+            std::iter::once(0..arena.len()).collect()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        if std::env::var_os("TENSORSTREAM_PREFAULT").is_none_or(|v| v != "0") {
+            self.prefault = arena.prefault(ranges, stop.clone()).map(|h| (h, stop));
+        }
         self.arena = Some(arena);
         self.plan = Some(plan.clone());
         Ok(out)
@@ -117,6 +310,9 @@ impl Sink for HostSink {
             .reads
             .get(read)
             .ok_or_else(|| Error::invalid(format!("read #{read} is not in the plan")))?;
+        if self.hook.is_some() {
+            return self.accept_hooked(&plan, read, buf);
+        }
         let give_back = if op.direct.is_some() {
             drop(buf); // the bytes are already in place; the window goes away
             Vec::new()
@@ -140,7 +336,110 @@ impl Sink for HostSink {
     }
 
     fn finish(&mut self) -> Result<Vec<IoBuf>> {
+        self.stop_prefault(true);
+        if let Some(h) = self.hook.as_mut() {
+            h.stop()?;
+            if h.pieces.iter().any(|p| !p.is_empty()) || h.slots.iter().any(|s| s.is_some()) {
+                return Err(Error::invalid(
+                    "load finished with tensors whose bytes never completed",
+                ));
+            }
+        }
         Ok(Vec::new())
+    }
+}
+
+impl Drop for HostSink {
+    fn drop(&mut self) {
+        self.stop_prefault(true);
+    }
+}
+
+impl HostSink {
+    fn accept_hooked(
+        &mut self,
+        plan: &Arc<Plan>,
+        read: usize,
+        mut buf: IoBuf,
+    ) -> Result<Vec<IoBuf>> {
+        let op = &plan.reads[read];
+        let h = self
+            .hook
+            .as_mut()
+            .ok_or_else(|| Error::invalid("host sink has no hook"))?;
+        let mut complete: Vec<usize> = Vec::new();
+        let give_back = if op.direct.is_some() {
+            // Cut the read's arena window at the segments' boundaries; keep each tensor's pieces.
+            let mut pos = op.obj.start;
+            for seg in &op.segments {
+                let skip = usize::try_from(seg.obj.start - pos)
+                    .map_err(|_| Error::invalid("segment offset too large"))?;
+                let n = usize::try_from(seg.obj.end - seg.obj.start)
+                    .map_err(|_| Error::invalid("segment too large"))?;
+                buf.split_to(skip)
+                    .ok_or_else(|| Error::invalid("segment lies outside its read"))?;
+                let piece = buf
+                    .split_to(n)
+                    .ok_or_else(|| Error::invalid("segment lies outside its read"))?;
+                pos = seg.obj.end;
+                h.pieces[seg.placement].push(piece);
+                let r = &mut self.remaining[seg.placement];
+                *r = r.saturating_sub(seg.obj.end - seg.obj.start);
+                if *r == 0 {
+                    complete.push(seg.placement);
+                }
+            }
+            drop(buf);
+            Vec::new()
+        } else {
+            let src = buf.as_slice();
+            for seg in &op.segments {
+                let p = &plan.placements[seg.placement];
+                let slot = h.slots[seg.placement]
+                    .as_mut()
+                    .ok_or_else(|| Error::invalid("segment for a tensor that already completed"))?;
+                let s = (seg.obj.start - op.obj.start) as usize;
+                let n = (seg.obj.end - seg.obj.start) as usize;
+                let d = (seg.obj.start - p.needed.start) as usize;
+                let dst = slot
+                    .as_mut_slice()
+                    .get_mut(d..d + n)
+                    .ok_or_else(|| Error::invalid("segment lies outside its tensor"))?;
+                dst.copy_from_slice(&src[s..s + n]);
+                let r = &mut self.remaining[seg.placement];
+                *r = r.saturating_sub(seg.obj.end - seg.obj.start);
+                if *r == 0 {
+                    complete.push(seg.placement);
+                }
+            }
+            vec![buf]
+        };
+        for pi in complete {
+            let p = &plan.placements[pi];
+            let data_start = usize::try_from(p.dest - p.needed_dest)
+                .map_err(|_| Error::invalid("tensor prefix too large"))?;
+            let whole = if op.direct.is_some() {
+                let mut pieces = std::mem::take(&mut h.pieces[pi]);
+                pieces.sort_by_key(|b| b.as_ptr() as usize);
+                let mut it = pieces.into_iter();
+                let mut acc = it
+                    .next()
+                    .ok_or_else(|| Error::invalid("completed tensor has no bytes"))?;
+                for next in it {
+                    acc = acc.try_join(next).map_err(|_| {
+                        Error::invalid("pieces of one tensor are not adjacent in the arena")
+                    })?;
+                }
+                acc
+            } else {
+                h.slots[pi]
+                    .take()
+                    .ok_or_else(|| Error::invalid("tensor completed twice"))?
+            };
+            self.done_order.push(pi);
+            h.dispatch(p.tensor, whole, data_start)?;
+        }
+        Ok(give_back)
     }
 }
 

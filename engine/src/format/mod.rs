@@ -4,7 +4,9 @@
 //! returns the index or asks for a longer prefix; [`read_index`] drives that loop through a
 //! [`Backend`], reading only the metadata, never the tensor data.
 
+pub mod convert;
 pub mod safetensors;
+pub mod tensorizer;
 
 use crate::backend::{Backend, BackendExt, ObjectMeta};
 use crate::error::{Error, ErrorKind, Result};
@@ -30,10 +32,16 @@ pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
     if object_size == 0 {
         return Err(Error::corrupt("file is empty"));
     }
-    if prefix.len() >= 5 && &prefix[..5] == b"|TZR|" {
-        return Err(Error::unsupported(
-            "tensorizer files are not supported by this build yet",
-        ));
+    if prefix.len() >= 5 && &prefix[..5] == tensorizer::MAGIC {
+        return tensorizer::parse_prefix(prefix, object_size);
+    }
+    // "|???|" cannot start a safetensors file (its header length would exceed the limit).
+    if prefix.len() >= 5 && prefix[0] == b'|' && prefix[4] == b'|' {
+        return Err(Error::corrupt(format!(
+            "unknown magic {:?}: not a tensorizer file (|TZR|) nor safetensors",
+            String::from_utf8_lossy(&prefix[..5])
+        ))
+        .with_range(0..5));
     }
     safetensors::parse_prefix(prefix, object_size)
 }

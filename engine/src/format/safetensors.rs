@@ -63,7 +63,8 @@ pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
         .map_err(|e| Error::corrupt(format!("safetensors header is not UTF-8: {e}")))?;
     if !text.starts_with('{') {
         return Err(Error::corrupt(
-            "safetensors header does not start with '{': not a safetensors file",
+            "safetensors header is not a JSON object (does not start with '{'): \
+             not a safetensors file",
         ));
     }
     let mut de = serde_json::Deserializer::from_str(text);
@@ -82,6 +83,10 @@ pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
             )));
         }
         if name == "__metadata__" {
+            // The reference crate reads it as `Option<HashMap<String, String>>`: null is none.
+            if value.is_null() {
+                continue;
+            }
             let obj = value.as_object().ok_or_else(|| {
                 Error::corrupt("safetensors __metadata__ is not an object of strings")
             })?;
@@ -97,7 +102,7 @@ pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
         }
         tensors.push(parse_tensor(&name, &value, data_start, data_len)?);
     }
-    tensors.sort_by(|a, b| (a.range.start, a.range.end).cmp(&(b.range.start, b.range.end)));
+    tensors.sort_by_key(|t| (t.range.start, t.range.end));
     let mut prev: Option<&TensorInfo> = None;
     for t in &tensors {
         if t.range.is_empty() {
@@ -143,10 +148,11 @@ fn parse_tensor(name: &str, v: &Value, data_start: u64, data_len: u64) -> Result
         .ok_or_else(|| bad("missing or non-array \"shape\""))?;
     let mut shape = Vec::with_capacity(shape_v.len());
     for d in shape_v {
-        shape.push(
-            d.as_u64()
-                .ok_or_else(|| bad("shape holds a value that is not a non-negative integer"))?,
-        );
+        shape.push(d.as_u64().ok_or_else(|| {
+            bad(&format!(
+                "shape holds {d}, which is not a non-negative integer"
+            ))
+        })?);
     }
     let offs = obj
         .get("data_offsets")
@@ -229,6 +235,12 @@ pub fn write_header(
     }
     let mut off = 0u64;
     for (name, dtype, shape, nbytes) in tensors {
+        if !dtype.is_safetensors() {
+            return Err(Error::invalid(format!(
+                "tensor {name:?}: {} is not a safetensors dtype",
+                dtype.safetensors_name()
+            )));
+        }
         let end = off
             .checked_add(*nbytes)
             .ok_or_else(|| Error::invalid("tensor sizes overflow"))?;

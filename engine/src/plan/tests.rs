@@ -1,1 +1,639 @@
+//! Planner tests: table tests of the documented behaviour, and property tests that execute random
+//! plans on random files into an arena (the naive oracle) and check every tensor's bytes.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::dtype::DType;
+use crate::error::ErrorKind;
+use crate::index::{Format, TensorIndex, TensorInfo, TensorSource};
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn stored(name: &str, range: Range<u64>) -> TensorInfo {
+    TensorInfo {
+        name: name.to_string(),
+        dtype: DType::U8,
+        shape: vec![range.end.saturating_sub(range.start)],
+        range,
+        source: TensorSource::Stored,
+        path: None,
+        prefix: None,
+    }
+}
+
+fn with_prefix(mut t: TensorInfo, prefix: Range<u64>) -> TensorInfo {
+    t.prefix = Some(prefix);
+    t
+}
+
+fn zeros(name: &str, nbytes: u64) -> TensorInfo {
+    TensorInfo {
+        name: name.to_string(),
+        dtype: DType::U8,
+        shape: vec![nbytes],
+        range: 0..0,
+        source: TensorSource::Zeros,
+        path: None,
+        prefix: None,
+    }
+}
+
+fn index(tensors: Vec<TensorInfo>, object_size: u64) -> TensorIndex {
+    TensorIndex {
+        format: Format::Safetensors,
+        tensors,
+        metadata: BTreeMap::new(),
+        object_size,
+        header_len: 0,
+        version: 0,
+    }
+}
+
+/// Unaligned, huge chunks, no gaps, no amplification: the strictest options.
+fn strict(object_size: u64) -> PlanOptions {
+    PlanOptions {
+        alignment: 1,
+        chunk_size: 1 << 40,
+        max_gap: 0,
+        max_amplification: 1.0,
+        layout: Layout::Mirror,
+        object_size,
+    }
+}
+
+fn all(idx: &TensorIndex) -> Vec<usize> {
+    (0..idx.tensors.len()).collect()
+}
+
+fn reads(p: &Plan) -> Vec<Range<u64>> {
+    p.reads.iter().map(|r| r.obj.clone()).collect()
+}
+
+fn placement_of(p: &Plan, tensor: usize) -> &Placement {
+    p.placements
+        .iter()
+        .find(|pl| pl.tensor == tensor)
+        .expect("tensor is placed")
+}
+
+/// Deterministic pseudo-random file contents.
+fn file_bytes(len: u64, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The naive oracle: executes `plan` on `file` the way the pipeline does (direct reads land in
+/// the arena, staged reads are copied segment by segment, reads past EOF come back short and
+/// the rest is left as it was), in reverse order to show that order does not matter.
+fn execute(plan: &Plan, file: &[u8]) -> Vec<u8> {
+    let mut arena = vec![0xA5u8; plan.arena_len as usize];
+    // The sink provides the zeros of tensors that read nothing.
+    for p in plan.placements.iter().filter(|p| p.needed.is_empty()) {
+        arena[p.dest as usize..(p.dest + p.len) as usize].fill(0);
+    }
+    for r in plan.reads.iter().rev() {
+        let start = r.obj.start as usize;
+        let end = (r.obj.end as usize).min(file.len());
+        assert!(start < file.len(), "read {:?} starts past EOF", r.obj);
+        let buf = &file[start..end];
+        match r.direct {
+            Some(d) => arena[d as usize..d as usize + buf.len()].copy_from_slice(buf),
+            None => {
+                for s in &r.segments {
+                    let from = (s.obj.start - r.obj.start) as usize;
+                    let n = (s.obj.end - s.obj.start) as usize;
+                    arena[s.dest as usize..s.dest as usize + n]
+                        .copy_from_slice(&buf[from..from + n]);
+                }
+            }
+        }
+    }
+    arena
+}
+
+/// Every selected tensor's bytes (and prefix bytes) at its destination equal the file's.
+fn check_data(idx: &TensorIndex, selected: &[usize], plan: &Plan, file: &[u8]) {
+    let arena = execute(plan, file);
+    let mut want: Vec<usize> = selected.to_vec();
+    want.sort_unstable();
+    want.dedup();
+    let mut got: Vec<usize> = plan.placements.iter().map(|p| p.tensor).collect();
+    got.sort_unstable();
+    assert_eq!(got, want, "placements are exactly the selected tensors");
+    for p in &plan.placements {
+        let t = &idx.tensors[p.tensor];
+        let at = &arena[p.dest as usize..(p.dest + p.len) as usize];
+        match t.source {
+            TensorSource::Stored => {
+                assert_eq!(
+                    at,
+                    &file[t.range.start as usize..t.range.end as usize],
+                    "data of {}",
+                    t.name
+                );
+                if let Some(pr) = t.prefix.as_ref().filter(|pr| !pr.is_empty()) {
+                    let d = (p.needed_dest + (pr.start - p.needed.start)) as usize;
+                    assert_eq!(
+                        &arena[d..d + (pr.end - pr.start) as usize],
+                        &file[pr.start as usize..pr.end as usize],
+                        "prefix of {}",
+                        t.name
+                    );
+                }
+            }
+            TensorSource::Zeros => {
+                assert_eq!(p.len, t.nbytes());
+                assert!(at.iter().all(|&b| b == 0), "zeros of {}", t.name);
+            }
+        }
+    }
+}
+
+/// Plans, verifies the invariants and executes the plan.
+fn plan_and_check(idx: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Plan {
+    let p = plan(idx, selected, opts).expect("plan");
+    if let Err(e) = p.verify(idx, selected, opts) {
+        panic!("{e}\nplan: {p:#?}");
+    }
+    check_data(idx, selected, &p, &file_bytes(opts.object_size, 7));
+    p
+}
+
+fn expect_err(idx: &TensorIndex, opts: &PlanOptions, kind: ErrorKind, needle: &str) {
+    match plan(idx, &all(idx), opts) {
+        Ok(p) => panic!("expected an error containing {needle:?}, got {p:#?}"),
+        Err(e) => {
+            assert_eq!(e.kind(), kind, "{e}");
+            assert!(e.to_string().contains(needle), "{e:?} lacks {needle:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// errors
+
+#[test]
+fn overlapping_tensors_are_rejected() {
+    let idx = index(vec![stored("a", 0..10), stored("b", 5..15)], 20);
+    expect_err(&idx, &strict(20), ErrorKind::Corrupt, "overlap");
+    // Selecting only one of them is fine.
+    plan_and_check(&idx, &[1], &strict(20));
+}
+
+#[test]
+fn ranges_past_the_object_are_rejected() {
+    let idx = index(vec![stored("a", 0..10), stored("b", 10..21)], 20);
+    expect_err(&idx, &strict(20), ErrorKind::Corrupt, "outside the object");
+}
+
+#[test]
+#[allow(clippy::reversed_empty_ranges)]
+fn inverted_range_is_an_error_not_a_panic() {
+    let idx = index(vec![stored("a", 10..5)], 20);
+    expect_err(
+        &idx,
+        &strict(20),
+        ErrorKind::Corrupt,
+        "ends before it starts",
+    );
+}
+
+#[test]
+#[allow(clippy::reversed_empty_ranges)]
+fn prefix_must_precede_the_data() {
+    for (prefix, data) in [
+        (30..32, 10..20),
+        (12..14, 10..20),
+        (5..15, 10..20),
+        (8..6, 10..20),
+    ] {
+        let idx = index(vec![with_prefix(stored("a", data), prefix)], 40);
+        expect_err(&idx, &strict(40), ErrorKind::Corrupt, "does not precede");
+    }
+}
+
+#[test]
+fn bad_options_are_invalid_input() {
+    let idx = index(vec![stored("a", 0..10)], 10);
+    let mut o = strict(10);
+    o.alignment = 3;
+    expect_err(&idx, &o, ErrorKind::InvalidInput, "power of two");
+    let mut o = strict(10);
+    o.layout = Layout::Packed { align: 0 };
+    expect_err(&idx, &o, ErrorKind::InvalidInput, "power of two");
+    let e = plan(&idx, &[1], &strict(10)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("not in the index"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// behaviour
+
+#[test]
+fn contiguous_tensors_coalesce_into_one_read() {
+    let idx = index(
+        vec![stored("a", 0..10), stored("b", 10..30), stored("c", 30..35)],
+        35,
+    );
+    let p = plan_and_check(&idx, &all(&idx), &strict(35));
+    assert_eq!(reads(&p), vec![0..35]);
+    assert_eq!(p.reads[0].segments.len(), 3);
+    assert_eq!(p.reads[0].direct, Some(0));
+    assert_eq!((p.read_bytes, p.useful_bytes), (35, 35));
+    // Mirror: tensors keep their object layout.
+    assert_eq!(placement_of(&p, 1).dest, 10);
+}
+
+#[test]
+fn a_gap_larger_than_max_gap_splits_runs() {
+    let idx = index(vec![stored("a", 0..10), stored("b", 20..30)], 30);
+    let mut o = strict(30);
+    o.max_amplification = 10.0;
+    o.max_gap = 9;
+    assert_eq!(
+        reads(&plan_and_check(&idx, &all(&idx), &o)),
+        vec![0..10, 20..30]
+    );
+    o.max_gap = 10;
+    assert_eq!(reads(&plan_and_check(&idx, &all(&idx), &o)), vec![0..30]);
+}
+
+#[test]
+fn amplification_bound_is_respected() {
+    // 20 useful bytes, 10 gap bytes: needs max_amplification >= 1.5.
+    let idx = index(vec![stored("a", 0..10), stored("b", 20..30)], 30);
+    let mut o = strict(30);
+    o.max_gap = 1000;
+    o.max_amplification = 1.5;
+    assert_eq!(reads(&plan_and_check(&idx, &all(&idx), &o)), vec![0..30]);
+    o.max_amplification = 1.49;
+    assert_eq!(
+        reads(&plan_and_check(&idx, &all(&idx), &o)),
+        vec![0..10, 20..30]
+    );
+    // The bound is per run and cumulative: a third tensor after another 10-byte gap brings the
+    // run to 20 gap bytes for 30 useful ones, which 1.5 does not allow; it starts a new run.
+    let idx = index(
+        vec![stored("a", 0..10), stored("b", 20..30), stored("c", 40..50)],
+        50,
+    );
+    o.object_size = 50;
+    o.max_amplification = 1.5;
+    assert_eq!(
+        reads(&plan_and_check(&idx, &all(&idx), &o)),
+        vec![0..30, 40..50]
+    );
+    o.max_amplification = f64::NAN; // counts as 1: no gap bytes
+    assert_eq!(
+        reads(&plan_and_check(&idx, &all(&idx), &o)),
+        vec![0..10, 20..30, 40..50]
+    );
+}
+
+#[test]
+fn runs_are_chunked_at_the_chunk_size() {
+    let idx = index(vec![stored("a", 0..100)], 100);
+    let mut o = strict(100);
+    o.chunk_size = 30;
+    let p = plan_and_check(&idx, &all(&idx), &o);
+    assert_eq!(reads(&p), vec![0..30, 30..60, 60..90, 90..100]);
+    let directs: Vec<_> = p.reads.iter().map(|r| r.direct).collect();
+    assert_eq!(directs, vec![Some(0), Some(30), Some(60), Some(90)]);
+    // Chunks are rounded down to the alignment, and at least one unit.
+    o.alignment = 8;
+    o.chunk_size = 30;
+    assert_eq!(
+        reads(&plan_and_check(&idx, &all(&idx), &o)),
+        vec![0..24, 24..48, 48..72, 72..96, 96..104]
+    );
+    o.chunk_size = 0;
+    assert_eq!(plan_and_check(&idx, &all(&idx), &o).reads.len(), 13);
+}
+
+#[test]
+fn reads_and_direct_destinations_are_aligned() {
+    // a: 100..700, b: 1500..1600 (blocks 0..2048 at 512: adjacent blocks, no gap bytes).
+    // c: 5000..5001 far away.
+    let idx = index(
+        vec![
+            stored("a", 100..700),
+            stored("b", 1500..1600),
+            stored("c", 5000..5001),
+        ],
+        5001,
+    );
+    let mut o = strict(5001);
+    o.alignment = 512;
+    let p = plan_and_check(&idx, &all(&idx), &o);
+    assert_eq!(reads(&p), vec![0..2048, 4608..5120]); // the last one ends past EOF
+    assert_eq!(p.arena_align, 512);
+    for r in &p.reads {
+        let d = r.direct.unwrap();
+        assert_eq!((r.obj.start % 512, r.obj.end % 512, d % 512), (0, 0, 0));
+    }
+    assert_eq!(placement_of(&p, 0).dest, 100);
+    assert_eq!(placement_of(&p, 1).dest, 1500);
+    assert_eq!(placement_of(&p, 2).dest, 2048 + 5000 - 4608);
+    // Tensors sharing a block are always read together, whatever max_gap says.
+    let idx = index(vec![stored("a", 0..10), stored("b", 400..410)], 410);
+    let mut o = strict(410);
+    o.alignment = 4096;
+    assert_eq!(reads(&plan_and_check(&idx, &all(&idx), &o)), vec![0..4096]);
+}
+
+#[test]
+fn zero_size_and_zeros_tensors_read_nothing() {
+    let idx = index(
+        vec![
+            stored("a", 0..10),
+            stored("empty", 10..10),
+            zeros("meta", 16),
+            stored("b", 10..20),
+        ],
+        20,
+    );
+    for layout in [Layout::Mirror, Layout::Packed { align: 256 }] {
+        let mut o = strict(20);
+        o.layout = layout;
+        let p = plan_and_check(&idx, &all(&idx), &o);
+        assert_eq!(reads(&p), vec![0..20]);
+        assert_eq!(p.useful_bytes, 20);
+        let (e, m) = (placement_of(&p, 1), placement_of(&p, 2));
+        assert_eq!((e.len, e.needed.clone()), (0, 0..0));
+        assert_eq!((m.len, m.needed.clone()), (16, 0..0));
+        assert_eq!(m.dest % 64, 0);
+        assert!(m.dest + 16 <= p.arena_len);
+    }
+    // Only zero-size tensors selected: nothing to read at all.
+    let p = plan_and_check(&idx, &[1, 2], &strict(20));
+    assert!(p.reads.is_empty());
+    assert_eq!(p.read_bytes, 0);
+}
+
+#[test]
+fn a_prefix_is_loaded_just_before_its_data() {
+    let idx = index(
+        vec![stored("a", 0..10), with_prefix(stored("b", 18..50), 10..18)],
+        50,
+    );
+    let mut o = strict(50);
+    o.layout = Layout::Packed { align: 256 };
+    let p = plan_and_check(&idx, &[1], &o);
+    let b = placement_of(&p, 1);
+    assert_eq!(b.needed, 10..50);
+    assert_eq!(b.dest % 256, 0);
+    assert_eq!(b.needed_dest + 8, b.dest);
+    assert_eq!(reads(&p), vec![10..50]);
+    assert_eq!(p.useful_bytes, 40);
+}
+
+#[test]
+fn a_filter_reads_no_skipped_bytes_beyond_the_allowed_gap() {
+    let idx = index(
+        vec![
+            stored("a", 0..100),
+            stored("skip", 100..200),
+            stored("c", 200..300),
+        ],
+        300,
+    );
+    let mut o = strict(300);
+    o.max_amplification = 2.0;
+    o.max_gap = 99;
+    let p = plan_and_check(&idx, &[0, 2], &o);
+    assert_eq!(reads(&p), vec![0..100, 200..300]);
+    o.max_gap = 100;
+    let p = plan_and_check(&idx, &[0, 2], &o);
+    assert_eq!(reads(&p), vec![0..300]);
+    // A gap of a whole chunk or more is never read, even when max_gap allows it.
+    o.chunk_size = 100;
+    let p = plan_and_check(&idx, &[0, 2], &o);
+    assert_eq!(reads(&p), vec![0..100, 200..300]);
+}
+
+#[test]
+fn packed_layout_aligns_every_tensor() {
+    let idx = index(
+        vec![
+            stored("a", 0..3),
+            stored("b", 3..10),
+            zeros("z", 5),
+            stored("c", 10..10),
+            stored("d", 10..1000),
+        ],
+        1000,
+    );
+    for align in [1u64, 64, 256, 4096] {
+        let mut o = strict(1000);
+        o.layout = Layout::Packed { align };
+        let p = plan_and_check(&idx, &all(&idx), &o);
+        assert!(p.placements.iter().all(|pl| pl.dest % align == 0));
+        assert!(p.reads.iter().all(|r| r.direct.is_none()));
+        assert_eq!(p.arena_align, align.max(64));
+        assert_eq!(reads(&p), vec![0..1000]);
+    }
+}
+
+#[test]
+fn verify_rejects_broken_plans() {
+    let idx = index(
+        vec![stored("a", 0..100), stored("b", 100..200), zeros("z", 8)],
+        200,
+    );
+    let mut o = strict(200);
+    o.chunk_size = 64;
+    let sel = all(&idx);
+    let good = plan(&idx, &sel, &o).unwrap();
+    good.verify(&idx, &sel, &o).unwrap();
+    let bad = |f: &dyn Fn(&mut Plan), needle: &str| {
+        let mut p = good.clone();
+        f(&mut p);
+        let e = p.verify(&idx, &sel, &o).expect_err(needle);
+        assert!(e.to_string().contains(needle), "{e} lacks {needle:?}");
+    };
+    bad(&|p| p.reads[1].segments[0].dest += 1, "lands at");
+    bad(
+        &|p| {
+            p.reads.pop();
+        },
+        "covered only up to",
+    );
+    bad(
+        &|p| p.reads[1].direct = Some(0),
+        "not where the direct read puts it",
+    );
+    bad(
+        &|p| {
+            p.reads[1].direct = Some(0);
+            p.reads[1].segments.clear();
+        },
+        "has no segment",
+    );
+    bad(&|p| p.reads[0].obj.end += 64, "longer than the chunk");
+    bad(
+        &|p| {
+            p.placements[2].dest = 10;
+            p.placements[2].needed_dest = 10;
+        },
+        "overlap in the arena",
+    );
+    bad(&|p| p.arena_len -= 1, "past arena_len");
+    bad(&|p| p.useful_bytes += 1, "useful_bytes");
+    bad(
+        &|p| {
+            p.placements.pop();
+        },
+        "not the selected tensors",
+    );
+    assert!(good.verify(&idx, &[0, 1], &o).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// scale
+
+/// 200 000 contiguous tensors form one run. The planner used to re-sum a run's useful bytes at
+/// every merge (quadratic: this test then ran for many minutes); it must stay linear.
+#[test]
+fn many_small_tensors_plan_in_linear_time() {
+    let n = 200_000u64;
+    let idx = index(
+        (0..n).map(|i| stored("t", i * 3..i * 3 + 3)).collect(),
+        n * 3,
+    );
+    let p = plan(&idx, &all(&idx), &strict(n * 3)).unwrap();
+    assert_eq!(reads(&p), vec![0..n * 3]);
+    assert_eq!(p.placements.len(), n as usize);
+    assert_eq!(p.reads[0].segments.len(), n as usize);
+}
+
+// ---------------------------------------------------------------------------------------------
+// property tests against the naive oracle
+
+/// One tensor of a generated object: gap before it, prefix length (taken from the gap), data
+/// length, whether it is a synthesized `Zeros` tensor.
+#[derive(Debug, Clone)]
+struct Gen {
+    gap: u64,
+    prefix: Option<u64>,
+    len: u64,
+    zeros: bool,
+}
+
+fn gen_tensor() -> impl Strategy<Value = Gen> {
+    (
+        prop_oneof![3 => Just(0u64), 2 => 0u64..64, 2 => 0u64..6000],
+        prop_oneof![4 => Just(None), 1 => (0u64..24).prop_map(Some)],
+        prop_oneof![1 => Just(0u64), 3 => 1u64..300, 2 => 1u64..9000],
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(gap, prefix, len, zeros)| Gen {
+            gap,
+            prefix,
+            len,
+            zeros,
+        })
+}
+
+fn build(gens: &[Gen], tail: u64) -> TensorIndex {
+    let mut off = 0u64;
+    let mut tensors = Vec::new();
+    for (i, g) in gens.iter().enumerate() {
+        if g.zeros {
+            tensors.push(zeros(&format!("z{i}"), g.len));
+            continue;
+        }
+        off += g.gap;
+        let mut t = stored(&format!("t{i}"), off..off + g.len);
+        if let Some(pl) = g.prefix {
+            let pl = pl.min(g.gap);
+            t.prefix = Some(off - pl..off);
+        }
+        off += g.len;
+        tensors.push(t);
+    }
+    index(tensors, (off + tail).max(1))
+}
+
+fn gen_opts() -> impl Strategy<Value = (u64, u64, u64, f64, Layout)> {
+    (
+        prop_oneof![Just(1u64), Just(512), Just(4096)],
+        prop_oneof![1u64..64, 1u64..20_000, Just(8u64 << 20)],
+        prop_oneof![Just(0u64), 0u64..3000, 0u64..40_000],
+        prop_oneof![
+            Just(1.0f64),
+            1.0f64..3.0,
+            Just(f64::INFINITY),
+            Just(f64::NAN)
+        ],
+        prop_oneof![
+            Just(Layout::Mirror),
+            prop_oneof![Just(1u64), Just(64), Just(256), Just(4096)]
+                .prop_map(|align| Layout::Packed { align }),
+        ],
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(600))]
+
+    #[test]
+    fn random_plans_load_every_selected_byte(
+        gens in prop::collection::vec(gen_tensor(), 0..14),
+        tail in prop_oneof![Just(0u64), 0u64..5000],
+        pick in prop::collection::vec(prop::bool::weighted(0.7), 14),
+        (alignment, chunk_size, max_gap, max_amplification, layout) in gen_opts(),
+        seed in any::<u64>(),
+    ) {
+        let idx = build(&gens, tail);
+        let selected: Vec<usize> = (0..idx.tensors.len()).filter(|&i| pick[i]).collect();
+        let opts = PlanOptions {
+            alignment,
+            chunk_size,
+            max_gap,
+            max_amplification,
+            layout,
+            object_size: idx.object_size,
+        };
+        let p = plan(&idx, &selected, &opts).expect("valid input plans");
+        if let Err(e) = p.verify(&idx, &selected, &opts) {
+            panic!("{e}\nopts: {opts:?}\nplan: {p:#?}");
+        }
+        check_data(&idx, &selected, &p, &file_bytes(idx.object_size, seed));
+    }
+
+    /// Every tensor selected and no gap allowed: exactly the aligned needed blocks are read.
+    #[test]
+    fn without_gaps_only_needed_blocks_are_read(
+        gens in prop::collection::vec(gen_tensor(), 1..10),
+        alignment in prop_oneof![Just(1u64), Just(512), Just(4096)],
+    ) {
+        let idx = build(&gens, 0);
+        let mut opts = strict(idx.object_size);
+        opts.alignment = alignment;
+        let p = plan_and_check(&idx, &all(&idx), &opts);
+        let mut blocks = std::collections::BTreeSet::new();
+        for t in idx.tensors.iter().filter(|t| t.source == TensorSource::Stored) {
+            let s = t.prefix.as_ref().map_or(t.range.start, |pr| pr.start);
+            // An empty needed range reads nothing.
+            if s == t.range.end {
+                continue;
+            }
+            for b in s / alignment..t.range.end.div_ceil(alignment) {
+                blocks.insert(b);
+            }
+        }
+        prop_assert_eq!(p.read_bytes, blocks.len() as u64 * alignment);
+    }
+}

@@ -1,0 +1,700 @@
+//! TCP connections to the NFS server: many RPCs in flight per connection, replies matched to
+//! calls by xid on a reader thread, READ data read from the socket straight into the caller's
+//! buffer, and a small pool of connections (like the kernel's `nconnect`).
+//!
+//! Ownership of a read job: the submitter registers the job (and one xid per sub-read) in the
+//! connection's state, then writes the calls. From then on only the connection's reader thread
+//! touches the job's buffer; it hands the job back over the job's channel exactly once — when
+//! its last sub-read is answered, or when the connection dies (then with a retryable failure).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use tensorstream_engine::{ErrorKind, IoBuf};
+
+use super::proto::{self, Version};
+use super::rpc::{self, AuthSys, LAST_FRAGMENT, PROC_COMPOUND};
+use super::xdr::{Enc, Source, XdrError};
+use super::Failure;
+
+/// Largest reply to a non-READ call (resolve, stat) that we buffer.
+const MAX_CALL_REPLY: usize = 1 << 20;
+/// Socket read buffer of the reply reader.
+const READ_BUFFER: usize = 256 << 10;
+
+/// Locks a mutex, ignoring poisoning (the protected state stays consistent: every critical
+/// section is a few map operations that cannot panic halfway).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where a job's bytes go.
+#[derive(Debug)]
+pub(crate) enum Dest {
+    /// An engine buffer (open_reader).
+    Io(IoBuf),
+    /// A temporary vector (read_at).
+    Vec(Vec<u8>),
+}
+
+impl Dest {
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Dest::Io(b) => b.as_mut_slice(),
+            Dest::Vec(v) => v.as_mut_slice(),
+        }
+    }
+}
+
+/// One contiguous read: split into sub-reads of at most `rsize` bytes on one connection.
+#[derive(Debug)]
+pub(crate) struct Job {
+    /// Caller's token.
+    pub id: u64,
+    /// Object offset of `dest[0]`.
+    pub offset: u64,
+    /// Bytes to read into `dest[..want]` (`want <= dest.len()`, checked by the submitter).
+    pub want: usize,
+    /// The destination.
+    pub dest: Dest,
+    /// Attempts made so far (retries after failed connections).
+    pub attempt: u32,
+    /// File handle.
+    pub fh: Arc<[u8]>,
+    /// The version every sub-read must observe.
+    pub pin: Version,
+    /// Largest READ.
+    pub rsize: usize,
+    /// Where the finished job goes.
+    pub reply: Sender<Done>,
+    outstanding: usize,
+    err: Option<Failure>,
+}
+
+impl Job {
+    /// A job reading `want` bytes at `offset` into `dest`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: u64,
+        offset: u64,
+        want: usize,
+        dest: Dest,
+        fh: Arc<[u8]>,
+        pin: Version,
+        rsize: usize,
+        reply: Sender<Done>,
+    ) -> Job {
+        Job {
+            id,
+            offset,
+            want,
+            dest,
+            attempt: 0,
+            fh,
+            pin,
+            rsize,
+            reply,
+            outstanding: 0,
+            err: None,
+        }
+    }
+    /// Gives the destination back.
+    pub(crate) fn into_dest(self) -> Dest {
+        self.dest
+    }
+    fn finish(mut self, result: Result<usize, Failure>) {
+        let reply = self.reply.clone();
+        self.outstanding = 0;
+        // The receiver may be gone (reader dropped): then the buffer is simply freed.
+        let _ = reply.send(Done { job: self, result });
+    }
+}
+
+/// A finished job.
+#[derive(Debug)]
+pub(crate) struct Done {
+    /// The job (with its buffer).
+    pub job: Job,
+    /// Bytes read (`job.want`) or the failure.
+    pub result: Result<usize, Failure>,
+}
+
+enum Pending {
+    Call(Sender<Result<Vec<u8>, Failure>>),
+    Read { key: u64, off: usize, len: usize },
+}
+
+struct State {
+    dead: Option<Failure>,
+    calls: HashMap<u32, Pending>,
+    jobs: HashMap<u64, Job>,
+    next_key: u64,
+    busy_since: Instant,
+}
+
+struct Shared {
+    peer: String,
+    timeout: Duration,
+    auth: AuthSys,
+    writer: Mutex<TcpStream>,
+    shut: TcpStream,
+    state: Mutex<State>,
+    next_xid: AtomicU32,
+}
+
+impl Shared {
+    fn xid(&self) -> u32 {
+        self.next_xid.fetch_add(1, Ordering::Relaxed)
+    }
+    fn shutdown(&self) {
+        let _ = self.shut.shutdown(Shutdown::Both);
+    }
+    /// Whether calls are waiting and nothing arrived for longer than the timeout.
+    fn stalled(&self, last_recv: Instant) -> bool {
+        let st = lock(&self.state);
+        if st.calls.is_empty() {
+            return false;
+        }
+        let since = last_recv.max(st.busy_since);
+        since.elapsed() > self.timeout
+    }
+    fn send(&self, msg: &[u8]) {
+        let mut w = lock(&self.writer);
+        if w.write_all(msg).is_err() {
+            drop(w);
+            // The reader thread notices and fails every registered call and job.
+            self.shutdown();
+        }
+    }
+    /// Marks the connection dead and hands every call and job back with `f`.
+    fn fail_all(&self, f: Failure, taken: Option<Job>) {
+        let (calls, jobs) = {
+            let mut st = lock(&self.state);
+            if st.dead.is_none() {
+                st.dead = Some(f.clone());
+            }
+            (std::mem::take(&mut st.calls), std::mem::take(&mut st.jobs))
+        };
+        self.shutdown();
+        for (_, p) in calls {
+            if let Pending::Call(tx) = p {
+                let _ = tx.send(Err(f.clone()));
+            }
+        }
+        for job in jobs.into_values().chain(taken) {
+            job.finish(Err(f.clone()));
+        }
+    }
+}
+
+/// A socket whose reads wait through read-timeout ticks until the connection stalls.
+struct TimedStream {
+    s: TcpStream,
+    shared: Arc<Shared>,
+    last_recv: Instant,
+}
+
+impl Read for TimedStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::ErrorKind as K;
+        loop {
+            match self.s.read(buf) {
+                Ok(n) => {
+                    self.last_recv = Instant::now();
+                    return Ok(n);
+                }
+                Err(e) if matches!(e.kind(), K::WouldBlock | K::TimedOut) => {
+                    if self.shared.stalled(self.last_recv) {
+                        return Err(std::io::Error::new(
+                            K::TimedOut,
+                            format!(
+                                "no reply from {} within {:?}",
+                                self.shared.peer, self.shared.timeout
+                            ),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == K::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The record-marked reply stream (RFC 5531 §11): a record is fragments, each with a 4-byte
+/// header (last-fragment bit + 31-bit length). Decoding spans fragments transparently.
+pub(crate) struct Wire<R: BufRead> {
+    inner: R,
+    frag_left: u32,
+    last: bool,
+}
+
+impl<R: BufRead> Wire<R> {
+    /// Reads records from `inner`.
+    pub(crate) fn new(inner: R) -> Self {
+        Wire {
+            inner,
+            frag_left: 0,
+            last: true,
+        }
+    }
+    fn header(&mut self) -> Result<(), XdrError> {
+        let mut h = [0u8; 4];
+        self.inner.read_exact(&mut h)?;
+        let h = u32::from_be_bytes(h);
+        self.last = h & LAST_FRAGMENT != 0;
+        self.frag_left = h & !LAST_FRAGMENT;
+        Ok(())
+    }
+    /// Starts the next record (the previous one must be finished).
+    pub(crate) fn start_record(&mut self) -> Result<(), XdrError> {
+        self.header()
+    }
+    /// Makes bytes of the current record available; errors at the record's end.
+    fn avail(&mut self, what: &'static str) -> Result<(), XdrError> {
+        while self.frag_left == 0 {
+            if self.last {
+                return Err(XdrError::Truncated(what));
+            }
+            self.header()?;
+        }
+        Ok(())
+    }
+    /// Skips the rest of the current record.
+    pub(crate) fn finish(&mut self) -> Result<(), XdrError> {
+        loop {
+            let n = self.frag_left as u64;
+            self.skip_raw(n)?;
+            self.frag_left = 0;
+            if self.last {
+                return Ok(());
+            }
+            self.header()?;
+        }
+    }
+    /// The rest of the current record, at most `max` bytes.
+    pub(crate) fn rest(&mut self, max: usize) -> Result<Vec<u8>, XdrError> {
+        let mut v = Vec::new();
+        loop {
+            let n = self.frag_left as usize;
+            let total = v.len().saturating_add(n);
+            if total > max {
+                return Err(XdrError::TooLong {
+                    what: "RPC reply",
+                    len: total as u64,
+                    max: max as u64,
+                });
+            }
+            let start = v.len();
+            v.resize(total, 0);
+            self.take_raw(&mut v[start..])?;
+            self.frag_left = 0;
+            if self.last {
+                return Ok(v);
+            }
+            self.header()?;
+        }
+    }
+    fn take_raw(&mut self, dst: &mut [u8]) -> Result<(), XdrError> {
+        self.inner.read_exact(dst).map_err(XdrError::Io)
+    }
+    fn skip_raw(&mut self, mut n: u64) -> Result<(), XdrError> {
+        while n > 0 {
+            let buf = self.inner.fill_buf()?;
+            if buf.is_empty() {
+                return Err(XdrError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let k = (buf.len() as u64).min(n) as usize;
+            self.inner.consume(k);
+            n -= k as u64;
+        }
+        Ok(())
+    }
+}
+
+impl<R: BufRead> Source for Wire<R> {
+    fn take(&mut self, dst: &mut [u8], what: &'static str) -> Result<(), XdrError> {
+        let mut done = 0;
+        while done < dst.len() {
+            self.avail(what)?;
+            let n = (dst.len() - done).min(self.frag_left as usize);
+            self.take_raw(&mut dst[done..done + n])?;
+            self.frag_left -= n as u32;
+            done += n;
+        }
+        Ok(())
+    }
+    fn skip(&mut self, mut n: u64, what: &'static str) -> Result<(), XdrError> {
+        while n > 0 {
+            self.avail(what)?;
+            let k = n.min(self.frag_left as u64);
+            self.skip_raw(k)?;
+            self.frag_left -= k as u32;
+            n -= k;
+        }
+        Ok(())
+    }
+}
+
+/// One TCP connection with its reply-reader thread.
+pub(crate) struct Conn {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Conn {
+    /// Connects to `addr`.
+    pub(crate) fn connect(
+        addr: SocketAddr,
+        peer: &str,
+        timeout: Duration,
+        auth: AuthSys,
+    ) -> Result<Conn, Failure> {
+        let fail = |e: std::io::Error| {
+            let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+                ErrorKind::Timeout
+            } else {
+                ErrorKind::Io
+            };
+            Failure::new(kind, format!("cannot connect to {peer}: {e}"), true)
+        };
+        let s = TcpStream::connect_timeout(&addr, timeout).map_err(fail)?;
+        s.set_nodelay(true).map_err(fail)?;
+        let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        s.set_read_timeout(Some(tick)).map_err(fail)?;
+        s.set_write_timeout(Some(timeout)).map_err(fail)?;
+        let reader = s.try_clone().map_err(fail)?;
+        let shut = s.try_clone().map_err(fail)?;
+        let seed = std::process::id().rotate_left(16)
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0));
+        let shared = Arc::new(Shared {
+            peer: peer.to_string(),
+            timeout,
+            auth,
+            writer: Mutex::new(s),
+            shut,
+            state: Mutex::new(State {
+                dead: None,
+                calls: HashMap::new(),
+                jobs: HashMap::new(),
+                next_key: 0,
+                busy_since: Instant::now(),
+            }),
+            next_xid: AtomicU32::new(seed),
+        });
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ts-nfs-conn".into())
+            .spawn(move || reader_thread(sh, reader))
+            .map_err(fail)?;
+        Ok(Conn {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// True once the connection failed (it never recovers; the pool replaces it).
+    pub(crate) fn is_dead(&self) -> bool {
+        lock(&self.shared.state).dead.is_some()
+    }
+
+    /// Sends the job's READs. `Some(job)`: the connection is dead and the job untouched.
+    pub(crate) fn submit(&self, mut job: Job) -> Option<Job> {
+        let rsize = job.rsize.clamp(1, u32::MAX as usize);
+        let subs = job.want.div_ceil(rsize);
+        let mut msg = Vec::with_capacity(subs * 160);
+        let mut xids = Vec::with_capacity(subs);
+        for i in 0..subs {
+            let off = i * rsize;
+            let len = rsize.min(job.want - off);
+            let xid = self.shared.xid();
+            let at = job.offset + off as u64;
+            rpc::encode_call(&mut msg, xid, &self.shared.auth, PROC_COMPOUND, |e| {
+                proto::encode_read(e, &job.fh, at, len as u32)
+            });
+            xids.push((xid, off, len));
+        }
+        {
+            let mut st = lock(&self.shared.state);
+            if st.dead.is_some() {
+                return Some(job);
+            }
+            let key = st.next_key;
+            st.next_key += 1;
+            if st.calls.is_empty() {
+                st.busy_since = Instant::now();
+            }
+            for (xid, off, len) in xids {
+                st.calls.insert(xid, Pending::Read { key, off, len });
+            }
+            job.outstanding = subs;
+            job.err = None;
+            st.jobs.insert(key, job);
+        }
+        self.shared.send(&msg);
+        None
+    }
+
+    /// One COMPOUND call whose reply is small: returns the reply after the xid.
+    pub(crate) fn call(&self, args: impl FnOnce(&mut Enc)) -> Result<Vec<u8>, Failure> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let xid = self.shared.xid();
+        let mut msg = Vec::new();
+        rpc::encode_call(&mut msg, xid, &self.shared.auth, PROC_COMPOUND, args);
+        {
+            let mut st = lock(&self.shared.state);
+            if let Some(f) = &st.dead {
+                return Err(f.clone());
+            }
+            if st.calls.is_empty() {
+                st.busy_since = Instant::now();
+            }
+            st.calls.insert(xid, Pending::Call(tx));
+        }
+        self.shared.send(&msg);
+        // The reader thread answers, or fails the call when the connection stalls; the extra
+        // margin only guards against a reader thread that cannot run at all.
+        match rx.recv_timeout(self.shared.timeout.saturating_mul(2) + Duration::from_secs(1)) {
+            Ok(r) => r,
+            Err(_) => {
+                lock(&self.shared.state).calls.remove(&xid);
+                self.shared.shutdown();
+                Err(Failure::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "no reply from {} within {:?}",
+                        self.shared.peer, self.shared.timeout
+                    ),
+                    true,
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shared.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn reader_thread(shared: Arc<Shared>, s: TcpStream) {
+    let ts = TimedStream {
+        s,
+        shared: shared.clone(),
+        last_recv: Instant::now(),
+    };
+    let mut wire = Wire::new(BufReader::with_capacity(READ_BUFFER, ts));
+    let (f, taken) = loop {
+        if let Err(fatal) = one_reply(&shared, &mut wire) {
+            break *fatal;
+        }
+    };
+    shared.fail_all(f, taken);
+}
+
+type Fatal = Box<(Failure, Option<Job>)>;
+
+fn fatal(shared: &Shared, e: XdrError) -> Failure {
+    Failure::from_xdr(e).context(&shared.peer)
+}
+
+fn one_reply<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fatal> {
+    wire.start_record()
+        .map_err(|e| Box::new((fatal(shared, e), None)))?;
+    let xid = wire
+        .u32("xid")
+        .map_err(|e| Box::new((fatal(shared, e), None)))?;
+    let pending = lock(&shared.state).calls.remove(&xid);
+    match pending {
+        None => wire
+            .finish()
+            .map_err(|e| Box::new((fatal(shared, e), None))),
+        Some(Pending::Call(tx)) => {
+            let body = wire
+                .rest(MAX_CALL_REPLY)
+                .map_err(|e| Box::new((fatal(shared, e), None)))?;
+            let _ = tx.send(Ok(body));
+            Ok(())
+        }
+        Some(Pending::Read { key, off, len }) => {
+            let job = lock(&shared.state).jobs.remove(&key);
+            let Some(mut job) = job else {
+                return wire
+                    .finish()
+                    .map_err(|e| Box::new((fatal(shared, e), None)));
+            };
+            let outcome = {
+                let dst = match job.dest.as_mut_slice().get_mut(off..off + len) {
+                    Some(d) => d,
+                    None => {
+                        let f = Failure::new(
+                            ErrorKind::Io,
+                            "internal error: sub-read outside its buffer".into(),
+                            false,
+                        );
+                        return Err(Box::new((f, Some(job))));
+                    }
+                };
+                match rpc::decode_reply_header(wire) {
+                    Ok(Ok(())) => proto::decode_read(wire, dst),
+                    Ok(Err(f)) => Ok(Err(f)),
+                    Err(e) => Err(e),
+                }
+            };
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) => return Err(Box::new((fatal(shared, e), Some(job)))),
+            };
+            if let Err(e) = wire.finish() {
+                return Err(Box::new((fatal(shared, e), Some(job))));
+            }
+            if let Some(f) = check_read(&job, off, len, outcome) {
+                job.err.get_or_insert(f);
+            }
+            job.outstanding = job.outstanding.saturating_sub(1);
+            if job.outstanding == 0 {
+                let result = match job.err.take() {
+                    Some(f) => Err(f),
+                    None => Ok(job.want),
+                };
+                job.finish(result);
+            } else {
+                lock(&shared.state).jobs.insert(key, job);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks one sub-read's outcome against what was asked and the pinned version.
+fn check_read(
+    job: &Job,
+    off: usize,
+    len: usize,
+    outcome: Result<proto::ReadOutcome, Failure>,
+) -> Option<Failure> {
+    let o = match outcome {
+        Ok(o) => o,
+        Err(f) => return Some(f),
+    };
+    let at = job.offset + off as u64;
+    if let (Some(c), Some(s)) = (o.after.change, o.after.size) {
+        if c != job.pin.change || s != job.pin.size {
+            return Some(Failure::new(
+                ErrorKind::ObjectChanged,
+                format!(
+                    "file changed on the server while it was being read (change attribute \
+                     {:x} -> {c:x}, size {} -> {s})",
+                    job.pin.change, job.pin.size
+                ),
+                false,
+            ));
+        }
+    } else {
+        return Some(Failure::new(
+            ErrorKind::Io,
+            "server did not return the change and size attributes after READ".into(),
+            false,
+        ));
+    }
+    if o.count != len {
+        if o.eof {
+            return Some(Failure::new(
+                ErrorKind::ObjectChanged,
+                format!(
+                    "file ended at byte {} but was {} bytes when the load started",
+                    at + o.count as u64,
+                    job.pin.size
+                ),
+                false,
+            ));
+        }
+        return Some(Failure::new(
+            ErrorKind::Io,
+            format!("short READ at {at}: {} of {len} bytes", o.count),
+            true,
+        ));
+    }
+    None
+}
+
+/// A fixed number of connection slots, each reconnected when found dead.
+pub(crate) struct Pool {
+    addrs: Vec<SocketAddr>,
+    peer: String,
+    timeout: Duration,
+    auth: AuthSys,
+    slots: Vec<Mutex<Option<Arc<Conn>>>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// A pool of `n` (≥ 1) connections to `addrs` (tried in order), opened lazily.
+    pub(crate) fn new(
+        addrs: Vec<SocketAddr>,
+        peer: String,
+        n: usize,
+        timeout: Duration,
+        auth: AuthSys,
+    ) -> Pool {
+        Pool {
+            addrs,
+            peer,
+            timeout,
+            auth,
+            slots: (0..n.max(1)).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Number of connection slots.
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The next connection in round-robin order, (re)connecting if needed.
+    pub(crate) fn get(&self) -> Result<Arc<Conn>, Failure> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = lock(&self.slots[i]);
+        if let Some(c) = slot.as_ref() {
+            if !c.is_dead() {
+                return Ok(c.clone());
+            }
+        }
+        *slot = None;
+        let mut last = Failure::new(
+            ErrorKind::InvalidInput,
+            format!("{}: no address to connect to", self.peer),
+            false,
+        );
+        for a in &self.addrs {
+            match Conn::connect(*a, &self.peer, self.timeout, self.auth.clone()) {
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    *slot = Some(c.clone());
+                    return Ok(c);
+                }
+                Err(f) => last = f,
+            }
+        }
+        Err(last)
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn wire_for_tests(data: &[u8]) -> Wire<&[u8]> {
+    Wire::new(data)
+}

@@ -1,0 +1,341 @@
+//! `nfs://host[:port]/export/path`: a user-space NFSv4.0 client (no mount, no kernel NFS, works in
+//! unprivileged containers), in safe Rust.
+//!
+//! * Transport: ONC RPC over TCP with record marking, AUTH_SYS ([`rpc`]), XDR ([`xdr`]).
+//! * Open: one COMPOUND `[PUTROOTFH, LOOKUP…, GETFH, GETATTR(type, change, size, maxread,
+//!   mtime)]` resolves the path from the server's pseudo-root and pins the version (the change
+//!   attribute and the size).
+//! * Reads: `[PUTFH, READ(anonymous stateid), GETATTR(change, size)]`, split to the server's
+//!   maxread (capped by `rsize`, default 1 MiB), pipelined on `nconnect` connections (default 4)
+//!   with replies matched by xid. Each READ's GETATTR runs after the data was read, so a reply
+//!   whose change attribute still matches the pinned one carries bytes of the pinned version;
+//!   anything else is [`ErrorKind::ObjectChanged`]. The data goes from the socket straight into
+//!   the engine's buffer.
+//! * Failures: a broken or stalled connection (nothing received for `timeout` while calls are
+//!   pending) fails its reads as retryable; they are re-sent on a fresh connection, at most
+//!   `retries` times with backoff. NFS errors map to error kinds (NOENT → NotFound, ACCESS/PERM →
+//!   PermissionDenied, STALE → ObjectChanged, DELAY/GRACE → retried).
+//! * Hostile servers: every length read from the wire is bounded before use (file handle ≤ 128
+//!   bytes, attributes ≤ 4 KiB, READ data ≤ what was asked, other replies ≤ 1 MiB).
+
+mod config;
+mod conn;
+mod proto;
+mod reader;
+mod rpc;
+#[cfg(test)]
+mod tests;
+mod xdr;
+
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tensorstream_engine::{
+    Backend, Capabilities, Error, ErrorKind, ObjectMeta, RangeReader, ReaderOptions, Result,
+};
+
+pub use config::{parse as parse_uri, NfsConfig};
+pub use reader::NfsReader;
+
+use crate::OpenOptions;
+use conn::{Conn, Pool};
+use proto::{Attrs, Version};
+use xdr::{SliceSource, XdrError};
+
+/// A failure inside the backend: kind, message, retry flag. Converted to [`Error`] (with backend
+/// "nfs" and the URI) once, at the backend's boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub kind: ErrorKind,
+    pub msg: String,
+    pub retryable: bool,
+}
+
+impl Failure {
+    pub(crate) fn new(kind: ErrorKind, msg: String, retryable: bool) -> Self {
+        Failure {
+            kind,
+            msg,
+            retryable,
+        }
+    }
+    /// A transport or protocol failure: the connection is unusable, a new one may work.
+    pub(crate) fn from_xdr(e: XdrError) -> Self {
+        match e {
+            XdrError::Io(e) => {
+                let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Io
+                };
+                Failure::new(kind, format!("connection failed: {e}"), true)
+            }
+            other => Failure::new(ErrorKind::Io, format!("protocol error: {other}"), true),
+        }
+    }
+    pub(crate) fn context(mut self, c: &str) -> Self {
+        self.msg = format!("{c}: {}", self.msg);
+        self
+    }
+    pub(crate) fn into_error(self, uri: &str) -> Error {
+        Error::new(self.kind, format!("nfs: {}", self.msg))
+            .with_retryable(self.retryable)
+            .with_backend("nfs")
+            .with_location(uri)
+    }
+}
+
+/// Backoff before retry `attempt` (1-based): 50 ms doubling, capped at 2 s, with jitter.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let base = 50u64.saturating_mul(1 << attempt.min(6)).min(2000);
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64 % (base / 2 + 1))
+        .unwrap_or(0);
+    Duration::from_millis(base / 2 + jitter)
+}
+
+/// State shared by the backend and its readers.
+pub(crate) struct Inner {
+    uri: String,
+    cfg: NfsConfig,
+    pool: Pool,
+    fh: Arc<[u8]>,
+    pin: Version,
+    rsize: usize,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("uri", &self.uri)
+            .field("pin", &self.pin)
+            .field("rsize", &self.rsize)
+            .field("nconnect", &self.pool.len())
+            .finish()
+    }
+}
+
+impl Inner {
+    /// Runs a small call, retrying on retryable failures with backoff.
+    fn call_with_retry<T>(
+        pool: &Pool,
+        retries: u32,
+        mut f: impl FnMut(&Conn) -> std::result::Result<T, Failure>,
+    ) -> std::result::Result<T, Failure> {
+        let mut attempt = 0;
+        loop {
+            let r = pool.get().and_then(|c| f(&c));
+            match r {
+                Err(e) if e.retryable && attempt < retries => {
+                    attempt += 1;
+                    std::thread::sleep(backoff(attempt));
+                }
+                Err(e) if e.retryable => {
+                    return Err(e.context(&format!("giving up after {} attempts", attempt + 1)))
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Decodes a small call's reply: the RPC header, then `body`.
+fn decode_call<T>(
+    reply: &[u8],
+    body: impl FnOnce(
+        &mut SliceSource<'_>,
+    ) -> std::result::Result<std::result::Result<T, Failure>, XdrError>,
+) -> std::result::Result<T, Failure> {
+    let mut src = SliceSource::new(reply);
+    let r = match rpc::decode_reply_header(&mut src) {
+        Ok(Ok(())) => body(&mut src),
+        Ok(Err(f)) => Ok(Err(f)),
+        Err(e) => Err(e),
+    };
+    r.map_err(Failure::from_xdr)?
+}
+
+/// One file on an NFSv4 server.
+pub struct NfsBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NfsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+fn version_of(attrs: &Attrs, what: &str) -> std::result::Result<Version, Failure> {
+    match (attrs.change, attrs.size) {
+        (Some(change), Some(size)) => Ok(Version { change, size }),
+        _ => Err(Failure::new(
+            ErrorKind::Unsupported,
+            format!("{what}: server did not return the change and size attributes"),
+            false,
+        )),
+    }
+}
+
+impl NfsBackend {
+    /// Connects to the server of `uri`, resolves the path and pins the file's version.
+    pub fn open(uri: &str, opts: &OpenOptions) -> Result<Self> {
+        let cfg = config::parse(uri, opts)?;
+        let peer = cfg.peer();
+        let addrs: Vec<_> = (cfg.host.as_str(), cfg.port)
+            .to_socket_addrs()
+            .map_err(|e| {
+                Failure::new(
+                    ErrorKind::Io,
+                    format!("cannot resolve {}: {e}", cfg.host),
+                    e.kind() == std::io::ErrorKind::TimedOut,
+                )
+                .into_error(uri)
+            })?
+            .collect();
+        let auth = rpc::AuthSys::new(&cfg.machine, cfg.uid, cfg.gid);
+        let pool = Pool::new(addrs, peer, cfg.nconnect, cfg.timeout, auth);
+        let components = cfg.components.clone();
+        let resolved = Inner::call_with_retry(&pool, cfg.retries, |c| {
+            let reply = c.call(|e| proto::encode_resolve(e, &components))?;
+            decode_call(&reply, |s| proto::decode_resolve(s, &components))
+        })
+        .map_err(|f| f.into_error(uri))?;
+        let a = &resolved.attrs;
+        match a.ftype {
+            Some(proto::NF4REG) => {}
+            Some(proto::NF4DIR) => {
+                return Err(Failure::new(
+                    ErrorKind::InvalidInput,
+                    "is a directory, not a file".into(),
+                    false,
+                )
+                .into_error(uri))
+            }
+            Some(proto::NF4LNK) => {
+                return Err(Failure::new(
+                    ErrorKind::Unsupported,
+                    "is a symbolic link (NFSv4 LOOKUP does not follow links; use the target's \
+                     path)"
+                        .into(),
+                    false,
+                )
+                .into_error(uri))
+            }
+            other => {
+                return Err(Failure::new(
+                    ErrorKind::InvalidInput,
+                    format!("not a regular file (type {other:?})"),
+                    false,
+                )
+                .into_error(uri))
+            }
+        }
+        let pin = version_of(a, "GETATTR").map_err(|f| f.into_error(uri))?;
+        let maxread = a
+            .maxread
+            .filter(|&m| m > 0)
+            .map(|m| m.min(usize::MAX as u64) as usize)
+            .unwrap_or(cfg.rsize);
+        let rsize = cfg.rsize.min(maxread).max(1);
+        Ok(NfsBackend {
+            inner: Arc::new(Inner {
+                uri: uri.to_string(),
+                fh: Arc::from(resolved.fh),
+                cfg,
+                pool,
+                pin,
+                rsize,
+            }),
+        })
+    }
+
+    /// The READ size in use (the smaller of `rsize` and the server's maxread).
+    pub fn read_size(&self) -> usize {
+        self.inner.rsize
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &NfsConfig {
+        &self.inner.cfg
+    }
+
+    fn changed(&self, now: Version) -> Error {
+        Failure::new(
+            ErrorKind::ObjectChanged,
+            format!(
+                "file changed on the server since it was opened (change attribute {:x} -> {:x}, \
+                 size {} -> {})",
+                self.inner.pin.change, now.change, self.inner.pin.size, now.size
+            ),
+            false,
+        )
+        .into_error(&self.inner.uri)
+    }
+}
+
+impl Backend for NfsBackend {
+    fn location(&self) -> &str {
+        &self.inner.uri
+    }
+
+    /// Fresh attributes from the server; an error if the file changed since it was opened
+    /// (a backend serves one version of one file).
+    fn stat(&self) -> Result<ObjectMeta> {
+        let i = &self.inner;
+        let attrs = Inner::call_with_retry(&i.pool, i.cfg.retries, |c| {
+            let reply = c.call(|e| proto::encode_stat(e, &i.fh))?;
+            decode_call(&reply, |s| proto::decode_stat(s))
+        })
+        .map_err(|f| f.into_error(&i.uri))?;
+        let now = version_of(&attrs, "GETATTR").map_err(|f| f.into_error(&i.uri))?;
+        if now != i.pin {
+            return Err(self.changed(now));
+        }
+        Ok(ObjectMeta {
+            size: i.pin.size,
+            version: Some(i.pin.tag()),
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            ranged_reads: true,
+            direct_io: false,
+            alignment: 1,
+            preferred_chunk: self.inner.cfg.chunk,
+            max_concurrency: self.inner.cfg.concurrency,
+            kind: "nfs",
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        reader::read_at(&self.inner, offset, buf)
+    }
+
+    fn open_reader(
+        self: Arc<Self>,
+        meta: &ObjectMeta,
+        _opts: &ReaderOptions,
+    ) -> Result<Box<dyn RangeReader>> {
+        let pin = self.inner.pin;
+        if meta.size != pin.size || meta.version.as_ref().is_some_and(|v| *v != pin.tag()) {
+            return Err(Failure::new(
+                ErrorKind::ObjectChanged,
+                format!(
+                    "load was planned for another version of the file ({} bytes, {:?}; the \
+                     backend serves {} bytes, {})",
+                    meta.size,
+                    meta.version,
+                    pin.size,
+                    pin.tag()
+                ),
+                false,
+            )
+            .into_error(&self.inner.uri));
+        }
+        Ok(Box::new(NfsReader::new(self.inner.clone())))
+    }
+}

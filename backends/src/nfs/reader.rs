@@ -1,0 +1,235 @@
+//! Many reads in flight: [`NfsReader`] (the engine's [`RangeReader`]) and the synchronous
+//! `read_at`, both on top of [`Runner`], which spreads jobs over the connection pool and re-sends
+//! jobs whose connection broke.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use tensorstream_engine::{Error, ErrorKind, RangeReader, ReadDone, ReadRequest, Result};
+
+use super::conn::{Dest, Done, Job};
+use super::{backoff, Failure, Inner};
+
+/// Dispatches jobs to connections and collects them, retrying retryable failures.
+pub(crate) struct Runner {
+    inner: Arc<Inner>,
+    tx: Sender<Done>,
+    rx: Receiver<Done>,
+    in_flight: usize,
+}
+
+impl Runner {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Runner {
+            inner,
+            tx,
+            rx,
+            in_flight: 0,
+        }
+    }
+
+    fn job(&self, id: u64, offset: u64, want: usize, dest: Dest) -> Job {
+        Job::new(
+            id,
+            offset,
+            want,
+            dest,
+            self.inner.fh.clone(),
+            self.inner.pin,
+            self.inner.rsize,
+            self.tx.clone(),
+        )
+    }
+
+    fn submit(&mut self, job: Job) {
+        self.in_flight += 1;
+        self.dispatch(job);
+    }
+
+    fn dispatch(&self, job: Job) {
+        let failed = match self.inner.pool.get() {
+            Ok(conn) => match conn.submit(job) {
+                None => return,
+                Some(job) => (
+                    job,
+                    Failure::new(ErrorKind::Io, "connection closed".into(), true),
+                ),
+            },
+            Err(f) => (job, f),
+        };
+        // Our own receiver is alive (we hold it), so this cannot fail.
+        let _ = self.tx.send(Done {
+            job: failed.0,
+            result: Err(failed.1),
+        });
+    }
+
+    /// The next finished job (after retries). `None` when nothing is in flight.
+    fn next(&mut self) -> Option<(Job, std::result::Result<usize, Failure>)> {
+        if self.in_flight == 0 {
+            return None;
+        }
+        loop {
+            // Every dispatched job comes back exactly once (conn.rs), and we hold a sender.
+            let Ok(Done { mut job, result }) = self.rx.recv() else {
+                return None;
+            };
+            match result {
+                Err(f) if f.retryable && job.attempt < self.inner.cfg.retries => {
+                    job.attempt += 1;
+                    std::thread::sleep(backoff(job.attempt));
+                    self.dispatch(job);
+                }
+                Err(f) if f.retryable => {
+                    self.in_flight -= 1;
+                    let n = job.attempt + 1;
+                    return Some((
+                        job,
+                        Err(f.context(&format!("giving up after {n} attempts"))),
+                    ));
+                }
+                other => {
+                    self.in_flight -= 1;
+                    return Some((job, other));
+                }
+            }
+        }
+    }
+}
+
+/// The NFS backend's [`RangeReader`]: every submitted read becomes one job, split into READs of
+/// the negotiated size and pipelined on one connection; jobs are spread round-robin over the
+/// connections. The data lands directly in the request's buffer.
+pub struct NfsReader {
+    runner: Runner,
+    ready: VecDeque<ReadDone>,
+}
+
+impl NfsReader {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        NfsReader {
+            runner: Runner::new(inner),
+            ready: VecDeque::new(),
+        }
+    }
+}
+
+fn past_end(inner: &Inner, offset: u64) -> Error {
+    Error::new(
+        ErrorKind::RangeNotSatisfiable,
+        format!(
+            "nfs: offset {offset} is past the end ({} bytes)",
+            inner.pin.size
+        ),
+    )
+    .with_backend("nfs")
+    .with_location(&inner.uri)
+}
+
+impl RangeReader for NfsReader {
+    fn submit(&mut self, req: ReadRequest) -> Result<()> {
+        let inner = &self.runner.inner;
+        let size = inner.pin.size;
+        if req.offset > size {
+            let e = past_end(inner, req.offset);
+            self.ready.push_back(ReadDone {
+                id: req.id,
+                offset: req.offset,
+                buf: req.buf,
+                result: Err(e),
+            });
+            return Ok(());
+        }
+        let want = (req.buf.len() as u64).min(size - req.offset) as usize;
+        if want == 0 {
+            self.ready.push_back(ReadDone {
+                id: req.id,
+                offset: req.offset,
+                buf: req.buf,
+                result: Ok(0),
+            });
+            return Ok(());
+        }
+        let job = self.runner.job(req.id, req.offset, want, Dest::Io(req.buf));
+        self.runner.submit(job);
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<ReadDone> {
+        if let Some(d) = self.ready.pop_front() {
+            return Ok(d);
+        }
+        let uri = self.runner.inner.uri.clone();
+        let Some((job, result)) = self.runner.next() else {
+            return Err(Error::invalid("wait() with no read in flight"));
+        };
+        let (id, offset, want) = (job.id, job.offset, job.want);
+        let Dest::Io(buf) = job.into_dest() else {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "nfs: internal error: reader job without its buffer",
+            ));
+        };
+        Ok(ReadDone {
+            id,
+            offset,
+            buf,
+            result: result.map_err(|f| f.into_error(&uri).with_range(offset..offset + want as u64)),
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.runner.in_flight + self.ready.len()
+    }
+}
+
+/// Synchronous read: pieces of the preferred chunk size, a few in flight, copied into `buf`.
+pub(crate) fn read_at(inner: &Arc<Inner>, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    let size = inner.pin.size;
+    if offset > size {
+        return Err(past_end(inner, offset));
+    }
+    let want = (buf.len() as u64).min(size - offset) as usize;
+    if want == 0 {
+        return Ok(0);
+    }
+    let piece = inner.cfg.chunk.max(1);
+    let depth = (inner.pool.len() * 2).clamp(1, inner.cfg.concurrency);
+    let mut runner = Runner::new(inner.clone());
+    let mut next = 0usize;
+    let mut first_err: Option<Error> = None;
+    loop {
+        while first_err.is_none() && next < want && runner.in_flight < depth {
+            let len = piece.min(want - next);
+            let job = runner.job(
+                next as u64,
+                offset + next as u64,
+                len,
+                Dest::Vec(vec![0; len]),
+            );
+            runner.submit(job);
+            next += len;
+        }
+        let Some((job, result)) = runner.next() else {
+            break;
+        };
+        let (at, len) = (job.id as usize, job.want);
+        match result {
+            Ok(n) => {
+                if let (Dest::Vec(v), Some(dst)) = (job.into_dest(), buf.get_mut(at..at + n)) {
+                    dst.copy_from_slice(&v[..n]);
+                }
+            }
+            Err(f) => {
+                let range = offset + at as u64..offset + (at + len) as u64;
+                first_err.get_or_insert(f.into_error(&inner.uri).with_range(range));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(want),
+    }
+}

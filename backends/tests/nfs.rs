@@ -1,0 +1,606 @@
+//! The NFS backend against a real NFS-Ganesha server (NFSv4.0 over TCP on 127.0.0.1), with a
+//! small fault-injecting TCP proxy in front of it for broken and stalled connections.
+
+#[allow(dead_code)]
+#[path = "support/ganesha.rs"]
+mod ganesha;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ganesha::Ganesha;
+use sha2::{Digest, Sha256};
+use tensorstream_backends::{open, OpenOptions};
+use tensorstream_engine::format::safetensors::write_header;
+use tensorstream_engine::testkit::{run_all, Fixture};
+use tensorstream_engine::*;
+
+fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+fn opts() -> OpenOptions {
+    OpenOptions::default()
+}
+
+/// A safetensors file of U8 tensors of the given sizes, and each tensor's bytes.
+fn model_file(sizes: &[u64], seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let tensors: Vec<(String, DType, Vec<u64>, u64)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("t{i:03}"), DType::U8, vec![n], n))
+        .collect();
+    let mut file = write_header(&tensors, &BTreeMap::new()).unwrap();
+    let mut datas = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let d = pattern(n as usize, seed + i as u64);
+        file.extend_from_slice(&d);
+        datas.push(d);
+    }
+    (file, datas)
+}
+
+/// format → plan → execute → HostSink, with the backend's preferred chunk and concurrency.
+fn load(be: Arc<dyn Backend>, layout: Layout) -> Result<HostModel> {
+    let meta = be.stat()?;
+    let index = format::read_index(be.as_ref(), &meta)?;
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let caps = be.capabilities();
+    let mut po = PlanOptions::new(meta.size);
+    po.chunk_size = caps.preferred_chunk as u64;
+    po.layout = layout;
+    let plan = Arc::new(plan(&index, &sel, &po)?);
+    let eo = EngineOptions {
+        queue_depth: caps.max_concurrency,
+        ring_budget: 64 << 20,
+        progress: None,
+    };
+    let (sink, _stats) = execute(be, &meta, plan.clone(), HostSink::new(), &eo)?;
+    let (arena, _) = sink.into_parts()?;
+    HostModel::new(arena, index, &plan)
+}
+
+struct Fx {
+    g: Ganesha,
+}
+
+impl Fixture for Fx {
+    fn create(&self, name: &str, data: &[u8]) -> Result<Arc<dyn Backend>> {
+        let uri = self.g.put(name, data);
+        open(&uri, &opts())
+    }
+    fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        open(&self.g.uri(name), &opts())
+    }
+}
+
+#[test]
+fn conformance_suite() {
+    run_all(&Fx {
+        g: Ganesha::start(),
+    });
+}
+
+#[test]
+fn capabilities_and_stat() {
+    let g = Ganesha::start();
+    let data = pattern(1000, 1);
+    let be = open(&g.put("c.bin", &data), &opts()).unwrap();
+    let caps = be.capabilities();
+    assert_eq!(caps.kind, "nfs");
+    assert_eq!(caps.alignment, 1);
+    assert!(!caps.direct_io && caps.ranged_reads);
+    assert_eq!(caps.preferred_chunk, 4 << 20);
+    assert_eq!(caps.max_concurrency, 32);
+    let meta = be.stat().unwrap();
+    assert_eq!(meta.size, 1000);
+    assert!(meta.version.as_deref().unwrap().starts_with("nfs4-change:"));
+    // Options reach the backend.
+    let o = OpenOptions {
+        concurrency: Some(7),
+        chunk_size: Some(1 << 20),
+        ..opts()
+    };
+    let be = open(&g.uri("c.bin"), &o).unwrap();
+    assert_eq!(be.capabilities().max_concurrency, 7);
+    assert_eq!(be.capabilities().preferred_chunk, 1 << 20);
+}
+
+#[test]
+fn read_at_ranges_match_the_file() {
+    let g = Ganesha::start();
+    // Small rsize so that reads span several READs; odd sizes everywhere.
+    let data = pattern(5 * 65536 + 123, 2);
+    g.put("r.bin", &data);
+    let uri = format!("{}?rsize=65536&nconnect=2", g.uri("r.bin"));
+    let o = OpenOptions {
+        chunk_size: Some(100_000),
+        ..opts()
+    };
+    let be = open(&uri, &o).unwrap();
+    let n = data.len() as u64;
+    for (off, len) in [
+        (0u64, 0usize),
+        (0, 1),
+        (1, 65535),
+        (65535, 2),
+        (65536, 65536),
+        (12345, 250_000),
+        (0, data.len()),
+        (n - 10, 10),
+        (n - 10, 100), // short at the end
+        (n, 5),        // at the end: 0 bytes
+    ] {
+        let mut buf = vec![0xAAu8; len];
+        let got = be.read_at(off, &mut buf).unwrap();
+        let end = (off as usize + len).min(data.len());
+        assert_eq!(got, end - off as usize, "read_at({off}, {len})");
+        assert_eq!(
+            &buf[..got],
+            &data[off as usize..end],
+            "read_at({off}, {len})"
+        );
+    }
+    let e = be.read_at(n + 1, &mut [0u8; 4]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::RangeNotSatisfiable, "{e}");
+}
+
+#[test]
+fn open_reader_many_in_flight_fills_the_buffers() {
+    let g = Ganesha::start();
+    let data = pattern(9 << 20, 3);
+    g.put("m.bin", &data);
+    let uri = format!("{}?rsize=262144", g.uri("m.bin"));
+    let be = open(&uri, &opts()).unwrap();
+    let meta = be.stat().unwrap();
+    let mut reader = be
+        .clone()
+        .open_reader(&meta, &ReaderOptions { queue_depth: 32 })
+        .unwrap();
+    // 1 MiB + odd pieces over the whole file, plus one past the end and one at the end.
+    let mut reqs: Vec<(u64, usize)> = Vec::new();
+    let mut off = 0u64;
+    let mut k = 0;
+    while off < data.len() as u64 {
+        let len = [1 << 20, 777, 300_001, 65536][k % 4];
+        reqs.push((off, len));
+        off += len as u64;
+        k += 1;
+    }
+    reqs.push((data.len() as u64, 10));
+    let mut next = 0;
+    let mut seen = 0;
+    while seen < reqs.len() {
+        while next < reqs.len() && reader.in_flight() < 32 {
+            let (o, l) = reqs[next];
+            reader
+                .submit(ReadRequest {
+                    id: next as u64,
+                    offset: o,
+                    buf: IoBuf::aligned(l, 64).unwrap(),
+                })
+                .unwrap();
+            next += 1;
+        }
+        let d = reader.wait().unwrap();
+        let (o, l) = reqs[d.id as usize];
+        assert_eq!(d.offset, o);
+        assert_eq!(d.buf.len(), l, "buffer given back whole");
+        let n = d.result.unwrap();
+        let end = (o as usize + l).min(data.len());
+        assert_eq!(n, end.saturating_sub(o as usize));
+        assert!(
+            d.buf.as_slice()[..n] == data[o as usize..end],
+            "read {o}+{l}"
+        );
+        seen += 1;
+    }
+    assert_eq!(reader.in_flight(), 0);
+    assert!(
+        reader.wait().is_err(),
+        "wait with nothing in flight is an error"
+    );
+}
+
+#[test]
+fn loads_a_64mib_safetensors_file_through_the_engine() {
+    let g = Ganesha::start();
+    let sizes = [1u64, 40 << 20, 0, 3, (20 << 20) + 12345, 4 << 20, 1000];
+    let (file, datas) = model_file(&sizes, 10);
+    assert!(file.len() >= 64 << 20);
+    let uri = g.put("model.safetensors", &file);
+    for layout in [Layout::Mirror, Layout::Packed { align: 256 }] {
+        let be = open(&uri, &opts()).unwrap();
+        let m = load(be, layout).unwrap();
+        assert_eq!(m.len(), sizes.len());
+        for (i, t) in m.tensors().enumerate() {
+            assert_eq!(t.name, format!("t{i:03}"));
+            assert!(t.data == &datas[i][..], "{layout:?}: tensor {i} differs");
+        }
+    }
+}
+
+#[test]
+fn reference_fixture_hashes_match_over_nfs() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{dir}/manifest.json"))
+            .unwrap_or_else(|e| panic!("fixtures missing at {dir}: {e}")),
+    )
+    .unwrap();
+    let g = Ganesha::start();
+    let bytes = std::fs::read(format!("{dir}/mixed.safetensors")).unwrap();
+    let uri = g.put("mixed.safetensors", &bytes);
+    let m = load(open(&uri, &opts()).unwrap(), Layout::Mirror).unwrap();
+    let tensors = manifest["files"]["mixed.safetensors"]["tensors"]
+        .as_array()
+        .unwrap();
+    assert_eq!(m.len(), tensors.len());
+    for t in tensors {
+        let name = t["name"].as_str().unwrap();
+        let v = m
+            .get(name)
+            .unwrap_or_else(|| panic!("tensor {name} missing"));
+        let hash = format!("{:x}", Sha256::digest(v.data));
+        assert_eq!(hash, t["sha256"].as_str().unwrap(), "tensor {name}");
+    }
+}
+
+#[test]
+fn missing_paths_are_not_found() {
+    let g = Ganesha::start();
+    g.put("here.bin", b"x");
+    for uri in [
+        g.uri("nope.bin"),
+        g.uri("no/such/dir.bin"),
+        format!("nfs://127.0.0.1:{}/not-an-export/x", g.port),
+    ] {
+        let e = open(&uri, &opts()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{uri}: {e}");
+        assert_eq!(e.backend(), Some("nfs"));
+        assert_eq!(e.location(), Some(uri.as_str()));
+        assert!(e.to_string().contains("NFS4ERR_NOENT"), "{e}");
+    }
+}
+
+#[test]
+fn directories_and_permissions() {
+    let g = Ganesha::start();
+    std::fs::create_dir(g.path("d")).unwrap();
+    let e = open(&g.uri("d"), &opts()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+
+    // A file only root may read, read as uid 1000: the server refuses the READ.
+    g.put("secret.bin", &pattern(100, 4));
+    std::fs::set_permissions(g.path("secret.bin"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let uri = format!("{}?uid=1000&gid=1000", g.uri("secret.bin"));
+    let r = open(&uri, &opts()).and_then(|be| be.read_exact_at(0, 100));
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(!e.is_retryable());
+
+    // A directory uid 1000 may not search: LOOKUP is refused.
+    std::fs::create_dir(g.path("closed")).unwrap();
+    std::fs::write(g.path("closed/f"), b"abc").unwrap();
+    std::fs::set_permissions(g.path("closed"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let uri = format!("{}?uid=1000&gid=1000", g.uri("closed/f"));
+    let e = open(&uri, &opts()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+}
+
+#[test]
+fn server_down_fails_clearly_after_bounded_retries() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uri = format!("nfs://127.0.0.1:{port}/export/f?retries=2");
+    let e = open(&uri, &opts()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert_eq!(e.backend(), Some("nfs"));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("cannot connect") && msg.contains("after 3 attempts"),
+        "{msg}"
+    );
+    assert!(msg.contains(&uri), "{msg}");
+}
+
+#[test]
+fn server_killed_mid_session_gives_an_error_not_a_hang() {
+    let mut g = Ganesha::start();
+    let data = pattern(3 << 20, 5);
+    let uri = format!("{}?retries=1", g.put("k.bin", &data));
+    let o = OpenOptions {
+        timeout: Some(Duration::from_secs(2)),
+        ..opts()
+    };
+    let be = open(&uri, &o).unwrap();
+    assert_eq!(be.read_exact_at(0, 1000).unwrap(), &data[..1000]);
+    g.stop();
+    let e = be.read_exact_at(0, data.len()).unwrap_err();
+    assert!(
+        matches!(e.kind(), ErrorKind::Io | ErrorKind::Timeout),
+        "{e}"
+    );
+    assert!(e.to_string().contains("giving up after 2 attempts"), "{e}");
+}
+
+#[test]
+fn file_modified_after_open_is_object_changed() {
+    let g = Ganesha::start();
+    let data = pattern(2 << 20, 6);
+    let uri = g.put("v.bin", &data);
+    let be = open(&uri, &opts()).unwrap();
+    let meta = be.stat().unwrap();
+    // Same size, different bytes in the middle.
+    std::thread::sleep(Duration::from_millis(20));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(g.path("v.bin"))
+        .unwrap();
+    f.write_all_at(&[0u8; 4096], 1 << 20).unwrap();
+    drop(f);
+    let e = be.read_exact_at(0, data.len()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+    assert_eq!(be.stat().unwrap_err().kind(), ErrorKind::ObjectChanged);
+    let mut r = be
+        .clone()
+        .open_reader(&meta, &ReaderOptions { queue_depth: 4 })
+        .unwrap();
+    r.submit(ReadRequest {
+        id: 1,
+        offset: 0,
+        buf: IoBuf::aligned(4096, 64).unwrap(),
+    })
+    .unwrap();
+    let d = r.wait().unwrap();
+    assert_eq!(d.result.unwrap_err().kind(), ErrorKind::ObjectChanged);
+}
+
+#[test]
+fn file_replaced_after_open_is_object_changed_or_old_bytes() {
+    let g = Ganesha::start();
+    let data = pattern(2 << 20, 7);
+    let uri = g.put("rep.bin", &data);
+    let be = open(&uri, &opts()).unwrap();
+    std::fs::write(g.path("rep.new"), pattern(2 << 20, 8)).unwrap();
+    std::fs::rename(g.path("rep.new"), g.path("rep.bin")).unwrap();
+    match be.read_exact_at(0, data.len()) {
+        Ok(v) => assert!(v == data, "bytes of the replacement were returned"),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}"),
+    }
+}
+
+#[test]
+fn file_changed_during_a_load_is_never_mixed() {
+    let g = Ganesha::start();
+    let (file, datas) = model_file(&[48 << 20, 16 << 20], 20);
+    let uri = g.put("live.safetensors", &file);
+    for round in 0..3u64 {
+        let be = open(&uri, &opts()).unwrap();
+        let path = g.path("live.safetensors");
+        let writer = std::thread::spawn(move || {
+            // Rewrite a stretch in the middle while the load runs (same bytes each round would
+            // hide the change, so every round writes a different pattern).
+            std::thread::sleep(Duration::from_millis(5 * round));
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            f.write_all_at(&pattern(8 << 20, 100 + round), 30 << 20)
+                .unwrap();
+        });
+        let r = load(be, Layout::Mirror);
+        writer.join().unwrap();
+        match r {
+            Ok(m) => {
+                for (i, t) in m.tensors().enumerate() {
+                    assert!(
+                        t.data == &datas[i][..],
+                        "round {round}: mixed bytes in tensor {i}"
+                    );
+                }
+            }
+            Err(e) => assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}"),
+        }
+        // Restore the original for the next round.
+        std::fs::write(g.path("live.safetensors"), &file).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP proxy in front of the server. Server→client bytes pass until a connection has carried
+/// `limit` of them; then the first `faulty` connections are reset (`stall == false`) or stop
+/// forwarding while staying open (`stall == true`); later connections pass untouched.
+struct Proxy {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    faults: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    fn start(upstream: u16, limit: usize, faulty: usize, stall: bool) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(AtomicUsize::new(0));
+        let (stop2, faults2) = (stop.clone(), faults.clone());
+        std::thread::spawn(move || {
+            let mut conns = 0usize;
+            while !stop2.load(Ordering::Relaxed) {
+                let (c, _) = match l.accept() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                c.set_nonblocking(false).unwrap();
+                let Ok(s) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let faulty_conn = conns < faulty;
+                conns += 1;
+                let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                    let _ = s2.shutdown(Shutdown::Both);
+                });
+                let (mut c, mut s) = (c, s);
+                let faults = faults2.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut total = 0usize;
+                    loop {
+                        let n = match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if faulty_conn && total + n > limit {
+                            faults.fetch_add(1, Ordering::Relaxed);
+                            if stall {
+                                // Hold both sockets open, forward nothing more.
+                                std::thread::sleep(Duration::from_secs(600));
+                            }
+                            break;
+                        }
+                        if c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        total += n;
+                    }
+                    let _ = c.shutdown(Shutdown::Both);
+                    let _ = s.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Proxy { port, stop, faults }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn connections_reset_mid_load_are_retried_with_correct_bytes() {
+    let g = Ganesha::start();
+    let (file, datas) = model_file(&[30 << 20, 36 << 20], 30);
+    g.put("reset.safetensors", &file);
+    // The first three connections die after 5 MiB of replies each.
+    let p = Proxy::start(g.port, 5 << 20, 3, false);
+    let uri = format!(
+        "nfs://127.0.0.1:{}/export/reset.safetensors?nconnect=2",
+        p.port
+    );
+    let m = load(open(&uri, &opts()).unwrap(), Layout::Mirror).unwrap();
+    for (i, t) in m.tensors().enumerate() {
+        assert!(
+            t.data == &datas[i][..],
+            "tensor {i} differs after reconnects"
+        );
+    }
+    assert!(
+        p.faults.load(Ordering::Relaxed) >= 1,
+        "the proxy never cut a connection"
+    );
+}
+
+#[test]
+fn stalled_server_times_out_after_bounded_retries() {
+    let g = Ganesha::start();
+    let data = pattern(4 << 20, 9);
+    g.put("stall.bin", &data);
+    // Every connection stalls after 64 KiB of replies: open works, the 4 MiB read cannot.
+    let p = Proxy::start(g.port, 64 << 10, usize::MAX, true);
+    let uri = format!(
+        "nfs://127.0.0.1:{}/export/stall.bin?retries=1&nconnect=1",
+        p.port
+    );
+    let o = OpenOptions {
+        timeout: Some(Duration::from_millis(500)),
+        ..opts()
+    };
+    let be = open(&uri, &o).unwrap();
+    let e = be.read_exact_at(0, data.len()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("giving up after 2 attempts"), "{e}");
+}
+
+/// A fake server that answers every call with `reply` (a record-marked RPC reply body after
+/// the xid), to check that hostile replies give errors, not panics or huge allocations.
+fn fake_server(reply: Vec<u8>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            let reply = reply.clone();
+            std::thread::spawn(move || loop {
+                let mut h = [0u8; 8];
+                if c.read_exact(&mut h).is_err() {
+                    break;
+                }
+                let len = (u32::from_be_bytes(h[..4].try_into().unwrap()) & 0x7fff_ffff) as usize;
+                let mut rest = vec![0u8; len - 4];
+                if c.read_exact(&mut rest).is_err() {
+                    break;
+                }
+                let mut out = Vec::new();
+                out.extend_from_slice(&(0x8000_0000u32 | (reply.len() as u32 + 4)).to_be_bytes());
+                out.extend_from_slice(&h[4..8]); // xid
+                out.extend_from_slice(&reply);
+                if c.write_all(&out).is_err() {
+                    break;
+                }
+            });
+        }
+    });
+    port
+}
+
+fn be32(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_be_bytes()).collect()
+}
+
+#[test]
+fn hostile_server_replies_are_errors() {
+    // After the xid: REPLY, MSG_ACCEPTED, null verifier, SUCCESS; then COMPOUND OK, empty tag,
+    // 3 results: PUTROOTFH ok, LOOKUP ok, then GETFH with a 4 GiB file handle length.
+    let huge_fh = be32(&[1, 0, 0, 0, 0, 0, 0, 3, 24, 0, 15, 0, 10, 0, 0xFFFF_FFF0]);
+    // A tag claiming 2 GiB.
+    let huge_tag = be32(&[1, 0, 0, 0, 0, 0, 0x8000_0000]);
+    // More results than operations sent.
+    let many = be32(&[1, 0, 0, 0, 0, 0, 0, 1_000_000]);
+    // Not a reply at all.
+    let call = be32(&[0, 2, 100003, 4, 1]);
+    for (what, reply) in [
+        ("huge fh", huge_fh),
+        ("huge tag", huge_tag),
+        ("many results", many),
+        ("call", call),
+    ] {
+        let port = fake_server(reply);
+        let uri = format!("nfs://127.0.0.1:{port}/x?retries=1");
+        let e = open(&uri, &opts()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{what}: {e}");
+        assert!(e.to_string().contains("protocol error"), "{what}: {e}");
+        eprintln!("{what}: {e}");
+    }
+}

@@ -1,0 +1,408 @@
+//! GPU-machine helper for `scripts/gpu-check.sh` (feature `bench`). Prints JSON lines.
+//!
+//! ```text
+//! ts-gpu-bench gen FILE --gb 6.5            model-shaped bf16 safetensors file (pseudo-random)
+//! ts-gpu-bench digests FILE                 per-tensor SHA-256 computed on the CPU from the file
+//! ts-gpu-bench raw-read FILE [--threads 8]  O_DIRECT read of the whole file (16 MiB, N threads)
+//! ts-gpu-bench h2d [--mib 4096]             pinned host->device ceiling through this crate
+//! ts-gpu-bench load FILE [--device cuda:0] [--streams N] [--slots N] [--slot-size MiB]
+//!                        [--depth N] [--warm off|register|pread] [--digests] [--name NAME]
+//! ```
+//! `load` prints the same JSON keys as `tensorstream load --json` (seconds, gbps, bytes,
+//! peak_rss_bytes, first_tensor_seconds, tensors[{name, sha256}]).
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tensorstream_cuda::raw::driver::{copy_to_device, DeviceArena, HostSource};
+use tensorstream_cuda::*;
+use tensorstream_engine::format::safetensors::write_header;
+use tensorstream_engine::*;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = run(&args) {
+        eprintln!("ts-gpu-bench: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn num<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T> {
+    match flag(args, name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| Error::invalid(format!("{name} {v:?}: not a number"))),
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let cmd = args.first().map(String::as_str).unwrap_or("");
+    let file = || {
+        args.get(1)
+            .cloned()
+            .ok_or_else(|| Error::invalid(format!("{cmd}: FILE missing")))
+    };
+    match cmd {
+        "gen" => gen(&file()?, num(args, "--gb", 6.5f64)?),
+        "digests" => digests(&file()?),
+        "raw-read" => raw_read(&file()?, num(args, "--threads", 8usize)?),
+        "h2d" => h2d(num(args, "--mib", 4096usize)?),
+        "load" => load_cmd(&file()?, args),
+        _ => Err(Error::invalid(
+            "usage: ts-gpu-bench gen|digests|raw-read|h2d|load … (see the source header)",
+        )),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    l.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1024)
+}
+
+/// Llama-like layer shapes (hidden 4096, MLP 11008, vocab 32000) in bf16, as many layers as
+/// needed to reach `gb` GB.
+fn gen(path: &str, gb: f64) -> Result<()> {
+    let (h, m, v) = (4096u64, 11008u64, 32000u64);
+    let mut t: Vec<(String, DType, Vec<u64>, u64)> = Vec::new();
+    let mut push = |name: String, shape: Vec<u64>| {
+        let n = shape.iter().product::<u64>() * 2;
+        t.push((name, DType::BF16, shape, n));
+    };
+    push("model.embed_tokens.weight".into(), vec![v, h]);
+    let target = (gb * 1e9) as u64;
+    let layer = 4 * h * h * 2 + 3 * h * m * 2 + 2 * h * 2;
+    let layers = target.saturating_sub(2 * v * h * 2).div_ceil(layer).max(1);
+    for l in 0..layers {
+        for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            push(format!("model.layers.{l}.self_attn.{p}.weight"), vec![h, h]);
+        }
+        push(format!("model.layers.{l}.mlp.gate_proj.weight"), vec![m, h]);
+        push(format!("model.layers.{l}.mlp.up_proj.weight"), vec![m, h]);
+        push(format!("model.layers.{l}.mlp.down_proj.weight"), vec![h, m]);
+        push(format!("model.layers.{l}.input_layernorm.weight"), vec![h]);
+        push(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            vec![h],
+        );
+    }
+    push("model.norm.weight".into(), vec![h]);
+    push("lm_head.weight".into(), vec![v, h]);
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let header = write_header(&t, &meta)?;
+    let total: u64 = t.iter().map(|x| x.3).sum();
+    let start = Instant::now();
+    let f = std::fs::File::create(path).map_err(|e| Error::from_io(e, path))?;
+    let mut w = std::io::BufWriter::with_capacity(16 << 20, f);
+    w.write_all(&header).map_err(|e| Error::from_io(e, path))?;
+    // xorshift64* words; bf16 values stay finite-ish (top exponent bits cleared).
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        for c in buf[..n].chunks_mut(8) {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let x = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) & 0x3FFF_3FFF_3FFF_3FFF).to_le_bytes();
+            c.copy_from_slice(&x[..c.len()]);
+        }
+        w.write_all(&buf[..n])
+            .map_err(|e| Error::from_io(e, path))?;
+        left -= n as u64;
+    }
+    let f = w
+        .into_inner()
+        .map_err(|e| Error::from_io(e.into_error(), path))?;
+    f.sync_all().map_err(|e| Error::from_io(e, path))?;
+    let bytes = header.len() as u64 + total;
+    println!(
+        "{}",
+        json!({"name": "gen", "file": path, "bytes": bytes, "tensors": t.len(), "secs": start.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
+fn index_of(path: &str) -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
+    let be = tensorstream_backends::open(path, &tensorstream_backends::OpenOptions::default())?;
+    let meta = be.stat()?;
+    let index = format::read_index(be.as_ref(), &meta)?;
+    Ok((be, meta, index))
+}
+
+fn digests(path: &str) -> Result<()> {
+    let (_, _, index) = index_of(path)?;
+    let f = std::fs::File::open(path).map_err(|e| Error::from_io(e, path))?;
+    let start = Instant::now();
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let next = AtomicU64::new(0);
+    let mut out = vec![String::new(); index.tensors.len()];
+    let slots: Vec<std::sync::Mutex<&mut String>> =
+        out.iter_mut().map(std::sync::Mutex::new).collect();
+    let res: Vec<Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = vec![0u8; 8 << 20];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst) as usize;
+                        let Some(t) = index.tensors.get(i) else {
+                            return Ok(());
+                        };
+                        let mut h = Sha256::new();
+                        if t.source == TensorSource::Stored {
+                            let mut off = t.range.start;
+                            while off < t.range.end {
+                                let n = (t.range.end - off).min(buf.len() as u64) as usize;
+                                f.read_exact_at(&mut buf[..n], off)
+                                    .map_err(|e| Error::from_io(e, "reading tensor bytes"))?;
+                                h.update(&buf[..n]);
+                                off += n as u64;
+                            }
+                        }
+                        if let Ok(mut g) = slots[i].lock() {
+                            **g = hex(&h.finalize());
+                        }
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("hash thread panicked")))
+            })
+            .collect()
+    });
+    for r in res {
+        r?;
+    }
+    drop(slots);
+    let tensors: Vec<_> = index
+        .tensors
+        .iter()
+        .zip(&out)
+        .map(|(t, d)| json!({"name": t.name, "sha256": d}))
+        .collect();
+    println!(
+        "{}",
+        json!({"name": "cpu digests", "secs": start.elapsed().as_secs_f64(), "tensors": tensors})
+    );
+    Ok(())
+}
+
+fn raw_read(path: &str, threads: usize) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| Error::from_io(e, format!("open O_DIRECT {path}")))?;
+    let len = f.metadata().map_err(|e| Error::from_io(e, path))?.len();
+    let chunk = 16u64 << 20;
+    let next = AtomicU64::new(0);
+    let total = AtomicU64::new(0);
+    let start = Instant::now();
+    let res: Vec<Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = IoBuf::aligned(chunk as usize, 4096)?;
+                    loop {
+                        let off = next.fetch_add(chunk, Ordering::SeqCst);
+                        if off >= len {
+                            return Ok(());
+                        }
+                        let n = f
+                            .read_at(buf.as_mut_slice(), off)
+                            .map_err(|e| Error::from_io(e, "O_DIRECT read"))?;
+                        total.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("read thread panicked")))
+            })
+            .collect()
+    });
+    for r in res {
+        r?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = total.load(Ordering::SeqCst);
+    println!(
+        "{}",
+        json!({"name": format!("raw O_DIRECT read ({threads} threads x 16 MiB)"), "secs": secs, "gbps": n as f64 / secs / 1e9, "bytes": n, "cold": true})
+    );
+    Ok(())
+}
+
+fn h2d(mib: usize) -> Result<()> {
+    let opts = CudaOptions {
+        slots: 4,
+        slot_size: 64 << 20,
+        ..Default::default()
+    };
+    let dev = CudaDevice::open(0, &opts)?;
+    let bytes = (mib as u64) << 20;
+    let arena = Arc::new(DeviceArena::alloc(&device_context(&dev)?, 64 << 20)?);
+    for streams in [1usize, 2] {
+        let mut slots = dev.take_slots()?;
+        let mut q = std::collections::VecDeque::new();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut k = 0usize;
+        while sent < bytes {
+            let slot = match slots.pop() {
+                Some(s) => s,
+                None => {
+                    let f: tensorstream_cuda::raw::driver::InFlight = q
+                        .pop_front()
+                        .ok_or_else(|| Error::invalid("no copy in flight"))?;
+                    match f.wait()?.0 {
+                        Some(HostSource::Slot(s)) => s,
+                        _ => return Err(Error::invalid("copy lost its slot")),
+                    }
+                }
+            };
+            let n = slot.len() as u64;
+            let ops = [tensorstream_cuda::copy::CopyOp {
+                src: 0,
+                dst: 0,
+                len: n,
+            }];
+            let stream = stream_of(&dev, k % streams)?;
+            let ev = tensorstream_cuda::raw::driver::new_event(&device_context(&dev)?)?;
+            q.push_back(
+                copy_to_device(&arena, HostSource::Slot(slot), &ops, &stream, ev)
+                    .map_err(|e| e.error)?,
+            );
+            sent += n;
+            k += 1;
+        }
+        while let Some(f) = q.pop_front() {
+            f.wait()?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            json!({"name": format!("pinned h2d 64 MiB copies, {streams} stream(s)"), "secs": secs, "gbps": sent as f64 / secs / 1e9, "bytes": sent})
+        );
+    }
+    Ok(())
+}
+
+fn device_context(dev: &CudaDevice) -> Result<Arc<cudarc::driver::CudaContext>> {
+    Ok(dev.cuda_context().clone())
+}
+
+fn stream_of(dev: &CudaDevice, i: usize) -> Result<Arc<cudarc::driver::CudaStream>> {
+    Ok(dev.cuda_stream(i).clone())
+}
+
+fn load_cmd(path: &str, args: &[String]) -> Result<()> {
+    let start = Instant::now();
+    let ordinal = parse_device(&flag(args, "--device").unwrap_or_else(|| "cuda:0".into()))?;
+    let d = CudaOptions::default();
+    let opts = CudaOptions {
+        streams: num(args, "--streams", d.streams)?,
+        slots: num(args, "--slots", d.slots)?,
+        slot_size: num(args, "--slot-size", d.slot_size >> 20)? << 20,
+        warm_threads: num(args, "--warm-threads", d.warm_threads)?,
+        warm_piece: num(args, "--warm-piece", d.warm_piece >> 20)? << 20,
+        ..d
+    };
+    let warm = flag(args, "--warm").unwrap_or_else(|| "off".into());
+    let dev = CudaDevice::open(ordinal, &opts)?;
+    let t_open = start.elapsed().as_secs_f64();
+    let (be, meta, index) = index_of(path)?;
+    let caps = be.capabilities();
+    let mut po = PlanOptions::new(meta.size);
+    po.layout = Layout::Packed {
+        align: TENSOR_ALIGN,
+    };
+    po.alignment = caps.alignment.max(1) as u64;
+    po.chunk_size = dev.options().slot_size as u64;
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let plan = Arc::new(plan(&index, &sel, &po)?);
+    let t_load = start.elapsed().as_secs_f64();
+    let (model, mode) = match warm.as_str() {
+        "off" => {
+            let eo = EngineOptions {
+                queue_depth: num(args, "--depth", dev.options().slots)?,
+                ring_budget: dev.options().slots * dev.options().slot_size,
+                progress: None,
+            };
+            (
+                load(&dev, be, &meta, index, plan, &eo)?.0,
+                "ring".to_string(),
+            )
+        }
+        "register" | "pread" => {
+            let s = if warm == "register" {
+                WarmStrategy::Register
+            } else {
+                WarmStrategy::Pread
+            };
+            let (m, st) = load_mapped(&dev, Path::new(path), index, &plan, s, None)?;
+            (m, format!("mapped {s:?} {st:?}"))
+        }
+        other => {
+            return Err(Error::invalid(format!(
+                "--warm {other:?}: off|register|pread"
+            )))
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = model.nbytes();
+    let rss = peak_rss();
+    let mut tensors = Vec::new();
+    if args.iter().any(|a| a == "--digests") {
+        for t in model.tensors() {
+            let mut h = Sha256::new();
+            model.read_chunks(&t, 64 << 20, |c| {
+                h.update(c);
+                Ok(())
+            })?;
+            tensors.push(json!({"name": t.name, "sha256": hex(&h.finalize())}));
+        }
+    }
+    // From the start of the command (device open and index read included), like `seconds`.
+    let first = model.times().first_tensor.map(|d| t_load + d.as_secs_f64());
+    let name = flag(args, "--name").unwrap_or_else(|| format!("ts-gpu-bench load ({mode})"));
+    println!(
+        "{}",
+        json!({"name": name, "seconds": secs, "gbps": bytes as f64 / secs / 1e9, "bytes": bytes,
+               "peak_rss_bytes": rss, "first_tensor_seconds": first, "device_open_seconds": t_open,
+               "tensors": tensors, "mode": mode})
+    );
+    model.release()
+}

@@ -1,0 +1,241 @@
+//! A CUDA device opened for loading: context, copy streams, the pinned staging region
+//! (allocated once, reused by every load) and an event pool.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
+use tensorstream_engine::{Error, IoBuf, Result};
+
+use crate::raw::driver::{self, device_error};
+use crate::raw::pinned::{PinnedRegion, PAGE};
+
+/// How the warm page-cache path is used (see [`crate::warm`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WarmMode {
+    /// Never: every load goes through the engine and the staging ring (the default until the
+    /// mapped path has been measured on a GPU).
+    Off,
+    /// Use the mapped path when at least this fraction (0..=1) of the file is in the page
+    /// cache.
+    Auto(f64),
+    /// Always use the mapped path for local files.
+    Force,
+}
+
+/// Knobs of a device load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaOptions {
+    /// CUDA streams copies are spread over (round-robin), at least 1; default 2.
+    pub streams: usize,
+    /// Pinned staging slots, at least 2; default 8.
+    pub slots: usize,
+    /// Bytes per slot (rounded up to 4 KiB); the planner's chunk size must not exceed it.
+    /// Default 16 MiB (8 × 16 MiB = 128 MiB of pinned host memory).
+    pub slot_size: usize,
+    /// Warm page-cache path; default [`WarmMode::Off`].
+    pub warm: WarmMode,
+    /// Threads of the warm path; default 4.
+    pub warm_threads: usize,
+    /// Bytes per registered piece in the warm path; default 64 MiB.
+    pub warm_piece: usize,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            streams: 2,
+            slots: 8,
+            slot_size: 16 << 20,
+            warm: WarmMode::Off,
+            warm_threads: 4,
+            warm_piece: 64 << 20,
+        }
+    }
+}
+
+impl CudaOptions {
+    /// Checks and normalises the options (slot size rounded up to whole pages).
+    pub fn validated(&self) -> Result<CudaOptions> {
+        let mut o = self.clone();
+        if o.streams == 0 || o.streams > 64 {
+            return Err(Error::invalid(format!(
+                "--streams {} : expected 1..=64",
+                o.streams
+            )));
+        }
+        if o.slots < 2 || o.slots > 4096 {
+            return Err(Error::invalid(format!(
+                "--slots {} : expected 2..=4096",
+                o.slots
+            )));
+        }
+        if o.slot_size == 0 {
+            return Err(Error::invalid("--slot-size must be positive"));
+        }
+        o.slot_size = o
+            .slot_size
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| Error::invalid("--slot-size overflows"))?;
+        o.slots
+            .checked_mul(o.slot_size)
+            .filter(|&t| t <= (64usize << 30))
+            .ok_or_else(|| Error::invalid("staging ring (slots × slot size) exceeds 64 GiB"))?;
+        if let WarmMode::Auto(f) = o.warm {
+            if !(0.0..=1.0).contains(&f) {
+                return Err(Error::invalid(format!(
+                    "warm residency threshold {f} is not in 0..=1"
+                )));
+            }
+        }
+        o.warm_threads = o.warm_threads.clamp(1, 64);
+        o.warm_piece = o
+            .warm_piece
+            .max(PAGE)
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| Error::invalid("warm piece size overflows"))?;
+        Ok(o)
+    }
+}
+
+/// Parses a device string: `cuda`, `cuda:N` (or `gpu:N`). Returns the ordinal.
+pub fn parse_device(s: &str) -> Result<usize> {
+    let t = s.trim().to_ascii_lowercase();
+    let rest = t
+        .strip_prefix("cuda")
+        .or_else(|| t.strip_prefix("gpu"))
+        .ok_or_else(|| Error::invalid(format!("device {s:?}: expected \"cuda:N\"")))?;
+    if rest.is_empty() {
+        return Ok(0);
+    }
+    rest.strip_prefix(':')
+        .and_then(|n| n.parse::<usize>().ok())
+        .ok_or_else(|| Error::invalid(format!("device {s:?}: expected \"cuda:N\"")))
+}
+
+/// True when the CUDA driver library can be loaded (no device needed).
+pub fn driver_present() -> bool {
+    driver::driver_present()
+}
+
+/// Number of CUDA devices; a Device error when there is no driver.
+pub fn device_count() -> Result<usize> {
+    driver::device_count()
+}
+
+/// An opened device: context, streams, pinned staging, event pool.
+#[derive(Debug)]
+pub struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    streams: Vec<Arc<CudaStream>>,
+    staging: Mutex<Arc<PinnedRegion>>,
+    events: Mutex<Vec<CudaEvent>>,
+    opts: CudaOptions,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: checks the driver and the device exist (clear errors, never a
+    /// panic), creates the streams and pins the staging region once.
+    pub fn open(ordinal: usize, opts: &CudaOptions) -> Result<Arc<Self>> {
+        let opts = opts.validated()?;
+        let ctx = driver::open_context(ordinal)?;
+        let mut streams = Vec::with_capacity(opts.streams);
+        for _ in 0..opts.streams {
+            streams.push(
+                ctx.new_stream()
+                    .map_err(|e| device_error("creating a CUDA stream", e))?,
+            );
+        }
+        let staging = PinnedRegion::new(&ctx, opts.slots * opts.slot_size)?;
+        Ok(Arc::new(CudaDevice {
+            ordinal,
+            ctx,
+            streams,
+            staging: Mutex::new(staging),
+            events: Mutex::new(Vec::new()),
+            opts,
+        }))
+    }
+
+    /// The device ordinal (`cuda:N`).
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// The options in effect (normalised).
+    pub fn options(&self) -> &CudaOptions {
+        &self.opts
+    }
+    /// The device's name.
+    pub fn name(&self) -> Result<String> {
+        self.ctx
+            .name()
+            .map_err(|e| device_error("querying the device name", e))
+    }
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| device_error("querying device memory", e))
+    }
+    /// True when the device can host-register memory read-only (the mapped warm path).
+    pub fn supports_read_only_registration(&self) -> bool {
+        driver::device_attribute(
+            &self.ctx,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED,
+        )
+        .is_ok_and(|v| v > 0)
+    }
+
+    /// The cudarc context (for callers that issue their own CUDA work on this device).
+    pub fn cuda_context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// Copy stream `i` (modulo the stream count).
+    pub fn cuda_stream(&self, i: usize) -> &Arc<CudaStream> {
+        self.stream(i)
+    }
+
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    pub(crate) fn stream(&self, i: usize) -> &Arc<CudaStream> {
+        &self.streams[i % self.streams.len()]
+    }
+    pub(crate) fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The pinned staging slots (all of them). Fails while a previous load still holds them.
+    pub fn take_slots(&self) -> Result<Vec<IoBuf>> {
+        let mut g = self
+            .staging
+            .lock()
+            .map_err(|_| Error::invalid("staging lock poisoned"))?;
+        PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
+            .map_err(|e| e.context(format!("cuda:{}", self.ordinal)))
+    }
+
+    pub(crate) fn event(&self) -> Result<CudaEvent> {
+        if let Some(ev) = self.events.lock().ok().and_then(|mut v| v.pop()) {
+            return Ok(ev);
+        }
+        driver::new_event(&self.ctx)
+    }
+
+    pub(crate) fn recycle_event(&self, ev: CudaEvent) {
+        if let Ok(mut v) = self.events.lock() {
+            if v.len() < 1024 {
+                v.push(ev);
+            }
+        }
+    }
+
+    /// Waits for every stream; reports the first error.
+    pub fn synchronize(&self) -> Result<()> {
+        for s in &self.streams {
+            s.synchronize()
+                .map_err(|e| device_error("waiting for a CUDA stream", e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! [`DeviceModel`]: tensors loaded into one device arena.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tensorstream_engine::{DType, Error, Plan, Result, TensorIndex};
+
+use crate::device::CudaDevice;
+use crate::raw::driver::DeviceArena;
+
+/// Timing of a device load as the watcher observed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadTimes {
+    /// From the start of the load until the first tensor was on the device.
+    pub first_tensor: Option<Duration>,
+    /// From the start of the load until the last tensor was on the device.
+    pub last_tensor: Option<Duration>,
+}
+
+/// One tensor on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceTensor<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: &'a [u64],
+    /// Offset of the data in the object it came from.
+    pub offset: u64,
+    /// Device address of the first data byte (aligned as the plan asked, ≥ 256 B for GPU plans).
+    pub ptr: u64,
+    /// Data bytes.
+    pub len: u64,
+    arena_off: u64,
+}
+
+/// Tensors loaded into GPU memory: one arena, per-tensor device pointers.
+pub struct DeviceModel {
+    dev: Arc<CudaDevice>,
+    arena: Option<Arc<DeviceArena>>,
+    index: TensorIndex,
+    /// (tensor index, arena offset, len), sorted by tensor index.
+    entries: Vec<(usize, u64, u64)>,
+    times: LoadTimes,
+}
+
+impl std::fmt::Debug for DeviceModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceModel")
+            .field("device", &self.dev.ordinal())
+            .field("tensors", &self.entries.len())
+            .field("arena_len", &self.arena_len())
+            .finish()
+    }
+}
+
+impl DeviceModel {
+    pub(crate) fn new(
+        dev: Arc<CudaDevice>,
+        arena: Arc<DeviceArena>,
+        index: TensorIndex,
+        plan: &Plan,
+        times: LoadTimes,
+    ) -> Result<Self> {
+        let mut entries = Vec::with_capacity(plan.placements.len());
+        for p in &plan.placements {
+            if p.dest.checked_add(p.len).is_none_or(|e| e > arena.len()) {
+                return Err(Error::invalid("tensor lies outside the device arena"));
+            }
+            if index.tensors.get(p.tensor).is_none() {
+                return Err(Error::invalid("plan names a tensor the index lacks"));
+            }
+            entries.push((p.tensor, p.dest, p.len));
+        }
+        entries.sort_by_key(|e| e.0);
+        Ok(DeviceModel {
+            dev,
+            arena: Some(arena),
+            index,
+            entries,
+            times,
+        })
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    /// True when no tensor was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// The index of the whole file.
+    pub fn index(&self) -> &TensorIndex {
+        &self.index
+    }
+    /// Device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.dev.ordinal()
+    }
+    /// Timing of the load (time to first tensor).
+    pub fn times(&self) -> LoadTimes {
+        self.times
+    }
+    /// Device address of the arena (0 after release).
+    pub fn arena_ptr(&self) -> u64 {
+        self.arena.as_ref().map_or(0, |a| a.base())
+    }
+    /// Bytes of the arena (0 after release).
+    pub fn arena_len(&self) -> u64 {
+        self.arena.as_ref().map_or(0, |a| a.len())
+    }
+    /// Bytes of tensor data held.
+    pub fn nbytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.2).sum()
+    }
+
+    fn view(&self, e: &(usize, u64, u64)) -> DeviceTensor<'_> {
+        let t = &self.index.tensors[e.0];
+        DeviceTensor {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            offset: t.range.start,
+            ptr: self.arena_ptr().wrapping_add(e.1),
+            len: e.2,
+            arena_off: e.1,
+        }
+    }
+
+    /// Tensors in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = DeviceTensor<'_>> {
+        self.entries.iter().map(|e| self.view(e))
+    }
+
+    /// A tensor by name.
+    pub fn get(&self, name: &str) -> Option<DeviceTensor<'_>> {
+        self.entries
+            .iter()
+            .find(|e| self.index.tensors[e.0].name == name)
+            .map(|e| self.view(e))
+    }
+
+    fn arena(&self) -> Result<&Arc<DeviceArena>> {
+        self.arena
+            .as_ref()
+            .ok_or_else(|| Error::invalid("device model was released"))
+    }
+
+    /// Streams a tensor's device bytes back to the host in chunks of at most `chunk` bytes
+    /// (bounded host memory, e.g. for hashing).
+    pub fn read_chunks(
+        &self,
+        t: &DeviceTensor<'_>,
+        chunk: usize,
+        mut f: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let arena = self.arena()?;
+        let chunk = chunk.clamp(1, 1 << 30);
+        let mut buf = vec![0u8; chunk.min(usize::try_from(t.len).unwrap_or(chunk))];
+        let mut off = 0u64;
+        while off < t.len {
+            let n = (t.len - off).min(buf.len() as u64) as usize;
+            arena.read(t.arena_off + off, &mut buf[..n])?;
+            f(&buf[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// A tensor's device bytes, copied back to a host vector.
+    pub fn to_host(&self, t: &DeviceTensor<'_>) -> Result<Vec<u8>> {
+        let n = usize::try_from(t.len).map_err(|_| Error::invalid("tensor too large"))?;
+        let mut v = vec![0u8; n];
+        self.arena()?.read(t.arena_off, &mut v)?;
+        Ok(v)
+    }
+
+    /// Frees the device memory now (waiting for the device), reporting any CUDA error.
+    pub fn release(mut self) -> Result<()> {
+        match self.arena.take() {
+            Some(a) => match Arc::try_unwrap(a) {
+                Ok(a) => a.free(),
+                // Still referenced by a pending copy handle: freed when that goes away.
+                Err(_) => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! Raw CUDA driver calls behind a safe API: driver presence, contexts, the device arena,
+//! host→device copies guarded by events, memsets and device→host readback.
+//!
+//! The rule that makes asynchronous copies sound: the host memory a copy reads (a staging slot
+//! or a registered piece of a mapped file) and the device arena it writes are owned by the
+//! [`InFlight`] value until the copy's event has completed. Dropping an `InFlight` waits for the
+//! event; if even that fails, the host memory is leaked rather than reused.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
+use tensorstream_engine::{Error, ErrorKind, IoBuf, Result};
+
+use crate::copy::CopyOp;
+use crate::raw::mapped::Registered;
+
+/// Converts a driver error into the public error, naming what was being done.
+pub fn device_error(what: &str, e: DriverError) -> Error {
+    let name = e
+        .error_name()
+        .ok()
+        .and_then(|c| c.to_str().ok().map(str::to_owned))
+        .unwrap_or_else(|| format!("{:?}", e.0));
+    Error::new(ErrorKind::Device, format!("{what}: {name}")).with_source(e)
+}
+
+/// True when the CUDA driver library (`libcuda.so`) can be loaded. Nothing else in this crate
+/// touches the driver before this returned true (cudarc panics when the library is missing).
+pub fn driver_present() -> bool {
+    // SAFETY: `is_culib_present` only dlopen()s candidate library names and drops the handles;
+    // it calls no CUDA function.
+    unsafe { sys::is_culib_present() }
+}
+
+fn no_driver() -> Error {
+    Error::new(
+        ErrorKind::Device,
+        "no CUDA driver found (libcuda.so not loadable)",
+    )
+}
+
+/// Runs a driver call, turning a panic inside cudarc (a symbol missing from an old driver)
+/// into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => Err(Error::new(
+            ErrorKind::Device,
+            format!("{what}: the CUDA driver library lacks a required function (driver too old?)"),
+        )),
+    }
+}
+
+/// Number of CUDA devices (0 when the driver is present but sees no GPU).
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(no_driver());
+    }
+    guarded("initialising CUDA", || {
+        match result::init() {
+            Ok(()) => {}
+            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => return Ok(0),
+            Err(e) => return Err(device_error("initialising CUDA (cuInit)", e)),
+        }
+        let n =
+            result::device::get_count().map_err(|e| device_error("counting CUDA devices", e))?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    })
+}
+
+/// Opens (retains) the primary context of device `ordinal`, with clear errors when there is no
+/// driver or no such device.
+pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    let n = device_count()?;
+    if ordinal >= n {
+        return Err(Error::new(
+            ErrorKind::Device,
+            format!("CUDA device {ordinal} not present ({n} devices)"),
+        ));
+    }
+    guarded("opening the CUDA device", || {
+        CudaContext::new(ordinal)
+            .map_err(|e| device_error(&format!("opening CUDA device {ordinal}"), e))
+    })
+}
+
+/// A device attribute as an integer.
+pub fn device_attribute(ctx: &CudaContext, attr: sys::CUdevice_attribute) -> Result<i32> {
+    ctx.attribute(attr)
+        .map_err(|e| device_error("querying a device attribute", e))
+}
+
+fn bind(ctx: &CudaContext) -> Result<()> {
+    ctx.bind_to_thread()
+        .map_err(|e| device_error("making the CUDA context current", e))
+}
+
+/// One device allocation holding every selected tensor of a load.
+#[derive(Debug)]
+pub struct DeviceArena {
+    ptr: sys::CUdeviceptr,
+    len: u64,
+    ctx: Arc<CudaContext>,
+    freed: bool,
+}
+
+impl DeviceArena {
+    /// Allocates `len` bytes (at least one) on the context's device.
+    pub fn alloc(ctx: &Arc<CudaContext>, len: u64) -> Result<Self> {
+        let n = usize::try_from(len.max(1))
+            .map_err(|_| Error::invalid("device arena does not fit the address space"))?;
+        bind(ctx)?;
+        // SAFETY: cuMemAlloc with a non-zero size on the current context; the pointer is freed
+        // exactly once (in `free` or Drop).
+        let ptr = unsafe { result::malloc_sync(n) }.map_err(|e| {
+            device_error(
+                &format!(
+                    "allocating {len} bytes on CUDA device {} for the tensors",
+                    ctx.ordinal()
+                ),
+                e,
+            )
+        })?;
+        Ok(DeviceArena {
+            ptr,
+            len,
+            ctx: ctx.clone(),
+            freed: false,
+        })
+    }
+
+    /// Device address of the first byte.
+    pub fn base(&self) -> u64 {
+        self.ptr
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// True for an empty arena (one byte is still allocated).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The context the arena lives in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn check(&self, off: u64, len: u64) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "device range {off}+{len} lies outside the arena ({} bytes)",
+                self.len
+            ))),
+        }
+    }
+
+    fn check_stream(&self, stream: &CudaStream) -> Result<()> {
+        if stream.context() != &self.ctx {
+            return Err(Error::invalid("stream belongs to another CUDA context"));
+        }
+        Ok(())
+    }
+
+    /// Queues zeroing of `len` bytes at `off` on `stream`.
+    pub fn memset_async(&self, off: u64, len: u64, stream: &CudaStream) -> Result<()> {
+        self.check(off, len)?;
+        self.check_stream(stream)?;
+        if len == 0 {
+            return Ok(());
+        }
+        bind(&self.ctx)?;
+        // SAFETY: the range was checked to lie inside this live allocation; device memory only,
+        // no host memory is involved; the stream belongs to the arena's context.
+        unsafe { result::memset_d8_async(self.ptr + off, 0, len as usize, stream.cu_stream()) }
+            .map_err(|e| device_error("zeroing device memory (cuMemsetD8Async)", e))
+    }
+
+    /// Copies `dst.len()` bytes at arena offset `off` back to host memory (synchronous).
+    pub fn read(&self, off: u64, dst: &mut [u8]) -> Result<()> {
+        self.check(off, dst.len() as u64)?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        bind(&self.ctx)?;
+        // SAFETY: the source range lies inside this live allocation (checked); `dst` is an
+        // exclusive host slice of exactly the copied length; the call is synchronous, so `dst`
+        // is not touched after it returns.
+        unsafe { result::memcpy_dtoh_sync(dst, self.ptr + off) }
+            .map_err(|e| device_error("reading device memory back (cuMemcpyDtoH)", e))
+    }
+
+    /// Waits for all work on the device and frees the arena, reporting any error.
+    pub fn free(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        if self.freed {
+            return Ok(());
+        }
+        self.freed = true;
+        // A failed bind only reports an error stored earlier; freeing must still be attempted.
+        let bound = bind(&self.ctx);
+        let synced = self
+            .ctx
+            .synchronize()
+            .map_err(|e| device_error("waiting for the device before freeing the arena", e));
+        // SAFETY: `ptr` came from cuMemAlloc and is freed once (guarded by `freed`); every copy
+        // into it held an Arc to this arena, so none can still be pending once we get here
+        // (and the context was synchronized above).
+        let freed = unsafe { result::free_sync(self.ptr) }
+            .map_err(|e| device_error("freeing the device arena", e));
+        bound.and(synced).and(freed)
+    }
+}
+
+impl Drop for DeviceArena {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+/// Host memory a copy reads from, kept alive until the copy completed.
+#[derive(Debug)]
+pub enum HostSource {
+    /// A staging slot (pinned when it came from this crate).
+    Slot(IoBuf),
+    /// A host-registered piece of a mapped file.
+    Mapped(Registered),
+}
+
+impl HostSource {
+    fn ptr_len(&self) -> (*const u8, usize) {
+        match self {
+            HostSource::Slot(b) => (b.as_ptr(), b.len()),
+            HostSource::Mapped(r) => (r.as_ptr(), r.len()),
+        }
+    }
+}
+
+/// Copies (or memsets) queued on a stream, with the event that tells when they are done. Owns
+/// the host source and an Arc of the arena until then.
+#[derive(Debug)]
+pub struct InFlight {
+    source: Option<HostSource>,
+    event: Option<CudaEvent>,
+    arena: Arc<DeviceArena>,
+}
+
+/// Creates an event whose `synchronize` sleeps instead of spinning.
+pub fn new_event(ctx: &Arc<CudaContext>) -> Result<CudaEvent> {
+    ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+        .map_err(|e| device_error("creating a CUDA event", e))
+}
+
+/// A failed [`copy_to_device`]: the error, and the host source when it is safe to reuse.
+#[derive(Debug)]
+pub struct CopyError {
+    /// What went wrong.
+    pub error: Error,
+    /// The source, or `None` if the device could not confirm earlier copies stopped.
+    pub source: Option<HostSource>,
+}
+
+fn copy_err(error: Error, source: Option<HostSource>) -> Box<CopyError> {
+    Box::new(CopyError { error, source })
+}
+
+/// Queues `copies` from `source` into `arena` on `stream` and records `event` after them.
+/// On error nothing is left pending: the source comes back (or `None` if the device could not
+/// confirm that earlier copies stopped, in which case the memory is deliberately leaked).
+pub fn copy_to_device(
+    arena: &Arc<DeviceArena>,
+    source: HostSource,
+    copies: &[CopyOp],
+    stream: &CudaStream,
+    event: CudaEvent,
+) -> std::result::Result<InFlight, Box<CopyError>> {
+    let (ptr, len) = source.ptr_len();
+    for c in copies {
+        let ok_src = c.src.checked_add(c.len).is_some_and(|e| e <= len as u64);
+        if !ok_src {
+            return Err(copy_err(
+                Error::invalid(format!(
+                    "copy of {} bytes at {} lies outside the {len}-byte host buffer",
+                    c.len, c.src
+                )),
+                Some(source),
+            ));
+        }
+        if let Err(e) = arena.check(c.dst, c.len) {
+            return Err(copy_err(e, Some(source)));
+        }
+    }
+    if let Err(e) = arena.check_stream(stream).and_then(|_| bind(&arena.ctx)) {
+        return Err(copy_err(e, Some(source)));
+    }
+    for c in copies.iter().filter(|c| c.len > 0) {
+        // SAFETY: source and destination ranges were checked above to lie inside the host
+        // buffer and the arena; both stay alive and untouched by anyone else until the event
+        // recorded below completes, because the returned InFlight owns the host buffer
+        // (exclusive IoBuf window or registered mapping) and an Arc of the arena, and waits
+        // for the event before giving either up.
+        let r = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                arena.ptr + c.dst,
+                ptr.add(c.src as usize).cast(),
+                c.len as usize,
+                stream.cu_stream(),
+            )
+        }
+        .result();
+        if let Err(e) = r {
+            let err = device_error("queueing a host-to-device copy (cuMemcpyHtoDAsync)", e);
+            return Err(copy_err(err, settle(stream, source)));
+        }
+    }
+    if let Err(e) = event.record(stream) {
+        let err = device_error("recording a CUDA event", e);
+        return Err(copy_err(err, settle(stream, source)));
+    }
+    Ok(InFlight {
+        source: Some(source),
+        event: Some(event),
+        arena: arena.clone(),
+    })
+}
+
+/// After a failed submission: wait for what was queued; give the source back only if that
+/// worked.
+fn settle(stream: &CudaStream, source: HostSource) -> Option<HostSource> {
+    match stream.synchronize() {
+        Ok(()) => Some(source),
+        Err(_) => {
+            std::mem::forget(source);
+            None
+        }
+    }
+}
+
+/// Records `event` on `stream` after work that reads no host memory (memsets).
+pub fn mark(arena: &Arc<DeviceArena>, stream: &CudaStream, event: CudaEvent) -> Result<InFlight> {
+    arena.check_stream(stream)?;
+    event
+        .record(stream)
+        .map_err(|e| device_error("recording a CUDA event", e))?;
+    Ok(InFlight {
+        source: None,
+        event: Some(event),
+        arena: arena.clone(),
+    })
+}
+
+impl InFlight {
+    /// True once the work completed (never blocks).
+    pub fn is_done(&self) -> Result<bool> {
+        match &self.event {
+            Some(ev) => ev
+                .try_is_complete()
+                .map_err(|e| device_error("querying a CUDA event", e)),
+            None => Ok(true),
+        }
+    }
+
+    /// Waits for the work; gives back the host source and the event for reuse.
+    pub fn wait(mut self) -> Result<(Option<HostSource>, CudaEvent)> {
+        let ev = match self.event.take() {
+            Some(ev) => ev,
+            None => return Err(Error::invalid("copy already waited for")),
+        };
+        match ev.synchronize() {
+            Ok(()) => Ok((self.source.take(), ev)),
+            Err(e) => {
+                if let Some(s) = self.source.take() {
+                    std::mem::forget(s);
+                }
+                Err(device_error("host-to-device copy failed", e))
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(src) = self.source.take() else {
+            return;
+        };
+        let ok = match &self.event {
+            Some(ev) => ev.synchronize().is_ok(),
+            None => true,
+        };
+        if !ok {
+            // The device could not confirm the copy finished: never hand the memory back.
+            std::mem::forget(src);
+        }
+        let _ = &self.arena;
+    }
+}

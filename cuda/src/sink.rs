@@ -1,0 +1,313 @@
+//! [`CudaSink`]: the engine's sink for GPU loads.
+//!
+//! Every read lands in a pinned staging slot; `accept` queues one `cuMemcpyHtoDAsync` per
+//! contiguous run of the read's segments, from the slot to the tensors' places in the device
+//! arena, on the next stream (round-robin), records an event and hands the copy to the watcher
+//! thread. The watcher waits for the events in order, marks tensors as landed (streaming) and
+//! sends the slot back; `accept` returns whatever slots came back without blocking, and blocks
+//! only when the sink holds every slot (then the engine could not read anything anyway). So the
+//! read of slot k+1 overlaps the copy of slot k.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use cudarc::driver::CudaEvent;
+use tensorstream_engine::{Error, ErrorKind, IoBuf, Plan, Result, Sink, TensorIndex};
+
+use crate::copy::{coalesce, landed, read_copies, RoundRobin};
+use crate::device::{CudaDevice, CudaOptions};
+use crate::model::{DeviceModel, LoadTimes};
+use crate::raw::driver::{copy_to_device, mark, DeviceArena, HostSource, InFlight};
+use crate::tracker::{spawn_watcher, Job, Pending, Readiness, ReadyTensor, Report, SlotLedger};
+
+impl Pending for InFlight {
+    type Done = (Option<HostSource>, CudaEvent);
+    fn wait(self) -> Result<Self::Done> {
+        InFlight::wait(self)
+    }
+}
+
+type Done = (Option<HostSource>, CudaEvent);
+
+struct Loading {
+    plan: Arc<Plan>,
+    arena: Arc<DeviceArena>,
+    readiness: Arc<Mutex<Readiness>>,
+    jobs: Option<Sender<Job<InFlight>>>,
+    reports: Receiver<Report<Done>>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+/// Sink that loads a plan into one device arena through the pinned staging ring.
+pub struct CudaSink {
+    dev: Arc<CudaDevice>,
+    state: Option<Loading>,
+    rr: RoundRobin,
+    slots: SlotLedger,
+    start: Instant,
+    subscriber: Option<Sender<ReadyTensor>>,
+    finished: bool,
+}
+
+impl CudaSink {
+    /// Opens device `ordinal` with `opts` and makes a sink for one load. With no driver or no
+    /// such device this is a [`ErrorKind::Device`] error, never a panic.
+    pub fn new(ordinal: usize, opts: &CudaOptions) -> Result<Self> {
+        Ok(Self::on(CudaDevice::open(ordinal, opts)?))
+    }
+
+    /// A sink on an already opened device (reuses its pinned staging and streams).
+    pub fn on(dev: Arc<CudaDevice>) -> Self {
+        let streams = dev.stream_count();
+        CudaSink {
+            dev,
+            state: None,
+            rr: RoundRobin::new(streams),
+            slots: SlotLedger::default(),
+            start: Instant::now(),
+            subscriber: None,
+            finished: false,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// Tensors as they land on the device (call before the load starts). The channel closes
+    /// when the load finished or failed.
+    pub fn subscribe(&mut self) -> Receiver<ReadyTensor> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.subscriber = Some(tx);
+        rx
+    }
+
+    /// The loaded model, after the engine finished with this sink.
+    pub fn into_model(mut self, index: TensorIndex) -> Result<DeviceModel> {
+        if !self.finished {
+            return Err(Error::invalid("CUDA sink: load did not finish"));
+        }
+        let st = self
+            .state
+            .take()
+            .ok_or_else(|| Error::invalid("CUDA sink was never prepared"))?;
+        let (first, last) = match st.readiness.lock() {
+            Ok(g) => (g.first(), g.last()),
+            Err(_) => (None, None),
+        };
+        DeviceModel::new(
+            self.dev.clone(),
+            st.arena.clone(),
+            index,
+            &st.plan,
+            LoadTimes {
+                first_tensor: first,
+                last_tensor: last,
+            },
+        )
+    }
+
+    fn loading(&mut self) -> Result<&mut Loading> {
+        self.state
+            .as_mut()
+            .ok_or_else(|| Error::invalid("CUDA sink was never prepared"))
+    }
+
+    /// Handles one watcher report; returns a freed slot if it carried one.
+    fn take_report(&mut self, rep: Report<Done>, out: &mut Vec<IoBuf>) -> Result<()> {
+        match rep {
+            Report::Done((src, ev)) => {
+                self.dev.recycle_event(ev);
+                if let Some(HostSource::Slot(b)) = src {
+                    self.slots.returned();
+                    out.push(b);
+                }
+                Ok(())
+            }
+            Report::Failed(e) => Err(e),
+        }
+    }
+
+    fn drain(&mut self, out: &mut Vec<IoBuf>) -> Result<()> {
+        loop {
+            let rep = match self.loading()?.reports.try_recv() {
+                Ok(r) => r,
+                Err(_) => return Ok(()),
+            };
+            self.take_report(rep, out)?;
+        }
+    }
+
+    fn shutdown(&mut self) -> Result<Vec<IoBuf>> {
+        let mut out = Vec::new();
+        let mut first_err: Option<Error> = None;
+        if let Some(st) = self.state.as_mut() {
+            st.jobs.take(); // the watcher finishes what is queued, then exits
+        }
+        loop {
+            let rep = match self.state.as_ref().map(|s| s.reports.recv()) {
+                Some(Ok(r)) => r,
+                _ => break,
+            };
+            if let Err(e) = self.take_report(rep, &mut out) {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(st) = self.state.as_mut() {
+            if let Some(h) = st.watcher.take() {
+                if h.join().is_err() {
+                    first_err
+                        .get_or_insert(Error::new(ErrorKind::Io, "CUDA watcher thread panicked"));
+                }
+            }
+            if let Ok(mut g) = st.readiness.lock() {
+                g.close();
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+impl Sink for CudaSink {
+    fn prepare(&mut self, plan: &Arc<Plan>) -> Result<Vec<Option<IoBuf>>> {
+        if self.state.is_some() {
+            return Err(Error::invalid("CUDA sink prepared twice"));
+        }
+        self.start = Instant::now();
+        let arena = Arc::new(DeviceArena::alloc(self.dev.context(), plan.arena_len)?);
+        if arena.base() % plan.arena_align.max(1) != 0 {
+            return Err(Error::new(
+                ErrorKind::Device,
+                format!(
+                    "device arena at {:#x} is not aligned to {} bytes",
+                    arena.base(),
+                    plan.arena_align
+                ),
+            ));
+        }
+        let readiness = Arc::new(Mutex::new(Readiness::new(
+            plan,
+            arena.base(),
+            self.start,
+            self.subscriber.take(),
+        )));
+        let (jobs, reports, watcher) = spawn_watcher::<InFlight>(readiness.clone())?;
+        // Synthesized (zero) tensors: memset on the device, on stream 0 before any copy.
+        let mut zero_landed = Vec::new();
+        let s0 = self.dev.stream(0).clone();
+        for (i, p) in plan.placements.iter().enumerate() {
+            if p.needed.is_empty() && p.len > 0 {
+                arena.memset_async(p.dest, p.len, &s0)?;
+                zero_landed.push((i, p.len));
+            }
+        }
+        if !zero_landed.is_empty() {
+            let ev = self.dev.event()?;
+            let pending = mark(&arena, &s0, ev)?;
+            let _ = jobs.send(Job {
+                pending,
+                landed: zero_landed,
+            });
+        }
+        self.state = Some(Loading {
+            plan: plan.clone(),
+            arena,
+            readiness,
+            jobs: Some(jobs),
+            reports,
+            watcher: Some(watcher),
+        });
+        Ok(plan.reads.iter().map(|_| None).collect())
+    }
+
+    fn accept(&mut self, read: usize, buf: IoBuf) -> Result<Vec<IoBuf>> {
+        let (plan, arena) = {
+            let st = self.loading()?;
+            (st.plan.clone(), st.arena.clone())
+        };
+        let op = plan
+            .reads
+            .get(read)
+            .ok_or_else(|| Error::invalid(format!("read #{read} is not in the plan")))?;
+        let segs = read_copies(op, buf.len() as u64, arena.len())?;
+        let copies = coalesce(&segs);
+        let stream = self.dev.stream(self.rr.next_index()).clone();
+        let ev = self.dev.event()?;
+        let pending = match copy_to_device(&arena, HostSource::Slot(buf), &copies, &stream, ev) {
+            Ok(p) => p,
+            Err(e) => return Err(e.error.with_range(op.obj.clone())),
+        };
+        self.slots.queued();
+        let sent = self
+            .loading()?
+            .jobs
+            .as_ref()
+            .map(|j| {
+                j.send(Job {
+                    pending,
+                    landed: landed(&segs),
+                })
+                .is_ok()
+            })
+            .unwrap_or(false);
+        if !sent {
+            return Err(Error::new(ErrorKind::Io, "CUDA watcher thread is gone"));
+        }
+        let mut out = Vec::new();
+        self.drain(&mut out)?;
+        // Block only when every slot is queued for the device: the engine has none to read into.
+        while self.slots.must_wait(out.len()) {
+            let rep = self
+                .loading()?
+                .reports
+                .recv_timeout(Duration::from_secs(600))
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        "no host-to-device copy completed within 600 s",
+                    )
+                })?;
+            self.take_report(rep, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn finish(&mut self) -> Result<Vec<IoBuf>> {
+        let out = self.shutdown()?;
+        self.dev.synchronize()?;
+        if let Some(st) = self.state.as_ref() {
+            match st.readiness.lock() {
+                Ok(g) => g.check_complete()?,
+                Err(_) => return Err(Error::invalid("readiness lock poisoned")),
+            }
+        }
+        self.finished = true;
+        Ok(out)
+    }
+
+    fn staging(&mut self, _count: usize, slot_size: usize) -> Result<Option<Vec<IoBuf>>> {
+        let have = self.dev.options().slot_size;
+        if slot_size > have {
+            return Err(Error::invalid(format!(
+                "plan reads of up to {slot_size} bytes do not fit the {have}-byte pinned slots; \
+                 plan with a chunk size of at most the slot size (--slot-size)"
+            )));
+        }
+        let slots = self.dev.take_slots()?;
+        self.slots.lend(slots.len());
+        Ok(Some(slots))
+    }
+}
+
+impl Drop for CudaSink {
+    fn drop(&mut self) {
+        // Wait for queued copies before the slots and the arena can go away.
+        let _ = self.shutdown();
+    }
+}

@@ -1,0 +1,342 @@
+//! The warm page-cache path: load a local file that is already in the page cache without the
+//! CPU copying it.
+//!
+//! Measured on the GPU machine (DESIGN.md): one thread of buffered reads into pinned buffers
+//! reaches 7 GB/s, 4–16 threads 18–22 GB/s (memcpy bound), while mapping the file and
+//! host-registering it read-only lets the copy engine read the page cache at the PCIe ceiling
+//! (55 GB/s) — but registering the whole file first took 0.17–0.21 s, which done in series caps
+//! the whole at 17–19 GB/s. So this path maps the file, cuts the wanted bytes into page-aligned
+//! pieces ([`crate::copy::pieces`]) and has several threads each register a piece
+//! (`cuMemHostRegister(READ_ONLY)`), queue its copies on a stream, and register the next piece
+//! while that copy runs; a piece is unregistered once its event completed. Where registration
+//! is refused (no driver support, a file system that cannot pin its pages) the thread falls back
+//! to buffered `pread` into its pinned bounce slots plus async copies — the "several reader
+//! threads" design — for that and every later piece.
+//!
+//! Not measured yet on a GPU: [`crate::WarmMode::Off`] is the default until `scripts/gpu-check.sh`
+//! has compared it with the staging ring.
+
+use std::collections::VecDeque;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use tensorstream_engine::{Error, ErrorKind, IoBuf, Plan, Result, TensorIndex};
+
+use crate::copy::{clip, coalesce, landed, pieces, Piece};
+use crate::device::{CudaDevice, WarmMode};
+use crate::model::{DeviceModel, LoadTimes};
+use crate::raw::driver::{copy_to_device, DeviceArena, HostSource, InFlight};
+use crate::raw::mapped::MappedFile;
+use crate::raw::pinned::PAGE;
+use crate::tracker::{Readiness, ReadyTensor};
+
+/// How the warm path moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmStrategy {
+    /// Register mapped pieces read-only and let the copy engine read them (falls back to
+    /// `Pread` per piece when registration is refused).
+    Register,
+    /// Buffered `pread` on several threads into pinned slots, then async copies.
+    Pread,
+}
+
+/// What the warm path did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WarmStats {
+    /// Pieces the plan was cut into.
+    pub pieces: usize,
+    /// Pieces copied straight from registered page-cache pages.
+    pub registered: usize,
+    /// Pieces that went through `pread` + pinned slots.
+    pub fallback: usize,
+    /// Worker threads used.
+    pub threads: usize,
+    /// Why registration was abandoned, if it was.
+    pub refused: Option<String>,
+}
+
+/// Fraction (0..=1) of `path` that is in the page cache.
+pub fn residency(path: &Path) -> Result<f64> {
+    MappedFile::open(path)?.resident_fraction()
+}
+
+/// Whether `mode` picks the mapped path for `path`.
+pub fn use_mapped(mode: WarmMode, path: &Path) -> Result<bool> {
+    match mode {
+        WarmMode::Off => Ok(false),
+        WarmMode::Force => Ok(true),
+        WarmMode::Auto(min) => Ok(residency(path)? >= min),
+    }
+}
+
+struct Shared<'a> {
+    dev: &'a Arc<CudaDevice>,
+    arena: &'a Arc<DeviceArena>,
+    map: &'a Arc<MappedFile>,
+    pieces: &'a [Piece],
+    next: AtomicUsize,
+    stop: AtomicBool,
+    refused: Mutex<Option<String>>,
+    registered: AtomicUsize,
+    fallback: AtomicUsize,
+    readiness: &'a Mutex<Readiness>,
+    strategy: WarmStrategy,
+}
+
+/// Loads `plan` from the local file `path` (whose index is `index`) onto `dev` through the
+/// mapped warm path. `subscriber` receives tensors as they land.
+pub fn load_mapped(
+    dev: &Arc<CudaDevice>,
+    path: &Path,
+    index: TensorIndex,
+    plan: &Plan,
+    strategy: WarmStrategy,
+    subscriber: Option<Sender<ReadyTensor>>,
+) -> Result<(DeviceModel, WarmStats)> {
+    let start = Instant::now();
+    let loc = path.display().to_string();
+    let map = MappedFile::open(path).map_err(|e| e.with_location(&loc))?;
+    if map.len() as u64 != index.object_size {
+        return Err(Error::new(
+            ErrorKind::ObjectChanged,
+            format!(
+                "file is {} bytes, but was {} bytes when its index was read",
+                map.len(),
+                index.object_size
+            ),
+        )
+        .with_location(&loc));
+    }
+    let arena = Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?);
+    if arena.base() % plan.arena_align.max(1) != 0 {
+        return Err(Error::new(
+            ErrorKind::Device,
+            "device arena is not aligned as the plan requires",
+        ));
+    }
+    let readiness = Mutex::new(Readiness::new(plan, arena.base(), start, subscriber));
+    // Synthesized tensors: zero them first.
+    let s0 = dev.stream(0).clone();
+    let mut zeros = Vec::new();
+    for (i, p) in plan.placements.iter().enumerate() {
+        if p.needed.is_empty() && p.len > 0 {
+            arena.memset_async(p.dest, p.len, &s0)?;
+            zeros.push((i, p.len));
+        }
+    }
+    if !zeros.is_empty() {
+        dev.synchronize()?;
+        lock(&readiness)?.complete(&zeros)?;
+    }
+    let pieces = pieces(
+        plan,
+        dev.options().warm_piece as u64,
+        PAGE as u64,
+        1 << 20,
+        map.len() as u64,
+    )
+    .map_err(|e| e.with_location(&loc))?;
+    let mut slots = dev.take_slots()?;
+    let threads = dev
+        .options()
+        .warm_threads
+        .min(pieces.len().max(1))
+        .min((slots.len() / 2).max(1));
+    let mut per_thread: Vec<Vec<IoBuf>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, s) in slots.drain(..).enumerate() {
+        per_thread[i % threads].push(s);
+    }
+    let shared = Shared {
+        dev,
+        arena: &arena,
+        map: &map,
+        pieces: &pieces,
+        next: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        refused: Mutex::new(None),
+        registered: AtomicUsize::new(0),
+        fallback: AtomicUsize::new(0),
+        readiness: &readiness,
+        strategy,
+    };
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = per_thread
+            .into_iter()
+            .enumerate()
+            .map(|(t, bounce)| {
+                let sh = &shared;
+                s.spawn(move || {
+                    let r = worker(sh, t, bounce);
+                    if r.is_err() {
+                        sh.stop.store(true, Ordering::SeqCst);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "warm-path thread panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r.map_err(|e| e.with_location(&loc))?;
+    }
+    dev.synchronize()?;
+    let times = {
+        let mut g = lock(&readiness)?;
+        g.check_complete()?;
+        g.close();
+        LoadTimes {
+            first_tensor: g.first(),
+            last_tensor: g.last(),
+        }
+    };
+    let stats = WarmStats {
+        pieces: pieces.len(),
+        registered: shared.registered.load(Ordering::SeqCst),
+        fallback: shared.fallback.load(Ordering::SeqCst),
+        threads,
+        refused: shared.refused.lock().ok().and_then(|g| g.clone()),
+    };
+    let model = DeviceModel::new(dev.clone(), arena, index, plan, times)?;
+    Ok((model, stats))
+}
+
+fn lock(m: &Mutex<Readiness>) -> Result<std::sync::MutexGuard<'_, Readiness>> {
+    m.lock()
+        .map_err(|_| Error::invalid("readiness lock poisoned"))
+}
+
+type Queue = VecDeque<(InFlight, Vec<(usize, u64)>)>;
+
+/// Waits for the oldest queued copy, recycles what it held, marks its tensors.
+fn retire(sh: &Shared<'_>, q: &mut Queue, bounce: &mut Vec<IoBuf>) -> Result<()> {
+    let Some((f, landed)) = q.pop_front() else {
+        return Ok(());
+    };
+    let (src, ev) = f.wait()?;
+    sh.dev.recycle_event(ev);
+    if let Some(HostSource::Slot(b)) = src {
+        bounce.push(b);
+    }
+    // A registered piece is unregistered here, on this thread, by dropping it.
+    lock(sh.readiness)?.complete(&landed)?;
+    Ok(())
+}
+
+fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
+    let stream = sh.dev.stream(t).clone();
+    let ctx = sh.dev.context();
+    let depth = bounce.len().max(2);
+    let mut q: Queue = VecDeque::new();
+    let run = (|| -> Result<()> {
+        loop {
+            if sh.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let k = sh.next.fetch_add(1, Ordering::SeqCst);
+            let Some(piece) = sh.pieces.get(k) else {
+                return Ok(());
+            };
+            let try_register = sh.strategy == WarmStrategy::Register && lock_refused(sh).is_none();
+            if try_register {
+                match sh.map.register(ctx, piece.obj.clone()) {
+                    Ok(reg) => {
+                        while q.len() >= 2 {
+                            retire(sh, &mut q, &mut bounce)?;
+                        }
+                        let ev = sh.dev.event()?;
+                        let copies = coalesce(&piece.copies);
+                        let f =
+                            copy_to_device(sh.arena, HostSource::Mapped(reg), &copies, &stream, ev)
+                                .map_err(|e| e.error)?;
+                        q.push_back((f, landed(&piece.copies)));
+                        sh.registered.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    Err(e) => {
+                        if let Ok(mut g) = sh.refused.lock() {
+                            g.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+            }
+            // pread fallback through this thread's pinned slots.
+            let mut off = piece.obj.start;
+            while off < piece.obj.end {
+                let slot_len = sh.dev.options().slot_size as u64;
+                let end = (off + slot_len).min(piece.obj.end);
+                let rel = (off - piece.obj.start)..(end - piece.obj.start);
+                let segs = clip(&piece.copies, rel);
+                if segs.is_empty() {
+                    off = end;
+                    continue;
+                }
+                let need = segs.iter().map(|c| c.src + c.len).max().unwrap_or(0) as usize;
+                while bounce.is_empty() || q.len() >= depth {
+                    retire(sh, &mut q, &mut bounce)?;
+                }
+                let mut slot = bounce
+                    .pop()
+                    .ok_or_else(|| Error::invalid("warm path: no bounce slot"))?;
+                if !slot.set_len(need) {
+                    return Err(Error::invalid("warm path: piece chunk larger than a slot"));
+                }
+                read_full(sh.map, &mut slot, off)?;
+                let ev = sh.dev.event()?;
+                let f = copy_to_device(
+                    sh.arena,
+                    HostSource::Slot(slot),
+                    &coalesce(&segs),
+                    &stream,
+                    ev,
+                )
+                .map_err(|e| e.error)?;
+                q.push_back((f, landed(&segs)));
+                off = end;
+            }
+            sh.fallback.fetch_add(1, Ordering::SeqCst);
+        }
+    })();
+    // Drain what is queued whatever happened (copies must finish before slots go away).
+    let mut drained = Ok(());
+    while !q.is_empty() {
+        if let Err(e) = retire(sh, &mut q, &mut bounce) {
+            drained = Err(e);
+        }
+    }
+    run.and(drained)
+}
+
+fn lock_refused(sh: &Shared<'_>) -> Option<String> {
+    sh.refused.lock().ok().and_then(|g| g.clone())
+}
+
+fn read_full(map: &MappedFile, slot: &mut IoBuf, off: u64) -> Result<()> {
+    let buf = slot.as_mut_slice();
+    let mut got = 0usize;
+    while got < buf.len() {
+        match map.file().read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => {
+                return Err(Error::corrupt(format!(
+                    "file ended at {} while {} bytes were expected from {off}",
+                    off + got as u64,
+                    buf.len()
+                ))
+                .with_range(off..off + buf.len() as u64))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::from_io(e, "reading the file (warm path)")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! Device tests. Without a CUDA driver or device the GPU tests print "skipped: no CUDA device"
+//! and return; the no-driver behaviour and option parsing are checked everywhere.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tensorstream_cuda::*;
+use tensorstream_engine::format::safetensors::write_header;
+use tensorstream_engine::*;
+
+fn fixtures() -> PathBuf {
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures"
+    ));
+    assert!(
+        p.join("manifest.json").is_file(),
+        "fixtures missing: {} (shared/ must sit beside the checkout)",
+        p.display()
+    );
+    p
+}
+
+/// The device to test on, or None (after saying so) when there is none.
+fn gpu(opts: &CudaOptions) -> Option<Arc<CudaDevice>> {
+    if !driver_present() {
+        println!("skipped: no CUDA device (no driver)");
+        return None;
+    }
+    match device_count() {
+        Ok(n) if n > 0 => {}
+        other => {
+            println!("skipped: no CUDA device ({other:?})");
+            return None;
+        }
+    }
+    Some(CudaDevice::open(0, opts).expect("opening cuda:0"))
+}
+
+fn small_ring() -> CudaOptions {
+    // Tiny slots so a small file cycles the ring many times and spans streams.
+    CudaOptions {
+        streams: 3,
+        slots: 3,
+        slot_size: 64 << 10,
+        warm_threads: 3,
+        warm_piece: 16 << 10,
+        ..CudaOptions::default()
+    }
+}
+
+fn sha(b: &[u8]) -> String {
+    let d = Sha256::digest(b);
+    d.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn no_driver_or_no_device_is_a_clear_error_not_a_panic() {
+    let r = CudaSink::new(0, &CudaOptions::default());
+    if !driver_present() {
+        let e = r.err().expect("no driver must be an error");
+        assert_eq!(e.kind(), ErrorKind::Device);
+        assert_eq!(
+            e.message(),
+            "no CUDA driver found (libcuda.so not loadable)"
+        );
+        let e = device_count().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Device);
+        let e = CudaDevice::open(3, &CudaOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("no CUDA driver found"), "{e}");
+    } else {
+        let n = device_count().unwrap();
+        let e = CudaSink::new(n + 3, &CudaOptions::default())
+            .err()
+            .expect("a missing device must be an error");
+        assert_eq!(e.kind(), ErrorKind::Device);
+        assert_eq!(
+            e.message(),
+            format!("CUDA device {} not present ({n} devices)", n + 3)
+        );
+    }
+}
+
+#[test]
+fn bad_options_are_rejected_before_touching_the_driver() {
+    for o in [
+        CudaOptions {
+            streams: 0,
+            ..Default::default()
+        },
+        CudaOptions {
+            slots: 1,
+            ..Default::default()
+        },
+        CudaOptions {
+            slot_size: 0,
+            ..Default::default()
+        },
+        CudaOptions {
+            warm: WarmMode::Auto(1.5),
+            ..Default::default()
+        },
+    ] {
+        let e = CudaDevice::open(0, &o).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{o:?}: {e}");
+    }
+    let o = CudaOptions {
+        slot_size: 5000,
+        ..Default::default()
+    }
+    .validated()
+    .unwrap();
+    assert_eq!(o.slot_size, 8192);
+}
+
+#[test]
+fn device_strings() {
+    assert_eq!(parse_device("cuda").unwrap(), 0);
+    assert_eq!(parse_device("cuda:3").unwrap(), 3);
+    assert_eq!(parse_device("CUDA:1").unwrap(), 1);
+    for bad in ["cpu", "cuda:", "cuda:x", "cuda:-1", "cuda3"] {
+        assert!(parse_device(bad).is_err(), "{bad}");
+    }
+}
+
+/// A model-shaped safetensors image with mixed sizes (some not multiples of 256, an empty one).
+fn model_file() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let sizes: [u64; 9] = [1000, 0, 7, 262_144, 3, 200_001, 1, 65_536, 140_000];
+    let tensors: Vec<(String, DType, Vec<u64>, u64)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("layer.{i}.w"), DType::U8, vec![n], n))
+        .collect();
+    let mut file = write_header(&tensors, &BTreeMap::new()).unwrap();
+    let mut datas = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let d: Vec<u8> = (0..n)
+            .map(|j| (j as u8).wrapping_mul(37).wrapping_add(i as u8 * 11) ^ (j >> 9) as u8)
+            .collect();
+        file.extend_from_slice(&d);
+        datas.push((format!("layer.{i}.w"), d));
+    }
+    (file, datas)
+}
+
+fn gpu_plan(index: &TensorIndex, chunk: u64) -> Arc<Plan> {
+    let mut o = PlanOptions::new(index.object_size);
+    o.layout = Layout::Packed {
+        align: TENSOR_ALIGN,
+    };
+    o.chunk_size = chunk;
+    o.alignment = 4096;
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    Arc::new(plan(index, &sel, &o).unwrap())
+}
+
+fn check_model(m: &DeviceModel, want: &[(String, Vec<u8>)]) {
+    assert_eq!(m.len(), want.len());
+    for (name, data) in want {
+        let t = m.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(t.len as usize, data.len());
+        if t.len > 0 {
+            assert_eq!(t.ptr % TENSOR_ALIGN, 0, "{name} not aligned");
+        }
+        assert_eq!(sha(&m.to_host(&t).unwrap()), sha(data), "{name}");
+        let mut h = Sha256::new();
+        m.read_chunks(&t, 4097, |c| {
+            h.update(c);
+            Ok(())
+        })
+        .unwrap();
+        let d: String = h.finalize().iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(d, sha(data), "{name} (chunked readback)");
+    }
+}
+
+#[test]
+fn gpu_generated_file_lands_byte_exact_through_the_ring() {
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let (file, want) = model_file();
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let plan = gpu_plan(&index, 64 << 10);
+    let eo = EngineOptions {
+        queue_depth: 4,
+        ..Default::default()
+    };
+    let (m, stats) = load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo).unwrap();
+    assert!(stats.reads as usize > 3, "the ring must cycle");
+    check_model(&m, &want);
+    assert!(m.times().first_tensor.is_some());
+    m.release().unwrap();
+
+    // Streaming: every tensor exactly once, then the model.
+    let mut s = load_streaming(&dev, be, meta, index, plan.clone(), eo).unwrap();
+    let mut seen: Vec<usize> = s.by_ref().map(|t| t.placement).collect();
+    let (m, _) = s.wait().unwrap();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..plan.placements.len()).collect::<Vec<_>>());
+    check_model(&m, &want);
+    // The pinned slots came back: a third load on the same device works.
+    m.release().unwrap();
+    assert_eq!(dev.take_slots().unwrap().len(), 3);
+}
+
+#[test]
+fn gpu_synthesized_tensors_are_zeroed_on_the_device() {
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let (file, _) = model_file();
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
+    let meta = be.stat().unwrap();
+    let mut index = format::read_index(be.as_ref(), &meta).unwrap();
+    index.tensors.push(TensorInfo {
+        name: "meta.zeros".into(),
+        dtype: DType::F32,
+        shape: vec![3, 1000],
+        range: 0..0,
+        source: TensorSource::Zeros,
+        path: None,
+        prefix: None,
+    });
+    let plan = gpu_plan(&index, 64 << 10);
+    let (m, _) = load(&dev, be, &meta, index, plan, &EngineOptions::default()).unwrap();
+    let t = m.get("meta.zeros").unwrap();
+    assert_eq!(t.len, 12_000);
+    assert!(m.to_host(&t).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn gpu_slot_smaller_than_reads_is_refused() {
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let (file, _) = model_file();
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let plan = gpu_plan(&index, 1 << 20); // reads larger than the 64 KiB slots
+    let e = load(&dev, be, &meta, index, plan, &EngineOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    // The failed load gave the slots back.
+    assert_eq!(dev.take_slots().unwrap().len(), 3);
+}
+
+#[test]
+fn gpu_mixed_fixture_matches_manifest() {
+    let dir = fixtures();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let want: Vec<(String, String)> = manifest["files"]["mixed.safetensors"]["tensors"]
+        .as_array()
+        .expect("manifest lists mixed.safetensors")
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_string(),
+                t["sha256"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(!want.is_empty());
+    let Some(dev) = gpu(&CudaOptions::default()) else {
+        return;
+    };
+    let bytes = std::fs::read(dir.join("mixed.safetensors")).unwrap();
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mixed.safetensors", bytes));
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let plan = gpu_plan(&index, 16 << 20);
+    let (m, _) = load(&dev, be, &meta, index, plan, &EngineOptions::default()).unwrap();
+    assert_eq!(m.len(), want.len());
+    for (name, digest) in &want {
+        let t = m.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(&sha(&m.to_host(&t).unwrap()), digest, "{name}");
+    }
+}
+
+#[test]
+fn gpu_warm_mapped_path_matches_both_strategies() {
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let (file, want) = model_file();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    std::fs::write(&path, &file).unwrap();
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let plan = gpu_plan(&index, 64 << 10);
+    assert!(residency(&path).unwrap() > 0.0);
+    for strategy in [WarmStrategy::Register, WarmStrategy::Pread] {
+        let (m, st) = load_mapped(&dev, &path, index.clone(), &plan, strategy, None).unwrap();
+        assert_eq!(st.registered + st.fallback, st.pieces, "{st:?}");
+        if strategy == WarmStrategy::Pread {
+            assert_eq!(st.registered, 0);
+        }
+        println!("{strategy:?}: {st:?}");
+        check_model(&m, &want);
+        m.release().unwrap();
+    }
+}

@@ -1,0 +1,313 @@
+//! `convert`: safetensors or tensorizer in, safetensors or tensorizer out (chosen by the output's
+//! extension), tensor by tensor.
+//!
+//! Memory: tensors that need no processing stream through one buffer of
+//! [`ConvertOptions::buffer_size`] bytes; a tensor that must be verified or decrypted is held whole
+//! while it is (so the bound is the largest such tensor, never the model). The output is written to
+//! a temporary file beside it and renamed into place only when everything succeeded.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use super::tensorizer::{self, KeySource, ReadOptions, Serializer, SerializerOptions, TensorSpec};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::index::{TensorIndex, TensorSource};
+
+/// Options of [`convert`].
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Verification / key for reading a tensorizer input.
+    pub read: ReadOptions,
+    /// Encrypt a tensorizer output with this key or password.
+    pub encrypt: Option<KeySource>,
+    /// Argon2id (opslimit, memlimit) when encrypting with a password.
+    pub pwhash_limits: (u64, u64),
+    /// Bytes per read when streaming.
+    pub buffer_size: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        let s = SerializerOptions::default();
+        ConvertOptions {
+            read: ReadOptions::default(),
+            encrypt: None,
+            pwhash_limits: s.pwhash_limits,
+            buffer_size: 8 << 20,
+        }
+    }
+}
+
+/// What [`convert`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct ConvertStats {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensor data bytes written (plaintext).
+    pub bytes: u64,
+}
+
+/// Output format, from the path's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// `.safetensors`
+    Safetensors,
+    /// `.tensors`
+    Tensorizer,
+}
+
+impl OutputFormat {
+    /// `.tensors` → tensorizer, `.safetensors` → safetensors.
+    pub fn from_path(p: &Path) -> Result<Self> {
+        match p.extension().and_then(|e| e.to_str()) {
+            Some("tensors") => Ok(OutputFormat::Tensorizer),
+            Some("safetensors") => Ok(OutputFormat::Safetensors),
+            _ => Err(Error::invalid(format!(
+                "cannot tell the output format of {}: use a .tensors or .safetensors extension",
+                p.display()
+            ))),
+        }
+    }
+}
+
+/// Converts the object behind `input` into `output`.
+pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Result<ConvertStats> {
+    let fmt = OutputFormat::from_path(output)?;
+    if opts.encrypt.is_some() && fmt != OutputFormat::Tensorizer {
+        return Err(Error::invalid("only .tensors outputs can be encrypted"));
+    }
+    let loc = input.location().to_string();
+    let meta = input.stat().map_err(|e| e.with_location(&loc))?;
+    let mut index = super::read_index(input, &meta)?;
+    let hook = tensorizer::prepare(&mut index, &opts.read).map_err(|e| e.with_location(&loc))?;
+    let tmp = temp_path(output);
+    let file =
+        File::create(&tmp).map_err(|e| Error::from_io(e, format!("creating {}", tmp.display())))?;
+    let result = (|| -> Result<ConvertStats> {
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let stats = match fmt {
+            OutputFormat::Safetensors => write_safetensors(input, &index, &hook, &mut w, opts)?,
+            OutputFormat::Tensorizer => {
+                let (stats, w2) = write_tensorizer(input, &index, &hook, w, opts)?;
+                w = w2;
+                stats
+            }
+        };
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::from_io(e.into_error(), "flushing output"))?;
+        f.sync_all()
+            .map_err(|e| Error::from_io(e, "syncing output"))?;
+        Ok(stats)
+    })();
+    match result {
+        Ok(stats) => {
+            std::fs::rename(&tmp, output)
+                .map_err(|e| Error::from_io(e, format!("renaming into {}", output.display())))?;
+            Ok(stats)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e.with_location(&loc))
+        }
+    }
+}
+
+fn temp_path(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    output.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Streams one tensor's plaintext to `sink` in pieces.
+fn for_each_piece(
+    input: &dyn Backend,
+    index: &TensorIndex,
+    ti: usize,
+    hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+    buf: &mut [u8],
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    let t = &index.tensors[ti];
+    let n = t.nbytes();
+    match (&t.source, hook) {
+        (TensorSource::Zeros, _) => {
+            buf.iter_mut().for_each(|b| *b = 0);
+            let mut left = n;
+            while left > 0 {
+                let k = (buf.len() as u64).min(left) as usize;
+                sink(&buf[..k])?;
+                left -= k as u64;
+            }
+        }
+        (TensorSource::Stored, Some(h)) => {
+            let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
+            let len = usize::try_from(t.range.end - start)
+                .map_err(|_| Error::invalid("tensor too large for this machine"))?;
+            let mut whole = vec![0u8; len];
+            read_full(input, start, &mut whole)?;
+            let data_start = (t.range.start - start) as usize;
+            h.process(ti, &mut whole, data_start)?;
+            sink(&whole[data_start..])?;
+        }
+        (TensorSource::Stored, None) => {
+            let mut off = t.range.start;
+            while off < t.range.end {
+                let k = (buf.len() as u64).min(t.range.end - off) as usize;
+                read_full(input, off, &mut buf[..k])?;
+                sink(&buf[..k])?;
+                off += k as u64;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn read_full(input: &dyn Backend, offset: u64, out: &mut [u8]) -> Result<()> {
+    let mut done = 0usize;
+    while done < out.len() {
+        let n = input.read_at(offset + done as u64, &mut out[done..])?;
+        if n == 0 {
+            return Err(Error::corrupt(format!(
+                "object ended at {} while reading {} bytes at {offset}",
+                offset + done as u64,
+                out.len()
+            )));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+fn write_safetensors(
+    input: &dyn Backend,
+    index: &TensorIndex,
+    hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+    w: &mut dyn Write,
+    opts: &ConvertOptions,
+) -> Result<ConvertStats> {
+    let entries: Vec<(String, crate::DType, Vec<u64>, u64)> = index
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.nbytes()))
+        .collect();
+    let metadata = index
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("tensorizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let header = super::safetensors::write_header(&entries, &metadata)?;
+    w.write_all(&header)
+        .map_err(|e| Error::from_io(e, "writing safetensors header"))?;
+    let mut buf = vec![0u8; opts.buffer_size.max(4096)];
+    let mut stats = ConvertStats::default();
+    for ti in 0..index.tensors.len() {
+        stats.bytes += for_each_piece(input, index, ti, hook, &mut buf, &mut |p| {
+            w.write_all(p)
+                .map_err(|e| Error::from_io(e, "writing safetensors data"))
+        })?;
+        stats.tensors += 1;
+    }
+    Ok(stats)
+}
+
+fn write_tensorizer<W: Write + Seek>(
+    input: &dyn Backend,
+    index: &TensorIndex,
+    hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+    w: W,
+    opts: &ConvertOptions,
+) -> Result<(ConvertStats, W)> {
+    let specs: Vec<TensorSpec> = index
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            path: t.path.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            meta: t.source == TensorSource::Zeros,
+        })
+        .collect();
+    let so = SerializerOptions {
+        encryption: opts.encrypt.clone(),
+        pwhash_limits: opts.pwhash_limits,
+        buffer_size: opts.buffer_size,
+    };
+    let mut ser = Serializer::new(w, &specs, &so)?;
+    let mut stats = ConvertStats::default();
+    for (ti, t) in index.tensors.iter().enumerate() {
+        if t.source == TensorSource::Zeros {
+            ser.write_tensor(&[])?;
+        } else {
+            // Feed the serializer through a reader that pulls pieces on demand.
+            let mut pieces = PieceReader::new(input, index, ti, hook)?;
+            ser.write_tensor_from(&mut pieces)?;
+        }
+        stats.bytes += t.nbytes();
+        stats.tensors += 1;
+    }
+    Ok((stats, ser.finish()?))
+}
+
+/// `Read` over one tensor's plaintext: chunks straight from the backend, or the processed whole
+/// tensor when a hook must see it first.
+struct PieceReader<'a> {
+    input: &'a dyn Backend,
+    off: u64,
+    end: u64,
+    whole: Option<(Vec<u8>, usize)>,
+}
+
+impl<'a> PieceReader<'a> {
+    fn new(
+        input: &'a dyn Backend,
+        index: &TensorIndex,
+        ti: usize,
+        hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+    ) -> Result<Self> {
+        let t = &index.tensors[ti];
+        let whole = match hook {
+            Some(h) => {
+                let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
+                let len = usize::try_from(t.range.end - start)
+                    .map_err(|_| Error::invalid("tensor too large for this machine"))?;
+                let mut whole = vec![0u8; len];
+                read_full(input, start, &mut whole)?;
+                let ds = (t.range.start - start) as usize;
+                h.process(ti, &mut whole, ds)?;
+                Some((whole, ds))
+            }
+            None => None,
+        };
+        Ok(PieceReader {
+            input,
+            off: t.range.start,
+            end: t.range.end,
+            whole,
+        })
+    }
+}
+
+impl Read for PieceReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if let Some((whole, pos)) = &mut self.whole {
+            let n = out.len().min(whole.len() - *pos);
+            out[..n].copy_from_slice(&whole[*pos..*pos + n]);
+            *pos += n;
+            return Ok(n);
+        }
+        let n = (out.len() as u64).min(self.end - self.off) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        read_full(self.input, self.off, &mut out[..n]).map_err(std::io::Error::other)?;
+        self.off += n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,155 @@
+//! Verification and decryption of loaded tensors, on the sink's worker threads.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::crypt::{self, KeySource, PwHash};
+use super::header;
+use super::index::encode_name;
+use crate::error::{Error, ErrorKind, Result};
+use crate::index::{TensorIndex, TensorSource};
+use crate::sink::TensorHook;
+
+struct Tensor {
+    name: String,
+    raw_name: Vec<u8>,
+    shape: Vec<u64>,
+    data_len: u64,
+    stored: bool,
+}
+
+/// Parses each tensor's per-tensor header (which must be loaded as the tensor's prefix), checks
+/// it against the index, decrypts the data in place and verifies the hashes.
+pub struct TensorizerHook {
+    tensors: Vec<Tensor>,
+    has_crypt: bool,
+    verify: bool,
+    key: Option<KeySource>,
+    derived: Mutex<HashMap<PwHash, [u8; 32]>>,
+}
+
+impl TensorizerHook {
+    /// A hook for `index` (a tensorizer index with header prefixes).
+    pub fn new(index: &TensorIndex, verify: bool, key: Option<KeySource>) -> Result<Self> {
+        let tensors = index
+            .tensors
+            .iter()
+            .map(|t| {
+                Ok(Tensor {
+                    name: t.name.clone(),
+                    raw_name: encode_name(&t.name, t.path.as_deref())?,
+                    shape: t.shape.clone(),
+                    data_len: t.range.end - t.range.start,
+                    stored: t.source == TensorSource::Stored,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TensorizerHook {
+            tensors,
+            has_crypt: super::is_encrypted(index),
+            verify,
+            key,
+            derived: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn key_for(&self, name: &str, kdf: Option<&PwHash>) -> Result<[u8; 32]> {
+        match (&self.key, kdf) {
+            (Some(KeySource::Key(k)), _) => Ok(*k),
+            (Some(KeySource::Password(_)), None) => Err(Error::invalid(format!(
+                "tensor {name:?} was encrypted with a raw key, not a password: give the key file instead"
+            ))),
+            (Some(KeySource::Password(pw)), Some(p)) => {
+                let mut cache = self
+                    .derived
+                    .lock()
+                    .map_err(|_| Error::new(ErrorKind::Io, "key cache poisoned"))?;
+                if let Some(k) = cache.get(p) {
+                    return Ok(*k);
+                }
+                let k = crypt::derive_key(pw, p)?;
+                cache.insert(p.clone(), k);
+                Ok(k)
+            }
+            (None, _) => Err(Error::invalid(format!(
+                "tensor {name:?} is encrypted but no key or password was given"
+            ))),
+        }
+    }
+}
+
+impl TensorHook for TensorizerHook {
+    fn process(&self, tensor: usize, bytes: &mut [u8], data_start: usize) -> Result<()> {
+        let t = self
+            .tensors
+            .get(tensor)
+            .ok_or_else(|| Error::invalid(format!("tensor #{tensor} is not in the index")))?;
+        if !t.stored {
+            return Ok(());
+        }
+        if data_start == 0 || data_start > bytes.len() {
+            return Err(Error::invalid(format!(
+                "tensor {:?}: its per-tensor header was not loaded with the data",
+                t.name
+            )));
+        }
+        let (hdr, data) = bytes.split_at_mut(data_start);
+        let ctx = |e: Error| e.context(format!("tensor {:?}", t.name));
+        let long = t.shape.iter().any(|&d| d > u32::MAX as u64);
+        let h = match header::parse(hdr, self.has_crypt, long) {
+            Ok(h) if h.shape == t.shape => h,
+            // An entry tagged for long dimensions may hold small ones: try the other width.
+            first => match header::parse(hdr, self.has_crypt, !long) {
+                Ok(h) if h.shape == t.shape => h,
+                _ => first.map_err(ctx)?,
+            },
+        };
+        if h.name != t.raw_name || h.shape != t.shape || h.data_length != t.data_len as i64 {
+            return Err(Error::corrupt(format!(
+                "tensor {:?}: per-tensor header (name {:?}, shape {:?}, {} bytes) disagrees with the index (shape {:?}, {} bytes)",
+                t.name,
+                String::from_utf8_lossy(&h.name),
+                h.shape,
+                h.data_length,
+                t.shape,
+                t.data_len
+            )));
+        }
+        if self.has_crypt {
+            let ci = h.crypt.as_ref().ok_or_else(|| {
+                Error::corrupt(format!("tensor {:?}: header lacks crypt info", t.name))
+            })?;
+            match &ci.cipher {
+                None if data.is_empty() => {}
+                None => {
+                    return Err(Error::corrupt(format!(
+                        "tensor {:?} is stored unencrypted inside an encrypted file",
+                        t.name
+                    )))
+                }
+                Some(_) if data.is_empty() => {}
+                Some(c) => {
+                    let key = self.key_for(&t.name, ci.kdf.as_ref())?;
+                    crypt::decrypt(&key, c, data).map_err(|why| {
+                        Error::new(
+                            ErrorKind::IntegrityMismatch,
+                            format!(
+                                "tensor {:?}: decryption failed ({why}): wrong key or password, or corrupted data",
+                                t.name
+                            ),
+                        )
+                    })?;
+                }
+            }
+        }
+        if self.verify {
+            header::verify(&h, data).map_err(|why| {
+                Error::new(
+                    ErrorKind::IntegrityMismatch,
+                    format!("tensor {:?} failed verification: {why}", t.name),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}

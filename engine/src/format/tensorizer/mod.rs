@@ -1,0 +1,120 @@
+//! CoreWeave tensorizer files: reader (data versions 1–5), hash verification, decryption, and a
+//! streaming writer ([`Serializer`]) producing files the reference tool (2.12) reads.
+//!
+//! * [`index`]: file header, feature flags, metadata index, dtype and name codecs.
+//! * [`header`]: per-tensor headers and their hashes.
+//! * [`crypt`]: XSalsa20-Poly1305 chunked encryption and Argon2id key derivation.
+//! * [`hook`]: the per-tensor [`crate::sink::TensorHook`] that verifies and decrypts while loading.
+//! * [`writer`]: the [`Serializer`].
+//!
+//! Loading: [`crate::format::read_index`] gives a [`TensorIndex`] whose stored tensors carry their
+//! per-tensor header as [`crate::TensorInfo::prefix`]; [`prepare`] drops those prefixes when
+//! nothing needs them, or returns the hook to pass to [`crate::HostSink::with_hook`].
+//!
+//! Meta tensors (stored with data length 0) load as zeros ([`crate::TensorSource::Zeros`]); their
+//! header-only hashes are not checked. Names stored as json-seq (0x1E + JSON array) are exposed as
+//! [`crate::TensorInfo::path`] with the components joined by `.` as the display name.
+
+pub mod crypt;
+pub mod header;
+pub mod hook;
+pub mod index;
+pub mod writer;
+
+use std::sync::Arc;
+
+pub use crypt::KeySource;
+pub use index::parse_prefix;
+pub use writer::{Serializer, SerializerOptions, TensorSpec};
+
+use crate::error::{Error, Result};
+use crate::index::{Format, TensorIndex};
+use crate::sink::TensorHook;
+
+/// File magic.
+pub const MAGIC: &[u8; 5] = b"|TZR|";
+/// Newest data version this reader understands.
+pub const MAX_VERSION: u32 = 5;
+/// Feature flag: per-tensor headers carry crypt info.
+pub const FLAG_ENCRYPTED: u128 = 1;
+/// Feature flag: index entries carry a u32 version tag (data version 5).
+pub const FLAG_VERSIONED_HEADERS: u128 = 2;
+/// Every flag this reader knows.
+pub const KNOWN_FLAGS: u128 = FLAG_ENCRYPTED | FLAG_VERSIONED_HEADERS;
+/// `TensorIndex::metadata` key set to `"true"` for encrypted tensorizer files.
+pub const META_ENCRYPTED: &str = "tensorizer.encrypted";
+
+/// What a load of a tensorizer file should do beyond copying bytes.
+#[derive(Debug, Clone, Default)]
+pub struct ReadOptions {
+    /// Check every tensor's CRC32 / SHA-256 against its header.
+    pub verify: bool,
+    /// Key or password for encrypted files.
+    pub key: Option<KeySource>,
+}
+
+/// True when the index comes from an encrypted tensorizer file.
+pub fn is_encrypted(index: &TensorIndex) -> bool {
+    index.format == Format::Tensorizer
+        && index.metadata.get(META_ENCRYPTED).map(String::as_str) == Some("true")
+}
+
+/// Number of worker threads for verification / decryption.
+pub fn hook_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8)
+}
+
+/// Readies `index` for a load with `opts`: returns the hook that verifies / decrypts (to pass to
+/// [`crate::HostSink::with_hook`]), or `None` and strips the per-tensor header prefixes when the
+/// load needs neither. Works for any format: a safetensors index passes through unchanged unless
+/// verification or a key is asked for, which is an error (safetensors has no checksums and no
+/// encryption).
+pub fn prepare(index: &mut TensorIndex, opts: &ReadOptions) -> Result<Option<Arc<dyn TensorHook>>> {
+    if index.format != Format::Tensorizer {
+        if opts.verify {
+            return Err(Error::unsupported(format!(
+                "{} files carry no checksums to verify",
+                index.format.name()
+            )));
+        }
+        if opts.key.is_some() {
+            return Err(Error::invalid(format!(
+                "{} files are never encrypted; no key or password is needed",
+                index.format.name()
+            )));
+        }
+        return Ok(None);
+    }
+    let encrypted = is_encrypted(index);
+    match (encrypted, &opts.key) {
+        (true, None) => {
+            return Err(Error::invalid(
+                "this tensorizer file is encrypted: give its key (--key-file) or password \
+                 (--password-file, TENSORSTREAM_PASSWORD)",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(Error::invalid(
+                "a key or password was given but this tensorizer file is not encrypted",
+            ))
+        }
+        _ => {}
+    }
+    if !encrypted && !opts.verify {
+        for t in &mut index.tensors {
+            t.prefix = None;
+        }
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(hook::TensorizerHook::new(
+        index,
+        opts.verify,
+        opts.key.clone(),
+    )?)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,319 @@
+//! Unit tests of the tensorizer reader and writer: hostile files, codecs, writer features.
+
+use std::io::Cursor as IoCursor;
+
+use serde_json::Value;
+
+use super::index::{
+    decode_name, dtype_from_tensorizer, dtype_to_tensorizer, encode_name, INDEX_START,
+};
+use super::*;
+use crate::backend::MemoryBackend;
+use crate::dtype::DType;
+use crate::error::ErrorKind;
+use crate::format::{read_index, Probe};
+use crate::index::TensorSource;
+use crate::Backend;
+
+fn spec(name: &str, dtype: DType, shape: &[u64]) -> TensorSpec {
+    TensorSpec {
+        name: name.into(),
+        path: None,
+        dtype,
+        shape: shape.to_vec(),
+        meta: false,
+    }
+}
+
+/// A small valid file: two f32 tensors of 4 and 8 elements.
+fn sample() -> Vec<u8> {
+    let specs = [spec("a", DType::F32, &[4]), spec("b", DType::F32, &[2, 4])];
+    let mut s = Serializer::new(
+        IoCursor::new(Vec::new()),
+        &specs,
+        &SerializerOptions::default(),
+    )
+    .unwrap();
+    s.write_tensor(&[1u8; 16]).unwrap();
+    s.write_tensor(&[2u8; 32]).unwrap();
+    s.finish().unwrap().into_inner()
+}
+
+fn index_of(bytes: &[u8]) -> crate::Result<crate::TensorIndex> {
+    let be = MemoryBackend::new("t.tensors", bytes.to_vec());
+    read_index(&be, &be.stat()?)
+}
+
+fn set_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn expect_err(bytes: &[u8], kind: ErrorKind, needle: &str) {
+    match index_of(bytes) {
+        Ok(_) => panic!("expected an error containing {needle:?}"),
+        Err(e) => {
+            assert_eq!(e.kind(), kind, "{e}");
+            assert!(e.to_string().contains(needle), "{needle:?} not in: {e}");
+        }
+    }
+}
+
+#[test]
+fn sample_parses_with_exact_index() {
+    let b = sample();
+    let idx = index_of(&b).unwrap();
+    assert_eq!(idx.version, 1);
+    assert_eq!(idx.tensors.len(), 2);
+    let a = idx.get("a").unwrap();
+    assert_eq!(a.dtype, DType::F32);
+    assert_eq!(&b[a.range.start as usize..a.range.end as usize], &[1u8; 16]);
+    // The index holds exactly the two entries: no 256 KiB reservation.
+    assert!(idx.header_len < 200, "{}", idx.header_len);
+    assert_eq!(&b[b.len() - 8..], &[0u8; 8], "end marker");
+}
+
+#[test]
+fn hostile_headers_and_indexes_fail_clearly() {
+    let good = sample();
+    // Wrong magic.
+    let mut b = good.clone();
+    b[3] = b'X';
+    expect_err(&b, ErrorKind::Corrupt, "magic");
+    // Unknown and invalid versions.
+    let mut b = good.clone();
+    b[5..9].copy_from_slice(&6u32.to_le_bytes());
+    expect_err(&b, ErrorKind::Unsupported, "data version 6");
+    b[5..9].copy_from_slice(&0u32.to_le_bytes());
+    expect_err(&b, ErrorKind::Corrupt, "version 0");
+    // Unknown feature flag (bit 2) in a v4 file; versioned flag before v5.
+    let mut b = good.clone();
+    b[5..9].copy_from_slice(&4u32.to_le_bytes());
+    b[9] = 4;
+    expect_err(&b, ErrorKind::Unsupported, "feature flags");
+    b[9] = 2;
+    expect_err(&b, ErrorKind::Corrupt, "versioned_headers");
+    // Index length past EOF.
+    let mut b = good.clone();
+    set_u64(&mut b, 65, 1 << 40);
+    expect_err(&b, ErrorKind::Corrupt, "runs past the end of the file");
+    // Truncated index: the stored length is too short for its entries.
+    let mut b = good.clone();
+    set_u64(&mut b, 65, 40);
+    expect_err(&b, ErrorKind::Corrupt, "truncated");
+    // More tensors than the index can hold.
+    let mut b = good.clone();
+    set_u64(&mut b, 57, 1_000_000);
+    expect_err(&b, ErrorKind::Corrupt, "cannot fit");
+    // File cut short: data offsets past EOF.
+    let idx = index_of(&good).unwrap();
+    let cut = idx.get("b").unwrap().range.start as usize + 3;
+    expect_err(&good[..cut], ErrorKind::Corrupt, "past the end of the file");
+    // File shorter than the fixed header.
+    expect_err(&good[..40], ErrorKind::Corrupt, "too short");
+    // A data length that disagrees with shape × dtype.
+    let mut b = good.clone();
+    let entry_a_len_at = INDEX_START as usize + 2 + 1 + 1 + 1 + 3 + 1 + 4 + 16;
+    set_u64(&mut b, entry_a_len_at, 12);
+    expect_err(&b, ErrorKind::Corrupt, "needs 16 bytes");
+}
+
+#[test]
+fn probe_asks_for_exactly_the_stored_index_length() {
+    let mut b = sample();
+    // Pretend the index is 300 KiB (beyond the reference's 256 KiB) by padding it.
+    let idx_len = u64::from_le_bytes(b[65..73].try_into().unwrap());
+    let pad = 300 * 1024 - idx_len as usize;
+    let at = (INDEX_START + idx_len) as usize;
+    b.splice(at..at, std::iter::repeat_n(0u8, pad));
+    set_u64(&mut b, 65, 300 * 1024);
+    match parse_prefix(&b[..100], b.len() as u64).unwrap() {
+        Probe::NeedPrefix(n) => assert_eq!(n, INDEX_START + 300 * 1024),
+        Probe::Index(_) => panic!("index cannot be complete in 100 bytes"),
+    }
+}
+
+#[test]
+fn per_tensor_header_size_must_agree_with_the_index() {
+    let b = sample();
+    let idx = index_of(&b).unwrap();
+    let a = idx.get("a").unwrap().clone();
+    let p = a.prefix.clone().unwrap();
+    let mut hdr = b[p.start as usize..a.range.end as usize].to_vec();
+    let h = hook::TensorizerHook::new(&idx, true, None).unwrap();
+    use crate::sink::TensorHook;
+    let ai = idx.tensors.iter().position(|t| t.name == "a").unwrap();
+    let ds = (a.range.start - p.start) as usize;
+    h.process(ai, &mut hdr.clone(), ds).unwrap();
+    set_u64(&mut hdr, 0, 9999);
+    let e = h.process(ai, &mut hdr, ds).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("says it is 9999 bytes"), "{e}");
+}
+
+#[test]
+fn dtypes_round_trip_and_reject_unknowns() {
+    for d in DType::ALL {
+        match dtype_to_tensorizer(d) {
+            Ok(s) => assert_eq!(dtype_from_tensorizer(s).unwrap(), d, "{s:?}"),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Unsupported),
+        }
+    }
+    assert_eq!(dtype_from_tensorizer("<c8").unwrap(), DType::C64);
+    assert_eq!(dtype_from_tensorizer("<c16").unwrap(), DType::C128);
+    assert_eq!(
+        dtype_from_tensorizer("<V2\0torch.bfloat16").unwrap(),
+        DType::BF16
+    );
+    assert!(dtype_from_tensorizer(">f4")
+        .unwrap_err()
+        .to_string()
+        .contains("big-endian"));
+    assert!(dtype_from_tensorizer("|V1\0torch.bfloat16").is_err());
+    assert!(dtype_from_tensorizer("<V2\0torch.quint8").is_err());
+    assert!(dtype_from_tensorizer("<V2\0a\0b").is_err());
+}
+
+#[test]
+fn names_round_trip_like_the_reference() {
+    let path = vec![
+        Value::from("model"),
+        Value::from(3),
+        Value::from("w\u{e9}\"\u{1F600}"),
+    ];
+    let raw = encode_name("ignored", Some(&path)).unwrap();
+    assert_eq!(
+        raw,
+        b"\x1e[\"model\",3,\"w\\u00e9\\\"\\ud83d\\ude00\"]".to_vec()
+    );
+    let (display, p) = decode_name(&raw).unwrap();
+    assert_eq!(display, "model.3.w\u{e9}\"\u{1F600}");
+    assert_eq!(p.unwrap(), path);
+    assert_eq!(
+        encode_name("x", Some(&[Value::from("solo")])).unwrap(),
+        b"solo"
+    );
+    assert_eq!(decode_name(b"plain.name").unwrap().0, "plain.name");
+    for bad in [
+        &b"\x1e{}"[..],
+        b"\x1e[1.5]",
+        b"\x1e[-1]",
+        b"\x1e[]",
+        b"\x1e[\"a\"\n]",
+        b"",
+        b"\xff",
+    ] {
+        assert!(decode_name(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn writer_picks_the_reference_data_version() {
+    let cases: Vec<(Vec<TensorSpec>, u32)> = vec![
+        (vec![spec("a", DType::F16, &[2])], 1),
+        (vec![spec("a", DType::BF16, &[2])], 2),
+        (
+            vec![TensorSpec {
+                meta: true,
+                ..spec("m", DType::F32, &[3])
+            }],
+            4,
+        ),
+    ];
+    for (specs, want) in cases {
+        let s = Serializer::new(
+            IoCursor::new(Vec::new()),
+            &specs,
+            &SerializerOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(s.version(), want);
+    }
+    // Long dimensions (a meta tensor, so no data): v5 with versioned index entries.
+    let specs = vec![
+        spec("small", DType::U8, &[3]),
+        TensorSpec {
+            meta: true,
+            ..spec("huge", DType::U8, &[1 << 32, 2])
+        },
+    ];
+    let mut s = Serializer::new(
+        IoCursor::new(Vec::new()),
+        &specs,
+        &SerializerOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(s.version(), 5);
+    s.write_tensor(&[1, 2, 3]).unwrap();
+    s.write_tensor(&[]).unwrap();
+    let b = s.finish().unwrap().into_inner();
+    let idx = index_of(&b).unwrap();
+    assert_eq!(idx.version, 5);
+    let h = idx.get("huge").unwrap();
+    assert_eq!(h.shape, vec![1 << 32, 2]);
+    assert_eq!(h.source, TensorSource::Zeros);
+    assert_eq!(h.nbytes(), 1 << 33);
+    // Verification of the small tensor through the hook (u32 dims next to a long entry).
+    let small = idx.get("small").unwrap();
+    let p = small.prefix.clone().unwrap();
+    let mut bytes = b[p.start as usize..small.range.end as usize].to_vec();
+    let hk = hook::TensorizerHook::new(&idx, true, None).unwrap();
+    use crate::sink::TensorHook;
+    let si = idx.tensors.iter().position(|t| t.name == "small").unwrap();
+    hk.process(si, &mut bytes, (small.range.start - p.start) as usize)
+        .unwrap();
+}
+
+#[test]
+fn writer_rejects_misuse() {
+    let specs = [spec("a", DType::U8, &[4])];
+    let mut s = Serializer::new(
+        IoCursor::new(Vec::new()),
+        &specs,
+        &SerializerOptions::default(),
+    )
+    .unwrap();
+    assert!(s.write_tensor(&[1, 2]).is_err());
+    let short: &mut dyn std::io::Read = &mut &[1u8, 2][..];
+    assert!(s.write_tensor_from(short).is_err());
+    let s = Serializer::new(
+        IoCursor::new(Vec::new()),
+        &specs,
+        &SerializerOptions::default(),
+    )
+    .unwrap();
+    assert!(s.finish().is_err());
+    let dup = [spec("a", DType::U8, &[1]), spec("a", DType::U8, &[1])];
+    assert!(Serializer::new(
+        IoCursor::new(Vec::new()),
+        &dup,
+        &SerializerOptions::default()
+    )
+    .is_err());
+    let f4 = [spec("a", DType::F4, &[2])];
+    assert!(Serializer::new(
+        IoCursor::new(Vec::new()),
+        &f4,
+        &SerializerOptions::default()
+    )
+    .is_err());
+}
+
+#[test]
+fn key_files_and_nonces() {
+    assert!(matches!(
+        KeySource::from_key_file(&[5u8; 32]).unwrap(),
+        KeySource::Key(k) if k == [5u8; 32]
+    ));
+    let hexkey = "00ff".repeat(16) + "\n";
+    match KeySource::from_key_file(hexkey.as_bytes()).unwrap() {
+        KeySource::Key(k) => assert_eq!(&k[..2], &[0, 255]),
+        _ => panic!(),
+    }
+    assert!(KeySource::from_key_file(b"short").is_err());
+    assert!(KeySource::from_key_file("zz".repeat(32).as_bytes()).is_err());
+    assert!(KeySource::password(b"\n").is_err());
+    let mut n = [0xffu8; 24];
+    n[1] = 7;
+    crypt::increment(&mut n);
+    assert_eq!(&n[..3], &[0, 8, 0xff]);
+}

@@ -1,0 +1,389 @@
+//! Tensorizer files written by the reference tool (shared/fixtures): every tensor's bytes match the
+//! manifest, through the engine, with and without verification, decrypted; round trips through
+//! `convert`; hostile files fail with clear errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tensorstream_engine::format::tensorizer::{self, KeySource, ReadOptions};
+use tensorstream_engine::*;
+
+fn fixtures() -> PathBuf {
+    let p = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures"
+    ));
+    assert!(
+        p.join("manifest.json").is_file(),
+        "fixtures missing at {} (shared/ must sit beside the checkout)",
+        p.display()
+    );
+    p.to_path_buf()
+}
+
+fn manifest() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Manifest names of nested state dicts are JSON arrays; the engine shows them dotted.
+fn display_name(n: &str) -> String {
+    if n.starts_with('[') {
+        let v: Vec<Value> = serde_json::from_str(n).unwrap();
+        v.iter()
+            .map(|c| match c {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    } else {
+        n.to_string()
+    }
+}
+
+fn key_for(entry: &Value) -> Option<KeySource> {
+    let enc = entry.get("encryption")?;
+    if let Some(h) = enc.get("key_hex").and_then(Value::as_str) {
+        return Some(KeySource::from_key_file(h.as_bytes()).unwrap());
+    }
+    enc.get("password")
+        .and_then(Value::as_str)
+        .map(|p| KeySource::password(p.as_bytes()).unwrap())
+}
+
+fn err<T>(r: Result<T>) -> Error {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Loads `bytes` through read_index → prepare → plan → execute → HostSink.
+fn load(bytes: Vec<u8>, opts: &ReadOptions, layout: Layout) -> Result<HostModel> {
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem.tensors", bytes));
+    let meta = be.stat()?;
+    let mut index = format::read_index(be.as_ref(), &meta)?;
+    let hook = tensorizer::prepare(&mut index, opts)?;
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let mut po = PlanOptions::new(meta.size);
+    po.layout = layout;
+    po.chunk_size = 1 << 20; // several reads per big tensor: pieces must be joined
+    let plan = Arc::new(plan(&index, &sel, &po)?);
+    let sink = match hook {
+        Some(h) => HostSink::with_hook(h, 3),
+        None => HostSink::new(),
+    };
+    let eo = EngineOptions {
+        queue_depth: 4,
+        ring_budget: 4 << 20,
+        progress: None,
+    };
+    let (sink, _) = execute(be, &meta, plan.clone(), sink, &eo)?;
+    let (arena, _) = sink.into_parts()?;
+    HostModel::new(arena, index, &plan)
+}
+
+fn check_against_manifest(file: &str, entry: &Value, m: &HostModel) {
+    let tensors = entry["tensors"].as_array().unwrap();
+    assert_eq!(m.len(), tensors.len(), "{file}: tensor count");
+    for t in tensors {
+        let name = display_name(t["name"].as_str().unwrap());
+        let v = m
+            .get(&name)
+            .unwrap_or_else(|| panic!("{file}: tensor {name} missing"));
+        let shape: Vec<u64> = t["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
+        assert_eq!(v.shape, &shape[..], "{file}/{name} shape");
+        assert_eq!(
+            v.data.len() as u64,
+            t["nbytes"].as_u64().unwrap(),
+            "{file}/{name} nbytes"
+        );
+        assert_eq!(
+            hex(&Sha256::digest(v.data)),
+            t["sha256"].as_str().unwrap(),
+            "{file}/{name} bytes differ from the reference reader's"
+        );
+        let want_dtype = match t["dtype"].as_str().unwrap() {
+            "bfloat16" => "bf16",
+            "float16" => "f16",
+            "float32" => "f32",
+            "float64" => "f64",
+            "int64" => "i64",
+            "int32" => "i32",
+            "int16" => "i16",
+            "int8" => "i8",
+            "uint8" => "u8",
+            "bool" => "bool",
+            "float8_e4m3fn" => "f8_e4m3",
+            "float8_e5m2" => "f8_e5m2",
+            other => panic!("manifest dtype {other} not mapped in the test"),
+        };
+        assert_eq!(v.dtype.name(), want_dtype, "{file}/{name} dtype");
+    }
+}
+
+fn tensorizer_entries() -> Vec<(String, Value)> {
+    let m = manifest();
+    let files = m["files"].as_object().unwrap();
+    let out: Vec<(String, Value)> = files
+        .iter()
+        .filter(|(_, v)| v["format"] == "tensorizer")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert!(out.len() >= 6, "manifest lists too few tensorizer files");
+    out
+}
+
+#[test]
+fn every_fixture_matches_the_manifest_with_and_without_verification() {
+    for (file, entry) in tensorizer_entries() {
+        let bytes = std::fs::read(fixtures().join(&file)).unwrap();
+        for verify in [false, true] {
+            for layout in [Layout::Mirror, Layout::Packed { align: 256 }] {
+                let opts = ReadOptions {
+                    verify,
+                    key: key_for(&entry),
+                };
+                let m = load(bytes.clone(), &opts, layout)
+                    .unwrap_or_else(|e| panic!("{file} verify={verify} {layout:?}: {e}"));
+                check_against_manifest(&file, &entry, &m);
+                assert_eq!(
+                    m.index().version as u64,
+                    entry["data_version"].as_u64().unwrap(),
+                    "{file} data version"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn nested_names_keep_their_path_and_meta_tensors_are_zeros() {
+    let bytes = std::fs::read(fixtures().join("v1_nested_state_dict.tensors")).unwrap();
+    let m = load(bytes, &ReadOptions::default(), Layout::Mirror).unwrap();
+    let t = m.index().get("model.layers.1.w").unwrap();
+    assert_eq!(
+        t.path.as_ref().unwrap(),
+        &vec![
+            Value::from("model"),
+            Value::from("layers"),
+            Value::from(1),
+            Value::from("w")
+        ]
+    );
+    assert!(m.index().get("head").unwrap().path.is_none());
+
+    let bytes = std::fs::read(fixtures().join("v4_module_with_meta.tensors")).unwrap();
+    let m = load(bytes, &ReadOptions::default(), Layout::Mirror).unwrap();
+    let t = m.index().get(".marker").unwrap();
+    assert_eq!(t.source, TensorSource::Zeros);
+    assert_eq!(m.get(".marker").unwrap().data, &[0u8; 4]);
+}
+
+#[test]
+fn encrypted_files_need_the_right_key() {
+    let m = manifest();
+    let key_file = std::fs::read(fixtures().join("v3_encrypted_key.tensors")).unwrap();
+    let pw_file = std::fs::read(fixtures().join("v3_encrypted_password.tensors")).unwrap();
+    // No key at all: refused before any data is read.
+    let e = err(load(
+        key_file.clone(),
+        &ReadOptions::default(),
+        Layout::Mirror,
+    ));
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("encrypted"), "{e}");
+    // Wrong raw key.
+    let wrong = ReadOptions {
+        verify: false,
+        key: Some(KeySource::Key([7u8; 32])),
+    };
+    let e = err(load(key_file.clone(), &wrong, Layout::Mirror));
+    assert_eq!(e.kind(), ErrorKind::IntegrityMismatch, "{e}");
+    assert!(e.to_string().contains("wrong key or password"), "{e}");
+    // Wrong password.
+    let wrong = ReadOptions {
+        verify: true,
+        key: Some(KeySource::password(b"incorrect horse").unwrap()),
+    };
+    let e = err(load(pw_file.clone(), &wrong, Layout::Packed { align: 256 }));
+    assert_eq!(e.kind(), ErrorKind::IntegrityMismatch, "{e}");
+    assert!(e.to_string().contains("\"w\""), "{e}");
+    // A password for a file encrypted with a raw key.
+    let e = err(load(key_file, &wrong, Layout::Mirror));
+    assert!(e.to_string().contains("raw key"), "{e}");
+    // A key for an unencrypted file.
+    let plain = std::fs::read(fixtures().join("v1_numpy_dtypes.tensors")).unwrap();
+    let e = err(load(
+        plain,
+        &ReadOptions {
+            verify: false,
+            key: Some(KeySource::Key([0; 32])),
+        },
+        Layout::Mirror,
+    ));
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    // The right password via the hex key of the other file is also refused (different key).
+    let hexkey = m["files"]["v3_encrypted_key.tensors"]["encryption"]["key_hex"]
+        .as_str()
+        .unwrap();
+    let e = err(load(
+        pw_file,
+        &ReadOptions {
+            verify: false,
+            key: Some(KeySource::from_key_file(hexkey.as_bytes()).unwrap()),
+        },
+        Layout::Mirror,
+    ));
+    assert_eq!(e.kind(), ErrorKind::IntegrityMismatch);
+}
+
+#[test]
+fn a_flipped_data_byte_fails_verification_naming_the_tensor() {
+    let mut bytes = std::fs::read(fixtures().join("v1_numpy_dtypes.tensors")).unwrap();
+    let be = MemoryBackend::new("x", bytes.clone());
+    let meta = be.stat().unwrap();
+    let index = format::read_index(&be, &meta).unwrap();
+    let t = index.get("layer.0.w").unwrap();
+    bytes[(t.range.start + 100) as usize] ^= 0x40;
+    // Without verification the flip goes unnoticed …
+    load(bytes.clone(), &ReadOptions::default(), Layout::Mirror).unwrap();
+    // … with it, the load fails and names the tensor.
+    for layout in [Layout::Mirror, Layout::Packed { align: 256 }] {
+        let e = err(load(
+            bytes.clone(),
+            &ReadOptions {
+                verify: true,
+                key: None,
+            },
+            layout,
+        ));
+        assert_eq!(e.kind(), ErrorKind::IntegrityMismatch, "{e}");
+        assert!(e.to_string().contains("layer.0.w"), "{e}");
+    }
+    // A flipped byte in an encrypted tensor breaks its MAC even without verification.
+    let mut enc = std::fs::read(fixtures().join("v3_encrypted_key.tensors")).unwrap();
+    let be = MemoryBackend::new("x", enc.clone());
+    let index = format::read_index(&be, &be.stat().unwrap()).unwrap();
+    let t = index.get("big.w").unwrap();
+    enc[(t.range.end - 5) as usize] ^= 1; // in the second 2 MiB chunk
+    let e = err(load(
+        enc,
+        &ReadOptions {
+            verify: false,
+            key: Some(KeySource::from_key_file(&(0u8..32).collect::<Vec<u8>>()).unwrap()),
+        },
+        Layout::Mirror,
+    ));
+    assert_eq!(e.kind(), ErrorKind::IntegrityMismatch, "{e}");
+    assert!(e.to_string().contains("chunk 1"), "{e}");
+}
+
+fn all_entries() -> Vec<(String, Value)> {
+    let m = manifest();
+    m["files"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[test]
+fn every_fixture_round_trips_through_convert() {
+    use tensorstream_engine::format::convert::{convert, ConvertOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let entries = all_entries();
+    assert!(entries.iter().any(|(_, v)| v["format"] == "safetensors"));
+    for (file, entry) in entries {
+        let src = std::fs::read(fixtures().join(&file)).unwrap();
+        let be = MemoryBackend::new(file.clone(), src);
+        for ext in ["tensors", "safetensors"] {
+            let out = dir.path().join(format!("{file}.{ext}"));
+            let opts = ConvertOptions {
+                read: ReadOptions {
+                    verify: entry["format"] == "tensorizer",
+                    key: key_for(&entry),
+                },
+                buffer_size: 4096, // many pieces per tensor
+                ..Default::default()
+            };
+            let stats = convert(&be, &out, &opts)
+                .unwrap_or_else(|e| panic!("convert {file} -> {ext}: {e}"));
+            assert_eq!(stats.tensors, entry["tensors"].as_array().unwrap().len());
+            let bytes = std::fs::read(&out).unwrap();
+            let verify = ext == "tensors";
+            let m = load(bytes, &ReadOptions { verify, key: None }, Layout::Mirror)
+                .unwrap_or_else(|e| panic!("load converted {file} -> {ext}: {e}"));
+            check_against_manifest(&file, &entry, &m);
+            if ext == "tensors" {
+                // Same data version as the reference would choose (encryption dropped → 1, 2 or 4).
+                let v = m.index().version;
+                assert!((1..=4).contains(&v) && v != 3, "{file}: version {v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn converted_files_can_be_encrypted_with_a_key_or_a_password() {
+    use tensorstream_engine::format::convert::{convert, ConvertOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let file = "v2_opaque_dtypes.tensors";
+    let entry = manifest()["files"][file].clone();
+    let be = MemoryBackend::new("in", std::fs::read(fixtures().join(file)).unwrap());
+    for (i, key) in [
+        KeySource::Key([9u8; 32]),
+        KeySource::password(b"hunter2").unwrap(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("enc{i}.tensors"));
+        let opts = ConvertOptions {
+            encrypt: Some(key.clone()),
+            pwhash_limits: (1, 8192),
+            ..Default::default()
+        };
+        convert(&be, &out, &opts).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let m = load(
+            bytes.clone(),
+            &ReadOptions {
+                verify: true,
+                key: Some(key),
+            },
+            Layout::Packed { align: 256 },
+        )
+        .unwrap();
+        check_against_manifest(file, &entry, &m);
+        assert_eq!(m.index().version, 3);
+        let e = err(load(
+            bytes,
+            &ReadOptions {
+                verify: true,
+                key: Some(KeySource::Key([1u8; 32])),
+            },
+            Layout::Mirror,
+        ));
+        assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::IntegrityMismatch | ErrorKind::InvalidInput
+            ),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! The conformance suite run against the in-memory backend (so the suite itself is tested), and
+//! against deliberately broken backends (so each kind of breakage is seen to fail the suite).
+//! Needs `--features testkit`.
+
+use std::sync::Arc;
+
+use tensorstream_engine::testkit::{self, Fixture};
+use tensorstream_engine::*;
+
+struct MemFixture;
+
+impl Fixture for MemFixture {
+    fn create(&self, name: &str, data: &[u8]) -> Result<Arc<dyn Backend>> {
+        Ok(Arc::new(MemoryBackend::new(name, data.to_vec())))
+    }
+    fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        Err(Error::new(ErrorKind::NotFound, "no such object").with_location(name))
+    }
+}
+
+#[test]
+fn memory_backend_passes_the_suite() {
+    testkit::run_all(&MemFixture);
+}
+
+/// What a broken backend gets wrong.
+#[derive(Debug, Clone, Copy)]
+enum Flaw {
+    /// Returns stale bytes past the end instead of 0.
+    GarbagePastEnd,
+    /// Flips one byte of every read at an offset above 1 MiB.
+    CorruptsData,
+    /// Reports a missing object as a generic I/O error.
+    MissingIsIo,
+    /// Claims an alignment that is not a power of two.
+    BadAlignment,
+    /// Writes a byte past the requested length.
+    Overruns,
+}
+
+#[derive(Debug)]
+struct Broken {
+    inner: MemoryBackend,
+    flaw: Flaw,
+}
+
+impl Backend for Broken {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> Capabilities {
+        let mut c = self.inner.capabilities();
+        c.kind = "broken";
+        if let Flaw::BadAlignment = self.flaw {
+            c.alignment = 3;
+        }
+        c
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let size = self.inner.stat()?.size;
+        match self.flaw {
+            Flaw::GarbagePastEnd if offset >= size => {
+                buf.fill(7);
+                Ok(buf.len())
+            }
+            Flaw::CorruptsData if offset > 1 << 20 && !buf.is_empty() => {
+                let n = self.inner.read_at(offset, buf)?;
+                if n > 0 {
+                    buf[0] ^= 0xFF;
+                }
+                Ok(n)
+            }
+            Flaw::Overruns => {
+                // Reads one byte into a larger window the caller never asked for: simulate by
+                // dirtying the last byte of a short read's unread tail.
+                let n = self.inner.read_at(offset, buf)?;
+                if n < buf.len() {
+                    buf[n] = 0;
+                }
+                Ok(n)
+            }
+            _ => self.inner.read_at(offset, buf),
+        }
+    }
+}
+
+struct BrokenFixture(Flaw);
+
+impl Fixture for BrokenFixture {
+    fn create(&self, name: &str, data: &[u8]) -> Result<Arc<dyn Backend>> {
+        Ok(Arc::new(Broken {
+            inner: MemoryBackend::new(name, data.to_vec()),
+            flaw: self.0,
+        }))
+    }
+    fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        match self.0 {
+            Flaw::MissingIsIo => Err(Error::new(ErrorKind::Io, "oops").with_location(name)),
+            _ => MemFixture.missing(name),
+        }
+    }
+}
+
+fn failure_message(flaw: Flaw) -> String {
+    let r = std::panic::catch_unwind(|| testkit::run_all(&BrokenFixture(flaw)));
+    let err = r.expect_err("the suite passed a broken backend");
+    err.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn broken_backends_fail_the_suite_with_a_named_check() {
+    for (flaw, check) in [
+        (Flaw::BadAlignment, "capabilities"),
+        (Flaw::GarbagePastEnd, "stat"),
+        (Flaw::CorruptsData, "read_at"),
+        (Flaw::Overruns, "read_at"),
+        (Flaw::MissingIsIo, "missing object"),
+    ] {
+        let msg = failure_message(flaw);
+        assert!(
+            msg.contains(&format!("testkit check '{check}' failed for ")),
+            "{flaw:?}: unexpected failure message {msg:?}"
+        );
+        if !matches!(flaw, Flaw::MissingIsIo) {
+            assert!(
+                msg.contains("broken backend"),
+                "{flaw:?}: message does not name the backend: {msg:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# GPU check (issue 3), run ON THE GPU MACHINE from the checkout root with .gpu/ carried along
+# (filled here by scripts/prepare-gpu-check.sh). Needs root (drops the page cache), python3 with
+# torch + safetensors (present there), ~15 GB free disk under $TS_GPU_WORK (default /tmp/ts-gpu).
+# Budget: ≤ 6 minutes. Writes results.jsonl and the table to $OUT when set.
+#   (a) every fixture -> cuda:0, device digests vs manifest
+#   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs CPU digests
+#   (c) cold (page cache dropped) and warm loads, raw O_DIRECT baseline, pinned h2d ceiling,
+#       peers_baseline.py on the same file in the same run
+#   (d) table last: tensorstream vs each peer, cold/warm GB/s, peak RSS, time to first tensor
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -x .gpu/bin/ts-gpu-bench ] || { echo "no .gpu/ here: run scripts/prepare-gpu-check.sh on the dev machine and carry .gpu" >&2; exit 2; }
+export PYTHONUNBUFFERED=1
+if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site
+fi
+exec python3 scripts/gpu_check.py "$@"

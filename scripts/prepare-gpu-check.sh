@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fills the git-ignored folder .gpu/ with everything scripts/gpu-check.sh needs on the GPU machine
+# (which has no Rust, no network and no ../shared): release binaries, fixtures, the peer script and
+# the peers' wheels. Keep it under the 64 MiB a device call may carry.
+# Usage: scripts/prepare-gpu-check.sh   then run `bash scripts/gpu-check.sh` there, carrying .gpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+[ -f "$SHARED/fixtures/manifest.json" ] || { echo "missing $SHARED/fixtures" >&2; exit 1; }
+cargo build --release --quiet --bin tensorstream
+cargo build --release --quiet -p tensorstream-cuda --features bench --bin ts-gpu-bench
+mkdir -p .gpu/bin .gpu/fixtures .gpu/wheels
+for b in tensorstream ts-gpu-bench; do
+  cp "$CARGO_TARGET_DIR/release/$b" .gpu/bin/
+  strip .gpu/bin/$b 2>/dev/null || true
+done
+cp "$SHARED"/fixtures/* .gpu/fixtures/
+cp "$SHARED/bench/peers_baseline.py" .gpu/
+if ! ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+  "$SHARED/bench/get-wheels.sh" .gpu/wheels
+fi
+git rev-parse --short HEAD > .gpu/COMMIT
+size=$(du -sm .gpu | cut -f1)
+echo ".gpu/ holds ${size} MiB (commit $(cat .gpu/COMMIT))"
+ls -la .gpu/bin
+[ "$size" -le 60 ] || { echo "too large to carry (> 60 MiB)" >&2; exit 1; }

@@ -1,0 +1,343 @@
+//! Command-line interface: argument parsing, subcommands, output.
+
+mod demo;
+mod output;
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tensorstream::{Device, Error, IoMode, Loader, OpenOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tensorstream",
+    version,
+    about = "Stream model weights from storage into host or GPU memory, fast",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List a file's tensors (reads only the metadata).
+    Inspect {
+        /// Path or URI of a safetensors / tensorizer file.
+        uri: String,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        io: IoArgs,
+    },
+    /// Load tensors into memory and report throughput.
+    Load {
+        /// Path or URI of a safetensors / tensorizer file.
+        uri: String,
+        /// Target device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Load only tensors whose name matches this glob (repeatable; any may match).
+        #[arg(long = "filter", value_name = "GLOB")]
+        filters: Vec<String>,
+        /// Print one JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// Compute the SHA-256 of every loaded tensor's bytes.
+        #[arg(long)]
+        digests: bool,
+        #[command(flatten)]
+        io: IoArgs,
+    },
+    /// Write a model-shaped safetensors file, load it, verify it, and compare with std::fs::read.
+    Demo {
+        /// Size of the generated model (e.g. 1GiB, 512MiB, 2G).
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        /// Directory for the temporary file (default: $TMPDIR or /tmp). Removed afterwards.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Keep the generated file and print its path.
+        #[arg(long)]
+        keep: bool,
+        #[command(flatten)]
+        io: IoArgs,
+    },
+    /// Convert between safetensors and tensorizer (output format by extension: .tensors or
+    /// .safetensors), tensor by tensor.
+    Convert {
+        /// Input: path or URI of a safetensors / tensorizer file.
+        input: String,
+        /// Output file (.tensors or .safetensors).
+        output: std::path::PathBuf,
+        /// Encrypt the .tensors output with this key file (32 raw bytes or 64 hex characters).
+        #[arg(long, value_name = "FILE")]
+        encrypt_key_file: Option<std::path::PathBuf>,
+        /// Encrypt the .tensors output with the password in this file (Argon2id).
+        #[arg(long, value_name = "FILE", conflicts_with = "encrypt_key_file")]
+        encrypt_password_file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        io: IoArgs,
+    },
+    /// Time loads of one file: tensorstream vs std::fs::read, cold and/or warm; JSON lines.
+    Bench {
+        /// Path of a safetensors / tensorizer file.
+        uri: String,
+        /// Drop the page cache before each cold run (needs root).
+        #[arg(long)]
+        cold: bool,
+        /// Also run warm (page cache populated) runs.
+        #[arg(long)]
+        warm: bool,
+        /// Runs of each kind.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[command(flatten)]
+        io: IoArgs,
+    },
+}
+
+/// I/O knobs shared by every command.
+#[derive(Args, Debug, Clone)]
+struct IoArgs {
+    /// Reads in flight (local queue depth / remote concurrent requests).
+    #[arg(long, alias = "queue-depth", value_name = "N")]
+    concurrency: Option<usize>,
+    /// Size of one read (e.g. 8MiB).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    chunk_size: Option<u64>,
+    /// Staging memory budget for reads that cannot land in place (e.g. 256MiB).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    ring_budget: Option<u64>,
+    /// Local I/O engine: io_uring or pread (default: $TENSORSTREAM_IO, else io_uring with fallback).
+    #[arg(long, value_name = "ENGINE")]
+    io: Option<String>,
+    /// Extra HTTP header "Name: value" (repeatable).
+    #[arg(long = "header", value_name = "HEADER")]
+    headers: Vec<String>,
+    /// S3 endpoint URL (default: $AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: $AWS_REGION).
+    #[arg(long, value_name = "REGION")]
+    s3_region: Option<String>,
+    /// Per-request timeout for remote backends, in seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Never show progress bars.
+    #[arg(long)]
+    quiet: bool,
+    /// GPU loads: CUDA streams the copies are spread over.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    streams: usize,
+    /// GPU loads: pinned staging slots (allocated once, reused).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    slots: usize,
+    /// GPU loads: size of one pinned staging slot (reads are at most this long).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "16MiB")]
+    slot_size: u64,
+    /// Verify every tensor's CRC32 / SHA-256 (tensorizer files) while loading.
+    #[arg(long)]
+    verify: bool,
+    /// Key of an encrypted tensorizer file: 32 raw bytes or 64 hex characters.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<std::path::PathBuf>,
+    /// Password of an encrypted tensorizer file (default: $TENSORSTREAM_PASSWORD when the file
+    /// is encrypted).
+    #[arg(long, value_name = "FILE", conflicts_with = "key_file")]
+    password_file: Option<std::path::PathBuf>,
+}
+
+impl IoArgs {
+    fn loader(&self, uri: &str) -> Result<Loader, Error> {
+        let mut open = OpenOptions::default();
+        for h in &self.headers {
+            let (k, v) = h.split_once(':').ok_or_else(|| {
+                Error::invalid(format!("bad --header {h:?}: expected \"Name: value\""))
+            })?;
+            open.headers
+                .push((k.trim().to_string(), v.trim().to_string()));
+        }
+        open.s3_endpoint = self.s3_endpoint.clone();
+        open.s3_region = self.s3_region.clone();
+        if let Some(t) = self.timeout {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "bad --timeout {t}: must be positive"
+                )));
+            }
+            open.timeout = Some(Duration::from_secs_f64(t));
+        }
+        open.io_mode = match self.io.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("auto") => None,
+            Some("io_uring") | Some("uring") | Some("io-uring") => Some(IoMode::Uring),
+            Some("pread") => Some(IoMode::Pread),
+            Some(o) => {
+                return Err(Error::invalid(format!(
+                    "bad --io {o:?}: expected io_uring, pread or auto"
+                )))
+            }
+        };
+        let mut l = Loader::new(uri)
+            .open_options(open)
+            .verify_hashes(self.verify);
+        if let Some(k) = &self.key_file {
+            l = l.key_file(k)?;
+        }
+        if let Some(p) = &self.password_file {
+            l = l.password_file(p)?;
+        }
+        if let Some(pw) = std::env::var_os("TENSORSTREAM_PASSWORD") {
+            use std::os::unix::ffi::OsStrExt;
+            if !pw.is_empty() {
+                l = l.password_if_encrypted(pw.as_bytes())?;
+            }
+        }
+        if let Some(n) = self.concurrency {
+            if n == 0 {
+                return Err(Error::invalid("--concurrency must be at least 1"));
+            }
+            l = l.queue_depth(n);
+        }
+        if let Some(c) = self.chunk_size {
+            l = l.chunk_size(
+                usize::try_from(c).map_err(|_| Error::invalid("--chunk-size too large"))?,
+            );
+        }
+        if let Some(r) = self.ring_budget {
+            l = l.ring_budget(
+                usize::try_from(r).map_err(|_| Error::invalid("--ring-budget too large"))?,
+            );
+        }
+        Ok(l)
+    }
+}
+
+/// Parses sizes like `4096`, `8MiB`, `1.5GiB`, `2G`, `512k` (K/M/G/T = powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: expected e.g. 4096, 8MiB, 1GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("bad size {s:?}: unknown unit {u:?}")),
+    };
+    let v = n * mult as f64;
+    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) {
+        return Err(format!("bad size {s:?}: out of range"));
+    }
+    Ok(v as u64)
+}
+
+/// A progress bar on stderr while `counter` grows towards `total`, when stderr is a terminal.
+pub struct Progress {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    pub fn start(label: &str, total: u64, counter: Arc<AtomicU64>, quiet: bool) -> Progress {
+        let stop = Arc::new(AtomicBool::new(false));
+        if quiet || !std::io::stderr().is_terminal() || total == 0 {
+            return Progress { stop, handle: None };
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(label.to_string());
+        let s2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                bar.set_position(counter.load(Ordering::Relaxed).min(total));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        Progress {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn run() -> i32 {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Inspect { uri, json, io } => output::inspect(&uri, json, &io),
+        Cmd::Load {
+            uri,
+            device,
+            filters,
+            json,
+            digests,
+            io,
+        } => output::load(&uri, &device, &filters, json, digests, &io),
+        Cmd::Demo {
+            size,
+            dir,
+            keep,
+            io,
+        } => demo::run(size, dir, keep, &io),
+        Cmd::Convert {
+            input,
+            output,
+            encrypt_key_file,
+            encrypt_password_file,
+            io,
+        } => output::convert(
+            &input,
+            &output,
+            encrypt_key_file.as_deref(),
+            encrypt_password_file.as_deref(),
+            &io,
+        ),
+        Cmd::Bench {
+            uri,
+            cold,
+            warm,
+            repeat,
+            io,
+        } => output::bench(&uri, cold, warm, repeat, &io),
+    };
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("tensorstream: error: {e}");
+            1
+        }
+    }
+}
+
+/// Parses a device name.
+fn parse_device(s: &str) -> Result<Device, Error> {
+    s.parse()
+}

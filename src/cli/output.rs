@@ -1,0 +1,444 @@
+//! `inspect`, `load` and `bench`.
+
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tensorstream::{Device, Error, ErrorKind, LoadedModel, TensorIndex};
+
+use super::{parse_device, IoArgs, Progress};
+
+fn shape_str(shape: &[u64]) -> String {
+    let v: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", v.join(", "))
+}
+
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.2} MiB", b / (1u64 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
+    let loader = io.loader(uri)?;
+    let idx = loader.inspect()?;
+    if io.verify {
+        // Verification needs the data: load everything (checked on worker threads), drop it.
+        drop(loader.load()?);
+    }
+    if as_json {
+        let v = json!({
+            "verified": io.verify,
+            "uri": uri,
+            "format": idx.format.name(),
+            "version": idx.version,
+            "object_size": idx.object_size,
+            "header_len": idx.header_len,
+            "total_bytes": idx.total_bytes(),
+            "metadata": idx.metadata,
+            "tensors": idx.tensors.iter().map(|t| {
+                let mut o = json!({
+                    "name": t.name,
+                    "dtype": t.dtype.name(),
+                    "shape": t.shape,
+                    "offset": t.range.start,
+                    "nbytes": t.nbytes(),
+                });
+                if let Some(p) = &t.path {
+                    o["path"] = json!(p);
+                }
+                o
+            }).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    print_index(uri, &idx);
+    if io.verify {
+        println!("every tensor's hashes verified");
+    }
+    Ok(())
+}
+
+pub fn convert(
+    input: &str,
+    output: &std::path::Path,
+    encrypt_key_file: Option<&std::path::Path>,
+    encrypt_password_file: Option<&std::path::Path>,
+    io: &IoArgs,
+) -> Result<(), Error> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| Error::from_io(e, format!("reading {}", p.display())))
+    };
+    let encrypt = match (encrypt_key_file, encrypt_password_file) {
+        (Some(k), _) => Some(tensorstream::KeySource::from_key_file(&read(k)?)?),
+        (None, Some(p)) => Some(tensorstream::KeySource::password(&read(p)?)?),
+        (None, None) => None,
+    };
+    let started = std::time::Instant::now();
+    let st = io.loader(input)?.convert(output, encrypt)?;
+    println!(
+        "converted {} tensors ({}) to {} in {:.3} s",
+        st.tensors,
+        human(st.bytes),
+        output.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn print_index(uri: &str, idx: &TensorIndex) {
+    let w = idx
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .clamp(4, 80);
+    println!(
+        "{uri}: {} (version {}), {} tensors, {} of tensor data, {} header",
+        idx.format.name(),
+        idx.version,
+        idx.tensors.len(),
+        human(idx.total_bytes()),
+        human(idx.header_len)
+    );
+    for (k, v) in &idx.metadata {
+        println!("  metadata {k} = {v}");
+    }
+    println!(
+        "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}",
+        "name", "dtype", "shape", "offset", "nbytes"
+    );
+    for t in &idx.tensors {
+        println!(
+            "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}",
+            t.name,
+            t.dtype.name(),
+            shape_str(&t.shape),
+            t.range.start,
+            t.nbytes()
+        );
+    }
+    println!("total {} bytes", idx.total_bytes());
+}
+
+/// SHA-256 of every loaded tensor, computed on all cores, in file order.
+fn digests(model: &LoadedModel) -> Vec<String> {
+    let views: Vec<&[u8]> = model.tensors().map(|t| t.data).collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(views.len().max(1));
+    let mut out = vec![String::new(); views.len()];
+    let per = views.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (vs, os) in views.chunks(per).zip(out.chunks_mut(per)) {
+            s.spawn(move || {
+                for (v, o) in vs.iter().zip(os.iter_mut()) {
+                    *o = hex(&Sha256::digest(v));
+                }
+            });
+        }
+    });
+    out
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn load(
+    uri: &str,
+    device: &str,
+    filters: &[String],
+    as_json: bool,
+    with_digests: bool,
+    io: &IoArgs,
+) -> Result<(), Error> {
+    let device: Device = parse_device(device)?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut loader = io.loader(uri)?.device(device).progress(counter.clone());
+    for f in filters {
+        loader = loader.filter_glob(f)?;
+    }
+    let total = if as_json || io.quiet {
+        0
+    } else {
+        loader.inspect().map(|i| i.total_bytes()).unwrap_or(0)
+    };
+    let quiet = io.quiet || as_json;
+    let (rows, st, first_tensor, index) = if let Device::Cuda(_) = device {
+        let cm = {
+            let _bar = Progress::start("loading", total, counter, quiet);
+            loader.load_cuda()?
+        };
+        let m = cm.model();
+        let mut rows = Vec::with_capacity(m.len());
+        for t in m.tensors() {
+            let sha = if with_digests {
+                // Read back what is on the device and hash it, in bounded host memory.
+                let mut h = Sha256::new();
+                m.read_chunks(&t, 64 << 20, |b| {
+                    h.update(b);
+                    Ok(())
+                })?;
+                Some(hex(&h.finalize()))
+            } else {
+                None
+            };
+            rows.push(Row {
+                name: t.name.to_string(),
+                dtype: t.dtype.name(),
+                shape: t.shape.to_vec(),
+                offset: t.offset,
+                nbytes: t.len,
+                sha,
+            });
+        }
+        let ft = m.times().first_tensor.map(|d| d.as_secs_f64());
+        let st = cm.stats().clone();
+        let index = m.index().clone();
+        (rows, st, ft, index)
+    } else {
+        let model = {
+            let _bar = Progress::start("loading", total, counter, quiet);
+            loader.load()?
+        };
+        let sums = if with_digests {
+            Some(digests(&model))
+        } else {
+            None
+        };
+        let rows = model
+            .tensors()
+            .enumerate()
+            .map(|(i, t)| Row {
+                name: t.name.to_string(),
+                dtype: t.dtype.name(),
+                shape: t.shape.to_vec(),
+                offset: t.offset,
+                nbytes: t.data.len() as u64,
+                sha: sums.as_ref().map(|s| s[i].clone()),
+            })
+            .collect();
+        (rows, model.stats().clone(), None, model.index().clone())
+    };
+    let peak = tensorstream::peak_rss_bytes();
+    if as_json {
+        let tensors: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let mut o = json!({
+                    "name": r.name,
+                    "dtype": r.dtype,
+                    "shape": r.shape,
+                    "offset": r.offset,
+                    "nbytes": r.nbytes,
+                });
+                if let Some(p) = index.get(&r.name).and_then(|i| i.path.as_ref()) {
+                    o["path"] = json!(p);
+                }
+                if let Some(s) = &r.sha {
+                    o["sha256"] = json!(s);
+                }
+                o
+            })
+            .collect();
+        let v = json!({
+            "uri": uri,
+            "device": device.to_string(),
+            "format": index.format.name(),
+            "tensors": tensors,
+            "bytes": st.tensor_bytes,
+            "bytes_read": st.bytes_read,
+            "reads": st.reads,
+            "seconds": st.elapsed.as_secs_f64(),
+            "gbps": st.gbps(),
+            "peak_rss_bytes": peak,
+            "first_tensor_seconds": first_tensor,
+            "backend": st.backend,
+            "direct_io": st.direct_io,
+            "queue_depth": st.queue_depth,
+            "chunk_size": st.chunk_size,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "loaded {} tensors to {device}, {} in {:.3} s: {:.2} GB/s ({} backend{}, {} reads of up to {}, queue depth {})",
+        rows.len(),
+        human(st.tensor_bytes),
+        st.elapsed.as_secs_f64(),
+        st.gbps(),
+        st.backend,
+        if st.direct_io { ", O_DIRECT" } else { "" },
+        st.reads,
+        human(st.chunk_size),
+        st.queue_depth
+    );
+    if let Some(f) = first_tensor {
+        println!("first tensor on the device after {:.3} s", f);
+    }
+    if let Some(p) = peak {
+        let beyond = if let Device::Cuda(_) = device {
+            p
+        } else {
+            p.saturating_sub(st.tensor_bytes)
+        };
+        println!(
+            "peak RSS {} ({} beyond the tensors' host bytes)",
+            human(p),
+            human(beyond)
+        );
+    }
+    for r in &rows {
+        if let Some(d) = &r.sha {
+            println!("{d}  {}", r.name);
+        }
+    }
+    Ok(())
+}
+
+struct Row {
+    name: String,
+    dtype: String,
+    shape: Vec<u64>,
+    offset: u64,
+    nbytes: u64,
+    sha: Option<String>,
+}
+
+/// Drops the page cache (root only).
+pub fn drop_caches() -> Result<(), Error> {
+    // Flush dirty pages first so they can be dropped.
+    let _ = std::process::Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").map_err(|e| {
+        Error::from_io(
+            e,
+            "cannot drop the page cache (writing /proc/sys/vm/drop_caches needs root)",
+        )
+    })
+}
+
+/// Reads the whole file with O_DIRECT into one aligned 16 MiB buffer (like `dd iflag=direct`).
+fn direct_read(path: &str) -> Result<u64, Error> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| Error::from_io(e, "open O_DIRECT").with_location(path))?;
+    let mut buf = tensorstream::engine::mem::AlignedBuf::zeroed(16 << 20, 4096)?;
+    let mut off = 0u64;
+    loop {
+        let n = f
+            .read_at(buf.as_mut_slice(), off)
+            .map_err(|e| Error::from_io(e, "read O_DIRECT").with_location(path))?;
+        if n == 0 {
+            break;
+        }
+        off += n as u64;
+    }
+    Ok(off)
+}
+
+/// Plain buffered read of the whole file in 16 MiB pieces (constant memory, unlike fs::read).
+fn buffered_read(path: &str) -> Result<u64, Error> {
+    let mut f =
+        std::fs::File::open(path).map_err(|e| Error::from_io(e, "open").with_location(path))?;
+    let mut buf = vec![0u8; 16 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::from_io(e, "read").with_location(path))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok(total)
+}
+
+fn line(name: &str, bytes: u64, secs: f64, cold: bool) {
+    let gbps = if secs > 0.0 {
+        bytes as f64 / secs / 1e9
+    } else {
+        0.0
+    };
+    println!(
+        "{}",
+        json!({"name": name, "secs": secs, "gbps": gbps, "bytes": bytes, "cold": cold})
+    );
+}
+
+pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> Result<(), Error> {
+    let (cold, warm) = if !cold && !warm {
+        (false, true)
+    } else {
+        (cold, warm)
+    };
+    let loader = io.loader(uri)?;
+    let is_file = !uri.contains("://") || uri.starts_with("file://");
+    let path = uri.strip_prefix("file://").unwrap_or(uri);
+    let repeat = repeat.max(1);
+    let size = loader.inspect().map(|i| i.object_size)?;
+    let mut modes = Vec::new();
+    if cold {
+        modes.push(true);
+    }
+    if warm {
+        modes.push(false);
+    }
+    for &is_cold in &modes {
+        if !is_cold && is_file {
+            buffered_read(path)?; // populate the page cache
+        }
+        for _ in 0..repeat {
+            if is_cold {
+                drop_caches()?;
+            }
+            let t = Instant::now();
+            let m = loader.load()?;
+            let secs = t.elapsed().as_secs_f64();
+            line("tensorstream", m.stats().tensor_bytes, secs, is_cold);
+            drop(m);
+            if !is_file {
+                continue;
+            }
+            if is_cold {
+                drop_caches()?;
+                let t = Instant::now();
+                let n = direct_read(path)?;
+                line("o_direct_read_16m", n, t.elapsed().as_secs_f64(), true);
+                drop_caches()?;
+            }
+            let t = Instant::now();
+            let v =
+                std::fs::read(path).map_err(|e| Error::from_io(e, "read").with_location(path))?;
+            line(
+                "std_fs_read",
+                v.len() as u64,
+                t.elapsed().as_secs_f64(),
+                is_cold,
+            );
+            drop(v);
+        }
+    }
+    if size == 0 {
+        return Err(Error::new(ErrorKind::Corrupt, "empty file"));
+    }
+    Ok(())
+}

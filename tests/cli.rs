@@ -1,0 +1,254 @@
+//! The CLI end to end: fixtures' digests, bad input, demo.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tensorstream"))
+}
+
+fn fixtures() -> PathBuf {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
+    assert!(
+        p.join("manifest.json").exists(),
+        "fixtures not found at {} (shared/ must sit beside the checkout)",
+        p.display()
+    );
+    p
+}
+
+fn manifest() -> serde_json::Value {
+    let s = std::fs::read_to_string(fixtures().join("manifest.json")).unwrap();
+    serde_json::from_str(&s).unwrap()
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "tensorstream {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn run_err(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(!out.status.success(), "tensorstream {args:?} should fail");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "errors exit with 1, not a panic"
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one-line error expected: {err}"
+    );
+    err
+}
+
+#[test]
+fn mixed_safetensors_digests_match_manifest_in_both_io_modes() {
+    let m = manifest();
+    let want = m["files"]["mixed.safetensors"]["tensors"]
+        .as_array()
+        .unwrap();
+    let path = fixtures().join("mixed.safetensors");
+    for io in ["io_uring", "pread"] {
+        let out = run_ok(&[
+            "load",
+            path.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--digests",
+            "--json",
+            "--io",
+            io,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let got = v["tensors"].as_array().unwrap();
+        assert_eq!(got.len(), want.len());
+        for w in want {
+            let g = got
+                .iter()
+                .find(|g| g["name"] == w["name"])
+                .unwrap_or_else(|| panic!("tensor {} missing", w["name"]));
+            assert_eq!(g["sha256"], w["sha256"], "{} ({io})", w["name"]);
+            assert_eq!(g["shape"], w["shape"], "{}", w["name"]);
+            assert_eq!(g["nbytes"], w["nbytes"], "{}", w["name"]);
+        }
+        assert_eq!(
+            v["bytes"].as_u64().unwrap(),
+            want.iter()
+                .map(|w| w["nbytes"].as_u64().unwrap())
+                .sum::<u64>()
+        );
+        assert!(v["seconds"].as_f64().unwrap() > 0.0);
+        assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn dtype_names_are_lower_case_safetensors_names() {
+    let out = run_ok(&[
+        "inspect",
+        fixtures().join("mixed.safetensors").to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dt: Vec<&str> = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["dtype"].as_str().unwrap())
+        .collect();
+    for d in ["bf16", "f32", "i64", "bool", "f8_e4m3", "u8"] {
+        assert!(dt.contains(&d), "{d} not in {dt:?}");
+    }
+    assert_eq!(v["metadata"]["format"], "pt");
+}
+
+#[test]
+fn filter_selects_by_glob() {
+    let out = run_ok(&[
+        "load",
+        fixtures().join("mixed.safetensors").to_str().unwrap(),
+        "--filter",
+        "a.*",
+        "--filter",
+        "g.u8",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["a.bf16", "g.u8"]);
+}
+
+#[test]
+fn bad_input_gives_one_line_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let missing = d.join("missing.safetensors");
+    let e = run_err(&["load", missing.to_str().unwrap()]);
+    assert!(
+        e.contains("missing.safetensors") && e.contains("No such file"),
+        "{e}"
+    );
+
+    let e = run_err(&["load", d.to_str().unwrap()]);
+    assert!(e.contains("directory"), "{e}");
+
+    let empty = d.join("empty.safetensors");
+    std::fs::write(&empty, b"").unwrap();
+    let e = run_err(&["inspect", empty.to_str().unwrap()]);
+    assert!(
+        e.contains("empty.safetensors") && e.contains("empty"),
+        "{e}"
+    );
+
+    let src = std::fs::read(fixtures().join("mixed.safetensors")).unwrap();
+    let trunc = d.join("trunc.safetensors");
+    std::fs::write(&trunc, &src[..src.len() - 100]).unwrap();
+    let e = run_err(&["load", trunc.to_str().unwrap()]);
+    assert!(
+        e.contains("trunc.safetensors") && e.contains("past the end"),
+        "{e}"
+    );
+
+    let hostile = d.join("hostile.safetensors");
+    let mut h = u64::MAX.to_le_bytes().to_vec();
+    h.extend_from_slice(b"{}");
+    std::fs::write(&hostile, &h).unwrap();
+    let e = run_err(&["load", hostile.to_str().unwrap()]);
+    assert!(e.contains("header length"), "{e}");
+
+    let e = run_err(&[
+        "load",
+        fixtures().join("mixed.safetensors").to_str().unwrap(),
+        "--filter",
+        "nothing.*",
+    ]);
+    assert!(e.contains("matches none"), "{e}");
+
+    let e = run_err(&[
+        "load",
+        fixtures().join("mixed.safetensors").to_str().unwrap(),
+        "--device",
+        "tpu",
+    ]);
+    assert!(e.contains("bad device"), "{e}");
+}
+
+#[test]
+fn permission_denied_is_reported() {
+    // Root reads any file regardless of mode bits, so this check is only meaningful for others.
+    if std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+    {
+        eprintln!("skipped: running as root, mode bits do not deny reads");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("secret.safetensors");
+    std::fs::copy(fixtures().join("mixed.safetensors"), &p).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let e = run_err(&["load", p.to_str().unwrap()]);
+    assert!(e.contains("ermission denied"), "{e}");
+}
+
+#[test]
+fn demo_verifies_and_compares() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(&[
+        "demo",
+        "--size",
+        "32MiB",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.contains("every byte matches"), "{out}");
+    assert!(out.contains("std::fs::read"), "{out}");
+    // The temporary file is removed afterwards.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn cuda_device_without_driver_is_a_clear_error() {
+    let path = fixtures().join("mixed.safetensors");
+    if tensorstream_cuda::driver_present() && tensorstream_cuda::device_count().is_ok_and(|n| n > 0)
+    {
+        // A GPU is here: the same command must load and digest from the device.
+        let out = run_ok(&[
+            "load",
+            path.to_str().unwrap(),
+            "--device",
+            "cuda:0",
+            "--digests",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["device"], "cuda:0");
+        return;
+    }
+    eprintln!("skipped GPU load: no CUDA device; checking the error instead");
+    let e = run_err(&["load", path.to_str().unwrap(), "--device", "cuda:0"]);
+    assert!(
+        e.contains("no CUDA driver found") || e.contains("not present"),
+        "{e}"
+    );
+    let e = run_err(&["load", path.to_str().unwrap(), "--device", "cuda:x"]);
+    assert!(e.contains("bad device"), "{e}");
+}

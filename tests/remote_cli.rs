@@ -1,0 +1,105 @@
+//! The CLI against the real servers that `scripts/test.sh` starts (nginx, s3s-fs, NFS-Ganesha):
+//! every fixture loaded through each remote backend must give the manifest's SHA-256 digests.
+//!
+//! The servers' addresses come from the TS_* variables the test command exports. Without them
+//! these tests fail (they never pass silently): run `scripts/test.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
+    assert!(
+        p.join("manifest.json").exists(),
+        "fixtures missing at {}",
+        p.display()
+    );
+    p
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: these tests use the servers that scripts/test.sh starts; run scripts/test.sh")
+    })
+}
+
+fn manifest() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
+        .unwrap()
+}
+
+/// Copies every fixture into `dir` under a per-test prefix; returns the names.
+fn stage(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(fixtures()).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if name.ends_with(".safetensors") || name.ends_with(".tensors") {
+            std::fs::copy(&p, dir.join(format!("{prefix}{name}"))).unwrap();
+            names.push(name);
+        }
+    }
+    names.sort();
+    names
+}
+
+fn load_json(uri: &str, name: &str, extra: &[&str]) -> serde_json::Value {
+    let m = manifest();
+    let enc = &m["files"][name]["encryption"];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorstream"));
+    cmd.args(["load", uri, "--digests", "--json", "--quiet"])
+        .args(extra);
+    let keyfile;
+    if let Some(k) = enc["key_hex"].as_str() {
+        keyfile = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(keyfile.path(), k).unwrap();
+        cmd.arg("--key-file").arg(keyfile.path());
+    }
+    if let Some(p) = enc["password"].as_str() {
+        cmd.env("TENSORSTREAM_PASSWORD", p);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "load {uri} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn check_all(base_uri: impl Fn(&str) -> String, dir: &Path, prefix: &str, extra: &[&str]) {
+    let m = manifest();
+    let names = stage(dir, prefix);
+    assert!(names.len() >= 7, "expected every fixture, got {names:?}");
+    for name in &names {
+        let uri = base_uri(&format!("{prefix}{name}"));
+        let v = load_json(&uri, name, extra);
+        let want = m["files"][name.as_str()]["tensors"].as_array().unwrap();
+        let got = v["tensors"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{uri}");
+        for w in want {
+            // Nested (json-seq) names: the manifest gives the compact JSON path.
+            let g = got
+                .iter()
+                .find(|g| {
+                    g["name"] == w["name"]
+                        || serde_json::to_string(&g["path"]).ok().as_deref() == w["name"].as_str()
+                })
+                .unwrap_or_else(|| panic!("{uri}: tensor {} missing", w["name"]));
+            assert_eq!(g["sha256"], w["sha256"], "{uri}: {}", w["name"]);
+        }
+    }
+}
+
+#[test]
+fn nfs_fixtures_match_manifest() {
+    let root = PathBuf::from(env("TS_NFS_ROOT"));
+    let port = env("TS_NFS_PORT");
+    check_all(
+        |n| format!("nfs://127.0.0.1:{port}/export/{n}"),
+        &root,
+        "cli-",
+        &[],
+    );
+}
