@@ -18,6 +18,9 @@ use std::time::Duration;
 
 use tensorstream_engine::{Backend, Error, Result};
 
+#[cfg(feature = "http")]
+#[forbid(unsafe_code)]
+pub mod http;
 #[cfg(feature = "local")]
 pub mod local;
 #[cfg(feature = "nfs")]
@@ -85,6 +88,8 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
         Some("nfs") => Ok(Arc::new(nfs::NfsBackend::open(uri, opts)?)),
         #[cfg(feature = "s3")]
         Some("s3") => Ok(Arc::new(s3::S3Backend::open(uri, opts)?)),
+        #[cfg(feature = "http")]
+        Some("http") | Some("https") => Ok(Arc::new(http::HttpBackend::open(uri, opts)?)),
         Some(other) => Err(Error::unsupported(format!(
             "{uri}: unsupported URI scheme {other:?} (this build knows: file paths{})",
             compiled_schemes()
@@ -99,6 +104,9 @@ fn compiled_schemes() -> String {
     }
     if cfg!(feature = "s3") {
         s.push_str(", s3://bucket/key");
+    }
+    if cfg!(feature = "http") {
+        s.push_str(", http://, https://");
     }
     s
 }

@@ -1,0 +1,358 @@
+//! Configuration of the HTTP backend and the pure pieces of protocol handling: URL redaction,
+//! header parsing (`Content-Range`, `Retry-After`), version pins and retry delays. No I/O here,
+//! so everything is unit-tested in `tests.rs`.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tensorstream_engine::{Error, Result};
+
+use crate::OpenOptions;
+
+/// Default number of ranged GETs in flight.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+/// Default size of one ranged GET.
+pub const DEFAULT_CHUNK: usize = 8 << 20;
+/// Default per-request timeout (time to response headers, and longest pause between body bytes).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default number of retries of one range without progress.
+pub const DEFAULT_MAX_RETRIES: u32 = 5;
+/// Upper bound on concurrency (each request may hold a connection).
+pub const MAX_CONCURRENCY: usize = 1024;
+/// A `200 OK` answer to a range request (the server ignored `Range`) is sliced only when the
+/// whole object is at most this big; larger objects are refused with `Unsupported`, because every
+/// chunk of a load would download the whole object again.
+pub const FULL_BODY_FALLBACK_MAX: u64 = 16 << 20;
+
+/// Everything the HTTP backend needs to know besides the URL.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Ranged GETs in flight (reader sessions and large `read_at` calls).
+    pub concurrency: usize,
+    /// Size of one ranged GET (the planner's preferred chunk).
+    pub chunk_size: usize,
+    /// Time allowed until response headers arrive, and longest pause between body bytes (stall).
+    pub timeout: Duration,
+    /// Time allowed to open a TCP (+ TLS) connection.
+    pub connect_timeout: Duration,
+    /// Retries of one range that made no progress (connection errors, 429, 5xx, stalls).
+    pub max_retries: u32,
+    /// First retry delay; doubles on each retry (full jitter).
+    pub backoff_base: Duration,
+    /// Largest retry delay from backoff.
+    pub backoff_max: Duration,
+    /// Largest delay taken from a `Retry-After` header.
+    pub retry_after_max: Duration,
+    /// Worker threads of the backend's tokio runtime.
+    pub runtime_threads: usize,
+    /// Extra headers sent with every request (`Authorization`, …).
+    pub headers: HeaderMap,
+    /// Extra trusted root certificates (PEM, one or more per entry), added to the system's
+    /// roots (which also honour `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+    pub root_certificates_pem: Vec<Vec<u8>>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            concurrency: DEFAULT_CONCURRENCY,
+            chunk_size: DEFAULT_CHUNK,
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: Duration::from_secs(10),
+            max_retries: DEFAULT_MAX_RETRIES,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            retry_after_max: Duration::from_secs(30),
+            runtime_threads: 2,
+            headers: HeaderMap::new(),
+            root_certificates_pem: Vec::new(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The configuration for the shared [`OpenOptions`]; invalid values are `InvalidInput`.
+    pub fn from_options(opts: &OpenOptions) -> Result<Self> {
+        let mut c = HttpConfig::default();
+        if let Some(n) = opts.concurrency {
+            if n == 0 || n > MAX_CONCURRENCY {
+                return Err(Error::invalid(format!(
+                    "http concurrency {n} is out of range (1..={MAX_CONCURRENCY})"
+                )));
+            }
+            c.concurrency = n;
+        }
+        if let Some(n) = opts.chunk_size {
+            if n == 0 {
+                return Err(Error::invalid("http chunk size must be at least 1 byte"));
+            }
+            c.chunk_size = n;
+        }
+        if let Some(t) = opts.timeout {
+            if t.is_zero() {
+                return Err(Error::invalid("http timeout must be longer than 0"));
+            }
+            c.timeout = t;
+            c.connect_timeout = c.connect_timeout.min(t);
+        }
+        c.headers = parse_headers(&opts.headers)?;
+        Ok(c)
+    }
+}
+
+/// Validates user-supplied headers. Headers the backend manages itself (`Range`, `If-Match`, …)
+/// are refused so that they cannot break version pinning.
+pub fn parse_headers(list: &[(String, String)]) -> Result<HeaderMap> {
+    const RESERVED: &[&str] = &[
+        "range",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "if-range",
+        "accept-encoding",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+    ];
+    let mut map = HeaderMap::new();
+    for (k, v) in list {
+        let name = HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| Error::invalid(format!("invalid HTTP header name {k:?}")))?;
+        if RESERVED.contains(&name.as_str()) {
+            return Err(Error::invalid(format!(
+                "HTTP header {k:?} is managed by the http backend and cannot be set"
+            )));
+        }
+        let mut value = HeaderValue::from_str(v.trim()).map_err(|_| {
+            Error::invalid(format!(
+                "invalid value for HTTP header {k:?} (control characters or non-ASCII)"
+            ))
+        })?;
+        if matches!(
+            name.as_str(),
+            "authorization" | "cookie" | "proxy-authorization"
+        ) {
+            value.set_sensitive(true);
+        }
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// The URL without secrets, for messages: user info is dropped and a query string (which may
+/// hold a signature or token) is replaced by `?…`.
+pub fn redact_url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let had_query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    let mut s = u.to_string();
+    if had_query {
+        s.push_str("?…");
+    }
+    s
+}
+
+/// Parses `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`). Returns
+/// `(start, end_inclusive, total)`.
+pub fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (s, e) = range.trim().split_once('-')?;
+    let start: u64 = s.trim().parse().ok()?;
+    let end: u64 = e.trim().parse().ok()?;
+    if end < start {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    if let Some(t) = total {
+        if end >= t {
+            return None;
+        }
+    }
+    Some((start, end, total))
+}
+
+/// Parses the total of an unsatisfied range, `Content-Range: bytes */TOTAL` (sent with 416).
+pub fn parse_unsatisfied_total(v: &str) -> Option<u64> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    rest.strip_prefix("*/")?.trim().parse().ok()
+}
+
+/// Parses `Retry-After` (delay in seconds, or an HTTP date), relative to `now`, capped at `max`.
+pub fn parse_retry_after(v: &str, now: SystemTime, max: Duration) -> Option<Duration> {
+    let v = v.trim();
+    let d = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let when = httpdate::parse_http_date(v).ok()?;
+        when.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(max))
+}
+
+/// Delay before retry number `attempt` (1-based): full jitter over an exponential ceiling,
+/// `random(0..=min(max, base·2^(attempt-1)))`, at least 1 ms. `rand` is a uniform sample in [0,1).
+pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, rand: f64) -> Duration {
+    let exp = attempt.saturating_sub(1).min(30);
+    let ceiling = base.saturating_mul(1u32 << exp).min(max);
+    let r = rand.clamp(0.0, 1.0);
+    ceiling.mul_f64(r).max(Duration::from_millis(1))
+}
+
+/// Which object version a load is pinned to: sent as a precondition with every GET and compared
+/// with every response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// Object size at stat.
+    pub size: u64,
+    /// ETag at stat, verbatim (with quotes, maybe `W/`).
+    pub etag: Option<String>,
+    /// Last-Modified at stat, verbatim.
+    pub last_modified: Option<String>,
+}
+
+/// Prefix of [`Pin::version`] when the object has no ETag but a Last-Modified date.
+const LM_PREFIX: &str = "last-modified: ";
+
+impl Pin {
+    /// The version string reported in `ObjectMeta::version`: the ETag, else
+    /// `last-modified: <date>`, else none.
+    pub fn version(&self) -> Option<String> {
+        match (&self.etag, &self.last_modified) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(lm)) => Some(format!("{LM_PREFIX}{lm}")),
+            (None, None) => None,
+        }
+    }
+
+    /// Rebuilds a pin from `ObjectMeta` (the inverse of [`Pin::version`]).
+    pub fn from_meta(size: u64, version: Option<&str>) -> Pin {
+        match version {
+            Some(v) => match v.strip_prefix(LM_PREFIX) {
+                Some(lm) => Pin {
+                    size,
+                    etag: None,
+                    last_modified: Some(lm.to_string()),
+                },
+                None => Pin {
+                    size,
+                    etag: Some(v.to_string()),
+                    last_modified: None,
+                },
+            },
+            None => Pin {
+                size,
+                etag: None,
+                last_modified: None,
+            },
+        }
+    }
+
+    /// The precondition header to send: `If-Match` with a strong ETag, else
+    /// `If-Unmodified-Since` with the Last-Modified date (weak ETags never match `If-Match`).
+    pub fn precondition(&self) -> Option<(&'static str, &str)> {
+        match &self.etag {
+            Some(e) if !is_weak(e) => Some(("if-match", e.as_str())),
+            _ => self
+                .last_modified
+                .as_deref()
+                .map(|lm| ("if-unmodified-since", lm)),
+        }
+    }
+
+    /// Whether a response's ETag shows a different version (weak comparison; a missing ETag on
+    /// either side proves nothing).
+    pub fn etag_differs(&self, response_etag: Option<&str>) -> bool {
+        match (&self.etag, response_etag) {
+            (Some(a), Some(b)) => strip_weak(a) != strip_weak(b),
+            _ => false,
+        }
+    }
+
+    /// Human-readable description of the pinned version.
+    pub fn describe(&self) -> String {
+        match (&self.etag, &self.last_modified) {
+            (Some(e), _) => format!("ETag was {e}"),
+            (None, Some(lm)) => format!("Last-Modified was {lm}"),
+            (None, None) => format!("size was {}", self.size),
+        }
+    }
+}
+
+fn is_weak(etag: &str) -> bool {
+    etag.starts_with("W/")
+}
+
+fn strip_weak(etag: &str) -> &str {
+    etag.strip_prefix("W/").unwrap_or(etag)
+}
+
+/// How a status code is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    /// 206 Partial Content.
+    Partial,
+    /// 200 OK: the whole object (range ignored).
+    Whole,
+    /// Worth retrying after a delay (429, 5xx except 501/505).
+    Retry,
+    /// 412: the precondition failed, the object changed.
+    Changed,
+    /// 404 / 410.
+    NotFound,
+    /// 401 / 403.
+    Denied,
+    /// 416.
+    Unsatisfiable,
+    /// Anything else: a permanent failure.
+    Fatal,
+}
+
+/// Classifies an HTTP status code.
+pub fn classify(status: u16) -> StatusClass {
+    match status {
+        206 => StatusClass::Partial,
+        200 => StatusClass::Whole,
+        412 => StatusClass::Changed,
+        404 | 410 => StatusClass::NotFound,
+        401 | 403 => StatusClass::Denied,
+        416 => StatusClass::Unsatisfiable,
+        408 | 425 | 429 => StatusClass::Retry,
+        501 | 505 => StatusClass::Fatal,
+        500..=599 => StatusClass::Retry,
+        _ => StatusClass::Fatal,
+    }
+}
+
+/// A uniform sample in [0, 1) from a small thread-local xorshift generator (jitter needs no
+/// cryptographic quality, only different values in different threads).
+pub fn jitter_sample() -> f64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(seed());
+    }
+    fn seed() -> u64 {
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9E37_79B9_7F4A_7C15);
+        let local = 0u8;
+        (t ^ (&local as *const u8 as u64).rotate_left(32)) | 1
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
+}

@@ -1,0 +1,286 @@
+//! `http://` and `https://` objects read with byte-range requests.
+//!
+//! * `stat` sends `HEAD` (size from `Content-Length`, version from `ETag` / `Last-Modified`,
+//!   `Accept-Ranges`); when HEAD is refused or inconclusive, a `Range: bytes=0-0` GET and its
+//!   `Content-Range` answer instead. Servers without range support are refused (`Unsupported`).
+//! * Reads are ranged GETs on a small tokio runtime owned by the backend, many in flight
+//!   ([`reader::HttpReader`]), over a pooled reqwest client (HTTP/1.1 keep-alive; HTTP/2 when the
+//!   server offers it over TLS; rustls, no OpenSSL). Bodies are streamed straight into the
+//!   request's buffer.
+//! * Every GET carries `If-Match` (or `If-Unmodified-Since`) for the version seen by the `stat`
+//!   that started the load, and every answer's `Content-Range` total and `ETag` are checked: an
+//!   object replaced mid-load fails with `ObjectChanged`, never with mixed bytes.
+//! * A `200` answer to a range request is never taken for the range: it is sliced when it is the
+//!   whole (pinned) object and that object is small (≤ [`config::FULL_BODY_FALLBACK_MAX`]), and
+//!   refused with `Unsupported` otherwise.
+//! * Broken bodies resume from the byte where they stopped (under the same precondition);
+//!   connection errors, stalls, 429 and 5xx are retried with exponential backoff and full jitter,
+//!   honouring `Retry-After` (capped), a bounded number of times.
+
+
+pub mod config;
+pub mod reader;
+mod retry;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::stream::StreamExt;
+use tensorstream_engine::{
+    Backend, Capabilities, Error, ErrorKind, ObjectMeta, RangeReader, ReaderOptions, Result,
+};
+
+pub use config::HttpConfig;
+use config::Pin;
+use retry::Ctx;
+
+use crate::OpenOptions;
+
+/// The tokio runtime of one backend. Shut down in the background on drop, so that dropping the
+/// last handle from inside an async context cannot panic.
+#[derive(Debug)]
+pub(crate) struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Rt {
+    fn new(threads: usize) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.clamp(1, 64))
+            .thread_name("ts-http")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::from_io(e, "starting the http runtime").with_backend("http"))?;
+        Ok(Rt(Some(rt)))
+    }
+
+    pub(crate) fn handle(&self) -> Result<&tokio::runtime::Handle> {
+        self.0
+            .as_ref()
+            .map(|r| r.handle())
+            .ok_or_else(|| Error::new(ErrorKind::Io, "http runtime is shut down"))
+    }
+
+    /// Runs `fut` to completion from synchronous code. From inside another async runtime (where
+    /// blocking the thread would panic) it runs on a scoped helper thread.
+    pub(crate) fn block_on<F>(&self, fut: F) -> Result<F::Output>
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let handle = self.handle()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Ok(handle.block_on(fut));
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| handle.block_on(fut))
+                .join()
+                .map_err(|_| Error::new(ErrorKind::Io, "http request thread panicked"))
+        })
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// An object served over HTTP(S).
+#[derive(Debug)]
+pub struct HttpBackend {
+    ctx: Arc<Ctx>,
+    rt: Arc<Rt>,
+    /// The version seen by the latest `stat`; `read_at` is pinned to it.
+    pin: Mutex<Pin>,
+}
+
+impl HttpBackend {
+    /// Opens `uri` (`http://…` or `https://…`) with the shared options and checks that the
+    /// object exists and the server supports ranges (one HEAD).
+    pub fn open(uri: &str, opts: &OpenOptions) -> Result<Self> {
+        Self::open_with(uri, HttpConfig::from_options(opts)?)
+    }
+
+    /// Opens `uri` with a full configuration (retry counts, backoff, runtime size …).
+    pub fn open_with(uri: &str, cfg: HttpConfig) -> Result<Self> {
+        let url = reqwest::Url::parse(uri)
+            .map_err(|e| Error::invalid(format!("invalid http URL: {e}")).with_backend("http"))?;
+        let display = config::redact_url(&url);
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(
+                Error::invalid(format!("not an http(s) URL (scheme {:?})", url.scheme()))
+                    .with_backend("http")
+                    .with_location(display),
+            );
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(Error::invalid("http URL has no host")
+                .with_backend("http")
+                .with_location(display));
+        }
+        if cfg.concurrency == 0 || cfg.chunk_size == 0 || cfg.timeout.is_zero() {
+            return Err(Error::invalid(
+                "http concurrency, chunk size and timeout must be positive",
+            )
+            .with_location(display));
+        }
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            // Another thread may win the race: either provider is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let mut roots = Vec::new();
+        for pem in &cfg.root_certificates_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                let (_, _, msg) = retry::describe_reqwest(e);
+                Error::invalid(format!("invalid root certificate (PEM): {msg}"))
+                    .with_backend("http")
+                    .with_location(&display)
+            })?;
+            roots.extend(certs);
+        }
+        let client = reqwest::Client::builder()
+            .tls_certs_merge(roots)
+            .user_agent(concat!("tensorstream/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(cfg.connect_timeout)
+            .pool_max_idle_per_host(cfg.concurrency)
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true)
+            .build()
+            .map_err(|e| {
+                let (_, _, msg) = retry::describe_reqwest(e);
+                Error::new(
+                    ErrorKind::Io,
+                    format!("cannot build the http client: {msg}"),
+                )
+                .with_backend("http")
+                .with_location(&display)
+            })?;
+        let rt = Arc::new(Rt::new(cfg.runtime_threads)?);
+        let ctx = Arc::new(Ctx {
+            client,
+            url,
+            display,
+            cfg,
+        });
+        let c = ctx.clone();
+        let pin = rt.block_on(async move { retry::stat(&c).await })??;
+        Ok(HttpBackend {
+            ctx,
+            rt,
+            pin: Mutex::new(pin),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &HttpConfig {
+        &self.ctx.cfg
+    }
+
+    fn current_pin(&self) -> Pin {
+        match self.pin.lock() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl Backend for HttpBackend {
+    fn location(&self) -> &str {
+        &self.ctx.display
+    }
+
+    fn stat(&self) -> Result<ObjectMeta> {
+        let c = self.ctx.clone();
+        let pin = self.rt.block_on(async move { retry::stat(&c).await })??;
+        let meta = ObjectMeta {
+            size: pin.size,
+            version: pin.version(),
+        };
+        match self.pin.lock() {
+            Ok(mut p) => *p = pin,
+            Err(poisoned) => *poisoned.into_inner() = pin,
+        }
+        Ok(meta)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            ranged_reads: true,
+            direct_io: false,
+            alignment: 1,
+            preferred_chunk: self.ctx.cfg.chunk_size,
+            max_concurrency: self.ctx.cfg.concurrency,
+            kind: "http",
+        }
+    }
+
+    /// Reads through the pin of the latest `stat`. Buffers larger than the chunk size are split
+    /// into chunk-sized GETs run concurrently (up to the configured concurrency).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let pin = self.current_pin();
+        let ctx = &*self.ctx;
+        let chunk = ctx.cfg.chunk_size;
+        if offset > pin.size {
+            return Err(ctx
+                .err(
+                    ErrorKind::RangeNotSatisfiable,
+                    format!(
+                        "offset {offset} is past the end of the object ({} bytes)",
+                        pin.size
+                    ),
+                )
+                .with_range(offset..offset.saturating_add(buf.len() as u64)));
+        }
+        let want = usize::try_from((pin.size - offset).min(buf.len() as u64)).unwrap_or(buf.len());
+        let buf = &mut buf[..want];
+        if want <= chunk {
+            return self
+                .rt
+                .block_on(retry::fetch_range(ctx, &pin, offset, buf))?;
+        }
+        let pin = &pin;
+        let parts = buf.chunks_mut(chunk).enumerate().map(|(i, part)| {
+            let off = offset + (i * chunk) as u64;
+            async move { retry::fetch_range(ctx, pin, off, part).await }
+        });
+        let results: Vec<Result<usize>> = self.rt.block_on(
+            futures_util::stream::iter(parts)
+                .buffer_unordered(ctx.cfg.concurrency)
+                .collect::<Vec<_>>(),
+        )?;
+        let mut total = 0usize;
+        for r in results {
+            total += r?;
+        }
+        if total != want {
+            return Err(ctx
+                .err(
+                    ErrorKind::Io,
+                    format!("read {total} of {want} bytes (internal short read)"),
+                )
+                .with_range(offset..offset + want as u64));
+        }
+        Ok(want)
+    }
+
+    fn open_reader(
+        self: Arc<Self>,
+        meta: &ObjectMeta,
+        opts: &ReaderOptions,
+    ) -> Result<Box<dyn RangeReader>> {
+        let current = self.current_pin();
+        let pin = if current.size == meta.size && current.version() == meta.version {
+            current
+        } else {
+            Pin::from_meta(meta.size, meta.version.as_deref())
+        };
+        Ok(Box::new(reader::HttpReader::new(
+            self.ctx.clone(),
+            self.rt.clone(),
+            pin,
+            opts.queue_depth,
+        )?))
+    }
+}

@@ -1,0 +1,643 @@
+//! One ranged GET, done right: version-pinned, streamed straight into the caller's memory,
+//! resumed from the byte where a broken body stopped, retried with backoff and jitter, with a
+//! per-request timeout and stall detection. Also the `stat` request (HEAD, or a one-byte GET when
+//! HEAD is refused).
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{self, HeaderMap};
+use reqwest::{Client, Response, Url};
+use tensorstream_engine::{Error, ErrorKind, Result};
+
+use super::config::{
+    backoff_delay, classify, jitter_sample, parse_content_range, parse_retry_after,
+    parse_unsatisfied_total, HttpConfig, Pin, StatusClass, FULL_BODY_FALLBACK_MAX,
+};
+
+/// What every request needs: the client (connection pool), the URL and the configuration.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub client: Client,
+    pub url: Url,
+    /// The URL without secrets, for messages.
+    pub display: String,
+    pub cfg: HttpConfig,
+}
+
+impl Ctx {
+    /// An error with this backend's context.
+    pub fn err(&self, kind: ErrorKind, msg: impl Into<String>) -> Error {
+        Error::new(kind, msg)
+            .with_backend("http")
+            .with_location(&self.display)
+    }
+
+    fn request(&self, method: reqwest::Method, pin: Option<&Pin>) -> reqwest::RequestBuilder {
+        let mut req = self
+            .client
+            .request(method, self.url.clone())
+            .headers(self.cfg.headers.clone())
+            .header(header::ACCEPT_ENCODING, "identity");
+        if let Some((name, value)) = pin.and_then(|p| p.precondition()) {
+            req = req.header(name, value);
+        }
+        req
+    }
+}
+
+/// Why an attempt failed.
+pub(crate) enum Failure {
+    /// Try again after `after` (from `Retry-After`) or after the backoff delay.
+    Retry {
+        err: Box<Error>,
+        after: Option<Duration>,
+    },
+    /// Give up.
+    Fatal(Box<Error>),
+}
+
+fn fatal(e: Error) -> Failure {
+    Failure::Fatal(Box::new(e))
+}
+
+fn retry(err: Error) -> Failure {
+    Failure::Retry {
+        err: Box::new(err.with_retryable(true)),
+        after: None,
+    }
+}
+
+/// The message of a reqwest error with its causes, without the URL (which may hold secrets).
+pub(crate) fn describe_reqwest(e: reqwest::Error) -> (ErrorKind, bool, String) {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_builder() {
+        ErrorKind::InvalidInput
+    } else {
+        ErrorKind::Io
+    };
+    let mut retryable = !(e.is_builder() || e.is_redirect());
+    let what = if e.is_connect() {
+        "cannot connect"
+    } else if e.is_body() || e.is_decode() {
+        "response body broke off"
+    } else if e.is_redirect() {
+        "redirect failed"
+    } else {
+        "request failed"
+    };
+    let e = e.without_url();
+    let mut msg = format!("{what}: {e}");
+    let mut src = std::error::Error::source(&e);
+    let mut depth = 0;
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+        depth += 1;
+        if depth > 8 {
+            break;
+        }
+    }
+    // A certificate the client does not trust will not become trusted by retrying.
+    if msg.contains("certificate") || msg.contains("Certificate") {
+        retryable = false;
+    }
+    (kind, retryable, msg)
+}
+
+fn from_reqwest(ctx: &Ctx, e: reqwest::Error) -> Failure {
+    let (kind, retryable, msg) = describe_reqwest(e);
+    let err = ctx.err(kind, msg);
+    if retryable {
+        retry(err)
+    } else {
+        fatal(err)
+    }
+}
+
+fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn status_text(resp: &Response) -> String {
+    let s = resp.status();
+    match s.canonical_reason() {
+        Some(r) => format!("HTTP {} {r}", s.as_u16()),
+        None => format!("HTTP {}", s.as_u16()),
+    }
+}
+
+/// The failure for a status that is not a success.
+fn status_failure(ctx: &Ctx, resp: &Response, class: StatusClass) -> Failure {
+    let text = status_text(resp);
+    match class {
+        StatusClass::Retry => {
+            let after = header_str(resp.headers(), header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v, SystemTime::now(), ctx.cfg.retry_after_max));
+            Failure::Retry {
+                err: Box::new(
+                    ctx.err(ErrorKind::Io, format!("server answered {text}"))
+                        .with_retryable(true),
+                ),
+                after,
+            }
+        }
+        StatusClass::NotFound => fatal(ctx.err(ErrorKind::NotFound, text)),
+        StatusClass::Denied => fatal(ctx.err(
+            ErrorKind::PermissionDenied,
+            format!("{text} (check credentials or --header Authorization)"),
+        )),
+        StatusClass::Unsatisfiable => fatal(ctx.err(ErrorKind::RangeNotSatisfiable, text)),
+        _ => fatal(ctx.err(ErrorKind::Io, format!("unexpected answer {text}"))),
+    }
+}
+
+/// Loops over attempts with backoff; `progress` resets the count of failed attempts.
+async fn backoff(ctx: &Ctx, failures: u32, after: Option<Duration>) {
+    let delay = after.unwrap_or_else(|| {
+        backoff_delay(
+            failures,
+            ctx.cfg.backoff_base,
+            ctx.cfg.backoff_max,
+            jitter_sample(),
+        )
+    });
+    tokio::time::sleep(delay).await;
+}
+
+fn give_up(ctx: &Ctx, err: Error, attempts: u32) -> Error {
+    let retryable = err.is_retryable();
+    err.context(format!(
+        "giving up after {attempts} attempts ({} retries)",
+        ctx.cfg.max_retries
+    ))
+    .with_retryable(retryable)
+}
+
+// ---------------------------------------------------------------------------------------------
+// stat
+
+/// Size, version and range support of the object (HEAD; a one-byte ranged GET if HEAD is refused
+/// or inconclusive), with retries.
+pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
+    let mut failures = 0u32;
+    loop {
+        match stat_once(ctx).await {
+            Ok(p) => return Ok(p),
+            Err(Failure::Fatal(e)) => return Err(*e),
+            Err(Failure::Retry { err, after }) => {
+                failures += 1;
+                if failures > ctx.cfg.max_retries {
+                    return Err(give_up(ctx, *err, failures));
+                }
+                backoff(ctx, failures, after).await;
+            }
+        }
+    }
+}
+
+async fn send(ctx: &Ctx, req: reqwest::RequestBuilder) -> Result<Response, Failure> {
+    match tokio::time::timeout(ctx.cfg.timeout, req.send()).await {
+        Err(_) => Err(retry(ctx.err(
+            ErrorKind::Timeout,
+            format!("no response within {:?}", ctx.cfg.timeout),
+        ))),
+        Ok(Err(e)) => Err(from_reqwest(ctx, e)),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+fn check_identity_encoding(ctx: &Ctx, h: &HeaderMap) -> Result<(), Failure> {
+    match header_str(h, header::CONTENT_ENCODING) {
+        None => Ok(()),
+        Some(v) if v.trim().eq_ignore_ascii_case("identity") => Ok(()),
+        Some(v) => Err(fatal(ctx.err(
+            ErrorKind::Unsupported,
+            format!("server sends the object with Content-Encoding {v:?}; byte ranges need the raw object"),
+        ))),
+    }
+}
+
+fn validators(h: &HeaderMap) -> (Option<String>, Option<String>) {
+    (
+        header_str(h, header::ETAG).map(str::to_string),
+        header_str(h, header::LAST_MODIFIED).map(str::to_string),
+    )
+}
+
+async fn stat_once(ctx: &Ctx) -> Result<Pin, Failure> {
+    let resp = send(ctx, ctx.request(reqwest::Method::HEAD, None)).await?;
+    let status = resp.status().as_u16();
+    if resp.status().is_success() {
+        let h = resp.headers();
+        check_identity_encoding(ctx, h)?;
+        let accept = header_str(h, header::ACCEPT_RANGES).map(|v| v.trim().to_ascii_lowercase());
+        if accept.as_deref() == Some("none") {
+            return Err(fatal(no_ranges(ctx, "it sends Accept-Ranges: none")));
+        }
+        let len = header_str(h, header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(size), Some("bytes")) = (len, accept.as_deref()) {
+            let (etag, last_modified) = validators(h);
+            return Ok(Pin {
+                size,
+                etag,
+                last_modified,
+            });
+        }
+        // No length or no Accept-Ranges: ask for one byte to find out.
+        return probe(ctx).await;
+    }
+    match status {
+        // HEAD refused (presigned URLs are often signed for GET only): probe with a GET.
+        405 | 501 | 403 => probe(ctx).await,
+        _ => Err(status_failure(ctx, &resp, classify(status))),
+    }
+}
+
+fn no_ranges(ctx: &Ctx, why: &str) -> Error {
+    ctx.err(
+        ErrorKind::Unsupported,
+        format!("server does not support byte-range requests ({why}); tensorstream needs ranged reads over HTTP"),
+    )
+}
+
+async fn probe(ctx: &Ctx) -> Result<Pin, Failure> {
+    let req = ctx
+        .request(reqwest::Method::GET, None)
+        .header(header::RANGE, "bytes=0-0");
+    let mut resp = send(ctx, req).await?;
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    match classify(status) {
+        StatusClass::Partial => {
+            check_identity_encoding(ctx, &h)?;
+            let cr = header_str(&h, header::CONTENT_RANGE).and_then(parse_content_range);
+            let size = match cr {
+                Some((0, 0, Some(total))) => total,
+                _ => {
+                    return Err(fatal(ctx.err(
+                        ErrorKind::Unsupported,
+                        "server answered a range request without a usable Content-Range total (object size unknown)",
+                    )))
+                }
+            };
+            // Drain the one byte so the connection goes back to the pool.
+            let _ = tokio::time::timeout(ctx.cfg.timeout, async {
+                while let Ok(Some(_)) = resp.chunk().await {}
+            })
+            .await;
+            let (etag, last_modified) = validators(&h);
+            Ok(Pin {
+                size,
+                etag,
+                last_modified,
+            })
+        }
+        StatusClass::Whole => Err(fatal(no_ranges(
+            ctx,
+            "it answered 200 with the whole object to a Range request",
+        ))),
+        StatusClass::Unsatisfiable => {
+            // bytes=0-0 of an empty object.
+            match header_str(&h, header::CONTENT_RANGE).and_then(parse_unsatisfied_total) {
+                Some(0) => {
+                    let (etag, last_modified) = validators(&h);
+                    Ok(Pin {
+                        size: 0,
+                        etag,
+                        last_modified,
+                    })
+                }
+                _ => Err(status_failure(ctx, &resp, StatusClass::Unsatisfiable)),
+            }
+        }
+        class => Err(status_failure(ctx, &resp, class)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ranged GET
+
+/// Reads `dest.len()` bytes at `offset` of the pinned object version into `dest` (fewer only
+/// where the object ends). Retries and resumes inside; the error that escapes is final.
+pub(crate) async fn fetch_range(
+    ctx: &Ctx,
+    pin: &Pin,
+    offset: u64,
+    dest: &mut [u8],
+) -> Result<usize> {
+    let requested = offset..offset.saturating_add(dest.len() as u64);
+    fetch_inner(ctx, pin, offset, dest)
+        .await
+        .map_err(|e| e.with_range(requested))
+}
+
+async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Result<usize> {
+    if offset > pin.size {
+        return Err(ctx.err(
+            ErrorKind::RangeNotSatisfiable,
+            format!(
+                "offset {offset} is past the end of the object ({} bytes)",
+                pin.size
+            ),
+        ));
+    }
+    let avail = pin.size - offset;
+    let want = usize::try_from(avail.min(dest.len() as u64)).unwrap_or(dest.len());
+    let dest = &mut dest[..want];
+    let mut pos = 0usize;
+    let mut failures = 0u32;
+    while pos < want {
+        let (got, outcome) = attempt(ctx, pin, offset + pos as u64, &mut dest[pos..]).await;
+        pos += got;
+        match outcome {
+            Ok(()) if got == 0 => {
+                return Err(ctx.err(
+                    ErrorKind::Io,
+                    "server answered a range request with no bytes",
+                ))
+            }
+            Ok(()) => {}
+            Err(Failure::Fatal(e)) => return Err(*e),
+            Err(Failure::Retry { err, after }) => {
+                if pos >= want {
+                    // Everything arrived; only the tail of the exchange failed.
+                    break;
+                }
+                if got > 0 {
+                    // Progress: resume from `pos`; only attempts without progress count.
+                    failures = 0;
+                }
+                failures += 1;
+                if failures > ctx.cfg.max_retries {
+                    return Err(give_up(ctx, *err, failures));
+                }
+                backoff(ctx, failures, after).await;
+            }
+        }
+    }
+    Ok(want)
+}
+
+/// One GET for `dest.len()` bytes at `start`. Returns the bytes written to `dest` (a prefix),
+/// also when the attempt failed part-way.
+async fn attempt(
+    ctx: &Ctx,
+    pin: &Pin,
+    start: u64,
+    dest: &mut [u8],
+) -> (usize, Result<(), Failure>) {
+    let end = start + dest.len() as u64 - 1; // dest is non-empty
+    let req = ctx
+        .request(reqwest::Method::GET, Some(pin))
+        .header(header::RANGE, format!("bytes={start}-{end}"));
+    let mut resp = match send(ctx, req).await {
+        Ok(r) => r,
+        Err(f) => return (0, Err(f)),
+    };
+    let h = resp.headers().clone();
+    if let Err(f) = check_identity_encoding(ctx, &h) {
+        return (0, Err(f));
+    }
+    let class = classify(resp.status().as_u16());
+    match class {
+        StatusClass::Partial => {
+            let (cs, ce, total) =
+                match header_str(&h, header::CONTENT_RANGE).and_then(parse_content_range) {
+                    Some(v) => v,
+                    None => {
+                        return (
+                            0,
+                            Err(fatal(ctx.err(
+                                ErrorKind::Io,
+                                "206 Partial Content without a valid Content-Range header",
+                            ))),
+                        )
+                    }
+                };
+            if let Some(t) = total {
+                if t != pin.size {
+                    return (
+                        0,
+                        Err(fatal(changed(
+                            ctx,
+                            pin,
+                            &format!("size {t} bytes, was {}", pin.size),
+                        ))),
+                    );
+                }
+            }
+            if let Some(f) = version_mismatch(ctx, pin, &h) {
+                return (0, Err(f));
+            }
+            if cs != start || ce > end {
+                return (
+                    0,
+                    Err(fatal(ctx.err(
+                        ErrorKind::Io,
+                        format!(
+                            "server answered bytes {cs}-{ce} to a request for bytes {start}-{end}"
+                        ),
+                    ))),
+                );
+            }
+            // A server may send less than asked (ce < end): take it; the caller asks for the rest.
+            let n = (ce - cs + 1) as usize;
+            stream_body(ctx, &mut resp, 0, &mut dest[..n], true).await
+        }
+        StatusClass::Whole => {
+            // The server ignored Range and sends the whole object.
+            let len =
+                header_str(&h, header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
+            if let Some(f) = version_mismatch(ctx, pin, &h) {
+                return (0, Err(f));
+            }
+            if let Some(l) = len {
+                if l != pin.size {
+                    return (
+                        0,
+                        Err(fatal(changed(
+                            ctx,
+                            pin,
+                            &format!("size {l} bytes, was {}", pin.size),
+                        ))),
+                    );
+                }
+            }
+            if len.is_none() || pin.size > FULL_BODY_FALLBACK_MAX {
+                return (
+                    0,
+                    Err(fatal(ctx.err(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "server ignored the Range header and answered 200 with the whole object ({}); \
+                             only objects up to {FULL_BODY_FALLBACK_MAX} bytes are read that way",
+                            len.map_or("unknown size".to_string(), |l| format!("{l} bytes"))
+                        ),
+                    ))),
+                );
+            }
+            // Small object: skip to `start` and slice out the bytes wanted.
+            stream_body(ctx, &mut resp, start, dest, false).await
+        }
+        StatusClass::Changed => {
+            let now = current_version(ctx).await;
+            (0, Err(fatal(changed(ctx, pin, &now))))
+        }
+        StatusClass::Unsatisfiable => {
+            match header_str(&h, header::CONTENT_RANGE).and_then(parse_unsatisfied_total) {
+                Some(t) if t != pin.size => (
+                    0,
+                    Err(fatal(changed(
+                        ctx,
+                        pin,
+                        &format!("size {t} bytes, was {}", pin.size),
+                    ))),
+                ),
+                _ => (0, Err(status_failure(ctx, &resp, class))),
+            }
+        }
+        _ => (0, Err(status_failure(ctx, &resp, class))),
+    }
+}
+
+/// An `ObjectChanged` error: "object changed while loading: ETag was X, now Y".
+fn changed(ctx: &Ctx, pin: &Pin, now: &str) -> Error {
+    ctx.err(
+        ErrorKind::ObjectChanged,
+        format!(
+            "object changed while loading: {}, now {now}; restart the load to read the new version",
+            pin.describe()
+        ),
+    )
+}
+
+/// Compares the response's validators with the pin.
+fn version_mismatch(ctx: &Ctx, pin: &Pin, h: &HeaderMap) -> Option<Failure> {
+    let (etag, lm) = validators(h);
+    if pin.etag_differs(etag.as_deref()) {
+        let now = etag.unwrap_or_default();
+        return Some(fatal(changed(ctx, pin, &now)));
+    }
+    if pin.etag.is_none() {
+        if let (Some(a), Some(b)) = (&pin.last_modified, &lm) {
+            if a != b {
+                return Some(fatal(changed(ctx, pin, &format!("Last-Modified {b}"))));
+            }
+        }
+    }
+    None
+}
+
+/// Best-effort description of the object's current version after a 412.
+async fn current_version(ctx: &Ctx) -> String {
+    let unknown = "a different version (412 Precondition Failed)";
+    let head = || {
+        let fut = ctx.request(reqwest::Method::HEAD, None).send();
+        tokio::time::timeout(ctx.cfg.timeout.min(Duration::from_secs(5)), fut)
+    };
+    let mut answer = head().await;
+    if matches!(answer, Ok(Err(_))) {
+        // Once more: a pooled connection may have been closed by the server meanwhile.
+        answer = head().await;
+    }
+    match answer {
+        Ok(Ok(r)) if r.status().is_success() => {
+            let (etag, lm) = validators(r.headers());
+            match (etag, lm) {
+                (Some(e), _) => e,
+                (None, Some(lm)) => format!("Last-Modified {lm}"),
+                _ => unknown.into(),
+            }
+        }
+        Ok(Ok(r)) => format!(
+            "{unknown}; a HEAD for the new version got {}",
+            status_text(&r)
+        ),
+        Ok(Err(e)) => format!(
+            "{unknown}; a HEAD for the new version failed: {}",
+            describe_reqwest(e).2
+        ),
+        Err(_) => format!("{unknown}; a HEAD for the new version timed out"),
+    }
+}
+
+/// Streams the body into `dest`, first discarding `skip` bytes. Every chunk is copied straight
+/// from the connection's buffer into `dest`. With `exact`, the body must be exactly
+/// `dest.len()` bytes; otherwise reading stops once `dest` is full. Stalls (no bytes for the
+/// timeout) and broken bodies are retryable failures carrying the bytes written so far.
+async fn stream_body(
+    ctx: &Ctx,
+    resp: &mut Response,
+    mut skip: u64,
+    dest: &mut [u8],
+    exact: bool,
+) -> (usize, Result<(), Failure>) {
+    let mut got = 0usize;
+    loop {
+        let chunk = match tokio::time::timeout(ctx.cfg.timeout, resp.chunk()).await {
+            Err(_) => {
+                return (
+                    got,
+                    Err(retry(ctx.err(
+                        ErrorKind::Timeout,
+                        format!(
+                            "response body stalled: no bytes for {:?} after {got} of {} bytes",
+                            ctx.cfg.timeout,
+                            dest.len()
+                        ),
+                    ))),
+                )
+            }
+            Ok(Err(e)) => {
+                let f = from_reqwest(ctx, e);
+                return (got, Err(f));
+            }
+            Ok(Ok(None)) => {
+                if got < dest.len() {
+                    return (
+                        got,
+                        Err(retry(ctx.err(
+                            ErrorKind::Io,
+                            format!("response body ended early: {got} of {} bytes", dest.len()),
+                        ))),
+                    );
+                }
+                return (got, Ok(()));
+            }
+            Ok(Ok(Some(c))) => c,
+        };
+        let mut data: &[u8] = &chunk;
+        if skip > 0 {
+            let s = (skip.min(data.len() as u64)) as usize;
+            data = &data[s..];
+            skip -= s as u64;
+        }
+        let room = dest.len() - got;
+        if data.len() > room {
+            if exact {
+                return (
+                    got,
+                    Err(fatal(ctx.err(
+                        ErrorKind::Io,
+                        format!(
+                            "server sent more than the {} bytes of the range",
+                            dest.len()
+                        ),
+                    ))),
+                );
+            }
+            data = &data[..room];
+        }
+        dest[got..got + data.len()].copy_from_slice(data);
+        got += data.len();
+        if got == dest.len() && !exact {
+            // Enough of a whole-object answer: drop the rest (the connection is closed).
+            return (got, Ok(()));
+        }
+    }
+}

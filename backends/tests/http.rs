@@ -1,0 +1,761 @@
+//! The http backend against a real nginx (started by the test on 127.0.0.1), directly and through
+//! a fault-injecting proxy. Every fault must end with the right bytes or a clear error.
+#![cfg(feature = "http")]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::nginx::{free_port, Nginx, TestPki};
+use support::proxy::{Faults, Proxy};
+use tensorstream_backends::http::{HttpBackend, HttpConfig};
+use tensorstream_backends::{open, OpenOptions};
+use tensorstream_engine::format::read_index;
+use tensorstream_engine::format::safetensors::write_header;
+use tensorstream_engine::testkit::{run_all, Fixture};
+use tensorstream_engine::{
+    execute, plan, Backend, DType, EngineOptions, EngineStats, ErrorKind, HostModel, HostSink,
+    IoBuf, PlanOptions, ReadRequest, ReaderOptions, Result,
+};
+
+// ------------------------------------------------------------------------------------------------
+// helpers
+
+/// Deterministic pseudo-random bytes (different seeds → different bytes everywhere).
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A safetensors image with U8 tensors of the given sizes; returns it and each tensor's range.
+fn safetensors(sizes: &[(&str, usize)], seed: u64) -> (Vec<u8>, Vec<Range<u64>>) {
+    let list: Vec<(String, DType, Vec<u64>, u64)> = sizes
+        .iter()
+        .map(|(n, s)| (n.to_string(), DType::U8, vec![*s as u64], *s as u64))
+        .collect();
+    let mut img = write_header(&list, &BTreeMap::new()).expect("header");
+    let mut ranges = Vec::new();
+    for (i, (_, s)) in sizes.iter().enumerate() {
+        let start = img.len() as u64;
+        img.extend_from_slice(&pattern(*s, seed.wrapping_add(i as u64 + 1)));
+        ranges.push(start..img.len() as u64);
+    }
+    (img, ranges)
+}
+
+fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).expect("write served file");
+    p
+}
+
+/// Prepares a replacement for a served file (different bytes, an mtime an hour later so nginx's
+/// ETag changes) and returns the hook that swaps it in atomically (a rename: instant, so the
+/// other connections see the new version from their next request on).
+fn replacement(path: &Path, data: &[u8]) -> impl FnOnce() + Send + 'static {
+    let tmp = path.with_extension("replacing");
+    std::fs::write(&tmp, data).expect("write replacement");
+    let f = std::fs::File::options().write(true).open(&tmp).unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    f.set_modified(later).unwrap();
+    drop(f);
+    let path = path.to_path_buf();
+    move || std::fs::rename(&tmp, &path).expect("rename replacement")
+}
+
+fn opts(concurrency: usize, chunk: usize) -> OpenOptions {
+    OpenOptions {
+        concurrency: Some(concurrency),
+        chunk_size: Some(chunk),
+        timeout: Some(Duration::from_secs(10)),
+        ..Default::default()
+    }
+}
+
+/// Loads tensors (`selected`: indices; `None` = all) through plan → execute → HostSink.
+fn load(
+    backend: Arc<dyn Backend>,
+    selected: Option<Vec<usize>>,
+) -> Result<(HostModel, EngineStats)> {
+    let meta = backend.stat()?;
+    let index = read_index(&*backend, &meta)?;
+    let caps = backend.capabilities();
+    let sel = selected.unwrap_or_else(|| (0..index.tensors.len()).collect());
+    let mut po = PlanOptions::new(meta.size);
+    po.chunk_size = caps.preferred_chunk as u64;
+    po.alignment = caps.alignment as u64;
+    let p = Arc::new(plan(&index, &sel, &po)?);
+    let eo = EngineOptions {
+        queue_depth: caps.max_concurrency,
+        ..Default::default()
+    };
+    let (sink, stats) = execute(backend, &meta, p.clone(), HostSink::new(), &eo)?;
+    let (arena, _) = sink.into_parts()?;
+    Ok((HostModel::new(arena, index, &p)?, stats))
+}
+
+fn assert_tensors(model: &HostModel, img: &[u8], names: &[&str], ranges: &[Range<u64>]) {
+    for (n, r) in names.iter().zip(ranges) {
+        let t = model.get(n).unwrap_or_else(|| panic!("tensor {n} missing"));
+        assert!(
+            t.data == &img[r.start as usize..r.end as usize],
+            "tensor {n}: bytes differ from the served file"
+        );
+    }
+}
+
+fn served_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+// ------------------------------------------------------------------------------------------------
+// conformance + direct checks
+
+struct NginxFixture {
+    dir: tempfile::TempDir,
+    nginx: Nginx,
+}
+
+impl Fixture for NginxFixture {
+    fn create(&self, name: &str, data: &[u8]) -> Result<Arc<dyn Backend>> {
+        write_file(self.dir.path(), name, data);
+        open(&self.nginx.url(name), &opts(8, 1 << 20))
+    }
+    fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        open(&self.nginx.url(name), &opts(8, 1 << 20))
+    }
+}
+
+#[test]
+fn conformance_suite_against_nginx() {
+    let dir = served_dir();
+    let nginx = Nginx::start(dir.path());
+    run_all(&NginxFixture { dir, nginx });
+}
+
+#[test]
+fn stat_reads_and_reader_against_nginx() {
+    let dir = served_dir();
+    let data = pattern(3 * 1024 * 1024 + 123, 7);
+    write_file(dir.path(), "obj.bin", &data);
+    write_file(dir.path(), "empty.bin", b"");
+    let nginx = Nginx::start(dir.path());
+
+    // Small chunks so large reads are split and run concurrently.
+    let b = Arc::new(HttpBackend::open(&nginx.url("obj.bin"), &opts(4, 256 * 1024)).unwrap());
+    let meta = b.stat().unwrap();
+    assert_eq!(meta.size, data.len() as u64);
+    let v = meta.version.clone().expect("nginx sends an ETag");
+    assert!(v.starts_with('"') && v.ends_with('"'), "ETag {v}");
+    let caps = b.capabilities();
+    assert_eq!(caps.kind, "http");
+    assert!(caps.ranged_reads && !caps.direct_io);
+    assert_eq!(
+        (caps.alignment, caps.preferred_chunk, caps.max_concurrency),
+        (1, 256 * 1024, 4)
+    );
+    assert_eq!(b.location(), nginx.url("obj.bin"));
+
+    let n = data.len() as u64;
+    let cases: &[(u64, usize)] = &[
+        (0, 1),
+        (0, 8),
+        (1, 100_000),
+        (777, 1_000_000), // spans several chunks
+        (0, data.len()),  // whole object, 13 chunks
+        (n - 10, 10),
+        (n - 10, 4096), // runs past the end: short
+        (n, 16),        // at the end: 0
+    ];
+    for &(off, len) in cases {
+        let mut buf = vec![0xAAu8; len];
+        let got = b.read_at(off, &mut buf).unwrap();
+        let end = (off + len as u64).min(n);
+        assert_eq!(got as u64, end - off, "read_at({off}, {len})");
+        assert!(
+            buf[..got] == data[off as usize..end as usize],
+            "bytes of read_at({off}, {len})"
+        );
+    }
+    let e = b.read_at(n + 1, &mut [0u8; 4]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::RangeNotSatisfiable, "{e}");
+    assert_eq!(e.backend(), Some("http"));
+    assert_eq!(e.range(), Some(n + 1..n + 5));
+
+    // The reader: many reads in flight (more than the concurrency), any completion order.
+    let mut r = b
+        .clone()
+        .open_reader(&meta, &ReaderOptions { queue_depth: 16 })
+        .unwrap();
+    let piece = 100_003usize;
+    let mut expected = BTreeMap::new();
+    let mut id = 0u64;
+    let mut off = 0u64;
+    while off < n {
+        let buf = IoBuf::aligned(piece, 64).unwrap();
+        r.submit(ReadRequest {
+            id,
+            offset: off,
+            buf,
+        })
+        .unwrap();
+        expected.insert(id, off);
+        id += 1;
+        off += piece as u64;
+    }
+    assert_eq!(r.in_flight(), expected.len());
+    let mut seen = 0;
+    while r.in_flight() > 0 {
+        let d = r.wait().unwrap();
+        let off = expected[&d.id];
+        assert_eq!(d.offset, off);
+        let got = d.result.unwrap();
+        let end = (off + piece as u64).min(n);
+        assert_eq!(got as u64, end - off);
+        assert!(
+            d.buf.as_slice()[..got] == data[off as usize..end as usize],
+            "reader bytes at {off}"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, expected.len());
+    assert!(
+        r.wait().is_err(),
+        "wait with nothing in flight must fail, not block"
+    );
+
+    // Empty object.
+    let e = HttpBackend::open(&nginx.url("empty.bin"), &opts(2, 1024)).unwrap();
+    assert_eq!(e.stat().unwrap().size, 0);
+    assert_eq!(e.read_at(0, &mut [0u8; 8]).unwrap(), 0);
+}
+
+#[test]
+fn loads_64mib_safetensors_through_engine() {
+    let dir = served_dir();
+    let sizes: Vec<(String, usize)> = (0..10)
+        .map(|i| (format!("layer.{i}.weight"), (7 << 20) + i * 4099))
+        .collect();
+    let sz: Vec<(&str, usize)> = sizes.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let (img, ranges) = safetensors(&sz, 11);
+    assert!(img.len() >= 64 << 20);
+    write_file(dir.path(), "model.safetensors", &img);
+    let nginx = Nginx::start(dir.path());
+    let b = open(&nginx.url("model.safetensors"), &OpenOptions::default()).unwrap();
+    let (model, stats) = load(b, None).unwrap();
+    assert_eq!(model.len(), sizes.len());
+    let names: Vec<&str> = sz.iter().map(|(n, _)| *n).collect();
+    assert_tensors(&model, &img, &names, &ranges);
+    assert!(stats.bytes_read >= ranges.iter().map(|r| r.end - r.start).sum::<u64>());
+}
+
+#[test]
+fn not_found_denied_and_auth_headers() {
+    let dir = served_dir();
+    std::fs::create_dir_all(dir.path().join("secret")).unwrap();
+    std::fs::create_dir_all(dir.path().join("auth")).unwrap();
+    write_file(dir.path(), "secret/x.bin", b"nope");
+    write_file(dir.path(), "auth/x.bin", &pattern(5000, 3));
+    let nginx = Nginx::start_with(
+        dir.path(),
+        r#"location /secret/ { return 403; }
+           location /auth/ { if ($http_authorization != "Bearer s3cret") { return 401; } }"#,
+    );
+
+    let e = open(
+        &nginx.url("missing.bin?token=SECRET123"),
+        &OpenOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(e.backend(), Some("http"));
+    let shown = format!("{e} {e:?}");
+    assert!(shown.contains("/missing.bin"), "{shown}");
+    assert!(!shown.contains("SECRET123"), "query secret leaked: {shown}");
+
+    let e = open(&nginx.url("secret/x.bin"), &OpenOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+
+    let e = open(&nginx.url("auth/x.bin"), &OpenOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    let with_auth = OpenOptions {
+        headers: vec![("Authorization".into(), "Bearer s3cret".into())],
+        ..Default::default()
+    };
+    let b = open(&nginx.url("auth/x.bin"), &with_auth).unwrap();
+    let mut buf = vec![0u8; 5000];
+    assert_eq!(b.read_at(0, &mut buf).unwrap(), 5000);
+    assert_eq!(buf, pattern(5000, 3));
+}
+
+#[test]
+fn server_without_ranges_is_refused() {
+    let dir = served_dir();
+    std::fs::create_dir_all(dir.path().join("norange")).unwrap();
+    write_file(dir.path(), "norange/x.bin", &pattern(10_000, 1));
+    let nginx = Nginx::start_with(dir.path(), "location /norange/ { max_ranges 0; }");
+    let e = open(&nginx.url("norange/x.bin"), &OpenOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("range"), "{e}");
+}
+
+#[test]
+fn server_down_fails_clearly_after_bounded_retries() {
+    let port = free_port(); // nothing listens there
+    let url = format!("http://127.0.0.1:{port}/model.safetensors");
+    let e = open(&url, &OpenOptions::default()).unwrap_err();
+    assert_eq!(e.backend(), Some("http"));
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(
+        e.is_retryable(),
+        "a refused connection may work later: {e:?}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("cannot connect"), "{msg}");
+    assert!(msg.contains("giving up after 6 attempts"), "{msg}");
+    assert!(msg.contains(&url), "{msg}");
+}
+
+#[test]
+fn https_with_http2_against_nginx() {
+    let dir = served_dir();
+    let data = pattern(3 << 20, 71);
+    write_file(dir.path(), "x.bin", &data);
+    let pki = TestPki::generate();
+    let nginx = Nginx::start_tls(dir.path(), &pki);
+    let url = nginx.url("x.bin");
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+    // Not trusting the test CA: a clear, permanent TLS error (not retried), no bytes.
+    let e = HttpBackend::open_with(&url, quick_cfg(4, 1 << 20, Duration::from_secs(10), 3))
+        .unwrap_err();
+    assert!(e.to_string().contains("certificate"), "{e}");
+    assert!(!e.is_retryable(), "{e:?}");
+    assert!(
+        !e.to_string().contains("giving up"),
+        "certificate errors must not be retried: {e}"
+    );
+
+    let mut cfg = quick_cfg(8, 512 << 10, Duration::from_secs(10), 2);
+    cfg.root_certificates_pem = vec![pki.ca_pem.clone().into_bytes()];
+    let b = Arc::new(HttpBackend::open_with(&url, cfg).unwrap());
+    let mut buf = vec![0u8; data.len()];
+    assert_eq!(b.read_at(0, &mut buf).unwrap(), data.len());
+    assert!(buf == data, "bytes over https differ");
+    assert_eq!(b.stat().unwrap().size, data.len() as u64);
+    let log = nginx.access_log();
+    let ranged = log
+        .lines()
+        .filter(|l| l.starts_with("HTTP/2.0 206"))
+        .count();
+    assert_eq!(
+        ranged, 6,
+        "six 512 KiB ranged GETs over HTTP/2 expected:\n{log}"
+    );
+    assert!(
+        !log.contains("HTTP/1.1"),
+        "HTTP/2 was offered but not used:\n{log}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// faults through the proxy
+
+struct Rig {
+    dir: tempfile::TempDir,
+    _nginx: Nginx,
+    proxy: Proxy,
+}
+
+fn rig() -> Rig {
+    let dir = served_dir();
+    let nginx = Nginx::start(dir.path());
+    let proxy = Proxy::start(nginx.addr());
+    Rig {
+        dir,
+        _nginx: nginx,
+        proxy,
+    }
+}
+
+fn quick_cfg(concurrency: usize, chunk: usize, timeout: Duration, retries: u32) -> HttpConfig {
+    HttpConfig {
+        concurrency,
+        chunk_size: chunk,
+        timeout,
+        max_retries: retries,
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn reset_mid_body_resumes_with_correct_bytes() {
+    let r = rig();
+    let (img, ranges) = safetensors(&[("a", 6 << 20), ("b", 5 << 20), ("c", 3 << 20)], 21);
+    write_file(r.dir.path(), "m.safetensors", &img);
+    let b = Arc::new(
+        HttpBackend::open_with(
+            &r.proxy.url("m.safetensors"),
+            quick_cfg(4, 2 << 20, Duration::from_secs(10), 3),
+        )
+        .unwrap(),
+    );
+    // Cut the first 4 bodies longer than 300 000 bytes after 300 000 bytes.
+    r.proxy.set_faults(Faults {
+        reset_after: Some((300_000, 4)),
+        ..Default::default()
+    });
+    r.proxy.clear_log();
+    let (model, _) = load(b, None).unwrap();
+    assert_tensors(&model, &img, &["a", "b", "c"], &ranges);
+
+    let log = r.proxy.log();
+    let cut: Vec<_> = log.iter().filter(|x| x.faulted).collect();
+    assert_eq!(cut.len(), 4, "{log:#?}");
+    // Each cut body was resumed from the byte where it stopped, not re-read from its start.
+    for c in cut {
+        let ans = c
+            .answered_range()
+            .expect("cut exchange had a Content-Range");
+        let resume_at = ans.start + c.body_bytes;
+        assert!(
+            log.iter().any(|x| x
+                .range
+                .as_deref()
+                .is_some_and(|rg| rg.starts_with(&format!("bytes={resume_at}-")))),
+            "no request resumed at {resume_at}: {log:#?}"
+        );
+    }
+}
+
+#[test]
+fn stall_past_timeout_is_retried_or_times_out() {
+    let r = rig();
+    let data = pattern(4 << 20, 5);
+    write_file(r.dir.path(), "x.bin", &data);
+    let timeout = Duration::from_millis(700);
+
+    // One stall: detected by the timeout, resumed, correct bytes.
+    let b =
+        HttpBackend::open_with(&r.proxy.url("x.bin"), quick_cfg(2, 1 << 20, timeout, 3)).unwrap();
+    r.proxy.set_faults(Faults {
+        stall_after: Some((100_000, Duration::from_secs(3), 1)),
+        ..Default::default()
+    });
+    let mut buf = vec![0u8; data.len()];
+    assert_eq!(b.read_at(0, &mut buf).unwrap(), data.len());
+    assert!(buf == data, "bytes after a stall differ");
+    assert_eq!(r.proxy.log().iter().filter(|x| x.faulted).count(), 1);
+
+    // Stalls every time: a Timeout error after the bounded retries.
+    let b =
+        HttpBackend::open_with(&r.proxy.url("x.bin"), quick_cfg(2, 1 << 20, timeout, 1)).unwrap();
+    r.proxy.set_faults(Faults {
+        stall_after: Some((0, Duration::from_secs(3), 1000)),
+        ..Default::default()
+    });
+    let e = b.read_at(0, &mut vec![0u8; 1000]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("stalled"), "{e}");
+    assert_eq!(e.range(), Some(0..1000));
+}
+
+#[test]
+fn unavailable_503_is_retried_then_bounded() {
+    let r = rig();
+    let data = pattern(1 << 20, 9);
+    write_file(r.dir.path(), "x.bin", &data);
+    let b = HttpBackend::open_with(
+        &r.proxy.url("x.bin"),
+        quick_cfg(2, 1 << 20, Duration::from_secs(10), 3),
+    )
+    .unwrap();
+
+    r.proxy.set_faults(Faults {
+        unavailable: Some((2, "1".into())),
+        ..Default::default()
+    });
+    r.proxy.clear_log();
+    let mut buf = vec![0u8; data.len()];
+    assert_eq!(b.read_at(0, &mut buf).unwrap(), data.len());
+    assert!(buf == data);
+    let statuses: Vec<u16> = r.proxy.log().iter().map(|x| x.status).collect();
+    assert_eq!(statuses, vec![503, 503, 206]);
+
+    // 503 forever: gives up after max_retries + 1 attempts with a retryable error.
+    r.proxy.set_faults(Faults {
+        unavailable: Some((1000, "0".into())),
+        ..Default::default()
+    });
+    r.proxy.clear_log();
+    let e = b.read_at(0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("503"), "{e}");
+    assert_eq!(r.proxy.log().len(), 4, "1 attempt + 3 retries");
+}
+
+#[test]
+fn object_replaced_mid_load_is_object_changed() {
+    let r = rig();
+    let (img, _) = safetensors(&[("a", 8 << 20), ("b", 8 << 20), ("c", 8 << 20)], 31);
+    let path = write_file(r.dir.path(), "m.safetensors", &img);
+    let b: Arc<dyn Backend> = Arc::new(
+        HttpBackend::open_with(
+            &r.proxy.url("m.safetensors"),
+            quick_cfg(2, 1 << 20, Duration::from_secs(10), 3),
+        )
+        .unwrap(),
+    );
+    // Same size, different bytes: only the version tells them apart.
+    let (img2, _) = safetensors(&[("a", 8 << 20), ("b", 8 << 20), ("c", 8 << 20)], 32);
+    assert_eq!(img.len(), img2.len());
+    r.proxy.set_faults(Faults {
+        replace_after: Some((3 << 20, Box::new(replacement(&path, &img2)))),
+        ..Default::default()
+    });
+    let meta_before = b.stat().unwrap();
+    let e = match load(b.clone(), None) {
+        Err(e) => e,
+        Ok(_) => panic!("a load across a replacement must fail, not return mixed bytes"),
+    };
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+    let msg = e.to_string();
+    let old = meta_before.version.unwrap();
+    assert!(msg.contains(&format!("ETag was {old}, now \"")), "{msg}");
+    assert!(
+        r.proxy.log().iter().any(|x| x.status == 412),
+        "server refused with 412"
+    );
+
+    // read_at pinned to the old stat fails the same way; a fresh stat reads the new version.
+    let e = b.read_at(1 << 20, &mut [0u8; 100]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+    assert_ne!(b.stat().unwrap().version, Some(old));
+    let (model, _) = load(b, None).unwrap();
+    assert!(model.get("b").unwrap().data == &img2[img2.len() - (16 << 20)..img2.len() - (8 << 20)]);
+}
+
+#[test]
+fn range_ignored_200_is_sliced_when_small_refused_when_large() {
+    let r = rig();
+    let small = pattern(100_000, 41);
+    let large = pattern(17 << 20, 42);
+    write_file(r.dir.path(), "small.bin", &small);
+    write_file(r.dir.path(), "large.bin", &large);
+    let bs = HttpBackend::open_with(
+        &r.proxy.url("small.bin"),
+        quick_cfg(2, 1 << 20, Duration::from_secs(10), 1),
+    )
+    .unwrap();
+    let bl = HttpBackend::open_with(
+        &r.proxy.url("large.bin"),
+        quick_cfg(2, 1 << 20, Duration::from_secs(10), 1),
+    )
+    .unwrap();
+    r.proxy.set_faults(Faults {
+        strip_range: true,
+        ..Default::default()
+    });
+    r.proxy.clear_log();
+    let mut buf = vec![0u8; 5000];
+    assert_eq!(bs.read_at(1234, &mut buf).unwrap(), 5000);
+    assert!(
+        buf == small[1234..6234],
+        "a 200 answer must be sliced at the requested offset"
+    );
+    assert_eq!(
+        r.proxy.log()[0].status,
+        200,
+        "the server really answered 200"
+    );
+
+    let e = bl.read_at(1 << 20, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("ignored the Range header"), "{e}");
+}
+
+#[test]
+fn filter_never_downloads_skipped_tensors() {
+    let r = rig();
+    let (img, ranges) = safetensors(
+        &[
+            ("keep.0", 1 << 20),
+            ("skip.0", 6 << 20),
+            ("keep.1", 1 << 20),
+            ("skip.1", 6 << 20),
+            ("keep.2", 3 << 20),
+        ],
+        51,
+    );
+    write_file(r.dir.path(), "m.safetensors", &img);
+    let b = open(&r.proxy.url("m.safetensors"), &opts(8, 1 << 20)).unwrap();
+    r.proxy.clear_log();
+    let (model, _) = load(b, Some(vec![0, 2, 4])).unwrap();
+    assert_eq!(model.len(), 3);
+    assert_tensors(
+        &model,
+        &img,
+        &["keep.0", "keep.1", "keep.2"],
+        &[ranges[0].clone(), ranges[2].clone(), ranges[4].clone()],
+    );
+    let log = r.proxy.log();
+    for x in &log {
+        if let Some(got) = x.answered_range() {
+            for skipped in [&ranges[1], &ranges[3]] {
+                assert!(
+                    got.end <= skipped.start || got.start >= skipped.end,
+                    "downloaded {got:?}, which overlaps skipped tensor bytes {skipped:?}"
+                );
+            }
+        }
+    }
+    let useful: u64 = [0, 2, 4]
+        .iter()
+        .map(|&i| ranges[i].end - ranges[i].start)
+        .sum();
+    let header = ranges[0].start;
+    assert!(
+        r.proxy.body_bytes() <= useful + header + (64 << 10),
+        "{} body bytes through the proxy for {useful} useful bytes",
+        r.proxy.body_bytes()
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// measurement (not a test): cargo test --release -p tensorstream-backends --features http \
+//   --test http -- --ignored --nocapture bench_http_vs_curl
+
+/// User + system CPU seconds of this process so far (all threads), from /proc/self/stat.
+fn self_cpu_secs() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // Fields 14 and 15 of the line (utime, stime) are 11 and 12 after the command name.
+    (f.get(10).copied().unwrap_or(0.0) + f.get(11).copied().unwrap_or(0.0)) / 100.0
+}
+
+#[test]
+#[ignore]
+fn bench_http_vs_curl() {
+    let gib: usize = std::env::var("TS_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+        << 20;
+    let dir = served_dir();
+    let n = 16;
+    let sizes: Vec<(String, usize)> = (0..n).map(|i| (format!("t{i}"), gib / n)).collect();
+    let sz: Vec<(&str, usize)> = sizes.iter().map(|(a, s)| (a.as_str(), *s)).collect();
+    let (img, ranges) = safetensors(&sz, 61);
+    write_file(dir.path(), "big.safetensors", &img);
+    let total = img.len() as f64;
+    drop(img);
+    let nginx = Nginx::start(dir.path());
+    let url = nginx.url("big.safetensors");
+    // Warm the page cache once so both runs read from memory.
+    let _ = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", &url])
+        .status();
+    for round in 0..2 {
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new("bash")
+            .args(["-c", "curl -s -o /dev/null \"$0\" && times", &url])
+            .output()
+            .expect("curl");
+        assert!(out.status.success());
+        let curl = t.elapsed().as_secs_f64();
+        let times = String::from_utf8_lossy(&out.stdout);
+        let curl_cpu = times.lines().nth(1).unwrap_or("").to_string();
+        // What allocating the host arena alone costs (the engine's AlignedBuf::zeroed, which
+        // touches every page), and the backend alone: its reader filling an already-touched
+        // buffer of the same size with 8 MiB reads, 32 in flight.
+        let ta = std::time::Instant::now();
+        let mut whole = IoBuf::aligned(total as usize, 4096).unwrap();
+        let alloc_s = ta.elapsed().as_secs_f64();
+        let chunk = 8usize << 20;
+        let mut windows = Vec::new();
+        while !whole.is_empty() {
+            let n = chunk.min(whole.len());
+            windows.push(whole.split_to(n).unwrap());
+        }
+        let tr = std::time::Instant::now();
+        let b = Arc::new(HttpBackend::open(&url, &OpenOptions::default()).unwrap());
+        let meta = b.stat().unwrap();
+        let mut r = b
+            .clone()
+            .open_reader(&meta, &ReaderOptions { queue_depth: 32 })
+            .unwrap();
+        let mut next = 0usize;
+        let mut done_bytes = 0u64;
+        let count = windows.len();
+        let mut bufs = windows.into_iter();
+        while next < count || r.in_flight() > 0 {
+            while next < count && r.in_flight() < 32 {
+                let buf = bufs.next().unwrap();
+                r.submit(ReadRequest {
+                    id: next as u64,
+                    offset: (next * chunk) as u64,
+                    buf,
+                })
+                .unwrap();
+                next += 1;
+            }
+            let d = r.wait().unwrap();
+            done_bytes += d.result.unwrap() as u64;
+        }
+        let reader_s = tr.elapsed().as_secs_f64();
+        assert_eq!(done_bytes, total as u64);
+        println!(
+            "backend reader alone: {:.3} GB/s ({reader_s:.3}s); arena-sized zeroed allocation alone: {alloc_s:.3}s",
+            total / reader_s / 1e9
+        );
+        let cpu0 = self_cpu_secs();
+        let t = std::time::Instant::now();
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        let o = OpenOptions {
+            concurrency: env("TS_BENCH_CONCURRENCY"),
+            chunk_size: env("TS_BENCH_CHUNK_MIB").map(|m| m << 20),
+            ..Default::default()
+        };
+        let mut cfg = HttpConfig::from_options(&o).unwrap();
+        if let Some(n) = env("TS_BENCH_THREADS") {
+            cfg.runtime_threads = n;
+        }
+        let b: Arc<dyn Backend> = Arc::new(HttpBackend::open_with(&url, cfg).unwrap());
+        let t_open = t.elapsed().as_secs_f64();
+        let (model, stats) = load(b, None).unwrap();
+        let ours = t.elapsed().as_secs_f64();
+        println!(
+            "open {t_open:.3}s, engine {:.3}s, total {ours:.3}s; cpu: ours {:.2}s, curl (user sys) {curl_cpu}",
+            stats.elapsed.as_secs_f64(),
+            self_cpu_secs() - cpu0
+        );
+        assert_eq!(model.len(), n);
+        let check = model.get("t3").unwrap().data;
+        assert_eq!(check.len() as u64, ranges[3].end - ranges[3].start);
+        println!(
+            "{{\"round\":{round},\"bytes\":{total},\"curl_gbps\":{:.3},\"tensorstream_http_gbps\":{:.3},\"ratio\":{:.2}}}",
+            total / curl / 1e9,
+            total / ours / 1e9,
+            curl / ours
+        );
+    }
+}
