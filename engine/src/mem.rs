@@ -183,7 +183,16 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     layout: std::alloc::Layout,
     len: usize,
+    /// Allocated with an anonymous `mmap` (freed with `munmap`) instead of the global allocator.
+    mapped: bool,
 }
+
+/// Buffers at least this large (and aligned to at most a page) come from an anonymous `mmap`:
+/// zero pages appear lazily on first touch, so nothing is written up front. (`alloc_zeroed` with
+/// an alignment above 16 does `posix_memalign` + `memset`, touching every page on the calling
+/// thread before the first read.)
+const MMAP_THRESHOLD: usize = 1 << 20;
+const PAGE: usize = 4096;
 
 // SAFETY: AlignedBuf owns its allocation exclusively; the raw pointer is not shared with anyone
 // except through IoBuf windows, which carry their own Send/Sync reasoning.
@@ -200,6 +209,31 @@ impl AlignedBuf {
                 "cannot allocate {len} bytes aligned to {align} (alignment must be a power of two)"
             ))
             })?;
+        if len >= MMAP_THRESHOLD && align <= PAGE {
+            // SAFETY: an anonymous private mapping at an address of the kernel's choice; no
+            // existing memory is affected. The result is checked against MAP_FAILED below.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if raw != libc::MAP_FAILED {
+                if let Some(ptr) = NonNull::new(raw.cast::<u8>()) {
+                    return Ok(AlignedBuf {
+                        ptr,
+                        layout,
+                        len,
+                        mapped: true,
+                    });
+                }
+            }
+            // Fall through to the global allocator.
+        }
         // SAFETY: the layout has a non-zero size (len.max(1)).
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
@@ -208,7 +242,12 @@ impl AlignedBuf {
                 format!("out of host memory allocating {len} bytes"),
             )
         })?;
-        Ok(AlignedBuf { ptr, layout, len })
+        Ok(AlignedBuf {
+            ptr,
+            layout,
+            len,
+            mapped: false,
+        })
     }
     /// The aligned bytes.
     pub fn as_slice(&self) -> &[u8] {
@@ -232,8 +271,16 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        if self.mapped {
+            // SAFETY: mapped in `zeroed` with exactly this length, unmapped once; no window
+            // outlives the buffer (windows hold it through an Arc).
+            unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), self.len);
+            }
+        } else {
+            // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        }
     }
 }
 
@@ -410,6 +457,32 @@ mod tests {
             assert_eq!(b.len(), 10_000);
         }
         assert!(AlignedBuf::zeroed(10, 3).is_err());
+    }
+
+    fn rss_bytes() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let l = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    #[test]
+    fn large_buffers_are_zeroed_lazily() {
+        // 256 MiB aligned to a page: must not be written up front (no memset of every page).
+        let before = rss_bytes();
+        let mut b = AlignedBuf::zeroed(256 << 20, 4096).unwrap();
+        let after = rss_bytes();
+        assert!(
+            after.saturating_sub(before) < 64 << 20,
+            "allocation touched {} MiB up front",
+            (after - before) >> 20
+        );
+        assert_eq!(b.as_slice().as_ptr() as usize % 4096, 0);
+        let s = b.as_mut_slice();
+        for i in (0..s.len()).step_by(1 << 20) {
+            assert_eq!(s[i], 0);
+            s[i] = 1;
+        }
+        assert_eq!(s[(1 << 20) * 3], 1);
     }
 
     #[test]

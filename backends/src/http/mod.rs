@@ -17,7 +17,6 @@
 //!   connection errors, stalls, 429 and 5xx are retried with exponential backoff and full jitter,
 //!   honouring `Retry-After` (capped), a bounded number of times.
 
-
 pub mod config;
 pub mod reader;
 mod retry;
