@@ -182,7 +182,16 @@ pub fn execute<S: Sink>(
             }
             continue;
         }
-        let done = reader.wait()?;
+        let done = match reader.wait() {
+            Ok(d) => d,
+            Err(e) => {
+                // The reader itself broke: stop, but still drain, join the sink and name the
+                // object like any other failure (an early return would leave the sink thread
+                // running on its own with a partial load).
+                read_err.get_or_insert(e);
+                break;
+            }
+        };
         let idx = done.id as usize;
         let op = &plan.reads[idx];
         match done.result {
@@ -233,12 +242,17 @@ pub fn execute<S: Sink>(
     }
     drop(reader);
     drop(to_sink);
-    let (sink, sink_res) = sink_thread
-        .join()
-        .map_err(|_| Error::new(ErrorKind::Io, "sink thread panicked"))?;
+    let joined = sink_thread.join();
     if let Some(e) = read_err {
         return Err(e.with_location(&loc));
     }
+    let (sink, sink_res) = joined.map_err(|p| {
+        Error::new(
+            ErrorKind::Io,
+            format!("sink thread panicked: {}", panic_message(&p)),
+        )
+        .with_location(&loc)
+    })?;
     sink_res.map_err(|e| e.with_location(&loc))?;
     if next < total {
         return Err(
@@ -248,4 +262,15 @@ pub fn execute<S: Sink>(
     }
     stats.elapsed = start.elapsed();
     Ok((sink, stats))
+}
+
+/// The message of a panic payload, for errors that report a panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
 }
