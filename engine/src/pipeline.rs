@@ -141,6 +141,8 @@ pub fn execute<S: Sink>(
     let mut read_err: Option<Error> = None;
     let mut next = 0usize;
     let total = plan.reads.len();
+    // Reads whose completion came back (each exactly once).
+    let mut landed = vec![false; total];
     'outer: while next < total || reader.in_flight() > 0 {
         // Submit while there is room and a buffer.
         while read_err.is_none() && next < total && reader.in_flight() < depth {
@@ -192,7 +194,26 @@ pub fn execute<S: Sink>(
                 break;
             }
         };
-        let idx = done.id as usize;
+        // Trust nothing a reader says about ids: an id never submitted, or one returned twice,
+        // would index out of the plan or let a read that never landed count as done.
+        let idx = match usize::try_from(done.id) {
+            Ok(i) if i < next && !landed[i] => i,
+            _ => {
+                let why = match usize::try_from(done.id) {
+                    Ok(i) if i < next => format!(
+                        "reader returned read #{i} twice (range {:?})",
+                        plan.reads[i].obj
+                    ),
+                    _ => format!(
+                        "reader returned a completion with id {} that was never submitted",
+                        done.id
+                    ),
+                };
+                read_err.get_or_insert(Error::new(ErrorKind::Io, why));
+                continue;
+            }
+        };
+        landed[idx] = true;
         let op = &plan.reads[idx];
         match done.result {
             Ok(n) => {
@@ -254,9 +275,9 @@ pub fn execute<S: Sink>(
         .with_location(&loc)
     })?;
     sink_res.map_err(|e| e.with_location(&loc))?;
-    if next < total {
+    if next < total || landed.iter().any(|&l| !l) {
         return Err(
-            Error::new(ErrorKind::Io, "load stopped before all reads were issued")
+            Error::new(ErrorKind::Io, "load stopped before all reads completed")
                 .with_location(&loc),
         );
     }

@@ -391,6 +391,27 @@ fn reader_wait_error_joins_the_sink_and_names_the_object() {
     }
 }
 
+#[test]
+fn completion_with_unknown_id_is_an_error_not_a_panic() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::BogusIdAt(2), layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("id"), "{e}");
+        no_slot_outstanding(&j);
+    }
+}
+
+#[test]
+fn duplicate_completion_is_not_reported_as_a_complete_load() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::DuplicateIdAt(4), layout);
+        let (sink, _j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("twice"), "{e}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sink faults.
 
