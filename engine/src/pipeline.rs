@@ -216,6 +216,20 @@ pub fn execute<S: Sink>(
         landed[idx] = true;
         let op = &plan.reads[idx];
         match done.result {
+            Ok(n) if n as u64 > op.len() => {
+                // A reader or backend that claims more than it was asked for is broken; the
+                // count cannot be trusted (and `start + n` could overflow).
+                read_err.get_or_insert(
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "backend reported {n} bytes for a read of {} bytes (more than requested)",
+                            op.len()
+                        ),
+                    )
+                    .with_range(op.obj.clone()),
+                );
+            }
             Ok(n) => {
                 let want = op.len();
                 let needed_end = op.segments.last().map_or(op.obj.start, |s| s.obj.end);

@@ -412,6 +412,18 @@ fn duplicate_completion_is_not_reported_as_a_complete_load() {
     }
 }
 
+#[test]
+fn backend_claiming_more_bytes_than_asked_is_an_error_not_a_panic() {
+    for more in [1usize, usize::MAX] {
+        let s = setup(BackendFault::MoreBy(more), ReaderFault::None, PACKED);
+        let (sink, _j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.message().contains("more"), "{e}");
+        assert!(e.range().is_some(), "{e}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sink faults.
 
