@@ -80,6 +80,7 @@ pub fn execute<S: Sink>(
         .max();
     let mut free: Vec<IoBuf> = Vec::new();
     let mut staging_bytes = 0u64;
+    let mut count_slots = 0usize;
     if let Some(slot) = max_staged {
         let count = (opts.ring_budget / slot.max(1)).clamp(2, depth.max(2));
         if count.saturating_mul(slot) > opts.ring_budget.max(2 * slot) {
@@ -96,6 +97,7 @@ pub fn execute<S: Sink>(
             }
         };
         staging_bytes = free.iter().map(|b| b.capacity() as u64).sum();
+        count_slots = free.len();
     }
 
     let mut reader = backend
@@ -111,6 +113,9 @@ pub fn execute<S: Sink>(
     let (freed_tx, freed_rx): (Sender<IoBuf>, Receiver<IoBuf>) = crossbeam_channel::unbounded();
     let sink_failed = Arc::new(AtomicBool::new(false));
     let sink_failed2 = sink_failed.clone();
+    // Reads the sink has fully handled (accepted and its freed buffers sent back).
+    let handled = Arc::new(AtomicU64::new(0));
+    let handled2 = handled.clone();
     let sink_thread = std::thread::Builder::new()
         .name("ts-sink".into())
         .spawn(move || -> (S, Result<()>) {
@@ -120,6 +125,8 @@ pub fn execute<S: Sink>(
                     for b in sink.accept(idx, buf)? {
                         let _ = freed_tx.send(b);
                     }
+                    // After the sends: whoever sees the count also sees the buffers.
+                    handled2.fetch_add(1, Ordering::SeqCst);
                 }
                 for b in sink.finish()? {
                     let _ = freed_tx.send(b);
@@ -139,6 +146,8 @@ pub fn execute<S: Sink>(
         ..Default::default()
     };
     let mut read_err: Option<Error> = None;
+    // Reads handed to the sink.
+    let mut sent = 0u64;
     let mut next = 0usize;
     let total = plan.reads.len();
     // Reads whose completion came back (each exactly once).
@@ -176,7 +185,23 @@ pub fn execute<S: Sink>(
             if read_err.is_some() || next >= total {
                 break;
             }
-            // Every slot is with the sink: wait for one to come back.
+            // Every slot is with the sink: wait for one to come back. If the sink has already
+            // handled everything it was sent and gave nothing back, it never will (it returns
+            // slots only from `accept`/`finish`): the slots are lost, and waiting would hang.
+            if handled.load(Ordering::SeqCst) == sent {
+                if let Ok(b) = freed_rx.try_recv() {
+                    free.push(b);
+                    continue;
+                }
+                read_err.get_or_insert(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "the sink kept every staging slot ({count_slots} of {staging_bytes} \
+                         bytes) without giving one back: staging slots lost (sink bug)"
+                    ),
+                ));
+                break;
+            }
             match freed_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(b) => free.push(b),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
@@ -255,8 +280,11 @@ pub fn execute<S: Sink>(
                 if let Some(p) = &opts.progress {
                     p.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                if read_err.is_none() && to_sink.send(ToSink::Filled(idx, done.buf)).is_err() {
-                    break;
+                if read_err.is_none() {
+                    if to_sink.send(ToSink::Filled(idx, done.buf)).is_err() {
+                        break;
+                    }
+                    sent += 1;
                 }
             }
             Err(e) => {

@@ -451,5 +451,13 @@ fn sink_panic_is_an_error() {
     }
 }
 
+#[test]
+fn sink_losing_staging_slots_is_an_error_not_a_hang() {
+    let s = setup(BackendFault::None, ReaderFault::None, PACKED);
+    let (sink, _j) = TestSink::new(SinkFault::LoseSlots);
+    let e = must_fail(run(&s, sink));
+    assert!(e.message().contains("staging"), "{e}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host sink and model.
