@@ -53,6 +53,9 @@ pub struct EngineStats {
 
 enum ToSink {
     Filled(usize, IoBuf),
+    /// Every read landed: complete the sink. A sink whose channel closes without this message
+    /// belongs to a failed load and is dropped without `finish`.
+    Finish,
 }
 
 /// Runs `plan` against `backend` into `sink`. Returns the sink (holding the loaded bytes) and
@@ -121,17 +124,27 @@ pub fn execute<S: Sink>(
         .spawn(move || -> (S, Result<()>) {
             let mut run = || -> Result<()> {
                 for msg in sink_rx.iter() {
-                    let ToSink::Filled(idx, buf) = msg;
-                    for b in sink.accept(idx, buf)? {
-                        let _ = freed_tx.send(b);
+                    match msg {
+                        ToSink::Filled(idx, buf) => {
+                            for b in sink.accept(idx, buf)? {
+                                let _ = freed_tx.send(b);
+                            }
+                            // After the sends: whoever sees the count also sees the buffers.
+                            handled2.fetch_add(1, Ordering::SeqCst);
+                        }
+                        ToSink::Finish => {
+                            for b in sink.finish()? {
+                                let _ = freed_tx.send(b);
+                            }
+                            return Ok(());
+                        }
                     }
-                    // After the sends: whoever sees the count also sees the buffers.
-                    handled2.fetch_add(1, Ordering::SeqCst);
                 }
-                for b in sink.finish()? {
-                    let _ = freed_tx.send(b);
-                }
-                Ok(())
+                // The engine stopped without `Finish`: its own error is what the caller sees.
+                Err(Error::new(
+                    ErrorKind::Io,
+                    "load stopped before all reads completed",
+                ))
             };
             let r = run();
             if r.is_err() {
@@ -304,6 +317,10 @@ pub fn execute<S: Sink>(
         }
     }
     drop(reader);
+    if read_err.is_none() && next == total && landed.iter().all(|&l| l) {
+        // A send failure means the sink thread already ended; its result says why.
+        let _ = to_sink.send(ToSink::Finish);
+    }
     drop(to_sink);
     let joined = sink_thread.join();
     if let Some(e) = read_err {

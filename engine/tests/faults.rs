@@ -459,5 +459,19 @@ fn sink_losing_staging_slots_is_an_error_not_a_hang() {
     assert!(e.message().contains("staging"), "{e}");
 }
 
+#[test]
+fn failed_load_never_finishes_the_sink() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::ErrorAt(60_000), ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        must_fail(run(&s, sink));
+        assert!(j.dropped.load(Ordering::SeqCst));
+        assert!(
+            !j.finished.load(Ordering::SeqCst),
+            "finish() was called on a load with a failed read"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host sink and model.
