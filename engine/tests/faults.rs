@@ -475,3 +475,35 @@ fn failed_load_never_finishes_the_sink() {
 
 // ---------------------------------------------------------------------------------------------
 // Host sink and model.
+
+/// A Packed host load of a large arena: the arena's prefault thread is still running when the
+/// first staged reads arrive (here: right after `prepare`); the copies must not be refused for it.
+#[test]
+fn packed_host_load_while_the_arena_prefaults() {
+    let (file, datas) = model_file(&[64 << 20, 4096]);
+    let be = MemoryBackend::new("mem", file);
+    let meta = be.stat().unwrap();
+    let index = format::read_index(&be, &meta).unwrap();
+    let mut o = PlanOptions::new(meta.size);
+    o.chunk_size = 1 << 20;
+    o.layout = PACKED;
+    let plan = Arc::new(plan(&index, &[0, 1], &o).unwrap());
+    let mut sink = HostSink::new();
+    let direct = sink.prepare(&plan).unwrap();
+    assert!(direct.iter().all(|d| d.is_none()), "a Packed plan is staged");
+    // Drive the sink the way the engine does, as fast as possible after `prepare`.
+    let mut slot = IoBuf::aligned(1 << 20, 4096).unwrap();
+    for (i, r) in plan.reads.iter().enumerate() {
+        assert!(slot.set_len(r.len() as usize));
+        let n = be.read_at(r.obj.start, slot.as_mut_slice()).unwrap();
+        assert_eq!(n as u64, r.len());
+        let mut back = sink.accept(i, slot).unwrap();
+        slot = back.pop().expect("a staged slot comes back");
+    }
+    assert!(sink.finish().unwrap().is_empty());
+    let (arena, _) = sink.into_parts().unwrap();
+    let m = HostModel::new(arena, index, &plan).unwrap();
+    for (i, t) in m.tensors().enumerate() {
+        assert!(t.data == &datas[i][..], "tensor {i} differs");
+    }
+}
