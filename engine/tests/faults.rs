@@ -507,3 +507,29 @@ fn packed_host_load_while_the_arena_prefaults() {
         assert!(t.data == &datas[i][..], "tensor {i} differs");
     }
 }
+
+#[test]
+fn host_model_rejects_a_plan_from_another_index() {
+    let s = setup(BackendFault::None, ReaderFault::None, Layout::Mirror);
+    let (sink, _) = execute(
+        s.backend.clone(),
+        &s.meta,
+        s.plan.clone(),
+        HostSink::new(),
+        &eopts(),
+    )
+    .unwrap();
+    let (arena, _) = sink.into_parts().unwrap();
+    let mut small = s.index.clone();
+    small.tensors.truncate(2);
+    let r = HostModel::new(arena, small, &s.plan);
+    let e = match r {
+        Ok(m) => {
+            // Before the fix this is where a caller would panic.
+            let n = m.tensors().count();
+            panic!("model over a mismatched index accepted ({n} tensors)")
+        }
+        Err(e) => e,
+    };
+    assert!(e.message().contains("index"), "{e}");
+}
