@@ -424,6 +424,18 @@ fn backend_claiming_more_bytes_than_asked_is_an_error_not_a_panic() {
     }
 }
 
+#[test]
+fn backend_panic_is_an_error_not_a_hang() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::PanicAt(60_000), ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("panic"), "{e}");
+        assert!(e.range().expect("range").contains(&60_000), "{e}");
+        no_slot_outstanding(&j);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sink faults.
 
