@@ -192,13 +192,12 @@ impl ThreadPoolReader {
                                 .copied()
                                 .or_else(|| p.downcast_ref::<String>().map(String::as_str))
                                 .unwrap_or("(no message)");
-                            Err(Error::new(
-                                ErrorKind::Io,
-                                format!("backend read panicked: {msg}"),
+                            Err(
+                                Error::new(ErrorKind::Io, format!("backend read panicked: {msg}"))
+                                    .with_range(
+                                        req.offset..req.offset.saturating_add(req.buf.len() as u64),
+                                    ),
                             )
-                            .with_range(
-                                req.offset..req.offset.saturating_add(req.buf.len() as u64),
-                            ))
                         });
                         let done = ReadDone {
                             id: req.id,

@@ -239,7 +239,11 @@ impl Sink for TestSink {
         let mut slots = Vec::new();
         for _ in 0..count {
             let b = IoBuf::aligned(slot_size, 4096)?;
-            self.journal.regions.lock().unwrap().push(b.region().clone());
+            self.journal
+                .regions
+                .lock()
+                .unwrap()
+                .push(b.region().clone());
             slots.push(b);
         }
         Ok(Some(slots))
@@ -313,7 +317,11 @@ fn must_fail<S: Sink>(r: Result<(S, EngineStats)>) -> Error {
         Ok(_) => panic!("a faulty load was reported as complete"),
         Err(e) => e,
     };
-    assert_eq!(e.location(), Some("mem://faulty"), "error must name the object: {e}");
+    assert_eq!(
+        e.location(),
+        Some("mem://faulty"),
+        "error must name the object: {e}"
+    );
     e
 }
 
@@ -361,7 +369,10 @@ fn read_error_in_flight_fails_with_range_and_gives_every_slot_back() {
         assert!(e.message().contains("injected read failure"), "{e}");
         let r = e.range().expect("error names the range");
         assert!(r.contains(&60_000), "{e}");
-        assert!(j.dropped.load(Ordering::SeqCst), "sink dropped before execute returned");
+        assert!(
+            j.dropped.load(Ordering::SeqCst),
+            "sink dropped before execute returned"
+        );
         no_slot_outstanding(&j);
     }
 }
@@ -502,7 +513,10 @@ fn packed_host_load_while_the_arena_prefaults() {
     let plan = Arc::new(plan(&index, &[0, 1], &o).unwrap());
     let mut sink = HostSink::new();
     let direct = sink.prepare(&plan).unwrap();
-    assert!(direct.iter().all(|d| d.is_none()), "a Packed plan is staged");
+    assert!(
+        direct.iter().all(|d| d.is_none()),
+        "a Packed plan is staged"
+    );
     // Drive the sink the way the engine does, as fast as possible after `prepare`.
     let mut slot = IoBuf::aligned(1 << 20, 4096).unwrap();
     for (i, r) in plan.reads.iter().enumerate() {
