@@ -180,7 +180,25 @@ impl ThreadPoolReader {
                 .name(format!("ts-read-{i}"))
                 .spawn(move || {
                     for mut req in jobs.iter() {
-                        let result = backend.read_at(req.offset, req.buf.as_mut_slice());
+                        // A panicking backend must not take the read (and its buffer) with it:
+                        // the caller waits for every read it submitted, so a lost completion
+                        // would hang it while the other workers keep the channel open.
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            backend.read_at(req.offset, req.buf.as_mut_slice())
+                        }))
+                        .unwrap_or_else(|p| {
+                            let msg = p
+                                .downcast_ref::<&str>()
+                                .copied()
+                                .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+                                .unwrap_or("(no message)");
+                            Err(
+                                Error::new(ErrorKind::Io, format!("backend read panicked: {msg}"))
+                                    .with_range(
+                                        req.offset..req.offset.saturating_add(req.buf.len() as u64),
+                                    ),
+                            )
+                        });
                         let done = ReadDone {
                             id: req.id,
                             offset: req.offset,

@@ -34,6 +34,15 @@ impl HostModel {
     pub fn new(arena: Arena, index: TensorIndex, plan: &Plan) -> Result<Self> {
         let mut entries: Vec<(usize, usize, usize)> = Vec::with_capacity(plan.placements.len());
         for p in &plan.placements {
+            // Views index `index.tensors` later: a plan made from another index must fail here,
+            // not panic in `tensors()` / `get()`.
+            if p.tensor >= index.tensors.len() {
+                return Err(Error::invalid(format!(
+                    "plan places tensor #{} but the index has only {} tensors (plan from another index?)",
+                    p.tensor,
+                    index.tensors.len()
+                )));
+            }
             let d =
                 usize::try_from(p.dest).map_err(|_| Error::invalid("arena offset too large"))?;
             let n = usize::try_from(p.len).map_err(|_| Error::invalid("tensor too large"))?;

@@ -53,6 +53,9 @@ pub struct EngineStats {
 
 enum ToSink {
     Filled(usize, IoBuf),
+    /// Every read landed: complete the sink. A sink whose channel closes without this message
+    /// belongs to a failed load and is dropped without `finish`.
+    Finish,
 }
 
 /// Runs `plan` against `backend` into `sink`. Returns the sink (holding the loaded bytes) and
@@ -80,6 +83,7 @@ pub fn execute<S: Sink>(
         .max();
     let mut free: Vec<IoBuf> = Vec::new();
     let mut staging_bytes = 0u64;
+    let mut count_slots = 0usize;
     if let Some(slot) = max_staged {
         let count = (opts.ring_budget / slot.max(1)).clamp(2, depth.max(2));
         if count.saturating_mul(slot) > opts.ring_budget.max(2 * slot) {
@@ -96,6 +100,7 @@ pub fn execute<S: Sink>(
             }
         };
         staging_bytes = free.iter().map(|b| b.capacity() as u64).sum();
+        count_slots = free.len();
     }
 
     let mut reader = backend
@@ -111,20 +116,35 @@ pub fn execute<S: Sink>(
     let (freed_tx, freed_rx): (Sender<IoBuf>, Receiver<IoBuf>) = crossbeam_channel::unbounded();
     let sink_failed = Arc::new(AtomicBool::new(false));
     let sink_failed2 = sink_failed.clone();
+    // Reads the sink has fully handled (accepted and its freed buffers sent back).
+    let handled = Arc::new(AtomicU64::new(0));
+    let handled2 = handled.clone();
     let sink_thread = std::thread::Builder::new()
         .name("ts-sink".into())
         .spawn(move || -> (S, Result<()>) {
             let mut run = || -> Result<()> {
                 for msg in sink_rx.iter() {
-                    let ToSink::Filled(idx, buf) = msg;
-                    for b in sink.accept(idx, buf)? {
-                        let _ = freed_tx.send(b);
+                    match msg {
+                        ToSink::Filled(idx, buf) => {
+                            for b in sink.accept(idx, buf)? {
+                                let _ = freed_tx.send(b);
+                            }
+                            // After the sends: whoever sees the count also sees the buffers.
+                            handled2.fetch_add(1, Ordering::SeqCst);
+                        }
+                        ToSink::Finish => {
+                            for b in sink.finish()? {
+                                let _ = freed_tx.send(b);
+                            }
+                            return Ok(());
+                        }
                     }
                 }
-                for b in sink.finish()? {
-                    let _ = freed_tx.send(b);
-                }
-                Ok(())
+                // The engine stopped without `Finish`: its own error is what the caller sees.
+                Err(Error::new(
+                    ErrorKind::Io,
+                    "load stopped before all reads completed",
+                ))
             };
             let r = run();
             if r.is_err() {
@@ -139,8 +159,12 @@ pub fn execute<S: Sink>(
         ..Default::default()
     };
     let mut read_err: Option<Error> = None;
+    // Reads handed to the sink.
+    let mut sent = 0u64;
     let mut next = 0usize;
     let total = plan.reads.len();
+    // Reads whose completion came back (each exactly once).
+    let mut landed = vec![false; total];
     'outer: while next < total || reader.in_flight() > 0 {
         // Submit while there is room and a buffer.
         while read_err.is_none() && next < total && reader.in_flight() < depth {
@@ -174,7 +198,23 @@ pub fn execute<S: Sink>(
             if read_err.is_some() || next >= total {
                 break;
             }
-            // Every slot is with the sink: wait for one to come back.
+            // Every slot is with the sink: wait for one to come back. If the sink has already
+            // handled everything it was sent and gave nothing back, it never will (it returns
+            // slots only from `accept`/`finish`): the slots are lost, and waiting would hang.
+            if handled.load(Ordering::SeqCst) == sent {
+                if let Ok(b) = freed_rx.try_recv() {
+                    free.push(b);
+                    continue;
+                }
+                read_err.get_or_insert(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "the sink kept every staging slot ({count_slots} of {staging_bytes} \
+                         bytes) without giving one back: staging slots lost (sink bug)"
+                    ),
+                ));
+                break;
+            }
             match freed_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(b) => free.push(b),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
@@ -182,10 +222,52 @@ pub fn execute<S: Sink>(
             }
             continue;
         }
-        let done = reader.wait()?;
-        let idx = done.id as usize;
+        let done = match reader.wait() {
+            Ok(d) => d,
+            Err(e) => {
+                // The reader itself broke: stop, but still drain, join the sink and name the
+                // object like any other failure (an early return would leave the sink thread
+                // running on its own with a partial load).
+                read_err.get_or_insert(e);
+                break;
+            }
+        };
+        // Trust nothing a reader says about ids: an id never submitted, or one returned twice,
+        // would index out of the plan or let a read that never landed count as done.
+        let idx = match usize::try_from(done.id) {
+            Ok(i) if i < next && !landed[i] => i,
+            _ => {
+                let why = match usize::try_from(done.id) {
+                    Ok(i) if i < next => format!(
+                        "reader returned read #{i} twice (range {:?})",
+                        plan.reads[i].obj
+                    ),
+                    _ => format!(
+                        "reader returned a completion with id {} that was never submitted",
+                        done.id
+                    ),
+                };
+                read_err.get_or_insert(Error::new(ErrorKind::Io, why));
+                continue;
+            }
+        };
+        landed[idx] = true;
         let op = &plan.reads[idx];
         match done.result {
+            Ok(n) if n as u64 > op.len() => {
+                // A reader or backend that claims more than it was asked for is broken; the
+                // count cannot be trusted (and `start + n` could overflow).
+                read_err.get_or_insert(
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "backend reported {n} bytes for a read of {} bytes (more than requested)",
+                            op.len()
+                        ),
+                    )
+                    .with_range(op.obj.clone()),
+                );
+            }
             Ok(n) => {
                 let want = op.len();
                 let needed_end = op.segments.last().map_or(op.obj.start, |s| s.obj.end);
@@ -211,8 +293,11 @@ pub fn execute<S: Sink>(
                 if let Some(p) = &opts.progress {
                     p.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                if read_err.is_none() && to_sink.send(ToSink::Filled(idx, done.buf)).is_err() {
-                    break;
+                if read_err.is_none() {
+                    if to_sink.send(ToSink::Filled(idx, done.buf)).is_err() {
+                        break;
+                    }
+                    sent += 1;
                 }
             }
             Err(e) => {
@@ -232,20 +317,40 @@ pub fn execute<S: Sink>(
         }
     }
     drop(reader);
+    if read_err.is_none() && next == total && landed.iter().all(|&l| l) {
+        // A send failure means the sink thread already ended; its result says why.
+        let _ = to_sink.send(ToSink::Finish);
+    }
     drop(to_sink);
-    let (sink, sink_res) = sink_thread
-        .join()
-        .map_err(|_| Error::new(ErrorKind::Io, "sink thread panicked"))?;
+    let joined = sink_thread.join();
     if let Some(e) = read_err {
         return Err(e.with_location(&loc));
     }
+    let (sink, sink_res) = joined.map_err(|p| {
+        Error::new(
+            ErrorKind::Io,
+            format!("sink thread panicked: {}", panic_message(&p)),
+        )
+        .with_location(&loc)
+    })?;
     sink_res.map_err(|e| e.with_location(&loc))?;
-    if next < total {
+    if next < total || landed.iter().any(|&l| !l) {
         return Err(
-            Error::new(ErrorKind::Io, "load stopped before all reads were issued")
+            Error::new(ErrorKind::Io, "load stopped before all reads completed")
                 .with_location(&loc),
         );
     }
     stats.elapsed = start.elapsed();
     Ok((sink, stats))
+}
+
+/// The message of a panic payload, for errors that report a panic.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
 }

@@ -155,6 +155,10 @@ pub struct HostSink {
     done_order: Vec<usize>,
     hook: Option<HookState>,
     prefault: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
+    /// Packed plans without a hook: one window over the whole arena, lent for the load, that
+    /// staged segments are copied into. (Going through `Arena::as_mut_slice` instead would be
+    /// refused while the prefault thread holds the region.)
+    staged: Option<IoBuf>,
 }
 
 impl HostSink {
@@ -167,6 +171,7 @@ impl HostSink {
             done_order: Vec::new(),
             hook: None,
             prefault: None,
+            staged: None,
         }
     }
 
@@ -202,6 +207,7 @@ impl HostSink {
         }
         self.hook = None;
         self.stop_prefault(true);
+        self.staged = None;
         let arena = self
             .arena
             .take()
@@ -284,6 +290,9 @@ impl Sink for HostSink {
                 }
             }
             h.start()?;
+        } else if !direct && !arena.is_empty() {
+            let whole = 0..arena.len();
+            self.staged = arena.windows(std::slice::from_ref(&whole))?.pop();
         }
         // Fault the arena's pages in ahead of the reads, on another thread, so the read path does
         // not take one page fault per 4 KiB of a fresh allocation.
@@ -318,16 +327,26 @@ impl Sink for HostSink {
             Vec::new()
         } else {
             let arena = self
-                .arena
+                .staged
                 .as_mut()
-                .ok_or_else(|| Error::invalid("host sink was never prepared"))?
-                .as_mut_slice()?;
+                .ok_or_else(|| Error::invalid("host sink has no staged window"))?
+                .as_mut_slice();
             let src = buf.as_slice();
             for seg in &op.segments {
-                let s = (seg.obj.start - op.obj.start) as usize;
-                let n = (seg.obj.end - seg.obj.start) as usize;
-                let d = seg.dest as usize;
-                arena[d..d + n].copy_from_slice(&src[s..s + n]);
+                let s = usize::try_from(seg.obj.start.saturating_sub(op.obj.start))
+                    .map_err(|_| Error::invalid("segment offset too large"))?;
+                let n = usize::try_from(seg.obj.end.saturating_sub(seg.obj.start))
+                    .map_err(|_| Error::invalid("segment too large"))?;
+                let d = usize::try_from(seg.dest)
+                    .map_err(|_| Error::invalid("arena offset too large"))?;
+                let from = s
+                    .checked_add(n)
+                    .and_then(|e| src.get(s..e))
+                    .ok_or_else(|| Error::invalid("segment lies outside its read"))?;
+                d.checked_add(n)
+                    .and_then(|e| arena.get_mut(d..e))
+                    .ok_or_else(|| Error::invalid("segment lies outside the arena"))?
+                    .copy_from_slice(from);
             }
             vec![buf]
         };
@@ -337,6 +356,7 @@ impl Sink for HostSink {
 
     fn finish(&mut self) -> Result<Vec<IoBuf>> {
         self.stop_prefault(true);
+        self.staged = None;
         if let Some(h) = self.hook.as_mut() {
             h.stop()?;
             if h.pieces.iter().any(|p| !p.is_empty()) || h.slots.iter().any(|s| s.is_some()) {

@@ -1,0 +1,561 @@
+//! Fault injection through the public API: backends, readers and sinks that fail, panic, lie
+//! about counts or ids, or lose buffers. Every load must end in a clear error — never a panic of
+//! the caller, never a hang, never a partial model reported as complete.
+//!
+//! Tests that could hang on a regression run the load on a helper thread under a generous
+//! watchdog (it only turns a hang into a failure; nothing here measures time).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tensorstream_engine::backend::{ReadDone, ReadRequest, ReaderOptions, ThreadPoolReader};
+use tensorstream_engine::format::safetensors::write_header;
+use tensorstream_engine::*;
+
+/// Turns a hang into a test failure. Never reached by a correct engine.
+const WATCHDOG: Duration = Duration::from_secs(120);
+
+fn model_file(sizes: &[u64]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let tensors: Vec<(String, DType, Vec<u64>, u64)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("t{i:03}"), DType::U8, vec![n], n))
+        .collect();
+    let mut file = write_header(&tensors, &BTreeMap::new()).unwrap();
+    let mut datas = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let d: Vec<u8> = (0..n)
+            .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8))
+            .collect();
+        file.extend_from_slice(&d);
+        datas.push(d);
+    }
+    (file, datas)
+}
+
+/// Runs `f` on its own thread; fails the test if it hangs, re-raises its panic as a failure.
+fn watchdog<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = tx.send(());
+        r
+    });
+    match rx.recv_timeout(WATCHDOG) {
+        Ok(()) => match h.join().unwrap() {
+            Ok(r) => r,
+            Err(_) => panic!("{what}: the caller panicked instead of getting an error"),
+        },
+        Err(_) => panic!("{what}: the load hung"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faulty backends and readers.
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BackendFault {
+    None,
+    /// `read_at` fails for the read covering this offset.
+    ErrorAt(u64),
+    /// `read_at` panics for the read covering this offset.
+    PanicAt(u64),
+    /// `read_at` returns one byte less than asked (not at EOF) at this offset.
+    ShortAt(u64),
+    /// `read_at` claims this many bytes more than asked.
+    MoreBy(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ReaderFault {
+    None,
+    /// `wait()` itself fails on its n-th call.
+    WaitErrorAt(usize),
+    /// The n-th completion carries an id that was never submitted.
+    BogusIdAt(usize),
+    /// The n-th completion carries the id of the previous one.
+    DuplicateIdAt(usize),
+}
+
+#[derive(Debug)]
+struct Faulty {
+    inner: MemoryBackend,
+    fault: BackendFault,
+    reader: ReaderFault,
+    /// Faults apply once the index was read (the header reads go through `read_at` too).
+    armed: AtomicBool,
+}
+
+fn covers(offset: u64, len: usize, at: u64) -> bool {
+    offset <= at && at < offset + len as u64
+}
+
+impl Backend for Faulty {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if !self.armed.load(Ordering::SeqCst) {
+            return self.inner.read_at(offset, buf);
+        }
+        match self.fault {
+            BackendFault::ErrorAt(at) if covers(offset, buf.len(), at) => {
+                Err(Error::new(ErrorKind::Io, "injected read failure"))
+            }
+            BackendFault::PanicAt(at) if covers(offset, buf.len(), at) => {
+                panic!("injected backend panic")
+            }
+            BackendFault::ShortAt(at) if covers(offset, buf.len(), at) => {
+                let n = buf.len() - 1;
+                self.inner.read_at(offset, &mut buf[..n])
+            }
+            BackendFault::MoreBy(k) => {
+                let n = self.inner.read_at(offset, buf)?;
+                Ok(n.saturating_add(k))
+            }
+            _ => self.inner.read_at(offset, buf),
+        }
+    }
+    fn open_reader(
+        self: Arc<Self>,
+        _meta: &ObjectMeta,
+        opts: &ReaderOptions,
+    ) -> Result<Box<dyn RangeReader>> {
+        let fault = self.reader;
+        Ok(Box::new(FaultyReader {
+            inner: ThreadPoolReader::new(self, opts.queue_depth)?,
+            fault,
+            waits: 0,
+            last_id: 0,
+        }))
+    }
+}
+
+struct FaultyReader {
+    inner: ThreadPoolReader,
+    fault: ReaderFault,
+    waits: usize,
+    last_id: u64,
+}
+
+impl RangeReader for FaultyReader {
+    fn submit(&mut self, req: ReadRequest) -> Result<()> {
+        self.inner.submit(req)
+    }
+    fn wait(&mut self) -> Result<ReadDone> {
+        self.waits += 1;
+        if self.fault == ReaderFault::WaitErrorAt(self.waits) {
+            return Err(Error::new(ErrorKind::Io, "injected reader breakdown"));
+        }
+        let mut d = self.inner.wait()?;
+        match self.fault {
+            ReaderFault::BogusIdAt(n) if n == self.waits => d.id += 1_000_000,
+            ReaderFault::DuplicateIdAt(n) if n == self.waits => d.id = self.last_id,
+            _ => {}
+        }
+        self.last_id = d.id;
+        Ok(d)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sinks that record what happened to them, and faulty ones.
+
+#[derive(Default)]
+struct Journal {
+    accepted: AtomicUsize,
+    finished: AtomicBool,
+    dropped: AtomicBool,
+    /// Regions of the staging slots this sink handed out (to check they all came back).
+    regions: Mutex<Vec<Arc<dyn MemRegion>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SinkFault {
+    None,
+    /// `accept` fails on its n-th call.
+    ErrorAt(usize),
+    /// `accept` panics on its n-th call.
+    PanicAt(usize),
+    /// Staging slots are dropped instead of given back.
+    LoseSlots,
+}
+
+struct TestSink {
+    inner: HostSink,
+    fault: SinkFault,
+    journal: Arc<Journal>,
+}
+
+impl TestSink {
+    fn new(fault: SinkFault) -> (Self, Arc<Journal>) {
+        let journal = Arc::new(Journal::default());
+        (
+            TestSink {
+                inner: HostSink::new(),
+                fault,
+                journal: journal.clone(),
+            },
+            journal,
+        )
+    }
+}
+
+impl Sink for TestSink {
+    fn prepare(&mut self, plan: &Arc<Plan>) -> Result<Vec<Option<IoBuf>>> {
+        self.inner.prepare(plan)
+    }
+    fn accept(&mut self, read: usize, buf: IoBuf) -> Result<Vec<IoBuf>> {
+        let n = self.journal.accepted.fetch_add(1, Ordering::SeqCst) + 1;
+        match self.fault {
+            SinkFault::ErrorAt(k) if k == n => {
+                return Err(Error::new(ErrorKind::Device, "injected sink failure"))
+            }
+            SinkFault::PanicAt(k) if k == n => panic!("injected sink panic"),
+            _ => {}
+        }
+        let back = self.inner.accept(read, buf)?;
+        if self.fault == SinkFault::LoseSlots {
+            return Ok(Vec::new());
+        }
+        Ok(back)
+    }
+    fn finish(&mut self) -> Result<Vec<IoBuf>> {
+        self.journal.finished.store(true, Ordering::SeqCst);
+        self.inner.finish()
+    }
+    fn staging(&mut self, count: usize, slot_size: usize) -> Result<Option<Vec<IoBuf>>> {
+        let mut slots = Vec::new();
+        for _ in 0..count {
+            let b = IoBuf::aligned(slot_size, 4096)?;
+            self.journal
+                .regions
+                .lock()
+                .unwrap()
+                .push(b.region().clone());
+            slots.push(b);
+        }
+        Ok(Some(slots))
+    }
+}
+
+impl Drop for TestSink {
+    fn drop(&mut self) {
+        self.journal.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver.
+
+struct Setup {
+    backend: Arc<dyn Backend>,
+    meta: ObjectMeta,
+    index: TensorIndex,
+    plan: Arc<Plan>,
+    datas: Vec<Vec<u8>>,
+}
+
+fn setup(fault: BackendFault, reader: ReaderFault, layout: Layout) -> Setup {
+    let (file, datas) = model_file(&[5000, 70_000, 3, 100_000, 4096, 33_333, 12_000]);
+    let inner = MemoryBackend::new("mem://faulty", file);
+    let faulty = Arc::new(Faulty {
+        inner,
+        fault,
+        reader,
+        armed: AtomicBool::new(false),
+    });
+    let backend: Arc<dyn Backend> = faulty.clone();
+    let meta = backend.stat().unwrap();
+    let index = format::read_index(backend.as_ref(), &meta).unwrap();
+    faulty.armed.store(true, Ordering::SeqCst);
+    let mut o = PlanOptions::new(meta.size);
+    o.chunk_size = 16 << 10;
+    o.layout = layout;
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let plan = Arc::new(plan(&index, &sel, &o).unwrap());
+    assert!(plan.reads.len() > 8, "the tests want many reads");
+    Setup {
+        backend,
+        meta,
+        index,
+        plan,
+        datas,
+    }
+}
+
+fn eopts() -> EngineOptions {
+    EngineOptions {
+        queue_depth: 4,
+        ring_budget: 4 * (16 << 10),
+        progress: None,
+    }
+}
+
+const PACKED: Layout = Layout::Packed { align: 256 };
+
+/// Runs a load with `sink` under the watchdog.
+fn run<S: Sink>(s: &Setup, sink: S) -> Result<(S, EngineStats)> {
+    let (be, meta, plan) = (s.backend.clone(), s.meta.clone(), s.plan.clone());
+    watchdog("load", move || execute(be, &meta, plan, sink, &eopts()))
+}
+
+/// The error a faulty load must end in; checks it names the object.
+fn must_fail<S: Sink>(r: Result<(S, EngineStats)>) -> Error {
+    let e = match r {
+        Ok(_) => panic!("a faulty load was reported as complete"),
+        Err(e) => e,
+    };
+    assert_eq!(
+        e.location(),
+        Some("mem://faulty"),
+        "error must name the object: {e}"
+    );
+    e
+}
+
+fn no_slot_outstanding(j: &Journal) {
+    for r in j.regions.lock().unwrap().iter() {
+        assert_eq!(
+            Arc::strong_count(r),
+            1,
+            "a staging slot is still held after the load returned"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Baseline: the harness itself loads correctly when nothing is injected.
+
+#[test]
+fn harness_loads_correctly_without_faults() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::None, layout);
+        let (sink, _) = TestSink::new(SinkFault::None);
+        let (sink, stats) = run(&s, sink).unwrap();
+        assert_eq!(stats.reads as usize, s.plan.reads.len());
+        assert!(sink.journal.finished.load(Ordering::SeqCst));
+        let j = sink.journal.clone();
+        let mut sink = sink;
+        let (arena, _) = std::mem::take(&mut sink.inner).into_parts().unwrap();
+        let m = HostModel::new(arena, s.index.clone(), &s.plan).unwrap();
+        for (i, t) in m.tensors().enumerate() {
+            assert_eq!(t.data, &s.datas[i][..], "{layout:?} tensor {i}");
+        }
+        no_slot_outstanding(&j);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Read errors.
+
+#[test]
+fn read_error_in_flight_fails_with_range_and_gives_every_slot_back() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::ErrorAt(60_000), ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("injected read failure"), "{e}");
+        let r = e.range().expect("error names the range");
+        assert!(r.contains(&60_000), "{e}");
+        assert!(
+            j.dropped.load(Ordering::SeqCst),
+            "sink dropped before execute returned"
+        );
+        no_slot_outstanding(&j);
+    }
+}
+
+#[test]
+fn short_read_before_eof_is_an_error_naming_the_range() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::ShortAt(90_000), ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.range().expect("range").contains(&90_000), "{e}");
+        no_slot_outstanding(&j);
+    }
+}
+
+#[test]
+fn reader_wait_error_joins_the_sink_and_names_the_object() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::WaitErrorAt(3), layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("injected reader breakdown"), "{e}");
+        // The sink thread was joined (the sink is gone) before execute returned.
+        assert!(j.dropped.load(Ordering::SeqCst), "sink thread left running");
+        no_slot_outstanding(&j);
+    }
+}
+
+#[test]
+fn completion_with_unknown_id_is_an_error_not_a_panic() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::BogusIdAt(2), layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("id"), "{e}");
+        no_slot_outstanding(&j);
+    }
+}
+
+#[test]
+fn duplicate_completion_is_not_reported_as_a_complete_load() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::DuplicateIdAt(4), layout);
+        let (sink, _j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("twice"), "{e}");
+    }
+}
+
+#[test]
+fn backend_claiming_more_bytes_than_asked_is_an_error_not_a_panic() {
+    for more in [1usize, usize::MAX] {
+        let s = setup(BackendFault::MoreBy(more), ReaderFault::None, PACKED);
+        let (sink, _j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.message().contains("more"), "{e}");
+        assert!(e.range().is_some(), "{e}");
+    }
+}
+
+#[test]
+fn backend_panic_is_an_error_not_a_hang() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::PanicAt(60_000), ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("panic"), "{e}");
+        assert!(e.range().expect("range").contains(&60_000), "{e}");
+        no_slot_outstanding(&j);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sink faults.
+
+#[test]
+fn sink_error_mid_load_stops_the_load() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::ErrorAt(3));
+        let e = must_fail(run(&s, sink));
+        assert_eq!(e.kind(), ErrorKind::Device, "{e}");
+        assert!(e.message().contains("injected sink failure"), "{e}");
+        assert!(!j.finished.load(Ordering::SeqCst));
+        no_slot_outstanding(&j);
+    }
+}
+
+#[test]
+fn sink_panic_is_an_error() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::PanicAt(2));
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("panicked"), "{e}");
+        no_slot_outstanding(&j);
+    }
+}
+
+#[test]
+fn sink_losing_staging_slots_is_an_error_not_a_hang() {
+    let s = setup(BackendFault::None, ReaderFault::None, PACKED);
+    let (sink, _j) = TestSink::new(SinkFault::LoseSlots);
+    let e = must_fail(run(&s, sink));
+    assert!(e.message().contains("staging"), "{e}");
+}
+
+#[test]
+fn failed_load_never_finishes_the_sink() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::ErrorAt(60_000), ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        must_fail(run(&s, sink));
+        assert!(j.dropped.load(Ordering::SeqCst));
+        assert!(
+            !j.finished.load(Ordering::SeqCst),
+            "finish() was called on a load with a failed read"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host sink and model.
+
+/// A Packed host load of a large arena: the arena's prefault thread is still running when the
+/// first staged reads arrive (here: right after `prepare`); the copies must not be refused for it.
+#[test]
+fn packed_host_load_while_the_arena_prefaults() {
+    let (file, datas) = model_file(&[64 << 20, 4096]);
+    let be = MemoryBackend::new("mem", file);
+    let meta = be.stat().unwrap();
+    let index = format::read_index(&be, &meta).unwrap();
+    let mut o = PlanOptions::new(meta.size);
+    o.chunk_size = 1 << 20;
+    o.layout = PACKED;
+    let plan = Arc::new(plan(&index, &[0, 1], &o).unwrap());
+    let mut sink = HostSink::new();
+    let direct = sink.prepare(&plan).unwrap();
+    assert!(
+        direct.iter().all(|d| d.is_none()),
+        "a Packed plan is staged"
+    );
+    // Drive the sink the way the engine does, as fast as possible after `prepare`.
+    let mut slot = IoBuf::aligned(1 << 20, 4096).unwrap();
+    for (i, r) in plan.reads.iter().enumerate() {
+        assert!(slot.set_len(r.len() as usize));
+        let n = be.read_at(r.obj.start, slot.as_mut_slice()).unwrap();
+        assert_eq!(n as u64, r.len());
+        let mut back = sink.accept(i, slot).unwrap();
+        slot = back.pop().expect("a staged slot comes back");
+    }
+    assert!(sink.finish().unwrap().is_empty());
+    let (arena, _) = sink.into_parts().unwrap();
+    let m = HostModel::new(arena, index, &plan).unwrap();
+    for (i, t) in m.tensors().enumerate() {
+        assert!(t.data == &datas[i][..], "tensor {i} differs");
+    }
+}
+
+#[test]
+fn host_model_rejects_a_plan_from_another_index() {
+    let s = setup(BackendFault::None, ReaderFault::None, Layout::Mirror);
+    let (sink, _) = execute(
+        s.backend.clone(),
+        &s.meta,
+        s.plan.clone(),
+        HostSink::new(),
+        &eopts(),
+    )
+    .unwrap();
+    let (arena, _) = sink.into_parts().unwrap();
+    let mut small = s.index.clone();
+    small.tensors.truncate(2);
+    let r = HostModel::new(arena, small, &s.plan);
+    let e = match r {
+        Ok(m) => {
+            // Before the fix this is where a caller would panic.
+            let n = m.tensors().count();
+            panic!("model over a mismatched index accepted ({n} tensors)")
+        }
+        Err(e) => e,
+    };
+    assert!(e.message().contains("index"), "{e}");
+}
