@@ -35,6 +35,7 @@ GANESHA=$(command -v ganesha.nfsd || echo /usr/bin/ganesha.nfsd)
 
 # ---- servers -------------------------------------------------------------------------------
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/ts-test.XXXXXX")
+chmod 755 "$RUN"   # nginx's workers (an unprivileged user when started as root) must read it
 PIDS=()
 cleanup() {
   local rc=$?
@@ -134,4 +135,12 @@ log "nfs-ganesha on 127.0.0.1:$NFS_PORT (pid ${PIDS[-1]})"
 extra=()
 if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi
 log "cargo test --workspace --all-features ${extra[*]}"
-cargo test --workspace --all-features --no-fail-fast "${extra[@]}" 2>&1
+status=0
+cargo test --workspace --all-features --no-fail-fast "${extra[@]}" 2>&1 || status=$?
+if [ ${#extra[@]} -eq 0 ]; then
+  # The GPU tests again, uncaptured, so their "skipped: no CUDA device" lines show on machines
+  # without a GPU (and their results on machines with one).
+  log "GPU tests (uncaptured):"
+  cargo test -p tensorstream-cuda --test device --quiet -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|panicked|FAILED" || status=1
+fi
+exit $status

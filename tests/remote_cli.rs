@@ -135,3 +135,16 @@ fn s3_fixtures_match_manifest() {
         &envs,
     );
 }
+
+#[test]
+fn http_fixtures_match_manifest() {
+    let root = PathBuf::from(env("TS_NGINX_ROOT"));
+    let url = env("TS_NGINX_URL");
+    check_all(
+        |n| format!("{url}/cli-fixtures/{n}"),
+        &root.join("cli-fixtures"),
+        "",
+        &["--header", "X-Test: tensorstream"],
+        &[],
+    );
+}
