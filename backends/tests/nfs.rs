@@ -429,6 +429,8 @@ struct Proxy {
     port: u16,
     stop: Arc<AtomicBool>,
     faults: Arc<AtomicUsize>,
+    /// Server→client bytes forwarded, all connections together.
+    bytes: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -438,7 +440,8 @@ impl Proxy {
         l.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let faults = Arc::new(AtomicUsize::new(0));
-        let (stop2, faults2) = (stop.clone(), faults.clone());
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let (stop2, faults2, bytes2) = (stop.clone(), faults.clone(), bytes.clone());
         std::thread::spawn(move || {
             let mut conns = 0usize;
             while !stop2.load(Ordering::Relaxed) {
@@ -462,6 +465,7 @@ impl Proxy {
                 });
                 let (mut c, mut s) = (c, s);
                 let faults = faults2.clone();
+                let bytes = bytes2.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 << 10];
                     let mut total = 0usize;
@@ -481,6 +485,7 @@ impl Proxy {
                         if c.write_all(&buf[..n]).is_err() {
                             break;
                         }
+                        bytes.fetch_add(n, Ordering::Relaxed);
                         total += n;
                     }
                     let _ = c.shutdown(Shutdown::Both);
@@ -488,7 +493,12 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, stop, faults }
+        Proxy {
+            port,
+            stop,
+            faults,
+            bytes,
+        }
     }
 }
 
@@ -603,4 +613,39 @@ fn hostile_server_replies_are_errors() {
         assert!(e.to_string().contains("protocol error"), "{what}: {e}");
         eprintln!("{what}: {e}");
     }
+}
+
+#[test]
+fn a_filter_never_downloads_skipped_tensors() {
+    let g = Ganesha::start();
+    let (file, datas) = model_file(&[8 << 20, 8 << 20, 8 << 20], 41);
+    g.put("filter.safetensors", &file);
+    let p = Proxy::start(g.port, usize::MAX, 0, false);
+    let uri = format!("nfs://127.0.0.1:{}/export/filter.safetensors", p.port);
+    let be = open(&uri, &opts()).unwrap();
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let mut po = PlanOptions::new(meta.size);
+    po.max_gap = 0;
+    let plan = Arc::new(plan(&index, &[1], &po).unwrap());
+    let (sink, _) = execute(
+        be,
+        &meta,
+        plan.clone(),
+        HostSink::new(),
+        &EngineOptions::default(),
+    )
+    .unwrap();
+    let (arena, _) = sink.into_parts().unwrap();
+    let m = HostModel::new(arena, index, &plan).unwrap();
+    assert_eq!(m.len(), 1);
+    let t = m.tensors().next().unwrap();
+    assert!(t.data == &datas[1][..], "selected tensor differs");
+    let wire = p.bytes.load(Ordering::Relaxed);
+    // The selected tensor (8 MiB) + the header prefix (64 KiB) + RPC overhead; a skipped tensor
+    // would add 8 MiB.
+    assert!(
+        wire >= 8 << 20 && wire < (8 << 20) + (1 << 20),
+        "{wire} bytes came over the wire for one 8 MiB tensor"
+    );
 }
