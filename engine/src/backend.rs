@@ -165,9 +165,22 @@ pub struct ThreadPoolReader {
     in_flight: usize,
 }
 
+/// The function a [`ThreadPoolReader`] runs for each read: fill the buffer from the offset.
+pub type ReadFn = dyn Fn(u64, &mut [u8]) -> Result<usize> + Send + Sync;
+
 impl ThreadPoolReader {
     /// Starts `threads` workers (1..=64) reading through `backend`.
     pub fn new<B: Backend + ?Sized>(backend: Arc<B>, threads: usize) -> Result<Self> {
+        Self::with_fn(
+            Arc::new(move |off, buf: &mut [u8]| backend.read_at(off, buf)),
+            threads,
+            "ts-read",
+        )
+    }
+
+    /// Starts `threads` workers (1..=64, named `{name}-{i}`) that each run `read` for the
+    /// requests they take. Backends with their own positional read use this directly.
+    pub fn with_fn(read: Arc<ReadFn>, threads: usize, name: &str) -> Result<Self> {
         let threads = threads.clamp(1, 64);
         let (tx, jobs) = crossbeam_channel::unbounded::<ReadRequest>();
         let (done_tx, rx) = crossbeam_channel::unbounded::<ReadDone>();
@@ -175,16 +188,16 @@ impl ThreadPoolReader {
         for i in 0..threads {
             let jobs = jobs.clone();
             let done_tx = done_tx.clone();
-            let backend = backend.clone();
+            let read = read.clone();
             let h = std::thread::Builder::new()
-                .name(format!("ts-read-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || {
                     for mut req in jobs.iter() {
                         // A panicking backend must not take the read (and its buffer) with it:
                         // the caller waits for every read it submitted, so a lost completion
                         // would hang it while the other workers keep the channel open.
                         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            backend.read_at(req.offset, req.buf.as_mut_slice())
+                            read(req.offset, req.buf.as_mut_slice())
                         }))
                         .unwrap_or_else(|p| {
                             let msg = p

@@ -5,9 +5,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
 use tensorstream_engine::{
-    Error, ErrorKind, IoBuf, ObjectMeta, RangeReader, ReadDone, ReadRequest, Result,
+    Error, ErrorKind, ObjectMeta, RangeReader, ReadDone, ReadRequest, Result, ThreadPoolReader,
 };
 
 use super::Files;
@@ -146,50 +145,19 @@ impl ChangeGuard {
     }
 }
 
-/// Reads on a pool of threads, each calling [`read_range`] (pread, O_DIRECT when aligned).
+/// Reads on a pool of threads, each calling [`read_range`] (pread, O_DIRECT when aligned): the
+/// engine's [`ThreadPoolReader`] plus this backend's change check on every completion.
 pub(crate) struct PreadReader {
-    tx: Option<Sender<ReadRequest>>,
-    rx: Receiver<ReadDone>,
-    workers: Vec<std::thread::JoinHandle<()>>,
-    in_flight: usize,
+    pool: ThreadPoolReader,
     guard: ChangeGuard,
 }
 
 impl PreadReader {
     /// Starts `threads` workers (1..=64).
     pub fn new(files: Arc<Files>, threads: usize, guard: ChangeGuard) -> Result<Self> {
-        let threads = threads.clamp(1, 64);
-        let (tx, jobs) = crossbeam_channel::unbounded::<ReadRequest>();
-        let (done_tx, rx) = crossbeam_channel::unbounded::<ReadDone>();
-        let mut workers = Vec::with_capacity(threads);
-        for i in 0..threads {
-            let jobs = jobs.clone();
-            let done_tx = done_tx.clone();
-            let files = files.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("ts-pread-{i}"))
-                .spawn(move || {
-                    for mut req in jobs.iter() {
-                        let result = read_range(&files, req.offset, req.buf.as_mut_slice());
-                        let done = ReadDone {
-                            id: req.id,
-                            offset: req.offset,
-                            buf: req.buf,
-                            result,
-                        };
-                        if done_tx.send(done).is_err() {
-                            break;
-                        }
-                    }
-                })
-                .map_err(|e| Error::from_io(e, "spawning pread thread"))?;
-            workers.push(h);
-        }
+        let read = move |off: u64, buf: &mut [u8]| read_range(&files, off, buf);
         Ok(PreadReader {
-            tx: Some(tx),
-            rx,
-            workers,
-            in_flight: 0,
+            pool: ThreadPoolReader::with_fn(Arc::new(read), threads, "ts-pread")?,
             guard,
         })
     }
@@ -197,46 +165,17 @@ impl PreadReader {
 
 impl RangeReader for PreadReader {
     fn submit(&mut self, req: ReadRequest) -> Result<()> {
-        let tx = self
-            .tx
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::Io, "reader closed"))?;
-        tx.send(req)
-            .map_err(|_| Error::new(ErrorKind::Io, "pread threads exited"))?;
-        self.in_flight += 1;
-        Ok(())
+        self.pool.submit(req)
     }
 
     fn wait(&mut self) -> Result<ReadDone> {
-        if self.in_flight == 0 {
-            return Err(Error::invalid("wait() with no read in flight"));
-        }
-        let mut d = self
-            .rx
-            .recv()
-            .map_err(|_| Error::new(ErrorKind::Io, "pread threads exited"))?;
-        self.in_flight -= 1;
+        let mut d = self.pool.wait()?;
         let len = d.buf.len();
         d.result = self.guard.on_done(d.offset, len, d.result);
         Ok(d)
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
-    fn register_buffers(&mut self, _bufs: &[&IoBuf]) -> Result<()> {
-        Ok(()) // pread has nothing to register
-    }
-}
-
-impl Drop for PreadReader {
-    fn drop(&mut self) {
-        // Closing the job channel ends the workers once the reads they hold are done; joining
-        // them means no thread writes into a buffer after the reader is gone.
-        self.tx.take();
-        for h in self.workers.drain(..) {
-            let _ = h.join();
-        }
+        self.pool.in_flight()
     }
 }
