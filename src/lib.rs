@@ -332,7 +332,8 @@ impl Loader {
         let sink = match p.hook.clone() {
             Some(h) => HostSink::with_hook(h, format::tensorizer::hook_threads()),
             None => HostSink::new(),
-        };
+        }
+        .with_prefault(p.caps.kernel_reads);
         let (sink, es) = execute(p.backend.clone(), &p.meta, p.plan.clone(), sink, &p.eopts)?;
         let (arena, _) = sink.into_parts()?;
         let stats = p.stats(0, &es, started.elapsed());

@@ -63,7 +63,13 @@ fn main() -> Result<()> {
             queue_depth: qd,
             ..EngineOptions::default()
         };
-        let (_sink, stats) = execute(be.clone(), &meta, p, HostSink::new(), &eo)?;
+        let (_sink, stats) = execute(
+            be.clone(),
+            &meta,
+            p,
+            HostSink::new().with_prefault(true),
+            &eo,
+        )?;
         stats.bytes_read
     } else {
         let mut reader = be

@@ -55,6 +55,11 @@ pub struct Capabilities {
     pub max_concurrency: usize,
     /// Name of the backend kind (`local`, `http`, `s3`, `nfs`, …) for messages and stats.
     pub kind: &'static str,
+    /// Reads are done by the kernel straight into the destination buffer (io_uring, `pread`),
+    /// not copied out of the backend's own user-space buffers. The host sink then faults the
+    /// destination's pages in ahead of the reads on a helper thread (measured faster for local
+    /// files; slower for network clients, which allocate while they copy).
+    pub kernel_reads: bool,
 }
 
 impl Default for Capabilities {
@@ -66,6 +71,7 @@ impl Default for Capabilities {
             preferred_chunk: 8 << 20,
             max_concurrency: 8,
             kind: "custom",
+            kernel_reads: false,
         }
     }
 }

@@ -155,6 +155,8 @@ pub struct HostSink {
     done_order: Vec<usize>,
     hook: Option<HookState>,
     prefault: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
+    /// Fault the arena in ahead of the reads (see [`HostSink::with_prefault`]).
+    want_prefault: bool,
     /// Packed plans without a hook: one window over the whole arena, lent for the load, that
     /// staged segments are copied into. (Going through `Arena::as_mut_slice` instead would be
     /// refused while the prefault thread holds the region.)
@@ -171,8 +173,17 @@ impl HostSink {
             done_order: Vec::new(),
             hook: None,
             prefault: None,
+            want_prefault: false,
             staged: None,
         }
+    }
+
+    /// Faults the arena's pages in on a helper thread ahead of the reads (`MADV_POPULATE_WRITE`)
+    /// instead of one page fault per 4 KiB inside the read path. Worth it when the kernel does
+    /// the reads ([`crate::Capabilities::kernel_reads`]); `TENSORSTREAM_PREFAULT=0`/`1` overrides.
+    pub fn with_prefault(mut self, on: bool) -> Self {
+        self.want_prefault = on;
+        self
     }
 
     fn stop_prefault(&mut self, early: bool) {
@@ -302,7 +313,12 @@ impl Sink for HostSink {
             std::iter::once(0..arena.len()).collect()
         };
         let stop = Arc::new(AtomicBool::new(false));
-        if std::env::var_os("TENSORSTREAM_PREFAULT").is_none_or(|v| v != "0") {
+        let want = match std::env::var("TENSORSTREAM_PREFAULT").as_deref() {
+            Ok("0") => false,
+            Ok("1") => true,
+            _ => self.want_prefault,
+        };
+        if want {
             self.prefault = arena.prefault(ranges, stop.clone()).map(|h| (h, stop));
         }
         self.arena = Some(arena);

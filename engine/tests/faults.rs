@@ -511,7 +511,7 @@ fn packed_host_load_while_the_arena_prefaults() {
     o.chunk_size = 1 << 20;
     o.layout = PACKED;
     let plan = Arc::new(plan(&index, &[0, 1], &o).unwrap());
-    let mut sink = HostSink::new();
+    let mut sink = HostSink::new().with_prefault(true);
     let direct = sink.prepare(&plan).unwrap();
     assert!(
         direct.iter().all(|d| d.is_none()),

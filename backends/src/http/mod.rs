@@ -212,6 +212,7 @@ impl Backend for HttpBackend {
             preferred_chunk: self.ctx.cfg.chunk_size,
             max_concurrency: self.ctx.cfg.concurrency,
             kind: "http",
+            kernel_reads: false,
         }
     }
 

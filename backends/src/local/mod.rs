@@ -259,6 +259,7 @@ impl LocalBackend {
             preferred_chunk: profile.chunk,
             max_concurrency: profile.queue_depth,
             kind: "local",
+            kernel_reads: true,
         };
         Ok(LocalBackend {
             files: Arc::new(Files {

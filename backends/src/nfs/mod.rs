@@ -308,6 +308,7 @@ impl Backend for NfsBackend {
             preferred_chunk: self.inner.cfg.chunk,
             max_concurrency: self.inner.cfg.concurrency,
             kind: "nfs",
+            kernel_reads: false,
         }
     }
 

@@ -433,6 +433,7 @@ impl Backend for S3Backend {
             preferred_chunk: self.cfg.chunk_size,
             max_concurrency: self.cfg.concurrency,
             kind: "s3",
+            kernel_reads: false,
         }
     }
 
