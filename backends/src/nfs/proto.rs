@@ -202,6 +202,36 @@ pub(crate) struct Resolved {
     pub attrs: Attrs,
 }
 
+/// Checks the result of operation number `i` (0-based) of a COMPOUND reply that holds `n`
+/// results with overall `status`: the server stopped before it (its failure is the overall
+/// status) or it failed (its own status) → the failure, named `name`.
+fn op_result(
+    src: &mut impl Source,
+    status: u32,
+    n: usize,
+    i: usize,
+    op: u32,
+    name: &str,
+) -> Result<Result<(), Failure>, XdrError> {
+    if n <= i {
+        return Ok(Err(nfs_failure(status, name)));
+    }
+    let st = decode_op_header(src, op)?;
+    if st != 0 {
+        return Ok(Err(nfs_failure(st, name)));
+    }
+    Ok(Ok(()))
+}
+
+/// `op_result`, returning the failure from the enclosing decoder.
+macro_rules! op {
+    ($src:expr, $status:expr, $n:expr, $i:expr, $op:expr, $name:expr) => {
+        if let Err(f) = op_result($src, $status, $n, $i, $op, $name)? {
+            return Ok(Err(f));
+        }
+    };
+}
+
 /// Decodes the resolve compound's results (after the RPC header). An NFS error names the
 /// operation (and for LOOKUP the path up to the failing component).
 pub(crate) fn decode_resolve(
@@ -210,13 +240,7 @@ pub(crate) fn decode_resolve(
 ) -> Result<Result<Resolved, Failure>, XdrError> {
     let nops = components.len() + 3;
     let (status, n) = decode_compound_header(src, nops)?;
-    if n == 0 {
-        return Ok(Err(nfs_failure(status, "PUTROOTFH")));
-    }
-    let st = decode_op_header(src, OP_PUTROOTFH)?;
-    if st != 0 {
-        return Ok(Err(nfs_failure(st, "PUTROOTFH")));
-    }
+    op!(src, status, n, 0, OP_PUTROOTFH, "PUTROOTFH");
     for i in 0..components.len() {
         if n < i + 2 {
             return Ok(Err(nfs_failure(status, "LOOKUP")));
@@ -227,21 +251,9 @@ pub(crate) fn decode_resolve(
             return Ok(Err(nfs_failure(st, &format!("LOOKUP /{path}"))));
         }
     }
-    if n < nops - 1 {
-        return Ok(Err(nfs_failure(status, "GETFH")));
-    }
-    let st = decode_op_header(src, OP_GETFH)?;
-    if st != 0 {
-        return Ok(Err(nfs_failure(st, "GETFH")));
-    }
+    op!(src, status, n, nops - 2, OP_GETFH, "GETFH");
     let fh = src.opaque("file handle", MAX_FH)?;
-    if n < nops {
-        return Ok(Err(nfs_failure(status, "GETATTR")));
-    }
-    let st = decode_op_header(src, OP_GETATTR)?;
-    if st != 0 {
-        return Ok(Err(nfs_failure(st, "GETATTR")));
-    }
+    op!(src, status, n, nops - 1, OP_GETATTR, "GETATTR");
     let attrs = decode_fattr(src)?;
     Ok(Ok(Resolved { fh, attrs }))
 }
@@ -249,20 +261,8 @@ pub(crate) fn decode_resolve(
 /// Decodes PUTFH + GETATTR results.
 pub(crate) fn decode_stat(src: &mut impl Source) -> Result<Result<Attrs, Failure>, XdrError> {
     let (status, n) = decode_compound_header(src, 2)?;
-    if n == 0 {
-        return Ok(Err(nfs_failure(status, "PUTFH")));
-    }
-    let st = decode_op_header(src, OP_PUTFH)?;
-    if st != 0 {
-        return Ok(Err(nfs_failure(st, "PUTFH")));
-    }
-    if n < 2 {
-        return Ok(Err(nfs_failure(status, "GETATTR")));
-    }
-    let st = decode_op_header(src, OP_GETATTR)?;
-    if st != 0 {
-        return Ok(Err(nfs_failure(st, "GETATTR")));
-    }
+    op!(src, status, n, 0, OP_PUTFH, "PUTFH");
+    op!(src, status, n, 1, OP_GETATTR, "GETATTR");
     Ok(Ok(decode_fattr(src)?))
 }
 
@@ -284,31 +284,13 @@ pub(crate) fn decode_read(
     dst: &mut [u8],
 ) -> Result<Result<ReadOutcome, Failure>, XdrError> {
     let (status, n) = decode_compound_header(src, 3)?;
-    if n == 0 {
-        return Ok(Err(nfs_failure(status, "PUTFH")));
-    }
-    let st = decode_op_header(src, OP_PUTFH)?;
-    if st != 0 {
-        return Ok(Err(nfs_failure(st, "PUTFH")));
-    }
-    if n < 2 {
-        return Ok(Err(nfs_failure(status, "READ")));
-    }
-    let st = decode_op_header(src, OP_READ)?;
-    if st != 0 {
-        return Ok(Err(nfs_failure(st, "READ")));
-    }
+    op!(src, status, n, 0, OP_PUTFH, "PUTFH");
+    op!(src, status, n, 1, OP_READ, "READ");
     let eof = src.bool("READ eof")?;
     let count = src.len("READ data", dst.len())?;
     src.take(&mut dst[..count], "READ data")?;
     src.skip(super::xdr::pad(count) as u64, "READ data padding")?;
-    if n < 3 {
-        return Ok(Err(nfs_failure(status, "GETATTR")));
-    }
-    let st = decode_op_header(src, OP_GETATTR)?;
-    if st != 0 {
-        return Ok(Err(nfs_failure(st, "GETATTR")));
-    }
+    op!(src, status, n, 2, OP_GETATTR, "GETATTR");
     let after = decode_fattr(src)?;
     Ok(Ok(ReadOutcome { count, eof, after }))
 }
