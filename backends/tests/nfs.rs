@@ -5,7 +5,6 @@
 #[path = "support/ganesha.rs"]
 mod ganesha;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -16,7 +15,6 @@ use std::time::Duration;
 use ganesha::Ganesha;
 use sha2::{Digest, Sha256};
 use tensorstream_backends::{open, OpenOptions};
-use tensorstream_engine::format::safetensors::write_header;
 use tensorstream_engine::testkit::{run_all, Fixture};
 use tensorstream_engine::*;
 
@@ -39,19 +37,7 @@ fn opts() -> OpenOptions {
 
 /// A safetensors file of U8 tensors of the given sizes, and each tensor's bytes.
 fn model_file(sizes: &[u64], seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let tensors: Vec<(String, DType, Vec<u64>, u64)> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (format!("t{i:03}"), DType::U8, vec![n], n))
-        .collect();
-    let mut file = write_header(&tensors, &BTreeMap::new()).unwrap();
-    let mut datas = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let d = pattern(n as usize, seed + i as u64);
-        file.extend_from_slice(&d);
-        datas.push(d);
-    }
-    (file, datas)
+    tensorstream_engine::testkit::u8_model(sizes, seed)
 }
 
 /// format → plan → execute → HostSink, with the backend's preferred chunk and concurrency.

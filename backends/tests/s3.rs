@@ -12,7 +12,6 @@ use support::proxy::{Faults, Proxy};
 use support::s3s::{S3s, ACCESS_KEY};
 use tensorstream_backends::s3::{S3Backend, S3Location};
 use tensorstream_backends::OpenOptions;
-use tensorstream_engine::format::safetensors::write_header;
 use tensorstream_engine::testkit::{self, Fixture};
 use tensorstream_engine::*;
 
@@ -30,21 +29,10 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// A safetensors file with U8 tensors of the given sizes; returns the file and each tensor's data.
+/// A safetensors file of U8 tensors of the given sizes, and each tensor's bytes.
 fn safetensors(sizes: &[usize], seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let tensors: Vec<(String, DType, Vec<u64>, u64)> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (format!("t{i:03}"), DType::U8, vec![n as u64], n as u64))
-        .collect();
-    let mut file = write_header(&tensors, &BTreeMap::new()).expect("header");
-    let mut datas = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let d = pattern(n, seed + i as u64);
-        file.extend_from_slice(&d);
-        datas.push(d);
-    }
-    (file, datas)
+    let sizes: Vec<u64> = sizes.iter().map(|&n| n as u64).collect();
+    tensorstream_engine::testkit::u8_model(&sizes, seed)
 }
 
 /// stat → index → plan → execute → HostSink, like the facade does.

@@ -62,6 +62,28 @@ pub fn run_all(fixture: &dyn Fixture) {
 /// Size of the odd-sized object most checks use (3 MiB + 77).
 pub const ODD_SIZE: usize = (3 << 20) + 77;
 
+/// A safetensors file of one-dimensional U8 tensors `t000`, `t001`, … of the given sizes with
+/// [`pattern`] contents (seeded `seed + i`), and each tensor's bytes — the model every backend test
+/// loads.
+pub fn u8_model(sizes: &[u64], seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let tensors: Vec<(String, crate::DType, Vec<u64>, u64)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("t{i:03}"), crate::DType::U8, vec![n], n))
+        .collect();
+    let mut file = match crate::format::safetensors::write_header(&tensors, &Default::default()) {
+        Ok(h) => h,
+        Err(e) => panic!("testkit: cannot build a safetensors header: {e}"),
+    };
+    let mut datas = Vec::with_capacity(sizes.len());
+    for (i, &n) in sizes.iter().enumerate() {
+        let d = pattern(n as usize, seed.wrapping_add(i as u64));
+        file.extend_from_slice(&d);
+        datas.push(d);
+    }
+    (file, datas)
+}
+
 /// Deterministic pseudo-random bytes (different `seed`s give different contents).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 8);

@@ -5,34 +5,18 @@
 //! Tests that could hang on a regression run the load on a helper thread under a generous
 //! watchdog (it only turns a hang into a failure; nothing here measures time).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tensorstream_engine::backend::{ReadDone, ReadRequest, ReaderOptions, ThreadPoolReader};
-use tensorstream_engine::format::safetensors::write_header;
 use tensorstream_engine::*;
 
 /// Turns a hang into a test failure. Never reached by a correct engine.
 const WATCHDOG: Duration = Duration::from_secs(120);
 
 fn model_file(sizes: &[u64]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let tensors: Vec<(String, DType, Vec<u64>, u64)> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (format!("t{i:03}"), DType::U8, vec![n], n))
-        .collect();
-    let mut file = write_header(&tensors, &BTreeMap::new()).unwrap();
-    let mut datas = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let d: Vec<u8> = (0..n)
-            .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8))
-            .collect();
-        file.extend_from_slice(&d);
-        datas.push(d);
-    }
-    (file, datas)
+    tensorstream_engine::testkit::u8_model(sizes, 0)
 }
 
 /// Runs `f` on its own thread; fails the test if it hangs, re-raises its panic as a failure.

@@ -1,27 +1,11 @@
 //! End-to-end through the engine with the in-memory backend: safetensors → plan → execute → host.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tensorstream_engine::format::safetensors::write_header;
 use tensorstream_engine::*;
 
 fn model_file(sizes: &[u64]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let tensors: Vec<(String, DType, Vec<u64>, u64)> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (format!("t{i:03}"), DType::U8, vec![n], n))
-        .collect();
-    let mut file = write_header(&tensors, &BTreeMap::new()).unwrap();
-    let mut datas = Vec::new();
-    for (i, &n) in sizes.iter().enumerate() {
-        let d: Vec<u8> = (0..n)
-            .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8))
-            .collect();
-        file.extend_from_slice(&d);
-        datas.push(d);
-    }
-    (file, datas)
+    tensorstream_engine::testkit::u8_model(sizes, 0)
 }
 
 fn load(file: Vec<u8>, opts: PlanOptions, select: Option<Vec<usize>>) -> (HostModel, EngineStats) {
