@@ -2,7 +2,7 @@
 # Remote-backend measurements over loopback (issue "Remote storage"): a >= 1 GiB safetensors
 # object loaded to host memory through each backend, next to a plain client of the same server in
 # the same run:  HTTP vs `curl -s -o /dev/null`,  S3 vs one single-stream GET (curl --aws-sigv4),
-# NFS vs `nfs-cp`.  Usage: scripts/measure-remote.sh [SIZE (1GiB)] [ROUNDS (3)]
+# NFS vs `nfs-cp`; for HTTP also curl writing into tmpfs (fresh memory, as a load must).  Usage: scripts/measure-remote.sh [SIZE (1GiB)] [ROUNDS (3)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -36,7 +36,10 @@ rows=()
 for r in $(seq "$ROUNDS"); do
   t0=$(now); curl -sf -o /dev/null "$TS_NGINX_URL/model.safetensors"; t1=$(now)
   c=$(gbps "$BYTES" "$t0" "$t1"); t=$(tsload "$TS_NGINX_URL/model.safetensors")
-  rows+=("round $r  http  curl $c GB/s | tensorstream $t GB/s | ratio $(python3 -c "print(f'{$t/$c:.2f}')")")
+  # Second baseline: curl landing the bytes in (fresh) memory too, as a load must.
+  t0=$(now); curl -sf -o /dev/shm/ts-curl.out "$TS_NGINX_URL/model.safetensors"; t1=$(now); rm -f /dev/shm/ts-curl.out
+  m=$(gbps "$BYTES" "$t0" "$t1")
+  rows+=("round $r  http  curl $c GB/s | tensorstream $t GB/s | ratio $(python3 -c "print(f'{$t/$c:.2f}')") | curl -o tmpfs $m GB/s, ratio $(python3 -c "print(f'{$t/$m:.2f}')")")
   t0=$(now); curl -sf "${SIGV4[@]}" -o /dev/null "$TS_S3_ENDPOINT/bench/model.safetensors"; t1=$(now)
   c=$(gbps "$BYTES" "$t0" "$t1"); t=$(tsload s3://bench/model.safetensors --s3-endpoint "$TS_S3_ENDPOINT")
   rows+=("round $r  s3    one GET $c GB/s | tensorstream $t GB/s | ratio $(python3 -c "print(f'{$t/$c:.2f}')")")
