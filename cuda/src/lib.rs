@@ -7,7 +7,7 @@
 //! * [`CudaSink`]: the engine [`Sink`](tensorstream_engine::Sink) for GPU loads — async
 //!   host→device copies from the slots straight into one device arena, round-robin over the
 //!   streams, an event per copy telling when the slot may be refilled.
-//! * [`DeviceModel`]: per-tensor device pointers, readback, explicit release; [`load`] and
+//! * [`DeviceModel`]: per-tensor device pointers, readback, explicit release; [`load()`] and
 //!   [`load_streaming`] (tensors yielded as soon as their bytes are on the device).
 //! * [`warm`]: the mapped page-cache path (off by default until measured on a GPU).
 //!

@@ -1,7 +1,7 @@
 //! tensorstream-engine: the core of tensorstream.
 //!
-//! Data flows one way: a [`Backend`] (storage) → a format reader ([`format`]) → a
-//! [`TensorIndex`] → a [`Plan`] ([`plan`]) → the engine ([`pipeline`]) → a [`Sink`] → a
+//! Data flows one way: a [`Backend`] (storage) → a format reader ([`mod@format`]) → a
+//! [`TensorIndex`] → a [`Plan`] ([`mod@plan`]) → the engine ([`pipeline`]) → a [`Sink`] → a
 //! loaded model. Third-party storage implements [`Backend`] and runs [`testkit`] against itself.
 //!
 //! `unsafe` lives only in [`mem`] (owned I/O buffers over raw memory); every other module forbids

@@ -1,4 +1,5 @@
-//! The engine: executes a [`Plan`] through a backend's [`RangeReader`] into a [`Sink`].
+//! The engine: executes a [`Plan`] through a backend's [`RangeReader`](crate::RangeReader) into a
+//! [`Sink`].
 //!
 //! The calling thread keeps `queue_depth` reads in flight; finished reads travel over a
 //! crossbeam channel to the sink's thread, and staging slots travel back over another. Host

@@ -1,6 +1,6 @@
-//! Conformance suite for [`Backend`](crate::Backend) implementations, third-party ones included.
+//! Conformance suite for [`crate::Backend`] implementations, third-party ones included.
 //!
-//! ```ignore
+//! ```text
 //! struct MyFixture { /* a server, a temp dir … */ }
 //! impl tensorstream_engine::testkit::Fixture for MyFixture {
 //!     fn create(&self, name: &str, data: &[u8]) -> Result<Arc<dyn Backend>> { … }

@@ -1,6 +1,6 @@
 //! The HTTP [`RangeReader`]: every submitted read becomes a task on the backend's tokio runtime
 //! that runs one version-pinned ranged GET (with resume and retries) straight into the read's
-//! [`IoBuf`]; a semaphore keeps at most `concurrency` GETs in flight; completions come back
+//! [`IoBuf`](tensorstream_engine::IoBuf); a semaphore keeps at most `concurrency` GETs in flight; completions come back
 //! over a channel, each with its buffer.
 
 use std::panic::AssertUnwindSafe;

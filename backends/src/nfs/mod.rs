@@ -1,7 +1,7 @@
 //! `nfs://host[:port]/export/path`: a user-space NFSv4.0 client (no mount, no kernel NFS, works in
 //! unprivileged containers), in safe Rust.
 //!
-//! * Transport: ONC RPC over TCP with record marking, AUTH_SYS ([`rpc`]), XDR ([`xdr`]).
+//! * Transport: ONC RPC over TCP with record marking, AUTH_SYS (module `rpc`), XDR (module `xdr`).
 //! * Open: one COMPOUND `[PUTROOTFH, LOOKUP…, GETFH, GETATTR(type, change, size, maxread,
 //!   mtime)]` resolves the path from the server's pseudo-root and pins the version (the change
 //!   attribute and the size).
