@@ -16,6 +16,7 @@ use tensorstream_backends::http::{HttpBackend, HttpConfig};
 use tensorstream_backends::{open, OpenOptions};
 use tensorstream_engine::format::read_index;
 use tensorstream_engine::format::safetensors::write_header;
+use tensorstream_engine::testkit::pattern;
 use tensorstream_engine::testkit::{run_all, Fixture};
 use tensorstream_engine::{
     execute, plan, Backend, DType, EngineOptions, EngineStats, ErrorKind, HostModel, HostSink,
@@ -24,20 +25,6 @@ use tensorstream_engine::{
 
 // ------------------------------------------------------------------------------------------------
 // helpers
-
-/// Deterministic pseudo-random bytes (different seeds → different bytes everywhere).
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 /// A safetensors image with U8 tensors of the given sizes; returns it and each tensor's range.
 fn safetensors(sizes: &[(&str, usize)], seed: u64) -> (Vec<u8>, Vec<Range<u64>>) {

@@ -15,19 +15,7 @@ use tensorstream_backends::OpenOptions;
 use tensorstream_engine::testkit::{self, Fixture};
 use tensorstream_engine::*;
 
-/// Deterministic pseudo-random bytes (xorshift), fast enough for tens of MiB in debug builds.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
+use tensorstream_engine::testkit::pattern;
 
 /// A safetensors file of U8 tensors of the given sizes, and each tensor's bytes.
 fn safetensors(sizes: &[usize], seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {

@@ -52,30 +52,16 @@ pub enum DType {
 }
 
 impl DType {
-    /// Every dtype.
-    pub const ALL: [DType; 21] = [
-        DType::Bool,
-        DType::F4,
-        DType::F6E2M3,
-        DType::F6E3M2,
-        DType::U8,
-        DType::I8,
-        DType::F8E5M2,
-        DType::F8E4M3,
-        DType::F8E8M0,
-        DType::I16,
-        DType::U16,
-        DType::F16,
-        DType::BF16,
-        DType::I32,
-        DType::U32,
-        DType::F32,
-        DType::C64,
-        DType::F64,
-        DType::I64,
-        DType::U64,
-        DType::C128,
-    ];
+    /// Every dtype: the safetensors ones, then [`DType::C128`].
+    pub const ALL: [DType; 21] = {
+        let mut all = [DType::C128; 21];
+        let mut i = 0;
+        while i < DType::SAFETENSORS.len() {
+            all[i] = DType::SAFETENSORS[i];
+            i += 1;
+        }
+        all
+    };
 
     /// The dtypes of the safetensors format, exactly the variants of the reference crate's
     /// `safetensors::Dtype` (0.6/0.7), in its order. [`DType::C128`] is not among them.
