@@ -29,6 +29,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod staged;
+
 pub use tensorstream_backends as backends;
 pub use tensorstream_engine as engine;
 
@@ -360,7 +362,12 @@ impl Loader {
     pub fn load_cuda(&self) -> Result<CudaModel> {
         let started = Instant::now();
         let dev = self.cuda_device()?;
-        let p = self.prepare(Some(&dev))?;
+        let p = self.prepare(Some(dev.options()))?;
+        if p.hook.is_some() {
+            let (model, es) = staged::load(&dev, &p, None)?;
+            let stats = p.stats(model.nbytes(), &es, started.elapsed());
+            return Ok(CudaModel { model, stats });
+        }
         let (model, es) = tensorstream_cuda::load(
             &dev,
             p.backend.clone(),
@@ -377,12 +384,17 @@ impl Loader {
     /// soon as its bytes are on the device, then `wait()` for the whole model.
     pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
         let dev = self.cuda_device()?;
-        let p = self.prepare(Some(&dev))?;
+        let p = self.prepare(Some(dev.options()))?;
+        if p.hook.is_some() {
+            return tensorstream_cuda::StreamingLoad::spawn(move |tx| {
+                staged::load(&dev, &p, Some(tx))
+            });
+        }
         tensorstream_cuda::load_streaming(&dev, p.backend, p.meta, p.index, p.plan, p.eopts)
     }
 
     /// Metadata, selection, verification hooks and the plan, for either destination.
-    fn prepare(&self, dev: Option<&Arc<tensorstream_cuda::CudaDevice>>) -> Result<Prepared> {
+    fn prepare(&self, gpu: Option<&tensorstream_cuda::CudaOptions>) -> Result<Prepared> {
         let be = self.backend()?;
         let meta: ObjectMeta = be.stat()?;
         let mut index = format::read_index(be.as_ref(), &meta)?;
@@ -390,12 +402,6 @@ impl Loader {
         let ropts = self.read_options(&index);
         let hook = format::tensorizer::prepare(&mut index, &ropts)
             .map_err(|e| e.with_location(&self.uri))?;
-        if hook.is_some() && dev.is_some() {
-            return Err(Error::unsupported(
-                "verifying or decrypting tensorizer files while loading to a GPU is not supported yet: load to --device cpu",
-            )
-            .with_location(&self.uri));
-        }
         let caps = be.capabilities();
         let mut popts = PlanOptions::new(meta.size);
         popts.alignment = if caps.direct_io {
@@ -409,11 +415,14 @@ impl Loader {
             ring_budget: self.ring_budget,
             progress: self.progress.clone(),
         };
-        match dev {
+        // Host-side options, also used by GPU loads that verify or decrypt (staged through host).
+        let mut host_popts = popts;
+        host_popts.layout = Layout::Mirror;
+        let host_eopts = eopts.clone();
+        match gpu {
             None => popts.layout = Layout::Mirror,
-            Some(d) => {
+            Some(o) => {
                 // Every read must fit one pinned slot; the ring is the device's slots.
-                let o = d.options();
                 popts.layout = Layout::Packed {
                     align: tensorstream_cuda::TENSOR_ALIGN,
                 };
@@ -436,6 +445,8 @@ impl Loader {
             eopts,
             caps,
             chunk: popts.chunk_size,
+            host_popts,
+            host_eopts,
         })
     }
 }
@@ -449,6 +460,9 @@ struct Prepared {
     eopts: EngineOptions,
     caps: tensorstream_engine::Capabilities,
     chunk: u64,
+    /// Plan and engine options for host loads of (a group of) the selection.
+    host_popts: PlanOptions,
+    host_eopts: EngineOptions,
 }
 
 impl Prepared {

@@ -9,6 +9,8 @@
 //!   streams, an event per copy telling when the slot may be refilled.
 //! * [`DeviceModel`]: per-tensor device pointers, readback, explicit release; [`load()`] and
 //!   [`load_streaming`] (tensors yielded as soon as their bytes are on the device).
+//! * [`HostUpload`]: fills the arena from host memory, for loads whose bytes need host work
+//!   first (tensorizer verification and decryption).
 //! * [`warm`]: the mapped page-cache path (off by default until measured on a GPU).
 //!
 //! The driver is loaded at run time: without `libcuda.so` every entry point returns an
@@ -32,6 +34,8 @@ pub mod sink;
 #[forbid(unsafe_code)]
 pub mod tracker;
 #[forbid(unsafe_code)]
+pub mod upload;
+#[forbid(unsafe_code)]
 pub mod warm;
 
 pub use device::{device_count, driver_present, parse_device, CudaDevice, CudaOptions, WarmMode};
@@ -39,6 +43,7 @@ pub use load::{load, load_streaming, StreamingLoad};
 pub use model::{DeviceModel, DeviceTensor, LoadTimes};
 pub use sink::CudaSink;
 pub use tracker::ReadyTensor;
+pub use upload::HostUpload;
 pub use warm::{load_mapped, residency, use_mapped, WarmStats, WarmStrategy};
 
 /// Alignment of every tensor in the device arena (use `Layout::Packed { align: TENSOR_ALIGN }`).

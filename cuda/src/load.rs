@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use tensorstream_engine::{
     execute, Backend, EngineOptions, EngineStats, Error, ErrorKind, ObjectMeta, Plan, Result,
     TensorIndex,
@@ -61,6 +61,23 @@ pub fn load_streaming(
 }
 
 impl StreamingLoad {
+    /// Runs `load` on its own thread and returns at once; `load` sends each tensor to the
+    /// sender it is given as soon as it is on the device.
+    pub fn spawn<F>(load: F) -> Result<Self>
+    where
+        F: FnOnce(Sender<ReadyTensor>) -> Result<(DeviceModel, EngineStats)> + Send + 'static,
+    {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let handle = std::thread::Builder::new()
+            .name("ts-cuda-load".into())
+            .spawn(move || load(tx))
+            .map_err(|e| Error::from_io(e, "spawning the load thread"))?;
+        Ok(StreamingLoad {
+            rx,
+            handle: Some(handle),
+        })
+    }
+
     /// Waits for the load to end; the model, or the error that stopped it.
     pub fn wait(mut self) -> Result<(DeviceModel, EngineStats)> {
         match self.handle.take() {

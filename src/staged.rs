@@ -1,0 +1,401 @@
+//! GPU loads that need host work on every tensor first (tensorizer hash verification and
+//! decryption cannot run on the device).
+//!
+//! The selected tensors are taken in object order, a group at a time (at most [`GROUP_BYTES`]
+//! of the object, or one tensor if it alone is larger). Each group is loaded into host memory by
+//! the engine with the tensorizer hook (which verifies / decrypts on worker threads as tensors
+//! complete), then copied through the device's pinned staging slots into the one device arena
+//! and announced to streaming readers. Host memory stays bounded by the group size (plus the
+//! pinned slots); nothing reaches the device before its hook accepted it.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use tensorstream_cuda::{CudaDevice, DeviceModel, HostUpload, ReadyTensor};
+use tensorstream_engine::plan::Placement;
+use tensorstream_engine::{execute, format, plan, EngineStats, Error, HostSink, Result};
+
+use crate::Prepared;
+
+/// Most object bytes one group spans in host memory.
+pub(crate) const GROUP_BYTES: u64 = 256 << 20;
+
+/// Consecutive runs of `placements` (object order) whose needed object ranges span at most
+/// `budget` bytes; a tensor larger than `budget` makes a group of its own. Placements that read
+/// nothing join whichever group they fall in. Every placement is in exactly one group.
+pub(crate) fn groups(placements: &[Placement], budget: u64) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut span: Option<(u64, u64)> = None; // (first needed start, last needed end)
+    for (i, p) in placements.iter().enumerate() {
+        if p.needed.is_empty() {
+            continue;
+        }
+        if let Some((lo, hi)) = span {
+            let new_hi = hi.max(p.needed.end);
+            if new_hi.saturating_sub(lo) > budget && i > start {
+                out.push(start..i);
+                start = i;
+                span = Some((p.needed.start, p.needed.end));
+                continue;
+            }
+            span = Some((lo, new_hi));
+        } else {
+            span = Some((p.needed.start, p.needed.end));
+        }
+    }
+    if start < placements.len() {
+        out.push(start..placements.len());
+    }
+    out
+}
+
+/// Where a staged load puts each processed tensor: the device ([`HostUpload`]), or host memory
+/// in tests.
+pub(crate) trait Dest {
+    /// The whole data of `placement` (an index into the device plan's placements).
+    fn write(&mut self, placement: usize, bytes: &[u8]) -> Result<()>;
+    /// Called after each group: wait for queued copies, announce landed tensors.
+    fn settle(&mut self) -> Result<()>;
+}
+
+impl Dest for HostUpload {
+    fn write(&mut self, placement: usize, bytes: &[u8]) -> Result<()> {
+        HostUpload::write(self, placement, bytes)
+    }
+    fn settle(&mut self) -> Result<()> {
+        HostUpload::settle(self)
+    }
+}
+
+/// Loads `p` (prepared with a hook) onto `dev` group by group through host memory.
+pub(crate) fn load(
+    dev: &Arc<CudaDevice>,
+    p: &Prepared,
+    subscriber: Option<Sender<ReadyTensor>>,
+) -> Result<(DeviceModel, EngineStats)> {
+    let mut up = HostUpload::new(dev, p.plan.clone())?;
+    if let Some(tx) = subscriber {
+        up.subscribe(tx);
+    }
+    let es = fill(p, &mut up, GROUP_BYTES)?;
+    Ok((up.finish(p.index.clone())?, es))
+}
+
+/// Loads the tensors of `p.plan` that are read (not zero-filled) into host memory, at most
+/// `budget` object bytes at a time, runs the hook on them and hands each to `dest`.
+pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<EngineStats> {
+    let hook = p
+        .hook
+        .clone()
+        .ok_or_else(|| Error::invalid("staged GPU load without a tensor hook"))?;
+    let placement_of: HashMap<usize, usize> = p
+        .plan
+        .placements
+        .iter()
+        .enumerate()
+        .map(|(i, pl)| (pl.tensor, i))
+        .collect();
+    let mut total = EngineStats::default();
+    let started = std::time::Instant::now();
+    for g in groups(&p.plan.placements, budget) {
+        let sel: Vec<usize> = p.plan.placements[g]
+            .iter()
+            .filter(|pl| !pl.needed.is_empty())
+            .map(|pl| pl.tensor)
+            .collect();
+        if sel.is_empty() {
+            continue; // zero-filled on the device already
+        }
+        let host_plan = Arc::new(
+            plan(&p.index, &sel, &p.host_popts)
+                .map_err(|e| e.with_location(p.backend.location()))?,
+        );
+        let sink = HostSink::with_hook(hook.clone(), format::tensorizer::hook_threads())
+            .with_prefault(p.caps.kernel_reads);
+        let (sink, es) = execute(
+            p.backend.clone(),
+            &p.meta,
+            host_plan.clone(),
+            sink,
+            &p.host_eopts,
+        )?;
+        let (arena, _) = sink.into_parts()?;
+        let bytes = arena.as_slice()?;
+        for hp in &host_plan.placements {
+            let Some(&i) = placement_of.get(&hp.tensor) else {
+                return Err(Error::invalid(format!(
+                    "tensor #{} is in a group but not in the device plan",
+                    hp.tensor
+                )));
+            };
+            let range = usize::try_from(hp.dest)
+                .ok()
+                .zip(usize::try_from(hp.len).ok())
+                .and_then(|(d, n)| Some(d..d.checked_add(n)?))
+                .filter(|r| r.end <= bytes.len())
+                .ok_or_else(|| Error::invalid("tensor lies outside the host group arena"))?;
+            dest.write(i, &bytes[range])?;
+        }
+        drop(arena);
+        dest.settle()?;
+        total.reads += es.reads;
+        total.bytes_read += es.bytes_read;
+        total.staging_bytes = total.staging_bytes.max(es.staging_bytes);
+    }
+    total.elapsed = started.elapsed();
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pl(tensor: usize, needed: Range<u64>) -> Placement {
+        Placement {
+            tensor,
+            dest: 0,
+            len: needed.end - needed.start,
+            needed: needed.clone(),
+            needed_dest: 0,
+        }
+    }
+
+    /// Every placement in exactly one group, groups consecutive and in order.
+    fn covers(g: &[Range<usize>], n: usize) -> bool {
+        let mut next = 0;
+        for r in g {
+            if r.start != next || r.end <= r.start {
+                return false;
+            }
+            next = r.end;
+        }
+        next == n
+    }
+
+    #[test]
+    fn groups_respect_the_budget() {
+        let ps: Vec<Placement> = (0..10).map(|i| pl(i, i as u64 * 100..(i as u64 + 1) * 100)).collect();
+        let g = groups(&ps, 300);
+        assert!(covers(&g, 10), "{g:?}");
+        assert_eq!(g, vec![0..3, 3..6, 6..9, 9..10]);
+    }
+
+    #[test]
+    fn a_tensor_over_the_budget_is_a_group_of_its_own() {
+        let ps = vec![pl(0, 0..10), pl(1, 10..1000), pl(2, 1000..1010)];
+        let g = groups(&ps, 100);
+        assert_eq!(g, vec![0..1, 1..2, 2..3]);
+    }
+
+    #[test]
+    fn gaps_count_towards_the_span() {
+        // Tensorizer headers between tensors are not needed but sit in the host arena's span.
+        let ps = vec![pl(0, 0..40), pl(1, 90..130)];
+        assert_eq!(groups(&ps, 100), vec![0..1, 1..2]);
+        assert_eq!(groups(&ps, 130), vec![0..2]);
+    }
+
+    #[test]
+    fn placements_that_read_nothing_join_a_group() {
+        let ps = vec![pl(0, 0..0), pl(1, 0..50), pl(2, 50..50), pl(3, 50..200), pl(4, 0..0)];
+        let g = groups(&ps, 100);
+        assert!(covers(&g, 5), "{g:?}");
+        assert_eq!(g, vec![0..3, 3..5]);
+        let none = vec![pl(0, 0..0), pl(1, 0..0)];
+        assert_eq!(groups(&none, 100), vec![0..2]);
+        assert!(groups(&[], 100).is_empty());
+    }
+
+    // ------------------------------------------------------------ staged loads, host side
+    use sha2::{Digest, Sha256};
+    use serde_json::Value;
+    use tensorstream_engine::format::tensorizer::KeySource;
+    use tensorstream_engine::{MemoryBackend, Plan};
+
+    use crate::Loader;
+
+    /// The device arena's stand-in: the same layout (the device plan), in host memory.
+    struct VecDest {
+        plan: Arc<Plan>,
+        arena: Vec<u8>,
+        written: Vec<bool>,
+        settles: usize,
+    }
+
+    impl VecDest {
+        fn new(plan: Arc<Plan>) -> Self {
+            let n = plan.placements.len();
+            VecDest {
+                arena: vec![0; plan.arena_len as usize],
+                plan,
+                written: vec![false; n],
+                settles: 0,
+            }
+        }
+        fn bytes(&self, placement: usize) -> &[u8] {
+            let p = &self.plan.placements[placement];
+            &self.arena[p.dest as usize..(p.dest + p.len) as usize]
+        }
+    }
+
+    impl Dest for VecDest {
+        fn write(&mut self, placement: usize, bytes: &[u8]) -> Result<()> {
+            let p = &self.plan.placements[placement];
+            assert_eq!(bytes.len() as u64, p.len, "placement #{placement} length");
+            assert!(!self.written[placement], "placement #{placement} written twice");
+            self.arena[p.dest as usize..(p.dest + p.len) as usize].copy_from_slice(bytes);
+            self.written[placement] = true;
+            Ok(())
+        }
+        fn settle(&mut self) -> Result<()> {
+            self.settles += 1;
+            Ok(())
+        }
+    }
+
+    fn fixtures() -> std::path::PathBuf {
+        let p = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
+        assert!(
+            p.join("manifest.json").is_file(),
+            "fixtures missing at {} (shared/ must sit beside the checkout)",
+            p.display()
+        );
+        p.to_path_buf()
+    }
+
+    fn manifest() -> Value {
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
+            .unwrap()
+    }
+
+    /// Manifest names of nested state dicts are JSON arrays; the index shows them dotted.
+    fn display_name(n: &str) -> String {
+        match serde_json::from_str::<Vec<Value>>(n) {
+            Ok(v) if n.starts_with('[') => v
+                .iter()
+                .map(|c| c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()))
+                .collect::<Vec<_>>()
+                .join("."),
+            _ => n.to_string(),
+        }
+    }
+
+    fn with_key(l: Loader, entry: &Value) -> Loader {
+        let Some(enc) = entry.get("encryption").filter(|e| !e.is_null()) else {
+            return l;
+        };
+        if let Some(h) = enc.get("key_hex").and_then(Value::as_str) {
+            return l.key(KeySource::from_key_file(h.as_bytes()).unwrap());
+        }
+        let pw = enc["password"].as_str().unwrap();
+        l.key(KeySource::password(pw.as_bytes()).unwrap())
+    }
+
+    fn prepared(l: &Loader) -> Result<Prepared> {
+        l.prepare(Some(&tensorstream_cuda::CudaOptions::default()))
+    }
+
+    fn sha(b: &[u8]) -> String {
+        Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Every tensorizer fixture, verified (and decrypted), through the staged path into the
+    /// device plan's layout: each tensor's bytes are the manifest's, at a 256-byte aligned
+    /// offset, whatever the group size.
+    #[test]
+    fn staged_fixtures_match_the_manifest() {
+        let m = manifest();
+        let mut files = 0;
+        for (file, entry) in m["files"].as_object().unwrap() {
+            if entry["format"] != "tensorizer" {
+                continue;
+            }
+            files += 1;
+            let path = fixtures().join(file);
+            for budget in [1, GROUP_BYTES] {
+                let l = with_key(Loader::new(path.to_str().unwrap()), entry).verify_hashes(true);
+                let p = prepared(&l).unwrap_or_else(|e| panic!("{file}: {e}"));
+                assert!(p.hook.is_some(), "{file}: verification needs the hook");
+                let mut d = VecDest::new(p.plan.clone());
+                fill(&p, &mut d, budget).unwrap_or_else(|e| panic!("{file}: {e}"));
+                let read = p.plan.placements.iter().filter(|x| !x.needed.is_empty()).count();
+                if budget == 1 {
+                    assert_eq!(d.settles, read, "{file}: one group per tensor read");
+                }
+                let tensors = entry["tensors"].as_array().unwrap();
+                assert_eq!(p.plan.placements.len(), tensors.len(), "{file}: tensor count");
+                for t in tensors {
+                    let name = display_name(t["name"].as_str().unwrap());
+                    let ti = p.index.tensors.iter().position(|x| x.name == name);
+                    let ti = ti.unwrap_or_else(|| panic!("{file}: no tensor {name}"));
+                    let pi = p.plan.placements.iter().position(|x| x.tensor == ti).unwrap();
+                    assert_eq!(p.plan.placements[pi].dest % 256, 0, "{file}/{name} alignment");
+                    assert_eq!(
+                        sha(d.bytes(pi)),
+                        t["sha256"].as_str().unwrap(),
+                        "{file}/{name} (budget {budget})"
+                    );
+                    assert!(
+                        d.written[pi] || p.plan.placements[pi].needed.is_empty(),
+                        "{file}/{name} never written"
+                    );
+                }
+            }
+        }
+        assert!(files >= 6, "only {files} tensorizer fixtures in the manifest");
+    }
+
+    /// A flipped data byte under verification: the load fails naming the tensor, and the bad
+    /// tensor never reaches the destination (the ones before it were written intact).
+    #[test]
+    fn staged_verify_failure_never_writes_the_bad_tensor() {
+        let m = manifest();
+        let file = "v1_numpy_dtypes.tensors";
+        let entry = &m["files"][file];
+        let mut bytes = std::fs::read(fixtures().join(file)).unwrap();
+        let idx = Loader::new(fixtures().join(file).to_str().unwrap()).inspect().unwrap();
+        let (bad, victim) = idx
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.range.is_empty())
+            .last()
+            .map(|(i, t)| (i, t.range.start as usize))
+            .unwrap();
+        bytes[victim] ^= 0x55;
+        let be = Arc::new(MemoryBackend::new(file, bytes));
+        let p = prepared(&Loader::from_backend(be).verify_hashes(true)).unwrap();
+        let mut d = VecDest::new(p.plan.clone());
+        let e = fill(&p, &mut d, 1).expect_err("a corrupted tensor must fail verification");
+        let msg = e.to_string();
+        let name = &p.index.tensors[bad].name;
+        assert!(msg.contains(name.as_str()), "error names the tensor: {msg}");
+        let pi = p.plan.placements.iter().position(|x| x.tensor == bad).unwrap();
+        assert!(!d.written[pi], "the corrupted tensor reached the destination");
+        let good: Vec<&Value> = entry["tensors"].as_array().unwrap().iter().collect();
+        let mut intact = 0;
+        for (i, pl) in p.plan.placements.iter().enumerate() {
+            if d.written[i] {
+                let t = &p.index.tensors[pl.tensor];
+                let want = good.iter().find(|g| display_name(g["name"].as_str().unwrap()) == t.name);
+                assert_eq!(sha(d.bytes(i)), want.unwrap()["sha256"].as_str().unwrap());
+                intact += 1;
+            }
+        }
+        assert!(intact > 0, "tensors before the bad one were written");
+    }
+
+    /// The wrong key: a clear error before anything is written.
+    #[test]
+    fn staged_wrong_key_writes_nothing() {
+        let path = fixtures().join("v3_encrypted_key.tensors");
+        let l = Loader::new(path.to_str().unwrap()).key(KeySource::Key([7; 32]));
+        let p = prepared(&l).unwrap();
+        let mut d = VecDest::new(p.plan.clone());
+        let e = fill(&p, &mut d, GROUP_BYTES).expect_err("wrong key must fail");
+        assert!(!d.written.iter().any(|w| *w), "nothing may be written: {e}");
+    }
+}
