@@ -3,6 +3,7 @@
 # (filled here by scripts/prepare-gpu-check.sh). Needs root (drops the page cache), python3 with
 # torch + safetensors (present there), ~15 GB free disk under $TS_GPU_WORK (default /tmp/ts-gpu).
 # Budget: ≤ 6 minutes. Writes results.jsonl and the table to $OUT when set.
+# Rehearsal without a GPU (checks the script; loads go to host memory): TS_GPU_DRY=1 TS_GPU_GB=0.5
 #   (a) every fixture -> cuda:0, device digests vs manifest
 #   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs CPU digests
 #   (c) cold (page cache dropped) and warm loads, raw O_DIRECT baseline, pinned h2d ceiling,
@@ -13,7 +14,11 @@ cd "$(dirname "$0")/.."
 [ -x .gpu/bin/ts-gpu-bench ] || { echo "no .gpu/ here: run scripts/prepare-gpu-check.sh on the dev machine and carry .gpu" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site
+  # One at a time: a wheel this Python refuses must not keep the others out.
+  for w in .gpu/wheels/*.whl; do
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$w" 2>&1 | tail -1
+  done
+  export PYTHONPATH=/tmp/site
 fi
 exec python3 scripts/gpu_check.py "$@"
