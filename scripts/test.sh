@@ -48,6 +48,9 @@ if [ ${#extra[@]} -eq 0 ]; then
   # The GPU tests again, uncaptured, so their "skipped: no CUDA device" lines show on machines
   # without a GPU (and their results on machines with one).
   log "GPU tests (uncaptured):"
-  cargo test -p tensorstream-cuda --test device --quiet -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|panicked|FAILED" || status=1
+  for t in "-p tensorstream-cuda --test device" "-p tensorstream --test gpu"; do
+    # shellcheck disable=SC2086
+    cargo test $t --all-features --quiet -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|panicked|FAILED" || status=1
+  done
 fi
 exit $status

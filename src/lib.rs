@@ -488,6 +488,7 @@ impl Prepared {
 }
 
 /// Tensors loaded onto a CUDA device: one device allocation, per-tensor device pointers.
+#[derive(Debug)]
 pub struct CudaModel {
     model: tensorstream_cuda::DeviceModel,
     stats: LoadStats,

@@ -1,0 +1,161 @@
+//! GPU loads through the `Loader` (root crate), for what only the facade does: tensorizer files
+//! verified and decrypted on the host, then copied to the device (`src/staged.rs`). Without a
+//! CUDA driver or device each test prints "skipped: no CUDA device" and returns.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tensorstream::engine::format::tensorizer::KeySource;
+use tensorstream::{Device, Loader};
+use tensorstream_cuda::CudaOptions;
+
+fn fixtures() -> PathBuf {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
+    assert!(
+        p.join("manifest.json").is_file(),
+        "fixtures missing: {} (shared/ must sit beside the checkout)",
+        p.display()
+    );
+    p
+}
+
+fn have_gpu() -> bool {
+    if !tensorstream_cuda::driver_present() {
+        println!("skipped: no CUDA device (no driver)");
+        return false;
+    }
+    match tensorstream_cuda::device_count() {
+        Ok(n) if n > 0 => true,
+        other => {
+            println!("skipped: no CUDA device ({other:?})");
+            false
+        }
+    }
+}
+
+fn sha(b: &[u8]) -> String {
+    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Manifest names of nested state dicts are JSON arrays; loaded tensors show them dotted.
+fn display_name(n: &str) -> String {
+    match serde_json::from_str::<Vec<Value>>(n) {
+        Ok(v) if n.starts_with('[') => v
+            .iter()
+            .map(|c| c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()))
+            .collect::<Vec<_>>()
+            .join("."),
+        _ => n.to_string(),
+    }
+}
+
+/// Tiny pinned slots so even the small fixtures cycle the ring and span streams.
+fn small_ring() -> CudaOptions {
+    CudaOptions {
+        streams: 3,
+        slots: 3,
+        slot_size: 64 << 10,
+        ..CudaOptions::default()
+    }
+}
+
+fn loader(file: &str, entry: &Value) -> Loader {
+    let mut l = Loader::new(fixtures().join(file).to_str().unwrap())
+        .device(Device::Cuda(0))
+        .cuda_options(small_ring())
+        .verify_hashes(true);
+    if let Some(enc) = entry.get("encryption").filter(|e| !e.is_null()) {
+        l = match enc.get("key_hex").and_then(Value::as_str) {
+            Some(h) => l.key(KeySource::from_key_file(h.as_bytes()).unwrap()),
+            None => l.key(KeySource::password(enc["password"].as_str().unwrap().as_bytes()).unwrap()),
+        };
+    }
+    l
+}
+
+fn tensorizer_fixtures() -> Vec<(String, Value)> {
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
+            .unwrap();
+    let v: Vec<(String, Value)> = m["files"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| e["format"] == "tensorizer")
+        .map(|(f, e)| (f.clone(), e.clone()))
+        .collect();
+    assert!(v.len() >= 6, "tensorizer fixtures missing from the manifest");
+    v
+}
+
+#[test]
+fn gpu_tensorizer_fixtures_verified_and_decrypted_match_manifest() {
+    if !have_gpu() {
+        return;
+    }
+    for (file, entry) in tensorizer_fixtures() {
+        let m = loader(&file, &entry)
+            .load_cuda()
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let model = m.model();
+        let tensors = entry["tensors"].as_array().unwrap();
+        assert_eq!(model.len(), tensors.len(), "{file}: tensor count");
+        for t in tensors {
+            let name = display_name(t["name"].as_str().unwrap());
+            let dt = model
+                .get(&name)
+                .unwrap_or_else(|| panic!("{file}: no tensor {name}"));
+            assert_eq!(dt.ptr % 256, 0, "{file}/{name}: device alignment");
+            let bytes = model.to_host(&dt).unwrap();
+            assert_eq!(sha(&bytes), t["sha256"].as_str().unwrap(), "{file}/{name}");
+        }
+        m.into_model().release().unwrap();
+    }
+}
+
+#[test]
+fn gpu_streaming_verified_load_yields_every_tensor() {
+    if !have_gpu() {
+        return;
+    }
+    let (file, entry) = tensorizer_fixtures()
+        .into_iter()
+        .find(|(f, _)| f == "v3_encrypted_key.tensors")
+        .expect("v3_encrypted_key.tensors in the manifest");
+    let mut s = loader(&file, &entry).load_cuda_streaming().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in s.by_ref() {
+        assert!(seen.insert(r.tensor), "tensor #{} announced twice", r.tensor);
+    }
+    let (model, _) = s.wait().unwrap();
+    assert_eq!(seen.len(), model.len(), "every tensor announced");
+    for t in entry["tensors"].as_array().unwrap() {
+        let dt = model.get(t["name"].as_str().unwrap()).unwrap();
+        assert_eq!(sha(&model.to_host(&dt).unwrap()), t["sha256"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn gpu_verify_failure_is_a_clear_error() {
+    if !have_gpu() {
+        return;
+    }
+    let file = "v1_numpy_dtypes.tensors";
+    let mut bytes = std::fs::read(fixtures().join(file)).unwrap();
+    let idx = Loader::new(fixtures().join(file).to_str().unwrap())
+        .inspect()
+        .unwrap();
+    let last = idx.tensors.iter().rfind(|t| !t.range.is_empty()).unwrap();
+    bytes[last.range.start as usize] ^= 0x55;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join(file);
+    std::fs::write(&bad, bytes).unwrap();
+    let e = Loader::new(bad.to_str().unwrap())
+        .device(Device::Cuda(0))
+        .cuda_options(small_ring())
+        .verify_hashes(true)
+        .load_cuda()
+        .expect_err("a flipped byte must fail verification");
+    assert!(e.to_string().contains(&last.name), "names the tensor: {e}");
+}
