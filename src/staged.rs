@@ -177,7 +177,9 @@ mod tests {
 
     #[test]
     fn groups_respect_the_budget() {
-        let ps: Vec<Placement> = (0..10).map(|i| pl(i, i as u64 * 100..(i as u64 + 1) * 100)).collect();
+        let ps: Vec<Placement> = (0..10)
+            .map(|i| pl(i, i as u64 * 100..(i as u64 + 1) * 100))
+            .collect();
         let g = groups(&ps, 300);
         assert!(covers(&g, 10), "{g:?}");
         assert_eq!(g, vec![0..3, 3..6, 6..9, 9..10]);
@@ -200,7 +202,13 @@ mod tests {
 
     #[test]
     fn placements_that_read_nothing_join_a_group() {
-        let ps = vec![pl(0, 0..0), pl(1, 0..50), pl(2, 50..50), pl(3, 50..200), pl(4, 0..0)];
+        let ps = vec![
+            pl(0, 0..0),
+            pl(1, 0..50),
+            pl(2, 50..50),
+            pl(3, 50..200),
+            pl(4, 0..0),
+        ];
         let g = groups(&ps, 100);
         assert!(covers(&g, 5), "{g:?}");
         assert_eq!(g, vec![0..3, 3..5]);
@@ -210,8 +218,8 @@ mod tests {
     }
 
     // ------------------------------------------------------------ staged loads, host side
-    use sha2::{Digest, Sha256};
     use serde_json::Value;
+    use sha2::{Digest, Sha256};
     use tensorstream_engine::format::tensorizer::KeySource;
     use tensorstream_engine::{MemoryBackend, Plan};
 
@@ -245,7 +253,10 @@ mod tests {
         fn write(&mut self, placement: usize, bytes: &[u8]) -> Result<()> {
             let p = &self.plan.placements[placement];
             assert_eq!(bytes.len() as u64, p.len, "placement #{placement} length");
-            assert!(!self.written[placement], "placement #{placement} written twice");
+            assert!(
+                !self.written[placement],
+                "placement #{placement} written twice"
+            );
             self.arena[p.dest as usize..(p.dest + p.len) as usize].copy_from_slice(bytes);
             self.written[placement] = true;
             Ok(())
@@ -276,7 +287,11 @@ mod tests {
         match serde_json::from_str::<Vec<Value>>(n) {
             Ok(v) if n.starts_with('[') => v
                 .iter()
-                .map(|c| c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()))
+                .map(|c| {
+                    c.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| c.to_string())
+                })
                 .collect::<Vec<_>>()
                 .join("."),
             _ => n.to_string(),
@@ -299,7 +314,10 @@ mod tests {
     }
 
     fn sha(b: &[u8]) -> String {
-        Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+        Sha256::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect()
     }
 
     /// Every tensorizer fixture, verified (and decrypted), through the staged path into the
@@ -321,18 +339,36 @@ mod tests {
                 assert!(p.hook.is_some(), "{file}: verification needs the hook");
                 let mut d = VecDest::new(p.plan.clone());
                 fill(&p, &mut d, budget).unwrap_or_else(|e| panic!("{file}: {e}"));
-                let read = p.plan.placements.iter().filter(|x| !x.needed.is_empty()).count();
+                let read = p
+                    .plan
+                    .placements
+                    .iter()
+                    .filter(|x| !x.needed.is_empty())
+                    .count();
                 if budget == 1 {
                     assert_eq!(d.settles, read, "{file}: one group per tensor read");
                 }
                 let tensors = entry["tensors"].as_array().unwrap();
-                assert_eq!(p.plan.placements.len(), tensors.len(), "{file}: tensor count");
+                assert_eq!(
+                    p.plan.placements.len(),
+                    tensors.len(),
+                    "{file}: tensor count"
+                );
                 for t in tensors {
                     let name = display_name(t["name"].as_str().unwrap());
                     let ti = p.index.tensors.iter().position(|x| x.name == name);
                     let ti = ti.unwrap_or_else(|| panic!("{file}: no tensor {name}"));
-                    let pi = p.plan.placements.iter().position(|x| x.tensor == ti).unwrap();
-                    assert_eq!(p.plan.placements[pi].dest % 256, 0, "{file}/{name} alignment");
+                    let pi = p
+                        .plan
+                        .placements
+                        .iter()
+                        .position(|x| x.tensor == ti)
+                        .unwrap();
+                    assert_eq!(
+                        p.plan.placements[pi].dest % 256,
+                        0,
+                        "{file}/{name} alignment"
+                    );
                     assert_eq!(
                         sha(d.bytes(pi)),
                         t["sha256"].as_str().unwrap(),
@@ -345,7 +381,10 @@ mod tests {
                 }
             }
         }
-        assert!(files >= 6, "only {files} tensorizer fixtures in the manifest");
+        assert!(
+            files >= 6,
+            "only {files} tensorizer fixtures in the manifest"
+        );
     }
 
     /// A flipped data byte under verification: the load fails naming the tensor, and the bad
@@ -356,13 +395,14 @@ mod tests {
         let file = "v1_numpy_dtypes.tensors";
         let entry = &m["files"][file];
         let mut bytes = std::fs::read(fixtures().join(file)).unwrap();
-        let idx = Loader::new(fixtures().join(file).to_str().unwrap()).inspect().unwrap();
+        let idx = Loader::new(fixtures().join(file).to_str().unwrap())
+            .inspect()
+            .unwrap();
         let (bad, victim) = idx
             .tensors
             .iter()
             .enumerate()
-            .filter(|(_, t)| !t.range.is_empty())
-            .last()
+            .rfind(|(_, t)| !t.range.is_empty())
             .map(|(i, t)| (i, t.range.start as usize))
             .unwrap();
         bytes[victim] ^= 0x55;
@@ -373,14 +413,24 @@ mod tests {
         let msg = e.to_string();
         let name = &p.index.tensors[bad].name;
         assert!(msg.contains(name.as_str()), "error names the tensor: {msg}");
-        let pi = p.plan.placements.iter().position(|x| x.tensor == bad).unwrap();
-        assert!(!d.written[pi], "the corrupted tensor reached the destination");
+        let pi = p
+            .plan
+            .placements
+            .iter()
+            .position(|x| x.tensor == bad)
+            .unwrap();
+        assert!(
+            !d.written[pi],
+            "the corrupted tensor reached the destination"
+        );
         let good: Vec<&Value> = entry["tensors"].as_array().unwrap().iter().collect();
         let mut intact = 0;
         for (i, pl) in p.plan.placements.iter().enumerate() {
             if d.written[i] {
                 let t = &p.index.tensors[pl.tensor];
-                let want = good.iter().find(|g| display_name(g["name"].as_str().unwrap()) == t.name);
+                let want = good
+                    .iter()
+                    .find(|g| display_name(g["name"].as_str().unwrap()) == t.name);
                 assert_eq!(sha(d.bytes(i)), want.unwrap()["sha256"].as_str().unwrap());
                 intact += 1;
             }

@@ -35,7 +35,10 @@ fn have_gpu() -> bool {
 }
 
 fn sha(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 /// Manifest names of nested state dicts are JSON arrays; loaded tensors show them dotted.
@@ -43,7 +46,11 @@ fn display_name(n: &str) -> String {
     match serde_json::from_str::<Vec<Value>>(n) {
         Ok(v) if n.starts_with('[') => v
             .iter()
-            .map(|c| c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string()))
+            .map(|c| {
+                c.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| c.to_string())
+            })
             .collect::<Vec<_>>()
             .join("."),
         _ => n.to_string(),
@@ -68,7 +75,9 @@ fn loader(file: &str, entry: &Value) -> Loader {
     if let Some(enc) = entry.get("encryption").filter(|e| !e.is_null()) {
         l = match enc.get("key_hex").and_then(Value::as_str) {
             Some(h) => l.key(KeySource::from_key_file(h.as_bytes()).unwrap()),
-            None => l.key(KeySource::password(enc["password"].as_str().unwrap().as_bytes()).unwrap()),
+            None => {
+                l.key(KeySource::password(enc["password"].as_str().unwrap().as_bytes()).unwrap())
+            }
         };
     }
     l
@@ -85,7 +94,10 @@ fn tensorizer_fixtures() -> Vec<(String, Value)> {
         .filter(|(_, e)| e["format"] == "tensorizer")
         .map(|(f, e)| (f.clone(), e.clone()))
         .collect();
-    assert!(v.len() >= 6, "tensorizer fixtures missing from the manifest");
+    assert!(
+        v.len() >= 6,
+        "tensorizer fixtures missing from the manifest"
+    );
     v
 }
 
@@ -126,13 +138,20 @@ fn gpu_streaming_verified_load_yields_every_tensor() {
     let mut s = loader(&file, &entry).load_cuda_streaming().unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for r in s.by_ref() {
-        assert!(seen.insert(r.tensor), "tensor #{} announced twice", r.tensor);
+        assert!(
+            seen.insert(r.tensor),
+            "tensor #{} announced twice",
+            r.tensor
+        );
     }
     let (model, _) = s.wait().unwrap();
     assert_eq!(seen.len(), model.len(), "every tensor announced");
     for t in entry["tensors"].as_array().unwrap() {
         let dt = model.get(t["name"].as_str().unwrap()).unwrap();
-        assert_eq!(sha(&model.to_host(&dt).unwrap()), t["sha256"].as_str().unwrap());
+        assert_eq!(
+            sha(&model.to_host(&dt).unwrap()),
+            t["sha256"].as_str().unwrap()
+        );
     }
 }
 

@@ -41,6 +41,8 @@ pub struct HostUpload {
     free: Vec<IoBuf>,
     inflight: VecDeque<InFlight>,
     rr: RoundRobin,
+    /// Bytes per pinned slot (the smallest slot's capacity).
+    slot_size: usize,
     state: Vec<State>,
     start: Instant,
     first: Option<Duration>,
@@ -67,6 +69,12 @@ impl HostUpload {
         if free.is_empty() {
             return Err(Error::invalid("the device has no pinned staging slots"));
         }
+        let slot_size = free.iter().map(IoBuf::capacity).min().unwrap_or(0);
+        if slot_size == 0 {
+            return Err(Error::invalid(
+                "the device's pinned staging slots are empty",
+            ));
+        }
         let mut state = vec![State::Empty; plan.placements.len()];
         let s0 = dev.stream(0).clone();
         let mut zeroed = false;
@@ -86,6 +94,7 @@ impl HostUpload {
             free,
             inflight: VecDeque::new(),
             rr: RoundRobin::new(dev.stream_count()),
+            slot_size,
             state,
             start: Instant::now(),
             first: None,
@@ -114,11 +123,10 @@ impl HostUpload {
     /// arena. The bytes are copied into pinned slots before this returns, so the caller may free
     /// them at once.
     pub fn write(&mut self, placement: usize, bytes: &[u8]) -> Result<()> {
-        let p = self
-            .plan
-            .placements
-            .get(placement)
-            .ok_or_else(|| Error::invalid(format!("placement #{placement} is not in the plan")))?;
+        let p =
+            self.plan.placements.get(placement).ok_or_else(|| {
+                Error::invalid(format!("placement #{placement} is not in the plan"))
+            })?;
         let (dest, len) = (p.dest, p.len);
         if bytes.len() as u64 != len {
             return Err(Error::invalid(format!(
@@ -132,10 +140,13 @@ impl HostUpload {
             )));
         }
         let mut off = 0u64;
-        for chunk in bytes.chunks(self.slot_size()) {
+        for chunk in bytes.chunks(self.slot_size) {
             let mut slot = self.slot()?;
             if !slot.set_len(chunk.len()) {
-                return Err(Error::invalid("pinned slot smaller than its capacity"));
+                return Err(Error::invalid(format!(
+                    "a {}-byte piece does not fit a pinned slot",
+                    chunk.len()
+                )));
             }
             slot.as_mut_slice().copy_from_slice(chunk);
             let dst = dest
@@ -161,14 +172,6 @@ impl HostUpload {
         }
         self.state[placement] = State::Queued;
         Ok(())
-    }
-
-    fn slot_size(&self) -> usize {
-        self.free
-            .first()
-            .map(|b| b.capacity())
-            .unwrap_or(self.dev.options().slot_size)
-            .max(1)
     }
 
     /// A free pinned slot, waiting for the oldest copy if none is free.
