@@ -282,20 +282,17 @@ mod tests {
             .unwrap()
     }
 
-    /// Manifest names of nested state dicts are JSON arrays; the index shows them dotted.
+    /// Manifest names of nested state dicts are the stored JSON array without its 0x1E byte; decode
+    /// them as the reader does (dotted).
     fn display_name(n: &str) -> String {
-        match serde_json::from_str::<Vec<Value>>(n) {
-            Ok(v) if n.starts_with('[') => v
-                .iter()
-                .map(|c| {
-                    c.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| c.to_string())
-                })
-                .collect::<Vec<_>>()
-                .join("."),
-            _ => n.to_string(),
-        }
+        let raw = if n.starts_with('[') {
+            [b"\x1e", n.as_bytes()].concat()
+        } else {
+            n.as_bytes().to_vec()
+        };
+        tensorstream_engine::format::tensorizer::index::decode_name(&raw)
+            .unwrap()
+            .0
     }
 
     fn with_key(l: Loader, entry: &Value) -> Loader {

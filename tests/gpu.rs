@@ -41,20 +41,17 @@ fn sha(b: &[u8]) -> String {
         .collect()
 }
 
-/// Manifest names of nested state dicts are JSON arrays; loaded tensors show them dotted.
+/// Manifest names of nested state dicts are the stored JSON array without its 0x1E byte; decode
+/// them as the reader does (dotted).
 fn display_name(n: &str) -> String {
-    match serde_json::from_str::<Vec<Value>>(n) {
-        Ok(v) if n.starts_with('[') => v
-            .iter()
-            .map(|c| {
-                c.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| c.to_string())
-            })
-            .collect::<Vec<_>>()
-            .join("."),
-        _ => n.to_string(),
-    }
+    let raw = if n.starts_with('[') {
+        [b"\x1e", n.as_bytes()].concat()
+    } else {
+        n.as_bytes().to_vec()
+    };
+    tensorstream::engine::format::tensorizer::index::decode_name(&raw)
+        .unwrap()
+        .0
 }
 
 /// Tiny pinned slots so even the small fixtures cycle the ring and span streams.

@@ -174,23 +174,29 @@ impl CudaSink {
     }
 }
 
+/// The one device allocation for `plan`, checked against the plan's alignment.
+pub(crate) fn arena_for(dev: &CudaDevice, plan: &Plan) -> Result<Arc<DeviceArena>> {
+    let arena = Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?);
+    if arena.base() % plan.arena_align.max(1) != 0 {
+        return Err(Error::new(
+            ErrorKind::Device,
+            format!(
+                "device arena at {:#x} is not aligned to {} bytes",
+                arena.base(),
+                plan.arena_align
+            ),
+        ));
+    }
+    Ok(arena)
+}
+
 impl Sink for CudaSink {
     fn prepare(&mut self, plan: &Arc<Plan>) -> Result<Vec<Option<IoBuf>>> {
         if self.state.is_some() {
             return Err(Error::invalid("CUDA sink prepared twice"));
         }
         self.start = Instant::now();
-        let arena = Arc::new(DeviceArena::alloc(self.dev.context(), plan.arena_len)?);
-        if arena.base() % plan.arena_align.max(1) != 0 {
-            return Err(Error::new(
-                ErrorKind::Device,
-                format!(
-                    "device arena at {:#x} is not aligned to {} bytes",
-                    arena.base(),
-                    plan.arena_align
-                ),
-            ));
-        }
+        let arena = arena_for(&self.dev, plan)?;
         let readiness = Arc::new(Mutex::new(Readiness::new(
             plan,
             arena.base(),

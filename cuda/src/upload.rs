@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use tensorstream_engine::{Error, ErrorKind, IoBuf, Plan, Result, TensorIndex};
+use tensorstream_engine::{Error, IoBuf, Plan, Result, TensorIndex};
 
 use crate::copy::{CopyOp, RoundRobin};
 use crate::device::CudaDevice;
@@ -54,17 +54,7 @@ impl HostUpload {
     /// Allocates the arena for `plan` on `dev`, takes the pinned slots and zero-fills the tensors
     /// that are not read (meta tensors).
     pub fn new(dev: &Arc<CudaDevice>, plan: Arc<Plan>) -> Result<Self> {
-        let arena = Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?);
-        if arena.base() % plan.arena_align.max(1) != 0 {
-            return Err(Error::new(
-                ErrorKind::Device,
-                format!(
-                    "device arena at {:#x} is not aligned to {} bytes",
-                    arena.base(),
-                    plan.arena_align
-                ),
-            ));
-        }
+        let arena = crate::sink::arena_for(dev, &plan)?;
         let free = dev.take_slots()?;
         if free.is_empty() {
             return Err(Error::invalid("the device has no pinned staging slots"));
