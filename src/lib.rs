@@ -359,24 +359,33 @@ impl Loader {
 
     /// Loads the selected tensors into one device allocation on the CUDA device set with
     /// [`Loader::device`], through pinned staging slots and async copies on several streams.
+    ///
+    /// `stats().elapsed` runs from after the device was opened (index, plan, device allocation,
+    /// reads and copies) to the last tensor on the device; opening the device is
+    /// `stats().device_open`.
     pub fn load_cuda(&self) -> Result<CudaModel> {
-        let started = Instant::now();
+        let opening = Instant::now();
         let dev = self.cuda_device()?;
+        let device_open = opening.elapsed();
+        let started = Instant::now();
         let p = self.prepare(Some(dev.options()))?;
-        if p.hook.is_some() {
-            let (model, es) = staged::load(&dev, &p, None)?;
-            let stats = p.stats(model.nbytes(), &es, started.elapsed());
-            return Ok(CudaModel { model, stats });
-        }
-        let (model, es) = tensorstream_cuda::load(
-            &dev,
-            p.backend.clone(),
-            &p.meta,
-            p.index.clone(),
-            p.plan.clone(),
-            &p.eopts,
-        )?;
-        let stats = p.stats(model.nbytes(), &es, started.elapsed());
+        // The device model's times count from the start of its copies.
+        let planned = started.elapsed();
+        let (model, es) = if p.hook.is_some() {
+            staged::load(&dev, &p, None)?
+        } else {
+            tensorstream_cuda::load(
+                &dev,
+                p.backend.clone(),
+                &p.meta,
+                p.index.clone(),
+                p.plan.clone(),
+                &p.eopts,
+            )?
+        };
+        let mut stats = p.stats(model.nbytes(), &es, started.elapsed());
+        stats.device_open = device_open;
+        stats.first_tensor = model.times().first_tensor.map(|d| planned + d);
         Ok(CudaModel { model, stats })
     }
 
@@ -483,6 +492,8 @@ impl Prepared {
             direct_io: self.caps.direct_io,
             queue_depth: self.eopts.queue_depth,
             chunk_size: self.chunk,
+            device_open: Duration::ZERO,
+            first_tensor: None,
         }
     }
 }
@@ -532,6 +543,12 @@ pub struct LoadStats {
     pub queue_depth: usize,
     /// Read size.
     pub chunk_size: u64,
+    /// GPU loads: opening the device (driver, context, streams, pinned staging), paid once per
+    /// [`Loader::load_cuda`] call and not part of `elapsed`. Zero for host loads.
+    pub device_open: Duration,
+    /// GPU loads: from the start of the load (after the device was open, like `elapsed`) until
+    /// the first tensor was complete on the device.
+    pub first_tensor: Option<Duration>,
 }
 
 impl LoadStats {

@@ -141,11 +141,17 @@ pub fn load_mapped(
     )
     .map_err(|e| e.with_location(&loc))?;
     let mut slots = dev.take_slots()?;
+    // Registering threads need a bounce slot only if registration is refused (one each is
+    // enough then); pread threads double-buffer through two.
+    let per_thread_slots = match strategy {
+        WarmStrategy::Register => 1,
+        WarmStrategy::Pread => 2,
+    };
     let threads = dev
         .options()
         .warm_threads
         .min(pieces.len().max(1))
-        .min((slots.len() / 2).max(1));
+        .min((slots.len() / per_thread_slots).max(1));
     let mut per_thread: Vec<Vec<IoBuf>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, s) in slots.drain(..).enumerate() {
         per_thread[i % threads].push(s);

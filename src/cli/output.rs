@@ -207,8 +207,8 @@ pub fn load(
                 sha,
             });
         }
-        let ft = m.times().first_tensor.map(|d| d.as_secs_f64());
         let st = cm.stats().clone();
+        let ft = st.first_tensor.map(|d| d.as_secs_f64());
         let index = m.index().clone();
         (rows, st, ft, index)
     } else {
@@ -268,6 +268,7 @@ pub fn load(
             "gbps": st.gbps(),
             "peak_rss_bytes": peak,
             "first_tensor_seconds": first_tensor,
+            "device_open_seconds": if let Device::Cuda(_) = device { Some(st.device_open.as_secs_f64()) } else { None },
             "backend": st.backend,
             "direct_io": st.direct_io,
             "queue_depth": st.queue_depth,
@@ -289,7 +290,11 @@ pub fn load(
         st.queue_depth
     );
     if let Some(f) = first_tensor {
-        println!("first tensor on the device after {:.3} s", f);
+        println!(
+            "first tensor on the device after {:.3} s (opening the device took {:.3} s before that)",
+            f,
+            st.device_open.as_secs_f64()
+        );
     }
     if let Some(p) = peak {
         let beyond = if let Device::Cuda(_) = device {

@@ -206,7 +206,15 @@ impl Drop for Registered {
         // SAFETY: unregistering the base address registered in `MappedFile::register`; the
         // copies that read it completed (HostSource is only dropped after its event).
         // A failure here leaves the pages pinned until process exit; nothing else to do.
-        let _ = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
+        let r = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
+        if r == sys::cudaError_enum::CUDA_SUCCESS {
+            // SAFETY: [ptr, ptr+len) lies inside our live, read-only file mapping (the Arc keeps
+            // it), starts on a page boundary and is no longer registered. MADV_DONTNEED only drops
+            // this process's page-table entries: the bytes stay in the page cache and a later
+            // access faults them in again, so resident memory stays bounded by the pieces in
+            // flight instead of growing to the whole file.
+            unsafe { libc::madvise(self.ptr.cast(), self.len, libc::MADV_DONTNEED) };
+        }
         let _ = &self.map;
     }
 }
