@@ -101,6 +101,7 @@ pub struct Loader {
     open: OpenOptions,
     progress: Option<Arc<AtomicU64>>,
     cuda: tensorstream_cuda::CudaOptions,
+    opened: Option<Arc<tensorstream_cuda::CudaDevice>>,
     verify: bool,
     key: Option<KeySource>,
     fallback_password: Option<KeySource>,
@@ -137,6 +138,7 @@ impl Loader {
             open: OpenOptions::default(),
             progress: None,
             cuda: tensorstream_cuda::CudaOptions::default(),
+            opened: None,
             verify: false,
             key: None,
             fallback_password: None,
@@ -263,6 +265,16 @@ impl Loader {
         self.cuda = opts;
         self
     }
+    /// Loads onto an already opened device (its streams, pinned staging and options), instead of
+    /// opening one per load: open it once with [`tensorstream_cuda::CudaDevice::open`] and load
+    /// many models without paying the open again or pinning another ring. Loads on one device
+    /// handle run one at a time (a second concurrent load is refused with a clear error).
+    pub fn on_device(mut self, dev: Arc<tensorstream_cuda::CudaDevice>) -> Self {
+        self.device = Device::Cuda(dev.ordinal());
+        self.cuda = dev.options().clone();
+        self.opened = Some(dev);
+        self
+    }
     /// A counter the loader adds bytes read to, for progress display.
     pub fn progress(mut self, counter: Arc<AtomicU64>) -> Self {
         self.progress = Some(counter);
@@ -354,7 +366,10 @@ impl Loader {
                 "this loader targets the cpu: set .device(Device::Cuda(n)) first",
             ));
         };
-        tensorstream_cuda::CudaDevice::open(n, &self.cuda)
+        match &self.opened {
+            Some(d) if d.ordinal() == n => Ok(d.clone()),
+            _ => tensorstream_cuda::CudaDevice::open(n, &self.cuda),
+        }
     }
 
     /// Loads the selected tensors into one device allocation on the CUDA device set with

@@ -175,3 +175,38 @@ fn gpu_verify_failure_is_a_clear_error() {
         .expect_err("a flipped byte must fail verification");
     assert!(e.to_string().contains(&last.name), "names the tensor: {e}");
 }
+
+#[test]
+fn gpu_one_device_handle_serves_several_loads() {
+    if !have_gpu() {
+        return;
+    }
+    let dev = tensorstream_cuda::CudaDevice::open(0, &small_ring()).unwrap();
+    let entries = tensorizer_fixtures();
+    let mut models = Vec::new();
+    for (file, entry) in entries.iter().take(3) {
+        let m = loader(file, entry)
+            .on_device(dev.clone())
+            .load_cuda()
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        for t in entry["tensors"].as_array().unwrap() {
+            let name = display_name(t["name"].as_str().unwrap());
+            let dt = m.model().get(&name).unwrap();
+            let bytes = m.model().to_host(&dt).unwrap();
+            assert_eq!(sha(&bytes), t["sha256"].as_str().unwrap(), "{file}/{name}");
+        }
+        models.push(m); // earlier models stay alive and intact while later ones load
+    }
+    for ((file, entry), m) in entries.iter().zip(&models) {
+        for t in entry["tensors"].as_array().unwrap() {
+            let name = display_name(t["name"].as_str().unwrap());
+            let dt = m.model().get(&name).unwrap();
+            let bytes = m.model().to_host(&dt).unwrap();
+            assert_eq!(
+                sha(&bytes),
+                t["sha256"].as_str().unwrap(),
+                "{file}/{name} later"
+            );
+        }
+    }
+}

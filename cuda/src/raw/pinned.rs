@@ -90,7 +90,10 @@ impl PinnedRegion {
     /// count of one means no other handle — and so no window — exists.
     pub fn slots(this: &mut Arc<Self>, count: usize, size: usize) -> Result<Vec<IoBuf>> {
         if Arc::strong_count(this) != 1 {
-            return Err(Error::invalid("pinned staging slots are still lent out"));
+            return Err(Error::invalid(
+                "the pinned staging slots are in use by another load on this device handle: \
+                 loads on one CudaDevice run one at a time (open another to load in parallel)",
+            ));
         }
         if size == 0 || !size.is_multiple_of(PAGE) {
             return Err(Error::invalid(format!(
