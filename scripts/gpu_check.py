@@ -253,6 +253,14 @@ def main():
         if r:
             rows.append(dict(loader="raw O_DIRECT read " + f"{threads} thr", cold=True, gbps=r["gbps"], secs=r["secs"]))
             say(f"  raw O_DIRECT read ({threads} threads): {r['gbps']:.2f} GB/s")
+    # Diagnostic: the ring's read side alone (engine + staging slots, no copies), to tell a slow
+    # disk read from a slow copy when tuning.
+    c = drop()
+    rc, out, err, _, _ = run([BENCH, "ring-read", FILE, "--slots", "8"], 120)
+    r = last_json(out)
+    if r:
+        rows.append(dict(loader="diag: ring read side only, 8 x 16 MiB", cold=c, gbps=r["gbps"], secs=r["secs"]))
+        say(f"  ring read side only: {r['gbps']:.2f} GB/s")
     drop()
     t = time.time()
     subprocess.run(["dd", f"if={FILE}", "of=/dev/null", "bs=16M", "iflag=direct", "status=none"])

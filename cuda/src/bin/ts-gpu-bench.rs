@@ -5,6 +5,10 @@
 //! ts-gpu-bench digests FILE                 per-tensor SHA-256 computed on the CPU from the file
 //! ts-gpu-bench raw-read FILE [--threads 8]  O_DIRECT read of the whole file (16 MiB, N threads)
 //! ts-gpu-bench h2d [--mib 4096]             pinned host->device ceiling through this crate
+//! ts-gpu-bench ring-read FILE [--slots 8] [--slot-size 16] [--depth N]
+//!                                           the GPU ring's read side alone (no GPU needed): the
+//!                                           engine reads the file into reused staging slots,
+//!                                           which a discarding sink hands straight back
 //! ts-gpu-bench load FILE [--device cuda:0] [--streams N] [--slots N] [--slot-size MiB]
 //!                        [--depth N] [--warm off|register|pread] [--digests] [--name NAME]
 //! ```
@@ -63,9 +67,10 @@ fn run(args: &[String]) -> Result<()> {
         "digests" => digests(&file()?),
         "raw-read" => raw_read(&file()?, num(args, "--threads", 8usize)?),
         "h2d" => h2d(num(args, "--mib", 4096usize)?),
+        "ring-read" => ring_read(&file()?, args),
         "load" => load_cmd(&file()?, args),
         _ => Err(Error::invalid(
-            "usage: ts-gpu-bench gen|digests|raw-read|h2d|load … (see the source header)",
+            "usage: ts-gpu-bench gen|digests|raw-read|h2d|ring-read|load … (see the source header)",
         )),
     }
 }
@@ -213,6 +218,55 @@ fn digests(path: &str) -> Result<()> {
     println!(
         "{}",
         json!({"name": "cpu digests", "secs": start.elapsed().as_secs_f64(), "tensors": tensors})
+    );
+    Ok(())
+}
+
+/// A sink that takes every read and hands its slot straight back: the engine's read side alone.
+struct Discard {
+    bytes: u64,
+}
+
+impl Sink for Discard {
+    fn prepare(&mut self, plan: &Arc<Plan>) -> Result<Vec<Option<IoBuf>>> {
+        Ok(plan.reads.iter().map(|_| None).collect())
+    }
+    fn accept(&mut self, _read: usize, buf: IoBuf) -> Result<Vec<IoBuf>> {
+        self.bytes += buf.len() as u64;
+        Ok(vec![buf])
+    }
+    fn finish(&mut self) -> Result<Vec<IoBuf>> {
+        Ok(Vec::new())
+    }
+}
+
+fn ring_read(path: &str, args: &[String]) -> Result<()> {
+    let d = CudaOptions::default();
+    let slots: usize = num(args, "--slots", d.slots)?;
+    let slot_size: usize = num(args, "--slot-size", d.slot_size >> 20)? << 20;
+    let start = Instant::now();
+    let (be, meta, index) = index_of(path)?;
+    let caps = be.capabilities();
+    let mut po = PlanOptions::new(meta.size);
+    po.layout = Layout::Packed {
+        align: TENSOR_ALIGN,
+    };
+    po.alignment = caps.alignment.max(1) as u64;
+    po.chunk_size = slot_size as u64;
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let plan = Arc::new(plan(&index, &sel, &po)?);
+    let eo = EngineOptions {
+        queue_depth: num(args, "--depth", slots)?,
+        ring_budget: slots * slot_size,
+        progress: None,
+    };
+    let (sink, st) = execute(be, &meta, plan, Discard { bytes: 0 }, &eo)?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"name": format!("ring read {slots} x {} MiB, depth {}", slot_size >> 20, eo.queue_depth),
+               "secs": secs, "gbps": sink.bytes as f64 / secs / 1e9, "bytes": sink.bytes,
+               "reads": st.reads, "direct_io": caps.direct_io, "peak_rss_bytes": peak_rss()})
     );
     Ok(())
 }
