@@ -167,6 +167,8 @@ def digest_map(j):
 def record(j, cold, loader):
     if not j:
         return
+    if j.get("route"):
+        loader += f" [{j['route']}]"
     rows.append(dict(loader=loader, cold=cold, gbps=j.get("gbps"), secs=j.get("seconds"),
                      rss_mib=(j.get("peak_rss_bytes") or 0) / 2**20 or None,
                      ttft=j.get("first_tensor_seconds"), mode=j.get("mode", ""),
@@ -199,7 +201,7 @@ def main():
         if not CLI_GPU and (info.get("format") != "safetensors" or info.get("encryption")):
             check(f"fixture {fname}", False, "not loaded: the CLI has no GPU path and ts-gpu-bench reads plain safetensors only")
             continue
-        variants = [("", [])]
+        variants = [("", []), (" --warm force", ["--warm", "force"])]
         enc = info.get("encryption") or {}
         flags = []
         if enc.get("key_hex"):
@@ -271,9 +273,12 @@ def main():
     for i in range(2):
         record(ts_load(FILE), drop(), "tensorstream (ring)")
     record(bench_load(FILE, ["--slots", "4"]), drop(), "tensorstream (ring, 4 slots)")
+    record(ts_load(FILE, ["--warm", "auto"]), drop(), "tensorstream --warm auto")
     warm_cache(FILE)
     for i in range(2):
         record(ts_load(FILE), False, "tensorstream (ring)")
+    for i in range(2):
+        record(ts_load(FILE, ["--warm", "auto"]), False, "tensorstream --warm auto")
     for extra, label in ((["--warm", "register"], "tensorstream mapped+register 4 thr"),
                          (["--warm", "register", "--warm-threads", "8"], "tensorstream mapped+register 8 thr"),
                          (["--warm", "register", "--warm-threads", "8", "--warm-piece", "256"], "tensorstream mapped+register 8 thr 256M"),

@@ -386,19 +386,21 @@ impl Loader {
         let p = self.prepare(Some(dev.options()))?;
         // The device model's times count from the start of its copies.
         let planned = started.elapsed();
-        let (model, es) = if p.hook.is_some() {
-            staged::load(&dev, &p, None)?
-        } else {
-            tensorstream_cuda::load(
+        let route = p.gpu_route(&dev)?;
+        let (model, es) = match route {
+            GpuRoute::Staged => staged::load(&dev, &p, None)?,
+            GpuRoute::Mapped => mapped_load(&dev, &p, None)?,
+            GpuRoute::Ring => tensorstream_cuda::load(
                 &dev,
                 p.backend.clone(),
                 &p.meta,
                 p.index.clone(),
                 p.plan.clone(),
                 &p.eopts,
-            )?
+            )?,
         };
         let mut stats = p.stats(model.nbytes(), &es, started.elapsed());
+        stats.route = route.name();
         stats.device_open = device_open;
         stats.first_tensor = model.times().first_tensor.map(|d| planned + d);
         Ok(CudaModel { model, stats })
@@ -409,12 +411,17 @@ impl Loader {
     pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
         let dev = self.cuda_device()?;
         let p = self.prepare(Some(dev.options()))?;
-        if p.hook.is_some() {
-            return tensorstream_cuda::StreamingLoad::spawn(move |tx| {
-                staged::load(&dev, &p, Some(tx))
-            });
+        match p.gpu_route(&dev)? {
+            GpuRoute::Staged => {
+                tensorstream_cuda::StreamingLoad::spawn(move |tx| staged::load(&dev, &p, Some(tx)))
+            }
+            GpuRoute::Mapped => {
+                tensorstream_cuda::StreamingLoad::spawn(move |tx| mapped_load(&dev, &p, Some(tx)))
+            }
+            GpuRoute::Ring => {
+                tensorstream_cuda::load_streaming(&dev, p.backend, p.meta, p.index, p.plan, p.eopts)
+            }
         }
-        tensorstream_cuda::load_streaming(&dev, p.backend, p.meta, p.index, p.plan, p.eopts)
     }
 
     /// Metadata, selection, verification hooks and the plan, for either destination.
@@ -475,6 +482,54 @@ impl Loader {
     }
 }
 
+/// How a GPU load moves its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GpuRoute {
+    /// Engine reads into the pinned staging ring, async copies from the slots.
+    Ring,
+    /// Tensorizer verification / decryption: groups through host memory, then the slots.
+    Staged,
+    /// Local file in the page cache: mapped, host-registered pieces copied by the copy engine.
+    Mapped,
+}
+
+impl GpuRoute {
+    fn name(self) -> &'static str {
+        match self {
+            GpuRoute::Ring => "ring",
+            GpuRoute::Staged => "staged",
+            GpuRoute::Mapped => "mapped",
+        }
+    }
+}
+
+/// The mapped warm path (`CudaOptions::warm`), for a local file.
+fn mapped_load(
+    dev: &Arc<tensorstream_cuda::CudaDevice>,
+    p: &Prepared,
+    subscriber: Option<crossbeam_channel::Sender<tensorstream_cuda::ReadyTensor>>,
+) -> Result<(
+    tensorstream_cuda::DeviceModel,
+    tensorstream_engine::EngineStats,
+)> {
+    let started = Instant::now();
+    let (model, ws) = tensorstream_cuda::load_mapped(
+        dev,
+        std::path::Path::new(p.backend.location()),
+        p.index.clone(),
+        &p.plan,
+        tensorstream_cuda::WarmStrategy::Register,
+        subscriber,
+    )?;
+    let es = tensorstream_engine::EngineStats {
+        reads: ws.pieces as u64,
+        bytes_read: p.plan.useful_bytes,
+        elapsed: started.elapsed(),
+        staging_bytes: 0,
+    };
+    Ok((model, es))
+}
+
 struct Prepared {
     backend: Arc<dyn Backend>,
     meta: ObjectMeta,
@@ -490,6 +545,22 @@ struct Prepared {
 }
 
 impl Prepared {
+    /// Which way a GPU load of this preparation goes.
+    fn gpu_route(&self, dev: &tensorstream_cuda::CudaDevice) -> Result<GpuRoute> {
+        if self.hook.is_some() {
+            return Ok(GpuRoute::Staged);
+        }
+        if self.caps.kind == "local"
+            && tensorstream_cuda::use_mapped(
+                dev.options().warm,
+                std::path::Path::new(self.backend.location()),
+            )?
+        {
+            return Ok(GpuRoute::Mapped);
+        }
+        Ok(GpuRoute::Ring)
+    }
+
     fn stats(
         &self,
         tensor_bytes: u64,
@@ -509,6 +580,7 @@ impl Prepared {
             chunk_size: self.chunk,
             device_open: Duration::ZERO,
             first_tensor: None,
+            route: "host",
         }
     }
 }
@@ -564,6 +636,10 @@ pub struct LoadStats {
     /// GPU loads: from the start of the load (after the device was open, like `elapsed`) until
     /// the first tensor was complete on the device.
     pub first_tensor: Option<Duration>,
+    /// How the bytes travelled: `host` (cpu loads), or for GPU loads `ring` (pinned staging
+    /// slots), `staged` (verified / decrypted on the host first) or `mapped` (page cache read by
+    /// the copy engine, `CudaOptions::warm`).
+    pub route: &'static str,
 }
 
 impl LoadStats {

@@ -69,6 +69,11 @@ fn mixed_safetensors_digests_match_manifest_in_both_io_modes() {
             io,
         ]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["route"], "host");
+        assert!(
+            v["device_open_seconds"].is_null(),
+            "no device opened for cpu"
+        );
         let got = v["tensors"].as_array().unwrap();
         assert_eq!(got.len(), want.len());
         for w in want {
@@ -241,6 +246,22 @@ fn cuda_device_without_driver_is_a_clear_error() {
         ]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["device"], "cuda:0");
+        assert_eq!(v["route"], "ring");
+        assert!(v["device_open_seconds"].as_f64().unwrap() > 0.0);
+        let want = &manifest()["files"]["mixed.safetensors"]["tensors"];
+        for w in want.as_array().unwrap() {
+            let g = v["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|g| g["name"] == w["name"]);
+            assert_eq!(
+                g.unwrap()["sha256"],
+                w["sha256"],
+                "{} on the device",
+                w["name"]
+            );
+        }
         return;
     }
     eprintln!("skipped GPU load: no CUDA device; checking the error instead");
@@ -251,4 +272,28 @@ fn cuda_device_without_driver_is_a_clear_error() {
     );
     let e = run_err(&["load", path.to_str().unwrap(), "--device", "cuda:x"]);
     assert!(e.contains("bad device"), "{e}");
+}
+
+#[test]
+fn gpu_flags_reach_the_device_options() {
+    // The options are checked before the driver is touched, so this runs with or without a GPU.
+    let path = fixtures().join("mixed.safetensors");
+    let p = path.to_str().unwrap();
+    let e = run_err(&["load", p, "--device", "cuda:0", "--slots", "1"]);
+    assert!(e.contains("--slots 1") && e.contains("2..=4096"), "{e}");
+    let e = run_err(&["load", p, "--device", "cuda:0", "--streams", "0"]);
+    assert!(e.contains("--streams 0"), "{e}");
+    let e = run_err(&[
+        "load",
+        p,
+        "--device",
+        "cuda:0",
+        "--slots",
+        "4096",
+        "--slot-size",
+        "1GiB",
+    ]);
+    assert!(e.contains("exceeds 64 GiB"), "{e}");
+    let e = run_err(&["load", p, "--device", "cuda:0", "--warm", "sometimes"]);
+    assert!(e.contains("bad --warm"), "{e}");
 }

@@ -210,3 +210,38 @@ fn gpu_one_device_handle_serves_several_loads() {
         }
     }
 }
+
+#[test]
+fn gpu_mapped_route_through_the_loader_matches_manifest() {
+    if !have_gpu() {
+        return;
+    }
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
+            .unwrap();
+    let entry = &m["files"]["mixed.safetensors"];
+    for (warm, route) in [
+        (tensorstream_cuda::WarmMode::Force, "mapped"),
+        (tensorstream_cuda::WarmMode::Off, "ring"),
+    ] {
+        let cm = Loader::new(fixtures().join("mixed.safetensors").to_str().unwrap())
+            .device(Device::Cuda(0))
+            .cuda_options(CudaOptions {
+                warm,
+                ..small_ring()
+            })
+            .load_cuda()
+            .unwrap_or_else(|e| panic!("{warm:?}: {e}"));
+        assert_eq!(cm.stats().route, route);
+        for t in entry["tensors"].as_array().unwrap() {
+            let name = t["name"].as_str().unwrap();
+            let dt = cm.model().get(name).unwrap();
+            let bytes = cm.model().to_host(&dt).unwrap();
+            assert_eq!(
+                sha(&bytes),
+                t["sha256"].as_str().unwrap(),
+                "{name} via {route}"
+            );
+        }
+    }
+}

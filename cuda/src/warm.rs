@@ -111,13 +111,7 @@ pub fn load_mapped(
         )
         .with_location(&loc));
     }
-    let arena = Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?);
-    if arena.base() % plan.arena_align.max(1) != 0 {
-        return Err(Error::new(
-            ErrorKind::Device,
-            "device arena is not aligned as the plan requires",
-        ));
-    }
+    let arena = crate::sink::arena_for(dev, plan)?;
     let readiness = Mutex::new(Readiness::new(plan, arena.base(), start, subscriber));
     // Synthesized tensors: zero them first.
     let s0 = dev.stream(0).clone();

@@ -141,6 +141,11 @@ struct IoArgs {
     /// GPU loads: size of one pinned staging slot (reads are at most this long).
     #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "16MiB")]
     slot_size: u64,
+    /// GPU loads of local files already in the page cache: `auto` maps the file and lets the
+    /// copy engine read the cached pages (host-registered read-only) when ≥ 90 % of it is
+    /// resident, `force` always does, `off` always reads through the staging ring.
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    warm: String,
     /// Verify every tensor's CRC32 / SHA-256 (tensorizer files) while loading.
     #[arg(long)]
     verify: bool,
@@ -183,8 +188,27 @@ impl IoArgs {
                 )))
             }
         };
+        let d = tensorstream_cuda::CudaOptions::default();
+        let cuda = tensorstream_cuda::CudaOptions {
+            streams: self.streams,
+            slots: self.slots,
+            slot_size: usize::try_from(self.slot_size)
+                .map_err(|_| Error::invalid("--slot-size too large"))?,
+            warm: match self.warm.to_ascii_lowercase().as_str() {
+                "off" => tensorstream_cuda::WarmMode::Off,
+                "auto" => tensorstream_cuda::WarmMode::Auto(0.9),
+                "force" => tensorstream_cuda::WarmMode::Force,
+                o => {
+                    return Err(Error::invalid(format!(
+                        "bad --warm {o:?}: expected off, auto or force"
+                    )))
+                }
+            },
+            ..d
+        };
         let mut l = Loader::new(uri)
             .open_options(open)
+            .cuda_options(cuda)
             .verify_hashes(self.verify);
         if let Some(k) = &self.key_file {
             l = l.key_file(k)?;

@@ -269,6 +269,7 @@ pub fn load(
             "peak_rss_bytes": peak,
             "first_tensor_seconds": first_tensor,
             "device_open_seconds": if let Device::Cuda(_) = device { Some(st.device_open.as_secs_f64()) } else { None },
+            "route": st.route,
             "backend": st.backend,
             "direct_io": st.direct_io,
             "queue_depth": st.queue_depth,
