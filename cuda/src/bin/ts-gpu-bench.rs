@@ -161,6 +161,24 @@ fn index_of(path: &str) -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
     Ok((be, meta, index))
 }
 
+/// A file opened for a device load: backend, metadata, index, plan.
+type Planned = (Arc<dyn Backend>, ObjectMeta, TensorIndex, Arc<Plan>);
+
+/// The file's index and a device-shaped plan of all its tensors (`Packed`, 256 B aligned, reads
+/// of at most one slot, O_DIRECT alignment when the backend reads direct).
+fn device_plan(path: &str, slot_size: usize) -> Result<Planned> {
+    let (be, meta, index) = index_of(path)?;
+    let mut po = PlanOptions::new(meta.size);
+    po.layout = Layout::Packed {
+        align: TENSOR_ALIGN,
+    };
+    po.alignment = be.capabilities().alignment.max(1) as u64;
+    po.chunk_size = slot_size as u64;
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let plan = Arc::new(plan(&index, &sel, &po)?);
+    Ok((be, meta, index, plan))
+}
+
 fn digests(path: &str) -> Result<()> {
     let (_, _, index) = index_of(path)?;
     let f = std::fs::File::open(path).map_err(|e| Error::from_io(e, path))?;
@@ -245,16 +263,8 @@ fn ring_read(path: &str, args: &[String]) -> Result<()> {
     let slots: usize = num(args, "--slots", d.slots)?;
     let slot_size: usize = num(args, "--slot-size", d.slot_size >> 20)? << 20;
     let start = Instant::now();
-    let (be, meta, index) = index_of(path)?;
+    let (be, meta, _, plan) = device_plan(path, slot_size)?;
     let caps = be.capabilities();
-    let mut po = PlanOptions::new(meta.size);
-    po.layout = Layout::Packed {
-        align: TENSOR_ALIGN,
-    };
-    po.alignment = caps.alignment.max(1) as u64;
-    po.chunk_size = slot_size as u64;
-    let sel: Vec<usize> = (0..index.tensors.len()).collect();
-    let plan = Arc::new(plan(&index, &sel, &po)?);
     let eo = EngineOptions {
         queue_depth: num(args, "--depth", slots)?,
         ring_budget: slots * slot_size,
@@ -399,16 +409,7 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
     // Timed like `tensorstream load`: from after the device is open (a server opens it once).
     let t_open = opening.elapsed().as_secs_f64();
     let start = Instant::now();
-    let (be, meta, index) = index_of(path)?;
-    let caps = be.capabilities();
-    let mut po = PlanOptions::new(meta.size);
-    po.layout = Layout::Packed {
-        align: TENSOR_ALIGN,
-    };
-    po.alignment = caps.alignment.max(1) as u64;
-    po.chunk_size = dev.options().slot_size as u64;
-    let sel: Vec<usize> = (0..index.tensors.len()).collect();
-    let plan = Arc::new(plan(&index, &sel, &po)?);
+    let (be, meta, index, plan) = device_plan(path, dev.options().slot_size)?;
     let t_load = start.elapsed().as_secs_f64();
     let (model, mode) = match warm.as_str() {
         "off" => {
