@@ -314,8 +314,17 @@ def main():
         say(f"peers done in {wall:.0f} s (rc {rc}); peak RSS of that one process {peers_rss:.0f} MiB")
     else:
         say("peers skipped: budget")
+    # The same weights in tensorizer's own format (written by the peer script): tensorstream on
+    # the very file tensorizer's deserializer read, plain and verified (staged route).
+    tz = FILE + ".tensors"
+    if os.path.exists(tz) and left() > 45:
+        say("== tensorstream on the tensorizer file the peers wrote")
+        record(ts_load(tz), drop(), "tensorstream on .tensors")
+        warm_cache(tz)
+        record(ts_load(tz), False, "tensorstream on .tensors")
+        record(ts_load(tz, ["--verify"]), False, "tensorstream on .tensors --verify")
     try:
-        os.remove(FILE + ".tensors")
+        os.remove(tz)
     except OSError:
         pass
     finish()
