@@ -5,8 +5,8 @@
 //! of the object, or one tensor if it alone is larger). Each group is loaded into host memory by
 //! the engine with the tensorizer hook (which verifies / decrypts on worker threads as tensors
 //! complete), then copied through the device's pinned staging slots into the one device arena
-//! and announced to streaming readers. Host memory stays bounded by the group size (plus the
-//! pinned slots); nothing reaches the device before its hook accepted it.
+//! and announced to streaming readers, while the next group loads. Host memory stays bounded by
+//! two groups (plus the pinned slots); nothing reaches the device before its hook accepted it.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -19,8 +19,8 @@ use tensorstream_engine::{execute, format, plan, EngineStats, Error, HostSink, R
 
 use crate::Prepared;
 
-/// Most object bytes one group spans in host memory.
-pub(crate) const GROUP_BYTES: u64 = 256 << 20;
+/// Most object bytes one group spans in host memory (two groups are in memory at a time).
+pub(crate) const GROUP_BYTES: u64 = 128 << 20;
 
 /// Consecutive runs of `placements` (object order) whose needed object ranges span at most
 /// `budget` bytes; a tensor larger than `budget` makes a group of its own. Placements that read
@@ -84,8 +84,19 @@ pub(crate) fn load(
     Ok((up.finish(p.index.clone())?, es))
 }
 
+/// One group loaded into host memory and checked by the hook: its plan and arena.
+type Group = (
+    Arc<tensorstream_engine::Plan>,
+    tensorstream_engine::Arena,
+    EngineStats,
+);
+
 /// Loads the tensors of `p.plan` that are read (not zero-filled) into host memory, at most
 /// `budget` object bytes at a time, runs the hook on them and hands each to `dest`.
+///
+/// A producer thread loads and checks group n+1 while this thread hands group n to `dest`; the
+/// hand-over is a rendezvous, so at most two groups are in host memory. A group reaches `dest`
+/// only after the hook accepted every tensor in it; the first error stops both sides.
 pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<EngineStats> {
     let hook = p
         .hook
@@ -98,55 +109,86 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
         .enumerate()
         .map(|(i, pl)| (pl.tensor, i))
         .collect();
-    let mut total = EngineStats::default();
     let started = std::time::Instant::now();
-    for g in groups(&p.plan.placements, budget) {
-        let sel: Vec<usize> = p.plan.placements[g]
-            .iter()
-            .filter(|pl| !pl.needed.is_empty())
-            .map(|pl| pl.tensor)
-            .collect();
-        if sel.is_empty() {
-            continue; // zero-filled on the device already
+    let mut total = std::thread::scope(|s| -> Result<EngineStats> {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Group>>(0);
+        let producer = std::thread::Builder::new()
+            .name("ts-staged-load".into())
+            .spawn_scoped(s, move || {
+                for g in groups(&p.plan.placements, budget) {
+                    let sel: Vec<usize> = p.plan.placements[g]
+                        .iter()
+                        .filter(|pl| !pl.needed.is_empty())
+                        .map(|pl| pl.tensor)
+                        .collect();
+                    if sel.is_empty() {
+                        continue; // zero-filled on the device already
+                    }
+                    let r = load_group(p, &hook, &sel);
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        return; // the consumer stopped, or this was the error it gets
+                    }
+                }
+            })
+            .map_err(|e| Error::from_io(e, "spawning the staged-load thread"))?;
+        let mut total = EngineStats::default();
+        for r in rx.iter() {
+            let (host_plan, arena, es) = r?;
+            let bytes = arena.as_slice()?;
+            for hp in &host_plan.placements {
+                let Some(&i) = placement_of.get(&hp.tensor) else {
+                    return Err(Error::invalid(format!(
+                        "tensor #{} is in a group but not in the device plan",
+                        hp.tensor
+                    )));
+                };
+                let range = usize::try_from(hp.dest)
+                    .ok()
+                    .zip(usize::try_from(hp.len).ok())
+                    .and_then(|(d, n)| Some(d..d.checked_add(n)?))
+                    .filter(|r| r.end <= bytes.len())
+                    .ok_or_else(|| Error::invalid("tensor lies outside the host group arena"))?;
+                dest.write(i, &bytes[range])?;
+            }
+            drop(arena);
+            dest.settle()?;
+            total.reads += es.reads;
+            total.bytes_read += es.bytes_read;
+            total.staging_bytes = total.staging_bytes.max(es.staging_bytes);
         }
-        let host_plan = Arc::new(
-            plan(&p.index, &sel, &p.host_popts)
-                .map_err(|e| e.with_location(p.backend.location()))?,
-        );
-        let sink = HostSink::with_hook(hook.clone(), format::tensorizer::hook_threads())
-            .with_prefault(p.caps.kernel_reads);
-        let (sink, es) = execute(
-            p.backend.clone(),
-            &p.meta,
-            host_plan.clone(),
-            sink,
-            &p.host_eopts,
-        )?;
-        let (arena, _) = sink.into_parts()?;
-        let bytes = arena.as_slice()?;
-        for hp in &host_plan.placements {
-            let Some(&i) = placement_of.get(&hp.tensor) else {
-                return Err(Error::invalid(format!(
-                    "tensor #{} is in a group but not in the device plan",
-                    hp.tensor
-                )));
-            };
-            let range = usize::try_from(hp.dest)
-                .ok()
-                .zip(usize::try_from(hp.len).ok())
-                .and_then(|(d, n)| Some(d..d.checked_add(n)?))
-                .filter(|r| r.end <= bytes.len())
-                .ok_or_else(|| Error::invalid("tensor lies outside the host group arena"))?;
-            dest.write(i, &bytes[range])?;
+        if producer.join().is_err() {
+            return Err(Error::new(
+                tensorstream_engine::ErrorKind::Io,
+                "staged-load thread panicked",
+            ));
         }
-        drop(arena);
-        dest.settle()?;
-        total.reads += es.reads;
-        total.bytes_read += es.bytes_read;
-        total.staging_bytes = total.staging_bytes.max(es.staging_bytes);
-    }
+        Ok(total)
+    })?;
     total.elapsed = started.elapsed();
     Ok(total)
+}
+
+/// Loads tensors `sel` into host memory through the engine and runs the hook on each.
+fn load_group(
+    p: &Prepared,
+    hook: &Arc<dyn tensorstream_engine::sink::TensorHook>,
+    sel: &[usize],
+) -> Result<Group> {
+    let host_plan = Arc::new(
+        plan(&p.index, sel, &p.host_popts).map_err(|e| e.with_location(p.backend.location()))?,
+    );
+    let sink = HostSink::with_hook(hook.clone(), format::tensorizer::hook_threads())
+        .with_prefault(p.caps.kernel_reads);
+    let (sink, es) = execute(
+        p.backend.clone(),
+        &p.meta,
+        host_plan.clone(),
+        sink,
+        &p.host_eopts,
+    )?;
+    let (arena, _) = sink.into_parts()?;
+    Ok((host_plan, arena, es))
 }
 
 #[cfg(test)]
