@@ -268,7 +268,9 @@ impl Loader {
     /// Loads onto an already opened device (its streams, pinned staging and options), instead of
     /// opening one per load: open it once with [`tensorstream_cuda::CudaDevice::open`] and load
     /// many models without paying the open again or pinning another ring. Loads on one device
-    /// handle run one at a time (a second concurrent load is refused with a clear error).
+    /// handle run one at a time (a second concurrent load is refused with a clear error). The
+    /// handle's options apply; a later [`Loader::cuda_options`] with other values is an error at
+    /// load time.
     pub fn on_device(mut self, dev: Arc<tensorstream_cuda::CudaDevice>) -> Self {
         self.device = Device::Cuda(dev.ordinal());
         self.cuda = dev.options().clone();
@@ -367,7 +369,15 @@ impl Loader {
             ));
         };
         match &self.opened {
-            Some(d) if d.ordinal() == n => Ok(d.clone()),
+            Some(d) if d.ordinal() == n => {
+                if d.options() != &self.cuda {
+                    return Err(Error::invalid(
+                        "cuda_options() differ from those of the device given to on_device(): \
+                         a handle's streams and pinned slots are fixed when it is opened",
+                    ));
+                }
+                Ok(d.clone())
+            }
             _ => tensorstream_cuda::CudaDevice::open(n, &self.cuda),
         }
     }
@@ -384,9 +394,9 @@ impl Loader {
         let device_open = opening.elapsed();
         let started = Instant::now();
         let p = self.prepare(Some(dev.options()))?;
+        let route = p.gpu_route(&dev)?;
         // The device model's times count from the start of its copies.
         let planned = started.elapsed();
-        let route = p.gpu_route(&dev)?;
         let (model, es) = match route {
             GpuRoute::Staged => staged::load(&dev, &p, None)?,
             GpuRoute::Mapped => mapped_load(&dev, &p, None)?,
@@ -521,6 +531,9 @@ fn mapped_load(
         tensorstream_cuda::WarmStrategy::Register,
         subscriber,
     )?;
+    if let Some(c) = &p.eopts.progress {
+        c.fetch_add(p.plan.useful_bytes, std::sync::atomic::Ordering::Relaxed);
+    }
     let es = tensorstream_engine::EngineStats {
         reads: ws.pieces as u64,
         bytes_read: p.plan.useful_bytes,

@@ -132,32 +132,42 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
                 }
             })
             .map_err(|e| Error::from_io(e, "spawning the staged-load thread"))?;
-        let mut total = EngineStats::default();
-        for r in rx.iter() {
-            let (host_plan, arena, es) = r?;
-            let bytes = arena.as_slice()?;
-            for hp in &host_plan.placements {
-                let Some(&i) = placement_of.get(&hp.tensor) else {
-                    return Err(Error::invalid(format!(
-                        "tensor #{} is in a group but not in the device plan",
-                        hp.tensor
-                    )));
-                };
-                let range = usize::try_from(hp.dest)
-                    .ok()
-                    .zip(usize::try_from(hp.len).ok())
-                    .and_then(|(d, n)| Some(d..d.checked_add(n)?))
-                    .filter(|r| r.end <= bytes.len())
-                    .ok_or_else(|| Error::invalid("tensor lies outside the host group arena"))?;
-                dest.write(i, &bytes[range])?;
+        // The consumer side; whatever it returns, the producer is joined below (it stops at its
+        // next hand-over once `rx` is gone), so a panic there becomes an error, not a panic here.
+        let consumed = (|| -> Result<EngineStats> {
+            let mut total = EngineStats::default();
+            for r in rx.iter() {
+                let (host_plan, arena, es) = r?;
+                let bytes = arena.as_slice()?;
+                for hp in &host_plan.placements {
+                    let Some(&i) = placement_of.get(&hp.tensor) else {
+                        return Err(Error::invalid(format!(
+                            "tensor #{} is in a group but not in the device plan",
+                            hp.tensor
+                        )));
+                    };
+                    let range = usize::try_from(hp.dest)
+                        .ok()
+                        .zip(usize::try_from(hp.len).ok())
+                        .and_then(|(d, n)| Some(d..d.checked_add(n)?))
+                        .filter(|r| r.end <= bytes.len())
+                        .ok_or_else(|| {
+                            Error::invalid("tensor lies outside the host group arena")
+                        })?;
+                    dest.write(i, &bytes[range])?;
+                }
+                drop(arena);
+                dest.settle()?;
+                total.reads += es.reads;
+                total.bytes_read += es.bytes_read;
+                total.staging_bytes = total.staging_bytes.max(es.staging_bytes);
             }
-            drop(arena);
-            dest.settle()?;
-            total.reads += es.reads;
-            total.bytes_read += es.bytes_read;
-            total.staging_bytes = total.staging_bytes.max(es.staging_bytes);
-        }
-        if producer.join().is_err() {
+            Ok(total)
+        })();
+        drop(rx);
+        let joined = producer.join();
+        let total = consumed?;
+        if joined.is_err() {
             return Err(Error::new(
                 tensorstream_engine::ErrorKind::Io,
                 "staged-load thread panicked",

@@ -294,6 +294,28 @@ fn gpu_flags_reach_the_device_options() {
         "1GiB",
     ]);
     assert!(e.contains("exceeds 64 GiB"), "{e}");
-    let e = run_err(&["load", p, "--device", "cuda:0", "--warm", "sometimes"]);
-    assert!(e.contains("bad --warm"), "{e}");
+    let e = run_err(&["load", p, "--device", "cuda:0", "--gpu-warm", "sometimes"]);
+    assert!(e.contains("bad --gpu-warm"), "{e}");
+}
+
+#[test]
+fn bench_runs_and_prints_json_lines() {
+    // `bench` shares the I/O options with `load`; a clash of flag names broke it once.
+    let path = fixtures().join("mixed.safetensors");
+    let out = run_ok(&["bench", path.to_str().unwrap(), "--warm", "--repeat", "1"]);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(rows.len() >= 2, "a baseline and a tensorstream row: {out}");
+    for r in &rows {
+        assert!(r["gbps"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["cold"], false, "{r}");
+    }
+    assert!(
+        rows.iter()
+            .any(|r| r["name"].as_str().unwrap().contains("tensorstream")),
+        "{out}"
+    );
 }

@@ -54,6 +54,7 @@ impl HostUpload {
     /// Allocates the arena for `plan` on `dev`, takes the pinned slots and zero-fills the tensors
     /// that are not read (meta tensors).
     pub fn new(dev: &Arc<CudaDevice>, plan: Arc<Plan>) -> Result<Self> {
+        let start = Instant::now(); // like CudaSink: the device allocation counts
         let arena = crate::sink::arena_for(dev, &plan)?;
         let free = dev.take_slots()?;
         if free.is_empty() {
@@ -86,7 +87,7 @@ impl HostUpload {
             rr: RoundRobin::new(dev.stream_count()),
             slot_size,
             state,
-            start: Instant::now(),
+            start,
             first: None,
             last: None,
             subscriber: None,

@@ -144,8 +144,13 @@ struct IoArgs {
     /// GPU loads of local files already in the page cache: `auto` maps the file and lets the
     /// copy engine read the cached pages (host-registered read-only) when ≥ 90 % of it is
     /// resident, `force` always does, `off` always reads through the staging ring.
-    #[arg(long, value_name = "MODE", default_value = "off")]
-    warm: String,
+    #[arg(
+        long = "gpu-warm",
+        id = "gpu_warm",
+        value_name = "MODE",
+        default_value = "off"
+    )]
+    gpu_warm: String,
     /// Verify every tensor's CRC32 / SHA-256 (tensorizer files) while loading.
     #[arg(long)]
     verify: bool,
@@ -194,13 +199,13 @@ impl IoArgs {
             slots: self.slots,
             slot_size: usize::try_from(self.slot_size)
                 .map_err(|_| Error::invalid("--slot-size too large"))?,
-            warm: match self.warm.to_ascii_lowercase().as_str() {
+            warm: match self.gpu_warm.to_ascii_lowercase().as_str() {
                 "off" => tensorstream_cuda::WarmMode::Off,
                 "auto" => tensorstream_cuda::WarmMode::Auto(0.9),
                 "force" => tensorstream_cuda::WarmMode::Force,
                 o => {
                     return Err(Error::invalid(format!(
-                        "bad --warm {o:?}: expected off, auto or force"
+                        "bad --gpu-warm {o:?}: expected off, auto or force"
                     )))
                 }
             },
@@ -364,4 +369,16 @@ pub fn run() -> i32 {
 /// Parses a device name.
 fn parse_device(s: &str) -> Result<Device, Error> {
     s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are consistent (unique ids, valid defaults); clap checks this
+    /// only lazily, when that subcommand is parsed.
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }
