@@ -236,6 +236,14 @@ pub fn run(
         st.queue_depth,
         st.reads
     );
+    if st.route != "host" {
+        println!(
+            "  on the GPU         route {}, first tensor after {:.3} s; opening the device took {:.3} s (not in the load time)",
+            st.route,
+            st.first_tensor.map_or(f64::NAN, |d| d.as_secs_f64()),
+            st.device_open.as_secs_f64()
+        );
+    }
     println!(
         "  std::fs::read      {:>8.3} s  {:>6.2} GB/s  (same file, same run)",
         base_secs, base_gbps
