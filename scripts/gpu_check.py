@@ -117,14 +117,10 @@ def check(what, ok, detail=""):
 CLI_GPU = None  # decided below
 
 
-def ts_load(path, extra=(), digests=False, name=None, timeout=240):
-    """tensorstream load --device cuda:0 --json (or ts-gpu-bench load if the CLI cannot)."""
-    if CLI_GPU:
-        cmd = [TS, "load", path, "--device", DEV, "--json", "--quiet"] + list(extra)
-    else:
-        cmd = [BENCH, "load", path, "--device", "cuda:0"] + list(extra)
+def load_json(cmd, digests, name, timeout):
+    """Runs one load command; its JSON result, or None after saying why."""
     if digests:
-        cmd.append("--digests")
+        cmd = cmd + ["--digests"]
     rc, out, err, wall, _ = run(cmd, timeout)
     j = last_json(out) if rc == 0 else None
     if j is None:
@@ -137,21 +133,20 @@ def ts_load(path, extra=(), digests=False, name=None, timeout=240):
     return j
 
 
+def ts_load(path, extra=(), digests=False, name=None, timeout=240):
+    """tensorstream load --device cuda:0 --json (or ts-gpu-bench load if the CLI cannot)."""
+    if CLI_GPU:
+        cmd = [TS, "load", path, "--device", DEV, "--json", "--quiet"] + list(extra)
+    else:
+        cmd = [BENCH, "load", path, "--device", "cuda:0"] + list(extra)
+    return load_json(cmd, digests, name, timeout)
+
+
 def bench_load(path, extra=(), digests=False, name=None, timeout=240):
     if DRY:
         say("  (dry run: skipped ts-gpu-bench load", " ".join(extra) + ")")
         return None
-    cmd = [BENCH, "load", path, "--device", "cuda:0"] + list(extra)
-    if digests:
-        cmd.append("--digests")
-    rc, out, err, wall, _ = run(cmd, timeout)
-    j = last_json(out) if rc == 0 else None
-    if j is None:
-        say(f"load failed (rc {rc}): {' '.join(cmd)}\n{err.strip()[-2000:]}")
-        return None
-    if name:
-        j["name"] = name
-    return j
+    return load_json([BENCH, "load", path, "--device", "cuda:0"] + list(extra), digests, name, timeout)
 
 
 def digest_map(j):
