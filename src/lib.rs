@@ -441,7 +441,7 @@ impl Loader {
         let mut index = format::read_index(be.as_ref(), &meta)?;
         let sel = self.select(&index)?;
         let ropts = self.read_options(&index);
-        let hook = format::tensorizer::prepare(&mut index, &ropts)
+        let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &ropts)
             .map_err(|e| e.with_location(&self.uri))?;
         let caps = be.capabilities();
         let mut popts = PlanOptions::new(meta.size);

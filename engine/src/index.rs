@@ -50,7 +50,9 @@ pub struct TensorInfo {
     /// Structured path (tensorizer json-seq names), if the format has one.
     pub path: Option<Vec<serde_json::Value>>,
     /// Extra bytes that must be loaded together with the tensor (e.g. a per-tensor header that is
-    /// hashed together with the data). Absolute object range, or `None`.
+    /// hashed together with the data). Absolute object range, or `None`. Plans ignore it for
+    /// [`TensorSource::Zeros`] tensors (a tensorizer meta tensor's header, which
+    /// `format::tensorizer::prepare` checks and then drops).
     pub prefix: Option<Range<u64>>,
 }
 

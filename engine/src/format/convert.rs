@@ -81,7 +81,8 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
     let loc = input.location().to_string();
     let meta = input.stat().map_err(|e| e.with_location(&loc))?;
     let mut index = super::read_index(input, &meta)?;
-    let hook = tensorizer::prepare(&mut index, &opts.read).map_err(|e| e.with_location(&loc))?;
+    let hook =
+        tensorizer::prepare(input, &mut index, &opts.read).map_err(|e| e.with_location(&loc))?;
     let tmp = temp_path(output);
     let file =
         File::create(&tmp).map_err(|e| Error::from_io(e, format!("creating {}", tmp.display())))?;

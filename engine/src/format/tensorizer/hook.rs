@@ -5,7 +5,8 @@ use std::sync::Mutex;
 
 use super::crypt::{self, KeySource, PwHash};
 use super::header;
-use super::index::encode_name;
+use super::index::{dtype_from_tensorizer, encode_name};
+use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{TensorIndex, TensorSource};
 use crate::sink::TensorHook;
@@ -13,6 +14,7 @@ use crate::sink::TensorHook;
 struct Tensor {
     name: String,
     raw_name: Vec<u8>,
+    dtype: DType,
     shape: Vec<u64>,
     data_len: u64,
     stored: bool,
@@ -38,6 +40,7 @@ impl TensorizerHook {
                 Ok(Tensor {
                     name: t.name.clone(),
                     raw_name: encode_name(&t.name, t.path.as_deref())?,
+                    dtype: t.dtype,
                     shape: t.shape.clone(),
                     data_len: t.range.end - t.range.start,
                     stored: t.source == TensorSource::Stored,
@@ -78,22 +81,30 @@ impl TensorizerHook {
     }
 }
 
-impl TensorHook for TensorizerHook {
-    fn process(&self, tensor: usize, bytes: &mut [u8], data_start: usize) -> Result<()> {
-        let t = self
-            .tensors
+impl TensorizerHook {
+    fn tensor(&self, tensor: usize) -> Result<&Tensor> {
+        self.tensors
             .get(tensor)
-            .ok_or_else(|| Error::invalid(format!("tensor #{tensor} is not in the index")))?;
-        if !t.stored {
-            return Ok(());
-        }
-        if data_start == 0 || data_start > bytes.len() {
-            return Err(Error::invalid(format!(
-                "tensor {:?}: its per-tensor header was not loaded with the data",
+            .ok_or_else(|| Error::invalid(format!("tensor #{tensor} is not in the index")))
+    }
+
+    /// Checks the per-tensor header of a meta tensor (no stored data, loaded as zeros) against
+    /// the index and, when verifying, its hashes: a corrupted index cannot turn a stored tensor
+    /// into zeros, or change a meta tensor's shape or dtype, unnoticed.
+    pub fn check_meta(&self, tensor: usize, hdr: &[u8]) -> Result<()> {
+        let t = self.tensor(tensor)?;
+        if hdr.is_empty() {
+            return Err(Error::corrupt(format!(
+                "meta tensor {:?} has no per-tensor header to verify",
                 t.name
             )));
         }
-        let (hdr, data) = bytes.split_at_mut(data_start);
+        self.check(t, hdr, &mut [])
+    }
+
+    /// Parses `hdr`, checks it against the index entry `t`, decrypts `data` in place and
+    /// verifies the hashes.
+    fn check(&self, t: &Tensor, hdr: &[u8], data: &mut [u8]) -> Result<()> {
         let ctx = |e: Error| e.context(format!("tensor {:?}", t.name));
         let long = t.shape.iter().any(|&d| d > u32::MAX as u64);
         let h = match header::parse(hdr, self.has_crypt, long) {
@@ -104,13 +115,21 @@ impl TensorHook for TensorizerHook {
                 _ => first.map_err(ctx)?,
             },
         };
-        if h.name != t.raw_name || h.shape != t.shape || h.data_length != t.data_len as i64 {
+        let h_dtype = dtype_from_tensorizer(&h.dtype)
+            .map_err(|e| e.context(format!("tensor {:?}: per-tensor header", t.name)))?;
+        if h.name != t.raw_name
+            || h.shape != t.shape
+            || h_dtype != t.dtype
+            || h.data_length != t.data_len as i64
+        {
             return Err(Error::corrupt(format!(
-                "tensor {:?}: per-tensor header (name {:?}, shape {:?}, {} bytes) disagrees with the index (shape {:?}, {} bytes)",
+                "tensor {:?}: per-tensor header (name {:?}, {} {:?}, {} bytes) disagrees with the index ({} {:?}, {} bytes)",
                 t.name,
                 String::from_utf8_lossy(&h.name),
+                h_dtype,
                 h.shape,
                 h.data_length,
+                t.dtype,
                 t.shape,
                 t.data_len
             )));
@@ -151,5 +170,22 @@ impl TensorHook for TensorizerHook {
             })?;
         }
         Ok(())
+    }
+}
+
+impl TensorHook for TensorizerHook {
+    fn process(&self, tensor: usize, bytes: &mut [u8], data_start: usize) -> Result<()> {
+        let t = self.tensor(tensor)?;
+        if !t.stored {
+            return Ok(());
+        }
+        if data_start == 0 || data_start > bytes.len() {
+            return Err(Error::invalid(format!(
+                "tensor {:?}: its per-tensor header was not loaded with the data",
+                t.name
+            )));
+        }
+        let (hdr, data) = bytes.split_at_mut(data_start);
+        self.check(t, hdr, data)
     }
 }

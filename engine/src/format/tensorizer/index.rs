@@ -348,8 +348,9 @@ fn parse_index(
             )));
         }
         // The per-tensor header travels with the data (verification, decryption);
-        // `super::prepare` drops it again when nothing needs it.
-        let prefix = (source == TensorSource::Stored).then_some(e.header_offset..e.data_offset);
+        // `super::prepare` drops it again when nothing needs it. A meta tensor's header is
+        // checked (and its prefix dropped) by `super::prepare`.
+        let prefix = Some(e.header_offset..e.data_offset);
         tensors.push(TensorInfo {
             name: display,
             dtype,

@@ -11,8 +11,9 @@
 //! per-tensor header as [`crate::TensorInfo::prefix`]; [`prepare`] drops those prefixes when
 //! nothing needs them, or returns the hook to pass to [`crate::HostSink::with_hook`].
 //!
-//! Meta tensors (stored with data length 0) load as zeros ([`crate::TensorSource::Zeros`]); their
-//! header-only hashes are not checked. Names stored as json-seq (0x1E + JSON array) are exposed as
+//! Meta tensors (stored with data length 0) load as zeros ([`crate::TensorSource::Zeros`]); with
+//! verification, [`prepare`] reads their per-tensor headers and checks them against the index and
+//! their hashes, so a corrupted index cannot turn a stored tensor into zeros unnoticed. Names stored as json-seq (0x1E + JSON array) are exposed as
 //! [`crate::TensorInfo::path`] with the components joined by `.` as the display name.
 
 pub mod crypt;
@@ -27,8 +28,9 @@ pub use crypt::KeySource;
 pub use index::parse_prefix;
 pub use writer::{Serializer, SerializerOptions, TensorSpec};
 
+use crate::backend::{Backend, BackendExt};
 use crate::error::{Error, Result};
-use crate::index::{Format, TensorIndex};
+use crate::index::{Format, TensorIndex, TensorSource};
 use crate::sink::TensorHook;
 
 /// File magic.
@@ -67,12 +69,22 @@ pub fn hook_threads() -> usize {
         .clamp(1, 8)
 }
 
-/// Readies `index` for a load with `opts`: returns the hook that verifies / decrypts (to pass to
-/// [`crate::HostSink::with_hook`]), or `None` and strips the per-tensor header prefixes when the
-/// load needs neither. Works for any format: a safetensors index passes through unchanged unless
-/// verification or a key is asked for, which is an error (safetensors has no checksums and no
-/// encryption).
-pub fn prepare(index: &mut TensorIndex, opts: &ReadOptions) -> Result<Option<Arc<dyn TensorHook>>> {
+/// Largest per-tensor header of a meta tensor [`prepare`] reads (they hold a name, a shape, two
+/// hashes and, when encrypted, a few dozen bytes of crypt info).
+pub const MAX_META_HEADER: u64 = 1 << 20;
+
+/// Readies `index` (read from `backend`) for a load with `opts`: returns the hook that verifies /
+/// decrypts (to pass to [`crate::HostSink::with_hook`]), or `None` and strips the per-tensor
+/// header prefixes when the load needs neither. With verification, the headers of meta tensors
+/// are read from `backend` and checked here (they load as zeros, so no sink sees them); their
+/// prefixes are dropped in every case. Works for any format: a safetensors index passes through
+/// unchanged unless verification or a key is asked for, which is an error (safetensors has no
+/// checksums and no encryption).
+pub fn prepare(
+    backend: &dyn Backend,
+    index: &mut TensorIndex,
+    opts: &ReadOptions,
+) -> Result<Option<Arc<dyn TensorHook>>> {
     if index.format != Format::Tensorizer {
         if opts.verify {
             return Err(Error::unsupported(format!(
@@ -109,11 +121,26 @@ pub fn prepare(index: &mut TensorIndex, opts: &ReadOptions) -> Result<Option<Arc
         }
         return Ok(None);
     }
-    Ok(Some(Arc::new(hook::TensorizerHook::new(
-        index,
-        opts.verify,
-        opts.key.clone(),
-    )?)))
+    let hook = hook::TensorizerHook::new(index, opts.verify, opts.key.clone())?;
+    for (i, t) in index.tensors.iter_mut().enumerate() {
+        if t.source != TensorSource::Zeros {
+            continue;
+        }
+        let span = t.prefix.take().unwrap_or(0..0);
+        if !opts.verify {
+            continue;
+        }
+        let len = span.end.saturating_sub(span.start);
+        if len > MAX_META_HEADER {
+            return Err(Error::corrupt(format!(
+                "meta tensor {:?}: its per-tensor header at {}..{} is {len} bytes (at most {MAX_META_HEADER} expected)",
+                t.name, span.start, span.end
+            )));
+        }
+        let hdr = backend.read_exact_at(span.start, len as usize)?;
+        hook.check_meta(i, &hdr)?;
+    }
+    Ok(Some(Arc::new(hook)))
 }
 
 #[cfg(test)]
