@@ -35,6 +35,10 @@ pub const OPSLIMIT_MODERATE: u64 = 3;
 pub const MEMLIMIT_MODERATE: u64 = 268_435_456;
 /// Largest Argon2 memory this reader agrees to spend on a key derivation stored in a file.
 pub const MAX_MEMLIMIT: u64 = 4 << 30;
+/// Largest Argon2 work (passes × memory bytes) this reader agrees to spend on a key derivation
+/// stored in a file: 4 × libsodium's `SENSITIVE` limits (4 passes over 1 GiB), tens of seconds
+/// at most. A corrupted or hostile opslimit (up to 2^32 passes) would otherwise run for days.
+pub const MAX_PWHASH_WORK: u64 = 16 << 30;
 
 /// A decryption/encryption key: raw, or a password to derive it from.
 #[derive(Clone)]
@@ -316,6 +320,16 @@ pub fn derive_key(password: &[u8], p: &PwHash) -> Result<[u8; 32]> {
         return Err(Error::unsupported(format!(
             "key derivation asks for {} bytes of memory (limit {MAX_MEMLIMIT})",
             p.memlimit
+        )));
+    }
+    if p.opslimit
+        .checked_mul(p.memlimit)
+        .is_none_or(|w| w > MAX_PWHASH_WORK)
+    {
+        return Err(Error::unsupported(format!(
+            "key derivation asks for {} passes over {} bytes of memory (at most {MAX_PWHASH_WORK} \
+             pass-bytes in all are accepted): corrupted or hostile file?",
+            p.opslimit, p.memlimit
         )));
     }
     let params = argon2::Params::new((p.memlimit / 1024) as u32, p.opslimit as u32, 1, Some(32))

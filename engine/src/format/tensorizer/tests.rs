@@ -317,3 +317,33 @@ fn key_files_and_nonces() {
     crypt::increment(&mut n);
     assert_eq!(&n[..3], &[0, 8, 0xff]);
 }
+
+#[test]
+fn key_derivation_parameters_from_a_file_are_bounded() {
+    let p = |opslimit: u64, memlimit: u64| crypt::PwHash {
+        opslimit,
+        memlimit,
+        alg: crypt::ALG_ARGON2ID13,
+        salt: vec![7; crypt::SALT_LEN],
+    };
+    // A corrupted opslimit (the reference's 3 with its top bit flipped) over the reference's
+    // 256 MiB would run for days: refused at once, saying why.
+    let e = crypt::derive_key(b"pw", &p(3 | 1 << 31, crypt::MEMLIMIT_MODERATE)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("passes over"), "{e}");
+    for (ops, mem) in [
+        (0, 8192),
+        (1, 1024),
+        (1, crypt::MAX_MEMLIMIT + 1),
+        (u64::MAX, u64::MAX),
+    ] {
+        assert!(
+            crypt::derive_key(b"pw", &p(ops, mem)).is_err(),
+            "{ops} {mem}"
+        );
+    }
+    // Small legitimate parameters still derive (deterministically).
+    let a = crypt::derive_key(b"pw", &p(1, 8192)).unwrap();
+    assert_eq!(a, crypt::derive_key(b"pw", &p(1, 8192)).unwrap());
+    assert_ne!(a, crypt::derive_key(b"pw", &p(2, 8192)).unwrap());
+}
