@@ -20,6 +20,9 @@ struct Tensor {
     stored: bool,
 }
 
+/// Most distinct password key derivations one load performs.
+pub const MAX_DERIVATIONS: usize = 16;
+
 /// Parses each tensor's per-tensor header (which must be loaded as the tensor's prefix), checks
 /// it against the index, decrypts the data in place and verifies the hashes.
 pub struct TensorizerHook {
@@ -56,7 +59,7 @@ impl TensorizerHook {
         })
     }
 
-    fn key_for(&self, name: &str, kdf: Option<&PwHash>) -> Result<[u8; 32]> {
+    pub(crate) fn key_for(&self, name: &str, kdf: Option<&PwHash>) -> Result<[u8; 32]> {
         match (&self.key, kdf) {
             (Some(KeySource::Key(k)), _) => Ok(*k),
             (Some(KeySource::Password(_)), None) => Err(Error::invalid(format!(
@@ -69,6 +72,14 @@ impl TensorizerHook {
                     .map_err(|_| Error::new(ErrorKind::Io, "key cache poisoned"))?;
                 if let Some(k) = cache.get(p) {
                     return Ok(*k);
+                }
+                // The reference derives one key per file; each derivation costs up to
+                // `crypt::MAX_PWHASH_WORK`, so a file asking for many would take hours.
+                if cache.len() >= MAX_DERIVATIONS {
+                    return Err(Error::unsupported(format!(
+                        "tensor {name:?} needs yet another password key derivation (more than \
+                         {MAX_DERIVATIONS} different salts or parameters in one file): corrupted or hostile file?"
+                    )));
                 }
                 let k = crypt::derive_key(pw, p)?;
                 cache.insert(p.clone(), k);

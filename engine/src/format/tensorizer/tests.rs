@@ -347,3 +347,28 @@ fn key_derivation_parameters_from_a_file_are_bounded() {
     assert_eq!(a, crypt::derive_key(b"pw", &p(1, 8192)).unwrap());
     assert_ne!(a, crypt::derive_key(b"pw", &p(2, 8192)).unwrap());
 }
+
+#[test]
+fn one_load_derives_a_bounded_number_of_password_keys() {
+    let b = sample();
+    let be = MemoryBackend::new("t.tensors", b);
+    let index = read_index(&be, &be.stat().unwrap()).unwrap();
+    let h = hook::TensorizerHook::new(&index, false, Some(KeySource::password(b"pw").unwrap()))
+        .unwrap();
+    let p = |salt: u8| crypt::PwHash {
+        opslimit: 1,
+        memlimit: 8192,
+        alg: crypt::ALG_ARGON2ID13,
+        salt: vec![salt; crypt::SALT_LEN],
+    };
+    for salt in 0..hook::MAX_DERIVATIONS as u8 {
+        h.key_for("a", Some(&p(salt))).unwrap();
+    }
+    // Known parameters come from the cache; one more new salt is refused.
+    h.key_for("a", Some(&p(0))).unwrap();
+    let e = h
+        .key_for("b", Some(&p(hook::MAX_DERIVATIONS as u8)))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("\"b\""), "{e}");
+}
