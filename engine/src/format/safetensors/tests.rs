@@ -574,3 +574,71 @@ proptest! {
         }
     }
 }
+
+/// Every single-byte corruption of the reference fixture's header (length prefix and JSON):
+/// never a panic; an index that still parses places every tensor inside the data buffer, without
+/// overlaps, with the byte count its dtype and shape need; and a tensor that keeps its name,
+/// dtype and shape keeps its bytes (safetensors has no checksums, so only a change the reference
+/// reader would also accept — in a name, or metadata — may go through).
+#[test]
+fn every_corrupted_header_byte_fails_cleanly_or_keeps_true_bytes() {
+    let dir = fixtures();
+    let bytes = std::fs::read(dir.join("mixed.safetensors")).unwrap();
+    let backend = MemoryBackend::new("m", bytes.clone());
+    let good = format::read_index(&backend, &backend.stat().unwrap()).unwrap();
+    let header_end = good.header_len as usize;
+    let (mut tried, mut refused) = (0, 0);
+    let mut wrong = Vec::new();
+    for at in 0..header_end {
+        for flip in [0x01u8, 0x20, 0x80, 0xff] {
+            let mut b = bytes.clone();
+            b[at] ^= flip;
+            tried += 1;
+            let be = MemoryBackend::new("m", b.clone());
+            let idx =
+                match std::panic::catch_unwind(|| format::read_index(&be, &be.stat().unwrap())) {
+                    Err(_) => panic!("byte {at} ^ {flip:#x} panicked"),
+                    Ok(Err(_)) => {
+                        refused += 1;
+                        continue;
+                    }
+                    Ok(Ok(idx)) => idx,
+                };
+            let mut prev_end = idx.header_len;
+            for t in &idx.tensors {
+                let ctx = format!("byte {at} ^ {flip:#x}: {}", t.name);
+                if t.range.start < prev_end || t.range.end > b.len() as u64 {
+                    wrong.push(format!("{ctx}: range {:?} outside/overlapping", t.range));
+                }
+                prev_end = prev_end.max(t.range.end);
+                let need = t.dtype.byte_len(crate::dtype::numel(&t.shape).unwrap());
+                if need != Some(t.range.end - t.range.start) {
+                    wrong.push(format!(
+                        "{ctx}: {:?} bytes for {:?} {}",
+                        t.range, t.shape, t.dtype
+                    ));
+                }
+                if let Some(g) = good.get(&t.name) {
+                    let same = g.dtype == t.dtype && g.shape == t.shape;
+                    let data = |x: &[u8], r: &std::ops::Range<u64>| {
+                        x[r.start as usize..r.end as usize].to_vec()
+                    };
+                    if same && data(&b, &t.range) != data(&bytes, &g.range) {
+                        wrong.push(format!(
+                            "{ctx}: other bytes ({:?} instead of {:?})",
+                            t.range, g.range
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{tried} corruptions, {refused} refused");
+    assert!(
+        wrong.is_empty(),
+        "{} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    assert!(refused > tried / 2, "{refused} of {tried}");
+}
