@@ -523,6 +523,10 @@ fn mapped_load(
     tensorstream_engine::EngineStats,
 )> {
     let started = Instant::now();
+    let version = p.meta.version.clone();
+    let same_file = move |md: &std::fs::Metadata| {
+        version.as_deref() == Some(tensorstream_backends::local::file_version(md).as_str())
+    };
     let (model, ws) = tensorstream_cuda::load_mapped(
         dev,
         std::path::Path::new(p.backend.location()),
@@ -530,6 +534,7 @@ fn mapped_load(
         &p.plan,
         tensorstream_cuda::WarmStrategy::Register,
         subscriber,
+        Some(&same_file),
     )?;
     if let Some(c) = &p.eopts.progress {
         c.fetch_add(p.plan.useful_bytes, std::sync::atomic::Ordering::Relaxed);

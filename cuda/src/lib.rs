@@ -44,7 +44,7 @@ pub use model::{DeviceModel, DeviceTensor, LoadTimes};
 pub use sink::CudaSink;
 pub use tracker::ReadyTensor;
 pub use upload::HostUpload;
-pub use warm::{load_mapped, residency, use_mapped, WarmStats, WarmStrategy};
+pub use warm::{load_mapped, residency, use_mapped, SameFile, WarmStats, WarmStrategy};
 
 /// Alignment of every tensor in the device arena (use `Layout::Packed { align: TENSOR_ALIGN }`).
 pub const TENSOR_ALIGN: u64 = 256;

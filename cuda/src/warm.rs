@@ -87,8 +87,14 @@ struct Shared<'a> {
     strategy: WarmStrategy,
 }
 
+/// Tells whether an open file (its `fstat`) is still the version a load's index was read from.
+pub type SameFile = dyn Fn(&std::fs::Metadata) -> bool + Sync;
+
 /// Loads `plan` from the local file `path` (whose index is `index`) onto `dev` through the
-/// mapped warm path. `subscriber` receives tensors as they land.
+/// mapped warm path. `subscriber` receives tensors as they land. `same_file`, when given, is
+/// asked right after the file is mapped (it is opened again by path: it may have been replaced)
+/// and once every copy has finished (it may have been rewritten in place meanwhile); a `false`
+/// fails the load with `ObjectChanged`.
 pub fn load_mapped(
     dev: &Arc<CudaDevice>,
     path: &Path,
@@ -96,10 +102,25 @@ pub fn load_mapped(
     plan: &Plan,
     strategy: WarmStrategy,
     subscriber: Option<Sender<ReadyTensor>>,
+    same_file: Option<&SameFile>,
 ) -> Result<(DeviceModel, WarmStats)> {
     let start = Instant::now();
     let loc = path.display().to_string();
     let map = MappedFile::open(path).map_err(|e| e.with_location(&loc))?;
+    let check = |when: &str| -> Result<()> {
+        let Some(same) = same_file else {
+            return Ok(());
+        };
+        if same(&map.metadata().map_err(|e| e.with_location(&loc))?) {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::ObjectChanged,
+            format!("the file is no longer the version whose index was read ({when})"),
+        )
+        .with_location(&loc))
+    };
+    check("when it was mapped")?;
     if map.len() as u64 != index.object_size {
         return Err(Error::new(
             ErrorKind::ObjectChanged,
@@ -190,6 +211,7 @@ pub fn load_mapped(
         r.map_err(|e| e.with_location(&loc))?;
     }
     dev.synchronize()?;
+    check("after the copies")?;
     let times = {
         let mut g = lock(&readiness)?;
         g.check_complete()?;

@@ -297,7 +297,7 @@ fn gpu_warm_mapped_path_matches_both_strategies() {
     let plan = gpu_plan(&index, 64 << 10);
     assert!(residency(&path).unwrap() > 0.0);
     for strategy in [WarmStrategy::Register, WarmStrategy::Pread] {
-        let (m, st) = load_mapped(&dev, &path, index.clone(), &plan, strategy, None).unwrap();
+        let (m, st) = load_mapped(&dev, &path, index.clone(), &plan, strategy, None, None).unwrap();
         assert_eq!(st.registered + st.fallback, st.pieces, "{st:?}");
         if strategy == WarmStrategy::Pread {
             assert_eq!(st.registered, 0);

@@ -39,6 +39,6 @@ pub use error::{Error, ErrorKind, Result};
 pub use index::{Format, TensorIndex, TensorInfo, TensorSource};
 pub use mem::{Arena, IoBuf, MemRegion};
 pub use model::{HostModel, TensorView};
-pub use pipeline::{execute, EngineOptions, EngineStats};
+pub use pipeline::{execute, unchanged_since, EngineOptions, EngineStats};
 pub use plan::{plan, Layout, Plan, PlanOptions};
 pub use sink::{HostSink, Sink};

@@ -319,8 +319,14 @@ pub fn execute<S: Sink>(
     }
     drop(reader);
     if read_err.is_none() && next == total && landed.iter().all(|&l| l) {
-        // A send failure means the sink thread already ended; its result says why.
-        let _ = to_sink.send(ToSink::Finish);
+        // Every byte has landed: one last look at the object, so that a change during the load
+        // (a file rewritten in place, an object overwritten) that no read happened to notice
+        // cannot leave bytes of two versions in the destination.
+        read_err = unchanged_since(backend.as_ref(), meta).err();
+        if read_err.is_none() {
+            // A send failure means the sink thread already ended; its result says why.
+            let _ = to_sink.send(ToSink::Finish);
+        }
     }
     drop(to_sink);
     let joined = sink_thread.join();
@@ -343,6 +349,28 @@ pub fn execute<S: Sink>(
     }
     stats.elapsed = start.elapsed();
     Ok((sink, stats))
+}
+
+/// Fails with `ObjectChanged` when the object behind `backend` is no longer the version `meta`
+/// describes (size, and version tag where the backend has one).
+pub fn unchanged_since(backend: &dyn Backend, meta: &ObjectMeta) -> Result<()> {
+    let now = backend
+        .stat()
+        .map_err(|e| e.context("checking that the object did not change during the load"))?;
+    let same_version = meta.version.is_none() || now.version == meta.version;
+    if now.size == meta.size && same_version {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::ObjectChanged,
+        format!(
+            "the object changed during the load (size {} -> {}, version {} -> {}): loaded bytes may mix two versions",
+            meta.size,
+            now.size,
+            meta.version.as_deref().unwrap_or("-"),
+            now.version.as_deref().unwrap_or("-")
+        ),
+    ))
 }
 
 /// The message of a panic payload, for errors that report a panic.

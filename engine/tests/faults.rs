@@ -50,6 +50,11 @@ enum BackendFault {
     ShortAt(u64),
     /// `read_at` claims this many bytes more than asked.
     MoreBy(usize),
+    /// Once the load has started, `stat` reports a new version (every read still succeeds: the
+    /// object was rewritten in place with the same size).
+    Rewritten,
+    /// Once the load has started, `stat` fails.
+    StatFails,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -81,7 +86,18 @@ impl Backend for Faulty {
         self.inner.location()
     }
     fn stat(&self) -> Result<ObjectMeta> {
-        self.inner.stat()
+        let mut m = self.inner.stat()?;
+        m.version = Some("v1".into());
+        if self.armed.load(Ordering::SeqCst) {
+            match self.fault {
+                BackendFault::Rewritten => m.version = Some("v2".into()),
+                BackendFault::StatFails => {
+                    return Err(Error::new(ErrorKind::Io, "injected stat failure"))
+                }
+                _ => {}
+            }
+        }
+        Ok(m)
     }
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
@@ -477,6 +493,27 @@ fn failed_load_never_finishes_the_sink() {
             !j.finished.load(Ordering::SeqCst),
             "finish() was called on a load with a failed read"
         );
+    }
+}
+
+/// An object rewritten in place during the load (same size, every read succeeds) is caught by
+/// the engine's last look at the object: the load fails, the sink is never finished.
+#[test]
+fn object_changed_during_the_load_is_an_error_not_a_mixed_model() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::Rewritten, ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+        assert!(e.message().contains("v1 -> v2"), "{e}");
+        assert!(!j.finished.load(Ordering::SeqCst));
+        no_slot_outstanding(&j);
+
+        let s = setup(BackendFault::StatFails, ReaderFault::None, layout);
+        let (sink, j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.to_string().contains("did not change"), "{e}");
+        assert!(!j.finished.load(Ordering::SeqCst));
     }
 }
 

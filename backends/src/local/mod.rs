@@ -45,6 +45,14 @@ use tensorstream_engine::{
 use crate::{IoMode, OpenOptions};
 pub use config::FsKind;
 
+/// The version tag [`LocalBackend`] reports for a file with this `fstat` (device, inode, size,
+/// mtime): compare it with [`ObjectMeta::version`] to tell whether another descriptor of the
+/// path still shows the same file, unchanged.
+pub fn file_version(md: &std::fs::Metadata) -> String {
+    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+    config::version_string(md.dev(), md.ino(), md.len(), mtime_ns)
+}
+
 /// The descriptors of one open file, shared by the backend and its reader sessions.
 #[derive(Debug)]
 pub(crate) struct Files {
@@ -67,15 +75,9 @@ impl Files {
             .buffered
             .metadata()
             .map_err(|e| Error::from_io(e, "fstat").with_location(&self.path))?;
-        let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
         Ok(ObjectMeta {
             size: md.len(),
-            version: Some(config::version_string(
-                md.dev(),
-                md.ino(),
-                md.len(),
-                mtime_ns,
-            )),
+            version: Some(file_version(&md)),
         })
     }
 
@@ -216,6 +218,22 @@ impl LocalBackend {
         } else {
             None
         };
+        // The O_DIRECT descriptor is a second open of the path: if the file was replaced in
+        // between (a rename over it), it would read another file than the one whose header and
+        // version the load uses.
+        if let Some(d) = &direct {
+            let dmd = d
+                .metadata()
+                .map_err(|e| Error::from_io(e, "fstat").with_location(path))?;
+            if (dmd.dev(), dmd.ino()) != (fmd.dev(), fmd.ino()) {
+                return Err(Error::new(
+                    ErrorKind::ObjectChanged,
+                    "the file was replaced while it was being opened; try again",
+                )
+                .with_location(path)
+                .with_backend("local"));
+            }
+        }
         let alignment = if direct.is_some() {
             let dev = fmd.dev();
             config::direct_alignment(config::logical_block_size(

@@ -286,8 +286,14 @@ fn file_truncated_during_the_session_is_object_changed() {
 
 // ---- the io_uring reader ----
 
+/// The descriptors of `path`, with O_DIRECT asked for (a freshly written file sits in the page
+/// cache, and the default policy would read it buffered, leaving the direct path untested).
 fn files_for(path: &str) -> Arc<Files> {
-    let be = LocalBackend::open(path, &opts(IoMode::Uring)).unwrap();
+    let o = OpenOptions {
+        direct_io: Some(true),
+        ..opts(IoMode::Uring)
+    };
+    let be = LocalBackend::open(path, &o).unwrap();
     be.files.clone()
 }
 
@@ -419,6 +425,15 @@ fn refused_direct_read_falls_back_to_buffered() {
     run_reads(&mut r, &data, vec![(101, mk())]);
     assert!(r.counts.resubmitted >= 1, "{:?}", r.counts);
     assert!(!f1.direct_ok.load(std::sync::atomic::Ordering::Relaxed));
+    // Several refused direct reads in the kernel at once: each is redone buffered, not only the
+    // first one (which is the one that switches O_DIRECT off).
+    let f3 = lying(&real);
+    let mut r = uring(&f3, 8);
+    let reqs = (0..6).map(|i| (101 + i * 5000, mk())).collect();
+    let back = run_reads(&mut r, &data, reqs);
+    assert_eq!(back.len(), 6);
+    assert!(r.counts.direct >= 2, "{:?}", r.counts);
+    assert_eq!(r.counts.resubmitted, r.counts.direct, "{:?}", r.counts);
 
     let f2 = lying(&real);
     let mut p = PreadReader::new(f2.clone(), 2, guard(&f2)).unwrap();
@@ -514,5 +529,32 @@ fn residency_probe_sees_a_freshly_written_file_as_cached() {
             );
         }
         None => eprintln!("SKIPPED: preadv2(RWF_NOWAIT) unsupported here"),
+    }
+}
+
+/// The file is rewritten in place (same size) between two reads of a load that reads neither
+/// the end of the file nor a whole GiB: the reads do not notice, the engine's last look at the
+/// object (`unchanged_since`, run by `execute` after every read landed) does.
+#[test]
+fn file_rewritten_in_place_during_a_load_is_object_changed() {
+    let dir = disk_dir();
+    for mode in [IoMode::Uring, IoMode::Pread] {
+        let path = write(
+            dir.path(),
+            &format!("rw-{mode:?}.bin"),
+            &pattern(4 << 20, 4),
+        );
+        let be = Arc::new(LocalBackend::open(&path, &opts(mode)).unwrap());
+        let meta = be.stat().unwrap();
+        let mut r = be
+            .clone()
+            .open_reader(&meta, &ReaderOptions { queue_depth: 4 })
+            .unwrap();
+        assert_eq!(read_one(&mut r, 0, 1 << 20).unwrap(), 1 << 20);
+        std::thread::sleep(std::time::Duration::from_millis(20)); // a new mtime
+        std::fs::write(&path, pattern(4 << 20, 5)).unwrap();
+        assert_eq!(read_one(&mut r, 1 << 20, 1 << 20).unwrap(), 1 << 20);
+        let e = tensorstream_engine::unchanged_since(be.as_ref(), &meta).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{mode:?}: {e}");
     }
 }

@@ -94,6 +94,8 @@ struct Op {
     done: usize,
     /// Transient failures so far.
     retries: u32,
+    /// Whether the read now in the kernel went to the O_DIRECT descriptor.
+    direct: bool,
 }
 
 /// Reads through io_uring: O_DIRECT where aligned, registered buffers, batched submission.
@@ -190,6 +192,7 @@ impl UringReader {
         let off = op.offset + op.done as u64;
         let ptr = op.buf.as_mut_ptr().wrapping_add(op.done);
         let direct = files.direct_fits(off, ptr as usize, len);
+        op.direct = direct;
         let fixed = fixed_index(&self.regs, &op.buf, ptr as usize, len);
         let entry = if self.fixed_files {
             // Fixed file 0 is the O_DIRECT descriptor, 1 the buffered one.
@@ -306,8 +309,9 @@ impl UringReader {
             if (errno == libc::EINTR || errno == libc::EAGAIN) && op.retries < MAX_RETRIES {
                 op.retries += 1;
                 None
-            } else if errno == libc::EINVAL && self.files.direct_ok.load(Ordering::Relaxed) {
-                // An O_DIRECT read the filesystem refused: resubmit buffered.
+            } else if errno == libc::EINVAL && op.direct {
+                // An O_DIRECT read the filesystem refused: resubmit buffered (every direct read
+                // already in the kernel gets here too, each on its own).
                 self.files.disable_direct("EINVAL from io_uring");
                 None
             } else {
@@ -404,6 +408,7 @@ impl RangeReader for UringReader {
             buf: req.buf,
             done: 0,
             retries: 0,
+            direct: false,
         });
         if let Err(e) = self.push(slot) {
             // Nothing was queued for this slot: give the buffer back as a failed read.

@@ -429,7 +429,7 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
             } else {
                 WarmStrategy::Pread
             };
-            let (m, st) = load_mapped(&dev, Path::new(path), index, &plan, s, None)?;
+            let (m, st) = load_mapped(&dev, Path::new(path), index, &plan, s, None, None)?;
             (m, format!("mapped {s:?} {st:?}"))
         }
         other => {

@@ -28,6 +28,15 @@ pub struct MappedFile {
     file: File,
 }
 
+impl MappedFile {
+    /// `fstat` of the mapped file.
+    pub fn metadata(&self) -> Result<std::fs::Metadata> {
+        self.file
+            .metadata()
+            .map_err(|e| Error::from_io(e, "stat of the mapped file"))
+    }
+}
+
 // SAFETY: the mapping is immutable through this type (PROT_READ) and only handed to the CUDA
 // driver as an address range; the File is Send + Sync.
 unsafe impl Send for MappedFile {}
