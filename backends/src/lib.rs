@@ -26,6 +26,9 @@ pub mod local;
 #[cfg(feature = "nfs")]
 #[forbid(unsafe_code)]
 pub mod nfs;
+#[cfg(any(feature = "http", feature = "s3"))]
+#[forbid(unsafe_code)]
+pub(crate) mod ranges;
 #[cfg(feature = "s3")]
 #[forbid(unsafe_code)]
 pub mod s3;

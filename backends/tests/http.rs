@@ -483,6 +483,19 @@ fn unavailable_503_is_retried_then_bounded() {
     let statuses: Vec<u16> = r.proxy.log().iter().map(|x| x.status).collect();
     assert_eq!(statuses, vec![503, 503, 206]);
 
+    // The same with a gzipped error page: still a 503 to retry, not an encoding problem.
+    r.proxy.set_faults(Faults {
+        unavailable: Some((1, "0".into())),
+        unavailable_gzip: true,
+        ..Default::default()
+    });
+    r.proxy.clear_log();
+    buf.fill(0);
+    assert_eq!(b.read_at(0, &mut buf).unwrap(), data.len());
+    assert!(buf == data);
+    let statuses: Vec<u16> = r.proxy.log().iter().map(|x| x.status).collect();
+    assert_eq!(statuses, vec![503, 206]);
+
     // 503 forever: gives up after max_retries + 1 attempts with a retryable error.
     r.proxy.set_faults(Faults {
         unavailable: Some((1000, "0".into())),
@@ -574,6 +587,31 @@ fn range_ignored_200_is_sliced_when_small_refused_when_large() {
     let e = bl.read_at(1 << 20, &mut buf).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("ignored the Range header"), "{e}");
+}
+
+/// A `206` that says it carries another window than the one asked for is refused as corrupt
+/// (never taken for the asked range, never retried into success).
+#[test]
+fn a_206_for_another_range_is_refused() {
+    let r = rig();
+    let data = pattern(1 << 20, 43);
+    write_file(r.dir.path(), "w.bin", &data);
+    let b = HttpBackend::open_with(
+        &r.proxy.url("w.bin"),
+        quick_cfg(2, 1 << 20, Duration::from_secs(10), 2),
+    )
+    .unwrap();
+    r.proxy.set_faults(Faults {
+        shift_content_range: Some(4096),
+        ..Default::default()
+    });
+    let mut buf = vec![0u8; 5000];
+    let e = b.read_at(1000, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("bytes 5096-10095"), "{e}");
+    r.proxy.set_faults(Faults::default());
+    assert_eq!(b.read_at(1000, &mut buf).unwrap(), 5000);
+    assert!(buf == data[1000..6000]);
 }
 
 #[test]

@@ -787,6 +787,28 @@ fn a_stripped_range_header_is_never_taken_for_the_range() {
         .any(|x| x.method == "GET" && x.status != 0));
 }
 
+/// A `206` that says it carries another window than the one asked for (a misbehaving server or
+/// cache) is refused as corrupt; the bytes are never taken for the asked range. (OpenDAL's S3
+/// reader does not look at `Content-Range`; the backend's transport does.)
+#[test]
+fn a_206_for_another_range_is_refused() {
+    let f = faulty();
+    let be = f.backend(&small_chunks());
+    be.stat().unwrap();
+    f.proxy.set_faults(Faults {
+        shift_content_range: Some(4096),
+        ..Faults::default()
+    });
+    let mut buf = vec![0u8; 5000];
+    let e = be.read_at(1000, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("bytes 5096-10095"), "{e}");
+    // Unarmed, the same read is fine.
+    f.proxy.set_faults(Faults::default());
+    assert_eq!(be.read_at(1000, &mut buf).unwrap(), 5000);
+    assert_eq!(buf, f.data[1000..6000]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Measurement (not a test of speed: prints numbers, asserts only correctness)
 //

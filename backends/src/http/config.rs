@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tensorstream_engine::{Error, Result};
 
+pub use crate::ranges::parse_content_range;
 use crate::OpenOptions;
 
 /// Default number of ranged GETs in flight.
@@ -155,29 +156,6 @@ pub fn redact_url(url: &reqwest::Url) -> String {
         s.push_str("?…");
     }
     s
-}
-
-/// Parses `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`). Returns
-/// `(start, end_inclusive, total)`.
-pub fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
-    let rest = v.trim().strip_prefix("bytes")?.trim_start();
-    let (range, total) = rest.split_once('/')?;
-    let (s, e) = range.trim().split_once('-')?;
-    let start: u64 = s.trim().parse().ok()?;
-    let end: u64 = e.trim().parse().ok()?;
-    if end < start {
-        return None;
-    }
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse().ok()?),
-    };
-    if let Some(t) = total {
-        if end >= t {
-            return None;
-        }
-    }
-    Some((start, end, total))
 }
 
 /// Parses the total of an unsatisfied range, `Content-Range: bytes */TOTAL` (sent with 416).

@@ -9,7 +9,11 @@
 //!   request's buffer.
 //! * Every GET carries `If-Match` (or `If-Unmodified-Since`) for the version seen by the `stat`
 //!   that started the load, and every answer's `Content-Range` total and `ETag` are checked: an
-//!   object replaced mid-load fails with `ObjectChanged`, never with mixed bytes.
+//!   object replaced mid-load fails with `ObjectChanged`, never with mixed bytes. (A server that
+//!   sends neither `ETag` nor `Last-Modified` gives nothing to pin: only a change of size can be
+//!   seen, and `stat` says so once on stderr.)
+//! * A `206` answer must start at the asked offset and end within the asked range; another
+//!   window is refused as `Corrupt`.
 //! * A `200` answer to a range request is never taken for the range: it is sliced when it is the
 //!   whole (pinned) object and that object is small (≤ [`config::FULL_BODY_FALLBACK_MAX`]), and
 //!   refused with `Unsupported` otherwise.
@@ -23,6 +27,7 @@ mod retry;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::stream::StreamExt;
@@ -93,9 +98,26 @@ pub struct HttpBackend {
     rt: Arc<Rt>,
     /// The version seen by the latest `stat`; `read_at` is pinned to it.
     pin: Mutex<Pin>,
+    /// Set once the "no validators" warning was printed.
+    warned_unversioned: AtomicBool,
 }
 
 impl HttpBackend {
+    /// Records the version `read_at` is pinned to; warns once when there is nothing to pin.
+    fn set_pin(&self, pin: Pin) {
+        if pin.version().is_none() && !self.warned_unversioned.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "tensorstream: {}: the server sends neither ETag nor Last-Modified, so a change of \
+                 the object during a load can only be seen if its size changes",
+                self.ctx.display
+            );
+        }
+        match self.pin.lock() {
+            Ok(mut p) => *p = pin,
+            Err(poisoned) => *poisoned.into_inner() = pin,
+        }
+    }
+
     /// Opens `uri` (`http://…` or `https://…`) with the shared options and checks that the
     /// object exists and the server supports ranges (one HEAD).
     pub fn open(uri: &str, opts: &OpenOptions) -> Result<Self> {
@@ -165,11 +187,14 @@ impl HttpBackend {
         });
         let c = ctx.clone();
         let pin = rt.block_on(async move { retry::stat(&c).await })??;
-        Ok(HttpBackend {
+        let b = HttpBackend {
             ctx,
             rt,
-            pin: Mutex::new(pin),
-        })
+            pin: Mutex::new(Pin::from_meta(0, None)),
+            warned_unversioned: AtomicBool::new(false),
+        };
+        b.set_pin(pin);
+        Ok(b)
     }
 
     /// The configuration in use.
@@ -197,10 +222,7 @@ impl Backend for HttpBackend {
             size: pin.size,
             version: pin.version(),
         };
-        match self.pin.lock() {
-            Ok(mut p) => *p = pin,
-            Err(poisoned) => *poisoned.into_inner() = pin,
-        }
+        self.set_pin(pin);
         Ok(meta)
     }
 

@@ -400,10 +400,14 @@ async fn attempt(
         Err(f) => return (0, Err(f)),
     };
     let h = resp.headers().clone();
-    if let Err(f) = check_identity_encoding(ctx, &h) {
-        return (0, Err(f));
-    }
     let class = classify(resp.status().as_u16());
+    // Only an answer that carries the object's bytes must be unencoded (an error page may well
+    // come gzipped; its status is what counts).
+    if matches!(class, StatusClass::Partial | StatusClass::Whole) {
+        if let Err(f) = check_identity_encoding(ctx, &h) {
+            return (0, Err(f));
+        }
+    }
     match class {
         StatusClass::Partial => {
             let (cs, ce, total) =
@@ -438,7 +442,7 @@ async fn attempt(
                 return (
                     0,
                     Err(fatal(ctx.err(
-                        ErrorKind::Io,
+                        ErrorKind::Corrupt,
                         format!(
                             "server answered bytes {cs}-{ce} to a request for bytes {start}-{end}"
                         ),

@@ -23,6 +23,7 @@ mod pin;
 mod reader;
 #[cfg(test)]
 mod tests;
+mod transport;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -115,6 +116,8 @@ pub(crate) struct IoCtx {
     pub(crate) endpoint: String,
     pub(crate) chunk: usize,
     pub(crate) io_timeout: Duration,
+    /// Limit of a whole non-data request (HEAD).
+    pub(crate) timeout: Duration,
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
 }
 
@@ -122,12 +125,23 @@ impl IoCtx {
     /// Converts an OpenDAL error into the public error, with a message that says what to do.
     /// Call it inside the request's [`counted`] scope.
     pub(crate) fn error(&self, e: opendal::Error, what: &str, range: Option<Range<u64>>) -> Error {
-        let err = map_error(e, what, &self.endpoint, self.io_timeout, retries_seen())
-            .with_location(&self.uri);
+        let limit = limit_for(what, self.timeout, self.io_timeout);
+        let err =
+            map_error(e, what, &self.endpoint, limit, retries_seen()).with_location(&self.uri);
         match range {
             Some(r) => err.with_range(r),
             None => err,
         }
+    }
+}
+
+/// The time limit that applied to a request of kind `what`: OpenDAL's timeout layer bounds a
+/// HEAD as a whole (`timeout`), data requests per I/O step (`io_timeout`).
+pub(crate) fn limit_for(what: &str, timeout: Duration, io_timeout: Duration) -> Duration {
+    if what == "HEAD" {
+        timeout
+    } else {
+        io_timeout
     }
 }
 
@@ -138,7 +152,7 @@ pub(crate) fn map_error(
     e: opendal::Error,
     what: &str,
     endpoint: &str,
-    io_timeout: Duration,
+    limit: Duration,
     retries: usize,
 ) -> Error {
     use opendal::ErrorKind as K;
@@ -200,6 +214,10 @@ pub(crate) fn map_error(
             format!("{what}: invalid S3 configuration: {detail}"),
         ),
         K::Unsupported => (ErrorKind::Unsupported, format!("{what}: {detail}")),
+        _ if e.message().starts_with(transport::WRONG_RANGE) => (
+            ErrorKind::Corrupt,
+            format!("{what}: {endpoint} {}", e.message()),
+        ),
         K::IsADirectory | K::NotADirectory => (
             ErrorKind::InvalidInput,
             format!("{what}: not an object: {detail}"),
@@ -208,7 +226,7 @@ pub(crate) fn map_error(
             ErrorKind::Timeout,
             format!(
                 "{what}: no answer from {endpoint} within {:.1} s{gave_up}",
-                io_timeout.as_secs_f64()
+                limit.as_secs_f64()
             ),
         ),
         _ => (
@@ -306,6 +324,7 @@ impl S3Backend {
             endpoint: cfg.endpoint_display(),
             chunk: cfg.chunk_size,
             io_timeout: cfg.io_timeout,
+            timeout: cfg.timeout,
             permits: Arc::new(tokio::sync::Semaphore::new(cfg.concurrency)),
         });
         Ok(S3Backend {
@@ -366,7 +385,12 @@ fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator>
     if cfg.virtual_host_style {
         b = b.enable_virtual_host_style();
     }
+    // OpenDAL's reqwest transport, plus the Content-Range check OpenDAL lacks (transport.rs).
+    let ctx = opendal::OperationContext::default().with_http_transport(
+        opendal::HttpTransporter::new(transport::RangeCheckedTransport::default()),
+    );
     Ok(Operator::new(b)?
+        .with_context(ctx)
         .layer(pin::EtagPinLayer)
         .layer(
             TimeoutLayer::new()

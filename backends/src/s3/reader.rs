@@ -59,7 +59,9 @@ async fn read_part(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
             Error::new(ErrorKind::Io, "S3 request limiter closed").with_backend("s3")
         })?;
     let mut req = io.op.reader_with(&io.key);
-    if let Some(e) = etag {
+    // A weak ETag (`W/"…"`) never matches under If-Match's strong comparison: a strict server
+    // would refuse every read. The pin layer still checks each answer's ETag.
+    if let Some(e) = etag.filter(|e| !e.trim_start().starts_with("W/")) {
         req = req.if_match(e);
     }
     let reader = req

@@ -120,3 +120,54 @@ fn http_status_from_error_context() {
     assert_eq!(http_status("no status here"), None);
     assert_eq!(http_status("status: x"), None);
 }
+
+#[test]
+fn partial_answers_must_be_the_range_asked() {
+    use crate::ranges::{parse_range_request, partial_answer_problem};
+    assert_eq!(parse_range_request("bytes=10-19"), Some((10, Some(19))));
+    assert_eq!(parse_range_request("bytes=10-"), Some((10, None)));
+    for bad in ["bytes=-5", "bytes=9-3", "items=0-1", "bytes=a-b", ""] {
+        assert_eq!(parse_range_request(bad), None, "{bad:?}");
+    }
+    let asked = (1000, Some(5999));
+    assert_eq!(
+        partial_answer_problem(asked, Some("bytes 1000-5999/9000")),
+        None
+    );
+    // Shorter, from the asked start: usable (the reader reads on).
+    assert_eq!(
+        partial_answer_problem(asked, Some("bytes 1000-1999/9000")),
+        None
+    );
+    assert_eq!(
+        partial_answer_problem((1000, None), Some("bytes 1000-8999/9000")),
+        None
+    );
+    for (cr, needle) in [
+        (Some("bytes 5096-10095/20000"), "bytes 5096-10095"),
+        (Some("bytes 0-4999/9000"), "bytes 0-4999"),
+        (Some("bytes 1000-6000/9000"), "bytes 1000-6000"),
+        (Some("bytes */9000"), "invalid Content-Range"),
+        (None, "without a Content-Range"),
+    ] {
+        let why = partial_answer_problem(asked, cr).expect("must be refused");
+        assert!(why.contains(needle), "{why}");
+    }
+}
+
+#[test]
+fn head_timeouts_name_the_head_limit() {
+    let (whole, io) = (Duration::from_secs(30), Duration::from_secs(10));
+    assert_eq!(super::limit_for("HEAD", whole, io), whole);
+    assert_eq!(super::limit_for("GET", whole, io), io);
+    let e = opendal::Error::new(opendal::ErrorKind::Unexpected, "operation timeout reached");
+    let m = map_error(
+        e,
+        "HEAD",
+        "http://x",
+        super::limit_for("HEAD", whole, io),
+        0,
+    );
+    assert_eq!(m.kind(), ErrorKind::Timeout, "{m}");
+    assert!(m.to_string().contains("within 30.0 s"), "{m}");
+}

@@ -9,6 +9,8 @@
 //!   timeout), then close;
 //! * `unavailable`: answer the next K requests with `503 Service Unavailable` + `Retry-After`;
 //! * `strip_range`: drop the `Range` header of requests (the server then answers 200);
+//! * `shift_content_range`: add N to both ends of a `206` answer's `Content-Range` (the body is
+//!   unchanged): a server or cache that says it sends another window than the one asked for;
 //! * `replace_after`: run a hook (e.g. replace the object on disk) once N body bytes in total
 //!   have gone through.
 #![allow(dead_code)]
@@ -56,8 +58,12 @@ pub struct Faults {
     pub stall_after: Option<(u64, Duration, usize)>,
     /// `(count, retry_after_header)`: answer the next `count` requests with 503.
     pub unavailable: Option<(usize, String)>,
+    /// Send those 503 answers with `Content-Encoding: gzip` (a CDN's compressed error page).
+    pub unavailable_gzip: bool,
     /// Remove `Range` from requests.
     pub strip_range: bool,
+    /// Shift the `Content-Range` of `206` answers by this many bytes.
+    pub shift_content_range: Option<u64>,
     /// Run the hook once this many body bytes (counted from when the faults were set) went by.
     pub replace_after: Option<(u64, Box<dyn FnOnce() + Send>)>,
 }
@@ -70,7 +76,9 @@ struct Armed {
     stall_left: AtomicUsize,
     unavailable_left: AtomicUsize,
     retry_after: String,
+    unavailable_gzip: bool,
     strip_range: bool,
+    shift_content_range: Option<u64>,
     replace_at: u64,
     hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     bytes_since: AtomicU64,
@@ -94,7 +102,9 @@ impl Armed {
             stall_left: AtomicUsize::new(stall_left),
             unavailable_left: AtomicUsize::new(unavailable_left),
             retry_after,
+            unavailable_gzip: f.unavailable_gzip,
             strip_range: f.strip_range,
+            shift_content_range: f.shift_content_range,
             replace_at,
             hook: Mutex::new(hook),
             bytes_since: AtomicU64::new(0),
@@ -287,8 +297,13 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 faulted: true,
             });
             let resp = format!(
-                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n",
-                armed.retry_after
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\n{}Content-Length: 0\r\n\r\n",
+                armed.retry_after,
+                if armed.unavailable_gzip {
+                    "Content-Encoding: gzip\r\n"
+                } else {
+                    ""
+                }
             );
             client_w.write_all(resp.as_bytes())?;
             continue;
@@ -309,9 +324,31 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
             return Ok(());
         };
         up_w.write_all(&head_bytes(&req))?;
-        let Some(resp) = read_head(up_r)? else {
+        let Some(mut resp) = read_head(up_r)? else {
             return Ok(());
         };
+        if let Some(d) = armed.shift_content_range {
+            for line in resp.iter_mut() {
+                let Some((k, v)) = line.split_once(':') else {
+                    continue;
+                };
+                if !k.trim().eq_ignore_ascii_case("content-range") {
+                    continue;
+                }
+                let parsed = v.trim().strip_prefix("bytes ").and_then(|r| {
+                    let (range, total) = r.split_once('/')?;
+                    let (a, b) = range.split_once('-')?;
+                    Some((
+                        a.parse::<u64>().ok()?,
+                        b.parse::<u64>().ok()?,
+                        total.to_string(),
+                    ))
+                });
+                if let Some((a, b, total)) = parsed {
+                    *line = format!("Content-Range: bytes {}-{}/{total}", a + d, b + d);
+                }
+            }
+        }
         let status: u16 = resp[0]
             .split(' ')
             .nth(1)

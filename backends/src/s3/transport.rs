@@ -1,0 +1,48 @@
+//! The HTTP transport under the S3 service: OpenDAL's reqwest transport plus a check OpenDAL does
+//! not make. OpenDAL's S3 reader takes any `206 Partial Content` for the range it asked and
+//! never looks at `Content-Range`, so a proxy or server that answers another range (a shifted
+//! window, a cached piece of the object) would put wrong bytes at the right place. Here every
+//! ranged GET's answer must start at the asked offset and end within the asked range; otherwise
+//! the request fails (permanently: a retry would ask the same server again) and the backend
+//! reports it as [`tensorstream_engine::ErrorKind::Corrupt`].
+
+use http::{header, Method, Request, Response, StatusCode};
+use opendal::{Buffer, Error, ErrorKind, HttpBody, HttpTransport, Result};
+use opendal_http_transport_reqwest::ReqwestTransport;
+
+use crate::ranges::{parse_range_request, partial_answer_problem};
+
+/// Start of the message of a refused answer (the backend maps it to `Corrupt`).
+pub(crate) const WRONG_RANGE: &str = "wrong range in a 206 answer";
+
+/// The transport: see the module docs.
+#[derive(Default)]
+pub(crate) struct RangeCheckedTransport {
+    inner: ReqwestTransport,
+}
+
+impl HttpTransport for RangeCheckedTransport {
+    async fn fetch(&self, req: Request<Buffer>) -> Result<Response<HttpBody>> {
+        let asked = (req.method() == Method::GET)
+            .then(|| req.headers().get(header::RANGE))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_range_request);
+        let resp = self.inner.fetch(req).await?;
+        if let Some(asked) = asked {
+            if resp.status() == StatusCode::PARTIAL_CONTENT {
+                let cr = resp
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok());
+                if let Some(why) = partial_answer_problem(asked, cr) {
+                    return Err(Error::new(
+                        ErrorKind::Unexpected,
+                        format!("{WRONG_RANGE}: {why}"),
+                    ));
+                }
+            }
+        }
+        Ok(resp)
+    }
+}
