@@ -12,7 +12,10 @@
 //!   final for that range, with [`Error::is_retryable`] telling whether a fresh attempt might help.
 //! * Every read of one load must observe the same object version as the `stat` that started it.
 //!   Backends that can detect a change (ETag, mtime, size) return [`ErrorKind::ObjectChanged`]
-//!   instead of mixing bytes of two versions.
+//!   instead of mixing bytes of two versions. The engine also calls `stat` once more after a
+//!   load's last read ([`crate::unchanged_since`]): a version tag that changes with the content
+//!   lets it catch what no read noticed. `stat` must therefore be cheap and callable while a
+//!   reader is open.
 //! * `read_at` may be called from many threads at once (`Backend: Sync`).
 //! * Readers returned by [`Backend::open_reader`] own the buffers handed to them until the read
 //!   completes, and give every buffer back, on success and on failure.
