@@ -190,6 +190,16 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
         "tpu",
     ]);
     assert!(e.contains("bad device"), "{e}");
+
+    for t in ["1e20", "0", "nan"] {
+        let e = run_err(&[
+            "load",
+            fixtures().join("mixed.safetensors").to_str().unwrap(),
+            "--timeout",
+            t,
+        ]);
+        assert!(e.contains("--timeout"), "{t}: {e}");
+    }
 }
 
 #[test]

@@ -537,6 +537,19 @@ fn stalled_server_times_out_after_bounded_retries() {
     let e = be.read_exact_at(0, data.len()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("giving up after 2 attempts"), "{e}");
+
+    // One READ (below rsize) whose reply stops halfway: no other call is pending on the
+    // connection, and the half-read reply alone must still time out (it used to wait forever).
+    let be = open(&uri, &o).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(be.read_exact_at(0, 512 << 10));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a READ whose reply stalled halfway hung");
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
 }
 
 /// A fake server that answers every call with `reply` (a record-marked RPC reply body after
@@ -599,6 +612,68 @@ fn hostile_server_replies_are_errors() {
         assert!(e.to_string().contains("protocol error"), "{what}: {e}");
         eprintln!("{what}: {e}");
     }
+}
+
+/// The reply to a one-component path lookup (PUTROOTFH, LOOKUP, GETFH, GETATTR) for a regular
+/// file of 1 MiB whose server allows `maxread` bytes per READ.
+fn resolve_reply(maxread: u64) -> Vec<u8> {
+    let mut v = be32(&[
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        4,
+        24,
+        0,
+        15,
+        0,
+        10,
+        0,
+        4,
+        0xdead_beef,
+        9,
+        0,
+        2,
+    ]);
+    // Bitmap: type, change, size, maxread; then 28 bytes of values.
+    v.extend(be32(&[
+        (1 << 1) | (1 << 3) | (1 << 4) | (1 << 30),
+        0,
+        28,
+        1,
+    ]));
+    for x in [7u64, 1 << 20, maxread] {
+        v.extend_from_slice(&x.to_be_bytes());
+    }
+    v
+}
+
+/// A server that allows only a few bytes per READ is refused at open (each READ is one RPC: a
+/// 1-byte maxread turned a 1 MiB read into a million calls and 300 MB of bookkeeping); a small
+/// call's reply too large to accept is reported as such, not as a timeout.
+#[test]
+fn tiny_maxread_and_oversized_replies_are_clear_errors() {
+    let port = fake_server(resolve_reply(1));
+    let e = open(&format!("nfs://127.0.0.1:{port}/x?retries=0"), &opts()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("only 1 bytes per READ"), "{e}");
+    // The same reply with a usable maxread opens (so the reply above is well formed).
+    let port = fake_server(resolve_reply(1 << 20));
+    open(&format!("nfs://127.0.0.1:{port}/x?retries=0"), &opts()).unwrap();
+    // "No timeout" spelt as the largest Duration: no overflow panic.
+    let forever = OpenOptions {
+        timeout: Some(Duration::MAX),
+        ..opts()
+    };
+    open(&format!("nfs://127.0.0.1:{port}/x?retries=0"), &forever).unwrap();
+
+    let port = fake_server(vec![0u8; 2 << 20]);
+    let e = open(&format!("nfs://127.0.0.1:{port}/x?retries=0"), &opts()).unwrap_err();
+    assert_ne!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("protocol error"), "{e}");
 }
 
 #[test]

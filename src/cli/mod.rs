@@ -181,7 +181,10 @@ impl IoArgs {
                     "bad --timeout {t}: must be positive"
                 )));
             }
-            open.timeout = Some(Duration::from_secs_f64(t));
+            open.timeout =
+                Some(Duration::try_from_secs_f64(t).map_err(|_| {
+                    Error::invalid(format!("bad --timeout {t}: too large (seconds)"))
+                })?);
         }
         open.io_mode = match self.io.as_deref().map(str::to_ascii_lowercase).as_deref() {
             None | Some("auto") => None,

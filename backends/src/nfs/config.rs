@@ -17,6 +17,8 @@ pub const DEFAULT_PORT: u16 = 2049;
 pub const DEFAULT_NCONNECT: usize = 4;
 /// Default cap on one READ.
 pub const DEFAULT_RSIZE: usize = 1 << 20;
+/// Smallest READ size accepted, from the user (`rsize`) or the server (`maxread`).
+pub const MIN_RSIZE: usize = 4096;
 /// Default reads in flight.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// Default preferred read (engine chunk) size.
@@ -218,7 +220,7 @@ pub fn parse(uri: &str, opts: &OpenOptions) -> Result<NfsConfig> {
             }
             "rsize" => {
                 cfg.rsize = num(uri, k, v)?;
-                if !(4096..=(64 << 20)).contains(&cfg.rsize) {
+                if !(MIN_RSIZE..=(64 << 20)).contains(&cfg.rsize) {
                     return Err(bad(uri, "rsize must be between 4096 and 67108864"));
                 }
             }

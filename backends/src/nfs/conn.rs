@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -146,6 +146,9 @@ struct Shared {
     shut: TcpStream,
     state: Mutex<State>,
     next_xid: AtomicU32,
+    /// A reply's record has started and is not yet read to its end (its call is no longer in
+    /// `state.calls`, but a silent server must still time out).
+    mid_reply: AtomicBool,
 }
 
 impl Shared {
@@ -155,10 +158,11 @@ impl Shared {
     fn shutdown(&self) {
         let _ = self.shut.shutdown(Shutdown::Both);
     }
-    /// Whether calls are waiting and nothing arrived for longer than the timeout.
+    /// Whether calls are waiting (or a reply is half read) and nothing arrived for longer than
+    /// the timeout.
     fn stalled(&self, last_recv: Instant) -> bool {
         let st = lock(&self.state);
-        if st.calls.is_empty() {
+        if st.calls.is_empty() && !self.mid_reply.load(Ordering::Relaxed) {
             return false;
         }
         let since = last_recv.max(st.busy_since);
@@ -390,6 +394,7 @@ impl Conn {
                 busy_since: Instant::now(),
             }),
             next_xid: AtomicU32::new(seed),
+            mid_reply: AtomicBool::new(false),
         });
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
@@ -463,9 +468,25 @@ impl Conn {
         self.shared.send(&msg);
         // The reader thread answers, or fails the call when the connection stalls; the extra
         // margin only guards against a reader thread that cannot run at all.
-        match rx.recv_timeout(self.shared.timeout.saturating_mul(2) + Duration::from_secs(1)) {
+        let margin = self
+            .shared
+            .timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(1));
+        match rx.recv_timeout(margin) {
             Ok(r) => r,
-            Err(_) => {
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                // The reader thread dropped the call without answering: the connection died.
+                let dead = lock(&self.shared.state).dead.clone();
+                Err(dead.unwrap_or_else(|| {
+                    Failure::new(
+                        ErrorKind::Io,
+                        format!("connection to {} closed", self.shared.peer),
+                        true,
+                    )
+                }))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 lock(&self.shared.state).calls.remove(&xid);
                 self.shared.shutdown();
                 Err(Failure::new(
@@ -514,6 +535,14 @@ fn fatal(shared: &Shared, e: XdrError) -> Failure {
 fn one_reply<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fatal> {
     wire.start_record()
         .map_err(|e| Box::new((fatal(shared, e), None)))?;
+    shared.mid_reply.store(true, Ordering::Relaxed);
+    let r = reply_body(shared, wire);
+    shared.mid_reply.store(false, Ordering::Relaxed);
+    r
+}
+
+/// The rest of a reply whose record has started.
+fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fatal> {
     let xid = wire
         .u32("xid")
         .map_err(|e| Box::new((fatal(shared, e), None)))?;
@@ -522,13 +551,18 @@ fn one_reply<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fata
         None => wire
             .finish()
             .map_err(|e| Box::new((fatal(shared, e), None))),
-        Some(Pending::Call(tx)) => {
-            let body = wire
-                .rest(MAX_CALL_REPLY)
-                .map_err(|e| Box::new((fatal(shared, e), None)))?;
-            let _ = tx.send(Ok(body));
-            Ok(())
-        }
+        Some(Pending::Call(tx)) => match wire.rest(MAX_CALL_REPLY) {
+            Ok(body) => {
+                let _ = tx.send(Ok(body));
+                Ok(())
+            }
+            Err(e) => {
+                // The caller hears the real cause (not a timeout), then the connection dies.
+                let f = fatal(shared, e);
+                let _ = tx.send(Err(f.clone()));
+                Err(Box::new((f, None)))
+            }
+        },
         Some(Pending::Read { key, off, len }) => {
             let job = lock(&shared.state).jobs.remove(&key);
             let Some(mut job) = job else {

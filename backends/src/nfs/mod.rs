@@ -239,7 +239,20 @@ impl NfsBackend {
             .filter(|&m| m > 0)
             .map(|m| m.min(usize::MAX as u64) as usize)
             .unwrap_or(cfg.rsize);
-        let rsize = cfg.rsize.min(maxread).max(1);
+        // Every READ is one RPC: a server allowing only a few bytes per READ would turn a load
+        // into millions of calls (and as many pending entries in memory).
+        if maxread < config::MIN_RSIZE {
+            return Err(Failure::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "the server allows only {maxread} bytes per READ (maxread); at least {} are needed",
+                    config::MIN_RSIZE
+                ),
+                false,
+            )
+            .into_error(uri));
+        }
+        let rsize = cfg.rsize.min(maxread);
         Ok(NfsBackend {
             inner: Arc::new(Inner {
                 uri: uri.to_string(),
