@@ -100,6 +100,7 @@ pub struct Loader {
     ring_budget: usize,
     open: OpenOptions,
     progress: Option<Arc<AtomicU64>>,
+    progress_total: Option<Arc<AtomicU64>>,
     cuda: tensorstream_cuda::CudaOptions,
     opened: Option<Arc<tensorstream_cuda::CudaDevice>>,
     verify: bool,
@@ -137,6 +138,7 @@ impl Loader {
             ring_budget: DEFAULT_RING_BUDGET,
             open: OpenOptions::default(),
             progress: None,
+            progress_total: None,
             cuda: tensorstream_cuda::CudaOptions::default(),
             opened: None,
             verify: false,
@@ -195,6 +197,7 @@ impl Loader {
 
     /// Converts the source into `output` (`.tensors` or `.safetensors`), tensor by tensor,
     /// verifying / decrypting the input as configured and encrypting the output if `encrypt`.
+    /// Filters apply: only the selected tensors are written.
     pub fn convert(
         &self,
         output: &std::path::Path,
@@ -203,9 +206,13 @@ impl Loader {
         let be = self.backend()?;
         let meta = be.stat()?;
         let index = format::read_index(be.as_ref(), &meta)?;
+        let sel = self.select(&index)?;
+        let only = (sel.len() != index.tensors.len())
+            .then(|| sel.iter().map(|&i| index.tensors[i].name.clone()).collect());
         let opts = ConvertOptions {
             read: self.read_options(&index),
             encrypt,
+            only,
             ..ConvertOptions::default()
         };
         format::convert::convert(be.as_ref(), output, &opts)
@@ -230,9 +237,13 @@ impl Loader {
         self.globs.push(glob.to_string());
         Ok(self)
     }
-    /// Keeps only tensors for which `f` returns true (combined with globs: both must accept).
+    /// Keeps only tensors for which `f` returns true (several calls: all must accept; combined
+    /// with globs: both must accept).
     pub fn filter(mut self, f: impl Fn(&TensorInfo) -> bool + Send + Sync + 'static) -> Self {
-        self.predicate = Some(Arc::new(f));
+        self.predicate = Some(match self.predicate.take() {
+            Some(prev) => Arc::new(move |t: &TensorInfo| prev(t) && f(t)),
+            None => Arc::new(f),
+        });
         self
     }
     /// Reads in flight (default: the backend's preference, 16 for local files).
@@ -275,6 +286,12 @@ impl Loader {
         self.device = Device::Cuda(dev.ordinal());
         self.cuda = dev.options().clone();
         self.opened = Some(dev);
+        self
+    }
+    /// Set to the number of bytes the load will read (what [`Loader::progress`] counts up to)
+    /// once the load is planned: a progress display's total, selection and alignment included.
+    pub fn progress_total(mut self, total: Arc<AtomicU64>) -> Self {
+        self.progress_total = Some(total);
         self
     }
     /// A counter the loader adds bytes read to, for progress display.
@@ -370,7 +387,8 @@ impl Loader {
         };
         match &self.opened {
             Some(d) if d.ordinal() == n => {
-                if d.options() != &self.cuda {
+                // The handle keeps its options normalised (slot size in whole pages).
+                if self.cuda.validated().ok().as_ref() != Some(d.options()) {
                     return Err(Error::invalid(
                         "cuda_options() differ from those of the device given to on_device(): \
                          a handle's streams and pinned slots are fixed when it is opened",
@@ -411,6 +429,11 @@ impl Loader {
         };
         let mut stats = p.stats(model.nbytes(), &es, started.elapsed());
         stats.route = route.name();
+        if route == GpuRoute::Staged {
+            // The groups load with the host settings, not the pinned ring's.
+            stats.queue_depth = p.host_eopts.queue_depth;
+            stats.chunk_size = p.host_popts.chunk_size;
+        }
         stats.device_open = device_open;
         stats.first_tensor = model.times().first_tensor.map(|d| planned + d);
         Ok(CudaModel { model, stats })
@@ -450,9 +473,15 @@ impl Loader {
         } else {
             1
         };
-        popts.chunk_size = self.chunk_size.unwrap_or(caps.preferred_chunk).max(4096) as u64;
+        // Reported values are the ones used: chunks are whole alignment blocks (as the planner
+        // cuts them), the queue depth is capped like the engine caps it.
+        let chunk = self.chunk_size.unwrap_or(caps.preferred_chunk).max(4096) as u64;
+        popts.chunk_size = (chunk / popts.alignment).max(1) * popts.alignment;
         let mut eopts = EngineOptions {
-            queue_depth: self.queue_depth.unwrap_or(caps.max_concurrency.max(1)),
+            queue_depth: self
+                .queue_depth
+                .unwrap_or(caps.max_concurrency.max(1))
+                .min(tensorstream_engine::pipeline::MAX_QUEUE_DEPTH),
             ring_budget: self.ring_budget,
             progress: self.progress.clone(),
         };
@@ -477,6 +506,9 @@ impl Loader {
             }
         }
         let plan = Arc::new(plan(&index, &sel, &popts).map_err(|e| e.with_location(&self.uri))?);
+        if let Some(t) = &self.progress_total {
+            t.store(plan.read_bytes, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(Prepared {
             backend: be,
             meta,
@@ -537,7 +569,9 @@ fn mapped_load(
         Some(&same_file),
     )?;
     if let Some(c) = &p.eopts.progress {
-        c.fetch_add(p.plan.useful_bytes, std::sync::atomic::Ordering::Relaxed);
+        // All at once at the end (the copies run on the device): the planned read bytes, the
+        // total `progress_total` announced.
+        c.fetch_add(p.plan.read_bytes, std::sync::atomic::Ordering::Relaxed);
     }
     let es = tensorstream_engine::EngineStats {
         reads: ws.pieces as u64,

@@ -329,3 +329,34 @@ fn bench_runs_and_prints_json_lines() {
         "{out}"
     );
 }
+
+/// `tensorstream inspect big | head -1`: the closed pipe ends the command quietly with the
+/// status a SIGPIPE death gives (141), not a panic.
+#[test]
+fn a_closed_stdout_pipe_is_not_a_panic() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = tensorstream_engine::testkit::u8_model(&[4; 5000], 3);
+    let p = dir.path().join("many.safetensors");
+    std::fs::write(&p, file).unwrap();
+    for args in [vec!["inspect"], vec!["load", "--digests"]] {
+        let mut child = bin()
+            .args(&args)
+            .arg(&p)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty(), "{args:?}: no output");
+        // The reader is dropped here: the pipe is closed with most of the output unwritten.
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+    }
+}

@@ -209,6 +209,19 @@ fn gpu_one_device_handle_serves_several_loads() {
             );
         }
     }
+    // The same options that opened a handle are accepted with it, even when the handle rounded
+    // them (slot size to whole pages).
+    let odd = CudaOptions {
+        slot_size: (64 << 10) + 100,
+        ..small_ring()
+    };
+    let dev2 = tensorstream_cuda::CudaDevice::open(0, &odd).unwrap();
+    let (file, entry) = &entries[0];
+    loader(file, entry)
+        .cuda_options(odd)
+        .on_device(dev2)
+        .load_cuda()
+        .unwrap_or_else(|e| panic!("{file} with rounded options: {e}"));
 }
 
 #[test]

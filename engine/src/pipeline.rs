@@ -70,7 +70,7 @@ pub fn execute<S: Sink>(
 ) -> Result<(S, EngineStats)> {
     let start = Instant::now();
     let loc = backend.location().to_string();
-    let depth = opts.queue_depth.clamp(1, 1024);
+    let depth = opts.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
     let mut direct = sink.prepare(&plan)?;
     if direct.len() != plan.reads.len() {
         return Err(Error::invalid("sink prepared the wrong number of buffers"));
@@ -350,6 +350,9 @@ pub fn execute<S: Sink>(
     stats.elapsed = start.elapsed();
     Ok((sink, stats))
 }
+
+/// Most reads one load keeps in flight (larger `EngineOptions::queue_depth` values are capped).
+pub const MAX_QUEUE_DEPTH: usize = 1024;
 
 /// Fails with `ObjectChanged` when the object behind `backend` is no longer the version `meta`
 /// describes (size, and version tag where the backend has one).

@@ -553,3 +553,47 @@ fn verification_checks_the_index_against_the_per_tensor_headers() {
         "{e}"
     );
 }
+
+/// `convert` writes through a temporary file next to the output: on success the output has the
+/// permissions a plain `File::create` would give (not the temp file's 0600); when the final
+/// rename fails (the output path is a directory) or the input is bad, no temporary file stays.
+#[test]
+fn convert_leaves_no_temporary_file_and_normal_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    use tensorstream_engine::format::convert::{convert, ConvertOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read(fixtures().join("mixed.safetensors")).unwrap();
+    let be = MemoryBackend::new("mixed.safetensors", src.clone());
+    let listing = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let out = dir.path().join("ok.tensors");
+    convert(&be, &out, &ConvertOptions::default()).unwrap();
+    let reference = dir.path().join("reference");
+    std::fs::File::create(&reference).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out), mode(&reference));
+    std::fs::remove_file(&reference).unwrap();
+    assert_eq!(listing(), vec!["ok.tensors".to_string()]);
+
+    let blocked = dir.path().join("blocked.tensors");
+    std::fs::create_dir(&blocked).unwrap();
+    let e = convert(&be, &blocked, &ConvertOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("blocked.tensors"), "{e}");
+    assert_eq!(listing(), vec!["blocked.tensors", "ok.tensors"]);
+
+    let bad = MemoryBackend::new("bad.safetensors", src[..src.len() - 10].to_vec());
+    assert!(convert(
+        &bad,
+        &dir.path().join("bad.tensors"),
+        &ConvertOptions::default()
+    )
+    .is_err());
+    assert_eq!(listing(), vec!["blocked.tensors", "ok.tensors"]);
+}

@@ -13,7 +13,7 @@ use std::time::Instant;
 use tensorstream::engine::format::safetensors::write_header;
 use tensorstream::{DType, Error, ErrorKind};
 
-use super::{IoArgs, Progress};
+use super::{out, IoArgs, Progress};
 
 /// Tensors (name, shape) of a decoder model whose bf16 weights total about `target` bytes.
 pub fn model_shape(target: u64) -> Vec<(String, Vec<u64>)> {
@@ -147,16 +147,21 @@ pub fn run(
         })?;
     let path = tmp.path().join("model.safetensors");
     let pstr = path.display().to_string();
-    println!(
+    // The shape rounds the size to whole layers (at least the embeddings and one layer).
+    let planned: u64 = model_shape(size)
+        .iter()
+        .map(|(_, shape)| 2 * shape.iter().product::<u64>())
+        .sum();
+    out!(
         "tensorstream demo: writing a {:.2} GiB bf16 model to {pstr}",
-        size as f64 / (1u64 << 30) as f64
-    );
+        planned as f64 / (1u64 << 30) as f64
+    )?;
     let t = Instant::now();
     let (count, total) = write_model(&path, size, io.quiet)?;
-    println!(
+    out!(
         "  wrote {count} tensors, {total} bytes in {:.2} s",
         t.elapsed().as_secs_f64()
-    );
+    )?;
 
     // Baseline: std::fs::read of the same file, in the same run (page cache as the write left it).
     let t = Instant::now();
@@ -166,14 +171,18 @@ pub fn run(
     drop(whole);
 
     let counter = Arc::new(AtomicU64::new(0));
-    let loader = io.loader(&pstr)?.progress(counter.clone());
+    let to_read = Arc::new(AtomicU64::new(0));
+    let loader = io
+        .loader(&pstr)?
+        .progress(counter.clone())
+        .progress_total(to_read.clone());
     // The best device available: the first CUDA GPU when a driver and a device are present.
     let gpu = tensorstream_cuda::driver_present()
         && tensorstream_cuda::device_count().is_ok_and(|n| n > 0);
     let mut bad = Vec::new();
     let (st, device_label) = if gpu {
         let cm = {
-            let _bar = Progress::start("loading", total, counter, io.quiet);
+            let _bar = Progress::start_dynamic("loading", to_read, counter, io.quiet);
             loader.device(tensorstream::Device::Cuda(0)).load_cuda()?
         };
         // Verify every tensor by reading it back from the device.
@@ -203,7 +212,7 @@ pub fn run(
         )
     } else {
         let model = {
-            let _bar = Progress::start("loading", total, counter, io.quiet);
+            let _bar = Progress::start_dynamic("loading", to_read, counter, io.quiet);
             loader.load()?
         };
         // Verify every tensor against the generator.
@@ -222,8 +231,8 @@ pub fn run(
     };
     let ts_gbps = st.gbps();
     let base_gbps = file_len as f64 / base_secs / 1e9;
-    println!("  device: {device_label}");
-    println!(
+    out!("  device: {device_label}")?;
+    out!(
         "  tensorstream load  {:>8.3} s  {:>6.2} GB/s  ({} backend{}, queue depth {}, {} reads)",
         st.elapsed.as_secs_f64(),
         ts_gbps,
@@ -235,32 +244,33 @@ pub fn run(
         },
         st.queue_depth,
         st.reads
-    );
+    )?;
     if st.route != "host" {
-        println!(
+        out!(
             "  on the GPU         route {}, first tensor after {:.3} s; opening the device took {:.3} s (not in the load time)",
             st.route,
             st.first_tensor.map_or(f64::NAN, |d| d.as_secs_f64()),
             st.device_open.as_secs_f64()
-        );
+        )?;
     }
-    println!(
+    out!(
         "  std::fs::read      {:>8.3} s  {:>6.2} GB/s  (same file, same run)",
-        base_secs, base_gbps
-    );
-    println!(
+        base_secs,
+        base_gbps
+    )?;
+    out!(
         "  ratio              {:>8.2}x",
         ts_gbps / base_gbps.max(1e-9)
-    );
+    )?;
     if let Some(p) = tensorstream::peak_rss_bytes() {
-        println!(
+        out!(
             "  peak RSS           {:.1} MiB",
             p as f64 / (1u64 << 20) as f64
-        );
+        )?;
     }
     if keep {
         let kept = tmp.keep();
-        println!("  kept {}", kept.join("model.safetensors").display());
+        out!("  kept {}", kept.join("model.safetensors").display())?;
     }
     if !bad.is_empty() {
         return Err(Error::new(
@@ -272,6 +282,6 @@ pub fn run(
             ),
         ));
     }
-    println!("  verified {count} tensors ({total} bytes): every byte matches");
+    out!("  verified {count} tensors ({total} bytes): every byte matches")?;
     Ok(())
 }

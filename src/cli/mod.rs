@@ -282,27 +282,49 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// A bar over `total` bytes (known up front).
     pub fn start(label: &str, total: u64, counter: Arc<AtomicU64>, quiet: bool) -> Progress {
+        Self::start_dynamic(label, Arc::new(AtomicU64::new(total)), counter, quiet)
+    }
+
+    /// A bar whose total appears once the load is planned (`Loader::progress_total`); nothing is
+    /// drawn before.
+    pub fn start_dynamic(
+        label: &str,
+        total: Arc<AtomicU64>,
+        counter: Arc<AtomicU64>,
+        quiet: bool,
+    ) -> Progress {
         let stop = Arc::new(AtomicBool::new(false));
-        if quiet || !std::io::stderr().is_terminal() || total == 0 {
+        if quiet || !std::io::stderr().is_terminal() {
             return Progress { stop, handle: None };
         }
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_message(label.to_string());
+        let label = label.to_string();
         let s2 = stop.clone();
         let handle = std::thread::spawn(move || {
+            let mut bar: Option<indicatif::ProgressBar> = None;
             while !s2.load(Ordering::Relaxed) {
-                bar.set_position(counter.load(Ordering::Relaxed).min(total));
+                let t = total.load(Ordering::Relaxed);
+                if bar.is_none() && t > 0 {
+                    let b = indicatif::ProgressBar::new(t);
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    b.set_message(label.clone());
+                    bar = Some(b);
+                }
+                if let Some(b) = &bar {
+                    b.set_position(counter.load(Ordering::Relaxed).min(t));
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            bar.finish_and_clear();
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
         });
         Progress {
             stop,
@@ -318,6 +340,23 @@ impl Drop for Progress {
             let _ = h.join();
         }
     }
+}
+
+/// `println!` that returns the write error instead of panicking (a closed pipe: `| head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| tensorstream_engine::Error::from_io(e, "writing to standard output"))
+    }};
+}
+pub(crate) use out;
+
+/// True when `e` is a write to a closed pipe (the reader, e.g. `head`, has had enough).
+fn is_broken_pipe(e: &Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -362,6 +401,8 @@ pub fn run() -> i32 {
     };
     match res {
         Ok(()) => 0,
+        // Quietly, with the status a SIGPIPE death would give (128 + 13), like other tools.
+        Err(e) if is_broken_pipe(&e) => 141,
         Err(e) => {
             eprintln!("tensorstream: error: {e}");
             1

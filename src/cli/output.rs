@@ -10,7 +10,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tensorstream::{Device, Error, ErrorKind, LoadedModel, TensorIndex};
 
-use super::{parse_device, IoArgs, Progress};
+use super::{out, parse_device, IoArgs, Progress};
 
 fn shape_str(shape: &[u64]) -> String {
     let v: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
@@ -61,12 +61,12 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
                 o
             }).collect::<Vec<_>>(),
         });
-        println!("{v}");
+        out!("{v}")?;
         return Ok(());
     }
-    print_index(uri, &idx);
+    print_index(uri, &idx)?;
     if io.verify {
-        println!("every tensor's hashes verified");
+        out!("every tensor's hashes verified")?;
     }
     Ok(())
 }
@@ -88,17 +88,17 @@ pub fn convert(
     };
     let started = std::time::Instant::now();
     let st = io.loader(input)?.convert(output, encrypt)?;
-    println!(
+    out!(
         "converted {} tensors ({}) to {} in {:.3} s",
         st.tensors,
         human(st.bytes),
         output.display(),
         started.elapsed().as_secs_f64()
-    );
+    )?;
     Ok(())
 }
 
-fn print_index(uri: &str, idx: &TensorIndex) {
+fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
     let w = idx
         .tensors
         .iter()
@@ -106,32 +106,37 @@ fn print_index(uri: &str, idx: &TensorIndex) {
         .max()
         .unwrap_or(4)
         .clamp(4, 80);
-    println!(
+    out!(
         "{uri}: {} (version {}), {} tensors, {} of tensor data, {} header",
         idx.format.name(),
         idx.version,
         idx.tensors.len(),
         human(idx.total_bytes()),
         human(idx.header_len)
-    );
+    )?;
     for (k, v) in &idx.metadata {
-        println!("  metadata {k} = {v}");
+        out!("  metadata {k} = {v}")?;
     }
-    println!(
+    out!(
         "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}",
-        "name", "dtype", "shape", "offset", "nbytes"
-    );
+        "name",
+        "dtype",
+        "shape",
+        "offset",
+        "nbytes"
+    )?;
     for t in &idx.tensors {
-        println!(
+        out!(
             "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}",
             t.name,
             t.dtype.name(),
             shape_str(&t.shape),
             t.range.start,
             t.nbytes()
-        );
+        )?;
     }
-    println!("total {} bytes", idx.total_bytes());
+    out!("total {} bytes", idx.total_bytes())?;
+    Ok(())
 }
 
 /// SHA-256 of every loaded tensor, computed on all cores, in file order.
@@ -169,19 +174,19 @@ pub fn load(
 ) -> Result<(), Error> {
     let device: Device = parse_device(device)?;
     let counter = Arc::new(AtomicU64::new(0));
-    let mut loader = io.loader(uri)?.device(device).progress(counter.clone());
+    let total = Arc::new(AtomicU64::new(0));
+    let mut loader = io
+        .loader(uri)?
+        .device(device)
+        .progress(counter.clone())
+        .progress_total(total.clone());
     for f in filters {
         loader = loader.filter_glob(f)?;
     }
-    let total = if as_json || io.quiet {
-        0
-    } else {
-        loader.inspect().map(|i| i.total_bytes()).unwrap_or(0)
-    };
     let quiet = io.quiet || as_json;
     let (rows, st, first_tensor, index) = if let Device::Cuda(_) = device {
         let cm = {
-            let _bar = Progress::start("loading", total, counter, quiet);
+            let _bar = Progress::start_dynamic("loading", total, counter, quiet);
             loader.load_cuda()?
         };
         let m = cm.model();
@@ -213,7 +218,7 @@ pub fn load(
         (rows, st, ft, index)
     } else {
         let model = {
-            let _bar = Progress::start("loading", total, counter, quiet);
+            let _bar = Progress::start_dynamic("loading", total, counter, quiet);
             loader.load()?
         };
         let sums = if with_digests {
@@ -275,10 +280,10 @@ pub fn load(
             "queue_depth": st.queue_depth,
             "chunk_size": st.chunk_size,
         });
-        println!("{v}");
+        out!("{v}")?;
         return Ok(());
     }
-    println!(
+    out!(
         "loaded {} tensors to {device}, {} in {:.3} s: {:.2} GB/s ({} backend{}, {} reads of up to {}, queue depth {})",
         rows.len(),
         human(st.tensor_bytes),
@@ -289,13 +294,13 @@ pub fn load(
         st.reads,
         human(st.chunk_size),
         st.queue_depth
-    );
+    )?;
     if let Some(f) = first_tensor {
-        println!(
+        out!(
             "first tensor on the device after {:.3} s (opening the device took {:.3} s before that)",
             f,
             st.device_open.as_secs_f64()
-        );
+        )?;
     }
     if let Some(p) = peak {
         let beyond = if let Device::Cuda(_) = device {
@@ -303,15 +308,15 @@ pub fn load(
         } else {
             p.saturating_sub(st.tensor_bytes)
         };
-        println!(
+        out!(
             "peak RSS {} ({} beyond the tensors' host bytes)",
             human(p),
             human(beyond)
-        );
+        )?;
     }
     for r in &rows {
         if let Some(d) = &r.sha {
-            println!("{d}  {}", r.name);
+            out!("{d}  {}", r.name)?;
         }
     }
     Ok(())
@@ -378,16 +383,16 @@ fn buffered_read(path: &str) -> Result<u64, Error> {
     Ok(total)
 }
 
-fn line(name: &str, bytes: u64, secs: f64, cold: bool) {
+fn line(name: &str, bytes: u64, secs: f64, cold: bool) -> Result<(), Error> {
     let gbps = if secs > 0.0 {
         bytes as f64 / secs / 1e9
     } else {
         0.0
     };
-    println!(
+    out!(
         "{}",
         json!({"name": name, "secs": secs, "gbps": gbps, "bytes": bytes, "cold": cold})
-    );
+    )
 }
 
 pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> Result<(), Error> {
@@ -419,7 +424,7 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
             let t = Instant::now();
             let m = loader.load()?;
             let secs = t.elapsed().as_secs_f64();
-            line("tensorstream", m.stats().tensor_bytes, secs, is_cold);
+            line("tensorstream", m.stats().tensor_bytes, secs, is_cold)?;
             drop(m);
             if !is_file {
                 continue;
@@ -428,7 +433,7 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
                 drop_caches()?;
                 let t = Instant::now();
                 let n = direct_read(path)?;
-                line("o_direct_read_16m", n, t.elapsed().as_secs_f64(), true);
+                line("o_direct_read_16m", n, t.elapsed().as_secs_f64(), true)?;
                 drop_caches()?;
             }
             let t = Instant::now();
@@ -439,7 +444,7 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
                 v.len() as u64,
                 t.elapsed().as_secs_f64(),
                 is_cold,
-            );
+            )?;
             drop(v);
         }
     }

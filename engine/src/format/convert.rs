@@ -6,9 +6,8 @@
 //! while it is (so the bound is the largest such tensor, never the model). The output is written to
 //! a temporary file beside it and renamed into place only when everything succeeded.
 
-use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::tensorizer::{self, KeySource, ReadOptions, Serializer, SerializerOptions, TensorSpec};
 use crate::backend::Backend;
@@ -26,6 +25,8 @@ pub struct ConvertOptions {
     pub pwhash_limits: (u64, u64),
     /// Bytes per read when streaming.
     pub buffer_size: usize,
+    /// Convert only the tensors with these (display) names; `None`: all of them.
+    pub only: Option<Vec<String>>,
 }
 
 impl Default for ConvertOptions {
@@ -36,6 +37,7 @@ impl Default for ConvertOptions {
             encrypt: None,
             pwhash_limits: s.pwhash_limits,
             buffer_size: 8 << 20,
+            only: None,
         }
     }
 }
@@ -81,11 +83,45 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
     let loc = input.location().to_string();
     let meta = input.stat().map_err(|e| e.with_location(&loc))?;
     let mut index = super::read_index(input, &meta)?;
+    if let Some(only) = &opts.only {
+        let keep: std::collections::HashSet<&str> = only.iter().map(String::as_str).collect();
+        index.tensors.retain(|t| keep.contains(t.name.as_str()));
+        if index.tensors.len() != keep.len() {
+            return Err(Error::invalid(format!(
+                "{} of the {} tensors to convert are not in the input",
+                keep.len() - index.tensors.len(),
+                keep.len()
+            ))
+            .with_location(&loc));
+        }
+    }
     let hook =
         tensorizer::prepare(input, &mut index, &opts.read).map_err(|e| e.with_location(&loc))?;
-    let tmp = temp_path(output);
-    let file =
-        File::create(&tmp).map_err(|e| Error::from_io(e, format!("creating {}", tmp.display())))?;
+    // A fresh temporary file next to the output (created exclusively, removed on every path
+    // unless it is renamed into place): the output is never half-written.
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        // Like File::create: 0666 less the umask (tempfile's default is 0600).
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(|e| {
+            Error::from_io(
+                e,
+                format!("creating a temporary file next to {}", output.display()),
+            )
+        })?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|e| Error::from_io(e, "duplicating the output descriptor"))?;
     let result = (|| -> Result<ConvertStats> {
         let mut w = BufWriter::with_capacity(1 << 20, file);
         let stats = match fmt {
@@ -103,25 +139,11 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
             .map_err(|e| Error::from_io(e, "syncing output"))?;
         Ok(stats)
     })();
-    match result {
-        Ok(stats) => {
-            std::fs::rename(&tmp, output)
-                .map_err(|e| Error::from_io(e, format!("renaming into {}", output.display())))?;
-            Ok(stats)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e.with_location(&loc))
-        }
-    }
-}
-
-fn temp_path(output: &Path) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    output.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+    // Dropping `tmp` (an error, or a failed rename) removes the temporary file.
+    let stats = result.map_err(|e| e.with_location(&loc))?;
+    tmp.persist(output)
+        .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
+    Ok(stats)
 }
 
 /// Streams one tensor's plaintext to `sink` in pieces.

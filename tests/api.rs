@@ -1,0 +1,103 @@
+//! The library API (`Loader`) on the CPU: filters, convert, reported settings.
+
+use std::sync::Arc;
+
+use tensorstream::Loader;
+use tensorstream_engine::MemoryBackend;
+
+/// A safetensors model of `n` u8 tensors named t000… (4 bytes each) behind a memory backend.
+fn model(n: usize) -> Arc<MemoryBackend> {
+    let sizes = vec![4u64; n];
+    let (file, _) = tensorstream_engine::testkit::u8_model(&sizes, 5);
+    Arc::new(MemoryBackend::new("mem://m.safetensors", file))
+}
+
+fn names(l: Loader) -> Vec<String> {
+    let m = l.load().unwrap();
+    let mut v: Vec<String> = m.tensors().map(|t| t.name.to_string()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn filters_accumulate() {
+    let be = model(6);
+    // Two closures: both must accept.
+    let l = Loader::from_backend(be.clone())
+        .filter(|t| t.name.as_str() >= "t002")
+        .filter(|t| t.name.as_str() <= "t003");
+    assert_eq!(names(l), ["t002", "t003"]);
+    // Several globs: any may match; with a closure: both must accept.
+    let l = Loader::from_backend(be)
+        .filter_glob("t00[01]")
+        .unwrap()
+        .filter_glob("t005")
+        .unwrap()
+        .filter(|t| t.name != "t001");
+    assert_eq!(names(l), ["t000", "t005"]);
+}
+
+#[test]
+fn convert_writes_only_the_selected_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let be = model(5);
+    for out in ["sel.safetensors", "sel.tensors"] {
+        let path = dir.path().join(out);
+        let stats = Loader::from_backend(be.clone())
+            .filter_glob("t00[13]")
+            .unwrap()
+            .convert(&path, None)
+            .unwrap();
+        assert_eq!(stats.tensors, 2, "{out}");
+        let back = names(Loader::new(path.to_str().unwrap()));
+        assert_eq!(back, ["t001", "t003"], "{out}");
+        // Same bytes as loading the same tensors from the source.
+        let src = Loader::from_backend(be.clone()).load().unwrap();
+        let conv = Loader::new(path.to_str().unwrap()).load().unwrap();
+        for t in conv.tensors() {
+            assert_eq!(t.data, src.get(t.name).unwrap().data, "{out}/{}", t.name);
+        }
+    }
+}
+
+#[test]
+fn reported_settings_are_the_ones_used() {
+    let be = model(3);
+    let m = Loader::from_backend(be)
+        .queue_depth(100_000)
+        .chunk_size(6000)
+        .load()
+        .unwrap();
+    let s = m.stats();
+    assert_eq!(
+        s.queue_depth,
+        tensorstream_engine::pipeline::MAX_QUEUE_DEPTH
+    );
+    // A memory backend needs no alignment: the chunk is the one asked for.
+    assert_eq!(s.chunk_size, 6000);
+}
+
+#[test]
+fn progress_total_is_what_the_selected_load_reads() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let be = model(64);
+    let size = {
+        use tensorstream_engine::Backend;
+        be.stat().unwrap().size
+    };
+    let (done, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let m = Loader::from_backend(be)
+        .filter_glob("t01?")
+        .unwrap()
+        .progress(done.clone())
+        .progress_total(total.clone())
+        .load()
+        .unwrap();
+    assert_eq!(m.len(), 10);
+    let t = total.load(Ordering::Relaxed);
+    assert!(
+        t >= 40 && t < size,
+        "total {t} for 40 selected bytes of {size}"
+    );
+    assert_eq!(done.load(Ordering::Relaxed), t);
+}
