@@ -676,6 +676,104 @@ fn tiny_maxread_and_oversized_replies_are_clear_errors() {
     assert!(e.to_string().contains("protocol error"), "{e}");
 }
 
+/// A scripted NFSv4 server for the 1 MiB file of [`resolve_reply`] (byte `i` is `i % 251`) that
+/// answers every READ with at most `cap` bytes and no EOF flag before the end — legal (RFC 7530
+/// §16.23), and something no real server here can be made to do on demand. Counts the READs.
+fn short_read_server(cap: u32) -> (u16, Arc<AtomicUsize>) {
+    const SIZE: u64 = 1 << 20;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let r2 = reads.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            let reads = r2.clone();
+            std::thread::spawn(move || loop {
+                let mut h = [0u8; 4];
+                if c.read_exact(&mut h).is_err() {
+                    break;
+                }
+                let mut b = vec![0u8; (u32::from_be_bytes(h) & 0x7fff_ffff) as usize];
+                if c.read_exact(&mut b).is_err() {
+                    break;
+                }
+                let rd = |at: &mut usize| {
+                    let x = u32::from_be_bytes(b[*at..*at + 4].try_into().unwrap());
+                    *at += 4;
+                    x
+                };
+                // xid, CALL, rpcvers, prog, vers, proc; credential; verifier; tag, minorversion,
+                // op count; the first op.
+                let mut at = 0;
+                let xid = rd(&mut at);
+                at += 24;
+                let cl = rd(&mut at) as usize;
+                at += cl.div_ceil(4) * 4 + 8 + 12;
+                let body = if rd(&mut at) == 24 {
+                    resolve_reply(1 << 20) // PUTROOTFH …: the open's lookup
+                } else {
+                    // PUTFH fh, READ stateid offset count, GETATTR.
+                    let fl = rd(&mut at) as usize;
+                    at += fl.div_ceil(4) * 4 + 4 + 16;
+                    let off = (u64::from(rd(&mut at)) << 32) | u64::from(rd(&mut at));
+                    let asked = rd(&mut at);
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    let n = asked.min(cap).min((SIZE - off.min(SIZE)) as u32);
+                    let eof = off + u64::from(n) >= SIZE;
+                    let mut v = be32(&[1, 0, 0, 0, 0, 0, 0, 3, 22, 0, 25, 0, eof as u32, n]);
+                    v.extend((0..u64::from(n)).map(|i| ((off + i) % 251) as u8));
+                    v.resize(v.len().div_ceil(4) * 4, 0);
+                    v.extend(be32(&[9, 0, 2, (1 << 3) | (1 << 4), 0, 16]));
+                    for x in [7u64, SIZE] {
+                        v.extend_from_slice(&x.to_be_bytes());
+                    }
+                    v
+                };
+                let mut out = (0x8000_0000u32 | (body.len() as u32 + 4))
+                    .to_be_bytes()
+                    .to_vec();
+                out.extend_from_slice(&xid.to_be_bytes());
+                out.extend_from_slice(&body);
+                if c.write_all(&out).is_err() {
+                    break;
+                }
+            });
+        }
+    });
+    (port, reads)
+}
+
+/// READs answered with fewer bytes than asked (not at EOF) are continued from where they
+/// stopped: the load gets every byte right instead of failing after retries.
+#[test]
+fn short_reads_are_continued() {
+    let (port, reads) = short_read_server(10_000);
+    let be = open(
+        &format!("nfs://127.0.0.1:{port}/x?retries=0&nconnect=1"),
+        &opts(),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 300_000];
+    assert_eq!(be.read_at(1000, &mut buf).unwrap(), buf.len());
+    assert!(buf
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == ((1000 + i) % 251) as u8));
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        30,
+        "one READ per 10 000 bytes"
+    );
+    // Up to the end of the file: the last answer carries EOF.
+    let mut tail = vec![0u8; 50_000];
+    assert_eq!(be.read_at((1 << 20) - 50_000, &mut tail).unwrap(), 50_000);
+    assert!(tail
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == (((1 << 20) - 50_000 + i) % 251) as u8));
+}
+
 #[test]
 fn a_filter_never_downloads_skipped_tensors() {
     let g = Ganesha::start();

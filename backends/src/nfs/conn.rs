@@ -595,8 +595,37 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
             if let Err(e) = wire.finish() {
                 return Err(Box::new((fatal(shared, e), Some(job))));
             }
-            if let Some(f) = check_read(&job, off, len, outcome) {
-                job.err.get_or_insert(f);
+            match check_read(&job, off, len, outcome) {
+                Ok(None) => {}
+                Ok(Some(n)) => {
+                    // Fewer bytes than asked, not at EOF (RFC 7530 §16.23 allows it): ask for
+                    // the rest in place of this sub-read; the job's count is unchanged.
+                    let (off, len) = (off + n, len - n);
+                    let xid = shared.xid();
+                    let mut msg = Vec::new();
+                    rpc::encode_call(&mut msg, xid, &shared.auth, PROC_COMPOUND, |e| {
+                        proto::encode_read(e, &job.fh, job.offset + off as u64, len as u32)
+                    });
+                    let mut st = lock(&shared.state);
+                    if st.dead.is_none() {
+                        if st.calls.is_empty() {
+                            st.busy_since = Instant::now();
+                        }
+                        st.calls.insert(xid, Pending::Read { key, off, len });
+                        st.jobs.insert(key, job);
+                        drop(st);
+                        shared.send(&msg);
+                        return Ok(());
+                    }
+                    drop(st);
+                    return Err(Box::new((
+                        Failure::new(ErrorKind::Io, "connection closed".into(), true),
+                        Some(job),
+                    )));
+                }
+                Err(f) => {
+                    job.err.get_or_insert(f);
+                }
             }
             job.outstanding = job.outstanding.saturating_sub(1);
             if job.outstanding == 0 {
@@ -613,21 +642,20 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
     }
 }
 
-/// Checks one sub-read's outcome against what was asked and the pinned version.
+/// Checks one sub-read's outcome against what was asked and the pinned version: `Ok(None)`
+/// when it is complete, `Ok(Some(n))` when the server sent only `n` (> 0) of the bytes, not at
+/// the end of the file (the rest must be asked for).
 fn check_read(
     job: &Job,
     off: usize,
     len: usize,
     outcome: Result<proto::ReadOutcome, Failure>,
-) -> Option<Failure> {
-    let o = match outcome {
-        Ok(o) => o,
-        Err(f) => return Some(f),
-    };
+) -> Result<Option<usize>, Failure> {
+    let o = outcome?;
     let at = job.offset + off as u64;
     if let (Some(c), Some(s)) = (o.after.change, o.after.size) {
         if c != job.pin.change || s != job.pin.size {
-            return Some(Failure::new(
+            return Err(Failure::new(
                 ErrorKind::ObjectChanged,
                 format!(
                     "file changed on the server while it was being read (change attribute \
@@ -638,7 +666,7 @@ fn check_read(
             ));
         }
     } else {
-        return Some(Failure::new(
+        return Err(Failure::new(
             ErrorKind::Io,
             "server did not return the change and size attributes after READ".into(),
             false,
@@ -646,7 +674,7 @@ fn check_read(
     }
     if o.count != len {
         if o.eof {
-            return Some(Failure::new(
+            return Err(Failure::new(
                 ErrorKind::ObjectChanged,
                 format!(
                     "file ended at byte {} but was {} bytes when the load started",
@@ -656,13 +684,17 @@ fn check_read(
                 false,
             ));
         }
-        return Some(Failure::new(
-            ErrorKind::Io,
-            format!("short READ at {at}: {} of {len} bytes", o.count),
-            true,
-        ));
+        if o.count == 0 {
+            // Nothing and no EOF: asking again could go on forever.
+            return Err(Failure::new(
+                ErrorKind::Io,
+                format!("empty READ at {at} before the end of the file ({len} bytes asked)"),
+                true,
+            ));
+        }
+        return Ok(Some(o.count));
     }
-    None
+    Ok(None)
 }
 
 /// A fixed number of connection slots, each reconnected when found dead.
