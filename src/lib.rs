@@ -311,7 +311,19 @@ impl Loader {
     pub fn inspect(&self) -> Result<TensorIndex> {
         let be = self.backend()?;
         let meta = be.stat()?;
-        format::read_index(be.as_ref(), &meta)
+        let index = format::read_index(be.as_ref(), &meta)?;
+        if self.key.is_some() {
+            // A key given for a file that takes none is refused here as it would be by a load.
+            // (Whether a key is the right one only decrypting a tensor can tell.)
+            let key = self.key.clone();
+            format::tensorizer::prepare(
+                be.as_ref(),
+                &mut index.clone(),
+                &ReadOptions { verify: false, key },
+            )
+            .map_err(|e| e.with_location(&self.uri))?;
+        }
+        Ok(index)
     }
 
     fn select(&self, index: &TensorIndex) -> Result<Vec<usize>> {

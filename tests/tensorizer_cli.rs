@@ -276,6 +276,22 @@ fn hostile_tensorizer_input_gives_one_line_errors() {
     let p = write("version.tensors", &b);
     let e = fails(bin().args(["inspect", p.to_str().unwrap()]));
     assert!(e.contains("data version 9"), "{e}");
+    // A key for a file that takes none: refused by inspect as by load.
+    let key = write("key.bin", &[7u8; 32]);
+    for f in ["v1_numpy_dtypes.tensors", "mixed.safetensors"] {
+        let path = fixtures().join(f);
+        for cmd in ["inspect", "load"] {
+            let e = fails(
+                bin()
+                    .args([cmd, path.to_str().unwrap(), "--key-file"])
+                    .arg(&key),
+            );
+            assert!(
+                e.contains("not encrypted") || e.contains("never encrypted"),
+                "{cmd} {f}: {e}"
+            );
+        }
+    }
     // Per-tensor header size that disagrees with the index (caught when headers are read).
     let v: Value = serde_json::from_str(&ok(bin().args([
         "inspect",
