@@ -2,7 +2,9 @@
 # GPU check (issue 3), run ON THE GPU MACHINE from the checkout root with .gpu/ carried along
 # (filled here by scripts/prepare-gpu-check.sh). Needs root (drops the page cache), python3 with
 # torch + safetensors (present there), ~15 GB free disk under $TS_GPU_WORK (default /tmp/ts-gpu).
-# Budget: ≤ 6 minutes. Writes results.jsonl and the table to $OUT when set.
+# Budget: ≤ 6 minutes for the required steps (TS_GPU_BUDGET=330), a hard end at TS_GPU_HARD=500 s
+# (give the device call timeout_s ≈ 560). Writes gpu-check.log and results.jsonl to $OUT as they
+# grow, so even a run killed from outside leaves them; the table is printed last in any case.
 # Rehearsal without a GPU (checks the script; loads go to host memory): TS_GPU_DRY=1 TS_GPU_GB=0.5
 #   (a) every fixture -> cuda:0, device digests vs manifest
 #   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs CPU digests
@@ -11,7 +13,8 @@
 #   (d) table last: tensorstream vs each peer, cold/warm GB/s, peak RSS, time to first tensor
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -x .gpu/bin/ts-gpu-bench ] || { echo "no .gpu/ here: run scripts/prepare-gpu-check.sh on the dev machine and carry .gpu" >&2; exit 2; }
+[ -f .gpu/bin/ts-gpu-bench ] || { echo "no .gpu/ here: run scripts/prepare-gpu-check.sh on the dev machine and carry .gpu" >&2; exit 2; }
+chmod +x .gpu/bin/* # in case the carry dropped the mode bits
 export PYTHONUNBUFFERED=1
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   # One at a time: a wheel this Python refuses must not keep the others out.

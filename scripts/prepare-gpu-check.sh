@@ -20,7 +20,8 @@ cp "$SHARED/bench/peers_baseline.py" .gpu/
 if ! ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   "$SHARED/bench/get-wheels.sh" .gpu/wheels
 fi
-git rev-parse --short HEAD > .gpu/COMMIT
+# The commit the binaries were built from (-dirty: with uncommitted changes).
+{ git rev-parse --short HEAD | tr -d '\n'; git diff --quiet HEAD -- . ':!.gpu' || printf -- '-dirty'; echo; } > .gpu/COMMIT
 size=$(du -sm .gpu | cut -f1)
 echo ".gpu/ holds ${size} MiB (commit $(cat .gpu/COMMIT))"
 ls -la .gpu/bin
