@@ -90,6 +90,16 @@ fn load(bytes: Vec<u8>, opts: &ReadOptions, layout: Layout) -> Result<HostModel>
     HostModel::new(arena, index, &plan)
 }
 
+/// A manifest entry's shape.
+fn manifest_shape(t: &Value) -> Vec<u64> {
+    t["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap())
+        .collect()
+}
+
 /// The engine's name for a manifest entry's (torch) dtype.
 fn manifest_dtype(t: &Value) -> &'static str {
     match t["dtype"].as_str().unwrap() {
@@ -117,13 +127,7 @@ fn check_against_manifest(file: &str, entry: &Value, m: &HostModel) {
         let v = m
             .get(&name)
             .unwrap_or_else(|| panic!("{file}: tensor {name} missing"));
-        let shape: Vec<u64> = t["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap())
-            .collect();
-        assert_eq!(v.shape, &shape[..], "{file}/{name} shape");
+        assert_eq!(v.shape, &manifest_shape(t)[..], "{file}/{name} shape");
         assert_eq!(
             v.data.len() as u64,
             t["nbytes"].as_u64().unwrap(),
@@ -477,13 +481,7 @@ fn every_corrupted_metadata_byte_fails_cleanly_or_loads_true_bytes() {
                     } else if hex(&Sha256::digest(v.data)) != t["sha256"].as_str().unwrap() {
                         wrong.push(format!("{ctx}: wrong bytes"));
                     }
-                    let shape: Vec<u64> = t["shape"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|d| d.as_u64().unwrap())
-                        .collect();
-                    if v.shape != &shape[..] {
+                    if v.shape != &manifest_shape(t)[..] {
                         wrong.push(format!("{ctx}: wrong shape {:?}", v.shape));
                     }
                     if v.dtype.name() != manifest_dtype(t) {

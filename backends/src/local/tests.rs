@@ -260,18 +260,31 @@ fn file_changed_before_the_session_is_object_changed() {
     }
 }
 
+/// Opens `path`, starts a session and reads its first MiB through it.
+fn open_and_read_first_mib(
+    path: &str,
+    mode: IoMode,
+) -> (
+    Arc<LocalBackend>,
+    tensorstream_engine::ObjectMeta,
+    Box<dyn RangeReader>,
+) {
+    let be = Arc::new(LocalBackend::open(path, &opts(mode)).unwrap());
+    let meta = be.stat().unwrap();
+    let mut r = be
+        .clone()
+        .open_reader(&meta, &ReaderOptions { queue_depth: 4 })
+        .unwrap();
+    assert_eq!(read_one(&mut r, 0, 1 << 20).unwrap(), 1 << 20);
+    (be, meta, r)
+}
+
 #[test]
 fn file_truncated_during_the_session_is_object_changed() {
     let dir = disk_dir();
     for mode in [IoMode::Uring, IoMode::Pread] {
         let path = write(dir.path(), &format!("t-{mode:?}.bin"), &pattern(4 << 20, 3));
-        let be = Arc::new(LocalBackend::open(&path, &opts(mode)).unwrap());
-        let meta = be.stat().unwrap();
-        let mut r = be
-            .clone()
-            .open_reader(&meta, &ReaderOptions { queue_depth: 4 })
-            .unwrap();
-        assert_eq!(read_one(&mut r, 0, 1 << 20).unwrap(), 1 << 20);
+        let (_be, _meta, mut r) = open_and_read_first_mib(&path, mode);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
@@ -544,13 +557,7 @@ fn file_rewritten_in_place_during_a_load_is_object_changed() {
             &format!("rw-{mode:?}.bin"),
             &pattern(4 << 20, 4),
         );
-        let be = Arc::new(LocalBackend::open(&path, &opts(mode)).unwrap());
-        let meta = be.stat().unwrap();
-        let mut r = be
-            .clone()
-            .open_reader(&meta, &ReaderOptions { queue_depth: 4 })
-            .unwrap();
-        assert_eq!(read_one(&mut r, 0, 1 << 20).unwrap(), 1 << 20);
+        let (be, meta, mut r) = open_and_read_first_mib(&path, mode);
         std::thread::sleep(std::time::Duration::from_millis(20)); // a new mtime
         std::fs::write(&path, pattern(4 << 20, 5)).unwrap();
         assert_eq!(read_one(&mut r, 1 << 20, 1 << 20).unwrap(), 1 << 20);
