@@ -16,6 +16,9 @@ use crate::error::{Error, Result};
 /// # Safety
 /// Implementors guarantee that the region `[base(), base() + len())` is valid for reads and writes,
 /// never moves, and stays allocated for as long as the owner value lives (windows hold an `Arc`).
+/// Once a region is given to an [`Arena`] or windows, its bytes are read and written only
+/// through those (an [`Arena`] checks that no other handle to the region exists before it
+/// hands out the whole region).
 pub unsafe trait MemRegion: Send + Sync + 'static {
     /// Start of the region.
     fn base(&self) -> *mut u8;
@@ -392,10 +395,21 @@ impl Arena {
         &self.inner
     }
 
+    /// True when no window (and no other handle, strong or weak) to the region exists. The
+    /// Acquire fence orders every write made through a window before it was dropped (an `Arc`
+    /// drop is a Release decrement) before what the caller does next.
+    fn exclusive(&self) -> bool {
+        let only = Arc::strong_count(&self.inner) == 1 && Arc::weak_count(&self.inner) == 0;
+        if only {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        }
+        only
+    }
+
     /// Lends out windows for `ranges`, which must be sorted, non-overlapping and inside the
     /// arena. Fails if windows from an earlier call are still alive.
     pub fn windows(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<Vec<IoBuf>> {
-        if Arc::strong_count(&self.inner) != 1 {
+        if !self.exclusive() {
             return Err(Error::invalid("arena windows are still lent out"));
         }
         let mut prev_end = 0usize;
@@ -416,8 +430,8 @@ impl Arena {
             .map(|r| {
                 let ptr = NonNull::new(base.wrapping_add(r.start)).unwrap_or(NonNull::dangling());
                 // SAFETY: the ranges were checked above to be inside the region and pairwise
-                // disjoint, and no windows from earlier calls are alive (strong count was 1), so
-                // each window is exclusive. `&mut self` prevents `as_slice` while we hand them out,
+                // disjoint, and no windows from earlier calls (nor weak handles that could become
+                // one) are alive (`exclusive`), so each window is exclusive. `&mut self` prevents `as_slice` while we hand them out,
                 // and `as_slice` refuses while any window is alive.
                 unsafe { IoBuf::from_raw_parts(ptr, r.len(), self.inner.clone()) }
             })
@@ -426,19 +440,21 @@ impl Arena {
 
     /// The whole arena, once no window is lent out.
     pub fn as_slice(&self) -> Result<&[u8]> {
-        if Arc::strong_count(&self.inner) != 1 {
+        if !self.exclusive() {
             return Err(Error::invalid(
                 "arena is still being written (windows lent out)",
             ));
         }
-        // SAFETY: no IoBuf window exists (strong count 1 and windows hold a clone), so nothing
-        // can write the region while this shared borrow of `self` lives (`windows` needs &mut).
+        // SAFETY: no IoBuf window and no weak handle exists (`exclusive`; windows hold a
+        // clone), writes made through dropped windows are ordered before this read (its fence),
+        // and nothing can write the region while this shared borrow of `self` lives (`windows`
+        // needs &mut; the region is only accessed through windows, see `MemRegion`).
         Ok(unsafe { std::slice::from_raw_parts(self.inner.base(), self.inner.len()) })
     }
 
     /// The whole arena, writable, once no window is lent out.
     pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
-        if Arc::strong_count(&self.inner) != 1 {
+        if !self.exclusive() {
             return Err(Error::invalid(
                 "arena is still being written (windows lent out)",
             ));
@@ -467,6 +483,23 @@ pub fn staging_slots(count: usize, slot_size: usize, align: usize) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_arena_with_another_handle_to_its_region_lends_nothing() {
+        let region = Arc::new(AlignedBuf::zeroed(4096, 64).unwrap());
+        let weak = Arc::downgrade(&region);
+        let mut arena = Arena::from_region(region);
+        // A weak handle could become a second reader/writer of the bytes at any time.
+        assert!(arena.as_mut_slice().is_err());
+        assert!(arena.as_slice().is_err());
+        assert!(arena.windows(std::slice::from_ref(&(0..16))).is_err());
+        drop(weak);
+        arena.as_mut_slice().unwrap()[0] = 42;
+        let w = arena.windows(std::slice::from_ref(&(0..16))).unwrap();
+        assert!(arena.as_slice().is_err(), "a window is lent out");
+        drop(w);
+        assert_eq!(arena.as_slice().unwrap()[0], 42);
+    }
 
     #[test]
     fn aligned_buffer_is_aligned_and_zeroed() {

@@ -43,6 +43,15 @@ impl HostModel {
                     index.tensors.len()
                 )));
             }
+            let t = &index.tensors[p.tensor];
+            if p.len != t.nbytes() {
+                return Err(Error::invalid(format!(
+                    "plan places {} bytes for tensor {:?}, which has {} (plan from another index?)",
+                    p.len,
+                    t.name,
+                    t.nbytes()
+                )));
+            }
             let d =
                 usize::try_from(p.dest).map_err(|_| Error::invalid("arena offset too large"))?;
             let n = usize::try_from(p.len).map_err(|_| Error::invalid("tensor too large"))?;

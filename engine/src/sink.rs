@@ -76,15 +76,25 @@ impl HookState {
                         if failed.load(Ordering::SeqCst) {
                             continue; // drain: the load already failed
                         }
-                        let r = hook.process(job.tensor, job.buf.as_mut_slice(), job.data_start);
+                        let tensor = job.tensor;
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            hook.process(tensor, job.buf.as_mut_slice(), job.data_start)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(Error::new(
+                                ErrorKind::Io,
+                                format!("the tensor hook panicked on tensor #{tensor}"),
+                            ))
+                        });
                         drop(job.buf);
                         if let Err(e) = r {
-                            failed.store(true, Ordering::SeqCst);
+                            // The error first, then the flag: whoever sees the flag finds it.
                             if let Ok(mut slot) = first_error.lock() {
                                 if slot.is_none() {
                                     *slot = Some(e);
                                 }
                             }
+                            failed.store(true, Ordering::SeqCst);
                         }
                     }
                 })
@@ -138,6 +148,11 @@ impl HookState {
 
 impl Drop for HookState {
     fn drop(&mut self) {
+        // Dropped without `finish` (the load failed or was abandoned): queued jobs are skipped,
+        // not hashed or decrypted for nothing.
+        if self.tx.is_some() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
         let _ = self.stop();
     }
 }
@@ -440,14 +455,21 @@ impl HostSink {
                 let slot = h.slots[seg.placement]
                     .as_mut()
                     .ok_or_else(|| Error::invalid("segment for a tensor that already completed"))?;
-                let s = (seg.obj.start - op.obj.start) as usize;
-                let n = (seg.obj.end - seg.obj.start) as usize;
-                let d = (seg.obj.start - p.needed.start) as usize;
-                let dst = slot
-                    .as_mut_slice()
-                    .get_mut(d..d + n)
-                    .ok_or_else(|| Error::invalid("segment lies outside its tensor"))?;
-                dst.copy_from_slice(&src[s..s + n]);
+                // Checked like the unhooked path: a malformed plan is an error, not a panic.
+                let off = |a: u64, b: u64| a.checked_sub(b).and_then(|x| usize::try_from(x).ok());
+                let outside = || Error::invalid("segment lies outside its read or its tensor");
+                let s = off(seg.obj.start, op.obj.start).ok_or_else(outside)?;
+                let n = off(seg.obj.end, seg.obj.start).ok_or_else(outside)?;
+                let d = off(seg.obj.start, p.needed.start).ok_or_else(outside)?;
+                let from = s
+                    .checked_add(n)
+                    .and_then(|e| src.get(s..e))
+                    .ok_or_else(outside)?;
+                let dst = d
+                    .checked_add(n)
+                    .and_then(|e| slot.as_mut_slice().get_mut(d..e))
+                    .ok_or_else(outside)?;
+                dst.copy_from_slice(from);
                 let r = &mut self.remaining[seg.placement];
                 *r = r.saturating_sub(seg.obj.end - seg.obj.start);
                 if *r == 0 {

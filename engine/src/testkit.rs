@@ -336,6 +336,12 @@ pub fn check_reader(fx: &dyn Fixture, queue_depth: usize) {
         reads.push((off as u64, len));
         off += len;
     }
+    // Large reads too (overlapping the ones above; each is checked on its own): the whole
+    // object in one read, and one from an aligned middle offset to the end. A reader that
+    // truncates big reads (e.g. to its own chunk size) must fail here, not only end to end.
+    reads.push((0, end));
+    let mid = align_up(size / 3, a);
+    reads.push((mid as u64, end - mid));
     // One read entirely past the end.
     reads.push((end as u64 + (a as u64) * 8, a.max(512)));
     // Shuffle (Fisher–Yates).

@@ -579,4 +579,59 @@ fn host_model_rejects_a_plan_from_another_index() {
         Err(e) => e,
     };
     assert!(e.message().contains("index"), "{e}");
+
+    // An index of as many tensors, but other ones (here: the same tensors in reverse order,
+    // every size different): names, dtypes and shapes would be attached to wrong bytes.
+    let (sink, _) = execute(
+        s.backend.clone(),
+        &s.meta,
+        s.plan.clone(),
+        HostSink::new(),
+        &eopts(),
+    )
+    .unwrap();
+    let (arena, _) = sink.into_parts().unwrap();
+    let mut other = s.index.clone();
+    other.tensors.reverse();
+    let e = match HostModel::new(arena, other, &s.plan) {
+        Ok(_) => panic!("model over another index of the same length accepted"),
+        Err(e) => e,
+    };
+    assert!(e.message().contains("another index"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor hooks (verification / decryption run on worker threads).
+
+/// A hook that panics on one tensor and counts the calls.
+struct PanickyHook {
+    on: usize,
+    calls: Arc<AtomicUsize>,
+}
+
+impl tensorstream_engine::sink::TensorHook for PanickyHook {
+    fn process(&self, tensor: usize, _bytes: &mut [u8], _data_start: usize) -> Result<()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if tensor == self.on {
+            panic!("injected hook panic");
+        }
+        Ok(())
+    }
+}
+
+/// A panicking hook fails the load with an error naming the tensor (not a generic "worker
+/// panicked" or "workers stopped"), with one worker or several.
+#[test]
+fn hook_panic_is_an_error_naming_the_tensor() {
+    for threads in [1, 4] {
+        let s = setup(BackendFault::None, ReaderFault::None, Layout::Mirror);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let hook = Arc::new(PanickyHook {
+            on: 1,
+            calls: calls.clone(),
+        });
+        let e = must_fail(run(&s, HostSink::with_hook(hook, threads)));
+        assert!(e.message().contains("tensor #1"), "{threads} threads: {e}");
+        assert!(calls.load(Ordering::SeqCst) >= 1);
+    }
 }

@@ -212,10 +212,83 @@ impl<'de> Visitor<'de> for EntriesVisitor {
         mut map: A,
     ) -> std::result::Result<Self::Value, A::Error> {
         let mut out = Vec::new();
-        while let Some((k, v)) = map.next_entry::<String, Value>()? {
-            out.push((k, v));
+        while let Some((k, v)) = map.next_entry::<String, Strict>()? {
+            out.push((k, v.0));
         }
         Ok(out)
+    }
+}
+
+/// Longest JSON array a header may hold (shapes, data offsets). Bounds the memory a header
+/// costs: a 100 MB header of one giant shape would otherwise become gigabytes of `Value`s.
+pub const MAX_ARRAY: usize = 1024;
+
+/// A JSON value parsed like `serde_json::Value`, except that an object naming a key twice is an
+/// error (the reference crate's derived structs refuse duplicate fields, so `{"dtype": "F32",
+/// "dtype": "U8"}` must not quietly mean U8 here) and arrays are bounded by [`MAX_ARRAY`].
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            if out.len() == MAX_ARRAY {
+                return Err(serde::de::Error::custom(format!(
+                    "an array longer than {MAX_ARRAY} elements"
+                )));
+            }
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some((k, Strict(v))) = map.next_entry::<String, Strict>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("key {k:?} given twice")));
+            }
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
     }
 }
 

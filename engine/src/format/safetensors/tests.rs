@@ -112,6 +112,41 @@ fn duplicate_tensor_names() {
     corrupt(r#"{"__metadata__":{},"__metadata__":{}}"#, 0, "twice");
 }
 
+/// A field named twice inside an entry is refused, as the reference crate's derived structs
+/// refuse it: `"dtype":"F32","dtype":"U8"` must not quietly mean whichever comes last.
+#[test]
+fn duplicate_fields_inside_an_entry() {
+    corrupt(
+        r#"{"x":{"dtype":"F32","dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
+        4,
+        "key \"dtype\" given twice",
+    );
+    corrupt(
+        r#"{"x":{"dtype":"U8","shape":[4],"shape":[2],"data_offsets":[0,4]}}"#,
+        4,
+        "given twice",
+    );
+    corrupt(r#"{"__metadata__":{"a":"1","a":"2"}}"#, 0, "given twice");
+}
+
+/// A shape of more dimensions than any array a header needs is refused while parsing, before
+/// it costs memory (a 100 MB header of one shape would be gigabytes of JSON values).
+#[test]
+fn giant_arrays_are_refused_while_parsing() {
+    let dims = vec!["1"; super::MAX_ARRAY + 1].join(",");
+    corrupt(
+        &format!(r#"{{"x":{{"dtype":"U8","shape":[{dims}],"data_offsets":[0,1]}}}}"#),
+        1,
+        "longer than 1024",
+    );
+    let dims = vec!["1"; super::MAX_ARRAY].join(",");
+    parse(&image(
+        format!(r#"{{"x":{{"dtype":"U8","shape":[{dims}],"data_offsets":[0,1]}}}}"#).as_bytes(),
+        1,
+    ))
+    .unwrap();
+}
+
 #[test]
 fn unknown_dtype() {
     corrupt(
