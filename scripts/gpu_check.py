@@ -214,7 +214,8 @@ def record(j, cold, loader):
                  open=j.get("device_open_seconds"), direct_io=j.get("direct_io")))
     say(f"  {loader:<44} {'cold' if cold else 'warm'} {j.get('gbps', 0):7.2f} GB/s "
         f"{j.get('seconds', 0):7.3f} s  rss {(j.get('peak_rss_bytes') or 0) / 2**20:7.1f} MiB  "
-        f"first tensor {j.get('first_tensor_seconds')}")
+        f"first tensor {j.get('first_tensor_seconds')}"
+        + ("  [staging NOT page-locked: driver refused]" if j.get("staging_page_locked") is False else ""))
 
 
 def main():

@@ -418,6 +418,10 @@ impl Loader {
     /// `stats().elapsed` runs from after the device was opened (index, plan, device allocation,
     /// reads and copies) to the last tensor on the device; opening the device is
     /// `stats().device_open`.
+    ///
+    /// Without [`Loader::on_device`] this opens a device handle of its own, and the model keeps
+    /// it (and its pinned staging ring, 128 MiB by default) until the model is released: to
+    /// keep several models, open one device and share it with `on_device`.
     pub fn load_cuda(&self) -> Result<CudaModel> {
         let opening = Instant::now();
         let dev = self.cuda_device()?;
@@ -447,6 +451,7 @@ impl Loader {
             stats.chunk_size = p.host_popts.chunk_size;
         }
         stats.device_open = device_open;
+        stats.staging_page_locked = Some(dev.staging_page_locked());
         stats.first_tensor = model.times().first_tensor.map(|d| planned + d);
         Ok(CudaModel { model, stats })
     }
@@ -614,13 +619,20 @@ impl Prepared {
         if self.hook.is_some() {
             return Ok(GpuRoute::Staged);
         }
-        if self.caps.kind == "local"
-            && tensorstream_cuda::use_mapped(
-                dev.options().warm,
-                std::path::Path::new(self.backend.location()),
-            )?
-        {
-            return Ok(GpuRoute::Mapped);
+        if self.caps.kind == "local" {
+            let path = std::path::Path::new(self.backend.location());
+            let mapped = match dev.options().warm {
+                tensorstream_cuda::WarmMode::Off => false,
+                tensorstream_cuda::WarmMode::Force => true,
+                // Residency from RWF_NOWAIT reads, not mincore (which some sandboxes answer
+                // "all resident" for any mapping); unknown means the ring.
+                tensorstream_cuda::WarmMode::Auto(min) => {
+                    tensorstream_backends::local::cached_fraction_of(path).is_some_and(|f| f >= min)
+                }
+            };
+            if mapped {
+                return Ok(GpuRoute::Mapped);
+            }
         }
         Ok(GpuRoute::Ring)
     }
@@ -643,6 +655,7 @@ impl Prepared {
             queue_depth: self.eopts.queue_depth,
             chunk_size: self.chunk,
             device_open: Duration::ZERO,
+            staging_page_locked: None,
             first_tensor: None,
             route: "host",
         }
@@ -697,6 +710,9 @@ pub struct LoadStats {
     /// GPU loads: opening the device (driver, context, streams, pinned staging), paid once per
     /// [`Loader::load_cuda`] call and not part of `elapsed`. Zero for host loads.
     pub device_open: Duration,
+    /// GPU loads: whether the staging ring is page-locked (`Some(false)` where the driver
+    /// refused: copies then come from pageable memory). `None` for host loads.
+    pub staging_page_locked: Option<bool>,
     /// GPU loads: from the start of the load (after the device was open, like `elapsed`) until
     /// the first tensor was complete on the device.
     pub first_tensor: Option<Duration>,

@@ -205,6 +205,15 @@ impl CudaDevice {
         self.streams.len()
     }
 
+    /// Whether the driver page-locked the staging ring (false where it refused: the slots are
+    /// then pageable memory, correct but slower to copy from).
+    pub fn staging_page_locked(&self) -> bool {
+        self.staging
+            .lock()
+            .map(|g| g.is_page_locked())
+            .unwrap_or(false)
+    }
+
     /// The pinned staging slots (all of them). Fails while a previous load still holds them.
     pub fn take_slots(&self) -> Result<Vec<IoBuf>> {
         let mut g = self

@@ -59,7 +59,9 @@ pub struct WarmStats {
     pub refused: Option<String>,
 }
 
-/// Fraction (0..=1) of `path` that is in the page cache.
+/// Fraction (0..=1) of `path` that is in the page cache, from `mincore` on a mapping. Some
+/// sandboxes (gVisor) answer "resident" for every mapped page; the `Loader` decides the route
+/// with `tensorstream_backends::local::cached_fraction_of` (non-blocking reads) instead.
 pub fn residency(path: &Path) -> Result<f64> {
     MappedFile::open(path)?.resident_fraction()
 }

@@ -119,6 +119,16 @@ pub struct LocalBackend {
 /// Fraction of `samples` spread-out 4 KiB pages of the file that are in the page cache, probed
 /// with `preadv2(RWF_NOWAIT)` (fails with EAGAIN instead of going to the disk). `None` when the
 /// kernel does not support the probe or the file is empty.
+/// The fraction of `path`'s pages in the page cache, from 64 sampled pages read with
+/// `preadv2(RWF_NOWAIT)` (which fails with `EAGAIN` instead of going to the disk); `None` where
+/// the kernel cannot tell (or the file cannot be opened). Unlike `mincore` on a mapping, this
+/// sees the real page cache also in sandboxes that pretend every mapped page is resident.
+pub fn cached_fraction_of(path: &std::path::Path) -> Option<f64> {
+    let f = File::open(path).ok()?;
+    let size = f.metadata().ok()?.len();
+    cached_fraction(&f, size)
+}
+
 fn cached_fraction(file: &File, size: u64) -> Option<f64> {
     const SAMPLES: u64 = 64;
     if size == 0 {

@@ -531,9 +531,12 @@ fn residency_probe_sees_a_freshly_written_file_as_cached() {
     std::fs::write(&p, vec![7u8; 8 << 20]).unwrap();
     let _ = std::fs::read(&p).unwrap();
     let f = std::fs::File::open(&p).unwrap();
+    assert!(super::cached_fraction_of(&dir.path().join("missing.bin")).is_none());
     match super::cached_fraction(&f, 8 << 20) {
         Some(frac) => {
             assert!(frac >= 0.75, "freshly written file only {frac} cached");
+            let by_path = super::cached_fraction_of(&p).expect("same probe by path");
+            assert!(by_path >= 0.75, "by path: {by_path}");
             let b =
                 LocalBackend::open(p.to_str().unwrap(), &crate::OpenOptions::default()).unwrap();
             assert!(

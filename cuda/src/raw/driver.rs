@@ -92,8 +92,19 @@ pub fn device_attribute(ctx: &CudaContext, attr: sys::CUdevice_attribute) -> Res
 }
 
 fn bind(ctx: &CudaContext) -> Result<()> {
-    ctx.bind_to_thread()
-        .map_err(|e| device_error("making the CUDA context current", e))
+    // cudarc stores an error that failed in a Drop (where it cannot be returned) and hands it
+    // to the next `bind_to_thread` on any thread, clearing it. That error belongs to earlier,
+    // unrelated work: say so, and bind again so that this operation is judged on its own.
+    if let Err(stale) = ctx.bind_to_thread() {
+        if ctx.bind_to_thread().is_err() {
+            return Err(device_error("making the CUDA context current", stale));
+        }
+        eprintln!(
+            "tensorstream: an earlier CUDA error surfaced late: {}",
+            device_error("", stale)
+        );
+    }
+    Ok(())
 }
 
 /// One device allocation holding every selected tensor of a load.
@@ -371,6 +382,8 @@ impl InFlight {
             Some(ev) => ev,
             None => return Err(Error::invalid("copy already waited for")),
         };
+        // The event's own answer decides whether the copy is done (not a stale stored error).
+        let _ = bind(&self.arena.ctx);
         match ev.synchronize() {
             Ok(()) => Ok((self.source.take(), ev)),
             Err(e) => {
@@ -389,7 +402,10 @@ impl Drop for InFlight {
             return;
         };
         let ok = match &self.event {
-            Some(ev) => ev.synchronize().is_ok(),
+            Some(ev) => {
+                let _ = bind(&self.arena.ctx);
+                ev.synchronize().is_ok()
+            }
             None => true,
         };
         if !ok {

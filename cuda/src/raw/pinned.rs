@@ -3,6 +3,11 @@
 //! and anonymous, so the kernel accepts it for O_DIRECT reads and io_uring fixed buffers (memory
 //! from `cuMemHostAlloc` is a mapping of the NVIDIA device file, which older kernels refuse to
 //! register with io_uring). Allocated once per device and lent out as [`IoBuf`] slots.
+//!
+//! Where the driver refuses to page-lock it (some sandboxes, e.g. gVisor's GPU proxy, may), the
+//! mapping is kept unregistered: copies from it are then from pageable memory — still correct,
+//! because such a copy returns only after the driver has taken the source bytes, and the events
+//! still order slot reuse — just slower. [`PinnedRegion::is_page_locked`] tells which.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -21,6 +26,8 @@ pub struct PinnedRegion {
     ptr: NonNull<u8>,
     len: usize,
     ctx: Arc<CudaContext>,
+    /// Registered with `cuMemHostRegister` (false: the driver refused; plain pageable memory).
+    locked: bool,
 }
 
 // SAFETY: the region is plain memory owned by this value; access to its bytes goes through
@@ -73,16 +80,27 @@ impl PinnedRegion {
                         )
                     })
             });
-        if let Err(e) = reg {
-            // SAFETY: unmapping the mapping created above, which nothing else references.
-            unsafe { libc::munmap(raw, len) };
-            return Err(e);
-        }
+        let locked = match reg {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "tensorstream: {e}; staging in pageable memory instead (correct, but host to \
+                     device copies are slower)"
+                );
+                false
+            }
+        };
         Ok(Arc::new(PinnedRegion {
             ptr,
             len,
             ctx: ctx.clone(),
+            locked,
         }))
+    }
+
+    /// Whether the driver page-locked the region (false: copies come from pageable memory).
+    pub fn is_page_locked(&self) -> bool {
+        self.locked
     }
 
     /// Lends the region out as `count` slots of `size` bytes (`size` a multiple of the page
@@ -143,16 +161,18 @@ unsafe impl MemRegion for PinnedRegion {
         self.len
     }
     fn is_pinned(&self) -> bool {
-        true
+        self.locked
     }
 }
 
 impl Drop for PinnedRegion {
     fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: the region was registered in `new`; no copy can still read it, because every
-        // copy holds its slot (and so an Arc of this region) until its event completed.
-        let _ = unsafe { sys::cuMemHostUnregister(self.ptr.as_ptr().cast()) };
+        if self.locked {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: the region was registered in `new`; no copy can still read it, because
+            // every copy holds its slot (and so an Arc of this region) until its event completed.
+            let _ = unsafe { sys::cuMemHostUnregister(self.ptr.as_ptr().cast()) };
+        }
         // SAFETY: unmapping our own mapping once; nothing refers to it any more.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
