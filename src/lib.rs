@@ -619,20 +619,15 @@ impl Prepared {
         if self.hook.is_some() {
             return Ok(GpuRoute::Staged);
         }
-        if self.caps.kind == "local" {
-            let path = std::path::Path::new(self.backend.location());
-            let mapped = match dev.options().warm {
-                tensorstream_cuda::WarmMode::Off => false,
-                tensorstream_cuda::WarmMode::Force => true,
-                // Residency from RWF_NOWAIT reads, not mincore (which some sandboxes answer
-                // "all resident" for any mapping); unknown means the ring.
-                tensorstream_cuda::WarmMode::Auto(min) => {
-                    tensorstream_backends::local::cached_fraction_of(path).is_some_and(|f| f >= min)
-                }
-            };
-            if mapped {
-                return Ok(GpuRoute::Mapped);
-            }
+        // Residency from RWF_NOWAIT reads, not mincore (which some sandboxes answer "all
+        // resident" for any mapping).
+        let path = std::path::Path::new(self.backend.location());
+        if self.caps.kind == "local"
+            && tensorstream_cuda::use_mapped(dev.options().warm, || {
+                tensorstream_backends::local::cached_fraction_of(path)
+            })
+        {
+            return Ok(GpuRoute::Mapped);
         }
         Ok(GpuRoute::Ring)
     }

@@ -66,12 +66,13 @@ pub fn residency(path: &Path) -> Result<f64> {
     MappedFile::open(path)?.resident_fraction()
 }
 
-/// Whether `mode` picks the mapped path for `path`.
-pub fn use_mapped(mode: WarmMode, path: &Path) -> Result<bool> {
+/// Whether `mode` picks the mapped path, given how much of the file is in the page cache
+/// (asked only for [`WarmMode::Auto`]; `None`, unknown, means no).
+pub fn use_mapped(mode: WarmMode, resident: impl FnOnce() -> Option<f64>) -> bool {
     match mode {
-        WarmMode::Off => Ok(false),
-        WarmMode::Force => Ok(true),
-        WarmMode::Auto(min) => Ok(residency(path)? >= min),
+        WarmMode::Off => false,
+        WarmMode::Force => true,
+        WarmMode::Auto(min) => resident().is_some_and(|f| f >= min),
     }
 }
 

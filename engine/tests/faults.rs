@@ -558,15 +558,19 @@ fn packed_host_load_while_the_arena_prefaults() {
 #[test]
 fn host_model_rejects_a_plan_from_another_index() {
     let s = setup(BackendFault::None, ReaderFault::None, Layout::Mirror);
-    let (sink, _) = execute(
-        s.backend.clone(),
-        &s.meta,
-        s.plan.clone(),
-        HostSink::new(),
-        &eopts(),
-    )
-    .unwrap();
-    let (arena, _) = sink.into_parts().unwrap();
+    // A finished load of the setup's plan: its arena.
+    let loaded = || {
+        let (sink, _) = execute(
+            s.backend.clone(),
+            &s.meta,
+            s.plan.clone(),
+            HostSink::new(),
+            &eopts(),
+        )
+        .unwrap();
+        sink.into_parts().unwrap().0
+    };
+    let arena = loaded();
     let mut small = s.index.clone();
     small.tensors.truncate(2);
     let r = HostModel::new(arena, small, &s.plan);
@@ -582,15 +586,7 @@ fn host_model_rejects_a_plan_from_another_index() {
 
     // An index of as many tensors, but other ones (here: the same tensors in reverse order,
     // every size different): names, dtypes and shapes would be attached to wrong bytes.
-    let (sink, _) = execute(
-        s.backend.clone(),
-        &s.meta,
-        s.plan.clone(),
-        HostSink::new(),
-        &eopts(),
-    )
-    .unwrap();
-    let (arena, _) = sink.into_parts().unwrap();
+    let arena = loaded();
     let mut other = s.index.clone();
     other.tensors.reverse();
     let e = match HostModel::new(arena, other, &s.plan) {

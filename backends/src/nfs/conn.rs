@@ -158,6 +158,15 @@ impl Shared {
     fn shutdown(&self) {
         let _ = self.shut.shutdown(Shutdown::Both);
     }
+    /// Appends the call reading `job.dest[off..off + len]` to `msg`; returns its xid.
+    fn encode_read(&self, msg: &mut Vec<u8>, job: &Job, off: usize, len: usize) -> u32 {
+        let xid = self.xid();
+        let at = job.offset + off as u64;
+        rpc::encode_call(msg, xid, &self.auth, PROC_COMPOUND, |e| {
+            proto::encode_read(e, &job.fh, at, len as u32)
+        });
+        xid
+    }
     /// Whether calls are waiting (or a reply is half read) and nothing arrived for longer than
     /// the timeout.
     fn stalled(&self, last_recv: Instant) -> bool {
@@ -421,11 +430,7 @@ impl Conn {
         for i in 0..subs {
             let off = i * rsize;
             let len = rsize.min(job.want - off);
-            let xid = self.shared.xid();
-            let at = job.offset + off as u64;
-            rpc::encode_call(&mut msg, xid, &self.shared.auth, PROC_COMPOUND, |e| {
-                proto::encode_read(e, &job.fh, at, len as u32)
-            });
+            let xid = self.shared.encode_read(&mut msg, &job, off, len);
             xids.push((xid, off, len));
         }
         {
@@ -601,11 +606,8 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
                     // Fewer bytes than asked, not at EOF (RFC 7530 §16.23 allows it): ask for
                     // the rest in place of this sub-read; the job's count is unchanged.
                     let (off, len) = (off + n, len - n);
-                    let xid = shared.xid();
                     let mut msg = Vec::new();
-                    rpc::encode_call(&mut msg, xid, &shared.auth, PROC_COMPOUND, |e| {
-                        proto::encode_read(e, &job.fh, job.offset + off as u64, len as u32)
-                    });
+                    let xid = shared.encode_read(&mut msg, &job, off, len);
                     let mut st = lock(&shared.state);
                     if st.dead.is_none() {
                         if st.calls.is_empty() {
