@@ -808,3 +808,61 @@ fn a_filter_never_downloads_skipped_tensors() {
         "{wire} bytes came over the wire for one 8 MiB tensor"
     );
 }
+
+/// The server goes away after the file was opened and comes back (same port, same export) 3 s
+/// later: with the default options (the old ones gave up after about 1.5 s) the load rides the
+/// restart out and every byte is right.
+#[test]
+fn server_restart_between_open_and_load_is_ridden_out() {
+    let mut g = Ganesha::start();
+    let (file, datas) = model_file(&[20 << 20, 12 << 20], 41);
+    let uri = g.put("restart.safetensors", &file);
+    let be = open(&uri, &opts()).unwrap();
+    assert_eq!(be.read_exact_at(0, 1000).unwrap(), &file[..1000]);
+    g.stop();
+    let t0 = std::time::Instant::now();
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        g.restart();
+        eprintln!("server back after {:?}", t0.elapsed());
+        g
+    });
+    let m = load(be, Layout::Mirror).unwrap();
+    eprintln!("load done after {:?}", t0.elapsed());
+    for (i, t) in m.tensors().enumerate() {
+        assert!(
+            t.data == &datas[i][..],
+            "tensor {i} differs after the restart"
+        );
+    }
+    let _g = back.join().unwrap();
+}
+
+/// A server that stays away longer than `retry_for`: the read fails when the time budget is
+/// spent (not after the default minute, not at once), saying how long it tried.
+#[test]
+fn server_down_longer_than_retry_for_fails_when_the_budget_is_spent() {
+    let mut g = Ganesha::start();
+    let data = pattern(1 << 20, 43);
+    let uri = format!("{}?retry_for=1.5", g.put("gone.bin", &data));
+    let be = open(&uri, &opts()).unwrap();
+    assert_eq!(be.read_exact_at(0, 4096).unwrap(), &data[..4096]);
+    g.stop();
+    let t0 = std::time::Instant::now();
+    let e = be.read_exact_at(0, data.len()).unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("giving up after") && msg.contains(" s"),
+        "{msg}"
+    );
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(20),
+        "gave up after {took:?} with retry_for=1.5"
+    );
+    // stat() (a small call) keeps to the same budget.
+    let e = be.stat().unwrap_err();
+    assert!(e.to_string().contains("giving up after"), "{e}");
+}

@@ -2,8 +2,11 @@
 //!
 //! Options (query string): `nconnect` (TCP connections, default 4), `rsize` (largest READ in
 //! bytes, default 1 MiB, capped by the server's maxread), `uid`/`gid` (AUTH_SYS identity,
-//! default the process's), `retries` (attempts after a failed connection, default 4). For
-//! copy-paste compatibility with libnfs URLs, `version=4` and `nfsport=PORT` are accepted too.
+//! default the process's), `retry_for` (seconds a call that failed on a broken connection or a
+//! busy server keeps being retried, default 60: long enough to ride out a server restart; a
+//! server that cannot be reached while the file is being opened fails after at most 5 s) and
+//! `retries` (most attempts after the first, default 1000). For copy-paste compatibility with
+//! libnfs URLs, `version=4` and `nfsport=PORT` are accepted too.
 
 use std::time::Duration;
 
@@ -25,8 +28,18 @@ pub const DEFAULT_CONCURRENCY: usize = 32;
 pub const DEFAULT_CHUNK: usize = 4 << 20;
 /// Default per-request timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default retries after a broken connection.
-pub const DEFAULT_RETRIES: u32 = 4;
+/// Default cap on attempts after the first (the time budget, [`DEFAULT_RETRY_FOR`], is what
+/// usually ends the retries).
+pub const DEFAULT_RETRIES: u32 = 1000;
+/// Most `retries` accepted.
+pub const MAX_RETRIES: u32 = 10_000;
+/// Default time a failed call keeps being retried once the file is open.
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(60);
+/// Most `retry_for` accepted.
+pub const MAX_RETRY_FOR: Duration = Duration::from_secs(3600);
+/// Retry budget while the file is being opened (capped by `retry_for`): a wrong address or a
+/// server that is down fails quickly instead of after a minute.
+pub const OPEN_RETRY_FOR: Duration = Duration::from_secs(5);
 
 /// Everything the NFS backend needs to know, parsed from the URI and [`OpenOptions`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,8 +60,10 @@ pub struct NfsConfig {
     pub chunk: usize,
     /// Time without progress after which a connection is declared dead.
     pub timeout: Duration,
-    /// Attempts after the first one when a connection breaks or the server says "retry".
+    /// Most attempts after the first one when a connection breaks or the server says "retry".
     pub retries: u32,
+    /// How long one call keeps being retried, from its first failure.
+    pub retry_for: Duration,
     /// AUTH_SYS user id.
     pub uid: u32,
     /// AUTH_SYS group id.
@@ -202,6 +217,7 @@ pub fn parse(uri: &str, opts: &OpenOptions) -> Result<NfsConfig> {
             .clamp(4096, 1 << 30),
         timeout: opts.timeout.unwrap_or(DEFAULT_TIMEOUT),
         retries: DEFAULT_RETRIES,
+        retry_for: DEFAULT_RETRY_FOR,
         uid,
         gid,
         machine: machine_name(),
@@ -228,9 +244,24 @@ pub fn parse(uri: &str, opts: &OpenOptions) -> Result<NfsConfig> {
             "gid" => cfg.gid = num(uri, k, v)?,
             "retries" => {
                 cfg.retries = num(uri, k, v)?;
-                if cfg.retries > 100 {
-                    return Err(bad(uri, "retries must be at most 100"));
+                if cfg.retries > MAX_RETRIES {
+                    return Err(bad(uri, format!("retries must be at most {MAX_RETRIES}")));
                 }
+            }
+            "retry_for" => {
+                let secs: f64 = num(uri, k, v)?;
+                cfg.retry_for = Duration::try_from_secs_f64(secs)
+                    .ok()
+                    .filter(|d| *d <= MAX_RETRY_FOR)
+                    .ok_or_else(|| {
+                        bad(
+                            uri,
+                            format!(
+                                "retry_for must be between 0 and {} seconds",
+                                MAX_RETRY_FOR.as_secs()
+                            ),
+                        )
+                    })?;
             }
             "nfsport" => port = num(uri, k, v)?,
             "version" => {
@@ -247,7 +278,7 @@ pub fn parse(uri: &str, opts: &OpenOptions) -> Result<NfsConfig> {
                     uri,
                     format!(
                         "unknown option {other:?} (known: nconnect, rsize, uid, gid, retries, \
-                         nfsport, version)"
+                         retry_for, nfsport, version)"
                     ),
                 ))
             }

@@ -65,6 +65,8 @@ pub(crate) struct Job {
     pub dest: Dest,
     /// Attempts made so far (retries after failed connections).
     pub attempt: u32,
+    /// When the first attempt failed (the retry budget counts from there).
+    pub first_failure: Option<Instant>,
     /// File handle.
     pub fh: Arc<[u8]>,
     /// The version every sub-read must observe.
@@ -96,6 +98,7 @@ impl Job {
             want,
             dest,
             attempt: 0,
+            first_failure: None,
             fh,
             pin,
             rsize,

@@ -12,8 +12,10 @@
 //!   anything else is [`ErrorKind::ObjectChanged`]. The data goes from the socket straight into
 //!   the engine's buffer.
 //! * Failures: a broken or stalled connection (nothing received for `timeout` while calls are
-//!   pending) fails its reads as retryable; they are re-sent on a fresh connection, at most
-//!   `retries` times with backoff. NFS errors map to error kinds (NOENT → NotFound, ACCESS/PERM →
+//!   pending) fails its reads as retryable; they are re-sent on a fresh connection with backoff
+//!   (50 ms doubling to 2 s), for up to `retry_for` (default 60 s, enough for a server restart;
+//!   5 s at most while opening) and at most `retries` times. The first retry of a backend prints
+//!   one line on stderr. NFS errors map to error kinds (NOENT → NotFound, ACCESS/PERM →
 //!   PermissionDenied, STALE → ObjectChanged, DELAY/GRACE → retried).
 //! * Hostile servers: every length read from the wire is bounded before use (file handle ≤ 128
 //!   bytes, attributes ≤ 4 KiB, READ data ≤ what was asked, other replies ≤ 1 MiB).
@@ -28,8 +30,9 @@ mod tests;
 mod xdr;
 
 use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tensorstream_engine::{
     Backend, Capabilities, Error, ErrorKind, ObjectMeta, RangeReader, ReaderOptions, Result,
@@ -96,6 +99,32 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base / 2 + jitter)
 }
 
+/// Whether a call that failed `attempt + 1` times (the first failure at `since`) may be tried
+/// again: the delay before the next attempt, or `None` when `retries` attempts were made or the
+/// `budget` since the first failure is spent. The delay never runs past the budget.
+pub(crate) fn retry_delay(
+    attempt: u32,
+    since: Instant,
+    retries: u32,
+    budget: Duration,
+) -> Option<Duration> {
+    if attempt >= retries {
+        return None;
+    }
+    let left = budget
+        .checked_sub(since.elapsed())
+        .filter(|l| !l.is_zero())?;
+    Some(backoff(attempt + 1).min(left))
+}
+
+/// The context added to a retryable failure when the retries are used up.
+pub(crate) fn gave_up(attempts: u32, since: Instant) -> String {
+    format!(
+        "giving up after {attempts} attempts in {:.1} s",
+        since.elapsed().as_secs_f64()
+    )
+}
+
 /// State shared by the backend and its readers.
 pub(crate) struct Inner {
     uri: String,
@@ -104,6 +133,8 @@ pub(crate) struct Inner {
     fh: Arc<[u8]>,
     pin: Version,
     rsize: usize,
+    /// Set once the first retry after opening was reported on stderr.
+    warned: AtomicBool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -118,25 +149,46 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
-    /// Runs a small call, retrying on retryable failures with backoff.
+    /// Runs a small call, retrying retryable failures with backoff for at most `retries` more
+    /// attempts and `budget` from the first failure. `on_retry` sees each failure retried.
     fn call_with_retry<T>(
         pool: &Pool,
         retries: u32,
+        budget: Duration,
+        mut on_retry: impl FnMut(&Failure),
         mut f: impl FnMut(&Conn) -> std::result::Result<T, Failure>,
     ) -> std::result::Result<T, Failure> {
         let mut attempt = 0;
+        let mut since = None;
         loop {
-            let r = pool.get().and_then(|c| f(&c));
-            match r {
-                Err(e) if e.retryable && attempt < retries => {
-                    attempt += 1;
-                    std::thread::sleep(backoff(attempt));
-                }
+            match pool.get().and_then(|c| f(&c)) {
                 Err(e) if e.retryable => {
-                    return Err(e.context(&format!("giving up after {} attempts", attempt + 1)))
+                    let first = *since.get_or_insert_with(Instant::now);
+                    match retry_delay(attempt, first, retries, budget) {
+                        Some(delay) => {
+                            on_retry(&e);
+                            attempt += 1;
+                            std::thread::sleep(delay);
+                        }
+                        None => return Err(e.context(&gave_up(attempt + 1, first))),
+                    }
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Reports the first retry after opening on stderr (once per backend): a load that waits
+    /// for a restarting server should say why it is slow.
+    pub(crate) fn note_retry(&self, f: &Failure) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "tensorstream: nfs: {}: {}; retrying (for up to {} s, at most {} times)",
+                self.uri,
+                f.msg,
+                self.cfg.retry_for.as_secs_f64(),
+                self.cfg.retries
+            );
         }
     }
 }
@@ -198,10 +250,17 @@ impl NfsBackend {
         let auth = rpc::AuthSys::new(&cfg.machine, cfg.uid, cfg.gid);
         let pool = Pool::new(addrs, peer, cfg.nconnect, cfg.timeout, auth);
         let components = cfg.components.clone();
-        let resolved = Inner::call_with_retry(&pool, cfg.retries, |c| {
-            let reply = c.call(|e| proto::encode_resolve(e, &components))?;
-            decode_call(&reply, |s| proto::decode_resolve(s, &components))
-        })
+        let open_budget = cfg.retry_for.min(config::OPEN_RETRY_FOR);
+        let resolved = Inner::call_with_retry(
+            &pool,
+            cfg.retries,
+            open_budget,
+            |_| {},
+            |c| {
+                let reply = c.call(|e| proto::encode_resolve(e, &components))?;
+                decode_call(&reply, |s| proto::decode_resolve(s, &components))
+            },
+        )
         .map_err(|f| f.into_error(uri))?;
         let a = &resolved.attrs;
         match a.ftype {
@@ -261,6 +320,7 @@ impl NfsBackend {
                 pool,
                 pin,
                 rsize,
+                warned: AtomicBool::new(false),
             }),
         })
     }
@@ -298,7 +358,8 @@ impl Backend for NfsBackend {
     /// (a backend serves one version of one file).
     fn stat(&self) -> Result<ObjectMeta> {
         let i = &self.inner;
-        let attrs = Inner::call_with_retry(&i.pool, i.cfg.retries, |c| {
+        let retry = |f: &Failure| i.note_retry(f);
+        let attrs = Inner::call_with_retry(&i.pool, i.cfg.retries, i.cfg.retry_for, retry, |c| {
             let reply = c.call(|e| proto::encode_stat(e, &i.fh))?;
             decode_call(&reply, |s| proto::decode_stat(s))
         })

@@ -4,19 +4,23 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tensorstream_engine::{Error, ErrorKind, RangeReader, ReadDone, ReadRequest, Result};
 
 use super::conn::{Dest, Done, Job};
-use super::{backoff, Failure, Inner};
+use super::{gave_up, retry_delay, Failure, Inner};
 
 /// Dispatches jobs to connections and collects them, retrying retryable failures.
 pub(crate) struct Runner {
     inner: Arc<Inner>,
     tx: Sender<Done>,
     rx: Receiver<Done>,
+    /// Jobs submitted and not yet returned by `next` (dispatched or waiting for a retry).
     in_flight: usize,
+    /// Failed jobs waiting for their retry: when each is due.
+    delayed: Vec<(Instant, Job)>,
 }
 
 impl Runner {
@@ -27,6 +31,7 @@ impl Runner {
             tx,
             rx,
             in_flight: 0,
+            delayed: Vec::new(),
         }
     }
 
@@ -67,28 +72,50 @@ impl Runner {
     }
 
     /// The next finished job (after retries). `None` when nothing is in flight.
+    ///
+    /// A retry waits in `delayed` (it does not block the loop), so the jobs that failed together
+    /// back off together instead of one after another.
     fn next(&mut self) -> Option<(Job, std::result::Result<usize, Failure>)> {
         if self.in_flight == 0 {
             return None;
         }
         loop {
-            // Every dispatched job comes back exactly once (conn.rs), and we hold a sender.
-            let Ok(Done { mut job, result }) = self.rx.recv() else {
-                return None;
-            };
-            match result {
-                Err(f) if f.retryable && job.attempt < self.inner.cfg.retries => {
-                    job.attempt += 1;
-                    std::thread::sleep(backoff(job.attempt));
+            let now = Instant::now();
+            let mut i = 0;
+            while i < self.delayed.len() {
+                if self.delayed[i].0 <= now {
+                    let (_, job) = self.delayed.swap_remove(i);
                     self.dispatch(job);
+                } else {
+                    i += 1;
                 }
+            }
+            // Every dispatched job comes back exactly once (conn.rs), and we hold a sender.
+            let done = match self.delayed.iter().map(|(due, _)| *due).min() {
+                None => self.rx.recv().ok()?,
+                Some(due) => match self.rx.recv_timeout(due.saturating_duration_since(now)) {
+                    Ok(d) => d,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return None,
+                },
+            };
+            let Done { mut job, result } = done;
+            match result {
                 Err(f) if f.retryable => {
-                    self.in_flight -= 1;
-                    let n = job.attempt + 1;
-                    return Some((
-                        job,
-                        Err(f.context(&format!("giving up after {n} attempts"))),
-                    ));
+                    let cfg = &self.inner.cfg;
+                    let since = *job.first_failure.get_or_insert_with(Instant::now);
+                    match retry_delay(job.attempt, since, cfg.retries, cfg.retry_for) {
+                        Some(delay) => {
+                            self.inner.note_retry(&f);
+                            job.attempt += 1;
+                            self.delayed.push((Instant::now() + delay, job));
+                        }
+                        None => {
+                            self.in_flight -= 1;
+                            let msg = gave_up(job.attempt + 1, since);
+                            return Some((job, Err(f.context(&msg))));
+                        }
+                    }
                 }
                 other => {
                     self.in_flight -= 1;

@@ -42,6 +42,13 @@ fn parses_host_port_path_and_options() {
         (8, 65536, 5, 6, 0)
     );
     assert_eq!(c.peer(), "[::1]:2049");
+    assert_eq!(c.retry_for, config::DEFAULT_RETRY_FOR);
+
+    let c = config::parse("nfs://h/x?retry_for=2.5", &OpenOptions::default()).unwrap();
+    assert_eq!(c.retry_for, Duration::from_millis(2500));
+    assert_eq!(c.retries, config::DEFAULT_RETRIES);
+    let c = config::parse("nfs://h/x?retry_for=0", &OpenOptions::default()).unwrap();
+    assert_eq!(c.retry_for, Duration::ZERO);
 
     // libnfs-style URL options.
     let c = config::parse(
@@ -84,7 +91,12 @@ fn rejects_bad_uris() {
         ("nfs://h/x?nconnect=0", ErrorKind::InvalidInput),
         ("nfs://h/x?nconnect=65", ErrorKind::InvalidInput),
         ("nfs://h/x?rsize=100", ErrorKind::InvalidInput),
-        ("nfs://h/x?retries=1000", ErrorKind::InvalidInput),
+        ("nfs://h/x?retries=10001", ErrorKind::InvalidInput),
+        ("nfs://h/x?retry_for=-1", ErrorKind::InvalidInput),
+        ("nfs://h/x?retry_for=NaN", ErrorKind::InvalidInput),
+        ("nfs://h/x?retry_for=inf", ErrorKind::InvalidInput),
+        ("nfs://h/x?retry_for=3601", ErrorKind::InvalidInput),
+        ("nfs://h/x?retry_for=", ErrorKind::InvalidInput),
         ("nfs://h/x?bogus=1", ErrorKind::InvalidInput),
         ("nfs://h/x?version=3", ErrorKind::Unsupported),
     ] {
@@ -451,6 +463,30 @@ fn nfs_status_codes_map_to_error_kinds() {
     assert!(e
         .to_string()
         .starts_with("nfs://h/x: nfs: LOOKUP /x failed: NFS4ERR_NOENT"));
+}
+
+#[test]
+fn retries_stop_at_the_count_or_the_time_budget() {
+    use super::retry_delay;
+    let now = std::time::Instant::now();
+    let minute = Duration::from_secs(60);
+    // Within both limits: the backoff for the next attempt.
+    let d = retry_delay(0, now, 3, minute).unwrap();
+    assert!(
+        d >= Duration::from_millis(50) && d <= Duration::from_millis(100),
+        "{d:?}"
+    );
+    // The count is spent.
+    assert_eq!(retry_delay(3, now, 3, minute), None);
+    assert_eq!(retry_delay(0, now, 0, minute), None);
+    // The time is spent (or was zero): no retry, however many attempts are left.
+    assert_eq!(retry_delay(0, now, 1000, Duration::ZERO), None);
+    let long_ago = now - Duration::from_secs(61);
+    assert_eq!(retry_delay(5, long_ago, 1000, minute), None);
+    // Little time left: the delay is cut to what is left.
+    let almost = now - Duration::from_millis(59_990);
+    let d = retry_delay(10, almost, 1000, minute).unwrap();
+    assert!(d <= Duration::from_millis(10), "{d:?}");
 }
 
 #[test]

@@ -16,6 +16,8 @@ pub struct Ganesha {
     pub port: u16,
     child: Child,
     dir: tempfile::TempDir,
+    /// "NFS SERVER INITIALIZED" lines in the log from earlier starts (the log is appended to).
+    inits: usize,
 }
 
 fn free_port() -> u16 {
@@ -76,31 +78,47 @@ impl Ganesha {
         );
         let conf_path = dir.path().join("ganesha.conf");
         std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
-        let log = dir.path().join("ganesha.log");
-        let child = Command::new(bin)
+        let child = Self::spawn(bin, dir.path())?;
+        let mut g = Ganesha {
+            port,
+            child,
+            dir,
+            inits: 0,
+        };
+        g.wait_serving()?;
+        Ok(g)
+    }
+
+    /// Starts `ganesha.nfsd` with the config in `dir`, logging to `dir/ganesha.log`.
+    fn spawn(bin: &Path, dir: &Path) -> Result<Child, String> {
+        Command::new(bin)
             .arg("-F")
             .arg("-f")
-            .arg(&conf_path)
+            .arg(dir.join("ganesha.conf"))
             .arg("-L")
-            .arg(&log)
+            .arg(dir.join("ganesha.log"))
             .arg("-p")
-            .arg(dir.path().join("ganesha.pid"))
+            .arg(dir.join("ganesha.pid"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-        let mut g = Ganesha { port, child, dir };
+            .map_err(|e| format!("spawn {}: {e}", bin.display()))
+    }
+
+    /// Waits (at most 30 s) until the server has initialised and accepts connections.
+    fn wait_serving(&mut self) -> Result<(), String> {
+        let log = self.dir.path().join("ganesha.log");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Ok(Some(status)) = g.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("ganesha.nfsd exited ({status}); log:\n{log_text}"));
             }
-            let up = log_text.contains("NFS SERVER INITIALIZED")
-                && TcpStream::connect(("127.0.0.1", port)).is_ok();
-            if up {
-                return Ok(g);
+            let inits = log_text.matches("NFS SERVER INITIALIZED").count();
+            if inits > self.inits && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                self.inits = inits;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
@@ -135,6 +153,17 @@ impl Ganesha {
     /// The server's log so far (for assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ganesha.log")).unwrap_or_default()
+    }
+
+    /// Starts the stopped server again: same port, config and export (what a server restart
+    /// looks like to a client). Panics if it does not serve within 30 s.
+    pub fn restart(&mut self) {
+        let bin = find_binary().unwrap_or_else(|| panic!("{NOT_INSTALLED}"));
+        self.stop();
+        self.child = Self::spawn(&bin, self.dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        if let Err(e) = self.wait_serving() {
+            panic!("ganesha.nfsd did not come back: {e}");
+        }
     }
 
     /// Stops the server now (kill by PID, then reap it).
