@@ -100,6 +100,7 @@ pub struct Loader {
     ring_budget: usize,
     open: OpenOptions,
     progress: Option<Arc<AtomicU64>>,
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     progress_total: Option<Arc<AtomicU64>>,
     cuda: tensorstream_cuda::CudaOptions,
     opened: Option<Arc<tensorstream_cuda::CudaDevice>>,
@@ -138,6 +139,7 @@ impl Loader {
             ring_budget: DEFAULT_RING_BUDGET,
             open: OpenOptions::default(),
             progress: None,
+            cancel: None,
             progress_total: None,
             cuda: tensorstream_cuda::CudaOptions::default(),
             opened: None,
@@ -209,10 +211,16 @@ impl Loader {
         let sel = self.select(&index)?;
         let only = (sel.len() != index.tensors.len())
             .then(|| sel.iter().map(|&i| index.tensors[i].name.clone()).collect());
+        if let Some(t) = &self.progress_total {
+            let total: u64 = sel.iter().map(|&i| index.tensors[i].nbytes()).sum();
+            t.store(total, std::sync::atomic::Ordering::Relaxed);
+        }
         let opts = ConvertOptions {
             read: self.read_options(&index),
             encrypt,
             only,
+            progress: self.progress.clone(),
+            cancel: self.cancel.clone(),
             ..ConvertOptions::default()
         };
         format::convert::convert(be.as_ref(), output, &opts)
@@ -290,6 +298,7 @@ impl Loader {
     }
     /// Set to the number of bytes the load will read (what [`Loader::progress`] counts up to)
     /// once the load is planned: a progress display's total, selection and alignment included.
+    /// For [`Loader::convert`]: the bytes of the tensors to convert.
     pub fn progress_total(mut self, total: Arc<AtomicU64>) -> Self {
         self.progress_total = Some(total);
         self
@@ -297,6 +306,15 @@ impl Loader {
     /// A counter the loader adds bytes read to, for progress display.
     pub fn progress(mut self, counter: Arc<AtomicU64>) -> Self {
         self.progress = Some(counter);
+        self
+    }
+    /// A flag that stops the load or conversion when set (from any thread, e.g. a signal
+    /// handler): no new read is issued, the reads in flight are drained, and the call fails
+    /// with [`ErrorKind::Cancelled`]; whatever was allocated is released and a conversion's
+    /// temporary file is removed. (A GPU load on the mapped warm route finishes its copies
+    /// first; they run on the device.)
+    pub fn cancel_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.cancel = Some(flag);
         self
     }
 
@@ -501,6 +519,7 @@ impl Loader {
                 .min(tensorstream_engine::pipeline::MAX_QUEUE_DEPTH),
             ring_budget: self.ring_budget,
             progress: self.progress.clone(),
+            cancel: self.cancel.clone(),
         };
         // Host-side options, also used by GPU loads that verify or decrypt (staged through host).
         let mut host_popts = popts;

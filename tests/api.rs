@@ -101,3 +101,84 @@ fn progress_total_is_what_the_selected_load_reads() {
     );
     assert_eq!(done.load(Ordering::Relaxed), t);
 }
+
+/// Sets `flag` once `after` reads were made (the reads themselves succeed).
+#[derive(Debug)]
+struct CancelAfter {
+    inner: Arc<MemoryBackend>,
+    reads: std::sync::atomic::AtomicUsize,
+    after: usize,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tensorstream_engine::Backend for CancelAfter {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> tensorstream_engine::Result<tensorstream_engine::ObjectMeta> {
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> tensorstream_engine::Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> tensorstream_engine::Result<usize> {
+        use std::sync::atomic::Ordering;
+        if self.reads.fetch_add(1, Ordering::SeqCst) + 1 >= self.after {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+        self.inner.read_at(offset, buf)
+    }
+}
+
+#[test]
+fn a_cancel_flag_stops_loads_and_conversions_cleanly() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use tensorstream_engine::ErrorKind;
+    let cancelling = |after: usize| {
+        let flag = Arc::new(AtomicBool::new(false));
+        // 200 tensors of 4 KiB: hundreds of 4 KiB reads.
+        let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 200], 7);
+        let be = Arc::new(CancelAfter {
+            inner: Arc::new(MemoryBackend::new("mem://big.safetensors", file)),
+            reads: AtomicUsize::new(0),
+            after,
+            flag: flag.clone(),
+        });
+        (be, flag)
+    };
+    // A load: small chunks and one read in flight, so the flag is seen long before the end.
+    let (be, flag) = cancelling(5);
+    let Err(e) = Loader::from_backend(be.clone())
+        .chunk_size(4096)
+        .queue_depth(1)
+        .cancel_flag(flag)
+        .load()
+    else {
+        panic!("the load ran to the end despite the cancel flag");
+    };
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    let reads = be.reads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(reads < 20, "{reads} reads after the cancel at read 5");
+
+    // A conversion: fails as cancelled and leaves neither the output nor a temporary file.
+    let dir = tempfile::tempdir().unwrap();
+    for out in ["c.safetensors", "c.tensors"] {
+        let (be, flag) = cancelling(30);
+        let path = dir.path().join(out);
+        let e = Loader::from_backend(be)
+            .cancel_flag(flag)
+            .convert(&path, None)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Cancelled, "{out}: {e}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{out}: left behind {left:?}");
+    }
+
+    // An unset flag changes nothing.
+    let flag = Arc::new(AtomicBool::new(false));
+    let m = Loader::from_backend(model(20))
+        .cancel_flag(flag)
+        .load()
+        .unwrap();
+    assert_eq!(m.len(), 20);
+}

@@ -236,6 +236,18 @@ fn demo_verifies_and_compares() {
     ]);
     assert!(out.contains("every byte matches"), "{out}");
     assert!(out.contains("std::fs::read"), "{out}");
+    // The size asked for is the size written (whole layers: a little less, never more). Small
+    // sizes used to give the 150 MiB minimum shape.
+    let wrote: u64 = out
+        .split("tensors, ")
+        .nth(1)
+        .and_then(|r| r.split(" bytes").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {out}"));
+    assert!(
+        wrote <= 32 << 20 && wrote >= 24 << 20,
+        "--size 32MiB wrote {wrote} bytes"
+    );
     // The temporary file is removed afterwards.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -358,5 +370,42 @@ fn a_closed_stdout_pipe_is_not_a_panic() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+    }
+}
+
+/// Ctrl-C / SIGTERM while `demo` writes its model: the process stops with 128 + the signal and
+/// leaves no temporary directory behind (with the default action it left a whole model file).
+#[test]
+fn interrupted_demo_removes_its_files() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    for (sig, code) in [("INT", 130), ("TERM", 143)] {
+        let mut child = bin()
+            .args(["demo", "--size", "4GiB", "--quiet", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The first line says it is writing: the temporary directory exists now.
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("writing"), "{line}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let killed = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "SIG{sig}: {stderr}");
+        assert!(stderr.contains("interrupted"), "SIG{sig}: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "SIG{sig}: left behind {left:?}");
     }
 }

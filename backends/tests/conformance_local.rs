@@ -186,6 +186,7 @@ fn end_to_end_safetensors_from_a_local_file() {
                 queue_depth: caps.max_concurrency,
                 ring_budget: 64 << 20,
                 progress: None,
+                cancel: None,
             };
             let (sink, stats) =
                 execute(be.clone(), &meta, plan.clone(), HostSink::new(), &eo).unwrap();

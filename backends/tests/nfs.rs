@@ -54,6 +54,7 @@ fn load(be: Arc<dyn Backend>, layout: Layout) -> Result<HostModel> {
         queue_depth: caps.max_concurrency,
         ring_budget: 64 << 20,
         progress: None,
+        cancel: None,
     };
     let (sink, _stats) = execute(be, &meta, plan.clone(), HostSink::new(), &eo)?;
     let (arena, _) = sink.into_parts()?;

@@ -43,6 +43,7 @@ fn load(
         queue_depth: depth,
         ring_budget: 64 << 20,
         progress: None,
+        cancel: None,
     };
     let (sink, stats) = execute(be, &meta, plan.clone(), HostSink::new(), &eopts)?;
     let (arena, _) = sink.into_parts()?;

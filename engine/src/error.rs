@@ -32,6 +32,8 @@ pub enum ErrorKind {
     InvalidInput,
     /// Any other I/O failure.
     Io,
+    /// The caller asked the operation to stop (a cancel flag was set).
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -49,6 +51,7 @@ impl ErrorKind {
             ErrorKind::IntegrityMismatch => "integrity mismatch",
             ErrorKind::InvalidInput => "invalid input",
             ErrorKind::Io => "i/o error",
+            ErrorKind::Cancelled => "cancelled",
         }
     }
 }

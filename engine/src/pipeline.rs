@@ -27,6 +27,9 @@ pub struct EngineOptions {
     pub ring_budget: usize,
     /// Bytes read so far, for progress display.
     pub progress: Option<Arc<AtomicU64>>,
+    /// Set it (from any thread) to stop the load: no new read is issued, the reads in flight
+    /// are drained, and the load fails with [`ErrorKind::Cancelled`]. Nothing is left behind.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for EngineOptions {
@@ -35,6 +38,7 @@ impl Default for EngineOptions {
             queue_depth: 16,
             ring_budget: 256 << 20,
             progress: None,
+            cancel: None,
         }
     }
 }
@@ -171,6 +175,10 @@ pub fn execute<S: Sink>(
         while read_err.is_none() && next < total && reader.in_flight() < depth {
             if sink_failed.load(Ordering::SeqCst) {
                 break 'outer;
+            }
+            if is_cancelled(&opts.cancel) {
+                read_err = Some(cancelled(next, total));
+                break;
             }
             let op = &plan.reads[next];
             let want = op.len() as usize;
@@ -310,6 +318,9 @@ pub fn execute<S: Sink>(
         while let Ok(b) = freed_rx.try_recv() {
             free.push(b);
         }
+        if read_err.is_none() && is_cancelled(&opts.cancel) {
+            read_err = Some(cancelled(next, total));
+        }
     }
     // Drain anything still in flight so every buffer is given back before we return.
     while reader.in_flight() > 0 {
@@ -349,6 +360,18 @@ pub fn execute<S: Sink>(
     }
     stats.elapsed = start.elapsed();
     Ok((sink, stats))
+}
+
+/// True when `flag` is set.
+pub fn is_cancelled(flag: &Option<Arc<AtomicBool>>) -> bool {
+    flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
+}
+
+fn cancelled(issued: usize, total: usize) -> Error {
+    Error::new(
+        ErrorKind::Cancelled,
+        format!("load cancelled after {issued} of {total} reads were issued"),
+    )
 }
 
 /// Most reads one load keeps in flight (larger `EngineOptions::queue_depth` values are capped).

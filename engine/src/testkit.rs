@@ -559,6 +559,7 @@ pub fn check_end_to_end(fx: &dyn Fixture, layout: Layout) {
         queue_depth: caps.max_concurrency.clamp(1, 32),
         ring_budget: 4 << 20,
         progress: None,
+        cancel: None,
     };
     let (sink, stats) = ctx.ok(
         execute(be.clone(), &meta, p.clone(), HostSink::new(), &eopts),

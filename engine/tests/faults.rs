@@ -300,6 +300,7 @@ fn eopts() -> EngineOptions {
         queue_depth: 4,
         ring_budget: 4 * (16 << 10),
         progress: None,
+        cancel: None,
     }
 }
 

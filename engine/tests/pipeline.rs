@@ -18,6 +18,7 @@ fn load(file: Vec<u8>, opts: PlanOptions, select: Option<Vec<usize>>) -> (HostMo
         queue_depth: 4,
         ring_budget: 1 << 20,
         progress: None,
+        cancel: None,
     };
     let (sink, stats) = execute(be, &meta, plan.clone(), HostSink::new(), &eopts).unwrap();
     let (arena, _) = sink.into_parts().unwrap();

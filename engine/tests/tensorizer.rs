@@ -84,6 +84,7 @@ fn load(bytes: Vec<u8>, opts: &ReadOptions, layout: Layout) -> Result<HostModel>
         queue_depth: 4,
         ring_budget: 4 << 20,
         progress: None,
+        cancel: None,
     };
     let (sink, _) = execute(be, &meta, plan.clone(), sink, &eo)?;
     let (arena, _) = sink.into_parts()?;

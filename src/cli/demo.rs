@@ -15,11 +15,23 @@ use tensorstream::{DType, Error, ErrorKind};
 
 use super::{out, IoArgs, Progress};
 
-/// Tensors (name, shape) of a decoder model whose bf16 weights total about `target` bytes.
+/// Tensors (name, shape) of a decoder model whose bf16 weights total about `target` bytes (a
+/// little less: whole layers). Small targets get a smaller hidden size and vocabulary, so that the
+/// embeddings take at most half of the target.
 pub fn model_shape(target: u64) -> Vec<(String, Vec<u64>)> {
-    let hidden: u64 = if target >= 4 << 30 { 2048 } else { 1024 };
+    let dims = [
+        (2048u64, 32000u64),
+        (1024, 32000),
+        (512, 16000),
+        (256, 8000),
+    ];
+    let (hidden, vocab) = dims
+        .iter()
+        .copied()
+        .filter(|&(h, _)| h < 2048 || target >= 4 << 30)
+        .find(|&(h, v)| 2 * (2 * v * h) <= target / 2)
+        .unwrap_or((256, 8000));
     let inter = hidden * 11 / 4;
-    let vocab = 32000u64;
     let per_layer = 2 * (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden);
     let embed = 2 * vocab * hidden;
     let layers = (target.saturating_sub(2 * embed) / per_layer).max(1);
@@ -88,9 +100,16 @@ pub fn write_model(
     let counter = Arc::new(AtomicU64::new(0));
     let _bar = Progress::start("writing", total, counter.clone(), quiet);
     let mut buf = vec![0u8; 4 << 20];
+    let cancel = super::interrupt::flag();
     for (i, t) in tensors.iter().enumerate() {
         let mut off = 0u64;
         while off < t.3 {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    "demo cancelled while writing",
+                ));
+            }
             let n = ((t.3 - off) as usize).min(buf.len());
             fill(i as u64, off, &mut buf[..n]);
             w.write_all(&buf[..n]).map_err(io_err)?;
@@ -137,6 +156,12 @@ pub fn run(
     if size < (16 << 20) {
         return Err(Error::invalid("--size must be at least 16MiB"));
     }
+    if io.verify || io.key_file.is_some() || io.password_file.is_some() {
+        return Err(Error::invalid(
+            "demo writes an unencrypted safetensors file: --verify, --key-file and \
+             --password-file apply to tensorizer files only",
+        ));
+    }
     let dir = dir.unwrap_or_else(std::env::temp_dir);
     let tmp = tempfile::Builder::new()
         .prefix("tensorstream-demo-")
@@ -145,16 +170,20 @@ pub fn run(
             Error::from_io(e, "cannot create a temporary directory")
                 .with_location(dir.display().to_string())
         })?;
+    // Removed on Ctrl-C too.
+    let tmp = super::interrupt::Guarded::new(tmp);
     let path = tmp.path().join("model.safetensors");
     let pstr = path.display().to_string();
+    // Options are checked (key files read) before minutes of writing, not after.
+    let loader = io.loader(&pstr)?;
     // The shape rounds the size to whole layers (at least the embeddings and one layer).
     let planned: u64 = model_shape(size)
         .iter()
         .map(|(_, shape)| 2 * shape.iter().product::<u64>())
         .sum();
     out!(
-        "tensorstream demo: writing a {:.2} GiB bf16 model to {pstr}",
-        planned as f64 / (1u64 << 30) as f64
+        "tensorstream demo: writing a {} bf16 model to {pstr}",
+        super::output::human(planned)
     )?;
     let t = Instant::now();
     let (count, total) = write_model(&path, size, io.quiet)?;
@@ -172,8 +201,7 @@ pub fn run(
 
     let counter = Arc::new(AtomicU64::new(0));
     let to_read = Arc::new(AtomicU64::new(0));
-    let loader = io
-        .loader(&pstr)?
+    let loader = loader
         .progress(counter.clone())
         .progress_total(to_read.clone());
     // The best device available: the first CUDA GPU when a driver and a device are present.
@@ -269,7 +297,7 @@ pub fn run(
         )?;
     }
     if keep {
-        let kept = tmp.keep();
+        let kept = tmp.into_inner().keep();
         out!("  kept {}", kept.join("model.safetensors").display())?;
     }
     if !bad.is_empty() {

@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing, subcommands, output.
 
 mod demo;
+mod interrupt;
 mod output;
 
 use std::io::IsTerminal;
@@ -73,8 +74,8 @@ enum Cmd {
     Convert {
         /// Input: path or URI of a safetensors / tensorizer file.
         input: String,
-        /// Output file (.tensors or .safetensors).
-        output: std::path::PathBuf,
+        /// Output file (.tensors or .safetensors): a local path (or a file:// URI).
+        output: String,
         /// Encrypt the .tensors output with this key file (32 raw bytes or 64 hex characters).
         #[arg(long, value_name = "FILE")]
         encrypt_key_file: Option<std::path::PathBuf>,
@@ -217,7 +218,8 @@ impl IoArgs {
         let mut l = Loader::new(uri)
             .open_options(open)
             .cuda_options(cuda)
-            .verify_hashes(self.verify);
+            .verify_hashes(self.verify)
+            .cancel_flag(interrupt::flag());
         if let Some(k) = &self.key_file {
             l = l.key_file(k)?;
         }
@@ -362,6 +364,7 @@ fn is_broken_pipe(e: &Error) -> bool {
 /// Runs the CLI; returns the process exit code.
 pub fn run() -> i32 {
     let cli = Cli::parse();
+    interrupt::install();
     let res = match cli.cmd {
         Cmd::Inspect { uri, json, io } => output::inspect(&uri, json, &io),
         Cmd::Load {
@@ -384,13 +387,15 @@ pub fn run() -> i32 {
             encrypt_key_file,
             encrypt_password_file,
             io,
-        } => output::convert(
-            &input,
-            &output,
-            encrypt_key_file.as_deref(),
-            encrypt_password_file.as_deref(),
-            &io,
-        ),
+        } => output::output_path(&output).and_then(|output| {
+            output::convert(
+                &input,
+                &output,
+                encrypt_key_file.as_deref(),
+                encrypt_password_file.as_deref(),
+                &io,
+            )
+        }),
         Cmd::Bench {
             uri,
             cold,
@@ -399,6 +404,16 @@ pub fn run() -> i32 {
             io,
         } => output::bench(&uri, cold, warm, repeat, &io),
     };
+    if let Some(sig) = interrupt::signal() {
+        // Interrupted: whatever the command managed, exit as the signal asked (128 + its number).
+        if let Err(e) = res {
+            if e.kind() != tensorstream::ErrorKind::Cancelled {
+                eprintln!("tensorstream: error: {e}");
+            }
+        }
+        eprintln!("tensorstream: interrupted");
+        return 128 + sig;
+    }
     match res {
         Ok(()) => 0,
         // Quietly, with the status a SIGPIPE death would give (128 + 13), like other tools.

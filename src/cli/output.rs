@@ -17,7 +17,7 @@ fn shape_str(shape: &[u64]) -> String {
     format!("[{}]", v.join(", "))
 }
 
-fn human(bytes: u64) -> String {
+pub fn human(bytes: u64) -> String {
     let b = bytes as f64;
     if b >= (1u64 << 30) as f64 {
         format!("{:.2} GiB", b / (1u64 << 30) as f64)
@@ -71,6 +71,26 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// The local path `convert` writes to: a path, or a `file://` URI; other URIs are refused.
+pub fn output_path(output: &str) -> Result<std::path::PathBuf, Error> {
+    if let Some(rest) = output.strip_prefix("file://") {
+        return Ok(std::path::PathBuf::from(rest));
+    }
+    if let Some((scheme, _)) = output.split_once("://") {
+        if !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            return Err(Error::invalid(format!(
+                "convert writes local files only: {output:?} is a {scheme}:// URI (write to a \
+                 local path, then upload it)"
+            )));
+        }
+    }
+    Ok(std::path::PathBuf::from(output))
+}
+
 pub fn convert(
     input: &str,
     output: &std::path::Path,
@@ -87,7 +107,16 @@ pub fn convert(
         (None, None) => None,
     };
     let started = std::time::Instant::now();
-    let st = io.loader(input)?.convert(output, encrypt)?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let loader = io
+        .loader(input)?
+        .progress(counter.clone())
+        .progress_total(total.clone());
+    let st = {
+        let _bar = Progress::start_dynamic("converting", total, counter, io.quiet);
+        loader.convert(output, encrypt)?
+    };
     out!(
         "converted {} tensors ({}) to {} in {:.3} s",
         st.tensors,

@@ -269,6 +269,7 @@ fn ring_read(path: &str, args: &[String]) -> Result<()> {
         queue_depth: num(args, "--depth", slots)?,
         ring_budget: slots * slot_size,
         progress: None,
+        cancel: None,
     };
     let (sink, st) = execute(be, &meta, plan, Discard { bytes: 0 }, &eo)?;
     let secs = start.elapsed().as_secs_f64();
@@ -428,6 +429,7 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
                 queue_depth: num(args, "--depth", dev.options().slots)?,
                 ring_budget: dev.options().slots * dev.options().slot_size,
                 progress: None,
+                cancel: None,
             };
             (
                 load(&dev, be, &meta, index, plan, &eo)?.0,

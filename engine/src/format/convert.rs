@@ -27,6 +27,11 @@ pub struct ConvertOptions {
     pub buffer_size: usize,
     /// Convert only the tensors with these (display) names; `None`: all of them.
     pub only: Option<Vec<String>>,
+    /// Tensor bytes converted so far, for progress display.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Set it (from any thread) to stop: the conversion fails with
+    /// [`crate::ErrorKind::Cancelled`] and removes its temporary file.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for ConvertOptions {
@@ -38,6 +43,8 @@ impl Default for ConvertOptions {
             pwhash_limits: s.pwhash_limits,
             buffer_size: 8 << 20,
             only: None,
+            progress: None,
+            cancel: None,
         }
     }
 }
@@ -139,6 +146,8 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
             .map_err(|e| Error::from_io(e, "syncing output"))?;
         Ok(stats)
     })();
+    // An error raised by the cancel check inside a `Read` reaches us wrapped as an I/O error.
+    let result = result.map_err(|e| check_cancel(opts).err().unwrap_or(e));
     // Dropping `tmp` (an error, or a failed rename) removes the temporary file.
     let stats = result.map_err(|e| e.with_location(&loc))?;
     tmp.persist(output)
@@ -153,10 +162,18 @@ fn for_each_piece(
     ti: usize,
     hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
     buf: &mut [u8],
+    opts: &ConvertOptions,
     sink: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<u64> {
     let t = &index.tensors[ti];
     let n = t.nbytes();
+    // Every piece goes through here: cancellation is checked and progress counted per piece.
+    let mut sink = |p: &[u8]| -> Result<()> {
+        check_cancel(opts)?;
+        sink(p)?;
+        count(opts, p.len());
+        Ok(())
+    };
     match (&t.source, hook) {
         (TensorSource::Zeros, _) => {
             buf.iter_mut().for_each(|b| *b = 0);
@@ -230,7 +247,7 @@ fn write_safetensors(
     let mut buf = vec![0u8; opts.buffer_size.max(4096)];
     let mut stats = ConvertStats::default();
     for ti in 0..index.tensors.len() {
-        stats.bytes += for_each_piece(input, index, ti, hook, &mut buf, &mut |p| {
+        stats.bytes += for_each_piece(input, index, ti, hook, &mut buf, opts, &mut |p| {
             w.write_all(p)
                 .map_err(|e| Error::from_io(e, "writing safetensors data"))
         })?;
@@ -269,7 +286,8 @@ fn write_tensorizer<W: Write + Seek>(
             ser.write_tensor(&[])?;
         } else {
             // Feed the serializer through a reader that pulls pieces on demand.
-            let mut pieces = PieceReader::new(input, index, ti, hook)?;
+            check_cancel(opts)?;
+            let mut pieces = PieceReader::new(input, index, ti, hook, opts)?;
             ser.write_tensor_from(&mut pieces)?;
         }
         stats.bytes += t.nbytes();
@@ -282,6 +300,7 @@ fn write_tensorizer<W: Write + Seek>(
 /// tensor when a hook must see it first.
 struct PieceReader<'a> {
     input: &'a dyn Backend,
+    opts: &'a ConvertOptions,
     off: u64,
     end: u64,
     whole: Option<(Vec<u8>, usize)>,
@@ -293,6 +312,7 @@ impl<'a> PieceReader<'a> {
         index: &TensorIndex,
         ti: usize,
         hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+        opts: &'a ConvertOptions,
     ) -> Result<Self> {
         let t = &index.tensors[ti];
         let whole = match hook {
@@ -310,6 +330,7 @@ impl<'a> PieceReader<'a> {
         };
         Ok(PieceReader {
             input,
+            opts,
             off: t.range.start,
             end: t.range.end,
             whole,
@@ -319,10 +340,12 @@ impl<'a> PieceReader<'a> {
 
 impl Read for PieceReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        check_cancel(self.opts).map_err(std::io::Error::other)?;
         if let Some((whole, pos)) = &mut self.whole {
             let n = out.len().min(whole.len() - *pos);
             out[..n].copy_from_slice(&whole[*pos..*pos + n]);
             *pos += n;
+            count(self.opts, n);
             return Ok(n);
         }
         let n = (out.len() as u64).min(self.end - self.off) as usize;
@@ -331,6 +354,29 @@ impl Read for PieceReader<'_> {
         }
         read_full(self.input, self.off, &mut out[..n]).map_err(std::io::Error::other)?;
         self.off += n as u64;
+        count(self.opts, n);
         Ok(n)
+    }
+}
+
+/// `Err(Cancelled)` once the caller set the cancel flag.
+fn check_cancel(opts: &ConvertOptions) -> Result<()> {
+    if opts
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        return Err(Error::new(
+            crate::ErrorKind::Cancelled,
+            "conversion cancelled; the temporary output was removed",
+        ));
+    }
+    Ok(())
+}
+
+/// Adds `n` converted bytes to the progress counter.
+fn count(opts: &ConvertOptions, n: usize) {
+    if let Some(p) = &opts.progress {
+        p.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
