@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 ///
 /// # Safety
 /// Implementors guarantee that the region `[base(), base() + len())` is valid for reads and writes,
-/// never moves, and stays allocated for as long as the owner value lives (windows hold an `Arc`).
+/// initialized (its bytes are handed out as `&[u8]`: zero it if the allocator does not), never
+/// moves, and stays allocated for as long as the owner value lives (windows hold an `Arc`).
 /// Once a region is given to an [`Arena`] or windows, its bytes are read and written only
 /// through those (an [`Arena`] checks that no other handle to the region exists before it
 /// hands out the whole region).
@@ -350,10 +351,19 @@ impl Arena {
                 const PAGE: usize = 4096;
                 let base = region.base() as usize;
                 for r in ranges {
-                    let end = r.end.min(region.len());
                     // Whole pages strictly inside the region: round the start up, the end down.
-                    let mut addr = (base + r.start).div_ceil(PAGE) * PAGE;
-                    let stop_addr = (base + end) / PAGE * PAGE;
+                    // Ranges come from the caller: clamp them to the region (checked, so a
+                    // hostile range can never point the madvise outside it).
+                    let end = r.end.min(region.len());
+                    let start = r.start.min(end);
+                    let (Some(lo), Some(hi)) = (base.checked_add(start), base.checked_add(end))
+                    else {
+                        continue;
+                    };
+                    let Some(mut addr) = lo.checked_next_multiple_of(PAGE) else {
+                        continue;
+                    };
+                    let stop_addr = hi / PAGE * PAGE;
                     while addr < stop_addr {
                         if stop.load(std::sync::atomic::Ordering::Relaxed) {
                             return;
@@ -499,6 +509,29 @@ mod tests {
         assert!(arena.as_slice().is_err(), "a window is lent out");
         drop(w);
         assert_eq!(arena.as_slice().unwrap()[0], 42);
+    }
+
+    #[test]
+    fn prefault_with_hostile_ranges_stays_inside_the_arena() {
+        let mut arena = Arena::host(1 << 20, 4096).unwrap();
+        arena.as_mut_slice().unwrap()[12345] = 7;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Ranges past the end, reversed, or near usize::MAX (whose address arithmetic used to
+        // wrap): clamped or skipped, never a panic and never a write.
+        #[allow(clippy::reversed_empty_ranges)]
+        let ranges = vec![
+            usize::MAX - 10..usize::MAX,
+            usize::MAX..3,
+            (1 << 20) + 4096..usize::MAX,
+            9000..100,
+            0..1 << 20,
+        ];
+        if let Some(h) = arena.prefault(ranges, stop) {
+            h.join().expect("prefault thread panicked");
+        }
+        let s = arena.as_slice().unwrap();
+        assert_eq!(s[12345], 7);
+        assert_eq!(s.iter().map(|&b| b as u64).sum::<u64>(), 7);
     }
 
     #[test]

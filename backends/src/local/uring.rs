@@ -285,8 +285,10 @@ impl UringReader {
         cqes.clear();
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         let mut out = Ok(());
+        // Every reaped completion leaves the kernel now, before any is handled: if handling one
+        // panicked, `Drop` must not wait for completions that already arrived.
+        self.kernel -= cqes.len();
         for &(ud, res) in &cqes {
-            self.kernel -= 1;
             if let Err(e) = self.complete(ud as u32, res) {
                 out = Err(e);
             }

@@ -28,8 +28,9 @@ pub fn device_error(what: &str, e: DriverError) -> Error {
 /// True when the CUDA driver library (`libcuda.so`) can be loaded. Nothing else in this crate
 /// touches the driver before this returned true (cudarc panics when the library is missing).
 pub fn driver_present() -> bool {
-    // SAFETY: `is_culib_present` only dlopen()s candidate library names and drops the handles;
-    // it calls no CUDA function.
+    // SAFETY: `is_culib_present` only dlopen()s candidate library names and closes them again;
+    // it calls no CUDA API function. (Loading runs the library's own initializers, which is why
+    // cudarc marks it unsafe; the driver library's are written to be loaded this way.)
     unsafe { sys::is_culib_present() }
 }
 
@@ -91,7 +92,7 @@ pub fn device_attribute(ctx: &CudaContext, attr: sys::CUdevice_attribute) -> Res
         .map_err(|e| device_error("querying a device attribute", e))
 }
 
-fn bind(ctx: &CudaContext) -> Result<()> {
+pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
     // cudarc stores an error that failed in a Drop (where it cannot be returned) and hands it
     // to the next `bind_to_thread` on any thread, clearing it. That error belongs to earlier,
     // unrelated work: say so, and bind again so that this operation is judged on its own.
@@ -213,18 +214,22 @@ impl DeviceArena {
             return Ok(());
         }
         self.freed = true;
-        // A failed bind only reports an error stored earlier; freeing must still be attempted.
+        // `bind` absorbs an error stored by earlier, unrelated work and binds again.
         let bound = bind(&self.ctx);
         let synced = self
             .ctx
             .synchronize()
             .map_err(|e| device_error("waiting for the device before freeing the arena", e));
+        if let Err(e) = bound.and(synced) {
+            // The device could not confirm that no copy into the arena is still running:
+            // leave it allocated (until the context goes) rather than free it under a copy.
+            return Err(e.context("the device arena was not freed"));
+        }
         // SAFETY: `ptr` came from cuMemAlloc and is freed once (guarded by `freed`); every copy
-        // into it held an Arc to this arena, so none can still be pending once we get here
-        // (and the context was synchronized above).
-        let freed = unsafe { result::free_sync(self.ptr) }
-            .map_err(|e| device_error("freeing the device arena", e));
-        bound.and(synced).and(freed)
+        // into it held an Arc to this arena, so none can still be pending once we get here,
+        // and the context was synchronized above without error.
+        unsafe { result::free_sync(self.ptr) }
+            .map_err(|e| device_error("freeing the device arena", e))
     }
 }
 
@@ -387,9 +392,12 @@ impl InFlight {
         match ev.synchronize() {
             Ok(()) => Ok((self.source.take(), ev)),
             Err(e) => {
+                // The copy may still be running: neither its source nor its destination may
+                // be released.
                 if let Some(s) = self.source.take() {
                     std::mem::forget(s);
                 }
+                std::mem::forget(self.arena.clone());
                 Err(device_error("host-to-device copy failed", e))
             }
         }
@@ -409,8 +417,10 @@ impl Drop for InFlight {
             None => true,
         };
         if !ok {
-            // The device could not confirm the copy finished: never hand the memory back.
+            // The device could not confirm the copy finished: never hand the memory back, on
+            // either side of the copy.
             std::mem::forget(src);
+            std::mem::forget(self.arena.clone());
         }
         let _ = &self.arena;
     }

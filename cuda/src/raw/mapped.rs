@@ -211,12 +211,15 @@ impl Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
+        let bound = super::driver::bind(&self.ctx).is_ok();
         // SAFETY: unregistering the base address registered in `MappedFile::register`; the
         // copies that read it completed (HostSource is only dropped after its event).
-        // A failure here leaves the pages pinned until process exit; nothing else to do.
         let r = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
-        if r == sys::cudaError_enum::CUDA_SUCCESS {
+        if !bound || r != sys::cudaError_enum::CUDA_SUCCESS {
+            // Still registered: the file mapping must never be unmapped (a later mapping could
+            // reuse the address the driver still holds). Keep it alive until process exit.
+            std::mem::forget(self.map.clone());
+        } else {
             // SAFETY: [ptr, ptr+len) lies inside our live, read-only file mapping (the Arc keeps
             // it), starts on a page boundary and is no longer registered. MADV_DONTNEED only drops
             // this process's page-table entries: the bytes stay in the page cache and a later

@@ -105,9 +105,9 @@ impl PinnedRegion {
 
     /// Lends the region out as `count` slots of `size` bytes (`size` a multiple of the page
     /// size). Fails while windows from an earlier call are alive: `&mut Arc` plus a strong
-    /// count of one means no other handle — and so no window — exists.
+    /// count of one and no weak handle means no other handle — and so no window — exists.
     pub fn slots(this: &mut Arc<Self>, count: usize, size: usize) -> Result<Vec<IoBuf>> {
-        if Arc::strong_count(this) != 1 {
+        if Arc::strong_count(this) != 1 || Arc::weak_count(this) != 0 {
             return Err(Error::invalid(
                 "the pinned staging slots are in use by another load on this device handle: \
                  loads on one CudaDevice run one at a time (open another to load in parallel)",
@@ -168,12 +168,25 @@ unsafe impl MemRegion for PinnedRegion {
 impl Drop for PinnedRegion {
     fn drop(&mut self) {
         if self.locked {
-            let _ = self.ctx.bind_to_thread();
+            // `bind` (not a bare `bind_to_thread`): an error stored by earlier work must not
+            // keep the context from being made current here.
+            let bound = super::driver::bind(&self.ctx).is_ok();
             // SAFETY: the region was registered in `new`; no copy can still read it, because
             // every copy holds its slot (and so an Arc of this region) until its event completed.
-            let _ = unsafe { sys::cuMemHostUnregister(self.ptr.as_ptr().cast()) };
+            let r = unsafe { sys::cuMemHostUnregister(self.ptr.as_ptr().cast()) };
+            if !bound || r != sys::cudaError_enum::CUDA_SUCCESS {
+                // Still registered with the driver: unmapping would let a later mapping reuse
+                // the address while the driver holds it. Leak the mapping instead.
+                eprintln!(
+                    "tensorstream: could not unregister {} bytes of pinned staging memory ({r:?}); \
+                     leaving it mapped",
+                    self.len
+                );
+                return;
+            }
         }
-        // SAFETY: unmapping our own mapping once; nothing refers to it any more.
+        // SAFETY: unmapping our own mapping once; nothing refers to it any more, and it is not
+        // (or no longer) registered with the driver.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
