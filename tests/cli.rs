@@ -245,7 +245,7 @@ fn demo_verifies_and_compares() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no byte count in {out}"));
     assert!(
-        wrote <= 32 << 20 && wrote >= 24 << 20,
+        (24 << 20..=32 << 20).contains(&wrote),
         "--size 32MiB wrote {wrote} bytes"
     );
     // The temporary file is removed afterwards.
