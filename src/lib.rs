@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 mod staged;
 
 pub use tensorstream_backends as backends;
+pub use tensorstream_cuda as cuda;
 pub use tensorstream_engine as engine;
 
 pub use tensorstream_backends::{IoMode, OpenOptions};
@@ -167,19 +168,24 @@ impl Loader {
         let p = path.as_ref();
         let bytes = std::fs::read(p)
             .map_err(|e| Error::from_io(e, format!("reading key file {}", p.display())))?;
-        Ok(self.key(KeySource::from_key_file(&bytes)?))
+        let key = KeySource::from_key_file(&bytes)
+            .map_err(|e| e.context(format_args!("key file {}", p.display())))?;
+        Ok(self.key(key))
     }
     /// Reads a password file (one trailing newline is ignored).
     pub fn password_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
         let p = path.as_ref();
         let bytes = std::fs::read(p)
             .map_err(|e| Error::from_io(e, format!("reading password file {}", p.display())))?;
-        Ok(self.key(KeySource::password(&bytes)?))
+        let key = KeySource::password(&bytes)
+            .map_err(|e| e.context(format_args!("password file {}", p.display())))?;
+        Ok(self.key(key))
     }
     /// A password used only if the file turns out to be encrypted and no key was given (e.g.
     /// from `TENSORSTREAM_PASSWORD`).
     pub fn password_if_encrypted(mut self, password: &[u8]) -> Result<Self> {
-        self.fallback_password = Some(KeySource::password(password)?);
+        self.fallback_password =
+            Some(KeySource::password(password).map_err(|e| e.context("the fallback password"))?);
         Ok(self)
     }
 
@@ -479,12 +485,15 @@ impl Loader {
     pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
         let dev = self.cuda_device()?;
         let p = self.prepare(Some(dev.options()))?;
+        let index = p.index.clone();
         match p.gpu_route(&dev)? {
             GpuRoute::Staged => {
                 tensorstream_cuda::StreamingLoad::spawn(move |tx| staged::load(&dev, &p, Some(tx)))
+                    .map(|s| s.with_index(index))
             }
             GpuRoute::Mapped => {
                 tensorstream_cuda::StreamingLoad::spawn(move |tx| mapped_load(&dev, &p, Some(tx)))
+                    .map(|s| s.with_index(index))
             }
             GpuRoute::Ring => {
                 tensorstream_cuda::load_streaming(&dev, p.backend, p.meta, p.index, p.plan, p.eopts)

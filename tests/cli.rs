@@ -203,6 +203,56 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
 }
 
 #[test]
+fn s3_without_credentials_says_which_variables_to_set() {
+    let home = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args([
+            "inspect",
+            "s3://bucket/m.safetensors",
+            "--s3-endpoint",
+            "http://127.0.0.1:9",
+        ])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no S3 credentials") && err.contains("AWS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+}
+
+#[test]
+fn convert_refuses_remote_outputs_and_names_bad_key_files() {
+    let src = fixtures().join("mixed.safetensors");
+    let src = src.to_str().unwrap();
+    let e = run_err(&["convert", src, "s3://bucket/out.tensors"]);
+    assert!(e.contains("local files only"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("short.key");
+    std::fs::write(&key, b"0123").unwrap();
+    let out = dir.path().join("o.tensors");
+    let e = run_err(&[
+        "convert",
+        src,
+        out.to_str().unwrap(),
+        "--encrypt-key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(e.contains("short.key") && e.contains("32 raw bytes"), "{e}");
+    assert!(!out.exists());
+    // file:// outputs are local paths.
+    let url = format!("file://{}", out.display());
+    run_ok(&["convert", src, &url]);
+    assert!(out.exists());
+}
+
+#[test]
 fn permission_denied_is_reported() {
     // Root reads any file regardless of mode bits, so this check is only meaningful for others.
     if std::fs::read_to_string("/proc/self/status")

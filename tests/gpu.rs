@@ -133,6 +133,9 @@ fn gpu_streaming_verified_load_yields_every_tensor() {
         .find(|(f, _)| f == "v3_encrypted_key.tensors")
         .expect("v3_encrypted_key.tensors in the manifest");
     let mut s = loader(&file, &entry).load_cuda_streaming().unwrap();
+    let index = s
+        .index()
+        .expect("a Loader's streaming load carries the index");
     let mut seen = std::collections::BTreeSet::new();
     for r in s.by_ref() {
         assert!(
@@ -140,6 +143,8 @@ fn gpu_streaming_verified_load_yields_every_tensor() {
             "tensor #{} announced twice",
             r.tensor
         );
+        let t = &index.tensors[r.tensor];
+        assert_eq!(t.nbytes(), r.len, "{}: announced length", t.name);
     }
     let (model, _) = s.wait().unwrap();
     assert_eq!(seen.len(), model.len(), "every tensor announced");

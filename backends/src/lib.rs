@@ -82,11 +82,50 @@ impl IoMode {
     }
 }
 
+/// The scheme of `uri` in lower case (`s3` of `s3://b/k`); `None` for a plain path (a path may
+/// contain `://` after a `/`, which is not a scheme).
+pub fn scheme_of(uri: &str) -> Option<String> {
+    let (s, _) = uri.split_once("://")?;
+    let valid = s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    valid.then(|| s.to_ascii_lowercase())
+}
+
+/// The local path named by a plain path or a `file://` URI: `file:///abs/path` or
+/// `file://localhost/abs/path` (no percent-decoding). `file://name/…` names a host, which is an
+/// error rather than the relative path `name/…`; other schemes are an error too.
+pub fn local_path(uri: &str) -> Result<&str> {
+    match scheme_of(uri).as_deref() {
+        None => Ok(uri),
+        Some("file") => {
+            let rest = &uri["file://".len()..];
+            if rest.starts_with('/') {
+                return Ok(rest);
+            }
+            if let Some(p) = rest
+                .strip_prefix("localhost")
+                .filter(|p| p.starts_with('/'))
+            {
+                return Ok(p);
+            }
+            let host = rest.split('/').next().unwrap_or(rest);
+            Err(Error::invalid(format!(
+                "{uri}: a file:// URI needs an absolute path (file:///path); {host:?} would be a \
+                 host name"
+            )))
+        }
+        Some(other) => Err(Error::invalid(format!(
+            "{uri}: a {other}:// URI is not a local path"
+        ))),
+    }
+}
+
 /// Opens the object at `uri` with the backend its scheme names.
 pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
-    let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    let scheme = scheme_of(uri);
     match scheme.as_deref() {
-        None | Some("file") => open_local(uri.strip_prefix("file://").unwrap_or(uri), opts),
+        None | Some("file") => open_local(local_path(uri)?, opts),
         #[cfg(feature = "nfs")]
         Some("nfs") => Ok(Arc::new(nfs::NfsBackend::open(uri, opts)?)),
         #[cfg(feature = "s3")]
@@ -124,4 +163,28 @@ fn open_local(path: &str, _opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
     Err(Error::unsupported(format!(
         "{path}: the local backend is not compiled in (feature \"local\")"
     )))
+}
+
+#[cfg(test)]
+mod uri_tests {
+    use super::{local_path, scheme_of};
+
+    #[test]
+    fn schemes_and_local_paths() {
+        assert_eq!(scheme_of("S3://b/k").as_deref(), Some("s3"));
+        assert_eq!(scheme_of("/data/a://b"), None, "a path with :// inside");
+        assert_eq!(scheme_of("relative/x"), None);
+        assert_eq!(local_path("/abs/p").unwrap(), "/abs/p");
+        assert_eq!(local_path("rel/p").unwrap(), "rel/p");
+        assert_eq!(local_path("file:///abs/p").unwrap(), "/abs/p");
+        assert_eq!(local_path("FILE:///abs/p").unwrap(), "/abs/p");
+        assert_eq!(local_path("file://localhost/abs/p").unwrap(), "/abs/p");
+        let e = local_path("file://host/p").unwrap_err();
+        assert!(
+            e.to_string().contains("\"host\" would be a host name"),
+            "{e}"
+        );
+        assert!(local_path("file://localhostx/p").is_err());
+        assert!(local_path("s3://b/k").is_err());
+    }
 }

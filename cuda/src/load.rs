@@ -34,6 +34,7 @@ pub fn load(
 pub struct StreamingLoad {
     rx: Receiver<ReadyTensor>,
     handle: Option<JoinHandle<Result<(DeviceModel, EngineStats)>>>,
+    index: Option<Arc<TensorIndex>>,
 }
 
 /// Starts a load on a thread and returns at once.
@@ -47,6 +48,7 @@ pub fn load_streaming(
 ) -> Result<StreamingLoad> {
     let mut sink = CudaSink::on(dev.clone());
     let rx = sink.subscribe();
+    let shared = Arc::new(index.clone());
     let handle = std::thread::Builder::new()
         .name("ts-cuda-load".into())
         .spawn(move || {
@@ -57,6 +59,7 @@ pub fn load_streaming(
     Ok(StreamingLoad {
         rx,
         handle: Some(handle),
+        index: Some(shared),
     })
 }
 
@@ -75,7 +78,23 @@ impl StreamingLoad {
         Ok(StreamingLoad {
             rx,
             handle: Some(handle),
+            index: None,
         })
+    }
+
+    /// Attaches the index of the file being loaded, for [`StreamingLoad::index`].
+    pub fn with_index(mut self, index: TensorIndex) -> Self {
+        self.index = Some(Arc::new(index));
+        self
+    }
+
+    /// The index of the file being loaded (names, dtypes, shapes): [`ReadyTensor::tensor`]
+    /// indexes its `tensors`. Take it before iterating (the iteration borrows the load):
+    /// `let index = load.index().unwrap(); for t in &mut load { index.tensors[t.tensor].name … }`.
+    /// `None` only for loads started with [`StreamingLoad::spawn`] without
+    /// [`StreamingLoad::with_index`].
+    pub fn index(&self) -> Option<Arc<TensorIndex>> {
+        self.index.clone()
     }
 
     /// Waits for the load to end; the model, or the error that stopped it.

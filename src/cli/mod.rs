@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List a file's tensors (reads only the metadata).
+    /// List a file's tensors (reads only the metadata; with --verify, also reads every tensor and
+    /// checks its CRC32 / SHA-256).
     Inspect {
         /// Path or URI of a safetensors / tensorizer file.
         uri: String,
@@ -85,19 +86,21 @@ enum Cmd {
         #[command(flatten)]
         io: IoArgs,
     },
-    /// Time loads of one file: tensorstream vs std::fs::read, cold and/or warm; JSON lines.
+    /// Time loads of one file: tensorstream vs std::fs::read (and, cold, an O_DIRECT read), one
+    /// JSON line per run: {name, bytes, secs, gbps, cold}.
     Bench {
-        /// Path of a safetensors / tensorizer file.
+        /// Path or URI of a safetensors / tensorizer file (baselines only for local files).
         uri: String,
-        /// Drop the page cache before each cold run (needs root).
+        /// Run cold loads: drop the page cache before each (local files; needs root).
         #[arg(long)]
         cold: bool,
-        /// Also run warm (page cache populated) runs.
+        /// Run warm loads (page cache populated). The default when neither --cold nor --warm is
+        /// given; give both for both.
         #[arg(long)]
         warm: bool,
-        /// Runs of each kind.
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
+        /// Runs of each kind (at least 1).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
         #[command(flatten)]
         io: IoArgs,
     },
@@ -106,16 +109,20 @@ enum Cmd {
 /// I/O knobs shared by every command.
 #[derive(Args, Debug, Clone)]
 struct IoArgs {
-    /// Reads in flight (local queue depth / remote concurrent requests).
+    /// Reads in flight (local queue depth / remote concurrent requests; at most 1024) [default:
+    /// the backend's: local 16, NFS 32, HTTP 32, S3 16]. Alias: --queue-depth.
     #[arg(long, alias = "queue-depth", value_name = "N")]
     concurrency: Option<usize>,
-    /// Size of one read (e.g. 8MiB).
+    /// Size of one read, e.g. 8MiB (K/M/G = KiB/MiB/GiB; at least 4 KiB) [default: the
+    /// backend's: local 8MiB, S3 16MiB …].
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     chunk_size: Option<u64>,
-    /// Staging memory budget for reads that cannot land in place (e.g. 256MiB).
+    /// Staging memory budget for reads that cannot land in place (at least 1MiB) [default:
+    /// 256MiB].
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     ring_budget: Option<u64>,
-    /// Local I/O engine: io_uring or pread (default: $TENSORSTREAM_IO, else io_uring with fallback).
+    /// Local I/O engine: io_uring, pread or auto [default: $TENSORSTREAM_IO, else auto: io_uring
+    /// with fallback to pread].
     #[arg(long, value_name = "ENGINE")]
     io: Option<String>,
     /// Extra HTTP header "Name: value" (repeatable).
@@ -127,7 +134,7 @@ struct IoArgs {
     /// S3 region (default: $AWS_REGION).
     #[arg(long, value_name = "REGION")]
     s3_region: Option<String>,
-    /// Per-request timeout for remote backends, in seconds.
+    /// Per-request timeout for remote backends, in seconds [default: 30].
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
     /// Never show progress bars.
@@ -402,7 +409,7 @@ pub fn run() -> i32 {
             warm,
             repeat,
             io,
-        } => output::bench(&uri, cold, warm, repeat, &io),
+        } => output::bench(&uri, cold, warm, repeat as usize, &io),
     };
     if let Some(sig) = interrupt::signal() {
         // Interrupted: whatever the command managed, exit as the signal asked (128 + its number).

@@ -73,22 +73,13 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
 
 /// The local path `convert` writes to: a path, or a `file://` URI; other URIs are refused.
 pub fn output_path(output: &str) -> Result<std::path::PathBuf, Error> {
-    if let Some(rest) = output.strip_prefix("file://") {
-        return Ok(std::path::PathBuf::from(rest));
+    match tensorstream::backends::scheme_of(output).as_deref() {
+        None | Some("file") => Ok(tensorstream::backends::local_path(output)?.into()),
+        Some(scheme) => Err(Error::invalid(format!(
+            "convert writes local files only: {output:?} is a {scheme}:// URI (write to a local \
+             path, then upload it)"
+        ))),
     }
-    if let Some((scheme, _)) = output.split_once("://") {
-        if !scheme.is_empty()
-            && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-        {
-            return Err(Error::invalid(format!(
-                "convert writes local files only: {output:?} is a {scheme}:// URI (write to a \
-                 local path, then upload it)"
-            )));
-        }
-    }
-    Ok(std::path::PathBuf::from(output))
 }
 
 pub fn convert(
@@ -98,12 +89,22 @@ pub fn convert(
     encrypt_password_file: Option<&std::path::Path>,
     io: &IoArgs,
 ) -> Result<(), Error> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| Error::from_io(e, format!("reading {}", p.display())))
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| Error::from_io(e, format!("reading {what} {}", p.display())))
+    };
+    let named = |what: &str, p: &std::path::Path| {
+        let what = format!("{what} {}", p.display());
+        move |e: Error| e.context(what)
     };
     let encrypt = match (encrypt_key_file, encrypt_password_file) {
-        (Some(k), _) => Some(tensorstream::KeySource::from_key_file(&read(k)?)?),
-        (None, Some(p)) => Some(tensorstream::KeySource::password(&read(p)?)?),
+        (Some(k), _) => Some(
+            tensorstream::KeySource::from_key_file(&read("--encrypt-key-file", k)?)
+                .map_err(named("--encrypt-key-file", k))?,
+        ),
+        (None, Some(p)) => Some(
+            tensorstream::KeySource::password(&read("--encrypt-password-file", p)?)
+                .map_err(named("--encrypt-password-file", p))?,
+        ),
         (None, None) => None,
     };
     let started = std::time::Instant::now();
@@ -432,8 +433,21 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
         (cold, warm)
     };
     let loader = io.loader(uri)?;
-    let is_file = !uri.contains("://") || uri.starts_with("file://");
-    let path = uri.strip_prefix("file://").unwrap_or(uri);
+    let is_file = matches!(
+        tensorstream::backends::scheme_of(uri).as_deref(),
+        None | Some("file")
+    );
+    let path = if is_file {
+        tensorstream::backends::local_path(uri)?
+    } else {
+        uri
+    };
+    if cold && !is_file {
+        return Err(Error::invalid(format!(
+            "--cold drops this machine's page cache, which does not make {uri} cold: use it with \
+             local files"
+        )));
+    }
     let repeat = repeat.max(1);
     let size = loader.inspect().map(|i| i.object_size)?;
     let mut modes = Vec::new();

@@ -126,8 +126,11 @@ impl HttpBackend {
 
     /// Opens `uri` with a full configuration (retry counts, backoff, runtime size …).
     pub fn open_with(uri: &str, cfg: HttpConfig) -> Result<Self> {
-        let url = reqwest::Url::parse(uri)
-            .map_err(|e| Error::invalid(format!("invalid http URL: {e}")).with_backend("http"))?;
+        let url = reqwest::Url::parse(uri).map_err(|e| {
+            Error::invalid(format!("invalid http URL: {e}"))
+                .with_backend("http")
+                .with_location(uri)
+        })?;
         let display = config::redact_url(&url);
         if !matches!(url.scheme(), "http" | "https") {
             return Err(

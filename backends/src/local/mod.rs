@@ -149,12 +149,8 @@ fn cached_fraction(file: &File, size: u64) -> Option<f64> {
 }
 
 fn open_error(e: std::io::Error, path: &str) -> Error {
-    let what = match e.kind() {
-        std::io::ErrorKind::NotFound => "cannot open: no such file",
-        std::io::ErrorKind::PermissionDenied => "cannot open: permission denied",
-        _ => "cannot open",
-    };
-    Error::from_io(e, what)
+    // The OS's own words follow ("No such file or directory", "Permission denied").
+    Error::from_io(e, "cannot open")
         .with_location(path)
         .with_backend("local")
 }

@@ -184,7 +184,7 @@ fn missing_file_is_not_found_and_names_the_path() {
         let e = LocalBackend::open(p, &opts(mode)).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
         assert!(e.to_string().contains(p), "{e}");
-        assert!(e.to_string().contains("no such file"), "{e}");
+        assert!(e.to_string().contains("No such file"), "{e}");
     }
 }
 

@@ -209,6 +209,13 @@ pub(crate) fn map_error(
             ErrorKind::RangeNotSatisfiable,
             format!("{what}: range not satisfiable{paren}"),
         ),
+        _ if detail.contains("signing credential") => (
+            ErrorKind::PermissionDenied,
+            format!(
+                "{what}: no S3 credentials found: set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials){paren}"
+            ),
+        ),
         K::ConfigInvalid => (
             ErrorKind::InvalidInput,
             format!("{what}: invalid S3 configuration: {detail}"),

@@ -77,7 +77,7 @@ impl KeySource {
             return Ok(KeySource::Key(k));
         }
         Err(Error::invalid(format!(
-            "key file must hold 32 raw bytes or 64 hex characters, not {} bytes",
+            "a key must be 32 raw bytes or 64 hex characters, not {} bytes",
             bytes.len()
         )))
     }
