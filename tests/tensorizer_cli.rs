@@ -351,3 +351,29 @@ fn hostile_tensorizer_input_gives_one_line_errors() {
     ]));
     assert!(e.contains("no checksums"), "{e}");
 }
+
+#[test]
+fn inspect_marks_the_manifests_meta_tensors_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut metas = 0;
+    for (file, entry) in entries(Some("tensorizer")) {
+        let path = fixtures().join(&file);
+        let mut c = bin();
+        c.args(["inspect", path.to_str().unwrap(), "--json"]);
+        c.args(secret_args(&entry, dir.path()));
+        let v: Value = serde_json::from_str(&ok(&mut c)).unwrap();
+        for w in entry["tensors"].as_array().unwrap() {
+            let name = display_name(w["name"].as_str().unwrap());
+            let g = v["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|g| g["name"] == name.as_str())
+                .unwrap_or_else(|| panic!("{file}: no tensor {name}"));
+            let meta = w["meta"].as_bool().unwrap();
+            metas += usize::from(meta);
+            assert_eq!(g["zeros"].as_bool().unwrap_or(false), meta, "{file}/{name}");
+        }
+    }
+    assert!(metas >= 1, "the fixtures have a meta tensor");
+}

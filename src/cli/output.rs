@@ -58,6 +58,10 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
                 if let Some(p) = &t.path {
                     o["path"] = json!(p);
                 }
+                if t.source == tensorstream::engine::TensorSource::Zeros {
+                    // A tensorizer "meta" tensor: no stored bytes, loaded as zeros.
+                    o["zeros"] = json!(true);
+                }
                 o
             }).collect::<Vec<_>>(),
         });
@@ -155,17 +159,27 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
         "offset",
         "nbytes"
     )?;
+    let mut zeros = 0;
     for t in &idx.tensors {
+        let meta = t.source == tensorstream::engine::TensorSource::Zeros;
+        zeros += usize::from(meta);
         out!(
-            "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}",
+            "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}{}",
             t.name,
             t.dtype.name(),
             shape_str(&t.shape),
             t.range.start,
-            t.nbytes()
+            t.nbytes(),
+            if meta { "  (zeros)" } else { "" }
         )?;
     }
     out!("total {} bytes", idx.total_bytes())?;
+    if zeros > 0 {
+        out!(
+            "(zeros): {zeros} tensorizer meta tensors store no bytes and load as zeros (a \
+             conversion to safetensors writes the zeros)"
+        )?;
+    }
     Ok(())
 }
 
