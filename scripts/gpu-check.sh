@@ -19,8 +19,11 @@ export PYTHONUNBUFFERED=1
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   # One at a time: a wheel this Python refuses must not keep the others out.
   for w in .gpu/wheels/*.whl; do
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$w" 2>&1 | tail -1
+    if ! msg=$(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$w" 2>&1); then
+      echo "wheel $(basename "$w") NOT installed (that peer will be missing):" >&2
+      printf '%s\n' "$msg" | tail -5 >&2
+    fi
   done
   export PYTHONPATH=/tmp/site
 fi

@@ -141,6 +141,31 @@ def warm_cache(path):
             pass
 
 
+def sources_match():
+    """Compares the sources the binaries were built from (.gpu/SOURCES, sha256sum format written
+    by prepare-gpu-check.sh) with the files here; (ok, detail)."""
+    import hashlib
+    listing = os.path.join(G, "SOURCES")
+    if not os.path.exists(listing):
+        return False, "no .gpu/SOURCES: rerun scripts/prepare-gpu-check.sh"
+    changed = []
+    n = 0
+    for line in open(listing):
+        want, _, path = line.rstrip("\n").partition("  ")
+        if not path:
+            continue
+        n += 1
+        try:
+            got = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        except OSError:
+            got = None
+        if got != want:
+            changed.append(path)
+    if changed:
+        return False, f"{len(changed)} of {n} source files differ from the build: {changed[:5]}"
+    return True, f"{n} source files as built"
+
+
 def check(what, ok, detail=""):
     checks.append((what, ok, detail))
     say(("PASS " if ok else "FAIL ") + what + (": " + detail if detail else ""))
@@ -208,10 +233,20 @@ def record(j, cold, loader):
         return
     if j.get("route"):
         loader += f" [{j['route']}]"
-    add_row(dict(loader=loader, cold=cold, gbps=j.get("gbps"), secs=j.get("seconds"),
+    # Rows from the tensorstream CLI are the product and the only ones the targets are judged
+    # on; ts-gpu-bench rows (tuning sweeps) are exploration, shown but never judged.
+    cli = j.get("_cmd", "").startswith(TS + " ")
+    if not cli:
+        loader += " (explore)"
+    secs, opened = j.get("seconds"), j.get("device_open_seconds") or 0.0
+    nbytes = j.get("bytes")
+    add_row(dict(loader=loader, cold=cold, gbps=j.get("gbps"), secs=secs,
                  rss_mib=(j.get("peak_rss_bytes") or 0) / 2**20 or None,
                  ttft=j.get("first_tensor_seconds"), mode=j.get("mode", ""),
-                 open=j.get("device_open_seconds"), direct_io=j.get("direct_io")))
+                 open=j.get("device_open_seconds"), direct_io=j.get("direct_io"), cli=cli,
+                 # GB/s counting the device open too (driver, context, pinned ring): what the
+                 # peers pay inside their own timings.
+                 gbps_open=(nbytes / (secs + opened) / 1e9) if nbytes and secs else None))
     say(f"  {loader:<44} {'cold' if cold else 'warm'} {j.get('gbps', 0):7.2f} GB/s "
         f"{j.get('seconds', 0):7.3f} s  rss {(j.get('peak_rss_bytes') or 0) / 2**20:7.1f} MiB  "
         f"first tensor {j.get('first_tensor_seconds')}"
@@ -226,6 +261,9 @@ def main():
               ["uname", "-r"], ["df", "-h", WORK], ["cat", os.path.join(G, "COMMIT")]):
         rc, out, err, _, _ = run(c, 30)
         say(" ".join(c[:1]), "->", (out or err).strip())
+    ok, detail = sources_match()
+    check("binaries built from these sources", ok,
+          detail + ("" if ok else " (results below are for other code: rebuild .gpu/)"))
     rc, out, err, _, _ = run(["stat", "-f", "-c", "%T", WORK], 10)
     fs = out.strip()
     if fs in ("tmpfs", "ramfs"):
@@ -299,24 +337,29 @@ def main():
 
     # ---------------------------------------------------------- (c) timings
     say("== (c) cold and warm loads (same file, same run)")
-    for threads in (8, 32):
-        drop()
-        rc, out, err, _, _ = run([BENCH, "raw-read", FILE, "--threads", str(threads)], 120)
-        r = last_json(out)
-        if r and COLD_OK:
-            add_row(dict(loader="raw O_DIRECT read " + f"{threads} thr", cold=True, gbps=r["gbps"], secs=r["secs"]))
-            say(f"  raw O_DIRECT read ({threads} threads): {r['gbps']:.2f} GB/s")
-    if drop():
-        t = time.time()
-        rc, _, err, _, _ = run(["dd", f"if={FILE}", "of=/dev/null", "bs=16M", "iflag=direct", "status=none"], 120)
-        if rc == 0:
-            dd = size / (time.time() - t) / 1e9
-            add_row(dict(loader="raw dd iflag=direct bs=16M", cold=True, gbps=dd))
-            say(f"  dd iflag=direct: {dd:.2f} GB/s")
-        else:
-            say(f"  dd iflag=direct failed (rc {rc}): {err.strip()[-300:]}")
-    # A load counts as cold only if the page cache was really dropped before it.
-    for i in range(2):
+    # Cold: raw O_DIRECT reads and tensorstream loads interleaved, three rounds, each after a
+    # cache drop, so drift of the disk (or a neighbour) hits both alike; judged on medians.
+    for rnd in range(3):
+        # Three shapes: tensorstream's own (16 reads of 8 MiB in flight) and two deeper ones.
+        for threads, mib in ((16, 8), (32, 16), (64, 4)):
+            if not drop():
+                break
+            rc, out, err, _, _ = run([BENCH, "raw-read", FILE, "--threads", str(threads),
+                                      "--chunk-mib", str(mib)], 120)
+            r = last_json(out)
+            if r and COLD_OK:
+                add_row(dict(loader=f"raw O_DIRECT read {threads} thr x {mib} MiB", cold=True,
+                             gbps=r["gbps"], secs=r["secs"], raw=True))
+                say(f"  round {rnd}: raw O_DIRECT read ({threads} threads x {mib} MiB): {r['gbps']:.2f} GB/s")
+        if drop():
+            t = time.time()
+            rc, _, err, _, _ = run(["dd", f"if={FILE}", "of=/dev/null", "bs=16M", "iflag=direct", "status=none"], 120)
+            if rc == 0:
+                dd = size / (time.time() - t) / 1e9
+                add_row(dict(loader="raw dd iflag=direct bs=16M", cold=True, gbps=dd, raw=True))
+                say(f"  round {rnd}: dd iflag=direct: {dd:.2f} GB/s")
+            else:
+                say(f"  dd iflag=direct failed (rc {rc}): {err.strip()[-300:]}")
         c = drop()
         record(ts_load(FILE), c, "tensorstream (ring)")
     c = drop()
@@ -326,13 +369,22 @@ def main():
         record(ts_load(FILE), False, "tensorstream (ring)")
     for i in range(2):
         record(ts_load(FILE, ["--gpu-warm", "auto"]), False, "tensorstream --gpu-warm auto")
+    # The warm auto route's device bytes too (the mapped route when the file is resident).
+    j = ts_load(FILE, ["--gpu-warm", "auto"], digests=True, name="tensorstream warm auto (digests run)")
+    bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
+    check(f"{size / 1e9:.1f} GB file, device bytes == file bytes (warm, --gpu-warm auto: route "
+          f"{j and j.get('route')})", j is not None and cpu and not bad, f"{len(cpu) - len(bad)}/{len(cpu)} match")
 
     say("== peers_baseline.py on the same file")
     peers_rss = None
     if DRY:
         say("peers skipped: dry run (they load to cuda:0)")
     elif hard_left() > 90 and shutil.which("python3"):
-        rc, out, wall, peers_rss = run_rss(["python3", os.path.join(G, "peers_baseline.py"), FILE],
+        # CUDA is initialised before the peer script runs (its first timing would otherwise
+        # include torch's context creation); the script itself is run unchanged.
+        boot = ("import runpy, sys, torch; torch.zeros(1, device='cuda:0'); torch.cuda.synchronize(); "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+        rc, out, wall, peers_rss = run_rss(["python3", "-c", boot, os.path.join(G, "peers_baseline.py"), FILE],
                                            timeout=max(60, int(hard_left()) - 60))
         res = None
         for line in out.splitlines():
@@ -341,8 +393,10 @@ def main():
         for r in res or []:
             if "serialize" in r["name"]:
                 continue
+            # No RSS per peer: they all run in one process, which also loads the whole file to
+            # host memory to write the tensorizer copy.
             add_row(dict(loader="peer: " + r["name"], cold=bool(r.get("cold")) and COLD_OK,
-                         gbps=r["gbps"], secs=r["secs"], rss_mib=peers_rss, peer=True))
+                         gbps=r["gbps"], secs=r["secs"], peer=True))
         say(f"peers done in {wall:.0f} s (rc {rc}); peak RSS of that one process {peers_rss:.0f} MiB")
     else:
         say("peers skipped: budget")
@@ -396,6 +450,18 @@ def main():
 
 
 
+def med(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def median_row(pred):
+    """The median GB/s of the matching rows (as a row dict with n), or None."""
+    c = [r["gbps"] for r in rows if pred(r) and r.get("gbps")]
+    return {"gbps": med(c), "n": len(c)} if c else None
+
+
 def best(pred):
     c = [r for r in rows if pred(r) and r.get("gbps")]
     return max(c, key=lambda r: r["gbps"]) if c else None
@@ -408,11 +474,22 @@ def finish():
     FINISHED = True
     say("== targets")
     # Targets are judged on the safetensors file the raw reads and most peers read.
-    main = lambda r: r["loader"].startswith("tensorstream") and ".tensors" not in r["loader"]
-    ts_cold = best(lambda r: main(r) and r["cold"])
+    # Only CLI rows (the product) count; ts-gpu-bench rows are exploration.
+    main = lambda r: r.get("cli") and r["loader"].startswith("tensorstream") and ".tensors" not in r["loader"]
+    # The default route's rows ("[host]" in a dry run, where loads go to host memory).
+    ring = lambda r: "[ring]" in r["loader"] or (DRY and r["loader"].startswith("tensorstream (ring)"))
+    ts_cold = median_row(lambda r: main(r) and r["cold"] and ring(r))
     ts_warm = best(lambda r: main(r) and not r["cold"])
-    raw = best(lambda r: r["loader"].startswith("raw"))
+    raws = {}
+    for r in rows:
+        if r.get("raw") and r.get("gbps"):
+            raws.setdefault(r["loader"], []).append(r["gbps"])
+    raw = max(({"loader": k, "gbps": med(v), "n": len(v)} for k, v in raws.items()),
+              key=lambda r: r["gbps"], default=None)
     peers_cold = best(lambda r: r.get("peer") and r["cold"])
+    expected_peers = ("safetensors", "runai", "fastsafetensors", "tensorizer")
+    missing_peers = [p for p in expected_peers
+                     if not any(r.get("peer") and r["cold"] and r["loader"].startswith("peer: " + p) for r in rows)]
     if DRY:
         say("dry run: loads went to host memory, so the GPU targets (warm GB/s, peak RSS, peers) "
             "are not judged; only the fixture and digest checks and the cold ratio are")
@@ -427,7 +504,17 @@ def finish():
         nj("cold >= 0.95 x best raw read", "the work folder is in memory")
     elif ts_cold and raw:
         check("cold >= 0.95 x best raw read", ts_cold["gbps"] >= 0.95 * raw["gbps"],
-              f"{ts_cold['gbps']:.2f} vs {raw['gbps']:.2f} GB/s ({raw['loader']})")
+              f"median {ts_cold['gbps']:.2f} of {ts_cold['n']} loads vs median {raw['gbps']:.2f} GB/s "
+              f"of {raw['n']} ({raw['loader']}), interleaved")
+        # Cold means the bytes came from the disk: O_DIRECT reads bypass the page cache.
+        cold_rows = [r for r in rows if main(r) and r["cold"] and ring(r)]
+        check("cold loads read with O_DIRECT (page cache bypassed)",
+              bool(cold_rows) and all(r.get("direct_io") for r in cold_rows),
+              f"{sum(1 for r in cold_rows if r.get('direct_io'))}/{len(cold_rows)} loads")
+        if ts_cold["gbps"] > 1.05 * raw["gbps"]:
+            say(f"NOTE: cold loads ran at {ts_cold['gbps'] / raw['gbps']:.2f} x the best raw read: the "
+                "raw reader (threads of pread) is not the fastest way to read this disk, so the 0.95 x "
+                "target is easier than it looks")
     else:
         nj("cold >= 0.95 x best raw read",
            "no " + " and no ".join(w for w, v in (("cold tensorstream load", ts_cold), ("raw read", raw)) if not v)
@@ -435,18 +522,29 @@ def finish():
     if DRY:
         pass
     elif ts_cold and peers_cold:
-        check("cold faster than every peer", ts_cold["gbps"] > peers_cold["gbps"],
-              f"{ts_cold['gbps']:.2f} vs {peers_cold['gbps']:.2f} ({peers_cold['loader']})")
+        # Counting tensorstream's device open (context, pinned ring) in its time, as the peers
+        # pay their allocations inside theirs; slowest of the cold ring loads vs the fastest peer.
+        worst = min((r for r in rows if main(r) and r["cold"] and ring(r) and r.get("gbps_open")),
+                    key=lambda r: r["gbps_open"], default=None)
+        ours = worst["gbps_open"] if worst else ts_cold["gbps"]
+        check("cold faster than every peer (device open included)", ours > peers_cold["gbps"],
+              f"{ours:.2f} (slowest cold load) vs {peers_cold['gbps']:.2f} ({peers_cold['loader']})")
+        if missing_peers:
+            nj("every peer ran", "missing: " + ", ".join(missing_peers) + " (see the peers' output above)")
     else:
         nj("cold faster than every peer", "no cold tensorstream load" if not ts_cold else "no cold peer result")
     # The default (ring) route; the mapped rows' RSS counts page-cache pages of the file mapped
     # while their pieces are registered, the staged (--verify) rows hold two host groups (shown
     # in the table, not judged).
-    rss = [r["rss_mib"] for r in rows if main(r) and "[ring]" in r["loader"] and r.get("rss_mib")]
+    # Judged on the ring route and on whatever configuration the warm result came from, so that
+    # speed and memory are met by the same configuration.
+    judged = {"tensorstream (ring) [ring]"} | ({ts_warm["loader"]} if ts_warm else set())
+    rss = [r["rss_mib"] for r in rows if main(r) and r["loader"] in judged and r.get("rss_mib")]
     if rss and not DRY:
-        check("peak RSS <= 300 MiB (ring path)", max(rss) <= 300, f"max {max(rss):.0f} MiB over {len(rss)} loads")
+        check("peak RSS <= 300 MiB (" + ", ".join(sorted(judged)) + ")", max(rss) <= 300,
+              f"max {max(rss):.0f} MiB over {len(rss)} loads")
     elif not DRY:
-        nj("peak RSS <= 300 MiB (ring path)", "no ring-route load reported its peak RSS")
+        nj("peak RSS <= 300 MiB", "no judged load reported its peak RSS")
 
     # Table last.
     table = {}
@@ -469,10 +567,12 @@ def finish():
                      f"| {f(t['ttft'], '%.3f')} | {f(t['open'], '%.2f')} |")
     lines.append("")
     lines.append("best of the runs per row; tensorstream GB/s and time to first tensor count from after the "
-                 "device is open (index, plan, device allocation, reads, copies), device open (driver, "
-                 "context, pinned ring) is the last column, as torch's CUDA init is outside all but the "
-                 "first peer timing; peers' RSS is that of the one process running all peers; "
-                 "peers report no time to first tensor. "
+                 "device is open (index, plan, device allocation, reads, copies); device open (driver, "
+                 "context, pinned ring) is the last column and is added to tensorstream's time for the "
+                 "peer comparison; torch's CUDA context is created before the peers' timings; peers' RSS "
+                 "is not shown (one process runs them all and holds the whole file on the host to write "
+                 "the tensorizer copy); peers report no time to first tensor; '(explore)' rows come from "
+                 "ts-gpu-bench tuning sweeps and are not judged; cold targets use interleaved medians. "
                  + ("tensorstream rows via the CLI" if CLI_GPU else "tensorstream rows via ts-gpu-bench (CLI had no GPU path)")
                  + (". DRY RUN: every load went to host memory, no GPU was used" if DRY else ""))
     lines.append("checks: " + ", ".join(("ok " if ok else "FAIL ") + w for w, ok, _ in checks))

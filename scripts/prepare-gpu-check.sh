@@ -20,6 +20,9 @@ cp "$SHARED/bench/peers_baseline.py" .gpu/
 if ! ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   "$SHARED/bench/get-wheels.sh" .gpu/wheels
 fi
+# The sources the binaries were built from, so the GPU machine (no git there) can tell stale
+# binaries from current ones: gpu_check.py hashes these files again and fails if any differ.
+git ls-files -z -- '*.rs' '*Cargo.toml' Cargo.lock | xargs -0 sha256sum > .gpu/SOURCES
 # The commit the binaries were built from (-dirty: with uncommitted changes).
 { git rev-parse --short HEAD | tr -d '\n'; git diff --quiet HEAD -- . ':!.gpu' || printf -- '-dirty'; echo; } > .gpu/COMMIT
 size=$(du -sm .gpu | cut -f1)

@@ -3,7 +3,8 @@
 //! ```text
 //! ts-gpu-bench gen FILE --gb 6.5            model-shaped bf16 safetensors file (pseudo-random)
 //! ts-gpu-bench digests FILE                 per-tensor SHA-256 computed on the CPU from the file
-//! ts-gpu-bench raw-read FILE [--threads 8]  O_DIRECT read of the whole file (16 MiB, N threads)
+//! ts-gpu-bench raw-read FILE [--threads 8] [--chunk-mib 16]
+//!                                           O_DIRECT read of the whole file (N threads)
 //! ts-gpu-bench h2d [--mib 4096]             pinned host->device ceiling through this crate
 //! ts-gpu-bench ring-read FILE [--slots 8] [--slot-size 16] [--depth N]
 //!                                           the GPU ring's read side alone (no GPU needed): the
@@ -65,7 +66,11 @@ fn run(args: &[String]) -> Result<()> {
     match cmd {
         "gen" => gen(&file()?, num(args, "--gb", 6.5f64)?),
         "digests" => digests(&file()?),
-        "raw-read" => raw_read(&file()?, num(args, "--threads", 8usize)?),
+        "raw-read" => raw_read(
+            &file()?,
+            num(args, "--threads", 8usize)?,
+            num(args, "--chunk-mib", 16u64)?,
+        ),
         "h2d" => h2d(num(args, "--mib", 4096usize)?),
         "ring-read" => ring_read(&file()?, args),
         "load" => load_cmd(&file()?, args),
@@ -282,14 +287,17 @@ fn ring_read(path: &str, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn raw_read(path: &str, threads: usize) -> Result<()> {
+fn raw_read(path: &str, threads: usize, chunk_mib: u64) -> Result<()> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .map_err(|e| Error::from_io(e, format!("open O_DIRECT {path}")))?;
     let len = f.metadata().map_err(|e| Error::from_io(e, path))?.len();
-    let chunk = 16u64 << 20;
+    if !(1..=256).contains(&chunk_mib) {
+        return Err(Error::invalid("--chunk-mib must be between 1 and 256"));
+    }
+    let chunk = chunk_mib << 20;
     let next = AtomicU64::new(0);
     let total = AtomicU64::new(0);
     let start = Instant::now();
@@ -325,7 +333,7 @@ fn raw_read(path: &str, threads: usize) -> Result<()> {
     let n = total.load(Ordering::SeqCst);
     println!(
         "{}",
-        json!({"name": format!("raw O_DIRECT read ({threads} threads x 16 MiB)"), "secs": secs, "gbps": n as f64 / secs / 1e9, "bytes": n, "cold": true})
+        json!({"name": format!("raw O_DIRECT read ({threads} threads x {chunk_mib} MiB)"), "secs": secs, "gbps": n as f64 / secs / 1e9, "bytes": n, "cold": true})
     );
     Ok(())
 }
