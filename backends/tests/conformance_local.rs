@@ -61,6 +61,24 @@ impl Fixture for LocalFixture {
     fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
         Ok(Arc::new(self.open(name)?))
     }
+    fn overwrite(&self, name: &str, data: &[u8]) -> Result<()> {
+        overwrite_in_place(std::path::Path::new(&self.path(name)), data)
+    }
+}
+
+/// Rewrites a file in place (same inode) and moves its mtime one second past the old one, so
+/// the change shows even within the filesystem's timestamp granularity.
+fn overwrite_in_place(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    let io = |e| Error::from_io(e, "overwriting fixture file");
+    let before = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map_err(io)?;
+    std::fs::write(path, data).map_err(io)?;
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(before + std::time::Duration::from_secs(1)))
+        .map_err(io)
 }
 
 /// Whether the directory is on a filesystem where O_DIRECT is expected to work.

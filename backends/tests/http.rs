@@ -123,6 +123,16 @@ impl Fixture for NginxFixture {
     fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
         open(&self.nginx.url(name), &opts(8, 1 << 20))
     }
+    /// Rewrites the served file in place with its mtime a second past the old one: nginx's ETag
+    /// (mtime and size, in seconds) changes even for a rewrite of the same size.
+    fn overwrite(&self, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.dir.path().join(name);
+        let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+        write_file(self.dir.path(), name, data);
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(before + Duration::from_secs(1)).unwrap();
+        Ok(())
+    }
 }
 
 #[test]

@@ -73,6 +73,16 @@ impl Fixture for Fx {
     fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
         open(&self.g.uri(name), &opts())
     }
+    /// Rewrites the exported file in place with its mtime a second past the old one, so the
+    /// change attribute Ganesha reports moves even within the timestamp granularity.
+    fn overwrite(&self, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.g.path(name);
+        let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+        self.g.put(name, data);
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(before + Duration::from_secs(1)).unwrap();
+        Ok(())
+    }
 }
 
 #[test]

@@ -77,6 +77,12 @@ impl Fixture for S3Fixture {
             .s3
             .backend("conf", &format!("missing/{name}"), &small_chunks()))
     }
+    /// A second PUT of the key: s3s-fs gives it a new ETag (the MD5 of the new bytes).
+    fn overwrite(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.s3
+            .put("conf", &format!("conformance/{name}"), data.to_vec());
+        Ok(())
+    }
 }
 
 #[test]
