@@ -36,6 +36,14 @@ enum Flaw {
     BadAlignment,
     /// Writes a byte past the requested length.
     Overruns,
+    /// Flips one byte of reads at or above 4 MiB (above the suite's small objects).
+    CorruptsAbove4MiB,
+    /// Fails zero-length reads.
+    ZeroLengthFails,
+    /// Marks its past-the-end errors retryable (a retry can never succeed).
+    RetryablePastEnd,
+    /// Declares an alignment of 4096 without direct I/O (the Loader would plan unaligned reads).
+    AlignedWithoutDirect,
 }
 
 #[derive(Debug)]
@@ -54,8 +62,10 @@ impl Backend for Broken {
     fn capabilities(&self) -> Capabilities {
         let mut c = self.inner.capabilities();
         c.kind = "broken";
-        if let Flaw::BadAlignment = self.flaw {
-            c.alignment = 3;
+        match self.flaw {
+            Flaw::BadAlignment => c.alignment = 3,
+            Flaw::AlignedWithoutDirect => c.alignment = 4096,
+            _ => {}
         }
         c
     }
@@ -81,6 +91,17 @@ impl Backend for Broken {
                     buf[n] = 0;
                 }
                 Ok(n)
+            }
+            Flaw::CorruptsAbove4MiB if offset >= 4 << 20 && !buf.is_empty() => {
+                let n = self.inner.read_at(offset, buf)?;
+                if n > 0 {
+                    buf[0] ^= 0xFF;
+                }
+                Ok(n)
+            }
+            Flaw::ZeroLengthFails if buf.is_empty() => Err(Error::invalid("empty read")),
+            Flaw::RetryablePastEnd if offset > size => {
+                Err(Error::new(ErrorKind::RangeNotSatisfiable, "past the end").with_retryable(true))
             }
             _ => self.inner.read_at(offset, buf),
         }
@@ -121,6 +142,10 @@ fn broken_backends_fail_the_suite_with_a_named_check() {
         (Flaw::CorruptsData, "read_at"),
         (Flaw::Overruns, "read_at"),
         (Flaw::MissingIsIo, "missing object"),
+        (Flaw::CorruptsAbove4MiB, "read_at large"),
+        (Flaw::ZeroLengthFails, "read_at"),
+        (Flaw::RetryablePastEnd, "read_at"),
+        (Flaw::AlignedWithoutDirect, "capabilities"),
     ] {
         let msg = failure_message(flaw);
         assert!(
