@@ -31,19 +31,22 @@ cat "$SRC" >/dev/null   # server side from the page cache for everyone
 
 now() { date +%s.%N; }
 gbps() { python3 -c "print(f'{$1/($3-$2)/1e9:.3f}')"; }
+# curl's own transfer time (-w %{time_total}), not the wall clock around the process.
+curl_s() { curl -sf -w '%{time_total}' "$@"; }
 tsload() { "$TS" load "$1" --json --quiet "${@:2}" | python3 -c "import json,sys; o=json.load(sys.stdin); print(f\"{o['gbps']:.3f}\")"; }
 rows=()
 for r in $(seq "$ROUNDS"); do
-  t0=$(now); curl -sf -o /dev/null "$TS_NGINX_URL/model.safetensors"; t1=$(now)
-  c=$(gbps "$BYTES" "$t0" "$t1"); t=$(tsload "$TS_NGINX_URL/model.safetensors")
+  secs=$(curl_s -o /dev/null "$TS_NGINX_URL/model.safetensors")
+  c=$(gbps "$BYTES" 0 "$secs"); t=$(tsload "$TS_NGINX_URL/model.safetensors")
   # Second baseline: curl landing the bytes in (fresh) memory too, as a load must.
-  t0=$(now); curl -sf -o /dev/shm/ts-curl.out "$TS_NGINX_URL/model.safetensors"; t1=$(now); rm -f /dev/shm/ts-curl.out
-  m=$(gbps "$BYTES" "$t0" "$t1")
+  secs=$(curl_s -o /dev/shm/ts-curl.out "$TS_NGINX_URL/model.safetensors"); rm -f /dev/shm/ts-curl.out
+  m=$(gbps "$BYTES" 0 "$secs")
   rows+=("round $r  http  curl $c GB/s | tensorstream $t GB/s | ratio $(python3 -c "print(f'{$t/$c:.2f}')") | curl -o tmpfs $m GB/s, ratio $(python3 -c "print(f'{$t/$m:.2f}')")")
-  t0=$(now); curl -sf "${SIGV4[@]}" -o /dev/null "$TS_S3_ENDPOINT/bench/model.safetensors"; t1=$(now)
-  c=$(gbps "$BYTES" "$t0" "$t1"); t=$(tsload s3://bench/model.safetensors --s3-endpoint "$TS_S3_ENDPOINT")
+  secs=$(curl_s "${SIGV4[@]}" -o /dev/null "$TS_S3_ENDPOINT/bench/model.safetensors")
+  c=$(gbps "$BYTES" 0 "$secs"); t=$(tsload s3://bench/model.safetensors --s3-endpoint "$TS_S3_ENDPOINT")
   rows+=("round $r  s3    one GET $c GB/s | tensorstream $t GB/s | ratio $(python3 -c "print(f'{$t/$c:.2f}')")")
   rm -f /dev/shm/ts-nfs-cp.out
+  # nfs-cp has no timer of its own: wall clock (its start-up counts against it, ~ms).
   t0=$(now); nfs-cp "nfs://127.0.0.1/export/model.safetensors?version=4&nfsport=$TS_NFS_PORT" /dev/shm/ts-nfs-cp.out >/dev/null; t1=$(now)
   rm -f /dev/shm/ts-nfs-cp.out
   c=$(gbps "$BYTES" "$t0" "$t1"); t=$(tsload "$TS_NFS_URL/model.safetensors")
