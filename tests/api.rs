@@ -182,3 +182,75 @@ fn a_cancel_flag_stops_loads_and_conversions_cleanly() {
         .unwrap();
     assert_eq!(m.len(), 20);
 }
+
+/// Reads fail with `ObjectChanged` once `after` reads were made.
+#[derive(Debug)]
+struct ChangesAfter {
+    inner: Arc<MemoryBackend>,
+    reads: std::sync::atomic::AtomicUsize,
+    after: usize,
+}
+
+impl tensorstream_engine::Backend for ChangesAfter {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> tensorstream_engine::Result<tensorstream_engine::ObjectMeta> {
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> tensorstream_engine::Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> tensorstream_engine::Result<usize> {
+        if self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.after {
+            return Err(tensorstream_engine::Error::new(
+                tensorstream_engine::ErrorKind::ObjectChanged,
+                "replaced under us",
+            ));
+        }
+        self.inner.read_at(offset, buf)
+    }
+}
+
+#[test]
+fn conversion_errors_keep_the_source_errors_kind() {
+    let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 50], 9);
+    let dir = tempfile::tempdir().unwrap();
+    for out in ["k.safetensors", "k.tensors"] {
+        let be = Arc::new(ChangesAfter {
+            inner: Arc::new(MemoryBackend::new("mem://k.safetensors", file.clone())),
+            reads: std::sync::atomic::AtomicUsize::new(0),
+            after: 20,
+        });
+        let e = Loader::from_backend(be)
+            .convert(&dir.path().join(out), None)
+            .unwrap_err();
+        // It used to come out as a plain I/O error through the tensorizer writer.
+        assert_eq!(
+            e.kind(),
+            tensorstream_engine::ErrorKind::ObjectChanged,
+            "{out}: {e}"
+        );
+    }
+}
+
+#[test]
+fn conversion_progress_reaches_its_total_with_meta_tensors() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let src = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/v4_module_with_meta.tensors"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for out in ["p.safetensors", "p.tensors"] {
+        let (done, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        Loader::new(src)
+            .progress(done.clone())
+            .progress_total(total.clone())
+            .convert(&dir.path().join(out), None)
+            .unwrap();
+        let (d, t) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        assert!(t > 0, "{out}: no total");
+        assert_eq!(d, t, "{out}: progress {d} of {t}");
+    }
+}

@@ -459,3 +459,113 @@ fn interrupted_demo_removes_its_files() {
         assert!(left.is_empty(), "SIG{sig}: left behind {left:?}");
     }
 }
+
+/// A tiny HTTP server for one safetensors file: HEAD and GETs within the header are answered,
+/// a GET of tensor data hangs (a stalled server). Returns its port.
+fn stalling_http_server(data: Vec<u8>) -> u16 {
+    let data_start = 8 + u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut w = conn;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let head = line.starts_with("HEAD");
+                    let mut range = (0usize, data.len() - 1);
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                            let (a, b) = v.trim().split_once('-').unwrap();
+                            let a: usize = a.parse().unwrap();
+                            let b = b
+                                .parse()
+                                .map_or(data.len() - 1, |b: usize| b.min(data.len() - 1));
+                            range = (a, b);
+                        }
+                    }
+                    let reply = if head {
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nETag: \"v1\"\r\n\r\n",
+                            data.len()
+                        )
+                        .into_bytes()
+                    } else {
+                        let (a, b) = range;
+                        if a >= data_start {
+                            std::thread::sleep(std::time::Duration::from_secs(120));
+                            return;
+                        }
+                        let mut v = format!(
+                            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\nETag: \"v1\"\r\n\r\n",
+                            data.len(),
+                            b + 1 - a
+                        )
+                        .into_bytes();
+                        v.extend_from_slice(&data[a..=b]);
+                        v
+                    };
+                    if w.write_all(&reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A conversion stuck on a stalled server cannot stop by itself: a second Ctrl-C quits at once
+/// and still removes the partial output the library created (found among the open files).
+#[test]
+fn forced_exit_removes_a_conversions_partial_output() {
+    let data = std::fs::read(fixtures().join("mixed.safetensors")).unwrap();
+    let port = stalling_http_server(data);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.tensors");
+    let child = bin()
+        .args(["convert", &format!("http://127.0.0.1:{port}/m.safetensors")])
+        .arg(&out)
+        .args(["--quiet", "--timeout", "100"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the partial file (the conversion is then stuck in a read).
+    let t0 = std::time::Instant::now();
+    while std::fs::read_dir(dir.path()).unwrap().count() == 0 {
+        assert!(t0.elapsed().as_secs() < 30, "no partial output appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = |sig: &str| {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    kill("INT");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    kill("INT");
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("removed"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind {left:?}: {stderr}");
+}

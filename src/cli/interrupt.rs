@@ -4,8 +4,8 @@
 //! between reads ([`tensorstream::Loader::cancel_flag`]): the command stops, releases what it
 //! holds, removes its temporary files (a conversion's partial output, the demo's model) and
 //! the process exits with 128 + the signal number. If it has not stopped 10 s later, or a
-//! second signal comes, the registered temporary paths are removed here and the process exits
-//! at once.
+//! second signal comes, the registered temporary paths (and a conversion's partial output, found
+//! among the files this process holds open) are removed here and the process exits at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -23,6 +23,74 @@ static SIGNAL: AtomicI32 = AtomicI32::new(0);
 fn paths() -> &'static Mutex<Vec<PathBuf>> {
     static P: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
     P.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Temporary files that the library creates under names this module cannot know in advance
+/// (a conversion's `.NAME.partial-XXXX`): (canonical directory, file-name prefix). On a forced
+/// exit, the files this process holds open (`/proc/self/fd`) that match are removed.
+fn partials() -> &'static Mutex<Vec<(PathBuf, String)>> {
+    static P: OnceLock<Mutex<Vec<(PathBuf, String)>>> = OnceLock::new();
+    P.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Registers the temporary files `convert` writes next to `output` (`.NAME.partial-…`) for
+/// removal on a forced exit; unregistered when the guard drops.
+pub struct PartialOutput(Option<(PathBuf, String)>);
+
+impl PartialOutput {
+    pub fn new(output: &Path) -> PartialOutput {
+        let dir = match output.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let (Ok(dir), Some(name)) = (std::fs::canonicalize(dir), output.file_name()) else {
+            // No such directory: the conversion fails before it creates anything.
+            return PartialOutput(None);
+        };
+        let entry = (dir, format!(".{}.partial-", name.to_string_lossy()));
+        partials()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(entry.clone());
+        PartialOutput(Some(entry))
+    }
+}
+
+impl Drop for PartialOutput {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0.take() {
+            let mut list = partials().lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = list.iter().position(|p| *p == entry) {
+                list.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// The registered partial outputs this process has open.
+fn open_partials() -> Vec<PathBuf> {
+    let list = partials().lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if list.is_empty() {
+        return Vec::new();
+    }
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| {
+            list.iter().any(|(dir, prefix)| {
+                target.parent() == Some(dir.as_path())
+                    && target
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix.as_str()))
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The process-wide cancel flag, set by the first signal.
@@ -101,7 +169,8 @@ pub fn install() {
 
 /// Removes every registered path (files and directories), reporting what it could not remove.
 fn remove_registered() {
-    let list = std::mem::take(&mut *paths().lock().unwrap_or_else(|p| p.into_inner()));
+    let mut list = std::mem::take(&mut *paths().lock().unwrap_or_else(|p| p.into_inner()));
+    list.extend(open_partials());
     for p in list {
         let r = if p.is_dir() {
             std::fs::remove_dir_all(&p)

@@ -412,14 +412,21 @@ pub fn run() -> i32 {
         } => output::bench(&uri, cold, warm, repeat as usize, &io),
     };
     if let Some(sig) = interrupt::signal() {
-        // Interrupted: whatever the command managed, exit as the signal asked (128 + its number).
-        if let Err(e) = res {
-            if e.kind() != tensorstream::ErrorKind::Cancelled {
-                eprintln!("tensorstream: error: {e}");
+        match &res {
+            // The command finished (its output is complete) before the signal stopped anything.
+            Ok(()) => {
+                eprintln!("tensorstream: the signal came after the command had finished");
+                return 0;
+            }
+            // Stopped by the signal: exit as the signal asked (128 + its number).
+            Err(e) => {
+                if e.kind() != tensorstream::ErrorKind::Cancelled {
+                    eprintln!("tensorstream: error: {e}");
+                }
+                eprintln!("tensorstream: interrupted");
+                return 128 + sig;
             }
         }
-        eprintln!("tensorstream: interrupted");
-        return 128 + sig;
     }
     match res {
         Ok(()) => 0,

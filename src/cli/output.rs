@@ -120,6 +120,8 @@ pub fn convert(
         .progress_total(total.clone());
     let st = {
         let _bar = Progress::start_dynamic("converting", total, counter, io.quiet);
+        // Removed on a forced exit too (Ctrl-C twice, or a conversion stuck past the grace).
+        let _partial = super::interrupt::PartialOutput::new(output);
         loader.convert(output, encrypt)?
     };
     out!(
@@ -417,10 +419,23 @@ fn direct_read(path: &str, threads: usize) -> Result<u64, Error> {
                         if off >= len {
                             return Ok(());
                         }
-                        let n = f
-                            .read_at(buf.as_mut_slice(), off)
-                            .map_err(|e| Error::from_io(e, "read O_DIRECT").with_location(path))?;
-                        total.fetch_add(n as u64, Ordering::Relaxed);
+                        // The whole piece (or up to the end): a short read is continued.
+                        let want = PIECE.min(len - off) as usize;
+                        let mut got = 0usize;
+                        while got < want {
+                            // O_DIRECT needs aligned offsets and lengths: short reads below
+                            // the end come back in whole blocks, so the rest stays aligned.
+                            let n = f
+                                .read_at(&mut buf.as_mut_slice()[got..], off + got as u64)
+                                .map_err(|e| {
+                                    Error::from_io(e, "read O_DIRECT").with_location(path)
+                                })?;
+                            if n == 0 {
+                                break;
+                            }
+                            got += n;
+                        }
+                        total.fetch_add(got as u64, Ordering::Relaxed);
                     }
                 })
             })

@@ -146,8 +146,6 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
             .map_err(|e| Error::from_io(e, "syncing output"))?;
         Ok(stats)
     })();
-    // An error raised by the cancel check inside a `Read` reaches us wrapped as an I/O error.
-    let result = result.map_err(|e| check_cancel(opts).err().unwrap_or(e));
     // Dropping `tmp` (an error, or a failed rename) removes the temporary file.
     let stats = result.map_err(|e| e.with_location(&loc))?;
     tmp.persist(output)
@@ -171,7 +169,7 @@ fn for_each_piece(
     let mut sink = |p: &[u8]| -> Result<()> {
         check_cancel(opts)?;
         sink(p)?;
-        count(opts, p.len());
+        count(opts, p.len() as u64);
         Ok(())
     };
     match (&t.source, hook) {
@@ -284,6 +282,7 @@ fn write_tensorizer<W: Write + Seek>(
     for (ti, t) in index.tensors.iter().enumerate() {
         if t.source == TensorSource::Zeros {
             ser.write_tensor(&[])?;
+            count(opts, t.nbytes());
         } else {
             // Feed the serializer through a reader that pulls pieces on demand.
             check_cancel(opts)?;
@@ -345,7 +344,7 @@ impl Read for PieceReader<'_> {
             let n = out.len().min(whole.len() - *pos);
             out[..n].copy_from_slice(&whole[*pos..*pos + n]);
             *pos += n;
-            count(self.opts, n);
+            count(self.opts, n as u64);
             return Ok(n);
         }
         let n = (out.len() as u64).min(self.end - self.off) as usize;
@@ -354,7 +353,7 @@ impl Read for PieceReader<'_> {
         }
         read_full(self.input, self.off, &mut out[..n]).map_err(std::io::Error::other)?;
         self.off += n as u64;
-        count(self.opts, n);
+        count(self.opts, n as u64);
         Ok(n)
     }
 }
@@ -375,8 +374,8 @@ fn check_cancel(opts: &ConvertOptions) -> Result<()> {
 }
 
 /// Adds `n` converted bytes to the progress counter.
-fn count(opts: &ConvertOptions, n: usize) {
+fn count(opts: &ConvertOptions, n: u64) {
     if let Some(p) = &opts.progress {
-        p.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        p.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 }

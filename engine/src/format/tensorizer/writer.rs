@@ -316,13 +316,19 @@ impl<W: Write + Seek> Serializer<W> {
             let n = (self.buf.len() as u64).min(left) as usize;
             let chunk = &mut self.buf[..n];
             src.read_exact(chunk).map_err(|e| {
-                Error::from_io(
-                    e,
-                    format!(
-                        "reading tensor {name:?} ({} of {nbytes} bytes done)",
-                        nbytes - left
-                    ),
-                )
+                let what = format!(
+                    "reading tensor {name:?} ({} of {nbytes} bytes done)",
+                    nbytes - left
+                );
+                // A source that fails with our own error (a backend's ObjectChanged, Timeout,
+                // Cancelled …) wraps it in an io::Error: unwrap it so its kind survives.
+                if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+                    if let Some(Ok(inner)) = e.into_inner().map(|b| b.downcast::<Error>()) {
+                        return inner.context(what);
+                    }
+                    return Error::new(crate::ErrorKind::Io, what);
+                }
+                Error::from_io(e, what)
             })?;
             crc.update(chunk);
             sha.update(&*chunk);
