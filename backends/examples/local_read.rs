@@ -72,9 +72,7 @@ fn main() -> Result<()> {
         )?;
         stats.bytes_read
     } else {
-        let mut reader = be
-            .clone()
-            .open_reader(&meta, &ReaderOptions { queue_depth: qd })?;
+        let mut reader = be.clone().open_reader(&meta, &ReaderOptions::new(qd))?;
         let mut free = staging_slots(qd, chunk, caps.alignment.max(4096))?;
         {
             let r: Vec<&IoBuf> = free.iter().collect();

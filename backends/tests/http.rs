@@ -194,7 +194,7 @@ fn stat_reads_and_reader_against_nginx() {
     // The reader: many reads in flight (more than the concurrency), any completion order.
     let mut r = b
         .clone()
-        .open_reader(&meta, &ReaderOptions { queue_depth: 16 })
+        .open_reader(&meta, &ReaderOptions::new(16))
         .unwrap();
     let piece = 100_003usize;
     let mut expected = BTreeMap::new();
@@ -736,7 +736,7 @@ fn bench_http_vs_curl() {
         let meta = b.stat().unwrap();
         let mut r = b
             .clone()
-            .open_reader(&meta, &ReaderOptions { queue_depth: 32 })
+            .open_reader(&meta, &ReaderOptions::new(32))
             .unwrap();
         let mut next = 0usize;
         let mut done_bytes = 0u64;

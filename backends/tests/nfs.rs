@@ -166,7 +166,7 @@ fn open_reader_many_in_flight_fills_the_buffers() {
     let meta = be.stat().unwrap();
     let mut reader = be
         .clone()
-        .open_reader(&meta, &ReaderOptions { queue_depth: 32 })
+        .open_reader(&meta, &ReaderOptions::new(32))
         .unwrap();
     // 1 MiB + odd pieces over the whole file, plus one past the end and one at the end.
     let mut reqs: Vec<(u64, usize)> = Vec::new();
@@ -358,7 +358,7 @@ fn file_modified_after_open_is_object_changed() {
     assert_eq!(be.stat().unwrap_err().kind(), ErrorKind::ObjectChanged);
     let mut r = be
         .clone()
-        .open_reader(&meta, &ReaderOptions { queue_depth: 4 })
+        .open_reader(&meta, &ReaderOptions::new(4))
         .unwrap();
     r.submit(ReadRequest {
         id: 1,
@@ -876,4 +876,79 @@ fn server_down_longer_than_retry_for_fails_when_the_budget_is_spent() {
     // stat() (a small call) keeps to the same budget.
     let e = be.stat().unwrap_err();
     assert!(e.to_string().contains("giving up after"), "{e}");
+}
+
+/// The server goes away mid-session and the caller cancels: the load stops at once instead of
+/// waiting out the minute of retries (`retry_for`), and says it was cancelled.
+#[test]
+fn cancel_during_an_outage_does_not_wait_out_the_retries() {
+    use std::sync::atomic::AtomicBool;
+    let mut g = Ganesha::start();
+    let (file, _) = model_file(&[6 << 20, 6 << 20], 47);
+    let uri = g.put("outage.safetensors", &file);
+    let be = open(&uri, &opts()).unwrap();
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let mut po = PlanOptions::new(meta.size);
+    po.chunk_size = 1 << 20;
+    let plan = Arc::new(plan(&index, &sel, &po).unwrap());
+    g.stop();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c2 = cancel.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        c2.store(true, Ordering::SeqCst);
+    });
+    let eo = EngineOptions {
+        queue_depth: 8,
+        ring_budget: 16 << 20,
+        progress: None,
+        cancel: Some(cancel),
+    };
+    let t0 = std::time::Instant::now();
+    let Err(e) = execute(be, &meta, plan, HostSink::new(), &eo) else {
+        panic!("a load with the server down succeeded");
+    };
+    let took = t0.elapsed();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(took < Duration::from_secs(10), "cancel took {took:?}");
+}
+
+/// A server that never answers the TCP handshake (its accept queue is full: the kernel drops the
+/// SYNs, as a firewall would): opening fails within the 5 s open budget with a timeout, instead
+/// of waiting out the 30 s request timeout per attempt.
+#[test]
+fn unanswered_connects_fail_within_the_open_budget() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    // Connects that complete wait in the accept queue (never accepted); once it is full, a
+    // connect gets no answer.
+    let mut held = Vec::new();
+    let mut full = false;
+    for _ in 0..4096 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => held.push(s),
+            Err(_) => {
+                full = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        full,
+        "the accept queue never filled ({} connections)",
+        held.len()
+    );
+    let t0 = std::time::Instant::now();
+    let uri = format!("nfs://127.0.0.1:{}/export/f", addr.port());
+    let e = open(&uri, &opts()).unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+    assert!(
+        took < Duration::from_secs(8),
+        "open took {took:?} against a 5 s budget"
+    );
+    drop(l);
 }

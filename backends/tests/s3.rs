@@ -155,7 +155,7 @@ fn reader_keeps_many_reads_in_flight_and_returns_every_buffer() {
     let meta = be.stat().unwrap();
     let mut reader = be
         .clone()
-        .open_reader(&meta, &ReaderOptions { queue_depth: 32 })
+        .open_reader(&meta, &ReaderOptions::new(32))
         .unwrap();
     // 32 reads of odd sizes, the last one running past the end.
     let mut expected = BTreeMap::new();
@@ -588,9 +588,7 @@ impl Faulty {
     /// Reads the whole object through the engine's reader path (1 MiB reads, 4 in flight).
     fn read_all(&self, be: &Arc<S3Backend>) -> Result<Vec<u8>> {
         let meta = be.stat()?;
-        let mut reader = be
-            .clone()
-            .open_reader(&meta, &ReaderOptions { queue_depth: 4 })?;
+        let mut reader = be.clone().open_reader(&meta, &ReaderOptions::new(4))?;
         let mut out = vec![0u8; meta.size as usize];
         let chunk = 1usize << 20;
         let mut next = 0usize;

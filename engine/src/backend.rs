@@ -104,10 +104,24 @@ pub struct ReadDone {
 }
 
 /// Options for a reader session.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReaderOptions {
     /// Reads to keep in flight.
     pub queue_depth: usize,
+    /// The load's cancel flag ([`crate::EngineOptions::cancel`]), if any. A reader that waits on
+    /// its own (retries, backoff) should stop retrying once it is set and return the reads in
+    /// flight, failed, as soon as it can. Readers that never wait long may ignore it.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl ReaderOptions {
+    /// `queue_depth` reads in flight, no cancel flag.
+    pub fn new(queue_depth: usize) -> Self {
+        ReaderOptions {
+            queue_depth,
+            cancel: None,
+        }
+    }
 }
 
 /// A session of many reads in flight: submit requests, wait for completions (any order).
@@ -124,6 +138,11 @@ pub trait RangeReader: Send {
     fn register_buffers(&mut self, _bufs: &[&IoBuf]) -> Result<()> {
         Ok(())
     }
+    /// Optional: the load is failing (an error, or the caller cancelled) and only waits for the
+    /// reads in flight to come back. A reader that would retry or back off may stop doing so and
+    /// return the remaining reads at once (failed, each with its buffer). The default does
+    /// nothing; reads still come back through `wait` either way.
+    fn abandon(&mut self) {}
 }
 
 /// A storage backend serving one object. See the module docs for the contract.

@@ -108,9 +108,13 @@ pub fn execute<S: Sink>(
         count_slots = free.len();
     }
 
-    let mut reader = backend
-        .clone()
-        .open_reader(meta, &ReaderOptions { queue_depth: depth })?;
+    let mut reader = backend.clone().open_reader(
+        meta,
+        &ReaderOptions {
+            queue_depth: depth,
+            cancel: opts.cancel.clone(),
+        },
+    )?;
     {
         let regs: Vec<&IoBuf> = free.iter().chain(direct.iter().flatten()).collect();
         reader.register_buffers(&regs)?;
@@ -322,7 +326,11 @@ pub fn execute<S: Sink>(
             read_err = Some(cancelled(next, total));
         }
     }
-    // Drain anything still in flight so every buffer is given back before we return.
+    // Drain anything still in flight so every buffer is given back before we return. A failing
+    // load needs none of those bytes: let the reader stop retrying.
+    if read_err.is_some() || sink_failed.load(Ordering::SeqCst) {
+        reader.abandon();
+    }
     while reader.in_flight() > 0 {
         if reader.wait().is_err() {
             break;

@@ -310,7 +310,7 @@ impl Ctx {
         let m = meta.clone();
         let r = self.call(
             move || format!("open_reader(queue_depth {queue_depth})"),
-            move || b.open_reader(&m, &ReaderOptions { queue_depth }),
+            move || b.open_reader(&m, &ReaderOptions::new(queue_depth)),
         )?;
         Ok(Session {
             reader: Some(r),

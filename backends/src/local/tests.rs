@@ -252,9 +252,7 @@ fn file_changed_before_the_session_is_object_changed() {
         // Same size, new contents (and mtime): the version differs.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&path, pattern(1 << 20, 2)).unwrap();
-        let r = be
-            .clone()
-            .open_reader(&meta, &ReaderOptions { queue_depth: 4 });
+        let r = be.clone().open_reader(&meta, &ReaderOptions::new(4));
         let e = r.err().expect("reader opened on a changed file");
         assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{mode:?}: {e}");
     }
@@ -273,7 +271,7 @@ fn open_and_read_first_mib(
     let meta = be.stat().unwrap();
     let mut r = be
         .clone()
-        .open_reader(&meta, &ReaderOptions { queue_depth: 4 })
+        .open_reader(&meta, &ReaderOptions::new(4))
         .unwrap();
     assert_eq!(read_one(&mut r, 0, 1 << 20).unwrap(), 1 << 20);
     (be, meta, r)

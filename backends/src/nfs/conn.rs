@@ -370,6 +370,7 @@ impl Conn {
         addr: SocketAddr,
         peer: &str,
         timeout: Duration,
+        connect_timeout: Duration,
         auth: AuthSys,
     ) -> Result<Conn, Failure> {
         let fail = |e: std::io::Error| {
@@ -380,7 +381,7 @@ impl Conn {
             };
             Failure::new(kind, format!("cannot connect to {peer}: {e}"), true)
         };
-        let s = TcpStream::connect_timeout(&addr, timeout).map_err(fail)?;
+        let s = TcpStream::connect_timeout(&addr, connect_timeout).map_err(fail)?;
         s.set_nodelay(true).map_err(fail)?;
         let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         s.set_read_timeout(Some(tick)).map_err(fail)?;
@@ -702,6 +703,16 @@ fn check_read(
     Ok(None)
 }
 
+/// Longest wait for one TCP connect (also capped by the per-request timeout): a server that
+/// does not answer at all (filtered, black-holed) must not hold a load for the kernel's minutes,
+/// nor an open for longer than its retry budget ([`super::config::OPEN_RETRY_FOR`]).
+pub(crate) const MAX_CONNECT: Duration = super::config::OPEN_RETRY_FOR;
+
+/// After a connect that took this long to fail, further connects fail at once for
+/// [`SLOW_FAILURE_GATE`]: jobs retried together must not each wait out their own connect.
+const SLOW_FAILURE: Duration = Duration::from_secs(1);
+const SLOW_FAILURE_GATE: Duration = Duration::from_secs(2);
+
 /// A fixed number of connection slots, each reconnected when found dead.
 pub(crate) struct Pool {
     addrs: Vec<SocketAddr>,
@@ -710,6 +721,8 @@ pub(crate) struct Pool {
     auth: AuthSys,
     slots: Vec<Mutex<Option<Arc<Conn>>>>,
     next: AtomicUsize,
+    /// The last connect failure that took [`SLOW_FAILURE`] or longer, and when it ended.
+    slow_failure: Mutex<Option<(Instant, Failure)>>,
 }
 
 impl Pool {
@@ -728,6 +741,7 @@ impl Pool {
             auth,
             slots: (0..n.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
+            slow_failure: Mutex::new(None),
         }
     }
 
@@ -738,6 +752,11 @@ impl Pool {
 
     /// The next connection in round-robin order, (re)connecting if needed.
     pub(crate) fn get(&self) -> Result<Arc<Conn>, Failure> {
+        self.get_within(None)
+    }
+
+    /// Like [`Pool::get`], with a connect that waits at most `limit` (besides the usual caps).
+    pub(crate) fn get_within(&self, limit: Option<Duration>) -> Result<Arc<Conn>, Failure> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = lock(&self.slots[i]);
         if let Some(c) = slot.as_ref() {
@@ -746,13 +765,30 @@ impl Pool {
             }
         }
         *slot = None;
+        if let Some((at, f)) = lock(&self.slow_failure).as_ref() {
+            if at.elapsed() < SLOW_FAILURE_GATE {
+                return Err(f.clone());
+            }
+        }
         let mut last = Failure::new(
             ErrorKind::InvalidInput,
             format!("{}: no address to connect to", self.peer),
             false,
         );
+        let started = Instant::now();
+        let connect_timeout = self
+            .timeout
+            .min(MAX_CONNECT)
+            .min(limit.unwrap_or(MAX_CONNECT))
+            .max(Duration::from_millis(10));
         for a in &self.addrs {
-            match Conn::connect(*a, &self.peer, self.timeout, self.auth.clone()) {
+            match Conn::connect(
+                *a,
+                &self.peer,
+                self.timeout,
+                connect_timeout,
+                self.auth.clone(),
+            ) {
                 Ok(c) => {
                     let c = Arc::new(c);
                     *slot = Some(c.clone());
@@ -760,6 +796,9 @@ impl Pool {
                 }
                 Err(f) => last = f,
             }
+        }
+        if started.elapsed() >= SLOW_FAILURE && last.retryable {
+            *lock(&self.slow_failure) = Some((Instant::now(), last.clone()));
         }
         Err(last)
     }

@@ -150,7 +150,7 @@ impl std::fmt::Debug for Inner {
 
 impl Inner {
     /// Runs a small call, retrying retryable failures with backoff for at most `retries` more
-    /// attempts and `budget` from the first failure. `on_retry` sees each failure retried.
+    /// attempts and `budget` from the start of the call. `on_retry` sees each failure retried.
     fn call_with_retry<T>(
         pool: &Pool,
         retries: u32,
@@ -159,11 +159,16 @@ impl Inner {
         mut f: impl FnMut(&Conn) -> std::result::Result<T, Failure>,
     ) -> std::result::Result<T, Failure> {
         let mut attempt = 0;
-        let mut since = None;
+        // The budget counts from the call's start (a first attempt that hangs in a connect
+        // uses it up too), so an open never takes much longer than its budget.
+        let started = Instant::now();
         loop {
-            match pool.get().and_then(|c| f(&c)) {
+            // A retry's connect never runs past the budget (the first attempt gets the usual
+            // connect timeout, at most 5 s).
+            let limit = (attempt > 0).then(|| budget.saturating_sub(started.elapsed()));
+            match pool.get_within(limit).and_then(|c| f(&c)) {
                 Err(e) if e.retryable => {
-                    let first = *since.get_or_insert_with(Instant::now);
+                    let first = started;
                     match retry_delay(attempt, first, retries, budget) {
                         Some(delay) => {
                             on_retry(&e);
@@ -393,7 +398,7 @@ impl Backend for NfsBackend {
     fn open_reader(
         self: Arc<Self>,
         meta: &ObjectMeta,
-        _opts: &ReaderOptions,
+        opts: &ReaderOptions,
     ) -> Result<Box<dyn RangeReader>> {
         let pin = self.inner.pin;
         if meta.size != pin.size || meta.version.as_ref().is_some_and(|v| *v != pin.tag()) {
@@ -411,6 +416,9 @@ impl Backend for NfsBackend {
             )
             .into_error(&self.inner.uri));
         }
-        Ok(Box::new(NfsReader::new(self.inner.clone())))
+        Ok(Box::new(NfsReader::new(
+            self.inner.clone(),
+            opts.cancel.clone(),
+        )))
     }
 }

@@ -12,6 +12,9 @@ use tensorstream_engine::{Error, ErrorKind, RangeReader, ReadDone, ReadRequest, 
 use super::conn::{Dest, Done, Job};
 use super::{gave_up, retry_delay, Failure, Inner};
 
+/// How often a runner with a cancel flag looks at it while it waits.
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Dispatches jobs to connections and collects them, retrying retryable failures.
 pub(crate) struct Runner {
     inner: Arc<Inner>,
@@ -21,6 +24,10 @@ pub(crate) struct Runner {
     in_flight: usize,
     /// Failed jobs waiting for their retry: when each is due.
     delayed: Vec<(Instant, Job)>,
+    /// Set by `abandon`: no more retries; delayed jobs come back failed at once.
+    abandoned: bool,
+    /// The load's cancel flag: once set, like `abandoned`.
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Runner {
@@ -32,6 +39,8 @@ impl Runner {
             rx,
             in_flight: 0,
             delayed: Vec::new(),
+            abandoned: false,
+            cancel: None,
         }
     }
 
@@ -80,6 +89,25 @@ impl Runner {
             return None;
         }
         loop {
+            if !self.abandoned
+                && self
+                    .cancel
+                    .as_ref()
+                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                self.abandoned = true;
+            }
+            if self.abandoned {
+                if let Some((_, job)) = self.delayed.pop() {
+                    self.in_flight -= 1;
+                    let f = Failure::new(
+                        ErrorKind::Cancelled,
+                        "the load stopped; retry abandoned".into(),
+                        false,
+                    );
+                    return Some((job, Err(f)));
+                }
+            }
             let now = Instant::now();
             let mut i = 0;
             while i < self.delayed.len() {
@@ -90,10 +118,18 @@ impl Runner {
                     i += 1;
                 }
             }
-            // Every dispatched job comes back exactly once (conn.rs), and we hold a sender.
-            let done = match self.delayed.iter().map(|(due, _)| *due).min() {
+            // Every dispatched job comes back exactly once (conn.rs), and we hold a sender. With
+            // a cancel flag, wake up now and then to look at it.
+            let poll = self.cancel.is_some().then_some(CANCEL_POLL);
+            let wake = match (self.delayed.iter().map(|(due, _)| *due).min(), poll) {
+                (None, None) => None,
+                (Some(due), None) => Some(due.saturating_duration_since(now)),
+                (None, Some(p)) => Some(p),
+                (Some(due), Some(p)) => Some(due.saturating_duration_since(now).min(p)),
+            };
+            let done = match wake {
                 None => self.rx.recv().ok()?,
-                Some(due) => match self.rx.recv_timeout(due.saturating_duration_since(now)) {
+                Some(d) => match self.rx.recv_timeout(d) {
                     Ok(d) => d,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return None,
@@ -101,7 +137,7 @@ impl Runner {
             };
             let Done { mut job, result } = done;
             match result {
-                Err(f) if f.retryable => {
+                Err(f) if f.retryable && !self.abandoned => {
                     let cfg = &self.inner.cfg;
                     let since = *job.first_failure.get_or_insert_with(Instant::now);
                     match retry_delay(job.attempt, since, cfg.retries, cfg.retry_for) {
@@ -135,9 +171,14 @@ pub struct NfsReader {
 }
 
 impl NfsReader {
-    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Self {
+        let mut runner = Runner::new(inner);
+        runner.cancel = cancel;
         NfsReader {
-            runner: Runner::new(inner),
+            runner,
             ready: VecDeque::new(),
         }
     }
@@ -210,6 +251,10 @@ impl RangeReader for NfsReader {
     fn in_flight(&self) -> usize {
         self.runner.in_flight + self.ready.len()
     }
+
+    fn abandon(&mut self) {
+        self.runner.abandoned = true;
+    }
 }
 
 /// Synchronous read: pieces of the preferred chunk size, a few in flight, copied into `buf`.
@@ -252,6 +297,8 @@ pub(crate) fn read_at(inner: &Arc<Inner>, offset: u64, buf: &mut [u8]) -> Result
             Err(f) => {
                 let range = offset + at as u64..offset + (at + len) as u64;
                 first_err.get_or_insert(f.into_error(&inner.uri).with_range(range));
+                // The call fails anyway: the other pieces need not be retried.
+                runner.abandoned = true;
             }
         }
     }
