@@ -191,6 +191,15 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
     ]);
     assert!(e.contains("bad device"), "{e}");
 
+    // GPU options are checked on every device.
+    let e = run_err(&[
+        "load",
+        fixtures().join("mixed.safetensors").to_str().unwrap(),
+        "--slots",
+        "0",
+    ]);
+    assert!(e.contains("--slots"), "{e}");
+
     for t in ["1e20", "0", "nan"] {
         let e = run_err(&[
             "load",

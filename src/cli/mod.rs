@@ -222,6 +222,9 @@ impl IoArgs {
             },
             ..d
         };
+        // Checked whatever the device: a bad value is a mistake even when this load would not
+        // use it (the same command with --device cuda would fail later, after the reads).
+        cuda.validated().map_err(|e| e.context("GPU options"))?;
         let mut l = Loader::new(uri)
             .open_options(open)
             .cuda_options(cuda)
