@@ -102,16 +102,25 @@ fn progress_total_is_what_the_selected_load_reads() {
     assert_eq!(done.load(Ordering::Relaxed), t);
 }
 
-/// Sets `flag` once `after` reads were made (the reads themselves succeed).
+/// What [`AfterReads`] does once `after` reads were made.
 #[derive(Debug)]
-struct CancelAfter {
+enum Then {
+    /// Sets the flag (the reads themselves succeed).
+    Cancel(Arc<std::sync::atomic::AtomicBool>),
+    /// Fails every further read with this kind.
+    Fail(tensorstream_engine::ErrorKind),
+}
+
+/// A memory backend that changes behaviour after `after` reads.
+#[derive(Debug)]
+struct AfterReads {
     inner: Arc<MemoryBackend>,
     reads: std::sync::atomic::AtomicUsize,
     after: usize,
-    flag: Arc<std::sync::atomic::AtomicBool>,
+    then: Then,
 }
 
-impl tensorstream_engine::Backend for CancelAfter {
+impl tensorstream_engine::Backend for AfterReads {
     fn location(&self) -> &str {
         self.inner.location()
     }
@@ -123,8 +132,13 @@ impl tensorstream_engine::Backend for CancelAfter {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> tensorstream_engine::Result<usize> {
         use std::sync::atomic::Ordering;
-        if self.reads.fetch_add(1, Ordering::SeqCst) + 1 >= self.after {
-            self.flag.store(true, Ordering::SeqCst);
+        let done = self.reads.fetch_add(1, Ordering::SeqCst);
+        match &self.then {
+            Then::Cancel(flag) if done + 1 >= self.after => flag.store(true, Ordering::SeqCst),
+            Then::Fail(kind) if done >= self.after => {
+                return Err(tensorstream_engine::Error::new(*kind, "replaced under us"))
+            }
+            _ => {}
         }
         self.inner.read_at(offset, buf)
     }
@@ -138,11 +152,11 @@ fn a_cancel_flag_stops_loads_and_conversions_cleanly() {
         let flag = Arc::new(AtomicBool::new(false));
         // 200 tensors of 4 KiB: hundreds of 4 KiB reads.
         let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 200], 7);
-        let be = Arc::new(CancelAfter {
+        let be = Arc::new(AfterReads {
             inner: Arc::new(MemoryBackend::new("mem://big.safetensors", file)),
             reads: AtomicUsize::new(0),
             after,
-            flag: flag.clone(),
+            then: Then::Cancel(flag.clone()),
         });
         (be, flag)
     };
@@ -183,44 +197,16 @@ fn a_cancel_flag_stops_loads_and_conversions_cleanly() {
     assert_eq!(m.len(), 20);
 }
 
-/// Reads fail with `ObjectChanged` once `after` reads were made.
-#[derive(Debug)]
-struct ChangesAfter {
-    inner: Arc<MemoryBackend>,
-    reads: std::sync::atomic::AtomicUsize,
-    after: usize,
-}
-
-impl tensorstream_engine::Backend for ChangesAfter {
-    fn location(&self) -> &str {
-        self.inner.location()
-    }
-    fn stat(&self) -> tensorstream_engine::Result<tensorstream_engine::ObjectMeta> {
-        self.inner.stat()
-    }
-    fn capabilities(&self) -> tensorstream_engine::Capabilities {
-        self.inner.capabilities()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> tensorstream_engine::Result<usize> {
-        if self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.after {
-            return Err(tensorstream_engine::Error::new(
-                tensorstream_engine::ErrorKind::ObjectChanged,
-                "replaced under us",
-            ));
-        }
-        self.inner.read_at(offset, buf)
-    }
-}
-
 #[test]
 fn conversion_errors_keep_the_source_errors_kind() {
     let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 50], 9);
     let dir = tempfile::tempdir().unwrap();
     for out in ["k.safetensors", "k.tensors"] {
-        let be = Arc::new(ChangesAfter {
+        let be = Arc::new(AfterReads {
             inner: Arc::new(MemoryBackend::new("mem://k.safetensors", file.clone())),
             reads: std::sync::atomic::AtomicUsize::new(0),
             after: 20,
+            then: Then::Fail(tensorstream_engine::ErrorKind::ObjectChanged),
         });
         let e = Loader::from_backend(be)
             .convert(&dir.path().join(out), None)

@@ -706,6 +706,40 @@ pub fn check_read_at_large(fx: &dyn Fixture) {
     }
 }
 
+/// Checks one reader completion of the read `(off, len)` of `data`: the right count and bytes
+/// (short only at the end), or a non-retryable `RangeNotSatisfiable` for a read past the end.
+fn judge_read(
+    ctx: &Ctx,
+    (off, len): (u64, usize),
+    data: &[u8],
+    result: &Result<usize>,
+    got: &[u8],
+) {
+    let size = data.len();
+    let start = off as usize;
+    match result {
+        Ok(n) => {
+            let n = *n;
+            let want = len.min(size.saturating_sub(start));
+            ctx.ensure(n == want, || {
+                format!("read at {off} of {len} bytes returned {n} bytes, expected {want} (object {size} bytes)")
+            });
+            ctx.ensure(n == 0 || got[..n] == data[start..start + n], || {
+                format!("read at {off} of {len} bytes returned wrong bytes")
+            });
+        }
+        Err(e) if start >= size && e.kind() == ErrorKind::RangeNotSatisfiable => {
+            ctx.ensure(!e.is_retryable(), || {
+                format!("read at {off} past the end failed with a retryable error: {e}")
+            });
+        }
+        Err(e) => ctx.fail(format_args!(
+            "read at {off} of {len} bytes failed: {e} (kind {:?})",
+            e.kind()
+        )),
+    }
+}
+
 /// Reads the pieces `reads` through `s` with at most `qd` in flight, each into its own slot of
 /// one registered region (`len` bytes plus a guard band, aligned to `align`), and checks what
 /// every completion must satisfy whatever the outcome: a submitted id, not seen before, its
@@ -947,29 +981,7 @@ pub fn check_reader(fx: &dyn Fixture, queue_depth: usize) {
     let meta = ctx.ok(ctx.stat(&be), "stat");
     let mut s = ctx.ok(ctx.open_reader(&be, &meta, qd), "open_reader");
     let judge = |i: usize, result: &Result<usize>, got: &[u8]| {
-        let (off, len) = reads[i];
-        let start = off as usize;
-        match result {
-            Ok(n) => {
-                let n = *n;
-                let want = len.min(size.saturating_sub(start));
-                ctx.ensure(n == want, || {
-                    format!("read at {off} of {len} bytes returned {n} bytes, expected {want} (object {size} bytes)")
-                });
-                ctx.ensure(n == 0 || got[..n] == data[start..start + n], || {
-                    format!("read at {off} of {len} bytes returned wrong bytes")
-                });
-            }
-            Err(e) if start >= size && e.kind() == ErrorKind::RangeNotSatisfiable => {
-                ctx.ensure(!e.is_retryable(), || {
-                    format!("read at {off} past the end failed with a retryable error: {e}")
-                });
-            }
-            Err(e) => ctx.fail(format_args!(
-                "read at {off} of {len} bytes failed: {e} (kind {:?})",
-                e.kind()
-            )),
-        }
+        judge_read(&ctx, reads[i], &data, result, got)
     };
     run_reads(&ctx, &be, &mut s, &reads, qd, a, Some(&meta), judge);
     ctx.close(s);
@@ -996,28 +1008,7 @@ pub fn check_reader_errors(fx: &dyn Fixture) {
     let meta = ctx.ok(ctx.stat(&be), "stat");
     let mut s = ctx.ok(ctx.open_reader(&be, &meta, 4), "open_reader");
     let judge = |i: usize, result: &Result<usize>, got: &[u8]| {
-        let (off, len) = reads[i];
-        let start = off as usize;
-        match result {
-            Ok(n) => {
-                let want = len.min(size.saturating_sub(start));
-                ctx.ensure(*n == want, || {
-                    format!("read at {off} of {len} bytes returned {n} bytes, expected {want} (object {size} bytes)")
-                });
-                ctx.ensure(*n == 0 || got[..*n] == data[start..start + n], || {
-                    format!("read at {off} of {len} bytes returned wrong bytes")
-                });
-            }
-            Err(e) if start >= size && e.kind() == ErrorKind::RangeNotSatisfiable => {
-                ctx.ensure(!e.is_retryable(), || {
-                    format!("read at {off} past the end failed with a retryable error: {e}")
-                });
-            }
-            Err(e) => ctx.fail(format_args!(
-                "read at {off} of {len} bytes failed: {e} (kind {:?})",
-                e.kind()
-            )),
-        }
+        judge_read(&ctx, reads[i], &data, result, got)
     };
     run_reads(&ctx, &be, &mut s, &reads, 4, a, None, judge);
     ctx.close(s);
