@@ -331,21 +331,30 @@ impl Loader {
         }
     }
 
-    /// Reads only the metadata: the file's tensor index.
+    /// Reads only the metadata: the file's tensor index. With a key or password set and an
+    /// encrypted tensorizer file, it also decrypts the smallest tensor (one small read) so that a
+    /// wrong key is an error here (`IntegrityMismatch`), not during a load.
     pub fn inspect(&self) -> Result<TensorIndex> {
         let be = self.backend()?;
         let meta = be.stat()?;
         let index = format::read_index(be.as_ref(), &meta)?;
         if self.key.is_some() {
             // A key given for a file that takes none is refused here as it would be by a load.
-            // (Whether a key is the right one only decrypting a tensor can tell.)
             let key = self.key.clone();
-            format::tensorizer::prepare(
+            let mut checked = index.clone();
+            let hook = format::tensorizer::prepare(
                 be.as_ref(),
-                &mut index.clone(),
+                &mut checked,
                 &ReadOptions { verify: false, key },
             )
             .map_err(|e| e.with_location(&self.uri))?;
+            // Whether the key is the right one only decrypting a tensor can tell: decrypt the
+            // smallest stored one (its MAC fails under a wrong key), so that a wrong key shows
+            // here and not minutes into a load.
+            if let Some(hook) = hook {
+                check_key_on_smallest(be.as_ref(), &checked, hook.as_ref())
+                    .map_err(|e| e.with_location(&self.uri))?;
+            }
         }
         Ok(index)
     }
@@ -567,6 +576,31 @@ impl Loader {
             host_eopts,
         })
     }
+}
+
+/// Decrypts (and so authenticates) the smallest stored, non-empty tensor of an encrypted file.
+fn check_key_on_smallest(
+    be: &dyn Backend,
+    index: &TensorIndex,
+    hook: &dyn tensorstream_engine::sink::TensorHook,
+) -> Result<()> {
+    use tensorstream_engine::{BackendExt, TensorSource};
+    let Some((ti, t)) = index
+        .tensors
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.source == TensorSource::Stored && t.nbytes() > 0)
+        .min_by_key(|(_, t)| t.nbytes())
+    else {
+        return Ok(());
+    };
+    let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
+    let len = usize::try_from(t.range.end - start)
+        .map_err(|_| Error::invalid("tensor too large for this machine"))?;
+    let mut bytes = be.read_exact_at(start, len)?;
+    let data_start = (t.range.start - start) as usize;
+    hook.process(ti, &mut bytes, data_start)
+        .map_err(|e| e.context(format_args!("checking the key on tensor {:?}", t.name)))
 }
 
 /// How a GPU load moves its bytes.

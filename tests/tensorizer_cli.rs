@@ -329,6 +329,22 @@ fn hostile_tensorizer_input_gives_one_line_errors() {
         ]),
     );
     assert!(e.contains("wrong key or password"), "{e}");
+    // inspect reads only metadata, but checks the key on the smallest tensor.
+    let e = fails(
+        bin().args([
+            "inspect",
+            fixtures()
+                .join("v3_encrypted_key.tensors")
+                .to_str()
+                .unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ]),
+    );
+    assert!(
+        e.contains("checking the key") && e.contains("wrong key or password"),
+        "{e}"
+    );
     let pw = d.join("wrong.pw");
     std::fs::write(&pw, "not it").unwrap();
     let e = fails(

@@ -27,7 +27,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// List a file's tensors (reads only the metadata; with --verify, also reads every tensor and
-    /// checks its CRC32 / SHA-256).
+    /// checks its CRC32 / SHA-256; with a key or password, decrypts the smallest tensor to check
+    /// the key).
     Inspect {
         /// Path or URI of a safetensors / tensorizer file.
         uri: String,
