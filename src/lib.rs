@@ -19,8 +19,34 @@
 //! ```
 //!
 //! The layers below are public too: [`engine`] (Backend trait, formats, planner, pipeline,
-//! sinks) and [`backends`] (local, remote). A third-party backend implements
+//! sinks), [`backends`] (local, remote) and [`cuda`]. A third-party backend implements
 //! [`engine::Backend`] and is used with [`Loader::from_backend`].
+//!
+//! ## In a server
+//! * **Blocking.** [`Loader::load`], [`Loader::load_cuda`], [`Loader::inspect`] and
+//!   [`Loader::convert`] block the calling thread until done (seconds for big models; remote
+//!   backends also wait on retries). From async code run them on a blocking thread
+//!   (`tokio::task::spawn_blocking`). [`Loader::load_cuda_streaming`] returns at once and loads
+//!   on its own thread; dropping its handle does not stop that load (set a cancel flag, then
+//!   `wait()`).
+//! * **Stopping.** [`Loader::cancel_flag`] stops a load or conversion between reads; the opening
+//!   steps (connect, index, key derivation) are not interrupted. Per-request timeouts are in
+//!   [`OpenOptions::timeout`]; there is no overall deadline.
+//! * **Threads.** Each load starts its own: a sink thread, for local files read with `pread` a
+//!   pool of up to the queue depth (at most 64), up to 8 verify/decrypt workers for tensorizer hooks, a page
+//!   pre-fault thread for local host loads, and an async runtime for HTTP/S3. All are named
+//!   `ts-…` or by their library and end with the load.
+//! * **Output.** The library prints nothing (the testkit excepted); warnings (a fallback taken, a
+//!   server being retried, memory that could not be pinned) go through the [`log`](https://docs.rs/log)
+//!   facade at level Warn. The CLI shows them with [`engine::log_warnings_to_stderr`].
+//! * **Environment.** Loads read `TENSORSTREAM_IO`, `TENSORSTREAM_DIRECT`,
+//!   `TENSORSTREAM_PREFAULT`, `TENSORSTREAM_HUGEPAGES` and, for S3, the `AWS_*` variables; a
+//!   malformed value fails the load with a clear error.
+//! * **TLS.** The HTTP and S3 backends install rustls' `ring` provider as the process default
+//!   when none is installed yet; a program that wants another provider installs it first.
+//! * **GPU.** Loads on one [`cuda::CudaDevice`] handle run one at a time (a second concurrent
+//!   load is refused with `InvalidInput`); open one handle per concurrent load, or queue them.
+//!   Releasing a [`cuda::DeviceModel`] synchronizes the device's context before freeing.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -177,7 +177,10 @@ impl DeviceModel {
         Ok(v)
     }
 
-    /// Frees the device memory now (waiting for the device), reporting any CUDA error.
+    /// Frees the device memory now (synchronizing the device's context first), reporting any
+    /// CUDA error. If something else still holds the allocation (the copy handle of a streaming
+    /// load that was dropped without `wait`), it is freed when that lets go, and this returns
+    /// `Ok` at once.
     pub fn release(mut self) -> Result<()> {
         match self.arena.take() {
             Some(a) => match Arc::try_unwrap(a) {

@@ -166,7 +166,8 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
-    /// The message without context.
+    /// The message, with any [`Error::context`] prefixes but without the location and range that
+    /// `Display` adds.
     pub fn message(&self) -> &str {
         &self.message
     }

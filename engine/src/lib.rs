@@ -42,3 +42,27 @@ pub use model::{HostModel, TensorView};
 pub use pipeline::{execute, unchanged_since, EngineOptions, EngineStats};
 pub use plan::{plan, Layout, Plan, PlanOptions};
 pub use sink::{HostSink, Sink};
+
+/// Shows the library's warnings on stderr as `tensorstream: …` lines, for programs without a
+/// logger of their own (the CLI calls it). The crates report through the [`log`] facade (level
+/// Warn: an I/O fallback taken, a server retried, memory that could not be pinned) and print
+/// nothing themselves; a program with its own logger (`env_logger`, `tracing-log` …) gets them
+/// there instead. Does nothing when a logger is already installed.
+pub fn log_warnings_to_stderr() {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.level() <= log::Level::Warn
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if self.enabled(r.metadata()) {
+                eprintln!("tensorstream: {}", r.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Stderr = Stderr;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}

@@ -375,6 +375,7 @@ fn is_broken_pipe(e: &Error) -> bool {
 /// Runs the CLI; returns the process exit code.
 pub fn run() -> i32 {
     let cli = Cli::parse();
+    tensorstream::engine::log_warnings_to_stderr();
     interrupt::install();
     let res = match cli.cmd {
         Cmd::Inspect { uri, json, io } => output::inspect(&uri, json, &io),

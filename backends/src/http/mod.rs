@@ -106,8 +106,8 @@ impl HttpBackend {
     /// Records the version `read_at` is pinned to; warns once when there is nothing to pin.
     fn set_pin(&self, pin: Pin) {
         if pin.version().is_none() && !self.warned_unversioned.swap(true, Ordering::Relaxed) {
-            eprintln!(
-                "tensorstream: {}: the server sends neither ETag nor Last-Modified, so a change of \
+            log::warn!(
+                "{}: the server sends neither ETag nor Last-Modified, so a change of \
                  the object during a load can only be seen if its size changes",
                 self.ctx.display
             );

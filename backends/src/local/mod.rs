@@ -97,8 +97,8 @@ impl Files {
             .direct_ok
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
-            eprintln!(
-                "tensorstream: {}: O_DIRECT read refused ({why}); reading buffered from now on",
+            log::warn!(
+                "{}: O_DIRECT read refused ({why}); reading buffered from now on",
                 self.path
             );
         }

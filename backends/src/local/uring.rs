@@ -56,7 +56,7 @@ pub(crate) fn available() -> std::result::Result<(), String> {
 pub(crate) fn note_unavailable(why: &str) {
     static SAID: AtomicBool = AtomicBool::new(false);
     if !SAID.swap(true, Ordering::Relaxed) {
-        eprintln!("tensorstream: io_uring unavailable ({why}); using the pread thread pool");
+        log::warn!("io_uring unavailable ({why}); using the pread thread pool");
     }
 }
 
@@ -68,8 +68,8 @@ fn note_registration_failed(bytes: usize, err: &std::io::Error) {
             Some(n) => format!("{} KiB", n / 1024),
             None => "unlimited".to_string(),
         };
-        eprintln!(
-            "tensorstream: io_uring buffer registration of {} MiB failed ({err}; locked-memory \
+        log::warn!(
+            "io_uring buffer registration of {} MiB failed ({err}; locked-memory \
              limit `ulimit -l` is {limit}); using unregistered reads, which work as well but \
              pin pages per read",
             bytes >> 20

@@ -187,8 +187,8 @@ impl Inner {
     /// for a restarting server should say why it is slow.
     pub(crate) fn note_retry(&self, f: &Failure) {
         if !self.warned.swap(true, Ordering::Relaxed) {
-            eprintln!(
-                "tensorstream: nfs: {}: {}; retrying (for up to {} s, at most {} times)",
+            log::warn!(
+                "nfs: {}: {}; retrying (for up to {} s, at most {} times)",
                 self.uri,
                 f.msg,
                 self.cfg.retry_for.as_secs_f64(),

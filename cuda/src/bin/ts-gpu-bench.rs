@@ -34,6 +34,7 @@ use tensorstream_engine::format::safetensors::write_header;
 use tensorstream_engine::*;
 
 fn main() {
+    tensorstream_engine::log_warnings_to_stderr();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Err(e) = run(&args) {
         eprintln!("ts-gpu-bench: error: {e}");

@@ -100,8 +100,8 @@ pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
         if ctx.bind_to_thread().is_err() {
             return Err(device_error("making the CUDA context current", stale));
         }
-        eprintln!(
-            "tensorstream: an earlier CUDA error surfaced late: {}",
+        log::warn!(
+            "an earlier CUDA error surfaced late: {}",
             device_error("", stale)
         );
     }

@@ -83,8 +83,8 @@ impl PinnedRegion {
         let locked = match reg {
             Ok(()) => true,
             Err(e) => {
-                eprintln!(
-                    "tensorstream: {e}; staging in pageable memory instead (correct, but host to \
+                log::warn!(
+                    "{e}; staging in pageable memory instead (correct, but host to \
                      device copies are slower)"
                 );
                 false
@@ -177,8 +177,8 @@ impl Drop for PinnedRegion {
             if !bound || r != sys::cudaError_enum::CUDA_SUCCESS {
                 // Still registered with the driver: unmapping would let a later mapping reuse
                 // the address while the driver holds it. Leak the mapping instead.
-                eprintln!(
-                    "tensorstream: could not unregister {} bytes of pinned staging memory ({r:?}); \
+                log::warn!(
+                    "could not unregister {} bytes of pinned staging memory ({r:?}); \
                      leaving it mapped",
                     self.len
                 );
