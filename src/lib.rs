@@ -823,6 +823,15 @@ pub struct LoadedModel {
     stats: LoadStats,
 }
 
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("tensors", &self.host.tensors().count())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
 impl LoadedModel {
     /// Tensors in file order.
     pub fn tensors(&self) -> impl Iterator<Item = TensorView<'_>> {

@@ -361,9 +361,9 @@ fn gpu_flags_reach_the_device_options() {
     let path = fixtures().join("mixed.safetensors");
     let p = path.to_str().unwrap();
     let e = run_err(&["load", p, "--device", "cuda:0", "--slots", "1"]);
-    assert!(e.contains("--slots 1") && e.contains("2..=4096"), "{e}");
+    assert!(e.contains("(--slots) = 1") && e.contains("2..=4096"), "{e}");
     let e = run_err(&["load", p, "--device", "cuda:0", "--streams", "0"]);
-    assert!(e.contains("--streams 0"), "{e}");
+    assert!(e.contains("(--streams) = 0"), "{e}");
     let e = run_err(&[
         "load",
         p,

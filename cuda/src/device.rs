@@ -59,23 +59,23 @@ impl CudaOptions {
         let mut o = self.clone();
         if o.streams == 0 || o.streams > 64 {
             return Err(Error::invalid(format!(
-                "--streams {} : expected 1..=64",
+                "streams (--streams) = {}: expected 1..=64",
                 o.streams
             )));
         }
         if o.slots < 2 || o.slots > 4096 {
             return Err(Error::invalid(format!(
-                "--slots {} : expected 2..=4096",
+                "staging slots (--slots) = {}: expected 2..=4096",
                 o.slots
             )));
         }
         if o.slot_size == 0 {
-            return Err(Error::invalid("--slot-size must be positive"));
+            return Err(Error::invalid("slot size (--slot-size) must be positive"));
         }
         o.slot_size = o
             .slot_size
             .checked_next_multiple_of(PAGE)
-            .ok_or_else(|| Error::invalid("--slot-size overflows"))?;
+            .ok_or_else(|| Error::invalid("slot size (--slot-size) overflows"))?;
         o.slots
             .checked_mul(o.slot_size)
             .filter(|&t| t <= (64usize << 30))
