@@ -89,14 +89,7 @@ impl Runner {
             return None;
         }
         loop {
-            if !self.abandoned
-                && self
-                    .cancel
-                    .as_ref()
-                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-            {
-                self.abandoned = true;
-            }
+            self.abandoned |= tensorstream_engine::pipeline::is_cancelled(&self.cancel);
             if self.abandoned {
                 if let Some((_, job)) = self.delayed.pop() {
                     self.in_flight -= 1;
@@ -120,13 +113,12 @@ impl Runner {
             }
             // Every dispatched job comes back exactly once (conn.rs), and we hold a sender. With
             // a cancel flag, wake up now and then to look at it.
+            let next_due = self
+                .delayed
+                .iter()
+                .map(|(due, _)| due.saturating_duration_since(now));
             let poll = self.cancel.is_some().then_some(CANCEL_POLL);
-            let wake = match (self.delayed.iter().map(|(due, _)| *due).min(), poll) {
-                (None, None) => None,
-                (Some(due), None) => Some(due.saturating_duration_since(now)),
-                (None, Some(p)) => Some(p),
-                (Some(due), Some(p)) => Some(due.saturating_duration_since(now).min(p)),
-            };
+            let wake = next_due.chain(poll).min();
             let done = match wake {
                 None => self.rx.recv().ok()?,
                 Some(d) => match self.rx.recv_timeout(d) {

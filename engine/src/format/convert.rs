@@ -360,11 +360,7 @@ impl Read for PieceReader<'_> {
 
 /// `Err(Cancelled)` once the caller set the cancel flag.
 fn check_cancel(opts: &ConvertOptions) -> Result<()> {
-    if opts
-        .cancel
-        .as_ref()
-        .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-    {
+    if crate::pipeline::is_cancelled(&opts.cancel) {
         return Err(Error::new(
             crate::ErrorKind::Cancelled,
             "conversion cancelled; the temporary output was removed",
