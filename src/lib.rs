@@ -358,8 +358,9 @@ impl Loader {
     }
 
     /// Reads only the metadata: the file's tensor index. With a key or password set and an
-    /// encrypted tensorizer file, it also decrypts the smallest tensor (one small read) so that a
-    /// wrong key is an error here (`IntegrityMismatch`), not during a load.
+    /// encrypted tensorizer file, it also decrypts the smallest tensor (one read, skipped when
+    /// that tensor is over 64 MiB or when no tensor has stored bytes) so that a wrong key is an
+    /// error here (`IntegrityMismatch`), not during a load.
     pub fn inspect(&self) -> Result<TensorIndex> {
         let be = self.backend()?;
         let meta = be.stat()?;
@@ -604,24 +605,35 @@ impl Loader {
     }
 }
 
-/// Decrypts (and so authenticates) the smallest stored, non-empty tensor of an encrypted file.
+/// Most bytes [`Loader::inspect`] reads to check a key.
+const MAX_KEY_CHECK: u64 = 64 << 20;
+
+/// Decrypts (and so authenticates) the smallest stored, non-empty tensor of an encrypted file,
+/// unless even that one is larger than [`MAX_KEY_CHECK`].
 fn check_key_on_smallest(
     be: &dyn Backend,
     index: &TensorIndex,
     hook: &dyn tensorstream_engine::sink::TensorHook,
 ) -> Result<()> {
     use tensorstream_engine::{BackendExt, TensorSource};
+    // The bytes one tensor's check reads: its per-tensor header (prefix) and its data.
+    let span = |t: &TensorInfo| t.range.end - t.prefix.as_ref().map_or(t.range.start, |p| p.start);
     let Some((ti, t)) = index
         .tensors
         .iter()
         .enumerate()
         .filter(|(_, t)| t.source == TensorSource::Stored && t.nbytes() > 0)
-        .min_by_key(|(_, t)| t.nbytes())
+        .min_by_key(|(_, t)| span(t))
     else {
+        // Nothing stored (only meta or empty tensors): there is nothing a key decrypts.
         return Ok(());
     };
+    if span(t) > MAX_KEY_CHECK {
+        // Even the smallest tensor is big: a load will tell soon enough; `inspect` stays cheap.
+        return Ok(());
+    }
     let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
-    let len = usize::try_from(t.range.end - start)
+    let len = usize::try_from(span(t))
         .map_err(|_| Error::invalid("tensor too large for this machine"))?;
     let mut bytes = be.read_exact_at(start, len)?;
     let data_start = (t.range.start - start) as usize;

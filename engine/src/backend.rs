@@ -103,8 +103,9 @@ pub struct ReadDone {
     pub result: Result<usize>,
 }
 
-/// Options for a reader session.
+/// Options for a reader session (build with [`ReaderOptions::new`]; fields may be added).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ReaderOptions {
     /// Reads to keep in flight.
     pub queue_depth: usize,

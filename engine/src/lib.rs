@@ -52,7 +52,8 @@ pub fn log_warnings_to_stderr() {
     struct Stderr;
     impl log::Log for Stderr {
         fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-            m.level() <= log::Level::Warn
+            // Only this project's crates (targets `tensorstream_*`), not the dependencies'.
+            m.level() <= log::Level::Warn && m.target().starts_with("tensorstream")
         }
         fn log(&self, r: &log::Record<'_>) {
             if self.enabled(r.metadata()) {

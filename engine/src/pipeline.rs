@@ -174,7 +174,15 @@ pub fn execute<S: Sink>(
     let total = plan.reads.len();
     // Reads whose completion came back (each exactly once).
     let mut landed = vec![false; total];
+    // Set once the reader was told the load is failing.
+    let mut abandoned = false;
     'outer: while next < total || reader.in_flight() > 0 {
+        // A failing load needs none of the reads still in flight: let the reader stop retrying
+        // them (an NFS job in backoff would otherwise keep the drain waiting up to a minute).
+        if !abandoned && (read_err.is_some() || sink_failed.load(Ordering::SeqCst)) {
+            reader.abandon();
+            abandoned = true;
+        }
         // Submit while there is room and a buffer.
         while read_err.is_none() && next < total && reader.in_flight() < depth {
             if sink_failed.load(Ordering::SeqCst) {
@@ -326,9 +334,8 @@ pub fn execute<S: Sink>(
             read_err = Some(cancelled(next, total));
         }
     }
-    // Drain anything still in flight so every buffer is given back before we return. A failing
-    // load needs none of those bytes: let the reader stop retrying.
-    if read_err.is_some() || sink_failed.load(Ordering::SeqCst) {
+    // Drain anything still in flight so every buffer is given back before we return.
+    if !abandoned && (read_err.is_some() || sink_failed.load(Ordering::SeqCst)) {
         reader.abandon();
     }
     while reader.in_flight() > 0 {

@@ -420,7 +420,7 @@ pub fn run() -> i32 {
         match &res {
             // The command finished (its output is complete) before the signal stopped anything.
             Ok(()) => {
-                eprintln!("tensorstream: the signal came after the command had finished");
+                eprintln!("tensorstream: the command finished despite the signal");
                 return 0;
             }
             // Stopped by the signal: exit as the signal asked (128 + its number).

@@ -11,7 +11,7 @@
 //!   that started the load, and every answer's `Content-Range` total and `ETag` are checked: an
 //!   object replaced mid-load fails with `ObjectChanged`, never with mixed bytes. (A server that
 //!   sends neither `ETag` nor `Last-Modified` gives nothing to pin: only a change of size can be
-//!   seen, and `stat` says so once on stderr.)
+//!   seen, and `stat` logs a warning once.)
 //! * A `206` answer must start at the asked offset and end within the asked range; another
 //!   window is refused as `Corrupt`.
 //! * A `200` answer to a range request is never taken for the range: it is sliced when it is the

@@ -9,8 +9,8 @@
 //! * With `O_DIRECT`, [`Capabilities::alignment`] is the device's logical block size from sysfs
 //!   (4096 when unknown), and reader sessions send every read whose offset, length and buffer are
 //!   aligned to it through the direct descriptor; anything else goes through the buffered one, and
-//!   an `EINVAL` from a direct read switches the backend to buffered reads (reported once on
-//!   stderr). [`Backend::read_at`] always reads buffered and accepts any buffer (the format reader
+//!   an `EINVAL` from a direct read switches the backend to buffered reads (a warning is logged
+//!   once). [`Backend::read_at`] always reads buffered and accepts any buffer (the format reader
 //!   reads metadata through it with plain `Vec`s).
 //! * Reader sessions ([`Backend::open_reader`]) use io_uring ([`IoMode::Uring`], the module
 //!   `uring`, the only one with `unsafe` in this crate) or a pool of `pread` threads

@@ -3,8 +3,9 @@
 //! Options (query string): `nconnect` (TCP connections, default 4), `rsize` (largest READ in
 //! bytes, default 1 MiB, capped by the server's maxread), `uid`/`gid` (AUTH_SYS identity,
 //! default the process's), `retry_for` (seconds a call that failed on a broken connection or a
-//! busy server keeps being retried, default 60: long enough to ride out a server restart; a
-//! server that cannot be reached while the file is being opened fails after at most 5 s) and
+//! busy server keeps being retried, default 60: long enough to ride out a server restart; while
+//! the file is being opened at most 5 s, so a server that refuses connections fails after about
+//! 5 s and one that does not answer at all after about 10) and
 //! `retries` (most attempts after the first, default 1000). For copy-paste compatibility with
 //! libnfs URLs, `version=4` and `nfsport=PORT` are accepted too.
 

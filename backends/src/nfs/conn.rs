@@ -790,6 +790,8 @@ impl Pool {
                 self.auth.clone(),
             ) {
                 Ok(c) => {
+                    // The server answers again: let the other slots reconnect at once.
+                    *lock(&self.slow_failure) = None;
                     let c = Arc::new(c);
                     *slot = Some(c.clone());
                     return Ok(c);

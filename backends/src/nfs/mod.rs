@@ -13,9 +13,9 @@
 //!   the engine's buffer.
 //! * Failures: a broken or stalled connection (nothing received for `timeout` while calls are
 //!   pending) fails its reads as retryable; they are re-sent on a fresh connection with backoff
-//!   (50 ms doubling to 2 s), for up to `retry_for` (default 60 s, enough for a server restart;
-//!   5 s at most while opening) and at most `retries` times. The first retry of a backend prints
-//!   one line on stderr. NFS errors map to error kinds (NOENT → NotFound, ACCESS/PERM →
+//!   (50 ms doubling to 2 s), for up to `retry_for` from the first failure (default 60 s, enough
+//!   for a server restart; 5 s while opening) and at most `retries` times. A TCP connect waits
+//!   at most 5 s. The first retry of a backend logs one warning. NFS errors map to error kinds (NOENT → NotFound, ACCESS/PERM →
 //!   PermissionDenied, STALE → ObjectChanged, DELAY/GRACE → retried).
 //! * Hostile servers: every length read from the wire is bounded before use (file handle ≤ 128
 //!   bytes, attributes ≤ 4 KiB, READ data ≤ what was asked, other replies ≤ 1 MiB).
@@ -111,11 +111,15 @@ pub(crate) fn retry_delay(
     if attempt >= retries {
         return None;
     }
-    let left = budget
-        .checked_sub(since.elapsed())
-        .filter(|l| !l.is_zero())?;
-    Some(backoff(attempt + 1).min(left))
+    // A retry must still have MIN_ATTEMPT of the budget when it starts (a connect given a few
+    // milliseconds would fail even against a healthy server).
+    let left = budget.checked_sub(since.elapsed())?;
+    let spare = left.checked_sub(MIN_ATTEMPT).filter(|s| !s.is_zero())?;
+    Some(backoff(attempt + 1).min(spare))
 }
+
+/// The least budget a retry starts with (its connect may wait that long).
+pub(crate) const MIN_ATTEMPT: Duration = Duration::from_millis(250);
 
 /// The context added to a retryable failure when the retries are used up.
 pub(crate) fn gave_up(attempts: u32, since: Instant) -> String {
@@ -133,7 +137,7 @@ pub(crate) struct Inner {
     fh: Arc<[u8]>,
     pin: Version,
     rsize: usize,
-    /// Set once the first retry after opening was reported on stderr.
+    /// Set once the first retry after opening was logged.
     warned: AtomicBool,
 }
 
@@ -150,7 +154,7 @@ impl std::fmt::Debug for Inner {
 
 impl Inner {
     /// Runs a small call, retrying retryable failures with backoff for at most `retries` more
-    /// attempts and `budget` from the start of the call. `on_retry` sees each failure retried.
+    /// attempts and `budget` from the first failure. `on_retry` sees each failure retried.
     fn call_with_retry<T>(
         pool: &Pool,
         retries: u32,
@@ -159,16 +163,14 @@ impl Inner {
         mut f: impl FnMut(&Conn) -> std::result::Result<T, Failure>,
     ) -> std::result::Result<T, Failure> {
         let mut attempt = 0;
-        // The budget counts from the call's start (a first attempt that hangs in a connect
-        // uses it up too), so an open never takes much longer than its budget.
-        let started = Instant::now();
+        let mut since: Option<Instant> = None;
         loop {
-            // A retry's connect never runs past the budget (the first attempt gets the usual
-            // connect timeout, at most 5 s).
-            let limit = (attempt > 0).then(|| budget.saturating_sub(started.elapsed()));
+            // The first connect gets the usual limit (at most 5 s); a retry's never runs past
+            // the budget (it starts with at least MIN_ATTEMPT left, see `retry_delay`).
+            let limit = since.map(|first| budget.saturating_sub(first.elapsed()).max(MIN_ATTEMPT));
             match pool.get_within(limit).and_then(|c| f(&c)) {
                 Err(e) if e.retryable => {
-                    let first = started;
+                    let first = *since.get_or_insert_with(Instant::now);
                     match retry_delay(attempt, first, retries, budget) {
                         Some(delay) => {
                             on_retry(&e);
@@ -183,7 +185,7 @@ impl Inner {
         }
     }
 
-    /// Reports the first retry after opening on stderr (once per backend): a load that waits
+    /// Logs the first retry after opening (once per backend): a load that waits
     /// for a restarting server should say why it is slow.
     pub(crate) fn note_retry(&self, f: &Failure) {
         if !self.warned.swap(true, Ordering::Relaxed) {
