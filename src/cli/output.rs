@@ -1,7 +1,6 @@
 //! `inspect`, `load` and `bench`.
 
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
@@ -390,70 +389,6 @@ pub fn drop_caches() -> Result<(), Error> {
     })
 }
 
-/// Reads the whole file with O_DIRECT in 16 MiB pieces on `threads` threads, each into its own
-/// aligned buffer (`threads == 1`: like `dd iflag=direct bs=16M`; more: a deep queue, the raw
-/// read a loader should be compared with).
-fn direct_read(path: &str, threads: usize) -> Result<u64, Error> {
-    use std::os::unix::fs::FileExt;
-    use std::sync::atomic::Ordering;
-    const PIECE: u64 = 16 << 20;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| Error::from_io(e, "open O_DIRECT").with_location(path))?;
-    let len = f
-        .metadata()
-        .map_err(|e| Error::from_io(e, "stat").with_location(path))?
-        .len();
-    let next = AtomicU64::new(0);
-    let total = AtomicU64::new(0);
-    let results: Vec<Result<(), Error>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| -> Result<(), Error> {
-                    let mut buf =
-                        tensorstream::engine::mem::AlignedBuf::zeroed(PIECE as usize, 4096)?;
-                    loop {
-                        let off = next.fetch_add(PIECE, Ordering::Relaxed);
-                        if off >= len {
-                            return Ok(());
-                        }
-                        // The whole piece (or up to the end): a short read is continued.
-                        let want = PIECE.min(len - off) as usize;
-                        let mut got = 0usize;
-                        while got < want {
-                            // O_DIRECT needs aligned offsets and lengths: short reads below
-                            // the end come back in whole blocks, so the rest stays aligned.
-                            let n = f
-                                .read_at(&mut buf.as_mut_slice()[got..], off + got as u64)
-                                .map_err(|e| {
-                                    Error::from_io(e, "read O_DIRECT").with_location(path)
-                                })?;
-                            if n == 0 {
-                                break;
-                            }
-                            got += n;
-                        }
-                        total.fetch_add(got as u64, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("O_DIRECT read thread panicked")))
-            })
-            .collect()
-    });
-    for r in results {
-        r?;
-    }
-    Ok(total.load(Ordering::Relaxed))
-}
-
 /// Plain buffered read of the whole file in 16 MiB pieces (constant memory, unlike fs::read).
 fn buffered_read(path: &str) -> Result<u64, Error> {
     let mut f =
@@ -537,7 +472,11 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
                 for (name, threads) in [("o_direct_read_16m", 1), ("o_direct_read_16m_x16", 16)] {
                     drop_caches()?;
                     let t = Instant::now();
-                    let n = direct_read(path, threads)?;
+                    let n = tensorstream::backends::local::raw_direct_read(
+                        std::path::Path::new(path),
+                        threads,
+                        16 << 20,
+                    )?;
                     line(name, n, t.elapsed().as_secs_f64(), true)?;
                 }
                 drop_caches()?;

@@ -105,6 +105,73 @@ impl Files {
     }
 }
 
+/// A raw-read baseline for benchmarks (`bench --cold`, the GPU check): reads the whole file at
+/// `path` with O_DIRECT in `piece`-byte reads (a multiple of 4096) on `threads` threads, each
+/// into its own aligned buffer, continuing short reads; returns the bytes read. No engine, no
+/// io_uring: what plain threads of `pread` get from the disk.
+pub fn raw_direct_read(path: &std::path::Path, threads: usize, piece: usize) -> Result<u64> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    if piece == 0 || !piece.is_multiple_of(4096) {
+        return Err(Error::invalid(format!(
+            "raw read piece of {piece} bytes is not a positive multiple of 4096"
+        )));
+    }
+    let loc = path.display().to_string();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| Error::from_io(e, "open O_DIRECT").with_location(&loc))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::from_io(e, "stat").with_location(&loc))?
+        .len();
+    let next = AtomicU64::new(0);
+    let total = AtomicU64::new(0);
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = tensorstream_engine::IoBuf::aligned(piece, 4096)?;
+                    loop {
+                        let off = next.fetch_add(piece as u64, Ordering::Relaxed);
+                        if off >= len {
+                            return Ok(());
+                        }
+                        // The whole piece (or up to the end): a short read is continued. Short
+                        // reads below the end come back in whole blocks, so the rest stays
+                        // aligned for O_DIRECT.
+                        let want = (piece as u64).min(len - off) as usize;
+                        let mut got = 0usize;
+                        while got < want {
+                            let n = f
+                                .read_at(&mut buf.as_mut_slice()[got..], off + got as u64)
+                                .map_err(|e| {
+                                    Error::from_io(e, "read O_DIRECT").with_location(&loc)
+                                })?;
+                            if n == 0 {
+                                break;
+                            }
+                            got += n;
+                        }
+                        total.fetch_add(got as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("O_DIRECT read thread panicked")))
+            })
+            .collect()
+    });
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(total.load(Ordering::Relaxed))
+}
+
 /// A local file, read with io_uring (O_DIRECT, registered buffers) or a pread thread pool.
 #[derive(Debug)]
 pub struct LocalBackend {

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -289,49 +289,16 @@ fn ring_read(path: &str, args: &[String]) -> Result<()> {
 }
 
 fn raw_read(path: &str, threads: usize, chunk_mib: u64) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| Error::from_io(e, format!("open O_DIRECT {path}")))?;
-    let len = f.metadata().map_err(|e| Error::from_io(e, path))?.len();
     if !(1..=256).contains(&chunk_mib) {
         return Err(Error::invalid("--chunk-mib must be between 1 and 256"));
     }
-    let chunk = chunk_mib << 20;
-    let next = AtomicU64::new(0);
-    let total = AtomicU64::new(0);
     let start = Instant::now();
-    let res: Vec<Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    let mut buf = IoBuf::aligned(chunk as usize, 4096)?;
-                    loop {
-                        let off = next.fetch_add(chunk, Ordering::SeqCst);
-                        if off >= len {
-                            return Ok(());
-                        }
-                        let n = f
-                            .read_at(buf.as_mut_slice(), off)
-                            .map_err(|e| Error::from_io(e, "O_DIRECT read"))?;
-                        total.fetch_add(n as u64, Ordering::SeqCst);
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("read thread panicked")))
-            })
-            .collect()
-    });
-    for r in res {
-        r?;
-    }
+    let n = tensorstream_backends::local::raw_direct_read(
+        Path::new(path),
+        threads,
+        (chunk_mib << 20) as usize,
+    )?;
     let secs = start.elapsed().as_secs_f64();
-    let n = total.load(Ordering::SeqCst);
     println!(
         "{}",
         json!({"name": format!("raw O_DIRECT read ({threads} threads x {chunk_mib} MiB)"), "secs": secs, "gbps": n as f64 / secs / 1e9, "bytes": n, "cold": true})
