@@ -643,6 +643,43 @@ fn connection_reset_mid_body_resumes_with_correct_bytes() {
     assert!(resumed >= 1, "no resumed range in {log:?}");
 }
 
+/// Each backend has its own connection pool. A pooled connection is driven by a task of the
+/// runtime that opened it, and each backend owns its runtime: sharing one pool (OpenDAL's
+/// process-wide client) handed one backend connections that died with another backend
+/// ("error sending request", seen in CI on the test's own uploads).
+#[test]
+fn backends_do_not_share_connections() {
+    let f = faulty();
+    let read = |be: &S3Backend| {
+        let mut buf = vec![0u8; 100_000];
+        assert_eq!(be.read_at(5_000, &mut buf).unwrap(), buf.len());
+        assert!(buf[..] == f.data[5_000..105_000], "bytes differ");
+    };
+    let conns = || -> std::collections::BTreeSet<u64> {
+        let log = f.proxy.log();
+        f.proxy.clear_log();
+        log.iter().map(|x| x.conn).collect()
+    };
+    let a = f.backend(&small_chunks());
+    a.stat().unwrap();
+    read(&a);
+    let of_a = conns();
+    // While `a` keeps its idle connection, `b` uses only connections of its own.
+    let b = f.backend(&small_chunks());
+    b.stat().unwrap();
+    read(&b);
+    let of_b = conns();
+    assert!(of_a.is_disjoint(&of_b), "a used {of_a:?}, b used {of_b:?}");
+    // Dropping `a` (and its runtime) does not disturb `b`: every request is answered once
+    // (no retries) on connections `a` never had.
+    drop(a);
+    read(&b);
+    read(&b);
+    let log = f.proxy.log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(log.iter().all(|x| !of_a.contains(&x.conn)), "{log:?}");
+}
+
 #[test]
 fn stall_past_the_timeout_is_retried() {
     let f = faulty();

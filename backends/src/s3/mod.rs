@@ -374,8 +374,11 @@ fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator>
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    // Installs OpenDAL's reqwest HTTP transport (idempotent, first one wins).
-    opendal_http_transport_reqwest::install_default();
+    // This backend's own HTTP client (and so its own connection pool: see `transport.rs`).
+    let client = reqwest::Client::builder().build().map_err(|e| {
+        opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
+            .set_source(e)
+    })?;
     let mut b = opendal::services::S3::default()
         .root("/")
         .bucket(&loc.bucket)
@@ -394,7 +397,7 @@ fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator>
     }
     // OpenDAL's reqwest transport, plus the Content-Range check OpenDAL lacks (transport.rs).
     let ctx = opendal::OperationContext::default().with_http_transport(
-        opendal::HttpTransporter::new(transport::RangeCheckedTransport::default()),
+        opendal::HttpTransporter::new(transport::RangeCheckedTransport::new(client)),
     );
     Ok(Operator::new(b)?
         .with_context(ctx)

@@ -16,9 +16,20 @@ use crate::ranges::{parse_range_request, partial_answer_problem};
 pub(crate) const WRONG_RANGE: &str = "wrong range in a 206 answer";
 
 /// The transport: see the module docs.
-#[derive(Default)]
 pub(crate) struct RangeCheckedTransport {
     inner: ReqwestTransport,
+}
+
+impl RangeCheckedTransport {
+    /// A transport with its own connection pool. Each backend owns one, built on the backend's
+    /// own runtime: a pooled connection is served by a task of the runtime that opened it, so a
+    /// pool shared across backends (OpenDAL's process-wide default client) would hand one backend
+    /// connections whose task died with another backend's runtime ("error sending request").
+    pub(crate) fn new(client: reqwest::Client) -> Self {
+        RangeCheckedTransport {
+            inner: ReqwestTransport::new(client),
+        }
+    }
 }
 
 impl HttpTransport for RangeCheckedTransport {

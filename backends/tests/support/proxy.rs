@@ -37,6 +37,8 @@ pub struct Exchange {
     pub body_bytes: u64,
     /// True when a fault cut this exchange.
     pub faulted: bool,
+    /// Which client connection carried it (numbered from 0 in the order accepted).
+    pub conn: u64,
 }
 
 impl Exchange {
@@ -166,7 +168,7 @@ impl Proxy {
                         std::thread::Builder::new()
                             .name("proxy-conn".into())
                             .spawn(move || {
-                                let _ = handle(conn, &s2);
+                                let _ = handle(conn, &s2, id);
                                 // Drop our clone so the socket really closes (RST with linger 0).
                                 s2.clients.lock().unwrap().remove(&id);
                             });
@@ -201,6 +203,10 @@ impl Proxy {
     pub fn clear_log(&self) {
         self.shared.log.lock().unwrap().clear();
         self.shared.body_bytes.store(0, Ordering::SeqCst);
+    }
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.next_conn.load(Ordering::SeqCst)
     }
     /// Body bytes forwarded to clients so far.
     pub fn body_bytes(&self) -> u64 {
@@ -275,7 +281,7 @@ fn pause(shared: &Shared, d: Duration) {
     }
 }
 
-fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
+fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> {
     let mut client_r = BufReader::new(client.try_clone()?);
     let mut client_w = client;
     let mut upstream: Option<(TcpStream, BufReader<TcpStream>)> = None;
@@ -295,6 +301,7 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 content_range: None,
                 body_bytes: 0,
                 faulted: true,
+                conn,
             });
             let resp = format!(
                 "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\n{}Content-Length: 0\r\n\r\n",
@@ -384,6 +391,7 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 content_range,
                 body_bytes: 0,
                 faulted: false,
+                conn,
             });
             log.len() - 1
         };

@@ -185,7 +185,10 @@ impl S3s {
             .endpoint(&self.endpoint())
             .access_key_id(ACCESS_KEY)
             .secret_access_key(SECRET_KEY);
-        opendal::Operator::new(b).expect("operator")
+        // Uploads are set-up, not what is tested: a keep-alive race with the server is retried.
+        opendal::Operator::new(b)
+            .expect("operator")
+            .layer(opendal::layers::RetryLayer::new().with_max_times(3))
     }
 
     /// Uploads `data` as `bucket/key` with PUT (creating the bucket directory if needed).
