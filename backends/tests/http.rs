@@ -444,7 +444,7 @@ fn stall_past_timeout_is_retried_or_times_out() {
     let r = rig();
     let data = pattern(4 << 20, 5);
     write_file(r.dir.path(), "x.bin", &data);
-    let timeout = Duration::from_millis(700);
+    let timeout = Duration::from_millis(1500);
 
     // One stall: detected by the timeout, resumed, correct bytes.
     let b =

@@ -541,7 +541,7 @@ fn stalled_server_times_out_after_bounded_retries() {
         p.port
     );
     let o = OpenOptions {
-        timeout: Some(Duration::from_millis(500)),
+        timeout: Some(Duration::from_millis(1500)),
         ..opts()
     };
     let be = open(&uri, &o).unwrap();

@@ -688,7 +688,7 @@ fn stall_past_the_timeout_is_retried() {
         ..Faults::default()
     });
     let be = f.backend(&OpenOptions {
-        timeout: Some(Duration::from_millis(800)),
+        timeout: Some(Duration::from_millis(1500)),
         ..small_chunks()
     });
     let got = f.read_all(&be).expect("a stall is timed out and retried");
@@ -704,7 +704,7 @@ fn stall_on_every_attempt_is_a_timeout_error() {
         ..Faults::default()
     });
     let be = f.backend(&OpenOptions {
-        timeout: Some(Duration::from_millis(300)),
+        timeout: Some(Duration::from_millis(1500)),
         ..small_chunks()
     });
     let meta = be.stat().expect("HEAD has no body to stall");

@@ -436,7 +436,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
         if faulted {
             if reset_at.is_some() {
                 // Let the client take what was sent (an RST drops unread data), then reset.
-                std::thread::sleep(Duration::from_millis(100));
+                wait_until_read(&client_w);
                 // Linger 0: closing the socket sends RST (the caller drops the last clone).
                 let _ = socket2::SockRef::from(&client_w).set_linger(Some(Duration::ZERO));
             } else {
@@ -449,5 +449,46 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
             let _ = client_w.shutdown(Shutdown::Both);
             return Ok(());
         }
+    }
+}
+
+/// Waits (at most 5 s) until everything written to `sock` has been read by the client at the
+/// other end: the proxy side's send queue and the client side's receive queue, both in
+/// `/proc/net/tcp` (client and proxy run in this process), are empty. A fixed sleep instead
+/// would depend on the client's thread being scheduled in time.
+fn wait_until_read(sock: &TcpStream) {
+    let (Ok(me), Ok(peer)) = (sock.local_addr(), sock.peer_addr()) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+            break;
+        };
+        let mut pending = 0u64;
+        for line in table.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| {
+                a.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            let (Some(l), Some(r), Some(q)) = (f.get(1), f.get(2), f.get(4)) else {
+                continue;
+            };
+            let Some((tx, rx)) = q.split_once(':') else {
+                continue;
+            };
+            let hex = |v: &str| u64::from_str_radix(v, 16).unwrap_or(0);
+            if port(l) == Some(me.port()) && port(r) == Some(peer.port()) {
+                pending += hex(tx);
+            } else if port(l) == Some(peer.port()) && port(r) == Some(me.port()) {
+                pending += hex(rx);
+            }
+        }
+        if pending == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
