@@ -57,55 +57,94 @@ pub struct S3s {
     port: u16,
     dir: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+/// Waits until s3s-fs answers on `port` as itself: its S3 error for an unsigned `GET /`, so that
+/// a foreign listener that took the port is not mistaken for it.
+fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited at start ({status})"));
+        }
+        if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut answer = String::new();
+            if c.write_all(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .is_ok()
+            {
+                let _ = c.read_to_string(&mut answer);
+            }
+            if answer.contains("<Error><Code>") {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("no S3 answer within 20 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl S3s {
-    /// Starts s3s-fs on a free port over a fresh temp root and waits until it answers.
+    /// Starts s3s-fs on a free port over a fresh temp root and waits until it answers. A port
+    /// taken between choosing and binding it is retried with another (three tries).
     pub fn start() -> S3s {
         let bin = s3s_binary();
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("root");
         std::fs::create_dir(&root).expect("create root");
-        let log = std::fs::File::create(dir.path().join("s3s.log")).expect("log file");
-        let log2 = log.try_clone().expect("log file");
-        let port = free_port();
-        let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&root)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let mut s = S3s {
-            child,
-            port,
-            dir,
-            rt,
-        };
-        s.wait_ready();
-        s
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // The uploads' own HTTP client: no pool shared with the backends under test. (reqwest
+        // built without a default TLS provider panics unless one is installed first.)
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = reqwest::Client::builder().build().expect("HTTP client");
+        let mut tries = 0;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("s3s-fs exited at start ({status}); log:\n{}", self.log());
+            tries += 1;
+            let log = std::fs::File::create(dir.path().join("s3s.log")).expect("log file");
+            let log2 = log.try_clone().expect("log file");
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(&root)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            match wait_ready(&mut child, port) {
+                Ok(()) => {
+                    return S3s {
+                        child,
+                        port,
+                        dir,
+                        rt,
+                        client,
+                    }
+                }
+                Err(why) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let log = std::fs::read_to_string(dir.path().join("s3s.log"));
+                    if tries == 3 {
+                        panic!(
+                            "s3s-fs on port {port}: {why}; log:\n{}",
+                            log.unwrap_or_default()
+                        );
+                    }
+                }
             }
-            if TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("s3s-fs did not answer within 20 s; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -174,10 +213,6 @@ impl S3s {
     /// An OpenDAL operator on `bucket` (for uploads).
     pub fn operator(&self, bucket: &str) -> opendal::Operator {
         let _g = self.rt.enter();
-        if rustls::crypto::CryptoProvider::get_default().is_none() {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        opendal_http_transport_reqwest::install_default();
         let b = opendal::services::S3::default()
             .root("/")
             .bucket(bucket)
@@ -186,8 +221,14 @@ impl S3s {
             .access_key_id(ACCESS_KEY)
             .secret_access_key(SECRET_KEY);
         // Uploads are set-up, not what is tested: a keep-alive race with the server is retried.
+        let ctx = opendal::OperationContext::default().with_http_transport(
+            opendal::HttpTransporter::new(opendal_http_transport_reqwest::ReqwestTransport::new(
+                self.client.clone(),
+            )),
+        );
         opendal::Operator::new(b)
             .expect("operator")
+            .with_context(ctx)
             .layer(opendal::layers::RetryLayer::new().with_max_times(3))
     }
 
