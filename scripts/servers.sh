@@ -14,22 +14,50 @@ cleanup() {
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { # name port pid
+# Whether GET / on 127.0.0.1:$1 answers something matching the (grep -i) pattern $2.
+http_answers() {
+  local out
+  out=$(exec 2>/dev/null; exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3 && timeout 2 cat <&3) || true
+  grep -qi -- "$2" <<<"$out"
+}
+wait_port() { # name port pid [pattern: the server's own answer to GET /, not just a listener]
   for _ in $(seq 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return 0; fi
     kill -0 "$3" 2>/dev/null || { log "$1 exited during start-up"; return 1; }
+    if [ -n "${4:-}" ]; then
+      http_answers "$2" "$4" && return 0
+    elif (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then
+      # Still running a moment later: a foreign listener that took the port would answer the
+      # connect while the server exits for want of it.
+      sleep 0.2
+      kill -0 "$3" 2>/dev/null && return 0
+      log "$1 exited during start-up (port $2 taken?)"; return 1
+    fi
     sleep 0.1
   done
-  log "$1 did not open port $2"; return 1
+  log "$1 did not answer on port $2"; return 1
 }
 
-start_servers() {
-  RUN=$(mktemp -d "${TMPDIR:-/tmp}/ts-test.XXXXXX")
-  chmod 755 "$RUN"   # nginx's workers (an unprivileged user when started as root) must read it
-  PIDS=()
-  trap cleanup EXIT INT TERM
+# Starts server $1 with function $2 (which picks a fresh port, starts the server, and returns 1
+# if it did not come up); up to three tries, since a free port can be taken before the server
+# binds it.
+start_retrying() {
+  local try
+  for try in 1 2 3; do
+    "$2" && return 0
+    log "$1 did not start (try $try of 3)"
+  done
+  exit 1
+}
 
-  # nginx: static files with range support, ETags.
+# Forgets (and stops) the server started last, after a failed start.
+drop_last() {
+  kill "${PIDS[-1]}" 2>/dev/null || true
+  wait "${PIDS[-1]}" 2>/dev/null || true
+  unset 'PIDS[-1]'
+}
+
+start_nginx() { # nginx: static files with range support, ETags.
+  rm -rf "$RUN/nginx"
   mkdir -p "$RUN/nginx/root" "$RUN/nginx/tmp"
   NGINX_PORT=$(free_port)
   cat >"$RUN/nginx/nginx.conf" <<CONF
@@ -55,22 +83,26 @@ http {
 CONF
   "$NGINX" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log" >"$RUN/nginx/out.log" 2>&1 &
   PIDS+=($!)
-  wait_port nginx "$NGINX_PORT" $! || { cat "$RUN/nginx/out.log" "$RUN/nginx/error.log" >&2; exit 1; }
+  wait_port nginx "$NGINX_PORT" $! "^Server: nginx" || { cat "$RUN/nginx/out.log" "$RUN/nginx/error.log" >&2; drop_last; return 1; }
   export TS_NGINX_URL="http://127.0.0.1:$NGINX_PORT" TS_NGINX_ROOT="$RUN/nginx/root"
   log "nginx on $TS_NGINX_URL (pid ${PIDS[-1]})"
+}
 
-  # s3s-fs: a bucket is a directory under its root.
+start_s3s() { # s3s-fs: a bucket is a directory under its root.
+  rm -rf "$RUN/s3"
   mkdir -p "$RUN/s3/root"
   S3_PORT=$(free_port)
   export TS_S3_ACCESS_KEY=tensorstream TS_S3_SECRET_KEY=tensorstream-secret
   s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$TS_S3_ACCESS_KEY" --secret-key "$TS_S3_SECRET_KEY" \
   "$RUN/s3/root" >"$RUN/s3/out.log" 2>&1 &
   PIDS+=($!)
-  wait_port s3s-fs "$S3_PORT" $! || { cat "$RUN/s3/out.log" >&2; exit 1; }
+  wait_port s3s-fs "$S3_PORT" $! "<Error><Code>" || { cat "$RUN/s3/out.log" >&2; drop_last; return 1; }
   export TS_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" TS_S3_ROOT="$RUN/s3/root"
   log "s3s-fs on $TS_S3_ENDPOINT (pid ${PIDS[-1]})"
+}
 
-  # NFS-Ganesha: NFSv4 on loopback, no rpcbind, export at pseudo path /export.
+start_ganesha() { # NFS-Ganesha: NFSv4 on loopback, no rpcbind, export at pseudo path /export.
+  rm -rf "$RUN/nfs"
   mkdir -p "$RUN/nfs/export" "$RUN/nfs/recovery"
   NFS_PORT=$(free_port)
   cat >"$RUN/nfs/ganesha.conf" <<CONF
@@ -96,9 +128,25 @@ EXPORT {
 CONF
   "$GANESHA" -F -f "$RUN/nfs/ganesha.conf" -L "$RUN/nfs/ganesha.log" -p "$RUN/nfs/ganesha.pid" >"$RUN/nfs/out.log" 2>&1 &
   PIDS+=($!)
-  wait_port ganesha "$NFS_PORT" $! || { cat "$RUN/nfs/out.log" "$RUN/nfs/ganesha.log" >&2; exit 1; }
-  for _ in $(seq 300); do grep -q "NFS SERVER INITIALIZED" "$RUN/nfs/ganesha.log" 2>/dev/null && break; sleep 0.1; done
-  grep -q "NFS SERVER INITIALIZED" "$RUN/nfs/ganesha.log" || { log "ganesha did not finish start-up"; cat "$RUN/nfs/ganesha.log" >&2; exit 1; }
+  wait_port ganesha "$NFS_PORT" $! || { cat "$RUN/nfs/out.log" "$RUN/nfs/ganesha.log" >&2; drop_last; return 1; }
+  for _ in $(seq 300); do
+    grep -q "NFS SERVER INITIALIZED" "$RUN/nfs/ganesha.log" 2>/dev/null && break
+    kill -0 "${PIDS[-1]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  if ! grep -q "NFS SERVER INITIALIZED" "$RUN/nfs/ganesha.log" || ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
+    log "ganesha did not finish start-up"; cat "$RUN/nfs/ganesha.log" >&2; drop_last; return 1
+  fi
   export TS_NFS_PORT="$NFS_PORT" TS_NFS_ROOT="$RUN/nfs/export" TS_NFS_URL="nfs://127.0.0.1:$NFS_PORT/export"
   log "nfs-ganesha on 127.0.0.1:$NFS_PORT (pid ${PIDS[-1]})"
+}
+
+start_servers() {
+  RUN=$(mktemp -d "${TMPDIR:-/tmp}/ts-test.XXXXXX")
+  chmod 755 "$RUN"   # nginx's workers (an unprivileged user when started as root) must read it
+  PIDS=()
+  trap cleanup EXIT INT TERM
+  start_retrying nginx start_nginx
+  start_retrying s3s-fs start_s3s
+  start_retrying nfs-ganesha start_ganesha
 }

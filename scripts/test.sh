@@ -15,6 +15,16 @@ export PATH="$HOME/.cargo/bin:$PATH"
 log() { printf '[test.sh] %s\n' "$*" >&2; }
 
 # ---- install -------------------------------------------------------------------------------
+# Network steps get three tries (a mirror mid-sync or a registry hiccup must not fail a run).
+retry() {
+  local n
+  for n in 1 2 3; do
+    "$@" && return 0
+    [ $n = 3 ] || { log "failed (try $n of 3): $*; again in $((n * 10)) s"; sleep $((n * 10)); }
+  done
+  return 1
+}
+export CARGO_NET_RETRY=${CARGO_NET_RETRY:-10}
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
 apt_pkgs=()
 have nginx || apt_pkgs+=(nginx-light)
@@ -23,12 +33,13 @@ have nfs-cat || apt_pkgs+=(libnfs-utils)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   log "installing ${apt_pkgs[*]}"
   if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+  retry $SUDO apt-get -o Acquire::Retries=5 update -qq
+  retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 install -y -qq \
+    --no-install-recommends "${apt_pkgs[@]}" >/dev/null
 fi
 if ! command -v s3s-fs >/dev/null 2>&1; then
   log "installing s3s-fs 0.14.1 (cargo install, a few minutes)"
-  cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet
+  retry cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 GANESHA=$(command -v ganesha.nfsd || echo /usr/bin/ganesha.nfsd)
