@@ -471,6 +471,94 @@ fn stall_past_timeout_is_retried_or_times_out() {
     assert_eq!(e.range(), Some(0..1000));
 }
 
+/// Runs `f` on a thread and fails the test if it has not finished in `limit` (a hang guard, not
+/// a performance check).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("still running after {limit:?}"))
+}
+
+#[test]
+fn a_trickling_server_is_cut_and_given_up_on() {
+    let r = rig();
+    let data = pattern(1 << 20, 6);
+    write_file(r.dir.path(), "x.bin", &data);
+    // 1000 bytes every 100 ms (10 kB/s): never a pause as long as the 1 s timeout. Each GET of
+    // 1 MiB gets 1 s + 1 s at the slowest accepted 1 MiB/s, brings ~20 kB (no progress) and
+    // counts as a failure: three attempts, then a Timeout error.
+    r.proxy.set_faults(Faults {
+        trickle: Some((1000, Duration::from_millis(100))),
+        ..Default::default()
+    });
+    let cfg = HttpConfig {
+        min_rate: 1 << 20,
+        ..quick_cfg(1, 1 << 20, Duration::from_secs(1), 2)
+    };
+    let b = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg).unwrap();
+    let e = within(Duration::from_secs(60), move || {
+        b.read_at(0, &mut vec![0u8; 1 << 20]).unwrap_err()
+    });
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("too slow"), "{e}");
+    let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert_eq!(gets, 3, "{:?}", r.proxy.log());
+}
+
+#[test]
+fn a_slow_but_steady_server_finishes_by_resuming() {
+    let r = rig();
+    let data = pattern(2 << 20, 7);
+    write_file(r.dir.path(), "x.bin", &data);
+    // 32 KiB every 100 ms (~320 kB/s), below the accepted 1 MiB/s: each GET is cut after its
+    // 2 s, but brings more than 64 KiB, so it is resumed, not counted as a failure.
+    r.proxy.set_faults(Faults {
+        trickle: Some((32 << 10, Duration::from_millis(100))),
+        ..Default::default()
+    });
+    let cfg = HttpConfig {
+        min_rate: 1 << 20,
+        ..quick_cfg(2, 1 << 20, Duration::from_secs(1), 1)
+    };
+    let b = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg).unwrap();
+    let got = within(Duration::from_secs(120), move || {
+        let mut buf = vec![0u8; 2 << 20];
+        b.read_at(0, &mut buf).map(|n| (n, buf))
+    });
+    let (n, buf) = got.expect("a slow server is resumed, not given up on");
+    assert_eq!(n, data.len());
+    assert!(buf == data, "bytes differ after resumes");
+    let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert!(gets > 2, "no GET was cut and resumed: {:?}", r.proxy.log());
+}
+
+#[test]
+fn a_server_that_resets_after_every_few_bytes_is_given_up_on() {
+    let r = rig();
+    let data = pattern(1 << 20, 8);
+    write_file(r.dir.path(), "x.bin", &data);
+    // Every answer is cut after 100 bytes: each attempt "progresses", but by less than 64 KiB,
+    // so the retries stay bounded (they used to restart after any progress).
+    r.proxy.set_faults(Faults {
+        reset_after: Some((100, usize::MAX)),
+        ..Default::default()
+    });
+    let b = HttpBackend::open_with(
+        &r.proxy.url("x.bin"),
+        quick_cfg(1, 1 << 20, Duration::from_secs(5), 3),
+    )
+    .unwrap();
+    let e = within(Duration::from_secs(60), move || {
+        b.read_at(0, &mut vec![0u8; 1 << 20]).unwrap_err()
+    });
+    assert!(e.is_retryable(), "{e}");
+    let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert_eq!(gets, 4, "{:?}", r.proxy.log());
+}
+
 #[test]
 fn unavailable_503_is_retried_then_bounded() {
     let r = rig();

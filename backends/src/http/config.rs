@@ -16,6 +16,12 @@ pub const DEFAULT_CONCURRENCY: usize = 32;
 pub const DEFAULT_CHUNK: usize = 8 << 20;
 /// Default per-request timeout (time to response headers, and longest pause between body bytes).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default slowest accepted transfer rate: one GET for N bytes may take the timeout plus
+/// N / this long (8 MiB: 30 s + 32 s). A slower answer is cut and resumed; see
+/// [`HttpConfig::min_rate`].
+pub const DEFAULT_MIN_RATE: u64 = 256 << 10;
+/// Bytes an attempt must bring to count as progress (which restarts the retry count).
+pub const PROGRESS_MIN: usize = 64 << 10;
 /// Default number of retries of one range without progress.
 pub const DEFAULT_MAX_RETRIES: u32 = 5;
 /// Upper bound on concurrency (each request may hold a connection).
@@ -36,7 +42,13 @@ pub struct HttpConfig {
     pub timeout: Duration,
     /// Time allowed to open a TCP (+ TLS) connection.
     pub connect_timeout: Duration,
-    /// Retries of one range that made no progress (connection errors, 429, 5xx, stalls).
+    /// Slowest transfer accepted, in bytes per second: one GET for N bytes gets `timeout` plus
+    /// N / `min_rate` in all, so that a server trickling bytes (each pause shorter than the
+    /// timeout) cannot hold a load forever. A GET cut this way is resumed where it stopped; it
+    /// counts as a failed attempt unless it brought [`PROGRESS_MIN`] bytes. 0: no limit.
+    pub min_rate: u64,
+    /// Retries of one range that made no progress (connection errors, 429, 5xx, stalls, fewer
+    /// than [`PROGRESS_MIN`] bytes).
     pub max_retries: u32,
     /// First retry delay; doubles on each retry (full jitter).
     pub backoff_base: Duration,
@@ -60,6 +72,7 @@ impl Default for HttpConfig {
             chunk_size: DEFAULT_CHUNK,
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
+            min_rate: DEFAULT_MIN_RATE,
             max_retries: DEFAULT_MAX_RETRIES,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),

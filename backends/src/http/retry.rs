@@ -11,7 +11,7 @@ use tensorstream_engine::{Error, ErrorKind, Result};
 
 use super::config::{
     backoff_delay, classify, jitter_sample, parse_content_range, parse_retry_after,
-    parse_unsatisfied_total, HttpConfig, Pin, StatusClass, FULL_BODY_FALLBACK_MAX,
+    parse_unsatisfied_total, HttpConfig, Pin, StatusClass, FULL_BODY_FALLBACK_MAX, PROGRESS_MIN,
 };
 
 /// What every request needs: the client (connection pool), the URL and the configuration.
@@ -353,6 +353,9 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
     let mut failures = 0u32;
     while pos < want {
         let (got, outcome) = attempt(ctx, pin, offset + pos as u64, &mut dest[pos..]).await;
+        // Progress restarts the retry count only when it is real: a server that sends a byte
+        // and then fails (or trickles) must not be retried forever.
+        let progress = got > 0 && got >= PROGRESS_MIN.min(want - pos);
         pos += got;
         match outcome {
             Ok(()) if got == 0 => {
@@ -368,7 +371,7 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
                     // Everything arrived; only the tail of the exchange failed.
                     break;
                 }
-                if got > 0 {
+                if progress {
                     // Progress: resume from `pos`; only attempts without progress count.
                     failures = 0;
                 }
@@ -392,6 +395,7 @@ async fn attempt(
     dest: &mut [u8],
 ) -> (usize, Result<(), Failure>) {
     let end = start + dest.len() as u64 - 1; // dest is non-empty
+    let deadline = attempt_deadline(&ctx.cfg, dest.len());
     let req = ctx
         .request(reqwest::Method::GET, Some(pin))
         .header(header::RANGE, format!("bytes={start}-{end}"));
@@ -451,7 +455,7 @@ async fn attempt(
             }
             // A server may send less than asked (ce < end): take it; the caller asks for the rest.
             let n = (ce - cs + 1) as usize;
-            stream_body(ctx, &mut resp, 0, &mut dest[..n], true).await
+            stream_body(ctx, &mut resp, 0, &mut dest[..n], true, deadline).await
         }
         StatusClass::Whole => {
             // The server ignored Range and sends the whole object.
@@ -486,7 +490,7 @@ async fn attempt(
                 );
             }
             // Small object: skip to `start` and slice out the bytes wanted.
-            stream_body(ctx, &mut resp, start, dest, false).await
+            stream_body(ctx, &mut resp, start, dest, false, deadline).await
         }
         StatusClass::Changed => {
             let now = current_version(ctx).await;
@@ -570,20 +574,55 @@ async fn current_version(ctx: &Ctx) -> String {
     }
 }
 
+/// When one GET for `len` bytes must be done: the timeout plus `len` at the slowest accepted
+/// rate ([`HttpConfig::min_rate`]); `None` without a rate limit.
+pub(crate) fn attempt_deadline(cfg: &HttpConfig, len: usize) -> Option<tokio::time::Instant> {
+    if cfg.min_rate == 0 {
+        return None;
+    }
+    let slow = Duration::from_secs_f64(len as f64 / cfg.min_rate as f64);
+    Some(tokio::time::Instant::now() + cfg.timeout.saturating_add(slow))
+}
+
 /// Streams the body into `dest`, first discarding `skip` bytes. Every chunk is copied straight
 /// from the connection's buffer into `dest`. With `exact`, the body must be exactly
 /// `dest.len()` bytes; otherwise reading stops once `dest` is full. Stalls (no bytes for the
-/// timeout) and broken bodies are retryable failures carrying the bytes written so far.
+/// timeout), a body slower than the attempt's `deadline` allows and broken bodies are
+/// retryable failures carrying the bytes written so far.
 async fn stream_body(
     ctx: &Ctx,
     resp: &mut Response,
     mut skip: u64,
     dest: &mut [u8],
     exact: bool,
+    deadline: Option<tokio::time::Instant>,
 ) -> (usize, Result<(), Failure>) {
     let mut got = 0usize;
+    let started = tokio::time::Instant::now();
     loop {
-        let chunk = match tokio::time::timeout(ctx.cfg.timeout, resp.chunk()).await {
+        let wait = match deadline {
+            Some(d) => ctx
+                .cfg
+                .timeout
+                .min(d.saturating_duration_since(tokio::time::Instant::now())),
+            None => ctx.cfg.timeout,
+        };
+        let chunk = match tokio::time::timeout(wait, resp.chunk()).await {
+            Err(_) if wait < ctx.cfg.timeout => {
+                return (
+                    got,
+                    Err(retry(ctx.err(
+                        ErrorKind::Timeout,
+                        format!(
+                            "response body too slow: {got} of {} bytes in {:.1} s (slowest \
+                             accepted rate {} bytes/s)",
+                            dest.len(),
+                            started.elapsed().as_secs_f64(),
+                            ctx.cfg.min_rate
+                        ),
+                    ))),
+                )
+            }
             Err(_) => {
                 return (
                     got,

@@ -68,6 +68,9 @@ pub struct Faults {
     pub shift_content_range: Option<u64>,
     /// Run the hook once this many body bytes (counted from when the faults were set) went by.
     pub replace_after: Option<(u64, Box<dyn FnOnce() + Send>)>,
+    /// `(bytes, pause)`: forward every body `bytes` at a time with `pause` after each piece (a
+    /// server that trickles, never pausing long enough to look stalled).
+    pub trickle: Option<(usize, Duration)>,
 }
 
 struct Armed {
@@ -84,6 +87,7 @@ struct Armed {
     replace_at: u64,
     hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     bytes_since: AtomicU64,
+    trickle: Option<(usize, Duration)>,
 }
 
 impl Armed {
@@ -110,6 +114,7 @@ impl Armed {
             replace_at,
             hook: Mutex::new(hook),
             bytes_since: AtomicU64::new(0),
+            trickle: f.trickle,
         }
     }
 }
@@ -408,6 +413,9 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 }
                 want = want.min((c - sent) as usize);
             }
+            if let Some((k, _)) = armed.trickle {
+                want = want.min(k.max(1));
+            }
             let n = up_r.read(&mut buf[..want])?;
             if n == 0 {
                 break;
@@ -426,6 +434,12 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 }
             }
             client_w.write_all(&buf[..n])?;
+            if let Some((_, pause)) = armed.trickle {
+                if shared.stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                std::thread::sleep(pause);
+            }
         }
         if cut_at.is_some_and(|c| sent >= c) && sent < len {
             faulted = true;
