@@ -732,6 +732,39 @@ fn service_unavailable_is_retried() {
 }
 
 #[test]
+fn a_huge_error_body_is_not_read_whole() {
+    let f = faulty();
+    let be = f.backend(&small_chunks());
+    be.stat().unwrap();
+    f.proxy.clear_log();
+    // Every GET: a 500 with a 256 MiB body. OpenDAL reads an error answer's body to build its
+    // message; only the first 16 KiB of each may be taken.
+    f.proxy.set_faults(Faults {
+        error_answer: Some((1000, 500, 256 << 20)),
+        ..Faults::default()
+    });
+    let mut buf = vec![0u8; 1000];
+    let e = be.read_at(0, &mut buf).unwrap_err();
+    let msg = e.to_string();
+    eprintln!(
+        "huge error body: {}",
+        tensorstream_engine::terminal_safe(&msg)
+    );
+    assert!(e.is_retryable(), "{msg}");
+    assert!(msg.contains("boom"), "the server's words are kept: {msg}");
+    assert!(msg.len() < 2048, "{} bytes of message", msg.len());
+    let attempts = f.proxy.log().len() as u64;
+    assert!(attempts >= 2, "{:?}", f.proxy.log());
+    // What the proxy could push into the socket buffers before the client hung up, not 256 MiB
+    // per answer.
+    let sent = f.proxy.body_bytes();
+    assert!(
+        sent < attempts * (32 << 20),
+        "{sent} bytes for {attempts} answers"
+    );
+}
+
+#[test]
 fn persistent_503_is_a_clear_error() {
     let f = faulty();
     f.proxy.set_faults(Faults {

@@ -220,9 +220,39 @@ impl std::error::Error for Error {
     }
 }
 
+/// `s` safe to print on a terminal: control characters other than newline and tab (escape
+/// sequences in a server's error text, say) are shown escaped (`\u{1b}`), not sent raw.
+pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let raw = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !s.chars().any(raw) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if raw(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_safe_escapes_control_characters_only() {
+        assert!(matches!(
+            terminal_safe("plain\ttext\nünïcode"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            terminal_safe("a\x1b[2Jb\rc\x07"),
+            "a\\u{1b}[2Jb\\u{d}c\\u{7}"
+        );
+    }
 
     #[test]
     fn display_includes_location_and_range() {

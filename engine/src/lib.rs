@@ -35,7 +35,7 @@ pub use backend::{
     ReadRequest, ReaderOptions, ThreadPoolReader,
 };
 pub use dtype::DType;
-pub use error::{Error, ErrorKind, Result};
+pub use error::{terminal_safe, Error, ErrorKind, Result};
 pub use index::{Format, TensorIndex, TensorInfo, TensorSource};
 pub use mem::{Arena, IoBuf, MemRegion};
 pub use model::{HostModel, TensorView};
@@ -57,7 +57,7 @@ pub fn log_warnings_to_stderr() {
         }
         fn log(&self, r: &log::Record<'_>) {
             if self.enabled(r.metadata()) {
-                eprintln!("tensorstream: {}", r.args());
+                eprintln!("tensorstream: {}", terminal_safe(&r.args().to_string()));
             }
         }
         fn flush(&self) {}

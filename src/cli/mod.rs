@@ -438,7 +438,11 @@ pub fn run() -> i32 {
         // Quietly, with the status a SIGPIPE death would give (128 + 13), like other tools.
         Err(e) if is_broken_pipe(&e) => 141,
         Err(e) => {
-            eprintln!("tensorstream: error: {e}");
+            // Error texts may carry a server's words: no raw control characters to the terminal.
+            eprintln!(
+                "tensorstream: error: {}",
+                tensorstream::engine::terminal_safe(&e.to_string())
+            );
             1
         }
     }

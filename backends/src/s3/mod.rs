@@ -145,6 +145,9 @@ pub(crate) fn limit_for(what: &str, timeout: Duration, io_timeout: Duration) -> 
     }
 }
 
+/// Most characters of a server's error text kept in a message.
+const DETAIL_MAX: usize = 400;
+
 /// Maps an OpenDAL error to the public one (kind, retryable flag, clear message, source kept).
 /// `retries`: how many times the retry layer retried the request before giving up. (The retry
 /// layer marks every error it returns "persistent", so the status alone cannot tell.)
@@ -173,6 +176,11 @@ pub(crate) fn map_error(
     } else {
         format!("{}: {cause}", e.message().trim())
     };
+    // The server's words, but not a whole page of them.
+    if let Some((cut, _)) = detail.char_indices().nth(DETAIL_MAX) {
+        detail.truncate(cut);
+        detail.push_str(" …");
+    }
     if detail.is_empty() {
         // An error response without a body (HEAD, or a proxy's 503): name the HTTP status.
         detail = http_status(&e.to_string())

@@ -6,6 +6,7 @@
 //! the request fails (permanently: a retry would ask the same server again) and the backend
 //! reports it as [`tensorstream_engine::ErrorKind::Corrupt`].
 
+use futures::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
 use opendal::{Buffer, Error, ErrorKind, HttpBody, HttpTransport, Result};
 use opendal_http_transport_reqwest::ReqwestTransport;
@@ -40,6 +41,9 @@ impl HttpTransport for RangeCheckedTransport {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_range_request);
         let resp = self.inner.fetch(req).await?;
+        if !resp.status().is_success() {
+            return Ok(cap_error_body(resp));
+        }
         if let Some(asked) = asked {
             if resp.status() == StatusCode::PARTIAL_CONTENT {
                 let cr = resp
@@ -56,4 +60,33 @@ impl HttpTransport for RangeCheckedTransport {
         }
         Ok(resp)
     }
+}
+
+/// Most bytes of an error answer's body kept. OpenDAL reads the whole body of an error answer
+/// into memory to build its message; a hostile or broken server could send gigabytes.
+pub(crate) const ERROR_BODY_MAX: usize = 16 << 10;
+
+/// The answer with its body cut to [`ERROR_BODY_MAX`] bytes (and no announced size, so that
+/// the cut body is not taken for a truncated transfer).
+fn cap_error_body(resp: Response<HttpBody>) -> Response<HttpBody> {
+    let (parts, body) = resp.into_parts();
+    let mut inner = None;
+    let _ = body.map_inner(|s| {
+        inner = Some(s);
+        Box::new(futures::stream::empty())
+    });
+    let Some(inner) = inner else {
+        return Response::from_parts(parts, HttpBody::new(futures::stream::empty(), None));
+    };
+    let mut left = ERROR_BODY_MAX;
+    let capped = inner
+        .map(move |r| {
+            r.map(|b| {
+                let n = b.len().min(left);
+                left -= n;
+                b.slice(0..n)
+            })
+        })
+        .take_while(|r| std::future::ready(!matches!(r, Ok(b) if b.is_empty())));
+    Response::from_parts(parts, HttpBody::new(capped, None))
 }

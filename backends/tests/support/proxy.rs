@@ -68,6 +68,9 @@ pub struct Faults {
     pub shift_content_range: Option<u64>,
     /// Run the hook once this many body bytes (counted from when the faults were set) went by.
     pub replace_after: Option<(u64, Box<dyn FnOnce() + Send>)>,
+    /// `(count, status, body_bytes)`: answer the next `count` requests with `status` and an
+    /// error body of `body_bytes` bytes (XML-looking, with a terminal escape sequence in it).
+    pub error_answer: Option<(usize, u16, u64)>,
     /// `(bytes, pause)`: forward every body `bytes` at a time with `pause` after each piece (a
     /// server that trickles, never pausing long enough to look stalled).
     pub trickle: Option<(usize, Duration)>,
@@ -88,6 +91,9 @@ struct Armed {
     hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     bytes_since: AtomicU64,
     trickle: Option<(usize, Duration)>,
+    error_left: AtomicUsize,
+    error_status: u16,
+    error_bytes: u64,
 }
 
 impl Armed {
@@ -115,6 +121,9 @@ impl Armed {
             hook: Mutex::new(hook),
             bytes_since: AtomicU64::new(0),
             trickle: f.trickle,
+            error_left: AtomicUsize::new(f.error_answer.map_or(0, |e| e.0)),
+            error_status: f.error_answer.map_or(0, |e| e.1),
+            error_bytes: f.error_answer.map_or(0, |e| e.2),
         }
     }
 }
@@ -318,6 +327,43 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 }
             );
             client_w.write_all(resp.as_bytes())?;
+            continue;
+        }
+        if take_one(&armed.error_left) {
+            shared.log.lock().unwrap().push(Exchange {
+                method,
+                range,
+                status: armed.error_status,
+                content_range: None,
+                body_bytes: 0,
+                faulted: true,
+                conn,
+            });
+            let head = format!(
+                "HTTP/1.1 {} Boom\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n",
+                armed.error_status, armed.error_bytes
+            );
+            client_w.write_all(head.as_bytes())?;
+            let start =
+                b"<?xml version=\"1.0\"?><Error><Code>InternalError</Code><Message>\x1b[31mboom ";
+            let mut piece = start.to_vec();
+            piece.resize(64 << 10, b'A');
+            let mut left = armed.error_bytes;
+            let mut first = true;
+            while left > 0 {
+                let p = if first {
+                    &piece[..]
+                } else {
+                    &piece[start.len()..]
+                };
+                first = false;
+                let n = (p.len() as u64).min(left) as usize;
+                if client_w.write_all(&p[..n]).is_err() {
+                    return Ok(()); // the client hung up
+                }
+                left -= n as u64;
+                shared.body_bytes.fetch_add(n as u64, Ordering::SeqCst);
+            }
             continue;
         }
         if armed.strip_range {
