@@ -471,6 +471,76 @@ fn stall_past_timeout_is_retried_or_times_out() {
     assert_eq!(e.range(), Some(0..1000));
 }
 
+/// A redirect to another origin is followed, but the user's headers (credentials) stay with
+/// the URL's own origin, and no `Referer` goes along.
+#[test]
+fn a_redirect_to_another_origin_keeps_the_users_headers_home() {
+    let r = rig();
+    let data = pattern(3 << 20, 9);
+    write_file(r.dir.path(), "x.bin", &data);
+    let other = Proxy::start(r._nginx.addr());
+    r.proxy.set_faults(Faults {
+        redirect: Some(("/r/".into(), format!("http://127.0.0.1:{}/", other.port()))),
+        ..Default::default()
+    });
+    let mut cfg = quick_cfg(2, 1 << 20, Duration::from_secs(10), 2);
+    cfg.headers = tensorstream_backends::http::config::parse_headers(&[
+        ("X-Api-Key".into(), "key-123".into()),
+        ("Authorization".into(), "Bearer tok-456".into()),
+    ])
+    .unwrap();
+    let b = HttpBackend::open_with(&r.proxy.url("r/x.bin"), cfg).unwrap();
+    let mut buf = vec![0u8; data.len()];
+    assert_eq!(b.read_at(0, &mut buf).unwrap(), data.len());
+    assert!(buf == data, "bytes differ through the redirect");
+    let has = |x: &support::proxy::Exchange, name: &str| {
+        x.request_headers
+            .iter()
+            .any(|h| h.to_ascii_lowercase().starts_with(name))
+    };
+    let home = r.proxy.log();
+    assert!(!home.is_empty() && home.iter().all(|x| x.status == 302));
+    assert!(home
+        .iter()
+        .all(|x| has(x, "x-api-key:") && has(x, "authorization:")));
+    let away = other.log();
+    assert!(away.iter().any(|x| x.method == "GET"), "{away:?}");
+    for x in &away {
+        for h in ["x-api-key:", "authorization:", "referer:"] {
+            assert!(
+                !has(x, h),
+                "{h} sent to the other origin: {:?}",
+                x.request_headers
+            );
+        }
+    }
+}
+
+#[test]
+fn a_redirect_loop_is_a_clear_error_without_retries() {
+    let r = rig();
+    write_file(r.dir.path(), "x.bin", &pattern(1000, 1));
+    r.proxy.set_faults(Faults {
+        redirect: Some((
+            "/r/".into(),
+            format!("http://127.0.0.1:{}/r/", r.proxy.port()),
+        )),
+        ..Default::default()
+    });
+    let e = HttpBackend::open_with(
+        &r.proxy.url("r/x.bin"),
+        quick_cfg(1, 1 << 20, Duration::from_secs(5), 3),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("more than 5 redirects"), "{e}");
+    assert_eq!(
+        r.proxy.log().len(),
+        6,
+        "one request and five hops, no retry"
+    );
+}
+
 /// Runs `f` on a thread and fails the test if it has not finished in `limit` (a hang guard, not
 /// a performance check).
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {

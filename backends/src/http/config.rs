@@ -171,6 +171,45 @@ pub fn redact_url(url: &reqwest::Url) -> String {
     s
 }
 
+/// Most redirects followed for one request.
+pub const MAX_REDIRECTS: usize = 5;
+
+/// Where a redirect (`301`, `302`, `303`, `307`, `308`) from `current` leads, or why it is refused:
+/// no `Location`, a scheme other than http(s), https to plain http (the bytes and the version
+/// pin would travel unprotected), or more than [`MAX_REDIRECTS`] hops (`hops` already taken).
+pub fn next_hop(
+    current: &reqwest::Url,
+    status: u16,
+    location: Option<&str>,
+    hops: usize,
+) -> std::result::Result<reqwest::Url, String> {
+    let Some(loc) = location else {
+        return Err(format!("redirect ({status}) without a Location header"));
+    };
+    let next = current
+        .join(loc.trim())
+        .map_err(|e| format!("redirect ({status}) to an invalid Location: {e}"))?;
+    if !matches!(next.scheme(), "http" | "https") {
+        return Err(format!(
+            "redirect ({status}) to a {}: URL refused",
+            next.scheme()
+        ));
+    }
+    if current.scheme() == "https" && next.scheme() == "http" {
+        return Err(format!(
+            "redirect ({status}) from https to plain http refused ({})",
+            redact_url(&next)
+        ));
+    }
+    if hops >= MAX_REDIRECTS {
+        return Err(format!(
+            "more than {MAX_REDIRECTS} redirects (the last to {})",
+            redact_url(&next)
+        ));
+    }
+    Ok(next)
+}
+
 /// Parses the total of an unsatisfied range, `Content-Range: bytes */TOTAL` (sent with 416).
 pub fn parse_unsatisfied_total(v: &str) -> Option<u64> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();

@@ -171,6 +171,11 @@ impl HttpBackend {
             .pool_max_idle_per_host(cfg.concurrency)
             .tcp_nodelay(true)
             .http2_adaptive_window(true)
+            // Redirects are followed by hand (retry::send): the user's headers stay with the
+            // URL's origin, https never leads to http. No Referer (it would carry the URL's
+            // query, often a signature).
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
             .build()
             .map_err(|e| {
                 let (_, _, msg) = retry::describe_reqwest(e);

@@ -10,7 +10,7 @@ use reqwest::{Client, Response, Url};
 use tensorstream_engine::{Error, ErrorKind, Result};
 
 use super::config::{
-    backoff_delay, classify, jitter_sample, parse_content_range, parse_retry_after,
+    backoff_delay, classify, jitter_sample, next_hop, parse_content_range, parse_retry_after,
     parse_unsatisfied_total, HttpConfig, Pin, StatusClass, FULL_BODY_FALLBACK_MAX, PROGRESS_MIN,
 };
 
@@ -32,12 +32,19 @@ impl Ctx {
             .with_location(&self.display)
     }
 
-    fn request(&self, method: reqwest::Method, pin: Option<&Pin>) -> reqwest::RequestBuilder {
-        let mut req = self
-            .client
-            .request(method, self.url.clone())
-            .headers(self.cfg.headers.clone())
-            .header(header::ACCEPT_ENCODING, "identity");
+    /// A request to `url`. The user's headers (credentials, often) go only to the URL's own
+    /// origin, never to another host a redirect leads to.
+    fn request_to(
+        &self,
+        url: &Url,
+        method: reqwest::Method,
+        pin: Option<&Pin>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self.client.request(method, url.clone());
+        if url.origin() == self.url.origin() {
+            req = req.headers(self.cfg.headers.clone());
+        }
+        req = req.header(header::ACCEPT_ENCODING, "identity");
         if let Some((name, value)) = pin.and_then(|p| p.precondition()) {
             req = req.header(name, value);
         }
@@ -200,14 +207,40 @@ pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
     }
 }
 
-async fn send(ctx: &Ctx, req: reqwest::RequestBuilder) -> Result<Response, Failure> {
-    match tokio::time::timeout(ctx.cfg.timeout, req.send()).await {
-        Err(_) => Err(retry(ctx.err(
-            ErrorKind::Timeout,
-            format!("no response within {:?}", ctx.cfg.timeout),
-        ))),
-        Ok(Err(e)) => Err(from_reqwest(ctx, e)),
-        Ok(Ok(r)) => Ok(r),
+/// Sends `method` (with the version pin's precondition and a `Range`, if given) to the URL,
+/// following up to [`super::config::MAX_REDIRECTS`] redirects by hand (see [`next_hop`]); the client follows
+/// none itself, so that the user's headers never reach another origin.
+async fn send(
+    ctx: &Ctx,
+    method: reqwest::Method,
+    pin: Option<&Pin>,
+    range: Option<&str>,
+) -> Result<Response, Failure> {
+    let mut url = ctx.url.clone();
+    let mut hops = 0;
+    loop {
+        let mut req = ctx.request_to(&url, method.clone(), pin);
+        if let Some(r) = range {
+            req = req.header(header::RANGE, r);
+        }
+        let resp = match tokio::time::timeout(ctx.cfg.timeout, req.send()).await {
+            Err(_) => {
+                return Err(retry(ctx.err(
+                    ErrorKind::Timeout,
+                    format!("no response within {:?}", ctx.cfg.timeout),
+                )))
+            }
+            Ok(Err(e)) => return Err(from_reqwest(ctx, e)),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+            return Ok(resp);
+        }
+        let location = header_str(resp.headers(), header::LOCATION);
+        url = next_hop(&url, status, location, hops)
+            .map_err(|why| fatal(ctx.err(ErrorKind::Unsupported, why)))?;
+        hops += 1;
     }
 }
 
@@ -230,7 +263,7 @@ fn validators(h: &HeaderMap) -> (Option<String>, Option<String>) {
 }
 
 async fn stat_once(ctx: &Ctx) -> Result<Pin, Failure> {
-    let resp = send(ctx, ctx.request(reqwest::Method::HEAD, None)).await?;
+    let resp = send(ctx, reqwest::Method::HEAD, None, None).await?;
     let status = resp.status().as_u16();
     if resp.status().is_success() {
         let h = resp.headers();
@@ -266,10 +299,7 @@ fn no_ranges(ctx: &Ctx, why: &str) -> Error {
 }
 
 async fn probe(ctx: &Ctx) -> Result<Pin, Failure> {
-    let req = ctx
-        .request(reqwest::Method::GET, None)
-        .header(header::RANGE, "bytes=0-0");
-    let mut resp = send(ctx, req).await?;
+    let mut resp = send(ctx, reqwest::Method::GET, None, Some("bytes=0-0")).await?;
     let status = resp.status().as_u16();
     let h = resp.headers().clone();
     match classify(status) {
@@ -396,10 +426,8 @@ async fn attempt(
 ) -> (usize, Result<(), Failure>) {
     let end = start + dest.len() as u64 - 1; // dest is non-empty
     let deadline = attempt_deadline(&ctx.cfg, dest.len());
-    let req = ctx
-        .request(reqwest::Method::GET, Some(pin))
-        .header(header::RANGE, format!("bytes={start}-{end}"));
-    let mut resp = match send(ctx, req).await {
+    let range = format!("bytes={start}-{end}");
+    let mut resp = match send(ctx, reqwest::Method::GET, Some(pin), Some(&range)).await {
         Ok(r) => r,
         Err(f) => return (0, Err(f)),
     };
@@ -545,7 +573,7 @@ fn version_mismatch(ctx: &Ctx, pin: &Pin, h: &HeaderMap) -> Option<Failure> {
 async fn current_version(ctx: &Ctx) -> String {
     let unknown = "a different version (412 Precondition Failed)";
     let head = || {
-        let fut = ctx.request(reqwest::Method::HEAD, None).send();
+        let fut = send(ctx, reqwest::Method::HEAD, None, None);
         tokio::time::timeout(ctx.cfg.timeout.min(Duration::from_secs(5)), fut)
     };
     let mut answer = head().await;
@@ -566,10 +594,9 @@ async fn current_version(ctx: &Ctx) -> String {
             "{unknown}; a HEAD for the new version got {}",
             status_text(&r)
         ),
-        Ok(Err(e)) => format!(
-            "{unknown}; a HEAD for the new version failed: {}",
-            describe_reqwest(e).2
-        ),
+        Ok(Err(Failure::Retry { err, .. } | Failure::Fatal(err))) => {
+            format!("{unknown}; a HEAD for the new version failed: {err}")
+        }
         Err(_) => format!("{unknown}; a HEAD for the new version timed out"),
     }
 }

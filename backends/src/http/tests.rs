@@ -247,3 +247,50 @@ fn open_dispatches_http_schemes() {
     assert_eq!(e.backend(), Some("http"), "{e}");
     assert_ne!(e.kind(), ErrorKind::Unsupported, "{e}");
 }
+
+#[test]
+fn redirects_are_checked_hop_by_hop() {
+    let u = |s: &str| reqwest::Url::parse(s).unwrap();
+    let from = u("https://a.example/models/m.safetensors?sig=1");
+    // Relative and absolute locations; another https host is fine.
+    assert_eq!(
+        next_hop(&from, 302, Some("/other/m.bin"), 0).unwrap(),
+        u("https://a.example/other/m.bin")
+    );
+    assert_eq!(
+        next_hop(&from, 307, Some(" https://cdn.example/x?t=2 "), 4).unwrap(),
+        u("https://cdn.example/x?t=2")
+    );
+    // http → https is an upgrade: fine.
+    assert!(next_hop(
+        &u("http://a.example/x"),
+        301,
+        Some("https://a.example/x"),
+        0
+    )
+    .is_ok());
+    // Refused: no Location, https → http, another scheme, too many hops.
+    let refused = [
+        (next_hop(&from, 302, None, 0), "without a Location"),
+        (
+            next_hop(&from, 302, Some("http://cdn.example/x?sig=secret"), 0),
+            "from https to plain http",
+        ),
+        (
+            next_hop(&from, 308, Some("file:///etc/passwd"), 0),
+            "file: URL",
+        ),
+        (
+            next_hop(&from, 302, Some("/again"), MAX_REDIRECTS),
+            "more than 5 redirects",
+        ),
+    ];
+    for (r, want) in refused {
+        let why = r.unwrap_err();
+        assert!(why.contains(want), "{why:?} lacks {want:?}");
+        assert!(
+            !why.contains("secret"),
+            "a query string in a message: {why}"
+        );
+    }
+}

@@ -383,10 +383,16 @@ fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator>
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
     // This backend's own HTTP client (and so its own connection pool: see `transport.rs`).
-    let client = reqwest::Client::builder().build().map_err(|e| {
-        opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
-            .set_source(e)
-    })?;
+    // No redirects (a signed request cannot follow one to another host anyway; S3's own
+    // redirects name the right endpoint in the error), no Referer.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false)
+        .build()
+        .map_err(|e| {
+            opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
+                .set_source(e)
+        })?;
     let mut b = opendal::services::S3::default()
         .root("/")
         .bucket(&loc.bucket)

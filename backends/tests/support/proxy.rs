@@ -39,6 +39,8 @@ pub struct Exchange {
     pub faulted: bool,
     /// Which client connection carried it (numbered from 0 in the order accepted).
     pub conn: u64,
+    /// The request's header lines (`Name: value`), as the client sent them.
+    pub request_headers: Vec<String>,
 }
 
 impl Exchange {
@@ -68,6 +70,9 @@ pub struct Faults {
     pub shift_content_range: Option<u64>,
     /// Run the hook once this many body bytes (counted from when the faults were set) went by.
     pub replace_after: Option<(u64, Box<dyn FnOnce() + Send>)>,
+    /// `(path_prefix, to)`: answer requests for paths starting with `path_prefix` with
+    /// `302 Found` to `to` followed by the rest of the path.
+    pub redirect: Option<(String, String)>,
     /// `(count, status, body_bytes)`: answer the next `count` requests with `status` and an
     /// error body of `body_bytes` bytes (XML-looking, with a terminal escape sequence in it).
     pub error_answer: Option<(usize, u16, u64)>,
@@ -91,6 +96,7 @@ struct Armed {
     hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     bytes_since: AtomicU64,
     trickle: Option<(usize, Duration)>,
+    redirect: Option<(String, String)>,
     error_left: AtomicUsize,
     error_status: u16,
     error_bytes: u64,
@@ -121,6 +127,7 @@ impl Armed {
             hook: Mutex::new(hook),
             bytes_since: AtomicU64::new(0),
             trickle: f.trickle,
+            redirect: f.redirect,
             error_left: AtomicUsize::new(f.error_answer.map_or(0, |e| e.0)),
             error_status: f.error_answer.map_or(0, |e| e.1),
             error_bytes: f.error_answer.map_or(0, |e| e.2),
@@ -316,6 +323,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 body_bytes: 0,
                 faulted: true,
                 conn,
+                request_headers: req[1..].to_vec(),
             });
             let resp = format!(
                 "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\n{}Content-Length: 0\r\n\r\n",
@@ -329,6 +337,26 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
             client_w.write_all(resp.as_bytes())?;
             continue;
         }
+        let path = req[0].split(' ').nth(1).unwrap_or("").to_string();
+        if let Some((prefix, to)) = &armed.redirect {
+            if let Some(rest) = path.strip_prefix(prefix.as_str()) {
+                shared.log.lock().unwrap().push(Exchange {
+                    method,
+                    range,
+                    status: 302,
+                    content_range: None,
+                    body_bytes: 0,
+                    faulted: true,
+                    conn,
+                    request_headers: req[1..].to_vec(),
+                });
+                let resp = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: {to}{rest}\r\nContent-Length: 0\r\n\r\n"
+                );
+                client_w.write_all(resp.as_bytes())?;
+                continue;
+            }
+        }
         if take_one(&armed.error_left) {
             shared.log.lock().unwrap().push(Exchange {
                 method,
@@ -338,6 +366,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 body_bytes: 0,
                 faulted: true,
                 conn,
+                request_headers: req[1..].to_vec(),
             });
             let head = format!(
                 "HTTP/1.1 {} Boom\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n",
@@ -443,6 +472,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 body_bytes: 0,
                 faulted: false,
                 conn,
+                request_headers: req[1..].to_vec(),
             });
             log.len() - 1
         };
