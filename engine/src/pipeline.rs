@@ -174,6 +174,9 @@ pub fn execute<S: Sink>(
     let total = plan.reads.len();
     // Reads whose completion came back (each exactly once).
     let mut landed = vec![false; total];
+    // What each read was given (buffer address and length, object offset): a completion must
+    // bring back that very buffer, or its bytes are not where the load puts them.
+    let mut given: Vec<(usize, usize, u64)> = vec![(0, 0, 0); plan.reads.len()];
     // Set once the reader was told the load is failing.
     let mut abandoned = false;
     'outer: while next < total || reader.in_flight() > 0 {
@@ -205,6 +208,7 @@ pub fn execute<S: Sink>(
                 read_err = Some(Error::invalid("staging slot smaller than a read"));
                 break;
             }
+            given[next] = (buf.as_ptr() as usize, buf.len(), op.obj.start);
             if let Err(e) = reader.submit(ReadRequest {
                 id: next as u64,
                 offset: op.obj.start,
@@ -274,6 +278,19 @@ pub fn execute<S: Sink>(
         };
         landed[idx] = true;
         let op = &plan.reads[idx];
+        if (done.buf.as_ptr() as usize, done.buf.len(), done.offset) != given[idx] {
+            read_err.get_or_insert(
+                Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "reader returned read #{idx} with a different buffer or offset than it \
+                         was given (reader bug)"
+                    ),
+                )
+                .with_range(op.obj.clone()),
+            );
+            continue;
+        }
         match done.result {
             Ok(n) if n as u64 > op.len() => {
                 // A reader or backend that claims more than it was asked for is broken; the
@@ -356,7 +373,19 @@ pub fn execute<S: Sink>(
     }
     drop(to_sink);
     let joined = sink_thread.join();
-    if let Some(e) = read_err {
+    if let Some(mut e) = read_err {
+        // Once cancelled, a read that then failed with an I/O error or a timeout most likely
+        // failed because its reader stopped retrying: report the cancel, which is what happened.
+        if is_cancelled(&opts.cancel) && matches!(e.kind(), ErrorKind::Io | ErrorKind::Timeout) {
+            e = Error::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "load cancelled after {next} of {total} reads were issued (a read in flight \
+                     ended with: {})",
+                    e.message()
+                ),
+            );
+        }
         return Err(e.with_location(&loc));
     }
     let (sink, sink_res) = joined.map_err(|p| {

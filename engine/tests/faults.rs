@@ -66,6 +66,10 @@ enum ReaderFault {
     BogusIdAt(usize),
     /// The n-th completion carries the id of the previous one.
     DuplicateIdAt(usize),
+    /// The n-th completion brings back a buffer of its own, not the one it was given.
+    OtherBufferAt(usize),
+    /// The n-th completion names another offset than the one asked.
+    OtherOffsetAt(usize),
 }
 
 #[derive(Debug)]
@@ -159,6 +163,12 @@ impl RangeReader for FaultyReader {
         match self.fault {
             ReaderFault::BogusIdAt(n) if n == self.waits => d.id += 1_000_000,
             ReaderFault::DuplicateIdAt(n) if n == self.waits => d.id = self.last_id,
+            ReaderFault::OtherBufferAt(n) if n == self.waits => {
+                let mut own = IoBuf::aligned(d.buf.len(), 4096)?;
+                own.as_mut_slice().copy_from_slice(d.buf.as_slice());
+                d.buf = own;
+            }
+            ReaderFault::OtherOffsetAt(n) if n == self.waits => d.offset += 1,
             _ => {}
         }
         self.last_id = d.id;
@@ -415,6 +425,20 @@ fn completion_with_unknown_id_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn a_completion_with_another_buffer_or_offset_is_an_error() {
+    // A reader that reads into a buffer of its own and returns that one would leave the
+    // destination unwritten (zeros) while the load reported success.
+    for fault in [ReaderFault::OtherBufferAt(3), ReaderFault::OtherOffsetAt(3)] {
+        for layout in [Layout::Mirror, PACKED] {
+            let s = setup(BackendFault::None, fault, layout);
+            let (sink, _j) = TestSink::new(SinkFault::None);
+            let e = must_fail(run(&s, sink));
+            assert!(e.message().contains("different buffer"), "{fault:?}: {e}");
+        }
+    }
+}
+
+#[test]
 fn duplicate_completion_is_not_reported_as_a_complete_load() {
     for layout in [Layout::Mirror, PACKED] {
         let s = setup(BackendFault::None, ReaderFault::DuplicateIdAt(4), layout);
@@ -631,4 +655,64 @@ fn hook_panic_is_an_error_naming_the_tensor() {
         assert!(e.message().contains("tensor #1"), "{threads} threads: {e}");
         assert!(calls.load(Ordering::SeqCst) >= 1);
     }
+}
+
+/// A backend whose data reads cancel the load and then fail, as a reader that stops retrying
+/// once the cancel flag is set does.
+#[derive(Debug)]
+struct CancelThenFail {
+    inner: MemoryBackend,
+    flag: Arc<AtomicBool>,
+    armed: AtomicBool,
+}
+
+impl Backend for CancelThenFail {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if !self.armed.load(Ordering::SeqCst) {
+            return self.inner.read_at(offset, buf);
+        }
+        self.flag.store(true, Ordering::SeqCst);
+        Err(Error::new(
+            ErrorKind::Io,
+            "stopped retrying: load cancelled",
+        ))
+    }
+}
+
+#[test]
+fn a_read_failing_after_a_cancel_reports_the_cancel() {
+    let (file, _) = model_file(&[70_000, 100_000]);
+    let flag = Arc::new(AtomicBool::new(false));
+    let be = Arc::new(CancelThenFail {
+        inner: MemoryBackend::new("mem://cancelled", file),
+        flag: flag.clone(),
+        armed: AtomicBool::new(false),
+    });
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    be.armed.store(true, Ordering::SeqCst);
+    let mut o = PlanOptions::new(meta.size);
+    o.chunk_size = 16 << 10;
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let plan = Arc::new(plan(&index, &sel, &o).unwrap());
+    let opts = EngineOptions {
+        cancel: Some(flag),
+        ..eopts()
+    };
+    let backend: Arc<dyn Backend> = be;
+    let r = watchdog("load", move || {
+        execute(backend, &meta, plan, HostSink::new(), &opts).map(|_| ())
+    });
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(e.to_string().contains("stopped retrying"), "{e}");
 }
