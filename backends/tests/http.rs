@@ -541,6 +541,58 @@ fn a_redirect_loop_is_a_clear_error_without_retries() {
     );
 }
 
+/// A read waiting out a long `Retry-After` is stopped at once when the load is cancelled (the
+/// reader sees the flag) or abandoned (another read failed), not after all its retries.
+#[test]
+fn cancel_and_abandon_stop_reads_in_backoff() {
+    for how in ["cancel", "abandon"] {
+        let r = rig();
+        write_file(r.dir.path(), "x.bin", &pattern(1 << 20, 3));
+        let b = Arc::new(
+            HttpBackend::open_with(
+                &r.proxy.url("x.bin"),
+                quick_cfg(2, 1 << 20, Duration::from_secs(5), 5),
+            )
+            .unwrap(),
+        );
+        let meta = b.stat().unwrap();
+        r.proxy.clear_log();
+        r.proxy.set_faults(Faults {
+            unavailable: Some((1000, "20".into())),
+            ..Default::default()
+        });
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut o = tensorstream_engine::backend::ReaderOptions::new(2);
+        o.cancel = Some(flag.clone());
+        let mut reader = b.clone().open_reader(&meta, &o).unwrap();
+        reader
+            .submit(tensorstream_engine::backend::ReadRequest {
+                id: 7,
+                offset: 0,
+                buf: tensorstream_engine::IoBuf::aligned(1 << 20, 1).unwrap(),
+            })
+            .unwrap();
+        // Let the first 503 arrive, so that the read sits in its 20 s Retry-After.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while r.proxy.log().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if how == "cancel" {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            reader.abandon();
+        }
+        let done = within(Duration::from_secs(10), move || {
+            reader.wait().map(|d| (d.id, d.result))
+        });
+        let (id, result) = done.expect("wait gives the read back");
+        assert_eq!(id, 7);
+        let e = result.expect_err("the read was stopped");
+        assert!(e.to_string().contains("stopped"), "{how}: {e}");
+        assert_eq!(r.proxy.log().len(), 1, "{how}: no retry after the stop");
+    }
+}
+
 /// Runs `f` on a thread and fails the test if it has not finished in `limit` (a hang guard, not
 /// a performance check).
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -310,7 +310,7 @@ impl Backend for HttpBackend {
             self.ctx.clone(),
             self.rt.clone(),
             pin,
-            opts.queue_depth,
+            opts.cancel.clone(),
         )?))
     }
 }

@@ -4,7 +4,9 @@
 //! over a channel, each with its buffer.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use futures_util::FutureExt;
@@ -24,11 +26,20 @@ pub struct HttpReader {
     done_tx: Sender<ReadDone>,
     done_rx: Receiver<ReadDone>,
     in_flight: usize,
+    /// Set (true) to stop every read in flight: on `abandon`, once the load's cancel flag is
+    /// seen, and on drop.
     cancel: watch::Sender<bool>,
+    /// The load's cancel flag, if any.
+    flag: Option<Arc<AtomicBool>>,
 }
 
 impl HttpReader {
-    pub(crate) fn new(ctx: Arc<Ctx>, rt: Arc<Rt>, pin: Pin, _queue_depth: usize) -> Result<Self> {
+    pub(crate) fn new(
+        ctx: Arc<Ctx>,
+        rt: Arc<Rt>,
+        pin: Pin,
+        flag: Option<Arc<AtomicBool>>,
+    ) -> Result<Self> {
         let permits = Arc::new(Semaphore::new(ctx.cfg.concurrency.max(1)));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let (cancel, _) = watch::channel(false);
@@ -41,6 +52,7 @@ impl HttpReader {
             done_rx,
             in_flight: 0,
             cancel,
+            flag,
         })
     }
 }
@@ -69,7 +81,7 @@ impl RangeReader for HttpReader {
                     Err(_) => Err(ctx.err(ErrorKind::Io, "http read task panicked").with_range(range)),
                 },
                 _ = cancelled.wait_for(|c| *c) => {
-                    Err(ctx.err(ErrorKind::Io, "http reader closed while the read was in flight").with_range(range))
+                    Err(ctx.err(ErrorKind::Io, "http read stopped: the load was cancelled or another read failed").with_range(range))
                 }
             };
             let _ = tx.send(ReadDone {
@@ -87,12 +99,31 @@ impl RangeReader for HttpReader {
         if self.in_flight == 0 {
             return Err(Error::invalid("wait() with no read in flight"));
         }
-        let done = self
-            .done_rx
-            .recv()
-            .map_err(|_| Error::new(ErrorKind::Io, "http reader channel closed"))?;
+        // Wake up now and then to see the cancel flag: reads in backoff or waiting out a
+        // `Retry-After` are stopped at once then, not waited for.
+        let done = loop {
+            match self.done_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(d) => break d,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self
+                        .flag
+                        .as_ref()
+                        .is_some_and(|f| f.load(Ordering::Relaxed))
+                    {
+                        self.abandon();
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::new(ErrorKind::Io, "http reader channel closed"))
+                }
+            }
+        };
         self.in_flight -= 1;
         Ok(done)
+    }
+
+    fn abandon(&mut self) {
+        self.cancel.send_replace(true);
     }
 
     fn in_flight(&self) -> usize {
