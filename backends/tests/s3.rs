@@ -764,6 +764,56 @@ fn a_huge_error_body_is_not_read_whole() {
     );
 }
 
+/// A read stalled on a slow server is stopped at once when the load is cancelled (the reader
+/// sees the flag) or abandoned (another read failed), not after its timeouts and retries.
+#[test]
+fn cancel_and_abandon_stop_stalled_reads() {
+    for how in ["cancel", "abandon"] {
+        let f = faulty();
+        let be = f.backend(&OpenOptions {
+            timeout: Some(Duration::from_secs(20)),
+            ..small_chunks()
+        });
+        let meta = be.stat().unwrap();
+        f.proxy.clear_log();
+        f.proxy.set_faults(Faults {
+            stall_after: Some((0, Duration::from_secs(30), 100)),
+            ..Faults::default()
+        });
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut o = ReaderOptions::new(2);
+        o.cancel = Some(flag.clone());
+        let mut reader = be.clone().open_reader(&meta, &o).unwrap();
+        reader
+            .submit(ReadRequest {
+                id: 9,
+                offset: 0,
+                buf: IoBuf::aligned(1 << 20, 1).unwrap(),
+            })
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while f.proxy.log().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if how == "cancel" {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            reader.abandon();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(reader.wait().map(|d| (d.id, d.result)));
+        });
+        let (id, result) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("wait() still blocked 10 s after the stop")
+            .expect("wait gives the read back");
+        assert_eq!(id, 9);
+        let e = result.expect_err("the read was stopped");
+        assert!(e.to_string().contains("stopped"), "{how}: {e}");
+    }
+}
+
 #[test]
 fn persistent_503_is_a_clear_error() {
     let f = faulty();

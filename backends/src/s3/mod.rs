@@ -508,7 +508,7 @@ impl Backend for S3Backend {
     fn open_reader(
         self: Arc<Self>,
         meta: &ObjectMeta,
-        _opts: &ReaderOptions,
+        opts: &ReaderOptions,
     ) -> Result<Box<dyn RangeReader>> {
         let handle = self.rt.handle()?;
         Ok(Box::new(S3Reader::new(
@@ -516,6 +516,7 @@ impl Backend for S3Backend {
             handle,
             self.io.clone(),
             meta.clone(),
+            opts.cancel.clone(),
         )))
     }
 }

@@ -11,7 +11,9 @@
 //! it back with the result, so even a cancelled task (runtime shut down) or a panicking one
 //! returns its buffer, with an error.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use futures::TryStreamExt;
@@ -140,6 +142,11 @@ pub struct S3Reader {
     tx: Sender<ReadDone>,
     rx: Receiver<ReadDone>,
     in_flight: usize,
+    /// Set (true) to stop every read in flight: on `abandon`, once the load's cancel flag is
+    /// seen, and on drop.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// The load's cancel flag, if any.
+    flag: Option<Arc<AtomicBool>>,
     /// Keeps the runtime alive while the session exists.
     _backend: Arc<S3Backend>,
 }
@@ -150,8 +157,10 @@ impl S3Reader {
         handle: tokio::runtime::Handle,
         io: Arc<IoCtx>,
         meta: ObjectMeta,
+        flag: Option<Arc<AtomicBool>>,
     ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (stop, _) = tokio::sync::watch::channel(false);
         S3Reader {
             handle,
             io,
@@ -159,8 +168,16 @@ impl S3Reader {
             tx,
             rx,
             in_flight: 0,
+            stop,
+            flag,
             _backend: backend,
         }
+    }
+}
+
+impl Drop for S3Reader {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
     }
 }
 
@@ -177,9 +194,18 @@ impl RangeReader for S3Reader {
         let io = self.io.clone();
         let etag = self.meta.version.clone();
         let size = self.meta.size;
+        let mut stop = self.stop.subscribe();
         self.handle.spawn(async move {
             let result = match done.buf.as_mut() {
-                Some(buf) => read_buf(&io, etag.as_deref(), size, offset, buf).await,
+                Some(buf) => tokio::select! {
+                    r = read_buf(&io, etag.as_deref(), size, offset, buf) => r,
+                    _ = stop.wait_for(|s| *s) => Err(Error::new(
+                        ErrorKind::Io,
+                        "S3 read stopped: the load was cancelled or another read failed",
+                    )
+                    .with_backend("s3")
+                    .with_location(&io.uri)),
+                },
                 None => Ok(0),
             };
             done.result = Some(result);
@@ -193,11 +219,34 @@ impl RangeReader for S3Reader {
         if self.in_flight == 0 {
             return Err(Error::invalid("wait() with no read in flight"));
         }
-        let d = self.rx.recv().map_err(|_| {
-            Error::new(ErrorKind::Io, "S3 reader: completion channel closed").with_backend("s3")
-        })?;
+        // Wake up now and then to see the cancel flag: reads in retry backoff are stopped at
+        // once then, not waited for.
+        let d = loop {
+            match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(d) => break d,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self
+                        .flag
+                        .as_ref()
+                        .is_some_and(|f| f.load(Ordering::Relaxed))
+                    {
+                        self.abandon();
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(
+                        Error::new(ErrorKind::Io, "S3 reader: completion channel closed")
+                            .with_backend("s3"),
+                    )
+                }
+            }
+        };
         self.in_flight -= 1;
         Ok(d)
+    }
+
+    fn abandon(&mut self) {
+        self.stop.send_replace(true);
     }
 
     fn in_flight(&self) -> usize {
