@@ -432,6 +432,22 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: u16, limit: usize, faulty: usize, stall: bool) -> Proxy {
+        Self::start_with(upstream, limit, faulty, stall, None)
+    }
+
+    /// After `after` bytes of replies on each connection, forwards `piece` bytes per `pause`
+    /// (a server trickling, each gap shorter than the client's timeout).
+    fn trickling(upstream: u16, after: usize, piece: usize, pause: Duration) -> Proxy {
+        Self::start_with(upstream, usize::MAX, 0, false, Some((after, piece, pause)))
+    }
+
+    fn start_with(
+        upstream: u16,
+        limit: usize,
+        faulty: usize,
+        stall: bool,
+        trickle: Option<(usize, usize, Duration)>,
+    ) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         l.set_nonblocking(true).unwrap();
@@ -479,8 +495,25 @@ impl Proxy {
                             }
                             break;
                         }
-                        if c.write_all(&buf[..n]).is_err() {
-                            break;
+                        match trickle {
+                            Some((after, piece, pause)) if total + n > after => {
+                                let mut ok = true;
+                                for p in buf[..n].chunks(piece.max(1)) {
+                                    if c.write_all(p).is_err() {
+                                        ok = false;
+                                        break;
+                                    }
+                                    std::thread::sleep(pause);
+                                }
+                                if !ok {
+                                    break;
+                                }
+                            }
+                            _ => {
+                                if c.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
                         }
                         bytes.fetch_add(n, Ordering::Relaxed);
                         total += n;
@@ -503,6 +536,35 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+#[test]
+fn a_trickling_server_times_out() {
+    let g = Ganesha::start();
+    let data = pattern(2 << 20, 12);
+    g.put("trickle.bin", &data);
+    // After the first 64 KiB of replies, 100 bytes every 200 ms: never a gap as long as the
+    // timeout, but far too little to count as progress. It used to keep the read waiting for
+    // ever.
+    let p = Proxy::trickling(g.port, 64 << 10, 100, Duration::from_millis(200));
+    let uri = format!(
+        "nfs://127.0.0.1:{}/export/trickle.bin?retries=1&nconnect=1",
+        p.port
+    );
+    let o = OpenOptions {
+        timeout: Some(Duration::from_millis(1500)),
+        ..opts()
+    };
+    let be = open(&uri, &o).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(be.read_exact_at(0, 1 << 20));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a trickling server held the read for 60 s");
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
 }
 
 #[test]
@@ -593,6 +655,47 @@ fn fake_server(reply: Vec<u8>) -> u16 {
         }
     });
     port
+}
+
+/// A fake server that answers every call with an endless stream of small replies to xids never
+/// sent.
+fn flooding_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            std::thread::spawn(move || {
+                let mut h = [0u8; 8];
+                if c.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let xid = u32::from_be_bytes(h[4..8].try_into().unwrap());
+                let mut rec = Vec::new();
+                rec.extend_from_slice(&(0x8000_0000u32 | 24).to_be_bytes());
+                rec.extend_from_slice(&xid.wrapping_add(1_000_000).to_be_bytes());
+                rec.extend_from_slice(&be32(&[1, 0, 0, 0, 0]));
+                let many: Vec<u8> = rec.iter().copied().cycle().take(rec.len() * 1000).collect();
+                while c.write_all(&many).is_ok() {}
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_flood_of_replies_to_calls_never_made_is_an_error() {
+    let port = flooding_server();
+    let uri = format!("nfs://127.0.0.1:{port}/export/x.bin");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(open(&uri, &opts()).map(|_| ()));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a flood of unknown replies held the open for 60 s");
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("calls that were not made"), "{e}");
 }
 
 fn be32(v: &[u32]) -> Vec<u8> {
@@ -783,6 +886,31 @@ fn short_reads_are_continued() {
         .iter()
         .enumerate()
         .all(|(i, &b)| b == (((1 << 20) - 50_000 + i) % 251) as u8));
+}
+
+#[test]
+fn a_server_answering_a_byte_at_a_time_is_given_up_on() {
+    // Every READ answered with one byte: continued (RFC 7530 allows short reads), but not a
+    // million times for a megabyte.
+    let (port, reads) = short_read_server(1);
+    let be = open(
+        &format!("nfs://127.0.0.1:{port}/x?retries=0&nconnect=1"),
+        &opts(),
+    )
+    .unwrap();
+    let mut small = vec![0u8; 500];
+    assert_eq!(be.read_at(7, &mut small).unwrap(), small.len());
+    assert!(small
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == ((7 + i) % 251) as u8));
+    let mut buf = vec![0u8; 5000];
+    let e = be.read_at(0, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("fewer bytes than asked"), "{e}");
+    assert!(
+        reads.load(Ordering::SeqCst) <= 500 + 1025,
+        "{reads:?} READs"
+    );
 }
 
 #[test]

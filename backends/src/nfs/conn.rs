@@ -27,6 +27,17 @@ use super::Failure;
 const MAX_CALL_REPLY: usize = 1 << 20;
 /// Socket read buffer of the reply reader.
 const READ_BUFFER: usize = 256 << 10;
+/// Largest RPC record accepted (the largest READ reply plus room for its header): a server
+/// that never sets the last-fragment bit cannot keep a connection reading forever.
+const MAX_RECORD: u64 = (64 << 20) + (64 << 10);
+/// Bytes that count as progress on a connection with calls waiting, besides a whole reply: a
+/// server trickling a few bytes at a time, each gap shorter than the timeout, still stalls.
+const PROGRESS_BYTES: usize = 64 << 10;
+/// Replies to calls never made (or given up on) in a row before the connection is dropped.
+const MAX_UNKNOWN_REPLIES: u32 = 64;
+/// Short READ answers for one sub-read before it fails (RFC 7530 allows short reads; a server
+/// answering a byte at a time would take a million round trips for 1 MiB).
+const MAX_SHORT_READS: u32 = 1024;
 
 /// Locks a mutex, ignoring poisoning (the protected state stays consistent: every critical
 /// section is a few map operations that cannot panic halfway).
@@ -130,7 +141,13 @@ pub(crate) struct Done {
 
 enum Pending {
     Call(Sender<Result<Vec<u8>, Failure>>),
-    Read { key: u64, off: usize, len: usize },
+    Read {
+        key: u64,
+        off: usize,
+        len: usize,
+        /// Short answers so far for this sub-read.
+        short: u32,
+    },
 }
 
 struct State {
@@ -139,6 +156,10 @@ struct State {
     jobs: HashMap<u64, Job>,
     next_key: u64,
     busy_since: Instant,
+    /// When the last whole reply to a call of ours arrived.
+    progress: Instant,
+    /// Replies in a row to calls not (or no longer) waiting.
+    unknown_in_row: u32,
 }
 
 struct Shared {
@@ -177,7 +198,7 @@ impl Shared {
         if st.calls.is_empty() && !self.mid_reply.load(Ordering::Relaxed) {
             return false;
         }
-        let since = last_recv.max(st.busy_since);
+        let since = last_recv.max(st.busy_since).max(st.progress);
         since.elapsed() > self.timeout
     }
     fn send(&self, msg: &[u8]) {
@@ -213,7 +234,10 @@ impl Shared {
 struct TimedStream {
     s: TcpStream,
     shared: Arc<Shared>,
+    /// When the raw bytes last added up to [`PROGRESS_BYTES`].
     last_recv: Instant,
+    /// Raw bytes since then.
+    bytes: usize,
 }
 
 impl Read for TimedStream {
@@ -222,7 +246,20 @@ impl Read for TimedStream {
         loop {
             match self.s.read(buf) {
                 Ok(n) => {
-                    self.last_recv = Instant::now();
+                    self.bytes = self.bytes.saturating_add(n);
+                    if self.bytes >= PROGRESS_BYTES {
+                        self.last_recv = Instant::now();
+                        self.bytes = 0;
+                    } else if n > 0 && self.shared.stalled(self.last_recv) {
+                        // Bytes keep coming, too few to be progress (a trickle).
+                        return Err(std::io::Error::new(
+                            K::TimedOut,
+                            format!(
+                                "{} sent too little for {:?} (under {PROGRESS_BYTES} bytes)",
+                                self.shared.peer, self.shared.timeout
+                            ),
+                        ));
+                    }
                     return Ok(n);
                 }
                 Err(e) if matches!(e.kind(), K::WouldBlock | K::TimedOut) => {
@@ -249,6 +286,8 @@ pub(crate) struct Wire<R: BufRead> {
     inner: R,
     frag_left: u32,
     last: bool,
+    /// Bytes announced by the current record's fragments so far.
+    record_len: u64,
 }
 
 impl<R: BufRead> Wire<R> {
@@ -258,6 +297,7 @@ impl<R: BufRead> Wire<R> {
             inner,
             frag_left: 0,
             last: true,
+            record_len: 0,
         }
     }
     fn header(&mut self) -> Result<(), XdrError> {
@@ -266,10 +306,19 @@ impl<R: BufRead> Wire<R> {
         let h = u32::from_be_bytes(h);
         self.last = h & LAST_FRAGMENT != 0;
         self.frag_left = h & !LAST_FRAGMENT;
+        self.record_len = self.record_len.saturating_add(self.frag_left as u64);
+        if self.record_len > MAX_RECORD {
+            return Err(XdrError::TooLong {
+                what: "RPC record",
+                len: self.record_len,
+                max: MAX_RECORD,
+            });
+        }
         Ok(())
     }
     /// Starts the next record (the previous one must be finished).
     pub(crate) fn start_record(&mut self) -> Result<(), XdrError> {
+        self.record_len = 0;
         self.header()
     }
     /// Makes bytes of the current record available; errors at the record's end.
@@ -405,6 +454,8 @@ impl Conn {
                 jobs: HashMap::new(),
                 next_key: 0,
                 busy_since: Instant::now(),
+                progress: Instant::now(),
+                unknown_in_row: 0,
             }),
             next_xid: AtomicU32::new(seed),
             mid_reply: AtomicBool::new(false),
@@ -448,7 +499,15 @@ impl Conn {
                 st.busy_since = Instant::now();
             }
             for (xid, off, len) in xids {
-                st.calls.insert(xid, Pending::Read { key, off, len });
+                st.calls.insert(
+                    xid,
+                    Pending::Read {
+                        key,
+                        off,
+                        len,
+                        short: 0,
+                    },
+                );
             }
             job.outstanding = subs;
             job.err = None;
@@ -525,6 +584,7 @@ fn reader_thread(shared: Arc<Shared>, s: TcpStream) {
         s,
         shared: shared.clone(),
         last_recv: Instant::now(),
+        bytes: 0,
     };
     let mut wire = Wire::new(BufReader::with_capacity(READ_BUFFER, ts));
     let (f, taken) = loop {
@@ -555,7 +615,29 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
     let xid = wire
         .u32("xid")
         .map_err(|e| Box::new((fatal(shared, e), None)))?;
-    let pending = lock(&shared.state).calls.remove(&xid);
+    let pending = {
+        let mut st = lock(&shared.state);
+        let p = st.calls.remove(&xid);
+        if p.is_some() {
+            st.unknown_in_row = 0;
+            st.progress = Instant::now();
+        } else {
+            st.unknown_in_row += 1;
+            if st.unknown_in_row > MAX_UNKNOWN_REPLIES {
+                let f = Failure::new(
+                    ErrorKind::Io,
+                    format!(
+                        "{} sent {MAX_UNKNOWN_REPLIES} replies in a row to calls that were not \
+                         made or were given up on",
+                        shared.peer
+                    ),
+                    true,
+                );
+                return Err(Box::new((f, None)));
+            }
+        }
+        p
+    };
     match pending {
         None => wire
             .finish()
@@ -572,7 +654,12 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
                 Err(Box::new((f, None)))
             }
         },
-        Some(Pending::Read { key, off, len }) => {
+        Some(Pending::Read {
+            key,
+            off,
+            len,
+            short,
+        }) => {
             let job = lock(&shared.state).jobs.remove(&key);
             let Some(mut job) = job else {
                 return wire
@@ -606,6 +693,17 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
             }
             match check_read(&job, off, len, outcome) {
                 Ok(None) => {}
+                Ok(Some(_)) if short >= MAX_SHORT_READS => {
+                    job.err.get_or_insert(Failure::new(
+                        ErrorKind::Io,
+                        format!(
+                            "{} answered {MAX_SHORT_READS} READs in a row with fewer bytes than \
+                             asked",
+                            shared.peer
+                        ),
+                        false,
+                    ));
+                }
                 Ok(Some(n)) => {
                     // Fewer bytes than asked, not at EOF (RFC 7530 §16.23 allows it): ask for
                     // the rest in place of this sub-read; the job's count is unchanged.
@@ -617,7 +715,15 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
                         if st.calls.is_empty() {
                             st.busy_since = Instant::now();
                         }
-                        st.calls.insert(xid, Pending::Read { key, off, len });
+                        st.calls.insert(
+                            xid,
+                            Pending::Read {
+                                key,
+                                off,
+                                len,
+                                short: short + 1,
+                            },
+                        );
                         st.jobs.insert(key, job);
                         drop(st);
                         shared.send(&msg);

@@ -262,8 +262,24 @@ fn record_rest_is_bounded() {
     d.extend_from_slice(&(0x8000_0000u32 | 0x7fff_ffff).to_be_bytes());
     d.extend_from_slice(&[0; 16]);
     let mut w = wire_for_tests(&d);
+    // A 2 GiB record is refused at its header (records are capped at the largest READ reply).
+    assert!(matches!(w.start_record(), Err(XdrError::TooLong { .. })));
+    // One within the record cap but over what the caller takes is refused by `rest`.
+    let mut d = Vec::new();
+    d.extend_from_slice(&(0x8000_0000u32 | (2 << 20)).to_be_bytes());
+    d.extend_from_slice(&[0; 16]);
+    let mut w = wire_for_tests(&d);
     w.start_record().unwrap();
     assert!(matches!(w.rest(1 << 20), Err(XdrError::TooLong { .. })));
+    // Fragments that never end the record add up to the cap, however small each is.
+    let mut d = Vec::new();
+    for _ in 0..40 {
+        d.extend_from_slice(&(2u32 << 20).to_be_bytes()); // no last-fragment bit
+        d.resize(d.len() + (2 << 20), 0);
+    }
+    let mut w = wire_for_tests(&d);
+    w.start_record().unwrap();
+    assert!(matches!(w.finish(), Err(XdrError::TooLong { .. })));
     // A truncated stream is an error, not a hang or a panic.
     let mut d = Vec::new();
     d.extend_from_slice(&(0x8000_0000u32 | 100).to_be_bytes());
