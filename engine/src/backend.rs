@@ -163,7 +163,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
         _meta: &ObjectMeta,
         opts: &ReaderOptions,
     ) -> Result<Box<dyn RangeReader>> {
-        Ok(Box::new(ThreadPoolReader::new(self, opts.queue_depth)?))
+        Ok(Box::new(
+            ThreadPoolReader::new(self, opts.queue_depth)?.cancelled_by(opts.cancel.clone()),
+        ))
     }
 }
 
@@ -192,6 +194,22 @@ pub struct ThreadPoolReader {
     rx: Receiver<ReadDone>,
     workers: Vec<std::thread::JoinHandle<()>>,
     in_flight: usize,
+    stops: Arc<Stops>,
+}
+
+/// What makes the workers give back the reads they have not started yet: `abandon` or the
+/// load's cancel flag.
+#[derive(Default)]
+struct Stops {
+    abandoned: std::sync::atomic::AtomicBool,
+    cancel: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Stops {
+    fn stopped(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.abandoned.load(Relaxed) || self.cancel.get().is_some_and(|c| c.load(Relaxed))
+    }
 }
 
 /// The function a [`ThreadPoolReader`] runs for each read: fill the buffer from the offset.
@@ -211,6 +229,7 @@ impl ThreadPoolReader {
     /// requests they take. Backends with their own positional read use this directly.
     pub fn with_fn(read: Arc<ReadFn>, threads: usize, name: &str) -> Result<Self> {
         let threads = threads.clamp(1, 64);
+        let stops = Arc::new(Stops::default());
         let (tx, jobs) = crossbeam_channel::unbounded::<ReadRequest>();
         let (done_tx, rx) = crossbeam_channel::unbounded::<ReadDone>();
         let mut workers = Vec::with_capacity(threads);
@@ -218,10 +237,28 @@ impl ThreadPoolReader {
             let jobs = jobs.clone();
             let done_tx = done_tx.clone();
             let read = read.clone();
+            let stops = stops.clone();
             let h = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
                     for mut req in jobs.iter() {
+                        if stops.stopped() {
+                            // Queued behind the workers when the load stopped: not worth a read.
+                            let done = ReadDone {
+                                id: req.id,
+                                offset: req.offset,
+                                result: Err(Error::new(
+                                    ErrorKind::Cancelled,
+                                    "read not started: the load was cancelled or another read \
+                                     failed",
+                                )),
+                                buf: req.buf,
+                            };
+                            if done_tx.send(done).is_err() {
+                                break;
+                            }
+                            continue;
+                        }
                         // A panicking backend must not take the read (and its buffer) with it:
                         // the caller waits for every read it submitted, so a lost completion
                         // would hang it while the other workers keep the channel open.
@@ -260,7 +297,16 @@ impl ThreadPoolReader {
             rx,
             workers,
             in_flight: 0,
+            stops,
         })
+    }
+
+    /// Reads not yet started when `flag` is set are given back unread (failed, `Cancelled`).
+    pub fn cancelled_by(self, flag: Option<Arc<std::sync::atomic::AtomicBool>>) -> Self {
+        if let Some(f) = flag {
+            let _ = self.stops.cancel.set(f);
+        }
+        self
     }
 }
 
@@ -288,6 +334,11 @@ impl RangeReader for ThreadPoolReader {
     }
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+    fn abandon(&mut self) {
+        self.stops
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

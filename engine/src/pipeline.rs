@@ -179,7 +179,11 @@ pub fn execute<S: Sink>(
     let mut given: Vec<(usize, usize, u64)> = vec![(0, 0, 0); plan.reads.len()];
     // Set once the reader was told the load is failing.
     let mut abandoned = false;
-    'outer: while next < total || reader.in_flight() > 0 {
+    // Reads submitted and not yet returned, as the engine counts them: it decides when to wait
+    // by this count, not by the reader's word (a reader that over-counts would be waited on with
+    // nothing in flight, which may block for ever).
+    let mut outstanding = 0usize;
+    'outer: while next < total || outstanding > 0 {
         // A failing load needs none of the reads still in flight: let the reader stop retrying
         // them (an NFS job in backoff would otherwise keep the drain waiting up to a minute).
         if !abandoned && (read_err.is_some() || sink_failed.load(Ordering::SeqCst)) {
@@ -187,7 +191,7 @@ pub fn execute<S: Sink>(
             abandoned = true;
         }
         // Submit while there is room and a buffer.
-        while read_err.is_none() && next < total && reader.in_flight() < depth {
+        while read_err.is_none() && next < total && outstanding < depth {
             if sink_failed.load(Ordering::SeqCst) {
                 break 'outer;
             }
@@ -217,9 +221,21 @@ pub fn execute<S: Sink>(
                 read_err = Some(e);
                 break;
             }
+            outstanding += 1;
             next += 1;
         }
-        if reader.in_flight() == 0 {
+        if reader.in_flight() != outstanding {
+            read_err.get_or_insert(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "reader reports {} reads in flight, but {outstanding} were submitted and \
+                     not returned (reader bug)",
+                    reader.in_flight()
+                ),
+            ));
+            break;
+        }
+        if outstanding == 0 {
             if read_err.is_some() || next >= total {
                 break;
             }
@@ -248,7 +264,10 @@ pub fn execute<S: Sink>(
             continue;
         }
         let done = match reader.wait() {
-            Ok(d) => d,
+            Ok(d) => {
+                outstanding -= 1;
+                d
+            }
             Err(e) => {
                 // The reader itself broke: stop, but still drain, join the sink and name the
                 // object like any other failure (an early return would leave the sink thread
@@ -355,10 +374,11 @@ pub fn execute<S: Sink>(
     if !abandoned && (read_err.is_some() || sink_failed.load(Ordering::SeqCst)) {
         reader.abandon();
     }
-    while reader.in_flight() > 0 {
+    while outstanding > 0 && reader.in_flight() > 0 {
         if reader.wait().is_err() {
             break;
         }
+        outstanding -= 1;
     }
     drop(reader);
     if read_err.is_none() && next == total && landed.iter().all(|&l| l) {

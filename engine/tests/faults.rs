@@ -70,6 +70,9 @@ enum ReaderFault {
     OtherBufferAt(usize),
     /// The n-th completion names another offset than the one asked.
     OtherOffsetAt(usize),
+    /// After n completions, `in_flight` reports one read more than there is, and `wait` with
+    /// nothing in flight blocks (as a reader waiting on its own channel would).
+    OverCountAfter(usize),
 }
 
 #[derive(Debug)]
@@ -155,6 +158,13 @@ impl RangeReader for FaultyReader {
         self.inner.submit(req)
     }
     fn wait(&mut self) -> Result<ReadDone> {
+        if let ReaderFault::OverCountAfter(_) = self.fault {
+            if self.inner.in_flight() == 0 {
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+        }
         self.waits += 1;
         if self.fault == ReaderFault::WaitErrorAt(self.waits) {
             return Err(Error::new(ErrorKind::Io, "injected reader breakdown"));
@@ -175,7 +185,10 @@ impl RangeReader for FaultyReader {
         Ok(d)
     }
     fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+        match self.fault {
+            ReaderFault::OverCountAfter(n) if self.waits >= n => self.inner.in_flight() + 1,
+            _ => self.inner.in_flight(),
+        }
     }
 }
 
@@ -435,6 +448,16 @@ fn a_completion_with_another_buffer_or_offset_is_an_error() {
             let e = must_fail(run(&s, sink));
             assert!(e.message().contains("different buffer"), "{fault:?}: {e}");
         }
+    }
+}
+
+#[test]
+fn a_reader_over_counting_its_reads_is_an_error_not_a_hang() {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::OverCountAfter(3), layout);
+        let (sink, _j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains("reader bug"), "{e}");
     }
 }
 
@@ -715,4 +738,69 @@ fn a_read_failing_after_a_cancel_reports_the_cancel() {
     let e = r.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
     assert!(e.to_string().contains("stopped retrying"), "{e}");
+}
+
+/// A backend whose every read takes a while and is counted.
+#[derive(Debug)]
+struct Slow {
+    inner: MemoryBackend,
+    reads: AtomicUsize,
+}
+
+impl Backend for Slow {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        self.inner.read_at(offset, buf)
+    }
+}
+
+#[test]
+fn the_default_reader_gives_back_queued_reads_unread_once_stopped() {
+    for how in ["abandon", "cancel"] {
+        let be = Arc::new(Slow {
+            inner: MemoryBackend::new("mem://slow", vec![7u8; 1 << 20]),
+            reads: AtomicUsize::new(0),
+        });
+        let meta = be.stat().unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut o = ReaderOptions::new(1); // one worker: the other reads queue behind it
+        o.cancel = Some(flag.clone());
+        let mut r = be.clone().open_reader(&meta, &o).unwrap();
+        for id in 0..20u64 {
+            r.submit(ReadRequest {
+                id,
+                offset: id * 4096,
+                buf: IoBuf::aligned(4096, 1).unwrap(),
+            })
+            .unwrap();
+        }
+        let first = r.wait().unwrap();
+        assert!(first.result.is_ok());
+        if how == "abandon" {
+            r.abandon();
+        } else {
+            flag.store(true, Ordering::SeqCst);
+        }
+        let mut unread = 0;
+        while r.in_flight() > 0 {
+            let d = r.wait().unwrap();
+            if let Err(e) = d.result {
+                assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+                unread += 1;
+            }
+        }
+        let reads = be.reads.load(Ordering::SeqCst);
+        assert!(reads <= 3, "{how}: {reads} reads of 20 after the stop");
+        assert_eq!(unread + reads, 20, "{how}: every read given back");
+    }
 }

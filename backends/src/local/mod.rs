@@ -420,18 +420,16 @@ impl Backend for LocalBackend {
                         return Err(e.with_location(&self.files.path));
                     }
                     uring::note_unavailable(&e.to_string());
-                    Ok(Box::new(reader::PreadReader::new(
-                        self.files.clone(),
-                        depth,
-                        guard,
-                    )?))
+                    Ok(Box::new(
+                        reader::PreadReader::new(self.files.clone(), depth, guard)?
+                            .cancelled_by(opts.cancel.clone()),
+                    ))
                 }
             },
-            IoMode::Pread => Ok(Box::new(reader::PreadReader::new(
-                self.files.clone(),
-                depth,
-                guard,
-            )?)),
+            IoMode::Pread => Ok(Box::new(
+                reader::PreadReader::new(self.files.clone(), depth, guard)?
+                    .cancelled_by(opts.cancel.clone()),
+            )),
         }
     }
 }

@@ -161,6 +161,12 @@ impl PreadReader {
             guard,
         })
     }
+
+    /// Reads not yet started when `flag` is set are given back unread (`Cancelled`).
+    pub fn cancelled_by(mut self, flag: Option<Arc<std::sync::atomic::AtomicBool>>) -> Self {
+        self.pool = self.pool.cancelled_by(flag);
+        self
+    }
 }
 
 impl RangeReader for PreadReader {
@@ -177,5 +183,9 @@ impl RangeReader for PreadReader {
 
     fn in_flight(&self) -> usize {
         self.pool.in_flight()
+    }
+
+    fn abandon(&mut self) {
+        self.pool.abandon();
     }
 }
