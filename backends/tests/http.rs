@@ -593,6 +593,30 @@ fn cancel_and_abandon_stop_reads_in_backoff() {
     }
 }
 
+/// A server (or gateway) that answers every ranged GET with a shorter range: the rest is asked
+/// for, and the bytes are right.
+#[test]
+fn shorter_206_answers_are_continued() {
+    let r = rig();
+    let data = pattern(3 << 20, 4);
+    write_file(r.dir.path(), "x.bin", &data);
+    let b = HttpBackend::open_with(
+        &r.proxy.url("x.bin"),
+        quick_cfg(2, 1 << 20, Duration::from_secs(10), 2),
+    )
+    .unwrap();
+    r.proxy.clear_log();
+    r.proxy.set_faults(Faults {
+        shorten_206: Some(300_000),
+        ..Default::default()
+    });
+    let mut buf = vec![0u8; data.len()];
+    assert_eq!(b.read_at(0, &mut buf).unwrap(), data.len());
+    assert!(buf == data, "bytes differ after short answers");
+    let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert_eq!(gets, 3 * 4, "{:?}", r.proxy.log());
+}
+
 /// Runs `f` on a thread and fails the test if it has not finished in `limit` (a hang guard, not
 /// a performance check).
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -814,6 +814,24 @@ fn cancel_and_abandon_stop_stalled_reads() {
     }
 }
 
+/// A server (or gateway) that answers every ranged GET with a shorter range: the rest is asked
+/// for, and the bytes are right.
+#[test]
+fn shorter_206_answers_are_continued() {
+    let f = faulty();
+    f.proxy.set_faults(Faults {
+        shorten_206: Some(300_000),
+        ..Faults::default()
+    });
+    let be = f.backend(&small_chunks());
+    let got = f.read_all(&be).expect("short answers are continued");
+    assert!(got == f.data, "bytes differ after short answers");
+    let log = f.proxy.log();
+    let gets = log.iter().filter(|x| x.method == "GET").count();
+    // 8 MiB in 1 MiB parts, each answered 300 000 bytes at a time: 4 GETs per part.
+    assert_eq!(gets, 8 * 4, "{log:?}");
+}
+
 #[test]
 fn persistent_503_is_a_clear_error() {
     let f = faulty();

@@ -70,6 +70,9 @@ pub struct Faults {
     pub shift_content_range: Option<u64>,
     /// Run the hook once this many body bytes (counted from when the faults were set) went by.
     pub replace_after: Option<(u64, Box<dyn FnOnce() + Send>)>,
+    /// Cut every `206` answer longer than this to this many bytes, with `Content-Range` and
+    /// `Content-Length` saying so (a server or gateway that sends less than the range asked).
+    pub shorten_206: Option<u64>,
     /// `(path_prefix, to)`: answer requests for paths starting with `path_prefix` with
     /// `302 Found` to `to` followed by the rest of the path.
     pub redirect: Option<(String, String)>,
@@ -97,6 +100,7 @@ struct Armed {
     bytes_since: AtomicU64,
     trickle: Option<(usize, Duration)>,
     redirect: Option<(String, String)>,
+    shorten_206: Option<u64>,
     error_left: AtomicUsize,
     error_status: u16,
     error_bytes: u64,
@@ -128,6 +132,7 @@ impl Armed {
             bytes_since: AtomicU64::new(0),
             trickle: f.trickle,
             redirect: f.redirect,
+            shorten_206: f.shorten_206,
             error_left: AtomicUsize::new(f.error_answer.map_or(0, |e| e.0)),
             error_status: f.error_answer.map_or(0, |e| e.1),
             error_bytes: f.error_answer.map_or(0, |e| e.2),
@@ -441,6 +446,36 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        let mut shortened = false;
+        if let (206, Some(max)) = (status, armed.shorten_206) {
+            let cr = header(&resp, "content-range").and_then(|v| {
+                let r = v.trim().strip_prefix("bytes ")?;
+                let (range, total) = r.split_once('/')?;
+                let (a, b) = range.split_once('-')?;
+                Some((
+                    a.parse::<u64>().ok()?,
+                    b.parse::<u64>().ok()?,
+                    total.to_string(),
+                ))
+            });
+            if let Some((a, b, total)) = cr {
+                if b - a + 1 > max {
+                    for line in resp.iter_mut() {
+                        let k = line
+                            .split_once(':')
+                            .map(|(k, _)| k.trim().to_ascii_lowercase());
+                        match k.as_deref() {
+                            Some("content-range") => {
+                                *line = format!("Content-Range: bytes {a}-{}/{total}", a + max - 1)
+                            }
+                            Some("content-length") => *line = format!("Content-Length: {max}"),
+                            _ => {}
+                        }
+                    }
+                    shortened = true;
+                }
+            }
+        }
         let content_range = header(&resp, "content-range").map(str::to_string);
         let no_body = method == "HEAD" || status == 204 || status == 304 || status / 100 == 1;
         let body_len: Option<u64> = if no_body {
@@ -534,6 +569,10 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 let _ = client_w.shutdown(Shutdown::Both);
             }
             return Ok(());
+        }
+        if shortened {
+            // The rest of the server's answer is still on that connection: drop it.
+            upstream = None;
         }
         if close_after {
             let _ = client_w.shutdown(Shutdown::Both);
