@@ -145,6 +145,9 @@ pub(crate) fn limit_for(what: &str, timeout: Duration, io_timeout: Duration) -> 
     }
 }
 
+/// Largest temporary buffer of one `read_at` (larger reads go in pieces of this size).
+const READ_AT_PIECE: usize = 64 << 20;
+
 /// Most characters of a server's error text kept in a message.
 const DETAIL_MAX: usize = 400;
 
@@ -494,15 +497,28 @@ impl Backend for S3Backend {
         if want == 0 {
             return Ok(0);
         }
-        let io = self.io.clone();
-        let data = run(&self.rt.handle()?, async move {
-            let mut v = vec![0u8; want];
-            let n = reader::read_into(&io, pin.version.as_deref(), offset, &mut v).await?;
-            v.truncate(n);
-            Ok(v)
-        })?;
-        buf[..data.len()].copy_from_slice(&data);
-        Ok(data.len())
+        // The borrowed `buf` cannot travel to the runtime: read through a temporary buffer,
+        // in pieces, so that a large read costs one piece more, not a second copy of it all.
+        let handle = self.rt.handle()?;
+        let mut done = 0usize;
+        while done < want {
+            let len = (want - done).min(READ_AT_PIECE);
+            let io = self.io.clone();
+            let version = pin.version.clone();
+            let at = offset + done as u64;
+            let data = run(&handle, async move {
+                let mut v = vec![0u8; len];
+                let n = reader::read_into(&io, version.as_deref(), at, &mut v).await?;
+                v.truncate(n);
+                Ok(v)
+            })?;
+            buf[done..done + data.len()].copy_from_slice(&data);
+            done += data.len();
+            if data.len() < len {
+                break; // the object ends here
+            }
+        }
+        Ok(done)
     }
 
     fn open_reader(

@@ -67,10 +67,37 @@ pub fn read_index(backend: &dyn Backend, meta: &ObjectMeta) -> Result<TensorInde
                     )
                     .with_location(&loc));
                 }
-                let more = backend
-                    .read_exact_at(want, (n - want) as usize)
-                    .map_err(|e| e.with_location(&loc))?;
-                prefix.extend_from_slice(&more);
+                // One buffer of the final size, the rest read straight into its tail: a large
+                // (or hostile) header costs its size once, not two or three copies of it.
+                let mut longer = Vec::new();
+                longer.try_reserve_exact(n as usize).map_err(|_| {
+                    Error::new(
+                        ErrorKind::Io,
+                        format!("cannot allocate {n} bytes for the metadata"),
+                    )
+                    .with_location(&loc)
+                })?;
+                longer.extend_from_slice(&prefix);
+                drop(prefix);
+                longer.resize(n as usize, 0);
+                let mut at = want as usize;
+                while at < longer.len() {
+                    let got = backend
+                        .read_at(at as u64, &mut longer[at..])
+                        .map_err(|e| e.with_location(&loc))?;
+                    if got == 0 {
+                        return Err(Error::new(
+                            ErrorKind::Corrupt,
+                            format!(
+                                "object ends after {at} bytes, inside its metadata ({n} bytes)"
+                            ),
+                        )
+                        .with_location(&loc)
+                        .with_range(want..n));
+                    }
+                    at += got;
+                }
+                prefix = longer;
                 want = n;
             }
         }
