@@ -617,6 +617,32 @@ fn shorter_206_answers_are_continued() {
     assert_eq!(gets, 3 * 4, "{:?}", r.proxy.log());
 }
 
+/// A HEAD giving another size than the GETs of the same version (same ETag) is the server's
+/// inconsistency, reported as such: not "object changed, restart the load", which would fail
+/// the same way every time.
+#[test]
+fn a_head_disagreeing_with_the_gets_is_named() {
+    let r = rig();
+    let data = pattern(1 << 20, 5);
+    write_file(r.dir.path(), "x.bin", &data);
+    r.proxy.set_faults(Faults {
+        head_length: Some(900_000),
+        ..Default::default()
+    });
+    let b = HttpBackend::open_with(
+        &r.proxy.url("x.bin"),
+        quick_cfg(2, 1 << 20, Duration::from_secs(10), 2),
+    )
+    .unwrap();
+    let e = b.read_at(0, &mut vec![0u8; 4096]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("two sizes"), "{e}");
+    assert!(
+        e.to_string().contains("900000") && e.to_string().contains("1048576"),
+        "{e}"
+    );
+}
+
 /// Runs `f` on a thread and fails the test if it has not finished in `limit` (a hang guard, not
 /// a performance check).
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {

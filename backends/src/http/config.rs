@@ -171,6 +171,15 @@ pub fn redact_url(url: &reqwest::Url) -> String {
     s
 }
 
+/// Whether a `Transfer-Encoding` value names only `chunked` framing (which the HTTP client
+/// undoes); any other coding (`gzip, chunked` …) would hand over transformed bytes.
+pub fn only_chunked(te: &str) -> bool {
+    te.split(',')
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .all(|t| t.eq_ignore_ascii_case("chunked") || t.eq_ignore_ascii_case("identity"))
+}
+
 /// Most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 5;
 

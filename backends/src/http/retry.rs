@@ -10,8 +10,9 @@ use reqwest::{Client, Response, Url};
 use tensorstream_engine::{Error, ErrorKind, Result};
 
 use super::config::{
-    backoff_delay, classify, jitter_sample, next_hop, parse_content_range, parse_retry_after,
-    parse_unsatisfied_total, HttpConfig, Pin, StatusClass, FULL_BODY_FALLBACK_MAX, PROGRESS_MIN,
+    backoff_delay, classify, jitter_sample, next_hop, only_chunked, parse_content_range,
+    parse_retry_after, parse_unsatisfied_total, HttpConfig, Pin, StatusClass,
+    FULL_BODY_FALLBACK_MAX, PROGRESS_MIN,
 };
 
 /// What every request needs: the client (connection pool), the URL and the configuration.
@@ -245,6 +246,17 @@ async fn send(
 }
 
 fn check_identity_encoding(ctx: &Ctx, h: &HeaderMap) -> Result<(), Failure> {
+    if let Some(te) = header_str(h, header::TRANSFER_ENCODING) {
+        if !only_chunked(te) {
+            return Err(fatal(ctx.err(
+                ErrorKind::Unsupported,
+                format!(
+                    "server sends the object with Transfer-Encoding {te:?}; only chunked framing \
+                     leaves the raw bytes"
+                ),
+            )));
+        }
+    }
     match header_str(h, header::CONTENT_ENCODING) {
         None => Ok(()),
         Some(v) if v.trim().eq_ignore_ascii_case("identity") => Ok(()),
@@ -315,9 +327,16 @@ async fn probe(ctx: &Ctx) -> Result<Pin, Failure> {
                     )))
                 }
             };
-            // Drain the one byte so the connection goes back to the pool.
-            let _ = tokio::time::timeout(ctx.cfg.timeout, async {
-                while let Ok(Some(_)) = resp.chunk().await {}
+            // Drain the one byte so the connection goes back to the pool (a few bytes at most:
+            // a server sending more is not waited for).
+            let _ = tokio::time::timeout(ctx.cfg.timeout.min(Duration::from_secs(2)), async {
+                let mut seen = 0usize;
+                while let Ok(Some(c)) = resp.chunk().await {
+                    seen += c.len();
+                    if seen > 64 {
+                        break;
+                    }
+                }
             })
             .await;
             let (etag, last_modified) = validators(&h);
@@ -457,14 +476,7 @@ async fn attempt(
                 };
             if let Some(t) = total {
                 if t != pin.size {
-                    return (
-                        0,
-                        Err(fatal(changed(
-                            ctx,
-                            pin,
-                            &format!("size {t} bytes, was {}", pin.size),
-                        ))),
-                    );
+                    return (0, Err(fatal(size_changed(ctx, pin, &h, t))));
                 }
             }
             if let Some(f) = version_mismatch(ctx, pin, &h) {
@@ -494,14 +506,7 @@ async fn attempt(
             }
             if let Some(l) = len {
                 if l != pin.size {
-                    return (
-                        0,
-                        Err(fatal(changed(
-                            ctx,
-                            pin,
-                            &format!("size {l} bytes, was {}", pin.size),
-                        ))),
-                    );
+                    return (0, Err(fatal(size_changed(ctx, pin, &h, l))));
                 }
             }
             if len.is_none() || pin.size > FULL_BODY_FALLBACK_MAX {
@@ -550,6 +555,28 @@ fn changed(ctx: &Ctx, pin: &Pin, now: &str) -> Error {
             pin.describe()
         ),
     )
+}
+
+/// An answer giving the object another size than the pin: a new version, or (same strong ETag)
+/// a server whose HEAD and GET disagree, which no restart would cure.
+fn size_changed(ctx: &Ctx, pin: &Pin, h: &HeaderMap, now: u64) -> Error {
+    let (etag, _) = validators(h);
+    let same = match (&pin.etag, &etag) {
+        (Some(a), Some(b)) => a == b && !a.trim_start().starts_with("W/"),
+        _ => false,
+    };
+    if same {
+        return ctx.err(
+            ErrorKind::Corrupt,
+            format!(
+                "the server gives one version (ETag {}) two sizes: {} bytes when the load \
+                 started (HEAD or the first ranged GET), {now} bytes in a ranged GET",
+                etag.unwrap_or_default(),
+                pin.size
+            ),
+        );
+    }
+    changed(ctx, pin, &format!("size {now} bytes, was {}", pin.size))
 }
 
 /// Compares the response's validators with the pin.
@@ -693,7 +720,7 @@ async fn stream_body(
                 return (
                     got,
                     Err(fatal(ctx.err(
-                        ErrorKind::Io,
+                        ErrorKind::Corrupt,
                         format!(
                             "server sent more than the {} bytes of the range",
                             dest.len()

@@ -294,3 +294,13 @@ fn redirects_are_checked_hop_by_hop() {
         );
     }
 }
+
+#[test]
+fn only_chunked_framing_is_accepted() {
+    for ok in ["chunked", " Chunked ", "identity", "chunked, identity"] {
+        assert!(only_chunked(ok), "{ok:?}");
+    }
+    for bad in ["gzip, chunked", "deflate", "compress,chunked", "x-custom"] {
+        assert!(!only_chunked(bad), "{bad:?}");
+    }
+}

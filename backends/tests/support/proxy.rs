@@ -70,6 +70,9 @@ pub struct Faults {
     pub shift_content_range: Option<u64>,
     /// Run the hook once this many body bytes (counted from when the faults were set) went by.
     pub replace_after: Option<(u64, Box<dyn FnOnce() + Send>)>,
+    /// Answer every `HEAD` with this `Content-Length` (a CDN whose HEAD describes another
+    /// representation than its GETs send).
+    pub head_length: Option<u64>,
     /// Cut every `206` answer longer than this to this many bytes, with `Content-Range` and
     /// `Content-Length` saying so (a server or gateway that sends less than the range asked).
     pub shorten_206: Option<u64>,
@@ -101,6 +104,7 @@ struct Armed {
     trickle: Option<(usize, Duration)>,
     redirect: Option<(String, String)>,
     shorten_206: Option<u64>,
+    head_length: Option<u64>,
     error_left: AtomicUsize,
     error_status: u16,
     error_bytes: u64,
@@ -133,6 +137,7 @@ impl Armed {
             trickle: f.trickle,
             redirect: f.redirect,
             shorten_206: f.shorten_206,
+            head_length: f.head_length,
             error_left: AtomicUsize::new(f.error_answer.map_or(0, |e| e.0)),
             error_status: f.error_answer.map_or(0, |e| e.1),
             error_bytes: f.error_answer.map_or(0, |e| e.2),
@@ -446,6 +451,13 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        if let (true, Some(n)) = (method == "HEAD", armed.head_length) {
+            for line in resp.iter_mut() {
+                if line.to_ascii_lowercase().starts_with("content-length:") {
+                    *line = format!("Content-Length: {n}");
+                }
+            }
+        }
         let mut shortened = false;
         if let (206, Some(max)) = (status, armed.shorten_206) {
             let cr = header(&resp, "content-range").and_then(|v| {
