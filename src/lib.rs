@@ -29,9 +29,11 @@
 //!   (`tokio::task::spawn_blocking`). [`Loader::load_cuda_streaming`] returns at once and loads
 //!   on its own thread; dropping its handle does not stop that load (set a cancel flag, then
 //!   `wait()`).
-//! * **Stopping.** [`Loader::cancel_flag`] stops a load or conversion between reads; the opening
-//!   steps (connect, index, key derivation) are not interrupted. Per-request timeouts are in
-//!   [`OpenOptions::timeout`]; there is no overall deadline.
+//! * **Stopping.** [`Loader::cancel_flag`] stops a load or conversion between reads (reads in
+//!   retry backoff on HTTP, S3 and NFS are stopped at once); the opening steps (connect, index,
+//!   key derivation) are not interrupted. Per-request timeouts are in [`OpenOptions::timeout`],
+//!   and a server trickling bytes counts as stalled (HTTP: slower than 256 KiB/s per GET is cut
+//!   and resumed; NFS: under 64 KiB per timeout); there is no overall deadline.
 //! * **Threads.** Each load starts its own: a sink thread, for local files read with `pread` a
 //!   pool of up to the queue depth (at most 64), up to 8 verify/decrypt workers for tensorizer hooks, a page
 //!   pre-fault thread for local host loads, and an async runtime for HTTP/S3. All are named

@@ -727,8 +727,11 @@ fn a_read_failing_after_a_cancel_reports_the_cancel() {
     o.chunk_size = 16 << 10;
     let sel: Vec<usize> = (0..index.tensors.len()).collect();
     let plan = Arc::new(plan(&index, &sel, &o).unwrap());
+    // One read at a time: the failing read is the only one (no other read can come back
+    // first, given back unread as Cancelled by the reader).
     let opts = EngineOptions {
         cancel: Some(flag),
+        queue_depth: 1,
         ..eopts()
     };
     let backend: Arc<dyn Backend> = be;
