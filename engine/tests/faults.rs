@@ -762,7 +762,9 @@ impl Backend for Slow {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         self.reads.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(50));
+        // Long enough that the test's thread stops the reader before the worker is done with
+        // its second read, even on a busy machine.
+        std::thread::sleep(Duration::from_millis(250));
         self.inner.read_at(offset, buf)
     }
 }
