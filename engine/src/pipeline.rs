@@ -396,7 +396,12 @@ pub fn execute<S: Sink>(
     if let Some(mut e) = read_err {
         // Once cancelled, a read that then failed with an I/O error or a timeout most likely
         // failed because its reader stopped retrying: report the cancel, which is what happened.
-        if is_cancelled(&opts.cancel) && matches!(e.kind(), ErrorKind::Io | ErrorKind::Timeout) {
+        // (Only read failures the backend marked retryable: the engine's own errors, a reader
+        // bug say, keep their text.)
+        if is_cancelled(&opts.cancel)
+            && e.is_retryable()
+            && matches!(e.kind(), ErrorKind::Io | ErrorKind::Timeout)
+        {
             e = Error::new(
                 ErrorKind::Cancelled,
                 format!(

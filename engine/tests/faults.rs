@@ -704,10 +704,7 @@ impl Backend for CancelThenFail {
             return self.inner.read_at(offset, buf);
         }
         self.flag.store(true, Ordering::SeqCst);
-        Err(Error::new(
-            ErrorKind::Io,
-            "stopped retrying: load cancelled",
-        ))
+        Err(Error::new(ErrorKind::Io, "stopped retrying: load cancelled").with_retryable(true))
     }
 }
 

@@ -81,7 +81,7 @@ impl RangeReader for HttpReader {
                     Err(_) => Err(ctx.err(ErrorKind::Io, "http read task panicked").with_range(range)),
                 },
                 _ = cancelled.wait_for(|c| *c) => {
-                    Err(ctx.err(ErrorKind::Io, "http read stopped: the load was cancelled or another read failed").with_range(range))
+                    Err(ctx.err(ErrorKind::Cancelled, "http read stopped: the load was cancelled or another read failed").with_range(range))
                 }
             };
             let _ = tx.send(ReadDone {

@@ -413,7 +413,21 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
                     "server answered a range request with no bytes",
                 ))
             }
-            Ok(()) => {}
+            Ok(()) if pos < want && !progress => {
+                // A shorter range than asked, and a small one: allowed now and then, but a
+                // server answering a few bytes at a time counts as failing.
+                failures += 1;
+                if failures > ctx.cfg.max_retries {
+                    return Err(ctx.err(
+                        ErrorKind::Io,
+                        format!(
+                            "server answered {failures} ranged GETs in a row with under \
+                             {PROGRESS_MIN} bytes each"
+                        ),
+                    ));
+                }
+            }
+            Ok(()) => failures = 0,
             Err(Failure::Fatal(e)) => return Err(*e),
             Err(Failure::Retry { err, after }) => {
                 if pos >= want {
@@ -523,6 +537,11 @@ async fn attempt(
                 );
             }
             // Small object: skip to `start` and slice out the bytes wanted.
+            // The body brings the `start` bytes before the range too: they get time as well.
+            let whole = usize::try_from(start)
+                .unwrap_or(usize::MAX)
+                .saturating_add(dest.len());
+            let deadline = attempt_deadline(&ctx.cfg, whole);
             stream_body(ctx, &mut resp, start, dest, false, deadline).await
         }
         StatusClass::Changed => {
@@ -634,8 +653,9 @@ pub(crate) fn attempt_deadline(cfg: &HttpConfig, len: usize) -> Option<tokio::ti
     if cfg.min_rate == 0 {
         return None;
     }
-    let slow = Duration::from_secs_f64(len as f64 / cfg.min_rate as f64);
-    Some(tokio::time::Instant::now() + cfg.timeout.saturating_add(slow))
+    let slow = Duration::try_from_secs_f64(len as f64 / cfg.min_rate as f64).ok()?;
+    // `None` (no deadline) when a huge timeout would overflow the clock.
+    tokio::time::Instant::now().checked_add(cfg.timeout.saturating_add(slow))
 }
 
 /// Streams the body into `dest`, first discarding `skip` bytes. Every chunk is copied straight

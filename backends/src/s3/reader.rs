@@ -245,7 +245,7 @@ impl RangeReader for S3Reader {
                 Some(buf) => tokio::select! {
                     r = read_buf(&io, etag.as_deref(), size, offset, buf) => r,
                     _ = stop.wait_for(|s| *s) => Err(Error::new(
-                        ErrorKind::Io,
+                        ErrorKind::Cancelled,
                         "S3 read stopped: the load was cancelled or another read failed",
                     )
                     .with_backend("s3")
