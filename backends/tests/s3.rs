@@ -832,6 +832,35 @@ fn shorter_206_answers_are_continued() {
     assert!(gets >= 8 * 4, "{log:?}");
 }
 
+/// A server trickling bytes (never a gap as long as the timeout) is cut once the GET has had
+/// the retry layer's attempts plus its size at 256 KiB/s; with so little brought, it is a
+/// Timeout error.
+#[test]
+fn a_trickling_server_times_out() {
+    let f = faulty();
+    let be = f.backend(&OpenOptions {
+        timeout: Some(Duration::from_secs(2)),
+        ..small_chunks()
+    });
+    be.stat().unwrap();
+    f.proxy.set_faults(Faults {
+        // 1 kB/s: about 32 kB in the 6 × 2 s + 4 × 4 s + 4 s the GET gets.
+        trickle: Some((100, Duration::from_millis(100))),
+        ..Faults::default()
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let _ = tx.send(be.read_at(0, &mut buf));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a trickling server held the read for 60 s");
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("too slow"), "{e}");
+}
+
 #[test]
 fn persistent_503_is_a_clear_error() {
     let f = faulty();

@@ -56,6 +56,14 @@ pub(crate) async fn read_into(
 /// asked (a `206` for a shorter range: allowed, and the rest is asked for).
 const MAX_SHORT_ANSWERS: u32 = 64;
 
+/// Slowest accepted transfer: one GET for N bytes gets the retry layer's attempts at the timeout
+/// and their backoff, plus N / this long in all (16 MiB: 6 × 10 s + 4 × 4 s + 64 s), so that a server trickling bytes, each gap shorter than the timeout,
+/// cannot hold a load for ever. A GET cut this way is continued where it stopped if it brought
+/// [`PROGRESS_MIN`] bytes, and is a `Timeout` error otherwise.
+const MIN_RATE: u64 = 256 << 10;
+/// Bytes a GET cut for slowness must have brought to be continued.
+const PROGRESS_MIN: usize = 64 << 10;
+
 /// `dst` from `offset`: one ranged GET, and more for the rest when the server answers with a
 /// shorter range. Returns fewer bytes than `dst` holds only where the object ends.
 async fn read_part(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) -> Result<usize> {
@@ -109,8 +117,41 @@ async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
         .await
         .map_err(|e| io.error(e, "GET", Some(range.clone())))?;
     let mut n = 0usize;
+    let started = tokio::time::Instant::now();
+    // Room for the retry layer's own attempts at a stalled body first (each `io_timeout`, with
+    // backoff between them): this is the backstop for bodies that never stall outright.
+    let allowed = io
+        .timeout
+        .max(io.io_timeout)
+        .saturating_mul(super::RETRIES as u32 + 2)
+        // (twice the largest backoff: the retry layer adds jitter)
+        .saturating_add(super::MAX_BACKOFF.saturating_mul(2 * super::RETRIES as u32))
+        .saturating_add(Duration::from_secs(dst.len() as u64 / MIN_RATE));
+    let deadline = started.checked_add(allowed);
     loop {
-        let buf = match stream.try_next().await {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, stream.try_next()).await {
+                Ok(r) => r,
+                Err(_) if n >= PROGRESS_MIN.min(dst.len()) => return Ok(n), // continued
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "GET too slow: {n} of {} bytes in {:.1} s (slowest accepted rate \
+                             {MIN_RATE} bytes/s)",
+                            dst.len(),
+                            started.elapsed().as_secs_f64()
+                        ),
+                    )
+                    .with_retryable(true)
+                    .with_backend("s3")
+                    .with_location(&io.uri)
+                    .with_range(range.clone()))
+                }
+            },
+            None => stream.try_next().await,
+        };
+        let buf = match next {
             Ok(Some(buf)) => buf,
             Ok(None) => break,
             // OpenDAL fails a body shorter than the range it asked for, after handing over the
