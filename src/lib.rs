@@ -33,7 +33,8 @@
 //!   retry backoff on HTTP, S3 and NFS are stopped at once); the opening steps (connect, index,
 //!   key derivation) are not interrupted. Per-request timeouts are in [`OpenOptions::timeout`],
 //!   and a server trickling bytes counts as stalled (HTTP: slower than 256 KiB/s per GET is cut
-//!   and resumed; NFS: under 64 KiB per timeout); there is no overall deadline.
+//!   and resumed; NFS: under 64 KiB per timeout). [`Loader::deadline`] bounds a whole load or
+//!   conversion (it fails with `Timeout`).
 //! * **Threads.** Each load starts its own: a sink thread, for local files read with `pread` a
 //!   pool of up to the queue depth (at most 64), up to 8 verify/decrypt workers for tensorizer hooks, a page
 //!   pre-fault thread for local host loads, and an async runtime for HTTP/S3. All are named
@@ -130,6 +131,7 @@ pub struct Loader {
     open: OpenOptions,
     progress: Option<Arc<AtomicU64>>,
     cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    deadline: Option<Duration>,
     progress_total: Option<Arc<AtomicU64>>,
     cuda: tensorstream_cuda::CudaOptions,
     opened: Option<Arc<tensorstream_cuda::CudaDevice>>,
@@ -169,6 +171,7 @@ impl Loader {
             open: OpenOptions::default(),
             progress: None,
             cancel: None,
+            deadline: None,
             progress_total: None,
             cuda: tensorstream_cuda::CudaOptions::default(),
             opened: None,
@@ -235,6 +238,14 @@ impl Loader {
     /// verifying / decrypting the input as configured and encrypting the output if `encrypt`.
     /// Filters apply: only the selected tensors are written.
     pub fn convert(
+        &self,
+        output: &std::path::Path,
+        encrypt: Option<KeySource>,
+    ) -> Result<ConvertStats> {
+        self.bounded(|l| l.convert_now(output, encrypt))
+    }
+
+    fn convert_now(
         &self,
         output: &std::path::Path,
         encrypt: Option<KeySource>,
@@ -351,6 +362,83 @@ impl Loader {
         self.cancel = Some(flag);
         self
     }
+    /// A limit on the whole of [`Loader::load`], [`Loader::load_cuda`] or [`Loader::convert`],
+    /// counted from the call: once it has passed, the call stops as with a cancel and fails with
+    /// [`ErrorKind::Timeout`] (a [`Loader::cancel_flag`] still works, and still gives
+    /// `Cancelled`). The opening steps (connect, index, key derivation) are not interrupted,
+    /// but no read starts after the limit. Not for [`Loader::load_cuda_streaming`], which
+    /// returns at once: cancel that one with a flag.
+    pub fn deadline(mut self, limit: Duration) -> Self {
+        self.deadline = Some(limit);
+        self
+    }
+
+    /// Runs `f` with this loader, or, with a [`Loader::deadline`], with a copy whose cancel flag
+    /// a timer sets when the limit passes (and which follows the caller's own cancel flag).
+    fn bounded<T>(&self, f: impl FnOnce(&Loader) -> Result<T>) -> Result<T> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let Some(limit) = self.deadline else {
+            return f(self);
+        };
+        let flag = Arc::new(AtomicBool::new(false));
+        let expired = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let timer = {
+            let (flag, expired, finished) = (flag.clone(), expired.clone(), finished.clone());
+            let user = self.cancel.clone();
+            let start = Instant::now();
+            std::thread::Builder::new()
+                .name("ts-deadline".into())
+                .spawn(move || {
+                    let (lock, cv) = &*finished;
+                    let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    while !*done {
+                        if user.as_ref().is_some_and(|u| u.load(Ordering::Relaxed)) {
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                        let left = limit.saturating_sub(start.elapsed());
+                        if left.is_zero() {
+                            expired.store(true, Ordering::SeqCst);
+                            flag.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        // Wakes for the caller's flag every 50 ms, and at the limit.
+                        let wait = left.min(Duration::from_millis(50));
+                        done = cv
+                            .wait_timeout(done, wait)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                })
+                .map_err(|e| Error::from_io(e, "starting the deadline timer"))?
+        };
+        let mut inner = self.clone();
+        inner.cancel = Some(flag);
+        inner.deadline = None;
+        let result = f(&inner);
+        {
+            let (lock, cv) = &*finished;
+            *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
+        }
+        let _ = timer.join();
+        match result {
+            Err(e) if e.kind() == ErrorKind::Cancelled && expired.load(Ordering::SeqCst) => {
+                let mut t = Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "did not finish within the deadline of {limit:?} ({})",
+                        e.message()
+                    ),
+                );
+                if let Some(l) = e.location() {
+                    t = t.with_location(l);
+                }
+                Err(t)
+            }
+            r => r,
+        }
+    }
 
     fn backend(&self) -> Result<Arc<dyn Backend>> {
         match &self.backend {
@@ -429,6 +517,10 @@ impl Loader {
 
     /// Loads the selected tensors.
     pub fn load(&self) -> Result<LoadedModel> {
+        self.bounded(Loader::load_now)
+    }
+
+    fn load_now(&self) -> Result<LoadedModel> {
         if let Device::Cuda(_) = self.device {
             return Err(Error::invalid(
                 "this loader targets a CUDA device: use Loader::load_cuda (or load_cuda_streaming)",
@@ -485,6 +577,10 @@ impl Loader {
     /// it (and its pinned staging ring, 128 MiB by default) until the model is released: to
     /// keep several models, open one device and share it with `on_device`.
     pub fn load_cuda(&self) -> Result<CudaModel> {
+        self.bounded(Loader::load_cuda_now)
+    }
+
+    fn load_cuda_now(&self) -> Result<CudaModel> {
         let opening = Instant::now();
         let dev = self.cuda_device()?;
         let device_open = opening.elapsed();
@@ -521,6 +617,12 @@ impl Loader {
     /// Like [`Loader::load_cuda`], but returns at once: iterate the result to get each tensor as
     /// soon as its bytes are on the device, then `wait()` for the whole model.
     pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
+        if self.deadline.is_some() {
+            return Err(Error::invalid(
+                "Loader::deadline does not apply to load_cuda_streaming (it returns at once): \
+                 stop a streaming load with Loader::cancel_flag",
+            ));
+        }
         let dev = self.cuda_device()?;
         let p = self.prepare(Some(dev.options()))?;
         let index = p.index.clone();

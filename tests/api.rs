@@ -109,6 +109,8 @@ enum Then {
     Cancel(Arc<std::sync::atomic::AtomicBool>),
     /// Fails every further read with this kind.
     Fail(tensorstream_engine::ErrorKind),
+    /// Every further read takes this long.
+    Slow(std::time::Duration),
 }
 
 /// A memory backend that changes behaviour after `after` reads.
@@ -138,6 +140,7 @@ impl tensorstream_engine::Backend for AfterReads {
             Then::Fail(kind) if done >= self.after => {
                 return Err(tensorstream_engine::Error::new(*kind, "replaced under us"))
             }
+            Then::Slow(d) if done >= self.after => std::thread::sleep(*d),
             _ => {}
         }
         self.inner.read_at(offset, buf)
@@ -195,6 +198,81 @@ fn a_cancel_flag_stops_loads_and_conversions_cleanly() {
         .load()
         .unwrap();
     assert_eq!(m.len(), 20);
+}
+
+#[test]
+fn a_deadline_stops_loads_and_conversions_with_a_timeout() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+    use tensorstream_engine::ErrorKind;
+    // 200 tensors of 4 KiB read one 4 KiB read at a time, 20 ms each: about 4 s in all.
+    let slow = || {
+        let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 200], 8);
+        Arc::new(AfterReads {
+            inner: Arc::new(MemoryBackend::new("mem://slow.safetensors", file)),
+            reads: AtomicUsize::new(0),
+            after: 2,
+            then: Then::Slow(Duration::from_millis(20)),
+        })
+    };
+    let be = slow();
+    let e = Loader::from_backend(be.clone())
+        .chunk_size(4096)
+        .queue_depth(1)
+        .deadline(Duration::from_millis(300))
+        .load()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("deadline of 300ms"), "{e}");
+    assert_eq!(e.location(), Some("mem://slow.safetensors"), "{e}");
+    let reads = be.reads.load(Ordering::SeqCst);
+    assert!(
+        reads < 150,
+        "{reads} reads: the load went on past its deadline"
+    );
+
+    // A conversion: a timeout too, and nothing left behind.
+    let dir = tempfile::tempdir().unwrap();
+    let e = Loader::from_backend(slow())
+        .deadline(Duration::from_millis(300))
+        .convert(&dir.path().join("d.safetensors"), None)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind {left:?}");
+
+    // The caller's cancel flag still works under a deadline, and is reported as a cancel.
+    let flag = Arc::new(AtomicBool::new(false));
+    let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 200], 7);
+    let be = Arc::new(AfterReads {
+        inner: Arc::new(MemoryBackend::new("mem://c.safetensors", file)),
+        reads: AtomicUsize::new(0),
+        after: 5,
+        then: Then::Cancel(flag.clone()),
+    });
+    let e = Loader::from_backend(be)
+        .chunk_size(4096)
+        .queue_depth(1)
+        .cancel_flag(flag)
+        .deadline(Duration::from_secs(600))
+        .load()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+
+    // A load that finishes in time is not affected.
+    let m = Loader::from_backend(model(20))
+        .deadline(Duration::from_secs(600))
+        .load()
+        .unwrap();
+    assert_eq!(m.len(), 20);
+
+    // Streaming GPU loads return at once: a deadline there is refused, not ignored.
+    let e = Loader::from_backend(model(2))
+        .device(tensorstream::Device::Cuda(0))
+        .deadline(Duration::from_secs(1))
+        .load_cuda_streaming()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
 }
 
 #[test]

@@ -63,6 +63,15 @@ pub fn load_streaming(
     })
 }
 
+impl std::fmt::Debug for StreamingLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamingLoad")
+            .field("running", &self.handle.is_some())
+            .field("tensors", &self.index.as_ref().map(|i| i.tensors.len()))
+            .finish_non_exhaustive()
+    }
+}
+
 impl StreamingLoad {
     /// Runs `load` on its own thread and returns at once; `load` sends each tensor to the
     /// sender it is given as soon as it is on the device.
