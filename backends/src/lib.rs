@@ -32,6 +32,9 @@ pub(crate) mod ranges;
 #[cfg(feature = "s3")]
 #[forbid(unsafe_code)]
 pub mod s3;
+#[cfg(any(feature = "http", feature = "s3"))]
+#[forbid(unsafe_code)]
+pub(crate) mod stop;
 
 /// Options shared by all backends; each backend reads the ones that concern it.
 #[derive(Debug, Clone, Default)]

@@ -4,18 +4,18 @@
 //! over a channel, each with its buffer.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use futures_util::FutureExt;
 use tensorstream_engine::{Error, ErrorKind, RangeReader, ReadDone, ReadRequest, Result};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::config::Pin;
 use super::retry::{fetch_range, Ctx};
 use super::Rt;
+use crate::stop::Stop;
 
 /// Many ranged GETs in flight for one load, all pinned to one object version.
 pub struct HttpReader {
@@ -26,11 +26,8 @@ pub struct HttpReader {
     done_tx: Sender<ReadDone>,
     done_rx: Receiver<ReadDone>,
     in_flight: usize,
-    /// Set (true) to stop every read in flight: on `abandon`, once the load's cancel flag is
-    /// seen, and on drop.
-    cancel: watch::Sender<bool>,
-    /// The load's cancel flag, if any.
-    flag: Option<Arc<AtomicBool>>,
+    /// Stops every read in flight: on `abandon`, once the load's cancel flag is seen, on drop.
+    stop: Stop,
 }
 
 impl HttpReader {
@@ -42,7 +39,6 @@ impl HttpReader {
     ) -> Result<Self> {
         let permits = Arc::new(Semaphore::new(ctx.cfg.concurrency.max(1)));
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let (cancel, _) = watch::channel(false);
         Ok(HttpReader {
             ctx,
             rt,
@@ -51,8 +47,7 @@ impl HttpReader {
             done_tx,
             done_rx,
             in_flight: 0,
-            cancel,
-            flag,
+            stop: Stop::new(flag),
         })
     }
 }
@@ -64,7 +59,7 @@ impl RangeReader for HttpReader {
         let pin = self.pin.clone();
         let permits = self.permits.clone();
         let tx = self.done_tx.clone();
-        let mut cancelled = self.cancel.subscribe();
+        let stopped = self.stop.stopped();
         handle.spawn(async move {
             let ReadRequest { id, offset, mut buf } = req;
             let range = offset..offset.saturating_add(buf.len() as u64);
@@ -80,7 +75,7 @@ impl RangeReader for HttpReader {
                     Ok(r) => r,
                     Err(_) => Err(ctx.err(ErrorKind::Io, "http read task panicked").with_range(range)),
                 },
-                _ = cancelled.wait_for(|c| *c) => {
+                _ = stopped => {
                     Err(ctx.err(ErrorKind::Cancelled, "http read stopped: the load was cancelled or another read failed").with_range(range))
                 }
             };
@@ -99,31 +94,17 @@ impl RangeReader for HttpReader {
         if self.in_flight == 0 {
             return Err(Error::invalid("wait() with no read in flight"));
         }
-        // Wake up now and then to see the cancel flag: reads in backoff or waiting out a
-        // `Retry-After` are stopped at once then, not waited for.
-        let done = loop {
-            match self.done_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(d) => break d,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if self
-                        .flag
-                        .as_ref()
-                        .is_some_and(|f| f.load(Ordering::Relaxed))
-                    {
-                        self.abandon();
-                    }
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    return Err(Error::new(ErrorKind::Io, "http reader channel closed"))
-                }
-            }
-        };
+        // Reads in backoff or waiting out a `Retry-After` are stopped at once on a cancel.
+        let done = self
+            .stop
+            .recv(&self.done_rx)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "http reader channel closed"))?;
         self.in_flight -= 1;
         Ok(done)
     }
 
     fn abandon(&mut self) {
-        self.cancel.send_replace(true);
+        self.stop.stop();
     }
 
     fn in_flight(&self) -> usize {
@@ -134,7 +115,7 @@ impl RangeReader for HttpReader {
 impl Drop for HttpReader {
     fn drop(&mut self) {
         // Stop reads still in flight (their buffers are dropped with the tasks).
-        let _ = self.cancel.send(true);
+        self.stop.stop();
         self.permits.close();
     }
 }

@@ -673,6 +673,7 @@ async fn stream_body(
 ) -> (usize, Result<(), Failure>) {
     let mut got = 0usize;
     let started = tokio::time::Instant::now();
+    let mut last_bytes = started;
     loop {
         let wait = match deadline {
             Some(d) => ctx
@@ -682,7 +683,9 @@ async fn stream_body(
             None => ctx.cfg.timeout,
         };
         let chunk = match tokio::time::timeout(wait, resp.chunk()).await {
-            Err(_) if wait < ctx.cfg.timeout => {
+            // Cut by the deadline after some bytes: too slow. (With none at all it is a stall,
+            // whichever limit came first.)
+            Err(_) if wait < ctx.cfg.timeout && got > 0 => {
                 return (
                     got,
                     Err(retry(ctx.err(
@@ -703,8 +706,9 @@ async fn stream_body(
                     Err(retry(ctx.err(
                         ErrorKind::Timeout,
                         format!(
-                            "response body stalled: no bytes for {:?} after {got} of {} bytes",
-                            ctx.cfg.timeout,
+                            "response body stalled: no bytes for {:.1} s after {got} of {} \
+                             bytes",
+                            last_bytes.elapsed().as_secs_f64(),
                             dest.len()
                         ),
                     ))),
@@ -726,7 +730,10 @@ async fn stream_body(
                 }
                 return (got, Ok(()));
             }
-            Ok(Ok(Some(c))) => c,
+            Ok(Ok(Some(c))) => {
+                last_bytes = tokio::time::Instant::now();
+                c
+            }
         };
         let mut data: &[u8] = &chunk;
         if skip > 0 {

@@ -11,7 +11,7 @@
 //! it back with the result, so even a cancelled task (runtime shut down) or a panicking one
 //! returns its buffer, with an error.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tensorstream_engine::{
 };
 
 use super::{clamp_read, counted, IoCtx, S3Backend};
+use crate::stop::Stop;
 
 /// Fetches `dst.len()` bytes at `offset` (the caller has clamped the range to the object) with
 /// `chunk`-sized GETs in flight at once. Returns the number of contiguous bytes read from
@@ -228,11 +229,8 @@ pub struct S3Reader {
     tx: Sender<ReadDone>,
     rx: Receiver<ReadDone>,
     in_flight: usize,
-    /// Set (true) to stop every read in flight: on `abandon`, once the load's cancel flag is
-    /// seen, and on drop.
-    stop: tokio::sync::watch::Sender<bool>,
-    /// The load's cancel flag, if any.
-    flag: Option<Arc<AtomicBool>>,
+    /// Stops every read in flight: on `abandon`, once the load's cancel flag is seen, on drop.
+    stop: Stop,
     /// Keeps the runtime alive while the session exists.
     _backend: Arc<S3Backend>,
 }
@@ -246,7 +244,6 @@ impl S3Reader {
         flag: Option<Arc<AtomicBool>>,
     ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (stop, _) = tokio::sync::watch::channel(false);
         S3Reader {
             handle,
             io,
@@ -254,8 +251,7 @@ impl S3Reader {
             tx,
             rx,
             in_flight: 0,
-            stop,
-            flag,
+            stop: Stop::new(flag),
             _backend: backend,
         }
     }
@@ -263,7 +259,7 @@ impl S3Reader {
 
 impl Drop for S3Reader {
     fn drop(&mut self) {
-        self.stop.send_replace(true);
+        self.stop.stop();
     }
 }
 
@@ -280,12 +276,12 @@ impl RangeReader for S3Reader {
         let io = self.io.clone();
         let etag = self.meta.version.clone();
         let size = self.meta.size;
-        let mut stop = self.stop.subscribe();
+        let stopped = self.stop.stopped();
         self.handle.spawn(async move {
             let result = match done.buf.as_mut() {
                 Some(buf) => tokio::select! {
                     r = read_buf(&io, etag.as_deref(), size, offset, buf) => r,
-                    _ = stop.wait_for(|s| *s) => Err(Error::new(
+                    _ = stopped => Err(Error::new(
                         ErrorKind::Cancelled,
                         "S3 read stopped: the load was cancelled or another read failed",
                     )
@@ -305,34 +301,16 @@ impl RangeReader for S3Reader {
         if self.in_flight == 0 {
             return Err(Error::invalid("wait() with no read in flight"));
         }
-        // Wake up now and then to see the cancel flag: reads in retry backoff are stopped at
-        // once then, not waited for.
-        let d = loop {
-            match self.rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(d) => break d,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if self
-                        .flag
-                        .as_ref()
-                        .is_some_and(|f| f.load(Ordering::Relaxed))
-                    {
-                        self.abandon();
-                    }
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    return Err(
-                        Error::new(ErrorKind::Io, "S3 reader: completion channel closed")
-                            .with_backend("s3"),
-                    )
-                }
-            }
-        };
+        // Reads in retry backoff are stopped at once on a cancel.
+        let d = self.stop.recv(&self.rx).ok_or_else(|| {
+            Error::new(ErrorKind::Io, "S3 reader: completion channel closed").with_backend("s3")
+        })?;
         self.in_flight -= 1;
         Ok(d)
     }
 
     fn abandon(&mut self) {
-        self.stop.send_replace(true);
+        self.stop.stop();
     }
 
     fn in_flight(&self) -> usize {

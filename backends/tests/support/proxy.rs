@@ -285,6 +285,14 @@ fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Vec<String>>> {
     }
 }
 
+/// `bytes A-B/TOTAL` → (A, B, TOTAL as written).
+fn content_range_parts(v: &str) -> Option<(u64, u64, String)> {
+    let r = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = r.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?, total.to_string()))
+}
+
 fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
     lines.iter().skip(1).find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -432,16 +440,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 if !k.trim().eq_ignore_ascii_case("content-range") {
                     continue;
                 }
-                let parsed = v.trim().strip_prefix("bytes ").and_then(|r| {
-                    let (range, total) = r.split_once('/')?;
-                    let (a, b) = range.split_once('-')?;
-                    Some((
-                        a.parse::<u64>().ok()?,
-                        b.parse::<u64>().ok()?,
-                        total.to_string(),
-                    ))
-                });
-                if let Some((a, b, total)) = parsed {
+                if let Some((a, b, total)) = content_range_parts(v) {
                     *line = format!("Content-Range: bytes {}-{}/{total}", a + d, b + d);
                 }
             }
@@ -460,18 +459,9 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
         }
         let mut shortened = false;
         if let (206, Some(max)) = (status, armed.shorten_206) {
-            let cr = header(&resp, "content-range").and_then(|v| {
-                let r = v.trim().strip_prefix("bytes ")?;
-                let (range, total) = r.split_once('/')?;
-                let (a, b) = range.split_once('-')?;
-                Some((
-                    a.parse::<u64>().ok()?,
-                    b.parse::<u64>().ok()?,
-                    total.to_string(),
-                ))
-            });
+            let cr = header(&resp, "content-range").and_then(content_range_parts);
             if let Some((a, b, total)) = cr {
-                if b - a + 1 > max {
+                if b.saturating_sub(a).saturating_add(1) > max {
                     for line in resp.iter_mut() {
                         let k = line
                             .split_once(':')
