@@ -364,8 +364,8 @@ impl Loader {
     }
     /// A limit on the whole of [`Loader::load`], [`Loader::load_cuda`] or [`Loader::convert`],
     /// counted from the call: once it has passed, the call stops as with a cancel and fails with
-    /// [`ErrorKind::Timeout`] (a [`Loader::cancel_flag`] still works, and still gives
-    /// `Cancelled`). The opening steps (connect, index, key derivation) are not interrupted,
+    /// [`ErrorKind::Timeout`] (a [`Loader::cancel_flag`] still works, seen within 50 ms, and
+    /// still gives `Cancelled`). The opening steps (connect, index, key derivation) are not interrupted,
     /// but no read starts after the limit. Not for [`Loader::load_cuda_streaming`], which
     /// returns at once: cancel that one with a flag.
     pub fn deadline(mut self, limit: Duration) -> Self {

@@ -111,6 +111,8 @@ enum Then {
     Fail(tensorstream_engine::ErrorKind),
     /// Every further read takes this long.
     Slow(std::time::Duration),
+    /// Sets the flag, and every further read takes this long.
+    CancelSlow(Arc<std::sync::atomic::AtomicBool>, std::time::Duration),
 }
 
 /// A memory backend that changes behaviour after `after` reads.
@@ -141,6 +143,10 @@ impl tensorstream_engine::Backend for AfterReads {
                 return Err(tensorstream_engine::Error::new(*kind, "replaced under us"))
             }
             Then::Slow(d) if done >= self.after => std::thread::sleep(*d),
+            Then::CancelSlow(flag, d) if done + 1 >= self.after => {
+                flag.store(true, Ordering::SeqCst);
+                std::thread::sleep(*d);
+            }
             _ => {}
         }
         self.inner.read_at(offset, buf)
@@ -241,14 +247,15 @@ fn a_deadline_stops_loads_and_conversions_with_a_timeout() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind {left:?}");
 
-    // The caller's cancel flag still works under a deadline, and is reported as a cancel.
+    // The caller's cancel flag still works under a deadline (seen within 50 ms), and is
+    // reported as a cancel.
     let flag = Arc::new(AtomicBool::new(false));
     let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 200], 7);
     let be = Arc::new(AfterReads {
         inner: Arc::new(MemoryBackend::new("mem://c.safetensors", file)),
         reads: AtomicUsize::new(0),
         after: 5,
-        then: Then::Cancel(flag.clone()),
+        then: Then::CancelSlow(flag.clone(), Duration::from_millis(20)),
     });
     let e = Loader::from_backend(be)
         .chunk_size(4096)
