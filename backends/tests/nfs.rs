@@ -794,6 +794,12 @@ fn tiny_maxread_and_oversized_replies_are_clear_errors() {
 /// answers every READ with at most `cap` bytes and no EOF flag before the end — legal (RFC 7530
 /// §16.23), and something no real server here can be made to do on demand. Counts the READs.
 fn short_read_server(cap: u32) -> (u16, Arc<AtomicUsize>) {
+    read_server(cap, 0)
+}
+
+/// Like [`short_read_server`], but every READ answer carries `over` bytes more than asked (a
+/// protocol violation).
+fn read_server(cap: u32, over: u32) -> (u16, Arc<AtomicUsize>) {
     const SIZE: u64 = 1 << 20;
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -833,7 +839,7 @@ fn short_read_server(cap: u32) -> (u16, Arc<AtomicUsize>) {
                     let off = (u64::from(rd(&mut at)) << 32) | u64::from(rd(&mut at));
                     let asked = rd(&mut at);
                     reads.fetch_add(1, Ordering::SeqCst);
-                    let n = asked.min(cap).min((SIZE - off.min(SIZE)) as u32);
+                    let n = asked.min(cap).min((SIZE - off.min(SIZE)) as u32) + over;
                     let eof = off + u64::from(n) >= SIZE;
                     let mut v = be32(&[1, 0, 0, 0, 0, 0, 0, 3, 22, 0, 25, 0, eof as u32, n]);
                     v.extend((0..u64::from(n)).map(|i| ((off + i) % 251) as u8));
@@ -886,6 +892,30 @@ fn short_reads_are_continued() {
         .iter()
         .enumerate()
         .all(|(i, &b)| b == (((1 << 20) - 50_000 + i) % 251) as u8));
+}
+
+#[test]
+fn a_server_breaking_the_protocol_is_not_retried_for_the_whole_budget() {
+    // Every READ answered with more bytes than asked: refused, retried on a new connection a
+    // few times (a garbled reply may be a one-off), then an error; not a minute of retries.
+    let (port, reads) = read_server(u32::MAX, 8);
+    let be = open(
+        &format!("nfs://127.0.0.1:{port}/x?nconnect=1&retry_for=600"),
+        &opts(),
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 10_000];
+        let _ = tx.send(be.read_at(0, &mut buf));
+    });
+    let e = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a protocol-breaking server was retried for 60 s")
+        .unwrap_err();
+    assert!(e.to_string().contains("protocol error"), "{e}");
+    assert!(e.to_string().contains("giving up after 3 attempts"), "{e}");
+    assert_eq!(reads.load(Ordering::SeqCst), 3);
 }
 
 #[test]

@@ -53,7 +53,15 @@ pub(crate) struct Failure {
     pub kind: ErrorKind,
     pub msg: String,
     pub retryable: bool,
+    /// The server broke the protocol (a malformed or impossible reply): retried on a new
+    /// connection, but only [`PROTOCOL_ATTEMPTS`] times, not for the whole retry budget.
+    pub protocol: bool,
 }
+
+/// Attempts of one call or read that ends in a protocol error before it fails for good (a
+/// garbled reply may be a one-off; a server that always breaks the protocol is not worth a
+/// minute of retries).
+pub(crate) const PROTOCOL_ATTEMPTS: u32 = 3;
 
 impl Failure {
     pub(crate) fn new(kind: ErrorKind, msg: String, retryable: bool) -> Self {
@@ -61,7 +69,12 @@ impl Failure {
             kind,
             msg,
             retryable,
+            protocol: false,
         }
+    }
+    /// Whether to give up on a failure at this attempt (0-based) regardless of the budget.
+    pub(crate) fn spent(&self, attempt: u32) -> bool {
+        self.protocol && attempt + 1 >= PROTOCOL_ATTEMPTS
     }
     /// A transport or protocol failure: the connection is unusable, a new one may work.
     pub(crate) fn from_xdr(e: XdrError) -> Self {
@@ -74,7 +87,10 @@ impl Failure {
                 };
                 Failure::new(kind, format!("connection failed: {e}"), true)
             }
-            other => Failure::new(ErrorKind::Io, format!("protocol error: {other}"), true),
+            other => Failure {
+                protocol: true,
+                ..Failure::new(ErrorKind::Io, format!("protocol error: {other}"), true)
+            },
         }
     }
     pub(crate) fn context(mut self, c: &str) -> Self {
@@ -171,7 +187,12 @@ impl Inner {
             match pool.get_within(limit).and_then(|c| f(&c)) {
                 Err(e) if e.retryable => {
                     let first = *since.get_or_insert_with(Instant::now);
-                    match retry_delay(attempt, first, retries, budget) {
+                    let delay = if e.spent(attempt) {
+                        None
+                    } else {
+                        retry_delay(attempt, first, retries, budget)
+                    };
+                    match delay {
                         Some(delay) => {
                             on_retry(&e);
                             attempt += 1;

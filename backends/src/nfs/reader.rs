@@ -132,7 +132,12 @@ impl Runner {
                 Err(f) if f.retryable && !self.abandoned => {
                     let cfg = &self.inner.cfg;
                     let since = *job.first_failure.get_or_insert_with(Instant::now);
-                    match retry_delay(job.attempt, since, cfg.retries, cfg.retry_for) {
+                    let delay = if f.spent(job.attempt) {
+                        None
+                    } else {
+                        retry_delay(job.attempt, since, cfg.retries, cfg.retry_for)
+                    };
+                    match delay {
                         Some(delay) => {
                             self.inner.note_retry(&f);
                             job.attempt += 1;
