@@ -331,18 +331,23 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
         let armed = shared.faults.lock().unwrap().clone();
         let method = req[0].split(' ').next().unwrap_or("").to_string();
         let range = header(&req, "range").map(str::to_string);
-        if take_one(&armed.unavailable_left) {
-            // Logged before answering, so a client that saw the answer finds it in the log.
+        // Logs an answer the proxy makes up itself (a fault), before sending it, so that a client
+        // that saw the answer finds it in the log.
+        let log_answer = |status: u16| {
             shared.log.lock().unwrap().push(Exchange {
-                method,
-                range,
-                status: 503,
+                method: method.clone(),
+                range: range.clone(),
+                status,
                 content_range: None,
                 body_bytes: 0,
                 faulted: true,
                 conn,
                 request_headers: req[1..].to_vec(),
-            });
+            })
+        };
+        if take_one(&armed.unavailable_left) {
+            // Logged before answering, so a client that saw the answer finds it in the log.
+            log_answer(503);
             let resp = format!(
                 "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {}\r\n{}Content-Length: 0\r\n\r\n",
                 armed.retry_after,
@@ -358,16 +363,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
         let path = req[0].split(' ').nth(1).unwrap_or("").to_string();
         if let Some((prefix, to)) = &armed.redirect {
             if let Some(rest) = path.strip_prefix(prefix.as_str()) {
-                shared.log.lock().unwrap().push(Exchange {
-                    method,
-                    range,
-                    status: 302,
-                    content_range: None,
-                    body_bytes: 0,
-                    faulted: true,
-                    conn,
-                    request_headers: req[1..].to_vec(),
-                });
+                log_answer(302);
                 let resp = format!(
                     "HTTP/1.1 302 Found\r\nLocation: {to}{rest}\r\nContent-Length: 0\r\n\r\n"
                 );
@@ -376,16 +372,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
             }
         }
         if take_one(&armed.error_left) {
-            shared.log.lock().unwrap().push(Exchange {
-                method,
-                range,
-                status: armed.error_status,
-                content_range: None,
-                body_bytes: 0,
-                faulted: true,
-                conn,
-                request_headers: req[1..].to_vec(),
-            });
+            log_answer(armed.error_status);
             let head = format!(
                 "HTTP/1.1 {} Boom\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n",
                 armed.error_status, armed.error_bytes
