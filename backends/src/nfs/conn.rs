@@ -32,7 +32,7 @@ const READ_BUFFER: usize = 256 << 10;
 const MAX_RECORD: u64 = (64 << 20) + (64 << 10);
 /// Bytes that count as progress on a connection with calls waiting, besides a whole reply: a
 /// server trickling a few bytes at a time, each gap shorter than the timeout, still stalls.
-const PROGRESS_BYTES: usize = 64 << 10;
+const PROGRESS_BYTES: usize = crate::PROGRESS_BYTES;
 /// Replies to calls never made (or given up on) in a row before the connection is dropped.
 const MAX_UNKNOWN_REPLIES: u32 = 64;
 /// Short READ answers for one sub-read before it fails (RFC 7530 allows short reads; a server
@@ -160,6 +160,17 @@ struct State {
     progress: Instant,
     /// Replies in a row to calls not (or no longer) waiting.
     unknown_in_row: u32,
+}
+
+impl State {
+    /// Registers a call sent (or about to be) with `xid`; the stall clock starts with the first
+    /// call of an idle connection.
+    fn expect(&mut self, xid: u32, p: Pending) {
+        if self.calls.is_empty() {
+            self.busy_since = Instant::now();
+        }
+        self.calls.insert(xid, p);
+    }
 }
 
 struct Shared {
@@ -495,11 +506,8 @@ impl Conn {
             }
             let key = st.next_key;
             st.next_key += 1;
-            if st.calls.is_empty() {
-                st.busy_since = Instant::now();
-            }
             for (xid, off, len) in xids {
-                st.calls.insert(
+                st.expect(
                     xid,
                     Pending::Read {
                         key,
@@ -528,10 +536,7 @@ impl Conn {
             if let Some(f) = &st.dead {
                 return Err(f.clone());
             }
-            if st.calls.is_empty() {
-                st.busy_since = Instant::now();
-            }
-            st.calls.insert(xid, Pending::Call(tx));
+            st.expect(xid, Pending::Call(tx));
         }
         self.shared.send(&msg);
         // The reader thread answers, or fails the call when the connection stalls; the extra
@@ -712,10 +717,7 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
                     let xid = shared.encode_read(&mut msg, &job, off, len);
                     let mut st = lock(&shared.state);
                     if st.dead.is_none() {
-                        if st.calls.is_empty() {
-                            st.busy_since = Instant::now();
-                        }
-                        st.calls.insert(
+                        st.expect(
                             xid,
                             Pending::Read {
                                 key,
