@@ -36,6 +36,15 @@ pub mod s3;
 #[forbid(unsafe_code)]
 pub(crate) mod stop;
 
+/// The remote backends' rule for a server that trickles bytes (each gap shorter than the
+/// timeout): a request for N bytes gets its timeout plus N at this rate (bytes per second)...
+#[cfg(any(feature = "http", feature = "s3"))]
+pub(crate) const SLOWEST_RATE: u64 = 256 << 10;
+/// ... and, cut there, it counts as progress (is continued rather than failed) only if it brought
+/// this many bytes. NFS applies the second half per connection and timeout.
+#[cfg(any(feature = "http", feature = "s3", feature = "nfs"))]
+pub(crate) const PROGRESS_BYTES: usize = 64 << 10;
+
 /// Options shared by all backends; each backend reads the ones that concern it.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {

@@ -19,9 +19,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default slowest accepted transfer rate: one GET for N bytes may take the timeout plus
 /// N / this long (8 MiB: 30 s + 32 s). A slower answer is cut and resumed; see
 /// [`HttpConfig::min_rate`].
-pub const DEFAULT_MIN_RATE: u64 = 256 << 10;
+pub const DEFAULT_MIN_RATE: u64 = crate::SLOWEST_RATE;
 /// Bytes an attempt must bring to count as progress (which restarts the retry count).
-pub const PROGRESS_MIN: usize = 64 << 10;
+pub const PROGRESS_MIN: usize = crate::PROGRESS_BYTES;
 /// Default number of retries of one range without progress.
 pub const DEFAULT_MAX_RETRIES: u32 = 5;
 /// Upper bound on concurrency (each request may hold a connection).

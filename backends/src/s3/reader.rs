@@ -61,9 +61,9 @@ const MAX_SHORT_ANSWERS: u32 = 64;
 /// and their backoff, plus N / this long in all (16 MiB: 6 × 10 s + 4 × 4 s + 64 s), so that a server trickling bytes, each gap shorter than the timeout,
 /// cannot hold a load for ever. A GET cut this way is continued where it stopped if it brought
 /// [`PROGRESS_MIN`] bytes, and is a `Timeout` error otherwise.
-const MIN_RATE: u64 = 256 << 10;
+const MIN_RATE: u64 = crate::SLOWEST_RATE;
 /// Bytes a GET cut for slowness must have brought to be continued.
-const PROGRESS_MIN: usize = 64 << 10;
+const PROGRESS_MIN: usize = crate::PROGRESS_BYTES;
 
 /// `dst` from `offset`: one ranged GET, and more for the rest when the server answers with a
 /// shorter range. Returns fewer bytes than `dst` holds only where the object ends.
