@@ -437,38 +437,32 @@ fn completion_with_unknown_id_is_an_error_not_a_panic() {
     }
 }
 
+/// A load through a reader with `fault`, in both layouts, must fail with `needle` in its message.
+fn reader_fault_fails_with(fault: ReaderFault, needle: &str) {
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, fault, layout);
+        let (sink, _j) = TestSink::new(SinkFault::None);
+        let e = must_fail(run(&s, sink));
+        assert!(e.message().contains(needle), "{fault:?}: {e}");
+    }
+}
+
 #[test]
 fn a_completion_with_another_buffer_or_offset_is_an_error() {
     // A reader that reads into a buffer of its own and returns that one would leave the
     // destination unwritten (zeros) while the load reported success.
-    for fault in [ReaderFault::OtherBufferAt(3), ReaderFault::OtherOffsetAt(3)] {
-        for layout in [Layout::Mirror, PACKED] {
-            let s = setup(BackendFault::None, fault, layout);
-            let (sink, _j) = TestSink::new(SinkFault::None);
-            let e = must_fail(run(&s, sink));
-            assert!(e.message().contains("different buffer"), "{fault:?}: {e}");
-        }
-    }
+    reader_fault_fails_with(ReaderFault::OtherBufferAt(3), "different buffer");
+    reader_fault_fails_with(ReaderFault::OtherOffsetAt(3), "different buffer");
 }
 
 #[test]
 fn a_reader_over_counting_its_reads_is_an_error_not_a_hang() {
-    for layout in [Layout::Mirror, PACKED] {
-        let s = setup(BackendFault::None, ReaderFault::OverCountAfter(3), layout);
-        let (sink, _j) = TestSink::new(SinkFault::None);
-        let e = must_fail(run(&s, sink));
-        assert!(e.message().contains("reader bug"), "{e}");
-    }
+    reader_fault_fails_with(ReaderFault::OverCountAfter(3), "reader bug");
 }
 
 #[test]
 fn duplicate_completion_is_not_reported_as_a_complete_load() {
-    for layout in [Layout::Mirror, PACKED] {
-        let s = setup(BackendFault::None, ReaderFault::DuplicateIdAt(4), layout);
-        let (sink, _j) = TestSink::new(SinkFault::None);
-        let e = must_fail(run(&s, sink));
-        assert!(e.message().contains("twice"), "{e}");
-    }
+    reader_fault_fails_with(ReaderFault::DuplicateIdAt(4), "twice");
 }
 
 #[test]
