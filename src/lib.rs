@@ -18,6 +18,10 @@
 //! # Ok::<(), tensorstream::Error>(())
 //! ```
 //!
+//! [`Loader::new`] also takes a sharded checkpoint (a `*.safetensors.index.json`, or a local
+//! directory holding `model.safetensors.index.json`): its shards load into one
+//! [`LoadedModel`] (host memory), and [`LoadedModel::files`] tells which shard held what.
+//!
 //! The layers below are public too: [`engine`] (Backend trait, formats, planner, pipeline,
 //! sinks), [`backends`] (local, remote) and [`cuda`]. A third-party backend implements
 //! [`engine::Backend`] and is used with [`Loader::from_backend`].
@@ -58,7 +62,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod sharded;
 mod staged;
+
+pub use sharded::INDEX_FILE as SHARDED_INDEX_FILE;
 
 pub use tensorstream_backends as backends;
 pub use tensorstream_cuda as cuda;
@@ -138,6 +145,17 @@ pub struct Loader {
     verify: bool,
     key: Option<KeySource>,
     fallback_password: Option<KeySource>,
+    /// Set on the per-shard loaders of a sharded checkpoint.
+    scope: Option<ShardScope>,
+}
+
+/// One shard of a sharded checkpoint: the tensors its index places there.
+#[derive(Clone)]
+struct ShardScope {
+    index_uri: String,
+    names: Arc<std::collections::HashSet<String>>,
+    /// The checkpoint's progress total, corrected by each shard to its plan's read bytes.
+    total: Option<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -178,6 +196,7 @@ impl Loader {
             verify: false,
             key: None,
             fallback_password: None,
+            scope: None,
         }
     }
 
@@ -250,10 +269,12 @@ impl Loader {
         output: &std::path::Path,
         encrypt: Option<KeySource>,
     ) -> Result<ConvertStats> {
-        let be = self.backend()?;
+        let this = self.single("converting")?;
+        let this = this.as_ref();
+        let be = this.backend()?;
         let meta = be.stat()?;
         let index = format::read_index(be.as_ref(), &meta)?;
-        let sel = self.select(&index)?;
+        let sel = this.select(&index)?;
         let only = (sel.len() != index.tensors.len())
             .then(|| sel.iter().map(|&i| index.tensors[i].name.clone()).collect());
         if let Some(t) = &self.progress_total {
@@ -451,7 +472,52 @@ impl Loader {
     /// encrypted tensorizer file, it also decrypts the smallest tensor (one read, skipped when
     /// that tensor is over 64 MiB or when no tensor has stored bytes) so that a wrong key is an
     /// error here (`IntegrityMismatch`), not during a load.
+    ///
+    /// For a sharded checkpoint this reads every shard's header and returns the combined index
+    /// described at [`LoadedModel::index`]; [`Loader::inspect_files`] gives them one by one.
     pub fn inspect(&self) -> Result<TensorIndex> {
+        let mut files = self.inspect_files()?;
+        if files.len() == 1 {
+            return Ok(files.remove(0).index);
+        }
+        Ok(combined_index(files.iter().map(|f| &f.index)).expect("several files"))
+    }
+
+    /// The index of each file the URI names: one for a model file; for a sharded checkpoint
+    /// every shard's (restricted to the tensors the checkpoint index places in it, each checked
+    /// to be there), in shard order. [`combined_index`] joins them.
+    pub fn inspect_files(&self) -> Result<Vec<FileIndex>> {
+        match self.source()? {
+            sharded::Source::File(u) => {
+                let l = Loader {
+                    uri: u,
+                    ..self.clone()
+                };
+                let index = l.inspect_file()?;
+                Ok(vec![FileIndex {
+                    uri: l.uri,
+                    index,
+                    shard: false,
+                }])
+            }
+            sharded::Source::Sharded(map) => {
+                let mut out = Vec::with_capacity(map.shards.len());
+                for shard in &map.shards {
+                    let l = self.shard_loader(&map, shard);
+                    let index = l.inspect_file()?;
+                    l.warn_unlisted(l.check_scope(&index)?);
+                    out.push(FileIndex {
+                        index: scoped_index(index, &shard.names),
+                        uri: l.uri,
+                        shard: true,
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn inspect_file(&self) -> Result<TensorIndex> {
         let be = self.backend()?;
         let meta = be.stat()?;
         let index = format::read_index(be.as_ref(), &meta)?;
@@ -492,15 +558,22 @@ impl Loader {
                     .map_err(|e| Error::invalid(format!("bad filters: {e}")))?,
             )
         };
+        self.check_scope(index)?;
         let sel: Vec<usize> = index
             .tensors
             .iter()
             .enumerate()
+            .filter(|(_, t)| {
+                self.scope
+                    .as_ref()
+                    .is_none_or(|s| s.names.contains(&t.name))
+            })
             .filter(|(_, t)| set.as_ref().is_none_or(|s| s.is_match(&t.name)))
             .filter(|(_, t)| self.predicate.as_ref().is_none_or(|p| p(t)))
             .map(|(i, _)| i)
             .collect();
-        if sel.is_empty() && !index.tensors.is_empty() {
+        // A shard with nothing selected is skipped; the checkpoint as a whole is checked.
+        if sel.is_empty() && !index.tensors.is_empty() && self.scope.is_none() {
             let what = if self.globs.is_empty() {
                 "the filter".to_string()
             } else {
@@ -515,7 +588,101 @@ impl Loader {
         Ok(sel)
     }
 
+    /// A shard's loader: every tensor its checkpoint index places in it must be in the file.
+    /// Tensors the file holds but the index does not list are not part of the checkpoint (they
+    /// are skipped, with a warning).
+    /// Returns how many tensors the file holds that the index does not list.
+    fn check_scope(&self, index: &TensorIndex) -> Result<usize> {
+        let Some(scope) = &self.scope else {
+            return Ok(0);
+        };
+        let held: std::collections::HashSet<&str> =
+            index.tensors.iter().map(|t| t.name.as_str()).collect();
+        let mut missing: Vec<&str> = scope
+            .names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !held.contains(n))
+            .collect();
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            let shown: Vec<String> = missing.iter().take(3).map(|n| format!("{n:?}")).collect();
+            return Err(Error::corrupt(format!(
+                "the checkpoint index {} places {} tensor(s) in this shard that it does not hold: {}{}",
+                scope.index_uri,
+                missing.len(),
+                shown.join(", "),
+                if missing.len() > 3 { ", …" } else { "" }
+            ))
+            .with_location(&self.uri));
+        }
+        Ok(index
+            .tensors
+            .iter()
+            .filter(|t| !scope.names.contains(&t.name))
+            .count())
+    }
+
+    /// Warns about tensors a shard holds that its checkpoint index does not list.
+    fn warn_unlisted(&self, unlisted: usize) {
+        if let (Some(scope), true) = (&self.scope, unlisted > 0) {
+            log::warn!(
+                "{}: {unlisted} tensor(s) not listed in the checkpoint index {} are skipped",
+                self.uri,
+                scope.index_uri
+            );
+        }
+    }
+
+    /// What the URI names (a loader built with [`Loader::from_backend`], or a shard's own
+    /// loader, is always one file).
+    fn source(&self) -> Result<sharded::Source> {
+        if self.backend.is_some() || self.scope.is_some() {
+            return Ok(sharded::Source::File(self.uri.clone()));
+        }
+        sharded::resolve(&self.uri, &self.open)
+    }
+
+    /// This loader for one model file: itself, or a copy reading the file a directory held.
+    /// A sharded checkpoint is refused for `what`.
+    fn single(&self, what: &str) -> Result<std::borrow::Cow<'_, Loader>> {
+        match self.source()? {
+            sharded::Source::File(u) if u == self.uri => Ok(std::borrow::Cow::Borrowed(self)),
+            sharded::Source::File(u) => {
+                let mut l = self.clone();
+                l.uri = u;
+                Ok(std::borrow::Cow::Owned(l))
+            }
+            sharded::Source::Sharded(m) => Err(Error::unsupported(format!(
+                "{what} of a sharded checkpoint ({} shards) is not supported yet: load it to \
+                 host memory, or give one shard file",
+                m.shards.len()
+            ))
+            .with_location(&m.index_uri)),
+        }
+    }
+
+    /// The loader of one shard of `map`: reads only the tensors the index places there; the
+    /// progress total is the checkpoint's, set by the caller.
+    fn shard_loader(&self, map: &sharded::ShardMap, shard: &sharded::Shard) -> Loader {
+        let mut l = self.clone();
+        l.uri = shard.uri.clone();
+        l.scope = Some(ShardScope {
+            index_uri: map.index_uri.clone(),
+            names: shard.names.clone(),
+            total: l.progress_total.take(),
+        });
+        l
+    }
+
     /// Loads the selected tensors.
+    ///
+    /// The URI may also name a sharded checkpoint: a `….safetensors.index.json` (any backend;
+    /// the shards are read from beside it), or a local directory holding
+    /// `model.safetensors.index.json` (a directory holding one model file loads that file).
+    /// Every shard's header is read and checked against the index before any tensor data, then
+    /// the shards load one after another; the model's [`LoadedModel::files`] tell which file
+    /// each tensor came from. GPU loads, streaming and conversion take one file.
     pub fn load(&self) -> Result<LoadedModel> {
         self.bounded(Loader::load_now)
     }
@@ -527,7 +694,47 @@ impl Loader {
             ));
         }
         let started = Instant::now();
+        match self.source()? {
+            sharded::Source::Sharded(map) => self.load_sharded(&map),
+            sharded::Source::File(u) => {
+                let one;
+                let l = if u == self.uri {
+                    self
+                } else {
+                    one = Loader {
+                        uri: u,
+                        ..self.clone()
+                    };
+                    &one
+                };
+                let (host, mut stats) = l.load_host(None)?;
+                stats.elapsed = started.elapsed();
+                Ok(LoadedModel {
+                    parts: vec![ModelPart {
+                        uri: l.uri.clone(),
+                        host,
+                    }],
+                    merged: None,
+                    stats,
+                })
+            }
+        }
+    }
+
+    /// One file into host memory. `selected`: the tensor bytes the caller counted into the
+    /// progress total (a shard's); the total is corrected to the plan's read bytes.
+    fn load_host(&self, selected: Option<u64>) -> Result<(HostModel, LoadStats)> {
+        let started = Instant::now();
         let p = self.prepare(None)?;
+        if let (Some(counted), Some(total)) = (selected, &self.outer_total()) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let planned = p.plan.read_bytes;
+            if planned >= counted {
+                total.fetch_add(planned - counted, Relaxed);
+            } else {
+                total.fetch_sub(counted - planned, Relaxed);
+            }
+        }
         let sink = match p.hook.clone() {
             Some(h) => HostSink::with_hook(h, format::tensorizer::hook_threads()),
             None => HostSink::new(),
@@ -541,7 +748,91 @@ impl Loader {
             tensor_bytes: host.nbytes(),
             ..stats
         };
-        Ok(LoadedModel { host, stats })
+        Ok((host, stats))
+    }
+
+    /// A sharded checkpoint: every shard's header read and checked against the index first
+    /// (so that a missing or mismatched shard fails before gigabytes are read), then the shards
+    /// with selected tensors loaded one after another.
+    fn load_sharded(&self, map: &sharded::ShardMap) -> Result<LoadedModel> {
+        use std::sync::atomic::Ordering;
+        let started = Instant::now();
+        let mut todo = Vec::new();
+        let mut indexes = Vec::with_capacity(map.shards.len());
+        let mut total = 0u64;
+        for shard in &map.shards {
+            self.check_cancelled()?;
+            let l = self.shard_loader(map, shard);
+            let be = l.backend()?;
+            let meta = be.stat()?;
+            let index = format::read_index(be.as_ref(), &meta)?;
+            drop(be);
+            l.warn_unlisted(l.check_scope(&index)?);
+            let sel = l.select(&index)?;
+            let bytes: u64 = sel.iter().map(|&i| index.tensors[i].nbytes()).sum();
+            indexes.push(scoped_index(index, &shard.names));
+            if !sel.is_empty() {
+                total += bytes;
+                todo.push((l, bytes));
+            }
+        }
+        let merged = combined_index(&indexes).expect("a checkpoint index lists a shard");
+        if todo.is_empty() {
+            return Err(Error::invalid(format!(
+                "the filter matches none of the {} tensors of the checkpoint",
+                map.tensors
+            ))
+            .with_location(&map.index_uri));
+        }
+        if let Some(t) = &self.progress_total {
+            t.store(total, Ordering::Relaxed);
+        }
+        let mut parts = Vec::with_capacity(todo.len());
+        let mut stats: Option<LoadStats> = None;
+        for (l, bytes) in todo {
+            self.check_cancelled()?;
+            let (host, st) = l.load_host(Some(bytes))?;
+            parts.push(ModelPart {
+                uri: l.uri.clone(),
+                host,
+            });
+            stats = Some(match stats {
+                None => st,
+                Some(acc) => LoadStats {
+                    tensor_bytes: acc.tensor_bytes + st.tensor_bytes,
+                    bytes_read: acc.bytes_read + st.bytes_read,
+                    reads: acc.reads + st.reads,
+                    io_elapsed: acc.io_elapsed + st.io_elapsed,
+                    staging_bytes: acc.staging_bytes.max(st.staging_bytes),
+                    direct_io: acc.direct_io && st.direct_io,
+                    ..acc
+                },
+            });
+        }
+        let mut stats = stats.expect("at least one shard was loaded");
+        stats.elapsed = started.elapsed();
+        Ok(LoadedModel {
+            parts,
+            merged: Some(merged),
+            stats,
+        })
+    }
+
+    /// The progress total a shard's loader corrects (its own is unset: see `shard_loader`).
+    fn outer_total(&self) -> Option<Arc<AtomicU64>> {
+        self.scope.as_ref().and_then(|s| s.total.clone())
+    }
+
+    /// Fails with `Cancelled` once the cancel flag is set (checked between shards).
+    fn check_cancelled(&self) -> Result<()> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(Error::new(ErrorKind::Cancelled, "cancelled").with_location(&self.uri));
+        }
+        Ok(())
     }
 
     /// Opens the CUDA device this loader targets (clear error when there is no driver/device).
@@ -581,6 +872,11 @@ impl Loader {
     }
 
     fn load_cuda_now(&self) -> Result<CudaModel> {
+        let this = self.single("a GPU load")?;
+        this.load_cuda_file()
+    }
+
+    fn load_cuda_file(&self) -> Result<CudaModel> {
         let opening = Instant::now();
         let dev = self.cuda_device()?;
         let device_open = opening.elapsed();
@@ -623,8 +919,9 @@ impl Loader {
                  stop a streaming load with Loader::cancel_flag",
             ));
         }
-        let dev = self.cuda_device()?;
-        let p = self.prepare(Some(dev.options()))?;
+        let this = self.single("a streaming GPU load")?;
+        let dev = this.cuda_device()?;
+        let p = this.prepare(Some(dev.options()))?;
         let index = p.index.clone();
         match p.gpu_route(&dev)? {
             GpuRoute::Staged => {
@@ -935,44 +1232,132 @@ impl LoadStats {
 
 /// Tensors loaded into memory.
 pub struct LoadedModel {
-    host: HostModel,
+    /// One per file: a single model file, or the shards of a checkpoint that held a selected
+    /// tensor, in load order.
+    parts: Vec<ModelPart>,
+    /// A sharded checkpoint's combined index.
+    merged: Option<TensorIndex>,
     stats: LoadStats,
+}
+
+struct ModelPart {
+    uri: String,
+    host: HostModel,
+}
+
+/// One file of a [`LoadedModel`]: the model file, or one shard of a sharded checkpoint.
+#[derive(Clone, Copy)]
+pub struct ModelFile<'a> {
+    part: &'a ModelPart,
+}
+
+impl<'a> ModelFile<'a> {
+    /// Where the file was read from.
+    pub fn uri(&self) -> &'a str {
+        &self.part.uri
+    }
+    /// The file's own index (every tensor the file holds, loaded or not).
+    pub fn index(&self) -> &'a TensorIndex {
+        self.part.host.index()
+    }
+    /// The tensors loaded from this file, in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = TensorView<'a>> {
+        self.part.host.tensors()
+    }
+}
+
+impl std::fmt::Debug for ModelFile<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFile")
+            .field("uri", &self.part.uri)
+            .field("tensors", &self.part.host.len())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedModel")
-            .field("tensors", &self.host.tensors().count())
+            .field("files", &self.parts.len())
+            .field("tensors", &self.len())
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
 
 impl LoadedModel {
-    /// Tensors in file order.
+    /// Tensors in file order (a sharded checkpoint: shard by shard).
     pub fn tensors(&self) -> impl Iterator<Item = TensorView<'_>> {
-        self.host.tensors()
+        self.parts.iter().flat_map(|p| p.host.tensors())
     }
     /// A tensor by name.
     pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
-        self.host.get(name)
+        self.parts.iter().find_map(|p| p.host.get(name))
     }
     /// Number of tensors loaded.
     pub fn len(&self) -> usize {
-        self.host.len()
+        self.parts.iter().map(|p| p.host.len()).sum()
     }
     /// True when nothing was loaded.
     pub fn is_empty(&self) -> bool {
-        self.host.is_empty()
+        self.parts.iter().all(|p| p.host.is_empty())
     }
-    /// The whole file's index.
+    /// The whole file's index. For a sharded checkpoint: every shard's tensors (those the
+    /// checkpoint index lists), shard by shard, each `range` an offset in its own shard;
+    /// `object_size` and `header_len` are the shards' sums, `format`, `version` and `metadata`
+    /// the first shard's.
     pub fn index(&self) -> &TensorIndex {
-        self.host.index()
+        match &self.merged {
+            Some(m) => m,
+            None => self.parts[0].host.index(),
+        }
+    }
+    /// The files the tensors came from, in load order: one for a model file; for a sharded
+    /// checkpoint, each shard that held a selected tensor.
+    pub fn files(&self) -> impl Iterator<Item = ModelFile<'_>> {
+        self.parts.iter().map(|part| ModelFile { part })
+    }
+    /// True when the model came from a sharded checkpoint.
+    pub fn is_sharded(&self) -> bool {
+        self.merged.is_some()
     }
     /// Load statistics.
     pub fn stats(&self) -> &LoadStats {
         &self.stats
     }
+}
+
+/// A shard's index restricted to the tensors the checkpoint index places in it.
+fn scoped_index(mut index: TensorIndex, names: &std::collections::HashSet<String>) -> TensorIndex {
+    index.tensors.retain(|t| names.contains(&t.name));
+    index
+}
+
+/// One file's index, from [`Loader::inspect_files`].
+#[derive(Debug, Clone)]
+pub struct FileIndex {
+    /// Where the file is read from.
+    pub uri: String,
+    /// Its index (a shard's: the tensors the checkpoint index places in it).
+    pub index: TensorIndex,
+    /// True for a shard of a sharded checkpoint.
+    pub shard: bool,
+}
+
+/// Several files' indexes as one, as [`LoadedModel::index`] describes: tensors file by file,
+/// each `range` an offset in its own file; `object_size` and `header_len` summed; `format`,
+/// `version` and `metadata` the first file's. `None` for no files.
+pub fn combined_index<'a>(
+    indexes: impl IntoIterator<Item = &'a TensorIndex>,
+) -> Option<TensorIndex> {
+    let mut it = indexes.into_iter();
+    let mut merged = it.next()?.clone();
+    for ix in it {
+        merged.tensors.extend(ix.tensors.iter().cloned());
+        merged.object_size = merged.object_size.saturating_add(ix.object_size);
+        merged.header_len = merged.header_len.saturating_add(ix.header_len);
+    }
+    Some(merged)
 }
 
 /// Peak resident set size of this process so far (Linux: VmHWM), in bytes.

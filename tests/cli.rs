@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "support/checkpoint.rs"]
+mod checkpoint;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tensorstream"))
 }
@@ -577,4 +580,75 @@ fn forced_exit_removes_a_conversions_partial_output() {
     assert!(stderr.contains("removed"), "{stderr}");
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind {left:?}: {stderr}");
+}
+
+/// A sharded checkpoint (a directory with `model.safetensors.index.json`): `inspect`, `load
+/// --digests` and `bench` cover every shard, and the JSON says which shard held each tensor.
+#[test]
+fn sharded_checkpoints_inspect_load_and_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &[&[4096, 10], &[5 << 20], &[3, 1 << 20]], 9);
+    let d = dir.path().to_str().unwrap();
+    let total: usize = want.iter().map(|t| t.bytes.len()).sum();
+
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&["inspect", d, "--json"])).unwrap();
+    assert_eq!(v["shards"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["total_bytes"], total, "{v}");
+    let tensors = v["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), want.len());
+    for (t, w) in tensors.iter().zip(&want) {
+        assert_eq!(t["name"], w.name.as_str());
+        assert!(t["shard"].as_str().unwrap().ends_with(&w.file), "{t}");
+    }
+    let text = run_ok(&["inspect", d]);
+    assert!(
+        text.contains("sharded checkpoint, 3 shards, 5 tensors"),
+        "{text}"
+    );
+
+    let index = dir.path().join("model.safetensors.index.json");
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "load",
+        index.to_str().unwrap(),
+        "--json",
+        "--digests",
+    ]))
+    .unwrap();
+    assert_eq!(v["bytes"], total, "{v}");
+    assert_eq!(v["shards"].as_array().unwrap().len(), 3, "{v}");
+    let tensors = v["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), want.len());
+    for (t, w) in tensors.iter().zip(&want) {
+        assert_eq!(t["name"], w.name.as_str());
+        assert_eq!(t["sha256"], w.sha256.as_str(), "{}", w.name);
+        assert!(t["shard"].as_str().unwrap().ends_with(&w.file), "{t}");
+    }
+    let text = run_ok(&["load", d, "--filter", "layers.2.*"]);
+    assert!(text.contains("loaded 2 tensors from 1 shards"), "{text}");
+
+    // The baselines read every shard.
+    let files: u64 = (1..=3)
+        .map(|k| {
+            std::fs::metadata(dir.path().join(checkpoint::shard_name(k, 3)))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    let out = run_ok(&["bench", d, "--repeat", "1"]);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let row = |name: &str| rows.iter().find(|r| r["name"] == name).unwrap().clone();
+    assert_eq!(row("tensorstream")["bytes"], total, "{out}");
+    assert_eq!(row("std_fs_read")["bytes"], files, "{out}");
+
+    // One-file commands say so.
+    let out = dir.path().join("out.safetensors");
+    let err = run_err(&["convert", d, out.to_str().unwrap()]);
+    assert!(
+        err.contains("sharded checkpoint (3 shards) is not supported"),
+        "{err}"
+    );
 }

@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "support/checkpoint.rs"]
+mod checkpoint;
+
 fn fixtures() -> PathBuf {
     let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
     assert!(
@@ -147,4 +150,75 @@ fn http_fixtures_match_manifest() {
         &["--header", "X-Test: tensorstream"],
         &[],
     );
+}
+
+/// A sharded checkpoint through each remote backend: the shards are found beside the index
+/// (same URL directory, bucket prefix, NFS directory; the NFS URI's query is kept) and every
+/// tensor's digest matches what was written.
+#[test]
+fn sharded_checkpoints_load_through_every_remote_backend() {
+    let shards: [&[usize]; 3] = [&[1000, 3 << 20], &[17], &[(5 << 20) + 3]];
+    let s3_envs = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+    ];
+    let endpoint = env("TS_S3_ENDPOINT");
+    let nfs_port = env("TS_NFS_PORT");
+    let url = env("TS_NGINX_URL");
+    // (served directory, index URI, CLI options, environment)
+    type Case<'a> = (PathBuf, String, Vec<&'a str>, Vec<(String, String)>);
+    let cases: Vec<Case> = vec![
+        (
+            PathBuf::from(env("TS_NGINX_ROOT")).join("cli-sharded"),
+            format!("{url}/cli-sharded/model.safetensors.index.json"),
+            vec![],
+            vec![],
+        ),
+        (
+            PathBuf::from(env("TS_S3_ROOT")).join("cli-sharded"),
+            "s3://cli-sharded/model.safetensors.index.json".to_string(),
+            vec!["--s3-endpoint", &endpoint],
+            s3_envs,
+        ),
+        (
+            PathBuf::from(env("TS_NFS_ROOT")).join("cli-sharded"),
+            format!("nfs://127.0.0.1:{nfs_port}/export/cli-sharded/model.safetensors.index.json?nconnect=2"),
+            vec![],
+            vec![],
+        ),
+    ];
+    for (dir, uri, extra, envs) in cases {
+        let want = checkpoint::write(&dir, &shards, 11);
+        let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
+            .args(["load", &uri, "--digests", "--json", "--quiet"])
+            .args(&extra)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "load {uri} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got = v["tensors"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{uri}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g["name"], w.name.as_str(), "{uri}");
+            assert_eq!(g["sha256"], w.sha256.as_str(), "{uri}: {}", w.name);
+            let shard = g["shard"].as_str().unwrap();
+            assert!(
+                shard.contains(&format!("/cli-sharded/{}", w.file)),
+                "{uri}: {shard}"
+            );
+        }
+        if uri.starts_with("nfs://") {
+            assert!(
+                got.iter()
+                    .all(|g| g["shard"].as_str().unwrap().ends_with("?nconnect=2")),
+                "the shards keep the index URI's options: {v}"
+            );
+        }
+    }
 }

@@ -31,22 +31,18 @@ pub fn human(bytes: u64) -> String {
 
 pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
     let loader = io.loader(uri)?;
-    let idx = loader.inspect()?;
+    let files = loader.inspect_files()?;
+    let sharded = files.iter().any(|f| f.shard);
     if io.verify {
         // Verification needs the data: load everything (checked on worker threads), drop it.
         drop(loader.load()?);
     }
+    let idx =
+        tensorstream::combined_index(files.iter().map(|f| &f.index)).expect("one file at least");
     if as_json {
-        let v = json!({
-            "verified": io.verify,
-            "uri": uri,
-            "format": idx.format.name(),
-            "version": idx.version,
-            "object_size": idx.object_size,
-            "header_len": idx.header_len,
-            "total_bytes": idx.total_bytes(),
-            "metadata": idx.metadata,
-            "tensors": idx.tensors.iter().map(|t| {
+        let mut tensors = Vec::with_capacity(idx.tensors.len());
+        for f in &files {
+            for t in &f.index.tensors {
                 let mut o = json!({
                     "name": t.name,
                     "dtype": t.dtype.name(),
@@ -61,13 +57,43 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
                     // A tensorizer "meta" tensor: no stored bytes, loaded as zeros.
                     o["zeros"] = json!(true);
                 }
-                o
-            }).collect::<Vec<_>>(),
+                if sharded {
+                    o["shard"] = json!(f.uri);
+                }
+                tensors.push(o);
+            }
+        }
+        let mut v = json!({
+            "verified": io.verify,
+            "uri": uri,
+            "format": idx.format.name(),
+            "version": idx.version,
+            "object_size": idx.object_size,
+            "header_len": idx.header_len,
+            "total_bytes": idx.total_bytes(),
+            "metadata": idx.metadata,
+            "tensors": tensors,
         });
+        if sharded {
+            v["shards"] = json!(files.iter().map(|f| &f.uri).collect::<Vec<_>>());
+        }
         out!("{v}")?;
         return Ok(());
     }
-    print_index(uri, &idx)?;
+    if sharded {
+        out!(
+            "{uri}: sharded checkpoint, {} shards, {} tensors, {} of tensor data",
+            files.len(),
+            idx.tensors.len(),
+            human(idx.total_bytes())
+        )?;
+        for f in &files {
+            out!()?;
+            print_index(&f.uri, &f.index)?;
+        }
+    } else {
+        print_index(&files[0].uri, &idx)?;
+    }
     if io.verify {
         out!("every tensor's hashes verified")?;
     }
@@ -229,7 +255,7 @@ pub fn load(
         loader = loader.filter_glob(f)?;
     }
     let quiet = io.quiet || as_json;
-    let (rows, st, first_tensor, index) = if let Device::Cuda(_) = device {
+    let (rows, st, first_tensor, index, shards) = if let Device::Cuda(_) = device {
         let cm = {
             let _bar = Progress::start_dynamic("loading", total, counter, quiet);
             loader.load_cuda()?
@@ -255,12 +281,13 @@ pub fn load(
                 offset: t.offset,
                 nbytes: t.len,
                 sha,
+                shard: None,
             });
         }
         let st = cm.stats().clone();
         let ft = st.first_tensor.map(|d| d.as_secs_f64());
         let index = m.index().clone();
-        (rows, st, ft, index)
+        (rows, st, ft, index, None)
     } else {
         let model = {
             let _bar = Progress::start_dynamic("loading", total, counter, quiet);
@@ -271,19 +298,29 @@ pub fn load(
         } else {
             None
         };
+        let sharded = model.is_sharded();
         let rows = model
-            .tensors()
+            .files()
+            .flat_map(|f| f.tensors().map(move |t| (f.uri(), t)))
             .enumerate()
-            .map(|(i, t)| Row {
+            .map(|(i, (file, t))| Row {
                 name: t.name.to_string(),
                 dtype: t.dtype.name(),
                 shape: t.shape.to_vec(),
                 offset: t.offset,
                 nbytes: t.data.len() as u64,
                 sha: sums.as_ref().map(|s| s[i].clone()),
+                shard: sharded.then(|| file.to_string()),
             })
             .collect();
-        (rows, model.stats().clone(), None, model.index().clone())
+        let files: Vec<String> = model.files().map(|f| f.uri().to_string()).collect();
+        (
+            rows,
+            model.stats().clone(),
+            None,
+            model.index().clone(),
+            sharded.then_some(files),
+        )
     };
     let peak = tensorstream::peak_rss_bytes();
     if as_json {
@@ -303,10 +340,13 @@ pub fn load(
                 if let Some(s) = &r.sha {
                     o["sha256"] = json!(s);
                 }
+                if let Some(s) = &r.shard {
+                    o["shard"] = json!(s);
+                }
                 o
             })
             .collect();
-        let v = json!({
+        let mut v = json!({
             "uri": uri,
             "device": device.to_string(),
             "format": index.format.name(),
@@ -326,12 +366,19 @@ pub fn load(
             "queue_depth": st.queue_depth,
             "chunk_size": st.chunk_size,
         });
+        if let Some(files) = &shards {
+            v["shards"] = json!(files);
+        }
         out!("{v}")?;
         return Ok(());
     }
     out!(
-        "loaded {} tensors to {device}, {} in {:.3} s: {:.2} GB/s ({} backend{}, {} reads of up to {}, queue depth {})",
+        "loaded {} tensors{} to {device}, {} in {:.3} s: {:.2} GB/s ({} backend{}, {} reads of up to {}, queue depth {})",
         rows.len(),
+        shards
+            .as_ref()
+            .map(|f| format!(" from {} shards", f.len()))
+            .unwrap_or_default(),
         human(st.tensor_bytes),
         st.elapsed.as_secs_f64(),
         st.gbps(),
@@ -375,6 +422,8 @@ struct Row {
     offset: u64,
     nbytes: u64,
     sha: Option<String>,
+    /// The shard file it came from (sharded checkpoints).
+    shard: Option<String>,
 }
 
 /// Drops the page cache (root only).
@@ -430,11 +479,6 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
         tensorstream::backends::scheme_of(uri).as_deref(),
         None | Some("file")
     );
-    let path = if is_file {
-        tensorstream::backends::local_path(uri)?
-    } else {
-        uri
-    };
     if cold && !is_file {
         return Err(Error::invalid(format!(
             "--cold drops this machine's page cache, which does not make {uri} cold: use it with \
@@ -442,7 +486,18 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
         )));
     }
     let repeat = repeat.max(1);
-    let size = loader.inspect().map(|i| i.object_size)?;
+    // The files a load reads: one, or a sharded checkpoint's shards (the baselines read them
+    // all, one after another).
+    let files = loader.inspect_files()?;
+    let size: u64 = files.iter().map(|f| f.index.object_size).sum();
+    let paths: Vec<String> = if is_file {
+        files
+            .iter()
+            .map(|f| tensorstream::backends::local_path(&f.uri).map(str::to_string))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     let mut modes = Vec::new();
     if cold {
         modes.push(true);
@@ -451,8 +506,10 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
         modes.push(false);
     }
     for &is_cold in &modes {
-        if !is_cold && is_file {
-            buffered_read(path)?; // populate the page cache
+        if !is_cold {
+            for path in &paths {
+                buffered_read(path)?; // populate the page cache
+            }
         }
         for _ in 0..repeat {
             if is_cold {
@@ -472,25 +529,31 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
                 for (name, threads) in [("o_direct_read_16m", 1), ("o_direct_read_16m_x16", 16)] {
                     drop_caches()?;
                     let t = Instant::now();
-                    let n = tensorstream::backends::local::raw_direct_read(
-                        std::path::Path::new(path),
-                        threads,
-                        16 << 20,
-                    )?;
+                    let mut n = 0;
+                    for path in &paths {
+                        n += tensorstream::backends::local::raw_direct_read(
+                            std::path::Path::new(path),
+                            threads,
+                            16 << 20,
+                        )?;
+                    }
                     line(name, n, t.elapsed().as_secs_f64(), true)?;
                 }
                 drop_caches()?;
             }
             let t = Instant::now();
-            let v =
-                std::fs::read(path).map_err(|e| Error::from_io(e, "read").with_location(path))?;
-            line(
-                "std_fs_read",
-                v.len() as u64,
-                t.elapsed().as_secs_f64(),
-                is_cold,
-            )?;
-            drop(v);
+            let mut read = Vec::with_capacity(paths.len());
+            for path in &paths {
+                read.push(
+                    std::fs::read(path)
+                        .map_err(|e| Error::from_io(e, "read").with_location(path))?,
+                );
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let n = read.iter().map(|v| v.len() as u64).sum();
+            line("std_fs_read", n, secs, is_cold)?;
+            // Freed after the timing, as a caller of fs::read would keep the bytes.
+            drop(read);
         }
     }
     if size == 0 {

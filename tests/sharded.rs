@@ -1,0 +1,293 @@
+//! Sharded checkpoints (`model.safetensors.index.json` + shard files) through the library.
+
+#[path = "support/checkpoint.rs"]
+mod checkpoint;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tensorstream::{ErrorKind, Loader};
+
+/// Three shards; the middle one spans several 8 MiB reads.
+const SHARDS: [&[usize]; 3] = [&[4096, 1000, 77], &[9 << 20, 3], &[123_457]];
+
+#[test]
+fn loads_every_shard_through_the_index_or_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &SHARDS, 1);
+    let index = dir.path().join("model.safetensors.index.json");
+    for uri in [
+        index.display().to_string(),
+        dir.path().display().to_string(),
+        format!("file://{}", index.display()),
+    ] {
+        let m = Loader::new(&uri).load().unwrap();
+        assert!(m.is_sharded(), "{uri}");
+        let names: Vec<&str> = m.tensors().map(|t| t.name).collect();
+        let want_names: Vec<&str> = want.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, want_names, "{uri}: shard by shard, file order");
+        for w in &want {
+            let t = m
+                .get(&w.name)
+                .unwrap_or_else(|| panic!("{uri}: {} missing", w.name));
+            assert!(
+                t.data == w.bytes.as_slice(),
+                "{uri}: {} bytes differ",
+                w.name
+            );
+        }
+        // Each file holds what the index says.
+        let files: Vec<(String, Vec<String>)> = m
+            .files()
+            .map(|f| {
+                let file = f.uri().rsplit('/').next().unwrap().to_string();
+                (file, f.tensors().map(|t| t.name.to_string()).collect())
+            })
+            .collect();
+        assert_eq!(files.len(), 3);
+        for (file, names) in &files {
+            for n in names {
+                let w = want.iter().find(|w| &w.name == n).unwrap();
+                assert_eq!(&w.file, file, "{n}");
+            }
+        }
+        let total: usize = want.iter().map(|t| t.bytes.len()).sum();
+        assert_eq!(m.stats().tensor_bytes, total as u64);
+        assert_eq!(m.len(), want.len());
+        assert_eq!(m.index().tensors.len(), want.len());
+        let sizes: u64 = (1..=3)
+            .map(|k| {
+                std::fs::metadata(dir.path().join(checkpoint::shard_name(k, 3)))
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        assert_eq!(m.index().object_size, sizes);
+    }
+    // inspect: the combined index, and file by file.
+    let l = Loader::new(dir.path().display().to_string());
+    let ix = l.inspect().unwrap();
+    assert_eq!(ix.tensors.len(), want.len());
+    let files = l.inspect_files().unwrap();
+    assert_eq!(files.len(), 3);
+    assert!(files.iter().all(|f| f.shard));
+    assert_eq!(files[1].index.tensors.len(), 2);
+}
+
+#[test]
+fn filters_apply_to_the_whole_checkpoint_and_skip_untouched_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &SHARDS, 2);
+    let uri = dir.path().display().to_string();
+    let m = Loader::new(&uri)
+        .filter_glob("layers.1.*")
+        .unwrap()
+        .load()
+        .unwrap();
+    assert_eq!(
+        m.files().count(),
+        1,
+        "only the shard holding a match is read"
+    );
+    let names: Vec<&str> = m.tensors().map(|t| t.name).collect();
+    assert_eq!(names, ["layers.1.w0", "layers.1.w1"]);
+    assert_eq!(m.get("layers.1.w1").unwrap().data, want[4].bytes.as_slice());
+    // The index still lists the whole checkpoint.
+    assert_eq!(m.index().tensors.len(), want.len());
+
+    let m = Loader::new(&uri)
+        .filter(|t| t.nbytes() < 2000)
+        .load()
+        .unwrap();
+    let names: Vec<&str> = m.tensors().map(|t| t.name).collect();
+    assert_eq!(names, ["layers.0.w1", "layers.0.w2", "layers.1.w1"]);
+
+    let e = Loader::new(&uri)
+        .filter_glob("nothing.*")
+        .unwrap()
+        .load()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(
+        e.to_string().contains("matches none of the 6 tensors"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("model.safetensors.index.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_shard_or_misplaced_tensor_fails_before_any_data_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint::write(dir.path(), &SHARDS, 3);
+    let uri = dir.path().display().to_string();
+    let last = dir.path().join(checkpoint::shard_name(3, 3));
+    std::fs::remove_file(&last).unwrap();
+    let progress = Arc::new(AtomicU64::new(0));
+    let e = Loader::new(&uri)
+        .progress(progress.clone())
+        .load()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(
+        e.location(),
+        Some(last.display().to_string().as_str()),
+        "{e}"
+    );
+    assert_eq!(
+        progress.load(Ordering::Relaxed),
+        0,
+        "no shard's data is read before every shard has been checked"
+    );
+
+    // The index places a tensor in a shard that does not hold it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = checkpoint::write(dir.path(), &SHARDS, 4);
+    want[0].file = checkpoint::shard_name(2, 3);
+    checkpoint::write_index(dir.path(), "model.safetensors.index.json", &want);
+    for e in [
+        Loader::new(dir.path().display().to_string())
+            .load()
+            .unwrap_err(),
+        Loader::new(dir.path().display().to_string())
+            .inspect()
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        let s = e.to_string();
+        assert!(s.contains("\"layers.0.w0\""), "{s}");
+        assert!(s.contains("does not hold"), "{s}");
+        assert!(s.contains(&checkpoint::shard_name(2, 3)), "{s}");
+    }
+}
+
+#[test]
+fn tensors_the_index_does_not_list_are_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &SHARDS, 5);
+    // Drop one tensor from the index: it stays in its shard but is not part of the checkpoint.
+    checkpoint::write_index(dir.path(), "model.safetensors.index.json", &want[1..]);
+    let m = Loader::new(dir.path().display().to_string())
+        .load()
+        .unwrap();
+    assert!(m.get(&want[0].name).is_none());
+    assert_eq!(m.len(), want.len() - 1);
+    assert_eq!(m.index().tensors.len(), want.len() - 1);
+}
+
+#[test]
+fn directories_resolve_to_their_model_or_say_why_not() {
+    // One model file: loaded as such.
+    let dir = tempfile::tempdir().unwrap();
+    let data = vec![7u8; 100];
+    checkpoint::write_file(
+        &dir.path().join("only.safetensors"),
+        &[("x".to_string(), data.clone())],
+    );
+    let m = Loader::new(dir.path().display().to_string())
+        .load()
+        .unwrap();
+    assert!(!m.is_sharded());
+    assert_eq!(m.get("x").unwrap().data, data.as_slice());
+    // Two model files, no index: which one?
+    checkpoint::write_file(&dir.path().join("other.safetensors"), &[]);
+    let e = Loader::new(dir.path().display().to_string())
+        .load()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(
+        e.to_string()
+            .contains("only.safetensors, other.safetensors"),
+        "{e}"
+    );
+    // Nothing at all.
+    let empty = tempfile::tempdir().unwrap();
+    let e = Loader::new(empty.path().display().to_string())
+        .inspect()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    // An index under another name, when it is the only one.
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &SHARDS, 6);
+    std::fs::rename(
+        dir.path().join("model.safetensors.index.json"),
+        dir.path()
+            .join("diffusion_pytorch_model.safetensors.index.json"),
+    )
+    .unwrap();
+    let m = Loader::new(dir.path().display().to_string())
+        .load()
+        .unwrap();
+    assert_eq!(m.len(), want.len());
+}
+
+#[test]
+fn hostile_indexes_are_refused_before_anything_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("x.safetensors.index.json");
+    // Over the size cap (sparse: nothing is written).
+    let f = std::fs::File::create(&index).unwrap();
+    f.set_len(65 << 20).unwrap();
+    let e = Loader::new(index.display().to_string()).load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("at most 67108864"), "{e}");
+    // A shard outside the directory.
+    std::fs::write(&index, br#"{"weight_map": {"a": "../../etc/passwd"}}"#).unwrap();
+    let e = Loader::new(index.display().to_string())
+        .inspect()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("plain file names"), "{e}");
+}
+
+#[test]
+fn one_file_operations_refuse_a_sharded_checkpoint_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint::write(dir.path(), &SHARDS, 7);
+    let uri = dir.path().display().to_string();
+    let e = Loader::new(&uri)
+        .device(tensorstream::Device::Cuda(0))
+        .load_cuda()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(
+        e.to_string().contains("sharded checkpoint (3 shards)"),
+        "{e}"
+    );
+    let e = Loader::new(&uri)
+        .device(tensorstream::Device::Cuda(0))
+        .load_cuda_streaming()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    let out = dir.path().join("out.safetensors");
+    let e = Loader::new(&uri).convert(&out, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn progress_cancel_and_deadline_cover_the_whole_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint::write(dir.path(), &SHARDS, 8);
+    let uri = dir.path().display().to_string();
+    let (done, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let m = Loader::new(&uri)
+        .progress(done.clone())
+        .progress_total(total.clone())
+        .load()
+        .unwrap();
+    let (done, total) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+    assert_eq!(done, total, "progress ends at its total");
+    assert!(total >= m.stats().tensor_bytes, "{total}");
+
+    let flag = Arc::new(AtomicBool::new(true));
+    let e = Loader::new(&uri).cancel_flag(flag).load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    let e = Loader::new(&uri)
+        .deadline(std::time::Duration::ZERO)
+        .load()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+}
