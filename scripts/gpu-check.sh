@@ -17,7 +17,10 @@ cd "$(dirname "$0")/.."
 chmod +x .gpu/bin/* # in case the carry dropped the mode bits
 export PYTHONUNBUFFERED=1
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-  # One at a time: a wheel this Python refuses must not keep the others out.
+  # All at once (one pip start); if that fails, one at a time, so that a wheel this Python
+  # refuses does not keep the others out.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu/wheels/*.whl >/dev/null 2>&1 ||
   for w in .gpu/wheels/*.whl; do
     if ! msg=$(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$w" 2>&1); then

@@ -250,7 +250,9 @@ def record(j, cold, loader):
     say(f"  {loader:<44} {'cold' if cold else 'warm'} {j.get('gbps', 0):7.2f} GB/s "
         f"{j.get('seconds', 0):7.3f} s  rss {(j.get('peak_rss_bytes') or 0) / 2**20:7.1f} MiB  "
         f"first tensor {j.get('first_tensor_seconds')}"
-        + ("  [staging NOT page-locked: driver refused]" if j.get("staging_page_locked") is False else ""))
+        + ("  [staging NOT page-locked: driver refused]" if j.get("staging_page_locked") is False else "")
+        + (f"  [mapped pieces: {j.get('mapped_pieces_registered')} registered, "
+           f"{j.get('mapped_pieces_pread')} pread]" if j.get("route") == "mapped" else ""))
 
 
 def main():
@@ -335,6 +337,15 @@ def main():
         check(f"{size / 1e9:.1f} GB file, device bytes == file bytes (mapped register path)",
               j is not None and cpu and not bad, f"{len(cpu) - len(bad)}/{len(cpu)} match; {j and j.get('mode')}")
 
+    # The pinned host->device ceiling of this machine (a few seconds), for the warm target.
+    if not DRY and not GPU_HUNG:
+        rc, out, err, _, _ = run([BENCH, "h2d", "--mib", "8192"], 60)
+        for line in out.splitlines():
+            r = last_json(line)
+            if r:
+                add_row(dict(loader=r["name"], cold=False, gbps=r["gbps"]))
+                say(f"  {r['name']}: {r['gbps']:.2f} GB/s")
+
     # ---------------------------------------------------------- (c) timings
     say("== (c) cold and warm loads (same file, same run)")
     # Cold: raw O_DIRECT reads and tensorstream loads interleaved, three rounds, each after a
@@ -371,6 +382,16 @@ def main():
         record(ts_load(FILE), False, "tensorstream (ring)")
     for i in range(2):
         record(ts_load(FILE, ["--gpu-warm", "auto"]), False, "tensorstream --gpu-warm auto")
+    # The mapped route's two knobs, through the CLI so that a better setting is a judged row
+    # (pieces in flight = threads x 2 x piece count in the resident memory).
+    for extra in (["--gpu-warm-piece", "64MiB"], ["--gpu-warm-threads", "8"],
+                  ["--gpu-warm-threads", "8", "--gpu-warm-piece", "8MiB"]):
+        if hard_left() < 260:  # the peers come next and must run
+            say("  (skipping --gpu-warm auto", " ".join(extra), "- budget)")
+            continue
+        for i in range(2):
+            record(ts_load(FILE, ["--gpu-warm", "auto"] + extra), False,
+                   "tensorstream --gpu-warm auto " + " ".join(extra))
     # The warm auto route's device bytes too (the mapped route when the file is resident).
     j = ts_load(FILE, ["--gpu-warm", "auto"], digests=True, name="tensorstream warm auto (digests run)")
     bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
@@ -442,13 +463,6 @@ def main():
             continue
         for i in range(2):
             record(bench_load(FILE, extra), False, label)
-    if not DRY and left() > 20 and not GPU_HUNG:
-        rc, out, err, _, _ = run([BENCH, "h2d", "--mib", "8192"], 60)
-        for line in out.splitlines():
-            r = last_json(line)
-            if r:
-                add_row(dict(loader=r["name"], cold=False, gbps=r["gbps"]))
-                say(f"  {r['name']}: {r['gbps']:.2f} GB/s")
 
 
 
@@ -481,7 +495,12 @@ def finish():
     # The default route's rows ("[host]" in a dry run, where loads go to host memory).
     ring = lambda r: "[ring]" in r["loader"] or (DRY and r["loader"].startswith("tensorstream (ring)"))
     ts_cold = median_row(lambda r: main(r) and r["cold"] and ring(r))
-    ts_warm = best(lambda r: main(r) and not r["cold"])
+    # The warm result judged: the fastest configuration that also keeps its peak RSS within
+    # 300 MiB and reaches 40 GB/s, if one does (both targets met by one configuration); else
+    # the fastest, whose RSS is then judged too.
+    meets = lambda r: main(r) and not r["cold"] and (r.get("gbps") or 0) >= 40 \
+        and r.get("rss_mib") and r["rss_mib"] <= 300
+    ts_warm = best(meets) or best(lambda r: main(r) and not r["cold"])
     raws = {}
     for r in rows:
         # The judged raw reads are the deep-queue O_DIRECT ones (several samples each); dd (one

@@ -23,7 +23,7 @@ fi
 # The sources the binaries were built from, so the GPU machine (no git there) can tell stale
 # binaries from current ones: gpu_check.py hashes these files again and fails if any differ.
 # (The crates' sources and manifests only: a change to tests or docs does not make them stale.)
-git ls-files -z -- 'src/*.rs' 'engine/src/*.rs' 'backends/src/*.rs' 'cuda/src/*.rs' '*Cargo.toml' \
+git ls-files -z -co --exclude-standard -- 'src/*.rs' 'engine/src/*.rs' 'backends/src/*.rs' 'cuda/src/*.rs' '*Cargo.toml' \
   Cargo.lock | xargs -0 sha256sum > .gpu/SOURCES
 # The commit the binaries were built from (-dirty: with uncommitted changes).
 { git rev-parse --short HEAD | tr -d '\n'; git diff --quiet HEAD -- . ':!.gpu' || printf -- '-dirty'; echo; } > .gpu/COMMIT

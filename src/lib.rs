@@ -521,9 +521,11 @@ impl Loader {
         let be = self.backend()?;
         let meta = be.stat()?;
         let index = format::read_index(be.as_ref(), &meta)?;
-        if self.key.is_some() {
+        // The key a load would use: the one given, or the fallback password (e.g. from
+        // TENSORSTREAM_PASSWORD) when the file is encrypted.
+        let key = self.read_options(&index).key;
+        if key.is_some() {
             // A key given for a file that takes none is refused here as it would be by a load.
-            let key = self.key.clone();
             let mut checked = index.clone();
             let hook = format::tensorizer::prepare(
                 be.as_ref(),
@@ -885,9 +887,14 @@ impl Loader {
         let route = p.gpu_route(&dev)?;
         // The device model's times count from the start of its copies.
         let planned = started.elapsed();
+        let mut mapped_pieces = None;
         let (model, es) = match route {
             GpuRoute::Staged => staged::load(&dev, &p, None)?,
-            GpuRoute::Mapped => mapped_load(&dev, &p, None)?,
+            GpuRoute::Mapped => {
+                let (m, es, ws) = mapped_load_counted(&dev, &p, None)?;
+                mapped_pieces = Some((ws.registered, ws.fallback));
+                (m, es)
+            }
             GpuRoute::Ring => tensorstream_cuda::load(
                 &dev,
                 p.backend.clone(),
@@ -905,6 +912,7 @@ impl Loader {
             stats.chunk_size = p.host_popts.chunk_size;
         }
         stats.device_open = device_open;
+        stats.mapped_pieces = mapped_pieces;
         stats.staging_page_locked = Some(dev.staging_page_locked());
         stats.first_tensor = model.times().first_tensor.map(|d| planned + d);
         Ok(CudaModel { model, stats })
@@ -1072,6 +1080,19 @@ fn mapped_load(
     tensorstream_cuda::DeviceModel,
     tensorstream_engine::EngineStats,
 )> {
+    mapped_load_counted(dev, p, subscriber).map(|(m, es, _)| (m, es))
+}
+
+/// [`mapped_load`], also giving what the warm path did (pieces registered / read with pread).
+fn mapped_load_counted(
+    dev: &Arc<tensorstream_cuda::CudaDevice>,
+    p: &Prepared,
+    subscriber: Option<crossbeam_channel::Sender<tensorstream_cuda::ReadyTensor>>,
+) -> Result<(
+    tensorstream_cuda::DeviceModel,
+    tensorstream_engine::EngineStats,
+    tensorstream_cuda::WarmStats,
+)> {
     let started = Instant::now();
     let version = p.meta.version.clone();
     let same_file = move |md: &std::fs::Metadata| {
@@ -1091,13 +1112,22 @@ fn mapped_load(
         // total `progress_total` announced.
         c.fetch_add(p.plan.read_bytes, std::sync::atomic::Ordering::Relaxed);
     }
+    if let Some(why) = &ws.refused {
+        log::warn!(
+            "{}: the driver refused to register the file's pages ({why}); {} of {} pieces were \
+             read with pread into the pinned slots instead",
+            p.backend.location(),
+            ws.fallback,
+            ws.pieces
+        );
+    }
     let es = tensorstream_engine::EngineStats {
         reads: ws.pieces as u64,
         bytes_read: p.plan.useful_bytes,
         elapsed: started.elapsed(),
         staging_bytes: 0,
     };
-    Ok((model, es))
+    Ok((model, es, ws))
 }
 
 struct Prepared {
@@ -1153,6 +1183,7 @@ impl Prepared {
             device_open: Duration::ZERO,
             staging_page_locked: None,
             first_tensor: None,
+            mapped_pieces: None,
             route: "host",
         }
     }
@@ -1212,6 +1243,10 @@ pub struct LoadStats {
     /// GPU loads: from the start of the load (after the device was open, like `elapsed`) until
     /// the first tensor was complete on the device.
     pub first_tensor: Option<Duration>,
+    /// GPU loads through the `mapped` route: pieces the copy engine read from registered
+    /// page-cache pages, and pieces read with `pread` into the pinned slots because the driver
+    /// refused to register them (a warning says why). `None` for other routes.
+    pub mapped_pieces: Option<(usize, usize)>,
     /// How the bytes travelled: `host` (cpu loads), or for GPU loads `ring` (pinned staging
     /// slots), `staged` (verified / decrypted on the host first) or `mapped` (page cache read by
     /// the copy engine, `CudaOptions::warm`).

@@ -380,6 +380,10 @@ fn gpu_flags_reach_the_device_options() {
     assert!(e.contains("exceeds 64 GiB"), "{e}");
     let e = run_err(&["load", p, "--device", "cuda:0", "--gpu-warm", "sometimes"]);
     assert!(e.contains("bad --gpu-warm"), "{e}");
+    let e = run_err(&["load", p, "--device", "cuda:0", "--gpu-warm-threads", "0"]);
+    assert!(e.contains("bad --gpu-warm-threads 0"), "{e}");
+    let e = run_err(&["load", p, "--device", "cuda:0", "--gpu-warm-piece", "4KiB"]);
+    assert!(e.contains("--gpu-warm-piece must be at least 1MiB"), "{e}");
 }
 
 #[test]

@@ -345,6 +345,26 @@ fn hostile_tensorizer_input_gives_one_line_errors() {
         ]),
     );
     assert!(e.contains("wrong key or password"), "{e}");
+    // A wrong password from the environment is caught by inspect too (it checks the key a
+    // load would use), while an unencrypted file ignores the variable.
+    let e = fails(
+        bin()
+            .args([
+                "inspect",
+                fixtures()
+                    .join("v3_encrypted_password.tensors")
+                    .to_str()
+                    .unwrap(),
+            ])
+            .env("TENSORSTREAM_PASSWORD", "not it"),
+    );
+    assert!(e.contains("wrong key or password"), "{e}");
+    ok(bin()
+        .args([
+            "inspect",
+            fixtures().join("v1_numpy_dtypes.tensors").to_str().unwrap(),
+        ])
+        .env("TENSORSTREAM_PASSWORD", "not it"));
     // --verify on safetensors is refused (no checksums there).
     let e = fails(bin().args([
         "load",

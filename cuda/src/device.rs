@@ -36,7 +36,10 @@ pub struct CudaOptions {
     pub warm: WarmMode,
     /// Threads of the warm path; default 4.
     pub warm_threads: usize,
-    /// Bytes per registered piece in the warm path; default 64 MiB.
+    /// Bytes per registered piece in the warm path; default 16 MiB. Each thread holds at most
+    /// two pieces registered (one being copied, the next being registered), and their file
+    /// pages count in the process's resident memory while they are: threads × 2 × piece
+    /// (128 MiB by default) on top of the staging ring.
     pub warm_piece: usize,
 }
 
@@ -48,7 +51,7 @@ impl Default for CudaOptions {
             slot_size: 16 << 20,
             warm: WarmMode::Off,
             warm_threads: 4,
-            warm_piece: 64 << 20,
+            warm_piece: 16 << 20,
         }
     }
 }

@@ -273,11 +273,14 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
             };
             let try_register = sh.strategy == WarmStrategy::Register && lock_refused(sh).is_none();
             if try_register {
+                // At most two pieces registered per thread, since their file pages are resident
+                // while they are: the previous one (its copy running) and this one. (Before, the
+                // next piece was registered first: three each.)
+                while q.len() >= 2 {
+                    retire(sh, &mut q, &mut bounce)?;
+                }
                 match sh.map.register(ctx, piece.obj.clone()) {
                     Ok(reg) => {
-                        while q.len() >= 2 {
-                            retire(sh, &mut q, &mut bounce)?;
-                        }
                         let ev = sh.dev.event()?;
                         let copies = coalesce(&piece.copies);
                         let f =

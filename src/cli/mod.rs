@@ -160,6 +160,13 @@ struct IoArgs {
         default_value = "off"
     )]
     gpu_warm: String,
+    /// GPU loads through the mapped page-cache path (`--gpu-warm`): threads registering pieces.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    gpu_warm_threads: usize,
+    /// GPU loads through the mapped page-cache path: size of one registered piece (each thread
+    /// holds at most two registered, and their pages count in the resident memory).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "16MiB")]
+    gpu_warm_piece: u64,
     /// Verify every tensor's CRC32 / SHA-256 (tensorizer files) while loading.
     #[arg(long)]
     verify: bool,
@@ -205,7 +212,6 @@ impl IoArgs {
                 )))
             }
         };
-        let d = tensorstream_cuda::CudaOptions::default();
         let cuda = tensorstream_cuda::CudaOptions {
             streams: self.streams,
             slots: self.slots,
@@ -221,7 +227,18 @@ impl IoArgs {
                     )))
                 }
             },
-            ..d
+            warm_threads: match self.gpu_warm_threads {
+                n @ 1..=64 => n,
+                n => {
+                    return Err(Error::invalid(format!(
+                        "bad --gpu-warm-threads {n}: expected 1..=64"
+                    )))
+                }
+            },
+            warm_piece: usize::try_from(self.gpu_warm_piece)
+                .ok()
+                .filter(|&p| p >= 1 << 20)
+                .ok_or_else(|| Error::invalid("--gpu-warm-piece must be at least 1MiB"))?,
         };
         // Checked whatever the device: a bad value is a mistake even when this load would not
         // use it (the same command with --device cuda would fail later, after the reads).

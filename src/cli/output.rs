@@ -366,6 +366,10 @@ pub fn load(
             "queue_depth": st.queue_depth,
             "chunk_size": st.chunk_size,
         });
+        if let Some((registered, pread)) = st.mapped_pieces {
+            v["mapped_pieces_registered"] = json!(registered);
+            v["mapped_pieces_pread"] = json!(pread);
+        }
         if let Some(files) = &shards {
             v["shards"] = json!(files);
         }

@@ -387,9 +387,16 @@ impl InFlight {
             Some(ev) => ev,
             None => return Err(Error::invalid("copy already waited for")),
         };
-        // The event's own answer decides whether the copy is done (not a stale stored error).
-        let _ = bind(&self.arena.ctx);
-        match ev.synchronize() {
+        // The event's own answer decides whether the copy is done, not an error another
+        // thread's Drop stored in the context (cudarc's `CudaEvent::synchronize` binds first and
+        // would return that one without waiting): bind, then wait on the event directly.
+        let waited = bind(&self.arena.ctx).and_then(|()| {
+            // SAFETY: `ev` is a live event of this context, recorded after the copy; the
+            // context is current on this thread (bound just above).
+            unsafe { result::event::synchronize(ev.cu_event()) }
+                .map_err(|e| device_error("host-to-device copy failed", e))
+        });
+        match waited {
             Ok(()) => Ok((self.source.take(), ev)),
             Err(e) => {
                 // The copy may still be running: neither its source nor its destination may
@@ -398,7 +405,7 @@ impl InFlight {
                     std::mem::forget(s);
                 }
                 std::mem::forget(self.arena.clone());
-                Err(device_error("host-to-device copy failed", e))
+                Err(e)
             }
         }
     }

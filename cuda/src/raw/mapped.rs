@@ -144,8 +144,7 @@ impl MappedFile {
                 self.map_len
             )));
         }
-        ctx.bind_to_thread()
-            .map_err(|e| device_error("making the CUDA context current", e))?;
+        super::driver::bind(ctx)?;
         let p = ptr.as_ptr().wrapping_add(start);
         // SAFETY: [p, p+len) lies inside our live mapping (checked above). READ_ONLY matches the
         // PROT_READ mapping. The Registered value keeps the mapping alive (Arc) and unregisters

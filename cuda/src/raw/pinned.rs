@@ -63,23 +63,18 @@ impl PinnedRegion {
         }
         let ptr = NonNull::new(raw.cast::<u8>())
             .ok_or_else(|| Error::new(ErrorKind::Io, "mmap returned a null pointer"))?;
-        let reg = ctx
-            .bind_to_thread()
-            .map_err(|e| device_error("making the CUDA context current", e))
-            .and_then(|_| {
-                // SAFETY: `raw..raw+len` is a live mapping we own; flags 0 = plain page-locked
-                // (not write-combined). It is unregistered in Drop before the unmap.
-                unsafe { sys::cuMemHostRegister_v2(raw, len, 0) }
-                    .result()
-                    .map_err(|e| {
-                        device_error(
-                            &format!(
-                                "page-locking {len} bytes of staging memory (cuMemHostRegister)"
-                            ),
-                            e,
-                        )
-                    })
-            });
+        let reg = super::driver::bind(ctx).and_then(|_| {
+            // SAFETY: `raw..raw+len` is a live mapping we own; flags 0 = plain page-locked
+            // (not write-combined). It is unregistered in Drop before the unmap.
+            unsafe { sys::cuMemHostRegister_v2(raw, len, 0) }
+                .result()
+                .map_err(|e| {
+                    device_error(
+                        &format!("page-locking {len} bytes of staging memory (cuMemHostRegister)"),
+                        e,
+                    )
+                })
+        });
         let locked = match reg {
             Ok(()) => true,
             Err(e) => {
