@@ -153,7 +153,12 @@ pub struct Loader {
 #[derive(Clone)]
 struct ShardScope {
     index_uri: String,
+    /// The shard's file name in the index.
+    file: String,
     names: Arc<std::collections::HashSet<String>>,
+    /// The shard's metadata and index as read when the checkpoint was checked: reused by the
+    /// load if the object still has the same size and version tag.
+    known: Option<Arc<(ObjectMeta, TensorIndex)>>,
     /// The checkpoint's progress total, corrected by each shard to its plan's read bytes.
     total: Option<Arc<AtomicU64>>,
 }
@@ -480,7 +485,7 @@ impl Loader {
         if files.len() == 1 {
             return Ok(files.remove(0).index);
         }
-        Ok(combined_index(files.iter().map(|f| &f.index)).expect("several files"))
+        combined_index(files.iter().map(|f| &f.index))
     }
 
     /// The index of each file the URI names: one for a model file; for a sharded checkpoint
@@ -497,7 +502,7 @@ impl Loader {
                 Ok(vec![FileIndex {
                     uri: l.uri,
                     index,
-                    shard: false,
+                    shard: None,
                 }])
             }
             sharded::Source::Sharded(map) => {
@@ -509,7 +514,7 @@ impl Loader {
                     out.push(FileIndex {
                         index: scoped_index(index, &shard.names),
                         uri: l.uri,
-                        shard: true,
+                        shard: Some(shard.file.clone()),
                     });
                 }
                 Ok(out)
@@ -608,15 +613,17 @@ impl Loader {
             .collect();
         if !missing.is_empty() {
             missing.sort_unstable();
-            let shown: Vec<String> = missing.iter().take(3).map(|n| format!("{n:?}")).collect();
+            let shown: Vec<String> = missing.iter().take(3).map(|n| sharded::quote(n)).collect();
             return Err(Error::corrupt(format!(
-                "the checkpoint index {} places {} tensor(s) in this shard that it does not hold: {}{}",
-                scope.index_uri,
+                "the checkpoint index {} places {} tensor(s) in this shard ({}) that it does not \
+                 hold: {}{}",
+                sharded::redact(&scope.index_uri),
                 missing.len(),
+                sharded::quote(&scope.file),
                 shown.join(", "),
                 if missing.len() > 3 { ", …" } else { "" }
             ))
-            .with_location(&self.uri));
+            .with_location(sharded::redact(&self.uri)));
         }
         Ok(index
             .tensors
@@ -630,8 +637,8 @@ impl Loader {
         if let (Some(scope), true) = (&self.scope, unlisted > 0) {
             log::warn!(
                 "{}: {unlisted} tensor(s) not listed in the checkpoint index {} are skipped",
-                self.uri,
-                scope.index_uri
+                sharded::redact(&self.uri),
+                sharded::redact(&scope.index_uri)
             );
         }
     }
@@ -660,7 +667,7 @@ impl Loader {
                  host memory, or give one shard file",
                 m.shards.len()
             ))
-            .with_location(&m.index_uri)),
+            .with_location(sharded::redact(&m.index_uri))),
         }
     }
 
@@ -668,10 +675,12 @@ impl Loader {
     /// progress total is the checkpoint's, set by the caller.
     fn shard_loader(&self, map: &sharded::ShardMap, shard: &sharded::Shard) -> Loader {
         let mut l = self.clone();
-        l.uri = shard.uri.clone();
+        l.uri = map.uri_of(shard);
         l.scope = Some(ShardScope {
             index_uri: map.index_uri.clone(),
+            file: shard.file.clone(),
             names: shard.names.clone(),
+            known: None,
             total: l.progress_total.take(),
         });
         l
@@ -680,8 +689,9 @@ impl Loader {
     /// Loads the selected tensors.
     ///
     /// The URI may also name a sharded checkpoint: a `….safetensors.index.json` (any backend;
-    /// the shards are read from beside it), or a local directory holding
-    /// `model.safetensors.index.json` (a directory holding one model file loads that file).
+    /// the shards are read from beside it), or a local directory, resolved as `transformers`
+    /// does (its `model.safetensors`, else `model.safetensors.index.json`, else its only index,
+    /// else its only model file).
     /// Every shard's header is read and checked against the index before any tensor data, then
     /// the shards load one after another; the model's [`LoadedModel::files`] tell which file
     /// each tensor came from. GPU loads, streaming and conversion take one file.
@@ -697,7 +707,7 @@ impl Loader {
         }
         let started = Instant::now();
         match self.source()? {
-            sharded::Source::Sharded(map) => self.load_sharded(&map),
+            sharded::Source::Sharded(map) => self.load_sharded(&map, started),
             sharded::Source::File(u) => {
                 let one;
                 let l = if u == self.uri {
@@ -714,9 +724,11 @@ impl Loader {
                 Ok(LoadedModel {
                     parts: vec![ModelPart {
                         uri: l.uri.clone(),
+                        shard: None,
                         host,
                     }],
                     merged: None,
+                    by_name: None,
                     stats,
                 })
             }
@@ -756,35 +768,46 @@ impl Loader {
     /// A sharded checkpoint: every shard's header read and checked against the index first
     /// (so that a missing or mismatched shard fails before gigabytes are read), then the shards
     /// with selected tensors loaded one after another.
-    fn load_sharded(&self, map: &sharded::ShardMap) -> Result<LoadedModel> {
+    fn load_sharded(&self, map: &sharded::ShardMap, started: Instant) -> Result<LoadedModel> {
         use std::sync::atomic::Ordering;
-        let started = Instant::now();
+        let too_big = || {
+            Error::corrupt("the shards' tensors add up to more than 2^64 bytes")
+                .with_location(sharded::redact(&map.index_uri))
+        };
         let mut todo = Vec::new();
         let mut indexes = Vec::with_capacity(map.shards.len());
         let mut total = 0u64;
         for shard in &map.shards {
             self.check_cancelled()?;
-            let l = self.shard_loader(map, shard);
+            let mut l = self.shard_loader(map, shard);
             let be = l.backend()?;
             let meta = be.stat()?;
             let index = format::read_index(be.as_ref(), &meta)?;
             drop(be);
             l.warn_unlisted(l.check_scope(&index)?);
             let sel = l.select(&index)?;
-            let bytes: u64 = sel.iter().map(|&i| index.tensors[i].nbytes()).sum();
-            indexes.push(scoped_index(index, &shard.names));
+            let bytes = sel
+                .iter()
+                .try_fold(0u64, |a, &i| a.checked_add(index.tensors[i].nbytes()))
+                .ok_or_else(too_big)?;
+            indexes.push(scoped_index(index.clone(), &shard.names));
             if !sel.is_empty() {
-                total += bytes;
+                total = total.checked_add(bytes).ok_or_else(too_big)?;
+                if let Some(scope) = l.scope.as_mut() {
+                    scope.known = Some(Arc::new((meta, index)));
+                }
                 todo.push((l, bytes));
             }
         }
-        let merged = combined_index(&indexes).expect("a checkpoint index lists a shard");
+        let merged = combined_index(&indexes)
+            .map_err(|e| e.with_location(sharded::redact(&map.index_uri)))?;
+        drop(indexes);
         if todo.is_empty() {
             return Err(Error::invalid(format!(
                 "the filter matches none of the {} tensors of the checkpoint",
                 map.tensors
             ))
-            .with_location(&map.index_uri));
+            .with_location(sharded::redact(&map.index_uri)));
         }
         if let Some(t) = &self.progress_total {
             t.store(total, Ordering::Relaxed);
@@ -796,14 +819,15 @@ impl Loader {
             let (host, st) = l.load_host(Some(bytes))?;
             parts.push(ModelPart {
                 uri: l.uri.clone(),
+                shard: l.scope.as_ref().map(|s| s.file.clone()),
                 host,
             });
             stats = Some(match stats {
                 None => st,
                 Some(acc) => LoadStats {
-                    tensor_bytes: acc.tensor_bytes + st.tensor_bytes,
-                    bytes_read: acc.bytes_read + st.bytes_read,
-                    reads: acc.reads + st.reads,
+                    tensor_bytes: acc.tensor_bytes.saturating_add(st.tensor_bytes),
+                    bytes_read: acc.bytes_read.saturating_add(st.bytes_read),
+                    reads: acc.reads.saturating_add(st.reads),
                     io_elapsed: acc.io_elapsed + st.io_elapsed,
                     staging_bytes: acc.staging_bytes.max(st.staging_bytes),
                     direct_io: acc.direct_io && st.direct_io,
@@ -813,9 +837,17 @@ impl Loader {
         }
         let mut stats = stats.expect("at least one shard was loaded");
         stats.elapsed = started.elapsed();
+        // Names to parts, so that `get` does not scan every shard.
+        let mut by_name = std::collections::HashMap::new();
+        for (k, p) in parts.iter().enumerate() {
+            for t in p.host.tensors() {
+                by_name.entry(t.name.to_string()).or_insert(k);
+            }
+        }
         Ok(LoadedModel {
             parts,
             merged: Some(merged),
+            by_name: Some(by_name),
             stats,
         })
     }
@@ -832,7 +864,8 @@ impl Loader {
             .as_ref()
             .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
         {
-            return Err(Error::new(ErrorKind::Cancelled, "cancelled").with_location(&self.uri));
+            return Err(Error::new(ErrorKind::Cancelled, "cancelled")
+                .with_location(sharded::redact(&self.uri)));
         }
         Ok(())
     }
@@ -950,7 +983,19 @@ impl Loader {
     fn prepare(&self, gpu: Option<&tensorstream_cuda::CudaOptions>) -> Result<Prepared> {
         let be = self.backend()?;
         let meta: ObjectMeta = be.stat()?;
-        let mut index = format::read_index(be.as_ref(), &meta)?;
+        // A shard's index read moments ago is reused when the object is provably the same
+        // (same size and version tag); otherwise it is read again.
+        let known = self
+            .scope
+            .as_ref()
+            .and_then(|s| s.known.as_ref())
+            .filter(|k| {
+                k.0.size == meta.size && k.0.version.is_some() && k.0.version == meta.version
+            });
+        let mut index = match known {
+            Some(k) => k.1.clone(),
+            None => format::read_index(be.as_ref(), &meta)?,
+        };
         let sel = self.select(&index)?;
         let ropts = self.read_options(&index);
         let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &ropts)
@@ -1272,11 +1317,15 @@ pub struct LoadedModel {
     parts: Vec<ModelPart>,
     /// A sharded checkpoint's combined index.
     merged: Option<TensorIndex>,
+    /// A sharded checkpoint's tensor names → part.
+    by_name: Option<std::collections::HashMap<String, usize>>,
     stats: LoadStats,
 }
 
 struct ModelPart {
     uri: String,
+    /// A shard's file name in the checkpoint index.
+    shard: Option<String>,
     host: HostModel,
 }
 
@@ -1294,6 +1343,10 @@ impl<'a> ModelFile<'a> {
     /// The file's own index (every tensor the file holds, loaded or not).
     pub fn index(&self) -> &'a TensorIndex {
         self.part.host.index()
+    }
+    /// For a shard of a sharded checkpoint: its file name as the checkpoint index gives it.
+    pub fn shard(&self) -> Option<&'a str> {
+        self.part.shard.as_deref()
     }
     /// The tensors loaded from this file, in file order.
     pub fn tensors(&self) -> impl Iterator<Item = TensorView<'a>> {
@@ -1327,7 +1380,10 @@ impl LoadedModel {
     }
     /// A tensor by name.
     pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
-        self.parts.iter().find_map(|p| p.host.get(name))
+        match &self.by_name {
+            Some(m) => m.get(name).and_then(|&k| self.parts[k].host.get(name)),
+            None => self.parts.iter().find_map(|p| p.host.get(name)),
+        }
     }
     /// Number of tensors loaded.
     pub fn len(&self) -> usize {
@@ -1375,24 +1431,43 @@ pub struct FileIndex {
     pub uri: String,
     /// Its index (a shard's: the tensors the checkpoint index places in it).
     pub index: TensorIndex,
-    /// True for a shard of a sharded checkpoint.
-    pub shard: bool,
+    /// For a shard of a sharded checkpoint: its file name in the checkpoint index.
+    pub shard: Option<String>,
 }
 
 /// Several files' indexes as one, as [`LoadedModel::index`] describes: tensors file by file,
 /// each `range` an offset in its own file; `object_size` and `header_len` summed; `format`,
-/// `version` and `metadata` the first file's. `None` for no files.
+/// `version` and `metadata` the first file's. Fails (`Corrupt`) when there are none or when the
+/// sizes add up to more than 2^64 bytes.
 pub fn combined_index<'a>(
     indexes: impl IntoIterator<Item = &'a TensorIndex>,
-) -> Option<TensorIndex> {
+) -> Result<TensorIndex> {
+    let overflow = || Error::corrupt("the files' sizes add up to more than 2^64 bytes");
     let mut it = indexes.into_iter();
-    let mut merged = it.next()?.clone();
+    let mut merged = it
+        .next()
+        .ok_or_else(|| Error::corrupt("no file index to combine"))?
+        .clone();
+    let mut data = merged
+        .tensors
+        .iter()
+        .try_fold(0u64, |a, t| a.checked_add(t.nbytes()))
+        .ok_or_else(overflow)?;
     for ix in it {
+        merged.object_size = merged
+            .object_size
+            .checked_add(ix.object_size)
+            .ok_or_else(overflow)?;
+        merged.header_len = merged
+            .header_len
+            .checked_add(ix.header_len)
+            .ok_or_else(overflow)?;
+        for t in &ix.tensors {
+            data = data.checked_add(t.nbytes()).ok_or_else(overflow)?;
+        }
         merged.tensors.extend(ix.tensors.iter().cloned());
-        merged.object_size = merged.object_size.saturating_add(ix.object_size);
-        merged.header_len = merged.header_len.saturating_add(ix.header_len);
     }
-    Some(merged)
+    Ok(merged)
 }
 
 /// Peak resident set size of this process so far (Linux: VmHWM), in bytes.

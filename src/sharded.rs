@@ -13,17 +13,21 @@ use std::sync::Arc;
 use tensorstream_backends::OpenOptions;
 use tensorstream_engine::{BackendExt, Error, ErrorKind, Result};
 
-/// Largest index file read (real ones are kilobytes to a few MiB).
-pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+/// Largest index file read (real ones are kilobytes to a few MiB: about 9 MB for a model of
+/// 90,000 tensors); a larger one is refused.
+pub const MAX_INDEX_BYTES: u64 = 32 << 20;
 
-/// The file `Loader::new(dir)` looks for in a local directory.
+/// The file `Loader::new(dir)` looks for in a local directory (after `model.safetensors`).
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// One shard: the URI it is read from and the tensors the index places in it.
+/// Longest name or file name quoted in full in a message.
+const QUOTE_MAX: usize = 200;
+
+/// One shard: its file name and the tensors the index places in it.
 #[derive(Debug, Clone)]
 pub struct Shard {
-    /// Where it is read from (beside the index).
-    pub uri: String,
+    /// File name as written in the index (the URI is built from it when needed).
+    pub file: String,
     /// Names of the tensors the index places in this shard.
     pub names: Arc<HashSet<String>>,
 }
@@ -37,6 +41,13 @@ pub struct ShardMap {
     pub shards: Vec<Shard>,
     /// Tensors the index lists.
     pub tensors: usize,
+}
+
+impl ShardMap {
+    /// Where `shard` is read from.
+    pub fn uri_of(&self, shard: &Shard) -> String {
+        sibling(&self.index_uri, &shard.file)
+    }
 }
 
 /// What a URI names: one file, or a sharded checkpoint.
@@ -60,15 +71,24 @@ fn split_query(uri: &str) -> (&str, &str) {
     }
 }
 
-/// True when `uri` names an index file (`….index.json`).
+/// True when `uri` names an index file: `….index.json`, or a variant such as
+/// `model.safetensors.index.fp16.json`.
 pub fn is_index_uri(uri: &str) -> bool {
-    split_query(uri).0.ends_with(".index.json")
+    let path = split_query(uri).0;
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.ends_with(".index.json")
+        || (name.contains(".safetensors.index.") && name.ends_with(".json"))
 }
 
-/// The URI of `file` beside `index_uri` (same directory; a remote URI keeps its query, which
-/// holds backend options such as NFS's `nconnect`).
+/// The URI of `file` beside `index_uri` (same directory). An `nfs://` URI keeps its query (it
+/// holds the backend's options, such as `nconnect`); other URIs do not (an HTTP or S3 query is
+/// usually one object's signature).
 pub fn sibling(index_uri: &str, file: &str) -> String {
     let (path, query) = split_query(index_uri);
+    let query = match tensorstream_backends::scheme_of(index_uri).as_deref() {
+        Some("nfs") => query,
+        _ => "",
+    };
     // For remote URIs the directory part never reaches into `scheme://`.
     let floor = path.find("://").map_or(0, |i| i + 3);
     match path[floor..].rfind('/') {
@@ -78,14 +98,50 @@ pub fn sibling(index_uri: &str, file: &str) -> String {
     }
 }
 
-/// Checks a shard file name taken from an index: a plain file name of safe characters.
+/// A URI for messages: user information and (except for `nfs://`, whose query holds options)
+/// the query are left out, since they may hold credentials or signatures.
+pub fn redact(uri: &str) -> String {
+    let Some(scheme) = tensorstream_backends::scheme_of(uri) else {
+        return uri.to_string();
+    };
+    if scheme == "file" {
+        return uri.to_string();
+    }
+    let (path, query) = split_query(uri);
+    let rest_at = path.find("://").map_or(0, |i| i + 3);
+    let (head, rest) = path.split_at(rest_at);
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..host_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    let query = if query.is_empty() || scheme == "nfs" {
+        query
+    } else {
+        "?…"
+    };
+    format!("{head}{rest}{query}")
+}
+
+/// `s` quoted for a message, cut to [`QUOTE_MAX`] characters.
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_MAX) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
+/// Checks a shard file name taken from an index: a plain file name of safe characters, of a
+/// format this crate reads.
 fn check_file_name(index_uri: &str, tensor: &str, file: &str) -> Result<()> {
     let bad = |why: &str| {
         Error::corrupt(format!(
-            "the index places tensor {tensor:?} in {file:?}, which {why} (shards must be plain \
-             file names beside the index)"
+            "the index places tensor {} in {}, which {why} (shards must be plain file names \
+             beside the index)",
+            quote(tensor),
+            quote(file)
         ))
-        .with_location(index_uri)
+        .with_location(redact(index_uri))
     };
     if file.is_empty() {
         return Err(bad("is empty"));
@@ -104,50 +160,92 @@ fn check_file_name(index_uri: &str, tensor: &str, file: &str) -> Result<()> {
             "contains {c:?} (allowed: letters, digits and - _ . + = @ ,)"
         )));
     }
+    if !(file.ends_with(".safetensors") || file.ends_with(".tensors")) {
+        return Err(Error::unsupported(format!(
+            "the index places tensor {} in {}: only safetensors (and tensorizer) shards are \
+             read (PyTorch .bin shards are not: convert them to safetensors)",
+            quote(tensor),
+            quote(file)
+        ))
+        .with_location(redact(index_uri)));
+    }
     Ok(())
+}
+
+/// The index file's shape: only `weight_map` is read (`metadata` and anything else ignored).
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: StrictMap,
+}
+
+/// A JSON object of strings whose keys appear once (a key given twice is an error, not "the
+/// last one wins").
+struct StrictMap(Vec<(String, String)>);
+
+impl<'de> serde::Deserialize<'de> for StrictMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StrictMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object mapping tensor names to shard file names")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<StrictMap, A::Error> {
+                let mut seen = HashSet::new();
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "tensor {} is listed twice",
+                            quote(&k)
+                        )));
+                    }
+                    let v: String = map.next_value().map_err(|e| {
+                        serde::de::Error::custom(format!("entry {}: {e}", quote(&k)))
+                    })?;
+                    out.push((k, v));
+                }
+                Ok(StrictMap(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Parses an index file's bytes.
 pub fn parse_index(index_uri: &str, bytes: &[u8]) -> Result<ShardMap> {
-    let corrupt = |m: String| Error::corrupt(m).with_location(index_uri);
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        corrupt(format!(
-            "the sharded-checkpoint index is not valid JSON: {e}"
+    let parsed: IndexFile = serde_json::from_slice(bytes).map_err(|e| {
+        Error::corrupt(format!(
+            "not a sharded-checkpoint index (\"weight_map\"): {e}"
         ))
+        .with_location(redact(index_uri))
     })?;
-    let map = v
-        .as_object()
-        .ok_or_else(|| corrupt("the sharded-checkpoint index is not a JSON object".into()))?
-        .get("weight_map")
-        .ok_or_else(|| {
-            corrupt("the sharded-checkpoint index has no \"weight_map\" (tensor → file)".into())
-        })?
-        .as_object()
-        .ok_or_else(|| corrupt("\"weight_map\" is not a JSON object".into()))?;
+    let map = parsed.weight_map.0;
     if map.is_empty() {
-        return Err(corrupt("\"weight_map\" lists no tensors".into()));
+        return Err(
+            Error::corrupt("\"weight_map\" lists no tensors").with_location(redact(index_uri))
+        );
     }
-    let mut by_file: BTreeMap<&str, HashSet<String>> = BTreeMap::new();
+    let tensors = map.len();
+    let mut by_file: BTreeMap<String, HashSet<String>> = BTreeMap::new();
     for (name, file) in map {
-        let file = file.as_str().ok_or_else(|| {
-            corrupt(format!(
-                "\"weight_map\" entry {name:?} is {file}, not a file name string"
-            ))
-        })?;
-        check_file_name(index_uri, name, file)?;
-        by_file.entry(file).or_default().insert(name.clone());
+        check_file_name(index_uri, &name, &file)?;
+        by_file.entry(file).or_default().insert(name);
     }
     let shards = by_file
         .into_iter()
         .map(|(file, names)| Shard {
-            uri: sibling(index_uri, file),
+            file,
             names: Arc::new(names),
         })
         .collect();
     Ok(ShardMap {
         index_uri: index_uri.to_string(),
         shards,
-        tensors: map.len(),
+        tensors,
     })
 }
 
@@ -157,20 +255,20 @@ pub fn read_index(uri: &str, open: &OpenOptions) -> Result<ShardMap> {
     let meta = be.stat()?;
     if meta.size > MAX_INDEX_BYTES {
         return Err(Error::corrupt(format!(
-            "the sharded-checkpoint index is {} bytes; at most {MAX_INDEX_BYTES} are read",
+            "the sharded-checkpoint index is {} bytes; larger than {MAX_INDEX_BYTES} is refused",
             meta.size
         ))
-        .with_location(uri));
+        .with_location(redact(uri)));
     }
     // Fits: at most 64 MiB.
     let bytes = be.read_exact_at(0, meta.size as usize)?;
     parse_index(uri, &bytes)
 }
 
-/// Resolves what `uri` names. A `….index.json` URI (any backend) is a sharded checkpoint. A
-/// local directory is resolved to the `model.safetensors.index.json` in it, else its only
-/// `*.index.json`, else its only model file (`*.safetensors` or `*.tensors`); anything else is
-/// one file, opened as is.
+/// Resolves what `uri` names. An index URI (`….index.json`, any backend) is a sharded
+/// checkpoint. A local directory is resolved as `transformers` does: its `model.safetensors`,
+/// else its `model.safetensors.index.json`, else its only `*.safetensors.index*.json`, else its
+/// only model file (`*.safetensors` or `*.tensors`); anything else is one file, opened as is.
 pub fn resolve(uri: &str, open: &OpenOptions) -> Result<Source> {
     if is_index_uri(uri) {
         return read_index(uri, open).map(Source::Sharded);
@@ -191,7 +289,7 @@ pub fn resolve(uri: &str, open: &OpenOptions) -> Result<Source> {
     for entry in std::fs::read_dir(dir).map_err(listing_error)? {
         let entry = entry.map_err(listing_error)?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".safetensors.index.json") {
+        if is_index_uri(&name) {
             indexes.push(name);
         } else if name.ends_with(".safetensors") || name.ends_with(".tensors") {
             models.push(name);
@@ -200,6 +298,9 @@ pub fn resolve(uri: &str, open: &OpenOptions) -> Result<Source> {
     indexes.sort();
     models.sort();
     let path_of = |name: &str| dir.join(name).display().to_string();
+    if models.iter().any(|n| n == "model.safetensors") {
+        return Ok(Source::File(path_of("model.safetensors")));
+    }
     if indexes.iter().any(|n| n == INDEX_FILE) {
         return read_index(&path_of(INDEX_FILE), open).map(Source::Sharded);
     }
@@ -257,14 +358,17 @@ mod tests {
                 "http://h:8080/r/main/a.safetensors",
             ),
             ("s3://bucket/x.index.json", "s3://bucket/a.safetensors"),
+            // NFS options apply to every shard …
             (
                 "nfs://h/export/m/x.index.json?nconnect=8",
                 "nfs://h/export/m/a.safetensors?nconnect=8",
             ),
-            // A `/` inside the query is not the directory.
+            // … an HTTP query (a signature, usually) belongs to the index alone; a `/` inside
+            // it is not the directory.
+            ("http://h/d/x.index.json?p=a/b", "http://h/d/a.safetensors"),
             (
-                "http://h/d/x.index.json?p=a/b",
-                "http://h/d/a.safetensors?p=a/b",
+                "s3://b/d/x.index.json?versionId=3",
+                "s3://b/d/a.safetensors",
             ),
             // A local file name may contain `?`.
             ("/m/we?rd/x.index.json", "/m/we?rd/a.safetensors"),
@@ -275,6 +379,32 @@ mod tests {
         assert!(is_index_uri("http://h/x.safetensors.index.json?sig=1"));
         assert!(!is_index_uri("http://h/x.safetensors?f=.index.json"));
         assert!(is_index_uri("/m/x.index.json"));
+        assert!(is_index_uri("/m/model.safetensors.index.fp16.json"));
+        assert!(!is_index_uri("/m/config.json"));
+        assert!(!is_index_uri("/m.safetensors.index.d/config.json"));
+    }
+
+    #[test]
+    fn messages_leave_credentials_out() {
+        let cases = [
+            (
+                "https://user:pw@h/d/x.index.json?X-Amz-Signature=abc",
+                "https://h/d/x.index.json?…",
+            ),
+            ("http://h/a@b/x.json", "http://h/a@b/x.json"),
+            (
+                "nfs://h/e/x.index.json?uid=0",
+                "nfs://h/e/x.index.json?uid=0",
+            ),
+            ("/local/we?rd.json", "/local/we?rd.json"),
+            ("s3://b/k.index.json", "s3://b/k.index.json"),
+        ];
+        for (uri, want) in cases {
+            assert_eq!(redact(uri), want, "{uri}");
+        }
+        let long = "n".repeat(1000);
+        let q = quote(&long);
+        assert!(q.len() < 260 && q.contains("(1000 bytes)"), "{q}");
     }
 
     #[test]
@@ -285,7 +415,7 @@ mod tests {
                            "c": "model-00001-of-00002.safetensors"}}"#;
         let m = parse_index("/m/model.safetensors.index.json", j).unwrap();
         assert_eq!(m.tensors, 3);
-        let uris: Vec<_> = m.shards.iter().map(|s| s.uri.as_str()).collect();
+        let uris: Vec<_> = m.shards.iter().map(|s| m.uri_of(s)).collect();
         assert_eq!(
             uris,
             [
@@ -301,33 +431,77 @@ mod tests {
 
     #[test]
     fn refuses_hostile_or_malformed_indexes() {
-        let cases: [(&[u8], &str); 11] = [
-            (b"", "not valid JSON"),
-            (b"[1]", "not a JSON object"),
-            (b"{\"metadata\": {}}", "no \"weight_map\""),
-            (b"{\"weight_map\": []}", "not a JSON object"),
-            (b"{\"weight_map\": {}}", "lists no tensors"),
-            (b"{\"weight_map\": {\"a\": 3}}", "not a file name string"),
+        let cases: [(&[u8], ErrorKind, &str); 13] = [
+            (b"", ErrorKind::Corrupt, "EOF"),
+            (b"[1]", ErrorKind::Corrupt, "not a sharded-checkpoint index"),
+            (
+                b"{\"metadata\": {}}",
+                ErrorKind::Corrupt,
+                "missing field `weight_map`",
+            ),
+            (
+                b"{\"weight_map\": []}",
+                ErrorKind::Corrupt,
+                "an object mapping",
+            ),
+            (
+                b"{\"weight_map\": {}}",
+                ErrorKind::Corrupt,
+                "lists no tensors",
+            ),
+            (
+                b"{\"weight_map\": {\"a\": 3}}",
+                ErrorKind::Corrupt,
+                "entry \"a\"",
+            ),
+            (
+                b"{\"weight_map\": {\"a\": \"x.safetensors\", \"a\": \"y.safetensors\"}}",
+                ErrorKind::Corrupt,
+                "tensor \"a\" is listed twice",
+            ),
             (
                 b"{\"weight_map\": {\"a\": \"../x.safetensors\"}}",
+                ErrorKind::Corrupt,
                 "contains '/'",
             ),
             (
                 b"{\"weight_map\": {\"a\": \"/etc/passwd\"}}",
+                ErrorKind::Corrupt,
                 "contains '/'",
             ),
-            (b"{\"weight_map\": {\"a\": \"..\"}}", "is not a file name"),
-            (b"{\"weight_map\": {\"a\": \"x?y=1\"}}", "contains '?'"),
-            (b"{\"weight_map\": {\"a\": \"\"}}", "is empty"),
+            (
+                b"{\"weight_map\": {\"a\": \"..\"}}",
+                ErrorKind::Corrupt,
+                "is not a file name",
+            ),
+            (
+                b"{\"weight_map\": {\"a\": \"x?y=1\"}}",
+                ErrorKind::Corrupt,
+                "contains '?'",
+            ),
+            (
+                b"{\"weight_map\": {\"a\": \"\"}}",
+                ErrorKind::Corrupt,
+                "is empty",
+            ),
+            (
+                b"{\"weight_map\": {\"a\": \"pytorch_model-00001-of-00002.bin\"}}",
+                ErrorKind::Unsupported,
+                "PyTorch .bin shards are not",
+            ),
         ];
-        for (bytes, want) in cases {
+        for (bytes, kind, want) in cases {
             let e = parse_index("/m/i.index.json", bytes).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            assert_eq!(e.kind(), kind, "{e}");
             assert!(e.to_string().contains(want), "{want:?} not in {e}");
             assert_eq!(e.location(), Some("/m/i.index.json"));
         }
         let long = format!("{{\"weight_map\": {{\"a\": \"{}\"}}}}", "x".repeat(256));
         let e = parse_index("/m/i.index.json", long.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("longer than 255"), "{e}");
+        // A huge value is not echoed into the message.
+        let huge = format!("{{\"weight_map\": {{\"a\": [{}1]}}}}", "1,".repeat(100_000));
+        let e = parse_index("/m/i.index.json", huge.as_bytes()).unwrap_err();
+        assert!(e.to_string().len() < 500, "{} bytes", e.to_string().len());
     }
 }

@@ -41,6 +41,7 @@ fn loads_every_shard_through_the_index_or_its_directory() {
             .files()
             .map(|f| {
                 let file = f.uri().rsplit('/').next().unwrap().to_string();
+                assert_eq!(f.shard(), Some(file.as_str()));
                 (file, f.tensors().map(|t| t.name.to_string()).collect())
             })
             .collect();
@@ -70,7 +71,11 @@ fn loads_every_shard_through_the_index_or_its_directory() {
     assert_eq!(ix.tensors.len(), want.len());
     let files = l.inspect_files().unwrap();
     assert_eq!(files.len(), 3);
-    assert!(files.iter().all(|f| f.shard));
+    assert!(files.iter().all(|f| f.shard.is_some()));
+    assert_eq!(
+        files[2].shard.as_deref(),
+        Some("model-00003-of-00003.safetensors")
+    );
     assert_eq!(files[1].index.tensors.len(), 2);
 }
 
@@ -208,19 +213,89 @@ fn directories_resolve_to_their_model_or_say_why_not() {
         .inspect()
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
-    // An index under another name, when it is the only one.
+    // An index under another name (a variant, as transformers names them), when it is the
+    // only one; and given by name.
     let dir = tempfile::tempdir().unwrap();
     let want = checkpoint::write(dir.path(), &SHARDS, 6);
-    std::fs::rename(
-        dir.path().join("model.safetensors.index.json"),
-        dir.path()
-            .join("diffusion_pytorch_model.safetensors.index.json"),
-    )
-    .unwrap();
+    let variant = dir.path().join("model.safetensors.index.fp16.json");
+    std::fs::rename(dir.path().join("model.safetensors.index.json"), &variant).unwrap();
+    for uri in [dir.path(), variant.as_path()] {
+        let m = Loader::new(uri.display().to_string()).load().unwrap();
+        assert!(m.is_sharded());
+        assert_eq!(m.len(), want.len());
+    }
+    // As in transformers, a model.safetensors beside an index is what a directory means.
+    checkpoint::write_file(
+        &dir.path().join("model.safetensors"),
+        &[("whole".to_string(), vec![1u8; 10])],
+    );
     let m = Loader::new(dir.path().display().to_string())
         .load()
         .unwrap();
-    assert_eq!(m.len(), want.len());
+    assert!(!m.is_sharded());
+    assert_eq!(m.len(), 1);
+}
+
+#[test]
+fn an_index_listing_a_tensor_twice_or_pytorch_shards_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint::write(dir.path(), &SHARDS, 12);
+    let index = dir.path().join("model.safetensors.index.json");
+    // A duplicate key: "the last one wins" would hide the first shard name.
+    std::fs::write(
+        &index,
+        br#"{"weight_map": {"layers.0.w0": "missing.safetensors",
+                            "layers.0.w1": "model-00001-of-00003.safetensors",
+                            "layers.0.w0": "model-00001-of-00003.safetensors"}}"#,
+    )
+    .unwrap();
+    let e = Loader::new(dir.path().display().to_string())
+        .load()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.to_string().contains("\"layers.0.w0\" is listed twice"),
+        "{e}"
+    );
+    std::fs::write(
+        &index,
+        br#"{"weight_map": {"a": "pytorch_model-00001-of-00002.bin"}}"#,
+    )
+    .unwrap();
+    let e = Loader::new(index.display().to_string())
+        .inspect()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("PyTorch .bin shards"), "{e}");
+}
+
+#[test]
+fn combined_indexes_refuse_sizes_past_2_to_the_64() {
+    use tensorstream::engine::{DType, Format, TensorInfo, TensorSource};
+    let ix = |size: u64| tensorstream::TensorIndex {
+        format: Format::Safetensors,
+        tensors: vec![TensorInfo {
+            name: format!("t{size}"),
+            dtype: DType::U8,
+            shape: vec![size - 8],
+            range: 8..size,
+            source: TensorSource::Stored,
+            path: None,
+            prefix: None,
+        }],
+        metadata: Default::default(),
+        object_size: size,
+        header_len: 8,
+        version: 0,
+    };
+    let ok = tensorstream::combined_index([&ix(100), &ix(200)]).unwrap();
+    assert_eq!(ok.object_size, 300);
+    assert_eq!(ok.tensors.len(), 2);
+    let (a, b) = (ix(1 << 63), ix(1 << 63));
+    let e = tensorstream::combined_index([&a, &b]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("more than 2^64"), "{e}");
+    assert!(tensorstream::combined_index([]).is_err());
 }
 
 #[test]
@@ -229,10 +304,13 @@ fn hostile_indexes_are_refused_before_anything_is_allocated() {
     let index = dir.path().join("x.safetensors.index.json");
     // Over the size cap (sparse: nothing is written).
     let f = std::fs::File::create(&index).unwrap();
-    f.set_len(65 << 20).unwrap();
+    f.set_len(33 << 20).unwrap();
     let e = Loader::new(index.display().to_string()).load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-    assert!(e.to_string().contains("at most 67108864"), "{e}");
+    assert!(
+        e.to_string().contains("larger than 33554432 is refused"),
+        "{e}"
+    );
     // A shard outside the directory.
     std::fs::write(&index, br#"{"weight_map": {"a": "../../etc/passwd"}}"#).unwrap();
     let e = Loader::new(index.display().to_string())

@@ -28,9 +28,10 @@ struct Cli {
 enum Cmd {
     /// List a file's tensors (reads only the metadata; with --verify, also reads every tensor and
     /// checks its CRC32 / SHA-256; with a key or password, decrypts the smallest tensor to check
-    /// the key).
+    /// the key). A sharded checkpoint: every shard's.
     Inspect {
-        /// Path or URI of a safetensors / tensorizer file.
+        /// Path or URI of a safetensors / tensorizer file, or of a sharded checkpoint (its
+        /// *.safetensors.index.json, or a local directory).
         uri: String,
         /// Print one JSON object instead of a table.
         #[arg(long)]
@@ -40,7 +41,8 @@ enum Cmd {
     },
     /// Load tensors into memory and report throughput.
     Load {
-        /// Path or URI of a safetensors / tensorizer file.
+        /// Path or URI of a safetensors / tensorizer file, or of a sharded checkpoint (its
+        /// *.safetensors.index.json, or a local directory; host memory only).
         uri: String,
         /// Target device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
@@ -87,10 +89,11 @@ enum Cmd {
         #[command(flatten)]
         io: IoArgs,
     },
-    /// Time loads of one file: tensorstream vs std::fs::read (and, cold, an O_DIRECT read), one
-    /// JSON line per run: {name, bytes, secs, gbps, cold}.
+    /// Time loads of one file (or checkpoint): tensorstream vs std::fs::read (and, cold, an
+    /// O_DIRECT read), one JSON line per run: {name, bytes, secs, gbps, cold}.
     Bench {
-        /// Path or URI of a safetensors / tensorizer file (baselines only for local files).
+        /// Path or URI of a safetensors / tensorizer file or sharded checkpoint (baselines, over
+        /// every shard, only for local files).
         uri: String,
         /// Run cold loads: drop the page cache before each (local files; needs root).
         #[arg(long)]

@@ -32,13 +32,12 @@ pub fn human(bytes: u64) -> String {
 pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
     let loader = io.loader(uri)?;
     let files = loader.inspect_files()?;
-    let sharded = files.iter().any(|f| f.shard);
+    let sharded = files.iter().any(|f| f.shard.is_some());
     if io.verify {
         // Verification needs the data: load everything (checked on worker threads), drop it.
         drop(loader.load()?);
     }
-    let idx =
-        tensorstream::combined_index(files.iter().map(|f| &f.index)).expect("one file at least");
+    let idx = tensorstream::combined_index(files.iter().map(|f| &f.index))?;
     if as_json {
         let mut tensors = Vec::with_capacity(idx.tensors.len());
         for f in &files {
@@ -57,8 +56,8 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
                     // A tensorizer "meta" tensor: no stored bytes, loaded as zeros.
                     o["zeros"] = json!(true);
                 }
-                if sharded {
-                    o["shard"] = json!(f.uri);
+                if let Some(file) = &f.shard {
+                    o["shard"] = json!(file);
                 }
                 tensors.push(o);
             }
@@ -75,7 +74,10 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
             "tensors": tensors,
         });
         if sharded {
-            v["shards"] = json!(files.iter().map(|f| &f.uri).collect::<Vec<_>>());
+            v["shards"] = json!(files
+                .iter()
+                .filter_map(|f| f.shard.as_ref())
+                .collect::<Vec<_>>());
         }
         out!("{v}")?;
         return Ok(());
@@ -301,7 +303,7 @@ pub fn load(
         let sharded = model.is_sharded();
         let rows = model
             .files()
-            .flat_map(|f| f.tensors().map(move |t| (f.uri(), t)))
+            .flat_map(|f| f.tensors().map(move |t| (f.shard(), t)))
             .enumerate()
             .map(|(i, (file, t))| Row {
                 name: t.name.to_string(),
@@ -310,10 +312,13 @@ pub fn load(
                 offset: t.offset,
                 nbytes: t.data.len() as u64,
                 sha: sums.as_ref().map(|s| s[i].clone()),
-                shard: sharded.then(|| file.to_string()),
+                shard: file.map(str::to_string),
             })
             .collect();
-        let files: Vec<String> = model.files().map(|f| f.uri().to_string()).collect();
+        let files: Vec<String> = model
+            .files()
+            .filter_map(|f| f.shard().map(str::to_string))
+            .collect();
         (
             rows,
             model.stats().clone(),
