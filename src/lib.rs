@@ -260,7 +260,9 @@ impl Loader {
 
     /// Converts the source into `output` (`.tensors` or `.safetensors`), tensor by tensor,
     /// verifying / decrypting the input as configured and encrypting the output if `encrypt`.
-    /// Filters apply: only the selected tensors are written.
+    /// Filters apply: only the selected tensors are written. A sharded checkpoint becomes one
+    /// file: every shard's header is checked first, then the shards are written one after
+    /// another (one open at a time).
     pub fn convert(
         &self,
         output: &std::path::Path,
@@ -274,7 +276,14 @@ impl Loader {
         output: &std::path::Path,
         encrypt: Option<KeySource>,
     ) -> Result<ConvertStats> {
-        let this = self.single("converting")?;
+        let this = match self.source()? {
+            sharded::Source::Sharded(map) => return self.convert_sharded(&map, output, encrypt),
+            sharded::Source::File(u) if u == self.uri => std::borrow::Cow::Borrowed(self),
+            sharded::Source::File(u) => std::borrow::Cow::Owned(Loader {
+                uri: u,
+                ..self.clone()
+            }),
+        };
         let this = this.as_ref();
         let be = this.backend()?;
         let meta = be.stat()?;
@@ -295,6 +304,81 @@ impl Loader {
             ..ConvertOptions::default()
         };
         format::convert::convert(be.as_ref(), output, &opts)
+    }
+
+    /// A sharded checkpoint into one file: every shard's header checked first (as for a load),
+    /// then the shards' selected tensors written shard after shard, one shard open at a time.
+    fn convert_sharded(
+        &self,
+        map: &sharded::ShardMap,
+        output: &std::path::Path,
+        encrypt: Option<KeySource>,
+    ) -> Result<ConvertStats> {
+        use format::convert::{ConvertPart, PartBackend};
+        let too_big = || {
+            Error::corrupt("the shards' tensors add up to more than 2^64 bytes")
+                .with_location(sharded::redact(&map.index_uri))
+        };
+        let mut parts = Vec::new();
+        let mut total = 0u64;
+        for shard in &map.shards {
+            self.check_cancelled()?;
+            let l = self.shard_loader(map, shard);
+            let be = l.backend()?;
+            let meta = be.stat()?;
+            let index = format::read_index(be.as_ref(), &meta)?;
+            l.warn_unlisted(l.check_scope(&index)?);
+            let sel = l.select(&index)?;
+            if sel.is_empty() {
+                continue;
+            }
+            let names: Arc<std::collections::HashSet<String>> =
+                Arc::new(sel.iter().map(|&i| index.tensors[i].name.clone()).collect());
+            let read = l.read_options(&index);
+            // The part as it will be written: the selected tensors, checked (and a key tried)
+            // now rather than after the earlier shards were written.
+            let mut declared = index;
+            declared.tensors.retain(|t| names.contains(&t.name));
+            format::tensorizer::prepare(be.as_ref(), &mut declared, &read)
+                .map_err(|e| e.with_location(sharded::redact(&l.uri)))?;
+            drop(be);
+            let bytes = declared
+                .tensors
+                .iter()
+                .try_fold(0u64, |a, t| a.checked_add(t.nbytes()))
+                .ok_or_else(too_big)?;
+            total = total.checked_add(bytes).ok_or_else(too_big)?;
+            let location = sharded::redact(&l.uri);
+            parts.push(ConvertPart {
+                location,
+                index: declared,
+                open: Box::new(move || {
+                    let be = l.backend()?;
+                    let meta = be.stat()?;
+                    let mut index = format::read_index(be.as_ref(), &meta)?;
+                    index.tensors.retain(|t| names.contains(&t.name));
+                    let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &read)?;
+                    Ok((PartBackend::Owned(be), index, hook))
+                }),
+            });
+        }
+        if parts.is_empty() {
+            return Err(Error::invalid(format!(
+                "the filter matches none of the {} tensors of the checkpoint",
+                map.tensors
+            ))
+            .with_location(sharded::redact(&map.index_uri)));
+        }
+        if let Some(t) = &self.progress_total {
+            t.store(total, std::sync::atomic::Ordering::Relaxed);
+        }
+        let opts = ConvertOptions {
+            encrypt,
+            progress: self.progress.clone(),
+            cancel: self.cancel.clone(),
+            ..ConvertOptions::default()
+        };
+        format::convert::convert_parts(parts, output, &opts)
     }
 
     /// A load through a backend you built yourself (a third-party `Backend`).
@@ -694,7 +778,8 @@ impl Loader {
     /// else its only model file).
     /// Every shard's header is read and checked against the index before any tensor data, then
     /// the shards load one after another; the model's [`LoadedModel::files`] tell which file
-    /// each tensor came from. GPU loads, streaming and conversion take one file.
+    /// each tensor came from. GPU loads and streaming take one file ([`Loader::convert`] joins
+    /// a checkpoint's shards into one).
     pub fn load(&self) -> Result<LoadedModel> {
         self.bounded(Loader::load_now)
     }

@@ -648,11 +648,23 @@ fn sharded_checkpoints_inspect_load_and_bench() {
     assert_eq!(row("tensorstream")["bytes"], total, "{out}");
     assert_eq!(row("std_fs_read")["bytes"], files, "{out}");
 
-    // One-file commands say so.
-    let out = dir.path().join("out.safetensors");
-    let err = run_err(&["convert", d, out.to_str().unwrap()]);
-    assert!(
-        err.contains("sharded checkpoint (3 shards) is not supported"),
-        "{err}"
-    );
+    // convert joins the shards into one file (tensorizer here), which loads to the same bytes.
+    let out = dir.path().join("joined.tensors");
+    let msg = run_ok(&["convert", d, out.to_str().unwrap()]);
+    assert!(msg.contains("converted 5 tensors"), "{msg}");
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "load",
+        out.to_str().unwrap(),
+        "--json",
+        "--digests",
+        "--verify",
+    ]))
+    .unwrap();
+    assert_eq!(v["format"], "tensorizer", "{v}");
+    let tensors = v["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), want.len());
+    for (t, w) in tensors.iter().zip(&want) {
+        assert_eq!(t["name"], w.name.as_str());
+        assert_eq!(t["sha256"], w.sha256.as_str(), "{}", w.name);
+    }
 }

@@ -321,7 +321,7 @@ fn hostile_indexes_are_refused_before_anything_is_allocated() {
 }
 
 #[test]
-fn one_file_operations_refuse_a_sharded_checkpoint_clearly() {
+fn gpu_loads_refuse_a_sharded_checkpoint_clearly() {
     let dir = tempfile::tempdir().unwrap();
     checkpoint::write(dir.path(), &SHARDS, 7);
     let uri = dir.path().display().to_string();
@@ -339,10 +339,6 @@ fn one_file_operations_refuse_a_sharded_checkpoint_clearly() {
         .load_cuda_streaming()
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
-    let out = dir.path().join("out.safetensors");
-    let e = Loader::new(&uri).convert(&out, None).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
-    assert!(!out.exists());
 }
 
 #[test]
@@ -368,4 +364,81 @@ fn progress_cancel_and_deadline_cover_the_whole_checkpoint() {
         .load()
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+}
+
+#[test]
+fn convert_joins_the_shards_into_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &SHARDS, 13);
+    let uri = dir.path().display().to_string();
+    for ext in ["safetensors", "tensors"] {
+        let out = dir.path().join(format!("joined.{ext}"));
+        let (done, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let st = Loader::new(&uri)
+            .progress(done.clone())
+            .progress_total(total.clone())
+            .convert(&out, None)
+            .unwrap();
+        assert_eq!(st.tensors, want.len());
+        let bytes: usize = want.iter().map(|w| w.bytes.len()).sum();
+        assert_eq!(st.bytes, bytes as u64);
+        assert_eq!(done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        let m = Loader::new(out.display().to_string()).load().unwrap();
+        assert!(!m.is_sharded());
+        let names: Vec<&str> = m.tensors().map(|t| t.name).collect();
+        let want_names: Vec<&str> = want.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, want_names, "{ext}: shard by shard");
+        for w in &want {
+            assert!(
+                m.get(&w.name).unwrap().data == w.bytes.as_slice(),
+                "{ext}: {}",
+                w.name
+            );
+        }
+        if ext == "safetensors" {
+            assert_eq!(
+                m.index().metadata.get("format").map(String::as_str),
+                Some("pt")
+            );
+        }
+    }
+    // Filters apply; encrypting the output works as for one file.
+    let out = dir.path().join("some.tensors");
+    let key = tensorstream::KeySource::from_key_file("ab".repeat(32).as_bytes()).unwrap();
+    Loader::new(&uri)
+        .filter_glob("layers.1.*")
+        .unwrap()
+        .convert(&out, Some(key.clone()))
+        .unwrap();
+    let m = Loader::new(out.display().to_string())
+        .key(key)
+        .verify_hashes(true)
+        .load()
+        .unwrap();
+    let names: Vec<&str> = m.tensors().map(|t| t.name).collect();
+    assert_eq!(names, ["layers.1.w0", "layers.1.w1"]);
+    assert_eq!(m.get("layers.1.w0").unwrap().data, want[3].bytes.as_slice());
+    // Asking to verify safetensors shards is refused before anything is written.
+    let out = dir.path().join("verified.safetensors");
+    let e = Loader::new(&uri)
+        .verify_hashes(true)
+        .convert(&out, None)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A shard missing when its turn comes: the conversion fails naming it, and leaves nothing.
+    let out = dir.path().join("gone.safetensors");
+    let gone = dir.path().join(checkpoint::shard_name(3, 3));
+    let moved = dir.path().join("moved-away");
+    std::fs::rename(&gone, &moved).unwrap();
+    let e = Loader::new(&uri).convert(&out, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(!out.exists());
+    std::fs::rename(&moved, &gone).unwrap();
 }

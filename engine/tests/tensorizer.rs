@@ -596,3 +596,97 @@ fn convert_leaves_no_temporary_file_and_normal_permissions() {
     .is_err());
     assert_eq!(listing(), vec!["blocked.tensors", "ok.tensors"]);
 }
+
+/// Several inputs into one output: a part whose object changed between the header being
+/// written and its turn (other tensors) fails the conversion with `ObjectChanged`, naming the
+/// part, and leaves no output or temporary file.
+#[test]
+fn convert_parts_refuses_a_part_that_changed() {
+    use std::sync::Arc;
+    use tensorstream_engine::format::convert::{
+        convert_parts, ConvertOptions, ConvertPart, PartBackend,
+    };
+    use tensorstream_engine::{Backend, BackendExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _) = tensorstream_engine::testkit::u8_model(&[10, 20], 1);
+    let (b, _) = tensorstream_engine::testkit::u8_model(&[30], 2);
+    let (c, _) = tensorstream_engine::testkit::u8_model(&[30, 5], 3);
+    let index_of = |bytes: &[u8]| {
+        let be = MemoryBackend::new("mem://x", bytes.to_vec());
+        let meta = be.stat().unwrap();
+        tensorstream_engine::format::read_index(&be, &meta).unwrap()
+    };
+    // Two parts with distinct names: rename the second file's tensor.
+    let mut ib = index_of(&b);
+    ib.tensors[0].name = "second".into();
+    let part = |loc: &str, bytes: Vec<u8>, declared, opened: tensorstream_engine::TensorIndex| {
+        ConvertPart {
+            location: loc.to_string(),
+            index: declared,
+            open: Box::new(move || {
+                let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem://p", bytes));
+                Ok((PartBackend::Owned(be), opened, None))
+            }),
+        }
+    };
+    // Both parts as declared: one output with all three tensors.
+    let out = dir.path().join("joined.safetensors");
+    let st = convert_parts(
+        vec![
+            part("mem://a", a.clone(), index_of(&a), index_of(&a)),
+            part("mem://b", b.clone(), ib.clone(), ib.clone()),
+        ],
+        &out,
+        &ConvertOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(st.tensors, 3);
+    let be = MemoryBackend::new("mem://out", std::fs::read(&out).unwrap());
+    let meta = be.stat().unwrap();
+    let joined = tensorstream_engine::format::read_index(&be, &meta).unwrap();
+    let names: Vec<&str> = joined.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["t000", "t001", "second"]);
+    let second = &joined.tensors[2];
+    let bytes = be
+        .read_exact_at(second.range.start, second.nbytes() as usize)
+        .unwrap();
+    assert_eq!(bytes, &b[b.len() - 30..]);
+    // The second part now holds other tensors.
+    let mut ic = index_of(&c);
+    ic.tensors[0].name = "second".into();
+    let out = dir.path().join("changed.safetensors");
+    let e = convert_parts(
+        vec![
+            part("mem://a", a.clone(), index_of(&a), index_of(&a)),
+            part("mem://b", c, ib.clone(), ic),
+        ],
+        &out,
+        &ConvertOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        tensorstream_engine::ErrorKind::ObjectChanged,
+        "{e}"
+    );
+    assert_eq!(e.location(), Some("mem://b"));
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only joined.safetensors"
+    );
+    // The same tensor name in two parts is refused before anything is written.
+    let out = dir.path().join("dup.safetensors");
+    let e = convert_parts(
+        vec![
+            part("mem://a", a.clone(), index_of(&a), index_of(&a)),
+            part("mem://a2", a.clone(), index_of(&a), index_of(&a)),
+        ],
+        &out,
+        &ConvertOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("written twice"), "{e}");
+    assert!(!out.exists());
+}

@@ -76,7 +76,8 @@ enum Cmd {
     /// Convert between safetensors and tensorizer (output format by extension: .tensors or
     /// .safetensors), tensor by tensor.
     Convert {
-        /// Input: path or URI of a safetensors / tensorizer file.
+        /// Input: path or URI of a safetensors / tensorizer file, or of a sharded checkpoint
+        /// (its *.safetensors.index.json, or a local directory): its shards are joined.
         input: String,
         /// Output file (.tensors or .safetensors): a local path (or a file:// URI).
         output: String,

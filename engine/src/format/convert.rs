@@ -8,11 +8,47 @@
 
 use std::io::{BufWriter, Read, Seek, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use super::tensorizer::{self, KeySource, ReadOptions, Serializer, SerializerOptions, TensorSpec};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::index::{TensorIndex, TensorSource};
+use crate::sink::TensorHook;
+
+/// A part's opened object: its backend, its index (the tensors to write, in order) and its
+/// verification / decryption hook.
+pub type OpenedPart<'a> = (PartBackend<'a>, TensorIndex, Option<Arc<dyn TensorHook>>);
+
+/// One input of [`convert_parts`]: the tensors to take from one object (e.g. one shard of a
+/// sharded checkpoint), opened only when its turn comes, so that one object is open at a time.
+pub struct ConvertPart<'a> {
+    /// Where the part is read from (for messages).
+    pub location: String,
+    /// The tensors to take from it, in order: their names, dtypes and shapes make the output's
+    /// header before any part is opened. (The first part's metadata is the output's.)
+    pub index: TensorIndex,
+    /// Opens the part. The index it gives must list the same tensors (name, dtype, shape) in
+    /// the same order; an object that changed meanwhile fails the conversion.
+    pub open: Box<dyn FnOnce() -> Result<OpenedPart<'a>> + 'a>,
+}
+
+/// A part's backend: borrowed from the caller or opened for the part.
+pub enum PartBackend<'a> {
+    /// The caller's.
+    Borrowed(&'a dyn Backend),
+    /// Opened for this part (closed when the part is done).
+    Owned(Arc<dyn Backend>),
+}
+
+impl PartBackend<'_> {
+    fn get(&self) -> &dyn Backend {
+        match self {
+            PartBackend::Borrowed(b) => *b,
+            PartBackend::Owned(b) => b.as_ref(),
+        }
+    }
+}
 
 /// Options of [`convert`].
 #[derive(Debug, Clone)]
@@ -104,6 +140,40 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
     }
     let hook =
         tensorizer::prepare(input, &mut index, &opts.read).map_err(|e| e.with_location(&loc))?;
+    let declared = index.clone();
+    let part = ConvertPart {
+        location: loc,
+        index: declared,
+        open: Box::new(move || Ok((PartBackend::Borrowed(input), index, hook))),
+    };
+    convert_parts(vec![part], output, opts)
+}
+
+/// Converts the tensors of several objects (the shards of a sharded checkpoint, say) into one
+/// `output`, part after part, opening each part's object only when its turn comes. Tensor names
+/// must be unique across the parts.
+pub fn convert_parts(
+    parts: Vec<ConvertPart<'_>>,
+    output: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertStats> {
+    let fmt = OutputFormat::from_path(output)?;
+    if opts.encrypt.is_some() && fmt != OutputFormat::Tensorizer {
+        return Err(Error::invalid("only .tensors outputs can be encrypted"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in &parts {
+        for t in &p.index.tensors {
+            if !seen.insert(t.name.as_str()) {
+                return Err(Error::invalid(format!(
+                    "tensor {:?} would be written twice (it is in more than one input)",
+                    t.name
+                ))
+                .with_location(&p.location));
+            }
+        }
+    }
+    drop(seen);
     // A fresh temporary file next to the output (created exclusively, removed on every path
     // unless it is renamed into place): the output is never half-written.
     let name = output
@@ -132,9 +202,9 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
     let result = (|| -> Result<ConvertStats> {
         let mut w = BufWriter::with_capacity(1 << 20, file);
         let stats = match fmt {
-            OutputFormat::Safetensors => write_safetensors(input, &index, &hook, &mut w, opts)?,
+            OutputFormat::Safetensors => write_safetensors(parts, &mut w, opts)?,
             OutputFormat::Tensorizer => {
-                let (stats, w2) = write_tensorizer(input, &index, &hook, w, opts)?;
+                let (stats, w2) = write_tensorizer(parts, w, opts)?;
                 w = w2;
                 stats
             }
@@ -146,11 +216,32 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
             .map_err(|e| Error::from_io(e, "syncing output"))?;
         Ok(stats)
     })();
-    // Dropping `tmp` (an error, or a failed rename) removes the temporary file.
-    let stats = result.map_err(|e| e.with_location(&loc))?;
+    // Dropping `tmp` (an error, or a failed rename) removes the temporary file. Errors that
+    // name no input (writing, flushing) concern the output.
+    let stats = result.map_err(|e| e.with_location(output.display().to_string()))?;
     tmp.persist(output)
         .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
     Ok(stats)
+}
+
+/// Opens a part and checks it still lists the declared tensors.
+fn open_part<'a>(part: ConvertPart<'a>) -> Result<(OpenedPart<'a>, String)> {
+    let loc = part.location;
+    let (be, index, hook) = (part.open)().map_err(|e| e.with_location(&loc))?;
+    let same = index.tensors.len() == part.index.tensors.len()
+        && index
+            .tensors
+            .iter()
+            .zip(&part.index.tensors)
+            .all(|(a, b)| a.name == b.name && a.dtype == b.dtype && a.shape == b.shape);
+    if !same {
+        return Err(Error::new(
+            crate::ErrorKind::ObjectChanged,
+            "its tensors are not the ones listed when the conversion started",
+        )
+        .with_location(&loc));
+    }
+    Ok(((be, index, hook), loc))
 }
 
 /// Streams one tensor's plaintext to `sink` in pieces.
@@ -158,7 +249,7 @@ fn for_each_piece(
     input: &dyn Backend,
     index: &TensorIndex,
     ti: usize,
-    hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+    hook: &Option<Arc<dyn TensorHook>>,
     buf: &mut [u8],
     opts: &ConvertOptions,
     sink: &mut dyn FnMut(&[u8]) -> Result<()>,
@@ -222,48 +313,53 @@ fn read_full(input: &dyn Backend, offset: u64, out: &mut [u8]) -> Result<()> {
 }
 
 fn write_safetensors(
-    input: &dyn Backend,
-    index: &TensorIndex,
-    hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+    parts: Vec<ConvertPart<'_>>,
     w: &mut dyn Write,
     opts: &ConvertOptions,
 ) -> Result<ConvertStats> {
-    let entries: Vec<(String, crate::DType, Vec<u64>, u64)> = index
-        .tensors
+    let entries: Vec<(String, crate::DType, Vec<u64>, u64)> = parts
         .iter()
+        .flat_map(|p| p.index.tensors.iter())
         .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.nbytes()))
         .collect();
-    let metadata = index
-        .metadata
-        .iter()
-        .filter(|(k, _)| !k.starts_with("tensorizer."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let metadata = parts
+        .first()
+        .map(|p| {
+            p.index
+                .metadata
+                .iter()
+                .filter(|(k, _)| !k.starts_with("tensorizer."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
     let header = super::safetensors::write_header(&entries, &metadata)?;
     w.write_all(&header)
         .map_err(|e| Error::from_io(e, "writing safetensors header"))?;
     let mut buf = vec![0u8; opts.buffer_size.max(4096)];
     let mut stats = ConvertStats::default();
-    for ti in 0..index.tensors.len() {
-        stats.bytes += for_each_piece(input, index, ti, hook, &mut buf, opts, &mut |p| {
-            w.write_all(p)
-                .map_err(|e| Error::from_io(e, "writing safetensors data"))
-        })?;
-        stats.tensors += 1;
+    for part in parts {
+        let ((be, index, hook), loc) = open_part(part)?;
+        for ti in 0..index.tensors.len() {
+            stats.bytes += for_each_piece(be.get(), &index, ti, &hook, &mut buf, opts, &mut |p| {
+                w.write_all(p)
+                    .map_err(|e| Error::from_io(e, "writing safetensors data"))
+            })
+            .map_err(|e| e.with_location(&loc))?;
+            stats.tensors += 1;
+        }
     }
     Ok(stats)
 }
 
 fn write_tensorizer<W: Write + Seek>(
-    input: &dyn Backend,
-    index: &TensorIndex,
-    hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+    parts: Vec<ConvertPart<'_>>,
     w: W,
     opts: &ConvertOptions,
 ) -> Result<(ConvertStats, W)> {
-    let specs: Vec<TensorSpec> = index
-        .tensors
+    let specs: Vec<TensorSpec> = parts
         .iter()
+        .flat_map(|p| p.index.tensors.iter())
         .map(|t| TensorSpec {
             name: t.name.clone(),
             path: t.path.clone(),
@@ -279,18 +375,23 @@ fn write_tensorizer<W: Write + Seek>(
     };
     let mut ser = Serializer::new(w, &specs, &so)?;
     let mut stats = ConvertStats::default();
-    for (ti, t) in index.tensors.iter().enumerate() {
-        if t.source == TensorSource::Zeros {
-            ser.write_tensor(&[])?;
-            count(opts, t.nbytes());
-        } else {
-            // Feed the serializer through a reader that pulls pieces on demand.
-            check_cancel(opts)?;
-            let mut pieces = PieceReader::new(input, index, ti, hook, opts)?;
-            ser.write_tensor_from(&mut pieces)?;
+    for part in parts {
+        let ((be, index, hook), loc) = open_part(part)?;
+        for (ti, t) in index.tensors.iter().enumerate() {
+            if t.source == TensorSource::Zeros {
+                ser.write_tensor(&[])?;
+                count(opts, t.nbytes());
+            } else {
+                // Feed the serializer through a reader that pulls pieces on demand.
+                check_cancel(opts)?;
+                let mut pieces = PieceReader::new(be.get(), &index, ti, &hook, opts)
+                    .map_err(|e| e.with_location(&loc))?;
+                ser.write_tensor_from(&mut pieces)
+                    .map_err(|e| e.with_location(&loc))?;
+            }
+            stats.bytes += t.nbytes();
+            stats.tensors += 1;
         }
-        stats.bytes += t.nbytes();
-        stats.tensors += 1;
     }
     Ok((stats, ser.finish()?))
 }
@@ -310,7 +411,7 @@ impl<'a> PieceReader<'a> {
         input: &'a dyn Backend,
         index: &TensorIndex,
         ti: usize,
-        hook: &Option<std::sync::Arc<dyn crate::sink::TensorHook>>,
+        hook: &Option<Arc<dyn TensorHook>>,
         opts: &'a ConvertOptions,
     ) -> Result<Self> {
         let t = &index.tensors[ti];
