@@ -218,6 +218,34 @@ def bench_load(path, extra=(), digests=False, name=None, timeout=240):
     return load_json([BENCH, "load", path, "--device", "cuda:0"] + list(extra), digests, name, timeout)
 
 
+def write_sharded(d):
+    """A small sharded safetensors checkpoint (u8 tensors, pseudo-random bytes) as transformers
+    lays it out; returns name -> sha256 of what was written."""
+    import hashlib, random, struct
+    os.makedirs(d, exist_ok=True)
+    rng = random.Random(7)
+    sizes = [[4096, 100, 3 << 20], [7], [(5 << 20) + 1, 1 << 20]]
+    want, wmap = {}, {}
+    for k, shard in enumerate(sizes):
+        fname = f"model-{k + 1:05}-of-{len(sizes):05}.safetensors"
+        hdr, off, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+        for j, n in enumerate(shard):
+            name = f"layers.{k}.w{j}"
+            b = rng.randbytes(n)
+            hdr[name] = {"dtype": "U8", "shape": [n], "data_offsets": [off, off + n]}
+            off += n
+            blobs.append(b)
+            want[name] = hashlib.sha256(b).hexdigest()
+            wmap[name] = fname
+        h = json.dumps(hdr).encode()
+        h += b" " * (-len(h) % 8)
+        with open(os.path.join(d, fname), "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(map(sum, sizes))}, "weight_map": wmap}, f)
+    return want
+
+
 def digest_map(j):
     """name -> sha256; nested tensorizer names also under the manifest's compact JSON array."""
     out = {}
@@ -311,6 +339,18 @@ def main():
             bad = [n for n in want if got.get(n) != want[n]]
             check(f"fixture {fname}{label}", j is not None and not bad,
                   f"{len(want) - len(bad)}/{len(want)} tensors match" + (f", differ: {bad[:5]}" if bad else ""))
+
+    # A sharded checkpoint (model.safetensors.index.json + 3 shards, written here): every
+    # tensor's device bytes against the bytes written.
+    if CLI_GPU:
+        sdir = os.path.join(WORK, "sharded")
+        want = write_sharded(sdir)
+        j = ts_load(sdir, digests=True, timeout=60)
+        got = digest_map(j)
+        bad = [n for n in want if got.get(n) != want[n]]
+        check("sharded checkpoint (3 shards) -> cuda:0, device bytes == written bytes",
+              j is not None and not bad and len(got) == len(want),
+              f"{len(want) - len(bad)}/{len(want)} tensors match" + (f", differ: {bad[:5]}" if bad else ""))
 
     # ---------------------------------------------------------- (b) big file
     say(f"== (b) generated {GB} GB bf16 model -> cuda:0, device digests vs CPU digests")

@@ -20,7 +20,7 @@
 //!
 //! [`Loader::new`] also takes a sharded checkpoint (a `*.safetensors.index.json`, or a local
 //! directory holding `model.safetensors.index.json`): its shards load into one
-//! [`LoadedModel`] (host memory), and [`LoadedModel::files`] tells which shard held what.
+//! [`LoadedModel`] (or [`CudaModel`]), and [`LoadedModel::files`] tells which shard held what.
 //!
 //! The layers below are public too: [`engine`] (Backend trait, formats, planner, pipeline,
 //! sinks), [`backends`] (local, remote) and [`cuda`]. A third-party backend implements
@@ -778,8 +778,9 @@ impl Loader {
     /// else its only model file).
     /// Every shard's header is read and checked against the index before any tensor data, then
     /// the shards load one after another; the model's [`LoadedModel::files`] tell which file
-    /// each tensor came from. GPU loads and streaming take one file ([`Loader::convert`] joins
-    /// a checkpoint's shards into one).
+    /// each tensor came from. [`Loader::load_cuda`] loads a checkpoint too (one device
+    /// allocation per shard); streaming takes one file; [`Loader::convert`] joins a checkpoint's
+    /// shards into one file.
     pub fn load(&self) -> Result<LoadedModel> {
         self.bounded(Loader::load_now)
     }
@@ -825,15 +826,7 @@ impl Loader {
     fn load_host(&self, selected: Option<u64>) -> Result<(HostModel, LoadStats)> {
         let started = Instant::now();
         let p = self.prepare(None)?;
-        if let (Some(counted), Some(total)) = (selected, &self.outer_total()) {
-            use std::sync::atomic::Ordering::Relaxed;
-            let planned = p.plan.read_bytes;
-            if planned >= counted {
-                total.fetch_add(planned - counted, Relaxed);
-            } else {
-                total.fetch_sub(counted - planned, Relaxed);
-            }
-        }
+        self.correct_total(&p, selected);
         let sink = match p.hook.clone() {
             Some(h) => HostSink::with_hook(h, format::tensorizer::hook_threads()),
             None => HostSink::new(),
@@ -853,8 +846,25 @@ impl Loader {
     /// A sharded checkpoint: every shard's header read and checked against the index first
     /// (so that a missing or mismatched shard fails before gigabytes are read), then the shards
     /// with selected tensors loaded one after another.
-    fn load_sharded(&self, map: &sharded::ShardMap, started: Instant) -> Result<LoadedModel> {
-        use std::sync::atomic::Ordering;
+    /// A shard's loader corrects the checkpoint's progress total (which counted the shard's
+    /// tensor bytes) to the bytes its plan reads.
+    fn correct_total(&self, p: &Prepared, selected: Option<u64>) {
+        if let (Some(counted), Some(total)) = (selected, &self.outer_total()) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let planned = p.plan.read_bytes;
+            if planned >= counted {
+                total.fetch_add(planned - counted, Relaxed);
+            } else {
+                total.fetch_sub(counted - planned, Relaxed);
+            }
+        }
+    }
+
+    /// The first pass over a sharded checkpoint: every shard's header read and checked against
+    /// the index (so that a missing or mismatched shard fails before gigabytes are read).
+    /// Returns the loaders of the shards holding a selected tensor with the tensor bytes each
+    /// selects, and the combined index; sets the progress total.
+    fn check_shards(&self, map: &sharded::ShardMap) -> Result<(Vec<(Loader, u64)>, TensorIndex)> {
         let too_big = || {
             Error::corrupt("the shards' tensors add up to more than 2^64 bytes")
                 .with_location(sharded::redact(&map.index_uri))
@@ -895,8 +905,15 @@ impl Loader {
             .with_location(sharded::redact(&map.index_uri)));
         }
         if let Some(t) = &self.progress_total {
-            t.store(total, Ordering::Relaxed);
+            t.store(total, std::sync::atomic::Ordering::Relaxed);
         }
+        Ok((todo, merged))
+    }
+
+    /// A sharded checkpoint: checked (see `check_shards`), then the shards with selected
+    /// tensors loaded one after another.
+    fn load_sharded(&self, map: &sharded::ShardMap, started: Instant) -> Result<LoadedModel> {
+        let (todo, merged) = self.check_shards(map)?;
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
         for (l, bytes) in todo {
@@ -992,16 +1009,73 @@ impl Loader {
     }
 
     fn load_cuda_now(&self) -> Result<CudaModel> {
-        let this = self.single("a GPU load")?;
-        this.load_cuda_file()
+        match self.source()? {
+            sharded::Source::Sharded(map) => self.load_cuda_sharded(&map),
+            sharded::Source::File(u) if u == self.uri => self.load_cuda_file(None),
+            sharded::Source::File(u) => Loader {
+                uri: u,
+                ..self.clone()
+            }
+            .load_cuda_file(None),
+        }
     }
 
-    fn load_cuda_file(&self) -> Result<CudaModel> {
+    /// A sharded checkpoint onto the device: the device opened once, the shards checked (as
+    /// for a host load), then loaded one after another on that handle, each into its own
+    /// device allocation.
+    fn load_cuda_sharded(&self, map: &sharded::ShardMap) -> Result<CudaModel> {
+        let opening = Instant::now();
+        let dev = self.cuda_device()?;
+        let device_open = opening.elapsed();
+        let started = Instant::now();
+        let (todo, merged) = self.check_shards(map)?;
+        let mut parts = Vec::with_capacity(todo.len());
+        let mut stats: Option<LoadStats> = None;
+        for (l, bytes) in todo {
+            self.check_cancelled()?;
+            let shard_start = started.elapsed();
+            let cm = l.on_device(dev.clone()).load_cuda_file(Some(bytes))?;
+            let st = cm.stats;
+            parts.extend(cm.parts);
+            stats = Some(match stats {
+                None => LoadStats {
+                    // From the start of this load, not of the first shard's.
+                    first_tensor: st.first_tensor.map(|d| shard_start + d),
+                    ..st
+                },
+                Some(acc) => LoadStats {
+                    tensor_bytes: acc.tensor_bytes.saturating_add(st.tensor_bytes),
+                    bytes_read: acc.bytes_read.saturating_add(st.bytes_read),
+                    reads: acc.reads.saturating_add(st.reads),
+                    io_elapsed: acc.io_elapsed + st.io_elapsed,
+                    staging_bytes: acc.staging_bytes.max(st.staging_bytes),
+                    direct_io: acc.direct_io && st.direct_io,
+                    mapped_pieces: match (acc.mapped_pieces, st.mapped_pieces) {
+                        (Some((a, b)), Some((c, d))) => Some((a + c, b + d)),
+                        (a, b) => a.or(b),
+                    },
+                    ..acc
+                },
+            });
+        }
+        let mut stats = stats.expect("at least one shard was loaded");
+        stats.elapsed = started.elapsed();
+        stats.device_open = device_open;
+        Ok(CudaModel {
+            parts,
+            merged: Some(merged),
+            stats,
+        })
+    }
+
+    /// One file onto the device; `selected`: see [`Loader::load_host`].
+    fn load_cuda_file(&self, selected: Option<u64>) -> Result<CudaModel> {
         let opening = Instant::now();
         let dev = self.cuda_device()?;
         let device_open = opening.elapsed();
         let started = Instant::now();
         let p = self.prepare(Some(dev.options()))?;
+        self.correct_total(&p, selected);
         let route = p.gpu_route(&dev)?;
         // The device model's times count from the start of its copies.
         let planned = started.elapsed();
@@ -1033,7 +1107,15 @@ impl Loader {
         stats.mapped_pieces = mapped_pieces;
         stats.staging_page_locked = Some(dev.staging_page_locked());
         stats.first_tensor = model.times().first_tensor.map(|d| planned + d);
-        Ok(CudaModel { model, stats })
+        Ok(CudaModel {
+            parts: vec![CudaPart {
+                uri: self.uri.clone(),
+                shard: self.scope.as_ref().map(|s| s.file.clone()),
+                model,
+            }],
+            merged: None,
+            stats,
+        })
     }
 
     /// Like [`Loader::load_cuda`], but returns at once: iterate the result to get each tensor as
@@ -1319,21 +1401,117 @@ impl Prepared {
     }
 }
 
-/// Tensors loaded onto a CUDA device: one device allocation, per-tensor device pointers.
+/// Tensors loaded onto a CUDA device: one device allocation per file (a sharded checkpoint: one
+/// per shard), per-tensor device pointers.
 #[derive(Debug)]
 pub struct CudaModel {
-    model: tensorstream_cuda::DeviceModel,
+    /// One per file (at least one).
+    parts: Vec<CudaPart>,
+    /// A sharded checkpoint's combined index.
+    merged: Option<TensorIndex>,
     stats: LoadStats,
 }
 
-impl CudaModel {
-    /// The device model (tensors with device pointers, readback, release).
-    pub fn model(&self) -> &tensorstream_cuda::DeviceModel {
-        &self.model
+#[derive(Debug)]
+struct CudaPart {
+    uri: String,
+    shard: Option<String>,
+    model: tensorstream_cuda::DeviceModel,
+}
+
+/// One file of a [`CudaModel`]: the model file, or one shard of a sharded checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaFile<'a> {
+    part: &'a CudaPart,
+}
+
+impl<'a> CudaFile<'a> {
+    /// Where the file was read from.
+    pub fn uri(&self) -> &'a str {
+        &self.part.uri
     }
-    /// Takes the device model out (e.g. to `release()` it explicitly).
-    pub fn into_model(self) -> tensorstream_cuda::DeviceModel {
-        self.model
+    /// For a shard of a sharded checkpoint: its file name as the checkpoint index gives it.
+    pub fn shard(&self) -> Option<&'a str> {
+        self.part.shard.as_deref()
+    }
+    /// The file's tensors on the device (device pointers, readback).
+    pub fn model(&self) -> &'a tensorstream_cuda::DeviceModel {
+        &self.part.model
+    }
+}
+
+impl CudaModel {
+    /// The device model (tensors with device pointers, readback, release) of a model file. For
+    /// a sharded checkpoint each shard has its own: this is the first shard's, and
+    /// [`CudaModel::files`] gives them all.
+    pub fn model(&self) -> &tensorstream_cuda::DeviceModel {
+        &self.parts[0].model
+    }
+    /// The files loaded, in load order: one for a model file; for a sharded checkpoint, each
+    /// shard that held a selected tensor.
+    pub fn files(&self) -> impl Iterator<Item = CudaFile<'_>> {
+        self.parts.iter().map(|part| CudaFile { part })
+    }
+    /// True when the model came from a sharded checkpoint.
+    pub fn is_sharded(&self) -> bool {
+        self.merged.is_some()
+    }
+    /// Number of tensors loaded (all files).
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.model.len()).sum()
+    }
+    /// True when nothing was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The index: the file's, or a sharded checkpoint's combined one (see
+    /// [`LoadedModel::index`]).
+    pub fn index(&self) -> &TensorIndex {
+        match &self.merged {
+            Some(m) => m,
+            None => self.parts[0].model.index(),
+        }
+    }
+    /// A tensor by name, with the device model that holds it (for `to_host`, `read_chunks`).
+    pub fn get(
+        &self,
+        name: &str,
+    ) -> Option<(
+        &tensorstream_cuda::DeviceModel,
+        tensorstream_cuda::DeviceTensor<'_>,
+    )> {
+        self.parts
+            .iter()
+            .find_map(|p| p.model.get(name).map(|t| (&p.model, t)))
+    }
+    /// Takes the device model of a model file out (e.g. to `release()` it explicitly). A
+    /// sharded checkpoint has one per shard: use [`CudaModel::into_models`].
+    pub fn into_model(mut self) -> Result<tensorstream_cuda::DeviceModel> {
+        if self.parts.len() != 1 || self.merged.is_some() {
+            return Err(Error::invalid(format!(
+                "a sharded checkpoint is loaded as one device model per shard ({}): use \
+                 CudaModel::into_models",
+                self.parts.len()
+            )));
+        }
+        Ok(self.parts.remove(0).model)
+    }
+    /// Takes every device model out, in load order (one per file).
+    pub fn into_models(self) -> Vec<tensorstream_cuda::DeviceModel> {
+        self.parts.into_iter().map(|p| p.model).collect()
+    }
+    /// Frees every device allocation now (see `DeviceModel::release`); the first error is
+    /// returned after all were tried.
+    pub fn release(self) -> Result<()> {
+        let mut first = Ok(());
+        for m in self.into_models() {
+            if let Err(e) = m.release() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
     }
     /// Load statistics.
     pub fn stats(&self) -> &LoadStats {

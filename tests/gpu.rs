@@ -4,6 +4,9 @@
 
 use std::path::PathBuf;
 
+#[path = "support/checkpoint.rs"]
+mod checkpoint;
+
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tensorstream::engine::format::tensorizer::KeySource;
@@ -119,7 +122,7 @@ fn gpu_tensorizer_fixtures_verified_and_decrypted_match_manifest() {
             let bytes = model.to_host(&dt).unwrap();
             assert_eq!(sha(&bytes), t["sha256"].as_str().unwrap(), "{file}/{name}");
         }
-        m.into_model().release().unwrap();
+        m.into_model().unwrap().release().unwrap();
     }
 }
 
@@ -262,4 +265,51 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
             );
         }
     }
+}
+
+/// A sharded checkpoint onto the device: one device handle, one allocation per shard, every
+/// tensor's device bytes equal to what was written, filters across shards.
+#[test]
+fn gpu_sharded_checkpoint_loads_every_shard() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &[&[4096, 100], &[3 << 20], &[7, 1 << 20]], 21);
+    let m = Loader::new(dir.path().display().to_string())
+        .device(Device::Cuda(0))
+        .cuda_options(small_ring())
+        .load_cuda()
+        .unwrap();
+    assert!(m.is_sharded());
+    assert_eq!(m.files().count(), 3);
+    assert_eq!(m.len(), want.len());
+    assert_eq!(m.index().tensors.len(), want.len());
+    for w in &want {
+        let (dm, t) = m.get(&w.name).unwrap();
+        assert_eq!(sha(&dm.to_host(&t).unwrap()), w.sha256, "{}", w.name);
+        assert_eq!(t.ptr % 256, 0, "{}", w.name);
+    }
+    for f in m.files() {
+        let file = f.shard().unwrap();
+        for t in f.model().tensors() {
+            let w = want.iter().find(|w| w.name == t.name).unwrap();
+            assert_eq!(w.file, file);
+        }
+    }
+    assert!(m.stats().first_tensor.is_some());
+    let total: usize = want.iter().map(|w| w.bytes.len()).sum();
+    assert_eq!(m.stats().tensor_bytes, total as u64);
+    let e = m.into_model().unwrap_err();
+    assert!(e.to_string().contains("into_models"), "{e}");
+    // A filter: only the shards holding a match are read.
+    let m = Loader::new(dir.path().display().to_string())
+        .filter_glob("layers.2.*")
+        .unwrap()
+        .device(Device::Cuda(0))
+        .load_cuda()
+        .unwrap();
+    assert_eq!(m.files().count(), 1);
+    assert_eq!(m.len(), 2);
+    m.release().unwrap();
 }

@@ -42,7 +42,7 @@ enum Cmd {
     /// Load tensors into memory and report throughput.
     Load {
         /// Path or URI of a safetensors / tensorizer file, or of a sharded checkpoint (its
-        /// *.safetensors.index.json, or a local directory; host memory only).
+        /// *.safetensors.index.json, or a local directory).
         uri: String,
         /// Target device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]

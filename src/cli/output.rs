@@ -262,34 +262,41 @@ pub fn load(
             let _bar = Progress::start_dynamic("loading", total, counter, quiet);
             loader.load_cuda()?
         };
-        let m = cm.model();
-        let mut rows = Vec::with_capacity(m.len());
-        for t in m.tensors() {
-            let sha = if with_digests {
-                // Read back what is on the device and hash it, in bounded host memory.
-                let mut h = Sha256::new();
-                m.read_chunks(&t, 64 << 20, |b| {
-                    h.update(b);
-                    Ok(())
-                })?;
-                Some(hex(&h.finalize()))
-            } else {
-                None
-            };
-            rows.push(Row {
-                name: t.name.to_string(),
-                dtype: t.dtype.name(),
-                shape: t.shape.to_vec(),
-                offset: t.offset,
-                nbytes: t.len,
-                sha,
-                shard: None,
-            });
+        let mut rows = Vec::with_capacity(cm.len());
+        for f in cm.files() {
+            let m = f.model();
+            for t in m.tensors() {
+                let sha = if with_digests {
+                    // Read back what is on the device and hash it, in bounded host memory.
+                    let mut h = Sha256::new();
+                    m.read_chunks(&t, 64 << 20, |b| {
+                        h.update(b);
+                        Ok(())
+                    })?;
+                    Some(hex(&h.finalize()))
+                } else {
+                    None
+                };
+                rows.push(Row {
+                    name: t.name.to_string(),
+                    dtype: t.dtype.name(),
+                    shape: t.shape.to_vec(),
+                    offset: t.offset,
+                    nbytes: t.len,
+                    sha,
+                    shard: f.shard().map(str::to_string),
+                });
+            }
         }
         let st = cm.stats().clone();
         let ft = st.first_tensor.map(|d| d.as_secs_f64());
-        let index = m.index().clone();
-        (rows, st, ft, index, None)
+        let index = cm.index().clone();
+        let shards = cm.is_sharded().then(|| {
+            cm.files()
+                .filter_map(|f| f.shard().map(str::to_string))
+                .collect::<Vec<_>>()
+        });
+        (rows, st, ft, index, shards)
     } else {
         let model = {
             let _bar = Progress::start_dynamic("loading", total, counter, quiet);
