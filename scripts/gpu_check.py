@@ -351,6 +351,9 @@ def main():
         check("sharded checkpoint (3 shards) -> cuda:0, device bytes == written bytes",
               j is not None and not bad and len(got) == len(want),
               f"{len(want) - len(bad)}/{len(want)} tensors match" + (f", differ: {bad[:5]}" if bad else ""))
+    else:
+        check("sharded checkpoint (3 shards) -> cuda:0", False,
+              "not run: the CLI cannot load to cuda:0 (see above)")
 
     # ---------------------------------------------------------- (b) big file
     say(f"== (b) generated {GB} GB bf16 model -> cuda:0, device digests vs CPU digests")

@@ -31,8 +31,8 @@
 //!   [`Loader::convert`] block the calling thread until done (seconds for big models; remote
 //!   backends also wait on retries). From async code run them on a blocking thread
 //!   (`tokio::task::spawn_blocking`). [`Loader::load_cuda_streaming`] returns at once and loads
-//!   on its own thread; dropping its handle does not stop that load (set a cancel flag, then
-//!   `wait()`).
+//!   on its own thread; dropping its handle before `wait()` stops that load (its device memory
+//!   is freed on that thread), as does `stop()` or the loader's cancel flag.
 //! * **Stopping.** [`Loader::cancel_flag`] stops a load or conversion between reads (reads in
 //!   retry backoff on HTTP, S3 and NFS are stopped at once); the opening steps (connect, index,
 //!   key derivation) are not interrupted. Per-request timeouts are in [`OpenOptions::timeout`],
@@ -335,8 +335,9 @@ impl Loader {
             let names: Arc<std::collections::HashSet<String>> =
                 Arc::new(sel.iter().map(|&i| index.tensors[i].name.clone()).collect());
             let read = l.read_options(&index);
-            // The part as it will be written: the selected tensors, checked (and a key tried)
-            // now rather than after the earlier shards were written.
+            // The part as it will be written: the selected tensors, checked now (verification
+            // asked of a format without checksums, a key for an unencrypted file) rather than
+            // after the earlier shards were written.
             let mut declared = index;
             declared.tensors.retain(|t| names.contains(&t.name));
             format::tensorizer::prepare(be.as_ref(), &mut declared, &read)
@@ -939,17 +940,16 @@ impl Loader {
         }
         let mut stats = stats.expect("at least one shard was loaded");
         stats.elapsed = started.elapsed();
-        // Names to parts, so that `get` does not scan every shard.
-        let mut by_name = std::collections::HashMap::new();
-        for (k, p) in parts.iter().enumerate() {
-            for t in p.host.tensors() {
-                by_name.entry(t.name.to_string()).or_insert(k);
-            }
-        }
+        let by_name = Some(names_to_parts(parts.iter().map(|p| {
+            p.host
+                .tensors()
+                .map(|t| t.name.to_string())
+                .collect::<Vec<_>>()
+        })));
         Ok(LoadedModel {
             parts,
             merged: Some(merged),
-            by_name: Some(by_name),
+            by_name,
             stats,
         })
     }
@@ -1024,17 +1024,23 @@ impl Loader {
     /// for a host load), then loaded one after another on that handle, each into its own
     /// device allocation.
     fn load_cuda_sharded(&self, map: &sharded::ShardMap) -> Result<CudaModel> {
+        // The checkpoint is checked before the device is opened (a bad one costs no driver
+        // start-up); `elapsed` leaves the opening out, as for one file.
+        let started = Instant::now();
+        let (todo, merged) = self.check_shards(map)?;
         let opening = Instant::now();
         let dev = self.cuda_device()?;
         let device_open = opening.elapsed();
-        let started = Instant::now();
-        let (todo, merged) = self.check_shards(map)?;
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
         for (l, bytes) in todo {
             self.check_cancelled()?;
-            let shard_start = started.elapsed();
-            let cm = l.on_device(dev.clone()).load_cuda_file(Some(bytes))?;
+            let shard_start = started.elapsed().saturating_sub(device_open);
+            let location = sharded::redact(&l.uri);
+            let cm = l
+                .on_device(dev.clone())
+                .load_cuda_file(Some(bytes))
+                .map_err(|e| e.with_location(location))?;
             let st = cm.stats;
             parts.extend(cm.parts);
             stats = Some(match stats {
@@ -1050,6 +1056,9 @@ impl Loader {
                     io_elapsed: acc.io_elapsed + st.io_elapsed,
                     staging_bytes: acc.staging_bytes.max(st.staging_bytes),
                     direct_io: acc.direct_io && st.direct_io,
+                    first_tensor: acc
+                        .first_tensor
+                        .or(st.first_tensor.map(|d| shard_start + d)),
                     mapped_pieces: match (acc.mapped_pieces, st.mapped_pieces) {
                         (Some((a, b)), Some((c, d))) => Some((a + c, b + d)),
                         (a, b) => a.or(b),
@@ -1059,11 +1068,18 @@ impl Loader {
             });
         }
         let mut stats = stats.expect("at least one shard was loaded");
-        stats.elapsed = started.elapsed();
+        stats.elapsed = started.elapsed().saturating_sub(device_open);
         stats.device_open = device_open;
+        let by_name = Some(names_to_parts(parts.iter().map(|p| {
+            p.model
+                .tensors()
+                .map(|t| t.name.to_string())
+                .collect::<Vec<_>>()
+        })));
         Ok(CudaModel {
             parts,
             merged: Some(merged),
+            by_name,
             stats,
         })
     }
@@ -1114,6 +1130,7 @@ impl Loader {
                 model,
             }],
             merged: None,
+            by_name: None,
             stats,
         })
     }
@@ -1129,9 +1146,14 @@ impl Loader {
         }
         let this = self.single("a streaming GPU load")?;
         let dev = this.cuda_device()?;
-        let p = this.prepare(Some(dev.options()))?;
+        let mut p = this.prepare(Some(dev.options()))?;
         let index = p.index.clone();
-        match p.gpu_route(&dev)? {
+        // The load stops on its own flag: set by dropping the handle, and following the
+        // caller's cancel flag (which is never set by us).
+        let stop = stop_flag(self.cancel.clone())?;
+        p.eopts.cancel = Some(stop.clone());
+        p.host_eopts.cancel = Some(stop.clone());
+        let started = match p.gpu_route(&dev)? {
             GpuRoute::Staged => {
                 tensorstream_cuda::StreamingLoad::spawn(move |tx| staged::load(&dev, &p, Some(tx)))
                     .map(|s| s.with_index(index))
@@ -1143,7 +1165,8 @@ impl Loader {
             GpuRoute::Ring => {
                 tensorstream_cuda::load_streaming(&dev, p.backend, p.meta, p.index, p.plan, p.eopts)
             }
-        }
+        };
+        started.map(|s| s.with_stop(stop))
     }
 
     /// Metadata, selection, verification hooks and the plan, for either destination.
@@ -1224,6 +1247,36 @@ impl Loader {
             host_eopts,
         })
     }
+}
+
+/// A flag a streaming load stops on: set by dropping its handle, and set when `user` (the
+/// caller's cancel flag) is, seen within 50 ms by a watcher thread that ends once nothing
+/// holds the flag any more (the load finished and its handle is gone) or it was set.
+fn stop_flag(
+    user: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<Arc<std::sync::atomic::AtomicBool>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(user) = user {
+        let weak = Arc::downgrade(&stop);
+        std::thread::Builder::new()
+            .name("ts-stream-stop".into())
+            .spawn(move || {
+                while let Some(stop) = weak.upgrade() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if user.load(Ordering::SeqCst) {
+                        stop.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    drop(stop);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+            .map_err(|e| Error::from_io(e, "starting the stop watcher"))?;
+    }
+    Ok(stop)
 }
 
 /// Most bytes [`Loader::inspect`] reads to check a key.
@@ -1318,6 +1371,7 @@ fn mapped_load_counted(
         tensorstream_cuda::WarmStrategy::Register,
         subscriber,
         Some(&same_file),
+        p.eopts.cancel.clone(),
     )?;
     if let Some(c) = &p.eopts.progress {
         // All at once at the end (the copies run on the device): the planned read bytes, the
@@ -1409,6 +1463,8 @@ pub struct CudaModel {
     parts: Vec<CudaPart>,
     /// A sharded checkpoint's combined index.
     merged: Option<TensorIndex>,
+    /// A sharded checkpoint's tensor names → part.
+    by_name: Option<std::collections::HashMap<String, usize>>,
     stats: LoadStats,
 }
 
@@ -1480,9 +1536,19 @@ impl CudaModel {
         &tensorstream_cuda::DeviceModel,
         tensorstream_cuda::DeviceTensor<'_>,
     )> {
-        self.parts
-            .iter()
-            .find_map(|p| p.model.get(name).map(|t| (&p.model, t)))
+        fn find<'m>(
+            p: &'m CudaPart,
+            name: &str,
+        ) -> Option<(
+            &'m tensorstream_cuda::DeviceModel,
+            tensorstream_cuda::DeviceTensor<'m>,
+        )> {
+            p.model.get(name).map(|t| (&p.model, t))
+        }
+        match &self.by_name {
+            Some(m) => m.get(name).and_then(|&k| find(&self.parts[k], name)),
+            None => self.parts.iter().find_map(|p| find(p, name)),
+        }
     }
     /// Takes the device model of a model file out (e.g. to `release()` it explicitly). A
     /// sharded checkpoint has one per shard: use [`CudaModel::into_models`].
@@ -1681,6 +1747,20 @@ impl LoadedModel {
     }
 }
 
+/// Tensor names → the part holding them (the first, should two hold one), so that looking a
+/// tensor up does not scan every shard.
+fn names_to_parts(
+    parts: impl Iterator<Item = Vec<String>>,
+) -> std::collections::HashMap<String, usize> {
+    let mut by_name = std::collections::HashMap::new();
+    for (k, names) in parts.enumerate() {
+        for n in names {
+            by_name.entry(n).or_insert(k);
+        }
+    }
+    by_name
+}
+
 /// A shard's index restricted to the tensors the checkpoint index places in it.
 fn scoped_index(mut index: TensorIndex, names: &std::collections::HashSet<String>) -> TensorIndex {
     index.tensors.retain(|t| names.contains(&t.name));
@@ -1746,3 +1826,60 @@ pub fn peak_rss_bytes() -> Option<u64> {
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Threads of this process named `name` (Linux).
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        std::fs::read_to_string(e.path().join("comm"))
+                            .is_ok_and(|c| c.trim() == name)
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn within(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn a_streaming_loads_stop_flag_follows_the_callers_and_its_watcher_ends() {
+        // The caller's flag is seen (and never written).
+        let user = Arc::new(AtomicBool::new(false));
+        let stop = stop_flag(Some(user.clone())).unwrap();
+        assert!(!stop.load(Ordering::SeqCst));
+        user.store(true, Ordering::SeqCst);
+        assert!(within(5, || stop.load(Ordering::SeqCst)));
+        // Set by the handle's drop, the flag is not copied back to the caller's.
+        let user = Arc::new(AtomicBool::new(false));
+        let stop = stop_flag(Some(user.clone())).unwrap();
+        stop.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(!user.load(Ordering::SeqCst));
+        // Once nothing holds the flag, its watcher ends.
+        drop(stop);
+        assert!(within(5, || threads_named("ts-stream-stop") == 0));
+        let stop = stop_flag(Some(Arc::new(AtomicBool::new(false)))).unwrap();
+        assert!(within(5, || threads_named("ts-stream-stop") == 1));
+        drop(stop);
+        assert!(within(5, || threads_named("ts-stream-stop") == 0));
+        // Without a caller's flag there is no watcher.
+        let _stop = stop_flag(None).unwrap();
+        assert_eq!(threads_named("ts-stream-stop"), 0);
+    }
+}

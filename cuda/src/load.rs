@@ -1,5 +1,6 @@
 //! One-call device loads through the engine, waiting for all tensors or streaming them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -30,11 +31,14 @@ pub fn load(
 }
 
 /// A load running on its own thread; iterate it to get each tensor as soon as its bytes are on
-/// the device, then [`StreamingLoad::wait`] for the model.
+/// the device, then [`StreamingLoad::wait`] for the model. Dropping it before `wait` stops the
+/// load when it was given a stop flag ([`StreamingLoad::with_stop`]; the `Loader`'s streaming
+/// loads have one): its reads and copies end, and its device memory is freed on its thread.
 pub struct StreamingLoad {
     rx: Receiver<ReadyTensor>,
     handle: Option<JoinHandle<Result<(DeviceModel, EngineStats)>>>,
     index: Option<Arc<TensorIndex>>,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 /// Starts a load on a thread and returns at once.
@@ -60,6 +64,7 @@ pub fn load_streaming(
         rx,
         handle: Some(handle),
         index: Some(shared),
+        stop: None,
     })
 }
 
@@ -88,7 +93,23 @@ impl StreamingLoad {
             rx,
             handle: Some(handle),
             index: None,
+            stop: None,
         })
+    }
+
+    /// The flag the load stops on (its engine's cancel flag): set when this handle is dropped
+    /// before [`StreamingLoad::wait`], or by [`StreamingLoad::stop`].
+    pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// Asks the load to stop (with a stop flag: see [`StreamingLoad::with_stop`]); `wait` then
+    /// returns its `Cancelled` error, or the model if it had finished.
+    pub fn stop(&self) {
+        if let Some(s) = &self.stop {
+            s.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Attaches the index of the file being loaded, for [`StreamingLoad::index`].
@@ -117,10 +138,75 @@ impl StreamingLoad {
     }
 }
 
+impl Drop for StreamingLoad {
+    fn drop(&mut self) {
+        // Not waited for: nobody will take the model, so stop the load (it frees what it holds
+        // on its own thread, which is not joined here).
+        if self.handle.is_some() {
+            self.stop();
+        }
+    }
+}
+
 impl Iterator for StreamingLoad {
     type Item = ReadyTensor;
     /// The next tensor on the device; `None` once the load finished or failed (then `wait`).
     fn next(&mut self) -> Option<ReadyTensor> {
         self.rx.recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Runs a stand-in load (no GPU needed) that ends only when its stop flag is set, and
+    /// reports how it ended.
+    fn stoppable() -> (StreamingLoad, crossbeam_channel::Receiver<&'static str>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tell, told) = crossbeam_channel::bounded(1);
+        let seen = stop.clone();
+        let load = StreamingLoad::spawn(move |_tx| {
+            let t = std::time::Instant::now();
+            while !seen.load(Ordering::SeqCst) {
+                if t.elapsed() > Duration::from_secs(30) {
+                    let _ = tell.send("never stopped");
+                    return Err(Error::new(ErrorKind::Timeout, "never stopped"));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = tell.send("stopped");
+            Err(Error::new(ErrorKind::Cancelled, "stopped"))
+        })
+        .unwrap()
+        .with_stop(stop);
+        (load, told)
+    }
+
+    #[test]
+    fn dropping_a_streaming_load_stops_it() {
+        let (load, told) = stoppable();
+        drop(load);
+        assert_eq!(told.recv_timeout(Duration::from_secs(10)), Ok("stopped"));
+    }
+
+    #[test]
+    fn stop_ends_a_streaming_load_and_wait_reports_it() {
+        let (load, told) = stoppable();
+        load.stop();
+        assert_eq!(told.recv_timeout(Duration::from_secs(10)), Ok("stopped"));
+        assert_eq!(load.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    }
+
+    #[test]
+    fn waiting_does_not_stop_a_streaming_load() {
+        // `wait` takes the handle: the drop that follows must not set the flag.
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = StreamingLoad::spawn(move |_tx| Err(Error::invalid("done")))
+            .unwrap()
+            .with_stop(stop.clone());
+        assert_eq!(load.wait().unwrap_err().kind(), ErrorKind::InvalidInput);
+        assert!(!stop.load(Ordering::SeqCst));
     }
 }

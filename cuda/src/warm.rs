@@ -88,6 +88,7 @@ struct Shared<'a> {
     fallback: AtomicUsize,
     readiness: &'a Mutex<Readiness>,
     strategy: WarmStrategy,
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Tells whether an open file (its `fstat`) is still the version a load's index was read from.
@@ -97,7 +98,9 @@ pub type SameFile = dyn Fn(&std::fs::Metadata) -> bool + Sync;
 /// mapped warm path. `subscriber` receives tensors as they land. `same_file`, when given, is
 /// asked right after the file is mapped (it is opened again by path: it may have been replaced)
 /// and once every copy has finished (it may have been rewritten in place meanwhile); a `false`
-/// fails the load with `ObjectChanged`.
+/// fails the load with `ObjectChanged`. `cancel`, once set, stops the load before its next
+/// piece (`Cancelled`).
+#[allow(clippy::too_many_arguments)]
 pub fn load_mapped(
     dev: &Arc<CudaDevice>,
     path: &Path,
@@ -106,6 +109,7 @@ pub fn load_mapped(
     strategy: WarmStrategy,
     subscriber: Option<Sender<ReadyTensor>>,
     same_file: Option<&SameFile>,
+    cancel: Option<Arc<AtomicBool>>,
 ) -> Result<(DeviceModel, WarmStats)> {
     let start = Instant::now();
     let loc = path.display().to_string();
@@ -186,6 +190,7 @@ pub fn load_mapped(
         fallback: AtomicUsize::new(0),
         readiness: &readiness,
         strategy,
+        cancel,
     };
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = per_thread
@@ -266,6 +271,13 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
         loop {
             if sh.stop.load(Ordering::SeqCst) {
                 return Ok(());
+            }
+            if sh
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return Err(Error::new(ErrorKind::Cancelled, "load cancelled"));
             }
             let k = sh.next.fetch_add(1, Ordering::SeqCst);
             let Some(piece) = sh.pieces.get(k) else {

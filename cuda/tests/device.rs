@@ -297,7 +297,17 @@ fn gpu_warm_mapped_path_matches_both_strategies() {
     let plan = gpu_plan(&index, 64 << 10);
     assert!(residency(&path).unwrap() > 0.0);
     for strategy in [WarmStrategy::Register, WarmStrategy::Pread] {
-        let (m, st) = load_mapped(&dev, &path, index.clone(), &plan, strategy, None, None).unwrap();
+        let (m, st) = load_mapped(
+            &dev,
+            &path,
+            index.clone(),
+            &plan,
+            strategy,
+            None,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(st.registered + st.fallback, st.pieces, "{st:?}");
         if strategy == WarmStrategy::Pread {
             assert_eq!(st.registered, 0);
@@ -306,4 +316,18 @@ fn gpu_warm_mapped_path_matches_both_strategies() {
         check_model(&m, &want);
         m.release().unwrap();
     }
+    // A cancel flag already set stops the load before its first piece.
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let e = load_mapped(
+        &dev,
+        &path,
+        index.clone(),
+        &plan,
+        WarmStrategy::Register,
+        None,
+        None,
+        Some(cancel),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
 }

@@ -676,6 +676,22 @@ fn convert_parts_refuses_a_part_that_changed() {
         1,
         "only joined.safetensors"
     );
+    // Same names, dtypes and shapes, but a stored tensor became a meta (zeros) one.
+    let mut meta = index_of(&a);
+    meta.tensors[1].source = tensorstream_engine::TensorSource::Zeros;
+    let out = dir.path().join("meta.tensors");
+    let e = convert_parts(
+        vec![part("mem://a", a.clone(), index_of(&a), meta)],
+        &out,
+        &ConvertOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        tensorstream_engine::ErrorKind::ObjectChanged,
+        "{e}"
+    );
+    assert!(!out.exists());
     // The same tensor name in two parts is refused before anything is written.
     let out = dir.path().join("dup.safetensors");
     let e = convert_parts(

@@ -418,7 +418,7 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
             } else {
                 WarmStrategy::Pread
             };
-            let (m, st) = load_mapped(&dev, Path::new(path), index, &plan, s, None, None)?;
+            let (m, st) = load_mapped(&dev, Path::new(path), index, &plan, s, None, None, None)?;
             (m, format!("mapped {s:?} {st:?}"))
         }
         other => {

@@ -229,11 +229,9 @@ fn open_part<'a>(part: ConvertPart<'a>) -> Result<(OpenedPart<'a>, String)> {
     let loc = part.location;
     let (be, index, hook) = (part.open)().map_err(|e| e.with_location(&loc))?;
     let same = index.tensors.len() == part.index.tensors.len()
-        && index
-            .tensors
-            .iter()
-            .zip(&part.index.tensors)
-            .all(|(a, b)| a.name == b.name && a.dtype == b.dtype && a.shape == b.shape);
+        && index.tensors.iter().zip(&part.index.tensors).all(|(a, b)| {
+            a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.source == b.source
+        });
     if !same {
         return Err(Error::new(
             crate::ErrorKind::ObjectChanged,
@@ -245,8 +243,10 @@ fn open_part<'a>(part: ConvertPart<'a>) -> Result<(OpenedPart<'a>, String)> {
 }
 
 /// Streams one tensor's plaintext to `sink` in pieces.
+#[allow(clippy::too_many_arguments)]
 fn for_each_piece(
     input: &dyn Backend,
+    loc: &str,
     index: &TensorIndex,
     ti: usize,
     hook: &Option<Arc<dyn TensorHook>>,
@@ -278,16 +278,17 @@ fn for_each_piece(
             let len = usize::try_from(t.range.end - start)
                 .map_err(|_| Error::invalid("tensor too large for this machine"))?;
             let mut whole = vec![0u8; len];
-            read_full(input, start, &mut whole)?;
+            read_full(input, start, &mut whole).map_err(|e| e.with_location(loc))?;
             let data_start = (t.range.start - start) as usize;
-            h.process(ti, &mut whole, data_start)?;
+            h.process(ti, &mut whole, data_start)
+                .map_err(|e| e.with_location(loc))?;
             sink(&whole[data_start..])?;
         }
         (TensorSource::Stored, None) => {
             let mut off = t.range.start;
             while off < t.range.end {
                 let k = (buf.len() as u64).min(t.range.end - off) as usize;
-                read_full(input, off, &mut buf[..k])?;
+                read_full(input, off, &mut buf[..k]).map_err(|e| e.with_location(loc))?;
                 sink(&buf[..k])?;
                 off += k as u64;
             }
@@ -341,11 +342,20 @@ fn write_safetensors(
     for part in parts {
         let ((be, index, hook), loc) = open_part(part)?;
         for ti in 0..index.tensors.len() {
-            stats.bytes += for_each_piece(be.get(), &index, ti, &hook, &mut buf, opts, &mut |p| {
-                w.write_all(p)
-                    .map_err(|e| Error::from_io(e, "writing safetensors data"))
-            })
-            .map_err(|e| e.with_location(&loc))?;
+            // Read errors name the part (inside); write errors are the output's.
+            stats.bytes += for_each_piece(
+                be.get(),
+                &loc,
+                &index,
+                ti,
+                &hook,
+                &mut buf,
+                opts,
+                &mut |p| {
+                    w.write_all(p)
+                        .map_err(|e| Error::from_io(e, "writing safetensors data"))
+                },
+            )?;
             stats.tensors += 1;
         }
     }
@@ -384,10 +394,9 @@ fn write_tensorizer<W: Write + Seek>(
             } else {
                 // Feed the serializer through a reader that pulls pieces on demand.
                 check_cancel(opts)?;
-                let mut pieces = PieceReader::new(be.get(), &index, ti, &hook, opts)
-                    .map_err(|e| e.with_location(&loc))?;
-                ser.write_tensor_from(&mut pieces)
-                    .map_err(|e| e.with_location(&loc))?;
+                // Read errors name the part (inside); write errors are the output's.
+                let mut pieces = PieceReader::new(be.get(), &loc, &index, ti, &hook, opts)?;
+                ser.write_tensor_from(&mut pieces)?;
             }
             stats.bytes += t.nbytes();
             stats.tensors += 1;
@@ -400,6 +409,7 @@ fn write_tensorizer<W: Write + Seek>(
 /// tensor when a hook must see it first.
 struct PieceReader<'a> {
     input: &'a dyn Backend,
+    loc: &'a str,
     opts: &'a ConvertOptions,
     off: u64,
     end: u64,
@@ -409,6 +419,7 @@ struct PieceReader<'a> {
 impl<'a> PieceReader<'a> {
     fn new(
         input: &'a dyn Backend,
+        loc: &'a str,
         index: &TensorIndex,
         ti: usize,
         hook: &Option<Arc<dyn TensorHook>>,
@@ -421,15 +432,17 @@ impl<'a> PieceReader<'a> {
                 let len = usize::try_from(t.range.end - start)
                     .map_err(|_| Error::invalid("tensor too large for this machine"))?;
                 let mut whole = vec![0u8; len];
-                read_full(input, start, &mut whole)?;
+                read_full(input, start, &mut whole).map_err(|e| e.with_location(loc))?;
                 let ds = (t.range.start - start) as usize;
-                h.process(ti, &mut whole, ds)?;
+                h.process(ti, &mut whole, ds)
+                    .map_err(|e| e.with_location(loc))?;
                 Some((whole, ds))
             }
             None => None,
         };
         Ok(PieceReader {
             input,
+            loc,
             opts,
             off: t.range.start,
             end: t.range.end,
@@ -452,7 +465,8 @@ impl Read for PieceReader<'_> {
         if n == 0 {
             return Ok(0);
         }
-        read_full(self.input, self.off, &mut out[..n]).map_err(std::io::Error::other)?;
+        read_full(self.input, self.off, &mut out[..n])
+            .map_err(|e| std::io::Error::other(e.with_location(self.loc)))?;
         self.off += n as u64;
         count(self.opts, n as u64);
         Ok(n)
