@@ -315,44 +315,27 @@ impl Loader {
         encrypt: Option<KeySource>,
     ) -> Result<ConvertStats> {
         use format::convert::{ConvertPart, PartBackend};
-        let too_big = || {
-            Error::corrupt("the shards' tensors add up to more than 2^64 bytes")
-                .with_location(sharded::redact(&map.index_uri))
-        };
-        let mut parts = Vec::new();
-        let mut total = 0u64;
-        for shard in &map.shards {
-            self.check_cancelled()?;
-            let l = self.shard_loader(map, shard);
-            let be = l.backend()?;
-            let meta = be.stat()?;
-            let index = format::read_index(be.as_ref(), &meta)?;
-            l.warn_unlisted(l.check_scope(&index)?);
-            let sel = l.select(&index)?;
-            if sel.is_empty() {
-                continue;
-            }
-            let names: Arc<std::collections::HashSet<String>> =
-                Arc::new(sel.iter().map(|&i| index.tensors[i].name.clone()).collect());
-            let read = l.read_options(&index);
-            // The part as it will be written: the selected tensors, checked now (verification
-            // asked of a format without checksums, a key for an unencrypted file) rather than
-            // after the earlier shards were written.
-            let mut declared = index;
-            declared.tensors.retain(|t| names.contains(&t.name));
-            format::tensorizer::prepare(be.as_ref(), &mut declared, &read)
-                .map_err(|e| e.with_location(sharded::redact(&l.uri)))?;
-            drop(be);
-            let bytes = declared
-                .tensors
+        let (todo, _) = self.check_shards(map)?;
+        let mut parts = Vec::with_capacity(todo.len());
+        for (l, _) in todo {
+            let Some(known) = l.scope.as_ref().and_then(|s| s.known.clone()) else {
+                return Err(Error::invalid("a checked shard lost its index"));
+            };
+            // The part as it will be written: the shard's selected tensors, in file order.
+            let sel = l.select(&known.1)?;
+            let names: std::collections::HashSet<String> = sel
                 .iter()
-                .try_fold(0u64, |a, t| a.checked_add(t.nbytes()))
-                .ok_or_else(too_big)?;
-            total = total.checked_add(bytes).ok_or_else(too_big)?;
-            let location = sharded::redact(&l.uri);
+                .map(|&i| known.1.tensors[i].name.clone())
+                .collect();
+            let mut declared = known.1.clone();
+            declared.tensors.retain(|t| names.contains(&t.name));
+            let read = l.read_options(&declared);
             parts.push(ConvertPart {
-                location,
+                location: sharded::redact(&l.uri),
                 index: declared,
+                // Opened when its turn comes; verification and decryption are prepared then (a
+                // request that cannot apply, such as verifying safetensors, fails at the first
+                // shard, before any tensor is written).
                 open: Box::new(move || {
                     let be = l.backend()?;
                     let meta = be.stat()?;
@@ -362,16 +345,6 @@ impl Loader {
                     Ok((PartBackend::Owned(be), index, hook))
                 }),
             });
-        }
-        if parts.is_empty() {
-            return Err(Error::invalid(format!(
-                "the filter matches none of the {} tensors of the checkpoint",
-                map.tensors
-            ))
-            .with_location(sharded::redact(&map.index_uri)));
-        }
-        if let Some(t) = &self.progress_total {
-            t.store(total, std::sync::atomic::Ordering::Relaxed);
         }
         let opts = ConvertOptions {
             encrypt,
@@ -925,27 +898,13 @@ impl Loader {
                 shard: l.scope.as_ref().map(|s| s.file.clone()),
                 host,
             });
-            stats = Some(match stats {
-                None => st,
-                Some(acc) => LoadStats {
-                    tensor_bytes: acc.tensor_bytes.saturating_add(st.tensor_bytes),
-                    bytes_read: acc.bytes_read.saturating_add(st.bytes_read),
-                    reads: acc.reads.saturating_add(st.reads),
-                    io_elapsed: acc.io_elapsed + st.io_elapsed,
-                    staging_bytes: acc.staging_bytes.max(st.staging_bytes),
-                    direct_io: acc.direct_io && st.direct_io,
-                    ..acc
-                },
-            });
+            stats = Some(LoadStats::add_shard(stats, st, Duration::ZERO));
         }
         let mut stats = stats.expect("at least one shard was loaded");
         stats.elapsed = started.elapsed();
-        let by_name = Some(names_to_parts(parts.iter().map(|p| {
-            p.host
-                .tensors()
-                .map(|t| t.name.to_string())
-                .collect::<Vec<_>>()
-        })));
+        let by_name = Some(names_to_parts(
+            parts.iter().map(|p| p.host.tensors().map(|t| t.name)),
+        ));
         Ok(LoadedModel {
             parts,
             merged: Some(merged),
@@ -1043,39 +1002,14 @@ impl Loader {
                 .map_err(|e| e.with_location(location))?;
             let st = cm.stats;
             parts.extend(cm.parts);
-            stats = Some(match stats {
-                None => LoadStats {
-                    // From the start of this load, not of the first shard's.
-                    first_tensor: st.first_tensor.map(|d| shard_start + d),
-                    ..st
-                },
-                Some(acc) => LoadStats {
-                    tensor_bytes: acc.tensor_bytes.saturating_add(st.tensor_bytes),
-                    bytes_read: acc.bytes_read.saturating_add(st.bytes_read),
-                    reads: acc.reads.saturating_add(st.reads),
-                    io_elapsed: acc.io_elapsed + st.io_elapsed,
-                    staging_bytes: acc.staging_bytes.max(st.staging_bytes),
-                    direct_io: acc.direct_io && st.direct_io,
-                    first_tensor: acc
-                        .first_tensor
-                        .or(st.first_tensor.map(|d| shard_start + d)),
-                    mapped_pieces: match (acc.mapped_pieces, st.mapped_pieces) {
-                        (Some((a, b)), Some((c, d))) => Some((a + c, b + d)),
-                        (a, b) => a.or(b),
-                    },
-                    ..acc
-                },
-            });
+            stats = Some(LoadStats::add_shard(stats, st, shard_start));
         }
         let mut stats = stats.expect("at least one shard was loaded");
         stats.elapsed = started.elapsed().saturating_sub(device_open);
         stats.device_open = device_open;
-        let by_name = Some(names_to_parts(parts.iter().map(|p| {
-            p.model
-                .tensors()
-                .map(|t| t.name.to_string())
-                .collect::<Vec<_>>()
-        })));
+        let by_name = Some(names_to_parts(
+            parts.iter().map(|p| p.model.tensors().map(|t| t.name)),
+        ));
         Ok(CudaModel {
             parts,
             merged: Some(merged),
@@ -1628,6 +1562,34 @@ pub struct LoadStats {
 }
 
 impl LoadStats {
+    /// The statistics of the shards loaded so far (`acc`) and of the next one (`st`, whose load
+    /// began `start` after the checkpoint's): counts summed; the first shard's settings;
+    /// `first_tensor` from the first shard that reports one, counted from the checkpoint's
+    /// start. The caller sets `elapsed`.
+    fn add_shard(acc: Option<LoadStats>, st: LoadStats, start: Duration) -> LoadStats {
+        let first = st.first_tensor.map(|d| start + d);
+        let Some(acc) = acc else {
+            return LoadStats {
+                first_tensor: first,
+                ..st
+            };
+        };
+        LoadStats {
+            tensor_bytes: acc.tensor_bytes.saturating_add(st.tensor_bytes),
+            bytes_read: acc.bytes_read.saturating_add(st.bytes_read),
+            reads: acc.reads.saturating_add(st.reads),
+            io_elapsed: acc.io_elapsed + st.io_elapsed,
+            staging_bytes: acc.staging_bytes.max(st.staging_bytes),
+            direct_io: acc.direct_io && st.direct_io,
+            first_tensor: acc.first_tensor.or(first),
+            mapped_pieces: match (acc.mapped_pieces, st.mapped_pieces) {
+                (Some((a, b)), Some((c, d))) => Some((a + c, b + d)),
+                (a, b) => a.or(b),
+            },
+            ..acc
+        }
+    }
+
     /// Tensor bytes per second over the whole load, in GB/s (10^9).
     pub fn gbps(&self) -> f64 {
         let s = self.elapsed.as_secs_f64();
@@ -1749,13 +1711,13 @@ impl LoadedModel {
 
 /// Tensor names → the part holding them (the first, should two hold one), so that looking a
 /// tensor up does not scan every shard.
-fn names_to_parts(
-    parts: impl Iterator<Item = Vec<String>>,
+fn names_to_parts<'a, N: Iterator<Item = &'a str>>(
+    parts: impl Iterator<Item = N>,
 ) -> std::collections::HashMap<String, usize> {
     let mut by_name = std::collections::HashMap::new();
     for (k, names) in parts.enumerate() {
         for n in names {
-            by_name.entry(n).or_insert(k);
+            by_name.entry(n.to_string()).or_insert(k);
         }
     }
     by_name

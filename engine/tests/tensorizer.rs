@@ -651,47 +651,41 @@ fn convert_parts_refuses_a_part_that_changed() {
         .read_exact_at(second.range.start, second.nbytes() as usize)
         .unwrap();
     assert_eq!(bytes, &b[b.len() - 30..]);
-    // The second part now holds other tensors.
+    // A part that changed before its turn: ObjectChanged naming it, no output, no leftovers.
+    let changed = |parts, name: &str| {
+        let out = dir.path().join(name);
+        let e = convert_parts(parts, &out, &ConvertOptions::default()).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            tensorstream_engine::ErrorKind::ObjectChanged,
+            "{e}"
+        );
+        assert!(!out.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "only joined.safetensors"
+        );
+        e
+    };
+    // … the second part now holds other tensors;
     let mut ic = index_of(&c);
     ic.tensors[0].name = "second".into();
-    let out = dir.path().join("changed.safetensors");
-    let e = convert_parts(
+    let e = changed(
         vec![
             part("mem://a", a.clone(), index_of(&a), index_of(&a)),
             part("mem://b", c, ib.clone(), ic),
         ],
-        &out,
-        &ConvertOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(
-        e.kind(),
-        tensorstream_engine::ErrorKind::ObjectChanged,
-        "{e}"
+        "changed.safetensors",
     );
     assert_eq!(e.location(), Some("mem://b"));
-    assert!(!out.exists());
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        1,
-        "only joined.safetensors"
-    );
-    // Same names, dtypes and shapes, but a stored tensor became a meta (zeros) one.
+    // … same names, dtypes and shapes, but a stored tensor became a meta (zeros) one.
     let mut meta = index_of(&a);
     meta.tensors[1].source = tensorstream_engine::TensorSource::Zeros;
-    let out = dir.path().join("meta.tensors");
-    let e = convert_parts(
+    changed(
         vec![part("mem://a", a.clone(), index_of(&a), meta)],
-        &out,
-        &ConvertOptions::default(),
-    )
-    .unwrap_err();
-    assert_eq!(
-        e.kind(),
-        tensorstream_engine::ErrorKind::ObjectChanged,
-        "{e}"
+        "meta.tensors",
     );
-    assert!(!out.exists());
     // The same tensor name in two parts is refused before anything is written.
     let out = dir.path().join("dup.safetensors");
     let e = convert_parts(
