@@ -183,9 +183,6 @@ pub struct LocalBackend {
     fs_kind: FsKind,
 }
 
-/// Fraction of `samples` spread-out 4 KiB pages of the file that are in the page cache, probed
-/// with `preadv2(RWF_NOWAIT)` (fails with EAGAIN instead of going to the disk). `None` when the
-/// kernel does not support the probe or the file is empty.
 /// The fraction of `path`'s pages in the page cache, from 64 sampled pages read with
 /// `preadv2(RWF_NOWAIT)` (which fails with `EAGAIN` instead of going to the disk); `None` where
 /// the kernel cannot tell (or the file cannot be opened). Unlike `mincore` on a mapping, this
@@ -196,23 +193,49 @@ pub fn cached_fraction_of(path: &std::path::Path) -> Option<f64> {
     cached_fraction(&f, size)
 }
 
+/// Fraction of 64 sampled 4 KiB pages of the file that are in the page cache (see
+/// [`cached_fraction_of`]).
+///
+/// A non-blocking read of a page that is not cached still starts reading it in (and, by default,
+/// a readahead window around it), so a probe at fixed offsets would find the previous probe's
+/// pages and call a cold file warm — as a load does when it probes twice (a sharded
+/// checkpoint's check and load, a GPU load's route choice after the open). So each probe picks
+/// a random page in each of the 64 equal parts of the file, and reads with readahead turned off
+/// on this descriptor (`POSIX_FADV_RANDOM`, reset to normal afterwards): a probe brings in at
+/// most its own 64 pages, which a later probe almost never samples again.
 fn cached_fraction(file: &File, size: u64) -> Option<f64> {
+    use std::hash::{BuildHasher, Hasher};
     const SAMPLES: u64 = 64;
+    const PAGE: u64 = 4096;
     if size == 0 {
         return None;
     }
-    let mut page = [0u8; 4096];
+    // Random per probe (a fresh RandomState has fresh keys), no extra dependency.
+    let seed = std::collections::hash_map::RandomState::new();
+    let pages = size.div_ceil(PAGE);
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Random);
+    let mut page = [0u8; PAGE as usize];
     let mut hits = 0u64;
+    let mut supported = true;
     for i in 0..SAMPLES {
-        let off = (size / SAMPLES) * i / 4096 * 4096;
+        // Pages [first, end) are part i of the file.
+        let first = pages * i / SAMPLES;
+        let end = (pages * (i + 1) / SAMPLES).max(first + 1);
+        let mut h = seed.build_hasher();
+        h.write_u64(i);
+        let off = (first + h.finish() % (end - first)) * PAGE;
         let mut bufs = [std::io::IoSliceMut::new(&mut page)];
         match rustix::io::preadv2(file, &mut bufs, off, rustix::io::ReadWriteFlags::NOWAIT) {
             Ok(_) => hits += 1,
             Err(rustix::io::Errno::AGAIN) => {}
-            Err(_) => return None,
+            Err(_) => {
+                supported = false;
+                break;
+            }
         }
     }
-    Some(hits as f64 / SAMPLES as f64)
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Normal);
+    supported.then(|| hits as f64 / SAMPLES as f64)
 }
 
 fn open_error(e: std::io::Error, path: &str) -> Error {

@@ -546,6 +546,46 @@ fn residency_probe_sees_a_freshly_written_file_as_cached() {
     }
 }
 
+/// A probe must not warm what the next probe samples: a cold file probed twice (a sharded
+/// checkpoint is checked, then loaded; a GPU load probes again to pick its route) stays cold,
+/// and a second open still reads it with O_DIRECT. Before, the first probe's non-blocking reads
+/// pulled in the very pages the second one sampled, which then said "all cached".
+#[test]
+fn probing_a_cold_file_twice_does_not_make_it_look_warm() {
+    let dir = disk_dir();
+    let p = dir.path().join("cold.bin");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&pattern(64 << 20, 9)).unwrap();
+        f.sync_all().unwrap();
+    }
+    let f = std::fs::File::open(&p).unwrap();
+    let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+    let Some(first) = super::cached_fraction(&f, 64 << 20) else {
+        eprintln!("SKIPPED: preadv2(RWF_NOWAIT) unsupported here");
+        return;
+    };
+    if first > 0.25 {
+        eprintln!("SKIPPED: the page cache could not be dropped for this file ({first} cached)");
+        return;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200)); // let readahead land
+    let second = super::cached_fraction(&f, 64 << 20).unwrap();
+    assert!(second < 0.5, "second probe says {second} cached");
+    let by_path = super::cached_fraction_of(&p).unwrap();
+    assert!(by_path < 0.5, "third probe says {by_path} cached");
+    // Two opens of the backend (each probes): both choose O_DIRECT where it is available.
+    let a = LocalBackend::open(p.to_str().unwrap(), &OpenOptions::default()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let b = LocalBackend::open(p.to_str().unwrap(), &OpenOptions::default()).unwrap();
+    assert_eq!(
+        a.capabilities().direct_io,
+        b.capabilities().direct_io,
+        "the second open saw the first one's probe"
+    );
+}
+
 /// The file is rewritten in place (same size) between two reads of a load that reads neither
 /// the end of the file nor a whole GiB: the reads do not notice, the engine's last look at the
 /// object (`unchanged_since`, run by `execute` after every read landed) does.
