@@ -176,6 +176,9 @@ impl std::fmt::Debug for Loader {
     }
 }
 
+/// Shards of a sharded checkpoint loaded to host memory at the same time.
+const SHARD_LANES: usize = 2;
+
 /// Default staging-ring budget (host memory beyond the destination).
 pub const DEFAULT_RING_BUDGET: usize = 256 << 20;
 
@@ -751,7 +754,7 @@ impl Loader {
     /// does (its `model.safetensors`, else `model.safetensors.index.json`, else its only index,
     /// else its only model file).
     /// Every shard's header is read and checked against the index before any tensor data, then
-    /// the shards load one after another; the model's [`LoadedModel::files`] tell which file
+    /// the shards load, two at a time; the model's [`LoadedModel::files`] tell which file
     /// each tensor came from. [`Loader::load_cuda`] loads a checkpoint too (one device
     /// allocation per shard); streaming takes one file; [`Loader::convert`] joins a checkpoint's
     /// shards into one file.
@@ -817,9 +820,6 @@ impl Loader {
         Ok((host, stats))
     }
 
-    /// A sharded checkpoint: every shard's header read and checked against the index first
-    /// (so that a missing or mismatched shard fails before gigabytes are read), then the shards
-    /// with selected tensors loaded one after another.
     /// A shard's loader corrects the checkpoint's progress total (which counted the shard's
     /// tensor bytes) to the bytes its plan reads.
     fn correct_total(&self, p: &Prepared, selected: Option<u64>) {
@@ -885,23 +885,87 @@ impl Loader {
     }
 
     /// A sharded checkpoint: checked (see `check_shards`), then the shards with selected
-    /// tensors loaded one after another.
+    /// tensors loaded, [`SHARD_LANES`] at a time.
     fn load_sharded(&self, map: &sharded::ShardMap, started: Instant) -> Result<LoadedModel> {
-        let (todo, merged) = self.check_shards(map)?;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (mut todo, merged) = self.check_shards(map)?;
+        // Two shards load at a time, so that one's start (open, plan, first reads) overlaps
+        // the other's last reads instead of the storage idling between shards; each gets half
+        // the staging budget, keeping the load's host memory bound. They stop on their own
+        // flag, which follows the caller's cancel flag and is set when a shard fails.
+        let lanes = todo.len().min(SHARD_LANES);
+        let stop = stop_flag(self.cancel.clone())?;
+        for (l, _) in &mut todo {
+            l.cancel = Some(stop.clone());
+            l.ring_budget = (self.ring_budget / lanes).max(1 << 20);
+        }
+        type Loaded = Result<(HostModel, LoadStats)>;
+        let results: Vec<std::sync::Mutex<Option<Loaded>>> =
+            todo.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..lanes {
+                s.spawn(|| loop {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some((l, bytes)) = todo.get(k) else {
+                        return;
+                    };
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let r = l.load_host(Some(*bytes));
+                    if r.is_err() {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    if let Ok(mut slot) = results[k].lock() {
+                        *slot = Some(r);
+                    }
+                });
+            }
+        });
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
-        for (l, bytes) in todo {
-            self.check_cancelled()?;
-            let (host, st) = l.load_host(Some(bytes))?;
-            parts.push(ModelPart {
-                uri: l.uri.clone(),
-                shard: l.scope.as_ref().map(|s| s.file.clone()),
-                host,
-            });
-            stats = Some(LoadStats::add_shard(stats, st, Duration::ZERO));
+        let mut failed: Option<Error> = None;
+        for ((l, _), r) in todo.iter().zip(results) {
+            match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(Ok((host, st))) => {
+                    parts.push(ModelPart {
+                        uri: l.uri.clone(),
+                        shard: l.scope.as_ref().map(|s| s.file.clone()),
+                        host,
+                    });
+                    stats = Some(LoadStats::add_shard(stats, st, Duration::ZERO));
+                }
+                // The first shard's own failure in shard order, not the stop it caused in the
+                // other lane (Cancelled only when nothing else failed).
+                Some(Err(e)) => {
+                    let first_real = match &failed {
+                        None => true,
+                        Some(f) => {
+                            f.kind() == ErrorKind::Cancelled && e.kind() != ErrorKind::Cancelled
+                        }
+                    };
+                    if first_real {
+                        failed = Some(e);
+                    }
+                }
+                None => {}
+            }
         }
-        let mut stats = stats.expect("at least one shard was loaded");
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let Some(mut stats) = stats else {
+            return Err(Error::new(ErrorKind::Cancelled, "cancelled"));
+        };
         stats.elapsed = started.elapsed();
+        if parts.len() != todo.len() {
+            return Err(Error::new(
+                ErrorKind::Cancelled,
+                "the load stopped before every shard was read",
+            )
+            .with_location(sharded::redact(&map.index_uri)));
+        }
         let by_name = Some(names_to_parts(
             parts.iter().map(|p| p.host.tensors().map(|t| t.name)),
         ));

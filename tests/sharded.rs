@@ -439,3 +439,49 @@ fn convert_joins_the_shards_into_one_file() {
     assert!(!out.exists());
     std::fs::rename(&moved, &gone).unwrap();
 }
+
+/// Shards load two at a time: a shard that fails while loading (here: tensorizer shards, one
+/// with a flipped data byte, loaded with verification) fails the load with its own error — not
+/// the cancellation it causes in the other lane — and nothing is returned.
+#[test]
+fn a_shard_failing_mid_load_fails_the_load_with_its_own_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(src.path(), &[&[1 << 20, 10], &[3 << 20], &[2 << 20, 5]], 14);
+    // The same checkpoint as tensorizer shards.
+    let mut tz = want.clone();
+    for k in 1..=3 {
+        let from = src.path().join(checkpoint::shard_name(k, 3));
+        let to = checkpoint::shard_name(k, 3).replace(".safetensors", ".tensors");
+        Loader::new(from.display().to_string())
+            .convert(&dir.path().join(&to), None)
+            .unwrap();
+        for t in tz
+            .iter_mut()
+            .filter(|t| t.file == checkpoint::shard_name(k, 3))
+        {
+            t.file = to.clone();
+        }
+    }
+    checkpoint::write_index(dir.path(), "model.safetensors.index.json", &tz);
+    let uri = dir.path().display().to_string();
+    let m = Loader::new(&uri).verify_hashes(true).load().unwrap();
+    for w in &want {
+        assert!(
+            m.get(&w.name).unwrap().data == w.bytes.as_slice(),
+            "{}",
+            w.name
+        );
+    }
+    // Flip a byte in the middle of shard 2's only tensor.
+    let bad = dir.path().join("model-00002-of-00003.tensors");
+    let mut bytes = std::fs::read(&bad).unwrap();
+    let n = bytes.len();
+    bytes[n - (1 << 20)] ^= 1;
+    std::fs::write(&bad, bytes).unwrap();
+    for _ in 0..3 {
+        let e = Loader::new(&uri).verify_hashes(true).load().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::IntegrityMismatch, "{e}");
+        assert!(e.to_string().contains("layers.1.w0"), "{e}");
+    }
+}
