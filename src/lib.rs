@@ -147,6 +147,9 @@ pub struct Loader {
     fallback_password: Option<KeySource>,
     /// Set on the per-shard loaders of a sharded checkpoint.
     scope: Option<ShardScope>,
+    /// Loads running side by side that share the queue depth (the shard lanes of a sharded
+    /// host load): each gets its share of the reads in flight. 1 otherwise.
+    lanes: usize,
 }
 
 /// One shard of a sharded checkpoint: the tensors its index places there.
@@ -205,6 +208,7 @@ impl Loader {
             key: None,
             fallback_password: None,
             scope: None,
+            lanes: 1,
         }
     }
 
@@ -386,7 +390,8 @@ impl Loader {
         });
         self
     }
-    /// Reads in flight (default: the backend's preference, 16 for local files).
+    /// Reads in flight (default: the backend's preference, 16 for local files). The shards of a
+    /// checkpoint that load at the same time share them.
     pub fn queue_depth(mut self, n: usize) -> Self {
         self.queue_depth = Some(n.max(1));
         self.open.concurrency = Some(n.max(1));
@@ -398,7 +403,10 @@ impl Loader {
         self.open.chunk_size = Some(bytes.max(4096));
         self
     }
-    /// Staging memory budget for reads that cannot land in place (default 256 MiB).
+    /// Staging memory budget for reads that cannot land in place (default 256 MiB; at least
+    /// 1 MiB). A load stages at least two reads whatever the budget, so with a budget under two
+    /// chunks it uses two chunks. A sharded checkpoint loading two shards at a time gives each
+    /// half the budget (and half the queue depth), the two-read minimum applying to each.
     pub fn ring_budget(mut self, bytes: usize) -> Self {
         self.ring_budget = bytes.max(1 << 20);
         self
@@ -890,75 +898,92 @@ impl Loader {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let (mut todo, merged) = self.check_shards(map)?;
         // Two shards load at a time, so that one's start (open, plan, first reads) overlaps
-        // the other's last reads instead of the storage idling between shards; each gets half
-        // the staging budget, keeping the load's host memory bound. They stop on their own
-        // flag, which follows the caller's cancel flag and is set when a shard fails.
+        // the other's last reads instead of the storage idling between shards. Each lane gets
+        // its share of the staging budget and of the queue depth, so the load keeps the reads
+        // in flight and the host memory of a single-file load. They stop on their own flag,
+        // which follows the caller's cancel flag and is set when a shard fails.
         let lanes = todo.len().min(SHARD_LANES);
         let stop = stop_flag(self.cancel.clone())?;
         for (l, _) in &mut todo {
             l.cancel = Some(stop.clone());
             l.ring_budget = (self.ring_budget / lanes).max(1 << 20);
+            l.lanes = lanes;
         }
         type Loaded = Result<(HostModel, LoadStats)>;
-        let results: Vec<std::sync::Mutex<Option<Loaded>>> =
+        // Each shard's result and the lane that loaded it.
+        let results: Vec<std::sync::Mutex<Option<(usize, Loaded)>>> =
             todo.iter().map(|_| std::sync::Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..lanes {
-                s.spawn(|| loop {
-                    let k = next.fetch_add(1, Ordering::SeqCst);
-                    let Some((l, bytes)) = todo.get(k) else {
-                        return;
-                    };
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let r = l.load_host(Some(*bytes));
-                    if r.is_err() {
+        let data_started = Instant::now();
+        let spawned: Result<()> = std::thread::scope(|s| {
+            for lane in 0..lanes {
+                let (todo, results, next, stop) = (&todo, &results, &next, &stop);
+                let user = self.cancel.as_ref();
+                std::thread::Builder::new()
+                    .name("ts-shard-lane".into())
+                    .spawn_scoped(s, move || {
+                        // A lane that panics still stops the other.
+                        let _guard = StopOnPanic(stop);
+                        loop {
+                            let k = next.fetch_add(1, Ordering::SeqCst);
+                            let Some((l, bytes)) = todo.get(k) else {
+                                return;
+                            };
+                            // The caller's flag directly too: the watcher sees it only
+                            // every few milliseconds.
+                            if stop.load(Ordering::SeqCst)
+                                || user.is_some_and(|c| c.load(Ordering::SeqCst))
+                            {
+                                return;
+                            }
+                            let r = l.load_host(Some(*bytes));
+                            if r.is_err() {
+                                stop.store(true, Ordering::SeqCst);
+                            }
+                            if let Ok(mut slot) = results[k].lock() {
+                                *slot = Some((lane, r));
+                            }
+                        }
+                    })
+                    .map_err(|e| {
                         stop.store(true, Ordering::SeqCst);
-                    }
-                    if let Ok(mut slot) = results[k].lock() {
-                        *slot = Some(r);
-                    }
-                });
+                        Error::from_io(e, "starting a shard lane")
+                    })?;
             }
+            Ok(())
         });
+        spawned?;
+        let io_elapsed = data_started.elapsed();
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
-        let mut failed: Option<Error> = None;
+        // Per lane: the most staging memory and reads in flight any of its shards used.
+        let mut lane_peak = vec![(0u64, 0usize); lanes];
+        let mut errors = Vec::new();
         for ((l, _), r) in todo.iter().zip(results) {
             match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                Some(Ok((host, st))) => {
+                Some((lane, Ok((host, st)))) => {
                     parts.push(ModelPart {
                         uri: l.uri.clone(),
                         shard: l.scope.as_ref().map(|s| s.file.clone()),
                         host,
                     });
+                    if let Some(p) = lane_peak.get_mut(lane) {
+                        p.0 = p.0.max(st.staging_bytes);
+                        p.1 = p.1.max(st.queue_depth);
+                    }
                     stats = Some(LoadStats::add_shard(stats, st, Duration::ZERO));
                 }
-                // The first shard's own failure in shard order, not the stop it caused in the
-                // other lane (Cancelled only when nothing else failed).
-                Some(Err(e)) => {
-                    let first_real = match &failed {
-                        None => true,
-                        Some(f) => {
-                            f.kind() == ErrorKind::Cancelled && e.kind() != ErrorKind::Cancelled
-                        }
-                    };
-                    if first_real {
-                        failed = Some(e);
-                    }
-                }
+                Some((_, Err(e))) => errors.push(e),
                 None => {}
             }
         }
-        if let Some(e) = failed {
+        if let Some(e) = first_failure(errors) {
             return Err(e);
         }
         let Some(mut stats) = stats else {
-            return Err(Error::new(ErrorKind::Cancelled, "cancelled"));
+            return Err(Error::new(ErrorKind::Cancelled, "cancelled")
+                .with_location(sharded::redact(&map.index_uri)));
         };
-        stats.elapsed = started.elapsed();
         if parts.len() != todo.len() {
             return Err(Error::new(
                 ErrorKind::Cancelled,
@@ -966,6 +991,11 @@ impl Loader {
             )
             .with_location(sharded::redact(&map.index_uri)));
         }
+        // The lanes overlap: wall time of the data phase, and what the lanes held together.
+        stats.elapsed = started.elapsed();
+        stats.io_elapsed = io_elapsed;
+        stats.staging_bytes = lane_peak.iter().map(|p| p.0).sum();
+        stats.queue_depth = lane_peak.iter().map(|p| p.1).sum();
         let by_name = Some(names_to_parts(
             parts.iter().map(|p| p.host.tensors().map(|t| t.name)),
         ));
@@ -1200,10 +1230,12 @@ impl Loader {
         let chunk = self.chunk_size.unwrap_or(caps.preferred_chunk).max(4096) as u64;
         popts.chunk_size = (chunk / popts.alignment).max(1) * popts.alignment;
         let mut eopts = EngineOptions {
-            queue_depth: self
+            queue_depth: (self
                 .queue_depth
                 .unwrap_or(caps.max_concurrency.max(1))
-                .min(tensorstream_engine::pipeline::MAX_QUEUE_DEPTH),
+                .min(tensorstream_engine::pipeline::MAX_QUEUE_DEPTH)
+                / self.lanes.max(1))
+            .max(1),
             ring_budget: self.ring_budget,
             progress: self.progress.clone(),
             cancel: self.cancel.clone(),
@@ -1248,14 +1280,17 @@ impl Loader {
 }
 
 /// A flag a streaming load stops on: set by dropping its handle, and set when `user` (the
-/// caller's cancel flag) is, seen within 50 ms by a watcher thread that ends once nothing
-/// holds the flag any more (the load finished and its handle is gone) or it was set.
+/// caller's cancel flag) is, seen within 10 ms by a watcher thread that ends once nothing
+/// holds the flag any more (the load finished and its handle is gone) or it was set. Set from
+/// the start when `user` already is.
 fn stop_flag(
     user: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<Arc<std::sync::atomic::AtomicBool>> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let stop = Arc::new(AtomicBool::new(false));
-    if let Some(user) = user {
+    let stop = Arc::new(AtomicBool::new(
+        user.as_ref().is_some_and(|u| u.load(Ordering::SeqCst)),
+    ));
+    if let Some(user) = user.filter(|u| !u.load(Ordering::SeqCst)) {
         let weak = Arc::downgrade(&stop);
         std::thread::Builder::new()
             .name("ts-stream-stop".into())
@@ -1269,12 +1304,40 @@ fn stop_flag(
                         return;
                     }
                     drop(stop);
-                    std::thread::sleep(Duration::from_millis(50));
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             })
             .map_err(|e| Error::from_io(e, "starting the stop watcher"))?;
     }
     Ok(stop)
+}
+
+/// Sets the flag when the thread holding it unwinds from a panic.
+struct StopOnPanic<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// The error a load of several shards reports, from their errors in shard order: the first
+/// shard's own failure, not the `Cancelled` it caused in the other lane — `Cancelled` only
+/// when nothing else failed.
+fn first_failure(errors: Vec<Error>) -> Option<Error> {
+    let mut first: Option<Error> = None;
+    for e in errors {
+        match &first {
+            None => first = Some(e),
+            Some(f) if f.kind() == ErrorKind::Cancelled && e.kind() != ErrorKind::Cancelled => {
+                first = Some(e)
+            }
+            Some(_) => {}
+        }
+    }
+    first
 }
 
 /// Most bytes [`Loader::inspect`] reads to check a key.
@@ -1907,5 +1970,36 @@ mod tests {
         // Without a caller's flag there is no watcher.
         let _stop = stop_flag(None).unwrap();
         assert_eq!(threads_named("ts-stream-stop"), 0);
+        // A caller's flag already set: stopped from the start, nothing to watch.
+        let stop = stop_flag(Some(Arc::new(AtomicBool::new(true)))).unwrap();
+        assert!(stop.load(Ordering::SeqCst));
+        assert_eq!(threads_named("ts-stream-stop"), 0);
+    }
+
+    #[test]
+    fn a_sharded_load_reports_the_failure_that_stopped_it_not_the_stop() {
+        let cancelled = |m: &str| Error::new(ErrorKind::Cancelled, m);
+        let corrupt = |m: &str| Error::new(ErrorKind::Corrupt, m);
+        let pick = |v: Vec<Error>| first_failure(v).map(|e| (e.kind(), e.message().to_string()));
+        assert!(pick(vec![]).is_none());
+        // Shard 1 failed, which stopped shard 0 in the other lane: shard 1's error.
+        assert_eq!(
+            pick(vec![cancelled("s0"), corrupt("s1")]),
+            Some((ErrorKind::Corrupt, "s1".into()))
+        );
+        // Two real failures: the first in shard order.
+        assert_eq!(
+            pick(vec![cancelled("s0"), corrupt("s1"), corrupt("s2")]),
+            Some((ErrorKind::Corrupt, "s1".into()))
+        );
+        assert_eq!(
+            pick(vec![corrupt("s0"), cancelled("s1")]),
+            Some((ErrorKind::Corrupt, "s0".into()))
+        );
+        // Only stops (the caller cancelled): the first of them.
+        assert_eq!(
+            pick(vec![cancelled("s0"), cancelled("s1")]),
+            Some((ErrorKind::Cancelled, "s0".into()))
+        );
     }
 }

@@ -339,6 +339,27 @@ fn streaming_gpu_loads_refuse_a_sharded_checkpoint_clearly() {
 }
 
 #[test]
+fn shards_loading_side_by_side_share_the_queue_depth_and_staging_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &SHARDS, 2);
+    let budget = 8 << 20;
+    let m = Loader::new(dir.path().display().to_string())
+        .queue_depth(8)
+        .chunk_size(1 << 20)
+        .ring_budget(budget)
+        .load()
+        .unwrap();
+    let st = m.stats();
+    let total: usize = want.iter().map(|t| t.bytes.len()).sum();
+    assert_eq!(st.tensor_bytes, total as u64);
+    // Two lanes of 4 reads each: what the caller asked for in all.
+    assert_eq!(st.queue_depth, 8, "{st:?}");
+    assert!(st.staging_bytes <= budget as u64, "{st:?}");
+    // The lanes overlap: the data phase is wall time, within the whole load's.
+    assert!(st.io_elapsed <= st.elapsed, "{st:?}");
+}
+
+#[test]
 fn progress_cancel_and_deadline_cover_the_whole_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     checkpoint::write(dir.path(), &SHARDS, 8);

@@ -202,7 +202,10 @@ pub fn cached_fraction_of(path: &std::path::Path) -> Option<f64> {
 /// checkpoint's check and load, a GPU load's route choice after the open). So each probe picks
 /// a random page in each of the 64 equal parts of the file, and reads with readahead turned off
 /// on this descriptor (`POSIX_FADV_RANDOM`, reset to normal afterwards): a probe brings in at
-/// most its own 64 pages, which a later probe almost never samples again.
+/// most its own 64 pages. In a large file a later probe rarely samples one of them again (each
+/// part holds thousands of pages); in a small one (under a few MiB, where a part is a handful
+/// of pages) it may, so a small cold file can read as partly cached after being probed — it is
+/// then read buffered, which for so few bytes costs little.
 fn cached_fraction(file: &File, size: u64) -> Option<f64> {
     use std::hash::{BuildHasher, Hasher};
     const SAMPLES: u64 = 64;
