@@ -96,7 +96,8 @@ type Group = (
 ///
 /// A producer thread loads and checks group n+1 while this thread hands group n to `dest`; the
 /// hand-over is a rendezvous, so at most two groups are in host memory. A group reaches `dest`
-/// only after the hook accepted every tensor in it; the first error stops both sides.
+/// only after the hook accepted every tensor in it; the first error stops both sides (a
+/// failing `dest` cancels the group being read).
 pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<EngineStats> {
     let hook = p
         .hook
@@ -109,6 +110,12 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
         .enumerate()
         .map(|(i, pl)| (pl.tensor, i))
         .collect();
+    // The producer's reads stop on this flag: set when the consumer fails (so the group being
+    // loaded is not read to its end for nothing), and following the load's own cancel flag.
+    let stop = crate::stop_flag(p.host_eopts.cancel.clone())?;
+    let mut eopts = p.host_eopts.clone();
+    eopts.cancel = Some(stop.clone());
+    let eopts = &eopts;
     let started = std::time::Instant::now();
     let mut total = std::thread::scope(|s| -> Result<EngineStats> {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Group>>(0);
@@ -124,7 +131,7 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
                     if sel.is_empty() {
                         continue; // zero-filled on the device already
                     }
-                    let r = load_group(p, &hook, &sel);
+                    let r = load_group(p, eopts, &hook, &sel);
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         return; // the consumer stopped, or this was the error it gets
@@ -164,6 +171,9 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
             }
             Ok(total)
         })();
+        if consumed.is_err() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         drop(rx);
         let joined = producer.join();
         let total = consumed?;
@@ -182,6 +192,7 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
 /// Loads tensors `sel` into host memory through the engine and runs the hook on each.
 fn load_group(
     p: &Prepared,
+    eopts: &tensorstream_engine::EngineOptions,
     hook: &Arc<dyn tensorstream_engine::sink::TensorHook>,
     sel: &[usize],
 ) -> Result<Group> {
@@ -190,13 +201,7 @@ fn load_group(
     );
     let sink = HostSink::with_hook(hook.clone(), format::tensorizer::hook_threads())
         .with_prefault(p.caps.kernel_reads);
-    let (sink, es) = execute(
-        p.backend.clone(),
-        &p.meta,
-        host_plan.clone(),
-        sink,
-        &p.host_eopts,
-    )?;
+    let (sink, es) = execute(p.backend.clone(), &p.meta, host_plan.clone(), sink, eopts)?;
     let (arena, _) = sink.into_parts()?;
     Ok((host_plan, arena, es))
 }
@@ -485,6 +490,77 @@ mod tests {
             }
         }
         assert!(intact > 0, "tensors before the bad one were written");
+    }
+
+    /// Counts reads and makes each one slow, in front of an in-memory object.
+    #[derive(Debug)]
+    struct SlowBackend {
+        inner: MemoryBackend,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl tensorstream_engine::Backend for SlowBackend {
+        fn location(&self) -> &str {
+            self.inner.location()
+        }
+        fn stat(&self) -> Result<tensorstream_engine::ObjectMeta> {
+            self.inner.stat()
+        }
+        fn capabilities(&self) -> tensorstream_engine::Capabilities {
+            self.inner.capabilities()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            self.inner.read_at(offset, buf)
+        }
+    }
+
+    /// A destination that fails stops the reads of the group being loaded beside it, instead
+    /// of letting them run to the group's end.
+    #[test]
+    fn a_failing_destination_cancels_the_group_being_read() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.safetensors");
+        let big = 4u64 << 20;
+        let (file, _) = tensorstream_engine::testkit::u8_model(&[4096, big], 3);
+        std::fs::write(&src, file).unwrap();
+        let out = dir.path().join("m.tensors");
+        Loader::new(src.to_str().unwrap())
+            .convert(&out, None)
+            .unwrap();
+        let be = Arc::new(SlowBackend {
+            inner: MemoryBackend::new("m.tensors", std::fs::read(&out).unwrap()),
+            reads: Default::default(),
+        });
+        let chunk: usize = 64 << 10;
+        let l = Loader::from_backend(be.clone())
+            .verify_hashes(true)
+            .queue_depth(1)
+            .chunk_size(chunk);
+        let p = prepared(&l).unwrap();
+        assert!(p.hook.is_some());
+        let before = be.reads.load(Ordering::SeqCst);
+        struct Failing;
+        impl Dest for Failing {
+            fn write(&mut self, _: usize, _: &[u8]) -> Result<()> {
+                Err(Error::invalid("the device copy failed"))
+            }
+            fn settle(&mut self) -> Result<()> {
+                Ok(())
+            }
+        }
+        // One group per tensor: the first reaches the destination, which fails, while the
+        // second (64 reads of 5 ms) is being read.
+        let e = fill(&p, &mut Failing, 1).expect_err("the destination fails");
+        assert!(e.to_string().contains("the device copy failed"), "{e}");
+        let data_reads = be.reads.load(Ordering::SeqCst) - before;
+        let big_reads = big as usize / chunk;
+        assert!(
+            data_reads < big_reads / 2,
+            "{data_reads} reads after the destination failed; the big tensor alone takes {big_reads}"
+        );
     }
 
     /// The wrong key: a clear error before anything is written.
