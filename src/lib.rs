@@ -147,9 +147,9 @@ pub struct Loader {
     fallback_password: Option<KeySource>,
     /// Set on the per-shard loaders of a sharded checkpoint.
     scope: Option<ShardScope>,
-    /// Loads running side by side that share the queue depth (the shard lanes of a sharded
-    /// host load): each gets its share of the reads in flight. 1 otherwise.
-    lanes: usize,
+    /// Which of how many loads running side by side (the shard lanes of a sharded host load)
+    /// this one is: the lanes share the queue depth. `(0, 1)` otherwise.
+    lane: (usize, usize),
 }
 
 /// One shard of a sharded checkpoint: the tensors its index places there.
@@ -208,7 +208,7 @@ impl Loader {
             key: None,
             fallback_password: None,
             scope: None,
-            lanes: 1,
+            lane: (0, 1),
         }
     }
 
@@ -902,12 +902,15 @@ impl Loader {
         // its share of the staging budget and of the queue depth, so the load keeps the reads
         // in flight and the host memory of a single-file load. They stop on their own flag,
         // which follows the caller's cancel flag and is set when a shard fails.
-        let lanes = todo.len().min(SHARD_LANES);
+        let lanes = todo
+            .len()
+            .min(SHARD_LANES)
+            .min(self.queue_depth.unwrap_or(usize::MAX))
+            .max(1);
         let stop = stop_flag(self.cancel.clone())?;
         for (l, _) in &mut todo {
             l.cancel = Some(stop.clone());
             l.ring_budget = (self.ring_budget / lanes).max(1 << 20);
-            l.lanes = lanes;
         }
         type Loaded = Result<(HostModel, LoadStats)>;
         // Each shard's result and the lane that loaded it.
@@ -936,7 +939,11 @@ impl Loader {
                             {
                                 return;
                             }
-                            let r = l.load_host(Some(*bytes));
+                            let mut l = l.clone();
+                            l.lane = (lane, lanes);
+                            let r = l
+                                .load_host(Some(*bytes))
+                                .map_err(|e| e.with_location(sharded::redact(&l.uri)));
                             if r.is_err() {
                                 stop.store(true, Ordering::SeqCst);
                             }
@@ -956,8 +963,8 @@ impl Loader {
         let io_elapsed = data_started.elapsed();
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
-        // Per lane: the most staging memory and reads in flight any of its shards used.
-        let mut lane_peak = vec![(0u64, 0usize); lanes];
+        // Per lane: the most staging memory any of its shards used.
+        let mut lane_peak = vec![0u64; lanes];
         let mut errors = Vec::new();
         for ((l, _), r) in todo.iter().zip(results) {
             match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
@@ -968,8 +975,7 @@ impl Loader {
                         host,
                     });
                     if let Some(p) = lane_peak.get_mut(lane) {
-                        p.0 = p.0.max(st.staging_bytes);
-                        p.1 = p.1.max(st.queue_depth);
+                        *p = (*p).max(st.staging_bytes);
                     }
                     stats = Some(LoadStats::add_shard(stats, st, Duration::ZERO));
                 }
@@ -991,11 +997,12 @@ impl Loader {
             )
             .with_location(sharded::redact(&map.index_uri)));
         }
-        // The lanes overlap: wall time of the data phase, and what the lanes held together.
+        // The lanes overlap: wall time of the shard phase (each shard's open and plan included),
+        // and the staging memory the lanes held together. (Each shard reports the whole load's
+        // queue depth.)
         stats.elapsed = started.elapsed();
         stats.io_elapsed = io_elapsed;
-        stats.staging_bytes = lane_peak.iter().map(|p| p.0).sum();
-        stats.queue_depth = lane_peak.iter().map(|p| p.1).sum();
+        stats.staging_bytes = lane_peak.iter().sum();
         let by_name = Some(names_to_parts(
             parts.iter().map(|p| p.host.tensors().map(|t| t.name)),
         ));
@@ -1229,13 +1236,16 @@ impl Loader {
         // cuts them), the queue depth is capped like the engine caps it.
         let chunk = self.chunk_size.unwrap_or(caps.preferred_chunk).max(4096) as u64;
         popts.chunk_size = (chunk / popts.alignment).max(1) * popts.alignment;
+        let depth = self
+            .queue_depth
+            .unwrap_or(caps.max_concurrency.max(1))
+            .min(tensorstream_engine::pipeline::MAX_QUEUE_DEPTH);
+        // A lane's share: the shares of all lanes add up to the load's depth (the lanes are
+        // never more than the reads in flight: see `load_sharded`).
+        let (lane, lanes) = (self.lane.0, self.lane.1.max(1));
+        let share = (depth / lanes + usize::from(lane < depth % lanes)).max(1);
         let mut eopts = EngineOptions {
-            queue_depth: (self
-                .queue_depth
-                .unwrap_or(caps.max_concurrency.max(1))
-                .min(tensorstream_engine::pipeline::MAX_QUEUE_DEPTH)
-                / self.lanes.max(1))
-            .max(1),
+            queue_depth: share,
             ring_budget: self.ring_budget,
             progress: self.progress.clone(),
             cancel: self.cancel.clone(),
@@ -1265,6 +1275,7 @@ impl Loader {
             t.store(plan.read_bytes, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(Prepared {
+            load_depth: (lanes > 1).then_some(depth),
             backend: be,
             meta,
             index,
@@ -1287,10 +1298,11 @@ fn stop_flag(
     user: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<Arc<std::sync::atomic::AtomicBool>> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let stop = Arc::new(AtomicBool::new(
-        user.as_ref().is_some_and(|u| u.load(Ordering::SeqCst)),
-    ));
-    if let Some(user) = user.filter(|u| !u.load(Ordering::SeqCst)) {
+    // The caller's flag read once: set already, the stop is set from the start; otherwise
+    // the watcher follows it.
+    let set = user.as_ref().is_some_and(|u| u.load(Ordering::SeqCst));
+    let stop = Arc::new(AtomicBool::new(set));
+    if let Some(user) = user.filter(|_| !set) {
         let weak = Arc::downgrade(&stop);
         std::thread::Builder::new()
             .name("ts-stream-stop".into())
@@ -1469,6 +1481,9 @@ struct Prepared {
     /// Plan and engine options for host loads of (a group of) the selection.
     host_popts: PlanOptions,
     host_eopts: EngineOptions,
+    /// A shard lane's load: the reads in flight of the whole load (reported instead of the
+    /// lane's share).
+    load_depth: Option<usize>,
 }
 
 impl Prepared {
@@ -1505,7 +1520,7 @@ impl Prepared {
             staging_bytes: es.staging_bytes,
             backend: self.caps.kind,
             direct_io: self.caps.direct_io,
-            queue_depth: self.eopts.queue_depth,
+            queue_depth: self.load_depth.unwrap_or(self.eopts.queue_depth),
             chunk_size: self.chunk,
             device_open: Duration::ZERO,
             staging_page_locked: None,
@@ -1684,7 +1699,8 @@ pub struct LoadStats {
     pub mapped_pieces: Option<(usize, usize)>,
     /// How the bytes travelled: `host` (cpu loads), or for GPU loads `ring` (pinned staging
     /// slots), `staged` (verified / decrypted on the host first) or `mapped` (page cache read by
-    /// the copy engine, `CudaOptions::warm`).
+    /// the copy engine, `CudaOptions::warm`); `mixed` for a sharded checkpoint whose shards went
+    /// different ways (their `queue_depth` and `chunk_size` are then the first shard's).
     pub route: &'static str,
 }
 
@@ -1709,6 +1725,11 @@ impl LoadStats {
             staging_bytes: acc.staging_bytes.max(st.staging_bytes),
             direct_io: acc.direct_io && st.direct_io,
             first_tensor: acc.first_tensor.or(first),
+            route: if acc.route == st.route {
+                acc.route
+            } else {
+                "mixed"
+            },
             mapped_pieces: match (acc.mapped_pieces, st.mapped_pieces) {
                 (Some((a, b)), Some((c, d))) => Some((a + c, b + d)),
                 (a, b) => a.or(b),

@@ -267,8 +267,10 @@ pub fn read_index(uri: &str, open: &OpenOptions) -> Result<ShardMap> {
 
 /// Resolves what `uri` names. An index URI (`….index.json`, any backend) is a sharded
 /// checkpoint. A local directory is resolved as `transformers` does: its `model.safetensors`,
-/// else its `model.safetensors.index.json`, else its only `*.safetensors.index*.json`, else its
-/// only model file (`*.safetensors` or `*.tensors`); anything else is one file, opened as is.
+/// else its `model.safetensors.index.json`, else its only `*.safetensors.index*.json` (or
+/// `*.tensors.index*.json`; other indexes, such as `pytorch_model.bin.index.json`, are not
+/// counted), else its only model file (`*.safetensors` or `*.tensors`); anything else is one
+/// file, opened as is.
 pub fn resolve(uri: &str, open: &OpenOptions) -> Result<Source> {
     if is_index_uri(uri) {
         return read_index(uri, open).map(Source::Sharded);
@@ -289,7 +291,11 @@ pub fn resolve(uri: &str, open: &OpenOptions) -> Result<Source> {
     for entry in std::fs::read_dir(dir).map_err(listing_error)? {
         let entry = entry.map_err(listing_error)?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if is_index_uri(&name) {
+        // Only indexes of safetensors / tensorizer shards: a `pytorch_model.bin.index.json`
+        // beside them is another copy of the weights in a format this crate does not read.
+        if is_index_uri(&name)
+            && (name.contains(".safetensors.index.") || name.contains(".tensors.index."))
+        {
             indexes.push(name);
         } else if name.ends_with(".safetensors") || name.ends_with(".tensors") {
             models.push(name);

@@ -234,6 +234,37 @@ fn directories_resolve_to_their_model_or_say_why_not() {
         .unwrap();
     assert!(!m.is_sharded());
     assert_eq!(m.len(), 1);
+    // A PyTorch index beside the safetensors copy is not counted: neither beside a variant
+    // index, nor beside a single model file.
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &SHARDS, 9);
+    std::fs::rename(
+        dir.path().join("model.safetensors.index.json"),
+        dir.path()
+            .join("diffusion_pytorch_model.safetensors.index.json"),
+    )
+    .unwrap();
+    let bin_index = r#"{"weight_map": {"x": "pytorch_model-00001-of-00001.bin"}}"#;
+    std::fs::write(
+        dir.path().join("diffusion_pytorch_model.bin.index.json"),
+        bin_index,
+    )
+    .unwrap();
+    let m = Loader::new(dir.path().display().to_string())
+        .load()
+        .unwrap();
+    assert!(m.is_sharded());
+    assert_eq!(m.len(), want.len());
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint::write_file(
+        &dir.path().join("weights.safetensors"),
+        &[("x".to_string(), data.clone())],
+    );
+    std::fs::write(dir.path().join("pytorch_model.bin.index.json"), bin_index).unwrap();
+    let m = Loader::new(dir.path().display().to_string())
+        .load()
+        .unwrap();
+    assert_eq!(m.get("x").unwrap().data, data.as_slice());
 }
 
 #[test]
@@ -357,6 +388,13 @@ fn shards_loading_side_by_side_share_the_queue_depth_and_staging_budget() {
     assert!(st.staging_bytes <= budget as u64, "{st:?}");
     // The lanes overlap: the data phase is wall time, within the whole load's.
     assert!(st.io_elapsed <= st.elapsed, "{st:?}");
+    // One read in flight: one shard at a time, not one read per lane.
+    let m = Loader::new(dir.path().display().to_string())
+        .queue_depth(1)
+        .load()
+        .unwrap();
+    assert_eq!(m.stats().queue_depth, 1);
+    assert_eq!(m.stats().tensor_bytes, total as u64);
 }
 
 #[test]

@@ -505,7 +505,10 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
     // The files a load reads: one, or a sharded checkpoint's shards (the baselines read them
     // all, one after another).
     let files = loader.inspect_files()?;
-    let size: u64 = files.iter().map(|f| f.index.object_size).sum();
+    let size = files
+        .iter()
+        .try_fold(0u64, |a, f| a.checked_add(f.index.object_size))
+        .ok_or_else(|| Error::invalid("the shards' sizes add up to more than 2^64 bytes"))?;
     let paths: Vec<String> = if is_file {
         files
             .iter()
