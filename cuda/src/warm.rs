@@ -55,6 +55,8 @@ pub struct WarmStats {
     pub fallback: usize,
     /// Worker threads used.
     pub threads: usize,
+    /// Of those, the threads that registered pieces (the others read theirs with `pread`).
+    pub registering: usize,
     /// Why registration was abandoned, if it was.
     pub refused: Option<String>,
 }
@@ -88,6 +90,8 @@ struct Shared<'a> {
     fallback: AtomicUsize,
     readiness: &'a Mutex<Readiness>,
     strategy: WarmStrategy,
+    /// Threads `0..registering` register pieces; the others read theirs with `pread`.
+    registering: usize,
     cancel: Option<Arc<AtomicBool>>,
 }
 
@@ -162,22 +166,17 @@ pub fn load_mapped(
         map.len() as u64,
     )
     .map_err(|e| e.with_location(&loc))?;
-    let mut slots = dev.take_slots()?;
-    // Registering threads need a bounce slot only if registration is refused (one each is
-    // enough then); pread threads double-buffer through two.
-    let per_thread_slots = match strategy {
-        WarmStrategy::Register => 1,
-        WarmStrategy::Pread => 2,
-    };
-    let threads = dev
-        .options()
-        .warm_threads
-        .min(pieces.len().max(1))
-        .min((slots.len() / per_thread_slots).max(1));
-    let mut per_thread: Vec<Vec<IoBuf>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, s) in slots.drain(..).enumerate() {
-        per_thread[i % threads].push(s);
-    }
+    let slots = dev.take_slots()?;
+    let o = dev.options();
+    let (registering, preading) = split_threads(
+        strategy,
+        o.warm_threads,
+        o.warm_pread_threads,
+        slots.len(),
+        pieces.len(),
+    );
+    let threads = registering + preading;
+    let per_thread = deal_slots(slots, registering, preading);
     let shared = Shared {
         dev,
         arena: &arena,
@@ -190,6 +189,7 @@ pub fn load_mapped(
         fallback: AtomicUsize::new(0),
         readiness: &readiness,
         strategy,
+        registering,
         cancel,
     };
     let results: Vec<Result<()>> = std::thread::scope(|s| {
@@ -234,6 +234,7 @@ pub fn load_mapped(
         registered: shared.registered.load(Ordering::SeqCst),
         fallback: shared.fallback.load(Ordering::SeqCst),
         threads,
+        registering,
         refused: shared.refused.lock().ok().and_then(|g| g.clone()),
     };
     let model = DeviceModel::new(dev.clone(), arena, index, plan, times)?;
@@ -283,7 +284,9 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
             let Some(piece) = sh.pieces.get(k) else {
                 return Ok(());
             };
-            let try_register = sh.strategy == WarmStrategy::Register && lock_refused(sh).is_none();
+            let try_register = sh.strategy == WarmStrategy::Register
+                && t < sh.registering
+                && lock_refused(sh).is_none();
             if try_register {
                 // At most two pieces registered per thread, since their file pages are resident
                 // while they are: the previous one (its copy running) and this one. (Before, the
@@ -356,6 +359,60 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
     run.and(drained)
 }
 
+/// How many threads register pieces and how many read them with `pread`, from the wanted
+/// counts (`CudaOptions::warm_threads` and `warm_pread_threads`), the pinned slots there are and
+/// the pieces to copy. A registering thread needs one slot (its fallback, should registration be
+/// refused), a pread thread two (double buffering); pread threads are cut first when slots or
+/// pieces run short. `Pread` turns every wanted thread into a pread thread. At least one thread.
+pub fn split_threads(
+    strategy: WarmStrategy,
+    register: usize,
+    pread: usize,
+    slots: usize,
+    pieces: usize,
+) -> (usize, usize) {
+    let (mut reg, mut pre) = match strategy {
+        WarmStrategy::Register => (register, pread),
+        WarmStrategy::Pread => (0, register.saturating_add(pread)),
+    };
+    let most = pieces.max(1);
+    pre = pre.min(most.saturating_sub(reg));
+    reg = reg.min(most);
+    while pre > 0 && reg + 2 * pre > slots {
+        pre -= 1;
+    }
+    reg = reg.min(slots);
+    if reg + pre == 0 {
+        match strategy {
+            WarmStrategy::Register => reg = 1,
+            WarmStrategy::Pread => pre = 1,
+        }
+    }
+    (reg, pre)
+}
+
+/// Hands the pinned slots out: one to each registering thread (the first `registering`), the
+/// rest round-robin to the pread threads (or, without any, to the registering ones).
+fn deal_slots(slots: Vec<IoBuf>, registering: usize, preading: usize) -> Vec<Vec<IoBuf>> {
+    let threads = (registering + preading).max(1);
+    let mut per_thread: Vec<Vec<IoBuf>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut rest = slots.into_iter();
+    for t in per_thread.iter_mut().take(registering) {
+        if let Some(s) = rest.next() {
+            t.push(s);
+        }
+    }
+    let (first, count) = if preading > 0 {
+        (registering, preading)
+    } else {
+        (0, threads)
+    };
+    for (i, s) in rest.enumerate() {
+        per_thread[first + i % count].push(s);
+    }
+    per_thread
+}
+
 fn lock_refused(sh: &Shared<'_>) -> Option<String> {
     sh.refused.lock().ok().and_then(|g| g.clone())
 }
@@ -379,4 +436,37 @@ fn read_full(map: &MappedFile, slot: &mut IoBuf, off: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registering_threads_keep_one_slot_and_pread_threads_two() {
+        use WarmStrategy::*;
+        // Register only: as many threads as wanted, one slot each at least.
+        assert_eq!(split_threads(Register, 4, 0, 8, 100), (4, 0));
+        assert_eq!(split_threads(Register, 8, 0, 4, 100), (4, 0));
+        // Mixed: 2 registering + 3 pread fit 8 slots (2 + 6); a fourth pread thread does not.
+        assert_eq!(split_threads(Register, 2, 4, 8, 100), (2, 3));
+        assert_eq!(split_threads(Register, 2, 7, 16, 100), (2, 7));
+        // Pread: every wanted thread reads, two slots each.
+        assert_eq!(split_threads(Pread, 8, 0, 16, 100), (0, 8));
+        assert_eq!(split_threads(Pread, 4, 4, 10, 100), (0, 5));
+        // Few pieces: no more threads than pieces, pread threads cut first.
+        assert_eq!(split_threads(Register, 2, 6, 16, 3), (2, 1));
+        assert_eq!(split_threads(Register, 4, 0, 8, 0), (1, 0));
+        assert_eq!(split_threads(Pread, 4, 0, 2, 0), (0, 1));
+    }
+
+    #[test]
+    fn slots_are_dealt_one_per_registering_thread_and_the_rest_to_pread_threads() {
+        let slots = tensorstream_engine::mem::staging_slots(9, 4096, 4096).unwrap();
+        let got: Vec<usize> = deal_slots(slots, 2, 3).iter().map(Vec::len).collect();
+        assert_eq!(got, vec![1, 1, 3, 2, 2]);
+        let slots = tensorstream_engine::mem::staging_slots(5, 4096, 4096).unwrap();
+        let got: Vec<usize> = deal_slots(slots, 2, 0).iter().map(Vec::len).collect();
+        assert_eq!(got, vec![3, 2]);
+    }
 }

@@ -167,6 +167,10 @@ struct IoArgs {
     /// GPU loads through the mapped page-cache path (`--gpu-warm`): threads registering pieces.
     #[arg(long, value_name = "N", default_value_t = 4)]
     gpu_warm_threads: usize,
+    /// GPU loads through the mapped page-cache path: threads that copy pieces with `pread`
+    /// through the pinned slots beside the registering ones (two slots each).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    gpu_warm_pread_threads: usize,
     /// GPU loads through the mapped page-cache path: size of one registered piece (each thread
     /// holds at most two registered, and their pages count in the resident memory).
     #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "16MiB")]
@@ -236,6 +240,14 @@ impl IoArgs {
                 n => {
                     return Err(Error::invalid(format!(
                         "bad --gpu-warm-threads {n}: expected 1..=64"
+                    )))
+                }
+            },
+            warm_pread_threads: match self.gpu_warm_pread_threads {
+                n @ 0..=64 => n,
+                n => {
+                    return Err(Error::invalid(format!(
+                        "bad --gpu-warm-pread-threads {n}: expected 0..=64"
                     )))
                 }
             },

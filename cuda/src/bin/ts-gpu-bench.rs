@@ -389,6 +389,7 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
         slots: num(args, "--slots", d.slots)?,
         slot_size: num(args, "--slot-size", d.slot_size >> 20)? << 20,
         warm_threads: num(args, "--warm-threads", d.warm_threads)?,
+        warm_pread_threads: num(args, "--warm-pread-threads", d.warm_pread_threads)?,
         warm_piece: num(args, "--warm-piece", d.warm_piece >> 20)? << 20,
         ..d
     };
