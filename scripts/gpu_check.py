@@ -442,7 +442,7 @@ def main():
     # comparison rests on medians of both sides; and the ring's geometry (more, smaller slots;
     # twice the pinned bytes) as sweep rows, not judged.
     for rnd in range(2):
-        if not COLD_OK or hard_left() < 340:
+        if not COLD_OK or hard_left() < 300:
             say("  (skipping cold round", rnd + 3, "- budget)" if COLD_OK else "- nothing is cold here)")
             break
         sweeps = [["--slots", "16", "--slot-size", "8MiB"]] + ([["--slots", "16", "--slot-size", "16MiB"]] if rnd == 0 else [])
@@ -484,12 +484,21 @@ def main():
                    "--slots", "24", "--slot-size", "8MiB"],
                   ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-pread-threads", "12",
                    "--slots", "32", "--slot-size", "4MiB"]):
-        if hard_left() < 300:  # the peers come next and must run
+        if hard_left() < 230:  # the peers come next and must run
             say("  (skipping", " ".join(extra), "- budget)")
             continue
         label = "tensorstream " + " ".join(extra)
         for i in range(2):
             record(ts_load(FILE, extra), False, label)
+    # The mapped route with registering and pread threads side by side: its device bytes.
+    mixed = ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-pread-threads", "7",
+             "--slots", "16", "--slot-size", "8MiB"]
+    j = ts_load(FILE, mixed, digests=True, name="tensorstream warm mixed (digests run)")
+    bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
+    check(f"{size / 1e9:.1f} GB file, device bytes == file bytes (warm, 2 registering + 7 pread "
+          f"threads: route {j and j.get('route')}, pieces {j and j.get('mapped_pieces_registered')} "
+          f"registered / {j and j.get('mapped_pieces_pread')} pread)",
+          j is not None and cpu and not bad, f"{len(cpu) - len(bad)}/{len(cpu)} match")
     # The warm auto route's device bytes too (the mapped route when the file is resident).
     j = ts_load(FILE, ["--gpu-warm", "auto"], digests=True, name="tensorstream warm auto (digests run)")
     bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
