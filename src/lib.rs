@@ -1033,6 +1033,19 @@ impl Loader {
     }
 
     /// Opens the CUDA device this loader targets (clear error when there is no driver/device).
+    /// [`Loader::cuda_device`], with the time the driver took to create the context when this
+    /// call opened the device (zero for a handle given to `on_device`).
+    fn cuda_device_timed(&self) -> Result<(Arc<tensorstream_cuda::CudaDevice>, Duration)> {
+        let reused = matches!(&self.opened, Some(d) if matches!(self.device, Device::Cuda(n) if d.ordinal() == n));
+        let dev = self.cuda_device()?;
+        let ctx = if reused {
+            Duration::ZERO
+        } else {
+            dev.context_open_time()
+        };
+        Ok((dev, ctx))
+    }
+
     fn cuda_device(&self) -> Result<Arc<tensorstream_cuda::CudaDevice>> {
         let Device::Cuda(n) = self.device else {
             return Err(Error::invalid(
@@ -1089,7 +1102,7 @@ impl Loader {
         let started = Instant::now();
         let (todo, merged) = self.check_shards(map)?;
         let opening = Instant::now();
-        let dev = self.cuda_device()?;
+        let (dev, device_context) = self.cuda_device_timed()?;
         let device_open = opening.elapsed();
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
@@ -1108,6 +1121,7 @@ impl Loader {
         let mut stats = stats.expect("at least one shard was loaded");
         stats.elapsed = started.elapsed().saturating_sub(device_open);
         stats.device_open = device_open;
+        stats.device_context = device_context;
         let by_name = Some(names_to_parts(
             parts.iter().map(|p| p.model.tensors().map(|t| t.name)),
         ));
@@ -1122,7 +1136,7 @@ impl Loader {
     /// One file onto the device; `selected`: see [`Loader::load_host`].
     fn load_cuda_file(&self, selected: Option<u64>) -> Result<CudaModel> {
         let opening = Instant::now();
-        let dev = self.cuda_device()?;
+        let (dev, device_context) = self.cuda_device_timed()?;
         let device_open = opening.elapsed();
         let started = Instant::now();
         let p = self.prepare(Some(dev.options()))?;
@@ -1155,6 +1169,7 @@ impl Loader {
             stats.chunk_size = p.host_popts.chunk_size;
         }
         stats.device_open = device_open;
+        stats.device_context = device_context;
         stats.mapped_pieces = mapped_pieces;
         stats.staging_page_locked = Some(dev.staging_page_locked());
         stats.first_tensor = model.times().first_tensor.map(|d| planned + d);
@@ -1267,7 +1282,17 @@ impl Loader {
                         (popts.chunk_size / popts.alignment).max(1) * popts.alignment;
                 }
                 eopts.ring_budget = o.slots * o.slot_size;
-                eopts.queue_depth = eopts.queue_depth.min(o.slots);
+                // Local files keep every slot busy unless told otherwise: a file in the page
+                // cache is copied by the pread threads, one per read in flight, and that copy is
+                // CPU-bound (H200 machine, 6.6 GB warm: 8 reads in flight 22-26 GB/s, 16 33,
+                // 32 39-40). Other backends keep their own depth (connections).
+                let depth = match self.queue_depth {
+                    None if caps.kernel_reads => o.slots,
+                    _ => eopts.queue_depth,
+                };
+                eopts.queue_depth = depth
+                    .min(o.slots)
+                    .min(tensorstream_engine::pipeline::MAX_QUEUE_DEPTH);
             }
         }
         let plan = Arc::new(plan(&index, &sel, &popts).map_err(|e| e.with_location(&self.uri))?);
@@ -1523,6 +1548,7 @@ impl Prepared {
             queue_depth: self.load_depth.unwrap_or(self.eopts.queue_depth),
             chunk_size: self.chunk,
             device_open: Duration::ZERO,
+            device_context: Duration::ZERO,
             staging_page_locked: None,
             first_tensor: None,
             mapped_pieces: None,
@@ -1687,6 +1713,10 @@ pub struct LoadStats {
     /// GPU loads: opening the device (driver, context, streams, pinned staging), paid once per
     /// [`Loader::load_cuda`] call and not part of `elapsed`. Zero for host loads.
     pub device_open: Duration,
+    /// GPU loads: the part of `device_open` the driver took to create the CUDA context (zero
+    /// when the device handle was already open, and for host loads). A process whose framework
+    /// already holds a context on the device pays less there.
+    pub device_context: Duration,
     /// GPU loads: whether the staging ring is page-locked (`Some(false)` where the driver
     /// refused: copies then come from pageable memory). `None` for host loads.
     pub staging_page_locked: Option<bool>,

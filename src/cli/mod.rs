@@ -149,10 +149,10 @@ struct IoArgs {
     #[arg(long, value_name = "N", default_value_t = 2)]
     streams: usize,
     /// GPU loads: pinned staging slots (allocated once, reused).
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(long, value_name = "N", default_value_t = 32)]
     slots: usize,
     /// GPU loads: size of one pinned staging slot (reads are at most this long).
-    #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "16MiB")]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "4MiB")]
     slot_size: u64,
     /// GPU loads of local files already in the page cache: `auto` maps the file and lets the
     /// copy engine read the cached pages (host-registered read-only) when ≥ 90 % of it is

@@ -371,6 +371,7 @@ pub fn load(
             "peak_rss_bytes": peak,
             "first_tensor_seconds": first_tensor,
             "device_open_seconds": if let Device::Cuda(_) = device { Some(st.device_open.as_secs_f64()) } else { None },
+            "device_context_seconds": if let Device::Cuda(_) = device { Some(st.device_context.as_secs_f64()) } else { None },
             "staging_page_locked": st.staging_page_locked,
             "route": st.route,
             "backend": st.backend,
