@@ -6,6 +6,8 @@
 # (give the device call timeout_s ≈ 560). Writes gpu-check.log and results.jsonl to $OUT as they
 # grow, so even a run killed from outside leaves them; the table is printed last in any case.
 # Rehearsal without a GPU (checks the script; loads go to host memory): TS_GPU_DRY=1 TS_GPU_GB=0.5
+# Short run for a lease's last minutes (~170 s on the H200: required steps only, no sweeps):
+#   TS_GPU_QUICK=1 TS_GPU_HARD=230 TS_GPU_BUDGET=180 (device call timeout_s ≈ 250)
 #   (a) every fixture -> cuda:0, device digests vs manifest
 #   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs CPU digests
 #   (c) cold (page cache dropped) and warm loads, raw O_DIRECT baseline, pinned h2d ceiling,

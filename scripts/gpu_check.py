@@ -6,7 +6,8 @@ default 6.5), TS_GPU_BUDGET (seconds, default 330: optional steps are skipped pa
 TS_GPU_HARD (seconds, default 500: a hard end; every step's timeout is cut to what is left, and
 the table is printed even when the run is cut short), TS_GPU_DRY=1 (rehearsal on a machine
 without a GPU: every tensorstream load goes to --device cpu, GPU-only steps are skipped; checks
-the script itself, measures nothing about GPUs).
+the script itself, measures nothing about GPUs), TS_GPU_QUICK=1 (required steps only: no cold
+or warm sweeps, no extra peer samples, no --verify row, no tuning sweeps).
 
 Order: required steps first (fixtures, digests, cold/warm loads of the default routes, raw-read
 baselines, peers), optional tuning sweeps last. The log and results.jsonl are written to $OUT as

@@ -384,6 +384,15 @@ fn gpu_flags_reach_the_device_options() {
     assert!(e.contains("bad --gpu-warm-threads 0"), "{e}");
     let e = run_err(&["load", p, "--device", "cuda:0", "--gpu-warm-piece", "4KiB"]);
     assert!(e.contains("--gpu-warm-piece must be at least 1MiB"), "{e}");
+    let e = run_err(&[
+        "load",
+        p,
+        "--device",
+        "cuda:0",
+        "--gpu-warm-pread-threads",
+        "65",
+    ]);
+    assert!(e.contains("bad --gpu-warm-pread-threads 65"), "{e}");
 }
 
 #[test]

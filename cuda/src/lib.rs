@@ -11,7 +11,8 @@
 //!   [`load_streaming`] (tensors yielded as soon as their bytes are on the device).
 //! * [`HostUpload`]: fills the arena from host memory, for loads whose bytes need host work
 //!   first (tensorizer verification and decryption).
-//! * [`warm`]: the mapped page-cache path (off by default until measured on a GPU).
+//! * [`warm`]: the mapped page-cache path (off by default: slower than the staging ring where
+//!   measured, on an H200 machine).
 //!
 //! The driver is loaded at run time: without `libcuda.so` every entry point returns an
 //! [`ErrorKind::Device`](tensorstream_engine::ErrorKind::Device) error ("no CUDA driver found"),

@@ -13,8 +13,15 @@
 //! to buffered `pread` into its pinned bounce slots plus async copies — the "several reader
 //! threads" design — for that and every later piece.
 //!
-//! Not measured yet on a GPU: [`crate::WarmMode::Off`] is the default until `scripts/gpu-check.sh`
-//! has compared it with the staging ring.
+//! Threads of a second kind ([`crate::CudaOptions::warm_pread_threads`]) can run beside the
+//! registering ones, taking pieces from the same queue and copying them with `pread` through
+//! their pinned slots, so that the faster way takes more pieces.
+//!
+//! Measured on the H200 machine (2026-11-27, 6.6 GB file in the page cache; README, *Measured on
+//! a GPU*), this path lost to the staging ring: registering pieces ran at 14–23 GB/s whatever the
+//! thread count (256 MiB pieces were the fastest, with 3.8 GB resident), 2 registering + 12 pread
+//! threads at 36 GB/s, while the ring with 32 pread threads reached 38–40. So
+//! [`crate::WarmMode::Off`] stays the default.
 
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;

@@ -156,7 +156,8 @@ struct IoArgs {
     slot_size: u64,
     /// GPU loads of local files already in the page cache: `auto` maps the file and lets the
     /// copy engine read the cached pages (host-registered read-only) when ≥ 90 % of it is
-    /// resident, `force` always does, `off` always reads through the staging ring.
+    /// resident, `force` always does, `off` always reads through the staging ring (the default:
+    /// it measured faster, 38-40 GB/s against 14-23 on an H200 machine).
     #[arg(
         long = "gpu-warm",
         id = "gpu_warm",
