@@ -458,7 +458,7 @@ def main():
         for extra in sweeps:
             c = drop()
             record(ts_load(FILE, extra), c, "tensorstream " + " ".join(extra) + " (cold sweep)")
-        if not DRY:
+        if not DRY and not GPU_HUNG:
             rc, out, err, wall, _ = run(["python3", "-c", FST_COLD, FILE], 90)
             r = last_json(out)
             if r:
@@ -493,7 +493,6 @@ def main():
              ["--slots", "64", "--slot-size", "2MiB"],
              ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-pread-threads", "15"],
              ["--gpu-warm", "force", "--gpu-warm-piece", "64MiB"],
-                  ["--gpu-warm", "force", "--gpu-warm-piece", "64MiB"],
                   ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-pread-threads", "7",
                    "--slots", "16", "--slot-size", "8MiB"],
                   ["--gpu-warm", "force", "--gpu-warm-threads", "1", "--gpu-warm-pread-threads", "7",
@@ -579,10 +578,11 @@ def main():
     # disk read from a slow copy when tuning.
     if left() > 60:
         c = drop()
-        rc, out, err, _, _ = run([BENCH, "ring-read", FILE, "--slots", "8"], 120)
+        rc, out, err, _, _ = run([BENCH, "ring-read", FILE, "--slots", "32", "--slot-size", "4"], 120)
         r = last_json(out)
         if r:
-            add_row(dict(loader="diag: ring read side only, 8 x 16 MiB", cold=c, gbps=r["gbps"], secs=r["secs"]))
+            add_row(dict(loader="diag: ring read side only (" + r.get("name", "?") + ")", cold=c,
+                         gbps=r["gbps"], secs=r["secs"]))
             say(f"  ring read side only: {r['gbps']:.2f} GB/s")
     warm_cache(FILE)
     # (The first GPU run also swept mapped+register with 4/8 threads and 16/256 MiB pieces here:
@@ -628,12 +628,20 @@ def finish():
     ring = lambda r: ("[ring]" in r["loader"] or (DRY and r["loader"].startswith("tensorstream (ring)"))) \
         and "sweep" not in r["loader"]
     ts_cold = median_row(lambda r: main(r) and r["cold"] and ring(r))
-    # The warm result judged: the fastest configuration that also keeps its peak RSS within
-    # 300 MiB and reaches 40 GB/s, if one does (both targets met by one configuration); else
-    # the fastest, whose RSS is then judged too.
-    meets = lambda r: main(r) and not r["cold"] and (r.get("gbps") or 0) >= 40 \
-        and r.get("rss_mib") and r["rss_mib"] <= 300
-    ts_warm = best(meets) or best(lambda r: main(r) and not r["cold"])
+    # The warm result judged: per configuration, the median of its warm loads (2-3 each), as
+    # the cold targets use medians; the fastest configuration that also keeps its peak RSS
+    # within 300 MiB and reaches 40 GB/s, if one does (both targets met by one configuration);
+    # else the fastest, whose RSS is then judged too.
+    confs = {}
+    for r in rows:
+        if main(r) and not r["cold"] and r.get("gbps"):
+            c = confs.setdefault(r["loader"], {"loader": r["loader"], "v": [], "rss": 0})
+            c["v"].append(r["gbps"])
+            c["rss"] = max(c["rss"], r.get("rss_mib") or 1e9)
+    for c in confs.values():
+        c.update(gbps=med(c["v"]), n=len(c["v"]), best=max(c["v"]))
+    ok_confs = [c for c in confs.values() if c["gbps"] >= 40 and c["rss"] <= 300]
+    ts_warm = max(ok_confs or confs.values(), key=lambda c: c["gbps"], default=None)
     raws = {}
     for r in rows:
         # The judged raw reads are the deep-queue O_DIRECT ones (several samples each); dd (one
@@ -660,7 +668,9 @@ def finish():
     # A target whose rows are missing is a FAIL that says so: never silently left out.
     nj = lambda what, why: check(what, False, "NOT JUDGED: " + why)
     if ts_warm:
-        check("warm -> GPU >= 40 GB/s", ts_warm["gbps"] >= 40, f"{ts_warm['gbps']:.2f} GB/s ({ts_warm['loader']})")
+        check("warm -> GPU >= 40 GB/s", ts_warm["gbps"] >= 40,
+              f"median {ts_warm['gbps']:.2f} GB/s of {ts_warm['n']} loads, best {ts_warm['best']:.2f} "
+              f"({ts_warm['loader']})")
     elif not DRY:
         nj("warm -> GPU >= 40 GB/s", "no warm tensorstream load finished")
     if not COLD_OK:
@@ -739,10 +749,12 @@ def finish():
         lines.append(f"| {name} | {f(t['cold'], '%.2f')} | {f(t['warm'], '%.2f')} | {f(t['rss'], '%.0f')} "
                      f"| {f(t['ttft'], '%.3f')} | {f(t['open'], '%.2f')} |")
     lines.append("")
-    lines.append("best of the runs per row; tensorstream GB/s and time to first tensor count from after the "
+    lines.append("best of the runs per row (the targets are judged on medians: per configuration for warm, "
+                 "interleaved samples for cold); tensorstream GB/s and time to first tensor count from after the "
                  "device is open (index, plan, device allocation, reads, copies); device open (driver, "
-                 "context, pinned ring) is the last column and is added to tensorstream's time for the "
-                 "peer comparison; torch's CUDA context is created before the peers' timings; peers' RSS "
+                 "context, pinned ring) is the last column; for the peer comparison tensorstream's time "
+                 "includes the device open except the CUDA context's creation, because torch's context is "
+                 "created before the peers' timings (a NOTE gives the figure with it); peers' RSS "
                  "is not shown (one process runs them all and holds the whole file on the host to write "
                  "the tensorizer copy); peers report no time to first tensor; '(explore)' rows come from "
                  "ts-gpu-bench tuning sweeps and are not judged; cold targets use interleaved medians. "

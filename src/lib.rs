@@ -390,8 +390,9 @@ impl Loader {
         });
         self
     }
-    /// Reads in flight (default: the backend's preference, 16 for local files). The shards of a
-    /// checkpoint that load at the same time share them.
+    /// Reads in flight (default: the backend's preference, 16 for local files; GPU loads of
+    /// local files keep one read per pinned slot, 32 by default). The shards of a checkpoint
+    /// that load at the same time share them.
     pub fn queue_depth(mut self, n: usize) -> Self {
         self.queue_depth = Some(n.max(1));
         self.open.concurrency = Some(n.max(1));
@@ -1032,7 +1033,6 @@ impl Loader {
         Ok(())
     }
 
-    /// Opens the CUDA device this loader targets (clear error when there is no driver/device).
     /// [`Loader::cuda_device`], with the time the driver took to create the context when this
     /// call opened the device (zero for a handle given to `on_device`).
     fn cuda_device_timed(&self) -> Result<(Arc<tensorstream_cuda::CudaDevice>, Duration)> {
@@ -1046,6 +1046,7 @@ impl Loader {
         Ok((dev, ctx))
     }
 
+    /// Opens the CUDA device this loader targets (clear error when there is no driver/device).
     fn cuda_device(&self) -> Result<Arc<tensorstream_cuda::CudaDevice>> {
         let Device::Cuda(n) = self.device else {
             return Err(Error::invalid(
@@ -1286,8 +1287,11 @@ impl Loader {
                 // cache is copied by the pread threads, one per read in flight, and that copy is
                 // CPU-bound (H200 machine, 6.6 GB warm: 8 reads in flight 22-26 GB/s, 16 33,
                 // 32 39-40). Other backends keep their own depth (connections).
-                let depth = match self.queue_depth {
-                    None if caps.kernel_reads => o.slots,
+                // (At most 64: one pread thread per read when the file is cached.) Other
+                // backends also read at most a slot at once: 4 MiB ranges by default (S3 and
+                // HTTP would read 16 MiB), not measured on a GPU.
+                let depth = match (self.queue_depth, self.open.concurrency) {
+                    (None, None) if caps.kernel_reads => o.slots.min(GPU_LOCAL_MAX_DEPTH),
                     _ => eopts.queue_depth,
                 };
                 eopts.queue_depth = depth
@@ -1314,6 +1318,10 @@ impl Loader {
         })
     }
 }
+
+/// Most reads a GPU load of a local file keeps in flight by default (one per pinned slot up to
+/// this): each is a pread thread when the file is in the page cache.
+const GPU_LOCAL_MAX_DEPTH: usize = 64;
 
 /// A flag a streaming load stops on: set by dropping its handle, and set when `user` (the
 /// caller's cancel flag) is, seen within 10 ms by a watcher thread that ends once nothing
@@ -1481,7 +1489,7 @@ fn mapped_load_counted(
             "{}: the driver refused to register the file's pages ({why}); {} of {} pieces were \
              read with pread into the pinned slots instead",
             p.backend.location(),
-            ws.fallback,
+            ws.refused_pieces,
             ws.pieces
         );
     }

@@ -241,19 +241,32 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
             .unwrap();
     let entry = &m["files"]["mixed.safetensors"];
-    for (warm, route) in [
-        (tensorstream_cuda::WarmMode::Force, "mapped"),
-        (tensorstream_cuda::WarmMode::Off, "ring"),
+    // The third: one registering and two pread threads side by side (6 slots: 1 + 2 × 2),
+    // one-page pieces so that the 9 KiB file has several to share.
+    for (warm, route, pread_threads) in [
+        (tensorstream_cuda::WarmMode::Force, "mapped", 0),
+        (tensorstream_cuda::WarmMode::Off, "ring", 0),
+        (tensorstream_cuda::WarmMode::Force, "mapped", 2),
     ] {
         let cm = Loader::new(fixtures().join("mixed.safetensors").to_str().unwrap())
             .device(Device::Cuda(0))
             .cuda_options(CudaOptions {
                 warm,
+                slots: if pread_threads > 0 { 6 } else { 3 },
+                warm_threads: 1,
+                warm_pread_threads: pread_threads,
+                warm_piece: 4096,
                 ..small_ring()
             })
             .load_cuda()
-            .unwrap_or_else(|e| panic!("{warm:?}: {e}"));
+            .unwrap_or_else(|e| panic!("{warm:?}, {pread_threads} pread threads: {e}"));
         assert_eq!(cm.stats().route, route);
+        if let Some((registered, pread)) = cm.stats().mapped_pieces {
+            assert!(
+                registered + pread > 1,
+                "several pieces: {registered} + {pread}"
+            );
+        }
         for t in entry["tensors"].as_array().unwrap() {
             let name = t["name"].as_str().unwrap();
             let dt = cm.model().get(name).unwrap();

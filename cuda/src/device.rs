@@ -37,12 +37,14 @@ pub struct CudaOptions {
     pub slot_size: usize,
     /// Warm page-cache path; default [`WarmMode::Off`].
     pub warm: WarmMode,
-    /// Threads of the warm path that register pieces; default 4.
+    /// Threads of the warm path that register pieces ([`crate::WarmStrategy::Register`], the
+    /// `Loader`'s); default 4. With [`crate::WarmStrategy::Pread`] they read with `pread` too.
     pub warm_threads: usize,
     /// Threads of the warm path that copy pieces with buffered `pread` into pinned slots
     /// beside the registering ones (all take pieces from one queue, so the faster way takes
-    /// more); default 0. Each needs two slots: `warm_threads + 2 × warm_pread_threads` must fit
-    /// [`CudaOptions::slots`], or fewer pread threads run.
+    /// more); default 0. A registering thread needs one slot, a pread thread two:
+    /// `warm_threads + 2 × warm_pread_threads` must fit [`CudaOptions::slots`]
+    /// (`2 × (warm_threads + warm_pread_threads)` with `Pread`), or fewer pread threads run.
     pub warm_pread_threads: usize,
     /// Bytes per registered piece in the warm path; default 16 MiB. Each thread holds at most
     /// two pieces registered (one being copied, the next being registered), and their file

@@ -58,8 +58,12 @@ pub struct WarmStats {
     pub pieces: usize,
     /// Pieces copied straight from registered page-cache pages.
     pub registered: usize,
-    /// Pieces that went through `pread` + pinned slots.
+    /// Pieces that went through `pread` + pinned slots (by the pread threads, and by the
+    /// registering ones once registration was refused).
     pub fallback: usize,
+    /// Of those, the pieces registering threads read with `pread` because the driver refused
+    /// to register (see `refused`).
+    pub refused_pieces: usize,
     /// Worker threads used.
     pub threads: usize,
     /// Of those, the threads that registered pieces (the others read theirs with `pread`).
@@ -95,6 +99,7 @@ struct Shared<'a> {
     refused: Mutex<Option<String>>,
     registered: AtomicUsize,
     fallback: AtomicUsize,
+    refused_pieces: AtomicUsize,
     readiness: &'a Mutex<Readiness>,
     strategy: WarmStrategy,
     /// Threads `0..registering` register pieces; the others read theirs with `pread`.
@@ -194,6 +199,7 @@ pub fn load_mapped(
         refused: Mutex::new(None),
         registered: AtomicUsize::new(0),
         fallback: AtomicUsize::new(0),
+        refused_pieces: AtomicUsize::new(0),
         readiness: &readiness,
         strategy,
         registering,
@@ -240,6 +246,7 @@ pub fn load_mapped(
         pieces: pieces.len(),
         registered: shared.registered.load(Ordering::SeqCst),
         fallback: shared.fallback.load(Ordering::SeqCst),
+        refused_pieces: shared.refused_pieces.load(Ordering::SeqCst),
         threads,
         registering,
         refused: shared.refused.lock().ok().and_then(|g| g.clone()),
@@ -354,6 +361,9 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
                 off = end;
             }
             sh.fallback.fetch_add(1, Ordering::SeqCst);
+            if sh.strategy == WarmStrategy::Register && t < sh.registering {
+                sh.refused_pieces.fetch_add(1, Ordering::SeqCst);
+            }
         }
     })();
     // Drain what is queued whatever happened (copies must finish before slots go away).

@@ -115,7 +115,8 @@ enum Cmd {
 #[derive(Args, Debug, Clone)]
 struct IoArgs {
     /// Reads in flight (local queue depth / remote concurrent requests; at most 1024) [default:
-    /// the backend's: local 16, NFS 32, HTTP 32, S3 16]. Alias: --queue-depth.
+    /// the backend's: local 16, NFS 32, HTTP 32, S3 16; GPU loads of local files: one per
+    /// pinned slot (--slots), up to 64]. Alias: --queue-depth.
     #[arg(long, alias = "queue-depth", value_name = "N")]
     concurrency: Option<usize>,
     /// Size of one read, e.g. 8MiB (K/M/G = KiB/MiB/GiB; at least 4 KiB) [default: the

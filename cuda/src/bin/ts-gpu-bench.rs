@@ -6,7 +6,7 @@
 //! ts-gpu-bench raw-read FILE [--threads 8] [--chunk-mib 16]
 //!                                           O_DIRECT read of the whole file (N threads)
 //! ts-gpu-bench h2d [--mib 4096]             pinned host->device ceiling through this crate
-//! ts-gpu-bench ring-read FILE [--slots 8] [--slot-size 16] [--depth N]
+//! ts-gpu-bench ring-read FILE [--slots 32] [--slot-size 4] [--depth N]
 //!                                           the GPU ring's read side alone (no GPU needed): the
 //!                                           engine reads the file into reused staging slots,
 //!                                           which a discarding sink hands straight back
