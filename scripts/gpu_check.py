@@ -62,6 +62,16 @@ print(json.dumps(dict(secs=el, gbps=os.path.getsize(path) / el / 1e9)))
 """
 
 
+def peer_rows(res):
+    """Rows for the peers' results (peers_baseline.py's RESULTS list), without the serializer's
+    timing (writing the .tensors copy). "TensorDeserializer" contains "serialize" too, so the
+    name's start is matched. No RSS per peer: they all run in one process, which also loads the
+    whole file to host memory to write the tensorizer copy."""
+    return [dict(loader="peer: " + r["name"], cold=bool(r.get("cold")) and COLD_OK,
+                 gbps=r["gbps"], secs=r["secs"], peer=True)
+            for r in res or [] if not r["name"].startswith("tensorizer serialize")]
+
+
 def add_row(r):
     rows.append(r)
     if OUT:
@@ -541,15 +551,8 @@ def main():
         for line in out.splitlines():
             if line.startswith("RESULTS"):
                 res = json.loads(line[len("RESULTS"):])
-        for r in res or []:
-            # Not the serializer's timing (writing the .tensors copy); "TensorDeserializer"
-            # contains "serialize" too, so match the name's start.
-            if r["name"].startswith("tensorizer serialize"):
-                continue
-            # No RSS per peer: they all run in one process, which also loads the whole file to
-            # host memory to write the tensorizer copy.
-            add_row(dict(loader="peer: " + r["name"], cold=bool(r.get("cold")) and COLD_OK,
-                         gbps=r["gbps"], secs=r["secs"], peer=True))
+        for r in peer_rows(res):
+            add_row(r)
         say(f"peers done in {wall:.0f} s (rc {rc}); peak RSS of that one process {peers_rss:.0f} MiB")
     else:
         say("peers skipped: budget")
@@ -701,7 +704,9 @@ def finish():
         # include their own allocations; tensorstream's count its device open (streams, pinned
         # staging) without the context's creation.
         cold_ts = [r for r in rows if main(r) and r["cold"] and ring(r)]
-        opened = [r["gbps_open_nc"] for r in cold_ts if r.get("gbps_open_nc")]
+        # (Rows without the context's time count the whole device open: the slower figure.)
+        opened = [r.get("gbps_open_nc") or r["gbps_open"] for r in cold_ts
+                  if r.get("gbps_open_nc") or r.get("gbps_open")]
         full = [r["gbps_open"] for r in cold_ts if r.get("gbps_open")]
         ours = med(opened) if opened else ts_cold["gbps"]
         check("cold faster than every peer (device open included, context creation not, as for the peers)",

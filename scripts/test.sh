@@ -30,6 +30,7 @@ apt_pkgs=()
 have nginx || apt_pkgs+=(nginx-light)
 have ganesha.nfsd || apt_pkgs+=(nfs-ganesha nfs-ganesha-vfs)
 have nfs-cat || apt_pkgs+=(libnfs-utils)
+have python3 || apt_pkgs+=(python3)  # scripts/test_gpu_check.py (the GPU check's judging)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   log "installing ${apt_pkgs[*]}"
   if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -63,5 +64,8 @@ if [ ${#extra[@]} -eq 0 ]; then
     # shellcheck disable=SC2086
     cargo test $t --all-features --quiet -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|panicked|FAILED" || status=1
   done
+  # The GPU check's judging (scripts/gpu_check.py), on made-up rows: no GPU needed.
+  log "python3 scripts/test_gpu_check.py"
+  PYTHONDONTWRITEBYTECODE=1 python3 scripts/test_gpu_check.py 2>&1 || status=1
 fi
 exit $status
