@@ -1033,21 +1033,10 @@ impl Loader {
         Ok(())
     }
 
-    /// [`Loader::cuda_device`], with the time the driver took to create the context when this
-    /// call opened the device (zero for a handle given to `on_device`).
-    fn cuda_device_timed(&self) -> Result<(Arc<tensorstream_cuda::CudaDevice>, Duration)> {
-        let reused = matches!(&self.opened, Some(d) if matches!(self.device, Device::Cuda(n) if d.ordinal() == n));
-        let dev = self.cuda_device()?;
-        let ctx = if reused {
-            Duration::ZERO
-        } else {
-            dev.context_open_time()
-        };
-        Ok((dev, ctx))
-    }
-
-    /// Opens the CUDA device this loader targets (clear error when there is no driver/device).
-    fn cuda_device(&self) -> Result<Arc<tensorstream_cuda::CudaDevice>> {
+    /// Opens the CUDA device this loader targets (clear error when there is no driver/device),
+    /// or takes the handle given to `on_device`; with the time the driver took to create the
+    /// CUDA context in this call (zero for a handle given to `on_device`).
+    fn cuda_device(&self) -> Result<(Arc<tensorstream_cuda::CudaDevice>, Duration)> {
         let Device::Cuda(n) = self.device else {
             return Err(Error::invalid(
                 "this loader targets the cpu: set .device(Device::Cuda(n)) first",
@@ -1062,9 +1051,13 @@ impl Loader {
                          a handle's streams and pinned slots are fixed when it is opened",
                     ));
                 }
-                Ok(d.clone())
+                Ok((d.clone(), Duration::ZERO))
             }
-            _ => tensorstream_cuda::CudaDevice::open(n, &self.cuda),
+            _ => {
+                let dev = tensorstream_cuda::CudaDevice::open(n, &self.cuda)?;
+                let ctx = dev.context_open_time();
+                Ok((dev, ctx))
+            }
         }
     }
 
@@ -1103,7 +1096,7 @@ impl Loader {
         let started = Instant::now();
         let (todo, merged) = self.check_shards(map)?;
         let opening = Instant::now();
-        let (dev, device_context) = self.cuda_device_timed()?;
+        let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
@@ -1137,7 +1130,7 @@ impl Loader {
     /// One file onto the device; `selected`: see [`Loader::load_host`].
     fn load_cuda_file(&self, selected: Option<u64>) -> Result<CudaModel> {
         let opening = Instant::now();
-        let (dev, device_context) = self.cuda_device_timed()?;
+        let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
         let started = Instant::now();
         let p = self.prepare(Some(dev.options()))?;
@@ -1196,7 +1189,7 @@ impl Loader {
             ));
         }
         let this = self.single("a streaming GPU load")?;
-        let dev = this.cuda_device()?;
+        let (dev, _) = this.cuda_device()?;
         let mut p = this.prepare(Some(dev.options()))?;
         let index = p.index.clone();
         // The load stops on its own flag: set by dropping the handle, and following the
