@@ -403,17 +403,20 @@ def main():
     cpu = digest_map(last_json(out))
     say(f"CPU digests of {len(cpu)} tensors in {wall:.1f} s")
     # Cold, so that the bytes checked are the ones O_DIRECT reads put on the device.
+
+    def check_digests(j, what, note=""):
+        """Every tensor of the big file as loaded (j: a --digests run) against the CPU digests."""
+        bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
+        check(f"{size / 1e9:.1f} GB file, device bytes == file bytes ({what})", j is not None and cpu and not bad,
+              f"{len(cpu) - len(bad)}/{len(cpu)} match" + note)
+
     c = drop()
     j = ts_load(FILE, digests=True, name="tensorstream (digests run)")
-    bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
     how = "O_DIRECT reads" if j and j.get("direct_io") else ("page cache" if not c else "buffered reads")
-    check(f"{size / 1e9:.1f} GB file, device bytes == file bytes (ring path, {how})", j is not None and cpu and not bad,
-          f"{len(cpu) - len(bad)}/{len(cpu)} match")
+    check_digests(j, f"ring path, {how}")
     if not DRY and not QUICK:
         j = bench_load(FILE, ["--warm", "register"], digests=True)
-        bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
-        check(f"{size / 1e9:.1f} GB file, device bytes == file bytes (mapped register path)",
-              j is not None and cpu and not bad, f"{len(cpu) - len(bad)}/{len(cpu)} match; {j and j.get('mode')}")
+        check_digests(j, "mapped register path", f"; {j and j.get('mode')}")
 
     # The pinned host->device ceiling of this machine (a few seconds), for the warm target.
     if not DRY and not GPU_HUNG:
@@ -485,11 +488,9 @@ def main():
     # The default route's device bytes when the file is in the page cache (pread threads into
     # the pinned slots; the digest run above read with O_DIRECT).
     j = ts_load(FILE, digests=True, name="tensorstream warm (digests run)")
-    bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
-    check(f"{size / 1e9:.1f} GB file, device bytes == file bytes (warm, default route "
-          f"{j and j.get('route')}, {'O_DIRECT' if j and j.get('direct_io') else 'buffered'} reads, "
-          f"queue depth {j and j.get('queue_depth')})", j is not None and cpu and not bad,
-          f"{len(cpu) - len(bad)}/{len(cpu)} match")
+    check_digests(j, f"warm, default route {j and j.get('route')}, "
+                     f"{'O_DIRECT' if j and j.get('direct_io') else 'buffered'} reads, "
+                     f"queue depth {j and j.get('queue_depth')}")
     for i in range(2):
         record(ts_load(FILE, ["--gpu-warm", "auto"]), False, "tensorstream --gpu-warm auto")
     # Warm knobs, through the CLI so that a better setting is a judged row. The first run on
@@ -525,16 +526,12 @@ def main():
              "--slots", "16", "--slot-size", "8MiB"]
     if not QUICK:
         j = ts_load(FILE, mixed, digests=True, name="tensorstream warm mixed (digests run)")
-        bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
-        check(f"{size / 1e9:.1f} GB file, device bytes == file bytes (warm, 2 registering + 7 pread "
-              f"threads: route {j and j.get('route')}, pieces {j and j.get('mapped_pieces_registered')} "
-              f"registered / {j and j.get('mapped_pieces_pread')} pread)",
-              j is not None and cpu and not bad, f"{len(cpu) - len(bad)}/{len(cpu)} match")
+        check_digests(j, f"warm, 2 registering + 7 pread threads: route {j and j.get('route')}, pieces "
+                         f"{j and j.get('mapped_pieces_registered')} registered / "
+                         f"{j and j.get('mapped_pieces_pread')} pread")
     # The warm auto route's device bytes too (the mapped route when the file is resident).
     j = ts_load(FILE, ["--gpu-warm", "auto"], digests=True, name="tensorstream warm auto (digests run)")
-    bad = [n for n in cpu if digest_map(j).get(n) != cpu[n]]
-    check(f"{size / 1e9:.1f} GB file, device bytes == file bytes (warm, --gpu-warm auto: route "
-          f"{j and j.get('route')})", j is not None and cpu and not bad, f"{len(cpu) - len(bad)}/{len(cpu)} match")
+    check_digests(j, f"warm, --gpu-warm auto: route {j and j.get('route')}")
 
     say("== peers_baseline.py on the same file")
     peers_rss = None

@@ -1276,13 +1276,12 @@ impl Loader {
                         (popts.chunk_size / popts.alignment).max(1) * popts.alignment;
                 }
                 eopts.ring_budget = o.slots * o.slot_size;
-                // Local files keep every slot busy unless told otherwise: a file in the page
-                // cache is copied by the pread threads, one per read in flight, and that copy is
-                // CPU-bound (H200 machine, 6.6 GB warm: 8 reads in flight 22-26 GB/s, 16 33,
-                // 32 39-40). Other backends keep their own depth (connections).
-                // (At most 64: one pread thread per read when the file is cached.) Other
-                // backends also read at most a slot at once: 4 MiB ranges by default (S3 and
-                // HTTP would read 16 MiB), not measured on a GPU.
+                // Local files keep every slot busy (up to 64) unless a depth was given: a file
+                // in the page cache is copied by the pread threads, one per read in flight, and
+                // that copy is CPU-bound (H200 machine, 6.6 GB warm: 8 reads in flight 22-26
+                // GB/s, 16 33, 32 39-40). Other backends keep their own depth (connections), and
+                // like every GPU load read at most a slot at once: 4 MiB ranges by default
+                // (S3 and HTTP would read 16 MiB), not measured on a GPU.
                 let depth = match (self.queue_depth, self.open.concurrency) {
                     (None, None) if caps.kernel_reads => o.slots.min(GPU_LOCAL_MAX_DEPTH),
                     _ => eopts.queue_depth,

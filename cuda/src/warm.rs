@@ -101,8 +101,8 @@ struct Shared<'a> {
     fallback: AtomicUsize,
     refused_pieces: AtomicUsize,
     readiness: &'a Mutex<Readiness>,
-    strategy: WarmStrategy,
-    /// Threads `0..registering` register pieces; the others read theirs with `pread`.
+    /// Threads `0..registering` register pieces; the others read theirs with `pread` (all of
+    /// them with [`WarmStrategy::Pread`], for which `split_threads` gives 0).
     registering: usize,
     cancel: Option<Arc<AtomicBool>>,
 }
@@ -201,7 +201,6 @@ pub fn load_mapped(
         fallback: AtomicUsize::new(0),
         refused_pieces: AtomicUsize::new(0),
         readiness: &readiness,
-        strategy,
         registering,
         cancel,
     };
@@ -280,6 +279,7 @@ fn retire(sh: &Shared<'_>, q: &mut Queue, bounce: &mut Vec<IoBuf>) -> Result<()>
 fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
     let stream = sh.dev.stream(t).clone();
     let ctx = sh.dev.context();
+    let registers = t < sh.registering;
     let depth = bounce.len().max(2);
     let mut q: Queue = VecDeque::new();
     let run = (|| -> Result<()> {
@@ -298,9 +298,7 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
             let Some(piece) = sh.pieces.get(k) else {
                 return Ok(());
             };
-            let try_register = sh.strategy == WarmStrategy::Register
-                && t < sh.registering
-                && lock_refused(sh).is_none();
+            let try_register = registers && lock_refused(sh).is_none();
             if try_register {
                 // At most two pieces registered per thread, since their file pages are resident
                 // while they are: the previous one (its copy running) and this one. (Before, the
@@ -361,7 +359,7 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
                 off = end;
             }
             sh.fallback.fetch_add(1, Ordering::SeqCst);
-            if sh.strategy == WarmStrategy::Register && t < sh.registering {
+            if registers {
                 sh.refused_pieces.fetch_add(1, Ordering::SeqCst);
             }
         }
