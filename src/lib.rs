@@ -722,25 +722,6 @@ impl Loader {
         sharded::resolve(&self.uri, &self.open)
     }
 
-    /// This loader for one model file: itself, or a copy reading the file a directory held.
-    /// A sharded checkpoint is refused for `what`.
-    fn single(&self, what: &str) -> Result<std::borrow::Cow<'_, Loader>> {
-        match self.source()? {
-            sharded::Source::File(u) if u == self.uri => Ok(std::borrow::Cow::Borrowed(self)),
-            sharded::Source::File(u) => {
-                let mut l = self.clone();
-                l.uri = u;
-                Ok(std::borrow::Cow::Owned(l))
-            }
-            sharded::Source::Sharded(m) => Err(Error::unsupported(format!(
-                "{what} of a sharded checkpoint ({} shards) is not supported yet: load it to \
-                 host memory, or give one shard file",
-                m.shards.len()
-            ))
-            .with_location(sharded::redact(&m.index_uri))),
-        }
-    }
-
     /// The loader of one shard of `map`: reads only the tensors the index places there; the
     /// progress total is the checkpoint's, set by the caller.
     fn shard_loader(&self, map: &sharded::ShardMap, shard: &sharded::Shard) -> Loader {
@@ -765,7 +746,8 @@ impl Loader {
     /// Every shard's header is read and checked against the index before any tensor data, then
     /// the shards load, two at a time; the model's [`LoadedModel::files`] tell which file
     /// each tensor came from. [`Loader::load_cuda`] loads a checkpoint too (one device
-    /// allocation per shard); streaming takes one file; [`Loader::convert`] joins a checkpoint's
+    /// allocation for all shards, a device model per shard), and so does
+    /// [`Loader::load_cuda_streaming`] (one device model); [`Loader::convert`] joins a checkpoint's
     /// shards into one file.
     pub fn load(&self) -> Result<LoadedModel> {
         self.bounded(Loader::load_now)
@@ -1087,9 +1069,9 @@ impl Loader {
         }
     }
 
-    /// A sharded checkpoint onto the device: the device opened once, the shards checked (as
-    /// for a host load), then loaded one after another on that handle, each into its own
-    /// device allocation.
+    /// A sharded checkpoint onto the device: the shards checked (as for a host load), the
+    /// device opened once, every shard planned, ONE device allocation made for all of them,
+    /// then the shards loaded one after another, each into its window of that allocation.
     fn load_cuda_sharded(&self, map: &sharded::ShardMap) -> Result<CudaModel> {
         // The checkpoint is checked before the device is opened (a bad one costs no driver
         // start-up); `elapsed` leaves the opening out, as for one file.
@@ -1098,24 +1080,36 @@ impl Loader {
         let opening = Instant::now();
         let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
-        let mut parts = Vec::with_capacity(todo.len());
+        let shards = plan_cuda_shards(&dev, todo)?;
+        let (whole, windows, alloc) = shard_arena(&dev, &shards)?;
+        let mut parts = Vec::with_capacity(shards.len());
         let mut stats: Option<LoadStats> = None;
-        for (l, bytes) in todo {
+        for (shard, window) in shards.into_iter().zip(windows) {
             self.check_cancelled()?;
             let shard_start = started.elapsed().saturating_sub(device_open);
+            let (l, p, route) = shard;
             let location = sharded::redact(&l.uri);
-            let cm = l
-                .on_device(dev.clone())
-                .load_cuda_file(Some(bytes))
-                .map_err(|e| e.with_location(location))?;
-            let st = cm.stats;
-            parts.extend(cm.parts);
+            let target = tensorstream_cuda::Target {
+                arena: Some(window),
+                subscriber: None,
+            };
+            let t = Instant::now();
+            let (model, es, mapped) =
+                run_cuda(&dev, &p, route, target).map_err(|e| e.with_location(location))?;
+            let st = p.cuda_stats(&dev, route, &model, &es, mapped, t.elapsed());
+            parts.push(CudaPart {
+                uri: l.uri.clone(),
+                shard: l.scope.as_ref().map(|s| s.file.clone()),
+                model,
+            });
             stats = Some(LoadStats::add_shard(stats, st, shard_start));
         }
+        drop(whole); // the windows hold the allocation now
         let mut stats = stats.expect("at least one shard was loaded");
         stats.elapsed = started.elapsed().saturating_sub(device_open);
         stats.device_open = device_open;
         stats.device_context = device_context;
+        stats.device_alloc = alloc;
         let by_name = Some(names_to_parts(
             parts.iter().map(|p| p.model.tensors().map(|t| t.name)),
         ));
@@ -1133,40 +1127,14 @@ impl Loader {
         let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
         let started = Instant::now();
-        let p = self.prepare(Some(dev.options()))?;
-        self.correct_total(&p, selected);
-        let route = p.gpu_route(&dev)?;
+        let (p, route) = self.prepare_cuda(&dev, selected)?;
         // The device model's times count from the start of its copies.
         let planned = started.elapsed();
-        let mut mapped_pieces = None;
-        let (model, es) = match route {
-            GpuRoute::Staged => staged::load(&dev, &p, None)?,
-            GpuRoute::Mapped => {
-                let (m, es, ws) = mapped_load_counted(&dev, &p, None)?;
-                mapped_pieces = Some((ws.registered, ws.fallback));
-                (m, es)
-            }
-            GpuRoute::Ring => tensorstream_cuda::load(
-                &dev,
-                p.backend.clone(),
-                &p.meta,
-                p.index.clone(),
-                p.plan.clone(),
-                &p.eopts,
-            )?,
-        };
-        let mut stats = p.stats(model.nbytes(), &es, started.elapsed());
-        stats.route = route.name();
-        if route == GpuRoute::Staged {
-            // The groups load with the host settings, not the pinned ring's.
-            stats.queue_depth = p.host_eopts.queue_depth;
-            stats.chunk_size = p.host_popts.chunk_size;
-        }
+        let (model, es, mapped) = run_cuda(&dev, &p, route, Default::default())?;
+        let mut stats = p.cuda_stats(&dev, route, &model, &es, mapped, started.elapsed());
+        stats.first_tensor = stats.first_tensor.map(|d| planned + d);
         stats.device_open = device_open;
         stats.device_context = device_context;
-        stats.mapped_pieces = mapped_pieces;
-        stats.staging_page_locked = Some(dev.staging_page_locked());
-        stats.first_tensor = model.times().first_tensor.map(|d| planned + d);
         Ok(CudaModel {
             parts: vec![CudaPart {
                 uri: self.uri.clone(),
@@ -1179,8 +1147,27 @@ impl Loader {
         })
     }
 
+    /// One file's GPU load, up to the copies: metadata, selection, plan, and which way the
+    /// bytes go.
+    fn prepare_cuda(
+        &self,
+        dev: &Arc<tensorstream_cuda::CudaDevice>,
+        selected: Option<u64>,
+    ) -> Result<(Prepared, GpuRoute)> {
+        let p = self.prepare(Some(dev.options()))?;
+        self.correct_total(&p, selected);
+        let route = p.gpu_route(dev)?;
+        Ok((p, route))
+    }
+
     /// Like [`Loader::load_cuda`], but returns at once: iterate the result to get each tensor as
     /// soon as its bytes are on the device, then `wait()` for the whole model.
+    ///
+    /// A sharded checkpoint is checked (every shard's header against its index) before this
+    /// returns; the shards then load one after another into one device allocation. Each
+    /// [`tensorstream_cuda::ReadyTensor::tensor`] indexes the checkpoint's combined index (the
+    /// stream's `index()`), its `at` counts from the start of the whole load, and `wait()`
+    /// gives one device model over all shards.
     pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
         if self.deadline.is_some() {
             return Err(Error::invalid(
@@ -1188,29 +1175,50 @@ impl Loader {
                  stop a streaming load with Loader::cancel_flag",
             ));
         }
-        let this = self.single("a streaming GPU load")?;
-        let (dev, _) = this.cuda_device()?;
-        let mut p = this.prepare(Some(dev.options()))?;
-        let index = p.index.clone();
         // The load stops on its own flag: set by dropping the handle, and following the
         // caller's cancel flag (which is never set by us).
         let stop = stop_flag(self.cancel.clone())?;
+        let this = match self.source()? {
+            sharded::Source::Sharded(map) => return self.stream_cuda_sharded(&map, stop),
+            sharded::Source::File(u) if u == self.uri => std::borrow::Cow::Borrowed(self),
+            sharded::Source::File(u) => std::borrow::Cow::Owned(Loader {
+                uri: u,
+                ..self.clone()
+            }),
+        };
+        let (dev, _) = this.cuda_device()?;
+        let (mut p, route) = this.prepare_cuda(&dev, None)?;
+        let index = p.index.clone();
         p.eopts.cancel = Some(stop.clone());
         p.host_eopts.cancel = Some(stop.clone());
-        let started = match p.gpu_route(&dev)? {
-            GpuRoute::Staged => {
-                tensorstream_cuda::StreamingLoad::spawn(move |tx| staged::load(&dev, &p, Some(tx)))
-                    .map(|s| s.with_index(index))
-            }
-            GpuRoute::Mapped => {
-                tensorstream_cuda::StreamingLoad::spawn(move |tx| mapped_load(&dev, &p, Some(tx)))
-                    .map(|s| s.with_index(index))
-            }
-            GpuRoute::Ring => {
-                tensorstream_cuda::load_streaming(&dev, p.backend, p.meta, p.index, p.plan, p.eopts)
-            }
-        };
-        started.map(|s| s.with_stop(stop))
+        tensorstream_cuda::StreamingLoad::spawn(move |tx| {
+            let target = tensorstream_cuda::Target {
+                arena: None,
+                subscriber: Some(tx),
+            };
+            run_cuda(&dev, &p, route, target).map(|(m, es, _)| (m, es))
+        })
+        .map(|s| s.with_index(index).with_stop(stop))
+    }
+
+    /// [`Loader::load_cuda_streaming`] of a sharded checkpoint: checked and the device opened
+    /// before it returns; then, on the load's thread, every shard planned, one device
+    /// allocation made, and the shards loaded one after another into their windows of it. Each
+    /// tensor is announced under its place in the combined index; the model is one
+    /// `DeviceModel` over the whole allocation.
+    fn stream_cuda_sharded(
+        &self,
+        map: &sharded::ShardMap,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<tensorstream_cuda::StreamingLoad> {
+        let (mut todo, merged) = self.check_shards(map)?;
+        let (dev, _) = self.cuda_device()?;
+        for (l, _) in &mut todo {
+            l.cancel = Some(stop.clone());
+        }
+        let index = merged.clone();
+        tensorstream_cuda::StreamingLoad::spawn(move |tx| stream_shards(&dev, todo, merged, &tx))
+            .map(|s| s.with_index(index).with_stop(stop))
     }
 
     /// Metadata, selection, verification hooks and the plan, for either destination.
@@ -1434,23 +1442,155 @@ impl GpuRoute {
     }
 }
 
-/// The mapped warm path (`CudaOptions::warm`), for a local file.
-fn mapped_load(
+/// A GPU load's result: the model, the engine's figures and, for the mapped route, the
+/// pieces registered and read with pread.
+type CudaRun = (
+    tensorstream_cuda::DeviceModel,
+    tensorstream_engine::EngineStats,
+    Option<(usize, usize)>,
+);
+
+/// The copies of a prepared GPU load, the way `route` says, into `target`.
+fn run_cuda(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
     p: &Prepared,
-    subscriber: Option<crossbeam_channel::Sender<tensorstream_cuda::ReadyTensor>>,
+    route: GpuRoute,
+    target: tensorstream_cuda::Target,
+) -> Result<CudaRun> {
+    match route {
+        GpuRoute::Staged => staged::load(dev, p, target).map(|(m, es)| (m, es, None)),
+        GpuRoute::Mapped => mapped_load(dev, p, target)
+            .map(|(m, es, ws)| (m, es, Some((ws.registered, ws.fallback)))),
+        GpuRoute::Ring => tensorstream_cuda::load_to(
+            dev,
+            p.backend.clone(),
+            &p.meta,
+            p.index.clone(),
+            p.plan.clone(),
+            &p.eopts,
+            target,
+        )
+        .map(|(m, es)| (m, es, None)),
+    }
+}
+
+/// Every shard with selected tensors, prepared for `dev` (index, selection, plan, route),
+/// each with its own loader (stopping on its cancel flag).
+fn plan_cuda_shards(
+    dev: &Arc<tensorstream_cuda::CudaDevice>,
+    todo: Vec<(Loader, u64)>,
+) -> Result<Vec<(Loader, Prepared, GpuRoute)>> {
+    let mut out = Vec::with_capacity(todo.len());
+    for (l, bytes) in todo {
+        l.check_cancelled()?;
+        let l = l.on_device(dev.clone());
+        let (p, route) = l
+            .prepare_cuda(dev, Some(bytes))
+            .map_err(|e| e.with_location(sharded::redact(&l.uri)))?;
+        out.push((l, p, route));
+    }
+    Ok(out)
+}
+
+/// The body of a sharded streaming GPU load (see `Loader::stream_cuda_sharded`): each shard's
+/// tensors are forwarded to `tx` as they land, renumbered into `merged` and timed from the
+/// start of the whole load.
+fn stream_shards(
+    dev: &Arc<tensorstream_cuda::CudaDevice>,
+    todo: Vec<(Loader, u64)>,
+    merged: TensorIndex,
+    tx: &crossbeam_channel::Sender<tensorstream_cuda::ReadyTensor>,
 ) -> Result<(
     tensorstream_cuda::DeviceModel,
     tensorstream_engine::EngineStats,
 )> {
-    mapped_load_counted(dev, p, subscriber).map(|(m, es, _)| (m, es))
+    let started = Instant::now();
+    let shards = plan_cuda_shards(dev, todo)?;
+    let (whole, windows, alloc) = shard_arena(dev, &shards)?;
+    let position: std::collections::HashMap<&str, usize> = merged
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let mut parts = Vec::with_capacity(shards.len());
+    let mut total = tensorstream_engine::EngineStats::default();
+    for ((l, p, route), window) in shards.into_iter().zip(windows) {
+        l.check_cancelled()?;
+        let at = started.elapsed();
+        // The shard's own numbering → the combined index's (every selected tensor of a shard
+        // is in it: `check_shards` scoped the shard to the names the checkpoint lists).
+        let renumber: Vec<Option<usize>> = p
+            .index
+            .tensors
+            .iter()
+            .map(|t| position.get(t.name.as_str()).copied())
+            .collect();
+        let (stx, srx) = crossbeam_channel::unbounded::<tensorstream_cuda::ReadyTensor>();
+        let out = tx.clone();
+        let forward = std::thread::Builder::new()
+            .name("ts-shard-ready".into())
+            .spawn(move || {
+                for mut t in srx {
+                    if let Some(Some(k)) = renumber.get(t.tensor) {
+                        t.tensor = *k;
+                        t.at += at;
+                        let _ = out.send(t);
+                    }
+                }
+            })
+            .map_err(|e| Error::from_io(e, "spawning a forwarding thread"))?;
+        let target = tensorstream_cuda::Target {
+            arena: Some(window),
+            subscriber: Some(stx),
+        };
+        // The load drops its sender when it ends (either way), which ends the forwarder.
+        let loaded = run_cuda(dev, &p, route, target);
+        let _ = forward.join();
+        let (model, es, _) = loaded.map_err(|e| e.with_location(sharded::redact(&l.uri)))?;
+        total.reads += es.reads;
+        total.bytes_read += es.bytes_read;
+        total.staging_bytes = total.staging_bytes.max(es.staging_bytes);
+        parts.push((model, at));
+    }
+    total.elapsed = started.elapsed();
+    let model = tensorstream_cuda::DeviceModel::combine(whole, merged, parts, alloc)?;
+    Ok((model, total))
 }
 
-/// [`mapped_load`], also giving what the warm path did (pieces registered / read with pread).
-fn mapped_load_counted(
+/// One device allocation for the shards' plans: the allocation, each shard's window of it (in
+/// order, aligned as its plan asks) and the time the allocation took.
+fn shard_arena(
+    dev: &tensorstream_cuda::CudaDevice,
+    shards: &[(Loader, Prepared, GpuRoute)],
+) -> Result<(
+    Arc<tensorstream_cuda::DeviceArena>,
+    Vec<Arc<tensorstream_cuda::DeviceArena>>,
+    Duration,
+)> {
+    use tensorstream_cuda::DeviceArena;
+    let (offsets, total) = tensorstream_cuda::copy::pack_windows(
+        shards
+            .iter()
+            .map(|(_, p, _)| (p.plan.arena_len, p.plan.arena_align)),
+    )?;
+    let t = Instant::now();
+    let whole = Arc::new(DeviceArena::alloc(dev.cuda_context(), total)?);
+    let alloc = t.elapsed();
+    let windows = offsets
+        .iter()
+        .zip(shards)
+        .map(|(&off, (_, p, _))| DeviceArena::window(&whole, off, p.plan.arena_len))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((whole, windows, alloc))
+}
+
+/// The mapped warm path (`CudaOptions::warm`), for a local file; also gives what it did
+/// (pieces registered / read with pread).
+fn mapped_load(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
     p: &Prepared,
-    subscriber: Option<crossbeam_channel::Sender<tensorstream_cuda::ReadyTensor>>,
+    target: tensorstream_cuda::Target,
 ) -> Result<(
     tensorstream_cuda::DeviceModel,
     tensorstream_engine::EngineStats,
@@ -1467,7 +1607,7 @@ fn mapped_load_counted(
         p.index.clone(),
         &p.plan,
         tensorstream_cuda::WarmStrategy::Register,
-        subscriber,
+        target,
         Some(&same_file),
         p.eopts.cancel.clone(),
     )?;
@@ -1512,6 +1652,31 @@ struct Prepared {
 }
 
 impl Prepared {
+    /// A GPU load's statistics: [`Prepared::stats`] plus the route's and the device's figures.
+    fn cuda_stats(
+        &self,
+        dev: &tensorstream_cuda::CudaDevice,
+        route: GpuRoute,
+        model: &tensorstream_cuda::DeviceModel,
+        es: &tensorstream_engine::EngineStats,
+        mapped: Option<(usize, usize)>,
+        elapsed: Duration,
+    ) -> LoadStats {
+        let mut stats = self.stats(model.nbytes(), es, elapsed);
+        stats.route = route.name();
+        if route == GpuRoute::Staged {
+            // The groups load with the host settings, not the pinned ring's.
+            stats.queue_depth = self.host_eopts.queue_depth;
+            stats.chunk_size = self.host_popts.chunk_size;
+        }
+        stats.mapped_pieces = mapped;
+        stats.staging_page_locked = Some(dev.staging_page_locked());
+        let times = model.times();
+        stats.first_tensor = times.first_tensor;
+        stats.device_alloc = times.alloc;
+        stats
+    }
+
     /// Which way a GPU load of this preparation goes.
     fn gpu_route(&self, dev: &tensorstream_cuda::CudaDevice) -> Result<GpuRoute> {
         if self.hook.is_some() {
@@ -1549,6 +1714,7 @@ impl Prepared {
             chunk_size: self.chunk,
             device_open: Duration::ZERO,
             device_context: Duration::ZERO,
+            device_alloc: Duration::ZERO,
             staging_page_locked: None,
             first_tensor: None,
             mapped_pieces: None,
@@ -1557,8 +1723,8 @@ impl Prepared {
     }
 }
 
-/// Tensors loaded onto a CUDA device: one device allocation per file (a sharded checkpoint: one
-/// per shard), per-tensor device pointers.
+/// Tensors loaded onto a CUDA device: one device allocation (a sharded checkpoint's shards each
+/// in their window of it, with a device model per shard), per-tensor device pointers.
 #[derive(Debug)]
 pub struct CudaModel {
     /// One per file (at least one).
@@ -1664,12 +1830,13 @@ impl CudaModel {
         }
         Ok(self.parts.remove(0).model)
     }
-    /// Takes every device model out, in load order (one per file).
+    /// Takes every device model out, in load order (one per file). A sharded checkpoint's
+    /// models are windows of one allocation, freed when the last of them is released.
     pub fn into_models(self) -> Vec<tensorstream_cuda::DeviceModel> {
         self.parts.into_iter().map(|p| p.model).collect()
     }
-    /// Frees every device allocation now (see `DeviceModel::release`); the first error is
-    /// returned after all were tried.
+    /// Frees the device memory now (see `DeviceModel::release`); the first error is returned
+    /// after all were tried.
     pub fn release(self) -> Result<()> {
         let mut first = Ok(());
         for m in self.into_models() {
@@ -1717,6 +1884,9 @@ pub struct LoadStats {
     /// when the device handle was already open, and for host loads). A process whose framework
     /// already holds a context on the device pays less there.
     pub device_context: Duration,
+    /// GPU loads: the part of `elapsed` spent allocating device memory (one allocation per
+    /// load, a sharded checkpoint's included). Zero for host loads.
+    pub device_alloc: Duration,
     /// GPU loads: whether the staging ring is page-locked (`Some(false)` where the driver
     /// refused: copies then come from pageable memory). `None` for host loads.
     pub staging_page_locked: Option<bool>,

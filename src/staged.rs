@@ -12,8 +12,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crossbeam_channel::Sender;
-use tensorstream_cuda::{CudaDevice, DeviceModel, HostUpload, ReadyTensor};
+use tensorstream_cuda::{CudaDevice, DeviceModel, HostUpload, Target};
 use tensorstream_engine::plan::Placement;
 use tensorstream_engine::{execute, format, plan, EngineStats, Error, HostSink, Result};
 
@@ -70,16 +69,14 @@ impl Dest for HostUpload {
     }
 }
 
-/// Loads `p` (prepared with a hook) onto `dev` group by group through host memory.
+/// Loads `p` (prepared with a hook) onto `dev` group by group through host memory, into
+/// `target`.
 pub(crate) fn load(
     dev: &Arc<CudaDevice>,
     p: &Prepared,
-    subscriber: Option<Sender<ReadyTensor>>,
+    target: Target,
 ) -> Result<(DeviceModel, EngineStats)> {
-    let mut up = HostUpload::new(dev, p.plan.clone())?;
-    if let Some(tx) = subscriber {
-        up.subscribe(tx);
-    }
+    let mut up = HostUpload::with_target(dev, p.plan.clone(), target)?;
     let es = fill(p, &mut up, GROUP_BYTES)?;
     Ok((up.finish(p.index.clone())?, es))
 }

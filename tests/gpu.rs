@@ -13,8 +13,13 @@ use tensorstream::engine::format::tensorizer::KeySource;
 use tensorstream::{Device, Loader};
 use tensorstream_cuda::CudaOptions;
 
+/// `../shared/fixtures` beside the checkout, or `$TS_FIXTURES` (the GPU check runs this test
+/// binary on a machine without `../shared`).
 fn fixtures() -> PathBuf {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
+    let p = std::env::var_os("TS_FIXTURES").map_or_else(
+        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures")),
+        PathBuf::from,
+    );
     assert!(
         p.join("manifest.json").is_file(),
         "fixtures missing: {} (shared/ must sit beside the checkout)",
@@ -280,8 +285,9 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
     }
 }
 
-/// A sharded checkpoint onto the device: one device handle, one allocation per shard, every
-/// tensor's device bytes equal to what was written, filters across shards.
+/// A sharded checkpoint onto the device: one device handle, ONE allocation for all shards (each
+/// shard's tensors in its window of it, in load order), every tensor's device bytes equal to
+/// what was written, filters across shards.
 #[test]
 fn gpu_sharded_checkpoint_loads_every_shard() {
     if !have_gpu() {
@@ -313,6 +319,17 @@ fn gpu_sharded_checkpoint_loads_every_shard() {
     assert!(m.stats().first_tensor.is_some());
     let total: usize = want.iter().map(|w| w.bytes.len()).sum();
     assert_eq!(m.stats().tensor_bytes, total as u64);
+    // One allocation: the windows follow one another, each aligned, with less than the
+    // alignment between them (separate allocations would not be packed like this).
+    let spans: Vec<(u64, u64)> = m
+        .files()
+        .map(|f| (f.model().arena_ptr(), f.model().arena_len()))
+        .collect();
+    for w in spans.windows(2) {
+        let end = w[0].0 + w[0].1;
+        assert!(w[1].0 >= end && w[1].0 - end < 256, "{spans:x?}");
+    }
+    assert!(m.stats().device_alloc > std::time::Duration::ZERO);
     let e = m.into_model().unwrap_err();
     assert!(e.to_string().contains("into_models"), "{e}");
     // A filter: only the shards holding a match are read.
@@ -325,4 +342,55 @@ fn gpu_sharded_checkpoint_loads_every_shard() {
     assert_eq!(m.files().count(), 1);
     assert_eq!(m.len(), 2);
     m.release().unwrap();
+}
+
+/// A sharded checkpoint streamed onto the device: each selected tensor announced once, under
+/// its place in the combined index, with the device address the finished model gives it; the
+/// bytes equal what was written; one model over one allocation.
+#[test]
+fn gpu_sharded_checkpoint_streams_every_tensor() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &[&[4096, 100], &[3 << 20], &[7, 1 << 20]], 22);
+    for filter in [None, Some("layers.[02].*")] {
+        let mut l = Loader::new(dir.path().display().to_string())
+            .device(Device::Cuda(0))
+            .cuda_options(small_ring());
+        if let Some(f) = filter {
+            l = l.filter_glob(f).unwrap();
+        }
+        let mut s = l.load_cuda_streaming().unwrap();
+        let index = s.index().unwrap();
+        assert_eq!(index.tensors.len(), want.len());
+        let ready: Vec<_> = (&mut s).collect();
+        let (m, es) = s.wait().unwrap();
+        let expect: Vec<_> = want
+            .iter()
+            .filter(|w| filter.is_none() || !w.name.starts_with("layers.1."))
+            .collect();
+        assert_eq!(ready.len(), expect.len(), "{filter:?}");
+        assert_eq!(m.len(), expect.len());
+        let mut names: Vec<&str> = ready
+            .iter()
+            .map(|r| index.tensors[r.tensor].name.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), expect.len(), "a tensor was announced twice");
+        for r in &ready {
+            let t = m.get(&index.tensors[r.tensor].name).unwrap();
+            assert_eq!((r.ptr, r.len), (t.ptr, t.len), "{}", t.name);
+        }
+        for w in &expect {
+            let t = m.get(&w.name).unwrap();
+            assert_eq!(sha(&m.to_host(&t).unwrap()), w.sha256, "{}", w.name);
+            assert_eq!(t.ptr % 256, 0, "{}", w.name);
+        }
+        let bytes: usize = expect.iter().map(|w| w.bytes.len()).sum();
+        assert!(es.bytes_read >= bytes as u64);
+        assert!(m.times().first_tensor.is_some());
+        m.release().unwrap();
+    }
 }

@@ -352,19 +352,45 @@ fn hostile_indexes_are_refused_before_anything_is_allocated() {
 }
 
 #[test]
-fn streaming_gpu_loads_refuse_a_sharded_checkpoint_clearly() {
-    // (Whole sharded GPU loads: tests/gpu.rs.) The refusal comes before the device is opened,
-    // so it is the same with or without a GPU.
+fn streaming_gpu_loads_check_a_sharded_checkpoint_before_the_device() {
+    // (Sharded GPU loads, streaming or not, on a device: tests/gpu.rs.) The checkpoint is
+    // checked before the device is opened: a missing shard is reported as such with or without
+    // a GPU, and a sound checkpoint gets as far as the device.
     let dir = tempfile::tempdir().unwrap();
-    checkpoint::write(dir.path(), &SHARDS, 7);
+    let want = checkpoint::write(dir.path(), &SHARDS, 7);
     let uri = dir.path().display().to_string();
+    let gpu = tensorstream_cuda::driver_present()
+        && tensorstream_cuda::device_count().is_ok_and(|n| n > 0);
+    match Loader::new(&uri)
+        .device(tensorstream::Device::Cuda(0))
+        .load_cuda_streaming()
+    {
+        Ok(mut s) => {
+            assert!(gpu, "a streaming GPU load started without a GPU");
+            let index = s.index().unwrap();
+            assert_eq!(index.tensors.len(), want.len());
+            let seen = (&mut s).count();
+            assert_eq!(seen, want.len());
+            let (m, _) = s.wait().unwrap();
+            assert_eq!(m.len(), want.len());
+            m.release().unwrap();
+        }
+        Err(e) => {
+            assert!(!gpu, "{e}");
+            assert_eq!(e.kind(), ErrorKind::Device, "{e}");
+            assert!(e.to_string().contains("CUDA"), "{e}");
+        }
+    }
+    let gone = dir.path().join(&want.last().unwrap().file);
+    std::fs::remove_file(&gone).unwrap();
     let e = Loader::new(&uri)
         .device(tensorstream::Device::Cuda(0))
         .load_cuda_streaming()
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(
-        e.to_string().contains("sharded checkpoint (3 shards)"),
+        e.to_string()
+            .contains(gone.file_name().unwrap().to_str().unwrap()),
         "{e}"
     );
 }

@@ -239,5 +239,27 @@ impl RoundRobin {
     }
 }
 
+/// Packs arenas of `(len, align)` one after another into one allocation: each one's offset (a
+/// multiple of its alignment, taken as 1 when 0) and the total length. Fails when the total
+/// overflows or an alignment is not a power of two.
+pub fn pack_windows(parts: impl IntoIterator<Item = (u64, u64)>) -> Result<(Vec<u64>, u64)> {
+    let overflow =
+        || Error::invalid("the device memory of the files adds up to more than 2^64 bytes");
+    let mut offsets = Vec::new();
+    let mut end = 0u64;
+    for (len, align) in parts {
+        let align = align.max(1);
+        if !align.is_power_of_two() {
+            return Err(Error::invalid(format!(
+                "arena alignment {align} is not a power of two"
+            )));
+        }
+        let off = end.checked_next_multiple_of(align).ok_or_else(overflow)?;
+        end = off.checked_add(len).ok_or_else(overflow)?;
+        offsets.push(off);
+    }
+    Ok((offsets, end))
+}
+
 #[cfg(test)]
 mod tests;

@@ -40,8 +40,9 @@ pub mod upload;
 pub mod warm;
 
 pub use device::{device_count, driver_present, parse_device, CudaDevice, CudaOptions, WarmMode};
-pub use load::{load, load_streaming, StreamingLoad};
-pub use model::{DeviceModel, DeviceTensor, LoadTimes};
+pub use load::{load, load_streaming, load_to, StreamingLoad};
+pub use model::{DeviceModel, DeviceTensor, LoadTimes, Target};
+pub use raw::driver::DeviceArena;
 pub use sink::CudaSink;
 pub use tracker::ReadyTensor;
 pub use upload::HostUpload;

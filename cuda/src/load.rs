@@ -11,7 +11,7 @@ use tensorstream_engine::{
 };
 
 use crate::device::CudaDevice;
-use crate::model::DeviceModel;
+use crate::model::{DeviceModel, Target};
 use crate::sink::CudaSink;
 use crate::tracker::ReadyTensor;
 
@@ -25,7 +25,21 @@ pub fn load(
     plan: Arc<Plan>,
     opts: &EngineOptions,
 ) -> Result<(DeviceModel, EngineStats)> {
-    let sink = CudaSink::on(dev.clone());
+    load_to(dev, backend, meta, index, plan, opts, Target::default())
+}
+
+/// [`load`] into `target`: device memory given beforehand (a window of a shared allocation),
+/// and a subscriber told of each tensor as it lands.
+pub fn load_to(
+    dev: &Arc<CudaDevice>,
+    backend: Arc<dyn Backend>,
+    meta: &ObjectMeta,
+    index: TensorIndex,
+    plan: Arc<Plan>,
+    opts: &EngineOptions,
+    target: Target,
+) -> Result<(DeviceModel, EngineStats)> {
+    let sink = CudaSink::with_target(dev.clone(), target);
     let (sink, stats) = execute(backend, meta, plan, sink, opts)?;
     Ok((sink.into_model(index)?, stats))
 }

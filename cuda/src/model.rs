@@ -3,10 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crossbeam_channel::Sender;
 use tensorstream_engine::{DType, Error, Plan, Result, TensorIndex};
 
 use crate::device::CudaDevice;
 use crate::raw::driver::DeviceArena;
+use crate::tracker::ReadyTensor;
 
 /// Timing of a device load as the watcher observed it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -15,6 +17,20 @@ pub struct LoadTimes {
     pub first_tensor: Option<Duration>,
     /// From the start of the load until the last tensor was on the device.
     pub last_tensor: Option<Duration>,
+    /// The part of the load spent allocating its device memory (zero when it was given a
+    /// window of an allocation made beforehand: [`Target::arena`]).
+    pub alloc: Duration,
+}
+
+/// Where a device load puts its tensors, and whom it tells as each lands.
+#[derive(Debug, Default)]
+pub struct Target {
+    /// Device memory to load into: at least the plan's `arena_len` bytes, aligned as the plan
+    /// asks, in the device's context — e.g. a [`DeviceArena::window`] of one allocation shared
+    /// by the shards of a checkpoint. `None`: the load allocates its own.
+    pub arena: Option<Arc<DeviceArena>>,
+    /// Receives each tensor as soon as its bytes are on the device.
+    pub subscriber: Option<Sender<ReadyTensor>>,
 }
 
 /// One tensor on the device.
@@ -83,6 +99,70 @@ impl DeviceModel {
         })
     }
 
+    /// One model over the models of several files loaded into windows of one allocation
+    /// (`whole`): the shards of a checkpoint. `parts` gives each file's model and when its load
+    /// started, counted from the start of the whole load; `index` names every tensor of every
+    /// part (the checkpoint's combined index); `alloc` is the time `whole` took to allocate.
+    pub fn combine(
+        whole: Arc<DeviceArena>,
+        index: TensorIndex,
+        parts: Vec<(DeviceModel, Duration)>,
+        alloc: Duration,
+    ) -> Result<DeviceModel> {
+        let position: std::collections::HashMap<&str, usize> = index
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let mut entries = Vec::new();
+        let mut times = LoadTimes {
+            alloc,
+            ..LoadTimes::default()
+        };
+        let mut dev = None;
+        for (part, started) in &parts {
+            let arena = part.arena()?;
+            let base = arena
+                .base()
+                .checked_sub(whole.base())
+                .filter(|b| b.checked_add(arena.len()).is_some_and(|e| e <= whole.len()))
+                .ok_or_else(|| {
+                    Error::invalid("a part's device memory lies outside the shared allocation")
+                })?;
+            for &(tensor, off, len) in &part.entries {
+                let name = &part.index.tensors[tensor].name;
+                let &at = position.get(name.as_str()).ok_or_else(|| {
+                    Error::invalid(format!("tensor {name:?} is not in the combined index"))
+                })?;
+                entries.push((at, base + off, len));
+            }
+            let t = part.times();
+            let shift = |d: Option<Duration>| d.map(|d| *started + d);
+            times.first_tensor = match (times.first_tensor, shift(t.first_tensor)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            times.last_tensor = times.last_tensor.max(shift(t.last_tensor));
+            dev.get_or_insert_with(|| part.dev.clone());
+        }
+        let dev = dev.ok_or_else(|| Error::invalid("no part to combine"))?;
+        entries.sort_by_key(|e| e.0);
+        if entries.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(Error::invalid(
+                "a tensor was loaded by two of the parts being combined",
+            ));
+        }
+        drop(parts); // their windows let go of `whole`, which the model now holds
+        Ok(DeviceModel {
+            dev,
+            arena: Some(whole),
+            index,
+            entries,
+            times,
+        })
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -94,6 +174,10 @@ impl DeviceModel {
     /// The index of the whole file.
     pub fn index(&self) -> &TensorIndex {
         &self.index
+    }
+    /// The device the model is on (its streams, pinned staging ring and options).
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
     }
     /// Device ordinal.
     pub fn ordinal(&self) -> usize {
@@ -179,7 +263,8 @@ impl DeviceModel {
 
     /// Frees the device memory now (synchronizing the device's context first), reporting any
     /// CUDA error. If something else still holds the allocation (the copy handle of a streaming
-    /// load that was dropped without `wait`), it is freed when that lets go, and this returns
+    /// load that was dropped without `wait`, or another shard's model in the same allocation:
+    /// [`DeviceArena::window`]), it is freed when the last of them lets go, and this returns
     /// `Ok` at once.
     pub fn release(mut self) -> Result<()> {
         match self.arena.take() {

@@ -18,7 +18,7 @@ use tensorstream_engine::{Error, ErrorKind, IoBuf, Plan, Result, Sink, TensorInd
 
 use crate::copy::{coalesce, landed, read_copies, RoundRobin};
 use crate::device::{CudaDevice, CudaOptions};
-use crate::model::{DeviceModel, LoadTimes};
+use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, mark, DeviceArena, HostSource, InFlight};
 use crate::tracker::{spawn_watcher, Job, Pending, Readiness, ReadyTensor, Report, SlotLedger};
 
@@ -34,6 +34,7 @@ type Done = (Option<HostSource>, CudaEvent);
 struct Loading {
     plan: Arc<Plan>,
     arena: Arc<DeviceArena>,
+    alloc: Duration,
     readiness: Arc<Mutex<Readiness>>,
     jobs: Option<Sender<Job<InFlight>>>,
     reports: Receiver<Report<Done>>,
@@ -48,6 +49,8 @@ pub struct CudaSink {
     slots: SlotLedger,
     start: Instant,
     subscriber: Option<Sender<ReadyTensor>>,
+    /// Device memory to load into instead of allocating ([`Target::arena`]).
+    given: Option<Arc<DeviceArena>>,
     finished: bool,
 }
 
@@ -60,6 +63,12 @@ impl CudaSink {
 
     /// A sink on an already opened device (reuses its pinned staging and streams).
     pub fn on(dev: Arc<CudaDevice>) -> Self {
+        Self::with_target(dev, Target::default())
+    }
+
+    /// A sink on an already opened device that loads into `target`'s device memory (if given)
+    /// and announces each tensor to `target`'s subscriber (if any).
+    pub fn with_target(dev: Arc<CudaDevice>, target: Target) -> Self {
         let streams = dev.stream_count();
         CudaSink {
             dev,
@@ -67,7 +76,8 @@ impl CudaSink {
             rr: RoundRobin::new(streams),
             slots: SlotLedger::default(),
             start: Instant::now(),
-            subscriber: None,
+            subscriber: target.subscriber,
+            given: target.arena,
             finished: false,
         }
     }
@@ -106,6 +116,7 @@ impl CudaSink {
             LoadTimes {
                 first_tensor: first,
                 last_tensor: last,
+                alloc: st.alloc,
             },
         )
     }
@@ -174,9 +185,33 @@ impl CudaSink {
     }
 }
 
-/// The one device allocation for `plan`, checked against the plan's alignment.
-pub(crate) fn arena_for(dev: &CudaDevice, plan: &Plan) -> Result<Arc<DeviceArena>> {
-    let arena = Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?);
+/// The device memory for `plan`: `given` (checked to fit the plan and the device), or one new
+/// allocation; and the time spent allocating. Checked against the plan's alignment.
+pub(crate) fn arena_for(
+    dev: &CudaDevice,
+    plan: &Plan,
+    given: Option<Arc<DeviceArena>>,
+) -> Result<(Arc<DeviceArena>, Duration)> {
+    let started = Instant::now();
+    let arena = match given {
+        Some(a) => {
+            if a.len() < plan.arena_len {
+                return Err(Error::invalid(format!(
+                    "the device memory given to the load holds {} bytes; its tensors need {}",
+                    a.len(),
+                    plan.arena_len
+                )));
+            }
+            if a.context() != dev.context() {
+                return Err(Error::invalid(
+                    "the device memory given to the load belongs to another CUDA context",
+                ));
+            }
+            a
+        }
+        None => Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?),
+    };
+    let alloc = started.elapsed();
     if arena.base() % plan.arena_align.max(1) != 0 {
         return Err(Error::new(
             ErrorKind::Device,
@@ -187,7 +222,7 @@ pub(crate) fn arena_for(dev: &CudaDevice, plan: &Plan) -> Result<Arc<DeviceArena
             ),
         ));
     }
-    Ok(arena)
+    Ok((arena, alloc))
 }
 
 impl Sink for CudaSink {
@@ -196,7 +231,7 @@ impl Sink for CudaSink {
             return Err(Error::invalid("CUDA sink prepared twice"));
         }
         self.start = Instant::now();
-        let arena = arena_for(&self.dev, plan)?;
+        let (arena, alloc) = arena_for(&self.dev, plan, self.given.take())?;
         let readiness = Arc::new(Mutex::new(Readiness::new(
             plan,
             arena.base(),
@@ -224,6 +259,7 @@ impl Sink for CudaSink {
         self.state = Some(Loading {
             plan: plan.clone(),
             arena,
+            alloc,
             readiness,
             jobs: Some(jobs),
             reports,

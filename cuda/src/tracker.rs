@@ -12,9 +12,10 @@ use tensorstream_engine::{Error, ErrorKind, Plan, Result};
 /// A tensor whose bytes are all on the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyTensor {
-    /// Index into the plan's placements.
+    /// Index into the plan's placements (a sharded checkpoint's: the shard's plan).
     pub placement: usize,
-    /// Index into `TensorIndex::tensors`.
+    /// Index into `TensorIndex::tensors` (the index of the load: a sharded checkpoint's
+    /// combined one when a `Loader` streams it).
     pub tensor: usize,
     /// Device address of the tensor's first data byte.
     pub ptr: u64,

@@ -17,7 +17,7 @@ use tensorstream_engine::{Error, IoBuf, Plan, Result, TensorIndex};
 
 use crate::copy::{CopyOp, RoundRobin};
 use crate::device::CudaDevice;
-use crate::model::{DeviceModel, LoadTimes};
+use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, HostSource, InFlight};
 use crate::raw::driver::{mark, DeviceArena};
 use crate::tracker::ReadyTensor;
@@ -47,6 +47,7 @@ pub struct HostUpload {
     start: Instant,
     first: Option<Duration>,
     last: Option<Duration>,
+    alloc: Duration,
     subscriber: Option<Sender<ReadyTensor>>,
 }
 
@@ -54,8 +55,15 @@ impl HostUpload {
     /// Allocates the arena for `plan` on `dev`, takes the pinned slots and zero-fills the tensors
     /// that are not read (meta tensors).
     pub fn new(dev: &Arc<CudaDevice>, plan: Arc<Plan>) -> Result<Self> {
+        Self::with_target(dev, plan, Target::default())
+    }
+
+    /// [`HostUpload::new`] into `target`: device memory given beforehand (a window of a shared
+    /// allocation) instead of a new allocation, and a subscriber (see
+    /// [`HostUpload::subscribe`]).
+    pub fn with_target(dev: &Arc<CudaDevice>, plan: Arc<Plan>, target: Target) -> Result<Self> {
         let start = Instant::now(); // like CudaSink: the device allocation counts
-        let arena = crate::sink::arena_for(dev, &plan)?;
+        let (arena, alloc) = crate::sink::arena_for(dev, &plan, target.arena)?;
         let free = dev.take_slots()?;
         if free.is_empty() {
             return Err(Error::invalid("the device has no pinned staging slots"));
@@ -90,7 +98,8 @@ impl HostUpload {
             start,
             first: None,
             last: None,
-            subscriber: None,
+            alloc,
+            subscriber: target.subscriber,
         };
         if zeroed {
             let ev = up.dev.event()?;
@@ -243,6 +252,7 @@ impl HostUpload {
             LoadTimes {
                 first_tensor: self.first,
                 last_tensor: self.last,
+                alloc: self.alloc,
             },
         )
     }

@@ -30,16 +30,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::Sender;
 use tensorstream_engine::{Error, ErrorKind, IoBuf, Plan, Result, TensorIndex};
 
 use crate::copy::{clip, coalesce, landed, pieces, Piece};
 use crate::device::{CudaDevice, WarmMode};
-use crate::model::{DeviceModel, LoadTimes};
+use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, DeviceArena, HostSource, InFlight};
 use crate::raw::mapped::MappedFile;
 use crate::raw::pinned::PAGE;
-use crate::tracker::{Readiness, ReadyTensor};
+use crate::tracker::Readiness;
 
 /// How the warm path moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +110,8 @@ struct Shared<'a> {
 pub type SameFile = dyn Fn(&std::fs::Metadata) -> bool + Sync;
 
 /// Loads `plan` from the local file `path` (whose index is `index`) onto `dev` through the
-/// mapped warm path. `subscriber` receives tensors as they land. `same_file`, when given, is
+/// mapped warm path, into `target` (its device memory, or a new allocation; its subscriber
+/// receives tensors as they land). `same_file`, when given, is
 /// asked right after the file is mapped (it is opened again by path: it may have been replaced)
 /// and once every copy has finished (it may have been rewritten in place meanwhile); a `false`
 /// fails the load with `ObjectChanged`. `cancel`, once set, stops the load before its next
@@ -123,7 +123,7 @@ pub fn load_mapped(
     index: TensorIndex,
     plan: &Plan,
     strategy: WarmStrategy,
-    subscriber: Option<Sender<ReadyTensor>>,
+    target: Target,
     same_file: Option<&SameFile>,
     cancel: Option<Arc<AtomicBool>>,
 ) -> Result<(DeviceModel, WarmStats)> {
@@ -155,8 +155,8 @@ pub fn load_mapped(
         )
         .with_location(&loc));
     }
-    let arena = crate::sink::arena_for(dev, plan)?;
-    let readiness = Mutex::new(Readiness::new(plan, arena.base(), start, subscriber));
+    let (arena, alloc) = crate::sink::arena_for(dev, plan, target.arena)?;
+    let readiness = Mutex::new(Readiness::new(plan, arena.base(), start, target.subscriber));
     // Synthesized tensors: zero them first.
     let s0 = dev.stream(0).clone();
     let mut zeros = Vec::new();
@@ -239,6 +239,7 @@ pub fn load_mapped(
         LoadTimes {
             first_tensor: g.first(),
             last_tensor: g.last(),
+            alloc,
         }
     };
     let stats = WarmStats {

@@ -419,7 +419,16 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
             } else {
                 WarmStrategy::Pread
             };
-            let (m, st) = load_mapped(&dev, Path::new(path), index, &plan, s, None, None, None)?;
+            let (m, st) = load_mapped(
+                &dev,
+                Path::new(path),
+                index,
+                &plan,
+                s,
+                Default::default(),
+                None,
+                None,
+            )?;
             (m, format!("mapped {s:?} {st:?}"))
         }
         other => {

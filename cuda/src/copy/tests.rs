@@ -277,3 +277,33 @@ proptest! {
         check_pieces(&idx, &file, &p, piece_pages * 4096, bounce);
     }
 }
+
+#[test]
+fn windows_follow_one_another_aligned() {
+    let (off, total) = pack_windows([(1000, 256), (0, 256), (256, 256), (1, 512), (5, 0)]).unwrap();
+    assert_eq!(off, vec![0, 1024, 1024, 1536, 1537]);
+    assert_eq!(total, 1542);
+    assert_eq!(pack_windows([]).unwrap(), (vec![], 0));
+}
+
+#[test]
+fn windows_refuse_overflow_and_odd_alignments() {
+    assert!(pack_windows([(u64::MAX - 10, 1), (5, 256)]).is_err());
+    assert!(pack_windows([(u64::MAX, 1), (1, 1)]).is_err());
+    assert!(pack_windows([(10, 3)]).is_err());
+}
+
+proptest! {
+    /// Windows never overlap, keep their order and alignment, and fit the total.
+    #[test]
+    fn windows_are_disjoint_and_aligned(parts in proptest::collection::vec((0u64..1 << 40, 0u32..13), 0..20)) {
+        let parts: Vec<(u64, u64)> = parts.into_iter().map(|(l, a)| (l, 1u64 << a)).collect();
+        let (off, total) = pack_windows(parts.iter().copied()).unwrap();
+        let mut end = 0;
+        for (&o, &(len, align)) in off.iter().zip(&parts) {
+            prop_assert!(o >= end && o % align == 0 && o - end < align);
+            end = o + len;
+        }
+        prop_assert_eq!(end, total);
+    }
+}

@@ -108,13 +108,16 @@ pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
-/// One device allocation holding every selected tensor of a load.
+/// One device allocation holding every selected tensor of a load, or a window of one
+/// ([`DeviceArena::window`]: the shards of a sharded checkpoint share one allocation).
 #[derive(Debug)]
 pub struct DeviceArena {
     ptr: sys::CUdeviceptr,
     len: u64,
     ctx: Arc<CudaContext>,
     freed: bool,
+    /// For a window: the allocation it lies in, kept alive (and freed) through this handle.
+    parent: Option<Arc<DeviceArena>>,
 }
 
 impl DeviceArena {
@@ -139,7 +142,27 @@ impl DeviceArena {
             len,
             ctx: ctx.clone(),
             freed: false,
+            parent: None,
         })
+    }
+
+    /// The `len` bytes at offset `off` of `parent`, as an arena of their own: loads into the
+    /// window write only there. The allocation is freed when its last handle (the parent or
+    /// any window of it) goes.
+    pub fn window(parent: &Arc<DeviceArena>, off: u64, len: u64) -> Result<Arc<DeviceArena>> {
+        parent.check(off, len)?;
+        Ok(Arc::new(DeviceArena {
+            ptr: parent.ptr + off,
+            len,
+            ctx: parent.ctx.clone(),
+            freed: false,
+            parent: Some(parent.clone()),
+        }))
+    }
+
+    /// True for a window of a larger allocation ([`DeviceArena::window`]).
+    pub fn is_window(&self) -> bool {
+        self.parent.is_some()
     }
 
     /// Device address of the first byte.
@@ -204,7 +227,8 @@ impl DeviceArena {
             .map_err(|e| device_error("reading device memory back (cuMemcpyDtoH)", e))
     }
 
-    /// Waits for all work on the device and frees the arena, reporting any error.
+    /// Waits for all work on the device and frees the arena, reporting any error. A window
+    /// lets go of its allocation, which is freed (in the same way) if this was its last handle.
     pub fn free(mut self) -> Result<()> {
         self.release()
     }
@@ -214,6 +238,14 @@ impl DeviceArena {
             return Ok(());
         }
         self.freed = true;
+        if let Some(parent) = self.parent.take() {
+            // A window owns no allocation: the allocation goes with its last handle, and is
+            // freed here (errors reported) when this was it.
+            return match Arc::try_unwrap(parent) {
+                Ok(p) => p.free(),
+                Err(_) => Ok(()),
+            };
+        }
         // `bind` absorbs an error stored by earlier, unrelated work and binds again.
         let bound = bind(&self.ctx);
         let synced = self
