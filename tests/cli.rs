@@ -74,9 +74,14 @@ fn mixed_safetensors_digests_match_manifest_in_both_io_modes() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["route"], "host");
         assert!(
-            v["device_open_seconds"].is_null(),
+            v["device_open_seconds"].is_null() && v["device_alloc_seconds"].is_null(),
             "no device opened for cpu"
         );
+        let (io_s, s) = (
+            v["io_seconds"].as_f64().unwrap(),
+            v["seconds"].as_f64().unwrap(),
+        );
+        assert!(io_s > 0.0 && io_s <= s, "io {io_s} of {s} s");
         let got = v["tensors"].as_array().unwrap();
         assert_eq!(got.len(), want.len());
         for w in want {

@@ -10,11 +10,18 @@ use tensorstream_cuda::*;
 use tensorstream_engine::format::safetensors::write_header;
 use tensorstream_engine::*;
 
+/// `../shared/fixtures` beside the checkout, or `$TS_FIXTURES` (the GPU check runs this test
+/// binary on a machine without `../shared`).
 fn fixtures() -> PathBuf {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/fixtures"
-    ));
+    let p = std::env::var_os("TS_FIXTURES").map_or_else(
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures"
+            ))
+        },
+        PathBuf::from,
+    );
     assert!(
         p.join("manifest.json").is_file(),
         "fixtures missing: {} (shared/ must sit beside the checkout)",
@@ -303,7 +310,7 @@ fn gpu_warm_mapped_path_matches_both_strategies() {
             index.clone(),
             &plan,
             strategy,
-            None,
+            Default::default(),
             None,
             None,
         )
@@ -324,7 +331,7 @@ fn gpu_warm_mapped_path_matches_both_strategies() {
         index.clone(),
         &plan,
         WarmStrategy::Register,
-        None,
+        Default::default(),
         None,
         Some(cancel),
     )

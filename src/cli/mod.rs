@@ -166,6 +166,10 @@ struct IoArgs {
         default_value = "off"
     )]
     gpu_warm: String,
+    /// GPU loads: put the pinned staging ring on transparent huge pages where the kernel gives
+    /// them (`on`) or on small pages (`off`, the default until measured on a GPU).
+    #[arg(long, value_name = "on|off", default_value = "off")]
+    gpu_huge_pages: String,
     /// GPU loads through the mapped page-cache path (`--gpu-warm`): threads registering pieces.
     #[arg(long, value_name = "N", default_value_t = 4)]
     gpu_warm_threads: usize,
@@ -257,6 +261,15 @@ impl IoArgs {
                 .ok()
                 .filter(|&p| p >= 1 << 20)
                 .ok_or_else(|| Error::invalid("--gpu-warm-piece must be at least 1MiB"))?,
+            huge_pages: match self.gpu_huge_pages.to_ascii_lowercase().as_str() {
+                "on" => true,
+                "off" => false,
+                o => {
+                    return Err(Error::invalid(format!(
+                        "bad --gpu-huge-pages {o:?}: expected on or off"
+                    )))
+                }
+            },
         };
         // Checked whatever the device: a bad value is a mistake even when this load would not
         // use it (the same command with --device cuda would fail later, after the reads).

@@ -257,6 +257,8 @@ pub fn load(
         loader = loader.filter_glob(f)?;
     }
     let quiet = io.quiet || as_json;
+    // GPU, JSON: bytes of the pinned staging ring on transparent huge pages.
+    let mut staging_huge = None;
     let (rows, st, first_tensor, index, shards) = if let Device::Cuda(_) = device {
         let cm = {
             let _bar = Progress::start_dynamic("loading", total, counter, quiet);
@@ -289,6 +291,9 @@ pub fn load(
             }
         }
         let st = cm.stats().clone();
+        if as_json {
+            staging_huge = cm.model().device().staging_huge_bytes();
+        }
         let ft = st.first_tensor.map(|d| d.as_secs_f64());
         let index = cm.index().clone();
         let shards = cm.is_sharded().then(|| {
@@ -372,7 +377,10 @@ pub fn load(
             "first_tensor_seconds": first_tensor,
             "device_open_seconds": if let Device::Cuda(_) = device { Some(st.device_open.as_secs_f64()) } else { None },
             "device_context_seconds": if let Device::Cuda(_) = device { Some(st.device_context.as_secs_f64()) } else { None },
+            "device_alloc_seconds": if let Device::Cuda(_) = device { Some(st.device_alloc.as_secs_f64()) } else { None },
+            "io_seconds": st.io_elapsed.as_secs_f64(),
             "staging_page_locked": st.staging_page_locked,
+            "staging_huge_page_bytes": staging_huge,
             "route": st.route,
             "backend": st.backend,
             "direct_io": st.direct_io,

@@ -4,6 +4,12 @@
 //! from `cuMemHostAlloc` is a mapping of the NVIDIA device file, which older kernels refuse to
 //! register with io_uring). Allocated once per device and lent out as [`IoBuf`] slots.
 //!
+//! With [`CudaOptions::huge_pages`](crate::CudaOptions::huge_pages) (off by default) the mapping is
+//! 2 MiB-aligned and advised to use transparent huge pages before it is populated: the CPU copies
+//! into the slots (page-cache reads) then touch one TLB entry per 2 MiB instead of per 4 KiB,
+//! and the driver pins fewer, larger pages. Where the kernel gives no huge pages the region is
+//! simply made of small ones; [`PinnedRegion::huge_bytes`] tells how much is huge.
+//!
 //! Where the driver refuses to page-lock it (some sandboxes, e.g. gVisor's GPU proxy, may), the
 //! mapping is kept unregistered: copies from it are then from pageable memory — still correct,
 //! because such a copy returns only after the driver has taken the source bytes, and the events
@@ -19,6 +25,105 @@ use crate::raw::driver::device_error;
 
 /// Page size assumed for alignment of slots (O_DIRECT needs at most this).
 pub const PAGE: usize = 4096;
+
+/// Transparent huge page size the region is aligned to when huge pages are asked for.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// An anonymous private mapping of at least `len` bytes (whole pages; with `huge`, whole 2 MiB
+/// pages, 2 MiB-aligned and advised `MADV_HUGEPAGE`), every page populated. Returns its start
+/// and length; the caller unmaps it.
+fn map_staging(len: usize, huge: bool) -> Result<(NonNull<u8>, usize)> {
+    let unit = if huge { HUGE_PAGE } else { PAGE };
+    let too_big = || Error::invalid("staging size overflows");
+    let len = len
+        .max(1)
+        .checked_next_multiple_of(unit)
+        .ok_or_else(too_big)?;
+    // Room to slide to an aligned start; the slack is unmapped again below.
+    let map_len = len.checked_add(unit - PAGE).ok_or_else(too_big)?;
+    // SAFETY: anonymous private mapping with no address hint; the result is checked for
+    // MAP_FAILED before use.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(Error::from_io(
+            std::io::Error::last_os_error(),
+            format!("mapping {len} bytes of staging memory"),
+        ));
+    }
+    let start = raw as usize;
+    let head = start.next_multiple_of(unit) - start;
+    let tail = map_len - head - len;
+    let base = raw.cast::<u8>().wrapping_add(head);
+    // SAFETY: the head and tail slices lie inside the mapping just made and outside
+    // [base, base+len), which is all that is kept; nothing refers to them.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap(base.wrapping_add(len).cast(), tail);
+        }
+    }
+    if huge {
+        // SAFETY: advice on our own, not yet populated mapping; it changes no contents. A
+        // kernel without transparent huge pages refuses it, and small pages are used.
+        let r = unsafe { libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE) };
+        if r != 0 {
+            log::debug!(
+                "no transparent huge pages for the staging ring: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    // SAFETY: populating our own read-write mapping changes no contents (fresh zero pages).
+    let populated = unsafe { libc::madvise(base.cast(), len, libc::MADV_POPULATE_WRITE) } == 0;
+    if !populated {
+        // Kernels before 5.14: touch every page instead.
+        for off in (0..len).step_by(PAGE) {
+            // SAFETY: `off < len`, inside our own writable mapping, which nothing else
+            // references yet; writing the zero a fresh page already holds changes nothing.
+            unsafe { std::ptr::write_volatile(base.wrapping_add(off), 0u8) };
+        }
+    }
+    let ptr = NonNull::new(base)
+        .ok_or_else(|| Error::new(ErrorKind::Io, "mmap returned a null pointer"))?;
+    Ok((ptr, len))
+}
+
+/// Bytes of `[addr, addr+len)` backed by transparent huge pages, from `/proc/self/smaps` (the
+/// mapping that starts at `addr`); `None` where that cannot be read.
+fn huge_bytes_at(addr: usize) -> Option<u64> {
+    smaps_huge_kb(&std::fs::read_to_string("/proc/self/smaps").ok()?, addr).map(|kb| kb * 1024)
+}
+
+/// `AnonHugePages` (kB) of the mapping in `smaps` whose range holds `addr`.
+fn smaps_huge_kb(smaps: &str, addr: usize) -> Option<u64> {
+    let mut inside = false;
+    for line in smaps.lines() {
+        let head = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = head.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = a <= addr && addr < b;
+                continue;
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                return v.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+    }
+    None
+}
 
 /// A page-locked host region registered with one CUDA context.
 #[derive(Debug)]
@@ -37,32 +142,12 @@ unsafe impl Send for PinnedRegion {}
 unsafe impl Sync for PinnedRegion {}
 
 impl PinnedRegion {
-    /// Maps `len` bytes (rounded up to whole pages) and page-locks them for `ctx`'s device.
-    pub fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Arc<Self>> {
-        let len = len
-            .max(1)
-            .checked_next_multiple_of(PAGE)
-            .ok_or_else(|| Error::invalid("staging size overflows"))?;
-        // SAFETY: anonymous private mapping with no address hint; the result is checked for
-        // MAP_FAILED before use.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(Error::from_io(
-                std::io::Error::last_os_error(),
-                format!("mapping {len} bytes of staging memory"),
-            ));
-        }
-        let ptr = NonNull::new(raw.cast::<u8>())
-            .ok_or_else(|| Error::new(ErrorKind::Io, "mmap returned a null pointer"))?;
+    /// Maps `len` bytes (rounded up to whole pages; with `huge`, to whole 2 MiB pages on
+    /// transparent huge pages where the kernel gives them) and page-locks them for `ctx`'s
+    /// device.
+    pub fn new(ctx: &Arc<CudaContext>, len: usize, huge: bool) -> Result<Arc<Self>> {
+        let (ptr, len) = map_staging(len, huge)?;
+        let raw: *mut libc::c_void = ptr.as_ptr().cast();
         let reg = super::driver::bind(ctx).and_then(|_| {
             // SAFETY: `raw..raw+len` is a live mapping we own; flags 0 = plain page-locked
             // (not write-combined). It is unregistered in Drop before the unmap.
@@ -91,6 +176,13 @@ impl PinnedRegion {
             ctx: ctx.clone(),
             locked,
         }))
+    }
+
+    /// Bytes of the region on transparent huge pages (`None`: unknown, e.g. no `/proc`). Reads
+    /// `/proc/self/smaps`, which walks the whole process's memory map: a diagnostic, not for
+    /// every load.
+    pub fn huge_bytes(&self) -> Option<u64> {
+        huge_bytes_at(self.ptr.as_ptr() as usize).map(|b| b.min(self.len as u64))
     }
 
     /// Whether the driver page-locked the region (false: copies come from pageable memory).
@@ -183,5 +275,57 @@ impl Drop for PinnedRegion {
         // SAFETY: unmapping our own mapping once; nothing refers to it any more, and it is not
         // (or no longer) registered with the driver.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_gives_the_huge_bytes_of_the_mapping_holding_the_address() {
+        let smaps = "\
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0
+Size:             131072 kB
+AnonHugePages:    129024 kB
+7f0008000000-7f0008001000 r--p 00000000 08:01 12 /usr/lib/x
+Size:                  4 kB
+AnonHugePages:         0 kB
+";
+        assert_eq!(smaps_huge_kb(smaps, 0x7f00_0000_0000), Some(129_024));
+        assert_eq!(smaps_huge_kb(smaps, 0x7f00_0400_0000), Some(129_024));
+        assert_eq!(smaps_huge_kb(smaps, 0x7f00_0800_0000), Some(0));
+        assert_eq!(smaps_huge_kb(smaps, 0x1000), None);
+        assert_eq!(smaps_huge_kb("", 0x1000), None);
+    }
+
+    fn unmap(ptr: NonNull<u8>, len: usize) {
+        // SAFETY: a mapping made by map_staging in the test, unmapped once.
+        unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+    }
+
+    #[test]
+    fn staging_is_aligned_whole_pages_and_populated() {
+        for (want, huge, unit) in [(3 * PAGE + 1, false, PAGE), (5 << 20, true, HUGE_PAGE)] {
+            let (ptr, len) = map_staging(want, huge).unwrap();
+            assert_eq!(ptr.as_ptr() as usize % unit, 0);
+            assert!(len >= want && len % unit == 0 && len - want < unit);
+            // Writable end to end.
+            // SAFETY: inside the fresh mapping, which only this test uses.
+            unsafe {
+                ptr.as_ptr().write(7);
+                ptr.as_ptr().add(len - 1).write(9);
+            }
+            let huge_now = huge_bytes_at(ptr.as_ptr() as usize);
+            let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+                .unwrap_or_default();
+            if huge && (thp.contains("[madvise]") || thp.contains("[always]")) {
+                // Huge pages may be short (fragmented memory), but a fresh 6 MiB request on a
+                // machine with THP enabled normally gets at least one.
+                println!("huge pages: {huge_now:?} of {len} bytes");
+                assert!(huge_now.is_some());
+            }
+            unmap(ptr, len);
+        }
     }
 }
