@@ -13,7 +13,7 @@ Order: required steps first (fixtures, digests, cold/warm loads of the default r
 baselines, peers), optional tuning sweeps last. The log and results.jsonl are written to $OUT as
 they grow, so a run killed from outside still leaves them.
 """
-import json, os, shutil, signal, subprocess, sys, threading, time
+import json, os, re, shutil, signal, subprocess, sys, threading, time
 
 T0 = time.time()
 G = ".gpu"
@@ -92,12 +92,12 @@ def cap(timeout):
     return max(5, min(timeout, int(hard_left()) - 15))
 
 
-def run(cmd, timeout=300):
+def run(cmd, timeout=300, env=None):
     """Runs cmd; returns (rc, stdout, stderr, wall seconds, peak RSS MiB of the child)."""
     t = time.time()
     timeout = cap(timeout)
     try:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     except OSError as e:
         return 127, "", str(e), 0.0, None
     try:
@@ -303,6 +303,7 @@ def record(j, cold, loader):
     add_row(dict(loader=loader, cold=cold, gbps=j.get("gbps"), secs=secs,
                  rss_mib=(j.get("peak_rss_bytes") or 0) / 2**20 or None,
                  ttft=j.get("first_tensor_seconds"), mode=j.get("mode", ""),
+                 alloc=j.get("device_alloc_seconds"), io=j.get("io_seconds"),
                  open=j.get("device_open_seconds"), direct_io=j.get("direct_io"), cli=cli,
                  # GB/s counting the device open too (driver, context, pinned ring): what the
                  # peers pay inside their own timings.
@@ -313,9 +314,39 @@ def record(j, cold, loader):
     say(f"  {loader:<44} {'cold' if cold else 'warm'} {j.get('gbps', 0):7.2f} GB/s "
         f"{j.get('seconds', 0):7.3f} s  rss {(j.get('peak_rss_bytes') or 0) / 2**20:7.1f} MiB  "
         f"first tensor {j.get('first_tensor_seconds')}"
+        # Where the time went: allocating the device memory, and before the data phase
+        # (metadata, plan); only the CLI reports them.
+        + (f"  alloc {j['device_alloc_seconds'] * 1e3:.1f} ms" if j.get("device_alloc_seconds") is not None else "")
+        + (f"  before io {(secs - j['io_seconds']) * 1e3:.1f} ms"
+           if secs is not None and j.get("io_seconds") is not None else "")
         + ("  [staging NOT page-locked: driver refused]" if j.get("staging_page_locked") is False else "")
         + (f"  [mapped pieces: {j.get('mapped_pieces_registered')} registered, "
            f"{j.get('mapped_pieces_pread')} pread]" if j.get("route") == "mapped" else ""))
+
+
+def run_test_suites():
+    """The GPU test suites (tests/gpu.rs, cuda/tests/device.rs), built in release by
+    prepare-gpu-check.sh: on a GPU every test must run (none skipped) and pass."""
+    say("== GPU test suites on cuda:0 (tests/gpu.rs, cuda/tests/device.rs)")
+    env = dict(os.environ, TS_FIXTURES=os.path.abspath(os.path.join(G, "fixtures")), RUST_BACKTRACE="1")
+    for name in ("gpu", "device"):
+        exe = os.path.join(G, "bin", "test-" + name)
+        if not os.path.exists(exe):
+            check(f"GPU test suite {name}", False, "no test binary in .gpu/bin: rebuild .gpu/")
+            continue
+        rc, out, err, wall, _ = run([exe, "--test-threads", "1", "--nocapture"], 150, env=env)
+        m = re.search(r"test result: \w+\. (\d+) passed; (\d+) failed", out)
+        passed, failed = (int(m.group(1)), int(m.group(2))) if m else (0, None)
+        skipped = (out + err).count("skipped: no CUDA device")
+        detail = f"{passed} passed, {failed} failed, {skipped} skipped for lack of a device ({wall:.1f} s)"
+        if rc != 0 or failed:
+            say("  " + (out + err).strip()[-3000:].replace("\n", "\n  "))
+        if DRY:
+            check(f"GPU test suite {name} (dry run: no device, so skips are expected)",
+                  rc == 0 and m is not None and failed == 0, detail)
+        else:
+            check(f"GPU test suite {name}", rc == 0 and m is not None and failed == 0 and skipped == 0
+                  and passed > 0, detail)
 
 
 def main():
@@ -389,6 +420,9 @@ def main():
     else:
         check("sharded checkpoint (3 shards) -> cuda:0", False,
               "not run: the CLI cannot load to cuda:0 (see above)")
+
+    # ---------------------------------------------------------- GPU test suites
+    run_test_suites()
 
     # ---------------------------------------------------------- (b) big file
     say(f"== (b) generated {GB} GB bf16 model -> cuda:0, device digests vs CPU digests")
@@ -485,6 +519,12 @@ def main():
     warm_cache(FILE)
     for i in range(3):
         record(ts_load(FILE), False, "tensorstream (ring)")
+        # The staging ring on transparent huge pages (2 MiB), interleaved with the default's
+        # small pages: whether the CPU's copies into the slots get faster with fewer TLB misses.
+        j = ts_load(FILE, ["--gpu-huge-pages", "on"])
+        record(j, False, "tensorstream --gpu-huge-pages on")
+        if i == 0 and j:
+            say(f"  (staging ring on huge pages: {j.get('staging_huge_page_bytes')} bytes)")
     # The default route's device bytes when the file is in the page cache (pread threads into
     # the pinned slots; the digest run above read with O_DIRECT).
     j = ts_load(FILE, digests=True, name="tensorstream warm (digests run)")

@@ -15,6 +15,23 @@ for b in tensorstream ts-gpu-bench; do
   cp "$CARGO_TARGET_DIR/release/$b" .gpu/bin/
   strip .gpu/bin/$b 2>/dev/null || true
 done
+# The GPU test suites (tests/gpu.rs, cuda/tests/device.rs), built in release, to run there: here
+# they can only report "skipped: no CUDA device".
+test_bin() { # NAME CARGO-ARGS...: build one test target, copy its executable to .gpu/bin/test-NAME
+  local name=$1; shift
+  local exe
+  exe=$(cargo test --release --no-run --message-format=json "$@" 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    j = json.loads(line)
+    if j.get("reason") == "compiler-artifact" and j.get("executable") and "test" in j["target"]["kind"]:
+        print(j["executable"])')
+  [ -x "$exe" ] || { echo "building the $name test binary failed" >&2; exit 1; }
+  cp "$exe" ".gpu/bin/test-$name"
+  strip ".gpu/bin/test-$name" 2>/dev/null || true
+}
+test_bin gpu --test gpu
+test_bin device -p tensorstream-cuda --test device
 cp "$SHARED"/fixtures/* .gpu/fixtures/
 cp "$SHARED/bench/peers_baseline.py" .gpu/
 if ! ls .gpu/wheels/*.whl >/dev/null 2>&1; then
@@ -22,8 +39,10 @@ if ! ls .gpu/wheels/*.whl >/dev/null 2>&1; then
 fi
 # The sources the binaries were built from, so the GPU machine (no git there) can tell stale
 # binaries from current ones: gpu_check.py hashes these files again and fails if any differ.
-# (The crates' sources and manifests only: a change to tests or docs does not make them stale.)
+# (The crates' sources and manifests, and the tests built into the test binaries: a change to
+# other tests or to docs does not make them stale.)
 git ls-files -z -co --exclude-standard -- 'src/*.rs' 'engine/src/*.rs' 'backends/src/*.rs' 'cuda/src/*.rs' '*Cargo.toml' \
+  'tests/gpu.rs' 'tests/support/*.rs' 'cuda/tests/*.rs' \
   Cargo.lock | xargs -0 sha256sum > .gpu/SOURCES
 # The commit the binaries were built from (-dirty: with uncommitted changes).
 { git rev-parse --short HEAD | tr -d '\n'; git diff --quiet HEAD -- . ':!.gpu' || printf -- '-dirty'; echo; } > .gpu/COMMIT
