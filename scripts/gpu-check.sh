@@ -8,7 +8,8 @@
 # Rehearsal without a GPU (checks the script; loads go to host memory): TS_GPU_DRY=1 TS_GPU_GB=0.5
 # Short run for a lease's last minutes (~170 s on the H200: required steps only, no sweeps):
 #   TS_GPU_QUICK=1 TS_GPU_HARD=230 TS_GPU_BUDGET=180 (device call timeout_s ≈ 250)
-#   (a) every fixture -> cuda:0, device digests vs manifest
+#   (a) every fixture -> cuda:0, device digests vs manifest; the GPU test suites (tests/gpu.rs,
+#       cuda/tests/device.rs, built in release into .gpu/bin) run with none skipped
 #   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs CPU digests
 #   (c) cold (page cache dropped) and warm loads, raw O_DIRECT baseline, pinned h2d ceiling,
 #       peers_baseline.py on the same file in the same run

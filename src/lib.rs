@@ -1884,8 +1884,9 @@ pub struct LoadStats {
     /// when the device handle was already open, and for host loads). A process whose framework
     /// already holds a context on the device pays less there.
     pub device_context: Duration,
-    /// GPU loads: the part of `elapsed` spent allocating device memory (one allocation per
-    /// load, a sharded checkpoint's included). Zero for host loads.
+    /// GPU loads: how long allocating the device memory took (one allocation per load, a
+    /// sharded checkpoint's included; on the ring route it overlaps the first reads). Zero for
+    /// host loads.
     pub device_alloc: Duration,
     /// GPU loads: whether the staging ring is page-locked (`Some(false)` where the driver
     /// refused: copies then come from pageable memory). `None` for host loads.

@@ -17,8 +17,9 @@ pub struct LoadTimes {
     pub first_tensor: Option<Duration>,
     /// From the start of the load until the last tensor was on the device.
     pub last_tensor: Option<Duration>,
-    /// The part of the load spent allocating its device memory (zero when it was given a
-    /// window of an allocation made beforehand: [`Target::arena`]).
+    /// How long allocating the load's device memory took (zero when it was given a window of
+    /// an allocation made beforehand: [`Target::arena`]). On the ring route the allocation
+    /// runs while the first reads fill the staging slots, so it is not all added to the load.
     pub alloc: Duration,
 }
 

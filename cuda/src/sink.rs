@@ -7,6 +7,9 @@
 //! sends the slot back; `accept` returns whatever slots came back without blocking, and blocks
 //! only when the sink holds every slot (then the engine could not read anything anyway). So the
 //! read of slot k+1 overlaps the copy of slot k.
+//!
+//! The device allocation is made on a thread of its own while the engine opens its reader and
+//! the first reads fill the slots; the first copy waits for it.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -51,8 +54,13 @@ pub struct CudaSink {
     subscriber: Option<Sender<ReadyTensor>>,
     /// Device memory to load into instead of allocating ([`Target::arena`]).
     given: Option<Arc<DeviceArena>>,
+    /// The plan and the thread allocating its device memory, until the first copy needs it.
+    allocating: Option<(Arc<Plan>, Allocating)>,
     finished: bool,
 }
+
+/// A device allocation being made: the arena and the time it took.
+type Allocating = JoinHandle<Result<(Arc<DeviceArena>, Duration)>>;
 
 impl CudaSink {
     /// Opens device `ordinal` with `opts` and makes a sink for one load. With no driver or no
@@ -78,6 +86,7 @@ impl CudaSink {
             start: Instant::now(),
             subscriber: target.subscriber,
             given: target.arena,
+            allocating: None,
             finished: false,
         }
     }
@@ -121,10 +130,63 @@ impl CudaSink {
         )
     }
 
+    /// The load's state, once its device memory exists (waiting for the allocation thread the
+    /// first time).
     fn loading(&mut self) -> Result<&mut Loading> {
+        if self.state.is_none() {
+            if let Some((plan, handle)) = self.allocating.take() {
+                let made = handle.join().map_err(|_| {
+                    Error::new(ErrorKind::Io, "the device allocation thread panicked")
+                })??;
+                self.open(&plan, made)?;
+            }
+        }
         self.state
             .as_mut()
             .ok_or_else(|| Error::invalid("CUDA sink was never prepared"))
+    }
+
+    /// Sets the load up on its device memory: readiness tracking, the watcher thread, and the
+    /// zeroing of synthesized tensors.
+    fn open(
+        &mut self,
+        plan: &Arc<Plan>,
+        (arena, alloc): (Arc<DeviceArena>, Duration),
+    ) -> Result<()> {
+        let readiness = Arc::new(Mutex::new(Readiness::new(
+            plan,
+            arena.base(),
+            self.start,
+            self.subscriber.take(),
+        )));
+        let (jobs, reports, watcher) = spawn_watcher::<InFlight>(readiness.clone())?;
+        // Synthesized (zero) tensors: memset on the device, on stream 0 before any copy.
+        let mut zero_landed = Vec::new();
+        let s0 = self.dev.stream(0).clone();
+        for (i, p) in plan.placements.iter().enumerate() {
+            if p.needed.is_empty() && p.len > 0 {
+                arena.memset_async(p.dest, p.len, &s0)?;
+                zero_landed.push((i, p.len));
+            }
+        }
+        if !zero_landed.is_empty() {
+            let ev = self.dev.event()?;
+            let pending = mark(&arena, &s0, ev)?;
+            let _ = jobs.send(Job {
+                pending,
+                landed: zero_landed,
+            });
+        }
+        self.state = Some(Loading {
+            plan: plan.clone(),
+            arena,
+            alloc,
+            readiness,
+            jobs: Some(jobs),
+            reports,
+            watcher: Some(watcher),
+        });
+        Ok(())
     }
 
     /// Handles one watcher report; returns a freed slot if it carried one.
@@ -155,6 +217,11 @@ impl CudaSink {
     fn shutdown(&mut self) -> Result<Vec<IoBuf>> {
         let mut out = Vec::new();
         let mut first_err: Option<Error> = None;
+        if let Some((_, handle)) = self.allocating.take() {
+            // Never needed (the load failed before its first copy): the memory is freed as
+            // the result drops.
+            let _ = handle.join();
+        }
         if let Some(st) = self.state.as_mut() {
             st.jobs.take(); // the watcher finishes what is queued, then exits
         }
@@ -227,44 +294,26 @@ pub(crate) fn arena_for(
 
 impl Sink for CudaSink {
     fn prepare(&mut self, plan: &Arc<Plan>) -> Result<Vec<Option<IoBuf>>> {
-        if self.state.is_some() {
+        if self.state.is_some() || self.allocating.is_some() {
             return Err(Error::invalid("CUDA sink prepared twice"));
         }
         self.start = Instant::now();
-        let (arena, alloc) = arena_for(&self.dev, plan, self.given.take())?;
-        let readiness = Arc::new(Mutex::new(Readiness::new(
-            plan,
-            arena.base(),
-            self.start,
-            self.subscriber.take(),
-        )));
-        let (jobs, reports, watcher) = spawn_watcher::<InFlight>(readiness.clone())?;
-        // Synthesized (zero) tensors: memset on the device, on stream 0 before any copy.
-        let mut zero_landed = Vec::new();
-        let s0 = self.dev.stream(0).clone();
-        for (i, p) in plan.placements.iter().enumerate() {
-            if p.needed.is_empty() && p.len > 0 {
-                arena.memset_async(p.dest, p.len, &s0)?;
-                zero_landed.push((i, p.len));
+        match self.given.take() {
+            Some(memory) => {
+                let made = arena_for(&self.dev, plan, Some(memory))?;
+                self.open(plan, made)?;
+            }
+            None => {
+                // The allocation runs on its own thread while the engine opens its reader and
+                // the first reads fill the slots; the first copy waits for it (`loading`).
+                let (dev, p) = (self.dev.clone(), plan.clone());
+                let handle = std::thread::Builder::new()
+                    .name("ts-cuda-alloc".into())
+                    .spawn(move || arena_for(&dev, &p, None))
+                    .map_err(|e| Error::from_io(e, "spawning the device allocation thread"))?;
+                self.allocating = Some((plan.clone(), handle));
             }
         }
-        if !zero_landed.is_empty() {
-            let ev = self.dev.event()?;
-            let pending = mark(&arena, &s0, ev)?;
-            let _ = jobs.send(Job {
-                pending,
-                landed: zero_landed,
-            });
-        }
-        self.state = Some(Loading {
-            plan: plan.clone(),
-            arena,
-            alloc,
-            readiness,
-            jobs: Some(jobs),
-            reports,
-            watcher: Some(watcher),
-        });
         Ok(plan.reads.iter().map(|_| None).collect())
     }
 
@@ -321,6 +370,8 @@ impl Sink for CudaSink {
     }
 
     fn finish(&mut self) -> Result<Vec<IoBuf>> {
+        // A plan without reads (only empty or synthesized tensors) still needs its memory.
+        self.loading()?;
         let out = self.shutdown()?;
         self.dev.synchronize()?;
         if let Some(st) = self.state.as_ref() {
