@@ -6,8 +6,9 @@
 # (give the device call timeout_s ≈ 560). Writes gpu-check.log and results.jsonl to $OUT as they
 # grow, so even a run killed from outside leaves them; the table is printed last in any case.
 # Rehearsal without a GPU (checks the script; loads go to host memory): TS_GPU_DRY=1 TS_GPU_GB=0.5
-# Short run for a lease's last minutes (~170 s on the H200: required steps only, no sweeps):
-#   TS_GPU_QUICK=1 TS_GPU_HARD=230 TS_GPU_BUDGET=180 (device call timeout_s ≈ 250)
+# Short run for a lease's last minutes (required steps only, no sweeps; ~170 s on the H200
+# before the GPU test suites and the A/B rows were added, so allow ~240 s):
+#   TS_GPU_QUICK=1 TS_GPU_HARD=300 TS_GPU_BUDGET=250 (device call timeout_s ≈ 320)
 #   (a) every fixture -> cuda:0, device digests vs manifest; the GPU test suites (tests/gpu.rs,
 #       cuda/tests/device.rs, built in release into .gpu/bin) run with none skipped
 #   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs CPU digests
