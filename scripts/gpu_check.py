@@ -546,7 +546,12 @@ def main():
     # slots, same pinned bytes), and the mapped route with registering and pread threads side
     # by side taking pieces from one queue (registered pieces pinned in the resident memory:
     # threads x 2 x piece).
-    sweep = (["--slots", "8", "--slot-size", "16MiB"],  # the defaults before 2026-11-27
+    # Spare slots: with one slot per reader, a pread thread that finished waits for its slot to
+    # come back from the copy engine before its next read; with more slots than reads in flight
+    # (--concurrency) it starts at once. (Ring 160 / 144 MiB instead of 128.)
+    sweep = (["--slots", "40", "--concurrency", "32"],
+             ["--slots", "48", "--slot-size", "3MiB", "--concurrency", "32"],
+             ["--slots", "8", "--slot-size", "16MiB"],  # the defaults before 2026-11-27
              ["--slots", "16", "--slot-size", "8MiB"],
              ["--slots", "64", "--slot-size", "2MiB"],
              ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-pread-threads", "15"],
