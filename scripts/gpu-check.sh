@@ -9,8 +9,8 @@
 # Short run for a lease's last minutes (required steps only, no sweeps; ~170 s on the H200
 # before the GPU test suites and the A/B rows were added, so allow ~240 s):
 #   TS_GPU_QUICK=1 TS_GPU_HARD=300 TS_GPU_BUDGET=250 (device call timeout_s ≈ 320)
-#   (a) every fixture -> cuda:0, device digests vs manifest; the GPU test suites (tests/gpu.rs,
-#       cuda/tests/device.rs, built in release into .gpu/bin) run with none skipped
+#   (a) every fixture -> cuda:0, device digests vs manifest; (after the peers) the GPU test
+#       suites (tests/gpu.rs, cuda/tests/device.rs, built in release into .gpu/bin), none skipped
 #   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs CPU digests
 #   (c) cold (page cache dropped) and warm loads, raw O_DIRECT baseline, pinned h2d ceiling,
 #       peers_baseline.py on the same file in the same run

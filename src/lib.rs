@@ -1071,7 +1071,9 @@ impl Loader {
 
     /// A sharded checkpoint onto the device: the shards checked (as for a host load), the
     /// device opened once, every shard planned, ONE device allocation made for all of them,
-    /// then the shards loaded one after another, each into its window of that allocation.
+    /// then the shards loaded one after another, each into its window of that allocation
+    /// (opened and planned again when its turn comes: no shard's backend is held open
+    /// meanwhile).
     fn load_cuda_sharded(&self, map: &sharded::ShardMap) -> Result<CudaModel> {
         // The checkpoint is checked before the device is opened (a bad one costs no driver
         // start-up); `elapsed` leaves the opening out, as for one file.
@@ -1080,14 +1082,14 @@ impl Loader {
         let opening = Instant::now();
         let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
-        let shards = plan_cuda_shards(&dev, todo)?;
-        let (whole, windows, alloc) = shard_arena(&dev, &shards)?;
-        let mut parts = Vec::with_capacity(shards.len());
+        let layouts = shard_layouts(&dev, &todo)?;
+        let (whole, windows, alloc) = shard_arena(&dev, &layouts)?;
+        let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
-        for (shard, window) in shards.into_iter().zip(windows) {
+        for ((l, bytes), window) in todo.into_iter().zip(windows) {
             self.check_cancelled()?;
+            let (l, p, route) = prepare_shard(&dev, l, bytes, &window)?;
             let shard_start = started.elapsed().saturating_sub(device_open);
-            let (l, p, route) = shard;
             let location = sharded::redact(&l.uri);
             let target = tensorstream_cuda::Target {
                 arena: Some(window),
@@ -1487,22 +1489,51 @@ fn run_cuda(
     }
 }
 
-/// Every shard with selected tensors, prepared for `dev` (index, selection, plan, route),
-/// each with its own loader (stopping on its cancel flag).
-fn plan_cuda_shards(
-    dev: &Arc<tensorstream_cuda::CudaDevice>,
-    todo: Vec<(Loader, u64)>,
-) -> Result<Vec<(Loader, Prepared, GpuRoute)>> {
+/// Each shard's device memory as its GPU plan lays it out (arena length and alignment),
+/// planned one shard at a time: no shard's backend stays open (each is opened again when its
+/// turn comes, `prepare_shard`).
+fn shard_layouts(
+    dev: &tensorstream_cuda::CudaDevice,
+    todo: &[(Loader, u64)],
+) -> Result<Vec<(u64, u64)>> {
     let mut out = Vec::with_capacity(todo.len());
-    for (l, bytes) in todo {
+    for (l, _) in todo {
         l.check_cancelled()?;
-        let l = l.on_device(dev.clone());
-        let (p, route) = l
-            .prepare_cuda(dev, Some(bytes))
+        let p = l
+            .prepare(Some(dev.options()))
             .map_err(|e| e.with_location(sharded::redact(&l.uri)))?;
-        out.push((l, p, route));
+        out.push((p.plan.arena_len, p.plan.arena_align));
     }
     Ok(out)
+}
+
+/// A shard's GPU load, prepared when its turn comes (index, selection, plan, route), to go
+/// into `window`, the device memory `shard_layouts` planned for it.
+fn prepare_shard(
+    dev: &Arc<tensorstream_cuda::CudaDevice>,
+    l: Loader,
+    bytes: u64,
+    window: &tensorstream_cuda::DeviceArena,
+) -> Result<(Loader, Prepared, GpuRoute)> {
+    let l = l.on_device(dev.clone());
+    let location = sharded::redact(&l.uri);
+    l.check_cancelled()?;
+    let (p, route) = l
+        .prepare_cuda(dev, Some(bytes))
+        .map_err(|e| e.with_location(&location))?;
+    if p.plan.arena_len > window.len() {
+        return Err(Error::new(
+            ErrorKind::ObjectChanged,
+            format!(
+                "the shard changed while the checkpoint was loading: its tensors need {} bytes \
+                 of device memory, {} when it was planned",
+                p.plan.arena_len,
+                window.len()
+            ),
+        )
+        .with_location(location));
+    }
+    Ok((l, p, route))
 }
 
 /// The body of a sharded streaming GPU load (see `Loader::stream_cuda_sharded`): each shard's
@@ -1518,18 +1549,18 @@ fn stream_shards(
     tensorstream_engine::EngineStats,
 )> {
     let started = Instant::now();
-    let shards = plan_cuda_shards(dev, todo)?;
-    let (whole, windows, alloc) = shard_arena(dev, &shards)?;
+    let layouts = shard_layouts(dev, &todo)?;
+    let (whole, windows, alloc) = shard_arena(dev, &layouts)?;
     let position: std::collections::HashMap<&str, usize> = merged
         .tensors
         .iter()
         .enumerate()
         .map(|(i, t)| (t.name.as_str(), i))
         .collect();
-    let mut parts = Vec::with_capacity(shards.len());
+    let mut parts = Vec::with_capacity(todo.len());
     let mut total = tensorstream_engine::EngineStats::default();
-    for ((l, p, route), window) in shards.into_iter().zip(windows) {
-        l.check_cancelled()?;
+    for ((l, bytes), window) in todo.into_iter().zip(windows) {
+        let (l, p, route) = prepare_shard(dev, l, bytes, &window)?;
         let at = started.elapsed();
         // The shard's own numbering → the combined index's (every selected tensor of a shard
         // is in it: `check_shards` scoped the shard to the names the checkpoint lists).
@@ -1571,29 +1602,25 @@ fn stream_shards(
     Ok((model, total))
 }
 
-/// One device allocation for the shards' plans: the allocation, each shard's window of it (in
-/// order, aligned as its plan asks) and the time the allocation took.
+/// One device allocation for the shards' `(arena length, alignment)`: the allocation, each
+/// shard's window of it (in order, aligned as asked) and the time the allocation took.
 fn shard_arena(
     dev: &tensorstream_cuda::CudaDevice,
-    shards: &[(Loader, Prepared, GpuRoute)],
+    layouts: &[(u64, u64)],
 ) -> Result<(
     Arc<tensorstream_cuda::DeviceArena>,
     Vec<Arc<tensorstream_cuda::DeviceArena>>,
     Duration,
 )> {
     use tensorstream_cuda::DeviceArena;
-    let (offsets, total) = tensorstream_cuda::copy::pack_windows(
-        shards
-            .iter()
-            .map(|(_, p, _)| (p.plan.arena_len, p.plan.arena_align)),
-    )?;
+    let (offsets, total) = tensorstream_cuda::copy::pack_windows(layouts.iter().copied())?;
     let t = Instant::now();
     let whole = Arc::new(DeviceArena::alloc(dev.cuda_context(), total)?);
     let alloc = t.elapsed();
     let windows = offsets
         .iter()
-        .zip(shards)
-        .map(|(&off, (_, p, _))| DeviceArena::window(&whole, off, p.plan.arena_len))
+        .zip(layouts)
+        .map(|(&off, &(len, _))| DeviceArena::window(&whole, off, len))
         .collect::<Result<Vec<_>>>()?;
     Ok((whole, windows, alloc))
 }

@@ -148,6 +148,18 @@ impl DeviceModel {
             dev.get_or_insert_with(|| part.dev.clone());
         }
         let dev = dev.ok_or_else(|| Error::invalid("no part to combine"))?;
+        // The parts' memory must not overlap (each its own window of `whole`).
+        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(parts.len());
+        for (part, _) in &parts {
+            let a = part.arena()?;
+            spans.push((a.base(), a.base() + a.len()));
+        }
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err(Error::invalid(
+                "the parts being combined share device memory",
+            ));
+        }
         entries.sort_by_key(|e| e.0);
         if entries.windows(2).any(|w| w[0].0 == w[1].0) {
             return Err(Error::invalid(

@@ -9,7 +9,8 @@
 //! read of slot k+1 overlaps the copy of slot k.
 //!
 //! The device allocation is made on a thread of its own while the engine opens its reader and
-//! the first reads fill the slots; the first copy waits for it.
+//! the first reads fill the slots; the first copy waits for it (so a failed allocation, out of
+//! device memory, is reported there, after the first reads were issued).
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -260,7 +261,7 @@ pub(crate) fn arena_for(
     given: Option<Arc<DeviceArena>>,
 ) -> Result<(Arc<DeviceArena>, Duration)> {
     let started = Instant::now();
-    let arena = match given {
+    let (arena, alloc) = match given {
         Some(a) => {
             if a.len() < plan.arena_len {
                 return Err(Error::invalid(format!(
@@ -274,11 +275,13 @@ pub(crate) fn arena_for(
                     "the device memory given to the load belongs to another CUDA context",
                 ));
             }
-            a
+            (a, Duration::ZERO)
         }
-        None => Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?),
+        None => {
+            let a = Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?);
+            (a, started.elapsed())
+        }
     };
-    let alloc = started.elapsed();
     if arena.base() % plan.arena_align.max(1) != 0 {
         return Err(Error::new(
             ErrorKind::Device,
