@@ -544,10 +544,11 @@ def main():
     # by side taking pieces from one queue (registered pieces pinned in the resident memory:
     # threads x 2 x piece).
     # Spare slots: with one slot per reader, a pread thread that finished waits for its slot to
-    # come back from the copy engine before its next read; with more slots than reads in flight
-    # (--concurrency) it starts at once. (Ring 160 / 144 MiB instead of 128.)
-    sweep = (["--slots", "40", "--concurrency", "32"],
-             ["--slots", "48", "--slot-size", "3MiB", "--concurrency", "32"],
+    # come back from the copy engine before its next read; the default since 2026-11-27 has 40
+    # slots for 32 reads in flight, so it starts at once. --slots 32 is the default before
+    # (32 slots, 32 in flight); 48 x 3 MiB keeps 32 in flight with more spare slots.
+    sweep = (["--slots", "32"],
+             ["--slots", "48", "--slot-size", "3MiB"],
              ["--slots", "8", "--slot-size", "16MiB"],  # the defaults before 2026-11-27
              ["--slots", "16", "--slot-size", "8MiB"],
              ["--slots", "64", "--slot-size", "2MiB"],

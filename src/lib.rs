@@ -1051,7 +1051,7 @@ impl Loader {
     /// `stats().device_open`.
     ///
     /// Without [`Loader::on_device`] this opens a device handle of its own, and the model keeps
-    /// it (and its pinned staging ring, 128 MiB by default) until the model is released: to
+    /// it (and its pinned staging ring, 160 MiB by default) until the model is released: to
     /// keep several models, open one device and share it with `on_device`.
     pub fn load_cuda(&self) -> Result<CudaModel> {
         self.bounded(Loader::load_cuda_now)
@@ -1296,14 +1296,15 @@ impl Loader {
                         (popts.chunk_size / popts.alignment).max(1) * popts.alignment;
                 }
                 eopts.ring_budget = o.slots * o.slot_size;
-                // Local files keep every slot busy (up to 64) unless a depth was given: a file
-                // in the page cache is copied by the pread threads, one per read in flight, and
-                // that copy is CPU-bound (H200 machine, 6.6 GB warm: 8 reads in flight 22-26
-                // GB/s, 16 33, 32 39-40). Other backends keep their own depth (connections), and
+                // Local files keep 32 reads in flight (one per slot with fewer slots) unless a
+                // depth was given: a file in the page cache is copied by the pread threads, one
+                // per read in flight, and that copy is CPU-bound (H200 machine, 6.6 GB warm: 8
+                // reads in flight 22-26 GB/s, 16 33, 32 39-40); slots beyond are spare (see
+                // `CudaOptions::slots`). Other backends keep their own depth (connections), and
                 // like every GPU load read at most a slot at once: 4 MiB ranges by default
                 // (S3 and HTTP would read 16 MiB), not measured on a GPU.
                 let depth = match (self.queue_depth, self.open.concurrency) {
-                    (None, None) if caps.kernel_reads => o.slots.min(GPU_LOCAL_MAX_DEPTH),
+                    (None, None) if caps.kernel_reads => o.slots.min(GPU_LOCAL_DEPTH),
                     _ => eopts.queue_depth,
                 };
                 eopts.queue_depth = depth
@@ -1331,9 +1332,9 @@ impl Loader {
     }
 }
 
-/// Most reads a GPU load of a local file keeps in flight by default (one per pinned slot up to
-/// this): each is a pread thread when the file is in the page cache.
-const GPU_LOCAL_MAX_DEPTH: usize = 64;
+/// Reads a GPU load of a local file keeps in flight by default (one per pinned slot with fewer
+/// slots): each is a pread thread when the file is in the page cache.
+const GPU_LOCAL_DEPTH: usize = 32;
 
 /// Read size of GPU loads of cold local files (O_DIRECT) when no chunk size was given.
 const GPU_DIRECT_CHUNK: u64 = 1 << 20;
@@ -2244,8 +2245,13 @@ mod tests {
             assert_eq!(p.chunk, want, "direct {direct}, chunk {given:?}");
             assert!(p.plan.reads.iter().all(|r| r.len() <= want));
             assert!(p.plan.reads.len() as u64 >= n / want);
-            assert_eq!(p.eopts.queue_depth, gpu.slots);
+            assert_eq!(p.eopts.queue_depth, GPU_LOCAL_DEPTH.min(gpu.slots));
+            assert!(gpu.slots > GPU_LOCAL_DEPTH, "spare slots by default");
         }
+        // Fewer slots than that: one read in flight per slot.
+        let few = tensorstream_cuda::CudaOptions { slots: 16, ..gpu };
+        let p = Loader::new(&uri).prepare(Some(&few)).unwrap();
+        assert_eq!(p.eopts.queue_depth, 16);
     }
 
     #[test]

@@ -150,7 +150,7 @@ struct IoArgs {
     #[arg(long, value_name = "N", default_value_t = 2)]
     streams: usize,
     /// GPU loads: pinned staging slots (allocated once, reused).
-    #[arg(long, value_name = "N", default_value_t = 32)]
+    #[arg(long, value_name = "N", default_value_t = 40)]
     slots: usize,
     /// GPU loads: size of one pinned staging slot (reads are at most this long).
     #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "4MiB")]
