@@ -1552,12 +1552,7 @@ fn stream_shards(
     let started = Instant::now();
     let layouts = shard_layouts(dev, &todo)?;
     let (whole, windows, alloc) = shard_arena(dev, &layouts)?;
-    let position: std::collections::HashMap<&str, usize> = merged
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
+    let position = merged.positions();
     let mut parts = Vec::with_capacity(todo.len());
     let mut total = tensorstream_engine::EngineStats::default();
     for ((l, bytes), window) in todo.into_iter().zip(windows) {

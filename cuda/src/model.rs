@@ -110,12 +110,7 @@ impl DeviceModel {
         parts: Vec<(DeviceModel, Duration)>,
         alloc: Duration,
     ) -> Result<DeviceModel> {
-        let position: std::collections::HashMap<&str, usize> = index
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.as_str(), i))
-            .collect();
+        let position = index.positions();
         let mut entries = Vec::new();
         let mut times = LoadTimes {
             alloc,

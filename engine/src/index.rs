@@ -95,4 +95,42 @@ impl TensorIndex {
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
+    /// Each tensor's name → its place in `tensors` (for many lookups; names are unique in a
+    /// valid index, and a repeated one maps to its last place).
+    pub fn positions(&self) -> std::collections::HashMap<&str, usize> {
+        self.tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_name_each_tensors_place() {
+        let t = |name: &str, at: u64| TensorInfo {
+            name: name.into(),
+            dtype: DType::U8,
+            shape: vec![4],
+            range: at..at + 4,
+            source: TensorSource::Stored,
+            path: None,
+            prefix: None,
+        };
+        let index = TensorIndex {
+            format: Format::Safetensors,
+            tensors: vec![t("b", 8), t("a", 12), t("c", 16)],
+            metadata: BTreeMap::new(),
+            object_size: 20,
+            header_len: 8,
+            version: 0,
+        };
+        let p = index.positions();
+        assert_eq!((p["b"], p["a"], p["c"], p.len()), (0, 1, 2, 3));
+        assert!(!p.contains_key("d"));
+    }
 }
