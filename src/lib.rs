@@ -41,8 +41,10 @@
 //!   conversion (it fails with `Timeout`).
 //! * **Threads.** Each load starts its own: a sink thread, for local files read with `pread` a
 //!   pool of up to the queue depth (at most 64), up to 8 verify/decrypt workers for tensorizer hooks, a page
-//!   pre-fault thread for local host loads, and an async runtime for HTTP/S3. All are named
-//!   `ts-…` or by their library and end with the load.
+//!   pre-fault thread for local host loads, and an async runtime for HTTP/S3; GPU loads add a
+//!   copy-watcher thread and a device-allocation thread (a streaming load, its load thread; a
+//!   streaming sharded load, a forwarding thread per shard). All are named `ts-…` or by their
+//!   library and end with the load.
 //! * **Output.** The library prints nothing (the testkit excepted); warnings (a fallback taken, a
 //!   server being retried, memory that could not be pinned) go through the [`log`](https://docs.rs/log)
 //!   facade at level Warn. The CLI shows them with [`engine::log_warnings_to_stderr`].
