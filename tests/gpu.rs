@@ -342,6 +342,28 @@ fn gpu_sharded_checkpoint_loads_every_shard() {
     assert_eq!(m.files().count(), 1);
     assert_eq!(m.len(), 2);
     m.release().unwrap();
+    // The mapped route (registered page-cache pages) into the shards' windows as well.
+    let m = Loader::new(dir.path().display().to_string())
+        .device(Device::Cuda(0))
+        .cuda_options(CudaOptions {
+            warm: tensorstream_cuda::WarmMode::Force,
+            warm_threads: 1,
+            warm_piece: 1 << 20,
+            ..small_ring()
+        })
+        .load_cuda()
+        .unwrap();
+    assert_eq!(m.stats().route, "mapped");
+    for w in &want {
+        let (dm, t) = m.get(&w.name).unwrap();
+        assert_eq!(
+            sha(&dm.to_host(&t).unwrap()),
+            w.sha256,
+            "{} (mapped)",
+            w.name
+        );
+    }
+    m.release().unwrap();
 }
 
 /// A sharded checkpoint streamed onto the device: each selected tensor announced once, under
