@@ -102,7 +102,8 @@ fn map_staging(len: usize, huge: bool) -> Result<(NonNull<u8>, usize)> {
 /// Bytes of `[addr, addr+len)` backed by transparent huge pages, from `/proc/self/smaps` (the
 /// mapping that starts at `addr`); `None` where that cannot be read.
 fn huge_bytes_at(addr: usize) -> Option<u64> {
-    smaps_huge_kb(&std::fs::read_to_string("/proc/self/smaps").ok()?, addr).map(|kb| kb * 1024)
+    smaps_huge_kb(&std::fs::read_to_string("/proc/self/smaps").ok()?, addr)
+        .map(|kb| kb.saturating_mul(1024))
 }
 
 /// `AnonHugePages` (kB) of the mapping in `smaps` whose range holds `addr`.
