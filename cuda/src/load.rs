@@ -64,22 +64,16 @@ pub fn load_streaming(
     plan: Arc<Plan>,
     opts: EngineOptions,
 ) -> Result<StreamingLoad> {
-    let mut sink = CudaSink::on(dev.clone());
-    let rx = sink.subscribe();
-    let shared = Arc::new(index.clone());
-    let handle = std::thread::Builder::new()
-        .name("ts-cuda-load".into())
-        .spawn(move || {
-            let (sink, stats) = execute(backend, &meta, plan, sink, &opts)?;
-            Ok((sink.into_model(index)?, stats))
-        })
-        .map_err(|e| Error::from_io(e, "spawning the load thread"))?;
-    Ok(StreamingLoad {
-        rx,
-        handle: Some(handle),
-        index: Some(shared),
-        stop: None,
+    let dev = dev.clone();
+    let shared = index.clone();
+    StreamingLoad::spawn(move |tx| {
+        let target = Target {
+            arena: None,
+            subscriber: Some(tx),
+        };
+        load_to(&dev, backend, &meta, index, plan, &opts, target)
     })
+    .map(|s| s.with_index(shared))
 }
 
 impl std::fmt::Debug for StreamingLoad {

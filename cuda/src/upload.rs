@@ -59,8 +59,8 @@ impl HostUpload {
     }
 
     /// [`HostUpload::new`] into `target`: device memory given beforehand (a window of a shared
-    /// allocation) instead of a new allocation, and a subscriber (see
-    /// [`HostUpload::subscribe`]).
+    /// allocation) instead of a new allocation, and a subscriber told of each tensor as
+    /// [`HostUpload::settle`] finds it on the device.
     pub fn with_target(dev: &Arc<CudaDevice>, plan: Arc<Plan>, target: Target) -> Result<Self> {
         let start = Instant::now(); // like CudaSink: the device allocation counts
         let (arena, alloc) = crate::sink::arena_for(dev, &plan, target.arena)?;
@@ -107,11 +107,6 @@ impl HostUpload {
             up.inflight.push_back(pending);
         }
         Ok(up)
-    }
-
-    /// Tensors as they land on the device (announced by [`HostUpload::settle`]).
-    pub fn subscribe(&mut self, tx: Sender<ReadyTensor>) {
-        self.subscriber = Some(tx);
     }
 
     /// The plan the arena follows.
