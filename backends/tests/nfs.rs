@@ -1074,6 +1074,57 @@ fn cancel_during_an_outage_does_not_wait_out_the_retries() {
     assert!(took < Duration::from_secs(10), "cancel took {took:?}");
 }
 
+/// The server hangs with READs in flight (frozen: its connections stay open, nothing comes
+/// back) and the caller cancels: the load ends as cancelled at once, not when the 30 s request
+/// timeout notices the stall, and the backend reads again once the server is back.
+#[test]
+fn cancel_while_reads_hang_on_a_frozen_server_returns_at_once() {
+    let g = Ganesha::start();
+    let (file, _) = model_file(&[8 << 20, 8 << 20], 53);
+    let uri = g.put("frozen.safetensors", &file);
+    let be = open(&uri, &opts()).unwrap();
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let sel: Vec<usize> = (0..index.tensors.len()).collect();
+    let mut po = PlanOptions::new(meta.size);
+    po.chunk_size = 1 << 20;
+    let plan = Arc::new(plan(&index, &sel, &po).unwrap());
+    g.freeze();
+    // Whatever happens below, the server must not stay frozen (its kill on drop would hang).
+    struct Thaw<'a>(&'a Ganesha);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            self.0.thaw();
+        }
+    }
+    let thaw = Thaw(&g);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c2 = cancel.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        c2.store(true, Ordering::SeqCst);
+    });
+    let eo = EngineOptions {
+        queue_depth: 8,
+        ring_budget: 16 << 20,
+        progress: None,
+        cancel: Some(cancel),
+    };
+    let t0 = std::time::Instant::now();
+    let Err(e) = execute(be.clone(), &meta, plan, HostSink::new(), &eo) else {
+        panic!("a load from a frozen server succeeded");
+    };
+    let took = t0.elapsed();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(
+        took < Duration::from_secs(5),
+        "cancel with READs in flight took {took:?}"
+    );
+    drop(thaw);
+    // The connections the cancel closed are replaced: the same backend reads the right bytes.
+    assert_eq!(be.read_exact_at(0, 1 << 20).unwrap(), &file[..1 << 20]);
+}
+
 /// A server that never answers the TCP handshake (its accept queue is full: the kernel drops the
 /// SYNs, as a firewall would): opening fails within the 5 s open budget with a timeout, instead
 /// of waiting out the 30 s request timeout per attempt (one 5 s connect, then 5 s of retries).

@@ -482,6 +482,12 @@ impl Conn {
         })
     }
 
+    /// Closes the connection: its reader thread fails every call and job still waiting (with
+    /// a retryable "connection closed"), and the pool replaces it.
+    pub(crate) fn close(&self) {
+        self.shared.shutdown();
+    }
+
     /// True once the connection failed (it never recovers; the pool replaces it).
     pub(crate) fn is_dead(&self) -> bool {
         lock(&self.shared.state).dead.is_some()

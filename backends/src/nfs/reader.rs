@@ -3,13 +3,13 @@
 //! jobs whose connection broke.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tensorstream_engine::{Error, ErrorKind, RangeReader, ReadDone, ReadRequest, Result};
 
-use super::conn::{Dest, Done, Job};
+use super::conn::{Conn, Dest, Done, Job};
 use super::{gave_up, retry_delay, Failure, Inner};
 
 /// How often a runner with a cancel flag looks at it while it waits.
@@ -26,8 +26,14 @@ pub(crate) struct Runner {
     delayed: Vec<(Instant, Job)>,
     /// Set by `abandon`: no more retries; delayed jobs come back failed at once.
     abandoned: bool,
-    /// The load's cancel flag: once set, like `abandoned`.
+    /// The load's cancel flag: once set, like `abandoned`, and the connections holding this
+    /// runner's READs are closed (see `cut`).
     cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The connections this runner's jobs went to (one entry per connection).
+    used: Vec<Weak<Conn>>,
+    /// Set once the cancel flag was seen: jobs are no longer sent, and the ones in flight come
+    /// back as cancelled.
+    cancelled: bool,
 }
 
 impl Runner {
@@ -41,6 +47,8 @@ impl Runner {
             delayed: Vec::new(),
             abandoned: false,
             cancel: None,
+            used: Vec::new(),
+            cancelled: false,
         }
     }
 
@@ -62,10 +70,24 @@ impl Runner {
         self.dispatch(job);
     }
 
-    fn dispatch(&self, job: Job) {
+    fn dispatch(&mut self, job: Job) {
+        if self.cancelled {
+            let _ = self.tx.send(Done {
+                job,
+                result: Err(cancelled_failure()),
+            });
+            return;
+        }
         let failed = match self.inner.pool.get() {
             Ok(conn) => match conn.submit(job) {
-                None => return,
+                None => {
+                    let w = Arc::downgrade(&conn);
+                    if !self.used.iter().any(|u| u.ptr_eq(&w)) {
+                        self.used.retain(|u| u.strong_count() > 0);
+                        self.used.push(w);
+                    }
+                    return;
+                }
                 Some(job) => (
                     job,
                     Failure::new(ErrorKind::Io, "connection closed".into(), true),
@@ -80,6 +102,17 @@ impl Runner {
         });
     }
 
+    /// Cancel with jobs in flight: closes every connection they were sent on, so that READs a
+    /// hung server never answers come back now (failed by the connection's reader thread, which
+    /// hands each job's buffer back once it no longer writes to it) instead of when the
+    /// request timeout notices the stall. Other users of those connections see a closed
+    /// connection, which they retry on a new one.
+    fn cut(&mut self) {
+        for conn in self.used.drain(..).filter_map(|w| w.upgrade()) {
+            conn.close();
+        }
+    }
+
     /// The next finished job (after retries). `None` when nothing is in flight.
     ///
     /// A retry waits in `delayed` (it does not block the loop), so the jobs that failed together
@@ -89,7 +122,11 @@ impl Runner {
             return None;
         }
         loop {
-            self.abandoned |= tensorstream_engine::pipeline::is_cancelled(&self.cancel);
+            if !self.cancelled && tensorstream_engine::pipeline::is_cancelled(&self.cancel) {
+                self.cancelled = true;
+                self.abandoned = true;
+                self.cut();
+            }
             if self.abandoned {
                 if let Some((_, job)) = self.delayed.pop() {
                     self.in_flight -= 1;
@@ -150,6 +187,10 @@ impl Runner {
                         }
                     }
                 }
+                Err(_) if self.cancelled => {
+                    self.in_flight -= 1;
+                    return Some((job, Err(cancelled_failure())));
+                }
                 other => {
                     self.in_flight -= 1;
                     return Some((job, other));
@@ -157,6 +198,15 @@ impl Runner {
             }
         }
     }
+}
+
+/// What a job cut short by the load's cancel flag fails with.
+fn cancelled_failure() -> Failure {
+    Failure::new(
+        ErrorKind::Cancelled,
+        "the load was cancelled; its READ in flight was dropped".into(),
+        false,
+    )
 }
 
 /// The NFS backend's [`RangeReader`]: every submitted read becomes one job, split into READs of

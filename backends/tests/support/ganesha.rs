@@ -166,6 +166,27 @@ impl Ganesha {
         }
     }
 
+    /// Freezes the server (SIGSTOP by PID): its connections stay open and it answers nothing,
+    /// as a hung server does. [`Ganesha::thaw`] lets it go on; [`Ganesha::stop`] also works
+    /// on a frozen server.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill {sig} {} failed", self.child.id());
+    }
+
     /// Stops the server now (kill by PID, then reap it).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
