@@ -775,7 +775,7 @@ impl Loader {
                     };
                     &one
                 };
-                let (host, mut stats) = l.load_host(None)?;
+                let (host, mut stats, _) = l.load_host(None)?;
                 stats.elapsed = started.elapsed();
                 Ok(LoadedModel {
                     parts: vec![ModelPart {
@@ -792,8 +792,9 @@ impl Loader {
     }
 
     /// One file into host memory. `selected`: the tensor bytes the caller counted into the
-    /// progress total (a shard's); the total is corrected to the plan's read bytes.
-    fn load_host(&self, selected: Option<u64>) -> Result<(HostModel, LoadStats)> {
+    /// progress total (a shard's); the total is corrected to the plan's read bytes. Also
+    /// returns when the data phase began and ended.
+    fn load_host(&self, selected: Option<u64>) -> Result<(HostModel, LoadStats, Span)> {
         let started = Instant::now();
         let p = self.prepare(None)?;
         self.correct_total(&p, selected);
@@ -803,6 +804,8 @@ impl Loader {
         }
         .with_prefault(p.caps.kernel_reads);
         let (sink, es) = execute(p.backend.clone(), &p.meta, p.plan.clone(), sink, &p.eopts)?;
+        let ended = Instant::now();
+        let span = (ended.checked_sub(es.elapsed).unwrap_or(started), ended);
         let (arena, _) = sink.into_parts()?;
         let stats = p.stats(0, &es, started.elapsed());
         let host = HostModel::new(arena, p.index, &p.plan)?;
@@ -810,7 +813,7 @@ impl Loader {
             tensor_bytes: host.nbytes(),
             ..stats
         };
-        Ok((host, stats))
+        Ok((host, stats, span))
     }
 
     /// A shard's loader corrects the checkpoint's progress total (which counted the shard's
@@ -897,12 +900,11 @@ impl Loader {
             l.cancel = Some(stop.clone());
             l.ring_budget = (self.ring_budget / lanes).max(1 << 20);
         }
-        type Loaded = Result<(HostModel, LoadStats)>;
+        type Loaded = Result<(HostModel, LoadStats, Span)>;
         // Each shard's result and the lane that loaded it.
         let results: Vec<std::sync::Mutex<Option<(usize, Loaded)>>> =
             todo.iter().map(|_| std::sync::Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
-        let data_started = Instant::now();
         let spawned: Result<()> = std::thread::scope(|s| {
             for lane in 0..lanes {
                 let (todo, results, next, stop) = (&todo, &results, &next, &stop);
@@ -945,7 +947,7 @@ impl Loader {
             Ok(())
         });
         spawned?;
-        let io_elapsed = data_started.elapsed();
+        let mut spans = Vec::with_capacity(todo.len());
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
         // Per lane: the most staging memory any of its shards used.
@@ -953,7 +955,8 @@ impl Loader {
         let mut errors = Vec::new();
         for ((l, _), r) in todo.iter().zip(results) {
             match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                Some((lane, Ok((host, st)))) => {
+                Some((lane, Ok((host, st, span)))) => {
+                    spans.push(span);
                     parts.push(ModelPart {
                         uri: l.uri.clone(),
                         shard: l.scope.as_ref().map(|s| s.file.clone()),
@@ -982,11 +985,11 @@ impl Loader {
             )
             .with_location(sharded::redact(&map.index_uri)));
         }
-        // The lanes overlap: wall time of the shard phase (each shard's open and plan included),
-        // and the staging memory the lanes held together. (Each shard reports the whole load's
-        // queue depth.)
+        // The lanes overlap: the time some shard was in its data phase (shards' opens and plans
+        // between them left out), and the staging memory the lanes held together. (Each shard
+        // reports the whole load's queue depth.)
         stats.elapsed = started.elapsed();
-        stats.io_elapsed = io_elapsed;
+        stats.io_elapsed = covered(&mut spans);
         stats.staging_bytes = lane_peak.iter().sum();
         let by_name = Some(names_to_parts(
             parts.iter().map(|p| p.host.tensors().map(|t| t.name)),
@@ -1401,6 +1404,32 @@ fn first_failure(errors: Vec<Error>) -> Option<Error> {
         }
     }
     first
+}
+
+/// When a load's data phase began and ended.
+type Span = (Instant, Instant);
+
+/// How long at least one of `spans` was running: the length of their union (spans that
+/// overlap or touch count once; the gaps between them not at all). Sorts `spans`.
+fn covered(spans: &mut [Span]) -> Duration {
+    spans.sort_by_key(|s| s.0);
+    let mut total = Duration::ZERO;
+    let mut run: Option<Span> = None;
+    for &(a, b) in spans.iter() {
+        let b = b.max(a);
+        run = match run {
+            Some((ra, rb)) if a <= rb => Some((ra, rb.max(b))),
+            Some((ra, rb)) => {
+                total += rb - ra;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    if let Some((ra, rb)) = run {
+        total += rb - ra;
+    }
+    total
 }
 
 /// Most bytes [`Loader::inspect`] reads to check a key.
@@ -1903,7 +1932,9 @@ pub struct LoadStats {
     pub reads: u64,
     /// Wall time from start (metadata included) to the last byte in place.
     pub elapsed: Duration,
-    /// Wall time of the data phase.
+    /// Wall time of the data phase. For a sharded checkpoint loaded to host memory: the time
+    /// at least one shard was in its data phase (shards load two at a time; their opens and
+    /// plans are left out).
     pub io_elapsed: Duration,
     /// Host staging memory used besides the destination.
     pub staging_bytes: u64,
@@ -2180,6 +2211,29 @@ pub struct ReadmeDoctests;
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn covered_counts_overlapping_spans_once_and_gaps_not_at_all() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ms = |n: u64| Duration::from_millis(n);
+        let cases: &[(&[(u64, u64)], u64)] = &[
+            (&[], 0),
+            (&[(10, 30)], 20),
+            // Two lanes overlapping, listed out of order.
+            (&[(20, 50), (0, 30)], 50),
+            // A shard's open and plan between two data phases is a gap.
+            (&[(0, 10), (15, 25)], 20),
+            // Touching, nested, and a reversed (empty) span.
+            (&[(0, 10), (10, 20), (2, 5), (40, 30)], 20),
+            // Two lanes: shard 1 and 3 in one, 2 and 4 in the other, with gaps in each.
+            (&[(0, 40), (5, 30), (45, 90), (35, 60)], 90),
+        ];
+        for (spans, want) in cases {
+            let mut v: Vec<Span> = spans.iter().map(|&(a, b)| (at(a), at(b))).collect();
+            assert_eq!(covered(&mut v), ms(*want), "{spans:?}");
+        }
+    }
 
     /// Threads of this process named `name` (Linux).
     fn threads_named(name: &str) -> usize {

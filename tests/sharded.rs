@@ -412,8 +412,10 @@ fn shards_loading_side_by_side_share_the_queue_depth_and_staging_budget() {
     // Two lanes of 4 reads each: what the caller asked for in all.
     assert_eq!(st.queue_depth, 8, "{st:?}");
     assert!(st.staging_bytes <= budget as u64, "{st:?}");
-    // The lanes overlap: the data phase is wall time, within the whole load's.
+    // The lanes overlap: the data phase is the time some shard was reading, within the whole
+    // load's wall time.
     assert!(st.io_elapsed <= st.elapsed, "{st:?}");
+    assert!(st.io_elapsed > std::time::Duration::ZERO, "{st:?}");
     // One read in flight: one shard at a time, not one read per lane.
     let m = Loader::new(dir.path().display().to_string())
         .queue_depth(1)
