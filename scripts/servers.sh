@@ -67,7 +67,8 @@ pid $RUN/nginx/nginx.pid;
 error_log $RUN/nginx/error.log warn;
 events { worker_connections 1024; }
 http {
-  access_log off;
+  log_format ranges '\$request_method \$uri \$status range=\$http_range';
+  access_log $RUN/nginx/access.log ranges;
   client_body_temp_path $RUN/nginx/tmp/body;
   proxy_temp_path $RUN/nginx/tmp/proxy;
   fastcgi_temp_path $RUN/nginx/tmp/fastcgi;
@@ -84,7 +85,8 @@ CONF
   "$NGINX" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log" >"$RUN/nginx/out.log" 2>&1 &
   PIDS+=($!)
   wait_port nginx "$NGINX_PORT" $! "^Server: nginx" || { cat "$RUN/nginx/out.log" "$RUN/nginx/error.log" >&2; drop_last; return 1; }
-  export TS_NGINX_URL="http://127.0.0.1:$NGINX_PORT" TS_NGINX_ROOT="$RUN/nginx/root"
+  export TS_NGINX_URL="http://127.0.0.1:$NGINX_PORT" TS_NGINX_ROOT="$RUN/nginx/root" \
+    TS_NGINX_ACCESS_LOG="$RUN/nginx/access.log"
   log "nginx on $TS_NGINX_URL (pid ${PIDS[-1]})"
 }
 

@@ -348,7 +348,7 @@ impl Loader {
                 open: Box::new(move || {
                     let be = l.backend()?;
                     let meta = be.stat()?;
-                    let mut index = format::read_index(be.as_ref(), &meta)?;
+                    let mut index = l.read_index(be.as_ref(), &meta)?;
                     index.tensors.retain(|t| names.contains(&t.name));
                     let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &read)?;
                     Ok((PartBackend::Owned(be), index, hook))
@@ -1228,12 +1228,9 @@ impl Loader {
             .map(|s| s.with_index(index).with_stop(stop))
     }
 
-    /// Metadata, selection, verification hooks and the plan, for either destination.
-    fn prepare(&self, gpu: Option<&tensorstream_cuda::CudaOptions>) -> Result<Prepared> {
-        let be = self.backend()?;
-        let meta: ObjectMeta = be.stat()?;
-        // A shard's index read moments ago is reused when the object is provably the same
-        // (same size and version tag); otherwise it is read again.
+    /// The object's index. A shard's index read moments ago (by `check_shards`) is reused when
+    /// the object is provably the same (same size and version tag); otherwise it is read again.
+    fn read_index(&self, be: &dyn Backend, meta: &ObjectMeta) -> Result<TensorIndex> {
         let known = self
             .scope
             .as_ref()
@@ -1241,10 +1238,17 @@ impl Loader {
             .filter(|k| {
                 k.0.size == meta.size && k.0.version.is_some() && k.0.version == meta.version
             });
-        let mut index = match known {
-            Some(k) => k.1.clone(),
-            None => format::read_index(be.as_ref(), &meta)?,
-        };
+        match known {
+            Some(k) => Ok(k.1.clone()),
+            None => format::read_index(be, meta),
+        }
+    }
+
+    /// Metadata, selection, verification hooks and the plan, for either destination.
+    fn prepare(&self, gpu: Option<&tensorstream_cuda::CudaOptions>) -> Result<Prepared> {
+        let be = self.backend()?;
+        let meta: ObjectMeta = be.stat()?;
+        let mut index = self.read_index(be.as_ref(), &meta)?;
         let sel = self.select(&index)?;
         let ropts = self.read_options(&index);
         let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &ropts)

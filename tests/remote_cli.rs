@@ -211,3 +211,78 @@ fn sharded_checkpoints_load_through_every_remote_backend() {
         }
     }
 }
+
+/// Lines of the nginx access log (format `METHOD URI STATUS range=RANGE`, see
+/// scripts/servers.sh) for `uri` that ask for a range starting at byte 0: header reads.
+fn header_reads(log: &str, uri: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            let mut w = l.split(' ');
+            w.next() == Some("GET") && w.next() == Some(uri) && l.contains(" range=bytes=0-")
+        })
+        .count()
+}
+
+/// A shard's header is read once per load or conversion of a checkpoint: the check before any
+/// tensor data reads it, and the shard's open later reuses it, as the object's size and
+/// version show it unchanged. Counted in the access log of the real nginx.
+#[test]
+fn sharded_loads_and_conversions_read_each_shard_header_once() {
+    let url = env("TS_NGINX_URL");
+    let log = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+    let root = PathBuf::from(env("TS_NGINX_ROOT"));
+    let shards: [&[usize]; 3] = [&[1000, 3 << 20], &[17, 40], &[(5 << 20) + 3]];
+    let out_dir = tempfile::tempdir().unwrap();
+    for what in ["load", "convert"] {
+        let name = format!("header-once-{what}");
+        let want = checkpoint::write(&root.join(&name), &shards, 21);
+        let uri = format!("{url}/{name}/model.safetensors.index.json");
+        let out_file = out_dir.path().join(format!("{what}.safetensors"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorstream"));
+        match what {
+            "load" => cmd.args(["load", &uri, "--digests", "--json", "--quiet"]),
+            _ => cmd.arg("convert").arg(&uri).arg(&out_file).arg("--quiet"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what} {uri} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // What was loaded or written is right (the check reads what it checks).
+        let digests = if what == "load" {
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        } else {
+            let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
+                .arg("load")
+                .arg(&out_file)
+                .args(["--digests", "--json", "--quiet"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
+        let got = digests["tensors"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g["sha256"], w.sha256.as_str(), "{what}: {}", w.name);
+        }
+        let log = std::fs::read_to_string(&log).unwrap();
+        for k in 1..=shards.len() {
+            let shard = format!("/{name}/{}", checkpoint::shard_name(k, shards.len()));
+            assert_eq!(
+                header_reads(&log, &shard),
+                1,
+                "{what}: requests for {shard}:\n{}",
+                log.lines()
+                    .filter(|l| l.contains(&shard))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+}
