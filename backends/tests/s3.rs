@@ -933,6 +933,86 @@ fn resume_after_a_replacement_is_object_changed_not_mixed_bytes() {
     }
 }
 
+/// An object served without an ETag (the proxy in front of the real s3s-fs strips it, as some
+/// gateways do) is pinned by its Last-Modified date: `stat` reports it as the version, every
+/// GET carries `If-Unmodified-Since`, and a body resumed after the object was replaced fails as
+/// `ObjectChanged` instead of mixing bytes of two versions.
+#[test]
+fn without_an_etag_the_last_modified_date_pins_the_object() {
+    let s3 = Arc::new(S3s::start());
+    let v1 = pattern(2 << 20, 62);
+    let v2 = pattern(2 << 20, 63);
+    s3.put("bkt", "obj", v1.clone());
+    let proxy = Proxy::start(s3.addr());
+    proxy.set_faults(Faults {
+        strip_etag: true,
+        ..Faults::default()
+    });
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port());
+    let be = s3.backend_via(
+        &endpoint,
+        "bkt",
+        "obj",
+        &OpenOptions {
+            concurrency: Some(1),
+            chunk_size: Some(4 << 20),
+            ..OpenOptions::default()
+        },
+    );
+    let meta = be.stat().unwrap();
+    let version = meta.version.clone().unwrap_or_default();
+    assert!(version.starts_with("last-modified: "), "{version:?}");
+    let mut buf = vec![0u8; 2 << 20];
+    assert_eq!(be.read_at(0, &mut buf).unwrap(), buf.len());
+    assert!(buf == v1, "the unchanged object read back wrong");
+    let gets: Vec<_> = proxy
+        .log()
+        .into_iter()
+        .filter(|x| x.method == "GET")
+        .collect();
+    assert!(!gets.is_empty());
+    for x in &gets {
+        assert!(
+            x.request_headers
+                .iter()
+                .any(|h| h.to_ascii_lowercase().starts_with("if-unmodified-since:")),
+            "a GET without If-Unmodified-Since: {x:?}"
+        );
+    }
+    // Replaced in the middle of a body, at least a second later (Last-Modified has one-second
+    // resolution); the reset makes the client resume, and the resumed request reaches v2.
+    std::thread::sleep(Duration::from_millis(1100));
+    let s3h = s3.clone();
+    proxy.clear_log();
+    proxy.set_faults(Faults {
+        strip_etag: true,
+        replace_after: Some((100_000, Box::new(move || s3h.put("bkt", "obj", v2)))),
+        reset_after: Some((300_000, 1)),
+        ..Faults::default()
+    });
+    let r = be.read_at(0, &mut buf);
+    let log = proxy.log();
+    assert!(log.iter().any(|x| x.faulted), "the reset happened: {log:?}");
+    match r {
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+            assert!(e.to_string().contains("Last-Modified"), "{e}");
+        }
+        Ok(n) => panic!(
+            "read {n} bytes after the object changed mid-body (first 300000 bytes from v1: {})",
+            buf[..300_000] == v1[..300_000]
+        ),
+    }
+    // A new stat pins the new object.
+    let m2 = be.stat().unwrap();
+    assert_ne!(m2.version, meta.version);
+    assert_eq!(be.read_at(0, &mut buf).unwrap(), buf.len());
+    assert!(
+        buf == pattern(2 << 20, 63),
+        "the new object read back wrong"
+    );
+}
+
 /// A middlebox that drops the `Range` header gets the request rejected (the header is part of
 /// the SigV4 signature); if a server ever answered 200 with the whole object anyway, the reader
 /// would fail on the extra bytes (`Corrupt`). Either way the answer is never taken for the range.

@@ -9,8 +9,11 @@
 //!   are copied once, straight from the HTTP body chunks into the caller's buffer.
 //! * **Version pinning**: `stat` records the ETag; every GET carries `If-Match` with it, and the
 //!   ETag of every response (including the ones the retry layer makes to resume a broken body) is
-//!   compared with it on the client, for servers that ignore `If-Match`. A change surfaces as
-//!   [`ErrorKind::ObjectChanged`]; bytes of two versions are never mixed.
+//!   compared with it on the client, for servers that ignore `If-Match`. An object served
+//!   without an ETag is pinned by its Last-Modified date the same way (`If-Unmodified-Since`,
+//!   every response's date compared; the version reads `last-modified: <date>`); one with
+//!   neither is checked for its size only. A change surfaces as [`ErrorKind::ObjectChanged`];
+//!   bytes of two versions are never mixed.
 //! * **Faults**: OpenDAL's retry layer (exponential backoff with jitter, [`RETRIES`] retries)
 //!   retries connection errors, 5xx, 429 and timeouts, and resumes a broken body from the byte
 //!   where it stopped; a timeout layer bounds every control request and every body read
@@ -212,8 +215,8 @@ pub(crate) fn map_error(
         K::ConditionNotMatch => (
             ErrorKind::ObjectChanged,
             format!(
-                "{what}: the object was replaced while it was being loaded (its ETag changed); \
-                 load it again{paren}"
+                "{what}: the object was replaced while it was being loaded (its ETag, or \
+                 without one its Last-Modified date, changed); load it again{paren}"
             ),
         ),
         K::RangeNotSatisfied => (
@@ -470,7 +473,7 @@ impl Backend for S3Backend {
         }
         let meta = ObjectMeta {
             size: md.content_length(),
-            version: md.etag().map(str::to_string),
+            version: pin::version_of(md.etag(), md.last_modified()),
         };
         *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
         Ok(meta)

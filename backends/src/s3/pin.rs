@@ -1,5 +1,6 @@
 //! Version pinning enforced on the client: an OpenDAL layer that checks the ETag of every GET
-//! response against the `If-Match` ETag the read asked for.
+//! response against the `If-Match` ETag the read asked for (or, for an object served without
+//! an ETag, its Last-Modified date against the `If-Unmodified-Since` date).
 //!
 //! Every ranged read carries `If-Match: <ETag from stat>`. AWS S3 answers 412 when the object was
 //! replaced, but several S3-compatible servers (s3s-fs among them) ignore the header on GET and
@@ -10,6 +11,7 @@
 //! are never mixed.
 
 use opendal::raw::oio;
+use opendal::raw::Timestamp;
 use opendal::raw::{
     Layer, OpCompose, OpCopy, OpCreateDir, OpList, OpPresign, OpRead, OpRename, OpRestore, OpStat,
     OpWrite, RpCreateDir, RpPresign, RpRead, RpRename, RpRestore, RpStat, Service, ServiceInfo,
@@ -17,6 +19,76 @@ use opendal::raw::{
 };
 use opendal::{Buffer, BytesRange, Capability, Error, ErrorKind, OperationContext, Result};
 use std::sync::Arc;
+
+/// Prefix of `ObjectMeta::version` for an object that has no ETag, pinned by its Last-Modified
+/// date instead (the HTTP backend uses the same form).
+pub(crate) const LM_PREFIX: &str = "last-modified: ";
+
+/// What a load is pinned to, read back from `ObjectMeta::version`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Pinned<'a> {
+    /// The ETag, verbatim.
+    Etag(&'a str),
+    /// The Last-Modified date of an object without an ETag.
+    Modified(Timestamp),
+}
+
+/// The version string `stat` reports: the ETag, else `last-modified: <date>`, else none (then
+/// only the size is checked).
+pub(crate) fn version_of(etag: Option<&str>, modified: Option<Timestamp>) -> Option<String> {
+    match (etag, modified) {
+        (Some(e), _) => Some(e.to_string()),
+        (None, Some(t)) => Some(format!("{LM_PREFIX}{t}")),
+        (None, None) => None,
+    }
+}
+
+/// The inverse of [`version_of`]. A version that is not a date this module wrote is an ETag.
+pub(crate) fn parse_version(v: &str) -> Pinned<'_> {
+    match v.strip_prefix(LM_PREFIX).map(str::parse::<Timestamp>) {
+        Some(Ok(t)) => Pinned::Modified(t),
+        _ => Pinned::Etag(v),
+    }
+}
+
+/// Checks a response's Last-Modified date against the pinned one. A response without one
+/// cannot be checked and passes (the request still carried `If-Unmodified-Since`).
+pub(crate) fn check_modified(expected: Timestamp, got: Option<Timestamp>) -> Result<()> {
+    match got {
+        Some(got) if got != expected => Err(Error::new(
+            ErrorKind::ConditionNotMatch,
+            format!(
+                "object changed while loading: the server sent Last-Modified {got}, expected \
+                 {expected} (the object has no ETag)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What a read or stat asked for: the ETag or the date it is pinned to.
+#[derive(Debug, Clone)]
+enum Expected {
+    Etag(String),
+    Modified(Timestamp),
+}
+
+impl Expected {
+    fn of(if_match: Option<&str>, if_unmodified_since: Option<Timestamp>) -> Option<Expected> {
+        match (if_match, if_unmodified_since) {
+            (Some(e), _) => Some(Expected::Etag(e.to_string())),
+            (None, Some(t)) => Some(Expected::Modified(t)),
+            (None, None) => None,
+        }
+    }
+
+    fn check(&self, md: &opendal::Metadata) -> Result<()> {
+        match self {
+            Expected::Etag(e) => check_etag(e, md.etag()),
+            Expected::Modified(t) => check_modified(*t, md.last_modified()),
+        }
+    }
+}
 
 /// Strips the weak marker and the quotes: `W/"abc"` and `"abc"` compare equal to `abc`.
 pub(crate) fn normalize_etag(e: &str) -> &str {
@@ -57,14 +129,14 @@ pub(crate) struct EtagPinService {
 /// A reader that checks every opened response.
 pub(crate) struct EtagPinReader {
     inner: oio::Reader,
-    expected: Option<String>,
+    expected: Option<Expected>,
 }
 
 impl EtagPinReader {
     fn check(&self, rp: &RpRead) -> Result<()> {
-        match &self.expected {
-            Some(exp) => check_etag(exp, rp.metadata().and_then(|m| m.etag())),
-            None => Ok(()),
+        match (&self.expected, rp.metadata()) {
+            (Some(exp), Some(md)) => exp.check(md),
+            _ => Ok(()),
         }
     }
 }
@@ -109,16 +181,16 @@ impl Service for EtagPinService {
     }
 
     async fn stat(&self, ctx: &OperationContext, path: &str, args: OpStat) -> Result<RpStat> {
-        let expected = args.if_match().map(str::to_string);
+        let expected = Expected::of(args.if_match(), args.if_unmodified_since());
         let rp = self.inner.stat(ctx, path, args).await?;
         if let Some(exp) = expected {
-            check_etag(&exp, rp.clone().into_metadata().etag())?;
+            exp.check(&rp.clone().into_metadata())?;
         }
         Ok(rp)
     }
 
     fn read(&self, ctx: &OperationContext, path: &str, args: OpRead) -> Result<Self::Reader> {
-        let expected = args.if_match().map(str::to_string);
+        let expected = Expected::of(args.if_match(), args.if_unmodified_since());
         let inner = self.inner.read(ctx, path, args)?;
         Ok(EtagPinReader { inner, expected })
     }

@@ -21,6 +21,7 @@ use tensorstream_engine::{
     Error, ErrorKind, IoBuf, ObjectMeta, RangeReader, ReadDone, ReadRequest, Result,
 };
 
+use super::pin::Pinned;
 use super::{clamp_read, counted, IoCtx, S3Backend};
 use crate::stop::Stop;
 
@@ -105,10 +106,12 @@ async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
             Error::new(ErrorKind::Io, "S3 request limiter closed").with_backend("s3")
         })?;
     let mut req = io.op.reader_with(&io.key);
-    // A weak ETag (`W/"…"`) never matches under If-Match's strong comparison: a strict server
-    // would refuse every read. The pin layer still checks each answer's ETag.
-    if let Some(e) = etag.filter(|e| !e.trim_start().starts_with("W/")) {
-        req = req.if_match(e);
+    match etag.map(super::pin::parse_version) {
+        // A weak ETag (`W/"…"`) never matches under If-Match's strong comparison: a strict
+        // server would refuse every read. The pin layer still checks each answer's ETag.
+        Some(Pinned::Etag(e)) if !e.trim_start().starts_with("W/") => req = req.if_match(e),
+        Some(Pinned::Modified(t)) => req = req.if_unmodified_since(t),
+        _ => {}
     }
     let reader = req
         .await

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use tensorstream_engine::ErrorKind;
 
-use super::pin::{check_etag, normalize_etag};
+use super::pin::{
+    check_etag, check_modified, normalize_etag, parse_version, version_of, Pinned, LM_PREFIX,
+};
 use super::{clamp_read, http_status, map_error, S3Backend, S3Config, S3Location};
 use crate::OpenOptions;
 use tensorstream_engine::Backend;
@@ -30,6 +32,32 @@ fn etags_compare_without_quotes_or_weak_marker() {
     let e = check_etag("\"abc\"", Some("\"abd\"")).unwrap_err();
     assert_eq!(e.kind(), opendal::ErrorKind::ConditionNotMatch);
     assert!(!e.is_temporary(), "a changed object must not be retried");
+}
+
+#[test]
+fn objects_without_an_etag_are_versioned_by_their_last_modified_date() {
+    use opendal::raw::Timestamp;
+    let t = Timestamp::from_second(1_795_000_000).unwrap();
+    // An ETag wins; without one the date is the version, and it reads back as the same date.
+    assert_eq!(
+        version_of(Some("\"e1\""), Some(t)).as_deref(),
+        Some("\"e1\"")
+    );
+    assert_eq!(parse_version("\"e1\""), Pinned::Etag("\"e1\""));
+    let v = version_of(None, Some(t)).unwrap();
+    assert!(v.starts_with(LM_PREFIX), "{v}");
+    assert_eq!(parse_version(&v), Pinned::Modified(t));
+    assert_eq!(version_of(None, None), None);
+    // Something after the prefix that is no date is taken for an ETag (and would not match).
+    let odd = format!("{LM_PREFIX}yesterday");
+    assert_eq!(parse_version(&odd), Pinned::Etag(&odd));
+    // A response with the pinned date, or none, passes; another date is a changed object.
+    assert!(check_modified(t, Some(t)).is_ok());
+    assert!(check_modified(t, None).is_ok());
+    let later = Timestamp::from_second(1_795_000_001).unwrap();
+    let e = check_modified(t, Some(later)).unwrap_err();
+    assert_eq!(e.kind(), opendal::ErrorKind::ConditionNotMatch);
+    assert!(e.to_string().contains("Last-Modified"), "{e}");
 }
 
 #[test]

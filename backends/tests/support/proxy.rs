@@ -12,7 +12,8 @@
 //! * `shift_content_range`: add N to both ends of a `206` answer's `Content-Range` (the body is
 //!   unchanged): a server or cache that says it sends another window than the one asked for;
 //! * `replace_after`: run a hook (e.g. replace the object on disk) once N body bytes in total
-//!   have gone through.
+//!   have gone through;
+//! * `strip_etag`: drop the `ETag` header of responses (a server or gateway that sends none).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -85,6 +86,8 @@ pub struct Faults {
     /// `(bytes, pause)`: forward every body `bytes` at a time with `pause` after each piece (a
     /// server that trickles, never pausing long enough to look stalled).
     pub trickle: Option<(usize, Duration)>,
+    /// Remove `ETag` from responses.
+    pub strip_etag: bool,
 }
 
 struct Armed {
@@ -108,6 +111,7 @@ struct Armed {
     error_left: AtomicUsize,
     error_status: u16,
     error_bytes: u64,
+    strip_etag: bool,
 }
 
 impl Armed {
@@ -141,6 +145,7 @@ impl Armed {
             error_left: AtomicUsize::new(f.error_answer.map_or(0, |e| e.0)),
             error_status: f.error_answer.map_or(0, |e| e.1),
             error_bytes: f.error_answer.map_or(0, |e| e.2),
+            strip_etag: f.strip_etag,
         }
     }
 }
@@ -419,6 +424,12 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
         let Some(mut resp) = read_head(up_r)? else {
             return Ok(());
         };
+        if armed.strip_etag {
+            resp.retain(|l| {
+                !l.split_once(':')
+                    .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("etag"))
+            });
+        }
         if let Some(d) = armed.shift_content_range {
             for line in resp.iter_mut() {
                 let Some((k, v)) = line.split_once(':') else {
