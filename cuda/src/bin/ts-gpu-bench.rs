@@ -10,6 +10,11 @@
 //!                                           the GPU ring's read side alone (no GPU needed): the
 //!                                           engine reads the file into reused staging slots,
 //!                                           which a discarding sink hands straight back
+//! ts-gpu-bench copy-rate FILE [--threads 16] [--chunk-mib 4] [--slots 40] [--mode pread|map]
+//!                                           the CPU side of the warm path alone (no GPU needed):
+//!                                           N threads copy the file (in the page cache) into a
+//!                                           ring of slots (each thread its share, in turn), with
+//!                                           pread or non-temporal copies out of the mapped file
 //! ts-gpu-bench load FILE [--device cuda:0] [--streams N] [--slots N] [--slot-size MiB]
 //!                        [--depth N] [--warm off|register|pread] [--digests] [--name NAME]
 //! ```
@@ -74,11 +79,104 @@ fn run(args: &[String]) -> Result<()> {
         ),
         "h2d" => h2d(num(args, "--mib", 4096usize)?),
         "ring-read" => ring_read(&file()?, args),
+        "copy-rate" => copy_rate(&file()?, args),
         "load" => load_cmd(&file()?, args),
         _ => Err(Error::invalid(
-            "usage: ts-gpu-bench gen|digests|raw-read|h2d|ring-read|load … (see the source header)",
+            "usage: ts-gpu-bench gen|digests|raw-read|h2d|ring-read|copy-rate|load … (see the source \
+             header)",
         )),
     }
+}
+
+/// `copy-rate`: how fast `--threads` threads move a file in the page cache into a ring of
+/// `--slots` buffers of `--chunk-mib` (as large as the staging ring, so that it does not stay
+/// in the CPU's caches; each thread uses its share of the slots in turn): with `pread` (the
+/// staging ring's reads) or with `MappedFile::copy_into` (non-temporal stores out of the
+/// mapping, `--mode map`). Checks the bytes against a `pread` of the same chunk once per 64.
+fn copy_rate(path: &str, args: &[String]) -> Result<()> {
+    use std::sync::atomic::AtomicUsize;
+    let threads = num(args, "--threads", 16usize)?.clamp(1, 256);
+    let chunk = num(args, "--chunk-mib", 4usize)?.clamp(1, 1024) << 20;
+    let slots = num(args, "--slots", 40usize)?.clamp(threads, 4096);
+    let mode = flag(args, "--mode").unwrap_or_else(|| "pread".into());
+    if mode != "pread" && mode != "map" {
+        return Err(Error::invalid(format!(
+            "--mode {mode:?}: expected pread or map"
+        )));
+    }
+    let map = raw::mapped::MappedFile::open(Path::new(path))?;
+    let len = map.len();
+    let pieces = len.div_ceil(chunk);
+    let next = AtomicUsize::new(0);
+    let ready = std::sync::Barrier::new(threads + 1);
+    let mut start = Instant::now();
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (next, map, mode, ready) = (&next, &map, &mode, &ready);
+                s.spawn(move || -> Result<()> {
+                    let mine = (t..slots).step_by(threads).count();
+                    let mut bufs = (0..mine)
+                        .map(|_| IoBuf::aligned(chunk, 4096))
+                        .collect::<Result<Vec<_>>>()?;
+                    // Touched before the clock starts, as the pinned ring is.
+                    for b in &mut bufs {
+                        b.as_mut_slice().fill(1);
+                    }
+                    ready.wait();
+                    let mut turn = 0usize;
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        if k >= pieces {
+                            return Ok(());
+                        }
+                        let off = k * chunk;
+                        let n = chunk.min(len - off);
+                        let buf = &mut bufs[turn % mine].as_mut_slice()[..n];
+                        turn += 1;
+                        if mode.as_str() == "map" {
+                            map.copy_into(off as u64, buf)?;
+                        } else {
+                            map.file()
+                                .read_exact_at(buf, off as u64)
+                                .map_err(|e| Error::from_io(e, "pread"))?;
+                        }
+                        if k % 64 == 0 {
+                            let mut want = vec![0u8; n];
+                            map.file()
+                                .read_exact_at(&mut want, off as u64)
+                                .map_err(|e| Error::from_io(e, "pread"))?;
+                            if want[..] != buf[..] {
+                                return Err(Error::corrupt(format!(
+                                    "copy-rate: bytes at {off} differ from the file"
+                                )));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        ready.wait();
+        start = Instant::now();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("copy thread panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"name": format!("copy-rate {mode} {threads} thr {slots} x {}MiB", chunk >> 20),
+               "bytes": len, "secs": secs, "gbps": len as f64 / secs / 1e9,
+               "peak_rss_bytes": peak_rss()})
+    );
+    Ok(())
 }
 
 fn hex(b: &[u8]) -> String {

@@ -3,18 +3,22 @@
 //! GPU's copy engine straight out of the page cache, with no CPU copy.
 //!
 //! The mapping's bytes are never exposed as a Rust slice (a concurrent truncation or write by
-//! another process could not be ruled out); only the DMA engine reads them, from registered
-//! (pinned) pages that truncation cannot take away.
+//! another process could not be ruled out). The DMA engine reads them from registered (pinned)
+//! pages that truncation cannot take away, and [`MappedFile::copy_into`] copies them into
+//! pinned slots with non-temporal stores under a `SIGBUS` guard: a page that a concurrent
+//! truncation took away is replaced with a zero page and the copy fails with `ObjectChanged`
+//! instead of the signal killing the process (see [`guard`]).
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaContext};
-use tensorstream_engine::{Error, Result};
+use tensorstream_engine::{Error, ErrorKind, Result};
 
 use crate::raw::driver::device_error;
 use crate::raw::pinned::PAGE;
@@ -26,6 +30,9 @@ pub struct MappedFile {
     len: usize,
     map_len: usize,
     file: File,
+    /// Set once a guarded copy found a page gone (the file shrank): some of the mapping may
+    /// now be zero pages of our own, so no later copy may trust it.
+    shrank: AtomicBool,
 }
 
 impl MappedFile {
@@ -63,6 +70,7 @@ impl MappedFile {
                 len,
                 map_len: 0,
                 file,
+                shrank: AtomicBool::new(false),
             }));
         }
         // SAFETY: read-only shared mapping of an open file descriptor, no address hint; the
@@ -88,7 +96,94 @@ impl MappedFile {
             len,
             map_len,
             file,
+            shrank: AtomicBool::new(false),
         }))
+    }
+
+    /// Copies the file's bytes `offset..offset + dst.len()` out of the mapping into `dst` (a
+    /// pinned slot: the copy engine reads it next) with non-temporal stores, which skip the
+    /// read of each destination line that an ordinary copy makes, then drops the copied pages
+    /// from this process's page tables (they stay in the page cache), so that resident memory
+    /// does not grow with the file.
+    ///
+    /// A file that is shorter than the range (checked first with `fstat`) or that shrinks while
+    /// it is copied fails with [`ErrorKind::ObjectChanged`]; `dst` then holds unspecified bytes.
+    /// The process never dies of the `SIGBUS` such a read raises (see [`guard`]).
+    pub fn copy_into(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let want = offset..offset.saturating_add(dst.len() as u64);
+        let range = || want.clone();
+        let end = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(dst.len()).map(|e| (o, e)))
+            .filter(|&(_, e)| e <= self.len);
+        let Some((start, end)) = end else {
+            return Err(Error::invalid(format!(
+                "cannot copy bytes {}..{} of a {}-byte file mapping",
+                offset,
+                offset.saturating_add(dst.len() as u64),
+                self.len
+            )));
+        };
+        let (Some(ptr), false) = (self.ptr, dst.is_empty()) else {
+            return Ok(());
+        };
+        let shrank = |now: Option<u64>| {
+            Error::new(
+                ErrorKind::ObjectChanged,
+                match now {
+                    Some(n) => format!(
+                        "the file is now {n} bytes: it shrank after it was mapped ({} bytes)",
+                        self.len
+                    ),
+                    None => "the file shrank while it was being copied".to_string(),
+                },
+            )
+            .with_range(range())
+        };
+        if self.shrank.load(Ordering::Relaxed) {
+            return Err(shrank(None));
+        }
+        let size = self.metadata()?.len();
+        if size < end as u64 {
+            return Err(shrank(Some(size)));
+        }
+        let src = ptr.as_ptr().wrapping_add(start);
+        // SAFETY: [src, src + len) lies inside our live PROT_READ mapping (end <= self.len) and
+        // `dst` is a distinct, writable slice of the same length (a mapping of a file is never
+        // a Rust-owned buffer). A page of the range that a concurrent truncation removes
+        // raises SIGBUS, which the guard answers for exactly this window (see `guard`).
+        let outcome = unsafe { guard::copy(dst.as_mut_ptr(), src, dst.len()) };
+        if outcome == guard::Outcome::Unguarded {
+            // No guard, no reading the mapping: a plain read of the same bytes.
+            return read_exact_at(&self.file, dst, offset).map_err(|e| e.with_range(range()));
+        }
+        // Drop the page-table entries of the whole pages copied (a partial first or last page
+        // may be shared with a neighbouring copy; it is dropped with the range that covers it,
+        // or with the mapping).
+        let first = start.next_multiple_of(PAGE);
+        let last = if end == self.len {
+            self.map_len
+        } else {
+            end - end % PAGE
+        };
+        if first < last {
+            // SAFETY: [first, last) is page-aligned and inside our live mapping (last <=
+            // map_len). MADV_DONTNEED on a shared file mapping only drops this process's
+            // page-table entries: the bytes stay in the page cache and a later access faults
+            // them in again.
+            unsafe {
+                libc::madvise(
+                    ptr.as_ptr().wrapping_add(first).cast(),
+                    last - first,
+                    libc::MADV_DONTNEED,
+                )
+            };
+        }
+        if outcome == guard::Outcome::PageGone {
+            self.shrank.store(true, Ordering::Relaxed);
+            return Err(shrank(None));
+        }
+        Ok(())
     }
 
     /// File size in bytes.
@@ -227,5 +322,362 @@ impl Drop for Registered {
             unsafe { libc::madvise(self.ptr.cast(), self.len, libc::MADV_DONTNEED) };
         }
         let _ = &self.map;
+    }
+}
+
+/// `pread` until `dst` is full; a file that ends first is `ObjectChanged` (it was longer when it
+/// was mapped).
+fn read_exact_at(file: &File, dst: &mut [u8], offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut got = 0usize;
+    while got < dst.len() {
+        match file.read_at(&mut dst[got..], offset + got as u64) {
+            Ok(0) => {
+                return Err(Error::new(
+                    ErrorKind::ObjectChanged,
+                    format!(
+                        "the file ended at {} (it shrank after it was mapped)",
+                        offset + got as u64
+                    ),
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::from_io(e, "reading the mapped file")),
+        }
+    }
+    Ok(())
+}
+
+/// The `SIGBUS` guard of [`MappedFile::copy_into`].
+///
+/// Reading a page of a shared file mapping that lies past the file's end (the file was
+/// truncated after it was mapped) raises `SIGBUS`, which kills the process by default. Before a
+/// guarded copy the thread records the source range in thread-local storage; a process-wide
+/// handler (installed once, chaining to the handler it replaced: Rust's own, which reports
+/// stack overflows) checks the fault address: inside the current thread's range, it maps an
+/// anonymous zero page over the faulting page (`MAP_FIXED`, our own mapping's address), notes
+/// the hit and returns, so the copy goes on and reads zeros there; the copy then reports the
+/// hit and the caller fails the load. A fault anywhere else goes to the previous handler, or
+/// with none to the default action, as before.
+mod guard {
+    use std::cell::Cell;
+    use std::sync::atomic::{compiler_fence, AtomicBool, Ordering};
+    use std::sync::OnceLock;
+
+    use super::PAGE;
+
+    thread_local! {
+        /// The source range of this thread's guarded copy (`start..end`; empty when none).
+        static WINDOW: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+        /// Set by the handler when it replaced a page of `WINDOW`.
+        static HIT: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// The action the handler replaced (installed once).
+    static PREVIOUS: OnceLock<Option<libc::sigaction>> = OnceLock::new();
+    /// Whether our handler was installed (it may have been replaced since: see `armed`).
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+    /// What a guarded copy did.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Outcome {
+        /// Every byte copied.
+        Copied,
+        /// A page of the source was gone (the file shrank); its bytes in `dst` are zeros.
+        PageGone,
+        /// The guard could not be armed (the system refused the handler, or another one
+        /// replaced it): nothing was copied.
+        Unguarded,
+    }
+
+    extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        let (lo, hi) = WINDOW.try_with(Cell::get).unwrap_or((0, 0));
+        if lo <= addr && addr < hi {
+            let page = addr - addr % PAGE;
+            // SAFETY: `page` lies in the current thread's copy window, inside a live read-only
+            // file mapping of ours (see `MappedFile::copy_into`); replacing that page of our
+            // own mapping with an anonymous read-only zero page changes no other memory. mmap
+            // is a plain system call here (no locks taken in the C library).
+            let r = unsafe {
+                libc::mmap(
+                    page as *mut libc::c_void,
+                    PAGE,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if r != libc::MAP_FAILED {
+                let _ = HIT.try_with(|h| h.set(true));
+                return;
+            }
+        }
+        // Not ours: the previous handler decides (Rust's reports a stack overflow, or restores
+        // the default action so that the fault, raised again on return, ends the process).
+        match PREVIOUS.get().copied().flatten() {
+            Some(prev) if prev.sa_sigaction > libc::SIG_IGN => {
+                if prev.sa_flags & libc::SA_SIGINFO != 0 {
+                    // SAFETY: an SA_SIGINFO handler installed by someone else, called as the
+                    // kernel would call it.
+                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                        unsafe { std::mem::transmute(prev.sa_sigaction) };
+                    f(sig, info, ctx);
+                } else {
+                    // SAFETY: a plain handler installed by someone else, called as the kernel
+                    // would call it.
+                    let f: extern "C" fn(libc::c_int) =
+                        unsafe { std::mem::transmute(prev.sa_sigaction) };
+                    f(sig);
+                }
+            }
+            _ => {
+                // SAFETY: restoring the default action for SIGBUS (a zeroed sigaction is
+                // SIG_DFL with an empty mask); sigaction is async-signal-safe.
+                unsafe {
+                    let mut dfl: libc::sigaction = std::mem::zeroed();
+                    dfl.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+                }
+            }
+        }
+    }
+
+    fn handler_address() -> usize {
+        on_sigbus as *const () as usize
+    }
+
+    /// Whether our handler is the one in place now, installing it the first time; false if
+    /// the system refused, or if another handler replaced ours since (then this module stays
+    /// out of its way).
+    fn armed() -> bool {
+        if INSTALLED.load(Ordering::Acquire) {
+            // SAFETY: querying the current SIGBUS action into a zeroed struct.
+            return unsafe {
+                let mut cur: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut cur) == 0
+                    && cur.sa_sigaction == handler_address()
+            };
+        }
+        let prev = PREVIOUS.get_or_init(|| {
+            // SAFETY: querying the current SIGBUS action into a zeroed struct.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                (libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) == 0).then_some(old)
+            }
+        });
+        if prev.is_none() {
+            return false;
+        }
+        // Racing installers install the same handler; the previous action was read once.
+        // SAFETY: installing an SA_SIGINFO handler whose code only touches its thread-local
+        // window, mmap and sigaction (see `on_sigbus`); the mask is emptied first.
+        let ok = unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = handler_address();
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) == 0
+        };
+        if ok {
+            INSTALLED.store(true, Ordering::Release);
+        }
+        ok
+    }
+
+    /// Copies `len` bytes from `src` (inside a file mapping) to `dst` with the guard armed for
+    /// `[src, src + len)`.
+    ///
+    /// # Safety
+    /// `src..src + len` must lie inside a live read-only shared file mapping owned by the
+    /// caller, and `dst..dst + len` must be writable memory that does not overlap it.
+    pub(super) unsafe fn copy(dst: *mut u8, src: *const u8, len: usize) -> Outcome {
+        if !armed() {
+            return Outcome::Unguarded;
+        }
+        let lo = src as usize;
+        WINDOW.with(|w| w.set((lo, lo.saturating_add(len))));
+        HIT.with(|h| h.set(false));
+        // The handler runs on this thread: keep the copy's loads between the window's set and
+        // clear.
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: as the caller promised; faults in the window are answered by the handler.
+        unsafe { stream_copy(dst, src, len) };
+        compiler_fence(Ordering::SeqCst);
+        WINDOW.with(|w| w.set((0, 0)));
+        if HIT.with(Cell::get) {
+            Outcome::PageGone
+        } else {
+            Outcome::Copied
+        }
+    }
+
+    /// `len` bytes from `src` to `dst`: 16-byte non-temporal stores (SSE2, always there on
+    /// x86-64) for the aligned middle, plain copies for the ends, then a store fence so the
+    /// bytes are in memory before the copy engine is told to read them.
+    ///
+    /// # Safety
+    /// As [`copy`]: both ranges valid, not overlapping.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        let head = dst.align_offset(16).min(len);
+        // SAFETY (this block): every access below stays inside [0, len) of both ranges, which
+        // the caller guarantees valid and disjoint; the streaming stores go to 16-byte-aligned
+        // destinations (`head` aligns them).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, dst, head);
+            let mut i = head;
+            while i + 64 <= len {
+                let a = _mm_loadu_si128(src.add(i).cast::<__m128i>());
+                let b = _mm_loadu_si128(src.add(i + 16).cast::<__m128i>());
+                let c = _mm_loadu_si128(src.add(i + 32).cast::<__m128i>());
+                let d = _mm_loadu_si128(src.add(i + 48).cast::<__m128i>());
+                _mm_stream_si128(dst.add(i).cast::<__m128i>(), a);
+                _mm_stream_si128(dst.add(i + 16).cast::<__m128i>(), b);
+                _mm_stream_si128(dst.add(i + 32).cast::<__m128i>(), c);
+                _mm_stream_si128(dst.add(i + 48).cast::<__m128i>(), d);
+                i += 64;
+            }
+            while i + 16 <= len {
+                let a = _mm_loadu_si128(src.add(i).cast::<__m128i>());
+                _mm_stream_si128(dst.add(i).cast::<__m128i>(), a);
+                i += 16;
+            }
+            std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
+            _mm_sfence();
+        }
+    }
+
+    /// Elsewhere: a plain copy.
+    ///
+    /// # Safety
+    /// As [`copy`].
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
+        // SAFETY: as the caller promised.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(len: usize, seed: u8) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+            .collect();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &data).unwrap();
+        (f, data)
+    }
+
+    #[test]
+    fn copies_any_range_of_the_file_exactly() {
+        let len = 3 * PAGE * 64 + 123;
+        let (f, data) = file_of(len, 7);
+        let map = MappedFile::open(f.path()).unwrap();
+        // Odd offsets and lengths, destination starts on and off 16-byte boundaries, the
+        // file's last byte included.
+        let cases = [
+            (0, len),
+            (1, 17),
+            (PAGE - 3, 2 * PAGE + 5),
+            (5 * PAGE, 512 << 10),
+            (len - 100, 100),
+            (len - 1, 1),
+            (77, 0),
+        ];
+        for (off, n) in cases {
+            for shift in [0usize, 1, 8, 15] {
+                let mut buf = vec![0xAAu8; n + shift];
+                map.copy_into(off as u64, &mut buf[shift..]).unwrap();
+                assert!(buf[..shift].iter().all(|&b| b == 0xAA), "{off} {n} {shift}");
+                assert!(buf[shift..] == data[off..off + n], "{off} {n} {shift}");
+            }
+        }
+        // Past the mapping: refused, nothing read.
+        let mut buf = vec![0u8; 10];
+        let e = map.copy_into(len as u64 - 5, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        let e = map.copy_into(u64::MAX - 2, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    }
+
+    #[test]
+    fn a_file_that_shrank_before_the_copy_is_object_changed() {
+        let (f, _) = file_of(8 * PAGE, 3);
+        let map = MappedFile::open(f.path()).unwrap();
+        f.as_file().set_len(2 * PAGE as u64).unwrap();
+        let mut buf = vec![0u8; PAGE];
+        let e = map.copy_into(4 * PAGE as u64, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+        assert!(e.to_string().contains("shrank"), "{e}");
+        // The part still there copies.
+        map.copy_into(0, &mut buf).unwrap();
+    }
+
+    /// The guard itself: a page the truncation took away raises SIGBUS inside the copy, and
+    /// the process lives on; the copy reports the gone page and reads zeros there.
+    #[test]
+    fn a_page_gone_during_the_copy_is_reported_not_fatal() {
+        let (f, data) = file_of(6 * PAGE, 9);
+        let map = MappedFile::open(f.path()).unwrap();
+        let base = map.ptr.unwrap().as_ptr();
+        // Fault the pages in, then cut the file: their page-table entries go with it.
+        let mut all = vec![0u8; 6 * PAGE];
+        map.copy_into(0, &mut all).unwrap();
+        assert!(all == data);
+        f.as_file().set_len(3 * PAGE as u64).unwrap();
+        let mut buf = vec![0xAAu8; 6 * PAGE];
+        // SAFETY: the whole mapping (6 pages) of a file we own; `buf` is a separate buffer.
+        let got = unsafe { guard::copy(buf.as_mut_ptr(), base, buf.len()) };
+        assert_eq!(got, guard::Outcome::PageGone);
+        assert!(buf[..3 * PAGE] == data[..3 * PAGE]);
+        assert!(buf[3 * PAGE..].iter().all(|&b| b == 0));
+        // A copy of the part still there goes on working (here, outside copy_into, the
+        // mapping's replaced pages read as zeros; copy_into refuses them: see `shrank`).
+        let mut head = vec![0u8; PAGE];
+        // SAFETY: as above, the first page.
+        let got = unsafe { guard::copy(head.as_mut_ptr(), base, PAGE) };
+        assert_eq!(got, guard::Outcome::Copied);
+        assert!(head == data[..PAGE]);
+    }
+
+    /// Truncations racing with copies: every copy either gives the file's bytes or fails with
+    /// ObjectChanged, and once one failed so does every later one.
+    #[test]
+    fn copies_racing_a_truncation_never_kill_the_process() {
+        let len = 256 * PAGE;
+        let (f, data) = file_of(len, 11);
+        let map = MappedFile::open(f.path()).unwrap();
+        let path = f.path().to_path_buf();
+        let cutter = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_len(PAGE as u64).unwrap();
+        });
+        let mut buf = vec![0u8; len];
+        let (mut ok, mut changed) = (0, 0);
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_millis(300) {
+            match map.copy_into(0, &mut buf) {
+                Ok(()) => {
+                    assert_eq!(changed, 0, "a copy succeeded after one failed");
+                    assert!(buf == data);
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+                    changed += 1;
+                }
+            }
+        }
+        cutter.join().unwrap();
+        assert!(ok > 0 && changed > 0, "copies ok {ok}, failed {changed}");
     }
 }
