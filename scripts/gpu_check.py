@@ -537,6 +537,31 @@ def main():
                      f"queue depth {j and j.get('queue_depth')}")
     for i in range(2):
         record(ts_load(FILE, ["--gpu-warm", "auto"]), False, "tensorstream --gpu-warm auto")
+    # The warm path's CPU side alone (no GPU): 16 or 32 threads filling a 40 x 4 MiB ring from
+    # the page cache, with pread or with non-temporal copies out of the mapping. Tells whether
+    # the CPU copy is the warm limit here, and which copy is faster on this machine's CPU.
+    if not QUICK:
+        for rnd in range(2):
+            for threads in (16, 32):
+                for mode in ("pread", "map"):
+                    rc, out, err, _, _ = run([BENCH, "copy-rate", FILE, "--threads", str(threads),
+                                              "--mode", mode], 60)
+                    r = last_json(out)
+                    if r:
+                        add_row(dict(loader="diag: " + r.get("name", "copy-rate"), cold=False,
+                                     gbps=r["gbps"], secs=r["secs"]))
+                        if rnd == 0:
+                            say(f"  {r.get('name')}: {r['gbps']:.2f} GB/s (CPU only)")
+                    else:
+                        say(f"  copy-rate {mode} {threads} failed (rc {rc}): {(err or out).strip()[-200:]}")
+    # Copying out of the mapping with non-temporal stores (no read of each slot line before
+    # it is written; no system call per read), against the same route with pread: the device
+    # bytes first.
+    map_copy = ["--gpu-warm", "force", "--gpu-warm-threads", "0", "--gpu-warm-pread-threads", "16",
+                "--gpu-warm-copy", "map"]
+    if not QUICK:
+        j = ts_load(FILE, map_copy, digests=True, name="tensorstream warm map copy (digests run)")
+        check_digests(j, f"warm, 16 threads copying out of the mapping: route {j and j.get('route')}")
     # Warm knobs, through the CLI so that a better setting is a judged row. The first run on
     # a GPU (2026-11-27, H200) found pread copies memcpy-bound near 26-29 GB/s and registration
     # of mapped pieces slower still (14-23 GB/s): so more pread threads in the ring (smaller
@@ -556,6 +581,10 @@ def main():
              ["--slots", "8", "--slot-size", "16MiB"],  # the defaults before 2026-11-27
              ["--slots", "40", "--slot-size", "1MiB"],
              ["--slots", "64", "--slot-size", "1MiB"],
+             map_copy,
+             ["--gpu-warm", "force", "--gpu-warm-threads", "0", "--gpu-warm-pread-threads", "16"],
+             ["--gpu-warm", "force", "--gpu-warm-threads", "0", "--gpu-warm-pread-threads", "20",
+              "--gpu-warm-copy", "map"],
              ["--slots", "64", "--slot-size", "2MiB"],
              ["--slots", "16", "--slot-size", "8MiB"],
              ["--gpu-warm", "force", "--gpu-warm-threads", "2", "--gpu-warm-pread-threads", "15"],

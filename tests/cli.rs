@@ -398,6 +398,36 @@ fn gpu_flags_reach_the_device_options() {
         "65",
     ]);
     assert!(e.contains("bad --gpu-warm-pread-threads 65"), "{e}");
+    let e = run_err(&[
+        "load",
+        p,
+        "--device",
+        "cuda:0",
+        "--gpu-warm-copy",
+        "sideways",
+    ]);
+    assert!(e.contains("bad --gpu-warm-copy \"sideways\""), "{e}");
+    // No registering thread is fine when copying threads take the pieces: the options pass
+    // (the load then fails only where the machine has no device).
+    let out = bin()
+        .args([
+            "load",
+            p,
+            "--device",
+            "cuda:0",
+            "--gpu-warm",
+            "force",
+            "--gpu-warm-threads",
+            "0",
+            "--gpu-warm-pread-threads",
+            "4",
+            "--gpu-warm-copy",
+            "map",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!e.contains("bad --") && !e.contains("panicked"), "{e}");
 }
 
 #[test]

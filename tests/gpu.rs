@@ -247,30 +247,64 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
             .unwrap();
     let entry = &m["files"]["mixed.safetensors"];
     // The third: one registering and two pread threads side by side (6 slots: 1 + 2 × 2),
-    // one-page pieces so that the 9 KiB file has several to share.
-    for (warm, route, pread_threads) in [
-        (tensorstream_cuda::WarmMode::Force, "mapped", 0),
-        (tensorstream_cuda::WarmMode::Off, "ring", 0),
-        (tensorstream_cuda::WarmMode::Force, "mapped", 2),
+    // one-page pieces so that the 9 KiB file has several to share. The fourth: no registering
+    // thread, two threads copying out of the mapping with non-temporal stores.
+    use tensorstream_cuda::WarmCopy;
+    for (warm, route, reg_threads, pread_threads, copy) in [
+        (
+            tensorstream_cuda::WarmMode::Force,
+            "mapped",
+            1,
+            0,
+            WarmCopy::Pread,
+        ),
+        (
+            tensorstream_cuda::WarmMode::Off,
+            "ring",
+            1,
+            0,
+            WarmCopy::Pread,
+        ),
+        (
+            tensorstream_cuda::WarmMode::Force,
+            "mapped",
+            1,
+            2,
+            WarmCopy::Pread,
+        ),
+        (
+            tensorstream_cuda::WarmMode::Force,
+            "mapped",
+            0,
+            2,
+            WarmCopy::Map,
+        ),
     ] {
         let cm = Loader::new(fixtures().join("mixed.safetensors").to_str().unwrap())
             .device(Device::Cuda(0))
             .cuda_options(CudaOptions {
                 warm,
                 slots: if pread_threads > 0 { 6 } else { 3 },
-                warm_threads: 1,
+                warm_threads: reg_threads,
                 warm_pread_threads: pread_threads,
+                warm_copy: copy,
                 warm_piece: 4096,
                 ..small_ring()
             })
             .load_cuda()
-            .unwrap_or_else(|e| panic!("{warm:?}, {pread_threads} pread threads: {e}"));
+            .unwrap_or_else(|e| panic!("{warm:?}, {pread_threads} {copy:?} threads: {e}"));
         assert_eq!(cm.stats().route, route);
         if let Some((registered, pread)) = cm.stats().mapped_pieces {
             assert!(
                 registered + pread > 1,
                 "several pieces: {registered} + {pread}"
             );
+            if reg_threads == 0 {
+                assert_eq!(
+                    registered, 0,
+                    "no registering thread, yet pieces registered"
+                );
+            }
         }
         for t in entry["tensors"].as_array().unwrap() {
             let name = t["name"].as_str().unwrap();
@@ -279,7 +313,7 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
             assert_eq!(
                 sha(&bytes),
                 t["sha256"].as_str().unwrap(),
-                "{name} via {route}"
+                "{name} via {route} ({copy:?})"
             );
         }
     }

@@ -39,7 +39,9 @@ pub mod upload;
 #[forbid(unsafe_code)]
 pub mod warm;
 
-pub use device::{device_count, driver_present, parse_device, CudaDevice, CudaOptions, WarmMode};
+pub use device::{
+    device_count, driver_present, parse_device, CudaDevice, CudaOptions, WarmCopy, WarmMode,
+};
 pub use load::{load, load_streaming, load_to, StreamingLoad};
 pub use model::{DeviceModel, DeviceTensor, LoadTimes, Target};
 pub use raw::driver::DeviceArena;

@@ -15,7 +15,10 @@
 //!
 //! Threads of a second kind ([`crate::CudaOptions::warm_pread_threads`]) can run beside the
 //! registering ones, taking pieces from the same queue and copying them with `pread` through
-//! their pinned slots, so that the faster way takes more pieces.
+//! their pinned slots, so that the faster way takes more pieces. With
+//! [`crate::WarmCopy::Map`] they copy out of the mapping instead, with non-temporal stores
+//! ([`MappedFile::copy_into`]); with no registering threads (`warm_threads` 0) that makes a
+//! CPU-copy route that reads the page cache without a system call per read.
 //!
 //! Measured on the H200 machine (2026-11-27, 6.6 GB file in the page cache; README, *Measured on
 //! a GPU*), this path lost to the staging ring: registering pieces ran at 14–23 GB/s whatever the
@@ -33,7 +36,7 @@ use std::time::Instant;
 use tensorstream_engine::{Error, ErrorKind, IoBuf, Plan, Result, TensorIndex};
 
 use crate::copy::{clip, coalesce, landed, pieces, Piece};
-use crate::device::{CudaDevice, WarmMode};
+use crate::device::{CudaDevice, WarmCopy, WarmMode};
 use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, DeviceArena, HostSource, InFlight};
 use crate::raw::mapped::MappedFile;
@@ -346,7 +349,10 @@ fn worker(sh: &Shared<'_>, t: usize, mut bounce: Vec<IoBuf>) -> Result<()> {
                 if !slot.set_len(need) {
                     return Err(Error::invalid("warm path: piece chunk larger than a slot"));
                 }
-                read_full(sh.map, &mut slot, off)?;
+                match sh.dev.options().warm_copy {
+                    WarmCopy::Pread => read_full(sh.map, &mut slot, off)?,
+                    WarmCopy::Map => sh.map.copy_into(off, slot.as_mut_slice())?,
+                }
                 let ev = sh.dev.event()?;
                 let f = copy_to_device(
                     sh.arena,
@@ -470,6 +476,10 @@ mod tests {
         // Pread: every wanted thread reads, two slots each.
         assert_eq!(split_threads(Pread, 8, 0, 16, 100), (0, 8));
         assert_eq!(split_threads(Pread, 4, 4, 10, 100), (0, 5));
+        // No registering threads: the copying threads take every piece (at most one per two
+        // slots).
+        assert_eq!(split_threads(Register, 0, 16, 40, 100), (0, 16));
+        assert_eq!(split_threads(Register, 0, 25, 40, 100), (0, 20));
         // Few pieces: no more threads than pieces, pread threads cut first.
         assert_eq!(split_threads(Register, 2, 6, 16, 3), (2, 1));
         assert_eq!(split_threads(Register, 4, 0, 8, 0), (1, 0));

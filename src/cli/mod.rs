@@ -170,13 +170,20 @@ struct IoArgs {
     /// them (`on`) or on small pages (`off`, the default until measured on a GPU).
     #[arg(long, value_name = "on|off", default_value = "off")]
     gpu_huge_pages: String,
-    /// GPU loads through the mapped page-cache path (`--gpu-warm`): threads registering pieces.
+    /// GPU loads through the mapped page-cache path (`--gpu-warm`): threads registering pieces
+    /// (0: none, the copying threads of --gpu-warm-pread-threads take every piece).
     #[arg(long, value_name = "N", default_value_t = 4)]
     gpu_warm_threads: usize,
-    /// GPU loads through the mapped page-cache path: threads that copy pieces with `pread`
-    /// through the pinned slots beside the registering ones (two slots each).
+    /// GPU loads through the mapped page-cache path: threads that copy pieces through the
+    /// pinned slots beside the registering ones (two slots each), with `pread` or as
+    /// --gpu-warm-copy says.
     #[arg(long, value_name = "N", default_value_t = 0)]
     gpu_warm_pread_threads: usize,
+    /// GPU loads through the mapped page-cache path: how the copying threads fill their slots:
+    /// `pread`, or `map` (copies out of the file mapping with non-temporal stores; a file that
+    /// shrinks meanwhile fails the load cleanly).
+    #[arg(long, value_name = "pread|map", default_value = "pread")]
+    gpu_warm_copy: String,
     /// GPU loads through the mapped page-cache path: size of one registered piece (each thread
     /// holds at most two registered, and their pages count in the resident memory).
     #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "16MiB")]
@@ -241,11 +248,13 @@ impl IoArgs {
                     )))
                 }
             },
-            warm_threads: match self.gpu_warm_threads {
-                n @ 1..=64 => n,
-                n => {
+            warm_threads: match (self.gpu_warm_threads, self.gpu_warm_pread_threads) {
+                (n @ 1..=64, _) => n,
+                (0, 1..) => 0,
+                (n, _) => {
                     return Err(Error::invalid(format!(
-                        "bad --gpu-warm-threads {n}: expected 1..=64"
+                        "bad --gpu-warm-threads {n}: expected 1..=64 (0 only with \
+                         --gpu-warm-pread-threads)"
                     )))
                 }
             },
@@ -254,6 +263,15 @@ impl IoArgs {
                 n => {
                     return Err(Error::invalid(format!(
                         "bad --gpu-warm-pread-threads {n}: expected 0..=64"
+                    )))
+                }
+            },
+            warm_copy: match self.gpu_warm_copy.to_ascii_lowercase().as_str() {
+                "pread" => tensorstream_cuda::WarmCopy::Pread,
+                "map" => tensorstream_cuda::WarmCopy::Map,
+                o => {
+                    return Err(Error::invalid(format!(
+                        "bad --gpu-warm-copy {o:?}: expected pread or map"
                     )))
                 }
             },

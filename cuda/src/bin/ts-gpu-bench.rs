@@ -488,6 +488,15 @@ fn load_cmd(path: &str, args: &[String]) -> Result<()> {
         slot_size: num(args, "--slot-size", d.slot_size >> 20)? << 20,
         warm_threads: num(args, "--warm-threads", d.warm_threads)?,
         warm_pread_threads: num(args, "--warm-pread-threads", d.warm_pread_threads)?,
+        warm_copy: match flag(args, "--warm-copy").as_deref() {
+            None | Some("pread") => WarmCopy::Pread,
+            Some("map") => WarmCopy::Map,
+            Some(o) => {
+                return Err(Error::invalid(format!(
+                    "--warm-copy {o:?}: expected pread or map"
+                )))
+            }
+        },
         warm_piece: num(args, "--warm-piece", d.warm_piece >> 20)? << 20,
         ..d
     };
