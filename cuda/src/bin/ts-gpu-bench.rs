@@ -108,12 +108,14 @@ fn copy_rate(path: &str, args: &[String]) -> Result<()> {
     let len = map.len();
     let pieces = len.div_ceil(chunk);
     let next = AtomicUsize::new(0);
-    let ready = std::sync::Barrier::new(threads + 1);
-    let mut start = Instant::now();
+    // The clock starts when the first thread passes the barrier (all buffers touched): not
+    // on the main thread, which may not run again before the copies end.
+    let ready = std::sync::Barrier::new(threads);
+    let started = std::sync::OnceLock::new();
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (next, map, mode, ready) = (&next, &map, &mode, &ready);
+                let (next, map, mode, ready, started) = (&next, &map, &mode, &ready, &started);
                 s.spawn(move || -> Result<()> {
                     let mine = (t..slots).step_by(threads).count();
                     let mut bufs = (0..mine)
@@ -124,6 +126,7 @@ fn copy_rate(path: &str, args: &[String]) -> Result<()> {
                         b.as_mut_slice().fill(1);
                     }
                     ready.wait();
+                    started.get_or_init(Instant::now);
                     let mut turn = 0usize;
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
@@ -156,8 +159,6 @@ fn copy_rate(path: &str, args: &[String]) -> Result<()> {
                 })
             })
             .collect();
-        ready.wait();
-        start = Instant::now();
         handles
             .into_iter()
             .map(|h| {
@@ -169,7 +170,11 @@ fn copy_rate(path: &str, args: &[String]) -> Result<()> {
     for r in results {
         r?;
     }
-    let secs = start.elapsed().as_secs_f64();
+    let secs = started
+        .get()
+        .ok_or_else(|| Error::invalid("copy-rate: no thread started"))?
+        .elapsed()
+        .as_secs_f64();
     println!(
         "{}",
         json!({"name": format!("copy-rate {mode} {threads} thr {slots} x {}MiB", chunk >> 20),
