@@ -249,36 +249,12 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
     // The third: one registering and two pread threads side by side (6 slots: 1 + 2 × 2),
     // one-page pieces so that the 9 KiB file has several to share. The fourth: no registering
     // thread, two threads copying out of the mapping with non-temporal stores.
-    use tensorstream_cuda::WarmCopy;
+    use tensorstream_cuda::{WarmCopy::*, WarmMode::*};
     for (warm, route, reg_threads, pread_threads, copy) in [
-        (
-            tensorstream_cuda::WarmMode::Force,
-            "mapped",
-            1,
-            0,
-            WarmCopy::Pread,
-        ),
-        (
-            tensorstream_cuda::WarmMode::Off,
-            "ring",
-            1,
-            0,
-            WarmCopy::Pread,
-        ),
-        (
-            tensorstream_cuda::WarmMode::Force,
-            "mapped",
-            1,
-            2,
-            WarmCopy::Pread,
-        ),
-        (
-            tensorstream_cuda::WarmMode::Force,
-            "mapped",
-            0,
-            2,
-            WarmCopy::Map,
-        ),
+        (Force, "mapped", 1, 0, Pread),
+        (Off, "ring", 1, 0, Pread),
+        (Force, "mapped", 1, 2, Pread),
+        (Force, "mapped", 0, 2, Map),
     ] {
         let cm = Loader::new(fixtures().join("mixed.safetensors").to_str().unwrap())
             .device(Device::Cuda(0))

@@ -1037,22 +1037,24 @@ fn server_down_longer_than_retry_for_fails_when_the_budget_is_spent() {
     assert!(e.to_string().contains("giving up after"), "{e}");
 }
 
-/// The server goes away mid-session and the caller cancels: the load stops at once instead of
-/// waiting out the minute of retries (`retry_for`), and says it was cancelled.
-#[test]
-fn cancel_during_an_outage_does_not_wait_out_the_retries() {
-    use std::sync::atomic::AtomicBool;
-    let mut g = Ganesha::start();
-    let (file, _) = model_file(&[6 << 20, 6 << 20], 47);
-    let uri = g.put("outage.safetensors", &file);
-    let be = open(&uri, &opts()).unwrap();
+/// The plan of every tensor of the object behind `be`, in 1 MiB reads.
+fn plan_all_1mib(be: &Arc<dyn Backend>) -> (ObjectMeta, Arc<Plan>) {
     let meta = be.stat().unwrap();
     let index = format::read_index(be.as_ref(), &meta).unwrap();
     let sel: Vec<usize> = (0..index.tensors.len()).collect();
     let mut po = PlanOptions::new(meta.size);
     po.chunk_size = 1 << 20;
     let plan = Arc::new(plan(&index, &sel, &po).unwrap());
-    g.stop();
+    (meta, plan)
+}
+
+/// Runs `plan` (8 reads in flight) with a cancel flag set after 500 ms; expects the load to
+/// fail and returns its error and how long it took.
+fn load_cancelled_after_500ms(
+    be: Arc<dyn Backend>,
+    meta: &ObjectMeta,
+    plan: Arc<Plan>,
+) -> (tensorstream_engine::Error, Duration) {
     let cancel = Arc::new(AtomicBool::new(false));
     let c2 = cancel.clone();
     std::thread::spawn(move || {
@@ -1066,10 +1068,23 @@ fn cancel_during_an_outage_does_not_wait_out_the_retries() {
         cancel: Some(cancel),
     };
     let t0 = std::time::Instant::now();
-    let Err(e) = execute(be, &meta, plan, HostSink::new(), &eo) else {
-        panic!("a load with the server down succeeded");
+    let Err(e) = execute(be, meta, plan, HostSink::new(), &eo) else {
+        panic!("a load that was cancelled succeeded");
     };
-    let took = t0.elapsed();
+    (e, t0.elapsed())
+}
+
+/// The server goes away mid-session and the caller cancels: the load stops at once instead of
+/// waiting out the minute of retries (`retry_for`), and says it was cancelled.
+#[test]
+fn cancel_during_an_outage_does_not_wait_out_the_retries() {
+    let mut g = Ganesha::start();
+    let (file, _) = model_file(&[6 << 20, 6 << 20], 47);
+    let uri = g.put("outage.safetensors", &file);
+    let be = open(&uri, &opts()).unwrap();
+    let (meta, plan) = plan_all_1mib(&be);
+    g.stop();
+    let (e, took) = load_cancelled_after_500ms(be, &meta, plan);
     assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
     assert!(took < Duration::from_secs(10), "cancel took {took:?}");
 }
@@ -1083,12 +1098,7 @@ fn cancel_while_reads_hang_on_a_frozen_server_returns_at_once() {
     let (file, _) = model_file(&[8 << 20, 8 << 20], 53);
     let uri = g.put("frozen.safetensors", &file);
     let be = open(&uri, &opts()).unwrap();
-    let meta = be.stat().unwrap();
-    let index = format::read_index(be.as_ref(), &meta).unwrap();
-    let sel: Vec<usize> = (0..index.tensors.len()).collect();
-    let mut po = PlanOptions::new(meta.size);
-    po.chunk_size = 1 << 20;
-    let plan = Arc::new(plan(&index, &sel, &po).unwrap());
+    let (meta, plan) = plan_all_1mib(&be);
     g.freeze();
     // Whatever happens below, the server must not stay frozen (its kill on drop would hang).
     struct Thaw<'a>(&'a Ganesha);
@@ -1098,23 +1108,7 @@ fn cancel_while_reads_hang_on_a_frozen_server_returns_at_once() {
         }
     }
     let thaw = Thaw(&g);
-    let cancel = Arc::new(AtomicBool::new(false));
-    let c2 = cancel.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        c2.store(true, Ordering::SeqCst);
-    });
-    let eo = EngineOptions {
-        queue_depth: 8,
-        ring_budget: 16 << 20,
-        progress: None,
-        cancel: Some(cancel),
-    };
-    let t0 = std::time::Instant::now();
-    let Err(e) = execute(be.clone(), &meta, plan, HostSink::new(), &eo) else {
-        panic!("a load from a frozen server succeeded");
-    };
-    let took = t0.elapsed();
+    let (e, took) = load_cancelled_after_500ms(be.clone(), &meta, plan);
     assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
     assert!(
         took < Duration::from_secs(5),

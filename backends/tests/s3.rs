@@ -861,6 +861,22 @@ fn a_trickling_server_times_out() {
     assert!(e.to_string().contains("too slow"), "{e}");
 }
 
+/// `bkt/obj` of `s3` through `proxy`: one GET in flight, 4 MiB pieces (a 2 MiB object is one
+/// GET, so a reset mid-body makes the client resume it).
+fn one_get_at_a_time_via(s3: &S3s, proxy: &Proxy) -> Arc<S3Backend> {
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port());
+    s3.backend_via(
+        &endpoint,
+        "bkt",
+        "obj",
+        &OpenOptions {
+            concurrency: Some(1),
+            chunk_size: Some(4 << 20),
+            ..OpenOptions::default()
+        },
+    )
+}
+
 #[test]
 fn persistent_503_is_a_clear_error() {
     let f = faulty();
@@ -896,17 +912,7 @@ fn resume_after_a_replacement_is_object_changed_not_mixed_bytes() {
     let v2 = pattern(2 << 20, 61);
     s3.put("bkt", "obj", v1.clone());
     let proxy = Proxy::start(s3.addr());
-    let endpoint = format!("http://127.0.0.1:{}", proxy.port());
-    let be = s3.backend_via(
-        &endpoint,
-        "bkt",
-        "obj",
-        &OpenOptions {
-            concurrency: Some(1),
-            chunk_size: Some(4 << 20),
-            ..OpenOptions::default()
-        },
-    );
+    let be = one_get_at_a_time_via(&s3, &proxy);
     be.stat().unwrap();
     let s3h = s3.clone();
     proxy.set_faults(Faults {
@@ -948,17 +954,7 @@ fn without_an_etag_the_last_modified_date_pins_the_object() {
         strip_etag: true,
         ..Faults::default()
     });
-    let endpoint = format!("http://127.0.0.1:{}", proxy.port());
-    let be = s3.backend_via(
-        &endpoint,
-        "bkt",
-        "obj",
-        &OpenOptions {
-            concurrency: Some(1),
-            chunk_size: Some(4 << 20),
-            ..OpenOptions::default()
-        },
-    );
+    let be = one_get_at_a_time_via(&s3, &proxy);
     let meta = be.stat().unwrap();
     let version = meta.version.clone().unwrap_or_default();
     assert!(version.starts_with("last-modified: "), "{version:?}");
