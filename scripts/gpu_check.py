@@ -555,7 +555,7 @@ def main():
                     else:
                         say(f"  copy-rate {mode} {threads} failed (rc {rc}): {(err or out).strip()[-200:]}")
     # Copying out of the mapping with non-temporal stores (no read of each slot line before
-    # it is written; no system call per read), against the same route with pread: the device
+    # it is written; the kernel copies nothing), against the same route with pread: the device
     # bytes first.
     map_copy = ["--gpu-warm", "force", "--gpu-warm-threads", "0", "--gpu-warm-pread-threads", "16",
                 "--gpu-warm-copy", "map"]

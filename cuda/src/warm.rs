@@ -18,7 +18,8 @@
 //! their pinned slots, so that the faster way takes more pieces. With
 //! [`crate::WarmCopy::Map`] they copy out of the mapping instead, with non-temporal stores
 //! ([`MappedFile::copy_into`]); with no registering threads (`warm_threads` 0) that makes a
-//! CPU-copy route that reads the page cache without a system call per read.
+//! CPU-copy route in which the kernel copies nothing (the pages are mapped and copied by the
+//! thread).
 //!
 //! Measured on the H200 machine (2026-11-27, 6.6 GB file in the page cache; README, *Measured on
 //! a GPU*), this path lost to the staging ring: registering pieces ran at 14–23 GB/s whatever the

@@ -86,6 +86,8 @@ pub(crate) struct Job {
     pub rsize: usize,
     /// Where the finished job goes.
     pub reply: Sender<Done>,
+    /// The connection it was last sent on (set by the dispatcher).
+    pub sent_on: Option<std::sync::Weak<Conn>>,
     outstanding: usize,
     err: Option<Failure>,
 }
@@ -114,6 +116,7 @@ impl Job {
             pin,
             rsize,
             reply,
+            sent_on: None,
             outstanding: 0,
             err: None,
         }

@@ -29,8 +29,9 @@ pub(crate) struct Runner {
     /// The load's cancel flag: once set, like `abandoned`, and the connections holding this
     /// runner's READs are closed (see `cut`).
     cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// The connections this runner's jobs went to (one entry per connection).
-    used: Vec<Weak<Conn>>,
+    /// The connections holding this runner's jobs, with how many each holds (entries leave
+    /// when their count drops to 0).
+    used: Vec<(Weak<Conn>, usize)>,
     /// Set once the cancel flag was seen: jobs are no longer sent, and the ones in flight come
     /// back as cancelled.
     cancelled: bool,
@@ -70,7 +71,9 @@ impl Runner {
         self.dispatch(job);
     }
 
-    fn dispatch(&mut self, job: Job) {
+    fn dispatch(&mut self, mut job: Job) {
+        // Counted in `used` only once a connection took it (a retried job starts afresh).
+        job.sent_on = None;
         if self.cancelled {
             let _ = self.tx.send(Done {
                 job,
@@ -79,20 +82,26 @@ impl Runner {
             return;
         }
         let failed = match self.inner.pool.get() {
-            Ok(conn) => match conn.submit(job) {
-                None => {
-                    let w = Arc::downgrade(&conn);
-                    if !self.used.iter().any(|u| u.ptr_eq(&w)) {
-                        self.used.retain(|u| u.strong_count() > 0);
-                        self.used.push(w);
+            Ok(conn) => {
+                let w = Arc::downgrade(&conn);
+                job.sent_on = Some(w.clone());
+                match conn.submit(job) {
+                    None => {
+                        match self.used.iter_mut().find(|(u, _)| u.ptr_eq(&w)) {
+                            Some((_, n)) => *n += 1,
+                            None => self.used.push((w, 1)),
+                        }
+                        return;
                     }
-                    return;
+                    Some(mut job) => {
+                        job.sent_on = None;
+                        (
+                            job,
+                            Failure::new(ErrorKind::Io, "connection closed".into(), true),
+                        )
+                    }
                 }
-                Some(job) => (
-                    job,
-                    Failure::new(ErrorKind::Io, "connection closed".into(), true),
-                ),
-            },
+            }
             Err(f) => (job, f),
         };
         // Our own receiver is alive (we hold it), so this cannot fail.
@@ -102,13 +111,14 @@ impl Runner {
         });
     }
 
-    /// Cancel with jobs in flight: closes every connection they were sent on, so that READs a
-    /// hung server never answers come back now (failed by the connection's reader thread, which
+    /// Cancel with jobs in flight: closes the connections holding them, so that READs a hung
+    /// server never answers come back now (failed by the connection's reader thread, which
     /// hands each job's buffer back once it no longer writes to it) instead of when the
-    /// request timeout notices the stall. Other users of those connections see a closed
-    /// connection, which they retry on a new one.
+    /// request timeout notices the stall. Connections this runner no longer uses are left
+    /// alone; other users of a closed one see a closed connection, which they retry on a new
+    /// one.
     fn cut(&mut self) {
-        for conn in self.used.drain(..).filter_map(|w| w.upgrade()) {
+        for conn in self.used.drain(..).filter_map(|(w, _)| w.upgrade()) {
             conn.close();
         }
     }
@@ -165,6 +175,14 @@ impl Runner {
                 },
             };
             let Done { mut job, result } = done;
+            if let Some(w) = job.sent_on.take() {
+                if let Some(i) = self.used.iter().position(|(u, _)| u.ptr_eq(&w)) {
+                    self.used[i].1 -= 1;
+                    if self.used[i].1 == 0 {
+                        self.used.swap_remove(i);
+                    }
+                }
+            }
             match result {
                 Err(f) if f.retryable && !self.abandoned => {
                     let cfg = &self.inner.cfg;

@@ -21,7 +21,8 @@ use opendal::{Buffer, BytesRange, Capability, Error, ErrorKind, OperationContext
 use std::sync::Arc;
 
 /// Prefix of `ObjectMeta::version` for an object that has no ETag, pinned by its Last-Modified
-/// date instead (the HTTP backend uses the same form).
+/// date instead (the HTTP backend uses the same prefix, before the date as the server wrote
+/// it; here the date is RFC 3339).
 pub(crate) const LM_PREFIX: &str = "last-modified: ";
 
 /// What a load is pinned to, read back from `ObjectMeta::version`.

@@ -106,9 +106,11 @@ impl MappedFile {
     /// from this process's page tables (they stay in the page cache), so that resident memory
     /// does not grow with the file.
     ///
-    /// A file that is shorter than the range (checked first with `fstat`) or that shrinks while
-    /// it is copied fails with [`ErrorKind::ObjectChanged`]; `dst` then holds unspecified bytes.
-    /// The process never dies of the `SIGBUS` such a read raises (see [`guard`]).
+    /// A file that is shorter than the range (checked with `fstat` before and after the copy)
+    /// or that shrinks while it is copied fails with [`ErrorKind::ObjectChanged`]; `dst` then
+    /// holds unspecified bytes. The process never dies of the `SIGBUS` such a read raises (see
+    /// [`guard`]). Three cheap system calls per copy (`fstat` twice, `madvise`) besides the
+    /// guard's check that its handler is still the one installed.
     pub fn copy_into(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         let want = offset..offset.saturating_add(dst.len() as u64);
         let range = || want.clone();
@@ -182,6 +184,14 @@ impl MappedFile {
         if outcome == guard::Outcome::PageGone {
             self.shrank.store(true, Ordering::Relaxed);
             return Err(shrank(None));
+        }
+        // A truncation inside the range's last page zero-fills the rest of that page instead
+        // of taking it away (no SIGBUS): the size after the copy tells. (A cut after this
+        // point came after the bytes were copied.)
+        let size = self.metadata()?.len();
+        if size < end as u64 || self.shrank.load(Ordering::Relaxed) {
+            self.shrank.store(true, Ordering::Relaxed);
+            return Err(shrank(Some(size)));
         }
         Ok(())
     }
@@ -362,7 +372,7 @@ fn read_exact_at(file: &File, dst: &mut [u8], offset: u64) -> Result<()> {
 /// with none to the default action, as before.
 mod guard {
     use std::cell::Cell;
-    use std::sync::atomic::{compiler_fence, AtomicBool, Ordering};
+    use std::sync::atomic::{compiler_fence, Ordering};
     use std::sync::OnceLock;
 
     use super::PAGE;
@@ -374,10 +384,9 @@ mod guard {
         static HIT: Cell<bool> = const { Cell::new(false) };
     }
 
-    /// The action the handler replaced (installed once).
+    /// The action the handler replaced, once it is installed (`None`: not installed, the
+    /// system refused or the page size is not [`PAGE`]). Set exactly once.
     static PREVIOUS: OnceLock<Option<libc::sigaction>> = OnceLock::new();
-    /// Whether our handler was installed (it may have been replaced since: see `armed`).
-    static INSTALLED: AtomicBool = AtomicBool::new(false);
 
     /// What a guarded copy did.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,10 +401,14 @@ mod guard {
     }
 
     extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-        // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
-        let addr = unsafe { (*info).si_addr() } as usize;
+        // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler. A positive
+        // si_code marks a fault the kernel raised (a `kill -BUS` has none, and no address).
+        let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
         let (lo, hi) = WINDOW.try_with(Cell::get).unwrap_or((0, 0));
-        if lo <= addr && addr < hi {
+        if code > 0 && lo <= addr && addr < hi {
+            // SAFETY: errno of this thread, saved around the mmap below and restored, so the
+            // interrupted code sees its own.
+            let errno = unsafe { *libc::__errno_location() };
             let page = addr - addr % PAGE;
             // SAFETY: `page` lies in the current thread's copy window, inside a live read-only
             // file mapping of ours (see `MappedFile::copy_into`); replacing that page of our
@@ -411,6 +424,8 @@ mod guard {
                     0,
                 )
             };
+            // SAFETY: as above.
+            unsafe { *libc::__errno_location() = errno };
             if r != libc::MAP_FAILED {
                 let _ = HIT.try_with(|h| h.set(true));
                 return;
@@ -451,41 +466,37 @@ mod guard {
     }
 
     /// Whether our handler is the one in place now, installing it the first time; false if
-    /// the system refused, or if another handler replaced ours since (then this module stays
-    /// out of its way).
+    /// the system refused, if pages are not [`PAGE`] bytes (the handler replaces one page of
+    /// that size), or if another handler replaced ours since (then this module stays out of its
+    /// way and copies fall back to `pread`).
     fn armed() -> bool {
-        if INSTALLED.load(Ordering::Acquire) {
-            // SAFETY: querying the current SIGBUS action into a zeroed struct.
-            return unsafe {
-                let mut cur: libc::sigaction = std::mem::zeroed();
-                libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut cur) == 0
-                    && cur.sa_sigaction == handler_address()
-            };
-        }
-        let prev = PREVIOUS.get_or_init(|| {
-            // SAFETY: querying the current SIGBUS action into a zeroed struct.
+        let installed = PREVIOUS.get_or_init(|| {
+            // SAFETY: sysconf has no preconditions.
+            if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
+                return None;
+            }
+            // SAFETY: reads the current SIGBUS action into a zeroed struct, then installs an
+            // SA_SIGINFO handler whose code only touches its thread-local window, errno, mmap
+            // and sigaction (see `on_sigbus`), with an empty mask. Runs once per process
+            // (OnceLock), so the action saved is the one ours replaced.
             unsafe {
                 let mut old: libc::sigaction = std::mem::zeroed();
-                (libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) == 0).then_some(old)
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = handler_address();
+                act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+                libc::sigemptyset(&mut act.sa_mask);
+                (libc::sigaction(libc::SIGBUS, &act, &mut old) == 0).then_some(old)
             }
         });
-        if prev.is_none() {
+        if installed.is_none() {
             return false;
         }
-        // Racing installers install the same handler; the previous action was read once.
-        // SAFETY: installing an SA_SIGINFO handler whose code only touches its thread-local
-        // window, mmap and sigaction (see `on_sigbus`); the mask is emptied first.
-        let ok = unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = handler_address();
-            act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-            libc::sigemptyset(&mut act.sa_mask);
-            libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) == 0
-        };
-        if ok {
-            INSTALLED.store(true, Ordering::Release);
+        // SAFETY: querying the current SIGBUS action into a zeroed struct.
+        unsafe {
+            let mut cur: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut cur) == 0
+                && cur.sa_sigaction == handler_address()
         }
-        ok
     }
 
     /// Copies `len` bytes from `src` (inside a file mapping) to `dst` with the guard armed for
@@ -646,6 +657,26 @@ mod tests {
         let got = unsafe { guard::copy(head.as_mut_ptr(), base, PAGE) };
         assert_eq!(got, guard::Outcome::Copied);
         assert!(head == data[..PAGE]);
+    }
+
+    /// A cut inside a page leaves that page mapped with its tail zeroed (no SIGBUS): the guard
+    /// sees nothing, which is why `copy_into` checks the size again after copying.
+    #[test]
+    fn a_cut_inside_a_page_zeroes_its_tail_without_a_fault() {
+        let (f, data) = file_of(4 * PAGE, 5);
+        let map = MappedFile::open(f.path()).unwrap();
+        let base = map.ptr.unwrap().as_ptr();
+        let cut = 2 * PAGE + 100;
+        f.as_file().set_len(cut as u64).unwrap();
+        let mut buf = vec![0xAAu8; 2 * PAGE + 500];
+        // SAFETY: the mapping's first 2 pages + 500 bytes, inside its 4 pages; `buf` is ours.
+        let got = unsafe { guard::copy(buf.as_mut_ptr(), base, buf.len()) };
+        assert_eq!(got, guard::Outcome::Copied);
+        assert!(buf[..cut] == data[..cut]);
+        assert!(buf[cut..].iter().all(|&b| b == 0));
+        // copy_into refuses the range (its size check).
+        let e = map.copy_into(0, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
     }
 
     /// Truncations racing with copies: every copy either gives the file's bytes or fails with
