@@ -7,7 +7,7 @@
 //! pages that truncation cannot take away, and [`MappedFile::copy_into`] copies them into
 //! pinned slots with non-temporal stores under a `SIGBUS` guard: a page that a concurrent
 //! truncation took away is replaced with a zero page and the copy fails with `ObjectChanged`
-//! instead of the signal killing the process (see [`guard`]).
+//! instead of the signal killing the process (see the private `guard` module).
 
 use std::fs::File;
 use std::ops::Range;
@@ -109,7 +109,7 @@ impl MappedFile {
     /// A file that is shorter than the range (checked with `fstat` before and after the copy)
     /// or that shrinks while it is copied fails with [`ErrorKind::ObjectChanged`]; `dst` then
     /// holds unspecified bytes. The process never dies of the `SIGBUS` such a read raises (see
-    /// [`guard`]). Three cheap system calls per copy (`fstat` twice, `madvise`) besides the
+    /// the `guard` module). Three cheap system calls per copy (`fstat` twice, `madvise`) besides the
     /// guard's check that its handler is still the one installed.
     pub fn copy_into(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         let want = offset..offset.saturating_add(dst.len() as u64);
