@@ -1311,7 +1311,7 @@ impl Loader {
                 // reads in flight 22-26 GB/s, 16 33, 32 39-40); slots beyond are spare (see
                 // `CudaOptions::slots`). Other backends keep their own depth (connections), and
                 // like every GPU load read at most a slot at once: 4 MiB ranges by default
-                // (S3 and HTTP would read 16 MiB), not measured on a GPU.
+                // (S3 would read 16 MiB, HTTP 8 MiB), not measured on a GPU.
                 let depth = match (self.queue_depth, self.open.concurrency) {
                     (None, None) if caps.kernel_reads => o.slots.min(GPU_LOCAL_DEPTH),
                     _ => eopts.queue_depth,

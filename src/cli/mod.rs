@@ -116,7 +116,7 @@ enum Cmd {
 struct IoArgs {
     /// Reads in flight (local queue depth / remote concurrent requests; at most 1024) [default:
     /// the backend's: local 16, NFS 32, HTTP 32, S3 16; GPU loads of local files: one per
-    /// pinned slot (--slots), up to 64]. Alias: --queue-depth.
+    /// pinned slot (--slots), up to 32]. Alias: --queue-depth.
     #[arg(long, alias = "queue-depth", value_name = "N")]
     concurrency: Option<usize>,
     /// Size of one read, e.g. 8MiB (K/M/G = KiB/MiB/GiB; at least 4 KiB) [default: the
@@ -134,10 +134,10 @@ struct IoArgs {
     /// Extra HTTP header "Name: value" (repeatable).
     #[arg(long = "header", value_name = "HEADER")]
     headers: Vec<String>,
-    /// S3 endpoint URL (default: $AWS_ENDPOINT_URL).
+    /// S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL).
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
-    /// S3 region (default: $AWS_REGION).
+    /// S3 region (default: $AWS_REGION, else $AWS_DEFAULT_REGION).
     #[arg(long, value_name = "REGION")]
     s3_region: Option<String>,
     /// Per-request timeout for remote backends, in seconds [default: 30].
