@@ -12,8 +12,9 @@
 //!   compared with it on the client, for servers that ignore `If-Match`. An object served
 //!   without an ETag is pinned by its Last-Modified date the same way (`If-Unmodified-Since`,
 //!   every response's date compared; the version reads `last-modified: <date>`; the date has
-//!   one-second resolution, so a same-size replacement within that second goes unnoticed);
-//!   one with neither is checked for its size only. A change surfaces as [`ErrorKind::ObjectChanged`];
+//!   one-second resolution, so a same-size replacement within that second goes unnoticed, and
+//!   a server that compared `If-Unmodified-Since` with a finer modification time would refuse
+//!   the reads as `ObjectChanged`); one with neither is checked for its size only. A change surfaces as [`ErrorKind::ObjectChanged`];
 //!   bytes of two versions are never mixed.
 //! * **Faults**: OpenDAL's retry layer (exponential backoff with jitter, [`RETRIES`] retries)
 //!   retries connection errors, 5xx, 429 and timeouts, and resumes a broken body from the byte
