@@ -23,6 +23,10 @@ use tensorstream_engine::{Error, ErrorKind, Result};
 use crate::raw::driver::device_error;
 use crate::raw::pinned::PAGE;
 
+/// Bytes [`MappedFile::copy_into`] copies before it drops them from the page tables (a
+/// multiple of [`PAGE`]): what each copying thread keeps of the file in resident memory.
+const MAP_WINDOW: usize = 1 << 20;
+
 /// A read-only shared mapping of a whole file.
 #[derive(Debug)]
 pub struct MappedFile {
@@ -103,8 +107,8 @@ impl MappedFile {
     /// Copies the file's bytes `offset..offset + dst.len()` out of the mapping into `dst` (a
     /// pinned slot: the copy engine reads it next) with non-temporal stores, which skip the
     /// read of each destination line that an ordinary copy makes, then drops the copied pages
-    /// from this process's page tables (they stay in the page cache), so that resident memory
-    /// does not grow with the file.
+    /// from this process's page tables (they stay in the page cache) a megabyte at a time, so
+    /// that resident memory does not grow with the file.
     ///
     /// A file that is shorter than the range (checked with `fstat` before and after the copy)
     /// or that shrinks while it is copied fails with [`ErrorKind::ObjectChanged`]; `dst` then
@@ -149,37 +153,52 @@ impl MappedFile {
         if size < end as u64 {
             return Err(shrank(Some(size)));
         }
-        let src = ptr.as_ptr().wrapping_add(start);
-        // SAFETY: [src, src + len) lies inside our live PROT_READ mapping (end <= self.len) and
-        // `dst` is a distinct, writable slice of the same length (a mapping of a file is never
-        // a Rust-owned buffer). A page of the range that a concurrent truncation removes
-        // raises SIGBUS, which the guard answers for exactly this window (see `guard`).
-        let outcome = unsafe { guard::copy(dst.as_mut_ptr(), src, dst.len()) };
-        if outcome == guard::Outcome::Unguarded {
-            // No guard, no reading the mapping: a plain read of the same bytes.
-            return read_exact_at(&self.file, dst, offset).map_err(|e| e.with_range(range()));
-        }
-        // Drop the page-table entries of the whole pages copied (a partial first or last page
-        // may be shared with a neighbouring copy; it is dropped with the range that covers it,
-        // or with the mapping).
-        let first = start.next_multiple_of(PAGE);
-        let last = if end == self.len {
-            self.map_len
-        } else {
-            end - end % PAGE
-        };
-        if first < last {
-            // SAFETY: [first, last) is page-aligned and inside our live mapping (last <=
-            // map_len). MADV_DONTNEED on a shared file mapping only drops this process's
-            // page-table entries: the bytes stay in the page cache and a later access faults
-            // them in again.
-            unsafe {
-                libc::madvise(
-                    ptr.as_ptr().wrapping_add(first).cast(),
-                    last - first,
-                    libc::MADV_DONTNEED,
-                )
+        // In windows of MAP_WINDOW bytes (boundaries at its multiples), each dropped from the
+        // page tables once copied, so that a copying thread keeps at most one window of the
+        // file resident.
+        let mut outcome = guard::Outcome::Copied;
+        let mut at = start;
+        while at < end {
+            let upto = (at - at % MAP_WINDOW + MAP_WINDOW).min(end);
+            let src = ptr.as_ptr().wrapping_add(at);
+            let out = dst[at - start..upto - start].as_mut_ptr();
+            // SAFETY: [src, src + (upto - at)) lies inside our live PROT_READ mapping (upto <=
+            // end <= self.len) and `out` is the matching part of `dst`, a distinct writable
+            // slice (a mapping of a file is never a Rust-owned buffer). A page of the range that
+            // a concurrent truncation removes raises SIGBUS, which the guard answers for
+            // exactly this window (see `guard`).
+            outcome = unsafe { guard::copy(out, src, upto - at) };
+            if outcome == guard::Outcome::Unguarded {
+                // No guard, no reading the mapping: a plain read of the rest.
+                return read_exact_at(&self.file, &mut dst[at - start..], at as u64)
+                    .map_err(|e| e.with_range(range()));
+            }
+            // Drop the page-table entries of the window's whole pages (a partial first or
+            // last page of the range may be shared with a neighbouring copy; it goes with the
+            // range that covers it, or with the mapping).
+            let first = at.next_multiple_of(PAGE);
+            let last = if upto == self.len {
+                self.map_len
+            } else {
+                upto - upto % PAGE
             };
+            if first < last {
+                // SAFETY: [first, last) is page-aligned and inside our live mapping (last <=
+                // map_len). MADV_DONTNEED on a shared file mapping only drops this process's
+                // page-table entries: the bytes stay in the page cache and a later access
+                // faults them in again.
+                unsafe {
+                    libc::madvise(
+                        ptr.as_ptr().wrapping_add(first).cast(),
+                        last - first,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+            }
+            if outcome == guard::Outcome::PageGone {
+                break;
+            }
+            at = upto;
         }
         if outcome == guard::Outcome::PageGone {
             self.shrank.store(true, Ordering::Relaxed);
