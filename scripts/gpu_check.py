@@ -549,7 +549,8 @@ def main():
                     r = last_json(out)
                     if r:
                         add_row(dict(loader="diag: " + r.get("name", "copy-rate"), cold=False,
-                                     gbps=r["gbps"], secs=r["secs"]))
+                                     gbps=r["gbps"], secs=r["secs"],
+                                     rss_mib=(r.get("peak_rss_bytes") or 0) / 2**20 or None))
                         if rnd == 0:
                             say(f"  {r.get('name')}: {r['gbps']:.2f} GB/s (CPU only)")
                     else:
