@@ -33,6 +33,11 @@ pub enum WarmCopy {
     /// the 2-core development machine, filling a 40 × 4 MiB ring from the page cache, this ran
     /// at 15.4-16.9 GB/s against `pread`'s 13.1-13.4 with 2 threads, but slower with 16
     /// threads (8 per core: 14.5-15.0 against 17.5-22.3); not yet measured on a GPU.
+    ///
+    /// The first such copy installs a process-wide `SIGBUS` handler (once), which answers
+    /// only faults inside a copy's own source range (a file truncated meanwhile: the load fails
+    /// with `ObjectChanged`) and hands every other `SIGBUS` to the handler it replaced. If
+    /// another handler replaces it later, copies fall back to `pread`.
     Map,
 }
 
