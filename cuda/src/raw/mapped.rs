@@ -113,8 +113,8 @@ impl MappedFile {
     /// A file that is shorter than the range (checked with `fstat` before and after the copy)
     /// or that shrinks while it is copied fails with [`ErrorKind::ObjectChanged`]; `dst` then
     /// holds unspecified bytes. The process never dies of the `SIGBUS` such a read raises (see
-    /// the `guard` module). Three cheap system calls per copy (`fstat` twice, `madvise`) besides the
-    /// guard's check that its handler is still the one installed.
+    /// the `guard` module). Cheap system calls: `fstat` twice per copy, and per megabyte a
+    /// `madvise` and the guard's check that its handler is still the one installed.
     pub fn copy_into(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         let want = offset..offset.saturating_add(dst.len() as u64);
         let range = || want.clone();
