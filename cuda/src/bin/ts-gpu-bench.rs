@@ -118,7 +118,7 @@ fn copy_rate(path: &str, args: &[String]) -> Result<()> {
     // on the main thread, which may not run again before the copies end.
     let ready = std::sync::Barrier::new(threads);
     let started = std::sync::OnceLock::new();
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
+    let results = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (next, map, mode, ready, started) = (&next, &map, &mode, &ready, &started);
@@ -165,17 +165,9 @@ fn copy_rate(path: &str, args: &[String]) -> Result<()> {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("copy thread panicked")))
-            })
-            .collect()
+        join_all(handles, "copy")
     });
-    for r in results {
-        r?;
-    }
+    results?;
     let secs = started
         .get()
         .ok_or_else(|| Error::invalid("copy-rate: no thread started"))?
@@ -188,6 +180,20 @@ fn copy_rate(path: &str, args: &[String]) -> Result<()> {
                "peak_rss_bytes": peak_rss()})
     );
     Ok(())
+}
+
+/// Joins scoped worker threads; the first error (or panic) among them.
+fn join_all(hs: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>, what: &str) -> Result<()> {
+    let mut first = Ok(());
+    for h in hs {
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err(Error::invalid(format!("{what} thread panicked"))));
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
 }
 
 fn hex(b: &[u8]) -> String {
@@ -303,7 +309,7 @@ fn digests(path: &str) -> Result<()> {
     let mut out = vec![String::new(); index.tensors.len()];
     let slots: Vec<std::sync::Mutex<&mut String>> =
         out.iter_mut().map(std::sync::Mutex::new).collect();
-    let res: Vec<Result<()>> = std::thread::scope(|s| {
+    let res = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| -> Result<()> {
@@ -331,16 +337,9 @@ fn digests(path: &str) -> Result<()> {
                 })
             })
             .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("hash thread panicked")))
-            })
-            .collect()
+        join_all(hs, "hash")
     });
-    for r in res {
-        r?;
-    }
+    res?;
     drop(slots);
     let tensors: Vec<_> = index
         .tensors
