@@ -212,7 +212,7 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
                 if t.range.end > opts.object_size {
                     return Err(Error::corrupt(format!(
                         "tensor {:?}: byte range {}..{} lies outside the object ({} bytes)",
-                        t.name, start, t.range.end, opts.object_size
+                        t.name, t.range.start, t.range.end, opts.object_size
                     )));
                 }
                 (start..t.range.end, t.range.start - start)

@@ -260,6 +260,37 @@ fn encrypted_files_need_the_right_key() {
 }
 
 #[test]
+fn verification_fails_for_a_tensor_whose_header_holds_no_hash() {
+    // Zero the hash section's length in one per-tensor header (v1: 4-byte dimensions). The
+    // section's bytes stay where they were, so the header still parses; verification would
+    // then check nothing, and must fail instead of passing.
+    let mut bytes = std::fs::read(fixtures().join("v1_numpy_dtypes.tensors")).unwrap();
+    let be = MemoryBackend::new("x", bytes.clone());
+    let index = format::read_index(&be, &be.stat().unwrap()).unwrap();
+    let t = index.get("layer.0.w").unwrap();
+    let mut pos = t.prefix.clone().expect("per-tensor header").start as usize + 8 + 2 + 1;
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]) as usize;
+    pos += 2 + u16_at(&bytes, pos); // name
+    pos += 1 + bytes[pos] as usize; // dtype
+    pos += 1 + 4 * bytes[pos] as usize; // dimensions
+    assert!(u16_at(&bytes, pos) > 0, "expected a hash section at {pos}");
+    bytes[pos..pos + 2].fill(0);
+    // Without verification the header is fine: the bytes load.
+    load(bytes.clone(), &ReadOptions::default(), Layout::Mirror).unwrap();
+    let e = err(load(
+        bytes,
+        &ReadOptions {
+            verify: true,
+            key: None,
+        },
+        Layout::Mirror,
+    ));
+    assert_eq!(e.kind(), ErrorKind::IntegrityMismatch, "{e}");
+    assert!(e.to_string().contains("layer.0.w"), "{e}");
+    assert!(e.to_string().contains("no hash"), "{e}");
+}
+
+#[test]
 fn a_flipped_data_byte_fails_verification_naming_the_tensor() {
     let mut bytes = std::fs::read(fixtures().join("v1_numpy_dtypes.tensors")).unwrap();
     let be = MemoryBackend::new("x", bytes.clone());

@@ -120,6 +120,11 @@ pub fn parse(b: &[u8], has_crypt: bool, long_dims: bool) -> Result<TensorHeader>
 /// Checks `data` (plaintext) against the header's hashes. Returns a description of the first
 /// mismatch.
 pub fn verify(h: &TensorHeader, data: &[u8]) -> std::result::Result<(), String> {
+    // Verification that checks nothing must not pass: tensorizer writes a SHA-256 (and a CRC32)
+    // for every tensor, so a header without any was made by something else, or altered.
+    if h.hashes.is_empty() {
+        return Err("its header holds no hash to check the data against".into());
+    }
     for (ty, v) in &h.hashes {
         match *ty {
             HASH_CRC32 => {

@@ -435,7 +435,7 @@ pub fn dtype_from_tensorizer(s: &str) -> Result<DType> {
             .get(2..)
             .and_then(|x| x.parse().ok())
             .filter(|_| np.len() > 2 && matches!(np.as_bytes()[0], b'<' | b'|' | b'='));
-        if size.map(|sz| sz * 8) != Some(d.bits()) {
+        if size.and_then(|sz| sz.checked_mul(8)) != Some(d.bits()) {
             return Err(Error::corrupt(format!(
                 "opaque dtype {:?}: storage {np:?} does not match {t}",
                 s.replace('\0', "\\0")

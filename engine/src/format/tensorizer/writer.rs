@@ -37,12 +37,12 @@ pub struct TensorSpec {
 impl TensorSpec {
     /// Bytes of data the tensor holds (0 for meta tensors).
     pub fn stored_bytes(&self) -> Result<u64> {
-        if self.meta {
-            return Ok(0);
-        }
-        numel(&self.shape)
+        // A meta tensor stores nothing, but a reader still sizes its zeros by the shape: one
+        // whose size overflows would make a file no reader (this one included) accepts.
+        let len = numel(&self.shape)
             .and_then(|n| self.dtype.byte_len(n))
-            .ok_or_else(|| Error::invalid(format!("tensor {:?}: size overflows", self.name)))
+            .ok_or_else(|| Error::invalid(format!("tensor {:?}: size overflows", self.name)))?;
+        Ok(if self.meta { 0 } else { len })
     }
 }
 
