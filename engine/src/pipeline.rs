@@ -23,7 +23,8 @@ use crate::sink::Sink;
 pub struct EngineOptions {
     /// Reads in flight.
     pub queue_depth: usize,
-    /// Total staging memory for non-direct reads (bytes).
+    /// Total staging memory for non-direct reads (bytes). The ring always holds two of the
+    /// largest staged reads, so a budget below twice the read size is exceeded up to that.
     pub ring_budget: usize,
     /// Bytes read so far, for progress display.
     pub progress: Option<Arc<AtomicU64>>,
@@ -90,13 +91,9 @@ pub fn execute<S: Sink>(
     let mut staging_bytes = 0u64;
     let mut count_slots = 0usize;
     if let Some(slot) = max_staged {
+        // As many slots of the largest staged read as the budget holds, but never fewer than
+        // two (one being filled while the sink drains the other), even where two exceed it.
         let count = (opts.ring_budget / slot.max(1)).clamp(2, depth.max(2));
-        if count.saturating_mul(slot) > opts.ring_budget.max(2 * slot) {
-            return Err(Error::invalid(format!(
-                "a read of {slot} bytes does not fit the staging budget of {} bytes",
-                opts.ring_budget
-            )));
-        }
         free = match sink.staging(count, slot)? {
             Some(v) => v,
             None => {
@@ -358,7 +355,10 @@ pub fn execute<S: Sink>(
                 }
             }
             Err(e) => {
-                if read_err.is_none() {
+                // Once the sink has failed, the reader was (or is about to be) told to abandon
+                // the load, and the reads it fails for that are a consequence: the sink's error
+                // is what the load reports.
+                if read_err.is_none() && !sink_failed.load(Ordering::SeqCst) {
                     read_err = Some(e.with_range(op.obj.clone()));
                 }
             }

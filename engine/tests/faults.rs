@@ -73,6 +73,9 @@ enum ReaderFault {
     /// After n completions, `in_flight` reports one read more than there is, and `wait` with
     /// nothing in flight blocks (as a reader waiting on its own channel would).
     OverCountAfter(usize),
+    /// After the first completion, every read waits until the sink has failed and then comes
+    /// back failed, as the HTTP and S3 readers fail the reads in flight once a load is abandoned.
+    FailAfterSinkFailed,
 }
 
 #[derive(Debug)]
@@ -82,6 +85,8 @@ struct Faulty {
     reader: ReaderFault,
     /// Faults apply once the index was read (the header reads go through `read_at` too).
     armed: AtomicBool,
+    /// Set by a [`TestSink`] given it (`TestSink::gate`) when it injects its failure.
+    sink_failed: Arc<AtomicBool>,
 }
 
 fn covers(offset: u64, len: usize, at: u64) -> bool {
@@ -137,11 +142,13 @@ impl Backend for Faulty {
         opts: &ReaderOptions,
     ) -> Result<Box<dyn RangeReader>> {
         let fault = self.reader;
+        let sink_failed = self.sink_failed.clone();
         Ok(Box::new(FaultyReader {
             inner: ThreadPoolReader::new(self, opts.queue_depth)?,
             fault,
             waits: 0,
             last_id: 0,
+            sink_failed,
         }))
     }
 }
@@ -151,6 +158,7 @@ struct FaultyReader {
     fault: ReaderFault,
     waits: usize,
     last_id: u64,
+    sink_failed: Arc<AtomicBool>,
 }
 
 impl RangeReader for FaultyReader {
@@ -170,6 +178,16 @@ impl RangeReader for FaultyReader {
             return Err(Error::new(ErrorKind::Io, "injected reader breakdown"));
         }
         let mut d = self.inner.wait()?;
+        if self.fault == ReaderFault::FailAfterSinkFailed && self.waits > 1 {
+            while !self.sink_failed.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            d.result = Err(Error::new(
+                ErrorKind::Io,
+                "injected: read stopped because the load was abandoned",
+            )
+            .with_retryable(true));
+        }
         match self.fault {
             ReaderFault::BogusIdAt(n) if n == self.waits => d.id += 1_000_000,
             ReaderFault::DuplicateIdAt(n) if n == self.waits => d.id = self.last_id,
@@ -219,6 +237,8 @@ struct TestSink {
     inner: HostSink,
     fault: SinkFault,
     journal: Arc<Journal>,
+    /// Set when the injected failure happens (see [`ReaderFault::FailAfterSinkFailed`]).
+    gate: Option<Arc<AtomicBool>>,
 }
 
 impl TestSink {
@@ -229,6 +249,7 @@ impl TestSink {
                 inner: HostSink::new(),
                 fault,
                 journal: journal.clone(),
+                gate: None,
             },
             journal,
         )
@@ -243,7 +264,10 @@ impl Sink for TestSink {
         let n = self.journal.accepted.fetch_add(1, Ordering::SeqCst) + 1;
         match self.fault {
             SinkFault::ErrorAt(k) if k == n => {
-                return Err(Error::new(ErrorKind::Device, "injected sink failure"))
+                if let Some(g) = &self.gate {
+                    g.store(true, Ordering::SeqCst);
+                }
+                return Err(Error::new(ErrorKind::Device, "injected sink failure"));
             }
             SinkFault::PanicAt(k) if k == n => panic!("injected sink panic"),
             _ => {}
@@ -288,6 +312,8 @@ struct Setup {
     index: TensorIndex,
     plan: Arc<Plan>,
     datas: Vec<Vec<u8>>,
+    /// The flag [`ReaderFault::FailAfterSinkFailed`] waits for.
+    sink_failed: Arc<AtomicBool>,
 }
 
 fn setup(fault: BackendFault, reader: ReaderFault, layout: Layout) -> Setup {
@@ -298,6 +324,7 @@ fn setup(fault: BackendFault, reader: ReaderFault, layout: Layout) -> Setup {
         fault,
         reader,
         armed: AtomicBool::new(false),
+        sink_failed: Arc::new(AtomicBool::new(false)),
     });
     let backend: Arc<dyn Backend> = faulty.clone();
     let meta = backend.stat().unwrap();
@@ -315,6 +342,7 @@ fn setup(fault: BackendFault, reader: ReaderFault, layout: Layout) -> Setup {
         index,
         plan,
         datas,
+        sink_failed: faulty.sink_failed.clone(),
     }
 }
 
@@ -501,6 +529,22 @@ fn sink_error_mid_load_stops_the_load() {
         assert_eq!(e.kind(), ErrorKind::Device, "{e}");
         assert!(e.message().contains("injected sink failure"), "{e}");
         assert!(!j.finished.load(Ordering::SeqCst));
+        no_slot_outstanding(&j);
+    }
+}
+
+#[test]
+fn a_sink_failure_is_reported_not_the_reads_it_made_the_reader_abandon() {
+    // The reads still in flight when the sink fails come back failed (an HTTP or S3 reader
+    // fails them at once on `abandon`): the load must report why it stopped, the sink's
+    // error, not those consequences.
+    for layout in [Layout::Mirror, PACKED] {
+        let s = setup(BackendFault::None, ReaderFault::FailAfterSinkFailed, layout);
+        let (mut sink, j) = TestSink::new(SinkFault::ErrorAt(1));
+        sink.gate = Some(s.sink_failed.clone());
+        let e = must_fail(run(&s, sink));
+        assert_eq!(e.kind(), ErrorKind::Device, "{layout:?}: {e}");
+        assert!(e.message().contains("injected sink failure"), "{e}");
         no_slot_outstanding(&j);
     }
 }
