@@ -320,7 +320,12 @@ impl<R: BufRead> Wire<R> {
         let h = u32::from_be_bytes(h);
         self.last = h & LAST_FRAGMENT != 0;
         self.frag_left = h & !LAST_FRAGMENT;
-        self.record_len = self.record_len.saturating_add(self.frag_left as u64);
+        // The header's own 4 bytes count too, so that empty fragments that never end the
+        // record (each "0 bytes, more to come") reach the cap instead of being read for ever.
+        self.record_len = self
+            .record_len
+            .saturating_add(4)
+            .saturating_add(self.frag_left as u64);
         if self.record_len > MAX_RECORD {
             return Err(XdrError::TooLong {
                 what: "RPC record",

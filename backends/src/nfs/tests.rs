@@ -280,6 +280,15 @@ fn record_rest_is_bounded() {
     let mut w = wire_for_tests(&d);
     w.start_record().unwrap();
     assert!(matches!(w.finish(), Err(XdrError::TooLong { .. })));
+    // Empty fragments too: each header counts, so endless "0 bytes, more to come" headers
+    // end at the cap rather than keeping a reply (and the READ waiting on it) open for ever.
+    let d: Vec<u8> = std::iter::repeat_n(0u8, 4 * (17 << 20)).collect();
+    let mut w = wire_for_tests(&d);
+    w.start_record().unwrap();
+    assert!(matches!(w.finish(), Err(XdrError::TooLong { .. })));
+    let mut w = wire_for_tests(&d);
+    w.start_record().unwrap();
+    assert!(matches!(w.rest(1 << 20), Err(XdrError::TooLong { .. })));
     // A truncated stream is an error, not a hang or a panic.
     let mut d = Vec::new();
     d.extend_from_slice(&(0x8000_0000u32 | 100).to_be_bytes());
