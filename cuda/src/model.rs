@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
+use tensorstream_engine::index::NameOrder;
 use tensorstream_engine::{DType, Error, Plan, Result, TensorIndex};
 
 use crate::device::CudaDevice;
@@ -59,6 +60,8 @@ pub struct DeviceModel {
     index: TensorIndex,
     /// (tensor index, arena offset, len), sorted by tensor index.
     entries: Vec<(usize, u64, u64)>,
+    /// `entries` positions by tensor name (for `get`).
+    by_name: NameOrder,
     times: LoadTimes,
 }
 
@@ -91,11 +94,13 @@ impl DeviceModel {
             entries.push((p.tensor, p.dest, p.len));
         }
         entries.sort_by_key(|e| e.0);
+        let by_name = NameOrder::new(entries.len(), |k| &index.tensors[entries[k].0].name);
         Ok(DeviceModel {
             dev,
             arena: Some(arena),
             index,
             entries,
+            by_name,
             times,
         })
     }
@@ -162,11 +167,13 @@ impl DeviceModel {
             ));
         }
         drop(parts); // their windows let go of `whole`, which the model now holds
+        let by_name = NameOrder::new(entries.len(), |k| &index.tensors[entries[k].0].name);
         Ok(DeviceModel {
             dev,
             arena: Some(whole),
             index,
             entries,
+            by_name,
             times,
         })
     }
@@ -228,10 +235,9 @@ impl DeviceModel {
 
     /// A tensor by name.
     pub fn get(&self, name: &str) -> Option<DeviceTensor<'_>> {
-        self.entries
-            .iter()
-            .find(|e| self.index.tensors[e.0].name == name)
-            .map(|e| self.view(e))
+        self.by_name
+            .find(name, |k| &self.index.tensors[self.entries[k].0].name)
+            .map(|k| self.view(&self.entries[k]))
     }
 
     fn arena(&self) -> Result<&Arc<DeviceArena>> {

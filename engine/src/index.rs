@@ -106,9 +106,47 @@ impl TensorIndex {
     }
 }
 
+/// Positions of a list's items sorted by name, for lookups by name in O(log n) without copying
+/// the names (the models' `get`). The names come from a function of the position, called both
+/// when sorting and when looking up.
+#[derive(Debug, Clone, Default)]
+pub struct NameOrder(Vec<usize>);
+
+impl NameOrder {
+    /// Sorts positions `0..len` by `name(position)`.
+    pub fn new<'a>(len: usize, name: impl Fn(usize) -> &'a str) -> Self {
+        let mut v: Vec<usize> = (0..len).collect();
+        v.sort_by(|&a, &b| name(a).cmp(name(b)).then(a.cmp(&b)));
+        NameOrder(v)
+    }
+    /// The first position (in list order) whose name is `want`, with the same `name` function
+    /// as [`NameOrder::new`].
+    pub fn find<'a>(&self, want: &str, name: impl Fn(usize) -> &'a str) -> Option<usize> {
+        let at = self.0.partition_point(|&k| name(k) < want);
+        self.0.get(at).copied().filter(|&k| name(k) == want)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn name_order_finds_each_name_and_nothing_else() {
+        let names = ["b", "a", "c", "a", "", "ab"];
+        let order = NameOrder::new(names.len(), |k| names[k]);
+        for (k, n) in names.iter().enumerate() {
+            let first = names.iter().position(|m| m == n).unwrap();
+            assert_eq!(order.find(n, |k| names[k]), Some(first), "{n:?} (at {k})");
+        }
+        for missing in ["aa", "d", "B", "c\0"] {
+            assert_eq!(order.find(missing, |k| names[k]), None, "{missing:?}");
+        }
+        assert_eq!(
+            NameOrder::new(0, |k| names[k]).find("a", |k| names[k]),
+            None
+        );
+    }
 
     #[test]
     fn positions_name_each_tensors_place() {

@@ -2,7 +2,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::index::TensorIndex;
+use crate::index::{NameOrder, TensorIndex};
 use crate::mem::Arena;
 use crate::plan::Plan;
 
@@ -27,6 +27,8 @@ pub struct HostModel {
     index: TensorIndex,
     /// (tensor index, arena offset, len), in file order of the selected tensors.
     entries: Vec<(usize, usize, usize)>,
+    /// `entries` positions by tensor name (for `get`).
+    by_name: NameOrder,
 }
 
 impl HostModel {
@@ -62,10 +64,12 @@ impl HostModel {
         }
         entries.sort_by_key(|e| e.0);
         arena.as_slice()?; // fails if any window is still lent out
+        let by_name = NameOrder::new(entries.len(), |k| &index.tensors[entries[k].0].name);
         Ok(HostModel {
             arena,
             index,
             entries,
+            by_name,
         })
     }
 
@@ -104,10 +108,9 @@ impl HostModel {
 
     /// A tensor by name.
     pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
-        self.entries
-            .iter()
-            .find(|e| self.index.tensors[e.0].name == name)
-            .map(|e| self.view(e))
+        self.by_name
+            .find(name, |k| &self.index.tensors[self.entries[k].0].name)
+            .map(|k| self.view(&self.entries[k]))
     }
 
     /// Bytes of tensor data held.
