@@ -227,23 +227,13 @@ impl Loader {
         self.key = Some(key);
         self
     }
-    /// Reads a key file: 32 raw bytes or 64 hex characters.
+    /// Reads a key file: 32 raw bytes or 64 hex characters (at most 64 KiB are read).
     pub fn key_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
-        let p = path.as_ref();
-        let bytes = std::fs::read(p)
-            .map_err(|e| Error::from_io(e, format!("reading key file {}", p.display())))?;
-        let key = KeySource::from_key_file(&bytes)
-            .map_err(|e| e.context(format_args!("key file {}", p.display())))?;
-        Ok(self.key(key))
+        Ok(self.key(KeySource::from_key_path(path.as_ref())?))
     }
     /// Reads a password file (one trailing newline is ignored).
     pub fn password_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
-        let p = path.as_ref();
-        let bytes = std::fs::read(p)
-            .map_err(|e| Error::from_io(e, format!("reading password file {}", p.display())))?;
-        let key = KeySource::password(&bytes)
-            .map_err(|e| e.context(format_args!("password file {}", p.display())))?;
-        Ok(self.key(key))
+        Ok(self.key(KeySource::from_password_path(path.as_ref())?))
     }
     /// A password used only if the file turns out to be encrypted and no key was given (e.g.
     /// from `TENSORSTREAM_PASSWORD`).

@@ -84,13 +84,18 @@ pub fn is_index_uri(uri: &str) -> bool {
 /// holds the backend's options, such as `nconnect`); other URIs do not (an HTTP or S3 query is
 /// usually one object's signature).
 pub fn sibling(index_uri: &str, file: &str) -> String {
+    let scheme = tensorstream_backends::scheme_of(index_uri);
     let (path, query) = split_query(index_uri);
-    let query = match tensorstream_backends::scheme_of(index_uri).as_deref() {
+    let query = match scheme.as_deref() {
         Some("nfs") => query,
         _ => "",
     };
-    // For remote URIs the directory part never reaches into `scheme://`.
-    let floor = path.find("://").map_or(0, |i| i + 3);
+    // For URIs the directory part never reaches into `scheme://`; a plain path is all path
+    // (a `://` in it belongs to a directory name).
+    let floor = match scheme {
+        Some(_) => path.find("://").map_or(0, |i| i + 3),
+        None => 0,
+    };
     match path[floor..].rfind('/') {
         Some(i) => format!("{}{file}{query}", &path[..floor + i + 1]),
         None if floor > 0 => format!("{path}/{file}{query}"),
@@ -376,8 +381,10 @@ mod tests {
                 "s3://b/d/x.index.json?versionId=3",
                 "s3://b/d/a.safetensors",
             ),
-            // A local file name may contain `?`.
+            // A local file name may contain `?`, and a directory name may end in `:`.
             ("/m/we?rd/x.index.json", "/m/we?rd/a.safetensors"),
+            ("/m/a://x.index.json", "/m/a://a.safetensors"),
+            ("a:/x.index.json", "a:/a.safetensors"),
         ];
         for (index, want) in cases {
             assert_eq!(sibling(index, "a.safetensors"), want, "{index}");

@@ -105,6 +105,34 @@ fn mixed_safetensors_digests_match_manifest_in_both_io_modes() {
 }
 
 #[test]
+fn an_explicit_io_option_wins_over_the_environment() {
+    let path = fixtures().join("mixed.safetensors");
+    let path = path.to_str().unwrap();
+    let run = |io: Option<&str>| {
+        let mut c = bin();
+        c.env("TENSORSTREAM_IO", "bogus")
+            .args(["load", path, "--device", "cpu", "--quiet"]);
+        if let Some(io) = io {
+            c.args(["--io", io]);
+        }
+        c.output().unwrap()
+    };
+    // Without the option the variable decides, and a bad one is an error naming it …
+    let out = run(None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TENSORSTREAM_IO"));
+    // … with it (`auto` included) the variable is not consulted.
+    for io in ["auto", "pread", "io_uring"] {
+        let out = run(Some(io));
+        assert!(
+            out.status.success(),
+            "--io {io}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn dtype_names_are_lower_case_safetensors_names() {
     let out = run_ok(&[
         "inspect",
@@ -262,6 +290,22 @@ fn convert_refuses_remote_outputs_and_names_bad_key_files() {
         key.to_str().unwrap(),
     ]);
     assert!(e.contains("short.key") && e.contains("32 raw bytes"), "{e}");
+    assert!(e.contains("--encrypt-key-file"), "{e}");
+    assert!(!out.exists());
+    // A key or password file is read only so far: `/dev/zero` is refused, not read until
+    // memory runs out.
+    for flag in ["--encrypt-key-file", "--encrypt-password-file"] {
+        let e = run_err(&["convert", src, out.to_str().unwrap(), flag, "/dev/zero"]);
+        assert!(
+            e.contains("/dev/zero") && e.contains("larger than 64 KiB"),
+            "{e}"
+        );
+    }
+    let e = run_err(&["load", src, "--key-file", "/dev/zero"]);
+    assert!(
+        e.contains("/dev/zero") && e.contains("larger than 64 KiB"),
+        "{e}"
+    );
     assert!(!out.exists());
     // file:// outputs are local paths.
     let url = format!("file://{}", out.display());
@@ -316,6 +360,25 @@ fn demo_verifies_and_compares() {
         "--size 32MiB wrote {wrote} bytes"
     );
     // The temporary file is removed afterwards.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn demo_refuses_sizes_it_cannot_write_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let e = run_err(&["demo", "--size", "5TiB", "--dir", d]);
+    assert!(e.contains("more than the demo writes"), "{e}");
+    // A size over the directory's free space.
+    let st = rustix::fs::statvfs(dir.path()).unwrap();
+    let free = st.f_bavail * st.f_frsize;
+    if free + (1 << 30) <= 4 << 40 {
+        let size = format!("{}", free + (1 << 30));
+        let e = run_err(&["demo", "--size", &size, "--dir", d]);
+        assert!(e.contains("does not fit") && e.contains(d), "{e}");
+    } else {
+        eprintln!("free-space case not checked: {free} bytes free is more than the largest --size");
+    }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
@@ -481,6 +544,60 @@ fn a_closed_stdout_pipe_is_not_a_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_closed_stderr_pipe_is_not_a_panic() {
+    // Standard error is a pipe whose reader is already gone: every write to it fails (EPIPE).
+    // The error message cannot be shown, but the status must still be the error's (1), not
+    // a panic's (101).
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.safetensors");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = bin()
+        .args(["load", missing.to_str().unwrap()])
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[test]
+fn names_and_metadata_from_a_file_cannot_drive_the_terminal() {
+    // A tensor name and metadata holding escape sequences (window title, clear screen) and a
+    // newline that would forge a line of the table.
+    let name = "w\u{1b}]0;pwned\u{7}\u{1b}[2J\nforged 0 0";
+    let header = serde_json::json!({
+        "__metadata__": {"k\u{1b}[31m": "v\u{7}"},
+        name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+    });
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    file.extend_from_slice(&[1, 2, 3, 4]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    std::fs::write(&p, file).unwrap();
+    let p = p.to_str().unwrap();
+    for args in [vec!["inspect", p], vec!["load", p, "--digests", "--quiet"]] {
+        let out = run_ok(&args);
+        assert!(
+            !out.contains(['\u{1b}', '\u{7}']),
+            "{args:?}: raw control characters in {out:?}"
+        );
+        assert!(
+            !out.lines().any(|l| l.starts_with("forged")),
+            "{args:?}: a name forged a line: {out:?}"
+        );
+        assert!(out.contains("\\u{1b}]0;pwned"), "{args:?}: {out:?}");
+    }
+    // JSON keeps the exact name (escaped by the encoding).
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&["inspect", p, "--json"])).unwrap();
+    assert_eq!(v["tensors"][0]["name"], name);
 }
 
 /// Ctrl-C / SIGTERM while `demo` writes its model: the process stops with 128 + the signal and

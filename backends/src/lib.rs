@@ -60,7 +60,7 @@ pub struct OpenOptions {
     pub s3_region: Option<String>,
     /// Per-request timeout for remote backends. `None`: backend default.
     pub timeout: Option<Duration>,
-    /// Local I/O engine: `None` = `TENSORSTREAM_IO` or automatic (io_uring, falling back to pread).
+    /// Local I/O engine: `None` = `TENSORSTREAM_IO`, else automatic ([`IoMode::Auto`]).
     pub io_mode: Option<IoMode>,
     /// Local page-cache bypass: `Some(true)` = O_DIRECT where the filesystem allows it,
     /// `Some(false)` = buffered, `None` = `TENSORSTREAM_DIRECT` or automatic (O_DIRECT unless the
@@ -75,6 +75,11 @@ pub enum IoMode {
     Uring,
     /// A thread pool of `pread` calls.
     Pread,
+    /// Chosen per file: `pread` threads for a file already mostly in the page cache, io_uring
+    /// otherwise (falling back to `pread` where the kernel refuses it). This is also what
+    /// `None` means without `TENSORSTREAM_IO`; `Some(Auto)` asks for it whatever the variable
+    /// says. A backend's resolved mode ([`local::LocalBackend::io_mode`]) is never `Auto`.
+    Auto,
 }
 
 impl IoMode {

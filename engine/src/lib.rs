@@ -57,7 +57,13 @@ pub fn log_warnings_to_stderr() {
         }
         fn log(&self, r: &log::Record<'_>) {
             if self.enabled(r.metadata()) {
-                eprintln!("tensorstream: {}", terminal_safe(&r.args().to_string()));
+                // Not `eprintln!`, which panics when standard error is a closed pipe.
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "tensorstream: {}",
+                    terminal_safe(&r.args().to_string())
+                );
             }
         }
         fn flush(&self) {}

@@ -147,6 +147,9 @@ pub fn verify(seed: u64, data: &[u8]) -> Option<usize> {
     verify_at(seed, 0, data)
 }
 
+/// Largest `--size`: the model's tensor list is built in memory before it is written.
+const MAX_SIZE: u64 = 4 << 40;
+
 pub fn run(
     size: u64,
     dir: Option<std::path::PathBuf>,
@@ -162,7 +165,27 @@ pub fn run(
              --password-file apply to tensorizer files only",
         ));
     }
+    if size > MAX_SIZE {
+        return Err(Error::invalid(format!(
+            "--size {} is more than the demo writes (at most {})",
+            super::output::human(size),
+            super::output::human(MAX_SIZE)
+        )));
+    }
     let dir = dir.unwrap_or_else(std::env::temp_dir);
+    // A model that cannot fit is refused before anything is written (not after filling the
+    // disk). The free space is what an unprivileged writer may use.
+    if let Ok(st) = rustix::fs::statvfs(&dir) {
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if size > free {
+            return Err(Error::invalid(format!(
+                "--size {} does not fit: {} has {} free (choose another --dir or a smaller --size)",
+                super::output::human(size),
+                dir.display(),
+                super::output::human(free)
+            )));
+        }
+    }
     let tmp = tempfile::Builder::new()
         .prefix("tensorstream-demo-")
         .tempdir_in(&dir)

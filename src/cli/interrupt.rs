@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use super::errln;
 use signal_hook::iterator::Signals;
 
 /// How long the command gets to stop on its own after the first signal.
@@ -122,9 +124,7 @@ pub fn install() {
     let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!(
-                "tensorstream: cannot handle signals ({e}); Ctrl-C may leave temporary files"
-            );
+            errln!("tensorstream: cannot handle signals ({e}); Ctrl-C may leave temporary files");
             return;
         }
     };
@@ -141,7 +141,7 @@ pub fn install() {
                     std::process::exit(128 + sig);
                 }
                 flag().store(true, Ordering::SeqCst);
-                eprintln!(
+                errln!(
                     "\ntensorstream: {} received: stopping and cleaning up (again to quit at once)",
                     name(sig)
                 );
@@ -151,7 +151,7 @@ pub fn install() {
                     .name("signal-grace".into())
                     .spawn(move || {
                         std::thread::sleep(GRACE);
-                        eprintln!(
+                        errln!(
                             "tensorstream: did not stop within {} s; quitting",
                             GRACE.as_secs()
                         );
@@ -161,7 +161,7 @@ pub fn install() {
             }
         });
     if let Err(e) = spawned {
-        eprintln!(
+        errln!(
             "tensorstream: cannot start the signal thread ({e}); Ctrl-C may leave temporary files"
         );
     }
@@ -178,9 +178,9 @@ fn remove_registered() {
             std::fs::remove_file(&p)
         };
         match r {
-            Ok(()) => eprintln!("tensorstream: removed {}", p.display()),
+            Ok(()) => errln!("tensorstream: removed {}", p.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => eprintln!("tensorstream: could not remove {}: {e}", p.display()),
+            Err(e) => errln!("tensorstream: could not remove {}: {e}", p.display()),
         }
     }
 }

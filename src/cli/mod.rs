@@ -224,7 +224,8 @@ impl IoArgs {
                 })?);
         }
         open.io_mode = match self.io.as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None | Some("auto") => None,
+            None => None,
+            Some("auto") => Some(IoMode::Auto),
             Some("io_uring") | Some("uring") | Some("io-uring") => Some(IoMode::Uring),
             Some("pread") => Some(IoMode::Pread),
             Some(o) => {
@@ -431,6 +432,16 @@ macro_rules! out {
 }
 pub(crate) use out;
 
+/// `eprintln!` that ignores a failed write instead of panicking (standard error closed, or a
+/// pipe whose reader went away: `2>&1 | head`). The exit status still tells what happened.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+pub(crate) use errln;
+
 /// True when `e` is a write to a closed pipe (the reader, e.g. `head`, has had enough).
 fn is_broken_pipe(e: &Error) -> bool {
     std::error::Error::source(e)
@@ -486,15 +497,18 @@ pub fn run() -> i32 {
         match &res {
             // The command finished (its output is complete) before the signal stopped anything.
             Ok(()) => {
-                eprintln!("tensorstream: the command finished despite the signal");
+                errln!("tensorstream: the command finished despite the signal");
                 return 0;
             }
             // Stopped by the signal: exit as the signal asked (128 + its number).
             Err(e) => {
                 if e.kind() != tensorstream::ErrorKind::Cancelled {
-                    eprintln!("tensorstream: error: {e}");
+                    errln!(
+                        "tensorstream: error: {}",
+                        tensorstream::engine::terminal_safe(&e.to_string())
+                    );
                 }
-                eprintln!("tensorstream: interrupted");
+                errln!("tensorstream: interrupted");
                 return 128 + sig;
             }
         }
@@ -505,7 +519,7 @@ pub fn run() -> i32 {
         Err(e) if is_broken_pipe(&e) => 141,
         Err(e) => {
             // Error texts may carry a server's words: no raw control characters to the terminal.
-            eprintln!(
+            errln!(
                 "tensorstream: error: {}",
                 tensorstream::engine::terminal_safe(&e.to_string())
             );

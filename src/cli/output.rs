@@ -84,7 +84,8 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
     }
     if sharded {
         out!(
-            "{uri}: sharded checkpoint, {} shards, {} tensors, {} of tensor data",
+            "{}: sharded checkpoint, {} shards, {} tensors, {} of tensor data",
+            field(uri),
             files.len(),
             idx.tensors.len(),
             human(idx.total_bytes())
@@ -120,21 +121,13 @@ pub fn convert(
     encrypt_password_file: Option<&std::path::Path>,
     io: &IoArgs,
 ) -> Result<(), Error> {
-    let read = |what: &str, p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| Error::from_io(e, format!("reading {what} {}", p.display())))
-    };
-    let named = |what: &str, p: &std::path::Path| {
-        let what = format!("{what} {}", p.display());
-        move |e: Error| e.context(what)
-    };
+    use tensorstream::KeySource;
     let encrypt = match (encrypt_key_file, encrypt_password_file) {
-        (Some(k), _) => Some(
-            tensorstream::KeySource::from_key_file(&read("--encrypt-key-file", k)?)
-                .map_err(named("--encrypt-key-file", k))?,
-        ),
+        (Some(k), _) => {
+            Some(KeySource::from_key_path(k).map_err(|e| e.context("--encrypt-key-file"))?)
+        }
         (None, Some(p)) => Some(
-            tensorstream::KeySource::password(&read("--encrypt-password-file", p)?)
-                .map_err(named("--encrypt-password-file", p))?,
+            KeySource::from_password_path(p).map_err(|e| e.context("--encrypt-password-file"))?,
         ),
         (None, None) => None,
     };
@@ -161,6 +154,25 @@ pub fn convert(
     Ok(())
 }
 
+/// `s` for one field of a line of text output: every control character (newlines and tabs
+/// too) escaped, so that names and metadata taken from a file can neither drive the terminal
+/// (escape sequences) nor forge lines. JSON output needs none of this (serde escapes them).
+fn field(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
     let w = idx
         .tensors
@@ -170,7 +182,8 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
         .unwrap_or(4)
         .clamp(4, 80);
     out!(
-        "{uri}: {} (version {}), {} tensors, {} of tensor data, {} header",
+        "{}: {} (version {}), {} tensors, {} of tensor data, {} header",
+        field(uri),
         idx.format.name(),
         idx.version,
         idx.tensors.len(),
@@ -178,7 +191,7 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
         human(idx.header_len)
     )?;
     for (k, v) in &idx.metadata {
-        out!("  metadata {k} = {v}")?;
+        out!("  metadata {} = {}", field(k), field(v))?;
     }
     out!(
         "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}",
@@ -194,7 +207,7 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
         zeros += usize::from(meta);
         out!(
             "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}{}",
-            t.name,
+            field(&t.name),
             t.dtype.name(),
             shape_str(&t.shape),
             t.range.start,
@@ -341,6 +354,7 @@ pub fn load(
     };
     let peak = tensorstream::peak_rss_bytes();
     if as_json {
+        let position = index.positions();
         let tensors: Vec<_> = rows
             .iter()
             .map(|r| {
@@ -351,7 +365,8 @@ pub fn load(
                     "offset": r.offset,
                     "nbytes": r.nbytes,
                 });
-                if let Some(p) = index.get(&r.name).and_then(|i| i.path.as_ref()) {
+                let info = position.get(r.name.as_str()).map(|&i| &index.tensors[i]);
+                if let Some(p) = info.and_then(|i| i.path.as_ref()) {
                     o["path"] = json!(p);
                 }
                 if let Some(s) = &r.sha {
@@ -434,7 +449,7 @@ pub fn load(
     }
     for r in &rows {
         if let Some(d) = &r.sha {
-            out!("{d}  {}", r.name)?;
+            out!("{d}  {}", field(&r.name))?;
         }
     }
     Ok(())

@@ -94,7 +94,10 @@ pub fn io_profile(kind: FsKind, opts: &OpenOptions) -> IoProfile {
 /// The I/O mode to use: the option wins over the environment; `None` means automatic
 /// (io_uring when the kernel allows it, else pread).
 pub fn requested_mode(option: Option<IoMode>, env: Option<IoMode>) -> Option<IoMode> {
-    option.or(env)
+    match option.or(env) {
+        Some(IoMode::Auto) | None => None,
+        Some(m) => Some(m),
+    }
 }
 
 /// Parses a sysfs `logical_block_size` file's content: a power of two between 512 and 64 KiB.

@@ -344,10 +344,13 @@ impl LocalBackend {
             1
         };
 
-        let requested = match opts.io_mode {
-            Some(m) => Some(m),
+        // The option wins over the variable, which is not even read when the option is given
+        // (`Some(IoMode::Auto)` included).
+        let env = match opts.io_mode {
+            Some(_) => None,
             None => IoMode::from_env()?,
         };
+        let requested = config::requested_mode(opts.io_mode, env);
         let mode = match requested {
             Some(IoMode::Pread) => IoMode::Pread,
             Some(IoMode::Uring) => {
@@ -364,8 +367,8 @@ impl LocalBackend {
             // inline on the submitting thread, a pool of pread threads on every core (criterion,
             // warm 256 MiB: 2.46 GiB/s pread vs 1.41 io_uring on 2 cores). Cold files go to
             // io_uring (O_DIRECT, deep queue).
-            None if config::prefer_buffered(resident) => IoMode::Pread,
-            None => match uring::available() {
+            None | Some(IoMode::Auto) if config::prefer_buffered(resident) => IoMode::Pread,
+            None | Some(IoMode::Auto) => match uring::available() {
                 Ok(()) => IoMode::Uring,
                 Err(why) => {
                     uring::note_unavailable(&why);
@@ -452,7 +455,8 @@ impl Backend for LocalBackend {
                     ))
                 }
             },
-            IoMode::Pread => Ok(Box::new(
+            // (`Auto` is resolved at open and never stored: it is here only for the match.)
+            IoMode::Pread | IoMode::Auto => Ok(Box::new(
                 reader::PreadReader::new(self.files.clone(), depth, guard)?
                     .cancelled_by(opts.cancel.clone()),
             )),

@@ -97,6 +97,12 @@ fn option_beats_environment() {
         Some(IoMode::Uring)
     );
     assert_eq!(requested_mode(None, None), None);
+    // An explicit `Auto` is automatic whatever the environment asks for.
+    assert_eq!(
+        requested_mode(Some(IoMode::Auto), Some(IoMode::Pread)),
+        None
+    );
+    assert_eq!(requested_mode(None, Some(IoMode::Auto)), None);
 }
 
 #[test]

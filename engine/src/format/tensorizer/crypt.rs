@@ -40,6 +40,27 @@ pub const MAX_MEMLIMIT: u64 = 4 << 30;
 /// at most. A corrupted or hostile opslimit (up to 2^32 passes) would otherwise run for days.
 pub const MAX_PWHASH_WORK: u64 = 16 << 30;
 
+/// Largest key or password file read ([`KeySource::from_key_path`]).
+pub const MAX_SECRET_FILE: u64 = 64 << 10;
+
+/// The contents of a key or password file, at most [`MAX_SECRET_FILE`] bytes.
+fn read_secret_file(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let named = |e: std::io::Error| Error::from_io(e, format!("reading {what} {}", path.display()));
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes))
+        .map_err(named)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(Error::invalid(format!(
+            "{what} {} is larger than {} KiB: not a key or password",
+            path.display(),
+            MAX_SECRET_FILE >> 10
+        )));
+    }
+    Ok(bytes)
+}
+
 /// A decryption/encryption key: raw, or a password to derive it from.
 #[derive(Clone)]
 pub enum KeySource {
@@ -69,10 +90,17 @@ impl KeySource {
         }
         let text = std::str::from_utf8(bytes).map(str::trim).unwrap_or("");
         if text.len() == 64 {
+            let digit = |c: u8| (c as char).to_digit(16);
             let mut k = [0u8; 32];
-            for (i, out) in k.iter_mut().enumerate() {
-                *out = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-                    .map_err(|_| Error::invalid("key file is 64 characters but not hexadecimal"))?;
+            for (out, pair) in k.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+                match (digit(pair[0]), digit(pair[1])) {
+                    (Some(hi), Some(lo)) => *out = (hi * 16 + lo) as u8,
+                    _ => {
+                        return Err(Error::invalid(
+                            "key file is 64 bytes long but not 64 hexadecimal digits",
+                        ))
+                    }
+                }
             }
             return Ok(KeySource::Key(k));
         }
@@ -80,6 +108,21 @@ impl KeySource {
             "a key must be 32 raw bytes or 64 hex characters, not {} bytes",
             bytes.len()
         )))
+    }
+
+    /// A key read from a key file ([`KeySource::from_key_file`] of its contents). The file is
+    /// read only up to [`MAX_SECRET_FILE`] bytes: a larger one (`/dev/zero` given by mistake)
+    /// is refused rather than read until memory runs out. Errors name the file.
+    pub fn from_key_path(path: &std::path::Path) -> Result<Self> {
+        Self::from_key_file(&read_secret_file(path, "key file")?)
+            .map_err(|e| e.context(format_args!("key file {}", path.display())))
+    }
+
+    /// A password read from a password file ([`KeySource::password`] of its contents), read
+    /// like [`KeySource::from_key_path`] reads a key file.
+    pub fn from_password_path(path: &std::path::Path) -> Result<Self> {
+        Self::password(&read_secret_file(path, "password file")?)
+            .map_err(|e| e.context(format_args!("password file {}", path.display())))
     }
 
     /// A password from the contents of a password file or variable (one trailing newline is

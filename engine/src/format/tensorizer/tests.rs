@@ -164,6 +164,10 @@ fn dtypes_round_trip_and_reject_unknowns() {
         dtype_from_tensorizer("<V2\0torch.bfloat16").unwrap(),
         DType::BF16
     );
+    // A storage size whose bit count overflows must not wrap around to a matching width
+    // (2^61 + 2 bytes × 8 = 16 bits modulo 2^64).
+    let e = dtype_from_tensorizer("<V2305843009213693954\0torch.bfloat16").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     assert!(dtype_from_tensorizer(">f4")
         .unwrap_err()
         .to_string()
@@ -243,6 +247,20 @@ fn writer_picks_the_reference_data_version() {
     )
     .unwrap();
     assert_eq!(s.version(), 5);
+    // A meta tensor whose size overflows is refused like a stored one (a reader could not
+    // size its zeros).
+    let overflowing = [TensorSpec {
+        meta: true,
+        ..spec("m", DType::F32, &[u64::MAX, 2])
+    }];
+    let e = Serializer::new(
+        IoCursor::new(Vec::new()),
+        &overflowing,
+        &SerializerOptions::default(),
+    )
+    .err()
+    .expect("an overflowing meta tensor must be refused");
+    assert!(e.to_string().contains("overflows"), "{e}");
     s.write_tensor(&[1, 2, 3]).unwrap();
     s.write_tensor(&[]).unwrap();
     let b = s.finish().unwrap().into_inner();
@@ -311,6 +329,17 @@ fn key_files_and_nonces() {
     }
     assert!(KeySource::from_key_file(b"short").is_err());
     assert!(KeySource::from_key_file("zz".repeat(32).as_bytes()).is_err());
+    // 64 bytes that are not 64 ASCII hex digits: a multi-byte character where a digit pair
+    // would be split, and sign characters, which integer parsing would accept.
+    let split = format!("{}é{}", "a".repeat(61), "a");
+    assert_eq!(split.len(), 64);
+    let e = KeySource::from_key_file(split.as_bytes()).unwrap_err();
+    assert!(e.to_string().contains("hexadecimal"), "{e}");
+    assert!(KeySource::from_key_file("+f".repeat(32).as_bytes()).is_err());
+    match KeySource::from_key_file(format!("  {}\n", "0A".repeat(32)).as_bytes()).unwrap() {
+        KeySource::Key(k) => assert_eq!(k, [10u8; 32]),
+        _ => panic!("expected a key"),
+    }
     assert!(KeySource::password(b"\n").is_err());
     let mut n = [0xffu8; 24];
     n[1] = 7;
