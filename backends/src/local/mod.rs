@@ -269,6 +269,19 @@ fn check_type(md: &std::fs::Metadata, path: &str) -> Result<()> {
         .with_backend("local"))
 }
 
+/// Opens `path` read-only with `flags`, never blocking in the open itself (`O_NONBLOCK`, which
+/// is then cleared: io_uring would hand back `EAGAIN` for reads of a non-blocking descriptor
+/// instead of waiting for the disk).
+pub(crate) fn open_nonblocking(path: &str, flags: i32) -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags | libc::O_NONBLOCK)
+        .open(path)?;
+    let fl = rustix::fs::fcntl_getfl(&f)?;
+    rustix::fs::fcntl_setfl(&f, fl - rustix::fs::OFlags::NONBLOCK)?;
+    Ok(f)
+}
+
 impl LocalBackend {
     /// Opens `path` for reading. Fails with `NotFound` / `PermissionDenied` naming the path, and
     /// refuses directories and special files (devices, FIFOs, sockets).
@@ -276,10 +289,12 @@ impl LocalBackend {
         if path.is_empty() {
             return Err(Error::invalid("empty path"));
         }
-        // Check the type before opening: opening a FIFO would block.
+        // Check the type before opening (for the error's words), and open without blocking:
+        // a path replaced by a FIFO in between would otherwise block the open until a writer
+        // came. The descriptor's own type is checked next.
         let md = std::fs::metadata(path).map_err(|e| open_error(e, path))?;
         check_type(&md, path)?;
-        let buffered = File::open(path).map_err(|e| open_error(e, path))?;
+        let buffered = open_nonblocking(path, 0).map_err(|e| open_error(e, path))?;
         let fmd = buffered.metadata().map_err(|e| open_error(e, path))?;
         check_type(&fmd, path)?;
 
@@ -309,11 +324,7 @@ impl LocalBackend {
                 config::CachePolicy::Buffered => false,
             };
         let direct = if use_direct {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-                .ok()
+            open_nonblocking(path, libc::O_DIRECT).ok()
         } else {
             None
         };

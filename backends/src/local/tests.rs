@@ -612,3 +612,39 @@ fn file_rewritten_in_place_during_a_load_is_object_changed() {
         assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{mode:?}: {e}");
     }
 }
+
+#[test]
+fn opening_never_blocks_on_a_fifo_and_leaves_regular_files_blocking() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = disk_dir();
+    let fifo = dir.path().join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let p = fifo.to_str().unwrap().to_string();
+    // A plain open of a FIFO waits for a writer; this one must return (on a thread, so that a
+    // regression fails the test instead of hanging it).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(super::open_nonblocking(&p, 0).map(|f| f.metadata().unwrap()));
+    });
+    let md = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("opening a FIFO blocked")
+        .unwrap();
+    assert!(md.file_type().is_fifo());
+    // And the backend refuses it, naming it.
+    let e = LocalBackend::open(fifo.to_str().unwrap(), &opts(IoMode::Pread)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    // A regular file's descriptor keeps no O_NONBLOCK (io_uring would return EAGAIN).
+    let f = dir.path().join("f");
+    std::fs::write(&f, [1u8; 10]).unwrap();
+    let file = super::open_nonblocking(f.to_str().unwrap(), 0).unwrap();
+    let fl = rustix::fs::fcntl_getfl(&file).unwrap();
+    assert!(!fl.contains(rustix::fs::OFlags::NONBLOCK), "{fl:?}");
+}
