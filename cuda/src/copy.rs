@@ -177,8 +177,21 @@ pub fn pieces(
         }
         Ok(())
     };
+    // The pieces assume segments in file order, disjoint (as the planner makes them); a plan
+    // built otherwise is refused rather than cut into wrong pieces.
+    let mut prev_end = 0u64;
     for op in &plan.reads {
         for seg in &op.segments {
+            if seg.obj.start < prev_end || seg.obj.end < seg.obj.start {
+                return Err(Error::invalid(format!(
+                    "plan segment {}..{} is out of file order (after a segment ending at {prev_end})",
+                    seg.obj.start, seg.obj.end
+                )));
+            }
+            prev_end = seg.obj.end;
+            seg.dest
+                .checked_add(seg.obj.end - seg.obj.start)
+                .ok_or_else(|| Error::invalid("plan segment's destination overflows"))?;
             if seg.obj.end > map_len {
                 return Err(Error::corrupt(format!(
                     "tensor bytes {}..{} lie past the end of the file ({map_len} bytes)",

@@ -445,12 +445,17 @@ fn read_full(map: &MappedFile, slot: &mut IoBuf, off: u64) -> Result<()> {
     let mut got = 0usize;
     while got < buf.len() {
         match map.file().read_at(&mut buf[got..], off + got as u64) {
+            // The plan was checked against the file's size: a shorter file now was cut during
+            // the load (as the mapped copy reports it).
             Ok(0) => {
-                return Err(Error::corrupt(format!(
-                    "file ended at {} while {} bytes were expected from {off}",
-                    off + got as u64,
-                    buf.len()
-                ))
+                return Err(Error::new(
+                    ErrorKind::ObjectChanged,
+                    format!(
+                        "the file ended at {} while {} bytes were expected from {off}: it                          shrank during the load",
+                        off + got as u64,
+                        buf.len()
+                    ),
+                )
                 .with_range(off..off + buf.len() as u64))
             }
             Ok(n) => got += n,

@@ -195,6 +195,29 @@ fn pieces_reject_bad_page_and_past_eof() {
     assert!(pieces(&p, 4096, 4096, 4096, idx.object_size - 1).is_err());
 }
 
+#[test]
+fn pieces_refuse_segments_out_of_file_order() {
+    // A hand-built plan (the fields are public) whose second segment lies before the first,
+    // in the same piece: refused, not an underflowing offset (a panic in debug builds).
+    let (idx, _) = index(&[8000], 0, 0);
+    let mut p = packed(&idx, 1 << 20, 1);
+    let seg = |obj: std::ops::Range<u64>, dest| Segment {
+        placement: 0,
+        obj,
+        dest,
+    };
+    p.reads = vec![ReadOp {
+        obj: 0..8192,
+        direct: None,
+        segments: vec![seg(5000..6000, 5000), seg(100..200, 100)],
+    }];
+    let e = pieces(&p, 16 << 20, 4096, 1 << 20, idx.object_size).unwrap_err();
+    assert!(e.to_string().contains("out of file order"), "{e}");
+    // Overlapping ones too.
+    p.reads[0].segments = vec![seg(100..300, 100), seg(200..400, 200)];
+    assert!(pieces(&p, 16 << 20, 4096, 1 << 20, idx.object_size).is_err());
+}
+
 /// Simulates the warm path: each piece is "registered" (its page range must be disjoint from
 /// every other piece's), its copies run, and chunked pread fallbacks give the same bytes.
 fn check_pieces(idx: &TensorIndex, file: &[u8], plan: &Plan, piece: u64, chunk: u64) {

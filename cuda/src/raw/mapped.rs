@@ -390,17 +390,21 @@ fn read_exact_at(file: &File, dst: &mut [u8], offset: u64) -> Result<()> {
 /// hit and the caller fails the load. A fault anywhere else goes to the previous handler, or
 /// with none to the default action, as before.
 mod guard {
-    use std::cell::Cell;
-    use std::sync::atomic::{compiler_fence, Ordering};
+    use std::sync::atomic::{compiler_fence, AtomicBool, AtomicUsize, Ordering};
     use std::sync::OnceLock;
 
     use super::PAGE;
 
     thread_local! {
-        /// The source range of this thread's guarded copy (`start..end`; empty when none).
-        static WINDOW: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
-        /// Set by the handler when it replaced a page of `WINDOW`.
-        static HIT: Cell<bool> = const { Cell::new(false) };
+        // Atomics (of this thread only), not `Cell`s: the signal handler writes and reads them
+        // in the middle of the copy, and only atomics are ordered against a handler.
+        /// The start of this thread's guarded source range (`WINDOW_LO..WINDOW_HI`; empty when
+        /// none).
+        static WINDOW_LO: AtomicUsize = const { AtomicUsize::new(0) };
+        /// Its end.
+        static WINDOW_HI: AtomicUsize = const { AtomicUsize::new(0) };
+        /// Set by the handler when it replaced a page of the window.
+        static HIT: AtomicBool = const { AtomicBool::new(false) };
     }
 
     /// The action the handler replaced, once it is installed (`None`: not installed, the
@@ -423,7 +427,12 @@ mod guard {
         // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler. A positive
         // si_code marks a fault the kernel raised (a `kill -BUS` has none, and no address).
         let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
-        let (lo, hi) = WINDOW.try_with(Cell::get).unwrap_or((0, 0));
+        let lo = WINDOW_LO
+            .try_with(|w| w.load(Ordering::SeqCst))
+            .unwrap_or(0);
+        let hi = WINDOW_HI
+            .try_with(|w| w.load(Ordering::SeqCst))
+            .unwrap_or(0);
         if code > 0 && lo <= addr && addr < hi {
             // SAFETY: errno of this thread, saved around the mmap below and restored, so the
             // interrupted code sees its own.
@@ -446,7 +455,7 @@ mod guard {
             // SAFETY: as above.
             unsafe { *libc::__errno_location() = errno };
             if r != libc::MAP_FAILED {
-                let _ = HIT.try_with(|h| h.set(true));
+                let _ = HIT.try_with(|h| h.store(true, Ordering::SeqCst));
                 return;
             }
         }
@@ -468,13 +477,22 @@ mod guard {
                     f(sig);
                 }
             }
+            // Ignored before: a sent signal is ignored still (a fault never is: the kernel
+            // ends the process whatever the action, as the default branch does).
+            Some(prev) if prev.sa_sigaction == libc::SIG_IGN && code <= 0 => {}
             _ => {
                 // SAFETY: restoring the default action for SIGBUS (a zeroed sigaction is
-                // SIG_DFL with an empty mask); sigaction is async-signal-safe.
+                // SIG_DFL with an empty mask); sigaction and raise are async-signal-safe.
                 unsafe {
                     let mut dfl: libc::sigaction = std::mem::zeroed();
                     dfl.sa_sigaction = libc::SIG_DFL;
                     libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+                    // A fault comes back by itself when the faulting instruction runs again;
+                    // a signal sent with kill or raise does not: send it again, so that the
+                    // default action (ending the process) happens as without this handler.
+                    if code <= 0 {
+                        libc::raise(sig);
+                    }
                 }
             }
         }
@@ -529,16 +547,18 @@ mod guard {
             return Outcome::Unguarded;
         }
         let lo = src as usize;
-        WINDOW.with(|w| w.set((lo, lo.saturating_add(len))));
-        HIT.with(|h| h.set(false));
+        HIT.with(|h| h.store(false, Ordering::SeqCst));
+        WINDOW_LO.with(|w| w.store(lo, Ordering::SeqCst));
+        WINDOW_HI.with(|w| w.store(lo.saturating_add(len), Ordering::SeqCst));
         // The handler runs on this thread: keep the copy's loads between the window's set and
         // clear.
         compiler_fence(Ordering::SeqCst);
         // SAFETY: as the caller promised; faults in the window are answered by the handler.
         unsafe { stream_copy(dst, src, len) };
         compiler_fence(Ordering::SeqCst);
-        WINDOW.with(|w| w.set((0, 0)));
-        if HIT.with(Cell::get) {
+        WINDOW_HI.with(|w| w.store(0, Ordering::SeqCst));
+        WINDOW_LO.with(|w| w.store(0, Ordering::SeqCst));
+        if HIT.with(|h| h.load(Ordering::SeqCst)) {
             Outcome::PageGone
         } else {
             Outcome::Copied

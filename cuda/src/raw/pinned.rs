@@ -201,6 +201,9 @@ impl PinnedRegion {
                  loads on one CudaDevice run one at a time (open another to load in parallel)",
             ));
         }
+        // `strong_count` is a relaxed load: order this load's use of the memory after whatever
+        // the previous holders (another thread's load) wrote before dropping their handles.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         if size == 0 || !size.is_multiple_of(PAGE) {
             return Err(Error::invalid(format!(
                 "slot size {size} is not a positive multiple of {PAGE}"
