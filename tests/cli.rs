@@ -573,7 +573,7 @@ fn names_and_metadata_from_a_file_cannot_drive_the_terminal() {
         name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
     });
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut file = (h.len() as u64).to_le_bytes().to_vec();

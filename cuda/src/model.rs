@@ -276,8 +276,9 @@ impl DeviceModel {
     }
 
     /// Frees the device memory now (synchronizing the device's context first), reporting any
-    /// CUDA error. If something else still holds the allocation (the copy handle of a streaming
-    /// load that was dropped without `wait`, or another shard's model in the same allocation:
+    /// CUDA error. If something else still holds the allocation (a streamed
+    /// [`ReadyTensor`] not yet dropped, the copy handle of a streaming load that was dropped
+    /// without `wait`, or another shard's model in the same allocation:
     /// [`DeviceArena::window`]), it is freed when the last of them lets go, and this returns
     /// `Ok` at once.
     pub fn release(mut self) -> Result<()> {

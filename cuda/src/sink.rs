@@ -24,7 +24,9 @@ use crate::copy::{coalesce, landed, read_copies, RoundRobin};
 use crate::device::{CudaDevice, CudaOptions};
 use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, mark, DeviceArena, HostSource, InFlight};
-use crate::tracker::{spawn_watcher, Job, Pending, Readiness, ReadyTensor, Report, SlotLedger};
+use crate::tracker::{
+    spawn_watcher, Job, Keepalive, Pending, Readiness, ReadyTensor, Report, SlotLedger,
+};
 
 impl Pending for InFlight {
     type Done = (Option<HostSource>, CudaEvent);
@@ -159,6 +161,7 @@ impl CudaSink {
             arena.base(),
             self.start,
             self.subscriber.take(),
+            Keepalive::new(arena.clone()),
         )));
         let (jobs, reports, watcher) = spawn_watcher::<InFlight>(readiness.clone())?;
         // Synthesized (zero) tensors: memset on the device, on stream 0 before any copy.

@@ -20,7 +20,7 @@ use crate::device::CudaDevice;
 use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, HostSource, InFlight};
 use crate::raw::driver::{mark, DeviceArena};
-use crate::tracker::ReadyTensor;
+use crate::tracker::{Keepalive, ReadyTensor};
 
 /// Per-placement progress of a [`HostUpload`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +215,7 @@ impl HostUpload {
                     ptr: self.arena.base() + p.dest,
                     len: p.len,
                     at,
+                    keep: Keepalive::new(self.arena.clone()),
                 });
             }
         }
