@@ -745,6 +745,63 @@ impl Loader {
         self.bounded(Loader::load_now)
     }
 
+    /// Reads every selected tensor and checks it as a load would (with
+    /// [`Loader::verify_hashes`], each tensorizer tensor against its hashes; decryption's MACs;
+    /// the object not changing), keeping nothing: the tensors pass through host memory at most
+    /// 128 MiB of the object at a time (two such groups while the next one is read), whatever
+    /// the model's size. A sharded checkpoint's shards are checked one after another. Returns
+    /// what was read (`tensor_bytes`: the tensors checked). What `inspect --verify` runs.
+    pub fn check_data(&self) -> Result<LoadStats> {
+        self.bounded(Loader::check_data_now)
+    }
+
+    fn check_data_now(&self) -> Result<LoadStats> {
+        /// A destination that keeps nothing (the hook already checked each tensor).
+        struct Discard;
+        impl staged::Dest for Discard {
+            fn write(&mut self, _placement: usize, _bytes: &[u8]) -> Result<()> {
+                Ok(())
+            }
+            fn settle(&mut self) -> Result<()> {
+                Ok(())
+            }
+        }
+        let started = Instant::now();
+        let loaders: Vec<Loader> = match self.source()? {
+            sharded::Source::Sharded(map) => self
+                .check_shards(&map)?
+                .0
+                .into_iter()
+                .map(|(l, _)| l)
+                .collect(),
+            sharded::Source::File(u) => vec![Loader {
+                uri: u,
+                ..self.clone()
+            }],
+        };
+        let mut total: Option<LoadStats> = None;
+        for l in &loaders {
+            let p = l.prepare(None)?;
+            let es = staged::fill(&p, &mut Discard, staged::GROUP_BYTES)?;
+            let tensor_bytes = p.plan.placements.iter().map(|pl| pl.len).sum();
+            let st = p.stats(tensor_bytes, &es, es.elapsed);
+            total = Some(match total {
+                None => st,
+                Some(t) => LoadStats {
+                    tensor_bytes: t.tensor_bytes + st.tensor_bytes,
+                    bytes_read: t.bytes_read + st.bytes_read,
+                    reads: t.reads + st.reads,
+                    io_elapsed: t.io_elapsed + st.io_elapsed,
+                    staging_bytes: t.staging_bytes.max(st.staging_bytes),
+                    ..t
+                },
+            });
+        }
+        let mut st = total.ok_or_else(|| Error::invalid("no file to check"))?;
+        st.elapsed = started.elapsed();
+        Ok(st)
+    }
+
     fn load_now(&self) -> Result<LoadedModel> {
         if let Device::Cuda(_) = self.device {
             return Err(Error::invalid(

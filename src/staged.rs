@@ -76,6 +76,9 @@ pub(crate) fn load(
     p: &Prepared,
     target: Target,
 ) -> Result<(DeviceModel, EngineStats)> {
+    if p.hook.is_none() {
+        return Err(Error::invalid("staged GPU load without a tensor hook"));
+    }
     let mut up = HostUpload::with_target(dev, p.plan.clone(), target)?;
     let es = fill(p, &mut up, GROUP_BYTES)?;
     Ok((up.finish(p.index.clone())?, es))
@@ -89,17 +92,14 @@ type Group = (
 );
 
 /// Loads the tensors of `p.plan` that are read (not zero-filled) into host memory, at most
-/// `budget` object bytes at a time, runs the hook on them and hands each to `dest`.
+/// `budget` object bytes at a time, runs the hook (if any) on them and hands each to `dest`.
 ///
 /// A producer thread loads and checks group n+1 while this thread hands group n to `dest`; the
 /// hand-over is a rendezvous, so at most two groups are in host memory. A group reaches `dest`
 /// only after the hook accepted every tensor in it; the first error stops both sides (a
 /// failing `dest` cancels the group being read).
 pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<EngineStats> {
-    let hook = p
-        .hook
-        .clone()
-        .ok_or_else(|| Error::invalid("staged GPU load without a tensor hook"))?;
+    let hook = p.hook.clone();
     let placement_of: HashMap<usize, usize> = p
         .plan
         .placements
@@ -190,14 +190,17 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
 fn load_group(
     p: &Prepared,
     eopts: &tensorstream_engine::EngineOptions,
-    hook: &Arc<dyn tensorstream_engine::sink::TensorHook>,
+    hook: &Option<Arc<dyn tensorstream_engine::sink::TensorHook>>,
     sel: &[usize],
 ) -> Result<Group> {
     let host_plan = Arc::new(
         plan(&p.index, sel, &p.host_popts).map_err(|e| e.with_location(p.backend.location()))?,
     );
-    let sink = HostSink::with_hook(hook.clone(), format::tensorizer::hook_threads())
-        .with_prefault(p.caps.kernel_reads);
+    let sink = match hook {
+        Some(h) => HostSink::with_hook(h.clone(), format::tensorizer::hook_threads()),
+        None => HostSink::new(),
+    }
+    .with_prefault(p.caps.kernel_reads);
     let (sink, es) = execute(p.backend.clone(), &p.meta, host_plan.clone(), sink, eopts)?;
     let (arena, _) = sink.into_parts()?;
     Ok((host_plan, arena, es))

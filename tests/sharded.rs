@@ -572,3 +572,31 @@ fn a_shard_failing_mid_load_fails_the_load_with_its_own_error() {
         assert!(e.to_string().contains("layers.1.w0"), "{e}");
     }
 }
+
+#[test]
+fn check_data_reads_every_selected_tensor_of_every_shard_and_keeps_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &SHARDS, 7);
+    let uri = dir.path().display().to_string();
+    let all: u64 = want.iter().map(|w| w.bytes.len() as u64).sum();
+    let st = Loader::new(&uri).check_data().unwrap();
+    assert_eq!(st.tensor_bytes, all);
+    assert!(st.bytes_read >= all, "{st:?}");
+    let st = Loader::new(&uri)
+        .filter_glob("layers.1.*")
+        .unwrap()
+        .check_data()
+        .unwrap();
+    assert_eq!(st.tensor_bytes, (9 << 20) + 3);
+    // A shard cut short after its index was read: the check fails and names that shard.
+    let last = dir.path().join(checkpoint::shard_name(2, 3));
+    let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 1000).unwrap();
+    let e = Loader::new(&uri).check_data().unwrap_err();
+    assert_eq!(
+        e.location(),
+        Some(last.display().to_string().as_str()),
+        "{e}"
+    );
+}

@@ -314,6 +314,10 @@ fn hostile_tensorizer_input_gives_one_line_errors() {
     ok(bin().args(["load", p.to_str().unwrap()]));
     let e = fails(bin().args(["load", p.to_str().unwrap(), "--verify"]));
     assert!(e.contains("embed.weight") && e.contains("mismatch"), "{e}");
+    // inspect --verify reads and checks the data too (without keeping it).
+    ok(bin().args(["inspect", p.to_str().unwrap()]));
+    let e = fails(bin().args(["inspect", p.to_str().unwrap(), "--verify"]));
+    assert!(e.contains("embed.weight") && e.contains("mismatch"), "{e}");
     // Wrong key and wrong password.
     let key = d.join("wrong.key");
     std::fs::write(&key, "11".repeat(32)).unwrap();

@@ -27,8 +27,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// List a file's tensors (reads only the metadata; with --verify, also reads every tensor and
-    /// checks its CRC32 / SHA-256; with a key or password, decrypts the smallest tensor to check
-    /// the key). A sharded checkpoint: every shard's.
+    /// checks its CRC32 / SHA-256, keeping none in memory; with a key or password, decrypts the
+    /// smallest tensor to check the key). A sharded checkpoint: every shard's.
     Inspect {
         /// Path or URI of a safetensors / tensorizer file, or of a sharded checkpoint (its
         /// *.safetensors.index.json, or a local directory).

@@ -34,8 +34,9 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
     let files = loader.inspect_files()?;
     let sharded = files.iter().any(|f| f.shard.is_some());
     if io.verify {
-        // Verification needs the data: load everything (checked on worker threads), drop it.
-        drop(loader.load()?);
+        // Verification needs the data: read and check every tensor, a group at a time, keeping
+        // none (bounded host memory whatever the model's size).
+        loader.check_data()?;
     }
     let idx = tensorstream::combined_index(files.iter().map(|f| &f.index))?;
     if as_json {
