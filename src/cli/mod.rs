@@ -45,7 +45,7 @@ enum Cmd {
         /// *.safetensors.index.json, or a local directory).
         uri: String,
         /// Target device: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
+        #[arg(long, default_value = "cpu", value_parser = check_device)]
         device: String,
         /// Load only tensors whose name matches this glob (repeatable; any may match).
         #[arg(long = "filter", value_name = "GLOB")]
@@ -129,7 +129,7 @@ struct IoArgs {
     ring_budget: Option<u64>,
     /// Local I/O engine: io_uring, pread or auto [default: $TENSORSTREAM_IO, else auto: io_uring
     /// with fallback to pread].
-    #[arg(long, value_name = "ENGINE")]
+    #[arg(long, value_name = "ENGINE", value_parser = one_of(&["io_uring", "uring", "io-uring", "pread", "auto"]), ignore_case = true)]
     io: Option<String>,
     /// Extra HTTP header "Name: value" (repeatable).
     #[arg(long = "header", value_name = "HEADER")]
@@ -163,12 +163,13 @@ struct IoArgs {
         long = "gpu-warm",
         id = "gpu_warm",
         value_name = "MODE",
-        default_value = "off"
+        default_value = "off",
+        value_parser = one_of(&["off", "auto", "force"]), ignore_case = true
     )]
     gpu_warm: String,
     /// GPU loads: put the pinned staging ring on transparent huge pages where the kernel gives
     /// them (`on`) or on small pages (`off`, the default until measured on a GPU).
-    #[arg(long, value_name = "on|off", default_value = "off")]
+    #[arg(long, value_name = "on|off", default_value = "off", value_parser = one_of(&["on", "off"]), ignore_case = true)]
     gpu_huge_pages: String,
     /// GPU loads through the mapped page-cache path (`--gpu-warm`): threads registering pieces
     /// (0: none, the copying threads of --gpu-warm-pread-threads take every piece).
@@ -182,7 +183,7 @@ struct IoArgs {
     /// GPU loads through the mapped page-cache path: how the copying threads fill their slots:
     /// `pread`, or `map` (copies out of the file mapping with non-temporal stores; a file that
     /// shrinks meanwhile fails the load cleanly).
-    #[arg(long, value_name = "pread|map", default_value = "pread")]
+    #[arg(long, value_name = "pread|map", default_value = "pread", value_parser = one_of(&["pread", "map"]), ignore_case = true)]
     gpu_warm_copy: String,
     /// GPU loads through the mapped page-cache path: size of one registered piece (each thread
     /// holds at most two registered, and their pages count in the resident memory).
@@ -526,6 +527,20 @@ pub fn run() -> i32 {
             1
         }
     }
+}
+
+/// A value parser accepting only `values` (in any case), so that a mistyped choice is a usage
+/// error (status 2, with the accepted values) like any other bad argument.
+fn one_of(values: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(values.iter().copied()).map(|v| v.to_ascii_lowercase())
+}
+
+/// Checks a device name while the arguments are parsed (a bad one is a usage error).
+fn check_device(s: &str) -> Result<String, String> {
+    parse_device(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Parses a device name.
