@@ -2252,6 +2252,13 @@ pub fn peak_rss_bytes() -> Option<u64> {
     kb.checked_mul(1024)
 }
 
+/// Resets this process's peak resident set size to its current size (Linux ≥ 4.0: writes `5`
+/// to `/proc/self/clear_refs`), so that [`peak_rss_bytes`] then reports the peak of what runs
+/// next. False where the kernel refused.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// The README's Rust examples, compiled as doctests (`cargo test --doc`) so that they cannot
 /// drift from the API.
 #[doc = include_str!("../README.md")]
@@ -2262,6 +2269,22 @@ pub struct ReadmeDoctests;
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn the_peak_rss_can_be_reset_to_the_current_size() {
+        // Touch 256 MiB, let it go: the peak stays up until reset (the margin leaves room for
+        // the other tests of this binary, which run meanwhile).
+        let v = vec![1u8; 256 << 20];
+        std::hint::black_box(&v);
+        drop(v);
+        let high = peak_rss_bytes().unwrap();
+        assert!(reset_peak_rss(), "clear_refs refused");
+        let low = peak_rss_bytes().unwrap();
+        assert!(
+            low + (128 << 20) < high,
+            "peak {high} after the reset still {low}"
+        );
+    }
 
     #[test]
     fn covered_counts_overlapping_spans_once_and_gaps_not_at_all() {

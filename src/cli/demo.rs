@@ -221,6 +221,8 @@ pub fn run(
     let base_secs = t.elapsed().as_secs_f64();
     let file_len = whole.len() as u64;
     drop(whole);
+    // The peak RSS reported is the load's, not the baseline's whole-file buffer.
+    let rss_of_load = tensorstream::reset_peak_rss();
 
     let counter = Arc::new(AtomicU64::new(0));
     let to_read = Arc::new(AtomicU64::new(0));
@@ -315,8 +317,13 @@ pub fn run(
     )?;
     if let Some(p) = tensorstream::peak_rss_bytes() {
         out!(
-            "  peak RSS           {:.1} MiB",
-            p as f64 / (1u64 << 20) as f64
+            "  peak RSS           {:.1} MiB  ({})",
+            p as f64 / (1u64 << 20) as f64,
+            if rss_of_load {
+                "during the load and its check"
+            } else {
+                "of the whole run, the std::fs::read baseline's buffer included"
+            }
         )?;
     }
     if keep {
