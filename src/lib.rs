@@ -643,18 +643,23 @@ impl Loader {
             .collect();
         // A shard with nothing selected is skipped; the checkpoint as a whole is checked.
         if sel.is_empty() && !index.tensors.is_empty() && self.scope.is_none() {
-            let what = if self.globs.is_empty() {
-                "the filter".to_string()
-            } else {
-                format!("filter {}", self.globs.join(", "))
-            };
             return Err(Error::invalid(format!(
-                "{what} matches none of the {} tensors",
+                "{} matches none of the {} tensors",
+                self.filter_words(),
                 index.tensors.len()
             ))
             .with_location(&self.uri));
         }
         Ok(sel)
+    }
+
+    /// The filter, for messages: its globs when it has some.
+    fn filter_words(&self) -> String {
+        if self.globs.is_empty() {
+            "the filter".to_string()
+        } else {
+            format!("filter {}", self.globs.join(", "))
+        }
     }
 
     /// A shard's loader: every tensor its checkpoint index places in it must be in the file.
@@ -916,7 +921,8 @@ impl Loader {
         drop(indexes);
         if todo.is_empty() {
             return Err(Error::invalid(format!(
-                "the filter matches none of the {} tensors of the checkpoint",
+                "{} matches none of the {} tensors of the checkpoint",
+                self.filter_words(),
                 map.tensors
             ))
             .with_location(sharded::redact(&map.index_uri)));
