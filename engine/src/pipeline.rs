@@ -76,7 +76,9 @@ pub fn execute<S: Sink>(
     let start = Instant::now();
     let loc = backend.location().to_string();
     let depth = opts.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
-    let mut direct = sink.prepare(&plan)?;
+    // Set-up errors (the destination's allocation, the staging ring) name the object too.
+    let named = |e: Error| e.with_location(&loc);
+    let mut direct = sink.prepare(&plan).map_err(named)?;
     if direct.len() != plan.reads.len() {
         return Err(Error::invalid("sink prepared the wrong number of buffers"));
     }
@@ -94,27 +96,30 @@ pub fn execute<S: Sink>(
         // As many slots of the largest staged read as the budget holds, but never fewer than
         // two (one being filled while the sink drains the other), even where two exceed it.
         let count = (opts.ring_budget / slot.max(1)).clamp(2, depth.max(2));
-        free = match sink.staging(count, slot)? {
+        free = match sink.staging(count, slot).map_err(named)? {
             Some(v) => v,
             None => {
                 let align = backend.capabilities().alignment.max(4096);
-                staging_slots(count, slot, align)?
+                staging_slots(count, slot, align).map_err(named)?
             }
         };
         staging_bytes = free.iter().map(|b| b.capacity() as u64).sum();
         count_slots = free.len();
     }
 
-    let mut reader = backend.clone().open_reader(
-        meta,
-        &ReaderOptions {
-            queue_depth: depth,
-            cancel: opts.cancel.clone(),
-        },
-    )?;
+    let mut reader = backend
+        .clone()
+        .open_reader(
+            meta,
+            &ReaderOptions {
+                queue_depth: depth,
+                cancel: opts.cancel.clone(),
+            },
+        )
+        .map_err(named)?;
     {
         let regs: Vec<&IoBuf> = free.iter().chain(direct.iter().flatten()).collect();
-        reader.register_buffers(&regs)?;
+        reader.register_buffers(&regs).map_err(named)?;
     }
 
     // Sink thread.

@@ -260,6 +260,42 @@ fn encrypted_files_need_the_right_key() {
 }
 
 #[test]
+fn a_tiny_file_declaring_huge_zero_tensors_fails_cleanly_naming_it() {
+    // A meta tensor stores nothing but loads as zeros of its declared size: 2^60 bytes here,
+    // in a file of a few hundred bytes. The host arena cannot be allocated; the error says so
+    // and names the file (it did not: allocation errors came without a location).
+    let specs = [
+        tensorizer::TensorSpec {
+            name: "a".into(),
+            path: None,
+            dtype: DType::U8,
+            shape: vec![4],
+            meta: false,
+        },
+        tensorizer::TensorSpec {
+            name: "huge".into(),
+            path: None,
+            dtype: DType::F32,
+            shape: vec![1 << 58],
+            meta: true,
+        },
+    ];
+    let mut s = tensorizer::Serializer::new(
+        std::io::Cursor::new(Vec::new()),
+        &specs,
+        &tensorizer::SerializerOptions::default(),
+    )
+    .unwrap();
+    s.write_tensor(&[1, 2, 3, 4]).unwrap();
+    s.write_tensor(&[]).unwrap();
+    let bytes = s.finish().unwrap().into_inner();
+    assert!(bytes.len() < 4096);
+    let e = err(load(bytes, &ReadOptions::default(), Layout::Mirror));
+    assert!(e.to_string().contains("out of host memory"), "{e}");
+    assert_eq!(e.location(), Some("mem.tensors"), "{e}");
+}
+
+#[test]
 fn verification_fails_for_a_tensor_whose_header_holds_no_hash() {
     // Zero the hash section's length in one per-tensor header (v1: 4-byte dimensions). The
     // section's bytes stay where they were, so the header still parses; verification would
