@@ -213,7 +213,12 @@ impl DeviceArena {
             .map_err(|e| device_error("zeroing device memory (cuMemsetD8Async)", e))
     }
 
-    /// Copies `dst.len()` bytes at arena offset `off` back to host memory (synchronous).
+    /// Copies `dst.len()` bytes at arena offset `off` back to host memory (synchronous). The
+    /// copy runs on the legacy default stream, which does not wait for the crate's copy streams
+    /// (non-blocking): call it once the copies into the arena are complete (a [`DeviceModel`]'s
+    /// are; so are a streamed tensor's bytes once it was announced).
+    ///
+    /// [`DeviceModel`]: crate::DeviceModel
     pub fn read(&self, off: u64, dst: &mut [u8]) -> Result<()> {
         self.check(off, dst.len() as u64)?;
         if dst.is_empty() {
