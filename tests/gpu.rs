@@ -270,7 +270,11 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
             .load_cuda()
             .unwrap_or_else(|e| panic!("{warm:?}, {pread_threads} {copy:?} threads: {e}"));
         assert_eq!(cm.stats().route, route);
-        if let Some((registered, pread)) = cm.stats().mapped_pieces {
+        if route == "mapped" {
+            let (registered, pread) = cm
+                .stats()
+                .mapped_pieces
+                .expect("the mapped route reports its pieces");
             assert!(
                 registered + pread > 1,
                 "several pieces: {registered} + {pread}"
@@ -281,6 +285,8 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
                     "no registering thread, yet pieces registered"
                 );
             }
+        } else {
+            assert!(cm.stats().mapped_pieces.is_none(), "{route}");
         }
         for t in entry["tensors"].as_array().unwrap() {
             let name = t["name"].as_str().unwrap();

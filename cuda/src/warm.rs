@@ -457,7 +457,7 @@ fn read_full(map: &MappedFile, slot: &mut IoBuf, off: u64) -> Result<()> {
                 return Err(Error::new(
                     ErrorKind::ObjectChanged,
                     format!(
-                        "the file ended at {} while {} bytes were expected from {off}: it                          shrank during the load",
+                        "the file ended at {} while {} bytes were expected from {off}: it shrank during the load",
                         off + got as u64,
                         buf.len()
                     ),

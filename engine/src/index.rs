@@ -96,13 +96,13 @@ impl TensorIndex {
         self.tensors.iter().find(|t| t.name == name)
     }
     /// Each tensor's name → its place in `tensors` (for many lookups; names are unique in a
-    /// valid index, and a repeated one maps to its last place).
+    /// valid index, and a repeated one maps to its first place, as [`TensorIndex::get`] finds).
     pub fn positions(&self) -> std::collections::HashMap<&str, usize> {
-        self.tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.as_str(), i))
-            .collect()
+        let mut m = std::collections::HashMap::with_capacity(self.tensors.len());
+        for (i, t) in self.tensors.iter().enumerate() {
+            m.entry(t.name.as_str()).or_insert(i);
+        }
+        m
     }
 }
 
@@ -170,5 +170,10 @@ mod tests {
         let p = index.positions();
         assert_eq!((p["b"], p["a"], p["c"], p.len()), (0, 1, 2, 3));
         assert!(!p.contains_key("d"));
+        // A repeated name maps where `get` finds it: its first place.
+        let mut twice = index.clone();
+        twice.tensors.push(t("a", 16));
+        assert_eq!(twice.positions()["a"], 1);
+        assert_eq!(twice.get("a").unwrap().range.start, 12);
     }
 }

@@ -80,7 +80,9 @@ pub fn execute<S: Sink>(
     let named = |e: Error| e.with_location(&loc);
     let mut direct = sink.prepare(&plan).map_err(named)?;
     if direct.len() != plan.reads.len() {
-        return Err(Error::invalid("sink prepared the wrong number of buffers"));
+        return Err(named(Error::invalid(
+            "sink prepared the wrong number of buffers",
+        )));
     }
     let max_staged = plan
         .reads

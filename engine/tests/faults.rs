@@ -182,6 +182,10 @@ impl RangeReader for FaultyReader {
             while !self.sink_failed.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            // The sink sets this flag inside `accept`, just before it returns its error; the
+            // engine learns of the failure only after that return. Give that thread time to
+            // get there (the reads of a real abandoned load fail after the engine knew).
+            std::thread::sleep(Duration::from_millis(200));
             d.result = Err(Error::new(
                 ErrorKind::Io,
                 "injected: read stopped because the load was abandoned",

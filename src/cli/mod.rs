@@ -127,8 +127,9 @@ struct IoArgs {
     /// 256MiB].
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     ring_budget: Option<u64>,
-    /// Local I/O engine: io_uring, pread or auto [default: $TENSORSTREAM_IO, else auto: io_uring
-    /// with fallback to pread].
+    /// Local I/O engine: io_uring, pread or auto (pread threads for a file already in the page
+    /// cache, else io_uring, falling back to pread) [default: $TENSORSTREAM_IO, else auto; the
+    /// option overrides the variable].
     #[arg(long, value_name = "ENGINE", value_parser = one_of(&["io_uring", "uring", "io-uring", "pread", "auto"]), ignore_case = true)]
     io: Option<String>,
     /// Extra HTTP header "Name: value" (repeatable).

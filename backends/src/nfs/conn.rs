@@ -320,12 +320,15 @@ impl<R: BufRead> Wire<R> {
         let h = u32::from_be_bytes(h);
         self.last = h & LAST_FRAGMENT != 0;
         self.frag_left = h & !LAST_FRAGMENT;
-        // The header's own 4 bytes count too, so that empty fragments that never end the
-        // record (each "0 bytes, more to come") reach the cap instead of being read for ever.
-        self.record_len = self
-            .record_len
-            .saturating_add(4)
-            .saturating_add(self.frag_left as u64);
+        // An empty fragment counts its header's 4 bytes, so that empty fragments that never end
+        // the record (each "0 bytes, more to come") reach the cap instead of being read for
+        // ever; other fragments count their bytes only (the cap has no room for headers).
+        let counted = if self.frag_left == 0 {
+            4
+        } else {
+            u64::from(self.frag_left)
+        };
+        self.record_len = self.record_len.saturating_add(counted);
         if self.record_len > MAX_RECORD {
             return Err(XdrError::TooLong {
                 what: "RPC record",

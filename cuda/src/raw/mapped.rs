@@ -476,6 +476,21 @@ mod guard {
                         unsafe { std::mem::transmute(prev.sa_sigaction) };
                     f(sig);
                 }
+                // A sent signal (not a fault, which comes back by itself) that the previous
+                // handler answered by restoring the default action, as Rust's does: send it
+                // again, so that the default action happens.
+                if code <= 0 {
+                    // SAFETY: reads the current action into a zeroed struct; sigaction and
+                    // raise are async-signal-safe.
+                    unsafe {
+                        let mut now: libc::sigaction = std::mem::zeroed();
+                        if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut now) == 0
+                            && now.sa_sigaction == libc::SIG_DFL
+                        {
+                            libc::raise(sig);
+                        }
+                    }
+                }
             }
             // Ignored before: a sent signal is ignored still (a fault never is: the kernel
             // ends the process whatever the action, as the default branch does).
@@ -513,8 +528,9 @@ mod guard {
                 return None;
             }
             // SAFETY: reads the current SIGBUS action into a zeroed struct, then installs an
-            // SA_SIGINFO handler whose code only touches its thread-local window, errno, mmap
-            // and sigaction (see `on_sigbus`), with an empty mask. Runs once per process
+            // SA_SIGINFO handler whose code only touches its thread-local window, errno, mmap,
+            // sigaction and raise, or calls the handler it replaced (see `on_sigbus`), with an
+            // empty mask. Runs once per process
             // (OnceLock), so the action saved is the one ours replaced.
             unsafe {
                 let mut old: libc::sigaction = std::mem::zeroed();

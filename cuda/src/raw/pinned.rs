@@ -309,7 +309,7 @@ AnonHugePages:         0 kB
     }
 
     #[test]
-    fn staging_is_aligned_whole_pages_and_populated() {
+    fn staging_is_aligned_whole_writable_pages() {
         for (want, huge, unit) in [(3 * PAGE + 1, false, PAGE), (5 << 20, true, HUGE_PAGE)] {
             let (ptr, len) = map_staging(want, huge).unwrap();
             assert_eq!(ptr.as_ptr() as usize % unit, 0);
@@ -324,10 +324,10 @@ AnonHugePages:         0 kB
             let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
                 .unwrap_or_default();
             if huge && (thp.contains("[madvise]") || thp.contains("[always]")) {
-                // Huge pages may be short (fragmented memory), but a fresh 6 MiB request on a
-                // machine with THP enabled normally gets at least one.
+                // Huge pages may be short (fragmented memory): reported, not asserted. What
+                // smaps says must fit the mapping.
                 println!("huge pages: {huge_now:?} of {len} bytes");
-                assert!(huge_now.is_some());
+                assert!(huge_now.is_some_and(|b| b <= len as u64), "{huge_now:?}");
             }
             unmap(ptr, len);
         }
