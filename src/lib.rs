@@ -1152,6 +1152,7 @@ impl Loader {
             let target = tensorstream_cuda::Target {
                 arena: Some(window),
                 subscriber: None,
+                keep: None,
             };
             let t = Instant::now();
             let (model, es, mapped) =
@@ -1251,14 +1252,17 @@ impl Loader {
         let index = p.index.clone();
         p.eopts.cancel = Some(stop.clone());
         p.host_eopts.cancel = Some(stop.clone());
+        let keeper = tensorstream_cuda::Keeper::default();
+        let keep = keeper.clone();
         tensorstream_cuda::StreamingLoad::spawn(move |tx| {
             let target = tensorstream_cuda::Target {
                 arena: None,
                 subscriber: Some(tx),
+                keep: Some(keep),
             };
             run_cuda(&dev, &p, route, target).map(|(m, es, _)| (m, es))
         })
-        .map(|s| s.with_index(index).with_stop(stop))
+        .map(|s| s.with_index(index).with_stop(stop).with_keeper(keeper))
     }
 
     /// [`Loader::load_cuda_streaming`] of a sharded checkpoint: checked and the device opened
@@ -1277,8 +1281,12 @@ impl Loader {
             l.cancel = Some(stop.clone());
         }
         let index = merged.clone();
-        tensorstream_cuda::StreamingLoad::spawn(move |tx| stream_shards(&dev, todo, merged, &tx))
-            .map(|s| s.with_index(index).with_stop(stop))
+        let keeper = tensorstream_cuda::Keeper::default();
+        let keep = keeper.clone();
+        tensorstream_cuda::StreamingLoad::spawn(move |tx| {
+            stream_shards(&dev, todo, merged, &tx, &keep)
+        })
+        .map(|s| s.with_index(index).with_stop(stop).with_keeper(keeper))
     }
 
     /// The object's index. A shard's index read moments ago (by `check_shards`) is reused when
@@ -1633,6 +1641,7 @@ fn stream_shards(
     todo: Vec<(Loader, u64)>,
     merged: TensorIndex,
     tx: &crossbeam_channel::Sender<tensorstream_cuda::ReadyTensor>,
+    keep: &tensorstream_cuda::Keeper,
 ) -> Result<(
     tensorstream_cuda::DeviceModel,
     tensorstream_engine::EngineStats,
@@ -1640,6 +1649,8 @@ fn stream_shards(
     let started = Instant::now();
     let layouts = shard_layouts(dev, &todo)?;
     let (whole, windows, alloc) = shard_arena(dev, &layouts)?;
+    // Every shard's window is in it: streamed tensors stay valid if a later shard fails.
+    keep.hold(whole.clone());
     let position = merged.positions();
     let mut parts = Vec::with_capacity(todo.len());
     let mut total = tensorstream_engine::EngineStats::default();
@@ -1671,6 +1682,7 @@ fn stream_shards(
         let target = tensorstream_cuda::Target {
             arena: Some(window),
             subscriber: Some(stx),
+            keep: None,
         };
         // The load drops its sender when it ends (either way), which ends the forwarder.
         let loaded = run_cuda(dev, &p, route, target);

@@ -42,7 +42,7 @@ pub mod warm;
 pub use device::{
     device_count, driver_present, parse_device, CudaDevice, CudaOptions, WarmCopy, WarmMode,
 };
-pub use load::{load, load_streaming, load_to, StreamingLoad};
+pub use load::{load, load_streaming, load_to, Keeper, StreamingLoad};
 pub use model::{DeviceModel, DeviceTensor, LoadTimes, Target};
 pub use raw::driver::DeviceArena;
 pub use sink::CudaSink;

@@ -1,7 +1,7 @@
 //! One-call device loads through the engine, waiting for all tensors or streaming them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -44,15 +44,55 @@ pub fn load_to(
     Ok((sink.into_model(index)?, stats))
 }
 
+/// Holds the device memory of a streaming load ([`Target::keep`]) until the load's outcome is
+/// taken: [`StreamingLoad::wait`] lets go of it once the load has ended (a finished load's model
+/// owns the memory from then on; a failed load's is freed there), and so does dropping the
+/// [`StreamingLoad`]. So a streamed tensor's pointer stays valid until then even if a later read
+/// fails, and a model's [`DeviceModel::release`] is not held up afterwards.
+#[derive(Clone, Default)]
+pub struct Keeper(Arc<Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>>);
+
+impl Keeper {
+    /// Holds a share of `memory` (a device allocation, or a window of one).
+    pub fn hold<T: Send + Sync + 'static>(&self, memory: Arc<T>) {
+        if let Ok(mut held) = self.0.lock() {
+            held.push(memory);
+        }
+    }
+    /// Lets go of everything held (the memory is freed where this was its last share).
+    pub fn release(&self) {
+        let held = self.0.lock().map(|mut v| std::mem::take(&mut *v));
+        drop(held);
+    }
+    /// How many shares are held.
+    pub fn held(&self) -> usize {
+        self.0.lock().map(|v| v.len()).unwrap_or(0)
+    }
+}
+
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keeper({} held)", self.held())
+    }
+}
+
 /// A load running on its own thread; iterate it to get each tensor as soon as its bytes are on
 /// the device, then [`StreamingLoad::wait`] for the model. Dropping it before `wait` stops the
 /// load when it was given a stop flag ([`StreamingLoad::with_stop`]; the `Loader`'s streaming
-/// loads have one): its reads and copies end, and its device memory is freed on its thread.
+/// loads have one): its reads and copies end, and its device memory is freed.
+///
+/// A streamed tensor's device pointer ([`ReadyTensor::ptr`]) stays valid until `wait` returns
+/// (and then, if the load succeeded, for as long as the model lives), even if the load fails
+/// after announcing it — for loads started with [`load_streaming`] or by a `Loader`, and for
+/// [`StreamingLoad::spawn`]ed ones that hold their memory in the handle's
+/// [`StreamingLoad::keeper`]. When a failed load's memory is freed, the device is synchronized
+/// first, so kernels already launched on streamed tensors finish.
 pub struct StreamingLoad {
     rx: Receiver<ReadyTensor>,
     handle: Option<JoinHandle<Result<(DeviceModel, EngineStats)>>>,
     index: Option<Arc<TensorIndex>>,
     stop: Option<Arc<AtomicBool>>,
+    keeper: Keeper,
 }
 
 /// Starts a load on a thread and returns at once.
@@ -66,14 +106,17 @@ pub fn load_streaming(
 ) -> Result<StreamingLoad> {
     let dev = dev.clone();
     let shared = index.clone();
+    let keeper = Keeper::default();
+    let keep = keeper.clone();
     StreamingLoad::spawn(move |tx| {
         let target = Target {
             arena: None,
             subscriber: Some(tx),
+            keep: Some(keep),
         };
         load_to(&dev, backend, &meta, index, plan, &opts, target)
     })
-    .map(|s| s.with_index(shared))
+    .map(|s| s.with_index(shared).with_keeper(keeper))
 }
 
 impl std::fmt::Debug for StreamingLoad {
@@ -102,7 +145,20 @@ impl StreamingLoad {
             handle: Some(handle),
             index: None,
             stop: None,
+            keeper: Keeper::default(),
         })
+    }
+
+    /// Uses `keeper` (given to the load, e.g. in its [`Target::keep`]) to hold the load's
+    /// device memory until [`StreamingLoad::wait`] returns or this handle is dropped.
+    pub fn with_keeper(mut self, keeper: Keeper) -> Self {
+        self.keeper = keeper;
+        self
+    }
+
+    /// The keeper of this load's device memory (see [`Keeper`]).
+    pub fn keeper(&self) -> &Keeper {
+        &self.keeper
     }
 
     /// The flag the load stops on (its engine's cancel flag): set when this handle is dropped
@@ -135,14 +191,18 @@ impl StreamingLoad {
         self.index.clone()
     }
 
-    /// Waits for the load to end; the model, or the error that stopped it.
+    /// Waits for the load to end; the model, or the error that stopped it. The memory the
+    /// keeper held goes now: the model owns it, or, after an error, it is freed.
     pub fn wait(mut self) -> Result<(DeviceModel, EngineStats)> {
-        match self.handle.take() {
+        let r = match self.handle.take() {
             Some(h) => h
                 .join()
-                .map_err(|_| Error::new(ErrorKind::Io, "load thread panicked"))?,
+                .map_err(|_| Error::new(ErrorKind::Io, "load thread panicked"))
+                .and_then(|r| r),
             None => Err(Error::invalid("load already waited for")),
-        }
+        };
+        self.keeper.release();
+        r
     }
 }
 
@@ -153,6 +213,8 @@ impl Drop for StreamingLoad {
         if self.handle.is_some() {
             self.stop();
         }
+        // The load thread, if still running, holds its own shares until it ends.
+        self.keeper.release();
     }
 }
 
@@ -216,5 +278,67 @@ mod tests {
             .with_stop(stop.clone());
         assert_eq!(load.wait().unwrap_err().kind(), ErrorKind::InvalidInput);
         assert!(!stop.load(Ordering::SeqCst));
+    }
+
+    /// A stand-in for device memory that records when its last share goes.
+    struct Memory(Arc<AtomicBool>);
+    impl Drop for Memory {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A stand-in load that holds its "memory" in `keep`, announces one tensor, then fails
+    /// (dropping its own share, as a failed load frees its arena).
+    fn failing_after_one_tensor() -> (StreamingLoad, Arc<AtomicBool>) {
+        let freed = Arc::new(AtomicBool::new(false));
+        let keeper = Keeper::default();
+        let keep = keeper.clone();
+        let memory = Memory(freed.clone());
+        let load = StreamingLoad::spawn(move |tx| {
+            let own = Arc::new(memory);
+            keep.hold(own.clone());
+            let _ = tx.send(ReadyTensor {
+                placement: 0,
+                tensor: 0,
+                ptr: 0x1000,
+                len: 4,
+                at: Duration::ZERO,
+            });
+            drop(own);
+            Err(Error::new(ErrorKind::ObjectChanged, "a later read failed"))
+        })
+        .unwrap()
+        .with_keeper(keeper);
+        (load, freed)
+    }
+
+    #[test]
+    fn a_failed_streaming_loads_memory_lasts_until_wait_returns() {
+        let (mut load, freed) = failing_after_one_tensor();
+        let first = load.next().expect("one tensor announced");
+        assert_eq!(first.ptr, 0x1000);
+        // The stream ends: the load thread has failed and let go of its own share …
+        assert!(load.next().is_none());
+        // … but the memory of the announced tensor is still there until `wait`.
+        assert!(
+            !freed.load(Ordering::SeqCst),
+            "freed under a streamed tensor"
+        );
+        assert_eq!(load.keeper().held(), 1);
+        assert_eq!(load.wait().unwrap_err().kind(), ErrorKind::ObjectChanged);
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "not freed once the failure was taken"
+        );
+    }
+
+    #[test]
+    fn dropping_a_failed_streaming_load_frees_its_memory() {
+        let (mut load, freed) = failing_after_one_tensor();
+        assert!(load.next().is_some() && load.next().is_none());
+        assert!(!freed.load(Ordering::SeqCst));
+        drop(load);
+        assert!(freed.load(Ordering::SeqCst));
     }
 }

@@ -33,6 +33,9 @@ pub struct Target {
     pub arena: Option<Arc<DeviceArena>>,
     /// Receives each tensor as soon as its bytes are on the device.
     pub subscriber: Option<Sender<ReadyTensor>>,
+    /// Given a share of the load's device memory as soon as it exists (a streaming load's
+    /// [`crate::Keeper`]: keeps streamed tensors' pointers valid if the load fails).
+    pub keep: Option<crate::Keeper>,
 }
 
 /// One tensor on the device.
@@ -276,9 +279,8 @@ impl DeviceModel {
     }
 
     /// Frees the device memory now (synchronizing the device's context first), reporting any
-    /// CUDA error. If something else still holds the allocation (a streamed
-    /// [`ReadyTensor`] not yet dropped, the copy handle of a streaming load that was dropped
-    /// without `wait`, or another shard's model in the same allocation:
+    /// CUDA error. If something else still holds the allocation (the copy handle of a streaming
+    /// load that was dropped without `wait`, or another shard's model in the same allocation:
     /// [`DeviceArena::window`]), it is freed when the last of them lets go, and this returns
     /// `Ok` at once.
     pub fn release(mut self) -> Result<()> {

@@ -24,9 +24,7 @@ use crate::copy::{coalesce, landed, read_copies, RoundRobin};
 use crate::device::{CudaDevice, CudaOptions};
 use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, mark, DeviceArena, HostSource, InFlight};
-use crate::tracker::{
-    spawn_watcher, Job, Keepalive, Pending, Readiness, ReadyTensor, Report, SlotLedger,
-};
+use crate::tracker::{spawn_watcher, Job, Pending, Readiness, ReadyTensor, Report, SlotLedger};
 
 impl Pending for InFlight {
     type Done = (Option<HostSource>, CudaEvent);
@@ -57,6 +55,8 @@ pub struct CudaSink {
     subscriber: Option<Sender<ReadyTensor>>,
     /// Device memory to load into instead of allocating ([`Target::arena`]).
     given: Option<Arc<DeviceArena>>,
+    /// Given a share of the device memory once it exists ([`Target::keep`]).
+    keep: Option<crate::Keeper>,
     /// The plan and the thread allocating its device memory, until the first copy needs it.
     allocating: Option<(Arc<Plan>, Allocating)>,
     finished: bool,
@@ -89,6 +89,7 @@ impl CudaSink {
             start: Instant::now(),
             subscriber: target.subscriber,
             given: target.arena,
+            keep: target.keep,
             allocating: None,
             finished: false,
         }
@@ -156,12 +157,14 @@ impl CudaSink {
         plan: &Arc<Plan>,
         (arena, alloc): (Arc<DeviceArena>, Duration),
     ) -> Result<()> {
+        if let Some(k) = &self.keep {
+            k.hold(arena.clone());
+        }
         let readiness = Arc::new(Mutex::new(Readiness::new(
             plan,
             arena.base(),
             self.start,
             self.subscriber.take(),
-            Keepalive::new(arena.clone()),
         )));
         let (jobs, reports, watcher) = spawn_watcher::<InFlight>(readiness.clone())?;
         // Synthesized (zero) tensors: memset on the device, on stream 0 before any copy.

@@ -9,46 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use tensorstream_engine::{Error, ErrorKind, Plan, Result};
 
-/// Holds a streamed tensor's device memory allocated (a share of its allocation) for as long
-/// as the [`ReadyTensor`] that carries it, or a clone, exists.
-#[derive(Clone, Default)]
-pub struct Keepalive(Option<Arc<dyn std::any::Any + Send + Sync>>);
-
-impl Keepalive {
-    /// A share of `holder` (the device allocation).
-    pub fn new<T: Send + Sync + 'static>(holder: Arc<T>) -> Self {
-        Keepalive(Some(holder))
-    }
-}
-
-impl std::fmt::Debug for Keepalive {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Keepalive(held)"
-        } else {
-            "Keepalive(none)"
-        })
-    }
-}
-
-/// Two keepalives are equal when they hold the same allocation (or none).
-impl PartialEq for Keepalive {
-    fn eq(&self, other: &Self) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-}
-impl Eq for Keepalive {}
-
 /// A tensor whose bytes are all on the device.
-///
-/// Its device memory stays allocated while this value (or a clone) exists, even if the load
-/// then fails (the load's `wait` reports the error) or the model is released: kernels may be
-/// launched on `ptr` as soon as the tensor arrives. Drop it once done with the pointer (the
-/// memory of a failed load is freed, after a device-wide synchronize, when the last one goes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyTensor {
     /// Index into the plan's placements (a sharded checkpoint's: the shard's plan).
@@ -62,8 +23,6 @@ pub struct ReadyTensor {
     pub len: u64,
     /// Time from the start of the load until the landing was observed.
     pub at: Duration,
-    /// The share of the device allocation that keeps `ptr` valid.
-    pub keep: Keepalive,
 }
 
 /// Tracks the bytes still missing per placement and announces each tensor once complete.
@@ -78,21 +37,13 @@ pub struct Readiness {
     first: Option<Duration>,
     last: Option<Duration>,
     tx: Option<Sender<ReadyTensor>>,
-    keep: Keepalive,
 }
 
 impl Readiness {
     /// Bookkeeping for `plan` landing in an arena at device address `base`. Placements with
     /// nothing to copy or zero are announced at once. `remaining` counts the needed object
-    /// bytes, or for synthesized (zero) tensors their length, which a memset lands. Each
-    /// announced tensor carries a clone of `keep` (the arena at `base`).
-    pub fn new(
-        plan: &Plan,
-        base: u64,
-        start: Instant,
-        tx: Option<Sender<ReadyTensor>>,
-        keep: Keepalive,
-    ) -> Self {
+    /// bytes, or for synthesized (zero) tensors their length, which a memset lands.
+    pub fn new(plan: &Plan, base: u64, start: Instant, tx: Option<Sender<ReadyTensor>>) -> Self {
         let remaining: Vec<u64> = plan
             .placements
             .iter()
@@ -118,7 +69,6 @@ impl Readiness {
             first: None,
             last: None,
             tx,
-            keep,
         };
         for i in 0..r.remaining.len() {
             if r.remaining[i] == 0 {
@@ -143,7 +93,6 @@ impl Readiness {
                 ptr: self.ptr[i],
                 len: self.len[i],
                 at,
-                keep: self.keep.clone(),
             };
             if tx.send(t).is_err() {
                 self.tx = None; // nobody listens any more

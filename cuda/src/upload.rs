@@ -20,7 +20,7 @@ use crate::device::CudaDevice;
 use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, HostSource, InFlight};
 use crate::raw::driver::{mark, DeviceArena};
-use crate::tracker::{Keepalive, ReadyTensor};
+use crate::tracker::ReadyTensor;
 
 /// Per-placement progress of a [`HostUpload`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,9 @@ impl HostUpload {
     pub fn with_target(dev: &Arc<CudaDevice>, plan: Arc<Plan>, target: Target) -> Result<Self> {
         let start = Instant::now(); // like CudaSink: the device allocation counts
         let (arena, alloc) = crate::sink::arena_for(dev, &plan, target.arena)?;
+        if let Some(k) = &target.keep {
+            k.hold(arena.clone());
+        }
         let free = dev.take_slots()?;
         if free.is_empty() {
             return Err(Error::invalid("the device has no pinned staging slots"));
@@ -215,7 +218,6 @@ impl HostUpload {
                     ptr: self.arena.base() + p.dest,
                     len: p.len,
                     at,
-                    keep: Keepalive::new(self.arena.clone()),
                 });
             }
         }

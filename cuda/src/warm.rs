@@ -42,7 +42,7 @@ use crate::model::{DeviceModel, LoadTimes, Target};
 use crate::raw::driver::{copy_to_device, DeviceArena, HostSource, InFlight};
 use crate::raw::mapped::MappedFile;
 use crate::raw::pinned::PAGE;
-use crate::tracker::{Keepalive, Readiness};
+use crate::tracker::Readiness;
 
 /// How the warm path moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,13 +160,10 @@ pub fn load_mapped(
         .with_location(&loc));
     }
     let (arena, alloc) = crate::sink::arena_for(dev, plan, target.arena)?;
-    let readiness = Mutex::new(Readiness::new(
-        plan,
-        arena.base(),
-        start,
-        target.subscriber,
-        Keepalive::new(arena.clone()),
-    ));
+    if let Some(k) = &target.keep {
+        k.hold(arena.clone());
+    }
+    let readiness = Mutex::new(Readiness::new(plan, arena.base(), start, target.subscriber));
     // Synthesized tensors: zero them first.
     let s0 = dev.stream(0).clone();
     let mut zeros = Vec::new();

@@ -1,4 +1,3 @@
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -40,13 +39,7 @@ fn plan_of(lens: &[(u64, bool)]) -> Plan {
 fn readiness_announces_each_tensor_once_when_complete() {
     let plan = plan_of(&[(100, true), (0, true), (50, false), (300, true)]);
     let (tx, rx) = crossbeam_channel::unbounded();
-    let mut r = Readiness::new(
-        &plan,
-        0x1000,
-        Instant::now(),
-        Some(tx),
-        Keepalive::default(),
-    );
+    let mut r = Readiness::new(&plan, 0x1000, Instant::now(), Some(tx));
     // The empty tensor is ready at once.
     let first: Vec<ReadyTensor> = rx.try_iter().collect();
     assert_eq!(first.len(), 1);
@@ -110,44 +103,6 @@ fn gate(id: usize) -> (Gate, Sender<bool>) {
 }
 
 #[test]
-fn announced_tensors_keep_their_memory_after_the_load_lets_go() {
-    // A stand-in for the device allocation that records when its last share goes.
-    struct Memory(Arc<AtomicBool>);
-    impl Drop for Memory {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-    let freed = Arc::new(AtomicBool::new(false));
-    let plan = plan_of(&[(100, true), (50, true)]);
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let mut r = Readiness::new(
-        &plan,
-        0x1000,
-        Instant::now(),
-        Some(tx),
-        Keepalive::new(Arc::new(Memory(freed.clone()))),
-    );
-    assert_eq!(r.complete(&[(0, 100)]).unwrap(), vec![0]);
-    let first = rx.try_recv().unwrap();
-    assert_eq!((first.placement, first.ptr), (0, 0x1000));
-    // The load fails here: its bookkeeping (and with it the load's share) goes, and the tensor
-    // not yet announced never will be …
-    drop(r);
-    assert!(rx.try_recv().is_err());
-    // … but the memory of the one handed out stays until that is dropped too.
-    assert!(
-        !freed.load(Ordering::SeqCst),
-        "freed under an announced tensor"
-    );
-    let copy = first.clone();
-    drop(first);
-    assert!(!freed.load(Ordering::SeqCst), "freed under a clone");
-    drop(copy);
-    assert!(freed.load(Ordering::SeqCst), "never freed");
-}
-
-#[test]
 fn watcher_reports_in_order_and_marks_tensors_after_the_copy() {
     let plan = plan_of(&[(100, true), (100, true)]);
     let (ttx, trx) = crossbeam_channel::unbounded();
@@ -156,7 +111,6 @@ fn watcher_reports_in_order_and_marks_tensors_after_the_copy() {
         0,
         Instant::now(),
         Some(ttx),
-        Keepalive::default(),
     )));
     let (jobs, reports, h) = spawn_watcher::<Gate>(ready.clone()).unwrap();
     let (g0, o0) = gate(0);
