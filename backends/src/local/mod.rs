@@ -188,8 +188,12 @@ pub struct LocalBackend {
 /// the kernel cannot tell (or the file cannot be opened). Unlike `mincore` on a mapping, this
 /// sees the real page cache also in sandboxes that pretend every mapped page is resident.
 pub fn cached_fraction_of(path: &std::path::Path) -> Option<f64> {
-    let f = File::open(path).ok()?;
-    let size = f.metadata().ok()?.len();
+    let f = open_nonblocking(path, 0).ok()?;
+    let md = f.metadata().ok()?;
+    if !md.is_file() {
+        return None;
+    }
+    let size = md.len();
     cached_fraction(&f, size)
 }
 
@@ -272,7 +276,10 @@ fn check_type(md: &std::fs::Metadata, path: &str) -> Result<()> {
 /// Opens `path` read-only with `flags`, never blocking in the open itself (`O_NONBLOCK`, which
 /// is then cleared: io_uring would hand back `EAGAIN` for reads of a non-blocking descriptor
 /// instead of waiting for the disk).
-pub(crate) fn open_nonblocking(path: &str, flags: i32) -> std::io::Result<File> {
+pub(crate) fn open_nonblocking(
+    path: impl AsRef<std::path::Path>,
+    flags: i32,
+) -> std::io::Result<File> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(flags | libc::O_NONBLOCK)

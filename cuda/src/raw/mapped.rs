@@ -57,12 +57,37 @@ unsafe impl Sync for MappedFile {}
 impl MappedFile {
     /// Opens and maps `path` read-only.
     pub fn open(path: &Path) -> Result<Arc<Self>> {
-        let file = File::open(path)
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // Without blocking: a path swapped for a FIFO since the load checked it would block
+        // the open until a writer came.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
             .map_err(|e| Error::from_io(e, format!("opening {}", path.display())))?;
-        let len64 = file
+        let md = file
             .metadata()
-            .map_err(|e| Error::from_io(e, format!("stat {}", path.display())))?
-            .len();
+            .map_err(|e| Error::from_io(e, format!("stat {}", path.display())))?;
+        if !md.is_file() {
+            return Err(Error::invalid(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        // SAFETY: F_GETFL / F_SETFL on a descriptor this function owns change only its status
+        // flags (clearing O_NONBLOCK, so that reads wait for the disk as usual).
+        let cleared = unsafe {
+            let fd = file.as_raw_fd();
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) == 0
+        };
+        if !cleared {
+            return Err(Error::from_io(
+                std::io::Error::last_os_error(),
+                format!("fcntl {}", path.display()),
+            ));
+        }
+        let len64 = md.len();
         let len = usize::try_from(len64)
             .map_err(|_| Error::invalid("file does not fit the address space"))?;
         let map_len = len
@@ -640,6 +665,26 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), &data).unwrap();
         (f, data)
+    }
+
+    #[test]
+    fn opening_a_fifo_is_an_error_not_a_wait_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(MappedFile::open(&fifo).map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("opening a FIFO blocked");
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]
