@@ -288,6 +288,7 @@ impl Loader {
         let meta = be.stat()?;
         let index = format::read_index(be.as_ref(), &meta)?;
         let sel = this.select(&index)?;
+        check_room(output, sel.iter().map(|&i| &index.tensors[i]))?;
         let only = (sel.len() != index.tensors.len())
             .then(|| sel.iter().map(|&i| index.tensors[i].name.clone()).collect());
         if let Some(t) = &self.progress_total {
@@ -345,6 +346,7 @@ impl Loader {
                 }),
             });
         }
+        check_room(output, parts.iter().flat_map(|p| p.index.tensors.iter()))?;
         let opts = ConvertOptions {
             encrypt,
             progress: self.progress.clone(),
@@ -2260,6 +2262,40 @@ pub fn combined_index<'a>(
         merged.tensors.extend(ix.tensors.iter().cloned());
     }
     Ok(merged)
+}
+
+/// Refuses a conversion whose output cannot fit the free space beside `output`, before anything
+/// is written: the tensors' bytes (a tensorizer output stores no bytes for all-zero meta tensors;
+/// a safetensors output writes their zeros). Headers are not counted; where the free space
+/// cannot be read, the conversion goes ahead.
+fn check_room<'a>(
+    output: &std::path::Path,
+    tensors: impl Iterator<Item = &'a TensorInfo>,
+) -> Result<()> {
+    use format::convert::OutputFormat;
+    let zeros_written = OutputFormat::from_path(output)? == OutputFormat::Safetensors;
+    let needed = tensors
+        .filter(|t| zeros_written || t.source != tensorstream_engine::TensorSource::Zeros)
+        .fold(0u64, |n, t| n.saturating_add(t.nbytes()));
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let Ok(st) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if needed > free {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "the output needs {needed} bytes of tensor data, but {} has {free} bytes free",
+                dir.display()
+            ),
+        )
+        .with_location(output.display().to_string()));
+    }
+    Ok(())
 }
 
 /// Peak resident set size of this process so far (Linux: VmHWM), in bytes.

@@ -325,3 +325,40 @@ fn conversion_progress_reaches_its_total_with_meta_tensors() {
         assert_eq!(d, t, "{out}: progress {d} of {t}");
     }
 }
+
+#[test]
+fn a_conversion_that_cannot_fit_is_refused_before_writing() {
+    use tensorstream_engine::format::tensorizer::{Serializer, SerializerOptions, TensorSpec};
+    use tensorstream_engine::DType;
+    // A few hundred bytes declaring 1 PiB of zeros (a meta tensor): as safetensors, the zeros
+    // would be written out; as tensorizer, they stay a meta tensor.
+    let spec = |name: &str, shape: u64, meta: bool| TensorSpec {
+        name: name.into(),
+        path: None,
+        dtype: DType::U8,
+        shape: vec![shape],
+        meta,
+    };
+    let mut s = Serializer::new(
+        std::io::Cursor::new(Vec::new()),
+        &[spec("a", 4, false), spec("zeros", 1 << 50, true)],
+        &SerializerOptions::default(),
+    )
+    .unwrap();
+    s.write_tensor(&[1, 2, 3, 4]).unwrap();
+    s.write_tensor(&[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("in.tensors");
+    std::fs::write(&src, s.finish().unwrap().into_inner()).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let e = Loader::new(src.to_str().unwrap())
+        .convert(&out, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("bytes free"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "only the input: {left:?}");
+    // The tensorizer output keeps the meta tensor and fits.
+    Loader::new(src.to_str().unwrap())
+        .convert(&dir.path().join("out.tensors"), None)
+        .unwrap();
+}

@@ -601,3 +601,55 @@ fn check_data_reads_every_selected_tensor_of_every_shard_and_keeps_none() {
         "{e}"
     );
 }
+
+#[test]
+fn a_conversion_keeps_every_shards_metadata() {
+    // Two shards with metadata of their own (a key that starts with "tensorizer." included:
+    // only the tensorizer reader's synthetic key is left out of a conversion).
+    let dir = tempfile::tempdir().unwrap();
+    let mut written = Vec::new();
+    for (k, meta) in [
+        (1, vec![("format", "pt"), ("tensorizer.note", "keep me")]),
+        (2, vec![("format", "pt"), ("shard", "2")]),
+    ] {
+        let file = checkpoint::shard_name(k, 2);
+        let name = format!("w{k}");
+        let bytes = vec![k as u8; 8];
+        let meta: std::collections::BTreeMap<String, String> = meta
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let mut image = tensorstream_engine::format::safetensors::write_header(
+            &[(name.clone(), tensorstream_engine::DType::U8, vec![8], 8)],
+            &meta,
+        )
+        .unwrap();
+        image.extend_from_slice(&bytes);
+        std::fs::write(dir.path().join(&file), image).unwrap();
+        written.push(checkpoint::Written {
+            sha256: checkpoint::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+            name,
+            file,
+            bytes,
+        });
+    }
+    checkpoint::write_index(dir.path(), "model.safetensors.index.json", &written);
+    let out = dir.path().join("joined.safetensors");
+    Loader::new(dir.path().display().to_string())
+        .convert(&out, None)
+        .unwrap();
+    let index = Loader::new(out.display().to_string()).inspect().unwrap();
+    let meta: Vec<(&str, &str)> = index
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        meta,
+        [
+            ("format", "pt"),
+            ("shard", "2"),
+            ("tensorizer.note", "keep me")
+        ]
+    );
+}

@@ -274,14 +274,7 @@ fn for_each_piece(
             }
         }
         (TensorSource::Stored, Some(h)) => {
-            let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
-            let len = usize::try_from(t.range.end - start)
-                .map_err(|_| Error::invalid("tensor too large for this machine"))?;
-            let mut whole = vec![0u8; len];
-            read_full(input, start, &mut whole).map_err(|e| e.with_location(loc))?;
-            let data_start = (t.range.start - start) as usize;
-            h.process(ti, &mut whole, data_start)
-                .map_err(|e| e.with_location(loc))?;
+            let (whole, data_start) = checked_whole(input, loc, t, ti, h)?;
             sink(&whole[data_start..])?;
         }
         (TensorSource::Stored, None) => {
@@ -295,6 +288,40 @@ fn for_each_piece(
         }
     }
     Ok(n)
+}
+
+/// A stored tensor with its per-tensor header, read whole and run through the hook (checked,
+/// decrypted in place); returns the bytes and where the data starts in them. The memory is
+/// asked for without aborting: a tensor too large for it is an error naming it.
+fn checked_whole(
+    input: &dyn Backend,
+    loc: &str,
+    t: &crate::index::TensorInfo,
+    ti: usize,
+    h: &Arc<dyn TensorHook>,
+) -> Result<(Vec<u8>, usize)> {
+    let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
+    let too_large = || {
+        Error::new(
+            crate::ErrorKind::Io,
+            format!(
+                "tensor {:?}: {} bytes (with its header) do not fit in host memory, where it is \
+                 checked or decrypted",
+                t.name,
+                t.range.end - start
+            ),
+        )
+        .with_location(loc)
+    };
+    let len = usize::try_from(t.range.end - start).map_err(|_| too_large())?;
+    let mut whole = Vec::new();
+    whole.try_reserve_exact(len).map_err(|_| too_large())?;
+    whole.resize(len, 0);
+    read_full(input, start, &mut whole).map_err(|e| e.with_location(loc))?;
+    let data_start = (t.range.start - start) as usize;
+    h.process(ti, &mut whole, data_start)
+        .map_err(|e| e.with_location(loc))?;
+    Ok((whole, data_start))
 }
 
 fn read_full(input: &dyn Backend, offset: u64, out: &mut [u8]) -> Result<()> {
@@ -313,6 +340,32 @@ fn read_full(input: &dyn Backend, offset: u64, out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// The metadata of the output: every part's (the shards of a checkpoint each have theirs; the
+/// first part's value wins where they differ, with a warning), less what the tensorizer reader
+/// synthesizes (`tensorizer.encrypted`), which describes the input, not the tensors.
+fn merged_metadata(parts: &[ConvertPart<'_>]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in parts {
+        for (k, v) in &p.index.metadata {
+            if p.index.format == crate::Format::Tensorizer && k == super::tensorizer::META_ENCRYPTED
+            {
+                continue;
+            }
+            match out.get(k) {
+                None => {
+                    out.insert(k.clone(), v.clone());
+                }
+                Some(first) if first != v => log::warn!(
+                    "metadata {k:?} differs between the inputs ({first:?}, then {v:?}): the \
+                     output keeps {first:?}"
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    out
+}
+
 fn write_safetensors(
     parts: Vec<ConvertPart<'_>>,
     w: &mut dyn Write,
@@ -323,17 +376,7 @@ fn write_safetensors(
         .flat_map(|p| p.index.tensors.iter())
         .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.nbytes()))
         .collect();
-    let metadata = parts
-        .first()
-        .map(|p| {
-            p.index
-                .metadata
-                .iter()
-                .filter(|(k, _)| !k.starts_with("tensorizer."))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let metadata = merged_metadata(&parts);
     let header = super::safetensors::write_header(&entries, &metadata)?;
     w.write_all(&header)
         .map_err(|e| Error::from_io(e, "writing safetensors header"))?;
@@ -367,6 +410,17 @@ fn write_tensorizer<W: Write + Seek>(
     w: W,
     opts: &ConvertOptions,
 ) -> Result<(ConvertStats, W)> {
+    // (Not `format`: the framework marker every Hugging Face file carries, which has no
+    // meaning in a tensorizer file.)
+    let mut dropped = merged_metadata(&parts);
+    dropped.remove("format");
+    if !dropped.is_empty() {
+        log::warn!(
+            "the tensorizer format has no place for file metadata: {} key(s) not written ({})",
+            dropped.len(),
+            dropped.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     let specs: Vec<TensorSpec> = parts
         .iter()
         .flat_map(|p| p.index.tensors.iter())
@@ -427,17 +481,7 @@ impl<'a> PieceReader<'a> {
     ) -> Result<Self> {
         let t = &index.tensors[ti];
         let whole = match hook {
-            Some(h) => {
-                let start = t.prefix.as_ref().map_or(t.range.start, |p| p.start);
-                let len = usize::try_from(t.range.end - start)
-                    .map_err(|_| Error::invalid("tensor too large for this machine"))?;
-                let mut whole = vec![0u8; len];
-                read_full(input, start, &mut whole).map_err(|e| e.with_location(loc))?;
-                let ds = (t.range.start - start) as usize;
-                h.process(ti, &mut whole, ds)
-                    .map_err(|e| e.with_location(loc))?;
-                Some((whole, ds))
-            }
+            Some(h) => Some(checked_whole(input, loc, t, ti, h)?),
             None => None,
         };
         Ok(PieceReader {

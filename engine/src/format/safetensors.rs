@@ -308,6 +308,17 @@ pub fn write_header(
     }
     let mut off = 0u64;
     for (name, dtype, shape, nbytes) in tensors {
+        // Readers take `__metadata__` for the metadata map, and a repeated key would leave one
+        // tensor's entry over the other's: neither can be written.
+        if name == "__metadata__" {
+            return Err(Error::invalid(
+                "a tensor named \"__metadata__\" cannot be stored in a safetensors file (the \
+                 name is its metadata key)",
+            ));
+        }
+        if map.contains_key(name) {
+            return Err(Error::invalid(format!("tensor {name:?} is listed twice")));
+        }
         if !dtype.is_safetensors() {
             return Err(Error::invalid(format!(
                 "tensor {name:?}: {} is not a safetensors dtype",
@@ -327,6 +338,13 @@ pub fn write_header(
         .map_err(|e| Error::invalid(format!("cannot encode header: {e}")))?;
     while (8 + json.len()) % 8 != 0 {
         json.push(b' ');
+    }
+    if json.len() as u64 > MAX_HEADER {
+        return Err(Error::invalid(format!(
+            "the safetensors header would be {} bytes, over the {MAX_HEADER}-byte limit readers \
+             accept (too many tensors, or very long names)",
+            json.len()
+        )));
     }
     let mut out = Vec::with_capacity(8 + json.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());

@@ -340,6 +340,30 @@ fn every_dtype_of_the_format() {
 }
 
 #[test]
+fn the_writer_refuses_headers_readers_would_refuse() {
+    let t = |name: &str| (name.to_string(), DType::F32, vec![1], 4);
+    // A tensor named like the metadata key, with or without metadata beside it.
+    let mut meta = BTreeMap::new();
+    for m in [BTreeMap::new(), {
+        meta.insert("format".to_string(), "pt".to_string());
+        meta.clone()
+    }] {
+        let e = write_header(&[t("w"), t("__metadata__")], &m).unwrap_err();
+        assert!(e.to_string().contains("__metadata__"), "{e}");
+    }
+    // A name listed twice.
+    let e = write_header(&[t("w"), t("w")], &BTreeMap::new()).unwrap_err();
+    assert!(e.to_string().contains("twice"), "{e}");
+    // A header over the readers' limit: 300 names of 65,535 control characters, each of
+    // which JSON escapes into 6 bytes.
+    let long: Vec<_> = (0..300u32)
+        .map(|i| t(&format!("{i:04}{}", "\u{1}".repeat(65_531))))
+        .collect();
+    let e = write_header(&long, &BTreeMap::new()).unwrap_err();
+    assert!(e.to_string().contains("100000000-byte limit"), "{e}");
+}
+
+#[test]
 fn scalars_empty_tensors_and_metadata() {
     let header = br#"{"__metadata__":{"format":"pt","note":"x"},"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"e":{"dtype":"BF16","shape":[3,0],"data_offsets":[4,4]},"z":{"dtype":"I64","shape":[0],"data_offsets":[4,4]}}"#;
     let idx = parse(&image(header, 4)).unwrap();

@@ -228,6 +228,10 @@ pub struct Entry {
     pub data_length: u64,
 }
 
+/// Largest per-tensor header accepted: a name and a hash section of at most 64 KiB each, and
+/// crypt info with one 16-byte MAC per 2 MiB of data (8 MiB of MACs for a 1 TiB tensor).
+pub const MAX_TENSOR_HEADER: u64 = 64 << 20;
+
 /// Reads the index entries.
 pub fn parse_entries(fh: &FileHeader, body: &[u8]) -> Result<Vec<Entry>> {
     let max_entries = body.len() as u64 / MIN_ENTRY;
@@ -320,6 +324,16 @@ fn parse_index(
             return Err(bad(format!(
                 "data offset {} lies before its header offset {}",
                 e.data_offset, e.header_offset
+            )));
+        }
+        // The header sits between the two and is read whole (verification, decryption).
+        if e.data_offset - e.header_offset > MAX_TENSOR_HEADER {
+            return Err(bad(format!(
+                "per-tensor header of {} bytes (from {} to {}) is over the {MAX_TENSOR_HEADER}-byte \
+                 limit",
+                e.data_offset - e.header_offset,
+                e.header_offset,
+                e.data_offset
             )));
         }
         let end = e

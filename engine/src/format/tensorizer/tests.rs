@@ -115,6 +115,17 @@ fn hostile_headers_and_indexes_fail_clearly() {
     let entry_a_len_at = INDEX_START as usize + 2 + 1 + 1 + 1 + 3 + 1 + 4 + 16;
     set_u64(&mut b, entry_a_len_at, 12);
     expect_err(&b, ErrorKind::Corrupt, "needs 16 bytes");
+    // Data placed 1 TiB after its per-tensor header (a header nobody could hold in memory to
+    // verify): refused whatever the file's size.
+    let mut b = good.clone();
+    let hdr_at = entry_a_len_at - 16;
+    let hdr = u64::from_le_bytes(b[hdr_at..hdr_at + 8].try_into().unwrap());
+    set_u64(&mut b, hdr_at + 8, hdr + (1 << 40));
+    expect_err(
+        &b,
+        ErrorKind::Corrupt,
+        "per-tensor header of 1099511627776 bytes",
+    );
 }
 
 #[test]
@@ -400,4 +411,31 @@ fn one_load_derives_a_bounded_number_of_password_keys() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("\"b\""), "{e}");
+}
+
+#[test]
+fn the_writer_refuses_names_that_would_not_read_back() {
+    let new = |specs: &[TensorSpec]| {
+        Serializer::new(
+            IoCursor::new(Vec::new()),
+            specs,
+            &SerializerOptions::default(),
+        )
+        .err()
+    };
+    // Empty; a plain name starting with the json-seq marker (it would read back as x.1).
+    for name in ["", "\u{1e}[\"x\",1]"] {
+        let e = new(&[spec(name, DType::F32, &[1])]).expect(name);
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{name:?}: {e}");
+    }
+    // A plain "a.b" beside the path [a, b]: both read back as a.b.
+    let nested = TensorSpec {
+        path: Some(vec!["a".into(), "b".into()]),
+        ..spec("a.b", DType::F32, &[1])
+    };
+    let e = new(&[spec("a.b", DType::F32, &[1]), nested.clone()]).expect("a clash");
+    assert!(e.to_string().contains("read back as \"a.b\""), "{e}");
+    // Each alone is fine.
+    assert!(new(&[nested]).is_none());
+    assert!(new(&[spec("a.b", DType::F32, &[1])]).is_none());
 }

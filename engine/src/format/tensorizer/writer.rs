@@ -14,7 +14,9 @@ use sha2::{Digest, Sha256};
 
 use super::crypt::{self, Cipher, CryptInfo, KeySource, PwHash, CHUNK_SIZE, MAC_LEN};
 use super::header::HeaderBuilder;
-use super::index::{dtype_to_tensorizer, encode_name, is_opaque, FileHeader, INDEX_START};
+use super::index::{
+    decode_name, dtype_to_tensorizer, encode_name, is_opaque, FileHeader, INDEX_START,
+};
 use super::{FLAG_ENCRYPTED, FLAG_VERSIONED_HEADERS};
 use crate::dtype::{numel, DType};
 use crate::error::{Error, Result};
@@ -107,6 +109,7 @@ impl<W: Write + Seek> Serializer<W> {
         let mut version: u32 = if encrypted { 3 } else { 1 };
         let mut long_any = false;
         let mut seen = std::collections::HashSet::new();
+        let mut shown = std::collections::HashSet::new();
         struct Pre {
             raw: Vec<u8>,
             dtype: &'static str,
@@ -120,6 +123,28 @@ impl<W: Write + Seek> Serializer<W> {
                 return Err(Error::invalid(format!(
                     "tensor {:?} is declared twice",
                     s.name
+                )));
+            }
+            // What a reader makes of the stored name: it must read back (an empty name, or a
+            // plain one starting with the json-seq marker 0x1E, would not) as this tensor's name,
+            // and no two tensors may read back alike (a plain "a.b" beside the path [a, b]).
+            let (display, _) = decode_name(&raw).map_err(|e| {
+                Error::invalid(format!(
+                    "tensor {:?} cannot be stored under that name: {}",
+                    s.name,
+                    e.message()
+                ))
+            })?;
+            if s.path.is_none() && display != s.name {
+                return Err(Error::invalid(format!(
+                    "tensor {:?} would read back as {display:?} (a name starting with 0x1E is a \
+                     structured path to tensorizer readers)",
+                    s.name
+                )));
+            }
+            if !shown.insert(display.clone()) {
+                return Err(Error::invalid(format!(
+                    "two tensors would read back as {display:?}"
                 )));
             }
             let dtype = dtype_to_tensorizer(s.dtype)?;
