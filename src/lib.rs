@@ -78,7 +78,7 @@ pub use tensorstream_engine::format::convert::{ConvertOptions, ConvertStats};
 pub use tensorstream_engine::format::tensorizer::KeySource;
 use tensorstream_engine::format::tensorizer::ReadOptions;
 pub use tensorstream_engine::{
-    Backend, DType, Error, ErrorKind, Result, TensorIndex, TensorInfo, TensorView,
+    Backend, DType, Error, ErrorKind, Result, TensorIndex, TensorInfo, TensorRole, TensorView,
 };
 
 use tensorstream_engine::{
@@ -152,6 +152,8 @@ pub struct Loader {
     /// Which of how many loads running side by side (the shard lanes of a sharded host load)
     /// this one is: the lanes share the queue depth. `(0, 1)` otherwise.
     lane: (usize, usize),
+    /// [`Loader::convert_untyped_as`].
+    untyped_role: Option<tensorstream_engine::TensorRole>,
 }
 
 /// One shard of a sharded checkpoint: the tensors its index places there.
@@ -211,6 +213,7 @@ impl Loader {
             fallback_password: None,
             scope: None,
             lane: (0, 1),
+            untyped_role: None,
         }
     }
 
@@ -257,6 +260,16 @@ impl Loader {
         }
     }
 
+    /// For a conversion to tensorizer: the tensor type to give tensors whose input does not
+    /// record one (safetensors files). By default they are written as state-dict entries, as
+    /// tensorizer's `write_state_dict` writes them; [`TensorRole::Parameter`] makes a file that
+    /// tensorizer's `load_into_module` (the loader vLLM uses) accepts. A tensorizer input's own
+    /// types (parameters, buffers, state-dict entries) are always kept.
+    pub fn convert_untyped_as(mut self, role: TensorRole) -> Self {
+        self.untyped_role = Some(role);
+        self
+    }
+
     /// Converts the source into `output` (`.tensors` or `.safetensors`), tensor by tensor,
     /// verifying / decrypting the input as configured and encrypting the output if `encrypt`.
     /// Filters apply: only the selected tensors are written. A sharded checkpoint becomes one
@@ -299,6 +312,7 @@ impl Loader {
             read: self.read_options(&index),
             encrypt,
             only,
+            untyped_role: self.untyped_role,
             progress: self.progress.clone(),
             cancel: self.cancel.clone(),
             ..ConvertOptions::default()
@@ -351,6 +365,7 @@ impl Loader {
             encrypt,
             progress: self.progress.clone(),
             cancel: self.cancel.clone(),
+            untyped_role: self.untyped_role,
             ..ConvertOptions::default()
         };
         format::convert::convert_parts(parts, output, &opts)

@@ -338,6 +338,7 @@ fn a_conversion_that_cannot_fit_is_refused_before_writing() {
         dtype: DType::U8,
         shape: vec![shape],
         meta,
+        role: None,
     };
     let mut s = Serializer::new(
         std::io::Cursor::new(Vec::new()),
@@ -361,4 +362,50 @@ fn a_conversion_that_cannot_fit_is_refused_before_writing() {
     Loader::new(src.to_str().unwrap())
         .convert(&dir.path().join("out.tensors"), None)
         .unwrap();
+}
+
+#[test]
+fn conversions_keep_tensorizer_types_and_can_mark_safetensors_tensors_as_parameters() {
+    use tensorstream::TensorRole;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
+    let roles = |uri: &str| -> Vec<(String, Option<TensorRole>)> {
+        Loader::new(uri)
+            .inspect()
+            .unwrap()
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.role))
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A module written by tensorizer's write_module: parameters and buffers, kept as they are.
+    let src = format!("{fixtures}/v4_module_with_meta.tensors");
+    let want = roles(&src);
+    assert!(want.iter().any(|(_, r)| *r == Some(TensorRole::Parameter)));
+    assert!(want.iter().any(|(_, r)| *r == Some(TensorRole::Buffer)));
+    let out = dir.path().join("module.tensors");
+    Loader::new(&src).convert(&out, None).unwrap();
+    assert_eq!(roles(out.to_str().unwrap()), want);
+    // Safetensors tensors have no type: state-dict entries by default, parameters on request.
+    let st = format!("{fixtures}/mixed.safetensors");
+    assert!(roles(&st).iter().all(|(_, r)| r.is_none()));
+    for (role, want) in [
+        (None, TensorRole::StateDictEntry),
+        (Some(TensorRole::Parameter), TensorRole::Parameter),
+    ] {
+        let out = dir.path().join(format!("{want:?}.tensors"));
+        let mut l = Loader::new(&st);
+        if let Some(r) = role {
+            l = l.convert_untyped_as(r);
+        }
+        l.convert(&out, None).unwrap();
+        let got = roles(out.to_str().unwrap());
+        assert!(!got.is_empty());
+        assert!(got.iter().all(|(_, r)| *r == Some(want)), "{got:?}");
+        // The file verifies (the type byte is covered by the hashes).
+        Loader::new(out.to_str().unwrap())
+            .verify_hashes(true)
+            .check_data()
+            .unwrap();
+    }
 }

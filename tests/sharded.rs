@@ -314,6 +314,7 @@ fn combined_indexes_refuse_sizes_past_2_to_the_64() {
             source: TensorSource::Stored,
             path: None,
             prefix: None,
+            role: None,
         }],
         metadata: Default::default(),
         object_size: size,

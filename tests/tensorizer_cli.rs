@@ -236,6 +236,34 @@ fn convert_round_trips_every_fixture() {
         dir.path().join("x.bin").to_str().unwrap(),
     ]));
     assert!(e.contains(".tensors or .safetensors"), "{e}");
+    // Tensor types: safetensors tensors become state-dict entries, or parameters on request.
+    for (flag, want) in [(None, "state_dict"), (Some("--as-parameters"), "parameter")] {
+        let out = dir.path().join(format!("{want}.tensors"));
+        let mut c = bin();
+        c.args([
+            "convert",
+            fixtures().join("mixed.safetensors").to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        c.args(flag);
+        ok(&mut c);
+        let v: Value = serde_json::from_str(&ok(bin().args([
+            "inspect",
+            out.to_str().unwrap(),
+            "--json",
+        ])))
+        .unwrap();
+        let roles: Vec<&str> = v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["role"].as_str().unwrap())
+            .collect();
+        assert!(
+            !roles.is_empty() && roles.iter().all(|r| *r == want),
+            "{roles:?}"
+        );
+    }
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn main() -> Result<()> {
                 source: TensorSource::Stored,
                 path: None,
                 prefix: None,
+                role: None,
             }],
             metadata: Default::default(),
             object_size: meta.size,

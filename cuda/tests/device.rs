@@ -232,6 +232,7 @@ fn gpu_synthesized_tensors_are_zeroed_on_the_device() {
         source: TensorSource::Zeros,
         path: None,
         prefix: None,
+        role: None,
     });
     let plan = gpu_plan(&index, 64 << 10);
     let (m, _) = load(&dev, be, &meta, index, plan, &EngineOptions::default()).unwrap();

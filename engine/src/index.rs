@@ -34,6 +34,39 @@ pub enum TensorSource {
     Zeros,
 }
 
+/// What a tensor is to the module it came from, where the format records it (tensorizer's
+/// tensor type: `write_module` marks parameters and buffers, `write_state_dict` state-dict
+/// entries; tensorizer's `load_into_module` accepts only the first two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorRole {
+    /// A module parameter (tensorizer type 0).
+    Parameter,
+    /// A module buffer (type 1).
+    Buffer,
+    /// An entry of a state dict (type 2).
+    StateDictEntry,
+}
+
+impl TensorRole {
+    /// The tensorizer type byte.
+    pub fn tensorizer_type(self) -> u8 {
+        match self {
+            TensorRole::Parameter => 0,
+            TensorRole::Buffer => 1,
+            TensorRole::StateDictEntry => 2,
+        }
+    }
+    /// From a tensorizer type byte (`None` for an unknown one).
+    pub fn from_tensorizer_type(t: u8) -> Option<Self> {
+        match t {
+            0 => Some(TensorRole::Parameter),
+            1 => Some(TensorRole::Buffer),
+            2 => Some(TensorRole::StateDictEntry),
+            _ => None,
+        }
+    }
+}
+
 /// One tensor of the index.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
@@ -54,6 +87,9 @@ pub struct TensorInfo {
     /// [`TensorSource::Zeros`] tensors (a tensorizer meta tensor's header, which
     /// `format::tensorizer::prepare` checks and then drops).
     pub prefix: Option<Range<u64>>,
+    /// What the tensor is to its module, where the format says (tensorizer); `None` for
+    /// safetensors.
+    pub role: Option<TensorRole>,
 }
 
 impl TensorInfo {
@@ -158,6 +194,7 @@ mod tests {
             source: TensorSource::Stored,
             path: None,
             prefix: None,
+            role: None,
         };
         let index = TensorIndex {
             format: Format::Safetensors,

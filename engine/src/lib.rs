@@ -36,7 +36,7 @@ pub use backend::{
 };
 pub use dtype::DType;
 pub use error::{terminal_safe, Error, ErrorKind, Result};
-pub use index::{Format, TensorIndex, TensorInfo, TensorSource};
+pub use index::{Format, TensorIndex, TensorInfo, TensorRole, TensorSource};
 pub use mem::{Arena, IoBuf, MemRegion};
 pub use model::{HostModel, TensorView};
 pub use pipeline::{execute, unchanged_since, EngineOptions, EngineStats};

@@ -271,6 +271,7 @@ fn a_tiny_file_declaring_huge_zero_tensors_fails_cleanly_naming_it() {
             dtype: DType::U8,
             shape: vec![4],
             meta: false,
+            role: None,
         },
         tensorizer::TensorSpec {
             name: "huge".into(),
@@ -278,6 +279,7 @@ fn a_tiny_file_declaring_huge_zero_tensors_fails_cleanly_naming_it() {
             dtype: DType::F32,
             shape: vec![1 << 58],
             meta: true,
+            role: None,
         },
     ];
     let mut s = tensorizer::Serializer::new(

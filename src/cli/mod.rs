@@ -87,6 +87,11 @@ enum Cmd {
         /// Encrypt the .tensors output with the password in this file (Argon2id).
         #[arg(long, value_name = "FILE", conflicts_with = "encrypt_key_file")]
         encrypt_password_file: Option<std::path::PathBuf>,
+        /// Write tensors whose input records no tensorizer type (safetensors) as module
+        /// parameters, so that tensorizer's load_into_module (vLLM's loader) accepts the
+        /// .tensors output [default: state-dict entries, as write_state_dict writes them].
+        #[arg(long)]
+        as_parameters: bool,
         #[command(flatten)]
         io: IoArgs,
     },
@@ -477,6 +482,7 @@ pub fn run() -> i32 {
             output,
             encrypt_key_file,
             encrypt_password_file,
+            as_parameters,
             io,
         } => output::output_path(&output).and_then(|output| {
             output::convert(
@@ -484,6 +490,7 @@ pub fn run() -> i32 {
                 &output,
                 encrypt_key_file.as_deref(),
                 encrypt_password_file.as_deref(),
+                as_parameters,
                 &io,
             )
         }),

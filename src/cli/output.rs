@@ -57,6 +57,13 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
                     // A tensorizer "meta" tensor: no stored bytes, loaded as zeros.
                     o["zeros"] = json!(true);
                 }
+                if let Some(r) = t.role {
+                    o["role"] = json!(match r {
+                        tensorstream::TensorRole::Parameter => "parameter",
+                        tensorstream::TensorRole::Buffer => "buffer",
+                        tensorstream::TensorRole::StateDictEntry => "state_dict",
+                    });
+                }
                 if let Some(file) = &f.shard {
                     o["shard"] = json!(file);
                 }
@@ -120,6 +127,7 @@ pub fn convert(
     output: &std::path::Path,
     encrypt_key_file: Option<&std::path::Path>,
     encrypt_password_file: Option<&std::path::Path>,
+    as_parameters: bool,
     io: &IoArgs,
 ) -> Result<(), Error> {
     use tensorstream::KeySource;
@@ -135,10 +143,13 @@ pub fn convert(
     let started = std::time::Instant::now();
     let counter = Arc::new(AtomicU64::new(0));
     let total = Arc::new(AtomicU64::new(0));
-    let loader = io
+    let mut loader = io
         .loader(input)?
         .progress(counter.clone())
         .progress_total(total.clone());
+    if as_parameters {
+        loader = loader.convert_untyped_as(tensorstream::TensorRole::Parameter);
+    }
     let st = {
         let _bar = Progress::start_dynamic("converting", total, counter, io.quiet);
         // Removed on a forced exit too (Ctrl-C twice, or a conversion stuck past the grace).

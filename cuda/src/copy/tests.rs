@@ -16,6 +16,7 @@ fn index(sizes: &[u64], header: u64, gap: u64) -> (TensorIndex, Vec<u8>) {
             source: TensorSource::Stored,
             path: None,
             prefix: None,
+            role: None,
         });
         off += n + gap;
     }

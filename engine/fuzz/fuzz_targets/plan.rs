@@ -62,6 +62,7 @@ fuzz_target!(|input: Input| {
             source,
             path: None,
             prefix,
+            role: None,
         });
     }
     let object_size = input.object_size.unwrap_or(off + u64::from(input.tail));

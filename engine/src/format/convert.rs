@@ -68,6 +68,11 @@ pub struct ConvertOptions {
     /// Set it (from any thread) to stop: the conversion fails with
     /// [`crate::ErrorKind::Cancelled`] and removes its temporary file.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// A tensorizer output's tensor type for tensors whose input does not say (safetensors):
+    /// `None` writes state-dict entries (as tensorizer's `write_state_dict`);
+    /// [`crate::TensorRole::Parameter`] makes a file that tensorizer's `load_into_module` (vLLM's
+    /// loader) accepts. A tensorizer input's own types are kept.
+    pub untyped_role: Option<crate::TensorRole>,
 }
 
 impl Default for ConvertOptions {
@@ -81,6 +86,7 @@ impl Default for ConvertOptions {
             only: None,
             progress: None,
             cancel: None,
+            untyped_role: None,
         }
     }
 }
@@ -430,6 +436,7 @@ fn write_tensorizer<W: Write + Seek>(
             dtype: t.dtype,
             shape: t.shape.clone(),
             meta: t.source == TensorSource::Zeros,
+            role: t.role.or(opts.untyped_role),
         })
         .collect();
     let so = SerializerOptions {

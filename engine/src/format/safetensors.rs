@@ -196,6 +196,7 @@ fn parse_tensor(name: &str, v: &Value, data_start: u64, data_len: u64) -> Result
         source: TensorSource::Stored,
         path: None,
         prefix: None,
+        role: None,
     })
 }
 

@@ -23,6 +23,7 @@ fn stored(name: &str, range: Range<u64>) -> TensorInfo {
         source: TensorSource::Stored,
         path: None,
         prefix: None,
+        role: None,
     }
 }
 
@@ -40,6 +41,7 @@ fn zeros(name: &str, nbytes: u64) -> TensorInfo {
         source: TensorSource::Zeros,
         path: None,
         prefix: None,
+        role: None,
     }
 }
 

@@ -193,7 +193,7 @@ impl HeaderBuilder {
         let mut b = Vec::new();
         b.extend_from_slice(&0u64.to_le_bytes());
         b.extend_from_slice(&0u16.to_le_bytes());
-        b.push(2); // state-dict entry
+        b.push(2); // state-dict entry unless set (`set_tensor_type`)
         b.extend_from_slice(&nl.to_le_bytes());
         b.extend_from_slice(name);
         b.push(dl);
@@ -237,6 +237,12 @@ impl HeaderBuilder {
             sha_at,
             crypt_at,
         })
+    }
+
+    /// Sets the tensor type byte (0 parameter, 1 buffer, 2 state-dict entry, the default);
+    /// before the hashes are computed.
+    pub fn set_tensor_type(&mut self, t: u8) {
+        self.buf[10] = t;
     }
 
     /// The bytes the hashes start from (hash values zero, crypt info left out).

@@ -20,7 +20,7 @@ use super::{FLAG_ENCRYPTED, FLAG_VERSIONED_HEADERS, KNOWN_FLAGS, MAGIC, MAX_VERS
 use crate::dtype::{numel, DType};
 use crate::error::{Error, Result};
 use crate::format::Probe;
-use crate::index::{Format, TensorIndex, TensorInfo, TensorSource};
+use crate::index::{Format, TensorIndex, TensorInfo, TensorRole, TensorSource};
 
 /// Size of the fixed file header (magic through tensor count).
 pub const FILE_HEADER_LEN: usize = 5 + 4 + 32 + 8 + 8 + 8;
@@ -373,6 +373,7 @@ fn parse_index(
             source,
             path,
             prefix,
+            role: TensorRole::from_tensorizer_type(e.tensor_type),
         });
     }
     // Headers + data of different tensors must not overlap.

@@ -22,6 +22,7 @@ fn spec(name: &str, dtype: DType, shape: &[u64]) -> TensorSpec {
         dtype,
         shape: shape.to_vec(),
         meta: false,
+        role: None,
     }
 }
 
@@ -229,6 +230,7 @@ fn writer_picks_the_reference_data_version() {
         (
             vec![TensorSpec {
                 meta: true,
+                role: None,
                 ..spec("m", DType::F32, &[3])
             }],
             4,
@@ -248,6 +250,7 @@ fn writer_picks_the_reference_data_version() {
         spec("small", DType::U8, &[3]),
         TensorSpec {
             meta: true,
+            role: None,
             ..spec("huge", DType::U8, &[1 << 32, 2])
         },
     ];
@@ -262,6 +265,7 @@ fn writer_picks_the_reference_data_version() {
     // size its zeros).
     let overflowing = [TensorSpec {
         meta: true,
+        role: None,
         ..spec("m", DType::F32, &[u64::MAX, 2])
     }];
     let e = Serializer::new(

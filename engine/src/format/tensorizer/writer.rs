@@ -20,6 +20,7 @@ use super::index::{
 use super::{FLAG_ENCRYPTED, FLAG_VERSIONED_HEADERS};
 use crate::dtype::{numel, DType};
 use crate::error::{Error, Result};
+use crate::index::TensorRole;
 
 /// One tensor to write.
 #[derive(Debug, Clone)]
@@ -34,6 +35,9 @@ pub struct TensorSpec {
     pub shape: Vec<u64>,
     /// Store as a meta tensor: no data, loads as zeros (data version 4).
     pub meta: bool,
+    /// Its tensorizer type: `None` writes a state-dict entry (as tensorizer's
+    /// `write_state_dict` does); parameters and buffers are what `load_into_module` takes.
+    pub role: Option<TensorRole>,
 }
 
 impl TensorSpec {
@@ -115,6 +119,7 @@ impl<W: Write + Seek> Serializer<W> {
             dtype: &'static str,
             long: bool,
             nbytes: u64,
+            kind: u8,
         }
         let mut pre = Vec::with_capacity(specs.len());
         for s in specs {
@@ -165,6 +170,10 @@ impl<W: Write + Seek> Serializer<W> {
                 dtype,
                 long,
                 nbytes,
+                kind: s
+                    .role
+                    .unwrap_or(TensorRole::StateDictEntry)
+                    .tensorizer_type(),
             });
         }
         let mut flags = 0u128;
@@ -194,7 +203,7 @@ impl<W: Write + Seek> Serializer<W> {
             } else {
                 None
             };
-            headers.push(HeaderBuilder::new(
+            let mut h = HeaderBuilder::new(
                 &p.raw,
                 p.dtype,
                 &s.shape,
@@ -202,7 +211,9 @@ impl<W: Write + Seek> Serializer<W> {
                 !(encrypted && has_data),
                 crypt_info.as_ref(),
                 p.long,
-            )?);
+            )?;
+            h.set_tensor_type(p.kind);
+            headers.push(h);
         }
         // Index entries need absolute offsets, which need the index length: compute the length
         // first (it does not depend on the offsets' values).
@@ -230,7 +241,7 @@ impl<W: Write + Seek> Serializer<W> {
             }
             index.extend_from_slice(&(p.raw.len() as u16).to_le_bytes());
             index.extend_from_slice(&p.raw);
-            index.push(2);
+            index.push(p.kind);
             index.push(p.dtype.len() as u8);
             index.extend_from_slice(p.dtype.as_bytes());
             index.push(s.shape.len() as u8);
