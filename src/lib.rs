@@ -317,7 +317,7 @@ impl Loader {
             cancel: self.cancel.clone(),
             ..ConvertOptions::default()
         };
-        format::convert::convert(be.as_ref(), output, &opts)
+        format::convert::convert_shared(be, output, &opts)
     }
 
     /// A sharded checkpoint into one file: every shard's header checked first (as for a load),
@@ -356,7 +356,7 @@ impl Loader {
                     let mut index = l.read_index(be.as_ref(), &meta)?;
                     index.tensors.retain(|t| names.contains(&t.name));
                     let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &read)?;
-                    Ok((PartBackend::Owned(be), index, hook))
+                    Ok((PartBackend::Session(be, meta), index, hook))
                 }),
             });
         }

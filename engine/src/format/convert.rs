@@ -11,10 +11,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::tensorizer::{self, KeySource, ReadOptions, Serializer, SerializerOptions, TensorSpec};
-use crate::backend::Backend;
+use crate::backend::{Backend, ObjectMeta, ReadRequest, ReaderOptions};
 use crate::error::{Error, Result};
 use crate::index::{TensorIndex, TensorSource};
+use crate::mem::IoBuf;
 use crate::sink::TensorHook;
+use crate::RangeReader;
 
 /// A part's opened object: its backend, its index (the tensors to write, in order) and its
 /// verification / decryption hook.
@@ -39,14 +41,85 @@ pub enum PartBackend<'a> {
     Borrowed(&'a dyn Backend),
     /// Opened for this part (closed when the part is done).
     Owned(Arc<dyn Backend>),
+    /// Opened for this part, with the metadata (size, version) its index was read under: a
+    /// remote backend is then read through a reader session that follows
+    /// [`ConvertOptions::cancel`], so that a cancel stops a read in flight (`read_at` on a
+    /// stalled server would hold it until the request timed out).
+    Session(Arc<dyn Backend>, ObjectMeta),
 }
 
 impl PartBackend<'_> {
     fn get(&self) -> &dyn Backend {
         match self {
             PartBackend::Borrowed(b) => *b,
-            PartBackend::Owned(b) => b.as_ref(),
+            PartBackend::Owned(b) | PartBackend::Session(b, _) => b.as_ref(),
         }
+    }
+}
+
+/// How a part's bytes are read: a reader session ([`PartBackend::Session`] of a remote backend)
+/// or `read_at`.
+struct Reads<'a> {
+    be: &'a dyn Backend,
+    /// The session and its one buffer (held here between reads).
+    session: Option<(Box<dyn RangeReader>, Option<IoBuf>)>,
+}
+
+impl<'a> Reads<'a> {
+    fn new(be: &'a PartBackend<'_>, opts: &ConvertOptions) -> Result<Self> {
+        let session = match be {
+            // Local files are read by the kernel (no request to abandon): `read_at` is as
+            // quick to stop between reads.
+            PartBackend::Session(b, meta) if !b.capabilities().kernel_reads => {
+                let mut ro = ReaderOptions::new(1);
+                ro.cancel = opts.cancel.clone();
+                let r = b.clone().open_reader(meta, &ro)?;
+                let buf = IoBuf::aligned(opts.buffer_size.max(4096), 4096)?;
+                Some((r, Some(buf)))
+            }
+            _ => None,
+        };
+        Ok(Reads {
+            be: be.get(),
+            session,
+        })
+    }
+
+    /// Fills `out` from `offset`; an object that ends first is an error.
+    fn read_full(&mut self, offset: u64, out: &mut [u8]) -> Result<()> {
+        let Some((session, slot)) = &mut self.session else {
+            return read_full(self.be, offset, out);
+        };
+        let mut done = 0usize;
+        while done < out.len() {
+            let mut buf = slot
+                .take()
+                .ok_or_else(|| Error::invalid("conversion read buffer lost"))?;
+            let want = (out.len() - done).min(buf.capacity());
+            if !buf.set_len(want) {
+                return Err(Error::invalid("conversion read buffer too small"));
+            }
+            let at = offset + done as u64;
+            session.submit(ReadRequest {
+                id: 0,
+                offset: at,
+                buf,
+            })?;
+            let d = session.wait()?;
+            let n = d.result;
+            *slot = Some(d.buf);
+            let n = n?;
+            if n == 0 || n > want {
+                return Err(Error::corrupt(format!(
+                    "object ended at {at} while reading {} bytes at {offset}",
+                    out.len()
+                )));
+            }
+            let got = slot.as_ref().map(|b| &b.as_slice()[..n]).unwrap_or(&[]);
+            out[done..done + n].copy_from_slice(got);
+            done += n;
+        }
+        Ok(())
     }
 }
 
@@ -125,6 +198,25 @@ impl OutputFormat {
 
 /// Converts the object behind `input` into `output`.
 pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Result<ConvertStats> {
+    convert_one(input, None, output, opts)
+}
+
+/// [`convert`] of a backend the conversion may share: a remote one is then read through a
+/// reader session, so that [`ConvertOptions::cancel`] also stops a read in flight.
+pub fn convert_shared(
+    input: Arc<dyn Backend>,
+    output: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertStats> {
+    convert_one(input.as_ref(), Some(input.clone()), output, opts)
+}
+
+fn convert_one<'a>(
+    input: &'a dyn Backend,
+    shared: Option<Arc<dyn Backend>>,
+    output: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertStats> {
     let fmt = OutputFormat::from_path(output)?;
     if opts.encrypt.is_some() && fmt != OutputFormat::Tensorizer {
         return Err(Error::invalid("only .tensors outputs can be encrypted"));
@@ -150,7 +242,13 @@ pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Res
     let part = ConvertPart {
         location: loc,
         index: declared,
-        open: Box::new(move || Ok((PartBackend::Borrowed(input), index, hook))),
+        open: Box::new(move || {
+            let be = match shared {
+                Some(b) => PartBackend::Session(b, meta),
+                None => PartBackend::Borrowed(input),
+            };
+            Ok((be, index, hook))
+        }),
     };
     convert_parts(vec![part], output, opts)
 }
@@ -251,7 +349,7 @@ fn open_part<'a>(part: ConvertPart<'a>) -> Result<(OpenedPart<'a>, String)> {
 /// Streams one tensor's plaintext to `sink` in pieces.
 #[allow(clippy::too_many_arguments)]
 fn for_each_piece(
-    input: &dyn Backend,
+    input: &mut Reads<'_>,
     loc: &str,
     index: &TensorIndex,
     ti: usize,
@@ -287,7 +385,9 @@ fn for_each_piece(
             let mut off = t.range.start;
             while off < t.range.end {
                 let k = (buf.len() as u64).min(t.range.end - off) as usize;
-                read_full(input, off, &mut buf[..k]).map_err(|e| e.with_location(loc))?;
+                input
+                    .read_full(off, &mut buf[..k])
+                    .map_err(|e| e.with_location(loc))?;
                 sink(&buf[..k])?;
                 off += k as u64;
             }
@@ -300,7 +400,7 @@ fn for_each_piece(
 /// decrypted in place); returns the bytes and where the data starts in them. The memory is
 /// asked for without aborting: a tensor too large for it is an error naming it.
 fn checked_whole(
-    input: &dyn Backend,
+    input: &mut Reads<'_>,
     loc: &str,
     t: &crate::index::TensorInfo,
     ti: usize,
@@ -323,7 +423,9 @@ fn checked_whole(
     let mut whole = Vec::new();
     whole.try_reserve_exact(len).map_err(|_| too_large())?;
     whole.resize(len, 0);
-    read_full(input, start, &mut whole).map_err(|e| e.with_location(loc))?;
+    input
+        .read_full(start, &mut whole)
+        .map_err(|e| e.with_location(loc))?;
     let data_start = (t.range.start - start) as usize;
     h.process(ti, &mut whole, data_start)
         .map_err(|e| e.with_location(loc))?;
@@ -390,10 +492,11 @@ fn write_safetensors(
     let mut stats = ConvertStats::default();
     for part in parts {
         let ((be, index, hook), loc) = open_part(part)?;
+        let mut reads = Reads::new(&be, opts).map_err(|e| e.with_location(&loc))?;
         for ti in 0..index.tensors.len() {
             // Read errors name the part (inside); write errors are the output's.
             stats.bytes += for_each_piece(
-                be.get(),
+                &mut reads,
                 &loc,
                 &index,
                 ti,
@@ -448,6 +551,7 @@ fn write_tensorizer<W: Write + Seek>(
     let mut stats = ConvertStats::default();
     for part in parts {
         let ((be, index, hook), loc) = open_part(part)?;
+        let mut reads = Reads::new(&be, opts).map_err(|e| e.with_location(&loc))?;
         for (ti, t) in index.tensors.iter().enumerate() {
             if t.source == TensorSource::Zeros {
                 ser.write_tensor(&[])?;
@@ -456,7 +560,7 @@ fn write_tensorizer<W: Write + Seek>(
                 // Feed the serializer through a reader that pulls pieces on demand.
                 check_cancel(opts)?;
                 // Read errors name the part (inside); write errors are the output's.
-                let mut pieces = PieceReader::new(be.get(), &loc, &index, ti, &hook, opts)?;
+                let mut pieces = PieceReader::new(&mut reads, &loc, &index, ti, &hook, opts)?;
                 ser.write_tensor_from(&mut pieces)?;
             }
             stats.bytes += t.nbytes();
@@ -468,8 +572,8 @@ fn write_tensorizer<W: Write + Seek>(
 
 /// `Read` over one tensor's plaintext: chunks straight from the backend, or the processed whole
 /// tensor when a hook must see it first.
-struct PieceReader<'a> {
-    input: &'a dyn Backend,
+struct PieceReader<'a, 'b> {
+    input: &'a mut Reads<'b>,
     loc: &'a str,
     opts: &'a ConvertOptions,
     off: u64,
@@ -477,9 +581,9 @@ struct PieceReader<'a> {
     whole: Option<(Vec<u8>, usize)>,
 }
 
-impl<'a> PieceReader<'a> {
+impl<'a, 'b> PieceReader<'a, 'b> {
     fn new(
-        input: &'a dyn Backend,
+        input: &'a mut Reads<'b>,
         loc: &'a str,
         index: &TensorIndex,
         ti: usize,
@@ -488,7 +592,7 @@ impl<'a> PieceReader<'a> {
     ) -> Result<Self> {
         let t = &index.tensors[ti];
         let whole = match hook {
-            Some(h) => Some(checked_whole(input, loc, t, ti, h)?),
+            Some(h) => Some(checked_whole(&mut *input, loc, t, ti, h)?),
             None => None,
         };
         Ok(PieceReader {
@@ -502,7 +606,7 @@ impl<'a> PieceReader<'a> {
     }
 }
 
-impl Read for PieceReader<'_> {
+impl Read for PieceReader<'_, '_> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         check_cancel(self.opts).map_err(std::io::Error::other)?;
         if let Some((whole, pos)) = &mut self.whole {
@@ -516,7 +620,8 @@ impl Read for PieceReader<'_> {
         if n == 0 {
             return Ok(0);
         }
-        read_full(self.input, self.off, &mut out[..n])
+        self.input
+            .read_full(self.off, &mut out[..n])
             .map_err(|e| std::io::Error::other(e.with_location(self.loc)))?;
         self.off += n as u64;
         count(self.opts, n as u64);
