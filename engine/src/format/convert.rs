@@ -211,8 +211,8 @@ pub fn convert_shared(
     convert_one(input.as_ref(), Some(input.clone()), output, opts)
 }
 
-fn convert_one<'a>(
-    input: &'a dyn Backend,
+fn convert_one(
+    input: &dyn Backend,
     shared: Option<Arc<dyn Backend>>,
     output: &Path,
     opts: &ConvertOptions,
