@@ -2390,6 +2390,41 @@ mod tests {
     /// GPU plans of a local file: 1 MiB reads when they bypass the page cache (unless a chunk
     /// size was given), whole slots when they go through it; one read in flight per slot.
     #[test]
+    fn shard_lanes_split_the_queue_depth_between_them() {
+        use tensorstream_engine::DType;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let mut file = format::safetensors::write_header(
+            &[("w".to_string(), DType::U8, vec![64], 64)],
+            &Default::default(),
+        )
+        .unwrap();
+        file.resize(file.len() + 64, 1);
+        std::fs::write(&path, &file).unwrap();
+        let uri = path.display().to_string();
+        for (depth, lanes) in [(8usize, 2usize), (9, 2), (1, 1), (3, 2)] {
+            let shares: Vec<usize> = (0..lanes)
+                .map(|lane| {
+                    let mut l = Loader::new(&uri).queue_depth(depth);
+                    l.lane = (lane, lanes);
+                    l.prepare(None).unwrap().eopts.queue_depth
+                })
+                .collect();
+            // The lanes' reads in flight add up to what the load was given, each at least one.
+            assert_eq!(
+                shares.iter().sum::<usize>(),
+                depth,
+                "{depth} over {lanes}: {shares:?}"
+            );
+            assert!(shares.iter().all(|&s| s >= 1), "{shares:?}");
+            assert!(
+                shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1,
+                "{shares:?}"
+            );
+        }
+    }
+
+    #[test]
     fn gpu_plans_read_cold_local_files_in_1mib_pieces() {
         use tensorstream_engine::DType;
         let dir = tempfile::Builder::new()

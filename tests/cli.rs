@@ -53,6 +53,32 @@ fn run_err(args: &[&str]) -> String {
     err
 }
 
+/// A child process that is killed and reaped if the test fails before it waits for it (a
+/// demo would go on writing gigabytes, a conversion would wait for its request timeout).
+struct Reap(Option<std::process::Child>);
+
+impl Reap {
+    fn get(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("child already waited for")
+    }
+    fn wait_with_output(mut self) -> std::process::Output {
+        self.0
+            .take()
+            .expect("child already waited for")
+            .wait_with_output()
+            .unwrap()
+    }
+}
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A usage error: clap's message naming the flag and the bad value, status 2.
 fn run_usage_err(args: &[&str], flag: &str) -> String {
     let out = bin().args(args).output().unwrap();
@@ -665,26 +691,28 @@ fn interrupted_demo_removes_its_files() {
     }
     let size = size.to_string();
     for (sig, code) in [("INT", 130), ("TERM", 143), ("HUP", 129)] {
-        let mut child = bin()
-            .args(["demo", "--size", &size, "--quiet", "--dir"])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Reap(Some(
+            bin()
+                .args(["demo", "--size", &size, "--quiet", "--dir"])
+                .arg(dir.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
         // The first line says it is writing: the temporary directory exists now.
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
+        std::io::BufReader::new(child.get().stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
         assert!(line.contains("writing"), "{line}");
         let killed = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(child.id().to_string())
+            .arg(child.get().id().to_string())
             .status()
             .unwrap();
         assert!(killed.success());
-        let out = child.wait_with_output().unwrap();
+        let out = child.wait_with_output();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "SIG{sig}: {stderr}");
         assert!(stderr.contains("interrupted"), "SIG{sig}: {stderr}");
@@ -770,14 +798,17 @@ fn ctrl_c_stops_a_conversion_stuck_on_a_stalled_server() {
     let port = stalling_http_server(data);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.tensors");
-    let child = bin()
-        .args(["convert", &format!("http://127.0.0.1:{port}/m.safetensors")])
-        .arg(&out)
-        .args(["--quiet", "--timeout", "100"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reap(Some(
+        bin()
+            .args(["convert", &format!("http://127.0.0.1:{port}/m.safetensors")])
+            .arg(&out)
+            .args(["--quiet", "--timeout", "100"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let pid = child.get().id();
     // Wait for the partial file (the conversion is then stuck in a read).
     let t0 = std::time::Instant::now();
     while std::fs::read_dir(dir.path()).unwrap().count() == 0 {
@@ -787,7 +818,7 @@ fn ctrl_c_stops_a_conversion_stuck_on_a_stalled_server() {
     let kill = |sig: &str| {
         let ok = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(child.id().to_string())
+            .arg(pid.to_string())
             .status()
             .unwrap()
             .success();
@@ -797,7 +828,7 @@ fn ctrl_c_stops_a_conversion_stuck_on_a_stalled_server() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let sent = std::time::Instant::now();
     kill("INT");
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_with_output();
     let took = sent.elapsed();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{stderr}");
@@ -892,4 +923,90 @@ fn sharded_checkpoints_inspect_load_and_bench() {
         assert_eq!(t["name"], w.name.as_str());
         assert_eq!(t["sha256"], w.sha256.as_str(), "{}", w.name);
     }
+}
+
+#[test]
+fn environment_switches_work_and_bad_values_are_named() {
+    // On the build disk (O_DIRECT is refused on tmpfs).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("m.safetensors");
+    std::fs::copy(fixtures().join("mixed.safetensors"), &path).unwrap();
+    let p = path.to_str().unwrap();
+    let load = |vars: &[(&str, &str)]| {
+        let mut c = bin();
+        c.args(["load", p, "--json", "--digests"]);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    for var in [
+        "TENSORSTREAM_DIRECT",
+        "TENSORSTREAM_PREFAULT",
+        "TENSORSTREAM_HUGEPAGES",
+        "TENSORSTREAM_IO",
+    ] {
+        let out = load(&[(var, "bogus")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{var}: {err}");
+        assert!(err.contains(var) && err.contains("bogus"), "{var}: {err}");
+    }
+    let json = |vars: &[(&str, &str)]| -> serde_json::Value {
+        let out = load(vars);
+        assert!(
+            out.status.success(),
+            "{vars:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let digests = |v: &serde_json::Value| -> Vec<String> {
+        v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["sha256"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let want = digests(&json(&[]));
+    assert_eq!(
+        json(&[("TENSORSTREAM_DIRECT", "never")])["direct_io"],
+        false
+    );
+    let always = json(&[("TENSORSTREAM_DIRECT", "always")]);
+    assert_eq!(always["direct_io"], true, "O_DIRECT refused under target/?");
+    assert_eq!(digests(&always), want);
+    for var in ["TENSORSTREAM_PREFAULT", "TENSORSTREAM_HUGEPAGES"] {
+        for v in ["0", "1"] {
+            assert_eq!(digests(&json(&[(var, v)])), want, "{var}={v}");
+        }
+    }
+}
+
+#[test]
+fn a_shard_holding_tensors_its_index_does_not_list_is_loaded_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = checkpoint::write(dir.path(), &[&[10, 20], &[30]], 5);
+    let unlisted = all.remove(1);
+    checkpoint::write_index(dir.path(), "model.safetensors.index.json", &all);
+    let out = bin()
+        .args(["load", dir.path().to_str().unwrap(), "--json", "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("1 tensor(s) not listed in the checkpoint index")
+            && err.contains(&unlisted.file),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), all.len());
+    assert!(!names.contains(&unlisted.name.as_str()), "{names:?}");
 }
