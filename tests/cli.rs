@@ -367,24 +367,46 @@ fn convert_refuses_remote_outputs_and_names_bad_key_files() {
 
 #[test]
 fn permission_denied_is_reported() {
-    // Root reads any file regardless of mode bits, so this check is only meaningful for others.
-    if std::fs::read_to_string("/proc/self/status")
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p = dir.path().join("secret.safetensors");
+    std::fs::copy(fixtures().join("mixed.safetensors"), &p).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
+    // Root reads any file regardless of mode bits: as root (CI), run the command as the
+    // unprivileged user `nobody` instead.
+    let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
         })
-        .unwrap_or(false)
-    {
-        eprintln!("skipped: running as root, mode bits do not deny reads");
+        .unwrap_or(false);
+    let mut c = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_tensorstream"));
+        c
+    } else {
+        bin()
+    };
+    let out = match c.args(["load", p.to_str().unwrap()]).output() {
+        Ok(out) => out,
+        Err(e) if root => {
+            eprintln!("skipped: running as root and setpriv is not available: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let e = String::from_utf8_lossy(&out.stderr);
+    if root && e.contains("setpriv") {
+        eprintln!("skipped: running as root and setpriv cannot drop privileges here: {e}");
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("secret.safetensors");
-    std::fs::copy(fixtures().join("mixed.safetensors"), &p).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let e = run_err(&["load", p.to_str().unwrap()]);
-    assert!(e.contains("ermission denied"), "{e}");
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("ermission denied") && e.contains("secret.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
