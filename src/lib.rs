@@ -2299,10 +2299,16 @@ fn check_room<'a>(
     let Ok(st) = rustix::fs::statvfs(dir) else {
         return Ok(());
     };
-    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    // Root may also write into the blocks reserved for it.
+    let blocks = if rustix::process::geteuid().is_root() {
+        st.f_bfree
+    } else {
+        st.f_bavail
+    };
+    let free = blocks.saturating_mul(st.f_frsize);
     if needed > free {
         return Err(Error::new(
-            ErrorKind::InvalidInput,
+            ErrorKind::Io,
             format!(
                 "the output needs {needed} bytes of tensor data, but {} has {free} bytes free",
                 dir.display()
@@ -2387,8 +2393,7 @@ mod tests {
         false
     }
 
-    /// GPU plans of a local file: 1 MiB reads when they bypass the page cache (unless a chunk
-    /// size was given), whole slots when they go through it; one read in flight per slot.
+    /// The shards of a checkpoint loading side by side share the load's reads in flight.
     #[test]
     fn shard_lanes_split_the_queue_depth_between_them() {
         use tensorstream_engine::DType;
@@ -2424,6 +2429,8 @@ mod tests {
         }
     }
 
+    /// GPU plans of a local file: 1 MiB reads when they bypass the page cache (unless a chunk
+    /// size was given), whole slots when they go through it; one read in flight per slot.
     #[test]
     fn gpu_plans_read_cold_local_files_in_1mib_pieces() {
         use tensorstream_engine::DType;

@@ -398,7 +398,7 @@ fn streaming_gpu_loads_check_a_sharded_checkpoint_before_the_device() {
 }
 
 #[test]
-fn shards_loading_side_by_side_share_the_queue_depth_and_staging_budget() {
+fn shards_loading_side_by_side_load_every_byte_and_report_the_whole_queue_depth() {
     let dir = tempfile::tempdir().unwrap();
     let want = checkpoint::write(dir.path(), &SHARDS, 2);
     let budget = 8 << 20;

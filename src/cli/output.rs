@@ -148,6 +148,11 @@ pub fn convert(
         .progress(counter.clone())
         .progress_total(total.clone());
     if as_parameters {
+        if output.extension().is_none_or(|e| e != "tensors") {
+            return Err(Error::invalid(
+                "--as-parameters applies to .tensors outputs (safetensors has no tensor types)",
+            ));
+        }
         loader = loader.convert_untyped_as(tensorstream::TensorRole::Parameter);
     }
     let st = {

@@ -2,8 +2,9 @@
 //! extension), tensor by tensor.
 //!
 //! Memory: tensors that need no processing stream through one buffer of
-//! [`ConvertOptions::buffer_size`] bytes; a tensor that must be verified or decrypted is held whole
-//! while it is (so the bound is the largest such tensor, never the model). The output is written to
+//! [`ConvertOptions::buffer_size`] bytes (remote inputs also use the buffers of a reader session,
+//! at most 8 requests of at most 8 MiB); a tensor that must be verified or decrypted is held
+//! whole while it is (so the bound is the largest such tensor, never the model). The output is written to
 //! a temporary file beside it and renamed into place only when everything succeeded.
 
 use std::io::{BufWriter, Read, Seek, Write};
@@ -28,7 +29,8 @@ pub struct ConvertPart<'a> {
     /// Where the part is read from (for messages).
     pub location: String,
     /// The tensors to take from it, in order: their names, dtypes and shapes make the output's
-    /// header before any part is opened. (The first part's metadata is the output's.)
+    /// header before any part is opened. (A safetensors output's metadata is every part's; the
+    /// first part's value wins where they differ.)
     pub index: TensorIndex,
     /// Opens the part. The index it gives must list the same tensors (name, dtype, shape) in
     /// the same order; an object that changed meanwhile fails the conversion.
@@ -61,9 +63,23 @@ impl PartBackend<'_> {
 /// or `read_at`.
 struct Reads<'a> {
     be: &'a dyn Backend,
-    /// The session and its one buffer (held here between reads).
-    session: Option<(Box<dyn RangeReader>, Option<IoBuf>)>,
+    session: Option<Session>,
 }
+
+/// A reader session reading pieces of a range side by side, as the backend's `read_at` would
+/// (remote backends split a large read into concurrent requests).
+struct Session {
+    reader: Box<dyn RangeReader>,
+    /// Bytes per request and requests in flight (`depth × piece` bytes of buffers at most).
+    piece: usize,
+    depth: usize,
+    /// Buffers between reads.
+    free: Vec<IoBuf>,
+}
+
+/// Most bytes of one request of a conversion's reader session, and most requests in flight.
+const SESSION_PIECE: usize = 8 << 20;
+const SESSION_DEPTH: usize = 8;
 
 impl<'a> Reads<'a> {
     fn new(be: &'a PartBackend<'_>, opts: &ConvertOptions) -> Result<Self> {
@@ -71,11 +87,16 @@ impl<'a> Reads<'a> {
             // Local files are read by the kernel (no request to abandon): `read_at` is as
             // quick to stop between reads.
             PartBackend::Session(b, meta) if !b.capabilities().kernel_reads => {
-                let mut ro = ReaderOptions::new(1);
+                let caps = b.capabilities();
+                let depth = caps.max_concurrency.clamp(1, SESSION_DEPTH);
+                let mut ro = ReaderOptions::new(depth);
                 ro.cancel = opts.cancel.clone();
-                let r = b.clone().open_reader(meta, &ro)?;
-                let buf = IoBuf::aligned(opts.buffer_size.max(4096), 4096)?;
-                Some((r, Some(buf)))
+                Some(Session {
+                    reader: b.clone().open_reader(meta, &ro)?,
+                    piece: caps.preferred_chunk.clamp(64 << 10, SESSION_PIECE),
+                    depth,
+                    free: Vec::new(),
+                })
             }
             _ => None,
         };
@@ -87,39 +108,76 @@ impl<'a> Reads<'a> {
 
     /// Fills `out` from `offset`; an object that ends first is an error.
     fn read_full(&mut self, offset: u64, out: &mut [u8]) -> Result<()> {
-        let Some((session, slot)) = &mut self.session else {
-            return read_full(self.be, offset, out);
-        };
-        let mut done = 0usize;
-        while done < out.len() {
-            let mut buf = slot
-                .take()
-                .ok_or_else(|| Error::invalid("conversion read buffer lost"))?;
-            let want = (out.len() - done).min(buf.capacity());
-            if !buf.set_len(want) {
-                return Err(Error::invalid("conversion read buffer too small"));
+        match &mut self.session {
+            None => read_full(self.be, offset, out),
+            Some(s) => {
+                let r = s.read_full(offset, out);
+                if r.is_err() {
+                    // Every buffer back before returning: the next call starts clean.
+                    s.drain();
+                }
+                r
             }
-            let at = offset + done as u64;
-            session.submit(ReadRequest {
-                id: 0,
-                offset: at,
-                buf,
-            })?;
-            let d = session.wait()?;
-            let n = d.result;
-            *slot = Some(d.buf);
-            let n = n?;
-            if n == 0 || n > want {
+        }
+    }
+}
+
+impl Session {
+    fn read_full(&mut self, offset: u64, out: &mut [u8]) -> Result<()> {
+        let (len, piece) = (out.len(), self.piece);
+        let pieces = len.div_ceil(piece);
+        let span = move |k: usize| k * piece..((k + 1) * piece).min(len);
+        let mut landed = vec![false; pieces];
+        let mut next = 0usize;
+        while next < pieces || self.reader.in_flight() > 0 {
+            while next < pieces && self.reader.in_flight() < self.depth {
+                let mut buf = match self.free.pop() {
+                    Some(b) => b,
+                    None => IoBuf::aligned(self.piece, 4096)?,
+                };
+                if !buf.set_len(span(next).len()) {
+                    return Err(Error::invalid("conversion read buffer too small"));
+                }
+                self.reader.submit(ReadRequest {
+                    id: next as u64,
+                    offset: offset + span(next).start as u64,
+                    buf,
+                })?;
+                next += 1;
+            }
+            let d = self.reader.wait()?;
+            let (id, result, buf) = (d.id, d.result, d.buf);
+            self.free.push(buf);
+            let k = usize::try_from(id)
+                .ok()
+                .filter(|&k| k < next && !landed[k])
+                .ok_or_else(|| Error::invalid(format!("reader returned an unknown read #{id}")))?;
+            let n = result?;
+            let want = span(k);
+            if n != want.len() {
                 return Err(Error::corrupt(format!(
-                    "object ended at {at} while reading {} bytes at {offset}",
-                    out.len()
+                    "object ended at {} while reading {len} bytes at {offset}",
+                    offset + (want.start + n) as u64,
                 )));
             }
-            let got = slot.as_ref().map(|b| &b.as_slice()[..n]).unwrap_or(&[]);
-            out[done..done + n].copy_from_slice(got);
-            done += n;
+            let got = self.free.last().map(|b| &b.as_slice()[..n]).unwrap_or(&[]);
+            out[want].copy_from_slice(got);
+            landed[k] = true;
         }
         Ok(())
+    }
+
+    /// Stops the reads in flight and takes their buffers back.
+    fn drain(&mut self) {
+        if self.reader.in_flight() > 0 {
+            self.reader.abandon();
+        }
+        while self.reader.in_flight() > 0 {
+            match self.reader.wait() {
+                Ok(d) => self.free.push(d.buf),
+                Err(_) => break,
+            }
+        }
     }
 }
 
@@ -397,8 +455,9 @@ fn for_each_piece(
 }
 
 /// A stored tensor with its per-tensor header, read whole and run through the hook (checked,
-/// decrypted in place); returns the bytes and where the data starts in them. The memory is
-/// asked for without aborting: a tensor too large for it is an error naming it.
+/// decrypted in place); returns the bytes and where the data starts in them. Memory the
+/// allocator refuses is an error naming the tensor, not an abort (with overcommit the kernel
+/// may still grant more than it can give).
 fn checked_whole(
     input: &mut Reads<'_>,
     loc: &str,
