@@ -28,7 +28,8 @@ struct Cli {
 enum Cmd {
     /// List a file's tensors (reads only the metadata; with --verify, also reads every tensor and
     /// checks its CRC32 / SHA-256, keeping none in memory; with a key or password, decrypts the
-    /// smallest tensor to check the key). A sharded checkpoint: every shard's.
+    /// smallest tensor to check the key). For a sharded checkpoint, every shard's table is
+    /// printed.
     Inspect {
         /// Path or URI of a safetensors / tensorizer file, or of a sharded checkpoint (its
         /// *.safetensors.index.json, or a local directory).
@@ -143,10 +144,11 @@ struct IoArgs {
     /// S3 endpoint URL (default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL).
     #[arg(long, value_name = "URL")]
     s3_endpoint: Option<String>,
-    /// S3 region (default: $AWS_REGION, else $AWS_DEFAULT_REGION).
+    /// S3 region (default: $AWS_REGION, else $AWS_DEFAULT_REGION, else us-east-1).
     #[arg(long, value_name = "REGION")]
     s3_region: Option<String>,
-    /// Per-request timeout for remote backends, in seconds [default: 30].
+    /// Per-request timeout for remote backends, in seconds [default: 30; S3: 30 for HEAD, 10
+    /// for each step of a GET body; this option sets both].
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
     /// Never show progress bars.
