@@ -44,6 +44,8 @@ enum Flaw {
     RetryablePastEnd,
     /// Declares an alignment of 4096 without direct I/O (the Loader would plan unaligned reads).
     AlignedWithoutDirect,
+    /// Never returns from a read of data (a backend stuck on a server that does not answer).
+    HangsInReadAt,
 }
 
 #[derive(Debug)]
@@ -100,6 +102,9 @@ impl Backend for Broken {
                 Ok(n)
             }
             Flaw::ZeroLengthFails if buf.is_empty() => Err(Error::invalid("empty read")),
+            Flaw::HangsInReadAt if !buf.is_empty() => loop {
+                std::thread::park();
+            },
             Flaw::RetryablePastEnd if offset > size => {
                 Err(Error::new(ErrorKind::RangeNotSatisfiable, "past the end").with_retryable(true))
             }
@@ -159,4 +164,43 @@ fn broken_backends_fail_the_suite_with_a_named_check() {
             );
         }
     }
+}
+
+/// Run by `a_backend_call_that_never_returns_fails_the_check_at_its_deadline`, in a child
+/// process with a short deadline (the variable is read per check; setting it here would race
+/// the other tests of this binary).
+#[test]
+#[ignore = "run in a child process by a_backend_call_that_never_returns_fails_the_check_at_its_deadline"]
+fn child_runs_the_suite_against_a_hanging_backend() {
+    testkit::run_all(&BrokenFixture(Flaw::HangsInReadAt));
+}
+
+#[test]
+fn a_backend_call_that_never_returns_fails_the_check_at_its_deadline() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_runs_the_suite_against_a_hanging_backend",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TENSORSTREAM_TESTKIT_DEADLINE_S", "2")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "the suite passed a hanging backend: {text}"
+    );
+    assert!(
+        text.contains("did not return: the check ran past its deadline of 2 s")
+            && text.contains("read_at(")
+            && text.contains("broken backend"),
+        "{text}"
+    );
 }
