@@ -139,14 +139,8 @@ impl HostUpload {
         }
         let mut off = 0u64;
         for chunk in bytes.chunks(self.slot_size) {
-            let mut slot = self.slot()?;
-            if !slot.set_len(chunk.len()) {
-                return Err(Error::invalid(format!(
-                    "a {}-byte piece does not fit a pinned slot",
-                    chunk.len()
-                )));
-            }
-            slot.as_mut_slice().copy_from_slice(chunk);
+            // Everything that can fail before the copy is queued comes before the slot is taken,
+            // so that a failure never loses a slot.
             let dst = dest
                 .checked_add(off)
                 .ok_or_else(|| Error::invalid("device offset overflows"))?;
@@ -157,6 +151,16 @@ impl HostUpload {
             };
             let stream = self.dev.stream(self.rr.next_index()).clone();
             let ev = self.dev.event()?;
+            let mut slot = self.slot()?;
+            if !slot.set_len(chunk.len()) {
+                self.free.push(slot);
+                self.dev.recycle_event(ev);
+                return Err(Error::invalid(format!(
+                    "a {}-byte piece does not fit a pinned slot",
+                    chunk.len()
+                )));
+            }
+            slot.as_mut_slice().copy_from_slice(chunk);
             match copy_to_device(&self.arena, HostSource::Slot(slot), &[copy], &stream, ev) {
                 Ok(f) => self.inflight.push_back(f),
                 Err(e) => {
