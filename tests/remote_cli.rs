@@ -152,43 +152,51 @@ fn http_fixtures_match_manifest() {
     );
 }
 
+/// An object on one server: the directory the server serves it from, its URI, CLI options and
+/// environment.
+type Remote = (PathBuf, String, Vec<String>, Vec<(String, String)>);
+
+/// `object` in the directory (or bucket) `name` on each server the test command runs: nginx,
+/// s3s-fs and Ganesha (its URI with `nfs_query` appended). Each: the directory the server
+/// serves it from, its URI, the CLI options and the environment it needs.
+fn every_remote(name: &str, object: &str, nfs_query: &str) -> Vec<Remote> {
+    let s3_envs = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+    ];
+    let (url, nfs_port) = (env("TS_NGINX_URL"), env("TS_NFS_PORT"));
+    vec![
+        (
+            PathBuf::from(env("TS_NGINX_ROOT")).join(name),
+            format!("{url}/{name}/{object}"),
+            vec![],
+            vec![],
+        ),
+        (
+            PathBuf::from(env("TS_S3_ROOT")).join(name),
+            format!("s3://{name}/{object}"),
+            vec!["--s3-endpoint".to_string(), env("TS_S3_ENDPOINT")],
+            s3_envs,
+        ),
+        (
+            PathBuf::from(env("TS_NFS_ROOT")).join(name),
+            format!("nfs://127.0.0.1:{nfs_port}/export/{name}/{object}{nfs_query}"),
+            vec![],
+            vec![],
+        ),
+    ]
+}
+
 /// A sharded checkpoint through each remote backend: the shards are found beside the index
 /// (same URL directory, bucket prefix, NFS directory; the NFS URI's query is kept) and every
 /// tensor's digest matches what was written.
 #[test]
 fn sharded_checkpoints_load_through_every_remote_backend() {
     let shards: [&[usize]; 3] = [&[1000, 3 << 20], &[17], &[(5 << 20) + 3]];
-    let s3_envs = vec![
-        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
-        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
-        ("AWS_REGION".to_string(), "us-east-1".to_string()),
-    ];
-    let endpoint = env("TS_S3_ENDPOINT");
-    let nfs_port = env("TS_NFS_PORT");
-    let url = env("TS_NGINX_URL");
-    // (served directory, index URI, CLI options, environment)
-    type Case<'a> = (PathBuf, String, Vec<&'a str>, Vec<(String, String)>);
-    let cases: Vec<Case> = vec![
-        (
-            PathBuf::from(env("TS_NGINX_ROOT")).join("cli-sharded"),
-            format!("{url}/cli-sharded/model.safetensors.index.json"),
-            vec![],
-            vec![],
-        ),
-        (
-            PathBuf::from(env("TS_S3_ROOT")).join("cli-sharded"),
-            "s3://cli-sharded/model.safetensors.index.json".to_string(),
-            vec!["--s3-endpoint", &endpoint],
-            s3_envs,
-        ),
-        (
-            PathBuf::from(env("TS_NFS_ROOT")).join("cli-sharded"),
-            format!("nfs://127.0.0.1:{nfs_port}/export/cli-sharded/model.safetensors.index.json?nconnect=2"),
-            vec![],
-            vec![],
-        ),
-    ];
-    for (dir, uri, extra, envs) in cases {
+    for (dir, uri, extra, envs) in
+        every_remote("cli-sharded", "model.safetensors.index.json", "?nconnect=2")
+    {
         let want = checkpoint::write(&dir, &shards, 11);
         let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
             .args(["load", &uri, "--digests", "--json", "--quiet"])
@@ -306,36 +314,11 @@ fn verified_conversions_through_every_remote_backend_keep_every_byte() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let s3_envs = vec![
-        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
-        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
-        ("AWS_REGION".to_string(), "us-east-1".to_string()),
-    ];
-    let endpoint = env("TS_S3_ENDPOINT");
-    let (url, nfs_port) = (env("TS_NGINX_URL"), env("TS_NFS_PORT"));
-    type Case<'a> = (PathBuf, String, Vec<&'a str>, Vec<(String, String)>);
-    let cases: Vec<Case> = vec![
-        (
-            PathBuf::from(env("TS_NGINX_ROOT")).join("cli-convert"),
-            format!("{url}/cli-convert/src.tensors"),
-            vec![],
-            vec![],
-        ),
-        (
-            PathBuf::from(env("TS_S3_ROOT")).join("cli-convert"),
-            "s3://cli-convert/src.tensors".to_string(),
-            vec!["--s3-endpoint", &endpoint],
-            s3_envs,
-        ),
-        (
-            PathBuf::from(env("TS_NFS_ROOT")).join("cli-convert"),
-            format!("nfs://127.0.0.1:{nfs_port}/export/cli-convert/src.tensors"),
-            vec![],
-            vec![],
-        ),
-    ];
     let out_dir = tempfile::tempdir().unwrap();
-    for (k, (dir, uri, extra, envs)) in cases.into_iter().enumerate() {
+    for (k, (dir, uri, extra, envs)) in every_remote("cli-convert", "src.tensors", "")
+        .into_iter()
+        .enumerate()
+    {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(&local, dir.join("src.tensors")).unwrap();
         let dst = out_dir.path().join(format!("out{k}.safetensors"));
