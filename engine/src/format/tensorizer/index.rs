@@ -243,7 +243,10 @@ pub fn parse_entries(fh: &FileHeader, body: &[u8]) -> Result<Vec<Entry>> {
         )));
     }
     let mut c = Cursor::new(body, "tensorizer index");
-    let mut out = Vec::with_capacity(fh.tensor_count as usize);
+    // Entries take more memory than the at least MIN_ENTRY bytes each has in the file: grow as
+    // they parse rather than reserving for the count the header claims (a 1 GiB index would
+    // reserve gigabytes up front).
+    let mut out = Vec::with_capacity((fh.tensor_count as usize).min(1 << 16));
     for i in 0..fh.tensor_count {
         let ctx = |e: Error| e.context(format!("index entry #{i}"));
         let version = if fh.versioned() {
