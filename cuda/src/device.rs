@@ -313,8 +313,7 @@ impl CudaDevice {
     /// Waits for every stream; reports the first error.
     pub fn synchronize(&self) -> Result<()> {
         for s in &self.streams {
-            s.synchronize()
-                .map_err(|e| device_error("waiting for a CUDA stream", e))?;
+            driver::sync_stream(s)?;
         }
         Ok(())
     }

@@ -251,13 +251,14 @@ impl DeviceArena {
                 Err(_) => Ok(()),
             };
         }
-        // `bind` absorbs an error stored by earlier, unrelated work and binds again.
-        let bound = bind(&self.ctx);
-        let synced = self
-            .ctx
-            .synchronize()
-            .map_err(|e| device_error("waiting for the device before freeing the arena", e));
-        if let Err(e) = bound.and(synced) {
+        // `bind` absorbs an error stored by earlier, unrelated work and binds again; then the
+        // context is waited on directly (cudarc's `CudaContext::synchronize` would hand back
+        // such an error without waiting, and the arena would leak for nothing).
+        let synced = bind(&self.ctx).and_then(|()| {
+            result::ctx::synchronize()
+                .map_err(|e| device_error("waiting for the device before freeing the arena", e))
+        });
+        if let Err(e) = synced {
             // The device could not confirm that no copy into the arena is still running:
             // leave it allocated (until the context goes) rather than free it under a copy.
             return Err(e.context("the device arena was not freed"));
@@ -385,7 +386,7 @@ pub fn copy_to_device(
 /// After a failed submission: wait for what was queued; give the source back only if that
 /// worked.
 fn settle(stream: &CudaStream, source: HostSource) -> Option<HostSource> {
-    match stream.synchronize() {
+    match sync_stream(stream) {
         Ok(()) => Some(source),
         Err(_) => {
             std::mem::forget(source);
@@ -407,6 +408,26 @@ pub fn mark(arena: &Arc<DeviceArena>, stream: &CudaStream, event: CudaEvent) -> 
     })
 }
 
+/// Waits for the work queued on `stream`. Binds, then waits on the stream itself: cudarc's
+/// `CudaStream::synchronize` would return an error stored by unrelated work without waiting.
+pub(crate) fn sync_stream(stream: &CudaStream) -> Result<()> {
+    bind(stream.context())?;
+    // SAFETY: a live stream of the context just made current on this thread.
+    unsafe { result::stream::synchronize(stream.cu_stream()) }
+        .map_err(|e| device_error("waiting for a CUDA stream", e))
+}
+
+/// Waits for `ev` (recorded in `ctx`). The event's own answer decides whether the work is done,
+/// not an error another thread's Drop stored in the context (cudarc's `CudaEvent::synchronize`
+/// binds first and would return that one without waiting): bind, then wait on the event.
+fn sync_event(ctx: &CudaContext, ev: &CudaEvent) -> Result<()> {
+    bind(ctx)?;
+    // SAFETY: `ev` is a live event of this context; the context is current on this thread
+    // (bound just above).
+    unsafe { result::event::synchronize(ev.cu_event()) }
+        .map_err(|e| device_error("host-to-device copy failed", e))
+}
+
 impl InFlight {
     /// True once the work completed (never blocks).
     pub fn is_done(&self) -> Result<bool> {
@@ -424,16 +445,7 @@ impl InFlight {
             Some(ev) => ev,
             None => return Err(Error::invalid("copy already waited for")),
         };
-        // The event's own answer decides whether the copy is done, not an error another
-        // thread's Drop stored in the context (cudarc's `CudaEvent::synchronize` binds first and
-        // would return that one without waiting): bind, then wait on the event directly.
-        let waited = bind(&self.arena.ctx).and_then(|()| {
-            // SAFETY: `ev` is a live event of this context, recorded after the copy; the
-            // context is current on this thread (bound just above).
-            unsafe { result::event::synchronize(ev.cu_event()) }
-                .map_err(|e| device_error("host-to-device copy failed", e))
-        });
-        match waited {
+        match sync_event(&self.arena.ctx, &ev) {
             Ok(()) => Ok((self.source.take(), ev)),
             Err(e) => {
                 // The copy may still be running: neither its source nor its destination may
@@ -454,10 +466,7 @@ impl Drop for InFlight {
             return;
         };
         let ok = match &self.event {
-            Some(ev) => {
-                let _ = bind(&self.arena.ctx);
-                ev.synchronize().is_ok()
-            }
+            Some(ev) => sync_event(&self.arena.ctx, ev).is_ok(),
             None => true,
         };
         if !ok {
