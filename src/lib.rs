@@ -317,7 +317,8 @@ impl Loader {
             cancel: self.cancel.clone(),
             ..ConvertOptions::default()
         };
-        format::convert::convert_shared(be, output, &opts)
+        // The header already read serves the conversion too (read once).
+        format::convert::convert_shared(be, Some((meta, index)), output, &opts)
     }
 
     /// A sharded checkpoint into one file: every shard's header checked first (as for a load),

@@ -353,3 +353,33 @@ fn verified_conversions_through_every_remote_backend_keep_every_byte() {
         loaded_as_written(dst.to_str().unwrap(), &[], &[], &want);
     }
 }
+
+/// A one-file conversion reads the file's header once too (the conversion reuses what the
+/// loader read to select the tensors).
+#[test]
+fn a_one_file_conversion_reads_the_header_once() {
+    let url = env("TS_NGINX_URL");
+    let log = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+    let root = PathBuf::from(env("TS_NGINX_ROOT"));
+    let dir = root.join("header-once-file");
+    let want = checkpoint::write(&dir, &[&[1000, 3 << 20]], 23);
+    let name = checkpoint::shard_name(1, 1);
+    let out_dir = tempfile::tempdir().unwrap();
+    let dst = out_dir.path().join("one.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
+        .arg("convert")
+        .arg(format!("{url}/header-once-file/{name}"))
+        .arg(&dst)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    loaded_as_written(dst.to_str().unwrap(), &[], &[], &want);
+    let log = std::fs::read_to_string(&log).unwrap();
+    let uri = format!("/header-once-file/{name}");
+    assert_eq!(header_reads(&log, &uri), 1, "{log}");
+}

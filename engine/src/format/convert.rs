@@ -256,22 +256,26 @@ impl OutputFormat {
 
 /// Converts the object behind `input` into `output`.
 pub fn convert(input: &dyn Backend, output: &Path, opts: &ConvertOptions) -> Result<ConvertStats> {
-    convert_one(input, None, output, opts)
+    convert_one(input, None, None, output, opts)
 }
 
 /// [`convert`] of a backend the conversion may share: a remote one is then read through a
-/// reader session, so that [`ConvertOptions::cancel`] also stops a read in flight.
+/// reader session, so that [`ConvertOptions::cancel`] also stops a read in flight. `known`: the
+/// object's metadata and index as the caller already read them (from `input`), so that they are
+/// not fetched again.
 pub fn convert_shared(
     input: Arc<dyn Backend>,
+    known: Option<(ObjectMeta, TensorIndex)>,
     output: &Path,
     opts: &ConvertOptions,
 ) -> Result<ConvertStats> {
-    convert_one(input.as_ref(), Some(input.clone()), output, opts)
+    convert_one(input.as_ref(), Some(input.clone()), known, output, opts)
 }
 
 fn convert_one(
     input: &dyn Backend,
     shared: Option<Arc<dyn Backend>>,
+    known: Option<(ObjectMeta, TensorIndex)>,
     output: &Path,
     opts: &ConvertOptions,
 ) -> Result<ConvertStats> {
@@ -280,8 +284,14 @@ fn convert_one(
         return Err(Error::invalid("only .tensors outputs can be encrypted"));
     }
     let loc = input.location().to_string();
-    let meta = input.stat().map_err(|e| e.with_location(&loc))?;
-    let mut index = super::read_index(input, &meta)?;
+    let (meta, mut index) = match known {
+        Some(k) => k,
+        None => {
+            let meta = input.stat().map_err(|e| e.with_location(&loc))?;
+            let index = super::read_index(input, &meta)?;
+            (meta, index)
+        }
+    };
     if let Some(only) = &opts.only {
         let keep: std::collections::HashSet<&str> = only.iter().map(String::as_str).collect();
         index.tensors.retain(|t| keep.contains(t.name.as_str()));
