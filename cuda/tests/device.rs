@@ -85,7 +85,11 @@ fn no_driver_or_no_device_is_a_clear_error_not_a_panic() {
         assert_eq!(e.kind(), ErrorKind::Device);
         assert_eq!(
             e.message(),
-            format!("CUDA device {} not present ({n} devices)", n + 3)
+            format!(
+                "CUDA device {} not present ({n} device{})",
+                n + 3,
+                if n == 1 { "" } else { "s" }
+            )
         );
     }
 }

@@ -259,9 +259,15 @@ pub fn run(
         if m.len() != count {
             bad.push(format!("loaded {} tensors, expected {count}", m.len()));
         }
+        // The device's name too: which GPU ran the demo (or that a stand-in driver did).
+        let name = m
+            .device()
+            .name()
+            .map(|n| format!(", {}", crate::cli::output::field(&n)))
+            .unwrap_or_default();
         (
             cm.stats().clone(),
-            "cuda:0 (read back and checked)".to_string(),
+            format!("cuda:0{name} (read back and checked)"),
         )
     } else {
         let model = {

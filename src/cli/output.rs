@@ -174,7 +174,7 @@ pub fn convert(
 /// `s` for one field of a line of text output: every control character (newlines and tabs
 /// too) escaped, so that names and metadata taken from a file can neither drive the terminal
 /// (escape sequences) nor forge lines. JSON output needs none of this (serde escapes them).
-fn field(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn field(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.chars().any(char::is_control) {
         return std::borrow::Cow::Borrowed(s);
     }

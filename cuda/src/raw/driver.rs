@@ -77,7 +77,10 @@ pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if ordinal >= n {
         return Err(Error::new(
             ErrorKind::Device,
-            format!("CUDA device {ordinal} not present ({n} devices)"),
+            format!(
+                "CUDA device {ordinal} not present ({n} device{})",
+                if n == 1 { "" } else { "s" }
+            ),
         ));
     }
     guarded("opening the CUDA device", || {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds fakecuda (cuda/tests/fakecuda/fakecuda.c: a CPU stand-in for the CUDA driver API calls
+# tensorstream makes) as target/fakecuda/libcuda.so, and optionally runs a command with it first
+# on LD_LIBRARY_PATH, so that the GPU code paths run on a machine without a GPU. A logic test
+# only: nothing timed against it measures a GPU. Settings (FAKECUDA_DELAY_US, FAKECUDA_REGISTER,
+# FAKECUDA_MEM, FAKECUDA_DEVICES, FAKECUDA_STATS) are described at the top of the C file.
+#
+#   scripts/fakecuda.sh                       # build; prints the library's folder
+#   scripts/fakecuda.sh run CMD [ARGS...]     # build, then run CMD against it
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+src=$root/cuda/tests/fakecuda/fakecuda.c
+dir=${CARGO_TARGET_DIR:-$root/target}/fakecuda
+if [ ! -f "$dir/libcuda.so" ] || [ "$src" -nt "$dir/libcuda.so" ]; then
+  command -v cc >/dev/null || { echo "fakecuda.sh: no C compiler (cc) to build $src" >&2; exit 2; }
+  mkdir -p "$dir"
+  cc -O2 -g -Wall -Wextra -Werror -shared -fPIC -pthread -o "$dir/libcuda.so.tmp" "$src"
+  mv "$dir/libcuda.so.tmp" "$dir/libcuda.so"
+fi
+if [ "${1:-}" = run ]; then
+  shift
+  export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  exec "$@"
+fi
+echo "$dir"
