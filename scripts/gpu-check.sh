@@ -6,6 +6,8 @@
 # (give the device call timeout_s ≈ 560). Writes gpu-check.log and results.jsonl to $OUT as they
 # grow, so even a run killed from outside leaves them; the table is printed last in any case.
 # Rehearsal without a GPU (checks the script; loads go to host memory): TS_GPU_DRY=1 TS_GPU_GB=0.5
+# Rehearsal of the GPU steps against fakecuda, a CPU stand-in for the driver (scripts/fakecuda.sh
+# first; device digests checked, peers skipped, nothing judged): TS_GPU_FAKE=1 TS_GPU_GB=0.5
 # Short run for a lease's last minutes (required steps only, no sweeps; ~170 s on the H200
 # before the GPU test suites and the A/B rows were added, so allow ~240 s):
 #   TS_GPU_QUICK=1 TS_GPU_HARD=300 TS_GPU_BUDGET=250 (device call timeout_s ≈ 320)

@@ -6,7 +6,11 @@ default 6.5), TS_GPU_BUDGET (seconds, default 330: optional steps are skipped pa
 TS_GPU_HARD (seconds, default 500: a hard end; every step's timeout is cut to what is left, and
 the table is printed even when the run is cut short), TS_GPU_DRY=1 (rehearsal on a machine
 without a GPU: every tensorstream load goes to --device cpu, GPU-only steps are skipped; checks
-the script itself, measures nothing about GPUs), TS_GPU_QUICK=1 (required steps only: no cold
+the script itself, measures nothing about GPUs), TS_GPU_FAKE=1 (rehearsal against fakecuda, the
+CPU stand-in for the CUDA driver in cuda/tests/fakecuda, built by scripts/fakecuda.sh into
+TS_GPU_FAKE_LIB, default target/fakecuda: every load goes to cuda:0 through the real GPU code
+paths and the device digests are checked, the peers are skipped and no figure is judged),
+TS_GPU_QUICK=1 (required steps only: no cold
 or warm sweeps, no extra peer samples, no --verify row, no tuning sweeps).
 
 Order: required steps first (fixtures, digests, cold/warm loads of the default routes, raw-read
@@ -29,6 +33,18 @@ DRY = os.environ.get("TS_GPU_DRY") == "1"
 # A shorter run for a lease's last minutes: the required steps only (fixtures, digests, cold
 # and warm timings with raw reads, the peers), without sweeps or extra samples.
 QUICK = os.environ.get("TS_GPU_QUICK") == "1"
+# A rehearsal against fakecuda (a CPU stand-in for the CUDA driver): the GPU code paths and this
+# script's GPU steps run; nothing it times says anything about a GPU.
+FAKE = os.environ.get("TS_GPU_FAKE") == "1"
+if FAKE:
+    if DRY:
+        sys.exit("TS_GPU_FAKE=1 and TS_GPU_DRY=1 exclude each other")
+    _lib = os.path.abspath(os.environ.get("TS_GPU_FAKE_LIB", "target/fakecuda"))
+    if not os.path.exists(os.path.join(_lib, "libcuda.so")):
+        sys.exit(f"TS_GPU_FAKE=1: no libcuda.so in {_lib} (run scripts/fakecuda.sh first)")
+    os.environ["LD_LIBRARY_PATH"] = _lib + (":" + os.environ["LD_LIBRARY_PATH"]
+                                            if os.environ.get("LD_LIBRARY_PATH") else "")
+    os.environ.setdefault("FAKECUDA_DELAY_US", "2")
 DEV = "cpu" if DRY else "cuda:0"
 rows = []        # result dicts for the table
 checks = []      # (what, ok, detail)
@@ -328,7 +344,8 @@ def run_test_suites():
     """The GPU test suites (tests/gpu.rs, cuda/tests/device.rs), built in release by
     prepare-gpu-check.sh: on a GPU every test must run (none skipped) and pass."""
     say("== GPU test suites on cuda:0 (tests/gpu.rs, cuda/tests/device.rs)")
-    env = dict(os.environ, TS_FIXTURES=os.path.abspath(os.path.join(G, "fixtures")), RUST_BACKTRACE="1")
+    env = dict(os.environ, TS_FIXTURES=os.path.abspath(os.path.join(G, "fixtures")), RUST_BACKTRACE="1",
+               TS_CLI=os.path.abspath(TS))
     for name in ("gpu", "device"):
         exe = os.path.join(G, "bin", "test-" + name)
         if not os.path.exists(exe):
@@ -516,7 +533,7 @@ def main():
         for extra in sweeps:
             c = drop()
             record(ts_load(FILE, extra), c, "tensorstream " + " ".join(extra) + " (cold sweep)")
-        if not DRY and not GPU_HUNG:
+        if not DRY and not FAKE and not GPU_HUNG:
             rc, out, err, wall, _ = run(["python3", "-c", FST_COLD, FILE], 90)
             r = last_json(out)
             if r:
@@ -634,8 +651,8 @@ def main():
 
     say("== peers_baseline.py on the same file")
     peers_rss = None
-    if DRY:
-        say("peers skipped: dry run (they load to cuda:0)")
+    if DRY or FAKE:
+        say("peers skipped: " + ("dry run (they load to cuda:0)" if DRY else "fake driver (they need torch on a GPU)"))
     elif hard_left() > 90 and shutil.which("python3"):
         # CUDA is initialised before the peer script runs (its first timing would otherwise
         # include torch's context creation); the script itself is run unchanged.
@@ -657,7 +674,7 @@ def main():
     # The same weights in tensorizer's own format (written by the peer script): tensorstream on
     # the very file tensorizer's deserializer read, plain and verified (staged route).
     tz = FILE + ".tensors"
-    if DRY and not os.path.exists(tz):
+    if (DRY or FAKE) and not os.path.exists(tz):
         run([TS, "convert", FILE, tz], 120)  # rehearse the step without the peers
     if os.path.exists(tz) and left() > 45:
         say("== tensorstream on the tensorizer file the peers wrote")
@@ -766,15 +783,22 @@ def finish():
         say("dry run: loads went to host memory, so the GPU targets (warm GB/s, peak RSS, peers) "
             "are not judged; only the fixture and digest checks and the cold ratio are")
         ts_warm = None
+    if FAKE:
+        say("FAKE DRIVER run: the CUDA driver was fakecuda, a CPU stand-in, so no figure says "
+            "anything about a GPU and no speed or memory target is judged; only the fixture and "
+            "digest checks and the GPU test suites count")
+        ts_warm = ts_cold = None
     # A target whose rows are missing is a FAIL that says so: never silently left out.
     nj = lambda what, why: check(what, False, "NOT JUDGED: " + why)
     if ts_warm:
         check("warm -> GPU >= 40 GB/s", ts_warm["gbps"] >= 40,
               f"median {ts_warm['gbps']:.2f} GB/s of {ts_warm['n']} loads, best {ts_warm['best']:.2f} "
               f"({ts_warm['loader']})")
-    elif not DRY:
+    elif not DRY and not FAKE:
         nj("warm -> GPU >= 40 GB/s", "no warm tensorstream load finished")
-    if not COLD_OK:
+    if FAKE:
+        pass
+    elif not COLD_OK:
         nj("cold >= 0.95 x best raw read", "the work folder is in memory")
     elif ts_cold and raw:
         check("cold >= 0.95 x best raw read", ts_cold["gbps"] >= 0.95 * raw["gbps"],
@@ -793,7 +817,7 @@ def finish():
         nj("cold >= 0.95 x best raw read",
            "no " + " and no ".join(w for w, v in (("cold tensorstream load", ts_cold), ("raw read", raw)) if not v)
            + " (page cache not droppable?)")
-    if DRY:
+    if DRY or FAKE:
         pass
     elif ts_cold and peers_cold:
         # Counting tensorstream's device open (context, pinned ring) in its time, as the peers
@@ -826,10 +850,12 @@ def finish():
     # speed and memory are met by the same configuration.
     judged = {"tensorstream (ring) [ring]"} | ({ts_warm["loader"]} if ts_warm else set())
     rss = [r["rss_mib"] for r in rows if main(r) and r["loader"] in judged and r.get("rss_mib")]
-    if rss and not DRY:
+    if DRY or FAKE:
+        pass
+    elif rss:
         check("peak RSS <= 300 MiB (" + ", ".join(sorted(judged)) + ")", max(rss) <= 300,
               f"max {max(rss):.0f} MiB over {len(rss)} loads")
-    elif not DRY:
+    else:
         nj("peak RSS <= 300 MiB", "no judged load reported its peak RSS")
 
     # Table last.
@@ -862,7 +888,9 @@ def finish():
                  "the tensorizer copy); peers report no time to first tensor; '(explore)' rows come from "
                  "ts-gpu-bench tuning sweeps and are not judged; cold targets use interleaved medians. "
                  + ("tensorstream rows via the CLI" if CLI_GPU else "tensorstream rows via ts-gpu-bench (CLI had no GPU path)")
-                 + (". DRY RUN: every load went to host memory, no GPU was used" if DRY else ""))
+                 + (". DRY RUN: every load went to host memory, no GPU was used" if DRY else "")
+                 + (". FAKE DRIVER RUN (fakecuda, a CPU stand-in): no GPU was used, no figure "
+                    "measures one" if FAKE else ""))
     lines.append("checks: " + ", ".join(("ok " if ok else "FAIL ") + w for w, ok, _ in checks))
     for l in lines:
         say(l)

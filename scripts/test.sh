@@ -64,6 +64,26 @@ if [ ${#extra[@]} -eq 0 ]; then
     # shellcheck disable=SC2086
     cargo test $t --all-features --quiet -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|panicked|FAILED" || status=1
   done
+  # The GPU tests once more against fakecuda (cuda/tests/fakecuda: a CPU stand-in for the CUDA
+  # driver, strict about contexts, device ranges and the order of events): every GPU code path
+  # runs here, none may skip. Twice: with registration allowed, and refused (pageable staging,
+  # the mapped route's pread fallback). A logic check: it measures nothing about GPUs.
+  log "GPU tests against fakecuda (a CPU stand-in for the CUDA driver; no GPU is used):"
+  for reg in ok refuse; do
+    for t in "-p tensorstream-cuda --test device" "-p tensorstream --test gpu"; do
+      # shellcheck disable=SC2086
+      out=$(FAKECUDA_REGISTER=$reg FAKECUDA_DELAY_US=20 FAKECUDA_STATS=1 \
+        scripts/fakecuda.sh run cargo test $t --all-features --quiet -- --nocapture 2>&1) || status=1
+      summary=$(grep -E "^test result|panicked|FAILED|VIOLATION|^fakecuda:" <<<"$out" || true)
+      printf '  [registration %s, %s]\n%s\n' "$reg" "${t##* }" "$summary"
+      # (Here-strings, not pipes: under pipefail, `grep -q` closing a pipe early fails it.)
+      if grep -q "skipped: no CUDA device" <<<"$out" || ! grep -q "^test result: ok" <<<"$out"; then
+        log "FAILED: the GPU tests did not all run and pass against fakecuda:"
+        printf '%s\n' "$out" | tail -40
+        status=1
+      fi
+    done
+  done
   # The GPU check's judging (scripts/gpu_check.py), on made-up rows: no GPU needed.
   log "python3 scripts/test_gpu_check.py"
   PYTHONDONTWRITEBYTECODE=1 python3 scripts/test_gpu_check.py 2>&1 || status=1

@@ -432,3 +432,194 @@ fn gpu_sharded_checkpoint_streams_every_tensor() {
         m.release().unwrap();
     }
 }
+
+/// One local file of awkwardly sized tensors (1 byte, page ± 1, larger than a slot, a slot
+/// plus a few bytes …) through every route and ring shape the options offer: each load's
+/// device bytes, read back, equal the file's. Covers the ring with one and four streams, tiny
+/// and odd slot counts, huge pages, both I/O engines and chunk sizes smaller than a slot, and
+/// the mapped route with registering threads only, pread threads only (pread or copies out of
+/// the mapping) and both side by side.
+#[test]
+fn gpu_every_route_and_ring_shape_lands_the_file_bytes() {
+    if !have_gpu() {
+        return;
+    }
+    use tensorstream::{IoMode, OpenOptions};
+    use tensorstream_cuda::{WarmCopy, WarmMode};
+    let sizes = [
+        1u64,
+        4095,
+        4097,
+        (1 << 20) + 3,
+        7,
+        (3 << 20) + 5,
+        64 << 10,
+        300_001,
+        2 << 20,
+        (5 << 20) - 1,
+    ];
+    let (file, data) = tensorstream_engine::testkit::u8_model(&sizes, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shapes.safetensors");
+    std::fs::write(&path, &file).unwrap();
+    let names: Vec<String> = (0..sizes.len()).map(|i| format!("t{i:03}")).collect();
+    let base = CudaOptions {
+        streams: 2,
+        slots: 8,
+        slot_size: 1 << 20,
+        ..CudaOptions::default()
+    };
+    let mapped = |threads, pread, copy| CudaOptions {
+        warm: WarmMode::Force,
+        warm_threads: threads,
+        warm_pread_threads: pread,
+        warm_copy: copy,
+        warm_piece: 1 << 20,
+        ..base.clone()
+    };
+    let io = |mode| OpenOptions {
+        io_mode: Some(mode),
+        ..Default::default()
+    };
+    let cases: Vec<(&str, CudaOptions, OpenOptions, &str)> = vec![
+        ("ring", base.clone(), OpenOptions::default(), "ring"),
+        (
+            "one stream",
+            CudaOptions {
+                streams: 1,
+                ..base.clone()
+            },
+            OpenOptions::default(),
+            "ring",
+        ),
+        (
+            "four streams, two slots",
+            CudaOptions {
+                streams: 4,
+                slots: 2,
+                ..base.clone()
+            },
+            OpenOptions::default(),
+            "ring",
+        ),
+        (
+            "odd slots, small reads",
+            CudaOptions {
+                slots: 3,
+                slot_size: 256 << 10,
+                ..base.clone()
+            },
+            OpenOptions {
+                chunk_size: Some(64 << 10),
+                concurrency: Some(5),
+                ..Default::default()
+            },
+            "ring",
+        ),
+        (
+            "huge pages",
+            CudaOptions {
+                huge_pages: true,
+                ..base.clone()
+            },
+            OpenOptions::default(),
+            "ring",
+        ),
+        ("pread", base.clone(), io(IoMode::Pread), "ring"),
+        ("io_uring", base.clone(), io(IoMode::Uring), "ring"),
+        (
+            "mapped, registering",
+            mapped(2, 0, WarmCopy::Pread),
+            OpenOptions::default(),
+            "mapped",
+        ),
+        (
+            "mapped, pread threads",
+            mapped(0, 2, WarmCopy::Pread),
+            OpenOptions::default(),
+            "mapped",
+        ),
+        (
+            "mapped, map copies",
+            mapped(0, 3, WarmCopy::Map),
+            OpenOptions::default(),
+            "mapped",
+        ),
+        (
+            "mapped, both",
+            mapped(1, 2, WarmCopy::Map),
+            OpenOptions::default(),
+            "mapped",
+        ),
+    ];
+    for (what, opts, open, route) in cases {
+        let m = Loader::new(path.to_str().unwrap())
+            .device(Device::Cuda(0))
+            .cuda_options(opts)
+            .open_options(open)
+            .load_cuda()
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(m.stats().route, route, "{what}");
+        assert_eq!(m.len(), sizes.len(), "{what}");
+        for (name, want) in names.iter().zip(&data) {
+            let (dm, t) = m.get(name).unwrap();
+            assert_eq!(t.ptr % 256, 0, "{what}: {name} alignment");
+            let got = dm.to_host(&t).unwrap();
+            assert!(
+                got == *want,
+                "{what}: {name}: device bytes differ from the file's"
+            );
+        }
+        m.release().unwrap();
+    }
+}
+
+/// The CLI on the device: `load --device cuda:0 --digests --json` hashes what it reads back from
+/// the device (equal to the manifest's digests), and `demo` picks the GPU, names it and checks
+/// every byte read back. The binary is `$TS_CLI` where set (the GPU check runs this test binary
+/// on a machine where the build's own path does not exist), else the one cargo built.
+#[test]
+fn gpu_cli_loads_and_demo_use_the_device() {
+    if !have_gpu() {
+        return;
+    }
+    let cli = std::env::var_os("TS_CLI").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_tensorstream")),
+        PathBuf::from,
+    );
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
+            .unwrap();
+    let file = fixtures().join("mixed.safetensors");
+    let out = std::process::Command::new(&cli)
+        .args(["load", file.to_str().unwrap(), "--device", "cuda:0"])
+        .args(["--digests", "--json", "--quiet", "--slots", "2"])
+        .args(["--slot-size", "64KiB"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["device"], "cuda:0");
+    assert_eq!(j["route"], "ring");
+    let want = m["files"]["mixed.safetensors"]["tensors"]
+        .as_array()
+        .unwrap();
+    let got = j["tensors"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for w in want {
+        let g = got.iter().find(|g| g["name"] == w["name"]).unwrap();
+        assert_eq!(g["sha256"], w["sha256"], "{}", w["name"]);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&cli)
+        .args(["demo", "--size", "16MiB", "--quiet", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("device: cuda:0, "), "{text}");
+    assert!(text.contains("(read back and checked)"), "{text}");
+    assert!(text.contains("every byte matches"), "{text}");
+}
