@@ -55,6 +55,8 @@
 //!   when none is installed yet; a program that wants another provider installs it first.
 //! * **GPU.** Loads on one [`cuda::CudaDevice`] handle run one at a time (a second concurrent
 //!   load is refused with `InvalidInput`); open one handle per concurrent load, or queue them.
+//!   A streaming load dropped while it runs stops on its own thread; the next load on its
+//!   handle waits for it (up to [`cuda::device::ABANDONED_LOAD_WAIT`]) rather than failing.
 //!   Releasing a [`cuda::DeviceModel`] synchronizes the device's context before freeing.
 
 #![forbid(unsafe_code)]
@@ -438,7 +440,8 @@ impl Loader {
     /// Loads onto an already opened device (its streams, pinned staging and options), instead of
     /// opening one per load: open it once with [`tensorstream_cuda::CudaDevice::open`] and load
     /// many models without paying the open again or pinning another ring. Loads on one device
-    /// handle run one at a time (a second concurrent load is refused with a clear error). The
+    /// handle run one at a time (a second concurrent load is refused with a clear error; one
+    /// that follows a dropped, still stopping streaming load waits for it). The
     /// handle's options apply; a later [`Loader::cuda_options`] with other values is an error at
     /// load time.
     pub fn on_device(mut self, dev: Arc<tensorstream_cuda::CudaDevice>) -> Self {
@@ -1272,6 +1275,7 @@ impl Loader {
         p.host_eopts.cancel = Some(stop.clone());
         let keeper = tensorstream_cuda::Keeper::default();
         let keep = keeper.clone();
+        let device = dev.clone();
         tensorstream_cuda::StreamingLoad::spawn(move |tx| {
             let target = tensorstream_cuda::Target {
                 arena: None,
@@ -1280,7 +1284,12 @@ impl Loader {
             };
             run_cuda(&dev, &p, route, target).map(|(m, es, _)| (m, es))
         })
-        .map(|s| s.with_index(index).with_stop(stop).with_keeper(keeper))
+        .map(|s| {
+            s.with_index(index)
+                .with_stop(stop)
+                .with_keeper(keeper)
+                .with_device(device)
+        })
     }
 
     /// [`Loader::load_cuda_streaming`] of a sharded checkpoint: checked and the device opened
@@ -1301,10 +1310,16 @@ impl Loader {
         let index = merged.clone();
         let keeper = tensorstream_cuda::Keeper::default();
         let keep = keeper.clone();
+        let device = dev.clone();
         tensorstream_cuda::StreamingLoad::spawn(move |tx| {
             stream_shards(&dev, todo, merged, &tx, &keep)
         })
-        .map(|s| s.with_index(index).with_stop(stop).with_keeper(keeper))
+        .map(|s| {
+            s.with_index(index)
+                .with_stop(stop)
+                .with_keeper(keeper)
+                .with_device(device)
+        })
     }
 
     /// The object's index. A shard's index read moments ago (by `check_shards`) is reused when

@@ -235,6 +235,32 @@ fn gpu_one_device_handle_serves_several_loads() {
         .on_device(dev2)
         .load_cuda()
         .unwrap_or_else(|e| panic!("{file} with rounded options: {e}"));
+
+    // A streaming load dropped after its first tensor (its thread still stopping: 4 MiB
+    // through 64 KiB slots) and then the next load on the same handle: it waits for the pinned
+    // slots instead of failing.
+    let sizes = [1000u64, 2 << 20, 3, 2 << 20];
+    let (bytes, data) = tensorstream_engine::testkit::u8_model(&sizes, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("four.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let path = path.to_str().unwrap();
+    for round in 0..3 {
+        let mut s = Loader::new(path)
+            .on_device(dev.clone())
+            .load_cuda_streaming()
+            .unwrap();
+        assert!(s.next().is_some(), "round {round}: a first tensor");
+        drop(s);
+        let m = Loader::new(path)
+            .on_device(dev.clone())
+            .load_cuda()
+            .unwrap_or_else(|e| panic!("round {round}, after a dropped streaming load: {e}"));
+        for (i, want) in data.iter().enumerate() {
+            let (dm, t) = m.get(&format!("t{i:03}")).unwrap();
+            assert!(dm.to_host(&t).unwrap() == *want, "round {round}: t{i:03}");
+        }
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
-use tensorstream_engine::{Error, IoBuf, Result};
+use tensorstream_engine::{EngineStats, Error, IoBuf, Result};
 
 use crate::raw::driver::{self, device_error};
 use crate::raw::pinned::{PinnedRegion, PAGE};
@@ -186,7 +186,16 @@ pub struct CudaDevice {
     events: Mutex<Vec<CudaEvent>>,
     opts: CudaOptions,
     context_open: std::time::Duration,
+    /// Streaming loads dropped before they ended: stopping on their threads, still holding the
+    /// pinned slots (see [`CudaDevice::take_slots`]).
+    abandoned: Mutex<Vec<AbandonedLoad>>,
 }
+
+/// The thread of a streaming load whose handle was dropped while it ran.
+pub(crate) type AbandonedLoad = std::thread::JoinHandle<Result<(crate::DeviceModel, EngineStats)>>;
+
+/// How long [`CudaDevice::take_slots`] waits for abandoned loads to let go of the slots.
+pub const ABANDONED_LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl CudaDevice {
     /// Opens device `ordinal`: checks the driver and the device exist (clear errors, never a
@@ -212,6 +221,7 @@ impl CudaDevice {
             events: Mutex::new(Vec::new()),
             opts,
             context_open,
+            abandoned: Mutex::new(Vec::new()),
         }))
     }
 
@@ -285,14 +295,61 @@ impl CudaDevice {
         self.staging.lock().ok().and_then(|g| g.huge_bytes())
     }
 
-    /// The pinned staging slots (all of them). Fails while a previous load still holds them.
+    /// The pinned staging slots (all of them). Fails while another load holds them — except
+    /// that slots held by a streaming load whose handle was dropped before it ended (it is
+    /// stopping on its own thread) are waited for, up to [`ABANDONED_LOAD_WAIT`]: dropping a
+    /// [`crate::StreamingLoad`] and starting the next load on the same device just works.
     pub fn take_slots(&self) -> Result<Vec<IoBuf>> {
-        let mut g = self
-            .staging
-            .lock()
-            .map_err(|_| Error::invalid("staging lock poisoned"))?;
-        PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
-            .map_err(|e| e.context(format!("cuda:{}", self.ordinal)))
+        let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
+        let lock = || {
+            self.staging
+                .lock()
+                .map_err(|_| Error::invalid("staging lock poisoned"))
+        };
+        loop {
+            // (Joining an ended load frees its memory: not under the staging lock.)
+            let busy = PinnedRegion::in_use(&*lock()?);
+            if !busy || !self.abandoned_running() {
+                return PinnedRegion::slots(&mut *lock()?, self.opts.slots, self.opts.slot_size)
+                    .map_err(|e| e.context(format!("cuda:{}", self.ordinal)));
+            }
+            if std::time::Instant::now() >= until {
+                return Err(Error::invalid(format!(
+                    "cuda:{}: the pinned staging slots are still held by a dropped streaming load \
+                     that has not stopped after {} s",
+                    self.ordinal,
+                    ABANDONED_LOAD_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Keeps the thread of a streaming load dropped while it ran, so that
+    /// [`CudaDevice::take_slots`] can wait for it to end.
+    pub(crate) fn adopt_abandoned(&self, load: AbandonedLoad) {
+        if let Ok(mut v) = self.abandoned.lock() {
+            v.push(load);
+        }
+    }
+
+    /// True while a dropped streaming load still runs. Those that ended are joined here (their
+    /// outcome, a model or an error, is dropped: its device memory is freed).
+    fn abandoned_running(&self) -> bool {
+        let ended: Vec<AbandonedLoad> = match self.abandoned.lock() {
+            Ok(mut v) => {
+                let (ended, running) = std::mem::take(&mut *v)
+                    .into_iter()
+                    .partition(|h| h.is_finished());
+                *v = running;
+                ended
+            }
+            Err(_) => return false,
+        };
+        for h in ended {
+            let _ = h.join();
+        }
+        self.abandoned.lock().is_ok_and(|v| !v.is_empty())
     }
 
     pub(crate) fn event(&self) -> Result<CudaEvent> {

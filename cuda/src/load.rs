@@ -93,30 +93,48 @@ pub struct StreamingLoad {
     index: Option<Arc<TensorIndex>>,
     stop: Option<Arc<AtomicBool>>,
     keeper: Keeper,
+    device: Option<Arc<CudaDevice>>,
 }
 
-/// Starts a load on a thread and returns at once.
+/// Starts a load on a thread and returns at once. Dropping the handle before
+/// [`StreamingLoad::wait`] stops the load if `opts.cancel` is `None` (it then gets a stop flag
+/// of its own); a caller's cancel flag is left to the caller.
 pub fn load_streaming(
     dev: &Arc<CudaDevice>,
     backend: Arc<dyn Backend>,
     meta: ObjectMeta,
     index: TensorIndex,
     plan: Arc<Plan>,
-    opts: EngineOptions,
+    mut opts: EngineOptions,
 ) -> Result<StreamingLoad> {
+    let device = dev.clone();
     let dev = dev.clone();
     let shared = index.clone();
     let keeper = Keeper::default();
     let keep = keeper.clone();
-    StreamingLoad::spawn(move |tx| {
+    let stop = match opts.cancel {
+        Some(_) => None,
+        None => {
+            let flag = Arc::new(AtomicBool::new(false));
+            opts.cancel = Some(flag.clone());
+            Some(flag)
+        }
+    };
+    let s = StreamingLoad::spawn(move |tx| {
         let target = Target {
             arena: None,
             subscriber: Some(tx),
             keep: Some(keep),
         };
         load_to(&dev, backend, &meta, index, plan, &opts, target)
+    })?
+    .with_index(shared)
+    .with_keeper(keeper)
+    .with_device(device);
+    Ok(match stop {
+        Some(flag) => s.with_stop(flag),
+        None => s,
     })
-    .map(|s| s.with_index(shared).with_keeper(keeper))
 }
 
 impl std::fmt::Debug for StreamingLoad {
@@ -146,7 +164,16 @@ impl StreamingLoad {
             index: None,
             stop: None,
             keeper: Keeper::default(),
+            device: None,
         })
+    }
+
+    /// The device the load runs on: when this handle is dropped while the load still runs,
+    /// the device keeps its thread, and the next [`CudaDevice::take_slots`] waits for it to
+    /// end (so the next load on the device finds the pinned slots free) instead of failing.
+    pub fn with_device(mut self, device: Arc<CudaDevice>) -> Self {
+        self.device = Some(device);
+        self
     }
 
     /// Uses `keeper` (given to the load, e.g. in its [`Target::keep`]) to hold the load's
@@ -213,7 +240,13 @@ impl Drop for StreamingLoad {
         if self.handle.is_some() {
             self.stop();
         }
-        // The load thread, if still running, holds its own shares until it ends.
+        // The load thread, if still running, holds its own shares until it ends; its device
+        // keeps it, so that the next load there waits for the slots it still holds.
+        if let (Some(h), Some(dev)) = (self.handle.take(), &self.device) {
+            if !h.is_finished() {
+                dev.adopt_abandoned(h);
+            }
+        }
         self.keeper.release();
     }
 }

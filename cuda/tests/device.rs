@@ -343,3 +343,81 @@ fn gpu_warm_mapped_path_matches_both_strategies() {
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
 }
+
+/// Loads abandoned with copies in flight: a streaming load dropped after its first tensor, and
+/// a load whose cancel flag is set while it runs. Both end without touching freed memory, and
+/// the device then serves a full load with every byte right (the slots came back).
+#[test]
+fn gpu_abandoned_loads_clean_up_and_the_device_serves_the_next() {
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let (file, want) = model_file();
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let plan = gpu_plan(&index, 16 << 10);
+    let eo = EngineOptions {
+        queue_depth: 3,
+        ..Default::default()
+    };
+    for round in 0..3 {
+        let mut s = load_streaming(
+            &dev,
+            be.clone(),
+            meta.clone(),
+            index.clone(),
+            plan.clone(),
+            eo.clone(),
+        )
+        .unwrap();
+        let first = s.next().expect("a first tensor");
+        assert!(first.placement < plan.placements.len(), "round {round}");
+        drop(s);
+
+        // Cancelled once the first bytes have landed: copies are in flight.
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (flag, seen) = (cancel.clone(), progress.clone());
+        let setter = std::thread::spawn(move || {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while seen.load(std::sync::atomic::Ordering::SeqCst) == 0
+                && std::time::Instant::now() < until
+            {
+                std::thread::yield_now();
+            }
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let r = load(
+            &dev,
+            be.clone(),
+            &meta,
+            index.clone(),
+            plan.clone(),
+            &EngineOptions {
+                cancel: Some(cancel),
+                progress: Some(progress),
+                ..eo.clone()
+            },
+        );
+        setter.join().unwrap();
+        match r {
+            Ok((m, _)) => check_model(&m, &want), // finished before the flag was seen
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Cancelled, "round {round}: {e}"),
+        }
+    }
+    // Whatever the abandoned loads still held comes back: a full load on the same device.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let m = loop {
+        match load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo) {
+            Ok((m, _)) => break m,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("device not free yet: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("the device never came back: {e}"),
+        }
+    };
+    check_model(&m, &want);
+    m.release().unwrap();
+}

@@ -195,7 +195,7 @@ impl PinnedRegion {
     /// size). Fails while windows from an earlier call are alive: `&mut Arc` plus a strong
     /// count of one and no weak handle means no other handle — and so no window — exists.
     pub fn slots(this: &mut Arc<Self>, count: usize, size: usize) -> Result<Vec<IoBuf>> {
-        if Arc::strong_count(this) != 1 || Arc::weak_count(this) != 0 {
+        if Self::in_use(this) {
             return Err(Error::invalid(
                 "the pinned staging slots are in use by another load on this device handle: \
                  loads on one CudaDevice run one at a time (open another to load in parallel)",
@@ -230,6 +230,12 @@ impl PinnedRegion {
             off += size;
         }
         Ok(out)
+    }
+
+    /// True while windows from an earlier [`PinnedRegion::slots`] call (or other handles to
+    /// the region) are alive.
+    pub fn in_use(this: &Arc<Self>) -> bool {
+        Arc::strong_count(this) != 1 || Arc::weak_count(this) != 0
     }
 
     /// Length in bytes.

@@ -14,6 +14,10 @@
  *     shows up as wrong bytes on the "device";
  *   - a copy from registered (page-locked) host memory reads its source when it runs; from
  *     pageable memory the source is taken at once (as the real driver stages it);
+ *   - memory registered READ_ONLY (tensorstream registers mapped file pages so) is copied
+ *     aside when registered, as the driver pins those pages: a file truncated afterwards
+ *     leaves the pinned pages to the copy engine, where a CPU read of the mapping would fault
+ *     (SIGBUS); pages that cannot be read at registration fail it, as pinning would;
  *   - calls that need a current context fail with CUDA_ERROR_INVALID_CONTEXT without one;
  *   - unregistering host memory, or freeing device memory, that a queued copy still uses is
  *     a violation: it is reported on stderr and the process aborts.
@@ -34,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 typedef int CUresult;
@@ -74,6 +79,7 @@ struct op {
     enum op_kind kind;
     unsigned char *dst;
     const unsigned char *src;
+    const unsigned char *host_src; /* the caller's source address (src may be a pinned copy) */
     size_t n;
     unsigned char value;
     unsigned char *owned; /* staged copy of a pageable source, freed after the copy */
@@ -104,6 +110,7 @@ struct region {
     uintptr_t base;
     size_t len;
     unsigned int flags;
+    unsigned char *pinned; /* READ_ONLY registrations: the pages' bytes when pinned */
     struct region *next;
 };
 
@@ -158,7 +165,7 @@ static int overlaps(struct region *list, uintptr_t p, size_t n) {
 static int pending_use(uintptr_t base, size_t len, int as_source) {
     for (struct fake_stream *s = streams; s; s = s->next_live)
         for (struct op *o = s->head; o; o = o->next) {
-            uintptr_t p = (uintptr_t)(as_source ? (const void *)o->src : (const void *)o->dst);
+            uintptr_t p = (uintptr_t)(as_source ? (const void *)o->host_src : (const void *)o->dst);
             if ((o->kind == OP_H2D || o->kind == OP_D2H || o->kind == OP_MEMSET) && p &&
                 !(as_source && o->owned) && p < base + len && base < p + o->n)
                 return 1;
@@ -539,10 +546,23 @@ CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned int flags) {
         pthread_mutex_unlock(&mu);
         return ERR_ALREADY_REGISTERED;
     }
-    struct region *reg = malloc(sizeof *reg);
+    struct region *reg = calloc(1, sizeof *reg);
     if (!reg) {
         pthread_mutex_unlock(&mu);
         return ERR_OUT_OF_MEMORY;
+    }
+    if (flags & REGISTER_READ_ONLY) {
+        /* Pin: take the pages' bytes now. process_vm_readv on ourselves returns EFAULT where a
+         * plain read would raise SIGBUS (a mapping past the end of its file). */
+        reg->pinned = malloc(n);
+        struct iovec local = {reg->pinned, n}, remote = {p, n};
+        if (!reg->pinned || process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != (ssize_t)n) {
+            CUresult why = reg->pinned ? ERR_INVALID_VALUE : ERR_OUT_OF_MEMORY;
+            pthread_mutex_unlock(&mu);
+            free(reg->pinned);
+            free(reg);
+            return why;
+        }
     }
     reg->base = (uintptr_t)p;
     reg->len = n;
@@ -570,6 +590,7 @@ CUresult cuMemHostUnregister(void *p) {
     struct region *reg = *at;
     *at = reg->next;
     pthread_mutex_unlock(&mu);
+    free(reg->pinned);
     free(reg);
     return OK;
 }
@@ -603,10 +624,14 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstre
     }
     o->dst = (unsigned char *)(uintptr_t)dst;
     o->src = src;
+    o->host_src = src;
     o->n = n;
     n_h2d++;
     bytes_h2d += n;
-    if (!find(registered, (uintptr_t)src, n)) {
+    struct region *reg = find(registered, (uintptr_t)src, n);
+    if (reg && reg->pinned)
+        o->src = reg->pinned + ((uintptr_t)src - reg->base);
+    if (!reg) {
         /* Pageable: the driver takes the bytes before returning. */
         n_h2d_pageable++;
         o->owned = malloc(n);
