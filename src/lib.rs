@@ -1162,7 +1162,8 @@ impl Loader {
         let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
         let layouts = shard_layouts(&dev, &todo)?;
-        let (whole, windows, alloc) = shard_arena(&dev, &layouts)?;
+        let (whole, windows, alloc) =
+            shard_arena(&dev, &layouts).map_err(|e| e.with_location(sharded::redact(&self.uri)))?;
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
         for ((l, bytes), window) in todo.into_iter().zip(windows) {
@@ -1311,8 +1312,9 @@ impl Loader {
         let keeper = tensorstream_cuda::Keeper::default();
         let keep = keeper.clone();
         let device = dev.clone();
+        let location = sharded::redact(&self.uri);
         tensorstream_cuda::StreamingLoad::spawn(move |tx| {
-            stream_shards(&dev, todo, merged, &tx, &keep)
+            stream_shards(&dev, &location, todo, merged, &tx, &keep)
         })
         .map(|s| {
             s.with_index(index)
@@ -1671,6 +1673,7 @@ fn prepare_shard(
 /// start of the whole load.
 fn stream_shards(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
+    location: &str,
     todo: Vec<(Loader, u64)>,
     merged: TensorIndex,
     tx: &crossbeam_channel::Sender<tensorstream_cuda::ReadyTensor>,
@@ -1681,7 +1684,8 @@ fn stream_shards(
 )> {
     let started = Instant::now();
     let layouts = shard_layouts(dev, &todo)?;
-    let (whole, windows, alloc) = shard_arena(dev, &layouts)?;
+    let (whole, windows, alloc) =
+        shard_arena(dev, &layouts).map_err(|e| e.with_location(location))?;
     // Every shard's window is in it: streamed tensors stay valid if a later shard fails.
     keep.hold(whole.clone());
     let position = merged.positions();

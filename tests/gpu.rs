@@ -649,3 +649,38 @@ fn gpu_cli_loads_and_demo_use_the_device() {
     assert!(text.contains("(read back and checked)"), "{text}");
     assert!(text.contains("every byte matches"), "{text}");
 }
+
+/// A model larger than the device's memory (a sparse file: nothing is stored) fails with the
+/// driver's out-of-memory error, naming the file and saying how much the device has.
+#[test]
+fn gpu_a_model_larger_than_the_device_fails_clearly() {
+    if !have_gpu() {
+        return;
+    }
+    let dev = tensorstream_cuda::CudaDevice::open(0, &small_ring()).unwrap();
+    let (_, total) = dev.mem_info().unwrap();
+    let n = total as u64 + (1 << 30);
+    let header = tensorstream_engine::format::safetensors::write_header(
+        &[("huge".into(), tensorstream_engine::DType::U8, vec![n], n)],
+        &Default::default(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.safetensors");
+    let f = std::fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut &f, &header).unwrap();
+    f.set_len(header.len() as u64 + n).unwrap();
+    let Err(e) = Loader::new(path.to_str().unwrap())
+        .on_device(dev)
+        .load_cuda()
+    else {
+        panic!("a model larger than the device loaded");
+    };
+    let msg = e.to_string();
+    assert_eq!(e.kind(), tensorstream::ErrorKind::Device, "{msg}");
+    assert!(msg.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{msg}");
+    assert!(
+        msg.contains("free of") && msg.contains("huge.safetensors"),
+        "{msg}"
+    );
+}

@@ -132,9 +132,23 @@ impl DeviceArena {
         // SAFETY: cuMemAlloc with a non-zero size on the current context; the pointer is freed
         // exactly once (in `free` or Drop).
         let ptr = unsafe { result::malloc_sync(n) }.map_err(|e| {
+            // Out of memory: say how much the device has, so the shortfall is plain.
+            let room = match e.0 {
+                sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => result::mem_get_info()
+                    .map(|(free, total)| {
+                        format!(
+                            ", with {:.2} GiB free of {:.2} GiB on the device",
+                            free as f64 / f64::from(1u32 << 30),
+                            total as f64 / f64::from(1u32 << 30)
+                        )
+                    })
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
             device_error(
                 &format!(
-                    "allocating {len} bytes on CUDA device {} for the tensors",
+                    "allocating {len} bytes ({:.2} GiB) on CUDA device {} for the tensors{room}",
+                    len as f64 / f64::from(1u32 << 30),
                     ctx.ordinal()
                 ),
                 e,
