@@ -514,6 +514,17 @@ fn cuda_device_without_driver_is_a_clear_error() {
         "--device",
     );
     assert!(e.contains("bad device"), "{e}");
+    // bench takes the device too.
+    let e = run_err(&["bench", path.to_str().unwrap(), "--device", "cuda:0"]);
+    assert!(
+        e.contains("no CUDA driver found") || e.contains("not present"),
+        "{e}"
+    );
+    let e = run_usage_err(
+        &["bench", path.to_str().unwrap(), "--device", "gpu"],
+        "--device",
+    );
+    assert!(e.contains("bad device"), "{e}");
 }
 
 #[test]

@@ -601,8 +601,8 @@ fn gpu_every_route_and_ring_shape_lands_the_file_bytes() {
 }
 
 /// The CLI on the device: `load --device cuda:0 --digests --json` hashes what it reads back from
-/// the device (equal to the manifest's digests), and `demo` picks the GPU, names it and checks
-/// every byte read back. The binary is `$TS_CLI` where set (the GPU check runs this test binary
+/// the device (equal to the manifest's digests), `bench --device cuda:0` times loads there, and
+/// `demo` picks the GPU, names it and checks every byte read back. The binary is `$TS_CLI` where set (the GPU check runs this test binary
 /// on a machine where the build's own path does not exist), else the one cargo built.
 #[test]
 fn gpu_cli_loads_and_demo_use_the_device() {
@@ -635,6 +635,25 @@ fn gpu_cli_loads_and_demo_use_the_device() {
     for w in want {
         let g = got.iter().find(|g| g["name"] == w["name"]).unwrap();
         assert_eq!(g["sha256"], w["sha256"], "{}", w["name"]);
+    }
+
+    // bench --device: one JSON line per run, each naming the device, all the tensor bytes.
+    let out = std::process::Command::new(&cli)
+        .args(["bench", file.to_str().unwrap(), "--device", "cuda:0"])
+        .args(["--warm", "--repeat", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let runs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|j: &Value| j["name"] == "tensorstream")
+        .collect();
+    assert_eq!(runs.len(), 2, "{out:?}");
+    for r in &runs {
+        assert_eq!(r["device"], "cuda:0");
+        assert_eq!(r["bytes"], j["bytes"]);
+        assert!(r["gbps"].as_f64().unwrap() > 0.0);
     }
 
     let dir = tempfile::tempdir().unwrap();

@@ -102,6 +102,10 @@ enum Cmd {
         /// Path or URI of a safetensors / tensorizer file or sharded checkpoint (baselines, over
         /// every shard, only for local files).
         uri: String,
+        /// Where the loads go: cpu, cuda or cuda:N (a GPU bench times each load from after the
+        /// device is open, which happens once, to the last tensor on it, and frees it after).
+        #[arg(long, default_value = "cpu", value_parser = check_device)]
+        device: String,
         /// Run cold loads: drop the page cache before each (local files; needs root).
         #[arg(long)]
         cold: bool,
@@ -498,11 +502,12 @@ pub fn run() -> i32 {
         }),
         Cmd::Bench {
             uri,
+            device,
             cold,
             warm,
             repeat,
             io,
-        } => output::bench(&uri, cold, warm, repeat as usize, &io),
+        } => output::bench(&uri, &device, cold, warm, repeat as usize, &io),
     };
     if let Some(sig) = interrupt::signal() {
         match &res {

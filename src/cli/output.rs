@@ -514,18 +514,38 @@ fn buffered_read(path: &str) -> Result<u64, Error> {
 }
 
 fn line(name: &str, bytes: u64, secs: f64, cold: bool) -> Result<(), Error> {
+    line_on(name, bytes, secs, cold, None)
+}
+
+/// A bench line; `device` (a GPU load's) is added when given.
+fn line_on(
+    name: &str,
+    bytes: u64,
+    secs: f64,
+    cold: bool,
+    device: Option<&str>,
+) -> Result<(), Error> {
     let gbps = if secs > 0.0 {
         bytes as f64 / secs / 1e9
     } else {
         0.0
     };
-    out!(
-        "{}",
-        json!({"name": name, "secs": secs, "gbps": gbps, "bytes": bytes, "cold": cold})
-    )
+    let mut j = json!({"name": name, "secs": secs, "gbps": gbps, "bytes": bytes, "cold": cold});
+    if let Some(d) = device {
+        j["device"] = json!(d);
+    }
+    out!("{j}")
 }
 
-pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> Result<(), Error> {
+pub fn bench(
+    uri: &str,
+    device: &str,
+    cold: bool,
+    warm: bool,
+    repeat: usize,
+    io: &IoArgs,
+) -> Result<(), Error> {
+    let device: Device = parse_device(device)?;
     let (cold, warm) = if !cold && !warm {
         (false, true)
     } else {
@@ -558,6 +578,8 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
     } else {
         Vec::new()
     };
+    // A GPU bench's device handle, opened by its first load.
+    let mut gpu: Option<Arc<tensorstream::cuda::CudaDevice>> = None;
     let mut modes = Vec::new();
     if cold {
         modes.push(true);
@@ -575,11 +597,31 @@ pub fn bench(uri: &str, cold: bool, warm: bool, repeat: usize, io: &IoArgs) -> R
             if is_cold {
                 drop_caches()?;
             }
-            let t = Instant::now();
-            let m = loader.load()?;
-            let secs = t.elapsed().as_secs_f64();
-            line("tensorstream", m.stats().tensor_bytes, secs, is_cold)?;
-            drop(m);
+            match device {
+                Device::Cpu => {
+                    let t = Instant::now();
+                    let m = loader.load()?;
+                    let secs = t.elapsed().as_secs_f64();
+                    line("tensorstream", m.stats().tensor_bytes, secs, is_cold)?;
+                    drop(m);
+                }
+                Device::Cuda(n) => {
+                    // The device is opened by the first load and reused (its opening — driver,
+                    // context, pinned ring — is not in any timing, as in `load`'s seconds:
+                    // from after the device is open to the last tensor on it).
+                    let l = match &gpu {
+                        Some(dev) => loader.clone().on_device(Arc::clone(dev)),
+                        None => loader.clone().device(device),
+                    };
+                    let cm = l.load_cuda()?;
+                    let st = cm.stats().clone();
+                    gpu.get_or_insert_with(|| cm.model().device().clone());
+                    cm.release()?;
+                    let name = format!("cuda:{n}");
+                    let secs = st.elapsed.as_secs_f64();
+                    line_on("tensorstream", st.tensor_bytes, secs, is_cold, Some(&name))?;
+                }
+            }
             if !is_file {
                 continue;
             }
