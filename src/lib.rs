@@ -1604,6 +1604,9 @@ fn run_cuda(
     route: GpuRoute,
     target: tensorstream_cuda::Target,
 ) -> Result<CudaRun> {
+    // Every error names the object (a device error at the end of the mapped route came
+    // without it).
+    let located = |e: Error| e.with_location(sharded::redact(p.backend.location()));
     match route {
         GpuRoute::Staged => staged::load(dev, p, target).map(|(m, es)| (m, es, None)),
         GpuRoute::Mapped => mapped_load(dev, p, target)
@@ -1619,6 +1622,7 @@ fn run_cuda(
         )
         .map(|(m, es)| (m, es, None)),
     }
+    .map_err(located)
 }
 
 /// Each shard's device memory as its GPU plan lays it out (arena length and alignment),

@@ -703,3 +703,91 @@ fn gpu_a_model_larger_than_the_device_fails_clearly() {
         "{msg}"
     );
 }
+
+/// Device faults in the middle of a load (under fakecuda, which injects them when
+/// `FAKECUDA_FAIL_H2D_AT=N` / `FAKECUDA_FAIL_SYNC_AT=N` is set: the Nth copy submission fails,
+/// or the Nth wait reports a device fault), on the ring, mapped and staged routes: every load
+/// either succeeds with the right bytes or fails with a clear device error naming the file —
+/// never a panic, a hang or a signal. A real driver ignores the variables: there every load
+/// must succeed.
+#[test]
+fn gpu_device_faults_fail_cleanly() {
+    if !have_gpu() {
+        return;
+    }
+    let cli = std::env::var_os("TS_CLI").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_tensorstream")),
+        PathBuf::from,
+    );
+    let fake = tensorstream_cuda::CudaDevice::open(0, &small_ring())
+        .unwrap()
+        .name()
+        .unwrap()
+        .contains("fakecuda");
+    let sizes = [1000u64, (1 << 20) + 7, 5, 600_000, 1 << 20];
+    let (bytes, data) = tensorstream_engine::testkit::u8_model(&sizes, 9);
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("f.safetensors");
+    std::fs::write(&st, &bytes).unwrap();
+    let tz = dir.path().join("f.tensors");
+    let out = std::process::Command::new(&cli)
+        .args([
+            "convert",
+            st.to_str().unwrap(),
+            tz.to_str().unwrap(),
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let want: Vec<String> = data.iter().map(|d| sha(d)).collect();
+    let small = ["--slots", "3", "--slot-size", "256KiB"];
+    let routes: [(&std::path::Path, &[&str]); 3] = [
+        (&st, &[]),
+        (&st, &["--gpu-warm", "force", "--gpu-warm-piece", "1MiB"]),
+        (&tz, &["--verify"]),
+    ];
+    let mut failed = 0;
+    for (file, extra) in routes {
+        for var in ["FAKECUDA_FAIL_H2D_AT", "FAKECUDA_FAIL_SYNC_AT"] {
+            for n in [1, 2, 3, 5, 8, 13] {
+                let what = format!("{} {extra:?} {var}={n}", file.display());
+                let out = std::process::Command::new(&cli)
+                    .args(["load", file.to_str().unwrap(), "--device", "cuda:0"])
+                    .args(["--digests", "--json", "--quiet"])
+                    .args(small)
+                    .args(extra)
+                    .env(var, n.to_string())
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&out.stderr);
+                match out.status.code() {
+                    Some(0) => {
+                        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+                        for (i, w) in want.iter().enumerate() {
+                            let name = format!("t{i:03}");
+                            let t = j["tensors"].as_array().unwrap().iter();
+                            let g = t.clone().find(|t| t["name"] == name.as_str());
+                            assert_eq!(g.unwrap()["sha256"], w.as_str(), "{what}: {name}");
+                        }
+                    }
+                    Some(1) => {
+                        failed += 1;
+                        assert!(err.contains("CUDA_ERROR_"), "{what}: {err}");
+                        assert!(err.contains(file.to_str().unwrap()), "{what}: {err}");
+                    }
+                    other => panic!("{what}: exit {other:?}: {err}"),
+                }
+                assert!(!err.contains("panicked"), "{what}: {err}");
+            }
+        }
+    }
+    if fake {
+        assert!(
+            failed > 20,
+            "the injected faults failed only {failed} loads"
+        );
+    } else {
+        assert_eq!(failed, 0, "a real driver ignores the fault variables");
+    }
+}

@@ -30,6 +30,9 @@
  *   FAKECUDA_REGISTER  "ok" (default), "refuse" (every cuMemHostRegister fails with
  *                      CUDA_ERROR_NOT_PERMITTED) or "refuse-readonly" (only READ_ONLY ones do)
  *   FAKECUDA_STATS     print counters on stderr at exit
+ *   FAKECUDA_FAIL_H2D_AT=N    the Nth cuMemcpyHtoDAsync fails at once (CUDA_ERROR_INVALID_VALUE)
+ *   FAKECUDA_FAIL_SYNC_AT=N   the Nth cuEventSynchronize / cuStreamSynchronize waits, then fails
+ *                             (CUDA_ERROR_LAUNCH_FAILED, as after a device fault)
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -60,6 +63,7 @@ enum {
     ERR_NOT_READY = 600,
     ERR_ALREADY_REGISTERED = 712,
     ERR_NOT_REGISTERED = 713,
+    ERR_LAUNCH_FAILED = 719,
     ERR_NOT_PERMITTED = 800,
     ERR_UNKNOWN = 999,
 };
@@ -126,6 +130,12 @@ static struct region *allocations, *registered;
 static struct fake_stream *streams;
 static __thread CUcontext current;
 static unsigned long long n_h2d, n_h2d_pageable, bytes_h2d, n_d2h, n_memset, n_events, max_queue;
+static unsigned long long fail_h2d_at, fail_sync_at, n_h2d_calls, n_sync_calls;
+
+/* Fault injection: true when this call is the one to fail (callers hold mu). */
+static int inject(unsigned long long *calls, unsigned long long at) {
+    return ++*calls == at && at != 0;
+}
 
 static void violation(const char *what) {
     fprintf(stderr, "fakecuda: VIOLATION: %s\n", what);
@@ -307,6 +317,10 @@ CUresult cuInit(unsigned int flags) {
             delay_us = atol(v);
         if ((v = getenv("FAKECUDA_REGISTER")))
             register_mode = !strcmp(v, "refuse") ? 1 : !strcmp(v, "refuse-readonly") ? 2 : 0;
+        if ((v = getenv("FAKECUDA_FAIL_H2D_AT")))
+            fail_h2d_at = strtoull(v, NULL, 10);
+        if ((v = getenv("FAKECUDA_FAIL_SYNC_AT")))
+            fail_sync_at = strtoull(v, NULL, 10);
         if ((v = getenv("FAKECUDA_STATS")) && *v && strcmp(v, "0"))
             atexit(print_stats);
         for (int i = 0; i < MAX_DEVICES; i++)
@@ -613,6 +627,10 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstre
     if (!src)
         return ERR_INVALID_VALUE;
     pthread_mutex_lock(&mu);
+    if (inject(&n_h2d_calls, fail_h2d_at)) {
+        pthread_mutex_unlock(&mu);
+        return ERR_INVALID_VALUE;
+    }
     if ((r = check_device_range(dst, n, "cuMemcpyHtoDAsync"))) {
         pthread_mutex_unlock(&mu);
         return r;
@@ -769,8 +787,9 @@ CUresult cuStreamSynchronize(CUstream s) {
     pthread_mutex_lock(&mu);
     while (s->head || s->busy)
         pthread_cond_wait(&cv, &mu);
+    int fail = inject(&n_sync_calls, fail_sync_at);
     pthread_mutex_unlock(&mu);
-    return OK;
+    return fail ? ERR_LAUNCH_FAILED : OK;
 }
 
 CUresult cuStreamQuery(CUstream s) {
@@ -862,8 +881,9 @@ CUresult cuEventSynchronize(CUevent e) {
     pthread_mutex_lock(&mu);
     while (e->done < e->recorded)
         pthread_cond_wait(&cv, &mu);
+    int fail = inject(&n_sync_calls, fail_sync_at);
     pthread_mutex_unlock(&mu);
-    return OK;
+    return fail ? ERR_LAUNCH_FAILED : OK;
 }
 
 CUresult cuEventElapsedTime(float *ms, CUevent start, CUevent end) {
@@ -915,6 +935,7 @@ static const char *error_name(CUresult r) {
     case ERR_NOT_READY: return "CUDA_ERROR_NOT_READY";
     case ERR_ALREADY_REGISTERED: return "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED";
     case ERR_NOT_REGISTERED: return "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED";
+    case ERR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
     case ERR_NOT_PERMITTED: return "CUDA_ERROR_NOT_PERMITTED";
     default: return NULL;
     }
