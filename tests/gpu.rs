@@ -42,6 +42,15 @@ fn have_gpu() -> bool {
     }
 }
 
+/// The CLI binary: `$TS_CLI` where set (the GPU check runs this test binary on a machine where
+/// the build's own path does not exist), else the one cargo built.
+fn cli() -> PathBuf {
+    std::env::var_os("TS_CLI").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_tensorstream")),
+        PathBuf::from,
+    )
+}
+
 fn sha(b: &[u8]) -> String {
     Sha256::digest(b)
         .iter()
@@ -602,17 +611,13 @@ fn gpu_every_route_and_ring_shape_lands_the_file_bytes() {
 
 /// The CLI on the device: `load --device cuda:0 --digests --json` hashes what it reads back from
 /// the device (equal to the manifest's digests), `bench --device cuda:0` times loads there, and
-/// `demo` picks the GPU, names it and checks every byte read back. The binary is `$TS_CLI` where set (the GPU check runs this test binary
-/// on a machine where the build's own path does not exist), else the one cargo built.
+/// `demo` picks the GPU, names it and checks every byte read back.
 #[test]
 fn gpu_cli_loads_and_demo_use_the_device() {
     if !have_gpu() {
         return;
     }
-    let cli = std::env::var_os("TS_CLI").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_tensorstream")),
-        PathBuf::from,
-    );
+    let cli = cli();
     let m: Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
             .unwrap();
@@ -715,10 +720,7 @@ fn gpu_device_faults_fail_cleanly() {
     if !have_gpu() {
         return;
     }
-    let cli = std::env::var_os("TS_CLI").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_tensorstream")),
-        PathBuf::from,
-    );
+    let cli = cli();
     let fake = tensorstream_cuda::CudaDevice::open(0, &small_ring())
         .unwrap()
         .name()

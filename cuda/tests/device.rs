@@ -167,6 +167,28 @@ fn gpu_plan(index: &TensorIndex, chunk: u64) -> Arc<Plan> {
     Arc::new(plan(index, &sel, &o).unwrap())
 }
 
+/// [`model_file`] behind a memory backend: the backend, its stat, its index, and each tensor's
+/// bytes.
+struct MemModel {
+    be: Arc<dyn Backend>,
+    meta: ObjectMeta,
+    index: TensorIndex,
+    want: Vec<(String, Vec<u8>)>,
+}
+
+fn mem_model() -> MemModel {
+    let (file, want) = model_file();
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    MemModel {
+        be,
+        meta,
+        index,
+        want,
+    }
+}
+
 fn check_model(m: &DeviceModel, want: &[(String, Vec<u8>)]) {
     assert_eq!(m.len(), want.len());
     for (name, data) in want {
@@ -192,10 +214,12 @@ fn gpu_generated_file_lands_byte_exact_through_the_ring() {
     let Some(dev) = gpu(&small_ring()) else {
         return;
     };
-    let (file, want) = model_file();
-    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
-    let meta = be.stat().unwrap();
-    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let MemModel {
+        be,
+        meta,
+        index,
+        want,
+    } = mem_model();
     let plan = gpu_plan(&index, 64 << 10);
     let eo = EngineOptions {
         queue_depth: 4,
@@ -224,10 +248,12 @@ fn gpu_synthesized_tensors_are_zeroed_on_the_device() {
     let Some(dev) = gpu(&small_ring()) else {
         return;
     };
-    let (file, _) = model_file();
-    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
-    let meta = be.stat().unwrap();
-    let mut index = format::read_index(be.as_ref(), &meta).unwrap();
+    let MemModel {
+        be,
+        meta,
+        mut index,
+        ..
+    } = mem_model();
     index.tensors.push(TensorInfo {
         name: "meta.zeros".into(),
         dtype: DType::F32,
@@ -250,10 +276,9 @@ fn gpu_slot_smaller_than_reads_is_refused() {
     let Some(dev) = gpu(&small_ring()) else {
         return;
     };
-    let (file, _) = model_file();
-    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
-    let meta = be.stat().unwrap();
-    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let MemModel {
+        be, meta, index, ..
+    } = mem_model();
     let plan = gpu_plan(&index, 1 << 20); // reads larger than the 64 KiB slots
     let e = load(&dev, be, &meta, index, plan, &EngineOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
@@ -352,10 +377,12 @@ fn gpu_abandoned_loads_clean_up_and_the_device_serves_the_next() {
     let Some(dev) = gpu(&small_ring()) else {
         return;
     };
-    let (file, want) = model_file();
-    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
-    let meta = be.stat().unwrap();
-    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let MemModel {
+        be,
+        meta,
+        index,
+        want,
+    } = mem_model();
     let plan = gpu_plan(&index, 16 << 10);
     let eo = EngineOptions {
         queue_depth: 3,
