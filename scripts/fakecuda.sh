@@ -11,9 +11,10 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 src=$root/cuda/tests/fakecuda/fakecuda.c
 dir=${CARGO_TARGET_DIR:-$root/target}/fakecuda
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd) # absolute: test binaries run from other folders
 if [ ! -f "$dir/libcuda.so" ] || [ "$src" -nt "$dir/libcuda.so" ]; then
   command -v cc >/dev/null || { echo "fakecuda.sh: no C compiler (cc) to build $src" >&2; exit 2; }
-  mkdir -p "$dir"
   cc -O2 -g -Wall -Wextra -Werror -shared -fPIC -pthread -o "$dir/libcuda.so.tmp" "$src"
   mv "$dir/libcuda.so.tmp" "$dir/libcuda.so"
 fi

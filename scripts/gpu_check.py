@@ -24,7 +24,8 @@ G = ".gpu"
 TS = os.path.join(G, "bin", "tensorstream")
 BENCH = os.path.join(G, "bin", "ts-gpu-bench")
 WORK = os.environ.get("TS_GPU_WORK", "/tmp/ts-gpu")
-GB = float(os.environ.get("TS_GPU_GB", "6.5"))
+# (Against fakecuda, "device memory" is host memory: a smaller file by default.)
+GB = float(os.environ.get("TS_GPU_GB", "0.5" if os.environ.get("TS_GPU_FAKE") == "1" else "6.5"))
 BUDGET = float(os.environ.get("TS_GPU_BUDGET", "330"))
 HARD = float(os.environ.get("TS_GPU_HARD", "500"))
 OUT = os.environ.get("OUT")
@@ -39,7 +40,8 @@ FAKE = os.environ.get("TS_GPU_FAKE") == "1"
 if FAKE:
     if DRY:
         sys.exit("TS_GPU_FAKE=1 and TS_GPU_DRY=1 exclude each other")
-    _lib = os.path.abspath(os.environ.get("TS_GPU_FAKE_LIB", "target/fakecuda"))
+    _lib = os.path.abspath(os.environ.get(
+        "TS_GPU_FAKE_LIB", os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "fakecuda")))
     if not os.path.exists(os.path.join(_lib, "libcuda.so")):
         sys.exit(f"TS_GPU_FAKE=1: no libcuda.so in {_lib} (run scripts/fakecuda.sh first)")
     os.environ["LD_LIBRARY_PATH"] = _lib + (":" + os.environ["LD_LIBRARY_PATH"]

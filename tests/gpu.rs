@@ -51,6 +51,38 @@ fn cli() -> PathBuf {
     )
 }
 
+/// Runs `cmd` like `Command::output`, but fails the test if it has not ended within `secs`
+/// (the child is killed): a hang is a failure, not a stalled test run.
+fn output_within(cmd: &mut std::process::Command, secs: u64) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = cmd
+        .stdout(std::fs::File::create(&o).unwrap())
+        .stderr(std::fs::File::create(&e).unwrap())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not end within {secs} s; stderr: {}",
+                std::fs::read_to_string(&e).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    std::process::Output {
+        status,
+        stdout: std::fs::read(&o).unwrap(),
+        stderr: std::fs::read(&e).unwrap(),
+    }
+}
+
 fn sha(b: &[u8]) -> String {
     Sha256::digest(b)
         .iter()
@@ -763,14 +795,15 @@ fn gpu_device_faults_fail_cleanly() {
         for var in vars {
             for n in ns {
                 let what = format!("{} {extra:?} {var}={n}", file.display());
-                let out = std::process::Command::new(&cli)
-                    .args(["load", file.to_str().unwrap(), "--device", "cuda:0"])
-                    .args(["--digests", "--json", "--quiet"])
-                    .args(small)
-                    .args(extra)
-                    .env(var, n.to_string())
-                    .output()
-                    .unwrap();
+                let out = output_within(
+                    std::process::Command::new(&cli)
+                        .args(["load", file.to_str().unwrap(), "--device", "cuda:0"])
+                        .args(["--digests", "--json", "--quiet"])
+                        .args(small)
+                        .args(extra)
+                        .env(var, n.to_string()),
+                    120,
+                );
                 let err = String::from_utf8_lossy(&out.stderr);
                 match out.status.code() {
                     Some(0) => {

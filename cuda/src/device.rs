@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
-use tensorstream_engine::{EngineStats, Error, IoBuf, Result};
+use tensorstream_engine::{Error, IoBuf, Result};
 
 use crate::raw::driver::{self, device_error};
 use crate::raw::pinned::{PinnedRegion, PAGE};
@@ -186,13 +186,32 @@ pub struct CudaDevice {
     events: Mutex<Vec<CudaEvent>>,
     opts: CudaOptions,
     context_open: std::time::Duration,
-    /// Streaming loads dropped before they ended: stopping on their threads, still holding the
-    /// pinned slots (see [`CudaDevice::take_slots`]).
-    abandoned: Mutex<Vec<AbandonedLoad>>,
+    /// Streaming loads dropped while they ran and did not stop in time: alive while their
+    /// threads still run, perhaps holding the pinned slots (see [`CudaDevice::take_slots`]).
+    /// Weak: the device must not keep a dropped load's results (models hold the device).
+    abandoned: Mutex<Vec<std::sync::Weak<LoadToken>>>,
 }
 
-/// The thread of a streaming load whose handle was dropped while it ran.
-pub(crate) type AbandonedLoad = std::thread::JoinHandle<Result<(crate::DeviceModel, EngineStats)>>;
+/// Held by a streaming load's thread while its load runs: a device that was left such a load
+/// (its handle dropped) can tell when it has ended without keeping anything of it.
+#[derive(Debug)]
+pub struct LoadToken;
+
+thread_local! {
+    /// The token of the streaming load this thread runs, if any.
+    static OWN_TOKEN: std::cell::RefCell<Option<std::sync::Weak<LoadToken>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl LoadToken {
+    /// Marks the current thread as the one running the load of `token`.
+    pub(crate) fn enter(token: &Arc<LoadToken>) {
+        OWN_TOKEN.with(|t| *t.borrow_mut() = Some(Arc::downgrade(token)));
+    }
+    fn is_own(w: &std::sync::Weak<LoadToken>) -> bool {
+        OWN_TOKEN.with(|t| t.borrow().as_ref().is_some_and(|o| o.ptr_eq(w)))
+    }
+}
 
 /// How long [`CudaDevice::take_slots`] waits for abandoned loads to let go of the slots.
 pub const ABANDONED_LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -315,8 +334,9 @@ impl CudaDevice {
             }
             if std::time::Instant::now() >= until {
                 return Err(Error::invalid(format!(
-                    "cuda:{}: the pinned staging slots are still held by a dropped streaming load \
-                     that has not stopped after {} s",
+                    "cuda:{}: the pinned staging slots are in use by another load on this device \
+                     handle (waited {} s for a dropped streaming load that was still stopping): \
+                     loads on one CudaDevice run one at a time",
                     self.ordinal,
                     ABANDONED_LOAD_WAIT.as_secs()
                 )));
@@ -325,31 +345,21 @@ impl CudaDevice {
         }
     }
 
-    /// Keeps the thread of a streaming load dropped while it ran, so that
+    /// Remembers a streaming load dropped while it still ran, so that
     /// [`CudaDevice::take_slots`] can wait for it to end.
-    pub(crate) fn adopt_abandoned(&self, load: AbandonedLoad) {
+    pub(crate) fn adopt_abandoned(&self, load: std::sync::Weak<LoadToken>) {
         if let Ok(mut v) = self.abandoned.lock() {
+            v.retain(|w| w.strong_count() > 0);
             v.push(load);
         }
     }
 
-    /// True while a dropped streaming load still runs. Those that ended are joined here (their
-    /// outcome, a model or an error, is dropped: its device memory is freed).
+    /// True while a dropped streaming load other than the calling thread's own still runs.
     fn abandoned_running(&self) -> bool {
-        let ended: Vec<AbandonedLoad> = match self.abandoned.lock() {
-            Ok(mut v) => {
-                let (ended, running) = std::mem::take(&mut *v)
-                    .into_iter()
-                    .partition(|h| h.is_finished());
-                *v = running;
-                ended
-            }
-            Err(_) => return false,
-        };
-        for h in ended {
-            let _ = h.join();
-        }
-        self.abandoned.lock().is_ok_and(|v| !v.is_empty())
+        self.abandoned.lock().is_ok_and(|mut v| {
+            v.retain(|w| w.strong_count() > 0);
+            v.iter().any(|w| !LoadToken::is_own(w))
+        })
     }
 
     pub(crate) fn event(&self) -> Result<CudaEvent> {

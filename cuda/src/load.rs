@@ -94,7 +94,13 @@ pub struct StreamingLoad {
     stop: Option<Arc<AtomicBool>>,
     keeper: Keeper,
     device: Option<Arc<CudaDevice>>,
+    /// Alive while the load's thread runs its load (see [`crate::device::LoadToken`]).
+    running: std::sync::Weak<crate::device::LoadToken>,
 }
+
+/// How long dropping a running [`StreamingLoad`] that has a stop flag waits for its thread to
+/// stop (and free what it holds) before leaving it to finish on its own.
+pub const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Starts a load on a thread and returns at once. Dropping the handle before
 /// [`StreamingLoad::wait`] stops the load if `opts.cancel` is `None` (it then gets a stop flag
@@ -154,9 +160,16 @@ impl StreamingLoad {
         F: FnOnce(Sender<ReadyTensor>) -> Result<(DeviceModel, EngineStats)> + Send + 'static,
     {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let token = Arc::new(crate::device::LoadToken);
+        let running = Arc::downgrade(&token);
         let handle = std::thread::Builder::new()
             .name("ts-cuda-load".into())
-            .spawn(move || load(tx))
+            .spawn(move || {
+                // Tells a device this thread's own token, so that its slot wait never waits
+                // on itself; the token goes when the load has returned.
+                crate::device::LoadToken::enter(&token);
+                load(tx)
+            })
             .map_err(|e| Error::from_io(e, "spawning the load thread"))?;
         Ok(StreamingLoad {
             rx,
@@ -165,12 +178,14 @@ impl StreamingLoad {
             stop: None,
             keeper: Keeper::default(),
             device: None,
+            running,
         })
     }
 
-    /// The device the load runs on: when this handle is dropped while the load still runs,
-    /// the device keeps its thread, and the next [`CudaDevice::take_slots`] waits for it to
-    /// end (so the next load on the device finds the pinned slots free) instead of failing.
+    /// The device the load runs on: when this handle is dropped while the load still runs
+    /// (and has not stopped within [`DROP_WAIT`]), the device remembers it, and the next
+    /// [`CudaDevice::take_slots`] waits for it to end (so the next load on the device finds
+    /// the pinned slots free) instead of failing.
     pub fn with_device(mut self, device: Arc<CudaDevice>) -> Self {
         self.device = Some(device);
         self
@@ -235,16 +250,25 @@ impl StreamingLoad {
 
 impl Drop for StreamingLoad {
     fn drop(&mut self) {
-        // Not waited for: nobody will take the model, so stop the load (it frees what it holds
-        // on its own thread, which is not joined here).
-        if self.handle.is_some() {
+        // Not waited for: nobody will take the model, so stop the load. With a stop flag it
+        // ends within moments (its reads and copies stop): wait for that, up to DROP_WAIT, so
+        // that its device memory and pinned slots are free when the drop returns and the next
+        // load on the device starts clean. What it returns (a model, or the error) is dropped
+        // here, freeing its device memory.
+        if let Some(h) = self.handle.take() {
             self.stop();
-        }
-        // The load thread, if still running, holds its own shares until it ends; its device
-        // keeps it, so that the next load there waits for the slots it still holds.
-        if let (Some(h), Some(dev)) = (self.handle.take(), &self.device) {
-            if !h.is_finished() {
-                dev.adopt_abandoned(h);
+            if self.stop.is_some() {
+                let until = std::time::Instant::now() + DROP_WAIT;
+                while !h.is_finished() && std::time::Instant::now() < until {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else if let Some(dev) = &self.device {
+                // Still running (no stop flag, or a read that does not end): it finishes on its
+                // own thread, which drops what it returns; the device waits for its slots.
+                dev.adopt_abandoned(self.running.clone());
             }
         }
         self.keeper.release();
@@ -288,10 +312,27 @@ mod tests {
     }
 
     #[test]
-    fn dropping_a_streaming_load_stops_it() {
+    fn dropping_a_streaming_load_stops_it_and_waits_for_it() {
         let (load, told) = stoppable();
         drop(load);
-        assert_eq!(told.recv_timeout(Duration::from_secs(10)), Ok("stopped"));
+        // The drop returned after the load ended (its memory and slots are free by then).
+        assert_eq!(told.try_recv(), Ok("stopped"));
+    }
+
+    #[test]
+    fn dropping_a_load_without_a_stop_flag_does_not_wait() {
+        let (release, hold) = crossbeam_channel::bounded::<()>(0);
+        let load = StreamingLoad::spawn(move |_tx| {
+            let _ = hold.recv_timeout(Duration::from_secs(30));
+            Err(Error::invalid("done"))
+        })
+        .unwrap();
+        let running = load.running.clone();
+        let t = std::time::Instant::now();
+        drop(load);
+        assert!(t.elapsed() < DROP_WAIT / 2, "the drop waited");
+        assert!(running.strong_count() > 0, "the load still runs");
+        release.send(()).unwrap();
     }
 
     #[test]

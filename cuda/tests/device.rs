@@ -433,18 +433,25 @@ fn gpu_abandoned_loads_clean_up_and_the_device_serves_the_next() {
             Err(e) => assert_eq!(e.kind(), ErrorKind::Cancelled, "round {round}: {e}"),
         }
     }
-    // Whatever the abandoned loads still held comes back: a full load on the same device.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let m = loop {
-        match load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo) {
-            Ok((m, _)) => break m,
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("device not free yet: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("the device never came back: {e}"),
-        }
-    };
+    // A streaming load under a caller's cancel flag (never set): dropping it does not stop it,
+    // so it goes on in the background holding the slots, and the next load waits for them.
+    let mut s = load_streaming(
+        &dev,
+        be.clone(),
+        meta.clone(),
+        index.clone(),
+        plan.clone(),
+        EngineOptions {
+            cancel: Some(Arc::new(std::sync::atomic::AtomicBool::new(false))),
+            ..eo.clone()
+        },
+    )
+    .unwrap();
+    assert!(s.next().is_some());
+    drop(s);
+    // Whatever the abandoned loads held comes back: a full load on the same device, at once.
+    let (m, _) = load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo)
+        .unwrap_or_else(|e| panic!("the device did not come back: {e}"));
     check_model(&m, &want);
     m.release().unwrap();
 }

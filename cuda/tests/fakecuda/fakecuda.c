@@ -20,7 +20,10 @@
  *     (SIGBUS); pages that cannot be read at registration fail it, as pinning would;
  *   - calls that need a current context fail with CUDA_ERROR_INVALID_CONTEXT without one;
  *   - unregistering host memory, or freeing device memory, that a queued copy still uses is
- *     a violation: it is reported on stderr and the process aborts.
+ *     a violation: it is reported on stderr and the process aborts; so is asynchronous work
+ *     on the legacy default stream, which it does not model;
+ *   - an injected device fault (below) is sticky, as a real one is: every later call that
+ *     takes new work, waits or frees fails with it.
  *
  * Settings (environment, read by cuInit):
  *   FAKECUDA_DEVICES   number of devices (default 1; 0: cuInit says CUDA_ERROR_NO_DEVICE)
@@ -35,6 +38,7 @@
  *                             (CUDA_ERROR_LAUNCH_FAILED, as after a device fault)
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -131,6 +135,9 @@ static struct fake_stream *streams;
 static __thread CUcontext current;
 static unsigned long long n_h2d, n_h2d_pageable, bytes_h2d, n_d2h, n_memset, n_events, max_queue;
 static unsigned long long fail_h2d_at, fail_sync_at, n_h2d_calls, n_sync_calls;
+/* After an injected device fault: the error every later call returns, as a real context's
+ * sticky error (the work already queued still runs; nothing more is accepted). */
+static CUresult sticky;
 
 /* Fault injection: true when this call is the one to fail (callers hold mu). */
 static int inject(unsigned long long *calls, unsigned long long at) {
@@ -172,12 +179,19 @@ static int overlaps(struct region *list, uintptr_t p, size_t n) {
     return 0;
 }
 
-static int pending_use(uintptr_t base, size_t len, int as_source) {
+/* Whether a queued operation still uses [base, base+len): host memory (`host`: a copy's
+ * host source or destination) or device memory (a copy's or memset's device side). */
+static int pending_use(uintptr_t base, size_t len, int host) {
     for (struct fake_stream *s = streams; s; s = s->next_live)
         for (struct op *o = s->head; o; o = o->next) {
-            uintptr_t p = (uintptr_t)(as_source ? (const void *)o->host_src : (const void *)o->dst);
-            if ((o->kind == OP_H2D || o->kind == OP_D2H || o->kind == OP_MEMSET) && p &&
-                !(as_source && o->owned) && p < base + len && base < p + o->n)
+            uintptr_t p = 0;
+            if (o->kind == OP_H2D)
+                p = host ? (o->owned ? 0 : (uintptr_t)o->host_src) : (uintptr_t)o->dst;
+            else if (o->kind == OP_D2H)
+                p = host ? (uintptr_t)o->dst : (uintptr_t)o->src;
+            else if (o->kind == OP_MEMSET && !host)
+                p = (uintptr_t)o->dst;
+            if (p && p < base + len && base < p + o->n)
                 return 1;
         }
     return 0;
@@ -231,7 +245,7 @@ static void *stream_main(void *arg) {
             run(o);
             pthread_mutex_lock(&mu);
         }
-        if (o->kind == OP_RECORD) {
+        if (o->kind == OP_RECORD && o->event->done < o->gen) {
             o->event->done = o->gen;
             o->event->done_at = now_ms();
         }
@@ -264,7 +278,7 @@ static void submit(CUstream s, struct op *o) {
         pthread_mutex_unlock(&mu);
         run(o);
         pthread_mutex_lock(&mu);
-        if (o->kind == OP_RECORD) {
+        if (o->kind == OP_RECORD && o->event->done < o->gen) {
             o->event->done = o->gen;
             o->event->done_at = now_ms();
         }
@@ -299,7 +313,9 @@ static struct op *new_op(enum op_kind k) {
 static CUresult need_ctx(void) {
     if (!initialised)
         return ERR_NOT_INITIALIZED;
-    return current ? OK : ERR_INVALID_CONTEXT;
+    if (sticky)
+        return sticky;
+    return current && current->retained > 0 ? OK : ERR_INVALID_CONTEXT;
 }
 
 /* --- initialisation, devices, contexts --- */
@@ -537,7 +553,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
         return ERR_INVALID_VALUE;
     }
     if (pending_use((*at)->base, (*at)->len, 0))
-        violation("cuMemFree of device memory that a queued copy or memset still writes");
+        violation("cuMemFree of device memory that a queued copy or memset still uses");
     struct region *reg = *at;
     *at = reg->next;
     mem_used -= reg->len;
@@ -569,9 +585,21 @@ CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned int flags) {
         /* Pin: take the pages' bytes now. process_vm_readv on ourselves returns EFAULT where a
          * plain read would raise SIGBUS (a mapping past the end of its file). */
         reg->pinned = malloc(n);
-        struct iovec local = {reg->pinned, n}, remote = {p, n};
-        if (!reg->pinned || process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != (ssize_t)n) {
-            CUresult why = reg->pinned ? ERR_INVALID_VALUE : ERR_OUT_OF_MEMORY;
+        CUresult why = reg->pinned ? OK : ERR_OUT_OF_MEMORY;
+        for (size_t at = 0; why == OK && at < n;) {
+            size_t step = n - at < (1u << 30) ? n - at : (1u << 30);
+            struct iovec local = {reg->pinned + at, step}, remote = {(char *)p + at, step};
+            ssize_t got = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+            if (got > 0) {
+                at += (size_t)got;
+            } else if (got == 0 || errno == EFAULT) {
+                why = ERR_INVALID_VALUE; /* pages that cannot be read: pinning fails too */
+            } else if (errno != EINTR) {
+                fprintf(stderr, "fakecuda: process_vm_readv: %s\n", strerror(errno));
+                violation("cannot emulate pinning here (process_vm_readv refused)");
+            }
+        }
+        if (why != OK) {
             pthread_mutex_unlock(&mu);
             free(reg->pinned);
             free(reg);
@@ -600,7 +628,7 @@ CUresult cuMemHostUnregister(void *p) {
         return ERR_NOT_REGISTERED;
     }
     if (pending_use((*at)->base, (*at)->len, 1))
-        violation("cuMemHostUnregister of host memory that a queued copy still reads");
+        violation("cuMemHostUnregister of host memory that a queued copy still uses");
     struct region *reg = *at;
     *at = reg->next;
     pthread_mutex_unlock(&mu);
@@ -618,7 +646,9 @@ static CUresult check_device_range(CUdeviceptr p, size_t n, const char *what) {
     return OK;
 }
 
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
+/* The copies and memsets, on stream `s` (NULL: the legacy default stream, which only the
+ * synchronous entry points below use: it runs the work at once). */
+static CUresult h2d_on(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
     CUresult r = need_ctx();
     if (r)
         return r;
@@ -666,11 +696,24 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstre
 }
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
-    CUresult r = cuMemcpyHtoDAsync_v2(dst, src, n, NULL);
-    return r;
+    return h2d_on(dst, src, n, NULL);
 }
 
-CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s) {
+/* Asynchronous work on the legacy default stream is not modelled (tensorstream queues its
+ * copies on its own streams): refused loudly rather than run with the wrong ordering. */
+static void no_legacy_stream(CUstream s, const char *call) {
+    if (!s) {
+        fprintf(stderr, "fakecuda: %s on the legacy default stream\n", call);
+        violation("asynchronous work on the legacy default stream (not modelled by fakecuda)");
+    }
+}
+
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
+    no_legacy_stream(s, "cuMemcpyHtoDAsync");
+    return h2d_on(dst, src, n, s);
+}
+
+static CUresult d2h_on(void *dst, CUdeviceptr src, size_t n, CUstream s) {
     CUresult r = need_ctx();
     if (r)
         return r;
@@ -698,10 +741,15 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s) 
 }
 
 CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
-    return cuMemcpyDtoHAsync_v2(dst, src, n, NULL);
+    return d2h_on(dst, src, n, NULL);
 }
 
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s) {
+    no_legacy_stream(s, "cuMemcpyDtoHAsync");
+    return d2h_on(dst, src, n, s);
+}
+
+static CUresult memset_on(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
     CUresult r = need_ctx();
     if (r)
         return r;
@@ -727,7 +775,12 @@ CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s)
 }
 
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
-    return cuMemsetD8Async(dst, v, n, NULL);
+    return memset_on(dst, v, n, NULL);
+}
+
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    no_legacy_stream(s, "cuMemsetD8Async");
+    return memset_on(dst, v, n, s);
 }
 
 /* --- streams --- */
@@ -787,9 +840,11 @@ CUresult cuStreamSynchronize(CUstream s) {
     pthread_mutex_lock(&mu);
     while (s->head || s->busy)
         pthread_cond_wait(&cv, &mu);
-    int fail = inject(&n_sync_calls, fail_sync_at);
+    if (inject(&n_sync_calls, fail_sync_at))
+        sticky = ERR_LAUNCH_FAILED;
+    CUresult r = sticky;
     pthread_mutex_unlock(&mu);
-    return fail ? ERR_LAUNCH_FAILED : OK;
+    return r;
 }
 
 CUresult cuStreamQuery(CUstream s) {
@@ -806,6 +861,10 @@ CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned int flags) {
     if (!e)
         return ERR_INVALID_HANDLE;
     pthread_mutex_lock(&mu);
+    if (sticky) {
+        pthread_mutex_unlock(&mu);
+        return sticky;
+    }
     if (!s) {
         while (e->done < e->recorded)
             pthread_cond_wait(&cv, &mu);
@@ -847,7 +906,13 @@ CUresult cuEventCreate(CUevent *out, unsigned int flags) {
 CUresult cuEventRecord(CUevent e, CUstream s) {
     if (!e)
         return ERR_INVALID_HANDLE;
+    if (!s)
+        violation("cuEventRecord on the legacy default stream (not modelled by fakecuda)");
     pthread_mutex_lock(&mu);
+    if (sticky) {
+        pthread_mutex_unlock(&mu);
+        return sticky;
+    }
     struct op *o = new_op(OP_RECORD);
     if (!o) {
         pthread_mutex_unlock(&mu);
@@ -871,8 +936,9 @@ CUresult cuEventQuery(CUevent e) {
         return ERR_INVALID_HANDLE;
     pthread_mutex_lock(&mu);
     int done = e->done >= e->recorded;
+    CUresult r = sticky ? sticky : done ? OK : ERR_NOT_READY;
     pthread_mutex_unlock(&mu);
-    return done ? OK : ERR_NOT_READY;
+    return r;
 }
 
 CUresult cuEventSynchronize(CUevent e) {
@@ -881,9 +947,11 @@ CUresult cuEventSynchronize(CUevent e) {
     pthread_mutex_lock(&mu);
     while (e->done < e->recorded)
         pthread_cond_wait(&cv, &mu);
-    int fail = inject(&n_sync_calls, fail_sync_at);
+    if (inject(&n_sync_calls, fail_sync_at))
+        sticky = ERR_LAUNCH_FAILED;
+    CUresult r = sticky;
     pthread_mutex_unlock(&mu);
-    return fail ? ERR_LAUNCH_FAILED : OK;
+    return r;
 }
 
 CUresult cuEventElapsedTime(float *ms, CUevent start, CUevent end) {
