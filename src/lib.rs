@@ -55,8 +55,10 @@
 //!   when none is installed yet; a program that wants another provider installs it first.
 //! * **GPU.** Loads on one [`cuda::CudaDevice`] handle run one at a time (a second concurrent
 //!   load is refused with `InvalidInput`); open one handle per concurrent load, or queue them.
-//!   A streaming load dropped while it runs stops on its own thread; the next load on its
-//!   handle waits for it (up to [`cuda::device::ABANDONED_LOAD_WAIT`]) rather than failing.
+//!   Dropping a running streaming load stops it and waits (up to [`cuda::load::DROP_WAIT`])
+//!   for it to let go of the device memory and the pinned slots; one that takes longer
+//!   finishes on its own thread, and the next load on its handle waits for its slots (up to
+//!   [`cuda::device::ABANDONED_LOAD_WAIT`]) rather than failing.
 //!   Releasing a [`cuda::DeviceModel`] synchronizes the device's context before freeing.
 
 #![forbid(unsafe_code)]
