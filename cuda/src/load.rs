@@ -79,8 +79,9 @@ impl std::fmt::Debug for Keeper {
 /// A load running on its own thread; iterate it to get each tensor as soon as its bytes are on
 /// the device, then [`StreamingLoad::wait`] for the model. Dropping it before `wait` stops the
 /// load when it was given a stop flag ([`StreamingLoad::with_stop`]; the `Loader`'s streaming
-/// loads and [`load_streaming`]'s have one): its reads and copies end, and its device memory is
-/// freed; the drop waits for that, up to [`DROP_WAIT`].
+/// loads have one, and so do [`load_streaming`]'s without a caller's cancel flag): its reads
+/// and copies end, and its device memory is freed; the drop waits for that, up to
+/// [`DROP_WAIT`].
 ///
 /// A streamed tensor's device pointer ([`ReadyTensor::ptr`]) stays valid until `wait` returns
 /// (and then, if the load succeeded, for as long as the model lives), even if the load fails
