@@ -835,3 +835,53 @@ fn gpu_device_faults_fail_cleanly() {
         assert_eq!(failed, 0, "a real driver ignores the fault variables");
     }
 }
+
+/// Loads on separate device handles run side by side, each with its own bytes right; a second
+/// load on a handle whose slots a live load holds is refused at once (not waited for: only
+/// dropped streaming loads are), and the handle serves loads again once they are free.
+#[test]
+fn gpu_separate_handles_load_in_parallel_and_a_busy_handle_refuses() {
+    if !have_gpu() {
+        return;
+    }
+    let sizes = [3000u64, (1 << 20) + 1, 77, 500_000];
+    let (bytes, data) = tensorstream_engine::testkit::u8_model(&sizes, 13);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let path = path.to_str().unwrap();
+    let handles: Vec<_> = (0..3)
+        .map(|_| tensorstream_cuda::CudaDevice::open(0, &small_ring()).unwrap())
+        .collect();
+    std::thread::scope(|s| {
+        for (h, dev) in handles.iter().enumerate() {
+            let data = &data;
+            s.spawn(move || {
+                for round in 0..4 {
+                    let m = Loader::new(path)
+                        .on_device(dev.clone())
+                        .load_cuda()
+                        .unwrap_or_else(|e| panic!("handle {h}, round {round}: {e}"));
+                    for (i, want) in data.iter().enumerate() {
+                        let (dm, t) = m.get(&format!("t{i:03}")).unwrap();
+                        assert!(dm.to_host(&t).unwrap() == *want, "handle {h}: t{i:03}");
+                    }
+                }
+            });
+        }
+    });
+    let dev = &handles[0];
+    let held = dev.take_slots().unwrap(); // a live load's slots
+    let t = std::time::Instant::now();
+    let Err(e) = Loader::new(path).on_device(dev.clone()).load_cuda() else {
+        panic!("a second load on a busy handle loaded");
+    };
+    assert_eq!(e.kind(), tensorstream::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("one at a time"), "{e}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5), "it waited");
+    drop(held);
+    Loader::new(path)
+        .on_device(dev.clone())
+        .load_cuda()
+        .expect("the handle serves loads once its slots are free");
+}
