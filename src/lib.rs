@@ -31,8 +31,10 @@
 //!   [`Loader::convert`] block the calling thread until done (seconds for big models; remote
 //!   backends also wait on retries). From async code run them on a blocking thread
 //!   (`tokio::task::spawn_blocking`). [`Loader::load_cuda_streaming`] returns at once and loads
-//!   on its own thread; dropping its handle before `wait()` stops that load (its device memory
-//!   is freed on that thread), as does `stop()` or the loader's cancel flag.
+//!   on its own thread; dropping its handle before `wait()` stops that load, as does `stop()`
+//!   or the loader's cancel flag. The drop waits for the load to let go of its device memory,
+//!   up to [`cuda::load::DROP_WAIT`] (moments on a GPU; a remote read that does not end can
+//!   take longer): from async code, drop the handle on a blocking thread too.
 //! * **Stopping.** [`Loader::cancel_flag`] stops a load or conversion between reads (reads in
 //!   retry backoff on HTTP, S3 and NFS are stopped at once); the opening steps (connect, index,
 //!   key derivation) are not interrupted. Per-request timeouts are in [`OpenOptions::timeout`],
@@ -1278,7 +1280,6 @@ impl Loader {
         p.host_eopts.cancel = Some(stop.clone());
         let keeper = tensorstream_cuda::Keeper::default();
         let keep = keeper.clone();
-        let device = dev.clone();
         tensorstream_cuda::StreamingLoad::spawn(move |tx| {
             let target = tensorstream_cuda::Target {
                 arena: None,
@@ -1287,12 +1288,7 @@ impl Loader {
             };
             run_cuda(&dev, &p, route, target).map(|(m, es, _)| (m, es))
         })
-        .map(|s| {
-            s.with_index(index)
-                .with_stop(stop)
-                .with_keeper(keeper)
-                .with_device(device)
-        })
+        .map(|s| s.with_index(index).with_stop(stop).with_keeper(keeper))
     }
 
     /// [`Loader::load_cuda_streaming`] of a sharded checkpoint: checked and the device opened
@@ -1313,17 +1309,11 @@ impl Loader {
         let index = merged.clone();
         let keeper = tensorstream_cuda::Keeper::default();
         let keep = keeper.clone();
-        let device = dev.clone();
         let location = sharded::redact(&self.uri);
         tensorstream_cuda::StreamingLoad::spawn(move |tx| {
             stream_shards(&dev, &location, todo, merged, &tx, &keep)
         })
-        .map(|s| {
-            s.with_index(index)
-                .with_stop(stop)
-                .with_keeper(keeper)
-                .with_device(device)
-        })
+        .map(|s| s.with_index(index).with_stop(stop).with_keeper(keeper))
     }
 
     /// The object's index. A shard's index read moments ago (by `check_shards`) is reused when

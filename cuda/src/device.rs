@@ -1,10 +1,11 @@
 //! A CUDA device opened for loading: context, copy streams, the pinned staging region
 //! (allocated once, reused by every load) and an event pool.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
-use tensorstream_engine::{Error, IoBuf, Result};
+use tensorstream_engine::{Error, ErrorKind, IoBuf, Result};
 
 use crate::raw::driver::{self, device_error};
 use crate::raw::pinned::{PinnedRegion, PAGE};
@@ -186,16 +187,22 @@ pub struct CudaDevice {
     events: Mutex<Vec<CudaEvent>>,
     opts: CudaOptions,
     context_open: std::time::Duration,
-    /// Streaming loads dropped while they ran and did not stop in time: alive while their
-    /// threads still run, perhaps holding the pinned slots (see [`CudaDevice::take_slots`]).
-    /// Weak: the device must not keep a dropped load's results (models hold the device).
-    abandoned: Mutex<Vec<std::sync::Weak<LoadToken>>>,
+    /// The streaming load that took the slots last (`None`: a load on a thread that is not a
+    /// streaming load's). Weak: the device must not keep a load's results (models hold the
+    /// device).
+    holder: Mutex<Option<Weak<LoadToken>>>,
 }
 
-/// Held by a streaming load's thread while its load runs: a device that was left such a load
-/// (its handle dropped) can tell when it has ended without keeping anything of it.
-#[derive(Debug)]
-pub struct LoadToken;
+/// Held by a streaming load's thread while its load runs: a device can tell whether the load
+/// holding its slots is one whose handle was dropped (it is stopping: worth waiting for) and
+/// when it has ended, without keeping anything of it.
+#[derive(Debug, Default)]
+pub struct LoadToken {
+    /// The load's stop flag, once its handle has one.
+    stop: std::sync::OnceLock<Arc<AtomicBool>>,
+    /// Set when the handle was dropped while the load still ran.
+    left: AtomicBool,
+}
 
 thread_local! {
     /// The token of the streaming load this thread runs, if any.
@@ -208,12 +215,32 @@ impl LoadToken {
     pub(crate) fn enter(token: &Arc<LoadToken>) {
         OWN_TOKEN.with(|t| *t.borrow_mut() = Some(Arc::downgrade(token)));
     }
-    fn is_own(w: &std::sync::Weak<LoadToken>) -> bool {
-        OWN_TOKEN.with(|t| t.borrow().as_ref().is_some_and(|o| o.ptr_eq(w)))
+    /// Records the load's stop flag.
+    pub(crate) fn set_stop(&self, stop: Arc<AtomicBool>) {
+        let _ = self.stop.set(stop);
+    }
+    /// Marks the load as left running by its dropped handle.
+    pub(crate) fn leave(&self) {
+        self.left.store(true, Ordering::SeqCst);
+    }
+    /// True once the handle was dropped while the load ran.
+    pub(crate) fn is_left(&self) -> bool {
+        self.left.load(Ordering::SeqCst)
+    }
+    /// The calling thread's own load token, if it runs a streaming load.
+    fn own() -> Option<Weak<LoadToken>> {
+        OWN_TOKEN.with(|t| t.borrow().clone())
+    }
+    /// True when the calling thread's load was asked to stop.
+    fn own_stopped() -> bool {
+        Self::own()
+            .and_then(|w| w.upgrade())
+            .and_then(|t| t.stop.get().map(|s| s.load(Ordering::SeqCst)))
+            .unwrap_or(false)
     }
 }
 
-/// How long [`CudaDevice::take_slots`] waits for abandoned loads to let go of the slots.
+/// How long [`CudaDevice::take_slots`] waits for a dropped streaming load to let go of the slots.
 pub const ABANDONED_LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl CudaDevice {
@@ -240,7 +267,7 @@ impl CudaDevice {
             events: Mutex::new(Vec::new()),
             opts,
             context_open,
-            abandoned: Mutex::new(Vec::new()),
+            holder: Mutex::new(None),
         }))
     }
 
@@ -314,29 +341,37 @@ impl CudaDevice {
         self.staging.lock().ok().and_then(|g| g.huge_bytes())
     }
 
-    /// The pinned staging slots (all of them). Fails while another load holds them — except
-    /// that slots held by a streaming load whose handle was dropped before it ended (it is
-    /// stopping on its own thread) are waited for, up to [`ABANDONED_LOAD_WAIT`]: dropping a
-    /// [`crate::StreamingLoad`] and starting the next load on the same device just works.
+    /// The pinned staging slots (all of them). Fails at once while another load holds them —
+    /// except a streaming load whose handle was dropped while it ran (it is stopping on its own
+    /// thread): that one is waited for, up to [`ABANDONED_LOAD_WAIT`], so that dropping a
+    /// [`crate::StreamingLoad`] and starting the next load on the same device just works. A
+    /// waiting streaming load that is asked to stop stops waiting (`Cancelled`).
     pub fn take_slots(&self) -> Result<Vec<IoBuf>> {
         let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
-        let lock = || {
-            self.staging
-                .lock()
-                .map_err(|_| Error::invalid("staging lock poisoned"))
-        };
         loop {
-            // (Joining an ended load frees its memory: not under the staging lock.)
-            let busy = PinnedRegion::in_use(&*lock()?);
-            if !busy || !self.abandoned_running() {
-                return PinnedRegion::slots(&mut *lock()?, self.opts.slots, self.opts.slot_size)
-                    .map_err(|e| e.context(format!("cuda:{}", self.ordinal)));
+            let mut g = self
+                .staging
+                .lock()
+                .map_err(|_| Error::invalid("staging lock poisoned"))?;
+            if !PinnedRegion::in_use(&g) || !self.holder_left() {
+                let slots = PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
+                    .map_err(|e| e.context(format!("cuda:{}", self.ordinal)))?;
+                if let Ok(mut h) = self.holder.lock() {
+                    *h = LoadToken::own();
+                }
+                return Ok(slots);
+            }
+            drop(g);
+            if LoadToken::own_stopped() {
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    "load cancelled while it waited for the pinned slots",
+                ));
             }
             if std::time::Instant::now() >= until {
                 return Err(Error::invalid(format!(
-                    "cuda:{}: the pinned staging slots are in use by another load on this device \
-                     handle (waited {} s for a dropped streaming load that was still stopping): \
-                     loads on one CudaDevice run one at a time",
+                    "cuda:{}: the pinned staging slots are still held by a dropped streaming load \
+                     that has not stopped after {} s",
                     self.ordinal,
                     ABANDONED_LOAD_WAIT.as_secs()
                 )));
@@ -345,20 +380,13 @@ impl CudaDevice {
         }
     }
 
-    /// Remembers a streaming load dropped while it still ran, so that
-    /// [`CudaDevice::take_slots`] can wait for it to end.
-    pub(crate) fn adopt_abandoned(&self, load: std::sync::Weak<LoadToken>) {
-        if let Ok(mut v) = self.abandoned.lock() {
-            v.retain(|w| w.strong_count() > 0);
-            v.push(load);
-        }
-    }
-
-    /// True while a dropped streaming load other than the calling thread's own still runs.
-    fn abandoned_running(&self) -> bool {
-        self.abandoned.lock().is_ok_and(|mut v| {
-            v.retain(|w| w.strong_count() > 0);
-            v.iter().any(|w| !LoadToken::is_own(w))
+    /// True when the slots' holder is a streaming load whose handle was dropped while it ran
+    /// (and it still runs).
+    fn holder_left(&self) -> bool {
+        self.holder.lock().is_ok_and(|h| {
+            h.as_ref()
+                .and_then(Weak::upgrade)
+                .is_some_and(|t| t.is_left())
         })
     }
 

@@ -95,7 +95,6 @@ pub struct StreamingLoad {
     index: Option<Arc<TensorIndex>>,
     stop: Option<Arc<AtomicBool>>,
     keeper: Keeper,
-    device: Option<Arc<CudaDevice>>,
     /// Alive while the load's thread runs its load (see [`crate::device::LoadToken`]).
     running: std::sync::Weak<crate::device::LoadToken>,
 }
@@ -115,7 +114,6 @@ pub fn load_streaming(
     plan: Arc<Plan>,
     mut opts: EngineOptions,
 ) -> Result<StreamingLoad> {
-    let device = dev.clone();
     let dev = dev.clone();
     let shared = index.clone();
     let keeper = Keeper::default();
@@ -137,8 +135,7 @@ pub fn load_streaming(
         load_to(&dev, backend, &meta, index, plan, &opts, target)
     })?
     .with_index(shared)
-    .with_keeper(keeper)
-    .with_device(device);
+    .with_keeper(keeper);
     Ok(match stop {
         Some(flag) => s.with_stop(flag),
         None => s,
@@ -162,15 +159,24 @@ impl StreamingLoad {
         F: FnOnce(Sender<ReadyTensor>) -> Result<(DeviceModel, EngineStats)> + Send + 'static,
     {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let token = Arc::new(crate::device::LoadToken);
+        let token = Arc::new(crate::device::LoadToken::default());
         let running = Arc::downgrade(&token);
         let handle = std::thread::Builder::new()
             .name("ts-cuda-load".into())
             .spawn(move || {
-                // Tells a device this thread's own token, so that its slot wait never waits
-                // on itself; the token goes when the load has returned.
+                // The device learns from the token which load holds its slots; the token goes
+                // when the load has returned (and, for a load whose handle was dropped, after
+                // what it returned is freed, so that its device memory is gone too).
                 crate::device::LoadToken::enter(&token);
-                load(tx)
+                let r = load(tx);
+                if token.is_left() {
+                    drop(r);
+                    return Err(Error::new(
+                        ErrorKind::Cancelled,
+                        "the load's handle was dropped",
+                    ));
+                }
+                r
             })
             .map_err(|e| Error::from_io(e, "spawning the load thread"))?;
         Ok(StreamingLoad {
@@ -179,18 +185,8 @@ impl StreamingLoad {
             index: None,
             stop: None,
             keeper: Keeper::default(),
-            device: None,
             running,
         })
-    }
-
-    /// The device the load runs on: when this handle is dropped while the load still runs
-    /// (and has not stopped within [`DROP_WAIT`]), the device remembers it, and the next
-    /// [`CudaDevice::take_slots`] waits for it to end (so the next load on the device finds
-    /// the pinned slots free) instead of failing.
-    pub fn with_device(mut self, device: Arc<CudaDevice>) -> Self {
-        self.device = Some(device);
-        self
     }
 
     /// Uses `keeper` (given to the load, e.g. in its [`Target::keep`]) to hold the load's
@@ -208,6 +204,9 @@ impl StreamingLoad {
     /// The flag the load stops on (its engine's cancel flag): set when this handle is dropped
     /// before [`StreamingLoad::wait`], or by [`StreamingLoad::stop`].
     pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
+        if let Some(t) = self.running.upgrade() {
+            t.set_stop(stop.clone());
+        }
         self.stop = Some(stop);
         self
     }
@@ -265,12 +264,13 @@ impl Drop for StreamingLoad {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
+            if let Some(t) = self.running.upgrade() {
+                // Still running (no stop flag, or a read that does not end): it finishes on its
+                // own thread, which frees what it returns; a device waits for its slots.
+                t.leave();
+            }
             if h.is_finished() {
                 let _ = h.join();
-            } else if let Some(dev) = &self.device {
-                // Still running (no stop flag, or a read that does not end): it finishes on its
-                // own thread, which drops what it returns; the device waits for its slots.
-                dev.adopt_abandoned(self.running.clone());
             }
         }
         self.keeper.release();
@@ -335,6 +335,15 @@ mod tests {
         assert!(t.elapsed() < DROP_WAIT / 2, "the drop waited");
         assert!(running.strong_count() > 0, "the load still runs");
         release.send(()).unwrap();
+        // The token goes when the load has returned.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while running.strong_count() > 0 {
+            assert!(
+                std::time::Instant::now() < until,
+                "the token outlived the load"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]

@@ -455,3 +455,74 @@ fn gpu_abandoned_loads_clean_up_and_the_device_serves_the_next() {
     check_model(&m, &want);
     m.release().unwrap();
 }
+
+/// The slot wait, deterministically: a streaming load that holds the slots and is left running
+/// (handle dropped, no stop flag) is waited for by the next `take_slots`, which succeeds as soon
+/// as it lets go; a load that is itself waiting and is asked to stop gives up at once; and slots
+/// held by anything else (a live load) are refused at once.
+#[test]
+fn gpu_slot_wait_is_only_for_dropped_loads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    // A stand-in load: takes the slots, says so, holds them until released.
+    let holding = |dev: Arc<CudaDevice>| {
+        let (got, has) = crossbeam_channel::bounded::<()>(1);
+        let (release, hold) = crossbeam_channel::bounded::<()>(1);
+        let load = StreamingLoad::spawn(move |_tx| {
+            let slots = dev.take_slots()?;
+            got.send(()).unwrap();
+            let _ = hold.recv_timeout(Duration::from_secs(60));
+            drop(slots);
+            Err(Error::invalid("released"))
+        })
+        .unwrap();
+        has.recv_timeout(Duration::from_secs(10)).unwrap();
+        (load, release)
+    };
+
+    // Live holder: refused at once.
+    let (load, release) = holding(dev.clone());
+    let t = Instant::now();
+    let e = dev.take_slots().unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "waited for a live load"
+    );
+    assert!(e.to_string().contains("one at a time"), "{e}");
+    release.send(()).unwrap();
+    assert_eq!(load.wait().unwrap_err().kind(), ErrorKind::InvalidInput);
+
+    // Dropped holder, still running: waited for, and the slots come as soon as it lets go.
+    let (load, release) = holding(dev.clone());
+    drop(load); // no stop flag: returns at once, the load goes on
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        release.send(()).unwrap();
+    });
+    let t = Instant::now();
+    let slots = dev.take_slots().expect("the dropped load's slots");
+    assert!(t.elapsed() >= Duration::from_millis(250), "did not wait");
+    releaser.join().unwrap();
+
+    // A load waiting for a dropped one's slots stops waiting when asked to stop.
+    drop(slots);
+    let (first, release) = holding(dev.clone());
+    drop(first);
+    let stop = Arc::new(AtomicBool::new(false));
+    let d = dev.clone();
+    let waiting = StreamingLoad::spawn(move |_tx| {
+        let _slots = d.take_slots()?;
+        Err(Error::invalid("got the slots"))
+    })
+    .unwrap()
+    .with_stop(stop.clone());
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    assert_eq!(waiting.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    release.send(()).unwrap();
+}
