@@ -1166,8 +1166,7 @@ impl Loader {
         let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
         let layouts = shard_layouts(&dev, &todo)?;
-        let (whole, windows, alloc) =
-            shard_arena(&dev, &layouts).map_err(|e| e.with_location(sharded::redact(&self.uri)))?;
+        let (whole, windows, alloc) = shard_arena(&dev, &layouts, &sharded::redact(&self.uri))?;
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
         for ((l, bytes), window) in todo.into_iter().zip(windows) {
@@ -1680,8 +1679,7 @@ fn stream_shards(
 )> {
     let started = Instant::now();
     let layouts = shard_layouts(dev, &todo)?;
-    let (whole, windows, alloc) =
-        shard_arena(dev, &layouts).map_err(|e| e.with_location(location))?;
+    let (whole, windows, alloc) = shard_arena(dev, &layouts, location)?;
     // Every shard's window is in it: streamed tensors stay valid if a later shard fails.
     keep.hold(whole.clone());
     let position = merged.positions();
@@ -1732,10 +1730,12 @@ fn stream_shards(
 }
 
 /// One device allocation for the shards' `(arena length, alignment)`: the allocation, each
-/// shard's window of it (in order, aligned as asked) and the time the allocation took.
+/// shard's window of it (in order, aligned as asked) and the time the allocation took. Errors
+/// name `location` (the checkpoint).
 fn shard_arena(
     dev: &tensorstream_cuda::CudaDevice,
     layouts: &[(u64, u64)],
+    location: &str,
 ) -> Result<(
     Arc<tensorstream_cuda::DeviceArena>,
     Vec<Arc<tensorstream_cuda::DeviceArena>>,
@@ -1744,7 +1744,9 @@ fn shard_arena(
     use tensorstream_cuda::DeviceArena;
     let (offsets, total) = tensorstream_cuda::copy::pack_windows(layouts.iter().copied())?;
     let t = Instant::now();
-    let whole = Arc::new(DeviceArena::alloc(dev.cuda_context(), total)?);
+    let whole = Arc::new(
+        DeviceArena::alloc(dev.cuda_context(), total).map_err(|e| e.with_location(location))?,
+    );
     let alloc = t.elapsed();
     let windows = offsets
         .iter()

@@ -206,7 +206,7 @@ pub struct LoadToken {
 
 thread_local! {
     /// The token of the streaming load this thread runs, if any.
-    static OWN_TOKEN: std::cell::RefCell<Option<std::sync::Weak<LoadToken>>> =
+    static OWN_TOKEN: std::cell::RefCell<Option<Weak<LoadToken>>> =
         const { std::cell::RefCell::new(None) };
 }
 

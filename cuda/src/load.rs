@@ -1,7 +1,7 @@
 //! One-call device loads through the engine, waiting for all tensors or streaming them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -96,7 +96,7 @@ pub struct StreamingLoad {
     stop: Option<Arc<AtomicBool>>,
     keeper: Keeper,
     /// Alive while the load's thread runs its load (see [`crate::device::LoadToken`]).
-    running: std::sync::Weak<crate::device::LoadToken>,
+    running: Weak<crate::device::LoadToken>,
 }
 
 /// How long dropping a running [`StreamingLoad`] that has a stop flag waits for its thread to
@@ -251,11 +251,11 @@ impl StreamingLoad {
 
 impl Drop for StreamingLoad {
     fn drop(&mut self) {
-        // Not waited for: nobody will take the model, so stop the load. With a stop flag it
-        // ends within moments (its reads and copies stop): wait for that, up to DROP_WAIT, so
-        // that its device memory and pinned slots are free when the drop returns and the next
-        // load on the device starts clean. What it returns (a model, or the error) is dropped
-        // here, freeing its device memory.
+        // Nobody will take the model: stop the load. With a stop flag it ends within moments
+        // (its reads and copies stop): wait for that, up to DROP_WAIT, so that its device
+        // memory and pinned slots are free when the drop returns and the next load on the
+        // device starts clean. What it returns (a model, or the error) is dropped here,
+        // freeing its device memory.
         if let Some(h) = self.handle.take() {
             self.stop();
             if self.stop.is_some() {
