@@ -302,6 +302,23 @@ fn gpu_one_device_handle_serves_several_loads() {
             assert!(dm.to_host(&t).unwrap() == *want, "round {round}: t{i:03}");
         }
     }
+    // The same with a sharded checkpoint's stream (its shards load one after another).
+    let ckpt = checkpoint::write(dir.path(), &[&[4096, 2 << 20], &[3 << 20], &[7]], 5);
+    let cdir = dir.path().display().to_string();
+    let mut s = Loader::new(&cdir)
+        .on_device(dev.clone())
+        .load_cuda_streaming()
+        .unwrap();
+    assert!(s.next().is_some(), "a first tensor of the checkpoint");
+    drop(s);
+    let m = Loader::new(&cdir)
+        .on_device(dev.clone())
+        .load_cuda()
+        .unwrap_or_else(|e| panic!("the checkpoint after its dropped stream: {e}"));
+    for w in &ckpt {
+        let (dm, t) = m.get(&w.name).unwrap();
+        assert_eq!(sha(&dm.to_host(&t).unwrap()), w.sha256, "{}", w.name);
+    }
 }
 
 #[test]
