@@ -172,6 +172,29 @@ static struct region *find(struct region *list, uintptr_t p, size_t n) {
     return NULL;
 }
 
+static int pending_use(uintptr_t base, size_t len, int host);
+
+/* The link that points at the region starting at `base` (at the list's end: none does). */
+static struct region **link_of(struct region **list, uintptr_t base) {
+    while (*list && (*list)->base != base)
+        list = &(*list)->next;
+    return list;
+}
+
+/* Takes the region starting at `base` out of `list`, unless a queued operation still uses it
+ * (a violation: `what` says which call); NULL when there is no such region. */
+static struct region *unlink_unused(struct region **list, uintptr_t base, int host,
+                                    const char *what) {
+    struct region **at = link_of(list, base);
+    struct region *reg = *at;
+    if (!reg)
+        return NULL;
+    if (pending_use(reg->base, reg->len, host))
+        violation(what);
+    *at = reg->next;
+    return reg;
+}
+
 static int overlaps(struct region *list, uintptr_t p, size_t n) {
     for (struct region *r = list; r; r = r->next)
         if (p < r->base + r->len && r->base < p + n)
@@ -545,17 +568,13 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     if (r)
         return r;
     pthread_mutex_lock(&mu);
-    struct region **at = &allocations;
-    while (*at && (*at)->base != (uintptr_t)p)
-        at = &(*at)->next;
-    if (!*at) {
+    struct region *reg = unlink_unused(
+        &allocations, (uintptr_t)p, 0,
+        "cuMemFree of device memory that a queued copy or memset still uses");
+    if (!reg) {
         pthread_mutex_unlock(&mu);
         return ERR_INVALID_VALUE;
     }
-    if (pending_use((*at)->base, (*at)->len, 0))
-        violation("cuMemFree of device memory that a queued copy or memset still uses");
-    struct region *reg = *at;
-    *at = reg->next;
     mem_used -= reg->len;
     pthread_mutex_unlock(&mu);
     free((void *)reg->base);
@@ -620,17 +639,13 @@ CUresult cuMemHostUnregister(void *p) {
     if (r)
         return r;
     pthread_mutex_lock(&mu);
-    struct region **at = &registered;
-    while (*at && (*at)->base != (uintptr_t)p)
-        at = &(*at)->next;
-    if (!*at) {
+    struct region *reg = unlink_unused(
+        &registered, (uintptr_t)p, 1,
+        "cuMemHostUnregister of host memory that a queued copy still uses");
+    if (!reg) {
         pthread_mutex_unlock(&mu);
         return ERR_NOT_REGISTERED;
     }
-    if (pending_use((*at)->base, (*at)->len, 1))
-        violation("cuMemHostUnregister of host memory that a queued copy still uses");
-    struct region *reg = *at;
-    *at = reg->next;
     pthread_mutex_unlock(&mu);
     free(reg->pinned);
     free(reg);
