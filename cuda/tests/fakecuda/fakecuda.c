@@ -661,6 +661,18 @@ static CUresult check_device_range(CUdeviceptr p, size_t n, const char *what) {
     return OK;
 }
 
+/* A new operation of `kind` on `n` bytes of device memory at `p` (checked to lie inside one
+ * allocation), or NULL with *r set. Caller holds mu. */
+static struct op *device_op(enum op_kind kind, CUdeviceptr p, size_t n, const char *what,
+                            CUresult *r) {
+    if ((*r = check_device_range(p, n, what)))
+        return NULL;
+    struct op *o = new_op(kind);
+    if (!o)
+        *r = ERR_OUT_OF_MEMORY;
+    return o;
+}
+
 /* The copies and memsets, on stream `s` (NULL: the legacy default stream, which only the
  * synchronous entry points below use: it runs the work at once). */
 static CUresult h2d_on(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
@@ -676,14 +688,10 @@ static CUresult h2d_on(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
         pthread_mutex_unlock(&mu);
         return ERR_INVALID_VALUE;
     }
-    if ((r = check_device_range(dst, n, "cuMemcpyHtoDAsync"))) {
-        pthread_mutex_unlock(&mu);
-        return r;
-    }
-    struct op *o = new_op(OP_H2D);
+    struct op *o = device_op(OP_H2D, dst, n, "cuMemcpyHtoDAsync", &r);
     if (!o) {
         pthread_mutex_unlock(&mu);
-        return ERR_OUT_OF_MEMORY;
+        return r;
     }
     o->dst = (unsigned char *)(uintptr_t)dst;
     o->src = src;
@@ -737,14 +745,10 @@ static CUresult d2h_on(void *dst, CUdeviceptr src, size_t n, CUstream s) {
     if (!dst)
         return ERR_INVALID_VALUE;
     pthread_mutex_lock(&mu);
-    if ((r = check_device_range(src, n, "cuMemcpyDtoH"))) {
-        pthread_mutex_unlock(&mu);
-        return r;
-    }
-    struct op *o = new_op(OP_D2H);
+    struct op *o = device_op(OP_D2H, src, n, "cuMemcpyDtoH", &r);
     if (!o) {
         pthread_mutex_unlock(&mu);
-        return ERR_OUT_OF_MEMORY;
+        return r;
     }
     o->dst = dst;
     o->src = (const unsigned char *)(uintptr_t)src;
@@ -771,14 +775,10 @@ static CUresult memset_on(CUdeviceptr dst, unsigned char v, size_t n, CUstream s
     if (n == 0)
         return OK;
     pthread_mutex_lock(&mu);
-    if ((r = check_device_range(dst, n, "cuMemsetD8"))) {
-        pthread_mutex_unlock(&mu);
-        return r;
-    }
-    struct op *o = new_op(OP_MEMSET);
+    struct op *o = device_op(OP_MEMSET, dst, n, "cuMemsetD8", &r);
     if (!o) {
         pthread_mutex_unlock(&mu);
-        return ERR_OUT_OF_MEMORY;
+        return r;
     }
     o->dst = (unsigned char *)(uintptr_t)dst;
     o->value = v;
