@@ -343,9 +343,9 @@ impl CudaDevice {
 
     /// The pinned staging slots (all of them). Fails at once while another load holds them —
     /// except a streaming load whose handle was dropped while it ran (it is stopping on its own
-    /// thread): that one is waited for, up to [`ABANDONED_LOAD_WAIT`], so that dropping a
-    /// [`crate::StreamingLoad`] and starting the next load on the same device just works. A
-    /// waiting streaming load that is asked to stop stops waiting (`Cancelled`).
+    /// thread): that one is waited for until it has ended, up to [`ABANDONED_LOAD_WAIT`], so
+    /// that dropping a [`crate::StreamingLoad`] and starting the next load on the same device
+    /// just works. A waiting streaming load that is asked to stop stops waiting (`Cancelled`).
     pub fn take_slots(&self) -> Result<Vec<IoBuf>> {
         let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
         loop {
@@ -353,7 +353,10 @@ impl CudaDevice {
                 .staging
                 .lock()
                 .map_err(|_| Error::invalid("staging lock poisoned"))?;
-            if !PinnedRegion::in_use(&g) || !self.holder_left() {
+            // A dropped holder is waited for until it has ended, not just until its slots are
+            // free: it frees what it returned (its device memory) before its token goes, so
+            // the next load's device allocation finds that memory free too.
+            if !self.holder_left() {
                 let slots = PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
                     .map_err(|e| e.context(format!("cuda:{}", self.ordinal)))?;
                 if let Ok(mut h) = self.holder.lock() {
@@ -381,10 +384,13 @@ impl CudaDevice {
     }
 
     /// True when the slots' holder is a streaming load whose handle was dropped while it ran
-    /// (and it still runs).
+    /// (and it still runs), other than the calling thread's own (a load of several shards
+    /// takes the slots once per shard).
     fn holder_left(&self) -> bool {
+        let own = LoadToken::own();
         self.holder.lock().is_ok_and(|h| {
             h.as_ref()
+                .filter(|w| !own.as_ref().is_some_and(|o| o.ptr_eq(w)))
                 .and_then(Weak::upgrade)
                 .is_some_and(|t| t.is_left())
         })

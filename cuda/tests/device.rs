@@ -525,4 +525,34 @@ fn gpu_slot_wait_is_only_for_dropped_loads() {
     assert_eq!(waiting.wait().unwrap_err().kind(), ErrorKind::Cancelled);
     assert!(t.elapsed() < Duration::from_secs(5));
     release.send(()).unwrap();
+
+    // A dropped load that takes the slots again (a checkpoint's next shard) does not wait on
+    // itself; and the next load waits until the dropped one has ended.
+    let (got, has) = crossbeam_channel::bounded::<()>(1);
+    let (release, hold) = crossbeam_channel::bounded::<()>(1);
+    let (tell, told) = crossbeam_channel::bounded::<(bool, Duration)>(1);
+    let d = dev.clone();
+    let load = StreamingLoad::spawn(move |_tx| {
+        drop(d.take_slots()?);
+        got.send(()).unwrap();
+        let _ = hold.recv_timeout(Duration::from_secs(60));
+        let t = Instant::now();
+        let again = d.take_slots();
+        tell.send((again.is_ok(), t.elapsed())).unwrap();
+        drop(again);
+        Err(Error::invalid("done"))
+    })
+    .unwrap();
+    has.recv_timeout(Duration::from_secs(10)).unwrap();
+    drop(load); // no stop flag: left running
+    release.send(()).unwrap();
+    let (ok, waited) = told.recv_timeout(Duration::from_secs(120)).unwrap();
+    assert!(
+        ok && waited < Duration::from_secs(5),
+        "{ok} after {waited:?}"
+    );
+    drop(
+        dev.take_slots()
+            .expect("the slots once the dropped load ended"),
+    );
 }
