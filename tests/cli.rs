@@ -504,27 +504,16 @@ fn cuda_device_without_driver_is_a_clear_error() {
         return;
     }
     eprintln!("skipped GPU load: no CUDA device; checking the error instead");
-    let e = run_err(&["load", path.to_str().unwrap(), "--device", "cuda:0"]);
-    assert!(
-        e.contains("no CUDA driver found") || e.contains("not present"),
-        "{e}"
-    );
-    let e = run_usage_err(
-        &["load", path.to_str().unwrap(), "--device", "cuda:x"],
-        "--device",
-    );
-    assert!(e.contains("bad device"), "{e}");
-    // bench takes the device too.
-    let e = run_err(&["bench", path.to_str().unwrap(), "--device", "cuda:0"]);
-    assert!(
-        e.contains("no CUDA driver found") || e.contains("not present"),
-        "{e}"
-    );
-    let e = run_usage_err(
-        &["bench", path.to_str().unwrap(), "--device", "gpu"],
-        "--device",
-    );
-    assert!(e.contains("bad device"), "{e}");
+    // load and bench take the device alike.
+    for (cmd, bad) in [("load", "cuda:x"), ("bench", "gpu")] {
+        let e = run_err(&[cmd, path.to_str().unwrap(), "--device", "cuda:0"]);
+        assert!(
+            e.contains("no CUDA driver found") || e.contains("not present"),
+            "{e}"
+        );
+        let e = run_usage_err(&[cmd, path.to_str().unwrap(), "--device", bad], "--device");
+        assert!(e.contains("bad device"), "{e}");
+    }
 }
 
 #[test]

@@ -827,8 +827,8 @@ fn gpu_device_faults_fail_cleanly() {
                         let j: Value = serde_json::from_slice(&out.stdout).unwrap();
                         for (i, w) in want.iter().enumerate() {
                             let name = format!("t{i:03}");
-                            let t = j["tensors"].as_array().unwrap().iter();
-                            let g = t.clone().find(|t| t["name"] == name.as_str());
+                            let mut t = j["tensors"].as_array().unwrap().iter();
+                            let g = t.find(|t| t["name"] == name.as_str());
                             assert_eq!(g.unwrap()["sha256"], w.as_str(), "{what}: {name}");
                         }
                     }

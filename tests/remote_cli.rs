@@ -47,6 +47,22 @@ fn stage(dir: &Path, prefix: &str) -> Vec<String> {
     names
 }
 
+/// The CLI.
+fn cli() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tensorstream"))
+}
+
+/// Runs `cmd`; unless it succeeds, fails the test with `what` and the command's stderr.
+fn succeed(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn load_json(
     uri: &str,
     name: &str,
@@ -55,7 +71,7 @@ fn load_json(
 ) -> serde_json::Value {
     let m = manifest();
     let enc = &m["files"][name]["encryption"];
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorstream"));
+    let mut cmd = cli();
     cmd.args(["load", uri, "--digests", "--json", "--quiet"])
         .args(extra)
         .envs(envs.iter().map(|(k, v)| (k, v)));
@@ -68,12 +84,7 @@ fn load_json(
     if let Some(p) = enc["password"].as_str() {
         cmd.env("TENSORSTREAM_PASSWORD", p);
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "load {uri} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(&mut cmd, &format!("load {uri} failed"));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -160,16 +171,12 @@ fn loaded_as_written(
     envs: &[(String, String)],
     want: &[checkpoint::Written],
 ) -> Vec<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
-        .args(["load", uri, "--digests", "--json", "--quiet"])
-        .args(extra)
-        .envs(envs.iter().map(|(k, v)| (k, v)))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "load {uri} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        cli()
+            .args(["load", uri, "--digests", "--json", "--quiet"])
+            .args(extra)
+            .envs(envs.iter().map(|(k, v)| (k, v))),
+        &format!("load {uri} failed"),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let got = v["tensors"].as_array().unwrap().clone();
@@ -260,31 +267,22 @@ fn sharded_loads_and_conversions_read_each_shard_header_once() {
         let want = checkpoint::write(&root.join(&name), &shards, 21);
         let uri = format!("{url}/{name}/model.safetensors.index.json");
         let out_file = out_dir.path().join(format!("{what}.safetensors"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorstream"));
+        let mut cmd = cli();
         match what {
             "load" => cmd.args(["load", &uri, "--digests", "--json", "--quiet"]),
             _ => cmd.arg("convert").arg(&uri).arg(&out_file).arg("--quiet"),
         };
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{what} {uri} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = succeed(&mut cmd, &format!("{what} {uri} failed"));
         // What was loaded or written is right (the check reads what it checks).
         let digests = if what == "load" {
             serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
         } else {
-            let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
-                .arg("load")
-                .arg(&out_file)
-                .args(["--digests", "--json", "--quiet"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
+            let out = succeed(
+                cli()
+                    .arg("load")
+                    .arg(&out_file)
+                    .args(["--digests", "--json", "--quiet"]),
+                "load",
             );
             serde_json::from_slice(&out.stdout).unwrap()
         };
@@ -316,17 +314,13 @@ fn verified_conversions_through_every_remote_backend_keep_every_byte() {
     let src_dir = tempfile::tempdir().unwrap();
     let want = checkpoint::write(src_dir.path(), &[&[1000, (5 << 20) + 3, 17]], 33);
     let local = src_dir.path().join("src.tensors");
-    let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
-        .arg("convert")
-        .arg(src_dir.path().join(checkpoint::shard_name(1, 1)))
-        .arg(&local)
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        cli()
+            .arg("convert")
+            .arg(src_dir.path().join(checkpoint::shard_name(1, 1)))
+            .arg(&local)
+            .arg("--quiet"),
+        "convert",
     );
     let out_dir = tempfile::tempdir().unwrap();
     for (k, (dir, uri, extra, envs)) in every_remote("cli-convert", "src.tensors", "")
@@ -336,19 +330,15 @@ fn verified_conversions_through_every_remote_backend_keep_every_byte() {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(&local, dir.join("src.tensors")).unwrap();
         let dst = out_dir.path().join(format!("out{k}.safetensors"));
-        let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
-            .arg("convert")
-            .arg(&uri)
-            .arg(&dst)
-            .args(["--verify", "--chunk-size", "1MiB", "--quiet"])
-            .args(&extra)
-            .envs(envs.iter().map(|(k, v)| (k, v)))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "convert {uri}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            cli()
+                .arg("convert")
+                .arg(&uri)
+                .arg(&dst)
+                .args(["--verify", "--chunk-size", "1MiB", "--quiet"])
+                .args(&extra)
+                .envs(envs.iter().map(|(k, v)| (k, v))),
+            &format!("convert {uri}"),
         );
         loaded_as_written(dst.to_str().unwrap(), &[], &[], &want);
     }
@@ -366,17 +356,13 @@ fn a_one_file_conversion_reads_the_header_once() {
     let name = checkpoint::shard_name(1, 1);
     let out_dir = tempfile::tempdir().unwrap();
     let dst = out_dir.path().join("one.safetensors");
-    let out = Command::new(env!("CARGO_BIN_EXE_tensorstream"))
-        .arg("convert")
-        .arg(format!("{url}/header-once-file/{name}"))
-        .arg(&dst)
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        cli()
+            .arg("convert")
+            .arg(format!("{url}/header-once-file/{name}"))
+            .arg(&dst)
+            .arg("--quiet"),
+        "convert",
     );
     loaded_as_written(dst.to_str().unwrap(), &[], &[], &want);
     let log = std::fs::read_to_string(&log).unwrap();
