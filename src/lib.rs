@@ -59,8 +59,9 @@
 //!   load is refused with `InvalidInput`); open one handle per concurrent load, or queue them.
 //!   Dropping a running streaming load stops it and waits (up to [`cuda::load::DROP_WAIT`])
 //!   for it to let go of the device memory and the pinned slots; one that takes longer
-//!   finishes on its own thread, and the next load on its handle waits for its slots (up to
-//!   [`cuda::device::ABANDONED_LOAD_WAIT`]) rather than failing.
+//!   finishes on its own thread, and the next load on its handle waits for it to end (up to
+//!   [`cuda::device::ABANDONED_LOAD_WAIT`]) before it allocates device memory or takes the
+//!   slots, rather than failing.
 //!   Releasing a [`cuda::DeviceModel`] synchronizes the device's context before freeing.
 
 #![forbid(unsafe_code)]
@@ -1744,9 +1745,7 @@ fn shard_arena(
     use tensorstream_cuda::DeviceArena;
     let (offsets, total) = tensorstream_cuda::copy::pack_windows(layouts.iter().copied())?;
     let t = Instant::now();
-    let whole = Arc::new(
-        DeviceArena::alloc(dev.cuda_context(), total).map_err(|e| e.with_location(location))?,
-    );
+    let whole = Arc::new(dev.alloc(total).map_err(|e| e.with_location(location))?);
     let alloc = t.elapsed();
     let windows = offsets
         .iter()

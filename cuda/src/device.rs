@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 use tensorstream_engine::{Error, ErrorKind, IoBuf, Result};
 
-use crate::raw::driver::{self, device_error};
+use crate::raw::driver::{self, device_error, DeviceArena};
 use crate::raw::pinned::{PinnedRegion, PAGE};
 
 /// How the warm page-cache path is used (see [`crate::warm`]).
@@ -215,6 +215,11 @@ impl LoadToken {
     pub(crate) fn enter(token: &Arc<LoadToken>) {
         OWN_TOKEN.with(|t| *t.borrow_mut() = Some(Arc::downgrade(token)));
     }
+    /// Marks the current thread as a helper of the load `token` names (a thread the load
+    /// spawned): it counts as that load's own when it waits (see [`CudaDevice::take_slots`]).
+    pub(crate) fn adopt(token: Option<Weak<LoadToken>>) {
+        OWN_TOKEN.with(|t| *t.borrow_mut() = token);
+    }
     /// Records the load's stop flag.
     pub(crate) fn set_stop(&self, stop: Arc<AtomicBool>) {
         let _ = self.stop.set(stop);
@@ -228,7 +233,7 @@ impl LoadToken {
         self.left.load(Ordering::SeqCst)
     }
     /// The calling thread's own load token, if it runs a streaming load.
-    fn own() -> Option<Weak<LoadToken>> {
+    pub(crate) fn own() -> Option<Weak<LoadToken>> {
         OWN_TOKEN.with(|t| t.borrow().clone())
     }
     /// True when the calling thread's load was asked to stop.
@@ -365,22 +370,43 @@ impl CudaDevice {
                 return Ok(slots);
             }
             drop(g);
-            if LoadToken::own_stopped() {
-                return Err(Error::new(
-                    ErrorKind::Cancelled,
-                    "load cancelled while it waited for the pinned slots",
-                ));
-            }
-            if std::time::Instant::now() >= until {
-                return Err(Error::invalid(format!(
-                    "cuda:{}: the pinned staging slots are still held by a dropped streaming load \
-                     that has not stopped after {} s",
-                    self.ordinal,
-                    ABANDONED_LOAD_WAIT.as_secs()
-                )));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            self.wait_for_dropped_load(until)?;
         }
+    }
+
+    /// Allocates `len` bytes (at least one) of device memory on this device, as one
+    /// [`DeviceArena`]. Like [`CudaDevice::take_slots`], it first waits (up to
+    /// [`ABANDONED_LOAD_WAIT`]) for a streaming load whose handle was dropped while it ran, so
+    /// that the memory that load still holds is free again before this allocation asks for
+    /// its own: the next load after a dropped one does not fail with out-of-memory for a model
+    /// larger than half the device. The loads allocate through this.
+    pub fn alloc(&self, len: u64) -> Result<DeviceArena> {
+        let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
+        while self.holder_left() {
+            self.wait_for_dropped_load(until)?;
+        }
+        DeviceArena::alloc(&self.ctx, len)
+    }
+
+    /// One step of the wait for a dropped streaming load: `Cancelled` when the calling load was
+    /// asked to stop, an error once `until` has passed, else a short sleep.
+    fn wait_for_dropped_load(&self, until: std::time::Instant) -> Result<()> {
+        if LoadToken::own_stopped() {
+            return Err(Error::new(
+                ErrorKind::Cancelled,
+                "load cancelled while it waited for a dropped load to end",
+            ));
+        }
+        if std::time::Instant::now() >= until {
+            return Err(Error::invalid(format!(
+                "cuda:{}: a dropped streaming load still holds the pinned staging slots and its \
+                 device memory: it has not stopped after {} s",
+                self.ordinal,
+                ABANDONED_LOAD_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        Ok(())
     }
 
     /// True when the slots' holder is a streaming load whose handle was dropped while it ran

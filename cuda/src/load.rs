@@ -266,7 +266,8 @@ impl Drop for StreamingLoad {
             }
             if let Some(t) = self.running.upgrade() {
                 // Still running (no stop flag, or a read that does not end): it finishes on its
-                // own thread, which frees what it returns; a device waits for its slots.
+                // own thread, which frees what it returns; the device's next allocation
+                // and slot taking wait for it to end.
                 t.leave();
             }
             if h.is_finished() {

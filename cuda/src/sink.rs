@@ -284,7 +284,7 @@ pub(crate) fn arena_for(
             (a, Duration::ZERO)
         }
         None => {
-            let a = Arc::new(DeviceArena::alloc(dev.context(), plan.arena_len)?);
+            let a = Arc::new(dev.alloc(plan.arena_len)?);
             (a, started.elapsed())
         }
     };
@@ -315,10 +315,16 @@ impl Sink for CudaSink {
             None => {
                 // The allocation runs on its own thread while the engine opens its reader and
                 // the first reads fill the slots; the first copy waits for it (`loading`).
+                // It acts for this load: a wait in it for a dropped load (`CudaDevice::alloc`)
+                // neither waits on this load itself nor outlasts this load's stop flag.
                 let (dev, p) = (self.dev.clone(), plan.clone());
+                let token = crate::device::LoadToken::own();
                 let handle = std::thread::Builder::new()
                     .name("ts-cuda-alloc".into())
-                    .spawn(move || arena_for(&dev, &p, None))
+                    .spawn(move || {
+                        crate::device::LoadToken::adopt(token);
+                        arena_for(&dev, &p, None)
+                    })
                     .map_err(|e| Error::from_io(e, "spawning the device allocation thread"))?;
                 self.allocating = Some((plan.clone(), handle));
             }

@@ -456,6 +456,119 @@ fn gpu_abandoned_loads_clean_up_and_the_device_serves_the_next() {
     m.release().unwrap();
 }
 
+/// A device allocation waits for a dropped load as the slot wait does: the memory such a load
+/// still holds is free again before the next load allocates its own (else a model larger than
+/// half the device fails with out-of-memory after a dropped load). The dropped load itself
+/// allocates without waiting on itself, and a live load is not waited for.
+#[test]
+fn gpu_device_allocation_waits_for_a_dropped_load() {
+    use std::time::{Duration, Instant};
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let (got, has) = crossbeam_channel::bounded::<()>(1);
+    let (release, hold) = crossbeam_channel::bounded::<()>(1);
+    let (tell, told) = crossbeam_channel::bounded::<Duration>(1);
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (d, e) = (dev.clone(), ended.clone());
+    let load = StreamingLoad::spawn(move |_tx| {
+        let slots = d.take_slots()?;
+        let mem = d.alloc(1 << 20)?;
+        got.send(()).unwrap();
+        let _ = hold.recv_timeout(Duration::from_secs(60));
+        // Left running by now: its own allocation does not wait for itself.
+        let t = Instant::now();
+        let more = d.alloc(4096);
+        tell.send(t.elapsed()).unwrap();
+        drop((more, mem, slots));
+        e.store(true, std::sync::atomic::Ordering::SeqCst);
+        Err(Error::invalid("released"))
+    })
+    .unwrap();
+    has.recv_timeout(Duration::from_secs(10)).unwrap();
+    // Live: an allocation beside it goes ahead at once.
+    let t = Instant::now();
+    drop(dev.alloc(4096).unwrap());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "waited for a live load"
+    );
+    drop(load); // no stop flag: returns at once, the load goes on
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        release.send(()).unwrap();
+    });
+    let t = Instant::now();
+    let mem = dev
+        .alloc(1 << 20)
+        .expect("an allocation after the dropped load");
+    assert!(t.elapsed() >= Duration::from_millis(250), "did not wait");
+    assert!(
+        ended.load(std::sync::atomic::Ordering::SeqCst),
+        "allocated before the dropped load had freed its memory"
+    );
+    let own = told.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        own < Duration::from_secs(5),
+        "the dropped load waited on itself: {own:?}"
+    );
+    releaser.join().unwrap();
+    drop(mem);
+}
+
+/// A ring load that is waiting for a dropped one (its device allocation, on a thread of its
+/// own, and its slots) stops waiting when it is dropped in turn: the drop does not sit out the
+/// dropped load's time. Then, once that one ends, the device serves a full load.
+#[test]
+fn gpu_a_load_waiting_for_a_dropped_one_can_be_dropped() {
+    use std::time::{Duration, Instant};
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let MemModel {
+        be,
+        meta,
+        index,
+        want,
+    } = mem_model();
+    let plan = gpu_plan(&index, 16 << 10);
+    let (got, has) = crossbeam_channel::bounded::<()>(1);
+    let (release, hold) = crossbeam_channel::bounded::<()>(1);
+    let d = dev.clone();
+    let first = StreamingLoad::spawn(move |_tx| {
+        let slots = d.take_slots()?;
+        got.send(()).unwrap();
+        let _ = hold.recv_timeout(Duration::from_secs(60));
+        drop(slots);
+        Err(Error::invalid("released"))
+    })
+    .unwrap();
+    has.recv_timeout(Duration::from_secs(10)).unwrap();
+    drop(first); // no stop flag: left running, holding the slots
+    let waiting = load_streaming(
+        &dev,
+        be.clone(),
+        meta.clone(),
+        index.clone(),
+        plan.clone(),
+        EngineOptions::default(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // allocating and taking the slots: waiting
+    let t = Instant::now();
+    drop(waiting);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "dropping a waiting load took {:?}",
+        t.elapsed()
+    );
+    release.send(()).unwrap();
+    let (m, _) = load(&dev, be, &meta, index, plan, &EngineOptions::default())
+        .unwrap_or_else(|e| panic!("the device did not come back: {e}"));
+    check_model(&m, &want);
+    m.release().unwrap();
+}
+
 /// The slot wait, deterministically: a streaming load that holds the slots and is left running
 /// (handle dropped, no stop flag) is waited for by the next `take_slots`, which succeeds as soon
 /// as it lets go; a load that is itself waiting and is asked to stop gives up at once; and slots
