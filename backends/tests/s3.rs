@@ -1057,6 +1057,96 @@ fn a_206_for_another_range_is_refused() {
     assert_eq!(buf, f.data[1000..6000]);
 }
 
+/// A `200 OK` to a ranged GET (a proxy or cache that ignored `Range`) carries the object from
+/// byte 0: for a range from any other offset it is refused as corrupt, never taken for the
+/// range (OpenDAL's S3 reader takes a 200 like a 206).
+#[test]
+fn a_200_for_a_range_is_refused() {
+    let f = faulty();
+    let be = f.backend(&small_chunks());
+    be.stat().unwrap();
+    f.proxy.set_faults(Faults {
+        partial_as_200: true,
+        ..Faults::default()
+    });
+    let mut buf = vec![0u8; 5000];
+    let e = be.read_at(1000, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("ignored the Range header"), "{e}");
+    let log = f.proxy.log();
+    assert!(
+        log.iter().any(|x| x.method == "GET" && x.status == 200),
+        "the GET was answered with 200: {log:?}"
+    );
+    f.proxy.set_faults(Faults::default());
+    assert_eq!(be.read_at(1000, &mut buf).unwrap(), 5000);
+    assert_eq!(buf, f.data[1000..6000]);
+}
+
+/// Replaces `v1` by `v2` in the middle of a GET body and breaks the connection there, so that
+/// the retry layer resumes the body from the new object, with the proxy's `faults` applied to
+/// every answer. Returns the read's result.
+fn replaced_mid_body(faults: fn() -> Faults, v1: Vec<u8>, v2: Vec<u8>) -> Result<usize> {
+    let s3 = Arc::new(S3s::start());
+    s3.put("bkt", "obj", v1.clone());
+    let proxy = Proxy::start(s3.addr());
+    proxy.set_faults(faults());
+    let be = one_get_at_a_time_via(&s3, &proxy);
+    let meta = be.stat().unwrap();
+    let mut buf = vec![0u8; v1.len()];
+    assert_eq!(be.read_at(0, &mut buf).unwrap(), buf.len());
+    assert!(buf == v1, "the unchanged object read back wrong");
+    // (Last-Modified has one-second resolution: the replacement must be a second later.)
+    std::thread::sleep(Duration::from_millis(1100));
+    let s3h = s3.clone();
+    proxy.clear_log();
+    proxy.set_faults(Faults {
+        replace_after: Some((100_000, Box::new(move || s3h.put("bkt", "obj", v2)))),
+        reset_after: Some((300_000, 1)),
+        ..faults()
+    });
+    let r = be.read_at(0, &mut buf);
+    let log = proxy.log();
+    assert!(log.iter().any(|x| x.faulted), "the reset happened: {log:?}");
+    if let Ok(n) = r {
+        panic!(
+            "read {n} bytes after the object changed mid-body (version {:?}; first 300000 \
+             bytes from v1: {})",
+            meta.version,
+            buf[..300_000] == v1[..300_000]
+        );
+    }
+    r
+}
+
+/// A weak ETag (`W/"…"`, from a gateway or proxy) cannot go into `If-Match` (its strong
+/// comparison never matches a weak one), but every answer's ETag is still compared with it:
+/// a replacement of the same size is `ObjectChanged`, not mixed bytes.
+#[test]
+fn a_weak_etag_still_pins_the_object() {
+    let weak = || Faults {
+        weak_etag: true,
+        ..Faults::default()
+    };
+    let e = replaced_mid_body(weak, pattern(2 << 20, 64), pattern(2 << 20, 65)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+}
+
+/// An object served with neither ETag nor Last-Modified is pinned by its size only: a
+/// replacement of another size is `ObjectChanged` (each answer's Content-Range total is
+/// compared with the size `stat` found), not bytes of two objects.
+#[test]
+fn without_etag_or_date_the_size_pins_the_object() {
+    let bare = || Faults {
+        strip_etag: true,
+        strip_last_modified: true,
+        ..Faults::default()
+    };
+    let e = replaced_mid_body(bare, pattern(2 << 20, 66), pattern(3 << 20, 67)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+    assert!(e.to_string().contains("3145728 bytes"), "{e}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Measurement (not a test of speed: prints numbers, asserts only correctness)
 //

@@ -14,8 +14,11 @@
 //!   every response's date compared; the version reads `last-modified: <date>`; the date has
 //!   one-second resolution, so a same-size replacement within that second goes unnoticed, and
 //!   a server that compared `If-Unmodified-Since` with a finer modification time would refuse
-//!   the reads as `ObjectChanged`); one with neither is checked for its size only. A change surfaces as [`ErrorKind::ObjectChanged`];
-//!   bytes of two versions are never mixed.
+//!   the reads as `ObjectChanged`); one with neither is checked for its size only (every
+//!   answer's Content-Range total against the size `stat` found). A weak ETag (`W/"…"`) is not
+//!   sent as `If-Match` (its strong comparison never matches a weak one) but compared on the
+//!   client all the same. A change surfaces as [`ErrorKind::ObjectChanged`]; bytes of two
+//!   versions are never mixed.
 //! * **Faults**: OpenDAL's retry layer (exponential backoff with jitter, [`RETRIES`] retries)
 //!   retries connection errors, 5xx, 429 and timeouts, and resumes a broken body from the byte
 //!   where it stopped; a timeout layer bounds every control request and every body read
@@ -217,8 +220,8 @@ pub(crate) fn map_error(
         K::ConditionNotMatch => (
             ErrorKind::ObjectChanged,
             format!(
-                "{what}: the object was replaced while it was being loaded (its ETag, or \
-                 without one its Last-Modified date, changed); load it again{paren}"
+                "{what}: the object was replaced while it was being loaded (its ETag, its \
+                 Last-Modified date or its size changed); load it again{paren}"
             ),
         ),
         K::RangeNotSatisfied => (
@@ -509,11 +512,11 @@ impl Backend for S3Backend {
         while done < want {
             let len = (want - done).min(READ_AT_PIECE);
             let io = self.io.clone();
-            let version = pin.version.clone();
+            let pin = pin.clone();
             let at = offset + done as u64;
             let data = run(&handle, async move {
                 let mut v = vec![0u8; len];
-                let n = reader::read_into(&io, version.as_deref(), at, &mut v).await?;
+                let n = reader::read_into(&io, &pin, at, &mut v).await?;
                 v.truncate(n);
                 Ok(v)
             })?;

@@ -9,6 +9,12 @@
 //! fails with [`opendal::ErrorKind::ConditionNotMatch`] (permanent, never retried), which the
 //! backend reports as [`tensorstream_engine::ErrorKind::ObjectChanged`]. Bytes of two versions
 //! are never mixed.
+//!
+//! A read also runs in a [`scoped`] task-local holding what `stat` pinned (version and size):
+//! the layer falls back on it where the request carries no condition (a weak ETag, which
+//! `If-Match`'s strong comparison could never match, is still compared here), and the
+//! transport compares each answer's object size with it (the only check left for an object
+//! with neither ETag nor Last-Modified).
 
 use opendal::raw::oio;
 use opendal::raw::Timestamp;
@@ -18,7 +24,40 @@ use opendal::raw::{
     Servicer,
 };
 use opendal::{Buffer, BytesRange, Capability, Error, ErrorKind, OperationContext, Result};
+use std::future::Future;
 use std::sync::Arc;
+
+use tensorstream_engine::ObjectMeta;
+
+tokio::task_local! {
+    /// What `stat` pinned, for the GET running in this scope (see [`scoped`]).
+    static READ_PIN: ObjectMeta;
+}
+
+/// Runs a read (its GETs, the retry layer's included) with `pin` as what its answers must
+/// match: the version the layer checks where the request carries no condition, and the size
+/// the transport checks.
+pub(crate) fn scoped<F: Future>(pin: ObjectMeta, fut: F) -> impl Future<Output = F::Output> {
+    READ_PIN.scope(pin, fut)
+}
+
+/// The size of the object as pinned for the read in scope, if any.
+pub(crate) fn pinned_size() -> Option<u64> {
+    READ_PIN.try_with(|p| p.size).ok()
+}
+
+/// The version pinned for the read in scope, if any.
+fn pinned_version() -> Option<Expected> {
+    READ_PIN
+        .try_with(|p| {
+            p.version.as_deref().map(|v| match parse_version(v) {
+                Pinned::Etag(e) => Expected::Etag(e.to_string()),
+                Pinned::Modified(t) => Expected::Modified(t),
+            })
+        })
+        .ok()
+        .flatten()
+}
 
 /// Prefix of `ObjectMeta::version` for an object that has no ETag, pinned by its Last-Modified
 /// date instead (the HTTP backend uses the same prefix, before the date as the server wrote
@@ -191,7 +230,10 @@ impl Service for EtagPinService {
     }
 
     fn read(&self, ctx: &OperationContext, path: &str, args: OpRead) -> Result<Self::Reader> {
-        let expected = Expected::of(args.if_match(), args.if_unmodified_since());
+        // A read without a condition (a weak ETag is not sent as `If-Match`) is still checked
+        // against what its scope pinned.
+        let expected =
+            Expected::of(args.if_match(), args.if_unmodified_since()).or_else(pinned_version);
         let inner = self.inner.read(ctx, path, args)?;
         Ok(EtagPinReader { inner, expected })
     }

@@ -28,17 +28,20 @@ use crate::stop::Stop;
 /// Fetches `dst.len()` bytes at `offset` (the caller has clamped the range to the object) with
 /// `chunk`-sized GETs in flight at once. Returns the number of contiguous bytes read from
 /// `offset`: `dst.len()` unless the object turned out shorter.
+/// Every GET (the retry layer's included) must answer for `pin`, what `stat` found: its
+/// version and its size.
 pub(crate) async fn read_into(
     io: &IoCtx,
-    etag: Option<&str>,
+    pin: &ObjectMeta,
     offset: u64,
     dst: &mut [u8],
 ) -> Result<usize> {
     let chunk = io.chunk.max(1);
+    let etag = pin.version.as_deref();
     let parts = dst.chunks_mut(chunk).enumerate().map(|(i, part)| {
         // i * chunk <= dst.len(), which fits u64; offset + that was clamped to the object size.
         let part_off = offset + (i as u64) * (chunk as u64);
-        counted(read_part(io, etag, part_off, part))
+        super::pin::scoped(pin.clone(), counted(read_part(io, etag, part_off, part)))
     });
     let results = futures::future::join_all(parts).await;
     let mut total = 0usize;
@@ -108,7 +111,8 @@ async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
     let mut req = io.op.reader_with(&io.key);
     match etag.map(super::pin::parse_version) {
         // A weak ETag (`W/"…"`) never matches under If-Match's strong comparison: a strict
-        // server would refuse every read. The pin layer still checks each answer's ETag.
+        // server would refuse every read. The pin layer still checks each answer's ETag (it
+        // finds the pinned one in the read's scope, `pin::scoped`).
         Some(Pinned::Etag(e)) if !e.trim_start().starts_with("W/") => req = req.if_match(e),
         Some(Pinned::Modified(t)) => req = req.if_unmodified_since(t),
         _ => {}
@@ -277,13 +281,12 @@ impl RangeReader for S3Reader {
             tx: self.tx.clone(),
         };
         let io = self.io.clone();
-        let etag = self.meta.version.clone();
-        let size = self.meta.size;
+        let pin = self.meta.clone();
         let stopped = self.stop.stopped();
         self.handle.spawn(async move {
             let result = match done.buf.as_mut() {
                 Some(buf) => tokio::select! {
-                    r = read_buf(&io, etag.as_deref(), size, offset, buf) => r,
+                    r = read_buf(&io, &pin, offset, buf) => r,
                     _ = stopped => Err(Error::new(
                         ErrorKind::Cancelled,
                         "S3 read stopped: the load was cancelled or another read failed",
@@ -321,16 +324,10 @@ impl RangeReader for S3Reader {
     }
 }
 
-async fn read_buf(
-    io: &IoCtx,
-    etag: Option<&str>,
-    size: u64,
-    offset: u64,
-    buf: &mut IoBuf,
-) -> Result<usize> {
-    let want = clamp_read(offset, buf.len(), size).map_err(|e| e.with_location(&io.uri))?;
+async fn read_buf(io: &IoCtx, pin: &ObjectMeta, offset: u64, buf: &mut IoBuf) -> Result<usize> {
+    let want = clamp_read(offset, buf.len(), pin.size).map_err(|e| e.with_location(&io.uri))?;
     if want == 0 {
         return Ok(0);
     }
-    read_into(io, etag, offset, &mut buf.as_mut_slice()[..want]).await
+    read_into(io, pin, offset, &mut buf.as_mut_slice()[..want]).await
 }

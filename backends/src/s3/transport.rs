@@ -4,17 +4,20 @@
 //! window, a cached piece of the object) would put wrong bytes at the right place. Here every
 //! ranged GET's answer must start at the asked offset and end within the asked range; otherwise
 //! the request fails (permanently: a retry would ask the same server again) and the backend
-//! reports it as [`tensorstream_engine::ErrorKind::Corrupt`].
+//! reports it as [`tensorstream_engine::ErrorKind::Corrupt`]. So does a `200` with the whole
+//! object for a range that does not start at 0. An answer whose object size (Content-Range
+//! total, or a `200`'s length) differs from the size the read is pinned to
+//! ([`super::pin::scoped`]) fails as a changed object.
 
 use futures::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
 use opendal::{Buffer, Error, ErrorKind, HttpBody, HttpTransport, Result};
 use opendal_http_transport_reqwest::ReqwestTransport;
 
-use crate::ranges::{parse_range_request, partial_answer_problem};
+use crate::ranges::{parse_content_range, parse_range_request, partial_answer_problem};
 
 /// Start of the message of a refused answer (the backend maps it to `Corrupt`).
-pub(crate) const WRONG_RANGE: &str = "wrong range in a 206 answer";
+pub(crate) const WRONG_RANGE: &str = "wrong range in the answer";
 
 /// The transport: see the module docs.
 pub(crate) struct RangeCheckedTransport {
@@ -45,15 +48,49 @@ impl HttpTransport for RangeCheckedTransport {
             return Ok(cap_error_body(resp));
         }
         if let Some(asked) = asked {
-            if resp.status() == StatusCode::PARTIAL_CONTENT {
-                let cr = resp
-                    .headers()
-                    .get(header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok());
+            let headers = resp.headers();
+            let text = |h| headers.get(h).and_then(|v| v.to_str().ok());
+            // The object's size, as this answer gives it: a 206's Content-Range total, a
+            // 200's length (the whole object).
+            let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
+                let cr = text(header::CONTENT_RANGE);
                 if let Some(why) = partial_answer_problem(asked, cr) {
                     return Err(Error::new(
                         ErrorKind::Unexpected,
                         format!("{WRONG_RANGE}: {why}"),
+                    ));
+                }
+                cr.and_then(parse_content_range)
+                    .and_then(|(_, _, total)| total)
+            } else {
+                // A whole object for a range (a proxy or cache that ignored the Range header):
+                // its bytes start at 0, so they are the asked ones only for a range from 0
+                // (a longer body is then refused as it arrives). From any other offset they
+                // would land at the wrong place.
+                if asked.0 != 0 {
+                    return Err(Error::new(
+                        ErrorKind::Unexpected,
+                        format!(
+                            "{WRONG_RANGE}: {} with the whole object to a request for bytes \
+                             {}-{} (the server or a proxy ignored the Range header)",
+                            resp.status(),
+                            asked.0,
+                            asked.1.map(|e| e.to_string()).unwrap_or_default()
+                        ),
+                    ));
+                }
+                text(header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            // The object the answer came from must have the size `stat` found: for an object
+            // with neither ETag nor Last-Modified this is the only sign of a replacement.
+            if let (Some(got), Some(want)) = (size, crate::s3::pin::pinned_size()) {
+                if got != want {
+                    return Err(Error::new(
+                        ErrorKind::ConditionNotMatch,
+                        format!(
+                            "object changed while loading: the server now holds {got} bytes, \
+                             {want} when the load began"
+                        ),
                     ));
                 }
             }

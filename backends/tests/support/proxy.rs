@@ -13,7 +13,10 @@
 //!   unchanged): a server or cache that says it sends another window than the one asked for;
 //! * `replace_after`: run a hook (e.g. replace the object on disk) once N body bytes in total
 //!   have gone through;
-//! * `strip_etag`: drop the `ETag` header of responses (a server or gateway that sends none).
+//! * `strip_etag`: drop the `ETag` header of responses (a server or gateway that sends none);
+//! * `weak_etag`, `strip_last_modified`: mark the `ETag` weak, drop `Last-Modified`;
+//! * `partial_as_200`: turn `206` answers into `200 OK` without `Content-Range` (a proxy or
+//!   cache that ignored `Range`).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -88,6 +91,13 @@ pub struct Faults {
     pub trickle: Option<(usize, Duration)>,
     /// Remove `ETag` from responses.
     pub strip_etag: bool,
+    /// Mark every `ETag` weak (`W/"…"`), as some gateways and proxies do.
+    pub weak_etag: bool,
+    /// Remove `Last-Modified` from responses.
+    pub strip_last_modified: bool,
+    /// Answer `206` responses as `200 OK` without `Content-Range` (a proxy or cache that
+    /// ignores `Range`; the body is still the range the server sent).
+    pub partial_as_200: bool,
 }
 
 struct Armed {
@@ -112,6 +122,9 @@ struct Armed {
     error_status: u16,
     error_bytes: u64,
     strip_etag: bool,
+    weak_etag: bool,
+    strip_last_modified: bool,
+    partial_as_200: bool,
 }
 
 impl Armed {
@@ -146,6 +159,9 @@ impl Armed {
             error_status: f.error_answer.map_or(0, |e| e.1),
             error_bytes: f.error_answer.map_or(0, |e| e.2),
             strip_etag: f.strip_etag,
+            weak_etag: f.weak_etag,
+            strip_last_modified: f.strip_last_modified,
+            partial_as_200: f.partial_as_200,
         }
     }
 }
@@ -424,11 +440,30 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
         let Some(mut resp) = read_head(up_r)? else {
             return Ok(());
         };
-        if armed.strip_etag {
+        let drop_header = |resp: &mut Vec<String>, name: &str| {
             resp.retain(|l| {
                 !l.split_once(':')
-                    .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("etag"))
-            });
+                    .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            })
+        };
+        if armed.strip_etag {
+            drop_header(&mut resp, "etag");
+        }
+        if armed.strip_last_modified {
+            drop_header(&mut resp, "last-modified");
+        }
+        if armed.weak_etag {
+            for line in resp.iter_mut() {
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.trim().eq_ignore_ascii_case("etag") && !v.trim().starts_with("W/") {
+                        *line = format!("ETag: W/{}", v.trim());
+                    }
+                }
+            }
+        }
+        if armed.partial_as_200 && resp[0].split(' ').nth(1) == Some("206") {
+            resp[0] = "HTTP/1.1 200 OK".to_string();
+            drop_header(&mut resp, "content-range");
         }
         if let Some(d) = armed.shift_content_range {
             for line in resp.iter_mut() {
