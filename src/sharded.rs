@@ -106,26 +106,7 @@ pub fn sibling(index_uri: &str, file: &str) -> String {
 /// A URI for messages: user information and (except for `nfs://`, whose query holds options)
 /// the query are left out, since they may hold credentials or signatures.
 pub fn redact(uri: &str) -> String {
-    let Some(scheme) = tensorstream_backends::scheme_of(uri) else {
-        return uri.to_string();
-    };
-    if scheme == "file" {
-        return uri.to_string();
-    }
-    let (path, query) = split_query(uri);
-    let rest_at = path.find("://").map_or(0, |i| i + 3);
-    let (head, rest) = path.split_at(rest_at);
-    let host_end = rest.find('/').unwrap_or(rest.len());
-    let rest = match rest[..host_end].rfind('@') {
-        Some(at) => &rest[at + 1..],
-        None => rest,
-    };
-    let query = if query.is_empty() || scheme == "nfs" {
-        query
-    } else {
-        "?…"
-    };
-    format!("{head}{rest}{query}")
+    tensorstream_backends::redact_uri(uri)
 }
 
 /// `s` quoted for a message, cut to [`QUOTE_MAX`] characters.

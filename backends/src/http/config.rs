@@ -144,12 +144,9 @@ pub fn parse_headers(list: &[(String, String)]) -> Result<HeaderMap> {
                 "invalid value for HTTP header {k:?} (control characters or non-ASCII)"
             ))
         })?;
-        if matches!(
-            name.as_str(),
-            "authorization" | "cookie" | "proxy-authorization"
-        ) {
-            value.set_sensitive(true);
-        }
+        // Any header the user adds may be a credential (`X-Api-Key`, a token): none is shown
+        // by `Debug`, and HTTP/2 never puts one in its compression tables.
+        value.set_sensitive(true);
         map.append(name, value);
     }
     Ok(map)

@@ -129,7 +129,7 @@ impl HttpBackend {
         let url = reqwest::Url::parse(uri).map_err(|e| {
             Error::invalid(format!("invalid http URL: {e}"))
                 .with_backend("http")
-                .with_location(uri)
+                .with_location(crate::redact_uri(uri))
         })?;
         let display = config::redact_url(&url);
         if !matches!(url.scheme(), "http" | "https") {

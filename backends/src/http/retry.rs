@@ -16,13 +16,22 @@ use super::config::{
 };
 
 /// What every request needs: the client (connection pool), the URL and the configuration.
-#[derive(Debug)]
+/// Its `Debug` shows the URL without secrets (see [`super::config::redact_url`]).
 pub(crate) struct Ctx {
     pub client: Client,
     pub url: Url,
     /// The URL without secrets, for messages.
     pub display: String,
     pub cfg: HttpConfig,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("url", &self.display)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ctx {

@@ -86,6 +86,40 @@ fn url_secrets_are_redacted() {
     assert!(!r.contains("pw") && !r.contains("abc") && !r.contains("user"));
     let u = reqwest::Url::parse("http://127.0.0.1:8080/a").unwrap();
     assert_eq!(redact_url(&u), "http://127.0.0.1:8080/a");
+    // A URL that does not parse is named without its secrets too.
+    let e = crate::http::HttpBackend::open(
+        "https://user:pw@example.com:99999/m?X-Amz-Signature=abc#f",
+        &crate::OpenOptions::default(),
+    )
+    .unwrap_err();
+    let m = e.to_string();
+    assert!(
+        m.contains("invalid http URL") && m.contains("example.com:99999/m?…"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("pw") && !m.contains("abc") && !m.contains("user"),
+        "{m}"
+    );
+    // Nor does `Debug` show the URL's secrets or any header the user added.
+    let cfg = HttpConfig::from_options(&OpenOptions {
+        headers: vec![("X-Api-Key".into(), "k3y".into())],
+        ..Default::default()
+    })
+    .unwrap();
+    let url = reqwest::Url::parse("https://user:pw@example.com/m?X-Sig=abc").unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ctx = super::retry::Ctx {
+        client: reqwest::Client::new(),
+        display: redact_url(&url),
+        url,
+        cfg,
+    };
+    let d = format!("{ctx:?}");
+    assert!(d.contains("example.com/m?…"), "{d}");
+    for secret in ["pw", "abc", "k3y"] {
+        assert!(!d.contains(secret), "{secret} in {d}");
+    }
 }
 
 #[test]

@@ -143,17 +143,29 @@ fn parse_bool(name: &str, v: &str) -> Result<bool> {
 
 fn check_endpoint(what: &str, e: &str) -> Result<String> {
     let e = e.trim().trim_end_matches('/');
+    // Messages show the endpoint without user information or query (they could hold secrets).
+    let shown = crate::redact_uri(e);
     let rest = e
         .strip_prefix("http://")
         .or_else(|| e.strip_prefix("https://"))
         .ok_or_else(|| {
             Error::invalid(format!(
-                "{what} {e:?}: the S3 endpoint must start with http:// or https://"
+                "{what} {shown:?}: the S3 endpoint must start with http:// or https://"
             ))
         })?;
     if rest.is_empty() || rest.contains(char::is_whitespace) {
         return Err(Error::invalid(format!(
-            "{what} {e:?}: not a valid endpoint URL"
+            "{what} {shown:?}: not a valid endpoint URL"
+        )));
+    }
+    if rest
+        .split('/')
+        .next()
+        .is_some_and(|host| host.contains('@'))
+    {
+        return Err(Error::invalid(format!(
+            "{what} {shown:?}: the S3 endpoint must not hold user information (user:password@); \
+             credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         )));
     }
     Ok(e.to_string())
@@ -444,6 +456,23 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("http:// or https://"), "{e}");
         assert!(e.to_string().contains("AWS_ENDPOINT_URL"), "{e}");
+        // User information in the endpoint is refused, and never shown (nor a query).
+        for bad in [
+            "https://user:s3cret@h:9000",
+            "ftp://user:s3cret@h?sig=s3cret",
+        ] {
+            let e = S3Config::resolve(
+                &OpenOptions {
+                    s3_endpoint: Some(bad.into()),
+                    ..Default::default()
+                },
+                &env(&[]),
+            )
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+            assert!(e.to_string().contains("--s3-endpoint"), "{e}");
+        }
 
         let cases: [(OpenOptions, &str); 5] = [
             (
