@@ -312,7 +312,9 @@ impl Loader {
         let only = (sel.len() != index.tensors.len())
             .then(|| sel.iter().map(|&i| index.tensors[i].name.clone()).collect());
         if let Some(t) = &self.progress_total {
-            let total: u64 = sel.iter().map(|&i| index.tensors[i].nbytes()).sum();
+            let total = sel
+                .iter()
+                .fold(0u64, |a, &i| a.saturating_add(index.tensors[i].nbytes()));
             t.store(total, std::sync::atomic::Ordering::Relaxed);
         }
         let opts = ConvertOptions {

@@ -123,9 +123,12 @@ pub struct TensorIndex {
 }
 
 impl TensorIndex {
-    /// Sum of all tensors' byte lengths.
+    /// Sum of all tensors' byte lengths (saturating: a parsed file's always fits, a combination
+    /// of many might not).
     pub fn total_bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| t.nbytes()).sum()
+        self.tensors
+            .iter()
+            .fold(0u64, |a, t| a.saturating_add(t.nbytes()))
     }
     /// Looks a tensor up by name.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {

@@ -576,8 +576,10 @@ fn every_corrupted_metadata_byte_fails_cleanly_or_loads_true_bytes() {
 
 /// The two index corruptions the tensor hashes alone cannot see (the hashes cover the per-tensor
 /// header and the data, not the index): a stored tensor's index length set to 0 (it would load as
-/// zeros) and a dtype swapped for another of the same size. With verification both are refused,
-/// naming the tensor; without it the index is trusted.
+/// zeros) and a dtype swapped for another of the same size. The first is refused in every case:
+/// before data version 4 no tensor may be stored without data, and from version 4 a meta
+/// tensor's per-tensor header (which still gives the real length) is always checked. The second
+/// is refused with verification, naming the tensor; without it the index is trusted.
 #[test]
 fn verification_checks_the_index_against_the_per_tensor_headers() {
     let file = "v1_numpy_dtypes.tensors";
@@ -603,12 +605,32 @@ fn verification_checks_the_index_against_the_per_tensor_headers() {
 
     let mut as_meta = bytes.clone();
     as_meta[len_at..len_at + 8].fill(0);
-    let m = load(as_meta.clone(), &ReadOptions::default(), Layout::Mirror).unwrap();
-    assert!(m.get("layer.0.b").unwrap().data.iter().all(|&b| b == 0));
-    let e = err(load(as_meta, &verify, Layout::Mirror));
-    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-    assert!(e.to_string().contains("layer.0.b"), "{e}");
-    assert!(e.to_string().contains("disagrees with the index"), "{e}");
+    for opts in [&ReadOptions::default(), &verify] {
+        let e = err(load(as_meta.clone(), opts, Layout::Mirror));
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("layer.0.b"), "{e}");
+        assert!(e.to_string().contains("from data version 4"), "{e}");
+    }
+    // The same in a version-4 file (where meta tensors exist): its header gives it away.
+    let v4 = std::fs::read(fixtures().join("v4_module_with_meta.tensors")).unwrap();
+    let v4_name = v4.windows(8).position(|w| w == b"lin.bias").unwrap();
+    let v4_dtype = v4_name + 8 + 2;
+    assert_eq!(&v4[v4_dtype..v4_dtype + 3], b"<f4");
+    let v4_len = v4_dtype + 3 + 1 + 4 + 16;
+    assert_eq!(
+        u64::from_le_bytes(v4[v4_len..v4_len + 8].try_into().unwrap()),
+        32
+    );
+    let mut as_meta = v4.clone();
+    as_meta[v4_len..v4_len + 8].fill(0);
+    for opts in [&ReadOptions::default(), &verify] {
+        let e = err(load(as_meta.clone(), opts, Layout::Mirror));
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("lin.bias"), "{e}");
+        assert!(e.to_string().contains("disagrees with the index"), "{e}");
+    }
+    let m = load(v4, &ReadOptions::default(), Layout::Mirror).unwrap();
+    assert_eq!(m.get("lin.bias").unwrap().data.len(), 32);
 
     let mut retyped = bytes.clone();
     retyped[dtype_at..dtype_at + 3].copy_from_slice(b"<i4");

@@ -632,7 +632,7 @@ fn write_tensorizer<W: Write + Seek>(
                 let mut pieces = PieceReader::new(&mut reads, &loc, &index, ti, &hook, opts)?;
                 ser.write_tensor_from(&mut pieces)?;
             }
-            stats.bytes += t.nbytes();
+            stats.bytes = stats.bytes.saturating_add(t.nbytes());
             stats.tensors += 1;
         }
     }

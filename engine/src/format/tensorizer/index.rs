@@ -308,6 +308,9 @@ fn parse_index(
     let encrypted = fh.has_crypt_info();
     let mut tensors = Vec::with_capacity(entries.len());
     let mut seen = HashSet::new();
+    // All tensors' bytes, meta tensors' zeros included (which the file does not bound): every
+    // total a load or a conversion makes must fit u64.
+    let mut total: u64 = 0;
     for e in &entries {
         let (display, path) = decode_name(&e.name)?;
         let bad = |what: String| Error::corrupt(format!("tensor {display:?}: {what}"));
@@ -349,7 +352,23 @@ fn parse_index(
                     e.data_offset, e.data_length
                 ))
             })?;
+        total = total.checked_add(want).ok_or_else(|| {
+            bad(format!(
+                "the tensors' sizes add up to more than {} bytes",
+                u64::MAX
+            ))
+        })?;
         let source = if e.data_length == 0 && want > 0 {
+            // Meta tensors exist from data version 4: before, a zero length is a corrupt entry
+            // (that would load as zeros instead of the stored bytes).
+            if fh.version < 4 {
+                return Err(bad(format!(
+                    "the index stores 0 bytes for shape {:?} of {}, which needs {want}; meta \
+                     tensors (stored without data) exist only from data version 4, and this \
+                     file is version {}",
+                    e.shape, e.dtype, fh.version
+                )));
+            }
             TensorSource::Zeros
         } else if e.data_length == want {
             TensorSource::Stored

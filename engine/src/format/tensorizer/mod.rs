@@ -11,9 +11,10 @@
 //! per-tensor header as [`crate::TensorInfo::prefix`]; [`prepare`] drops those prefixes when
 //! nothing needs them, or returns the hook to pass to [`crate::HostSink::with_hook`].
 //!
-//! Meta tensors (stored with data length 0) load as zeros ([`crate::TensorSource::Zeros`]); with
-//! verification, [`prepare`] reads their per-tensor headers and checks them against the index and
-//! their hashes, so a corrupted index cannot turn a stored tensor into zeros unnoticed. Names stored as json-seq (0x1E + JSON array) are exposed as
+//! Meta tensors (stored with data length 0, from data version 4) load as zeros
+//! ([`crate::TensorSource::Zeros`]); [`prepare`] always reads their per-tensor headers and
+//! checks them against the index (and their hashes, with verification), so a corrupted index
+//! cannot turn a stored tensor into zeros unnoticed. Names stored as json-seq (0x1E + JSON array) are exposed as
 //! [`crate::TensorInfo::path`] with the components joined by `.` as the display name.
 
 pub mod crypt;
@@ -75,9 +76,11 @@ pub const MAX_META_HEADER: u64 = 1 << 20;
 
 /// Readies `index` (read from `backend`) for a load with `opts`: returns the hook that verifies /
 /// decrypts (to pass to [`crate::HostSink::with_hook`]), or `None` and strips the per-tensor
-/// header prefixes when the load needs neither. With verification, the headers of meta tensors
-/// are read from `backend` and checked here (they load as zeros, so no sink sees them); their
-/// prefixes are dropped in every case. Works for any format: a safetensors index passes through
+/// header prefixes when the load needs neither. The headers of meta tensors are read from
+/// `backend` and checked against the index here, in every case (they load as zeros, so no sink
+/// sees them): a stored tensor whose index entry was corrupted to length 0 would otherwise load
+/// as zeros, unnoticed (its header still gives its real length). Their hashes are checked with
+/// verification. Their prefixes are dropped in every case. Works for any format: a safetensors index passes through
 /// unchanged unless verification or a key is asked for, which is an error (safetensors has no
 /// checksums and no encryption).
 pub fn prepare(
@@ -115,7 +118,13 @@ pub fn prepare(
         }
         _ => {}
     }
-    if !encrypted && !opts.verify {
+    let plain = !encrypted && !opts.verify;
+    if plain
+        && index
+            .tensors
+            .iter()
+            .all(|t| t.source != TensorSource::Zeros)
+    {
         for t in &mut index.tensors {
             t.prefix = None;
         }
@@ -127,9 +136,6 @@ pub fn prepare(
             continue;
         }
         let span = t.prefix.take().unwrap_or(0..0);
-        if !opts.verify {
-            continue;
-        }
         let len = span.end.saturating_sub(span.start);
         if len > MAX_META_HEADER {
             return Err(Error::corrupt(format!(
@@ -139,6 +145,12 @@ pub fn prepare(
         }
         let hdr = backend.read_exact_at(span.start, len as usize)?;
         hook.check_meta(i, &hdr)?;
+    }
+    if plain {
+        for t in &mut index.tensors {
+            t.prefix = None;
+        }
+        return Ok(None);
     }
     Ok(Some(Arc::new(hook)))
 }

@@ -443,3 +443,36 @@ fn the_writer_refuses_names_that_would_not_read_back() {
     assert!(new(&[nested]).is_none());
     assert!(new(&[spec("a.b", DType::F32, &[1])]).is_none());
 }
+
+/// Meta tensors store nothing, so the file does not bound their sizes: sizes that add up past
+/// `u64::MAX` (every total a load, `inspect` or `convert` makes would overflow) are refused when
+/// the index is read, whoever wrote the file.
+#[test]
+fn meta_tensor_sizes_that_overflow_together_are_refused() {
+    let meta = |i: usize| TensorSpec {
+        meta: true,
+        ..spec(&format!("m{i}"), DType::U8, &[1 << 30, 1 << 30]) // 2^60 bytes each
+    };
+    let written = |n: usize| {
+        let specs: Vec<_> = (0..n).map(meta).collect();
+        let mut s = Serializer::new(
+            IoCursor::new(Vec::new()),
+            &specs,
+            &SerializerOptions::default(),
+        )?;
+        for _ in 0..n {
+            s.write_tensor(&[])?;
+        }
+        Ok::<_, crate::Error>(s.finish()?.into_inner())
+    };
+    // 15 × 2^60 fits.
+    let ok = index_of(&written(15).unwrap()).unwrap();
+    assert_eq!(ok.total_bytes(), 15 << 60);
+    assert!(ok.tensors.iter().all(|t| t.source == TensorSource::Zeros));
+    // 16 × 2^60 = 2^64 does not (the writer checks each tensor alone, as the reference's does).
+    expect_err(
+        &written(16).unwrap(),
+        ErrorKind::Corrupt,
+        "add up to more than",
+    );
+}
