@@ -38,10 +38,12 @@ pub(crate) mod stop;
 
 /// The remote backends' rule for a server that trickles bytes (each gap shorter than the
 /// timeout): a request for N bytes gets its timeout plus N at this rate (bytes per second)...
-#[cfg(any(feature = "http", feature = "s3"))]
+#[cfg(any(feature = "http", feature = "s3", feature = "nfs"))]
 pub(crate) const SLOWEST_RATE: u64 = 256 << 10;
 /// ... and, cut there, it counts as progress (is continued rather than failed) only if it brought
-/// this many bytes. NFS applies the second half per connection and timeout.
+/// this many bytes. NFS applies both per connection: bytes count as progress once they are this
+/// many and came at that rate or faster since the connection began waiting, and a connection
+/// without progress for its timeout fails.
 #[cfg(any(feature = "http", feature = "s3", feature = "nfs"))]
 pub(crate) const PROGRESS_BYTES: usize = 64 << 10;
 

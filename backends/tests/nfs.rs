@@ -567,6 +567,44 @@ fn a_trickling_server_times_out() {
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
 }
 
+/// A server that sends whole 64 KiB pieces, each well inside the timeout, but at about a
+/// tenth of the slowest accepted rate (256 KiB/s): the read fails as a timeout instead of
+/// taking minutes (a 64 MiB reply at 64 KiB per timeout would take hours).
+#[test]
+fn a_slow_server_under_the_slowest_rate_times_out() {
+    let g = Ganesha::start();
+    let data = pattern(4 << 20, 13);
+    g.put("slow.bin", &data);
+    let p = Proxy::trickling(g.port, 64 << 10, 64 << 10, Duration::from_millis(250));
+    let uri = format!(
+        "nfs://127.0.0.1:{}/export/slow.bin?retries=0&nconnect=1",
+        p.port
+    );
+    let o = OpenOptions {
+        timeout: Some(Duration::from_secs(2)),
+        ..opts()
+    };
+    let be = open(&uri, &o).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(be.read_exact_at(0, 4 << 20));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a slow server held the read for 60 s");
+    let e = match r {
+        Ok(v) => panic!(
+            "read {} bytes from a server under the slowest rate",
+            v.len()
+        ),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("KiB/s"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
+
 #[test]
 fn connections_reset_mid_load_are_retried_with_correct_bytes() {
     let g = Ganesha::start();
@@ -788,6 +826,40 @@ fn tiny_maxread_and_oversized_replies_are_clear_errors() {
     let e = open(&format!("nfs://127.0.0.1:{port}/x?retries=0"), &opts()).unwrap_err();
     assert_ne!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("protocol error"), "{e}");
+}
+
+/// Replies that contradict themselves are refused, not taken at their word: a COMPOUND whose
+/// overall status is an error while every operation reports success, bytes after a reply, and
+/// an empty file handle (every READ with it would fail as a replaced file).
+#[test]
+fn self_contradicting_replies_are_errors() {
+    let good = resolve_reply(1 << 20);
+    let mut failed = good.clone();
+    failed[20..24].copy_from_slice(&5u32.to_be_bytes()); // COMPOUND status NFS4ERR_IO
+    let mut trailing = good.clone();
+    trailing.extend(be32(&[0]));
+    let mut empty_fh = good[..56].to_vec();
+    empty_fh.extend(be32(&[0])); // fh length 0, no fh word
+    empty_fh.extend_from_slice(&good[64..]);
+    assert_eq!(&good[56..64], &be32(&[4, 0xdead_beef])[..]);
+    for (what, reply, needle) in [
+        ("compound status", failed, "NFS4ERR_IO"),
+        (
+            "trailing bytes",
+            trailing,
+            "unexpected bytes after the reply",
+        ),
+        ("empty fh", empty_fh, "empty file handle"),
+    ] {
+        let port = fake_server(reply);
+        let e = open(&format!("nfs://127.0.0.1:{port}/x?retries=0"), &opts()).unwrap_err();
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+    }
+    open(
+        &format!("nfs://127.0.0.1:{}/x?retries=0", fake_server(good)),
+        &opts(),
+    )
+    .unwrap();
 }
 
 /// A scripted NFSv4 server for the 1 MiB file of [`resolve_reply`] (byte `i` is `i % 251`) that

@@ -33,6 +33,8 @@ const MAX_RECORD: u64 = (64 << 20) + (64 << 10);
 /// Bytes that count as progress on a connection with calls waiting, besides a whole reply: a
 /// server trickling a few bytes at a time, each gap shorter than the timeout, still stalls.
 const PROGRESS_BYTES: usize = crate::PROGRESS_BYTES;
+/// Slowest transfer that counts as progress, as for the HTTP and S3 backends.
+const SLOWEST_RATE: u64 = crate::SLOWEST_RATE;
 /// Replies to calls never made (or given up on) in a row before the connection is dropped.
 const MAX_UNKNOWN_REPLIES: u32 = 64;
 /// Short READ answers for one sub-read before it fails (RFC 7530 allows short reads; a server
@@ -207,13 +209,19 @@ impl Shared {
     }
     /// Whether calls are waiting (or a reply is half read) and nothing arrived for longer than
     /// the timeout.
-    fn stalled(&self, last_recv: Instant) -> bool {
+    /// When the wait for the bytes now expected began: the latest of `last_recv` (the last
+    /// progress of the stream), the moment calls began waiting and the last whole reply.
+    /// `None` while nothing is expected.
+    fn waiting_since(&self, last_recv: Instant) -> Option<Instant> {
         let st = lock(&self.state);
         if st.calls.is_empty() && !self.mid_reply.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
-        let since = last_recv.max(st.busy_since).max(st.progress);
-        since.elapsed() > self.timeout
+        Some(last_recv.max(st.busy_since).max(st.progress))
+    }
+    fn stalled(&self, last_recv: Instant) -> bool {
+        self.waiting_since(last_recv)
+            .is_some_and(|since| since.elapsed() > self.timeout)
     }
     fn send(&self, msg: &[u8]) {
         let mut w = lock(&self.writer);
@@ -261,16 +269,26 @@ impl Read for TimedStream {
             match self.s.read(buf) {
                 Ok(n) => {
                     self.bytes = self.bytes.saturating_add(n);
-                    if self.bytes >= PROGRESS_BYTES {
+                    // Progress: PROGRESS_BYTES, and at least SLOWEST_RATE since the wait began
+                    // (else a server sending 64 KiB just inside every timeout would hold a
+                    // 64 MiB reply for hours).
+                    let since = self.shared.waiting_since(self.last_recv);
+                    let at_rate =
+                        since.map_or(0.0, |s| s.elapsed().as_secs_f64() * SLOWEST_RATE as f64);
+                    if self.bytes >= PROGRESS_BYTES && self.bytes as f64 >= at_rate {
                         self.last_recv = Instant::now();
                         self.bytes = 0;
-                    } else if n > 0 && self.shared.stalled(self.last_recv) {
+                    } else if n > 0 && since.is_some_and(|s| s.elapsed() > self.shared.timeout) {
                         // Bytes keep coming, too few to be progress (a trickle).
                         return Err(std::io::Error::new(
                             K::TimedOut,
                             format!(
-                                "{} sent too little for {:?} (under {PROGRESS_BYTES} bytes)",
-                                self.shared.peer, self.shared.timeout
+                                "{} sent only {} bytes in {:?} (progress needs {PROGRESS_BYTES} \
+                                 bytes, at {} KiB/s or faster)",
+                                self.shared.peer,
+                                self.bytes,
+                                self.shared.timeout,
+                                SLOWEST_RATE >> 10
                             ),
                         ));
                     }
@@ -359,6 +377,22 @@ impl<R: BufRead> Wire<R> {
             let n = self.frag_left as u64;
             self.skip_raw(n)?;
             self.frag_left = 0;
+            if self.last {
+                return Ok(());
+            }
+            self.header()?;
+        }
+    }
+    /// Ends the current record, which must hold nothing more: a reply decoded whole with
+    /// bytes after it is misframed or garbled.
+    pub(crate) fn end_exact(&mut self) -> Result<(), XdrError> {
+        loop {
+            if self.frag_left != 0 {
+                return Err(XdrError::Bad(format!(
+                    "{} or more unexpected bytes after the reply",
+                    self.frag_left
+                )));
+            }
             if self.last {
                 return Ok(());
             }
@@ -506,6 +540,11 @@ impl Conn {
 
     /// Sends the job's READs. `Some(job)`: the connection is dead and the job untouched.
     pub(crate) fn submit(&self, mut job: Job) -> Option<Job> {
+        if job.want == 0 {
+            // Nothing to ask for: done at once (no reply would ever finish it).
+            job.finish(Ok(0));
+            return None;
+        }
         let rsize = job.rsize.clamp(1, u32::MAX as usize);
         let subs = job.want.div_ceil(rsize);
         let mut msg = Vec::with_capacity(subs * 160);
@@ -710,7 +749,13 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
                 Ok(o) => o,
                 Err(e) => return Err(Box::new((fatal(shared, e), Some(job)))),
             };
-            if let Err(e) = wire.finish() {
+            // A READ that succeeded was decoded whole: nothing may follow it. (After a failed
+            // operation the rest of the record is skipped.)
+            let ended = match &outcome {
+                Ok(_) => wire.end_exact(),
+                Err(_) => wire.finish(),
+            };
+            if let Err(e) = ended {
                 return Err(Box::new((fatal(shared, e), Some(job))));
             }
             match check_read(&job, off, len, outcome) {

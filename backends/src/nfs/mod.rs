@@ -230,7 +230,14 @@ fn decode_call<T>(
 ) -> std::result::Result<T, Failure> {
     let mut src = SliceSource::new(reply);
     let r = match rpc::decode_reply_header(&mut src) {
-        Ok(Ok(())) => body(&mut src),
+        // A reply decoded whole must have nothing after it (a misframed or garbled one).
+        Ok(Ok(())) => body(&mut src).and_then(|r| match src.remaining() {
+            0 => Ok(r),
+            left if r.is_ok() => Err(XdrError::Bad(format!(
+                "{left} unexpected bytes after the reply"
+            ))),
+            _ => Ok(r),
+        }),
         Ok(Err(f)) => Ok(Err(f)),
         Err(e) => Err(e),
     };

@@ -223,6 +223,19 @@ fn op_result(
     Ok(Ok(()))
 }
 
+/// After the last result: the overall status must agree (RFC 7530 §16.2.3: it is the status of
+/// the last operation run, so with every result OK it is OK). A reply that says otherwise is not
+/// taken at its word either way: it fails with that status.
+fn compound_ok(status: u32) -> Result<(), Failure> {
+    match status {
+        0 => Ok(()),
+        st => Err(nfs_failure(
+            st,
+            "COMPOUND (every operation reported success)",
+        )),
+    }
+}
+
 /// `op_result`, returning the failure from the enclosing decoder.
 macro_rules! op {
     ($src:expr, $status:expr, $n:expr, $i:expr, $op:expr, $name:expr) => {
@@ -253,8 +266,15 @@ pub(crate) fn decode_resolve(
     }
     op!(src, status, n, nops - 2, OP_GETFH, "GETFH");
     let fh = src.opaque("file handle", MAX_FH)?;
+    if fh.is_empty() {
+        // (Every READ with it would fail as NFS4ERR_BADHANDLE, which reads as a replaced file.)
+        return Err(XdrError::Bad("GETFH returned an empty file handle".into()));
+    }
     op!(src, status, n, nops - 1, OP_GETATTR, "GETATTR");
     let attrs = decode_fattr(src)?;
+    if let Err(f) = compound_ok(status) {
+        return Ok(Err(f));
+    }
     Ok(Ok(Resolved { fh, attrs }))
 }
 
@@ -263,7 +283,11 @@ pub(crate) fn decode_stat(src: &mut impl Source) -> Result<Result<Attrs, Failure
     let (status, n) = decode_compound_header(src, 2)?;
     op!(src, status, n, 0, OP_PUTFH, "PUTFH");
     op!(src, status, n, 1, OP_GETATTR, "GETATTR");
-    Ok(Ok(decode_fattr(src)?))
+    let attrs = decode_fattr(src)?;
+    if let Err(f) = compound_ok(status) {
+        return Ok(Err(f));
+    }
+    Ok(Ok(attrs))
 }
 
 /// Outcome of a READ compound whose data went into the caller's buffer.
@@ -292,6 +316,9 @@ pub(crate) fn decode_read(
     src.skip(super::xdr::pad(count) as u64, "READ data padding")?;
     op!(src, status, n, 2, OP_GETATTR, "GETATTR");
     let after = decode_fattr(src)?;
+    if let Err(f) = compound_ok(status) {
+        return Ok(Err(f));
+    }
     Ok(Ok(ReadOutcome { count, eof, after }))
 }
 

@@ -354,11 +354,19 @@ pub(crate) fn read_at(inner: &Arc<Inner>, offset: u64, buf: &mut [u8]) -> Result
         };
         let (at, len) = (job.id as usize, job.want);
         match result {
-            Ok(n) => {
-                if let (Dest::Vec(v), Some(dst)) = (job.into_dest(), buf.get_mut(at..at + n)) {
-                    dst.copy_from_slice(&v[..n]);
+            Ok(n) => match (job.into_dest(), buf.get_mut(at..at + n)) {
+                (Dest::Vec(v), Some(dst)) if n <= v.len() => dst.copy_from_slice(&v[..n]),
+                _ => {
+                    first_err.get_or_insert(
+                        Error::new(
+                            ErrorKind::Io,
+                            format!("internal error: a piece of {n} bytes at {at} does not fit"),
+                        )
+                        .with_location(&inner.uri),
+                    );
+                    runner.abandoned = true;
                 }
-            }
+            },
             Err(f) => {
                 let range = offset + at as u64..offset + (at + len) as u64;
                 first_err.get_or_insert(f.into_error(&inner.uri).with_range(range));
