@@ -180,7 +180,7 @@ struct ShardScope {
 impl std::fmt::Debug for Loader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Loader")
-            .field("uri", &self.uri)
+            .field("uri", &sharded::redact(&self.uri))
             .field("device", &self.device)
             .field("globs", &self.globs)
             .field("queue_depth", &self.queue_depth)

@@ -369,3 +369,69 @@ fn a_one_file_conversion_reads_the_header_once() {
     let uri = format!("/header-once-file/{name}");
     assert_eq!(header_reads(&log, &uri), 1, "{log}");
 }
+
+/// Credentials in a URI (user information, a signed query) and in a `--header` never reach
+/// the CLI's output or its messages, whatever the command and whether it succeeds: they show
+/// as `http://host/path?…`.
+#[test]
+fn secrets_in_uris_and_headers_are_never_printed() {
+    let root = PathBuf::from(env("TS_NGINX_ROOT")).join("secret-cli");
+    stage(&root, "");
+    let url = env("TS_NGINX_URL");
+    let host = url.strip_prefix("http://").expect("an http:// URL");
+    let secret = |name: &str| format!("http://alice:hunter2@{host}/secret-cli/{name}?sig=SECRET");
+    let plain = secret("mixed.safetensors");
+    let enc = secret("v3_encrypted_key.tensors");
+    let runs: Vec<(Vec<String>, bool)> = vec![
+        (vec!["inspect".into(), plain.clone()], true),
+        (vec!["inspect".into(), plain.clone(), "--json".into()], true),
+        (
+            vec![
+                "load".into(),
+                plain.clone(),
+                "--json".into(),
+                "--quiet".into(),
+            ],
+            true,
+        ),
+        (
+            vec![
+                "load".into(),
+                plain.clone(),
+                "--filter".into(),
+                "zzz".into(),
+            ],
+            false,
+        ),
+        (vec!["load".into(), plain.clone(), "--verify".into()], false),
+        (vec!["load".into(), enc.clone()], false),
+        (vec!["inspect".into(), enc.clone()], true),
+        (vec!["inspect".into(), enc, "--verify".into()], false),
+        (
+            vec![
+                "load".into(),
+                plain.clone(),
+                "--header".into(),
+                "Authorization Bearer sk-SECRET".into(),
+            ],
+            false,
+        ),
+    ];
+    for (args, ok) in runs {
+        let out = cli().args(&args).output().unwrap();
+        let (o, e) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.success(), ok, "{args:?}: {e}");
+        for s in ["hunter2", "SECRET", "alice"] {
+            assert!(
+                !o.contains(s) && !e.contains(s),
+                "{s} shown by {args:?}:\n{o}\n{e}"
+            );
+        }
+        if !ok {
+            assert!(!e.trim().is_empty(), "{args:?}: no message");
+        }
+    }
+}

@@ -101,43 +101,7 @@ impl IoMode {
     }
 }
 
-/// The scheme of `uri` in lower case (`s3` of `s3://b/k`); `None` for a plain path (a path may
-/// contain `://` after a `/`, which is not a scheme).
-pub fn scheme_of(uri: &str) -> Option<String> {
-    let (s, _) = uri.split_once("://")?;
-    let valid = s.starts_with(|c: char| c.is_ascii_alphabetic())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-    valid.then(|| s.to_ascii_lowercase())
-}
-
-/// `uri` for messages: user information and (except for `nfs://`, whose query holds options)
-/// the query and the fragment are left out, since they may hold credentials or signatures.
-/// Works on any string (a URI that does not parse is redacted all the same).
-pub fn redact_uri(uri: &str) -> String {
-    let scheme = match scheme_of(uri) {
-        None => return uri.to_string(),
-        Some(s) if s == "file" => return uri.to_string(),
-        Some(s) => s,
-    };
-    let (path, query) = match uri.find(['?', '#']) {
-        Some(q) => uri.split_at(q),
-        None => (uri, ""),
-    };
-    let rest_at = path.find("://").map_or(0, |i| i + 3);
-    let (head, rest) = path.split_at(rest_at);
-    let host_end = rest.find('/').unwrap_or(rest.len());
-    let rest = match rest[..host_end].rfind('@') {
-        Some(at) => &rest[at + 1..],
-        None => rest,
-    };
-    let query = if query.is_empty() || scheme == "nfs" {
-        query
-    } else {
-        "?…"
-    };
-    format!("{head}{rest}{query}")
-}
+pub use tensorstream_engine::uri::{redact_uri, scheme_of};
 
 /// The local path named by a plain path or a `file://` URI: `file:///abs/path` or
 /// `file://localhost/abs/path` (no percent-decoding). `file://name/…` names a host, which is an

@@ -133,10 +133,12 @@ impl Error {
         self.backend = Some(backend.into());
         self
     }
-    /// Names the object (path or URI) unless a location is already set.
+    /// Names the object (path or URI) unless a location is already set. A URI's user
+    /// information and query (credentials, signatures) are left out
+    /// ([`crate::uri::redact_uri`]): a message may be logged anywhere.
     pub fn with_location(mut self, location: impl Into<String>) -> Self {
         if self.location.is_none() {
-            self.location = Some(location.into());
+            self.location = Some(crate::uri::redact_uri(&location.into()));
         }
         self
     }

@@ -29,6 +29,8 @@ pub mod sink;
 #[cfg(feature = "testkit")]
 #[forbid(unsafe_code)]
 pub mod testkit;
+#[forbid(unsafe_code)]
+pub mod uri;
 
 pub use backend::{
     Backend, BackendExt, Capabilities, MemoryBackend, ObjectMeta, RangeReader, ReadDone,

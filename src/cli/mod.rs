@@ -218,7 +218,12 @@ impl IoArgs {
         let mut open = OpenOptions::default();
         for h in &self.headers {
             let (k, v) = h.split_once(':').ok_or_else(|| {
-                Error::invalid(format!("bad --header {h:?}: expected \"Name: value\""))
+                // Only the first word: the rest is likely a credential ("Authorization Bearer …").
+                let name = h.split_whitespace().next().unwrap_or("");
+                Error::invalid(format!(
+                    "bad --header starting {name:?}: no ':' (expected \"Name: value\"; the \
+                     value is not shown)"
+                ))
             })?;
             open.headers
                 .push((k.trim().to_string(), v.trim().to_string()));

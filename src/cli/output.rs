@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tensorstream::backends::redact_uri;
 use tensorstream::{Device, Error, ErrorKind, LoadedModel, TensorIndex};
 
 use super::{out, parse_device, IoArgs, Progress};
@@ -72,7 +73,7 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
         }
         let mut v = json!({
             "verified": io.verify,
-            "uri": uri,
+            "uri": redact_uri(uri),
             "format": idx.format.name(),
             "version": idx.version,
             "object_size": idx.object_size,
@@ -93,7 +94,7 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
     if sharded {
         out!(
             "{}: sharded checkpoint, {} shards, {} tensors, {} of tensor data",
-            field(uri),
+            field(&redact_uri(uri)),
             files.len(),
             idx.tensors.len(),
             human(idx.total_bytes())
@@ -200,7 +201,7 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
         .clamp(4, 80);
     out!(
         "{}: {} (version {}), {} tensors, {} of tensor data, {} header",
-        field(uri),
+        field(&redact_uri(uri)),
         idx.format.name(),
         idx.version,
         idx.tensors.len(),
@@ -396,7 +397,7 @@ pub fn load(
             })
             .collect();
         let mut v = json!({
-            "uri": uri,
+            "uri": redact_uri(uri),
             "device": device.to_string(),
             "format": index.format.name(),
             "tensors": tensors,
@@ -558,8 +559,9 @@ pub fn bench(
     );
     if cold && !is_file {
         return Err(Error::invalid(format!(
-            "--cold drops this machine's page cache, which does not make {uri} cold: use it with \
-             local files"
+            "--cold drops this machine's page cache, which does not make {} cold: use it with \
+             local files",
+            redact_uri(uri)
         )));
     }
     let repeat = repeat.max(1);

@@ -1,0 +1,74 @@
+//! URI helpers shared by every crate: a URI's scheme, and a URI with its secrets left out (for
+//! messages; [`crate::Error::with_location`] applies it to every location).
+
+/// The scheme of `uri` in lower case (`s3` of `s3://b/k`); `None` for a plain path (a path may
+/// contain `://` after a `/`, which is not a scheme).
+pub fn scheme_of(uri: &str) -> Option<String> {
+    let (s, _) = uri.split_once("://")?;
+    let valid = s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    valid.then(|| s.to_ascii_lowercase())
+}
+
+/// `uri` for messages: user information and (except for `nfs://`, whose query holds options)
+/// the query and the fragment are left out, since they may hold credentials or signatures.
+/// Works on any string (a URI that does not parse is redacted all the same).
+pub fn redact_uri(uri: &str) -> String {
+    let scheme = match scheme_of(uri) {
+        None => return uri.to_string(),
+        Some(s) if s == "file" => return uri.to_string(),
+        Some(s) => s,
+    };
+    let (path, query) = match uri.find(['?', '#']) {
+        Some(q) => uri.split_at(q),
+        None => (uri, ""),
+    };
+    let rest_at = path.find("://").map_or(0, |i| i + 3);
+    let (head, rest) = path.split_at(rest_at);
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..host_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    let query = if query.is_empty() || scheme == "nfs" {
+        query
+    } else {
+        "?…"
+    };
+    format!("{head}{rest}{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_left_out_of_locations() {
+        let cases = [
+            (
+                "https://user:pw@h:8443/d/m.safetensors?X-Amz-Signature=abc#frag",
+                "https://h:8443/d/m.safetensors?…",
+            ),
+            ("http://h/a@b/x.json", "http://h/a@b/x.json"),
+            (
+                "nfs://h/e/m?uid=0&nconnect=8",
+                "nfs://h/e/m?uid=0&nconnect=8",
+            ),
+            ("s3://b/k", "s3://b/k"),
+            ("/local/we?rd@x.json", "/local/we?rd@x.json"),
+            ("file:///a?b", "file:///a?b"),
+            ("cuda:0", "cuda:0"),
+        ];
+        for (uri, want) in cases {
+            assert_eq!(redact_uri(uri), want, "{uri}");
+            assert_eq!(redact_uri(want), want, "not idempotent: {want}");
+        }
+        let e = crate::Error::invalid("x").with_location("http://u:secret@h/m?sig=s3cret");
+        let shown = e.to_string();
+        assert!(
+            !shown.contains("secret") && shown.contains("http://h/m?…"),
+            "{shown}"
+        );
+    }
+}
