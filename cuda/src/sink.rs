@@ -266,6 +266,8 @@ pub(crate) fn arena_for(
     plan: &Plan,
     given: Option<Arc<DeviceArena>>,
 ) -> Result<(Arc<DeviceArena>, Duration)> {
+    // Every route starts here: a plan made by hand fails before any device work.
+    plan.validate()?;
     let started = Instant::now();
     let (arena, alloc) = match given {
         Some(a) => {

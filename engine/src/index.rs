@@ -93,10 +93,12 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Number of bytes of the tensor's data.
+    /// Number of bytes of the tensor's data. (The parsers guarantee a well-formed range and a
+    /// size that fits; for an index built by hand, an inverted range counts 0 bytes and a meta
+    /// tensor whose size overflows counts 0.)
     pub fn nbytes(&self) -> u64 {
         match self.source {
-            TensorSource::Stored => self.range.end - self.range.start,
+            TensorSource::Stored => self.range.end.saturating_sub(self.range.start),
             TensorSource::Zeros => self
                 .dtype
                 .byte_len(crate::dtype::numel(&self.shape).unwrap_or(0))

@@ -78,6 +78,8 @@ pub fn execute<S: Sink>(
     let depth = opts.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
     // Set-up errors (the destination's allocation, the staging ring) name the object too.
     let named = |e: Error| e.with_location(&loc);
+    // A plan made by hand must not make a sink panic or misplace bytes.
+    plan.validate().map_err(named)?;
     let mut direct = sink.prepare(&plan).map_err(named)?;
     if direct.len() != plan.reads.len() {
         return Err(named(Error::invalid(
@@ -351,11 +353,18 @@ pub fn execute<S: Sink>(
                 }
                 stats.reads += 1;
                 stats.bytes_read += n as u64;
-                if let Some(p) = &opts.progress {
-                    p.fetch_add(n as u64, Ordering::Relaxed);
-                }
                 if read_err.is_none() {
-                    if to_sink.send(ToSink::Filled(idx, done.buf)).is_err() {
+                    // The whole read counts (a read that ends past the object's end, for
+                    // O_DIRECT alignment, brings fewer bytes), so that progress reaches the
+                    // plan's `read_bytes`; reads thrown away after a failure do not count.
+                    if let Some(p) = &opts.progress {
+                        p.fetch_add(want, Ordering::Relaxed);
+                    }
+                    // The sink sees exactly the bytes this read brought (`buf.len()`): the rest
+                    // of a reused staging slot holds an earlier read's.
+                    let mut buf = done.buf;
+                    buf.set_len(n);
+                    if to_sink.send(ToSink::Filled(idx, buf)).is_err() {
                         break;
                     }
                     sent += 1;

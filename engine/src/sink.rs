@@ -19,8 +19,12 @@ pub trait Sink: Send + 'static {
     /// Called once before any read: for each read of `plan`, a buffer inside the destination the
     /// read may land in directly, or `None` to have it read into a staging slot.
     fn prepare(&mut self, plan: &Arc<Plan>) -> Result<Vec<Option<IoBuf>>>;
-    /// The bytes of `plan.reads[read]` are in `buf` (`buf.len()` bytes valid). Take them. Returns
-    /// staging buffers that are free again (this one, now or in a later call, and/or earlier ones).
+    /// The bytes of `plan.reads[read]` are in `buf` (`buf.len()` bytes valid: fewer than the
+    /// read's length only where the read ends past the object's end). Take them. Returns
+    /// staging buffers that are free again (this one, now or in a later call, and/or earlier
+    /// ones), and only buffers the engine handed over. A sink may hold staging buffers across
+    /// calls, but never all of them once `accept` returns: the engine needs a free one to go
+    /// on, and fails the load as a sink bug otherwise.
     fn accept(&mut self, read: usize, buf: IoBuf) -> Result<Vec<IoBuf>>;
     /// Called when every read was accepted: complete outstanding work (e.g. wait for device
     /// copies) and return the remaining staging buffers.
@@ -266,6 +270,13 @@ impl Default for HostSink {
 
 impl Sink for HostSink {
     fn prepare(&mut self, plan: &Arc<Plan>) -> Result<Vec<Option<IoBuf>>> {
+        if self.arena.is_some() || self.plan.is_some() {
+            // (A second load into the same sink would drop the first one's memory.)
+            return Err(Error::invalid(
+                "this HostSink already holds a load: take it with into_parts, and use a new \
+                 sink for the next load",
+            ));
+        }
         let len = usize::try_from(plan.arena_len)
             .map_err(|_| Error::invalid("arena does not fit in the address space"))?;
         // On/off switches from the environment; anything but 0/1 (or unset/empty) is an error,

@@ -3,13 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use proptest::prelude::*;
 
 use super::*;
+use crate::backend::{Backend, MemoryBackend};
 use crate::dtype::DType;
 use crate::error::ErrorKind;
 use crate::index::{Format, TensorIndex, TensorInfo, TensorSource};
+use crate::mem::IoBuf;
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -166,7 +169,7 @@ fn check_data(idx: &TensorIndex, selected: &[usize], plan: &Plan, file: &[u8]) {
 /// Plans, verifies the invariants and executes the plan.
 fn plan_and_check(idx: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Plan {
     let p = plan(idx, selected, opts).expect("plan");
-    if let Err(e) = p.verify(idx, selected, opts) {
+    if let Err(e) = p.verify(idx, selected, opts).and_then(|_| p.validate()) {
         panic!("{e}\nplan: {p:#?}");
     }
     check_data(idx, selected, &p, &file_bytes(opts.object_size, 7));
@@ -500,6 +503,147 @@ fn verify_rejects_broken_plans() {
         "not the selected tensors",
     );
     assert!(good.verify(&idx, &[0, 1], &o).is_err());
+    let mut zero_align = o;
+    zero_align.layout = Layout::Packed { align: 0 };
+    let e = good.verify(&idx, &sel, &zero_align).unwrap_err();
+    assert!(e.to_string().contains("not a power of two"), "{e}");
+}
+
+/// Plans broken by hand fail `validate` (which `execute` runs first) with an error naming the
+/// problem: no sink ever indexes past a table, subtracts into an underflow or writes outside
+/// its arena because of one. Executed, each is an error, not a panic.
+#[test]
+fn validate_refuses_malformed_plans_and_execute_does_not_panic() {
+    let idx = index(
+        vec![stored("a", 0..100), stored("b", 100..200), zeros("z", 8)],
+        200,
+    );
+    let file = file_bytes(200, 3);
+    for layout in [Layout::Mirror, Layout::Packed { align: 64 }] {
+        let mut o = strict(200);
+        o.chunk_size = 64;
+        o.layout = layout;
+        let good = plan(&idx, &all(&idx), &o).unwrap();
+        good.validate().unwrap();
+        type Break = Box<dyn Fn(&mut Plan)>;
+        let cases: Vec<(&str, Break)> = vec![
+            (
+                "names placement",
+                Box::new(|p| p.reads[0].segments[0].placement = 99),
+            ),
+            (
+                "is inverted",
+                Box::new(|p| p.placements[0].needed = Range { start: 50, end: 10 }),
+            ),
+            (
+                "empty or inverted",
+                Box::new(|p| p.reads[1].obj = Range { start: 70, end: 64 }),
+            ),
+            (
+                "outside the read",
+                Box::new(|p| p.reads[0].segments[0].obj.end += 1000),
+            ),
+            (
+                "out of order",
+                Box::new(|p| {
+                    let s = p.reads[0].segments[0].clone();
+                    p.reads[0].segments.push(s);
+                }),
+            ),
+            (
+                "outside the",
+                Box::new(|p| p.reads[1].segments[0].dest = u64::MAX - 4),
+            ),
+            (
+                "lies outside the",
+                Box::new(|p| p.placements[2].dest = p.arena_len),
+            ),
+            ("arena", Box::new(|p| p.arena_len = 10)),
+            ("needed range", Box::new(|p| p.placements[0].needed = 0..10)),
+        ];
+        for (needle, f) in cases {
+            let mut p = good.clone();
+            f(&mut p);
+            let e = p.validate().expect_err(needle);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+            assert!(e.to_string().contains(needle), "{e} lacks {needle:?}");
+            let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("m", file.clone()));
+            let meta = be.stat().unwrap();
+            let r = crate::pipeline::execute(
+                be,
+                &meta,
+                Arc::new(p),
+                crate::sink::HostSink::new(),
+                &crate::pipeline::EngineOptions::default(),
+            );
+            let e = r.err().expect("a malformed plan executed");
+            assert!(e.to_string().contains("plan invariant violated"), "{e}");
+        }
+    }
+}
+
+/// A read that ends past the object's end (O_DIRECT alignment) brings fewer bytes than it
+/// asked for: the sink is handed exactly those (`buf.len()`, never a staging slot's stale
+/// tail), and progress still reaches the plan's `read_bytes`.
+#[test]
+fn a_read_past_the_end_hands_the_sink_only_its_bytes() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    struct Lens(crate::sink::HostSink, Arc<Mutex<Vec<(usize, usize)>>>);
+    impl crate::sink::Sink for Lens {
+        fn prepare(&mut self, plan: &Arc<Plan>) -> crate::Result<Vec<Option<IoBuf>>> {
+            self.0.prepare(plan)
+        }
+        fn accept(&mut self, read: usize, buf: IoBuf) -> crate::Result<Vec<IoBuf>> {
+            self.1.lock().unwrap().push((read, buf.len()));
+            self.0.accept(read, buf)
+        }
+        fn finish(&mut self) -> crate::Result<Vec<IoBuf>> {
+            self.0.finish()
+        }
+    }
+    let size = 10_000u64; // not a multiple of the 4096-byte alignment
+    let idx = index(vec![stored("a", 0..5000), stored("b", 5000..size)], size);
+    for layout in [Layout::Mirror, Layout::Packed { align: 64 }] {
+        let mut o = strict(size);
+        o.alignment = 4096;
+        o.chunk_size = 4096;
+        o.layout = layout;
+        let p = Arc::new(plan(&idx, &all(&idx), &o).unwrap());
+        assert!(p.reads.last().unwrap().obj.end > size);
+        let file = file_bytes(size, 5);
+        let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("m", file.clone()));
+        let meta = be.stat().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let progress = Arc::new(AtomicU64::new(0));
+        let eo = crate::pipeline::EngineOptions {
+            progress: Some(progress.clone()),
+            ..Default::default()
+        };
+        let (sink, _) = crate::pipeline::execute(
+            be,
+            &meta,
+            p.clone(),
+            Lens(crate::sink::HostSink::new(), seen.clone()),
+            &eo,
+        )
+        .unwrap();
+        for &(r, len) in seen.lock().unwrap().iter() {
+            let op = &p.reads[r];
+            let brought = (op.obj.end.min(size) - op.obj.start) as usize;
+            assert_eq!(len, brought, "read {r} {:?} ({layout:?})", op.obj);
+        }
+        assert_eq!(progress.load(Ordering::Relaxed), p.read_bytes, "{layout:?}");
+        let (arena, _) = sink.0.into_parts().unwrap();
+        let bytes = arena.as_slice().unwrap();
+        for pl in &p.placements {
+            let t = &idx.tensors[pl.tensor];
+            assert_eq!(
+                &bytes[pl.dest as usize..(pl.dest + pl.len) as usize],
+                &file[t.range.start as usize..t.range.end as usize]
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,4 +782,28 @@ proptest! {
         }
         prop_assert_eq!(p.read_bytes, blocks.len() as u64 * alignment);
     }
+}
+
+/// A HostSink holds one load: running a second load into it fails (before, it dropped the
+/// first load's memory without a word).
+#[test]
+fn a_host_sink_takes_one_load() {
+    let idx = index(vec![stored("a", 0..100)], 100);
+    let file = file_bytes(100, 9);
+    let p = Arc::new(plan(&idx, &all(&idx), &strict(100)).unwrap());
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("m", file.clone()));
+    let meta = be.stat().unwrap();
+    let eo = crate::pipeline::EngineOptions::default();
+    let (sink, _) = crate::pipeline::execute(
+        be.clone(),
+        &meta,
+        p.clone(),
+        crate::sink::HostSink::new(),
+        &eo,
+    )
+    .unwrap();
+    let e = crate::pipeline::execute(be, &meta, p.clone(), sink, &eo)
+        .err()
+        .expect("a second load into one sink");
+    assert!(e.to_string().contains("already holds a load"), "{e}");
 }

@@ -24,6 +24,91 @@ struct Window {
 }
 
 impl Plan {
+    /// Checks the structure every sink relies on, in O(reads + segments + placements), so that
+    /// a plan built or changed by hand fails with an error instead of a panic or bytes in the
+    /// wrong place ([`crate::execute`] calls it): placements' needed ranges and windows are
+    /// well formed and inside `arena_len`; reads are non-empty, direct windows inside
+    /// `arena_len`; segments name a placement, lie inside their read and that placement's
+    /// needed range, in order, and land inside the arena. [`Plan::verify`] checks everything
+    /// the planner promises.
+    pub fn validate(&self) -> Result<()> {
+        let arena = self.arena_len;
+        let inside = |start: u64, len: u64| start.checked_add(len).is_some_and(|e| e <= arena);
+        for (i, p) in self.placements.iter().enumerate() {
+            ensure!(
+                p.needed.start <= p.needed.end,
+                "placement {i}: needed range {:?} is inverted",
+                p.needed
+            );
+            let needed = p.needed.end - p.needed.start;
+            ensure!(
+                inside(p.needed_dest, needed),
+                "placement {i}: needed bytes at {}+{needed} lie outside the {arena}-byte arena",
+                p.needed_dest
+            );
+            ensure!(
+                inside(p.dest, p.len),
+                "placement {i}: data at {}+{} lies outside the {arena}-byte arena",
+                p.dest,
+                p.len
+            );
+            ensure!(
+                needed == 0 || (p.dest >= p.needed_dest && p.dest - p.needed_dest <= needed),
+                "placement {i}: data at {} does not lie in its needed window at {}",
+                p.dest,
+                p.needed_dest
+            );
+        }
+        for (r, op) in self.reads.iter().enumerate() {
+            ensure!(
+                op.obj.start < op.obj.end,
+                "read {r}: range {:?} is empty or inverted",
+                op.obj
+            );
+            if let Some(d) = op.direct {
+                ensure!(
+                    inside(d, op.len()),
+                    "read {r}: direct window at {d}+{} lies outside the {arena}-byte arena",
+                    op.len()
+                );
+            }
+            let mut pos = op.obj.start;
+            for seg in &op.segments {
+                let p = self.placements.get(seg.placement);
+                ensure!(
+                    p.is_some(),
+                    "read {r}: a segment names placement {} of {}",
+                    seg.placement,
+                    self.placements.len()
+                );
+                let p = p.expect("checked just above");
+                ensure!(
+                    pos <= seg.obj.start
+                        && seg.obj.start <= seg.obj.end
+                        && seg.obj.end <= op.obj.end,
+                    "read {r}: segment {:?} is out of order or outside the read {:?}",
+                    seg.obj,
+                    op.obj
+                );
+                ensure!(
+                    p.needed.start <= seg.obj.start && seg.obj.end <= p.needed.end,
+                    "read {r}: segment {:?} lies outside placement {}'s needed range {:?}",
+                    seg.obj,
+                    seg.placement,
+                    p.needed
+                );
+                ensure!(
+                    inside(seg.dest, seg.obj.end - seg.obj.start),
+                    "read {r}: segment for arena {}+{} lies outside the {arena}-byte arena",
+                    seg.dest,
+                    seg.obj.end - seg.obj.start
+                );
+                pos = seg.obj.end;
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that this plan is what [`super::plan`]`(index, selected, opts)` promises, and returns
     /// an [`InvalidInput`](crate::ErrorKind::InvalidInput) error naming the first violation:
     ///
@@ -76,11 +161,17 @@ impl Plan {
                 "arena alignment {} below the read alignment {a}",
                 self.arena_align
             ),
-            Layout::Packed { align } => ensure!(
-                self.arena_align >= align,
-                "arena alignment {} below the tensor alignment {align}",
-                self.arena_align
-            ),
+            Layout::Packed { align } => {
+                ensure!(
+                    align.is_power_of_two(),
+                    "tensor alignment {align} is not a power of two"
+                );
+                ensure!(
+                    self.arena_align >= align,
+                    "arena alignment {} below the tensor alignment {align}",
+                    self.arena_align
+                )
+            }
         }
         let mut windows = Vec::with_capacity(self.placements.len());
         let mut useful = 0u64;
