@@ -33,6 +33,12 @@ pub unsafe trait MemRegion: Send + Sync + 'static {
     fn is_pinned(&self) -> bool {
         false
     }
+    /// Whether a child forked from now on gets this region (`true`, the default) or not
+    /// (`MADV_DONTFORK`, while reads DMA into it: on kernels before 5.19 a `fork` by another
+    /// thread during a direct read makes copy-on-write move the parent's page away from the
+    /// one the read lands in, and the parent sees zeros). Best effort; regions that cannot
+    /// tell their own pages from other memory's do nothing.
+    fn set_inherited_by_fork(&self, _inherited: bool) {}
 }
 
 /// An owned, exclusive window of `len` bytes into a [`MemRegion`].
@@ -311,6 +317,21 @@ unsafe impl MemRegion for AlignedBuf {
     fn len(&self) -> usize {
         self.len
     }
+    fn set_inherited_by_fork(&self, inherited: bool) {
+        // Only a mapping of its own: heap memory shares its pages with other allocations.
+        if self.mapped {
+            let advice = if inherited {
+                libc::MADV_DOFORK
+            } else {
+                libc::MADV_DONTFORK
+            };
+            // SAFETY: advice on exactly the mapping made in `zeroed_with` (page-aligned, this
+            // length), which lives as long as `self`; it changes no contents.
+            unsafe {
+                libc::madvise(self.ptr.as_ptr().cast(), self.len, advice);
+            }
+        }
+    }
 }
 
 /// One host allocation that tensors are loaded into, lent out in non-overlapping windows while
@@ -331,6 +352,13 @@ impl Arena {
         Ok(Arena {
             inner: Arc::new(AlignedBuf::zeroed_with(len, align, huge_pages)?),
         })
+    }
+
+    /// Whether a child forked from now on gets the arena (see
+    /// [`MemRegion::set_inherited_by_fork`]): the host sink keeps it out of children while reads
+    /// land in it, and lets them have it again once the load is complete.
+    pub fn set_inherited_by_fork(&self, inherited: bool) {
+        self.inner.set_inherited_by_fork(inherited);
     }
 
     /// Starts a thread that faults in the arena's pages (`MADV_POPULATE_WRITE`) in the order of
@@ -480,6 +508,9 @@ pub fn staging_slots(count: usize, slot_size: usize, align: usize) -> Result<Vec
         .checked_mul(slot_size)
         .ok_or_else(|| Error::invalid("staging ring size overflows"))?;
     let mut whole = IoBuf::aligned(total, align)?;
+    // Reads land in the slots for their whole life: never in a forked child (see
+    // `MemRegion::set_inherited_by_fork`).
+    whole.region().set_inherited_by_fork(false);
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         match whole.split_to(slot_size) {
@@ -491,8 +522,58 @@ pub fn staging_slots(count: usize, slot_size: usize, align: usize) -> Result<Vec
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The `VmFlags` of the mapping in `/proc/self/smaps` that holds `addr`.
+    pub(crate) fn vm_flags(addr: usize) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(a, b)| {
+                    Some((
+                        usize::from_str_radix(a, 16).ok()?,
+                        usize::from_str_radix(b, 16).ok()?,
+                    ))
+                });
+            if let Some((a, b)) = range {
+                inside = a <= addr && addr < b;
+            } else if inside {
+                if let Some(f) = line.strip_prefix("VmFlags:") {
+                    return f.split_whitespace().map(str::to_string).collect();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    /// Staging slots are never in a forked child (`dc`: do not copy on fork); an arena is kept
+    /// out while reads land in it and let back in after; small heap buffers are left alone.
+    #[test]
+    fn fork_inheritance_of_read_targets() {
+        let slots = staging_slots(4, 1 << 20, 4096).unwrap();
+        let f = vm_flags(slots[0].as_ptr() as usize);
+        assert!(
+            f.contains(&"dc".to_string()),
+            "{f:?} {:p}",
+            slots[0].as_ptr()
+        );
+        let arena = Arena::host(8 << 20, 4096).unwrap();
+        let at = arena.region().base() as usize;
+        assert!(!vm_flags(at).contains(&"dc".to_string()));
+        arena.set_inherited_by_fork(false);
+        assert!(vm_flags(at).contains(&"dc".to_string()));
+        arena.set_inherited_by_fork(true);
+        assert!(!vm_flags(at).contains(&"dc".to_string()));
+        // Heap memory (under the mmap threshold) shares pages with other allocations: no advice.
+        let small = Arena::host(4096, 64).unwrap();
+        small.set_inherited_by_fork(false);
+        assert!(!vm_flags(small.region().base() as usize).contains(&"dc".to_string()));
+    }
 
     #[test]
     fn an_arena_with_another_handle_to_its_region_lends_nothing() {

@@ -302,6 +302,8 @@ impl Sink for HostSink {
         let huge = env_flag("TENSORSTREAM_HUGEPAGES", false)?;
         let prefault = env_flag("TENSORSTREAM_PREFAULT", self.want_prefault)?;
         let mut arena = Arena::host_with(len, plan.arena_align as usize, huge)?;
+        // Out of forked children while reads land in it (until `finish`).
+        arena.set_inherited_by_fork(false);
         self.remaining = plan
             .placements
             .iter()
@@ -424,6 +426,10 @@ impl Sink for HostSink {
                     "load finished with tensors whose bytes never completed",
                 ));
             }
+        }
+        // Every read has landed: a forked child may have the loaded model again.
+        if let Some(a) = &self.arena {
+            a.set_inherited_by_fork(true);
         }
         Ok(Vec::new())
     }

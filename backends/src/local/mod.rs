@@ -3,7 +3,7 @@
 //! # How a file is read
 //! * At [`LocalBackend::open`] the file is opened twice: buffered (for `stat`, `read_at` and
 //!   unaligned reads) and, on block-device filesystems, with `O_DIRECT` (bulk reads bypass the
-//!   page cache). If the filesystem refuses `O_DIRECT` (`EINVAL`/`EOPNOTSUPP`) the backend reads
+//!   page cache). If the filesystem refuses `O_DIRECT` (`EINVAL`) the backend reads
 //!   buffered. On tmpfs/ramfs and kernel NFS ([`config::fs_kind`] on the `fstatfs` magic) it reads
 //!   buffered from the start; NFS also gets larger chunks and more reads in flight.
 //! * With `O_DIRECT`, [`Capabilities::alignment`] is the device's logical block size from sysfs
@@ -18,7 +18,7 @@
 //!   modes accept the same (O_DIRECT-aligned) plans and read the same bytes. The mode comes from
 //!   [`OpenOptions::io_mode`], else `TENSORSTREAM_IO`, else io_uring when the kernel allows it
 //!   (probed once per process; disabled by sysctl or seccomp → pread, reported once).
-//! * The version of the file is `dev:inode:size:mtime_ns`. A reader session checks it with
+//! * The version of the file is `dev:inode:size:mtime_ns:ctime_ns`. A reader session checks it with
 //!   `fstat` when it opens, whenever a read comes back short or reaches the end of the object, and
 //!   after every GiB read; a change fails that read with [`ErrorKind::ObjectChanged`].
 
@@ -46,11 +46,17 @@ use crate::{IoMode, OpenOptions};
 pub use config::FsKind;
 
 /// The version tag [`LocalBackend`] reports for a file with this `fstat` (device, inode, size,
-/// mtime): compare it with [`ObjectMeta::version`] to tell whether another descriptor of the
+/// mtime, ctime): compare it with [`ObjectMeta::version`] to tell whether another descriptor of the
 /// path still shows the same file, unchanged.
 pub fn file_version(md: &std::fs::Metadata) -> String {
-    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
-    config::version_string(md.dev(), md.ino(), md.len(), mtime_ns)
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    config::version_string(
+        md.dev(),
+        md.ino(),
+        md.len(),
+        ns(md.mtime(), md.mtime_nsec()),
+        ns(md.ctime(), md.ctime_nsec()),
+    )
 }
 
 /// The descriptors of one open file, shared by the backend and its reader sessions.
@@ -118,21 +124,25 @@ pub fn raw_direct_read(path: &std::path::Path, threads: usize, piece: usize) -> 
         )));
     }
     let loc = path.display().to_string();
+    // Non-blocking open: a FIFO given by mistake must not hang the open (it is refused below).
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(libc::O_DIRECT | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| Error::from_io(e, "open O_DIRECT").with_location(&loc))?;
-    let len = f
+    let md = f
         .metadata()
-        .map_err(|e| Error::from_io(e, "stat").with_location(&loc))?
-        .len();
+        .map_err(|e| Error::from_io(e, "stat").with_location(&loc))?;
+    if !md.is_file() {
+        return Err(Error::invalid("not a regular file").with_location(&loc));
+    }
+    let len = md.len();
     let next = AtomicU64::new(0);
     let total = AtomicU64::new(0);
     let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.max(1))
+        let workers: Vec<_> = (0..threads.clamp(1, 1024))
             .map(|_| {
-                s.spawn(|| -> Result<()> {
+                std::thread::Builder::new().spawn_scoped(s, || -> Result<()> {
                     let mut buf = tensorstream_engine::IoBuf::aligned(piece, 4096)?;
                     loop {
                         let off = next.fetch_add(piece as u64, Ordering::Relaxed);
@@ -155,16 +165,19 @@ pub fn raw_direct_read(path: &std::path::Path, threads: usize, piece: usize) -> 
                             }
                             got += n;
                         }
-                        total.fetch_add(got as u64, Ordering::Relaxed);
+                        // (A file that grew meanwhile counts only its size at the start.)
+                        total.fetch_add(got.min(want) as u64, Ordering::Relaxed);
                     }
                 })
             })
             .collect();
         workers
             .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("O_DIRECT read thread panicked")))
+            .map(|w| match w {
+                Ok(w) => w
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::invalid("O_DIRECT read thread panicked"))),
+                Err(e) => Err(Error::from_io(e, "starting an O_DIRECT read thread")),
             })
             .collect()
     });

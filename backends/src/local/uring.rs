@@ -40,14 +40,31 @@ const MAX_REG_BUF: usize = 1 << 30;
 pub(crate) const REGISTER_BUDGET: usize = 256 << 20;
 /// Most registered buffers per ring (`IORING_MAX_REG_BUFFERS`).
 const MAX_REG_COUNT: usize = 1 << 14;
+/// Times a dropped reader retries a busy ring (1 ms apart) before it leaks what the kernel may
+/// still write into rather than spin for ever.
+const DROP_BUSY_TRIES: u32 = 10_000;
 
-/// Whether io_uring can be used in this process (probed once: a tiny ring).
+/// Whether io_uring can be used in this process (probed once: a tiny ring, and the kernel's
+/// list of supported operations: plain `READ` came with Linux 5.6, after io_uring itself, and a
+/// ring without it would fail every unregistered read with `EINVAL`).
 pub(crate) fn available() -> std::result::Result<(), String> {
     static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     PROBE
-        .get_or_init(|| match IoUring::new(2) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(format!("io_uring_setup failed: {e}")),
+        .get_or_init(|| {
+            let ring = IoUring::new(2).map_err(|e| format!("io_uring_setup failed: {e}"))?;
+            let mut probe = io_uring::Probe::new();
+            ring.submitter()
+                .register_probe(&mut probe)
+                .map_err(|e| format!("io_uring cannot list its operations (kernel < 5.6): {e}"))?;
+            for (code, name) in [
+                (opcode::Read::CODE, "READ"),
+                (opcode::ReadFixed::CODE, "READ_FIXED"),
+            ] {
+                if !probe.is_supported(code) {
+                    return Err(format!("this kernel's io_uring has no {name} operation"));
+                }
+            }
+            Ok(())
         })
         .clone()
 }
@@ -340,7 +357,21 @@ impl UringReader {
         match result {
             None => {
                 self.counts.resubmitted += 1;
-                self.push(slot)
+                let pushed = self.push(slot);
+                if let Err(e) = pushed {
+                    // Nothing is queued for it any more: hand its buffer back as a failed read
+                    // (as `submit` does), rather than leave it stranded in its slot.
+                    if let Some(op) = self.slots[slot as usize].take() {
+                        self.free.push(slot);
+                        self.ready.push_back(ReadDone {
+                            id: op.id,
+                            offset: op.offset,
+                            buf: op.buf,
+                            result: Err(e),
+                        });
+                    }
+                }
+                Ok(())
             }
             Some(r) => {
                 let Some(op) = self.slots[slot as usize].take() else {
@@ -499,8 +530,9 @@ impl RangeReader for UringReader {
         }
         // SAFETY: every iovec lies inside a live MemRegion (valid for reads and writes, never
         // moving). `self.regions` keeps a strong reference to each of them until the reader is
-        // dropped, which closes the ring (and so ends the registration) before the references
-        // go.
+        // dropped, after every read the kernel held has completed (Drop waits, or leaks the
+        // regions when it cannot). The ring's teardown is asynchronous, but the registration
+        // pins its pages itself, so freeing a region after the ring is closed is sound.
         let res = unsafe { self.ring.submitter().register_buffers(&iovecs) };
         match res {
             Ok(()) => {
@@ -516,11 +548,18 @@ impl RangeReader for UringReader {
 impl Drop for UringReader {
     fn drop(&mut self) {
         // Wait for every read the kernel still holds, so no buffer is freed under it.
+        let mut busy = 0u32;
         while self.kernel > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN))
+                        && busy < DROP_BUSY_TRIES =>
+                {
+                    busy += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 Err(_) => {
                     // Cannot wait: leak the buffers and registered regions (the kernel may still
                     // write into them) rather than free memory the kernel owns.

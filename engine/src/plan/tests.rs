@@ -807,3 +807,45 @@ fn a_host_sink_takes_one_load() {
         .expect("a second load into one sink");
     assert!(e.to_string().contains("already holds a load"), "{e}");
 }
+
+/// A host load's arena is kept out of forked children while reads land in it, and a child
+/// forked after the load gets the model (no `dc`, "do not copy on fork", once it is done).
+#[test]
+fn a_loaded_arena_is_inherited_by_fork_again() {
+    let size = 4u64 << 20;
+    let idx = index(vec![stored("a", 0..size)], size);
+    let file = file_bytes(size, 11);
+    let p = Arc::new(plan(&idx, &all(&idx), &strict(size)).unwrap());
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("m", file));
+    let meta = be.stat().unwrap();
+    struct Watch(crate::sink::HostSink, Option<usize>);
+    impl crate::sink::Sink for Watch {
+        fn prepare(&mut self, plan: &Arc<Plan>) -> crate::Result<Vec<Option<IoBuf>>> {
+            self.0.prepare(plan)
+        }
+        fn accept(&mut self, read: usize, buf: IoBuf) -> crate::Result<Vec<IoBuf>> {
+            // During the load: the arena (where this read's bytes go) is out of children.
+            let at = buf.region().base() as usize;
+            if self.1.is_none() && buf.region().len() >= 4 << 20 {
+                assert!(crate::mem::tests::vm_flags(at).contains(&"dc".to_string()));
+                self.1 = Some(at);
+            }
+            self.0.accept(read, buf)
+        }
+        fn finish(&mut self) -> crate::Result<Vec<IoBuf>> {
+            self.0.finish()
+        }
+    }
+    let (sink, _) = crate::pipeline::execute(
+        be,
+        &meta,
+        p,
+        Watch(crate::sink::HostSink::new(), None),
+        &crate::pipeline::EngineOptions::default(),
+    )
+    .unwrap();
+    let at = sink.1.expect("a read landed in the arena");
+    let (arena, _) = sink.0.into_parts().unwrap();
+    assert_eq!(arena.region().base() as usize, at);
+    assert!(!crate::mem::tests::vm_flags(at).contains(&"dc".to_string()));
+}
