@@ -381,7 +381,10 @@ impl Loader {
         format::convert::convert_parts(parts, output, &opts)
     }
 
-    /// A load through a backend you built yourself (a third-party `Backend`).
+    /// A load through a backend you built yourself (a third-party `Backend`). The backend is
+    /// already open, so [`Loader::open_options`] (headers, timeouts, I/O mode, concurrency of
+    /// the built-in backends) does not apply to it, and it is read as one model file: a
+    /// sharded checkpoint's `*.index.json` is not resolved through it.
     pub fn from_backend(backend: Arc<dyn Backend>) -> Self {
         let mut l = Loader::new(backend.location().to_string());
         l.backend = Some(backend);
@@ -410,8 +413,8 @@ impl Loader {
         self
     }
     /// Reads in flight (default: the backend's preference, 16 for local files; GPU loads of
-    /// local files keep one read per pinned slot, 32 by default). The shards of a checkpoint
-    /// that load at the same time share them.
+    /// local files keep one read per pinned slot, 32 by default; 0 counts as 1). The shards of
+    /// a checkpoint that load at the same time share them.
     pub fn queue_depth(mut self, n: usize) -> Self {
         self.queue_depth = Some(n.max(1));
         self.open.concurrency = Some(n.max(1));
@@ -1937,11 +1940,23 @@ impl<'a> CudaFile<'a> {
 }
 
 impl CudaModel {
-    /// The device model (tensors with device pointers, readback, release) of a model file. For
-    /// a sharded checkpoint each shard has its own: this is the first shard's, and
-    /// [`CudaModel::files`] gives them all.
-    pub fn model(&self) -> &tensorstream_cuda::DeviceModel {
-        &self.parts[0].model
+    /// The device model (tensors with device pointers, readback, release) of a model file. A
+    /// sharded checkpoint has one per shard, so this is an error there (it used to be the first
+    /// shard's, which silently missed the other shards' tensors): use [`CudaModel::files`] or
+    /// [`CudaModel::get`], which cover them all.
+    pub fn model(&self) -> Result<&tensorstream_cuda::DeviceModel> {
+        match self.parts.as_slice() {
+            [one] if self.merged.is_none() => Ok(&one.model),
+            parts => Err(Error::invalid(format!(
+                "a sharded checkpoint is loaded as one device model per shard ({}): use \
+                 CudaModel::files or CudaModel::get",
+                parts.len()
+            ))),
+        }
+    }
+    /// The device the model is on.
+    pub fn device(&self) -> &Arc<tensorstream_cuda::CudaDevice> {
+        self.parts[0].model.device()
     }
     /// The files loaded, in load order: one for a model file; for a sharded checkpoint, each
     /// shard that held a selected tensor.
@@ -2035,7 +2050,8 @@ pub struct LoadStats {
     pub bytes_read: u64,
     /// Read requests.
     pub reads: u64,
-    /// Wall time from start (metadata included) to the last byte in place.
+    /// Wall time from start (metadata included) to the last byte in place. GPU loads leave
+    /// out the opening of the device ([`LoadStats::device_open`], paid once per device handle).
     pub elapsed: Duration,
     /// Wall time of the data phase. For a sharded checkpoint loaded to host memory: the time
     /// at least one shard was in its data phase (shards load two at a time; their opens and
@@ -2113,7 +2129,7 @@ impl LoadStats {
         }
     }
 
-    /// Tensor bytes per second over the whole load, in GB/s (10^9).
+    /// Tensor bytes per second over [`LoadStats::elapsed`], in GB/s (10^9).
     pub fn gbps(&self) -> f64 {
         let s = self.elapsed.as_secs_f64();
         if s > 0.0 {

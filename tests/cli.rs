@@ -1056,3 +1056,59 @@ fn a_shard_holding_tensors_its_index_does_not_list_is_loaded_with_a_warning() {
     assert_eq!(names.len(), all.len());
     assert!(!names.contains(&unlisted.name.as_str()), "{names:?}");
 }
+
+/// Flags a command accepts but does not use are named on stderr (the command still runs):
+/// GPU flags on a load to host memory or on `inspect`, backend flags that do not concern the
+/// URI's backend. Defaults, and flags that apply, say nothing; stdout is untouched.
+#[test]
+fn flags_a_command_ignores_are_named() {
+    let f = fixtures().join("mixed.safetensors");
+    let f = f.to_str().unwrap();
+    let stderr_of = |args: &[&str]| {
+        let out = bin().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not the JSON alone: {e}"));
+        assert!(json.is_object());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = stderr_of(&[
+        "load",
+        f,
+        "--json",
+        "--quiet",
+        "--slots",
+        "8",
+        "--gpu-warm",
+        "force",
+    ]);
+    assert!(
+        e.contains("warning: --slots, --gpu-warm ignored") && e.contains("--device cuda"),
+        "{e}"
+    );
+    let e = stderr_of(&[
+        "inspect",
+        f,
+        "--json",
+        "--streams",
+        "4",
+        "--header",
+        "X: y",
+        "--timeout",
+        "5",
+    ]);
+    assert!(e.contains("--streams ignored"), "{e}");
+    assert!(
+        e.contains("--header, --timeout ignored") && e.contains("local files"),
+        "{e}"
+    );
+    // Defaults and flags that apply: nothing said.
+    let e = stderr_of(&[
+        "load", f, "--json", "--quiet", "--slots", "40", "--io", "pread",
+    ]);
+    assert!(!e.contains("warning"), "{e}");
+}

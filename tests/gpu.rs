@@ -156,7 +156,7 @@ fn gpu_tensorizer_fixtures_verified_and_decrypted_match_manifest() {
         let m = loader(&file, &entry)
             .load_cuda()
             .unwrap_or_else(|e| panic!("{file}: {e}"));
-        let model = m.model();
+        let model = m.model().unwrap();
         let tensors = entry["tensors"].as_array().unwrap();
         assert_eq!(model.len(), tensors.len(), "{file}: tensor count");
         for t in tensors {
@@ -245,8 +245,8 @@ fn gpu_one_device_handle_serves_several_loads() {
             .unwrap_or_else(|e| panic!("{file}: {e}"));
         for t in entry["tensors"].as_array().unwrap() {
             let name = display_name(t["name"].as_str().unwrap());
-            let dt = m.model().get(&name).unwrap();
-            let bytes = m.model().to_host(&dt).unwrap();
+            let dt = m.model().unwrap().get(&name).unwrap();
+            let bytes = m.model().unwrap().to_host(&dt).unwrap();
             assert_eq!(sha(&bytes), t["sha256"].as_str().unwrap(), "{file}/{name}");
         }
         models.push(m); // earlier models stay alive and intact while later ones load
@@ -254,8 +254,8 @@ fn gpu_one_device_handle_serves_several_loads() {
     for ((file, entry), m) in entries.iter().zip(&models) {
         for t in entry["tensors"].as_array().unwrap() {
             let name = display_name(t["name"].as_str().unwrap());
-            let dt = m.model().get(&name).unwrap();
-            let bytes = m.model().to_host(&dt).unwrap();
+            let dt = m.model().unwrap().get(&name).unwrap();
+            let bytes = m.model().unwrap().to_host(&dt).unwrap();
             assert_eq!(
                 sha(&bytes),
                 t["sha256"].as_str().unwrap(),
@@ -374,8 +374,8 @@ fn gpu_mapped_route_through_the_loader_matches_manifest() {
         }
         for t in entry["tensors"].as_array().unwrap() {
             let name = t["name"].as_str().unwrap();
-            let dt = cm.model().get(name).unwrap();
-            let bytes = cm.model().to_host(&dt).unwrap();
+            let dt = cm.model().unwrap().get(name).unwrap();
+            let bytes = cm.model().unwrap().to_host(&dt).unwrap();
             assert_eq!(
                 sha(&bytes),
                 t["sha256"].as_str().unwrap(),
@@ -402,6 +402,9 @@ fn gpu_sharded_checkpoint_loads_every_shard() {
         .unwrap();
     assert!(m.is_sharded());
     assert_eq!(m.files().count(), 3);
+    // One device model per shard: `model()` refuses rather than give the first shard's only.
+    let e = m.model().expect_err("model() of a sharded checkpoint");
+    assert!(e.to_string().contains("CudaModel::files"), "{e}");
     assert_eq!(m.len(), want.len());
     assert_eq!(m.index().tensors.len(), want.len());
     for w in &want {

@@ -239,7 +239,7 @@ pub fn run(
             loader.device(tensorstream::Device::Cuda(0)).load_cuda()?
         };
         // Verify every tensor by reading it back from the device.
-        let m = cm.model();
+        let m = cm.model()?;
         for (i, t) in m.tensors().enumerate() {
             let mut off = 0usize;
             let mut first_bad = None;

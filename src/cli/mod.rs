@@ -211,6 +211,10 @@ struct IoArgs {
     /// is encrypted).
     #[arg(long, value_name = "FILE", conflicts_with = "key_file")]
     password_file: Option<std::path::PathBuf>,
+    /// Set by `run`: name the flags this command ignores (for a load to a GPU, or not) once its
+    /// options have been checked (a bad value is an error, and then no warning is worth adding).
+    #[arg(skip)]
+    warn_unused_for: std::cell::Cell<Option<bool>>,
 }
 
 impl IoArgs {
@@ -344,6 +348,9 @@ impl IoArgs {
                 usize::try_from(r).map_err(|_| Error::invalid("--ring-budget too large"))?,
             );
         }
+        if let Some(gpu) = self.warn_unused_for.take() {
+            self.warn_unused(uri, gpu);
+        }
         Ok(l)
     }
 }
@@ -468,10 +475,98 @@ fn is_broken_pipe(e: &Error) -> bool {
 }
 
 /// Runs the CLI; returns the process exit code.
+impl IoArgs {
+    /// The GPU flags given a value other than their default.
+    fn gpu_flags_set(&self) -> Vec<&'static str> {
+        let d = (2usize, 40usize, 4u64 << 20, 4usize, 0usize, 16u64 << 20);
+        [
+            ("--streams", self.streams != d.0),
+            ("--slots", self.slots != d.1),
+            ("--slot-size", self.slot_size != d.2),
+            ("--gpu-warm", !self.gpu_warm.eq_ignore_ascii_case("off")),
+            (
+                "--gpu-huge-pages",
+                !self.gpu_huge_pages.eq_ignore_ascii_case("off"),
+            ),
+            ("--gpu-warm-threads", self.gpu_warm_threads != d.3),
+            (
+                "--gpu-warm-pread-threads",
+                self.gpu_warm_pread_threads != d.4,
+            ),
+            (
+                "--gpu-warm-copy",
+                !self.gpu_warm_copy.eq_ignore_ascii_case("pread"),
+            ),
+            ("--gpu-warm-piece", self.gpu_warm_piece != d.5),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
+    /// Says on stderr which of the given flags this command ignores: GPU flags when it loads
+    /// nothing to a GPU (`gpu` false), and backend flags that do not concern `uri`'s backend.
+    /// A flag given its default value is not noticed.
+    fn warn_unused(&self, uri: &str, gpu: bool) {
+        let say = |flags: &[&str], why: &str| {
+            if !flags.is_empty() {
+                let it = if flags.len() == 1 {
+                    "it applies"
+                } else {
+                    "they apply"
+                };
+                errln!(
+                    "tensorstream: warning: {} ignored: {it} {why}",
+                    flags.join(", ")
+                );
+            }
+        };
+        if !gpu {
+            say(
+                &self.gpu_flags_set(),
+                "to loads to a GPU (load or bench --device cuda:N)",
+            );
+        }
+        let scheme = tensorstream::backends::scheme_of(uri);
+        let scheme = scheme.as_deref().unwrap_or("file");
+        let backend_flags = [
+            (
+                "--header",
+                !self.headers.is_empty(),
+                matches!(scheme, "http" | "https"),
+            ),
+            ("--s3-endpoint", self.s3_endpoint.is_some(), scheme == "s3"),
+            ("--s3-region", self.s3_region.is_some(), scheme == "s3"),
+            ("--timeout", self.timeout.is_some(), scheme != "file"),
+            ("--io", self.io.is_some(), scheme == "file"),
+        ];
+        let unused: Vec<&str> = backend_flags
+            .into_iter()
+            .filter(|&(_, set, applies)| set && !applies)
+            .map(|(name, _, _)| name)
+            .collect();
+        let here = if scheme == "file" {
+            "local files".to_string()
+        } else {
+            format!("{scheme}:// URIs")
+        };
+        say(&unused, &format!("to other backends than {here}"));
+    }
+}
+
 pub fn run() -> i32 {
     let cli = Cli::parse();
     tensorstream::engine::log_warnings_to_stderr();
     interrupt::install();
+    // Flags a command accepts but will not use are named, not silently dropped (once its
+    // options are checked: see `IoArgs::loader`).
+    match &cli.cmd {
+        Cmd::Inspect { io, .. } | Cmd::Convert { io, .. } => io.warn_unused_for.set(Some(false)),
+        Cmd::Load { device, io, .. } | Cmd::Bench { device, io, .. } => {
+            io.warn_unused_for.set(Some(device != "cpu"))
+        }
+        Cmd::Demo { .. } => {}
+    }
     let res = match cli.cmd {
         Cmd::Inspect { uri, json, io } => output::inspect(&uri, json, &io),
         Cmd::Load {
