@@ -63,6 +63,9 @@
 //!   [`cuda::device::ABANDONED_LOAD_WAIT`]) before it allocates device memory or takes the
 //!   slots, rather than failing.
 //!   Releasing a [`cuda::DeviceModel`] synchronizes the device's context before freeing.
+//!   GPU calls make the device's primary context current on the calling thread (as the CUDA
+//!   runtime and torch do) and leave it current; a program that keeps another context
+//!   current on that thread sets it again afterwards.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -1260,6 +1263,11 @@ impl Loader {
     /// [`tensorstream_cuda::ReadyTensor::tensor`] indexes the checkpoint's combined index (the
     /// stream's `index()`), its `at` counts from the start of the whole load, and `wait()`
     /// gives one device model over all shards.
+    ///
+    /// A tensor is announced once its bytes are on the device, and the load can still fail
+    /// after that (a later read, a later shard, or the final check that the file did not
+    /// change, which on the mapped page-cache route comes after every copy): use the announced
+    /// tensors only once `wait()` returned `Ok`, unless you can undo work done with them.
     pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
         if self.deadline.is_some() {
             return Err(Error::invalid(

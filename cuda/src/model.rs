@@ -285,10 +285,10 @@ impl DeviceModel {
     /// `Ok` at once.
     pub fn release(mut self) -> Result<()> {
         match self.arena.take() {
-            Some(a) => match Arc::try_unwrap(a) {
-                Ok(a) => a.free(),
+            Some(a) => match Arc::into_inner(a) {
+                Some(a) => a.free(),
                 // Still referenced by a pending copy handle: freed when that goes away.
-                Err(_) => Ok(()),
+                None => Ok(()),
             },
             None => Ok(()),
         }

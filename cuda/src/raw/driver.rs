@@ -89,10 +89,27 @@ pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     })
 }
 
-/// A device attribute as an integer.
+/// A device attribute as an integer. (After [`bind`]: cudarc's `attribute` would first hand
+/// back an error stored by earlier, unrelated work.)
 pub fn device_attribute(ctx: &CudaContext, attr: sys::CUdevice_attribute) -> Result<i32> {
-    ctx.attribute(attr)
+    bind(ctx)?;
+    // SAFETY: a query of a device this live context was created on; no memory is involved.
+    unsafe { result::device::get_attribute(ctx.cu_device(), attr) }
         .map_err(|e| device_error("querying a device attribute", e))
+}
+
+/// Records `ev` on `stream` (both of one context) after [`bind`]: cudarc's `record` would
+/// first hand back an error stored by earlier, unrelated work, and fail this load with it.
+fn record_event(ev: &CudaEvent, stream: &CudaStream) -> Result<()> {
+    if ev.context() != stream.context() {
+        return Err(Error::invalid(
+            "a CUDA event and the stream it is recorded on belong to different contexts",
+        ));
+    }
+    bind(stream.context())?;
+    // SAFETY: a live event and a live stream of the context made current just above.
+    unsafe { result::event::record(ev.cu_event(), stream.cu_stream()) }
+        .map_err(|e| device_error("recording a CUDA event", e))
 }
 
 pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
@@ -263,9 +280,11 @@ impl DeviceArena {
         if let Some(parent) = self.parent.take() {
             // A window owns no allocation: the allocation goes with its last handle, and is
             // freed here (errors reported) when this was it.
-            return match Arc::try_unwrap(parent) {
-                Ok(p) => p.free(),
-                Err(_) => Ok(()),
+            // (`into_inner`, not `try_unwrap`: of two last handles let go of at once on two
+            // threads, exactly one gets the allocation, and its errors are reported.)
+            return match Arc::into_inner(parent) {
+                Some(p) => p.free(),
+                None => Ok(()),
             };
         }
         // `bind` absorbs an error stored by earlier, unrelated work and binds again; then the
@@ -280,9 +299,11 @@ impl DeviceArena {
             // leave it allocated (until the context goes) rather than free it under a copy.
             return Err(e.context("the device arena was not freed"));
         }
-        // SAFETY: `ptr` came from cuMemAlloc and is freed once (guarded by `freed`); every copy
-        // into it held an Arc to this arena, so none can still be pending once we get here,
-        // and the context was synchronized above without error.
+        // SAFETY: `ptr` came from cuMemAlloc and is freed once (guarded by `freed`). Work into
+        // it (this crate's copies, its memsets, and anything a caller queued at `base()`) may
+        // have been queued on any stream of the context, so what makes this sound is the
+        // context synchronization above, which returned without error: nothing queued before
+        // it is still running.
         unsafe { result::free_sync(self.ptr) }
             .map_err(|e| device_error("freeing the device arena", e))
     }
@@ -323,6 +344,8 @@ pub struct InFlight {
 
 /// Creates an event whose `synchronize` sleeps instead of spinning.
 pub fn new_event(ctx: &Arc<CudaContext>) -> Result<CudaEvent> {
+    // `bind` first takes any error stored by earlier work, which cudarc would return here.
+    bind(ctx)?;
     ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
         .map_err(|e| device_error("creating a CUDA event", e))
 }
@@ -389,8 +412,7 @@ pub fn copy_to_device(
             return Err(copy_err(err, settle(stream, source)));
         }
     }
-    if let Err(e) = event.record(stream) {
-        let err = device_error("recording a CUDA event", e);
+    if let Err(err) = record_event(&event, stream) {
         return Err(copy_err(err, settle(stream, source)));
     }
     Ok(InFlight {
@@ -415,9 +437,7 @@ fn settle(stream: &CudaStream, source: HostSource) -> Option<HostSource> {
 /// Records `event` on `stream` after work that reads no host memory (memsets).
 pub fn mark(arena: &Arc<DeviceArena>, stream: &CudaStream, event: CudaEvent) -> Result<InFlight> {
     arena.check_stream(stream)?;
-    event
-        .record(stream)
-        .map_err(|e| device_error("recording a CUDA event", e))?;
+    record_event(&event, stream)?;
     Ok(InFlight {
         source: None,
         event: Some(event),
@@ -448,11 +468,15 @@ fn sync_event(ctx: &CudaContext, ev: &CudaEvent) -> Result<()> {
 impl InFlight {
     /// True once the work completed (never blocks).
     pub fn is_done(&self) -> Result<bool> {
-        match &self.event {
-            Some(ev) => ev
-                .try_is_complete()
-                .map_err(|e| device_error("querying a CUDA event", e)),
-            None => Ok(true),
+        let Some(ev) = &self.event else {
+            return Ok(true);
+        };
+        bind(ev.context())?;
+        // SAFETY: a live event of the context made current just above.
+        match unsafe { result::event::query(ev.cu_event()) } {
+            Ok(()) => Ok(true),
+            Err(result::DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(device_error("querying a CUDA event", e)),
         }
     }
 

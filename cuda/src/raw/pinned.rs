@@ -84,6 +84,11 @@ fn map_staging(len: usize, huge: bool) -> Result<(NonNull<u8>, usize)> {
             );
         }
     }
+    // Never in a forked child: reads DMA into the slots for the ring's whole life, and on
+    // kernels before 5.19 a fork during one (another thread starting a subprocess) makes
+    // copy-on-write move the parent's page away from the one the read lands in.
+    // SAFETY: advice on our own mapping, exactly its length; it changes no contents.
+    unsafe { libc::madvise(base.cast(), len, libc::MADV_DONTFORK) };
     // SAFETY: populating our own read-write mapping changes no contents (fresh zero pages).
     let populated = unsafe { libc::madvise(base.cast(), len, libc::MADV_POPULATE_WRITE) } == 0;
     if !populated {
@@ -268,10 +273,16 @@ impl Drop for PinnedRegion {
             // `bind` (not a bare `bind_to_thread`): an error stored by earlier work must not
             // keep the context from being made current here.
             let bound = super::driver::bind(&self.ctx).is_ok();
-            // SAFETY: the region was registered in `new`; no copy can still read it, because
-            // every copy holds its slot (and so an Arc of this region) until its event completed.
-            let r = unsafe { sys::cuMemHostUnregister(self.ptr.as_ptr().cast()) };
-            if !bound || r != sys::cudaError_enum::CUDA_SUCCESS {
+            // SAFETY: the region was registered in `new`, and the context it was registered in
+            // is current (only called when `bind` succeeded); no copy can still read it,
+            // because every copy holds its slot (and so an Arc of this region) until its event
+            // completed.
+            let r = if bound {
+                unsafe { sys::cuMemHostUnregister(self.ptr.as_ptr().cast()) }
+            } else {
+                sys::cudaError_enum::CUDA_ERROR_INVALID_CONTEXT
+            };
+            if r != sys::cudaError_enum::CUDA_SUCCESS {
                 // Still registered with the driver: unmapping would let a later mapping reuse
                 // the address while the driver holds it. Leak the mapping instead.
                 log::warn!(
