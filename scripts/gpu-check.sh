@@ -11,17 +11,27 @@
 # Short run for a lease's last minutes (required steps only, no sweeps; ~170 s on the H200
 # before the GPU test suites and the A/B rows were added, so allow ~240 s):
 #   TS_GPU_QUICK=1 TS_GPU_HARD=300 TS_GPU_BUDGET=250 (device call timeout_s ≈ 320)
-#   (a) every fixture -> cuda:0, device digests vs manifest; (after the peers) the GPU test
-#       suites (tests/gpu.rs, cuda/tests/device.rs, built in release into .gpu/bin), none skipped
-#   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs CPU digests
+#   (a) every fixture -> cuda:0, device digests vs manifest; the GPU test suites (tests/gpu.rs,
+#       cuda/tests/device.rs, built in release into .gpu/bin), none skipped
+#   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs digests Python
+#       computes from the file itself
 #   (c) cold (page cache dropped) and warm loads, raw O_DIRECT baseline, pinned h2d ceiling,
-#       peers_baseline.py on the same file in the same run
+#       peers_baseline.py on the same file in the same run; then the warm sweep, whose fastest
+#       configuration is timed again and judged on those samples
 #   (d) table last: tensorstream vs each peer, cold/warm GB/s, peak RSS, time to first tensor
+# Stale binaries (.gpu/SOURCES differ from the checkout) stop the run at once unless
+# TS_GPU_ALLOW_STALE=1. The hard limit is a real stop (SIGALRM): running steps are killed with
+# their process groups, and the targets and the table are still printed. The work folder is
+# the first of /tmp/ts-gpu, /var/tmp/ts-gpu, .gpu-work that is on a disk with room, unless
+# TS_GPU_WORK is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -f .gpu/bin/ts-gpu-bench ] || { echo "no .gpu/ here: run scripts/prepare-gpu-check.sh on the dev machine and carry .gpu" >&2; exit 2; }
 chmod +x .gpu/bin/* # in case the carry dropped the mode bits
 export PYTHONUNBUFFERED=1
+# The check's clock starts here (the wheels' install counts against the hard limit too).
+TS_GPU_T0=$(date +%s.%N)
+export TS_GPU_T0
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   # All at once (one pip start); if that fails, one at a time, so that a wheel this Python
   # refuses does not keep the others out.

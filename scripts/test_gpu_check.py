@@ -117,5 +117,51 @@ class Judge(unittest.TestCase):
                          ["peer: tensorizer TensorDeserializer(cuda) {}", "peer: safetensors.load_file(cuda)"])
 
 
+class Confirmation(unittest.TestCase):
+    def test_the_fastest_configuration_is_judged_on_its_second_timing(self):
+        big = "tensorstream --slots 64 [ring]"
+        sweep = [ts(RING, 38.0, False), ts(RING, 38.5, False), ts(big, 45.0, False), ts(big, 46.0, False)]
+        for r in sweep[2:]:
+            r["flags"] = ["--slots", "64"]
+        gc = fresh()
+        gc.rows.extend(sweep)
+        pick = gc.warm_pick()
+        self.assertEqual((pick["loader"], pick["flags"]), (big, ["--slots", "64"]))
+        again = [dict(ts(big, g, False), flags=["--slots", "64"], confirm=True) for g in (38.0, 39.0, 38.5)]
+        ok, detail = find(judge(sweep + again), "warm -> GPU")
+        self.assertFalse(ok, detail)
+        self.assertIn("median 38.50", detail)
+        self.assertIn("timed again", detail)
+        again = [dict(ts(big, g, False), flags=["--slots", "64"], confirm=True) for g in (41.0, 42.0, 40.5)]
+        c = judge(sweep + again)
+        self.assertTrue(find(c, "warm -> GPU")[0])
+        self.assertTrue(find(c, "peak RSS")[0])
+
+
+class Parsing(unittest.TestCase):
+    def test_peer_lines_count_even_without_the_closing_list(self):
+        gc = fresh()
+        out = ('{"name": "safetensors.load_file(cuda)", "secs": 4.1, "gbps": 1.6, "cold": true}\n'
+               "runai failed: ImportError\n"
+               '{"name": "fastsafetensors nogds", "secs": 3.0, "gbps": 2.2, "cold": true}\n')
+        self.assertEqual([r["name"] for r in gc.peer_results(out)],
+                         ["safetensors.load_file(cuda)", "fastsafetensors nogds"])
+
+    def test_reference_digests_parse_the_file_independently(self):
+        import hashlib, json as js, struct, tempfile
+        gc = fresh()
+        blobs = {"a": b"\x01" * 10, "b": bytes(range(256)) * 3, "empty": b""}
+        hdr, off = {"__metadata__": {"format": "pt"}}, 0
+        for k, b in blobs.items():
+            hdr[k] = {"dtype": "U8", "shape": [len(b)], "data_offsets": [off, off + len(b)]}
+            off += len(b)
+        h = js.dumps(hdr).encode()
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+            f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs.values()))
+            f.flush()
+            got = gc.file_digests(f.name, threads=2)
+        self.assertEqual(got, {k: hashlib.sha256(b).hexdigest() for k, b in blobs.items()})
+
+
 if __name__ == "__main__":
     unittest.main()
