@@ -679,30 +679,6 @@ fn gpu_staging_ring_is_kept_out_of_forked_children() {
         return;
     };
     let slots = dev.take_slots().unwrap();
-    let addr = slots[0].as_ptr() as usize;
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    let mut flags = None;
-    for line in smaps.lines() {
-        let range = line
-            .split_whitespace()
-            .next()
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(a, b)| {
-                Some((
-                    usize::from_str_radix(a, 16).ok()?,
-                    usize::from_str_radix(b, 16).ok()?,
-                ))
-            });
-        if let Some((a, b)) = range {
-            inside = a <= addr && addr < b;
-        } else if inside {
-            if let Some(f) = line.strip_prefix("VmFlags:") {
-                flags = Some(f.split_whitespace().map(str::to_string).collect::<Vec<_>>());
-                break;
-            }
-        }
-    }
-    let flags = flags.expect("the staging ring's mapping in /proc/self/smaps");
+    let flags = tensorstream_engine::testkit::vm_flags(slots[0].as_ptr() as usize);
     assert!(flags.contains(&"dc".to_string()), "{flags:?}");
 }

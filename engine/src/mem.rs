@@ -522,34 +522,9 @@ pub fn staging_slots(count: usize, slot_size: usize, align: usize) -> Result<Vec
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// The `VmFlags` of the mapping in `/proc/self/smaps` that holds `addr`.
-    pub(crate) fn vm_flags(addr: usize) -> Vec<String> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let range = line
-                .split_whitespace()
-                .next()
-                .and_then(|r| r.split_once('-'))
-                .and_then(|(a, b)| {
-                    Some((
-                        usize::from_str_radix(a, 16).ok()?,
-                        usize::from_str_radix(b, 16).ok()?,
-                    ))
-                });
-            if let Some((a, b)) = range {
-                inside = a <= addr && addr < b;
-            } else if inside {
-                if let Some(f) = line.strip_prefix("VmFlags:") {
-                    return f.split_whitespace().map(str::to_string).collect();
-                }
-            }
-        }
-        panic!("no mapping holds {addr:#x}");
-    }
+    use crate::testkit::vm_flags;
 
     /// Staging slots are never in a forked child (`dc`: do not copy on fork); an arena is kept
     /// out while reads land in it and let back in after; small heap buffers are left alone.

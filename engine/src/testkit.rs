@@ -149,6 +149,33 @@ pub fn u8_model(sizes: &[u64], seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
     (file, datas)
 }
 
+/// The `VmFlags` of the mapping in `/proc/self/smaps` that holds `addr` (e.g. `dc`: not
+/// copied into forked children). Panics when no mapping holds it (a test helper).
+pub fn vm_flags(addr: usize) -> Vec<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        let range = line
+            .split_whitespace()
+            .next()
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| {
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            });
+        if let Some((a, b)) = range {
+            inside = a <= addr && addr < b;
+        } else if inside {
+            if let Some(f) = line.strip_prefix("VmFlags:") {
+                return f.split_whitespace().map(str::to_string).collect();
+            }
+        }
+    }
+    panic!("no mapping holds {addr:#x}");
+}
+
 /// Deterministic pseudo-random bytes (different `seed`s give different contents).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 8);

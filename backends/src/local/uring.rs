@@ -314,6 +314,20 @@ impl UringReader {
         out
     }
 
+    /// The read in `slot`, which nothing in the kernel holds (its submission failed): its
+    /// buffer comes back as a failed read.
+    fn fail_unqueued(&mut self, slot: u32, e: Error) {
+        if let Some(op) = self.slots[slot as usize].take() {
+            self.free.push(slot);
+            self.ready.push_back(ReadDone {
+                id: op.id,
+                offset: op.offset,
+                buf: op.buf,
+                result: Err(e),
+            });
+        }
+    }
+
     /// One completion of the read in `slot`: finish it, or resubmit the rest.
     fn complete(&mut self, slot: u32, res: i32) -> Result<()> {
         let Some(op) = self.slots.get_mut(slot as usize).and_then(|s| s.as_mut()) else {
@@ -357,19 +371,9 @@ impl UringReader {
         match result {
             None => {
                 self.counts.resubmitted += 1;
-                let pushed = self.push(slot);
-                if let Err(e) = pushed {
-                    // Nothing is queued for it any more: hand its buffer back as a failed read
-                    // (as `submit` does), rather than leave it stranded in its slot.
-                    if let Some(op) = self.slots[slot as usize].take() {
-                        self.free.push(slot);
-                        self.ready.push_back(ReadDone {
-                            id: op.id,
-                            offset: op.offset,
-                            buf: op.buf,
-                            result: Err(e),
-                        });
-                    }
+                if let Err(e) = self.push(slot) {
+                    // Nothing is queued for it any more: not left stranded in its slot.
+                    self.fail_unqueued(slot, e);
                 }
                 Ok(())
             }
@@ -444,16 +448,7 @@ impl RangeReader for UringReader {
             direct: false,
         });
         if let Err(e) = self.push(slot) {
-            // Nothing was queued for this slot: give the buffer back as a failed read.
-            if let Some(op) = self.slots[slot as usize].take() {
-                self.free.push(slot);
-                self.ready.push_back(ReadDone {
-                    id: op.id,
-                    offset: op.offset,
-                    buf: op.buf,
-                    result: Err(e),
-                });
-            }
+            self.fail_unqueued(slot, e);
         }
         self.in_flight += 1;
         Ok(())

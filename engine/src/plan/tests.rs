@@ -827,7 +827,7 @@ fn a_loaded_arena_is_inherited_by_fork_again() {
             // During the load: the arena (where this read's bytes go) is out of children.
             let at = buf.region().base() as usize;
             if self.1.is_none() && buf.region().len() >= 4 << 20 {
-                assert!(crate::mem::tests::vm_flags(at).contains(&"dc".to_string()));
+                assert!(crate::testkit::vm_flags(at).contains(&"dc".to_string()));
                 self.1 = Some(at);
             }
             self.0.accept(read, buf)
@@ -847,5 +847,5 @@ fn a_loaded_arena_is_inherited_by_fork_again() {
     let at = sink.1.expect("a read landed in the arena");
     let (arena, _) = sink.0.into_parts().unwrap();
     assert_eq!(arena.region().base() as usize, at);
-    assert!(!crate::mem::tests::vm_flags(at).contains(&"dc".to_string()));
+    assert!(!crate::testkit::vm_flags(at).contains(&"dc".to_string()));
 }
