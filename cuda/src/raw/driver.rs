@@ -89,7 +89,7 @@ pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     })
 }
 
-/// A device attribute as an integer. (After [`bind`]: cudarc's `attribute` would first hand
+/// A device attribute as an integer. (After `bind`: cudarc's `attribute` would first hand
 /// back an error stored by earlier, unrelated work.)
 pub fn device_attribute(ctx: &CudaContext, attr: sys::CUdevice_attribute) -> Result<i32> {
     bind(ctx)?;
