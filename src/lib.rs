@@ -534,18 +534,35 @@ impl Loader {
                 })
                 .map_err(|e| Error::from_io(e, "starting the deadline timer"))?
         };
+        /// Tells the timer the load finished, also when it panics (the timer would otherwise
+        /// live until the limit, which may be hours away).
+        struct Finish(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+        impl Drop for Finish {
+            fn drop(&mut self) {
+                let (lock, cv) = &*self.0;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                cv.notify_all();
+            }
+        }
         let mut inner = self.clone();
         inner.cancel = Some(flag);
         inner.deadline = None;
-        let result = f(&inner);
-        {
-            let (lock, cv) = &*finished;
-            *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            cv.notify_all();
-        }
+        let result = {
+            let _finish = Finish(finished);
+            f(&inner)
+        };
         let _ = timer.join();
+        // The caller's own cancel, even if the limit passed meanwhile, stays `Cancelled`.
+        let user_cancelled = self
+            .cancel
+            .as_ref()
+            .is_some_and(|u| u.load(Ordering::SeqCst));
         match result {
-            Err(e) if e.kind() == ErrorKind::Cancelled && expired.load(Ordering::SeqCst) => {
+            Err(e)
+                if e.kind() == ErrorKind::Cancelled
+                    && expired.load(Ordering::SeqCst)
+                    && !user_cancelled =>
+            {
                 let mut t = Error::new(
                     ErrorKind::Timeout,
                     format!(
@@ -806,21 +823,26 @@ impl Loader {
             }
         }
         let started = Instant::now();
-        let loaders: Vec<Loader> = match self.source()? {
+        // (With the tensor bytes each shard counted in the checkpoint's progress total.)
+        let loaders: Vec<(Loader, Option<u64>)> = match self.source()? {
             sharded::Source::Sharded(map) => self
                 .check_shards(&map)?
                 .0
                 .into_iter()
-                .map(|(l, _)| l)
+                .map(|(l, b)| (l, Some(b)))
                 .collect(),
-            sharded::Source::File(u) => vec![Loader {
-                uri: u,
-                ..self.clone()
-            }],
+            sharded::Source::File(u) => vec![(
+                Loader {
+                    uri: u,
+                    ..self.clone()
+                },
+                None,
+            )],
         };
         let mut total: Option<LoadStats> = None;
-        for l in &loaders {
+        for (l, counted) in &loaders {
             let p = l.prepare(None)?;
+            l.correct_total(&p, *counted);
             let es = staged::fill(&p, &mut Discard, staged::GROUP_BYTES)?;
             let tensor_bytes = p.plan.placements.iter().map(|pl| pl.len).sum();
             let st = p.stats(tensor_bytes, &es, es.elapsed);
@@ -1174,6 +1196,11 @@ impl Loader {
         let opening = Instant::now();
         let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
+        // The device stays this load's between its shards (each takes and gives back the
+        // slots): another load on the handle is refused, not let in half-way.
+        let _reserved = dev
+            .reserve()
+            .map_err(|e| e.with_location(sharded::redact(&self.uri)))?;
         let layouts = shard_layouts(&dev, &todo)?;
         let (whole, windows, alloc) = shard_arena(&dev, &layouts, &sharded::redact(&self.uri))?;
         let mut parts = Vec::with_capacity(todo.len());
@@ -1428,6 +1455,7 @@ impl Loader {
         }
         Ok(Prepared {
             load_depth: (lanes > 1).then_some(depth),
+            total: self.progress_total.clone().or_else(|| self.outer_total()),
             backend: be,
             meta,
             index,
@@ -1692,6 +1720,8 @@ fn stream_shards(
     tensorstream_engine::EngineStats,
 )> {
     let started = Instant::now();
+    // Reserved for this thread between the shards (see `load_cuda_sharded`).
+    let _reserved = dev.reserve().map_err(|e| e.with_location(location))?;
     let layouts = shard_layouts(dev, &todo)?;
     let (whole, windows, alloc) = shard_arena(dev, &layouts, location)?;
     // Every shard's window is in it: streamed tensors stay valid if a later shard fails.
@@ -1832,6 +1862,10 @@ struct Prepared {
     /// A shard lane's load: the reads in flight of the whole load (reported instead of the
     /// lane's share).
     load_depth: Option<usize>,
+    /// The progress total this load's reads count towards (the caller's, or a checkpoint's),
+    /// set to `plan.read_bytes` here or by the checkpoint; a route that reads otherwise (the
+    /// staged groups) corrects it.
+    total: Option<Arc<AtomicU64>>,
 }
 
 impl Prepared {

@@ -80,7 +80,10 @@ pub(crate) fn load(
         return Err(Error::invalid("staged GPU load without a tensor hook"));
     }
     let mut up = HostUpload::with_target(dev, p.plan.clone(), target)?;
-    let es = fill(p, &mut up, GROUP_BYTES)?;
+    let mut es = fill(p, &mut up, GROUP_BYTES)?;
+    // The pinned slots the groups are copied through, besides the groups themselves.
+    let o = dev.options();
+    es.staging_bytes += (o.slots as u64).saturating_mul(o.slot_size as u64);
     Ok((up.finish(p.index.clone())?, es))
 }
 
@@ -114,21 +117,42 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
     eopts.cancel = Some(stop.clone());
     let eopts = &eopts;
     let started = std::time::Instant::now();
+    // Every group's plan first (planning is cheap): the groups read what their own plans say,
+    // which is not quite the whole plan's reads (a gap the whole plan read across a group
+    // boundary is left out; a block straddling one is read twice), so the progress total is
+    // corrected to what will be read before anything is.
+    let plans = groups(&p.plan.placements, budget)
+        .into_iter()
+        .map(|g| {
+            let sel: Vec<usize> = p.plan.placements[g]
+                .iter()
+                .filter(|pl| !pl.needed.is_empty())
+                .map(|pl| pl.tensor)
+                .collect();
+            plan(&p.index, &sel, &p.host_popts)
+                .map(Arc::new)
+                .map_err(|e| e.with_location(p.backend.location()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(t) = &p.total {
+        use std::sync::atomic::Ordering::Relaxed;
+        let reads: u64 = plans.iter().map(|hp| hp.read_bytes).sum();
+        if reads >= p.plan.read_bytes {
+            t.fetch_add(reads - p.plan.read_bytes, Relaxed);
+        } else {
+            t.fetch_sub(p.plan.read_bytes - reads, Relaxed);
+        }
+    }
     let mut total = std::thread::scope(|s| -> Result<EngineStats> {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Group>>(0);
         let producer = std::thread::Builder::new()
             .name("ts-staged-load".into())
             .spawn_scoped(s, move || {
-                for g in groups(&p.plan.placements, budget) {
-                    let sel: Vec<usize> = p.plan.placements[g]
-                        .iter()
-                        .filter(|pl| !pl.needed.is_empty())
-                        .map(|pl| pl.tensor)
-                        .collect();
-                    if sel.is_empty() {
+                for host_plan in plans {
+                    if host_plan.placements.is_empty() {
                         continue; // zero-filled on the device already
                     }
-                    let r = load_group(p, eopts, &hook, &sel);
+                    let r = load_group(p, eopts, &hook, host_plan);
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         return; // the consumer stopped, or this was the error it gets
@@ -140,10 +164,19 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
         // next hand-over once `rx` is gone), so a panic there becomes an error, not a panic here.
         let consumed = (|| -> Result<EngineStats> {
             let mut total = EngineStats::default();
+            let mut largest = 0u64;
             for r in rx.iter() {
                 let (host_plan, arena, es) = r?;
                 let bytes = arena.as_slice()?;
                 for hp in &host_plan.placements {
+                    // A group read before the load was cancelled is not copied on (it can be
+                    // gigabytes, for one large tensor).
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Err(Error::new(
+                            tensorstream_engine::ErrorKind::Cancelled,
+                            "load cancelled",
+                        ));
+                    }
                     let Some(&i) = placement_of.get(&hp.tensor) else {
                         return Err(Error::invalid(format!(
                             "tensor #{} is in a group but not in the device plan",
@@ -164,7 +197,13 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
                 dest.settle()?;
                 total.reads += es.reads;
                 total.bytes_read += es.bytes_read;
-                total.staging_bytes = total.staging_bytes.max(es.staging_bytes);
+                // Host memory besides the destination: this group's arena and the next one's,
+                // which the producer fills meanwhile (at most two; the largest counted twice),
+                // plus their own staging.
+                largest = largest.max(host_plan.arena_len);
+                total.staging_bytes = total
+                    .staging_bytes
+                    .max(largest.saturating_mul(2).saturating_add(es.staging_bytes));
             }
             Ok(total)
         })();
@@ -186,16 +225,14 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
     Ok(total)
 }
 
-/// Loads tensors `sel` into host memory through the engine and runs the hook on each.
+/// Loads a group's tensors (`host_plan`) into host memory through the engine and runs the
+/// hook on each.
 fn load_group(
     p: &Prepared,
     eopts: &tensorstream_engine::EngineOptions,
     hook: &Option<Arc<dyn tensorstream_engine::sink::TensorHook>>,
-    sel: &[usize],
+    host_plan: Arc<tensorstream_engine::Plan>,
 ) -> Result<Group> {
-    let host_plan = Arc::new(
-        plan(&p.index, sel, &p.host_popts).map_err(|e| e.with_location(p.backend.location()))?,
-    );
     let sink = match hook {
         Some(h) => HostSink::with_hook(h.clone(), format::tensorizer::hook_threads()),
         None => HostSink::new(),

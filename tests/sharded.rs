@@ -441,6 +441,21 @@ fn progress_cancel_and_deadline_cover_the_whole_checkpoint() {
     let (done, total) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
     assert_eq!(done, total, "progress ends at its total");
     assert!(total >= m.stats().tensor_bytes, "{total}");
+    // Reading every tensor to check it, with O_DIRECT (aligned reads: more bytes than the
+    // tensors hold): progress ends at its total too.
+    let (done, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let st = Loader::new(&uri)
+        .open_options(tensorstream::OpenOptions {
+            direct_io: Some(true),
+            ..Default::default()
+        })
+        .progress(done.clone())
+        .progress_total(total.clone())
+        .check_data()
+        .unwrap();
+    let (done, total) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+    assert_eq!(done, total, "check_data's progress ends at its total");
+    assert!(st.bytes_read > st.tensor_bytes, "{st:?}");
 
     let flag = Arc::new(AtomicBool::new(true));
     let e = Loader::new(&uri).cancel_flag(flag).load().unwrap_err();
@@ -450,6 +465,13 @@ fn progress_cancel_and_deadline_cover_the_whole_checkpoint() {
         .load()
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    // The caller's own cancel stays a cancel, even when the deadline has passed too.
+    let e = Loader::new(&uri)
+        .cancel_flag(Arc::new(AtomicBool::new(true)))
+        .deadline(std::time::Duration::ZERO)
+        .load()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
 }
 
 #[test]

@@ -191,6 +191,24 @@ pub struct CudaDevice {
     /// streaming load's). Weak: the device must not keep a load's results (models hold the
     /// device).
     holder: Mutex<Option<Weak<LoadToken>>>,
+    /// The thread a multi-part load (a sharded checkpoint) reserved the device for
+    /// ([`CudaDevice::reserve`]): between its parts the slots are free, but no other thread
+    /// may take them.
+    reserved: Mutex<Option<std::thread::ThreadId>>,
+}
+
+/// A device reserved for the calling thread's loads ([`CudaDevice::reserve`]) until dropped.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    dev: &'a CudaDevice,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.dev.reserved.lock() {
+            *r = None;
+        }
+    }
 }
 
 /// Held by a streaming load's thread while its load runs: a device can tell whether the load
@@ -273,6 +291,7 @@ impl CudaDevice {
             opts,
             context_open,
             holder: Mutex::new(None),
+            reserved: Mutex::new(None),
         }))
     }
 
@@ -362,6 +381,7 @@ impl CudaDevice {
             // free: it frees what it returned (its device memory) before its token goes, so
             // the next load's device allocation finds that memory free too.
             if !self.holder_left() {
+                self.check_reservation()?;
                 let slots = PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
                     .map_err(|e| e.context(format!("cuda:{}", self.ordinal)))?;
                 if let Ok(mut h) = self.holder.lock() {
@@ -371,6 +391,50 @@ impl CudaDevice {
             }
             drop(g);
             self.wait_for_dropped_load(until)?;
+        }
+    }
+
+    /// Reserves the device for the calling thread's loads until the result is dropped: a load
+    /// made of several parts (the shards of a checkpoint, each taking and giving back the
+    /// slots) keeps the device between them, so that another thread's load on this handle is
+    /// refused at once instead of slipping in between and failing this one half-way. Fails as
+    /// [`CudaDevice::take_slots`] does while another load holds or has reserved the device
+    /// (and waits, as it does, for a dropped streaming load).
+    pub fn reserve(&self) -> Result<Reservation<'_>> {
+        let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
+        loop {
+            let mut g = self
+                .staging
+                .lock()
+                .map_err(|_| Error::invalid("staging lock poisoned"))?;
+            if !self.holder_left() {
+                self.check_reservation()?;
+                // Free now (taken and given back at once): then reserved, under the same lock.
+                drop(
+                    PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
+                        .map_err(|e| e.context(format!("cuda:{}", self.ordinal)))?,
+                );
+                if let Ok(mut r) = self.reserved.lock() {
+                    *r = Some(std::thread::current().id());
+                }
+                return Ok(Reservation { dev: self });
+            }
+            drop(g);
+            self.wait_for_dropped_load(until)?;
+        }
+    }
+
+    /// Refuses when another thread reserved the device ([`CudaDevice::reserve`]).
+    fn check_reservation(&self) -> Result<()> {
+        let me = std::thread::current().id();
+        match self.reserved.lock().ok().and_then(|r| *r) {
+            Some(t) if t != me => Err(Error::invalid(format!(
+                "cuda:{}: the device handle is reserved by another load (a sharded \
+                 checkpoint between two shards): loads on one CudaDevice run one at a time \
+                 (open another to load in parallel)",
+                self.ordinal
+            ))),
+            _ => Ok(()),
         }
     }
 

@@ -682,3 +682,46 @@ fn gpu_staging_ring_is_kept_out_of_forked_children() {
     let flags = tensorstream_engine::testkit::vm_flags(slots[0].as_ptr() as usize);
     assert!(flags.contains(&"dc".to_string()), "{flags:?}");
 }
+
+/// A reservation keeps the device for the reserving thread's loads between their parts (a
+/// sharded checkpoint's shards): that thread takes and gives back the slots as it likes,
+/// another thread is refused at once, and once the reservation is dropped it is not.
+#[test]
+fn gpu_a_reserved_device_serves_only_its_thread() {
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let r = dev.reserve().unwrap();
+    drop(dev.take_slots().expect("the reserving thread's first part"));
+    drop(
+        dev.take_slots()
+            .expect("the reserving thread's second part"),
+    );
+    let d = dev.clone();
+    let other = std::thread::spawn(move || d.take_slots().map(drop).err().map(|e| e.to_string()));
+    let e = other
+        .join()
+        .unwrap()
+        .expect("another thread took a reserved device's slots");
+    assert!(e.contains("reserved by another load"), "{e}");
+    let d = dev.clone();
+    let e = std::thread::spawn(move || d.reserve().map(drop).err().map(|e| e.to_string()))
+        .join()
+        .unwrap()
+        .expect("another thread reserved a reserved device");
+    assert!(e.contains("reserved by another load"), "{e}");
+    // Slots lent out: no reservation either.
+    drop(r);
+    let slots = dev.take_slots().unwrap();
+    let d = dev.clone();
+    let e = std::thread::spawn(move || d.reserve().map(drop).err().map(|e| e.to_string()))
+        .join()
+        .unwrap()
+        .expect("a reservation while the slots were lent");
+    assert!(e.contains("one at a time"), "{e}");
+    drop(slots);
+    let d = dev.clone();
+    std::thread::spawn(move || drop(d.take_slots().expect("slots after the reservation ended")))
+        .join()
+        .unwrap();
+}
