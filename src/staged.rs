@@ -578,10 +578,11 @@ mod tests {
             .chunk_size(chunk);
         let p = prepared(&l).unwrap();
         assert!(p.hook.is_some());
-        let before = be.reads.load(Ordering::SeqCst);
-        struct Failing;
+        /// Fails, and notes how many reads the backend had made when it did.
+        struct Failing(Arc<SlowBackend>, Option<usize>);
         impl Dest for Failing {
             fn write(&mut self, _: usize, _: &[u8]) -> Result<()> {
+                self.1 = Some(self.0.reads.load(Ordering::SeqCst));
                 Err(Error::invalid("the device copy failed"))
             }
             fn settle(&mut self) -> Result<()> {
@@ -590,9 +591,13 @@ mod tests {
         }
         // One group per tensor: the first reaches the destination, which fails, while the
         // second (64 reads of 5 ms) is being read.
-        let e = fill(&p, &mut Failing, 1).expect_err("the destination fails");
+        let mut failing = Failing(be.clone(), None);
+        let e = fill(&p, &mut failing, 1).expect_err("the destination fails");
         assert!(e.to_string().contains("the device copy failed"), "{e}");
-        let data_reads = be.reads.load(Ordering::SeqCst) - before;
+        let at = failing.1.expect("the destination was written to");
+        // Counted from the failure, not from the start: the second group's reads before it
+        // (while the first group was checked and handed over) do not count against the stop.
+        let data_reads = be.reads.load(Ordering::SeqCst) - at;
         let big_reads = big as usize / chunk;
         assert!(
             data_reads < big_reads / 2,

@@ -577,6 +577,10 @@ fn cancel_and_abandon_stop_reads_in_backoff() {
         while r.proxy.log().is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        assert!(
+            !r.proxy.log().is_empty(),
+            "{how}: no request reached the server in 10 s"
+        );
         if how == "cancel" {
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         } else {

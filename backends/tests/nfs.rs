@@ -495,6 +495,9 @@ impl Proxy {
                             }
                             break;
                         }
+                        // Counted before they go out, so that a client that has its bytes
+                        // always finds them counted.
+                        bytes.fetch_add(n, Ordering::Relaxed);
                         match trickle {
                             Some((after, piece, pause)) if total + n > after => {
                                 let mut ok = true;
@@ -515,7 +518,6 @@ impl Proxy {
                                 }
                             }
                         }
-                        bytes.fetch_add(n, Ordering::Relaxed);
                         total += n;
                     }
                     let _ = c.shutdown(Shutdown::Both);

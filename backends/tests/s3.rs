@@ -795,6 +795,10 @@ fn cancel_and_abandon_stop_stalled_reads() {
         while f.proxy.log().is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        assert!(
+            !f.proxy.log().is_empty(),
+            "{how}: no GET reached the server in 10 s"
+        );
         if how == "cancel" {
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         } else {

@@ -498,11 +498,10 @@ fn gpu_device_allocation_waits_for_a_dropped_load() {
         std::thread::sleep(Duration::from_millis(300));
         release.send(()).unwrap();
     });
-    let t = Instant::now();
     let mem = dev
         .alloc(1 << 20)
         .expect("an allocation after the dropped load");
-    assert!(t.elapsed() >= Duration::from_millis(250), "did not wait");
+    // (That the allocation waited is what this says: the load ends only once released.)
     assert!(
         ended.load(std::sync::atomic::Ordering::SeqCst),
         "allocated before the dropped load had freed its memory"
@@ -611,13 +610,18 @@ fn gpu_slot_wait_is_only_for_dropped_loads() {
     // Dropped holder, still running: waited for, and the slots come as soon as it lets go.
     let (load, release) = holding(dev.clone());
     drop(load); // no stop flag: returns at once, the load goes on
+    let released = Arc::new(AtomicBool::new(false));
+    let r = released.clone();
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
+        r.store(true, Ordering::SeqCst);
         release.send(()).unwrap();
     });
-    let t = Instant::now();
     let slots = dev.take_slots().expect("the dropped load's slots");
-    assert!(t.elapsed() >= Duration::from_millis(250), "did not wait");
+    assert!(
+        released.load(Ordering::SeqCst),
+        "did not wait for the dropped load"
+    );
     releaser.join().unwrap();
 
     // A load waiting for a dropped one's slots stops waiting when asked to stop.

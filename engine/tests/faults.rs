@@ -149,6 +149,7 @@ impl Backend for Faulty {
             waits: 0,
             last_id: 0,
             sink_failed,
+            abandoned: false,
         }))
     }
 }
@@ -159,9 +160,15 @@ struct FaultyReader {
     waits: usize,
     last_id: u64,
     sink_failed: Arc<AtomicBool>,
+    /// Set when the engine told this reader the load is failing.
+    abandoned: bool,
 }
 
 impl RangeReader for FaultyReader {
+    fn abandon(&mut self) {
+        self.abandoned = true;
+        self.inner.abandon();
+    }
     fn submit(&mut self, req: ReadRequest) -> Result<()> {
         self.inner.submit(req)
     }
@@ -184,13 +191,17 @@ impl RangeReader for FaultyReader {
             }
             // The sink sets this flag inside `accept`, just before it returns its error; the
             // engine learns of the failure only after that return. Give that thread time to
-            // get there (the reads of a real abandoned load fail after the engine knew).
+            // get there. A read fails only once the engine told this reader to abandon the load
+            // (as a real reader's reads fail): before, it comes back as it was read, so a slow
+            // machine never fails a read the engine could not yet tell from a real failure.
             std::thread::sleep(Duration::from_millis(200));
-            d.result = Err(Error::new(
-                ErrorKind::Io,
-                "injected: read stopped because the load was abandoned",
-            )
-            .with_retryable(true));
+            if self.abandoned {
+                d.result = Err(Error::new(
+                    ErrorKind::Io,
+                    "injected: read stopped because the load was abandoned",
+                )
+                .with_retryable(true));
+            }
         }
         match self.fault {
             ReaderFault::BogusIdAt(n) if n == self.waits => d.id += 1_000_000,

@@ -124,12 +124,23 @@ pub(crate) fn retry_delay(
     retries: u32,
     budget: Duration,
 ) -> Option<Duration> {
+    retry_delay_at(attempt, since, retries, budget, Instant::now())
+}
+
+/// [`retry_delay`] as of `now`.
+pub(crate) fn retry_delay_at(
+    attempt: u32,
+    since: Instant,
+    retries: u32,
+    budget: Duration,
+    now: Instant,
+) -> Option<Duration> {
     if attempt >= retries {
         return None;
     }
     // A retry must still have MIN_ATTEMPT of the budget when it starts (a connect given a few
     // milliseconds would fail even against a healthy server).
-    let left = budget.checked_sub(since.elapsed())?;
+    let left = budget.checked_sub(now.saturating_duration_since(since))?;
     let spare = left.checked_sub(MIN_ATTEMPT).filter(|s| !s.is_zero())?;
     Some(backoff(attempt + 1).min(spare))
 }

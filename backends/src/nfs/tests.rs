@@ -508,14 +508,17 @@ fn retries_stop_at_the_count_or_the_time_budget() {
     assert_eq!(retry_delay(0, now, 1000, Duration::ZERO), None);
     let long_ago = now - Duration::from_secs(61);
     assert_eq!(retry_delay(5, long_ago, 1000, minute), None);
-    // Little time left (400 ms): the delay is cut so that the retry still has MIN_ATTEMPT. The
-    // clock runs on between the two lines; 150 ms of slack for a busy machine.
-    let almost = std::time::Instant::now() - Duration::from_millis(59_600);
-    let d = retry_delay(10, almost, 1000, minute).expect("about 400 ms of 60 s left");
-    assert!(d <= Duration::from_millis(150), "{d:?}");
+    // Little time left (400 ms, as of a fixed `now`): the delay is cut so that the retry still
+    // has MIN_ATTEMPT.
+    let almost = now - Duration::from_millis(59_600);
+    let d = super::retry_delay_at(10, almost, 1000, minute, now).expect("400 ms of 60 s left");
+    assert!(
+        d > Duration::ZERO && d <= Duration::from_millis(150),
+        "{d:?}"
+    );
     // Less than MIN_ATTEMPT left: no retry.
     let nearly = now - Duration::from_millis(59_800);
-    assert_eq!(retry_delay(10, nearly, 1000, minute), None);
+    assert_eq!(super::retry_delay_at(10, nearly, 1000, minute, now), None);
 }
 
 #[test]
