@@ -301,11 +301,12 @@ fn directories_and_permissions() {
 
 #[test]
 fn server_down_fails_clearly_after_bounded_retries() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port bound but not listening, kept for the whole test: refused, and no other test can
+    // take it meanwhile (a listener bound and dropped could be reused at once).
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    held.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = held.local_addr().unwrap().as_socket().unwrap().port();
     let uri = format!("nfs://127.0.0.1:{port}/export/f?retries=2");
     let e = open(&uri, &opts()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io, "{e}");
