@@ -666,6 +666,62 @@ fn stalled_server_times_out_after_bounded_retries() {
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
 }
 
+/// A session abandoned (its load failing elsewhere) while its READ stalls on the server is not
+/// held until the timeout: the read comes back failed at once, and the backend reads again
+/// afterwards (through a new connection).
+#[test]
+fn abandon_stops_a_stalled_read_at_once() {
+    let g = Ganesha::start();
+    let data = pattern(4 << 20, 14);
+    g.put("abandon.bin", &data);
+    // The first connection stalls after 64 KiB of replies (open works, the big read cannot);
+    // later ones pass.
+    let p = Proxy::start(g.port, 64 << 10, 1, true);
+    let uri = format!("nfs://127.0.0.1:{}/export/abandon.bin?nconnect=1", p.port);
+    let o = OpenOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..opts()
+    };
+    let be = open(&uri, &o).unwrap();
+    let meta = be.stat().unwrap();
+    let mut reader = be
+        .clone()
+        .open_reader(&meta, &ReaderOptions::new(2))
+        .unwrap();
+    reader
+        .submit(ReadRequest {
+            id: 1,
+            offset: 0,
+            buf: IoBuf::aligned(2 << 20, 4096).unwrap(),
+        })
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while p.faults.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        p.faults.load(Ordering::Relaxed) > 0,
+        "the read never stalled"
+    );
+    reader.abandon();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(reader.wait().map(|d| d.result.is_err()));
+    });
+    let failed = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("an abandoned read waited on a stalled server");
+    assert!(
+        failed.unwrap_or(true),
+        "the abandoned read came back as read"
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    be.read_exact_at(0, buf.len())
+        .map(|v| buf.copy_from_slice(&v))
+        .unwrap();
+    assert!(buf == data[..1 << 20], "read after the abandoned session");
+}
+
 /// A fake server that answers every call with `reply` (a record-marked RPC reply body after
 /// the xid), to check that hostile replies give errors, not panics or huge allocations.
 fn fake_server(reply: Vec<u8>) -> u16 {

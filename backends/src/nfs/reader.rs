@@ -318,7 +318,11 @@ impl RangeReader for NfsReader {
     }
 
     fn abandon(&mut self) {
+        // The load is failing: its READs still on the wire are not waited out (a stalled
+        // server would hold them until the timeout). Closing the connections this session used
+        // fails them at once; a later read reconnects.
         self.runner.abandoned = true;
+        self.runner.cut();
     }
 }
 
