@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # GPU check (issue 3), run ON THE GPU MACHINE from the checkout root with .gpu/ carried along
 # (filled here by scripts/prepare-gpu-check.sh). Needs root (drops the page cache), python3 with
-# torch + safetensors (present there), ~15 GB free disk under $TS_GPU_WORK (default /tmp/ts-gpu).
+# torch + safetensors (present there), ~15 GB free disk (see the work folder below).
 # Budget: ≤ 6 minutes for the required steps (TS_GPU_BUDGET=330), a hard end at TS_GPU_HARD=500 s
 # (give the device call timeout_s ≈ 560). Writes gpu-check.log and results.jsonl to $OUT as they
 # grow, so even a run killed from outside leaves them; the table is printed last in any case.
 # Rehearsal without a GPU (checks the script; loads go to host memory): TS_GPU_DRY=1 TS_GPU_GB=0.5
 # Rehearsal of the GPU steps against fakecuda, a CPU stand-in for the driver (scripts/fakecuda.sh
 # first; device digests checked, peers skipped, nothing judged): TS_GPU_FAKE=1 TS_GPU_GB=0.5
-# Short run for a lease's last minutes (required steps only, no sweeps; ~170 s on the H200
-# before the GPU test suites and the A/B rows were added, so allow ~240 s):
-#   TS_GPU_QUICK=1 TS_GPU_HARD=300 TS_GPU_BUDGET=250 (device call timeout_s ≈ 320)
+# Short run for a lease's last minutes (required steps only, few sweep rows; ~170 s on the H200
+# before the GPU test suites, the A/B rows and the warm confirmation were added; the suites may
+# take up to 90 s each, so allow ~330 s):
+#   TS_GPU_QUICK=1 TS_GPU_HARD=360 TS_GPU_BUDGET=300 (device call timeout_s ≈ 400)
+# On a fresh 15-minute lease, prefer the full run (timeout_s 560): it leaves ~2 minutes for the
+# machine's start.
 #   (a) every fixture -> cuda:0, device digests vs manifest; the GPU test suites (tests/gpu.rs,
 #       cuda/tests/device.rs, built in release into .gpu/bin), none skipped
 #   (b) a fresh ≥ 6 GB bf16 safetensors file -> cuda:0, device digests vs digests Python

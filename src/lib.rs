@@ -502,8 +502,14 @@ impl Loader {
         let Some(limit) = self.deadline else {
             return f(self);
         };
-        let flag = Arc::new(AtomicBool::new(false));
-        let expired = Arc::new(AtomicBool::new(false));
+        // Already set when the caller's flag is, or when no time at all was given: the load
+        // must not finish before the timer thread has had a chance to say so.
+        let user_set = self
+            .cancel
+            .as_ref()
+            .is_some_and(|u| u.load(Ordering::SeqCst));
+        let flag = Arc::new(AtomicBool::new(user_set || limit.is_zero()));
+        let expired = Arc::new(AtomicBool::new(limit.is_zero()));
         let finished = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let timer = {
             let (flag, expired, finished) = (flag.clone(), expired.clone(), finished.clone());

@@ -455,7 +455,10 @@ fn progress_cancel_and_deadline_cover_the_whole_checkpoint() {
         .unwrap();
     let (done, total) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
     assert_eq!(done, total, "check_data's progress ends at its total");
-    assert!(st.bytes_read > st.tensor_bytes, "{st:?}");
+    if st.direct_io {
+        // (Where the filesystem took O_DIRECT: aligned reads, more bytes than the tensors.)
+        assert!(st.bytes_read > st.tensor_bytes, "{st:?}");
+    }
 
     let flag = Arc::new(AtomicBool::new(true));
     let e = Loader::new(&uri).cancel_flag(flag).load().unwrap_err();

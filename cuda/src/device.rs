@@ -417,6 +417,12 @@ impl CudaDevice {
                 if let Ok(mut r) = self.reserved.lock() {
                     *r = Some(std::thread::current().id());
                 }
+                // The reserving load holds the device from now on, as if it held the slots: if
+                // its handle is dropped while it runs, other loads wait for it (its memory
+                // included) instead of being refused.
+                if let Ok(mut h) = self.holder.lock() {
+                    *h = LoadToken::own();
+                }
                 return Ok(Reservation { dev: self });
             }
             drop(g);

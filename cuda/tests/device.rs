@@ -728,4 +728,35 @@ fn gpu_a_reserved_device_serves_only_its_thread() {
     std::thread::spawn(move || drop(d.take_slots().expect("slots after the reservation ended")))
         .join()
         .unwrap();
+
+    // A streaming load that reserved the device and was dropped while it ran (between two
+    // shards, say) is waited for, as one holding the slots would be, not refused.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    let (got, has) = crossbeam_channel::bounded::<()>(1);
+    let (release, hold) = crossbeam_channel::bounded::<()>(1);
+    let d = dev.clone();
+    let load = StreamingLoad::spawn(move |_tx| {
+        let r = d.reserve()?;
+        got.send(()).unwrap();
+        let _ = hold.recv_timeout(Duration::from_secs(60));
+        drop(r);
+        Err(Error::invalid("released"))
+    })
+    .unwrap();
+    has.recv_timeout(Duration::from_secs(10)).unwrap();
+    drop(load); // no stop flag: left running, the device still reserved
+    let released = Arc::new(AtomicBool::new(false));
+    let r = released.clone();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        r.store(true, Ordering::SeqCst);
+        release.send(()).unwrap();
+    });
+    drop(dev.take_slots().expect("slots once the dropped load ended"));
+    assert!(
+        released.load(Ordering::SeqCst),
+        "refused or taken before the dropped load ended"
+    );
+    releaser.join().unwrap();
 }

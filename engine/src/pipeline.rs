@@ -26,7 +26,9 @@ pub struct EngineOptions {
     /// Total staging memory for non-direct reads (bytes). The ring always holds two of the
     /// largest staged reads, so a budget below twice the read size is exceeded up to that.
     pub ring_budget: usize,
-    /// Bytes read so far, for progress display.
+    /// Progress: each read kept adds its planned length (so the count ends at the plan's
+    /// `read_bytes`, even where the last read ends past the object's end); reads thrown away
+    /// after a failure add nothing.
     pub progress: Option<Arc<AtomicU64>>,
     /// Set it (from any thread) to stop the load: no new read is issued, the reads in flight
     /// are drained, and the load fails with [`ErrorKind::Cancelled`]. Nothing is left behind.

@@ -20,23 +20,25 @@ pub fn redact_uri(uri: &str) -> String {
         Some(s) if s == "file" => return uri.to_string(),
         Some(s) => s,
     };
-    let (path, query) = match uri.find(['?', '#']) {
-        Some(q) => uri.split_at(q),
-        None => (uri, ""),
-    };
-    let rest_at = path.find("://").map_or(0, |i| i + 3);
-    let (head, rest) = path.split_at(rest_at);
+    // User information first, over the whole authority as far as the first '/': a password
+    // holding '?' or '#' (a URL that does not parse) must not survive as the "query".
+    let rest_at = uri.find("://").map_or(0, |i| i + 3);
+    let (head, rest) = uri.split_at(rest_at);
     let host_end = rest.find('/').unwrap_or(rest.len());
     let rest = match rest[..host_end].rfind('@') {
         Some(at) => &rest[at + 1..],
         None => rest,
+    };
+    let (path, query) = match rest.find(['?', '#']) {
+        Some(q) => rest.split_at(q),
+        None => (rest, ""),
     };
     let query = if query.is_empty() || scheme == "nfs" {
         query
     } else {
         "?…"
     };
-    format!("{head}{rest}{query}")
+    format!("{head}{path}{query}")
 }
 
 #[cfg(test)]
@@ -59,6 +61,9 @@ mod tests {
             ("/local/we?rd@x.json", "/local/we?rd@x.json"),
             ("file:///a?b", "file:///a?b"),
             ("cuda:0", "cuda:0"),
+            // A password holding '?' or '#' (the URL does not parse): still left out.
+            ("https://user:p#ss@h/m", "https://h/m"),
+            ("https://user:p?ss@h:99999/m?sig=x", "https://h:99999/m?…"),
         ];
         for (uri, want) in cases {
             assert_eq!(redact_uri(uri), want, "{uri}");

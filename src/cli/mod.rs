@@ -562,10 +562,11 @@ pub fn run() -> i32 {
     // options are checked: see `IoArgs::loader`).
     match &cli.cmd {
         Cmd::Inspect { io, .. } | Cmd::Convert { io, .. } => io.warn_unused_for.set(Some(false)),
-        Cmd::Load { device, io, .. } | Cmd::Bench { device, io, .. } => {
-            io.warn_unused_for.set(Some(device != "cpu"))
-        }
-        Cmd::Demo { .. } => {}
+        Cmd::Load { device, io, .. } | Cmd::Bench { device, io, .. } => io.warn_unused_for.set(
+            Some(parse_device(device).map_or(true, |d| d != Device::Cpu)),
+        ),
+        // (The demo uses the GPU when there is one: only backend flags can be unused.)
+        Cmd::Demo { io, .. } => io.warn_unused_for.set(Some(true)),
     }
     let res = match cli.cmd {
         Cmd::Inspect { uri, json, io } => output::inspect(&uri, json, &io),

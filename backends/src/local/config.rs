@@ -139,7 +139,8 @@ pub fn direct_alignment(block_size: Option<usize>) -> usize {
 /// The version tag of a file: changes whenever the file is replaced (dev, inode), resized or
 /// written (mtime, nanoseconds) — and with its status change time (ctime, nanoseconds), which
 /// no program can set back: a rewrite whose mtime was restored (`touch -r`, `cp -p`) still
-/// shows.
+/// shows. (So does a change of its metadata alone — chmod, chown, a new hard link —: a load
+/// that sees one fails with `ObjectChanged`, as for a rewrite.)
 pub fn version_string(dev: u64, ino: u64, size: u64, mtime_ns: i128, ctime_ns: i128) -> String {
     format!("{dev:x}:{ino:x}:{size:x}:{mtime_ns:x}:{ctime_ns:x}")
 }

@@ -108,6 +108,10 @@ async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
         io.permits.acquire().await.map_err(|_| {
             Error::new(ErrorKind::Io, "S3 request limiter closed").with_backend("s3")
         })?;
+    // (The GETs must run in this task, inside `pin::scoped`: the pin layer and the transport
+    // read what `stat` pinned from the task-local. OpenDAL's reader without `.concurrent(n)`
+    // fetches inline; with it, fetches would move to spawned tasks, and those checks would
+    // find no pin and check nothing.)
     let mut req = io.op.reader_with(&io.key);
     match etag.map(super::pin::parse_version) {
         // A weak ETag (`W/"…"`) never matches under If-Match's strong comparison: a strict
