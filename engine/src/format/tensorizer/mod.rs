@@ -73,6 +73,10 @@ pub fn hook_threads() -> usize {
 /// Largest per-tensor header of a meta tensor [`prepare`] reads (they hold a name, a shape, two
 /// hashes and, when encrypted, a few dozen bytes of crypt info).
 pub const MAX_META_HEADER: u64 = 1 << 20;
+/// Meta tensors' headers at most this far apart are read together.
+const META_BATCH_GAP: u64 = 64 << 10;
+/// Largest read of meta tensors' headers together.
+const META_BATCH_MAX: u64 = 4 << 20;
 
 /// Readies `index` (read from `backend`) for a load with `opts`: returns the hook that verifies /
 /// decrypts (to pass to [`crate::HostSink::with_hook`]), or `None` and strips the per-tensor
@@ -131,6 +135,9 @@ pub fn prepare(
         return Ok(None);
     }
     let hook = hook::TensorizerHook::new(index, opts.verify, opts.key.clone())?;
+    // The meta tensors' headers, in file order, read in batches of neighbours (on a remote
+    // backend each read is a round trip: a model with many meta tensors would pay one each).
+    let mut metas = Vec::new();
     for (i, t) in index.tensors.iter_mut().enumerate() {
         if t.source != TensorSource::Zeros {
             continue;
@@ -143,8 +150,29 @@ pub fn prepare(
                 t.name, span.start, span.end
             )));
         }
-        let hdr = backend.read_exact_at(span.start, len as usize)?;
-        hook.check_meta(i, &hdr)?;
+        metas.push((i, span.start..span.start + len));
+    }
+    metas.sort_by_key(|(_, r)| r.start);
+    let mut k = 0;
+    while k < metas.len() {
+        // A batch: following headers while the gap to the next is small and the read stays
+        // bounded.
+        let start = metas[k].1.start;
+        let mut end = metas[k].1.end;
+        let mut last = k + 1;
+        while let Some((_, r)) = metas.get(last) {
+            if r.start < end || r.start - end > META_BATCH_GAP || r.end - start > META_BATCH_MAX {
+                break;
+            }
+            end = end.max(r.end);
+            last += 1;
+        }
+        let bytes = backend.read_exact_at(start, (end - start) as usize)?;
+        for (i, r) in &metas[k..last] {
+            let (a, b) = ((r.start - start) as usize, (r.end - start) as usize);
+            hook.check_meta(*i, &bytes[a..b])?;
+        }
+        k = last;
     }
     if plain {
         for t in &mut index.tensors {

@@ -476,3 +476,70 @@ fn meta_tensor_sizes_that_overflow_together_are_refused() {
         "add up to more than",
     );
 }
+
+/// The meta tensors' per-tensor headers, checked on every load, are read in batches of
+/// neighbours (on a remote backend each read is a round trip), and every one is still checked:
+/// a corrupted one among many is found.
+#[test]
+fn meta_tensor_headers_are_read_in_batches() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    #[derive(Debug)]
+    struct Counting(MemoryBackend, AtomicUsize);
+    impl crate::Backend for Counting {
+        fn location(&self) -> &str {
+            self.0.location()
+        }
+        fn stat(&self) -> crate::Result<crate::ObjectMeta> {
+            self.0.stat()
+        }
+        fn capabilities(&self) -> crate::Capabilities {
+            self.0.capabilities()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::Result<usize> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.read_at(offset, buf)
+        }
+    }
+    let mut specs: Vec<TensorSpec> = (0..60)
+        .map(|i| TensorSpec {
+            meta: true,
+            ..spec(&format!("m{i}"), DType::F32, &[3, 4])
+        })
+        .collect();
+    specs.push(spec("stored", DType::F32, &[4]));
+    let mut s = Serializer::new(
+        IoCursor::new(Vec::new()),
+        &specs,
+        &SerializerOptions::default(),
+    )
+    .unwrap();
+    for _ in 0..60 {
+        s.write_tensor(&[]).unwrap();
+    }
+    s.write_tensor(&[7u8; 16]).unwrap();
+    let bytes = s.finish().unwrap().into_inner();
+    let run = |bytes: Vec<u8>| {
+        let be = Counting(MemoryBackend::new("t.tensors", bytes), AtomicUsize::new(0));
+        let mut index = read_index(&be, &be.stat()?)?;
+        let before = be.1.load(Ordering::SeqCst);
+        prepare(&be, &mut index, &ReadOptions::default())?;
+        Ok::<_, crate::Error>(be.1.load(Ordering::SeqCst) - before)
+    };
+    let reads = run(bytes.clone()).unwrap();
+    assert!(
+        (1..=2).contains(&reads),
+        "{reads} reads for 60 meta headers"
+    );
+    // The 40th meta tensor's header claims another shape: found, named.
+    let mut bad = bytes.clone();
+    let at = bad
+        .windows(3)
+        .enumerate()
+        .filter(|(_, w)| *w == b"m39")
+        .map(|(i, _)| i)
+        .nth(1)
+        .expect("m39's per-tensor header");
+    bad[at + 2] = b'8'; // its header now names "m38"
+    let e = run(bad).unwrap_err();
+    assert!(e.to_string().contains("m39"), "{e}");
+}
