@@ -401,33 +401,14 @@ impl CudaDevice {
     /// [`CudaDevice::take_slots`] does while another load holds or has reserved the device
     /// (and waits, as it does, for a dropped streaming load).
     pub fn reserve(&self) -> Result<Reservation<'_>> {
-        let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
-        loop {
-            let mut g = self
-                .staging
-                .lock()
-                .map_err(|_| Error::invalid("staging lock poisoned"))?;
-            if !self.holder_left() {
-                self.check_reservation()?;
-                // Free now (taken and given back at once): then reserved, under the same lock.
-                drop(
-                    PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
-                        .map_err(|e| e.context(format!("cuda:{}", self.ordinal)))?,
-                );
-                if let Ok(mut r) = self.reserved.lock() {
-                    *r = Some(std::thread::current().id());
-                }
-                // The reserving load holds the device from now on, as if it held the slots: if
-                // its handle is dropped while it runs, other loads wait for it (its memory
-                // included) instead of being refused.
-                if let Ok(mut h) = self.holder.lock() {
-                    *h = LoadToken::own();
-                }
-                return Ok(Reservation { dev: self });
-            }
-            drop(g);
-            self.wait_for_dropped_load(until)?;
+        // Taken (which also makes this load the holder, so that a dropped one is waited for)
+        // and reserved while still held: no other load can come in between.
+        let slots = self.take_slots()?;
+        if let Ok(mut r) = self.reserved.lock() {
+            *r = Some(std::thread::current().id());
         }
+        drop(slots);
+        Ok(Reservation { dev: self })
     }
 
     /// Refuses when another thread reserved the device ([`CudaDevice::reserve`]).
