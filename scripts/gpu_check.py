@@ -85,6 +85,58 @@ print(json.dumps(dict(secs=el, gbps=os.path.getsize(path) / el / 1e9)))
 """
 
 
+# One peer alone in its own process, warm, to cuda:0 (torch's CUDA context created first, as
+# for the peers' own timings): its peak RSS (the parent reads it with wait4) and its time to
+# first tensor, which the table asks for and the shared peer script, one process for all,
+# cannot give. Prints {"secs", "gbps", "ttft"}.
+PEER_ONE = r"""
+import os, sys, time, json, torch
+torch.zeros(1, device="cuda:0"); torch.cuda.synchronize()
+which, path = sys.argv[1], sys.argv[2]
+first = None
+def seen():
+    global first
+    if first is None:
+        torch.cuda.synchronize(); first = time.perf_counter() - t
+d = {}
+if which == "safetensors":
+    from safetensors.torch import load_file
+    t = time.perf_counter(); d = load_file(path, device="cuda:0"); seen()
+elif which == "runai":
+    from runai_model_streamer import SafetensorsStreamer
+    t = time.perf_counter()
+    with SafetensorsStreamer() as s:
+        s.stream_file(path)
+        for name, ten in s.get_tensors():
+            d[name] = ten.to("cuda:0", non_blocking=False); seen()
+elif which == "fastsafetensors":
+    from fastsafetensors import fastsafe_open
+    t = time.perf_counter()
+    with fastsafe_open(filenames=[path], nogds=True, device="cuda:0") as f:
+        for k in f.keys():
+            d[k] = f.get_tensor(k); seen()
+elif which == "tensorizer":
+    from tensorizer import TensorDeserializer
+    path = path + ".tensors"
+    t = time.perf_counter()
+    with TensorDeserializer(path, device="cuda:0") as de:
+        for k, v in de.items():
+            d[k] = v; seen()
+torch.cuda.synchronize(); el = time.perf_counter() - t
+print(json.dumps(dict(secs=el, ttft=first, gbps=os.path.getsize(path) / el / 1e9)))
+"""
+PEERS_ALONE = ("safetensors", "runai", "fastsafetensors", "tensorizer")
+
+
+def peer_alone_row(which, out, rss_mib):
+    """The row of one PEER_ONE run (its output and the process's peak RSS), or None."""
+    r = last_json(out)
+    if not r or not r.get("gbps"):
+        return None
+    return dict(loader=f"peer: {which} (warm, own process)", cold=False, gbps=r["gbps"],
+                secs=r.get("secs"), ttft=r.get("ttft"), rss_mib=rss_mib, peer=True)
+
+
 def peer_rows(res):
     """Rows for the peers' results (peers_baseline.py's RESULTS list), without the serializer's
     timing (writing the .tensors copy). "TensorDeserializer" contains "serialize" too, so the
@@ -736,6 +788,26 @@ def main():
         say(f"peers done in {wall:.0f} s (rc {rc}); peak RSS of that one process {peers_rss:.0f} MiB")
     else:
         say("peers skipped: budget")
+    # Each peer alone, warm (not in a quick run): its peak RSS and time to first tensor for
+    # the table. Shown, never judged.
+    if not (DRY or FAKE or QUICK or GPU_HUNG):
+        warm_cache(FILE)
+        if os.path.exists(FILE + ".tensors"):
+            warm_cache(FILE + ".tensors")
+        for which in PEERS_ALONE:
+            # (Before the warm sweep, which only explores: the table needs these, ~6 s each.)
+            if hard_left() < 120:
+                say(f"  (skipping {which} alone - budget)")
+                continue
+            rc, out, wall, rss = run_rss(["python3", "-c", PEER_ONE, which, FILE], 45)
+            row = peer_alone_row(which, out, rss)
+            if row:
+                add_row(row)
+                say(f"  {which} alone, warm: {row['gbps']:.2f} GB/s, first tensor "
+                    f"{row['ttft'] if row['ttft'] is None else round(row['ttft'], 3)} s, "
+                    f"peak RSS {rss:.0f} MiB")
+            else:
+                say(f"  {which} alone failed (rc {rc}): {out.strip()[-300:]}")
     # (The peers dropped the cache and wrote a copy of the file: warm it again for what follows.)
     warm_cache(FILE)
     # The warm path's CPU side alone (no GPU): 16 or 32 threads filling a 40 x 4 MiB ring from
@@ -1074,9 +1146,10 @@ def finish():
                  "device is open (index, plan, device allocation, reads, copies); device open (driver, "
                  "context, pinned ring) is the last column; for the peer comparison tensorstream's time "
                  "includes the device open except the CUDA context's creation, because torch's context is "
-                 "created before the peers' timings (a NOTE gives the figure with it); peers' RSS "
-                 "is not shown (one process runs them all and holds the whole file on the host to write "
-                 "the tensorizer copy); peers report no time to first tensor; '(explore)' rows come from "
+                 "created before the peers' timings (a NOTE gives the figure with it); the peers' RSS and "
+                 "time to first tensor come from their '(warm, own process)' rows, one process per peer "
+                 "(torch and its CUDA context included; the shared peer script runs them all in one "
+                 "process that holds the whole file to write the tensorizer copy); '(explore)' rows come from "
                  "ts-gpu-bench tuning sweeps and are not judged; cold targets use interleaved medians. "
                  + ("tensorstream rows via the CLI" if CLI_GPU else "tensorstream rows via ts-gpu-bench (CLI had no GPU path)")
                  + (". DRY RUN: every load went to host memory, no GPU was used" if DRY else "")

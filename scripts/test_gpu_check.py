@@ -147,6 +147,18 @@ class Parsing(unittest.TestCase):
         self.assertEqual([r["name"] for r in gc.peer_results(out)],
                          ["safetensors.load_file(cuda)", "fastsafetensors nogds"])
 
+    def test_a_peer_alone_gives_its_rss_and_first_tensor_to_the_table(self):
+        gc = fresh()
+        out = "some warning\n" + '{"secs": 3.2, "ttft": 0.41, "gbps": 2.03}\n'
+        row = gc.peer_alone_row("fastsafetensors", out, 2100.0)
+        self.assertEqual((row["loader"], row["cold"], row["peer"]),
+                         ("peer: fastsafetensors (warm, own process)", False, True))
+        self.assertEqual((row["gbps"], row["ttft"], row["rss_mib"]), (2.03, 0.41, 2100.0))
+        self.assertIsNone(gc.peer_alone_row("runai", "Traceback ...\n", 900.0))
+        # Shown, never judged: a warm peer row is not a cold sample of that peer.
+        checks = judge([raw(1.6), ts(RING, 1.9, True)] + PEERS + [row])
+        self.assertTrue(find(checks, "cold faster than every peer")[0])
+
     def test_reference_digests_parse_the_file_independently(self):
         import hashlib, json as js, struct, tempfile
         gc = fresh()
