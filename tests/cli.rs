@@ -757,8 +757,10 @@ fn interrupted_demo_removes_its_files() {
 }
 
 /// A tiny HTTP server for one safetensors file: HEAD and GETs within the header are answered,
-/// a GET of tensor data hangs (a stalled server). Returns its port.
-fn stalling_http_server(data: Vec<u8>) -> u16 {
+/// a GET of tensor data hangs (a stalled server). Returns its port, and a channel told of each
+/// data GET that hangs.
+fn stalling_http_server(data: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<()>) {
+    let (stalled_tx, stalled) = std::sync::mpsc::channel::<()>();
     let data_start = 8 + u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
     use std::io::{BufRead, BufReader, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -766,6 +768,7 @@ fn stalling_http_server(data: Vec<u8>) -> u16 {
     std::thread::spawn(move || {
         for conn in l.incoming().flatten() {
             let data = data.clone();
+            let stalled_tx = stalled_tx.clone();
             std::thread::spawn(move || {
                 let mut r = BufReader::new(conn.try_clone().unwrap());
                 let mut w = conn;
@@ -802,6 +805,8 @@ fn stalling_http_server(data: Vec<u8>) -> u16 {
                     } else {
                         let (a, b) = range;
                         if a >= data_start {
+                            // Says that a data read is now stuck here.
+                            let _ = stalled_tx.send(());
                             std::thread::sleep(std::time::Duration::from_secs(120));
                             return;
                         }
@@ -821,7 +826,7 @@ fn stalling_http_server(data: Vec<u8>) -> u16 {
             });
         }
     });
-    port
+    (port, stalled)
 }
 
 /// A conversion stuck in a read from a stalled server stops at the first Ctrl-C (the read in
@@ -830,7 +835,7 @@ fn stalling_http_server(data: Vec<u8>) -> u16 {
 #[test]
 fn ctrl_c_stops_a_conversion_stuck_on_a_stalled_server() {
     let data = std::fs::read(fixtures().join("mixed.safetensors")).unwrap();
-    let port = stalling_http_server(data);
+    let (port, stalled) = stalling_http_server(data);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.tensors");
     let mut child = Reap(Some(
@@ -859,8 +864,10 @@ fn ctrl_c_stops_a_conversion_stuck_on_a_stalled_server() {
             .success();
         assert!(ok);
     };
-    // Give the conversion time to be inside the stalled read.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The conversion is inside the stalled read once the server has received it.
+    stalled
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("no data read reached the stalling server");
     let sent = std::time::Instant::now();
     kill("INT");
     let o = child.wait_with_output();
