@@ -68,31 +68,17 @@ def say(*a):
             fh.write(s + "\n")
 
 
-# One cold fastsafetensors load (no GDS) to cuda:0, timed as peers_baseline.py times it, with
-# torch's CUDA context created first; prints {"secs", "gbps"}.
-FST_COLD = r"""
-import os, sys, time, json, torch
-torch.zeros(1, device="cuda:0"); torch.cuda.synchronize()
-from fastsafetensors import fastsafe_open
-path = sys.argv[1]
-os.sync(); open("/proc/sys/vm/drop_caches", "w").write("3")
-t = time.perf_counter(); d = {}
-with fastsafe_open(filenames=[path], nogds=True, device="cuda:0") as f:
-    for k in f.keys():
-        d[k] = f.get_tensor(k)
-torch.cuda.synchronize(); el = time.perf_counter() - t
-print(json.dumps(dict(secs=el, gbps=os.path.getsize(path) / el / 1e9)))
-"""
-
-
-# One peer alone in its own process, warm, to cuda:0 (torch's CUDA context created first, as
-# for the peers' own timings): its peak RSS (the parent reads it with wait4) and its time to
-# first tensor, which the table asks for and the shared peer script, one process for all,
-# cannot give. Prints {"secs", "gbps", "ttft"}.
+# One peer alone in its own process to cuda:0 (torch's CUDA context created first, as for the
+# peers' own timings), warm, or cold with `cold` as third argument (the page cache dropped
+# first): its peak RSS (the parent reads it with wait4) and its time to first tensor, which the
+# table asks for and the shared peer script, one process for all, cannot give; and the extra
+# cold fastsafetensors samples. Prints {"secs", "gbps", "ttft"}.
 PEER_ONE = r"""
 import os, sys, time, json, torch
 torch.zeros(1, device="cuda:0"); torch.cuda.synchronize()
 which, path = sys.argv[1], sys.argv[2]
+if sys.argv[3:] == ["cold"]:
+    os.sync(); open("/proc/sys/vm/drop_caches", "w").write("3")
 first = None
 def seen():
     global first
@@ -741,7 +727,7 @@ def main():
             c = drop()
             record(ts_load(FILE, extra), c, "tensorstream " + " ".join(extra) + " (cold sweep)")
         if not DRY and not FAKE and not GPU_HUNG:
-            rc, out, err, wall, _ = run(["python3", "-c", FST_COLD, FILE], 90)
+            rc, out, err, wall, _ = run(["python3", "-c", PEER_ONE, "fastsafetensors", FILE, "cold"], 90)
             r = last_json(out)
             if r:
                 add_row(dict(loader="peer: fastsafetensors nogds", cold=True, gbps=r["gbps"],

@@ -541,32 +541,53 @@ impl Drop for Proxy {
     }
 }
 
-#[test]
-fn a_trickling_server_times_out() {
+/// Reads `len` bytes of a 4 MiB file through a proxy that, after the first 64 KiB of replies,
+/// forwards `piece` bytes every `pause`, with the client's `timeout` and `retries`: the error
+/// the read ends with, and how long it took. Fails the test if the read took 60 s or succeeded.
+fn read_through_trickle(
+    piece: usize,
+    pause: Duration,
+    timeout: Duration,
+    retries: u32,
+    len: usize,
+) -> (Error, Duration) {
     let g = Ganesha::start();
-    let data = pattern(2 << 20, 12);
-    g.put("trickle.bin", &data);
-    // After the first 64 KiB of replies, 100 bytes every 200 ms: never a gap as long as the
-    // timeout, but far too little to count as progress. It used to keep the read waiting for
-    // ever.
-    let p = Proxy::trickling(g.port, 64 << 10, 100, Duration::from_millis(200));
+    g.put("trickle.bin", &pattern(4 << 20, 12));
+    let p = Proxy::trickling(g.port, 64 << 10, piece, pause);
     let uri = format!(
-        "nfs://127.0.0.1:{}/export/trickle.bin?retries=1&nconnect=1",
+        "nfs://127.0.0.1:{}/export/trickle.bin?retries={retries}&nconnect=1",
         p.port
     );
     let o = OpenOptions {
-        timeout: Some(Duration::from_millis(1500)),
+        timeout: Some(timeout),
         ..opts()
     };
     let be = open(&uri, &o).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::time::Instant::now();
     std::thread::spawn(move || {
-        let _ = tx.send(be.read_exact_at(0, 1 << 20));
+        let _ = tx.send(be.read_exact_at(0, len));
     });
     let r = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("a trickling server held the read for 60 s");
-    let e = r.unwrap_err();
+    match r {
+        Ok(v) => panic!("read {} bytes from a trickling server", v.len()),
+        Err(e) => (e, t.elapsed()),
+    }
+}
+
+#[test]
+fn a_trickling_server_times_out() {
+    // 100 bytes every 200 ms: never a gap as long as the timeout, but far too little to count
+    // as progress. It used to keep the read waiting for ever.
+    let (e, _) = read_through_trickle(
+        100,
+        Duration::from_millis(200),
+        Duration::from_millis(1500),
+        1,
+        1 << 20,
+    );
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
 }
 
@@ -575,37 +596,16 @@ fn a_trickling_server_times_out() {
 /// minutes (a 64 MiB reply at 64 KiB per timeout would take hours).
 #[test]
 fn a_slow_server_under_the_slowest_rate_times_out() {
-    let g = Ganesha::start();
-    let data = pattern(4 << 20, 13);
-    g.put("slow.bin", &data);
-    let p = Proxy::trickling(g.port, 64 << 10, 16 << 10, Duration::from_millis(625));
-    let uri = format!(
-        "nfs://127.0.0.1:{}/export/slow.bin?retries=0&nconnect=1",
-        p.port
+    let (e, took) = read_through_trickle(
+        16 << 10,
+        Duration::from_millis(625),
+        Duration::from_secs(4),
+        0,
+        4 << 20,
     );
-    let o = OpenOptions {
-        timeout: Some(Duration::from_secs(4)),
-        ..opts()
-    };
-    let be = open(&uri, &o).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::time::Instant::now();
-    std::thread::spawn(move || {
-        let _ = tx.send(be.read_exact_at(0, 4 << 20));
-    });
-    let r = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("a slow server held the read for 60 s");
-    let e = match r {
-        Ok(v) => panic!(
-            "read {} bytes from a server under the slowest rate",
-            v.len()
-        ),
-        Err(e) => e,
-    };
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("KiB/s"), "{e}");
-    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(took < Duration::from_secs(30), "{took:?}");
 }
 
 #[test]
