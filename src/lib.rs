@@ -79,6 +79,14 @@ mod staged;
 
 pub use sharded::INDEX_FILE as SHARDED_INDEX_FILE;
 
+/// The sharded-checkpoint index parser and the shard-URI rule, for the fuzz target
+/// `sharded_index` in `engine/fuzz` (built only by `cargo fuzz`, which sets `cfg(fuzzing)`).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::sharded::{parse_index, sibling};
+}
+
 pub use tensorstream_backends as backends;
 pub use tensorstream_cuda as cuda;
 pub use tensorstream_engine as engine;

@@ -103,6 +103,19 @@ impl IoMode {
 
 pub use tensorstream_engine::uri::{redact_uri, scheme_of};
 
+/// The parsers that are private to their backend, for the fuzz targets in `backends/fuzz`
+/// (built only by `cargo fuzz`, which sets `cfg(fuzzing)`).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    #[cfg(feature = "nfs")]
+    pub use crate::nfs::fuzz_replies as nfs_replies;
+    #[cfg(any(feature = "http", feature = "s3"))]
+    pub use crate::ranges::parse_content_range;
+    #[cfg(feature = "s3")]
+    pub use crate::ranges::{parse_range_request, partial_answer_problem};
+}
+
 /// The local path named by a plain path or a `file://` URI: `file:///abs/path` or
 /// `file://localhost/abs/path` (no percent-decoding). `file://name/…` names a host, which is an
 /// error rather than the relative path `name/…`; other schemes are an error too.

@@ -24,7 +24,7 @@ use super::xdr::{Enc, Source, XdrError};
 use super::Failure;
 
 /// Largest reply to a non-READ call (resolve, stat) that we buffer.
-const MAX_CALL_REPLY: usize = 1 << 20;
+pub(crate) const MAX_CALL_REPLY: usize = 1 << 20;
 /// Socket read buffer of the reply reader.
 const READ_BUFFER: usize = 256 << 10;
 /// Largest RPC record accepted (the largest READ reply plus room for its header): a server

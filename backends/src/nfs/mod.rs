@@ -463,3 +463,58 @@ impl Backend for NfsBackend {
         )))
     }
 }
+
+/// Decodes `data` as a hostile server's replies would be decoded (the fuzz target
+/// `nfs_replies` in `backends/fuzz`): up to four RPC records through a connection's
+/// record-marking reader, each as the reply to a LOOKUP of a path of `mode % 4` components
+/// (`mode / 4 % 3 == 0`), to a GETATTR (`1`) or to a READ of `read_len` bytes (`2`, decoded
+/// straight from the stream as a connection does). Returns at the first error; panics only
+/// where a decoder broke its own contract.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_replies(data: &[u8], mode: u8, read_len: u16) {
+    use xdr::Source as _;
+    let components: Vec<String> = (0..mode % 4).map(|i| format!("d{i}")).collect();
+    let mut wire = conn::Wire::new(data);
+    let mut dst = vec![0u8; usize::from(read_len)];
+    for _ in 0..4 {
+        if wire.start_record().is_err() || wire.u32("xid").is_err() {
+            return;
+        }
+        let ended = match mode / 4 % 3 {
+            kind @ (0 | 1) => {
+                let Ok(body) = wire.rest(conn::MAX_CALL_REPLY) else {
+                    return;
+                };
+                assert!(body.len() <= conn::MAX_CALL_REPLY);
+                if kind == 0 {
+                    if let Ok(r) = decode_call(&body, |s| proto::decode_resolve(s, &components)) {
+                        assert!(!r.fh.is_empty() && r.fh.len() <= proto::MAX_FH, "{r:?}");
+                        let _ = version_of(&r.attrs, "LOOKUP");
+                    }
+                } else if let Ok(a) = decode_call(&body, |s| proto::decode_stat(s)) {
+                    let _ = version_of(&a, "GETATTR");
+                }
+                Ok(())
+            }
+            _ => {
+                let outcome = match rpc::decode_reply_header(&mut wire) {
+                    Ok(Ok(())) => proto::decode_read(&mut wire, &mut dst),
+                    Ok(Err(f)) => Ok(Err(f)),
+                    Err(_) => return,
+                };
+                match outcome {
+                    Ok(Ok(o)) => {
+                        assert!(o.count <= dst.len(), "{o:?}");
+                        wire.end_exact()
+                    }
+                    Ok(Err(_)) => wire.finish(),
+                    Err(_) => return,
+                }
+            }
+        };
+        if ended.is_err() {
+            return;
+        }
+    }
+}
