@@ -315,6 +315,9 @@ impl Loader {
             }),
         };
         let this = this.as_ref();
+        if this.backend.is_none() {
+            check_not_input(output, [this.uri.as_str()])?;
+        }
         let be = this.backend()?;
         let meta = be.stat()?;
         let index = format::read_index(be.as_ref(), &meta)?;
@@ -350,6 +353,8 @@ impl Loader {
         encrypt: Option<KeySource>,
     ) -> Result<ConvertStats> {
         use format::convert::{ConvertPart, PartBackend};
+        let shards: Vec<String> = map.shards.iter().map(|s| map.uri_of(s)).collect();
+        check_not_input(output, shards.iter().map(String::as_str))?;
         let (todo, _) = self.check_shards(map)?;
         let mut parts = Vec::with_capacity(todo.len());
         for (l, _) in todo {
@@ -364,7 +369,7 @@ impl Loader {
                 .collect();
             let mut declared = known.1.clone();
             declared.tensors.retain(|t| names.contains(&t.name));
-            let read = l.read_options(&declared);
+            let read = format::convert::conversion_read(&l.read_options(&declared), &declared);
             parts.push(ConvertPart {
                 location: sharded::redact(&l.uri),
                 index: declared,
@@ -706,6 +711,10 @@ impl Loader {
             .filter(|(_, t)| self.predicate.as_ref().is_none_or(|p| p(t)))
             .map(|(i, _)| i)
             .collect();
+        if self.scope.is_none() {
+            self.check_each_glob_matches(index.tensors.iter().map(|t| t.name.as_str()))
+                .map_err(|e| e.with_location(&self.uri))?;
+        }
         // A shard with nothing selected is skipped; the checkpoint as a whole is checked.
         if sel.is_empty() && !index.tensors.is_empty() && self.scope.is_none() {
             return Err(Error::invalid(format!(
@@ -716,6 +725,41 @@ impl Loader {
             .with_location(&self.uri));
         }
         Ok(sel)
+    }
+
+    /// With several globs, each must match one of `names` (the model's tensors): a typo in one
+    /// would otherwise go unnoticed beside another that matches (a single glob that matches
+    /// nothing selects nothing, which is an error of its own).
+    fn check_each_glob_matches<'a>(&self, names: impl Iterator<Item = &'a str>) -> Result<()> {
+        if self.globs.len() < 2 {
+            return Ok(());
+        }
+        let mut unmatched = self
+            .globs
+            .iter()
+            .map(|g| {
+                globset::Glob::new(g)
+                    .map(|g| g.compile_matcher())
+                    .map_err(|e| Error::invalid(format!("bad filter {g:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .zip(&self.globs)
+            .collect::<Vec<_>>();
+        let mut count = 0usize;
+        for name in names {
+            count += 1;
+            unmatched.retain(|(m, _)| !m.is_match(name));
+            if unmatched.is_empty() {
+                return Ok(());
+            }
+        }
+        match unmatched.first() {
+            None => Ok(()),
+            Some((_, g)) => Err(Error::invalid(format!(
+                "filter {g:?} matches none of the {count} tensors (the other filters do)"
+            ))),
+        }
     }
 
     /// The filter, for messages: its globs when it has some.
@@ -989,6 +1033,8 @@ impl Loader {
         let merged = combined_index(&indexes)
             .map_err(|e| e.with_location(sharded::redact(&map.index_uri)))?;
         drop(indexes);
+        self.check_each_glob_matches(merged.tensors.iter().map(|t| t.name.as_str()))
+            .map_err(|e| e.with_location(sharded::redact(&map.index_uri)))?;
         if todo.is_empty() {
             return Err(Error::invalid(format!(
                 "{} matches none of the {} tensors of the checkpoint",
@@ -1612,7 +1658,8 @@ fn check_key_on_smallest(
     let mut bytes = be.read_exact_at(start, len)?;
     let data_start = (t.range.start - start) as usize;
     hook.process(ti, &mut bytes, data_start)
-        .map_err(|e| e.context(format_args!("checking the key on tensor {:?}", t.name)))
+        // (The error names the tensor.)
+        .map_err(|e| e.context("checking the key"))
 }
 
 /// How a GPU load moves its bytes.
@@ -2374,6 +2421,35 @@ pub fn combined_index<'a>(
 /// is written: the tensors' bytes (a tensorizer output stores no bytes for all-zero meta tensors;
 /// a safetensors output writes their zeros). Headers are not counted; where the free space
 /// cannot be read, the conversion goes ahead.
+/// Refuses a conversion whose `output` is one of its local `inputs` (the same file, by device
+/// and inode, whatever the path or link leading to it): renaming the output into place would
+/// replace the input (a shard of the checkpoint being read, an encrypted file by its
+/// plaintext).
+fn check_not_input<'a>(
+    output: &std::path::Path,
+    inputs: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(out) = std::fs::metadata(output) else {
+        return Ok(()); // no such file yet
+    };
+    for uri in inputs {
+        let Ok(path) = tensorstream_backends::local_path(uri) else {
+            continue; // remote
+        };
+        if let Ok(m) = std::fs::metadata(path) {
+            if (m.dev(), m.ino()) == (out.dev(), out.ino()) {
+                return Err(Error::invalid(format!(
+                    "the output {} is the input {} itself: write the conversion to another path",
+                    output.display(),
+                    sharded::redact(uri)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_room<'a>(
     output: &std::path::Path,
     tensors: impl Iterator<Item = &'a TensorInfo>,

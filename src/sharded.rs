@@ -147,9 +147,14 @@ fn check_file_name(index_uri: &str, tensor: &str, file: &str) -> Result<()> {
         )));
     }
     if !(file.ends_with(".safetensors") || file.ends_with(".tensors")) {
+        let hint = if file.ends_with(".bin") {
+            " (PyTorch .bin shards are not: convert them to safetensors)"
+        } else {
+            ""
+        };
         return Err(Error::unsupported(format!(
             "the index places tensor {} in {}: only safetensors (and tensorizer) shards are \
-             read (PyTorch .bin shards are not: convert them to safetensors)",
+             read{hint}",
             quote(tensor),
             quote(file)
         ))
@@ -203,6 +208,14 @@ impl<'de> serde::Deserialize<'de> for StrictMap {
 
 /// Parses an index file's bytes.
 pub fn parse_index(index_uri: &str, bytes: &[u8]) -> Result<ShardMap> {
+    // (serde's own words for another JSON value name its internal struct.)
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        return Err(Error::corrupt(
+            "not a sharded-checkpoint index: a JSON object with a \"weight_map\" was expected",
+        )
+        .with_location(redact(index_uri)));
+    }
     let parsed: IndexFile = serde_json::from_slice(bytes).map_err(|e| {
         Error::corrupt(format!(
             "not a sharded-checkpoint index (\"weight_map\"): {e}"
@@ -425,7 +438,7 @@ mod tests {
 
     #[test]
     fn refuses_hostile_or_malformed_indexes() {
-        let cases: [(&[u8], ErrorKind, &str); 13] = [
+        let cases: [(&[u8], ErrorKind, &str); 14] = [
             (b"", ErrorKind::Corrupt, "EOF"),
             (b"[1]", ErrorKind::Corrupt, "not a sharded-checkpoint index"),
             (
@@ -483,6 +496,11 @@ mod tests {
                 ErrorKind::Unsupported,
                 "PyTorch .bin shards are not",
             ),
+            (
+                b" []",
+                ErrorKind::Corrupt,
+                "a JSON object with a \"weight_map\"",
+            ),
         ];
         for (bytes, kind, want) in cases {
             let e = parse_index("/m/i.index.json", bytes).unwrap_err();
@@ -490,6 +508,13 @@ mod tests {
             assert!(e.to_string().contains(want), "{want:?} not in {e}");
             assert_eq!(e.location(), Some("/m/i.index.json"));
         }
+        // The hint about .bin shards only for a .bin shard.
+        let e = parse_index(
+            "/m/i.index.json",
+            br#"{"weight_map": {"a": "model.safetensors.index.json"}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().ends_with("shards are read"), "{e}");
         let long = format!("{{\"weight_map\": {{\"a\": \"{}\"}}}}", "x".repeat(256));
         let e = parse_index("/m/i.index.json", long.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("longer than 255"), "{e}");

@@ -673,7 +673,9 @@ fn a_closed_stderr_pipe_is_not_a_panic() {
 fn names_and_metadata_from_a_file_cannot_drive_the_terminal() {
     // A tensor name and metadata holding escape sequences (window title, clear screen) and a
     // newline that would forge a line of the table.
-    let name = "w\u{1b}]0;pwned\u{7}\u{1b}[2J\nforged 0 0";
+    // A right-to-left override (the rest of the line would read backwards) and a zero-width
+    // space too.
+    let name = "w\u{1b}]0;pwned\u{7}\u{1b}[2J\nforged 0 0\u{202e}x\u{200b}";
     let header = serde_json::json!({
         "__metadata__": {"k\u{1b}[31m": "v\u{7}"},
         name: {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
@@ -692,9 +694,10 @@ fn names_and_metadata_from_a_file_cannot_drive_the_terminal() {
     for args in [vec!["inspect", p], vec!["load", p, "--digests", "--quiet"]] {
         let out = run_ok(&args);
         assert!(
-            !out.contains(['\u{1b}', '\u{7}']),
-            "{args:?}: raw control characters in {out:?}"
+            !out.contains(['\u{1b}', '\u{7}', '\u{202e}', '\u{200b}']),
+            "{args:?}: raw control or invisible characters in {out:?}"
         );
+        assert!(out.contains("\\u{202e}x\\u{200b}"), "{args:?}: {out:?}");
         assert!(
             !out.lines().any(|l| l.starts_with("forged")),
             "{args:?}: a name forged a line: {out:?}"
@@ -1118,4 +1121,108 @@ fn flags_a_command_ignores_are_named() {
         "load", f, "--json", "--quiet", "--slots", "40", "--io", "pread",
     ]);
     assert!(!e.contains("warning"), "{e}");
+}
+
+/// `convert` never writes over its own input (by any path: a link, a shard of the checkpoint
+/// it reads), replaces an existing output only with `--force`, refuses a directory before
+/// converting anything, and takes any output name a file system allows (its temporary file's
+/// name is cut to fit).
+#[test]
+fn convert_never_replaces_its_input_and_replaces_an_output_only_with_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("m.safetensors");
+    std::fs::copy(fixtures().join("mixed.safetensors"), &src).unwrap();
+    let original = std::fs::read(&src).unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::os::unix::fs::symlink(&src, &link).unwrap();
+    let s = src.to_str().unwrap();
+
+    let e = run_err(&["convert", s, s]);
+    assert!(e.contains("exists: give --force to replace it"), "{e}");
+    for out in [&src, &link] {
+        let e = run_err(&["convert", s, out.to_str().unwrap(), "--force"]);
+        assert!(e.contains("is the input") && e.contains("itself"), "{e}");
+    }
+    assert_eq!(
+        std::fs::read(&src).unwrap(),
+        original,
+        "the input was touched"
+    );
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+
+    let out = dir.path().join("out.tensors");
+    let o = out.to_str().unwrap();
+    run_ok(&["convert", s, o]);
+    let first = std::fs::read(&out).unwrap();
+    let e = run_err(&["convert", s, o]);
+    assert!(e.contains("exists: give --force"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), first);
+    let msg = run_ok(&["convert", s, o, "-f", "--as-parameters"]);
+    assert!(msg.contains("converted"), "{msg}");
+    assert_ne!(
+        std::fs::read(&out).unwrap(),
+        first,
+        "--force did not replace it"
+    );
+
+    let d = dir.path().join("d.tensors");
+    std::fs::create_dir(&d).unwrap();
+    let e = run_err(&["convert", s, d.to_str().unwrap(), "--force"]);
+    assert!(e.contains("is a directory"), "{e}");
+
+    // 254 bytes: the longest name most file systems take (with its 16 bytes the temporary
+    // file's name would be 270).
+    let long = dir.path().join(format!("{}.tensors", "é".repeat(123)));
+    assert_eq!(long.file_name().unwrap().len(), 254);
+    run_ok(&["convert", s, long.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "load",
+        long.to_str().unwrap(),
+        "--verify",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["format"], "tensorizer", "{v}");
+
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".partial-"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+
+    // A sharded checkpoint's shard is an input too.
+    let ck = tempfile::tempdir().unwrap();
+    let written = checkpoint::write(ck.path(), &[&[10], &[20]], 3);
+    let shard = ck.path().join(&written[1].file);
+    let before = std::fs::read(&shard).unwrap();
+    let e = run_err(&[
+        "convert",
+        ck.path().to_str().unwrap(),
+        shard.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(e.contains("itself"), "{e}");
+    assert_eq!(std::fs::read(&shard).unwrap(), before);
+}
+
+/// Several `--filter`s: each must match a tensor (a typo in one is not hidden by another that
+/// matches), for a file and for a sharded checkpoint.
+#[test]
+fn every_filter_must_match_something() {
+    let f = fixtures().join("mixed.safetensors");
+    let e = run_err(&[
+        "load",
+        f.to_str().unwrap(),
+        "--filter",
+        "a.*",
+        "--filter",
+        "nomatch*",
+    ]);
+    assert!(e.contains("filter \"nomatch*\" matches none"), "{e}");
+    let ck = tempfile::tempdir().unwrap();
+    checkpoint::write(ck.path(), &[&[10], &[20]], 3);
+    let d = ck.path().to_str().unwrap();
+    let e = run_err(&["load", d, "--filter", "*", "--filter", "typo"]);
+    assert!(e.contains("filter \"typo\" matches none"), "{e}");
 }

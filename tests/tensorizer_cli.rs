@@ -431,3 +431,44 @@ fn inspect_marks_the_manifests_meta_tensors_as_zeros() {
     }
     assert!(metas >= 1, "the fixtures have a meta tensor");
 }
+
+/// `convert` checks a tensorizer input's hashes even without `--verify`: a corrupted tensor
+/// would otherwise come out of a tensorizer-to-tensorizer conversion with fresh hashes of its
+/// corrupted bytes, and pass every later `--verify`.
+#[test]
+fn convert_checks_the_inputs_hashes_without_being_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("v4_module_with_meta.tensors");
+    let v: Value = serde_json::from_str(&ok(bin().args([
+        "inspect",
+        src.to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
+    // The last stored tensor's first byte.
+    let t = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|t| t["nbytes"].as_u64().unwrap() > 0 && t["zeros"] != true)
+        .unwrap()
+        .clone();
+    let mut bytes = std::fs::read(&src).unwrap();
+    bytes[t["offset"].as_u64().unwrap() as usize] ^= 0xff;
+    let bad = dir.path().join("bad.tensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    // A load without --verify does not look (that is what --verify is for) ...
+    ok(bin().args(["load", bad.to_str().unwrap()]));
+    // ... but a conversion does, to either format, and leaves nothing behind.
+    for out in ["out.tensors", "out.safetensors"] {
+        let o = dir.path().join(out);
+        let e = fails(bin().args(["convert", bad.to_str().unwrap(), o.to_str().unwrap()]));
+        assert!(
+            e.contains("failed verification") && e.contains(t["name"].as_str().unwrap()),
+            "{e}"
+        );
+        assert!(!o.exists());
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}

@@ -134,9 +134,12 @@ pub fn local_path(uri: &str) -> Result<&str> {
                 return Ok(p);
             }
             let host = rest.split('/').next().unwrap_or(rest);
+            // (Without its user information, as the URI is shown.)
+            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
             Err(Error::invalid(format!(
-                "{uri}: a file:// URI needs an absolute path (file:///path); {host:?} would be a \
-                 host name"
+                "{}: a file:// URI needs an absolute path (file:///path); {host:?} would be a \
+                 host name",
+                redact_uri(uri)
             )))
         }
         Some(other) => Err(Error::invalid(format!(
@@ -206,6 +209,13 @@ mod uri_tests {
         let e = local_path("file://host/p").unwrap_err();
         assert!(
             e.to_string().contains("\"host\" would be a host name"),
+            "{e}"
+        );
+        let e = local_path("file://user:s3cret@host/p")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains("s3cret") && e.contains("\"host\" would be a host name"),
             "{e}"
         );
         assert!(local_path("file://localhostx/p").is_err());

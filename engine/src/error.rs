@@ -222,10 +222,27 @@ impl std::error::Error for Error {
     }
 }
 
+/// True for characters that change how the text around them is shown without being seen
+/// themselves: bidirectional embeddings, overrides and isolates (a tensor name could read
+/// backwards, as in "Trojan Source"), and zero-width characters and marks (two different names
+/// could look alike). [`terminal_safe`] escapes them.
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
 /// `s` safe to print on a terminal: control characters other than newline and tab (escape
-/// sequences in a server's error text, say) are shown escaped (`\u{1b}`), not sent raw.
+/// sequences in a server's error text, say) and invisible format characters
+/// ([`is_invisible_format`]) are shown escaped (`\u{1b}`, `\u{202e}`), not sent raw.
 pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
-    let raw = |c: char| c.is_control() && c != '\n' && c != '\t';
+    let raw = |c: char| (c.is_control() && c != '\n' && c != '\t') || is_invisible_format(c);
     if !s.chars().any(raw) {
         return std::borrow::Cow::Borrowed(s);
     }
@@ -254,6 +271,14 @@ mod tests {
             terminal_safe("a\x1b[2Jb\rc\x07"),
             "a\\u{1b}[2Jb\\u{d}c\\u{7}"
         );
+        assert_eq!(
+            terminal_safe("w\u{202e}thgiew\u{200b}.x"),
+            "w\\u{202e}thgiew\\u{200b}.x"
+        );
+        assert!(matches!(
+            terminal_safe("ünïcode → ok"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

@@ -288,10 +288,13 @@ impl Sink for HostSink {
                     "" => Ok(default),
                     "0" | "false" | "off" | "no" => Ok(false),
                     "1" | "true" | "on" | "yes" => Ok(true),
-                    other => Err(Error::invalid(format!("{name}={other:?}: expected 0 or 1"))),
+                    other => Err(Error::invalid(format!(
+                        "environment variable {name}={other:?}: expected 0 or 1 (or \
+                         false/true, off/on, no/yes)"
+                    ))),
                 },
                 Err(std::env::VarError::NotUnicode(_)) => Err(Error::invalid(format!(
-                    "{name} is not valid UTF-8: expected 0 or 1"
+                    "environment variable {name} is not valid UTF-8: expected 0 or 1"
                 ))),
             }
         };

@@ -15,10 +15,8 @@ pub fn scheme_of(uri: &str) -> Option<String> {
 /// the query and the fragment are left out, since they may hold credentials or signatures.
 /// Works on any string (a URI that does not parse is redacted all the same).
 pub fn redact_uri(uri: &str) -> String {
-    let scheme = match scheme_of(uri) {
-        None => return uri.to_string(),
-        Some(s) if s == "file" => return uri.to_string(),
-        Some(s) => s,
+    let Some(scheme) = scheme_of(uri) else {
+        return uri.to_string();
     };
     // User information first, over the whole authority as far as the first '/': a password
     // holding '?' or '#' (a URL that does not parse) must not survive as the "query".
@@ -29,6 +27,10 @@ pub fn redact_uri(uri: &str) -> String {
         Some(at) => &rest[at + 1..],
         None => rest,
     };
+    if scheme == "file" {
+        // A path: its '?' and '#' belong to file names.
+        return format!("{head}{rest}");
+    }
     let (path, query) = match rest.find(['?', '#']) {
         Some(q) => rest.split_at(q),
         None => (rest, ""),
@@ -60,6 +62,8 @@ mod tests {
             ("s3://b/k", "s3://b/k"),
             ("/local/we?rd@x.json", "/local/we?rd@x.json"),
             ("file:///a?b", "file:///a?b"),
+            ("file://u:pw@host/a@b?c", "file://host/a@b?c"),
+            ("file:///u:pw@host/x", "file:///u:pw@host/x"),
             ("cuda:0", "cuda:0"),
             // A password holding '?' or '#' (the URL does not parse): still left out.
             ("https://user:p#ss@h/m", "https://h/m"),

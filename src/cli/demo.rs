@@ -205,8 +205,9 @@ pub fn run(
         .map(|(_, shape)| 2 * shape.iter().product::<u64>())
         .sum();
     out!(
-        "tensorstream demo: writing a {} bf16 model to {pstr}",
-        super::output::human(planned)
+        "tensorstream demo: writing a {} bf16 model to {}",
+        super::output::human(planned),
+        super::output::field(&pstr)
     )?;
     let t = Instant::now();
     let (count, total) = write_model(&path, size, io.quiet)?;
@@ -334,7 +335,8 @@ pub fn run(
     }
     if keep {
         let kept = tmp.into_inner().keep();
-        out!("  kept {}", kept.join("model.safetensors").display())?;
+        let kept = kept.join("model.safetensors").display().to_string();
+        out!("  kept {}", super::output::field(&kept))?;
     }
     if !bad.is_empty() {
         return Err(Error::new(

@@ -49,7 +49,8 @@ impl PartialOutput {
             // No such directory: the conversion fails before it creates anything.
             return PartialOutput(None);
         };
-        let entry = (dir, format!(".{}.partial-", name.to_string_lossy()));
+        let prefix = tensorstream::engine::format::convert::partial_prefix(&name.to_string_lossy());
+        let entry = (dir, prefix);
         partials()
             .lock()
             .unwrap_or_else(|e| e.into_inner())

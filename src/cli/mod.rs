@@ -93,6 +93,10 @@ enum Cmd {
         /// .tensors output [default: state-dict entries, as write_state_dict writes them].
         #[arg(long)]
         as_parameters: bool,
+        /// Replace the output if it exists (only once the conversion is complete) [default: an
+        /// existing output is an error].
+        #[arg(long, short = 'f')]
+        force: bool,
         #[command(flatten)]
         io: IoArgs,
     },
@@ -590,6 +594,7 @@ pub fn run() -> i32 {
             encrypt_key_file,
             encrypt_password_file,
             as_parameters,
+            force,
             io,
         } => output::output_path(&output).and_then(|output| {
             output::convert(
@@ -598,6 +603,7 @@ pub fn run() -> i32 {
                 encrypt_key_file.as_deref(),
                 encrypt_password_file.as_deref(),
                 as_parameters,
+                force,
                 &io,
             )
         }),

@@ -117,8 +117,9 @@ pub fn output_path(output: &str) -> Result<std::path::PathBuf, Error> {
     match tensorstream::backends::scheme_of(output).as_deref() {
         None | Some("file") => Ok(tensorstream::backends::local_path(output)?.into()),
         Some(scheme) => Err(Error::invalid(format!(
-            "convert writes local files only: {output:?} is a {scheme}:// URI (write to a local \
-             path, then upload it)"
+            "convert writes local files only: {:?} is a {scheme}:// URI (write to a local path, \
+             then upload it)",
+            tensorstream::backends::redact_uri(output)
         ))),
     }
 }
@@ -129,9 +130,17 @@ pub fn convert(
     encrypt_key_file: Option<&std::path::Path>,
     encrypt_password_file: Option<&std::path::Path>,
     as_parameters: bool,
+    force: bool,
     io: &IoArgs,
 ) -> Result<(), Error> {
     use tensorstream::KeySource;
+    // (A link, even a dangling one, is there too: the output would replace it.)
+    if !force && output.symlink_metadata().is_ok() {
+        return Err(Error::invalid(format!(
+            "{} exists: give --force to replace it",
+            field(&output.display().to_string())
+        )));
+    }
     let encrypt = match (encrypt_key_file, encrypt_password_file) {
         (Some(k), _) => {
             Some(KeySource::from_key_path(k).map_err(|e| e.context("--encrypt-key-file"))?)
@@ -166,22 +175,24 @@ pub fn convert(
         "converted {} tensors ({}) to {} in {:.3} s",
         st.tensors,
         human(st.bytes),
-        output.display(),
+        field(&output.display().to_string()),
         started.elapsed().as_secs_f64()
     )?;
     Ok(())
 }
 
 /// `s` for one field of a line of text output: every control character (newlines and tabs
-/// too) escaped, so that names and metadata taken from a file can neither drive the terminal
+/// too) and invisible format character (bidirectional overrides, zero-width spaces) escaped, so that names and metadata taken from a file can neither drive the terminal
 /// (escape sequences) nor forge lines. JSON output needs none of this (serde escapes them).
 pub(crate) fn field(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    use tensorstream::engine::error::is_invisible_format;
+    let escaped = |c: char| c.is_control() || is_invisible_format(c);
+    if !s.chars().any(escaped) {
         return std::borrow::Cow::Borrowed(s);
     }
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if escaped(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
@@ -486,8 +497,9 @@ struct Row {
 
 /// Drops the page cache (root only).
 pub fn drop_caches() -> Result<(), Error> {
-    // Flush dirty pages first so they can be dropped.
-    let _ = std::process::Command::new("sync").status();
+    // Flush dirty pages first so they can be dropped (the system call: no `sync` program
+    // looked up in $PATH, which a root shell may not control).
+    rustix::fs::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").map_err(|e| {
         Error::from_io(
             e,

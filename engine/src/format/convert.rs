@@ -184,7 +184,8 @@ impl Session {
 /// Options of [`convert`].
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
-    /// Verification / key for reading a tensorizer input.
+    /// Key for reading a tensorizer input (its hashes are checked in any case:
+    /// [`conversion_read`]).
     pub read: ReadOptions,
     /// Encrypt a tensorizer output with this key or password.
     pub encrypt: Option<KeySource>,
@@ -304,8 +305,8 @@ fn convert_one(
             .with_location(&loc));
         }
     }
-    let hook =
-        tensorizer::prepare(input, &mut index, &opts.read).map_err(|e| e.with_location(&loc))?;
+    let read = conversion_read(&opts.read, &index);
+    let hook = tensorizer::prepare(input, &mut index, &read).map_err(|e| e.with_location(&loc))?;
     let declared = index.clone();
     let part = ConvertPart {
         location: loc,
@@ -346,6 +347,13 @@ pub fn convert_parts(
         }
     }
     drop(seen);
+    // What would fail the final rename fails now, before any tensor is converted.
+    if output.is_dir() {
+        return Err(Error::invalid(format!(
+            "the output {} is a directory",
+            output.display()
+        )));
+    }
     // A fresh temporary file next to the output (created exclusively, removed on every path
     // unless it is renamed into place): the output is never half-written.
     let name = output
@@ -357,7 +365,7 @@ pub fn convert_parts(
         _ => Path::new("."),
     };
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.partial-"))
+        .prefix(&partial_prefix(&name))
         // Like File::create: 0666 less the umask (tempfile's default is 0600).
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir)
@@ -394,6 +402,29 @@ pub fn convert_parts(
     tmp.persist(output)
         .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
     Ok(stats)
+}
+
+/// The name prefix of the temporary file a conversion writes beside its output named `name`
+/// (`.NAME.partial-` and six random characters): `NAME` is cut, at a character boundary, so
+/// that the whole name fits the 255 bytes a file name may have wherever the output's does.
+pub fn partial_prefix(name: &str) -> String {
+    // 1 ('.') + name + 9 (".partial-") + 6 random characters.
+    const ROOM: usize = 255 - 16;
+    let mut cut = name.len().min(ROOM);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(".{}.partial-", &name[..cut])
+}
+
+/// The read options of a conversion: a tensorizer input's hashes are checked whether or not
+/// `read` asks for it. A conversion writes new hashes (a tensorizer output) or none
+/// (safetensors), so bytes it did not check would come out vouched for, or with no check left.
+pub fn conversion_read(read: &ReadOptions, index: &TensorIndex) -> ReadOptions {
+    ReadOptions {
+        verify: read.verify || index.format == crate::index::Format::Tensorizer,
+        key: read.key.clone(),
+    }
 }
 
 /// Opens a part and checks it still lists the declared tensors.

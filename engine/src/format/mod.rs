@@ -30,7 +30,10 @@ pub const MAX_METADATA: u64 = 1 << 30;
 /// Detects the format from the first bytes and parses the index if `prefix` holds enough.
 pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
     if object_size == 0 {
-        return Err(Error::corrupt("file is empty"));
+        return Err(Error::corrupt(
+            "the object's size is 0 bytes: an empty file (or a special file that reports no \
+             size, as those in /proc do)",
+        ));
     }
     if prefix.len() >= 5 && &prefix[..5] == tensorizer::MAGIC {
         return tensorizer::parse_prefix(prefix, object_size);

@@ -150,7 +150,7 @@ fn parse_tensor(name: &str, v: &Value, data_start: u64, data_len: u64) -> Result
     for d in shape_v {
         shape.push(d.as_u64().ok_or_else(|| {
             bad(&format!(
-                "shape holds {d}, which is not a non-negative integer"
+                "shape holds {d}, which is not an integer from 0 to 2^64 - 1"
             ))
         })?);
     }
@@ -161,12 +161,18 @@ fn parse_tensor(name: &str, v: &Value, data_start: u64, data_len: u64) -> Result
     if offs.len() != 2 {
         return Err(bad("\"data_offsets\" must hold exactly two integers"));
     }
-    let begin = offs[0]
-        .as_u64()
-        .ok_or_else(|| bad("data_offsets[0] is not a non-negative integer"))?;
-    let end = offs[1]
-        .as_u64()
-        .ok_or_else(|| bad("data_offsets[1] is not a non-negative integer"))?;
+    let begin = offs[0].as_u64().ok_or_else(|| {
+        bad(&format!(
+            "data_offsets[0] is {}, not an integer from 0 to 2^64 - 1",
+            offs[0]
+        ))
+    })?;
+    let end = offs[1].as_u64().ok_or_else(|| {
+        bad(&format!(
+            "data_offsets[1] is {}, not an integer from 0 to 2^64 - 1",
+            offs[1]
+        ))
+    })?;
     if begin > end {
         return Err(bad(&format!(
             "data_offsets are out of order ({begin} > {end})"

@@ -226,7 +226,7 @@ fn bad_shape_dims() {
         corrupt(
             &format!(r#"{{"x":{{"dtype":"U8","shape":[{dim}],"data_offsets":[0,3]}}}}"#),
             3,
-            "not a non-negative integer",
+            "not an integer from 0 to 2^64 - 1",
         );
     }
 }
