@@ -929,7 +929,7 @@ fn sharded_checkpoints_inspect_load_and_bench() {
         assert!(t["shard"].as_str().unwrap().ends_with(&w.file), "{t}");
     }
     let text = run_ok(&["load", d, "--filter", "layers.2.*"]);
-    assert!(text.contains("loaded 2 tensors from 1 shards"), "{text}");
+    assert!(text.contains("loaded 2 tensors from 1 shard to"), "{text}");
 
     // The baselines read every shard.
     let files: u64 = (1..=3)

@@ -293,7 +293,7 @@ pub fn run(
     let base_gbps = file_len as f64 / base_secs / 1e9;
     out!("  device: {device_label}")?;
     out!(
-        "  tensorstream load  {:>8.3} s  {:>6.2} GB/s  ({} backend{}, queue depth {}, {} reads)",
+        "  tensorstream load  {:>8.3} s  {:>6.2} GB/s  ({} backend{}, queue depth {}, {})",
         st.elapsed.as_secs_f64(),
         ts_gbps,
         st.backend,
@@ -303,7 +303,7 @@ pub fn run(
             ", buffered"
         },
         st.queue_depth,
-        st.reads
+        super::output::counted(st.reads, "read")
     )?;
     if st.route != "host" {
         out!(

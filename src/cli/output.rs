@@ -93,10 +93,10 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
     }
     if sharded {
         out!(
-            "{}: sharded checkpoint, {} shards, {} tensors, {} of tensor data",
+            "{}: sharded checkpoint, {}, {}, {} of tensor data",
             field(&redact_uri(uri)),
-            files.len(),
-            idx.tensors.len(),
+            counted(files.len(), "shard"),
+            counted(idx.tensors.len(), "tensor"),
             human(idx.total_bytes())
         )?;
         for f in &files {
@@ -172,13 +172,21 @@ pub fn convert(
         loader.convert(output, encrypt)?
     };
     out!(
-        "converted {} tensors ({}) to {} in {:.3} s",
-        st.tensors,
+        "converted {} ({}) to {} in {:.3} s",
+        counted(st.tensors, "tensor"),
         human(st.bytes),
         field(&output.display().to_string()),
         started.elapsed().as_secs_f64()
     )?;
     Ok(())
+}
+
+/// `n` and `word`, in the plural unless `n` is 1 ("1 tensor", "2 tensors").
+pub(crate) fn counted(n: impl std::fmt::Display, word: &str) -> String {
+    match n.to_string() {
+        n if n == "1" => format!("1 {word}"),
+        n => format!("{n} {word}s"),
+    }
 }
 
 /// `s` for one field of a line of text output: every control character (newlines and tabs
@@ -211,11 +219,11 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
         .unwrap_or(4)
         .clamp(4, 80);
     out!(
-        "{}: {} (version {}), {} tensors, {} of tensor data, {} header",
+        "{}: {} (version {}), {}, {} of tensor data, {} header",
         field(&redact_uri(uri)),
         idx.format.name(),
         idx.version,
-        idx.tensors.len(),
+        counted(idx.tensors.len(), "tensor"),
         human(idx.total_bytes()),
         human(idx.header_len)
     )?;
@@ -442,18 +450,18 @@ pub fn load(
         return Ok(());
     }
     out!(
-        "loaded {} tensors{} to {device}, {} in {:.3} s: {:.2} GB/s ({} backend{}, {} reads of up to {}, queue depth {})",
-        rows.len(),
+        "loaded {}{} to {device}, {} in {:.3} s: {:.2} GB/s ({} backend{}, {} of up to {}, queue depth {})",
+        counted(rows.len(), "tensor"),
         shards
             .as_ref()
-            .map(|f| format!(" from {} shards", f.len()))
+            .map(|f| format!(" from {}", counted(f.len(), "shard")))
             .unwrap_or_default(),
         human(st.tensor_bytes),
         st.elapsed.as_secs_f64(),
         st.gbps(),
         st.backend,
         if st.direct_io { ", O_DIRECT" } else { "" },
-        st.reads,
+        counted(st.reads, "read"),
         human(st.chunk_size),
         st.queue_depth
     )?;
