@@ -103,11 +103,25 @@ pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
         tensors.push(parse_tensor(&name, &value, data_start, data_len)?);
     }
     tensors.sort_by_key(|t| (t.range.start, t.range.end));
+    // The format (and the reference reader) wants the data section wholly covered: no bytes
+    // between tensors nor after the last one, which could hide another file's bytes (a
+    // polyglot) or be a corrupted offset.
+    let mut covered = data_start;
     let mut prev: Option<&TensorInfo> = None;
     for t in &tensors {
         if t.range.is_empty() {
             continue;
         }
+        if t.range.start > covered {
+            return Err(Error::corrupt(format!(
+                "data bytes {}..{} belong to no tensor (before {:?}): a safetensors data \
+                 section has no holes",
+                covered - data_start,
+                t.range.start - data_start,
+                t.name
+            )));
+        }
+        covered = covered.max(t.range.end);
         if let Some(p) = prev {
             if t.range.start < p.range.end {
                 return Err(Error::corrupt(format!(
@@ -122,6 +136,15 @@ pub fn parse_header(header: &[u8], object_size: u64) -> Result<TensorIndex> {
             }
         }
         prev = Some(t);
+    }
+    if covered != object_size {
+        return Err(Error::corrupt(format!(
+            "the last {} bytes of the file belong to no tensor (data bytes {}..{}): a \
+             safetensors data section has no holes",
+            object_size - covered,
+            covered - data_start,
+            object_size - data_start
+        )));
     }
     Ok(TensorIndex {
         format: Format::Safetensors,

@@ -295,6 +295,35 @@ fn overlapping_ranges() {
 }
 
 #[test]
+fn data_section_has_no_holes() {
+    // Bytes before the first tensor, between two, after the last (as the reference reader).
+    corrupt(
+        r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+        6,
+        "data bytes 0..2 belong to no tensor (before \"a\")",
+    );
+    corrupt(
+        r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[6,8]}}"#,
+        8,
+        "data bytes 4..6 belong to no tensor",
+    );
+    corrupt(
+        r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
+        5,
+        "the last 1 bytes of the file belong to no tensor (data bytes 4..5)",
+    );
+    corrupt(r#"{}"#, 3, "the last 3 bytes");
+    // Covered wholly: fine, empty tensors anywhere inside included.
+    let ok = image(
+        br#"{"e":{"dtype":"F32","shape":[0],"data_offsets":[3,3]},"b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]},"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
+        6,
+    );
+    let idx = parse(&ok).unwrap();
+    assert_eq!(idx.tensors.len(), 3);
+    assert!(parse(&image(br#"{}"#, 0)).unwrap().tensors.is_empty());
+}
+
+#[test]
 fn metadata_values_must_be_strings() {
     corrupt(r#"{"__metadata__":{"k":1}}"#, 0, "not a string");
     corrupt(r#"{"__metadata__":{"k":{"a":"b"}}}"#, 0, "not a string");
