@@ -125,6 +125,9 @@ EXPORT {
   Squash = No_Root_Squash;
   SecType = sys;
   Protocols = 4;
+  # GETATTR sees the file as it is now: a change made underneath the server (in TS_NFS_ROOT) is
+  # visible to the client's version check at once, as in backends/tests/support/ganesha.rs.
+  Attr_Expiration_Time = 0;
   FSAL { Name = VFS; }
 }
 CONF

@@ -160,7 +160,8 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
         #[cfg(feature = "http")]
         Some("http") | Some("https") => Ok(Arc::new(http::HttpBackend::open(uri, opts)?)),
         Some(other) => Err(Error::unsupported(format!(
-            "{uri}: unsupported URI scheme {other:?} (this build knows: file paths{})",
+            "{}: unsupported URI scheme {other:?} (this build knows: file paths{})",
+            redact_uri(uri),
             compiled_schemes()
         ))),
     }

@@ -36,10 +36,12 @@ pub struct S3Location {
 
 impl S3Location {
     /// Parses `s3://bucket/key`. The key may contain `/`; it must not be empty, end with `/`
-    /// (that names a "directory") or contain empty segments (`a//b`, which the client would
-    /// silently normalise to another key).
+    /// (that names a "directory") or contain empty segments (`a//b`) or `.` and `..` segments,
+    /// which the client would silently normalise to another key (`a/../b` is `b`, even in
+    /// another bucket). Messages show the URI without its query (it may hold a signature).
     pub fn parse(uri: &str) -> Result<S3Location> {
-        let bad = |why: &str| Error::invalid(format!("{uri}: {why} (expected s3://bucket/key)"));
+        let shown = crate::redact_uri(uri);
+        let bad = |why: &str| Error::invalid(format!("{shown}: {why} (expected s3://bucket/key)"));
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("not a URI"))?;
         if !scheme.eq_ignore_ascii_case("s3") {
             return Err(bad(&format!("scheme {scheme:?} is not s3")));
@@ -67,6 +69,11 @@ impl S3Location {
         }
         if key.starts_with('/') || key.contains("//") {
             return Err(bad("empty path segment in the key ('//')"));
+        }
+        if key.split('/').any(|seg| seg == "." || seg == "..") {
+            return Err(bad(
+                "a '.' or '..' segment in the key (the client would read another key)",
+            ));
         }
         if key.len() > 1024 || key.chars().any(|c| c.is_control()) {
             return Err(bad("invalid object key"));
@@ -156,6 +163,11 @@ fn check_endpoint(what: &str, e: &str) -> Result<String> {
     if rest.is_empty() || rest.contains(char::is_whitespace) {
         return Err(Error::invalid(format!(
             "{what} {shown:?}: not a valid endpoint URL"
+        )));
+    }
+    if rest.contains(['?', '#']) {
+        return Err(Error::invalid(format!(
+            "{what} {shown:?}: an S3 endpoint URL has no query or fragment"
         )));
     }
     if rest
@@ -309,6 +321,7 @@ mod tests {
                 "a/b/c.safetensors",
             ),
             ("s3://my.bucket-1/dir/x", "my.bucket-1", "dir/x"),
+            ("s3://b/a..b/.hidden/...", "b", "a..b/.hidden/..."),
         ];
         for (uri, b, k) in ok {
             let l = S3Location::parse(uri).unwrap();
@@ -328,12 +341,21 @@ mod tests {
             ("http://bucket/k", "is not s3"),
             ("bucket/k", "not a URI"),
             ("s3://bu cket/k", "invalid bucket"),
+            ("s3://b/x/../k", "'..' segment"),
+            ("s3://b/../other/k", "'..' segment"),
+            ("s3://b/./k", "'.' or '..' segment"),
+            ("s3://b/k/..", "'..' segment"),
+            ("s3://b/k?X-Amz-Signature=s3cret", "query"),
         ];
         for (uri, msg) in bad {
             let e = S3Location::parse(uri).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{uri}");
             assert!(e.to_string().contains(msg), "{uri}: {e}");
-            assert!(e.to_string().contains(uri), "{uri}: {e}");
+            assert!(
+                e.to_string().contains(&crate::redact_uri(uri)),
+                "{uri}: {e}"
+            );
+            assert!(!e.to_string().contains("s3cret"), "{uri}: {e}");
         }
     }
 
@@ -460,6 +482,8 @@ mod tests {
         for bad in [
             "https://user:s3cret@h:9000",
             "ftp://user:s3cret@h?sig=s3cret",
+            "http://h:9000?sig=s3cret",
+            "http://h:9000/#s3cret",
         ] {
             let e = S3Config::resolve(
                 &OpenOptions {

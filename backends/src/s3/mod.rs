@@ -480,7 +480,17 @@ impl Backend for S3Backend {
             size: md.content_length(),
             version: pin::version_of(md.etag(), md.last_modified()),
         };
-        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(meta.clone());
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        // Once per backend (as the HTTP backend does), not at every stat.
+        if meta.version.is_none() && pinned.as_ref().is_none_or(|p| p.version.is_some()) {
+            log::warn!(
+                "{}: the server sends neither ETag nor Last-Modified, so a change of the \
+                 object during a load can only be seen if its size changes",
+                self.uri
+            );
+        }
+        *pinned = Some(meta.clone());
+        drop(pinned);
         Ok(meta)
     }
 
