@@ -767,7 +767,8 @@ impl Loader {
         if self.globs.is_empty() {
             "the filter".to_string()
         } else {
-            format!("filter {}", self.globs.join(", "))
+            let quoted: Vec<String> = self.globs.iter().map(|g| format!("{g:?}")).collect();
+            format!("filter {}", quoted.join(", "))
         }
     }
 

@@ -115,7 +115,7 @@ fn filters_apply_to_the_whole_checkpoint_and_skip_untouched_shards() {
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     assert!(
         e.to_string()
-            .contains("filter nothing.* matches none of the 6 tensors"),
+            .contains("filter \"nothing.*\" matches none of the 6 tensors"),
         "{e}"
     );
     assert!(
