@@ -515,6 +515,51 @@ fn gpu_device_allocation_waits_for_a_dropped_load() {
     drop(mem);
 }
 
+/// Anything a stand-in load holds (dropping it lets go).
+trait Held {}
+impl<T> Held for T {}
+
+/// A stand-in load: takes what `take` takes from the device (its slots, a reservation), says
+/// so, and holds it until released (or for 60 s). Returns the load and its release.
+fn holding(
+    dev: &Arc<CudaDevice>,
+    take: impl for<'a> FnOnce(&'a CudaDevice) -> Result<Box<dyn Held + 'a>> + Send + 'static,
+) -> (StreamingLoad, crossbeam_channel::Sender<()>) {
+    use std::time::Duration;
+    let (got, has) = crossbeam_channel::bounded::<()>(1);
+    let (release, hold) = crossbeam_channel::bounded::<()>(1);
+    let d = dev.clone();
+    let load = StreamingLoad::spawn(move |_tx| {
+        let held = take(&d)?;
+        got.send(()).unwrap();
+        let _ = hold.recv_timeout(Duration::from_secs(60));
+        drop(held);
+        Err(Error::invalid("released"))
+    })
+    .unwrap();
+    has.recv_timeout(Duration::from_secs(10)).unwrap();
+    (load, release)
+}
+
+/// Releases a stand-in load ([`holding`]) 300 ms from now, on a thread; the flag says whether
+/// it has been released yet.
+fn release_later(
+    release: crossbeam_channel::Sender<()>,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let released = Arc::new(AtomicBool::new(false));
+    let r = released.clone();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        r.store(true, Ordering::SeqCst);
+        release.send(()).unwrap();
+    });
+    (released, releaser)
+}
+
 /// A ring load that is waiting for a dropped one (its device allocation, on a thread of its
 /// own, and its slots) stops waiting when it is dropped in turn: the drop does not sit out the
 /// dropped load's time. Then, once that one ends, the device serves a full load.
@@ -531,18 +576,7 @@ fn gpu_a_load_waiting_for_a_dropped_one_can_be_dropped() {
         want,
     } = mem_model();
     let plan = gpu_plan(&index, 16 << 10);
-    let (got, has) = crossbeam_channel::bounded::<()>(1);
-    let (release, hold) = crossbeam_channel::bounded::<()>(1);
-    let d = dev.clone();
-    let first = StreamingLoad::spawn(move |_tx| {
-        let slots = d.take_slots()?;
-        got.send(()).unwrap();
-        let _ = hold.recv_timeout(Duration::from_secs(60));
-        drop(slots);
-        Err(Error::invalid("released"))
-    })
-    .unwrap();
-    has.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (first, release) = holding(&dev, |d| Ok(Box::new(d.take_slots()?)));
     drop(first); // no stop flag: left running, holding the slots
     let waiting = load_streaming(
         &dev,
@@ -579,24 +613,8 @@ fn gpu_slot_wait_is_only_for_dropped_loads() {
     let Some(dev) = gpu(&small_ring()) else {
         return;
     };
-    // A stand-in load: takes the slots, says so, holds them until released.
-    let holding = |dev: Arc<CudaDevice>| {
-        let (got, has) = crossbeam_channel::bounded::<()>(1);
-        let (release, hold) = crossbeam_channel::bounded::<()>(1);
-        let load = StreamingLoad::spawn(move |_tx| {
-            let slots = dev.take_slots()?;
-            got.send(()).unwrap();
-            let _ = hold.recv_timeout(Duration::from_secs(60));
-            drop(slots);
-            Err(Error::invalid("released"))
-        })
-        .unwrap();
-        has.recv_timeout(Duration::from_secs(10)).unwrap();
-        (load, release)
-    };
-
     // Live holder: refused at once.
-    let (load, release) = holding(dev.clone());
+    let (load, release) = holding(&dev, |d| Ok(Box::new(d.take_slots()?)));
     let t = Instant::now();
     let e = dev.take_slots().unwrap_err();
     assert!(
@@ -608,15 +626,9 @@ fn gpu_slot_wait_is_only_for_dropped_loads() {
     assert_eq!(load.wait().unwrap_err().kind(), ErrorKind::InvalidInput);
 
     // Dropped holder, still running: waited for, and the slots come as soon as it lets go.
-    let (load, release) = holding(dev.clone());
+    let (load, release) = holding(&dev, |d| Ok(Box::new(d.take_slots()?)));
     drop(load); // no stop flag: returns at once, the load goes on
-    let released = Arc::new(AtomicBool::new(false));
-    let r = released.clone();
-    let releaser = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        r.store(true, Ordering::SeqCst);
-        release.send(()).unwrap();
-    });
+    let (released, releaser) = release_later(release);
     let slots = dev.take_slots().expect("the dropped load's slots");
     assert!(
         released.load(Ordering::SeqCst),
@@ -626,7 +638,7 @@ fn gpu_slot_wait_is_only_for_dropped_loads() {
 
     // A load waiting for a dropped one's slots stops waiting when asked to stop.
     drop(slots);
-    let (first, release) = holding(dev.clone());
+    let (first, release) = holding(&dev, |d| Ok(Box::new(d.take_slots()?)));
     drop(first);
     let stop = Arc::new(AtomicBool::new(false));
     let d = dev.clone();
@@ -731,28 +743,10 @@ fn gpu_a_reserved_device_serves_only_its_thread() {
 
     // A streaming load that reserved the device and was dropped while it ran (between two
     // shards, say) is waited for, as one holding the slots would be, not refused.
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
-    let (got, has) = crossbeam_channel::bounded::<()>(1);
-    let (release, hold) = crossbeam_channel::bounded::<()>(1);
-    let d = dev.clone();
-    let load = StreamingLoad::spawn(move |_tx| {
-        let r = d.reserve()?;
-        got.send(()).unwrap();
-        let _ = hold.recv_timeout(Duration::from_secs(60));
-        drop(r);
-        Err(Error::invalid("released"))
-    })
-    .unwrap();
-    has.recv_timeout(Duration::from_secs(10)).unwrap();
+    use std::sync::atomic::Ordering;
+    let (load, release) = holding(&dev, |d| Ok(Box::new(d.reserve()?)));
     drop(load); // no stop flag: left running, the device still reserved
-    let released = Arc::new(AtomicBool::new(false));
-    let r = released.clone();
-    let releaser = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        r.store(true, Ordering::SeqCst);
-        release.send(()).unwrap();
-    });
+    let (released, releaser) = release_later(release);
     drop(dev.take_slots().expect("slots once the dropped load ended"));
     assert!(
         released.load(Ordering::SeqCst),
