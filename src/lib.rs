@@ -414,8 +414,7 @@ impl Loader {
     }
     /// Keeps only tensors whose name matches `glob` (several calls: any may match).
     pub fn filter_glob(mut self, glob: &str) -> Result<Self> {
-        globset::Glob::new(glob)
-            .map_err(|e| Error::invalid(format!("bad filter {glob:?}: {e}")))?;
+        filter_glob(glob)?;
         self.globs.push(glob.to_string());
         Ok(self)
     }
@@ -687,10 +686,7 @@ impl Loader {
         } else {
             let mut b = globset::GlobSetBuilder::new();
             for g in &self.globs {
-                b.add(
-                    globset::Glob::new(g)
-                        .map_err(|e| Error::invalid(format!("bad filter {g:?}: {e}")))?,
-                );
+                b.add(filter_glob(g)?);
             }
             Some(
                 b.build()
@@ -737,11 +733,7 @@ impl Loader {
         let mut unmatched = self
             .globs
             .iter()
-            .map(|g| {
-                globset::Glob::new(g)
-                    .map(|g| g.compile_matcher())
-                    .map_err(|e| Error::invalid(format!("bad filter {g:?}: {e}")))
-            })
+            .map(|g| filter_glob(g).map(|g| g.compile_matcher()))
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .zip(&self.globs)
@@ -2422,6 +2414,11 @@ pub fn combined_index<'a>(
 /// is written: the tensors' bytes (a tensorizer output stores no bytes for all-zero meta tensors;
 /// a safetensors output writes their zeros). Headers are not counted; where the free space
 /// cannot be read, the conversion goes ahead.
+/// A `--filter` glob, or an error naming it.
+fn filter_glob(glob: &str) -> Result<globset::Glob> {
+    globset::Glob::new(glob).map_err(|e| Error::invalid(format!("bad filter {glob:?}: {e}")))
+}
+
 /// Refuses a conversion whose `output` is one of its local `inputs` (the same file, by device
 /// and inode, whatever the path or link leading to it): renaming the output into place would
 /// replace the input (a shard of the checkpoint being read, an encrypted file by its

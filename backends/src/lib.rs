@@ -47,6 +47,16 @@ pub(crate) const SLOWEST_RATE: u64 = 256 << 10;
 #[cfg(any(feature = "http", feature = "s3", feature = "nfs"))]
 pub(crate) const PROGRESS_BYTES: usize = 64 << 10;
 
+/// The HTTP and S3 backends' warning for an object served with neither ETag nor Last-Modified
+/// (given once per backend).
+#[cfg(any(feature = "http", feature = "s3"))]
+pub(crate) fn warn_unversioned(location: &str) {
+    log::warn!(
+        "{location}: the server sends neither ETag nor Last-Modified, so a change of the object \
+         during a load can only be seen if its size changes"
+    );
+}
+
 /// Options shared by all backends; each backend reads the ones that concern it.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {

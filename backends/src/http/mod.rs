@@ -106,11 +106,7 @@ impl HttpBackend {
     /// Records the version `read_at` is pinned to; warns once when there is nothing to pin.
     fn set_pin(&self, pin: Pin) {
         if pin.version().is_none() && !self.warned_unversioned.swap(true, Ordering::Relaxed) {
-            log::warn!(
-                "{}: the server sends neither ETag nor Last-Modified, so a change of \
-                 the object during a load can only be seen if its size changes",
-                self.ctx.display
-            );
+            crate::warn_unversioned(&self.ctx.display);
         }
         match self.pin.lock() {
             Ok(mut p) => *p = pin,

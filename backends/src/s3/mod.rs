@@ -483,11 +483,7 @@ impl Backend for S3Backend {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         // Once per backend (as the HTTP backend does), not at every stat.
         if meta.version.is_none() && pinned.as_ref().is_none_or(|p| p.version.is_some()) {
-            log::warn!(
-                "{}: the server sends neither ETag nor Last-Modified, so a change of the \
-                 object during a load can only be seen if its size changes",
-                self.uri
-            );
+            crate::warn_unversioned(&self.uri);
         }
         *pinned = Some(meta.clone());
         drop(pinned);
