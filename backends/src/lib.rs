@@ -37,13 +37,15 @@ pub mod s3;
 pub(crate) mod stop;
 
 /// The remote backends' rule for a server that trickles bytes (each gap shorter than the
-/// timeout): a request for N bytes gets its timeout plus N at this rate (bytes per second)...
+/// timeout): a request for N bytes gets its timeout plus N at this rate (bytes per second);
+/// cut there, its bytes are kept and the rest is asked for, but the cut counts as a failed
+/// attempt, so that a slower server is given up on after a few cuts in a row...
 #[cfg(any(feature = "http", feature = "s3", feature = "nfs"))]
 pub(crate) const SLOWEST_RATE: u64 = 256 << 10;
-/// ... and, cut there, it counts as progress (is continued rather than failed) only if it brought
-/// this many bytes. NFS applies both per connection: bytes count as progress once they are this
-/// many and came at that rate or faster since the connection began waiting, and a connection
-/// without progress for its timeout fails.
+/// ... and an answer that is merely shorter than asked (or broken off) counts as progress (is
+/// continued rather than failed) only if it brought this many bytes. NFS applies both per
+/// connection: bytes count as progress once they are this many and came at that rate or faster
+/// since the connection began waiting, and a connection without progress for its timeout fails.
 #[cfg(any(feature = "http", feature = "s3", feature = "nfs"))]
 pub(crate) const PROGRESS_BYTES: usize = 64 << 10;
 

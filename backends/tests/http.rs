@@ -736,6 +736,35 @@ fn a_slow_but_steady_server_finishes_by_resuming() {
 }
 
 #[test]
+fn a_server_slower_than_min_rate_is_given_up_on_even_when_each_cut_brings_much() {
+    let r = rig();
+    let data = pattern(4 << 20, 9);
+    write_file(r.dir.path(), "x.bin", &data);
+    // 8 KiB every 100 ms (~80 kB/s) against an accepted 1 MiB/s: each GET of what is left of
+    // 4 MiB gets 3 s + up to 4 s, brings about 0.5 MB (well over the 64 KiB that count as
+    // progress for a merely short answer) and is cut. Cuts for slowness count as failures
+    // whatever they bring, so after 1 + 2 retries the range is given up on: a trickle cannot
+    // hold a load for hours by bringing a little each time (it did: each cut reset the count).
+    r.proxy.set_faults(Faults {
+        trickle: Some((8 << 10, Duration::from_millis(100))),
+        ..Default::default()
+    });
+    let cfg = HttpConfig {
+        min_rate: 1 << 20,
+        ..quick_cfg(1, 4 << 20, Duration::from_secs(3), 2)
+    };
+    let b = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg).unwrap();
+    let e = within(Duration::from_secs(90), move || {
+        b.read_at(0, &mut vec![0u8; 4 << 20]).unwrap_err()
+    });
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("too slow"), "{e}");
+    assert!(e.to_string().contains("giving up after 3 attempts"), "{e}");
+    let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert_eq!(gets, 3, "{:?}", r.proxy.log());
+}
+
+#[test]
 fn a_server_that_resets_after_every_few_bytes_is_given_up_on() {
     let r = rig();
     let data = pattern(1 << 20, 8);

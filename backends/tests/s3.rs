@@ -865,6 +865,63 @@ fn a_trickling_server_times_out() {
     assert!(e.to_string().contains("too slow"), "{e}");
 }
 
+/// A server slower than the slowest accepted rate that still brings more than 64 KiB per GET:
+/// each GET is cut and continued, but three cuts in a row fail the read (before, every cut that
+/// brought 64 KiB was continued, and a trickle could hold a load for hours).
+#[test]
+fn a_server_that_stays_too_slow_is_given_up_on_after_three_cuts() {
+    let f = faulty();
+    let be = f.backend(&OpenOptions {
+        timeout: Some(Duration::from_millis(300)),
+        concurrency: Some(1),
+        ..small_chunks()
+    });
+    be.stat().unwrap();
+    f.proxy.set_faults(Faults {
+        // 5 kB/s: about 110 kB in each GET's 6 × 0.3 s + 4 × 4 s + 4 s, well over 64 KiB, and
+        // about a third of the 1 MiB part in three GETs.
+        trickle: Some((500, Duration::from_millis(100))),
+        ..Faults::default()
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let _ = tx.send(be.read_at(0, &mut buf));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(150))
+        .expect("a server that stays too slow held the read for 150 s");
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("3 GETs in a row were cut"), "{e}");
+    let gets = f.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert_eq!(gets, 3, "{:?}", f.proxy.log());
+}
+
+/// A gateway that answers every ranged GET with 64 KiB: a 8 MiB part takes 128 GETs, more than
+/// the 64 short answers in a row allowed when each brings little, and is read whole.
+#[test]
+fn many_shorter_answers_that_each_bring_64_kib_are_continued() {
+    let f = faulty();
+    f.proxy.set_faults(Faults {
+        shorten_206: Some(64 << 10),
+        ..Faults::default()
+    });
+    let be = f.backend(&OpenOptions {
+        chunk_size: Some(8 << 20),
+        concurrency: Some(1),
+        ..OpenOptions::default()
+    });
+    let mut got = vec![0u8; f.data.len()];
+    let n = be
+        .read_at(0, &mut got)
+        .expect("short answers are continued");
+    assert_eq!(n, f.data.len());
+    assert!(got == f.data, "bytes differ after short answers");
+    let gets = f.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert!(gets >= 128, "{gets} GETs");
+}
+
 /// `bkt/obj` of `s3` through `proxy`: one GET in flight, 4 MiB pieces (a 2 MiB object is one
 /// GET, so a reset mid-body makes the client resume it).
 fn one_get_at_a_time_via(s3: &S3s, proxy: &Proxy) -> Arc<S3Backend> {

@@ -17,10 +17,11 @@ pub const DEFAULT_CHUNK: usize = 8 << 20;
 /// Default per-request timeout (time to response headers, and longest pause between body bytes).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default slowest accepted transfer rate: one GET for N bytes may take the timeout plus
-/// N / this long (8 MiB: 30 s + 32 s). A slower answer is cut and resumed; see
-/// [`HttpConfig::min_rate`].
+/// N / this long (8 MiB: 30 s + 32 s). A slower answer is cut and resumed, and counts as a
+/// failed attempt; see [`HttpConfig::min_rate`].
 pub const DEFAULT_MIN_RATE: u64 = crate::SLOWEST_RATE;
-/// Bytes an attempt must bring to count as progress (which restarts the retry count).
+/// Bytes a shorter answer or a broken-off body must bring to count as progress (which restarts
+/// the retry count). An answer cut for slowness never counts as progress.
 pub const PROGRESS_MIN: usize = crate::PROGRESS_BYTES;
 /// Default number of retries of one range without progress.
 pub const DEFAULT_MAX_RETRIES: u32 = 5;
@@ -44,11 +45,14 @@ pub struct HttpConfig {
     pub connect_timeout: Duration,
     /// Slowest transfer accepted, in bytes per second: one GET for N bytes gets `timeout` plus
     /// N / `min_rate` in all, so that a server trickling bytes (each pause shorter than the
-    /// timeout) cannot hold a load forever. A GET cut this way is resumed where it stopped; it
-    /// counts as a failed attempt unless it brought [`PROGRESS_MIN`] bytes. 0: no limit.
+    /// timeout) cannot hold a load forever. A GET cut this way is resumed where it stopped (its
+    /// bytes are kept), but counts as a failed attempt whatever it brought: a range that is
+    /// still not complete after `max_retries` such cuts in a row fails with a `Timeout` error
+    /// ("too slow"). In practice a connection slower than about 30 KiB/s fails with the defaults
+    /// (six attempts of 30 s or more for 8 MiB). 0: no limit.
     pub min_rate: u64,
     /// Retries of one range that made no progress (connection errors, 429, 5xx, stalls, fewer
-    /// than [`PROGRESS_MIN`] bytes).
+    /// than [`PROGRESS_MIN`] bytes, answers cut for being slower than `min_rate`).
     pub max_retries: u32,
     /// First retry delay; doubles on each retry (full jitter).
     pub backoff_base: Duration,

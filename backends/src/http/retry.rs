@@ -69,6 +69,10 @@ pub(crate) enum Failure {
         err: Box<Error>,
         after: Option<Duration>,
     },
+    /// The body came slower than [`HttpConfig::min_rate`] allows and was cut: its bytes are
+    /// kept and the rest is asked for, but the attempt counts as failed whatever it brought, so
+    /// that a server slower than the slowest accepted rate is given up on after the retries.
+    Slow(Box<Error>),
     /// Give up.
     Fatal(Box<Error>),
 }
@@ -203,17 +207,17 @@ fn give_up(ctx: &Ctx, err: Error, attempts: u32) -> Error {
 pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
     let mut failures = 0u32;
     loop {
-        match stat_once(ctx).await {
+        let (err, after) = match stat_once(ctx).await {
             Ok(p) => return Ok(p),
             Err(Failure::Fatal(e)) => return Err(*e),
-            Err(Failure::Retry { err, after }) => {
-                failures += 1;
-                if failures > ctx.cfg.max_retries {
-                    return Err(give_up(ctx, *err, failures));
-                }
-                backoff(ctx, failures, after).await;
-            }
+            Err(Failure::Retry { err, after }) => (err, after),
+            Err(Failure::Slow(err)) => (err, None),
+        };
+        failures += 1;
+        if failures > ctx.cfg.max_retries {
+            return Err(give_up(ctx, *err, failures));
         }
+        backoff(ctx, failures, after).await;
     }
 }
 
@@ -438,6 +442,15 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
             }
             Ok(()) => failures = 0,
             Err(Failure::Fatal(e)) => return Err(*e),
+            Err(Failure::Slow(err)) => {
+                // Resumed from `pos`, but counted whatever it brought: a server slower than
+                // `min_rate` must not hold a load for hours by bringing a little each time.
+                failures += 1;
+                if failures > ctx.cfg.max_retries {
+                    return Err(give_up(ctx, *err, failures));
+                }
+                backoff(ctx, failures, None).await;
+            }
             Err(Failure::Retry { err, after }) => {
                 if pos >= want {
                     // Everything arrived; only the tail of the exchange failed.
@@ -649,7 +662,7 @@ async fn current_version(ctx: &Ctx) -> String {
             "{unknown}; a HEAD for the new version got {}",
             status_text(&r)
         ),
-        Ok(Err(Failure::Retry { err, .. } | Failure::Fatal(err))) => {
+        Ok(Err(Failure::Retry { err, .. } | Failure::Slow(err) | Failure::Fatal(err))) => {
             format!("{unknown}; a HEAD for the new version failed: {err}")
         }
         Err(_) => format!("{unknown}; a HEAD for the new version timed out"),
@@ -697,15 +710,18 @@ async fn stream_body(
             Err(_) if wait < ctx.cfg.timeout && got > 0 => {
                 return (
                     got,
-                    Err(retry(ctx.err(
-                        ErrorKind::Timeout,
-                        format!(
-                            "response body too slow: {got} of {} bytes in {:.1} s (slowest \
-                             accepted rate {} bytes/s)",
-                            dest.len(),
-                            started.elapsed().as_secs_f64(),
-                            ctx.cfg.min_rate
-                        ),
+                    Err(Failure::Slow(Box::new(
+                        ctx.err(
+                            ErrorKind::Timeout,
+                            format!(
+                                "response body too slow: {got} of {} bytes in {:.1} s (slowest \
+                                 accepted rate {} bytes/s)",
+                                dest.len(),
+                                started.elapsed().as_secs_f64(),
+                                ctx.cfg.min_rate
+                            ),
+                        )
+                        .with_retryable(true),
                     ))),
                 )
             }

@@ -57,51 +57,95 @@ pub(crate) async fn read_into(
     Ok(total)
 }
 
-/// Ranged GETs in a row one part may take when the server answers each with fewer bytes than
-/// asked (a `206` for a shorter range: allowed, and the rest is asked for).
+/// Ranged GETs in a row one part may take when the server answers each with fewer than
+/// [`PROGRESS_MIN`] bytes, though more were asked for (a `206` for a shorter range: allowed, and
+/// the rest is asked for). Shorter answers that bring more are continued without limit: each
+/// brings the part closer to its end.
 const MAX_SHORT_ANSWERS: u32 = 64;
 
 /// Slowest accepted transfer: one GET for N bytes gets the retry layer's attempts at the timeout
-/// and their backoff, plus N / this long in all (16 MiB: 6 × 10 s + 4 × 4 s + 64 s), so that a server trickling bytes, each gap shorter than the timeout,
-/// cannot hold a load for ever. A GET cut this way is continued where it stopped if it brought
-/// [`PROGRESS_MIN`] bytes, and is a `Timeout` error otherwise.
+/// and their backoff, plus N / this long in all (16 MiB: 6 × 10 s + 4 × 4 s + 64 s), so that a
+/// server trickling bytes, each gap shorter than the timeout, cannot hold a load for ever. A GET
+/// cut this way is continued where it stopped if it brought [`PROGRESS_MIN`] bytes, and is a
+/// `Timeout` error otherwise; [`MAX_SLOW_CUTS`] cuts in a row are a `Timeout` error too.
 const MIN_RATE: u64 = crate::SLOWEST_RATE;
-/// Bytes a GET cut for slowness must have brought to be continued.
+/// Bytes a GET cut for slowness (or shorter than asked) must have brought to be continued
+/// (without counting towards [`MAX_SHORT_ANSWERS`]).
 const PROGRESS_MIN: usize = crate::PROGRESS_BYTES;
+/// GETs of one part cut for slowness in a row after which the part fails, however much each
+/// brought: a server slower than [`MIN_RATE`] must not hold a load for hours by bringing a
+/// little each time (with the defaults a connection slower than about 50 KiB/s fails).
+const MAX_SLOW_CUTS: u32 = 3;
 
 /// `dst` from `offset`: one ranged GET, and more for the rest when the server answers with a
 /// shorter range. Returns fewer bytes than `dst` holds only where the object ends.
 async fn read_part(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) -> Result<usize> {
     let mut n = 0usize;
     let mut short = 0u32;
+    let mut cuts = 0u32;
+    let started = tokio::time::Instant::now();
+    let part = offset..offset.saturating_add(dst.len() as u64);
     while n < dst.len() {
         let at = offset + n as u64; // n <= dst.len(), and the range was clamped to the object
-        let got = read_once(io, etag, at, &mut dst[n..]).await?;
+        let Got { bytes: got, cut } = read_once(io, etag, at, &mut dst[n..]).await?;
         if got == 0 {
             break; // the object ends here
         }
         n += got;
-        if n < dst.len() {
-            short += 1;
-            if short >= MAX_SHORT_ANSWERS {
+        if n >= dst.len() {
+            break;
+        }
+        if cut {
+            cuts += 1;
+            if cuts >= MAX_SLOW_CUTS {
                 return Err(Error::new(
-                    ErrorKind::Io,
+                    ErrorKind::Timeout,
                     format!(
-                        "GET: the server answered {MAX_SHORT_ANSWERS} ranged GETs in a row with \
-                         fewer bytes than asked"
+                        "GET too slow: {cuts} GETs in a row were cut for being slower than \
+                         {MIN_RATE} bytes/s ({n} of {} bytes in {:.1} s)",
+                        dst.len(),
+                        started.elapsed().as_secs_f64()
                     ),
                 )
+                .with_retryable(true)
                 .with_backend("s3")
                 .with_location(&io.uri)
-                .with_range(offset..offset.saturating_add(dst.len() as u64)));
+                .with_range(part));
             }
+            continue;
+        }
+        cuts = 0;
+        if got >= PROGRESS_MIN {
+            short = 0;
+            continue;
+        }
+        short += 1;
+        if short >= MAX_SHORT_ANSWERS {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "GET: the server answered {MAX_SHORT_ANSWERS} ranged GETs in a row with \
+                     under {PROGRESS_MIN} bytes each, fewer than asked"
+                ),
+            )
+            .with_backend("s3")
+            .with_location(&io.uri)
+            .with_range(part));
         }
     }
     Ok(n)
 }
 
+/// What one ranged GET brought.
+struct Got {
+    /// Bytes written to the front of the destination.
+    bytes: usize,
+    /// The GET was cut for being slower than [`MIN_RATE`] (it brought [`PROGRESS_MIN`] or more).
+    cut: bool,
+}
+
 /// One ranged GET into `dst` (the server may answer a shorter range).
-async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) -> Result<usize> {
+async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) -> Result<Got> {
     let end = offset.saturating_add(dst.len() as u64);
     let range = offset..end;
     let _permit =
@@ -144,7 +188,12 @@ async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
         let next = match deadline {
             Some(d) => match tokio::time::timeout_at(d, stream.try_next()).await {
                 Ok(r) => r,
-                Err(_) if n >= PROGRESS_MIN.min(dst.len()) => return Ok(n), // continued
+                Err(_) if n >= PROGRESS_MIN.min(dst.len()) => {
+                    return Ok(Got {
+                        bytes: n,
+                        cut: true,
+                    })
+                }
                 Err(_) => {
                     return Err(Error::new(
                         ErrorKind::Timeout,
@@ -169,7 +218,12 @@ async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
             // OpenDAL fails a body shorter than the range it asked for, after handing over the
             // bytes that came (each answer's Content-Range was checked in `transport.rs`): keep
             // them, the caller asks for the rest.
-            Err(e) if n > 0 && is_short_answer(&e) => return Ok(n),
+            Err(e) if n > 0 && is_short_answer(&e) => {
+                return Ok(Got {
+                    bytes: n,
+                    cut: false,
+                })
+            }
             Err(e) => return Err(io.error(e, "GET", Some(range.clone()))),
         };
         for bytes in buf {
@@ -193,7 +247,10 @@ async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
             n = next;
         }
     }
-    Ok(n)
+    Ok(Got {
+        bytes: n,
+        cut: false,
+    })
 }
 
 /// Whether OpenDAL's error says the answer brought fewer bytes than the range asked.
