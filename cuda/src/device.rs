@@ -383,7 +383,7 @@ impl CudaDevice {
             if !self.holder_left() {
                 self.check_reservation()?;
                 let slots = PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
-                    .map_err(|e| e.context(format!("cuda:{}", self.ordinal)))?;
+                    .map_err(|e| self.slots_refused(e))?;
                 if let Ok(mut h) = self.holder.lock() {
                     *h = LoadToken::own();
                 }
@@ -412,6 +412,25 @@ impl CudaDevice {
     }
 
     /// Refuses when another thread reserved the device ([`CudaDevice::reserve`]).
+    /// The error for slots that cannot be lent: in use by another load — or kept by a load
+    /// that failed on an unrecoverable device fault, whose copies the device could not confirm
+    /// finished (they are never handed back then). The context then fails every call, so that
+    /// is what to say, not "in use".
+    fn slots_refused(&self, e: Error) -> Error {
+        match driver::context_fault(&self.ctx) {
+            Some(fault) => Error::new(
+                ErrorKind::Device,
+                format!(
+                    "cuda:{}: the device is unusable after an unrecoverable error in an earlier \
+                     load ({}); a CUDA context does not recover from it: start a new process",
+                    self.ordinal,
+                    fault.message()
+                ),
+            ),
+            None => e.context(format!("cuda:{}", self.ordinal)),
+        }
+    }
+
     fn check_reservation(&self) -> Result<()> {
         let me = std::thread::current().id();
         match self.reserved.lock().ok().and_then(|r| *r) {

@@ -699,6 +699,61 @@ fn gpu_staging_ring_is_kept_out_of_forked_children() {
     assert!(flags.contains(&"dc".to_string()), "{flags:?}");
 }
 
+/// After an unrecoverable device fault (a "sticky" error: every later call in the context
+/// fails) the failed load's slots stay leaked (the device could not confirm its copies ended),
+/// and the next load on the handle says that the device is unusable, naming the fault, rather
+/// than that another load holds the slots. Needs fakecuda's fault injection, which is set for
+/// the whole process at `cuInit`: the test runs itself again in a child process with it.
+#[test]
+fn gpu_a_load_after_a_sticky_device_fault_names_the_fault() {
+    const CHILD: &str = "TS_TEST_STICKY_CHILD";
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    if std::env::var_os(CHILD).is_none() {
+        if !dev.name().unwrap().contains("fakecuda") {
+            println!("skipped: needs fakecuda's fault injection (a real device has no such fault)");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "gpu_a_load_after_a_sticky_device_fault_names_the_fault",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .env("FAKECUDA_FAIL_SYNC_AT", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}\n{err}");
+        assert!(text.contains("child checked"), "{text}\n{err}");
+        return;
+    }
+    let MemModel {
+        be, meta, index, ..
+    } = mem_model();
+    let plan = gpu_plan(&index, 64 << 10);
+    let eo = EngineOptions {
+        queue_depth: 4,
+        ..Default::default()
+    };
+    let first = load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo);
+    let e = first.expect_err("the injected fault fails the first load");
+    assert!(e.to_string().contains("CUDA_ERROR_LAUNCH_FAILED"), "{e}");
+    let e = load(&dev, be, &meta, index, plan, &eo).expect_err("the context is broken");
+    let msg = e.to_string();
+    assert_eq!(e.kind(), ErrorKind::Device, "{msg}");
+    assert!(
+        msg.contains("unusable after an unrecoverable error"),
+        "{msg}"
+    );
+    assert!(msg.contains("CUDA_ERROR_LAUNCH_FAILED"), "{msg}");
+    assert!(!msg.contains("in use by another load"), "{msg}");
+    println!("child checked: {msg}");
+}
+
 /// A reservation keeps the device for the reserving thread's loads between their parts (a
 /// sharded checkpoint's shards): that thread takes and gives back the slots as it likes,
 /// another thread is refused at once, and once the reservation is dropped it is not.

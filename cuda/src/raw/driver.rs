@@ -98,6 +98,18 @@ pub fn device_attribute(ctx: &CudaContext, attr: sys::CUdevice_attribute) -> Res
         .map_err(|e| device_error("querying a device attribute", e))
 }
 
+/// The error a context answers every call with after an unrecoverable fault (an illegal
+/// address, a failed launch, an ECC error: "sticky" errors), or `None` while it works. One
+/// cheap query (free memory) stands for every call.
+pub(crate) fn context_fault(ctx: &CudaContext) -> Option<Error> {
+    if let Err(e) = bind(ctx) {
+        return Some(e);
+    }
+    result::mem_get_info()
+        .err()
+        .map(|e| device_error("the CUDA context", e))
+}
+
 /// Records `ev` on `stream` (both of one context) after [`bind`]: cudarc's `record` would
 /// first hand back an error stored by earlier, unrelated work, and fail this load with it.
 fn record_event(ev: &CudaEvent, stream: &CudaStream) -> Result<()> {
@@ -461,8 +473,13 @@ fn sync_event(ctx: &CudaContext, ev: &CudaEvent) -> Result<()> {
     bind(ctx)?;
     // SAFETY: `ev` is a live event of this context; the context is current on this thread
     // (bound just above).
-    unsafe { result::event::synchronize(ev.cu_event()) }
-        .map_err(|e| device_error("host-to-device copy failed", e))
+    unsafe { result::event::synchronize(ev.cu_event()) }.map_err(|e| {
+        // A sticky fault is reported by every call, whichever work caused it.
+        device_error(
+            "waiting for a host-to-device copy (or earlier device work)",
+            e,
+        )
+    })
 }
 
 impl InFlight {
