@@ -268,6 +268,21 @@ pub(crate) fn arena_for(
 ) -> Result<(Arc<DeviceArena>, Duration)> {
     // Every route starts here: a plan made by hand fails before any device work.
     plan.validate()?;
+    // Every tensor on the device starts on a TENSOR_ALIGN boundary (what `DeviceModel`
+    // promises): a plan laid out otherwise (`Layout::Mirror`, a smaller `Packed` alignment) is
+    // refused rather than loaded to misaligned pointers. (The arena's base is checked below.)
+    if let Some(p) = plan
+        .placements
+        .iter()
+        .find(|p| p.len > 0 && p.dest % crate::TENSOR_ALIGN != 0)
+    {
+        return Err(Error::invalid(format!(
+            "the plan puts a tensor at arena offset {}, not on a {}-byte boundary: plan GPU \
+             loads with Layout::Packed {{ align: TENSOR_ALIGN }}",
+            p.dest,
+            crate::TENSOR_ALIGN
+        )));
+    }
     let started = Instant::now();
     let (arena, alloc) = match given {
         Some(a) => {
@@ -290,13 +305,13 @@ pub(crate) fn arena_for(
             (a, started.elapsed())
         }
     };
-    if arena.base() % plan.arena_align.max(1) != 0 {
+    let align = plan.arena_align.max(crate::TENSOR_ALIGN);
+    if arena.base() % align != 0 {
         return Err(Error::new(
             ErrorKind::Device,
             format!(
-                "device arena at {:#x} is not aligned to {} bytes",
-                arena.base(),
-                plan.arena_align
+                "device arena at {:#x} is not aligned to {align} bytes",
+                arena.base()
             ),
         ));
     }

@@ -286,6 +286,48 @@ fn gpu_slot_smaller_than_reads_is_refused() {
     assert_eq!(dev.take_slots().unwrap().len(), 3);
 }
 
+/// Tensors on the device start on TENSOR_ALIGN boundaries: a plan that would put them
+/// elsewhere (packed to 8 bytes, or mirroring the file's offsets) is refused before any copy,
+/// and the failed load gives the slots back.
+#[test]
+fn gpu_plans_with_misaligned_tensors_are_refused() {
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let MemModel {
+        be, meta, index, ..
+    } = mem_model();
+    for layout in [Layout::Packed { align: 8 }, Layout::Mirror] {
+        let mut o = PlanOptions::new(index.object_size);
+        o.layout = layout;
+        o.chunk_size = 64 << 10;
+        o.alignment = 4096;
+        let sel: Vec<usize> = (0..index.tensors.len()).collect();
+        let plan = Arc::new(plan(&index, &sel, &o).unwrap());
+        assert!(
+            plan.placements
+                .iter()
+                .any(|p| p.len > 0 && p.dest % TENSOR_ALIGN != 0),
+            "{layout:?}: the test needs a misaligned tensor"
+        );
+        let e = load(
+            &dev,
+            be.clone(),
+            &meta,
+            index.clone(),
+            plan,
+            &EngineOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{layout:?}: {e}");
+        assert!(
+            e.to_string().contains("256-byte boundary"),
+            "{layout:?}: {e}"
+        );
+        assert_eq!(dev.take_slots().unwrap().len(), 3, "{layout:?}");
+    }
+}
+
 #[test]
 fn gpu_mixed_fixture_matches_manifest() {
     let dir = fixtures();
