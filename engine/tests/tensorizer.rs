@@ -714,7 +714,8 @@ fn convert_parts_refuses_a_part_that_changed() {
             index: declared,
             open: Box::new(move || {
                 let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem://p", bytes));
-                Ok((PartBackend::Owned(be), opened, None))
+                let meta = be.stat()?;
+                Ok((PartBackend::Owned(be, meta), opened, None))
             }),
         }
     };
@@ -788,4 +789,79 @@ fn convert_parts_refuses_a_part_that_changed() {
     .unwrap_err();
     assert!(e.to_string().contains("written twice"), "{e}");
     assert!(!out.exists());
+}
+
+/// A backend whose object is overwritten (same size, new version) after `after` reads: what a
+/// file rewritten in place, or an object replaced, looks like to a backend whose only change
+/// detection is its `stat` version.
+#[derive(Debug)]
+struct Overwritten {
+    old: Vec<u8>,
+    new: Vec<u8>,
+    after: usize,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Overwritten {
+    fn changed(&self) -> bool {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst) >= self.after
+    }
+}
+
+impl Backend for Overwritten {
+    fn location(&self) -> &str {
+        "mem://overwritten"
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        Ok(ObjectMeta {
+            size: self.old.len() as u64,
+            version: Some(if self.changed() { "v2" } else { "v1" }.into()),
+        })
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let src = if self.changed() { &self.new } else { &self.old };
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let start = (offset as usize).min(src.len());
+        let n = buf.len().min(src.len() - start);
+        buf[..n].copy_from_slice(&src[start..start + n]);
+        Ok(n)
+    }
+}
+
+/// An object overwritten while it is converted (noticed by no read, only by the final `stat`
+/// that loads make too) fails the conversion with `ObjectChanged`, and no output is written:
+/// the output would have mixed the two versions' bytes (with fresh hashes, for tensorizer).
+#[test]
+fn a_conversion_of_an_object_that_changed_meanwhile_fails_and_writes_nothing() {
+    use tensorstream_engine::format::convert::{convert, ConvertOptions};
+    let (old, _) = tensorstream_engine::testkit::u8_model(&[3 << 20, 3 << 20, 3 << 20], 5);
+    let (new, _) = tensorstream_engine::testkit::u8_model(&[3 << 20, 3 << 20, 3 << 20], 6);
+    assert_eq!(old.len(), new.len());
+    let dir = tempfile::tempdir().unwrap();
+    for out in ["o.safetensors", "o.tensors"] {
+        // Unchanged: the conversion succeeds (and its output holds the old bytes).
+        let be = Overwritten {
+            old: old.clone(),
+            new: new.clone(),
+            after: usize::MAX,
+            reads: 0.into(),
+        };
+        let path = dir.path().join(out);
+        convert(&be, &path, &ConvertOptions::default()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // Overwritten after the index and a little data were read.
+        let be = Overwritten {
+            after: 3,
+            reads: 0.into(),
+            ..be
+        };
+        let e = convert(&be, &path, &ConvertOptions::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{out}: {e}");
+        assert_eq!(e.location(), Some("mem://overwritten"), "{out}: {e}");
+        assert!(!path.exists(), "{out}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{out}");
+    }
 }

@@ -37,25 +37,40 @@ pub struct ConvertPart<'a> {
     pub open: Box<dyn FnOnce() -> Result<OpenedPart<'a>> + 'a>,
 }
 
-/// A part's backend: borrowed from the caller or opened for the part.
+/// A part's backend: borrowed from the caller or opened for the part, each with the metadata
+/// (size, version) its index was read under. After the part's last tensor the object is checked
+/// against it ([`crate::unchanged_since`], a final `stat`, as a load does), so that a change no
+/// read noticed fails the conversion instead of writing bytes of two versions.
 pub enum PartBackend<'a> {
     /// The caller's.
-    Borrowed(&'a dyn Backend),
+    Borrowed(&'a dyn Backend, ObjectMeta),
     /// Opened for this part (closed when the part is done).
-    Owned(Arc<dyn Backend>),
-    /// Opened for this part, with the metadata (size, version) its index was read under: a
-    /// remote backend is then read through a reader session that follows
-    /// [`ConvertOptions::cancel`], so that a cancel stops a read in flight (`read_at` on a
-    /// stalled server would hold it until the request timed out).
+    Owned(Arc<dyn Backend>, ObjectMeta),
+    /// Opened for this part: a remote backend is then read through a reader session that
+    /// follows [`ConvertOptions::cancel`], so that a cancel stops a read in flight (`read_at`
+    /// on a stalled server would hold it until the request timed out).
     Session(Arc<dyn Backend>, ObjectMeta),
 }
 
 impl PartBackend<'_> {
     fn get(&self) -> &dyn Backend {
         match self {
-            PartBackend::Borrowed(b) => *b,
-            PartBackend::Owned(b) | PartBackend::Session(b, _) => b.as_ref(),
+            PartBackend::Borrowed(b, _) => *b,
+            PartBackend::Owned(b, _) | PartBackend::Session(b, _) => b.as_ref(),
         }
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            PartBackend::Borrowed(_, m) | PartBackend::Owned(_, m) | PartBackend::Session(_, m) => {
+                m
+            }
+        }
+    }
+
+    /// The part's final check: the object is still the version its tensors were read from.
+    fn check_unchanged(&self, loc: &str) -> Result<()> {
+        crate::unchanged_since(self.get(), self.meta()).map_err(|e| e.with_location(loc))
     }
 }
 
@@ -314,7 +329,7 @@ fn convert_one(
         open: Box::new(move || {
             let be = match shared {
                 Some(b) => PartBackend::Session(b, meta),
-                None => PartBackend::Borrowed(input),
+                None => PartBackend::Borrowed(input, meta),
             };
             Ok((be, index, hook))
         }),
@@ -610,6 +625,8 @@ fn write_safetensors(
             )?;
             stats.tensors += 1;
         }
+        drop(reads);
+        be.check_unchanged(&loc)?;
     }
     Ok(stats)
 }
@@ -666,6 +683,8 @@ fn write_tensorizer<W: Write + Seek>(
             stats.bytes = stats.bytes.saturating_add(t.nbytes());
             stats.tensors += 1;
         }
+        drop(reads);
+        be.check_unchanged(&loc)?;
     }
     Ok((stats, ser.finish()?))
 }
