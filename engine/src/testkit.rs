@@ -25,8 +25,10 @@
 //!   only for direct-I/O backends; everything else is planned with alignment 1, and this suite
 //!   plans its end-to-end loads the same way).
 //! * `read_at` at or past the end returns `Ok(0)` or [`ErrorKind::RangeNotSatisfiable`], never
-//!   bytes, and the error is not [`Error::is_retryable`]; at offsets near `u64::MAX` any error that
-//!   is not retryable will do. A read that straddles the end returns exactly the bytes up to the
+//!   bytes, and the error is not [`Error::is_retryable`] (probed up to 1 GiB past the end, and at
+//!   4 and 8 GiB plus an offset inside the object, where a backend that keeps only 32 bits of the
+//!   offset would return bytes); at offsets near `u64::MAX` any error that is not retryable will
+//!   do. A read that straddles the end returns exactly the bytes up to the
 //!   end; a zero-length read returns `Ok(0)` (or `RangeNotSatisfiable` at the end).
 //! * Objects of at least `2 × preferred_chunk + 77` bytes (capped at 48 MiB, at least 8 MiB) read
 //!   correctly with `read_at` in one piece and in reads of `preferred_chunk + 1` bytes at high
@@ -38,13 +40,17 @@
 //!   the requested length, and `in_flight` counts the reads not yet returned. `stat` works while a
 //!   reader is open and reports the same size and version.
 //! * Every buffer also comes back when reads fail: reads past the end and, when the fixture's
-//!   `missing` gives a backend, reads of a missing object (they fail with `NotFound`).
+//!   `missing` gives a backend, reads of a missing object (they fail with `NotFound`); and after
+//!   [`RangeReader::abandon`] with reads in flight (each with its bytes, or failed).
 //! * A missing object reports [`ErrorKind::NotFound`], not retryable, from the fixture, `stat` or
 //!   `read_at`.
 //! * When the fixture can overwrite objects ([`Fixture::overwrite`]): after an object is replaced
 //!   by one of the same size, a load that started before either keeps reading the old bytes or
 //!   reports [`ErrorKind::ObjectChanged`] (from a read, `open_reader`, or
-//!   [`crate::unchanged_since`], i.e. a second `stat`). Fixtures that cannot overwrite leave the
+//!   [`crate::unchanged_since`], i.e. a second `stat`), and so does `read_at`: new bytes from a
+//!   reader session must be reported by the session or the second `stat`, new bytes from
+//!   `read_at` by `read_at` or the second `stat` (a load reads through the session, a
+//!   conversion of a local object through `read_at`). Fixtures that cannot overwrite leave the
 //!   default, and the check prints a "skipped" line.
 //! * A safetensors file loads end to end (`read_index` → `plan` → `execute` → [`HostSink`]) in
 //!   both layouts. Note that [`crate::format::read_index`] reads the metadata through `read_at`
@@ -94,6 +100,7 @@ pub fn run_all(fixture: &dyn Fixture) {
     check_read_at_large(fixture);
     check_reader(fixture, 1);
     check_reader(fixture, 32);
+    check_reader_abandon(fixture);
     check_reader_errors(fixture);
     check_missing(fixture);
     check_object_change(fixture);
@@ -691,6 +698,9 @@ pub fn check_read_at(fx: &dyn Fixture) {
         (size_up + a) as u64,
         (size_up + 1024 * a) as u64,
         size_up as u64 + (1 << 30),        // 1 GiB past the end
+        1 << 32,                           // 4 GiB: offset 0 for a backend that keeps 32 bits
+        (1 << 32) + down(size as u64 / 2), // the middle, likewise
+        (1 << 33) + down(size as u64 / 3),
         down(u64::MAX - 2 * probe as u64), // near u64::MAX: offset + len just fits
     ] {
         expect_nothing(&ctx, &be, &caps, off, probe, size as u64);
@@ -775,6 +785,9 @@ fn judge_read(
 /// (`bytes` are the requested `len` bytes of the buffer). With `stat_meta`, `stat` is called
 /// after the first submit and every 16th, and must still report that meta. New reads are
 /// submitted before a completion is judged, so the backend keeps working while the suite checks.
+/// With `abandon_after: Some(k)`, the reader is abandoned ([`RangeReader::abandon`]) once `k`
+/// reads came back (at once for 0), nothing more is submitted, and the reads in flight must
+/// still come back, each with its buffer (what a failing load waits for).
 #[allow(clippy::too_many_arguments)]
 fn run_reads(
     ctx: &Ctx,
@@ -784,6 +797,7 @@ fn run_reads(
     qd: usize,
     align: usize,
     stat_meta: Option<&ObjectMeta>,
+    abandon_after: Option<usize>,
     mut judge: impl FnMut(usize, &Result<usize>, &[u8]),
 ) {
     let slot_align = align.max(64);
@@ -886,8 +900,23 @@ fn run_reads(
             });
         }
     };
+    let mut abandoned = false;
     while completed < reads.len() {
-        submit_upto(ctx, s, &mut next);
+        if !abandoned {
+            submit_upto(ctx, s, &mut next);
+        }
+        if abandon_after.is_some_and(|k| completed >= k) && !abandoned {
+            abandoned = true;
+            let pending = s.pending_ids();
+            ctx.with_reader(
+                s,
+                move || format!("abandon() with reads pending (ids {pending})"),
+                |r| r.abandon(),
+            );
+        }
+        if abandoned && s.pending.is_empty() {
+            break;
+        }
         let done = ctx.wait(s);
         let Some(i) = s.pending.remove(&done.id) else {
             if done_ids.contains(&done.id) {
@@ -914,7 +943,9 @@ fn run_reads(
             )
         });
         // Keep the queue full while this completion is checked.
-        submit_upto(ctx, s, &mut next);
+        if !abandoned {
+            submit_upto(ctx, s, &mut next);
+        }
         let (off, len) = reads[i];
         ctx.ensure(done.offset == off, || {
             format!(
@@ -1010,8 +1041,38 @@ pub fn check_reader(fx: &dyn Fixture, queue_depth: usize) {
     let judge = |i: usize, result: &Result<usize>, got: &[u8]| {
         judge_read(&ctx, reads[i], &data, result, got)
     };
-    run_reads(&ctx, &be, &mut s, &reads, qd, a, Some(&meta), judge);
+    run_reads(&ctx, &be, &mut s, &reads, qd, a, Some(&meta), None, judge);
     ctx.close(s);
+}
+
+/// A reader session abandoned ([`RangeReader::abandon`], what a failing or cancelled load
+/// does) with reads in flight still gives every one of them back through `wait`, each with its
+/// buffer: with the right bytes, or failed (any error). A reader that drops them would hold the
+/// failing load for ever. Abandoned at once after the first submits, and after some reads came
+/// back.
+pub fn check_reader_abandon(fx: &dyn Fixture) {
+    let mut ctx = Ctx::new("reader abandon");
+    let data = pattern(ODD_SIZE, 17);
+    let be = ctx.create(fx, "reader-abandon.bin", &data);
+    let caps = be.capabilities();
+    let a = caps.alignment.max(1);
+    let piece = align_up(64 << 10, a);
+    let reads: Vec<(u64, usize)> = (0..align_down(data.len(), a))
+        .step_by(piece)
+        .take(24)
+        .map(|off| (off as u64, piece))
+        .collect();
+    let meta = ctx.ok(ctx.stat(&be), "stat");
+    for after in [0, 5] {
+        let mut s = ctx.ok(ctx.open_reader(&be, &meta, 8), "open_reader");
+        let judge = |i: usize, result: &Result<usize>, got: &[u8]| {
+            if result.is_ok() {
+                judge_read(&ctx, reads[i], &data, result, got)
+            }
+        };
+        run_reads(&ctx, &be, &mut s, &reads, 8, a, None, Some(after), judge);
+        ctx.close(s);
+    }
 }
 
 /// Reader sessions whose reads fail or find nothing give every buffer back with the outcome in
@@ -1031,13 +1092,14 @@ pub fn check_reader_errors(fx: &dyn Fixture) {
         ((end + 64 * a) as u64, a),
         (align_down(size - 1, a) as u64, align_up(4096, a)), // short: the last bytes
         (end as u64 + (1 << 30), a.max(512)),                // 1 GiB past the end
+        (1 << 32, a.max(512)), // offset 0 for a backend that keeps 32 bits of the offset
     ];
     let meta = ctx.ok(ctx.stat(&be), "stat");
     let mut s = ctx.ok(ctx.open_reader(&be, &meta, 4), "open_reader");
     let judge = |i: usize, result: &Result<usize>, got: &[u8]| {
         judge_read(&ctx, reads[i], &data, result, got)
     };
-    run_reads(&ctx, &be, &mut s, &reads, 4, a, None, judge);
+    run_reads(&ctx, &be, &mut s, &reads, 4, a, None, None, judge);
     ctx.close(s);
 
     // A missing object, read through a session opened with a made-up meta.
@@ -1081,7 +1143,7 @@ pub fn check_reader_errors(fx: &dyn Fixture) {
             )),
         }
     };
-    run_reads(&ctx, &be, &mut s, &reads, 4, a, None, judge);
+    run_reads(&ctx, &be, &mut s, &reads, 4, a, None, None, judge);
     ctx.close(s);
 }
 
@@ -1138,9 +1200,9 @@ pub fn check_missing(fx: &dyn Fixture) {
 }
 
 /// An object replaced (same size, new bytes, via [`Fixture::overwrite`]) after `stat` is not
-/// read silently: `read_at`, a reader session opened with the old meta, and
-/// [`crate::unchanged_since`] (the engine's final `stat`) either keep returning the old bytes,
-/// or one of them reports `ObjectChanged`. Reader buffers come back on failed reads too.
+/// read silently: `read_at` and a reader session opened with the old meta either keep returning
+/// the old bytes, or report `ObjectChanged` themselves, or [`crate::unchanged_since`] (the
+/// engine's final `stat`) does. Reader buffers come back on failed reads too.
 /// Skipped (with a line on stderr) when the fixture cannot overwrite.
 pub fn check_object_change(fx: &dyn Fixture) {
     let mut ctx = Ctx::new("object change");
@@ -1164,16 +1226,25 @@ pub fn check_object_change(fx: &dyn Fixture) {
             e.kind()
         )),
     }
-    // What the reads saw: ObjectChanged, or bytes that are not the old ones.
-    let mut detected: Vec<String> = Vec::new();
-    let mut not_old: Vec<String> = Vec::new();
-    let mut judge = |what: String, r: &Result<usize>, got: &[u8], off: usize| match r {
+    // What each path saw: ObjectChanged, or bytes that are not the old ones. A load reads
+    // through a reader session and then calls unchanged_since; a conversion of a local object
+    // (and the metadata reads of any load) read through read_at, and then unchanged_since. So
+    // new bytes from a path must be caught on that path or by unchanged_since: a read_at that
+    // notices does not protect a load whose reader session does not.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Path {
+        ReadAt,
+        Reader,
+    }
+    let mut detected: Vec<(Path, String)> = Vec::new();
+    let mut not_old: Vec<(Path, String)> = Vec::new();
+    let mut judge = |path: Path, what: String, r: &Result<usize>, got: &[u8], off: usize| match r {
         Ok(n) => {
             if got[..*n] != old[off..off + n] {
-                not_old.push(what);
+                not_old.push((path, what));
             }
         }
-        Err(e) if e.kind() == ErrorKind::ObjectChanged => detected.push(what),
+        Err(e) if e.kind() == ErrorKind::ObjectChanged => detected.push((path, what)),
         Err(e) => ctx.fail(format_args!(
             "{what} after the object was overwritten failed with {e} (kind {:?}), expected the \
              old bytes or ObjectChanged",
@@ -1182,11 +1253,17 @@ pub fn check_object_change(fx: &dyn Fixture) {
     };
     let len = a.max(4096);
     let (r, got) = ctx.read_at(&be, 0, filled(&ctx, len, &caps));
-    judge(format!("read_at(0, {len} bytes)"), &r, got.as_slice(), 0);
+    judge(
+        Path::ReadAt,
+        format!("read_at(0, {len} bytes)"),
+        &r,
+        got.as_slice(),
+        0,
+    );
 
     match ctx.open_reader(&be, &meta, 4) {
         Err(e) if e.kind() == ErrorKind::ObjectChanged => {
-            detected.push("open_reader".into());
+            detected.push((Path::Reader, "open_reader".into()));
         }
         Err(e) => ctx.fail(format_args!(
             "open_reader after the object was overwritten failed with {e} (kind {:?}), \
@@ -1199,9 +1276,10 @@ pub fn check_object_change(fx: &dyn Fixture) {
                 .step_by(piece)
                 .map(|off| (off as u64, piece))
                 .collect();
-            run_reads(&ctx, &be, &mut s, &reads, 4, a, None, |i, r, got| {
+            run_reads(&ctx, &be, &mut s, &reads, 4, a, None, None, |i, r, got| {
                 let (off, len) = reads[i];
                 judge(
+                    Path::Reader,
                     format!("read at {off} of {len} bytes"),
                     r,
                     got,
@@ -1213,28 +1291,49 @@ pub fn check_object_change(fx: &dyn Fixture) {
     }
     let b = be.clone();
     let m = meta.clone();
-    match ctx.call(
+    let stat_detected = match ctx.call(
         || "unchanged_since (stat)".into(),
         move || crate::unchanged_since(b.as_ref(), &m),
     ) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::ObjectChanged => detected.push("unchanged_since".into()),
+        Ok(()) => false,
+        Err(e) if e.kind() == ErrorKind::ObjectChanged => true,
         Err(e) => ctx.fail(format_args!(
             "unchanged_since (stat) after the object was overwritten failed with {e} (kind \
              {:?}), expected Ok or ObjectChanged",
             e.kind()
         )),
+    };
+    for (path, name, route) in [
+        (Path::Reader, "the reader session", "a load"),
+        (
+            Path::ReadAt,
+            "read_at",
+            "a conversion or a load's metadata read",
+        ),
+    ] {
+        let fresh: Vec<&str> = not_old
+            .iter()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, w)| w.as_str())
+            .collect();
+        let caught = stat_detected || detected.iter().any(|(p, _)| *p == path);
+        ctx.ensure(fresh.is_empty() || caught, || {
+            format!(
+                "after the object was overwritten (same size, new bytes), {} returned bytes of \
+                 the new version, and neither {name} nor unchanged_since (a second stat) \
+                 reported ObjectChanged{}: {route} would silently mix two versions (stat's \
+                 version before: {:?})",
+                fresh.join(", "),
+                if detected.is_empty() {
+                    String::new()
+                } else {
+                    let other: Vec<&str> = detected.iter().map(|(_, w)| w.as_str()).collect();
+                    format!(" (only {} did)", other.join(", "))
+                },
+                meta.version
+            )
+        });
     }
-    ctx.ensure(!detected.is_empty() || not_old.is_empty(), || {
-        format!(
-            "after the object was overwritten (same size, new bytes), {} returned bytes of the \
-             new version, and neither a read, open_reader nor unchanged_since (a second stat) \
-             reported ObjectChanged: a load would silently mix two versions (stat's version \
-             before: {:?})",
-            not_old.join(", "),
-            meta.version
-        )
-    });
 }
 
 /// A safetensors file built with `write_header` loads through `read_index`, `plan`, `execute`

@@ -46,6 +46,11 @@ enum Flaw {
     AlignedWithoutDirect,
     /// Never returns from a read of data (a backend stuck on a server that does not answer).
     HangsInReadAt,
+    /// Keeps only the low 32 bits of offsets (reads at 4 GiB + k return the bytes at k).
+    Keeps32BitOffsets,
+    /// Its reader session drops the reads still queued when it is abandoned (they never come
+    /// back: a failing load would wait for them for ever).
+    LosesReadsOnAbandon,
 }
 
 #[derive(Debug)]
@@ -71,9 +76,26 @@ impl Backend for Broken {
         }
         c
     }
+    fn open_reader(
+        self: Arc<Self>,
+        _meta: &ObjectMeta,
+        opts: &ReaderOptions,
+    ) -> Result<Box<dyn RangeReader>> {
+        if matches!(self.flaw, Flaw::LosesReadsOnAbandon) {
+            return Ok(Box::new(LossyReader {
+                be: self,
+                queue: std::collections::VecDeque::new(),
+                in_flight: 0,
+            }));
+        }
+        Ok(Box::new(
+            ThreadPoolReader::new(self, opts.queue_depth)?.cancelled_by(opts.cancel.clone()),
+        ))
+    }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let size = self.inner.stat()?.size;
         match self.flaw {
+            Flaw::Keeps32BitOffsets => self.inner.read_at(offset as u32 as u64, buf),
             Flaw::GarbagePastEnd if offset >= size => {
                 buf.fill(7);
                 Ok(buf.len())
@@ -110,6 +132,43 @@ impl Backend for Broken {
             }
             _ => self.inner.read_at(offset, buf),
         }
+    }
+}
+
+/// A reader that serves its queue one read per `wait`, and forgets the queue on `abandon`.
+struct LossyReader {
+    be: Arc<Broken>,
+    queue: std::collections::VecDeque<ReadRequest>,
+    in_flight: usize,
+}
+
+impl RangeReader for LossyReader {
+    fn submit(&mut self, req: ReadRequest) -> Result<()> {
+        self.queue.push_back(req);
+        self.in_flight += 1;
+        Ok(())
+    }
+    fn wait(&mut self) -> Result<ReadDone> {
+        let Some(mut req) = self.queue.pop_front() else {
+            // The abandoned reads are gone: nothing will ever complete.
+            loop {
+                std::thread::park();
+            }
+        };
+        self.in_flight -= 1;
+        let result = self.be.inner.read_at(req.offset, req.buf.as_mut_slice());
+        Ok(ReadDone {
+            id: req.id,
+            offset: req.offset,
+            buf: req.buf,
+            result,
+        })
+    }
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+    fn abandon(&mut self) {
+        self.queue.clear(); // the flaw: the buffers and their completions are dropped
     }
 }
 
@@ -151,6 +210,7 @@ fn broken_backends_fail_the_suite_with_a_named_check() {
         (Flaw::ZeroLengthFails, "read_at"),
         (Flaw::RetryablePastEnd, "read_at"),
         (Flaw::AlignedWithoutDirect, "capabilities"),
+        (Flaw::Keeps32BitOffsets, "read_at"),
     ] {
         let msg = failure_message(flaw);
         assert!(
@@ -202,5 +262,183 @@ fn a_backend_call_that_never_returns_fails_the_check_at_its_deadline() {
             && text.contains("read_at(")
             && text.contains("broken backend"),
         "{text}"
+    );
+}
+
+/// Run by `a_reader_that_loses_abandoned_reads_fails_the_abandon_check`, in a child process
+/// with a short deadline.
+#[test]
+#[ignore = "run in a child process by a_reader_that_loses_abandoned_reads_fails_the_abandon_check"]
+fn child_runs_the_suite_against_a_reader_that_loses_abandoned_reads() {
+    testkit::run_all(&BrokenFixture(Flaw::LosesReadsOnAbandon));
+}
+
+/// A reader session that drops its queued reads on `abandon` passes every other check (it
+/// serves reads correctly), and fails 'reader abandon' at the deadline, naming the wait.
+#[test]
+fn a_reader_that_loses_abandoned_reads_fails_the_abandon_check() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_runs_the_suite_against_a_reader_that_loses_abandoned_reads",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TENSORSTREAM_TESTKIT_DEADLINE_S", "2")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "the suite passed: {text}");
+    assert!(
+        text.contains("testkit check 'reader abandon' failed for broken backend")
+            && text.contains("wait() with reads pending"),
+        "{text}"
+    );
+}
+
+/// Objects that can be overwritten in place (same size), read by backends that notice a change
+/// in different places.
+#[derive(Clone, Copy, Debug)]
+enum Detects {
+    /// `stat` reports a version that changes with every overwrite (the engine's final `stat`
+    /// catches it): correct.
+    StatVersion,
+    /// Only `read_at` checks the bytes against the version it was opened on; its reader
+    /// session does not, and `stat` has no version: loads would mix versions.
+    OnlyReadAt,
+}
+
+/// An object's generation (bumped by each overwrite) and bytes.
+type Cell = Arc<std::sync::Mutex<(u64, Arc<Vec<u8>>)>>;
+
+#[derive(Debug)]
+struct Stored {
+    name: String,
+    cell: Cell,
+    opened: u64,
+    detects: Detects,
+}
+
+impl Stored {
+    fn current(&self) -> (u64, Arc<Vec<u8>>) {
+        let g = self.cell.lock().unwrap();
+        (g.0, g.1.clone())
+    }
+}
+
+fn copy_out(data: &[u8], offset: u64, buf: &mut [u8]) -> usize {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(data.len());
+    let n = buf.len().min(data.len() - start);
+    buf[..n].copy_from_slice(&data[start..start + n]);
+    n
+}
+
+impl Backend for Stored {
+    fn location(&self) -> &str {
+        &self.name
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        let (generation, data) = self.current();
+        Ok(ObjectMeta {
+            size: data.len() as u64,
+            version: match self.detects {
+                Detects::StatVersion => Some(format!("g{generation}")),
+                Detects::OnlyReadAt => None,
+            },
+        })
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            kind: "stored",
+            ..Capabilities::default()
+        }
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let (generation, data) = self.current();
+        if matches!(self.detects, Detects::OnlyReadAt) && generation != self.opened {
+            return Err(
+                Error::new(ErrorKind::ObjectChanged, "overwritten").with_location(&self.name)
+            );
+        }
+        Ok(copy_out(&data, offset, buf))
+    }
+    fn open_reader(
+        self: Arc<Self>,
+        _meta: &ObjectMeta,
+        opts: &ReaderOptions,
+    ) -> Result<Box<dyn RangeReader>> {
+        let cell = self.cell.clone();
+        let read = move |off: u64, buf: &mut [u8]| -> Result<usize> {
+            let data = cell.lock().unwrap().1.clone();
+            Ok(copy_out(&data, off, buf))
+        };
+        Ok(Box::new(ThreadPoolReader::with_fn(
+            Arc::new(read),
+            opts.queue_depth.clamp(1, 64),
+            "stored",
+        )?))
+    }
+}
+
+struct StoreFixture {
+    detects: Detects,
+    objects: std::sync::Mutex<std::collections::HashMap<String, Cell>>,
+}
+
+impl Fixture for StoreFixture {
+    fn create(&self, name: &str, data: &[u8]) -> Result<Arc<dyn Backend>> {
+        let cell = Arc::new(std::sync::Mutex::new((0, Arc::new(data.to_vec()))));
+        self.objects
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), cell.clone());
+        Ok(Arc::new(Stored {
+            name: name.to_string(),
+            cell,
+            opened: 0,
+            detects: self.detects,
+        }))
+    }
+    fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        Err(Error::new(ErrorKind::NotFound, "no such object").with_location(name))
+    }
+    fn overwrite(&self, name: &str, data: &[u8]) -> Result<()> {
+        let objects = self.objects.lock().unwrap();
+        let cell = objects
+            .get(name)
+            .expect("overwrite of an object never created");
+        let mut g = cell.lock().unwrap();
+        *g = (g.0 + 1, Arc::new(data.to_vec()));
+        Ok(())
+    }
+}
+
+/// The object-change check passes a backend whose `stat` version catches an overwrite, and
+/// fails one where only `read_at` notices it (its reader session, which loads read through,
+/// returns the new bytes and `stat` has no version to compare).
+#[test]
+fn a_change_noticed_only_by_read_at_fails_the_object_change_check() {
+    let fixture = |detects| StoreFixture {
+        detects,
+        objects: Default::default(),
+    };
+    testkit::check_object_change(&fixture(Detects::StatVersion));
+    let r = std::panic::catch_unwind(|| {
+        testkit::check_object_change(&fixture(Detects::OnlyReadAt));
+    });
+    let err = r.expect_err("the check passed a reader that mixes versions");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("testkit check 'object change' failed for stored backend")
+            && msg.contains("neither the reader session nor unchanged_since")
+            && msg.contains("(only read_at("),
+        "{msg}"
     );
 }
