@@ -100,7 +100,8 @@ pub use tensorstream_engine::{
 };
 
 use tensorstream_engine::{
-    execute, format, plan, EngineOptions, HostModel, HostSink, Layout, ObjectMeta, PlanOptions,
+    execute, format, plan, BackendExt, EngineOptions, HostModel, HostSink, Layout, ObjectMeta,
+    PlanOptions,
 };
 
 /// Where tensors are loaded to.
@@ -319,7 +320,7 @@ impl Loader {
             check_not_input(output, [this.uri.as_str()])?;
         }
         let be = this.backend()?;
-        let meta = be.stat()?;
+        let meta = be.stat_located()?;
         let index = format::read_index(be.as_ref(), &meta)?;
         let sel = this.select(&index)?;
         check_room(output, sel.iter().map(|&i| &index.tensors[i]))?;
@@ -378,7 +379,7 @@ impl Loader {
                 // shard, before any tensor is written).
                 open: Box::new(move || {
                     let be = l.backend()?;
-                    let meta = be.stat()?;
+                    let meta = be.stat_located()?;
                     let mut index = l.read_index(be.as_ref(), &meta)?;
                     index.tensors.retain(|t| names.contains(&t.name));
                     let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &read)?;
@@ -655,7 +656,7 @@ impl Loader {
 
     fn inspect_file(&self) -> Result<TensorIndex> {
         let be = self.backend()?;
-        let meta = be.stat()?;
+        let meta = be.stat_located()?;
         let index = format::read_index(be.as_ref(), &meta)?;
         // The key a load would use: the one given, or the fallback password (e.g. from
         // TENSORSTREAM_PASSWORD) when the file is encrypted.
@@ -1005,7 +1006,7 @@ impl Loader {
             self.check_cancelled()?;
             let mut l = self.shard_loader(map, shard);
             let be = l.backend()?;
-            let meta = be.stat()?;
+            let meta = be.stat_located()?;
             let index = format::read_index(be.as_ref(), &meta)?;
             drop(be);
             l.warn_unlisted(l.check_scope(&index)?);
@@ -1428,7 +1429,7 @@ impl Loader {
     /// Metadata, selection, verification hooks and the plan, for either destination.
     fn prepare(&self, gpu: Option<&tensorstream_cuda::CudaOptions>) -> Result<Prepared> {
         let be = self.backend()?;
-        let meta: ObjectMeta = be.stat()?;
+        let meta: ObjectMeta = be.stat_located()?;
         let mut index = self.read_index(be.as_ref(), &meta)?;
         let sel = self.select(&index)?;
         let ropts = self.read_options(&index);

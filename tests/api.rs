@@ -409,3 +409,49 @@ fn conversions_keep_tensorizer_types_and_can_mark_safetensors_tensors_as_paramet
             .unwrap();
     }
 }
+
+/// A backend whose `stat` fails with an error that names no location (as a third-party
+/// backend's may).
+#[derive(Debug)]
+struct StatFails;
+
+impl tensorstream_engine::Backend for StatFails {
+    fn location(&self) -> &str {
+        "custom://bucket/model.safetensors"
+    }
+    fn stat(&self) -> tensorstream_engine::Result<tensorstream_engine::ObjectMeta> {
+        Err(tensorstream_engine::Error::new(
+            tensorstream_engine::ErrorKind::Io,
+            "connection reset by peer",
+        ))
+    }
+    fn capabilities(&self) -> tensorstream_engine::Capabilities {
+        tensorstream_engine::Capabilities::default()
+    }
+    fn read_at(&self, _: u64, _: &mut [u8]) -> tensorstream_engine::Result<usize> {
+        unreachable!("nothing is read before stat")
+    }
+}
+
+/// A `stat` failure names the backend's location, whichever entry point met it.
+#[test]
+fn a_stat_failure_names_the_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let be = || Loader::from_backend(Arc::new(StatFails));
+    let errors = [
+        ("load", be().load().err()),
+        ("inspect", be().inspect().err()),
+        ("check_data", be().check_data().err()),
+        ("convert", be().convert(&out, None).err()),
+    ];
+    for (what, e) in errors {
+        let e = e.unwrap_or_else(|| panic!("{what} succeeded without a stat"));
+        assert_eq!(
+            e.location(),
+            Some("custom://bucket/model.safetensors"),
+            "{what}: {e}"
+        );
+        assert!(e.to_string().contains("connection reset by peer"), "{what}: {e}");
+    }
+}

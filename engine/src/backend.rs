@@ -169,19 +169,43 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
+/// The error for a read of `asked` bytes at `offset` that a backend or reader said brought `n`,
+/// more than it was asked for: the count cannot be trusted (and `offset + n` could overflow).
+pub(crate) fn over_claim(n: usize, asked: usize, offset: u64) -> Error {
+    Error::new(
+        ErrorKind::Corrupt,
+        format!("backend reported {n} bytes for a read of {asked} bytes (more than requested)"),
+    )
+    .with_range(offset..offset.saturating_add(asked as u64))
+}
+
 /// Conveniences over any [`Backend`] (blanket-implemented; not part of the implementer contract).
 pub trait BackendExt: Backend {
-    /// Reads exactly `len` bytes at `offset`, failing with `Corrupt` if the object ends first.
+    /// [`Backend::stat`], with the backend's location on an error that names none.
+    fn stat_located(&self) -> Result<ObjectMeta> {
+        self.stat().map_err(|e| e.with_location(self.location()))
+    }
+    /// Reads exactly `len` bytes at `offset`, failing with `Corrupt` if the object ends first
+    /// (or the backend claims more bytes than asked). Errors name the location and the range.
     fn read_exact_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let range = offset..offset.saturating_add(len as u64);
         let mut v = vec![0u8; len];
-        let n = self.read_at(offset, &mut v)?;
-        if n != len {
+        let n = self
+            .read_at(offset, &mut v)
+            .map_err(|e| e.with_location(self.location()).with_range(range.clone()))?;
+        if n > len {
+            return Err(over_claim(n, len, offset).with_location(self.location()));
+        }
+        if n < len {
             return Err(Error::new(
                 ErrorKind::Corrupt,
-                format!("object ends after {} bytes, expected {len}", n),
+                format!(
+                    "object ends at byte {}, inside the {len} bytes read from {offset}",
+                    offset.saturating_add(n as u64)
+                ),
             )
             .with_location(self.location())
-            .with_range(offset..offset.saturating_add(len as u64)));
+            .with_range(range));
         }
         Ok(v)
     }

@@ -320,18 +320,12 @@ pub fn execute<S: Sink>(
         }
         match done.result {
             Ok(n) if n as u64 > op.len() => {
-                // A reader or backend that claims more than it was asked for is broken; the
-                // count cannot be trusted (and `start + n` could overflow).
-                read_err.get_or_insert(
-                    Error::new(
-                        ErrorKind::Corrupt,
-                        format!(
-                            "backend reported {n} bytes for a read of {} bytes (more than requested)",
-                            op.len()
-                        ),
-                    )
-                    .with_range(op.obj.clone()),
-                );
+                // A reader or backend that claims more than it was asked for is broken.
+                read_err.get_or_insert(crate::backend::over_claim(
+                    n,
+                    op.len() as usize,
+                    op.obj.start,
+                ));
             }
             Ok(n) => {
                 let want = op.len();

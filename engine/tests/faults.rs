@@ -50,6 +50,9 @@ enum BackendFault {
     ShortAt(u64),
     /// `read_at` claims this many bytes more than asked.
     MoreBy(usize),
+    /// `read_at` claims this many bytes more than asked, except at offset 0 (where the metadata
+    /// of a small file is read in one go).
+    MoreByPastZero(usize),
     /// Once the load has started, `stat` reports a new version (every read still succeeds: the
     /// object was rewritten in place with the same size).
     Rewritten,
@@ -130,6 +133,10 @@ impl Backend for Faulty {
                 self.inner.read_at(offset, &mut buf[..n])
             }
             BackendFault::MoreBy(k) => {
+                let n = self.inner.read_at(offset, buf)?;
+                Ok(n.saturating_add(k))
+            }
+            BackendFault::MoreByPastZero(k) if offset > 0 => {
                 let n = self.inner.read_at(offset, buf)?;
                 Ok(n.saturating_add(k))
             }
@@ -518,6 +525,33 @@ fn backend_claiming_more_bytes_than_asked_is_an_error_not_a_panic() {
         assert!(e.message().contains("more"), "{e}");
         assert!(e.range().is_some(), "{e}");
     }
+}
+
+/// The metadata reads and both read paths of a conversion (`read_at`, and a reader session)
+/// refuse a count larger than asked too, naming the range (they used to call it the end of the
+/// object, or take it).
+#[test]
+fn over_claims_in_metadata_reads_and_conversions_are_corrupt_errors() {
+    use tensorstream_engine::format::convert::{convert, convert_shared, ConvertOptions};
+    let more_than_asked = |e: &Error, what: &str| {
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.message().contains("more than requested"), "{what}: {e}");
+        assert!(e.range().is_some(), "{what}: {e}");
+        assert_eq!(e.location(), Some("mem://faulty"), "{what}: {e}");
+    };
+    let s = setup(BackendFault::MoreBy(5), ReaderFault::None, PACKED);
+    let e = format::read_index(s.backend.as_ref(), &s.meta).unwrap_err();
+    more_than_asked(&e, "read_index");
+
+    let s = setup(BackendFault::MoreByPastZero(5), ReaderFault::None, PACKED);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let e = convert(s.backend.as_ref(), &out, &ConvertOptions::default()).unwrap_err();
+    more_than_asked(&e, "convert (read_at)");
+    let known = Some((s.meta.clone(), s.index.clone()));
+    let e = convert_shared(s.backend.clone(), known, &out, &ConvertOptions::default()).unwrap_err();
+    more_than_asked(&e, "convert (reader session)");
+    assert!(!out.exists());
 }
 
 #[test]

@@ -167,8 +167,12 @@ impl Session {
                 .ok()
                 .filter(|&k| k < next && !landed[k])
                 .ok_or_else(|| Error::invalid(format!("reader returned an unknown read #{id}")))?;
-            let n = result?;
             let want = span(k);
+            let at = offset + want.start as u64;
+            let n = result.map_err(|e| e.with_range(at..at + want.len() as u64))?;
+            if n > want.len() {
+                return Err(crate::backend::over_claim(n, want.len(), at));
+            }
             if n != want.len() {
                 return Err(Error::corrupt(format!(
                     "object ended at {} while reading {len} bytes at {offset}",
@@ -550,7 +554,14 @@ fn checked_whole(
 fn read_full(input: &dyn Backend, offset: u64, out: &mut [u8]) -> Result<()> {
     let mut done = 0usize;
     while done < out.len() {
-        let n = input.read_at(offset + done as u64, &mut out[done..])?;
+        let at = offset + done as u64;
+        let asked = out.len() - done;
+        let n = input
+            .read_at(at, &mut out[done..])
+            .map_err(|e| e.with_range(at..at.saturating_add(asked as u64)))?;
+        if n > asked {
+            return Err(crate::backend::over_claim(n, asked, at));
+        }
         if n == 0 {
             return Err(Error::corrupt(format!(
                 "object ended at {} while reading {} bytes at {offset}",

@@ -85,9 +85,15 @@ pub fn read_index(backend: &dyn Backend, meta: &ObjectMeta) -> Result<TensorInde
                 longer.resize(n as usize, 0);
                 let mut at = want as usize;
                 while at < longer.len() {
+                    let asked = longer.len() - at;
                     let got = backend
                         .read_at(at as u64, &mut longer[at..])
-                        .map_err(|e| e.with_location(&loc))?;
+                        .map_err(|e| e.with_location(&loc).with_range(at as u64..n))?;
+                    if got > asked {
+                        return Err(
+                            crate::backend::over_claim(got, asked, at as u64).with_location(&loc)
+                        );
+                    }
                     if got == 0 {
                         return Err(Error::new(
                             ErrorKind::Corrupt,
