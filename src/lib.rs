@@ -600,7 +600,17 @@ impl Loader {
 
     fn backend(&self) -> Result<Arc<dyn Backend>> {
         match &self.backend {
-            Some(b) => Ok(b.clone()),
+            Some(b) => {
+                if !b.capabilities().ranged_reads {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        "the backend cannot read byte ranges (Capabilities::ranged_reads is \
+                         false): tensorstream reads every object by ranges",
+                    )
+                    .with_location(b.location()));
+                }
+                Ok(b.clone())
+            }
             None => backends::open(&self.uri, &self.open),
         }
     }
@@ -757,11 +767,12 @@ impl Loader {
 
     /// The filter, for messages: its globs when it has some.
     fn filter_words(&self) -> String {
-        if self.globs.is_empty() {
-            "the filter".to_string()
-        } else {
-            let quoted: Vec<String> = self.globs.iter().map(|g| format!("{g:?}")).collect();
-            format!("filter {}", quoted.join(", "))
+        let quoted: Vec<String> = self.globs.iter().map(|g| format!("{g:?}")).collect();
+        match (quoted.is_empty(), self.predicate.is_some()) {
+            (true, _) => "the filter".to_string(),
+            (false, false) => format!("filter {}", quoted.join(", ")),
+            // The closure may be what excludes everything: name both.
+            (false, true) => format!("filter {} with the filter closure", quoted.join(", ")),
         }
     }
 

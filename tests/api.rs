@@ -452,6 +452,57 @@ fn a_stat_failure_names_the_object() {
             Some("custom://bucket/model.safetensors"),
             "{what}: {e}"
         );
-        assert!(e.to_string().contains("connection reset by peer"), "{what}: {e}");
+        assert!(
+            e.to_string().contains("connection reset by peer"),
+            "{what}: {e}"
+        );
     }
+}
+
+/// A backend that cannot read ranges (`Capabilities::ranged_reads: false`) is refused with a
+/// clear error before anything is read, not read by ranges anyway.
+#[test]
+fn a_backend_without_ranged_reads_is_refused() {
+    #[derive(Debug)]
+    struct WholeOnly(Arc<MemoryBackend>);
+    impl tensorstream_engine::Backend for WholeOnly {
+        fn location(&self) -> &str {
+            self.0.location()
+        }
+        fn stat(&self) -> tensorstream_engine::Result<tensorstream_engine::ObjectMeta> {
+            self.0.stat()
+        }
+        fn capabilities(&self) -> tensorstream_engine::Capabilities {
+            tensorstream_engine::Capabilities {
+                ranged_reads: false,
+                ..self.0.capabilities()
+            }
+        }
+        fn read_at(&self, _: u64, _: &mut [u8]) -> tensorstream_engine::Result<usize> {
+            panic!("read by ranges although it said it cannot be")
+        }
+    }
+    let e = Loader::from_backend(Arc::new(WholeOnly(model(3))))
+        .load()
+        .expect_err("refused");
+    assert_eq!(e.kind(), tensorstream_engine::ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("ranged_reads"), "{e}");
+    assert_eq!(e.location(), Some("mem://m.safetensors"), "{e}");
+}
+
+/// A glob that matches beside a closure that rejects everything: the error names both (it
+/// blamed the glob alone, which does match).
+#[test]
+fn nothing_selected_by_a_glob_and_a_closure_names_both() {
+    let e = Loader::from_backend(model(4))
+        .filter_glob("t00*")
+        .unwrap()
+        .filter(|t| t.name == "no such tensor")
+        .load()
+        .expect_err("nothing selected");
+    assert!(
+        e.to_string()
+            .contains("filter \"t00*\" with the filter closure matches none of the 4 tensors"),
+        "{e}"
+    );
 }

@@ -46,7 +46,9 @@ pub struct ObjectMeta {
 /// conformance suite read it; nothing matches on a backend's concrete type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
-    /// Arbitrary byte ranges can be read (false: only whole-object streaming).
+    /// Arbitrary byte ranges can be read. Every reader in this project reads by ranges: a
+    /// backend that says `false` is refused (`Unsupported`) by the `Loader`, and fails the
+    /// conformance suite.
     pub ranged_reads: bool,
     /// Reads bypass the page cache (O_DIRECT): offsets, lengths and buffers must be aligned.
     pub direct_io: bool,

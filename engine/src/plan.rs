@@ -310,7 +310,8 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
         let mut off = ra;
         let mut mi = 0usize;
         while off < ru {
-            let end = off.checked_add(chunk).ok_or_else(overflow)?.min(ru);
+            // (Saturating: a chunk of "any size", u64::MAX say, makes one read of the run.)
+            let end = off.saturating_add(chunk).min(ru);
             let mut segments = Vec::new();
             while mi < members.len() {
                 let m = members[mi];

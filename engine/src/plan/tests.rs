@@ -189,6 +189,30 @@ fn expect_err(idx: &TensorIndex, opts: &PlanOptions, kind: ErrorKind, needle: &s
 // ---------------------------------------------------------------------------------------------
 // errors
 
+/// A chunk size of "any size" (a backend's `preferred_chunk` of `usize::MAX`) reads each run
+/// in one piece, at any offset, instead of failing with an overflow.
+#[test]
+fn a_chunk_of_any_size_reads_each_run_whole() {
+    let idx = index(vec![stored("a", 10..1000), stored("b", 1000..5000)], 5000);
+    for (align, layout) in [(1, Layout::Mirror), (4096, Layout::Packed { align: 256 })] {
+        let o = PlanOptions {
+            alignment: align,
+            chunk_size: u64::MAX,
+            layout,
+            ..strict(5000)
+        };
+        let p = plan(&idx, &all(&idx), &o).unwrap();
+        assert_eq!(p.reads.len(), 1, "{layout:?}: {:?}", reads(&p));
+        let file = file_bytes(5000, 3);
+        let arena = execute(&p, &file);
+        for (t, r) in [(0, 10..1000), (1, 1000..5000)] {
+            let pl = placement_of(&p, t);
+            let got = &arena[pl.dest as usize..(pl.dest + pl.len) as usize];
+            assert!(got == &file[r], "{layout:?}: tensor {t}");
+        }
+    }
+}
+
 #[test]
 fn overlapping_tensors_are_rejected() {
     let idx = index(vec![stored("a", 0..10), stored("b", 5..15)], 20);
