@@ -18,7 +18,15 @@
 //!   reader is open.
 //! * `read_at` may be called from many threads at once (`Backend: Sync`).
 //! * Readers returned by [`Backend::open_reader`] own the buffers handed to them until the read
-//!   completes, and give every buffer back, on success and on failure.
+//!   completes, and give every buffer back, on success and on failure — also after
+//!   [`RangeReader::abandon`]: a failing or cancelled load waits for every read in flight.
+//! * Nothing interrupts a `read_at` or `stat` call: the engine checks the cancel flag and its
+//!   deadlines between calls. A call that can block (a network request) must time out by itself;
+//!   one that never returns holds the load (the metadata reads and `stat` run on the caller's
+//!   thread). A reader session sees the cancel flag in [`ReaderOptions`] and can stop early.
+//! * A panic in `read_at` on the engine's reader threads becomes an error of the read that
+//!   panicked; a panic in a call made on the caller's thread (`stat`, the metadata reads, a
+//!   conversion of a backend with `kernel_reads`) propagates to the caller like any panic.
 //!
 //! Backends with their own asynchronous machinery (io_uring, an HTTP client on tokio) override
 //! [`Backend::open_reader`]; the default runs `read_at` on a pool of threads, which is all a simple
