@@ -63,9 +63,10 @@
 //!   [`cuda::device::ABANDONED_LOAD_WAIT`]) before it allocates device memory or takes the
 //!   slots, rather than failing.
 //!   Releasing a [`cuda::DeviceModel`] synchronizes the device's context before freeing.
-//!   GPU calls make the device's primary context current on the calling thread (as the CUDA
-//!   runtime and torch do) and leave it current; a program that keeps another context
-//!   current on that thread sets it again afterwards.
+//!   GPU calls (loads, readback, release, and the drops of models and device handles) make
+//!   the device's primary context current on the calling thread while they run, and put back
+//!   the context that was current before (or none): a thread where a framework works on
+//!   another GPU is not switched to this one.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

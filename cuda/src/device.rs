@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 use tensorstream_engine::{Error, ErrorKind, IoBuf, Result};
 
-use crate::raw::driver::{self, device_error, DeviceArena};
+use crate::raw::driver::{self, device_error, DeviceArena, KeepCurrent};
 use crate::raw::pinned::{PinnedRegion, PAGE};
 
 /// How the warm page-cache path is used (see [`crate::warm`]).
@@ -195,6 +195,15 @@ pub struct CudaDevice {
     /// ([`CudaDevice::reserve`]): between its parts the slots are free, but no other thread
     /// may take them.
     reserved: Mutex<Option<std::thread::ThreadId>>,
+    /// Last: restores the dropping thread's CUDA context after the streams, events, staging
+    /// and context (whose drops make it current) have gone.
+    keep: KeepCurrent,
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        self.keep.save();
+    }
 }
 
 /// A device reserved for the calling thread's loads ([`CudaDevice::reserve`]) until dropped.
@@ -271,6 +280,7 @@ impl CudaDevice {
     /// panic), creates the streams and pins the staging region once.
     pub fn open(ordinal: usize, opts: &CudaOptions) -> Result<Arc<Self>> {
         let opts = opts.validated()?;
+        let _keep = KeepCurrent::now();
         let t = std::time::Instant::now();
         let ctx = driver::open_context(ordinal)?;
         let context_open = t.elapsed();
@@ -292,6 +302,7 @@ impl CudaDevice {
             context_open,
             holder: Mutex::new(None),
             reserved: Mutex::new(None),
+            keep: KeepCurrent::idle(),
         }))
     }
 
@@ -312,18 +323,21 @@ impl CudaDevice {
     }
     /// The device's name.
     pub fn name(&self) -> Result<String> {
+        let _keep = KeepCurrent::now();
         self.ctx
             .name()
             .map_err(|e| device_error("querying the device name", e))
     }
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
+        let _keep = KeepCurrent::now();
         self.ctx
             .mem_get_info()
             .map_err(|e| device_error("querying device memory", e))
     }
     /// True when the device can host-register memory read-only (the mapped warm path).
     pub fn supports_read_only_registration(&self) -> bool {
+        let _keep = KeepCurrent::now();
         driver::device_attribute(
             &self.ctx,
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED,
@@ -417,6 +431,7 @@ impl CudaDevice {
     /// finished (they are never handed back then). The context then fails every call, so that
     /// is what to say, not "in use".
     fn slots_refused(&self, e: Error) -> Error {
+        let _keep = KeepCurrent::now();
         match driver::context_fault(&self.ctx) {
             Some(fault) => Error::new(
                 ErrorKind::Device,
@@ -451,6 +466,7 @@ impl CudaDevice {
     /// its own: the next load after a dropped one does not fail with out-of-memory for a model
     /// larger than half the device. The loads allocate through this.
     pub fn alloc(&self, len: u64) -> Result<DeviceArena> {
+        let _keep = KeepCurrent::now();
         let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
         while self.holder_left() {
             self.wait_for_dropped_load(until)?;
@@ -509,6 +525,7 @@ impl CudaDevice {
 
     /// Waits for every stream; reports the first error.
     pub fn synchronize(&self) -> Result<()> {
+        let _keep = KeepCurrent::now();
         for s in &self.streams {
             driver::sync_stream(s)?;
         }

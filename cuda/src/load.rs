@@ -39,6 +39,7 @@ pub fn load_to(
     opts: &EngineOptions,
     target: Target,
 ) -> Result<(DeviceModel, EngineStats)> {
+    let _keep = crate::raw::driver::KeepCurrent::now();
     let sink = CudaSink::with_target(dev.clone(), target);
     let (sink, stats) = execute(backend, meta, plan, sink, opts)?;
     Ok((sink.into_model(index)?, stats))
@@ -237,6 +238,7 @@ impl StreamingLoad {
     /// Waits for the load to end; the model, or the error that stopped it. The memory the
     /// keeper held goes now: the model owns it, or, after an error, it is freed.
     pub fn wait(mut self) -> Result<(DeviceModel, EngineStats)> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         let r = match self.handle.take() {
             Some(h) => h
                 .join()
@@ -251,6 +253,7 @@ impl StreamingLoad {
 
 impl Drop for StreamingLoad {
     fn drop(&mut self) {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         // Nobody will take the model: stop the load. With a stop flag it ends within moments
         // (its reads and copies stop): wait for that, up to DROP_WAIT, so that its device
         // memory and pinned slots are free when the drop returns and the next load on the

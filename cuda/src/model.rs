@@ -257,6 +257,7 @@ impl DeviceModel {
         chunk: usize,
         mut f: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         let arena = self.arena()?;
         let chunk = chunk.clamp(1, 1 << 30);
         let mut buf = vec![0u8; chunk.min(usize::try_from(t.len).unwrap_or(chunk))];
@@ -272,6 +273,7 @@ impl DeviceModel {
 
     /// A tensor's device bytes, copied back to a host vector.
     pub fn to_host(&self, t: &DeviceTensor<'_>) -> Result<Vec<u8>> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         let n = usize::try_from(t.len).map_err(|_| Error::invalid("tensor too large"))?;
         let mut v = vec![0u8; n];
         self.arena()?.read(t.arena_off, &mut v)?;
@@ -284,6 +286,7 @@ impl DeviceModel {
     /// [`DeviceArena::window`]), it is freed when the last of them lets go, and this returns
     /// `Ok` at once.
     pub fn release(mut self) -> Result<()> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         match self.arena.take() {
             Some(a) => match Arc::into_inner(a) {
                 Some(a) => a.free(),

@@ -110,6 +110,7 @@ impl CudaSink {
 
     /// The loaded model, after the engine finished with this sink.
     pub fn into_model(mut self, index: TensorIndex) -> Result<DeviceModel> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         if !self.finished {
             return Err(Error::invalid("CUDA sink: load did not finish"));
         }
@@ -432,6 +433,7 @@ impl Sink for CudaSink {
 
 impl Drop for CudaSink {
     fn drop(&mut self) {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         // Wait for queued copies before the slots and the arena can go away.
         let _ = self.shutdown();
     }

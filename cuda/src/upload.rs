@@ -62,6 +62,7 @@ impl HostUpload {
     /// allocation) instead of a new allocation, and a subscriber told of each tensor as
     /// [`HostUpload::settle`] finds it on the device.
     pub fn with_target(dev: &Arc<CudaDevice>, plan: Arc<Plan>, target: Target) -> Result<Self> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         let start = Instant::now(); // like CudaSink: the device allocation counts
         let (arena, alloc) = crate::sink::arena_for(dev, &plan, target.arena)?;
         if let Some(k) = &target.keep {
@@ -121,6 +122,7 @@ impl HostUpload {
     /// arena. The bytes are copied into pinned slots before this returns, so the caller may free
     /// them at once.
     pub fn write(&mut self, placement: usize, bytes: &[u8]) -> Result<()> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         let p =
             self.plan.placements.get(placement).ok_or_else(|| {
                 Error::invalid(format!("placement #{placement} is not in the plan"))
@@ -203,6 +205,7 @@ impl HostUpload {
 
     /// Waits for every queued copy, then announces the placements now on the device.
     pub fn settle(&mut self) -> Result<()> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         while !self.inflight.is_empty() {
             self.wait_oldest()?;
         }
@@ -230,6 +233,7 @@ impl HostUpload {
 
     /// Waits for everything, checks every placement was written and returns the model.
     pub fn finish(mut self, index: TensorIndex) -> Result<DeviceModel> {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         self.settle()?;
         self.dev.synchronize()?;
         if let Some(i) = self.state.iter().position(|s| *s != State::Landed) {
@@ -262,6 +266,7 @@ impl HostUpload {
 
 impl Drop for HostUpload {
     fn drop(&mut self) {
+        let _keep = crate::raw::driver::KeepCurrent::now();
         // InFlight waits for its own event before giving its slot back.
         self.inflight.clear();
     }

@@ -131,6 +131,7 @@ pub fn load_mapped(
     same_file: Option<&SameFile>,
     cancel: Option<Arc<AtomicBool>>,
 ) -> Result<(DeviceModel, WarmStats)> {
+    let _keep = crate::raw::driver::KeepCurrent::now();
     let start = Instant::now();
     let loc = path.display().to_string();
     let map = MappedFile::open(path).map_err(|e| e.with_location(&loc))?;

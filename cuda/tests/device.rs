@@ -796,6 +796,154 @@ fn gpu_a_load_after_a_sticky_device_fault_names_the_fault() {
     println!("child checked: {msg}");
 }
 
+/// The calling thread's current CUDA context (null when none), as an address.
+fn current_ctx() -> usize {
+    cudarc::driver::result::ctx::get_current()
+        .expect("cuCtxGetCurrent")
+        .map_or(0, |c| c as usize)
+}
+
+/// The calling thread's current CUDA context is the same after every call of this crate as
+/// before it, whether another device's context was current (an application working on
+/// another GPU: the CUDA runtime follows the current context) or none: opening, loading,
+/// streaming, reading back, releasing and dropping models and the device. Needs two devices:
+/// under fakecuda the test runs itself again in a child process with two.
+#[test]
+fn gpu_calls_leave_the_threads_cuda_context_as_they_found_it() {
+    const CHILD: &str = "TS_TEST_CONTEXT_CHILD";
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let two = device_count().unwrap() >= 2;
+    if std::env::var_os(CHILD).is_none() && !two {
+        if !dev.name().unwrap().contains("fakecuda") {
+            println!("skipped: needs a second CUDA device");
+            return;
+        }
+        drop(dev);
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "gpu_calls_leave_the_threads_cuda_context_as_they_found_it",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .env("FAKECUDA_DEVICES", "2")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}\n{err}");
+        assert!(text.contains("child checked"), "{text}\n{err}");
+        return;
+    }
+    drop(dev);
+    // The sequence, on a thread whose current context is `other` (null: none).
+    let sequence = |other: usize| {
+        let check = |what: &str| assert_eq!(current_ctx(), other, "after {what}");
+        let dev = CudaDevice::open(0, &small_ring()).unwrap();
+        check("CudaDevice::open");
+        dev.name().unwrap();
+        dev.mem_info().unwrap();
+        check("name and mem_info");
+        let MemModel {
+            be,
+            meta,
+            index,
+            want,
+        } = mem_model();
+        let plan = gpu_plan(&index, 64 << 10);
+        let eo = EngineOptions {
+            queue_depth: 4,
+            ..Default::default()
+        };
+        let (m, _) = load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo).unwrap();
+        check("load");
+        check_model(&m, &want);
+        check("to_host and read_chunks");
+        m.release().unwrap();
+        check("release");
+        let s = load_streaming(
+            &dev,
+            be.clone(),
+            meta.clone(),
+            index.clone(),
+            plan.clone(),
+            eo.clone(),
+        )
+        .unwrap();
+        let (m, _) = s.wait().unwrap();
+        check("a streaming load");
+        drop(m);
+        check("dropping a model");
+        let mut s = load_streaming(
+            &dev,
+            be.clone(),
+            meta.clone(),
+            index.clone(),
+            plan.clone(),
+            eo,
+        )
+        .unwrap();
+        let _first = s.next();
+        drop(s);
+        check("dropping a streaming load");
+        // The warm path (a cached file, registered and copied in pieces).
+        let (file, _) = model_file();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        std::fs::write(&path, &file).unwrap();
+        for strategy in [WarmStrategy::Register, WarmStrategy::Pread] {
+            let (m, _) = load_mapped(
+                &dev,
+                &path,
+                index.clone(),
+                &plan,
+                strategy,
+                Default::default(),
+                None,
+                None,
+            )
+            .unwrap();
+            check("load_mapped");
+            drop(m);
+            check("dropping a model of the warm path");
+        }
+        // Host bytes uploaded placement by placement.
+        let mut up = HostUpload::new(&dev, plan.clone()).unwrap();
+        check("HostUpload::new");
+        for (i, p) in plan.placements.iter().enumerate() {
+            if !p.needed.is_empty() {
+                let t = &index.tensors[p.tensor];
+                let bytes = be
+                    .read_exact_at(t.range.start, t.nbytes() as usize)
+                    .unwrap();
+                up.write(i, &bytes).unwrap();
+            }
+        }
+        check("HostUpload::write");
+        let m = up.finish(index).unwrap();
+        check("HostUpload::finish");
+        check_model(&m, &want);
+        drop(m);
+        drop(dev);
+        check("dropping the device");
+    };
+    let other = cudarc::driver::CudaContext::new(1).unwrap();
+    other.bind_to_thread().unwrap();
+    let mine = current_ctx();
+    assert_ne!(mine, 0);
+    sequence(mine);
+    std::thread::spawn(move || {
+        assert_eq!(current_ctx(), 0, "a new thread has no current context");
+        sequence(0);
+    })
+    .join()
+    .unwrap();
+    drop(other);
+    println!("child checked");
+}
+
 /// A reservation keeps the device for the reserving thread's loads between their parts (a
 /// sharded checkpoint's shards): that thread takes and gives back the slots as it likes,
 /// another thread is refused at once, and once the reservation is dropped it is not.

@@ -41,6 +41,88 @@ fn no_driver() -> Error {
     )
 }
 
+/// Whether the driver library can be loaded, asked once per process (it does not change, and
+/// the context guards below ask on every call).
+fn driver_loaded() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(driver_present)
+}
+
+/// The calling thread's current CUDA context as an address (0: none, also before `cuInit`), or
+/// `None` where that cannot be known (no driver, or the query failed).
+fn current_context() -> Option<usize> {
+    if !driver_loaded() {
+        return None;
+    }
+    let mut c: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: cuCtxGetCurrent writes one context handle to the out parameter, which points at a
+    // live local, and changes nothing.
+    match unsafe { sys::cuCtxGetCurrent(&mut c) }.result() {
+        Ok(()) => Some(c as usize),
+        Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_INITIALIZED)) => Some(0),
+        Err(_) => None,
+    }
+}
+
+/// Puts back the calling thread's current CUDA context. The driver keeps one current context
+/// per thread, and this crate makes its device's primary context current for its calls (as
+/// cudarc's own drops do): without this, a load or a drop on a thread where an application
+/// works on another device would switch that thread to this crate's device (the CUDA runtime
+/// follows the current context: a framework's next allocation would land on the wrong GPU).
+///
+/// Made with [`KeepCurrent::now`] at the start of a public call, it saves the thread's context
+/// and restores it when dropped. As the last field of a type whose drop makes CUDA calls (its
+/// own or its fields'), it starts [`KeepCurrent::idle`], the type's `Drop` calls
+/// [`KeepCurrent::save`] first, and the restore runs after every other field has dropped.
+#[derive(Debug, Default)]
+pub struct KeepCurrent {
+    /// The context to put back (0: none); `None`: leave the thread as it is.
+    saved: Option<usize>,
+}
+
+impl KeepCurrent {
+    /// Saves the thread's current context now.
+    pub fn now() -> Self {
+        KeepCurrent {
+            saved: current_context(),
+        }
+    }
+
+    /// Saves nothing until [`KeepCurrent::save`].
+    pub const fn idle() -> Self {
+        KeepCurrent { saved: None }
+    }
+
+    /// Saves the thread's current context now (at the start of a `Drop`).
+    pub fn save(&mut self) {
+        self.saved = current_context();
+    }
+}
+
+impl Drop for KeepCurrent {
+    fn drop(&mut self) {
+        let Some(saved) = self.saved else {
+            return;
+        };
+        if current_context().is_none_or(|now| now == saved) {
+            return;
+        }
+        // SAFETY: `saved` is null or the context that was current on this thread when it was
+        // saved. This crate never destroys a context another owner made current (it only
+        // releases its own references to primary contexts), and a primary context of its own
+        // that was current then is the one its calls bound since, so `now == saved` above
+        // returned before this point; so `saved` is still a live context (or null, which
+        // unbinds the thread).
+        let r = unsafe { sys::cuCtxSetCurrent(saved as sys::CUcontext) }.result();
+        if let Err(e) = r {
+            log::warn!(
+                "could not make the thread's earlier CUDA context current again: {}",
+                device_error("", e)
+            );
+        }
+    }
+}
+
 /// Runs a driver call, turning a panic inside cudarc (a symbol missing from an old driver)
 /// into an error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -150,6 +232,8 @@ pub struct DeviceArena {
     freed: bool,
     /// For a window: the allocation it lies in, kept alive (and freed) through this handle.
     parent: Option<Arc<DeviceArena>>,
+    /// Last: restores the dropping thread's context after everything else has dropped.
+    keep: KeepCurrent,
 }
 
 impl DeviceArena {
@@ -189,6 +273,7 @@ impl DeviceArena {
             ctx: ctx.clone(),
             freed: false,
             parent: None,
+            keep: KeepCurrent::idle(),
         })
     }
 
@@ -203,6 +288,7 @@ impl DeviceArena {
             ctx: parent.ctx.clone(),
             freed: false,
             parent: Some(parent.clone()),
+            keep: KeepCurrent::idle(),
         }))
     }
 
@@ -323,6 +409,7 @@ impl DeviceArena {
 
 impl Drop for DeviceArena {
     fn drop(&mut self) {
+        self.keep.save();
         let _ = self.release();
     }
 }
@@ -352,6 +439,8 @@ pub struct InFlight {
     source: Option<HostSource>,
     event: Option<CudaEvent>,
     arena: Arc<DeviceArena>,
+    /// Last: restores the dropping thread's context after everything else has dropped.
+    keep: KeepCurrent,
 }
 
 /// Creates an event whose `synchronize` sleeps instead of spinning.
@@ -431,6 +520,7 @@ pub fn copy_to_device(
         source: Some(source),
         event: Some(event),
         arena: arena.clone(),
+        keep: KeepCurrent::idle(),
     })
 }
 
@@ -454,6 +544,7 @@ pub fn mark(arena: &Arc<DeviceArena>, stream: &CudaStream, event: CudaEvent) -> 
         source: None,
         event: Some(event),
         arena: arena.clone(),
+        keep: KeepCurrent::idle(),
     })
 }
 
@@ -520,6 +611,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.keep.save();
         let Some(src) = self.source.take() else {
             return;
         };

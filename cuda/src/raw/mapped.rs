@@ -313,6 +313,7 @@ impl MappedFile {
             ptr: p,
             len: end - start,
             ctx: ctx.clone(),
+            keep: super::driver::KeepCurrent::idle(),
         })
     }
 }
@@ -334,6 +335,8 @@ pub struct Registered {
     ptr: *mut u8,
     len: usize,
     ctx: Arc<CudaContext>,
+    /// Last: restores the dropping thread's CUDA context after everything else has dropped.
+    keep: super::driver::KeepCurrent,
 }
 
 // SAFETY: the piece is only an address range handed to the driver; the mapping it points into
@@ -359,11 +362,17 @@ impl Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
+        self.keep.save();
         let bound = super::driver::bind(&self.ctx).is_ok();
-        // SAFETY: unregistering the base address registered in `MappedFile::register`; the
+        // SAFETY: unregistering the base address registered in `MappedFile::register`, in the
+        // context it was registered in (current: only called when `bind` succeeded); the
         // copies that read it completed (HostSource is only dropped after its event).
-        let r = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
-        if !bound || r != sys::cudaError_enum::CUDA_SUCCESS {
+        let r = if bound {
+            unsafe { sys::cuMemHostUnregister(self.ptr.cast()) }
+        } else {
+            sys::cudaError_enum::CUDA_ERROR_INVALID_CONTEXT
+        };
+        if r != sys::cudaError_enum::CUDA_SUCCESS {
             // Still registered: the file mapping must never be unmapped (a later mapping could
             // reuse the address the driver still holds). Keep it alive until process exit.
             std::mem::forget(self.map.clone());

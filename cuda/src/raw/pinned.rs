@@ -139,6 +139,8 @@ pub struct PinnedRegion {
     ctx: Arc<CudaContext>,
     /// Registered with `cuMemHostRegister` (false: the driver refused; plain pageable memory).
     locked: bool,
+    /// Last: restores the dropping thread's CUDA context after everything else has dropped.
+    keep: super::driver::KeepCurrent,
 }
 
 // SAFETY: the region is plain memory owned by this value; access to its bytes goes through
@@ -181,6 +183,7 @@ impl PinnedRegion {
             len,
             ctx: ctx.clone(),
             locked,
+            keep: super::driver::KeepCurrent::idle(),
         }))
     }
 
@@ -269,6 +272,7 @@ unsafe impl MemRegion for PinnedRegion {
 
 impl Drop for PinnedRegion {
     fn drop(&mut self) {
+        self.keep.save();
         if self.locked {
             // `bind` (not a bare `bind_to_thread`): an error stored by earlier work must not
             // keep the context from being made current here.
