@@ -1897,11 +1897,17 @@ fn mapped_load(
         c.fetch_add(p.plan.read_bytes, std::sync::atomic::Ordering::Relaxed);
     }
     if let Some(why) = &ws.refused {
+        // Refused piece by piece (a registering thread fell back), or up front (the device
+        // cannot register read-only: every piece went to pread threads).
+        let preads = if ws.refused_pieces > 0 {
+            ws.refused_pieces
+        } else {
+            ws.fallback
+        };
         log::warn!(
-            "{}: the driver refused to register the file's pages ({why}); {} of {} pieces were \
-             read with pread into the pinned slots instead",
+            "{}: the driver refused to register the file's pages ({why}); {preads} of {} \
+             pieces were read with pread into the pinned slots instead",
             p.backend.location(),
-            ws.refused_pieces,
             ws.pieces
         );
     }

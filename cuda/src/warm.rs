@@ -186,6 +186,21 @@ pub fn load_mapped(
         map.len() as u64,
     )
     .map_err(|e| e.with_location(&loc))?;
+    // A device that cannot register memory read-only would refuse every piece: copy through
+    // the slots from the start, every slot dealt to pread threads (a registering thread has
+    // one slot only, and would copy its pieces one at a time after the refusal).
+    let mut refused_up_front = None;
+    let strategy = match strategy {
+        WarmStrategy::Register if !dev.supports_read_only_registration() => {
+            refused_up_front = Some(
+                "the device cannot register host memory read-only \
+                 (CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED is 0)"
+                    .to_string(),
+            );
+            WarmStrategy::Pread
+        }
+        s => s,
+    };
     let slots = dev.take_slots()?;
     let o = dev.options();
     let (registering, preading) = split_threads(
@@ -204,7 +219,7 @@ pub fn load_mapped(
         pieces: &pieces,
         next: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
-        refused: Mutex::new(None),
+        refused: Mutex::new(refused_up_front),
         registered: AtomicUsize::new(0),
         fallback: AtomicUsize::new(0),
         refused_pieces: AtomicUsize::new(0),

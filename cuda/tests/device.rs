@@ -741,6 +741,27 @@ fn gpu_staging_ring_is_kept_out_of_forked_children() {
     assert!(flags.contains(&"dc".to_string()), "{flags:?}");
 }
 
+/// Whether this process is a child started by [`run_in_child`].
+fn in_child() -> bool {
+    std::env::var_os("TS_TEST_CHILD").is_some()
+}
+
+/// Runs test `name` of this binary again in a child process with fakecuda settings `env`
+/// (fakecuda reads them once, at `cuInit`), and checks that it passed and printed "child
+/// checked" (so that a filter that matched nothing cannot pass).
+fn run_in_child(name: &str, env: &[(&str, &str)]) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture"])
+        .env("TS_TEST_CHILD", "1")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(text.contains("child checked"), "{text}\n{err}");
+}
+
 /// After an unrecoverable device fault (a "sticky" error: every later call in the context
 /// fails) the failed load's slots stay leaked (the device could not confirm its copies ended),
 /// and the next load on the handle says that the device is unusable, naming the fault, rather
@@ -748,29 +769,19 @@ fn gpu_staging_ring_is_kept_out_of_forked_children() {
 /// the whole process at `cuInit`: the test runs itself again in a child process with it.
 #[test]
 fn gpu_a_load_after_a_sticky_device_fault_names_the_fault() {
-    const CHILD: &str = "TS_TEST_STICKY_CHILD";
     let Some(dev) = gpu(&small_ring()) else {
         return;
     };
-    if std::env::var_os(CHILD).is_none() {
+    if !in_child() {
         if !dev.name().unwrap().contains("fakecuda") {
             println!("skipped: needs fakecuda's fault injection (a real device has no such fault)");
             return;
         }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "gpu_a_load_after_a_sticky_device_fault_names_the_fault",
-                "--nocapture",
-            ])
-            .env(CHILD, "1")
-            .env("FAKECUDA_FAIL_SYNC_AT", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{text}\n{err}");
-        assert!(text.contains("child checked"), "{text}\n{err}");
+        drop(dev);
+        run_in_child(
+            "gpu_a_load_after_a_sticky_device_fault_names_the_fault",
+            &[("FAKECUDA_FAIL_SYNC_AT", "1")],
+        );
         return;
     }
     let MemModel {
@@ -810,31 +821,19 @@ fn current_ctx() -> usize {
 /// under fakecuda the test runs itself again in a child process with two.
 #[test]
 fn gpu_calls_leave_the_threads_cuda_context_as_they_found_it() {
-    const CHILD: &str = "TS_TEST_CONTEXT_CHILD";
     let Some(dev) = gpu(&small_ring()) else {
         return;
     };
-    let two = device_count().unwrap() >= 2;
-    if std::env::var_os(CHILD).is_none() && !two {
+    if !in_child() && device_count().unwrap() < 2 {
         if !dev.name().unwrap().contains("fakecuda") {
             println!("skipped: needs a second CUDA device");
             return;
         }
         drop(dev);
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "gpu_calls_leave_the_threads_cuda_context_as_they_found_it",
-                "--nocapture",
-            ])
-            .env(CHILD, "1")
-            .env("FAKECUDA_DEVICES", "2")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{text}\n{err}");
-        assert!(text.contains("child checked"), "{text}\n{err}");
+        run_in_child(
+            "gpu_calls_leave_the_threads_cuda_context_as_they_found_it",
+            &[("FAKECUDA_DEVICES", "2")],
+        );
         return;
     }
     drop(dev);
@@ -942,6 +941,61 @@ fn gpu_calls_leave_the_threads_cuda_context_as_they_found_it() {
     .unwrap();
     drop(other);
     println!("child checked");
+}
+
+/// A device that cannot register host memory read-only (fakecuda's "refuse-readonly": the
+/// device attribute says 0, and every such registration fails) gets the warm path's pread
+/// threads from the start, with every slot, and the stats say why; the bytes are right.
+#[test]
+fn gpu_a_device_without_read_only_registration_copies_through_the_slots() {
+    // Seven slots: room for three pread threads of two slots each.
+    let opts = CudaOptions {
+        slots: 7,
+        ..small_ring()
+    };
+    let Some(dev) = gpu(&opts) else {
+        return;
+    };
+    if !in_child() && dev.supports_read_only_registration() {
+        if !dev.name().unwrap().contains("fakecuda") {
+            println!("skipped: the device registers read-only memory");
+            return;
+        }
+        drop(dev);
+        run_in_child(
+            "gpu_a_device_without_read_only_registration_copies_through_the_slots",
+            &[("FAKECUDA_REGISTER", "refuse-readonly")],
+        );
+        return;
+    }
+    assert!(!dev.supports_read_only_registration());
+    let (file, want) = model_file();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    std::fs::write(&path, &file).unwrap();
+    let be: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
+    let meta = be.stat().unwrap();
+    let index = format::read_index(be.as_ref(), &meta).unwrap();
+    let plan = gpu_plan(&index, 64 << 10);
+    let (m, st) = load_mapped(
+        &dev,
+        &path,
+        index,
+        &plan,
+        WarmStrategy::Register,
+        Default::default(),
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(st.registering, 0, "{st:?}");
+    assert_eq!(st.registered, 0, "{st:?}");
+    assert_eq!(st.fallback, st.pieces, "{st:?}");
+    assert_eq!(st.threads, 3, "every wanted thread reads: {st:?}");
+    let why = st.refused.as_deref().unwrap_or_default();
+    assert!(why.contains("READ_ONLY_HOST_REGISTER_SUPPORTED"), "{st:?}");
+    check_model(&m, &want);
+    println!("child checked: {st:?}");
 }
 
 /// A reservation keeps the device for the reserving thread's loads between their parts (a
