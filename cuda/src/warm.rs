@@ -288,7 +288,11 @@ type Queue = VecDeque<(InFlight, Vec<(usize, u64)>)>;
 /// Waits for the oldest queued copy, recycles what it held, marks its tensors.
 fn retire(sh: &Shared<'_>, q: &mut Queue, bounce: &mut Vec<IoBuf>) -> Result<()> {
     let Some((f, landed)) = q.pop_front() else {
-        return Ok(());
+        // Called to free a slot with nothing in flight: a thread without slots, which would
+        // otherwise wait here for ever.
+        return Err(Error::invalid(
+            "warm path: a copying thread has no pinned slot to copy through",
+        ));
     };
     let (src, ev) = f.wait()?;
     sh.dev.recycle_event(ev);

@@ -495,10 +495,12 @@ pub fn copy_to_device(
     }
     for c in copies.iter().filter(|c| c.len > 0) {
         // SAFETY: source and destination ranges were checked above to lie inside the host
-        // buffer and the arena; both stay alive and untouched by anyone else until the event
-        // recorded below completes, because the returned InFlight owns the host buffer
-        // (exclusive IoBuf window or registered mapping) and an Arc of the arena, and waits
-        // for the event before giving either up.
+        // buffer and the arena; both stay alive until the event recorded below completes,
+        // because the returned InFlight owns the host buffer (an exclusive IoBuf window, or a
+        // registered read-only mapping no one writes) and an Arc of the arena, and waits for
+        // the event before giving either up. (Nothing stops a caller from queueing other device
+        // work into the same arena bytes — overlapping windows, `base()` — but that is a race
+        // on device memory, which the driver tolerates, not host memory freed or reused.)
         let r = unsafe {
             sys::cuMemcpyHtoDAsync_v2(
                 arena.ptr + c.dst,
