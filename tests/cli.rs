@@ -709,6 +709,56 @@ fn names_and_metadata_from_a_file_cannot_drive_the_terminal() {
     assert_eq!(v["tensors"][0]["name"], name);
 }
 
+/// The `inspect` table lines up by terminal columns: names in CJK characters (two columns
+/// each), accented letters and escaped characters alike.
+#[test]
+fn the_inspect_table_lines_up_whatever_the_names() {
+    let names = [
+        "w",
+        "模型.层.权重",
+        "café.w",
+        "x\u{202e}y",
+        "plain.name.longer",
+    ];
+    let mut header = serde_json::Map::new();
+    for (i, n) in names.iter().enumerate() {
+        header.insert(
+            n.to_string(),
+            serde_json::json!({"dtype": "U8", "shape": [4], "data_offsets": [4 * i, 4 * i + 4]}),
+        );
+    }
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    file.extend_from_slice(&[7; 20]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    std::fs::write(&p, file).unwrap();
+    let out = run_ok(&["inspect", p.to_str().unwrap()]);
+    // Display columns: CJK ideographs take two, everything else here one.
+    let cols = |s: &str| -> usize {
+        s.chars()
+            .map(|c| {
+                if ('\u{4e00}'..='\u{9fff}').contains(&c) {
+                    2
+                } else {
+                    1
+                }
+            })
+            .sum()
+    };
+    let at: Vec<usize> = out
+        .lines()
+        .filter(|l| l.contains("  u8  ") || l.contains("  dtype  "))
+        .map(|l| cols(&l[..l.find("  u8  ").or_else(|| l.find("  dtype  ")).unwrap()]))
+        .collect();
+    assert_eq!(at.len(), names.len() + 1, "{out}");
+    assert!(at.iter().all(|&c| c == at[0]), "columns {at:?}:\n{out}");
+}
+
 /// Ctrl-C / SIGTERM while `demo` writes its model: the process stops with 128 + the signal and
 /// leaves no temporary directory behind (with the default action it left a whole model file).
 #[test]

@@ -210,11 +210,19 @@ pub(crate) fn field(s: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
+/// `s` followed by spaces up to `w` terminal columns (`{:<w$}` counts characters: a name in
+/// CJK characters, two columns each, would push its row's other fields out of line).
+fn pad(s: &str, w: usize) -> String {
+    let cols = unicode_width::UnicodeWidthStr::width(s);
+    format!("{s}{}", " ".repeat(w.saturating_sub(cols)))
+}
+
 fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
+    // Columns of the name as printed (escapes included).
     let w = idx
         .tensors
         .iter()
-        .map(|t| t.name.len())
+        .map(|t| unicode_width::UnicodeWidthStr::width(field(&t.name).as_ref()))
         .max()
         .unwrap_or(4)
         .clamp(4, 80);
@@ -231,8 +239,8 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
         out!("  metadata {} = {}", field(k), field(v))?;
     }
     out!(
-        "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}",
-        "name",
+        "{}  {:<8}  {:<20}  {:>14}  {:>12}",
+        pad("name", w),
         "dtype",
         "shape",
         "offset",
@@ -243,8 +251,8 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
         let meta = t.source == tensorstream::engine::TensorSource::Zeros;
         zeros += usize::from(meta);
         out!(
-            "{:<w$}  {:<8}  {:<20}  {:>14}  {:>12}{}",
-            field(&t.name),
+            "{}  {:<8}  {:<20}  {:>14}  {:>12}{}",
+            pad(&field(&t.name), w),
             t.dtype.name(),
             shape_str(&t.shape),
             t.range.start,
