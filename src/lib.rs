@@ -320,9 +320,7 @@ impl Loader {
         if this.backend.is_none() {
             check_not_input(output, [this.uri.as_str()])?;
         }
-        let be = this.backend()?;
-        let meta = be.stat_located()?;
-        let index = format::read_index(be.as_ref(), &meta)?;
+        let (be, meta, index) = this.open_index()?;
         let sel = this.select(&index)?;
         check_room(output, sel.iter().map(|&i| &index.tensors[i]))?;
         let only = (sel.len() != index.tensors.len())
@@ -379,9 +377,7 @@ impl Loader {
                 // request that cannot apply, such as verifying safetensors, fails at the first
                 // shard, before any tensor is written).
                 open: Box::new(move || {
-                    let be = l.backend()?;
-                    let meta = be.stat_located()?;
-                    let mut index = l.read_index(be.as_ref(), &meta)?;
+                    let (be, meta, mut index) = l.open_index()?;
                     index.tensors.retain(|t| names.contains(&t.name));
                     let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &read)?;
                     Ok((PartBackend::Session(be, meta), index, hook))
@@ -493,16 +489,21 @@ impl Loader {
     /// handler): no new read is issued, the reads in flight are drained, and the call fails
     /// with [`ErrorKind::Cancelled`]; whatever was allocated is released and a conversion's
     /// temporary file is removed. (A GPU load on the mapped warm route finishes its copies
-    /// first; they run on the device.)
+    /// first; they run on the device.) While the object is being opened (connecting, its
+    /// `stat`, reading its metadata: backend calls nothing can interrupt), a cancel returns at
+    /// once and leaves the opening to finish on a thread of its own, which then drops what it
+    /// made. Resolving a sharded checkpoint's index file is not interrupted.
     pub fn cancel_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
         self.cancel = Some(flag);
         self
     }
-    /// A limit on the whole of [`Loader::load`], [`Loader::load_cuda`] or [`Loader::convert`],
-    /// counted from the call: once it has passed, the call stops as with a cancel and fails with
-    /// [`ErrorKind::Timeout`] (a [`Loader::cancel_flag`] still works, seen within 50 ms, and
-    /// still gives `Cancelled`). The opening steps (connect, index, key derivation) are not interrupted,
-    /// but no read starts after the limit. Not for [`Loader::load_cuda_streaming`], which
+    /// A limit on the whole of [`Loader::load`], [`Loader::load_cuda`], [`Loader::convert`],
+    /// [`Loader::check_data`] or [`Loader::inspect`], counted from the call: once it has passed,
+    /// the call stops as with a cancel and fails with [`ErrorKind::Timeout`] (a
+    /// [`Loader::cancel_flag`] still works, seen within 50 ms, and still gives `Cancelled`).
+    /// Opening the object (connecting, `stat`, the metadata) is abandoned at the limit like a
+    /// cancel abandons it; a key derivation and a sharded checkpoint's index file are not
+    /// interrupted, but no read starts after the limit. Not for [`Loader::load_cuda_streaming`], which
     /// returns at once: cancel that one with a flag.
     pub fn deadline(mut self, limit: Duration) -> Self {
         self.deadline = Some(limit);
@@ -635,6 +636,10 @@ impl Loader {
     /// every shard's (restricted to the tensors the checkpoint index places in it, each checked
     /// to be there), in shard order. [`combined_index`] joins them.
     pub fn inspect_files(&self) -> Result<Vec<FileIndex>> {
+        self.bounded(|l| l.inspect_files_now())
+    }
+
+    fn inspect_files_now(&self) -> Result<Vec<FileIndex>> {
         match self.source()? {
             sharded::Source::File(u) => {
                 let l = Loader {
@@ -666,9 +671,7 @@ impl Loader {
     }
 
     fn inspect_file(&self) -> Result<TensorIndex> {
-        let be = self.backend()?;
-        let meta = be.stat_located()?;
-        let index = format::read_index(be.as_ref(), &meta)?;
+        let (be, _, index) = self.open_index()?;
         // The key a load would use: the one given, or the fallback password (e.g. from
         // TENSORSTREAM_PASSWORD) when the file is encrypted.
         let key = self.read_options(&index).key;
@@ -1017,9 +1020,7 @@ impl Loader {
         for shard in &map.shards {
             self.check_cancelled()?;
             let mut l = self.shard_loader(map, shard);
-            let be = l.backend()?;
-            let meta = be.stat_located()?;
-            let index = format::read_index(be.as_ref(), &meta)?;
+            let (be, meta, index) = l.open_index()?;
             drop(be);
             l.warn_unlisted(l.check_scope(&index)?);
             let sel = l.select(&index)?;
@@ -1424,6 +1425,56 @@ impl Loader {
 
     /// The object's index. A shard's index read moments ago (by `check_shards`) is reused when
     /// the object is provably the same (same size and version tag); otherwise it is read again.
+    /// The opening steps of a load, conversion or inspection: the backend (connecting), its
+    /// `stat` and the metadata. Nothing in them checks the cancel flag (a backend call cannot be
+    /// interrupted: a server that does not answer holds them until the backend's own timeouts
+    /// and retries give up), so with a cancel flag they run on a thread of their own, and a
+    /// cancel (or the deadline, which sets the flag) returns `Cancelled` at once. The abandoned
+    /// thread ends by itself when its call returns, dropping what it made.
+    fn open_index(&self) -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
+        use std::sync::atomic::Ordering;
+        let steps = |l: &Loader| -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
+            let be = l.backend()?;
+            let meta = be.stat_located()?;
+            let index = l.read_index(be.as_ref(), &meta)?;
+            Ok((be, meta, index))
+        };
+        let Some(flag) = self.cancel.clone() else {
+            return steps(self);
+        };
+        self.check_cancelled()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = self.clone();
+        std::thread::Builder::new()
+            .name("ts-open".into())
+            .spawn(move || {
+                let _ = tx.send(steps(&l));
+            })
+            .map_err(|e| Error::from_io(e, "starting the thread that opens the object"))?;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(r) => return r,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        "the thread opening the object ended without a result (it panicked)",
+                    )
+                    .with_location(&self.uri))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if flag.load(Ordering::SeqCst) {
+                        return Err(Error::new(
+                            ErrorKind::Cancelled,
+                            "cancelled while opening the object (connecting, or reading its \
+                             size and metadata)",
+                        )
+                        .with_location(&self.uri));
+                    }
+                }
+            }
+        }
+    }
+
     fn read_index(&self, be: &dyn Backend, meta: &ObjectMeta) -> Result<TensorIndex> {
         let known = self
             .scope
@@ -1440,9 +1491,7 @@ impl Loader {
 
     /// Metadata, selection, verification hooks and the plan, for either destination.
     fn prepare(&self, gpu: Option<&tensorstream_cuda::CudaOptions>) -> Result<Prepared> {
-        let be = self.backend()?;
-        let meta: ObjectMeta = be.stat_located()?;
-        let mut index = self.read_index(be.as_ref(), &meta)?;
+        let (be, meta, mut index) = self.open_index()?;
         let sel = self.select(&index)?;
         let ropts = self.read_options(&index);
         let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &ropts)

@@ -506,3 +506,91 @@ fn nothing_selected_by_a_glob_and_a_closure_names_both() {
         "{e}"
     );
 }
+
+/// A backend whose `stat` takes `hold` (a server that does not answer while the object is
+/// being opened).
+#[derive(Debug)]
+struct SlowStat {
+    inner: Arc<MemoryBackend>,
+    hold: std::time::Duration,
+}
+
+impl tensorstream_engine::Backend for SlowStat {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> tensorstream_engine::Result<tensorstream_engine::ObjectMeta> {
+        std::thread::sleep(self.hold);
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> tensorstream_engine::Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> tensorstream_engine::Result<usize> {
+        self.inner.read_at(offset, buf)
+    }
+}
+
+/// A cancel flag or a deadline stops a call that is still opening the object (a `stat` that
+/// takes 20 s here) at once, for loads, conversions, inspections and data checks alike: the
+/// opening is left to finish on its own thread. (They waited for the opening's own timeouts.)
+#[test]
+fn cancel_and_deadline_stop_a_call_still_opening_the_object() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    use tensorstream_engine::ErrorKind;
+    let be = || {
+        Arc::new(SlowStat {
+            inner: model(3),
+            hold: Duration::from_secs(20),
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    type Call = fn(&Loader, &std::path::Path) -> Option<tensorstream::Error>;
+    let calls: [(&str, Call); 4] = [
+        ("load", |l, _| l.load().err()),
+        ("inspect", |l, _| l.inspect().err()),
+        ("check_data", |l, _| l.check_data().err()),
+        ("convert", |l, out| l.convert(out, None).err()),
+    ];
+    for (what, call) in calls {
+        // A flag set 200 ms into the opening.
+        let flag = Arc::new(AtomicBool::new(false));
+        let l = Loader::from_backend(be()).cancel_flag(flag.clone());
+        let setter = {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                flag.store(true, Ordering::SeqCst);
+            })
+        };
+        let t = Instant::now();
+        let e = call(&l, &out).unwrap_or_else(|| panic!("{what}: finished despite the cancel"));
+        setter.join().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Cancelled, "{what}: {e}");
+        assert!(e.to_string().contains("while opening"), "{what}: {e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+        // A deadline of 200 ms.
+        let l = Loader::from_backend(be()).deadline(Duration::from_millis(200));
+        let t = Instant::now();
+        let e = call(&l, &out).unwrap_or_else(|| panic!("{what}: finished past the deadline"));
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{what}: {e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+        assert!(!out.exists(), "{what}");
+    }
+    // Without a flag or a deadline the opening is waited for (and the call succeeds).
+    let quick = Arc::new(SlowStat {
+        inner: model(3),
+        hold: Duration::from_millis(300),
+    });
+    assert_eq!(Loader::from_backend(quick).load().unwrap().len(), 3);
+}

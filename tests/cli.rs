@@ -882,6 +882,53 @@ fn stalling_http_server(data: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<()>) {
     (port, stalled)
 }
 
+/// Ctrl-C while the object is still being opened (a server that accepts the connection and
+/// never answers) stops the command at once, not after the 10 s grace period (it waited for the
+/// request timeout until then, and the grace period cut that short).
+#[test]
+fn ctrl_c_while_opening_a_remote_object_stops_at_once() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in l.incoming().flatten() {
+            let _ = seen_tx.send(());
+            held.push(conn); // never answered
+        }
+    });
+    for cmd in ["load", "inspect"] {
+        let mut child = Reap(Some(
+            bin()
+                .args([cmd, &format!("http://127.0.0.1:{port}/m.safetensors")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        seen.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the command never connected");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let t = std::time::Instant::now();
+        let ok = Command::new("kill")
+            .arg("-INT")
+            .arg(child.get().id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let out = child.wait_with_output();
+        let took = t.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{cmd}: {stderr}");
+        assert!(!stderr.contains("did not stop"), "{cmd}: {stderr}");
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "{cmd}: {took:?}: {stderr}"
+        );
+    }
+}
+
 /// A conversion stuck in a read from a stalled server stops at the first Ctrl-C (the read in
 /// flight is abandoned, not waited out for the 100 s request timeout) and removes its partial
 /// output.
