@@ -584,6 +584,16 @@ fn validate_refuses_malformed_plans_and_execute_does_not_panic() {
             ),
             ("arena", Box::new(|p| p.arena_len = 10)),
             ("needed range", Box::new(|p| p.placements[0].needed = 0..10)),
+            (
+                "all direct or none",
+                Box::new(|p| {
+                    // One read of the two switched to the other kind.
+                    p.reads[1].direct = match p.reads[1].direct {
+                        Some(_) => None,
+                        None => Some(p.reads[1].segments[0].dest),
+                    }
+                }),
+            ),
         ];
         for (needle, f) in cases {
             let mut p = good.clone();

@@ -27,8 +27,8 @@ impl Plan {
     /// Checks the structure every sink relies on, in O(reads + segments + placements), so that
     /// a plan built or changed by hand fails with an error instead of a panic or bytes in the
     /// wrong place ([`crate::execute`] calls it): placements' needed ranges and windows are
-    /// well formed and inside `arena_len`; reads are non-empty, direct windows inside
-    /// `arena_len`; segments name a placement, lie inside their read and that placement's
+    /// well formed and inside `arena_len`; reads are non-empty, all direct or none, direct
+    /// windows inside `arena_len`; segments name a placement, lie inside their read and that placement's
     /// needed range, in order, and land inside the arena. [`Plan::verify`] checks everything
     /// the planner promises.
     pub fn validate(&self) -> Result<()> {
@@ -59,6 +59,15 @@ impl Plan {
                 p.needed_dest
             );
         }
+        // Sinks lend either arena windows (every read direct) or staging slots (none): a plan
+        // mixing the two would have a staged read's bytes taken for landed in place.
+        let directs = self.reads.iter().filter(|op| op.direct.is_some()).count();
+        ensure!(
+            directs == 0 || directs == self.reads.len(),
+            "{directs} of the {} reads land directly in the arena and the others are staged: a \
+             plan's reads are all direct or none",
+            self.reads.len()
+        );
         for (r, op) in self.reads.iter().enumerate() {
             ensure!(
                 op.obj.start < op.obj.end,
