@@ -161,7 +161,9 @@ pub(crate) fn fill(p: &Prepared, dest: &mut dyn Dest, budget: u64) -> Result<Eng
             })
             .map_err(|e| Error::from_io(e, "spawning the staged-load thread"))?;
         // The consumer side; whatever it returns, the producer is joined below (it stops at its
-        // next hand-over once `rx` is gone), so a panic there becomes an error, not a panic here.
+        // next hand-over once `rx` is gone), so a panic in the producer becomes an error, not a
+        // panic here. (A panic in this closure, a bug, unwinds to the caller once the producer
+        // has finished the group it is reading.)
         let consumed = (|| -> Result<EngineStats> {
             let mut total = EngineStats::default();
             let mut largest = 0u64;

@@ -293,6 +293,15 @@ impl MappedFile {
                 self.map_len
             )));
         }
+        if self.shrank.load(Ordering::Relaxed) {
+            // A guarded copy replaced a page of the mapping with zeros: registering would hand
+            // those zeros to the copy engine.
+            return Err(Error::new(
+                ErrorKind::ObjectChanged,
+                "the file shrank while it was being copied",
+            )
+            .with_range(range));
+        }
         super::driver::bind(ctx)?;
         let p = ptr.as_ptr().wrapping_add(start);
         // SAFETY: [p, p+len) lies inside our live mapping (checked above). READ_ONLY matches the
@@ -445,6 +454,12 @@ mod guard {
     /// system refused or the page size is not [`PAGE`]). Set exactly once.
     static PREVIOUS: OnceLock<Option<libc::sigaction>> = OnceLock::new();
 
+    /// The action in place before ours, saved before ours is installed: the handler passes
+    /// other faults to it, also one that comes while `PREVIOUS` is still being set (another
+    /// thread's fault right after the install would otherwise find nothing to pass it to, and
+    /// put back the default action for good).
+    static REPLACED: OnceLock<libc::sigaction> = OnceLock::new();
+
     /// What a guarded copy did.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub(super) enum Outcome {
@@ -495,7 +510,7 @@ mod guard {
         }
         // Not ours: the previous handler decides (Rust's reports a stack overflow, or restores
         // the default action so that the fault, raised again on return, ends the process).
-        match PREVIOUS.get().copied().flatten() {
+        match REPLACED.get().copied() {
             Some(prev) if prev.sa_sigaction > libc::SIG_IGN => {
                 if prev.sa_flags & libc::SA_SIGINFO != 0 {
                     // SAFETY: an SA_SIGINFO handler installed by someone else, called as the
@@ -561,18 +576,22 @@ mod guard {
             if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
                 return None;
             }
-            // SAFETY: reads the current SIGBUS action into a zeroed struct, then installs an
-            // SA_SIGINFO handler whose code only touches its thread-local window, errno, mmap,
-            // sigaction and raise, or calls the handler it replaced (see `on_sigbus`), with an
-            // empty mask. Runs once per process
+            // SAFETY: reads the current SIGBUS action into a zeroed struct and saves it where
+            // the handler finds it, then installs an SA_SIGINFO handler whose code only touches
+            // its thread-local window, errno, mmap, sigaction and raise, or calls the handler
+            // it replaced (see `on_sigbus`), with an empty mask. Runs once per process
             // (OnceLock), so the action saved is the one ours replaced.
             unsafe {
                 let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) != 0 {
+                    return None;
+                }
+                let _ = REPLACED.set(old);
                 let mut act: libc::sigaction = std::mem::zeroed();
                 act.sa_sigaction = handler_address();
                 act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
                 libc::sigemptyset(&mut act.sa_mask);
-                (libc::sigaction(libc::SIGBUS, &act, &mut old) == 0).then_some(old)
+                (libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) == 0).then_some(old)
             }
         });
         if installed.is_none() {
