@@ -492,7 +492,9 @@ impl Loader {
     /// first; they run on the device.) While the object is being opened (connecting, its
     /// `stat`, reading its metadata: backend calls nothing can interrupt), a cancel returns at
     /// once and leaves the opening to finish on a thread of its own, which then drops what it
-    /// made. Resolving a sharded checkpoint's index file is not interrupted.
+    /// made; reads stuck in a backend (a hard NFS mount whose server is gone) get 2 s and are
+    /// then left the same way (their buffers are freed when they end). Resolving a sharded
+    /// checkpoint's index file is not interrupted.
     pub fn cancel_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
         self.cancel = Some(flag);
         self

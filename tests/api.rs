@@ -594,3 +594,48 @@ fn cancel_and_deadline_stop_a_call_still_opening_the_object() {
     });
     assert_eq!(Loader::from_backend(quick).load().unwrap().len(), 3);
 }
+
+/// Reads stuck in the backend (every data read takes 30 s: a hung server, a hard NFS mount)
+/// keep neither a cancel nor a deadline waiting: the load returns within the 2 s grace, and
+/// the stuck reads are left to end on a thread of their own. (It waited for them.)
+#[test]
+fn cancel_and_deadline_are_not_held_by_reads_stuck_in_the_backend() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::time::{Duration, Instant};
+    use tensorstream_engine::ErrorKind;
+    let stuck = || {
+        let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 16], 9);
+        Arc::new(AfterReads {
+            inner: Arc::new(MemoryBackend::new("mem://stuck.safetensors", file)),
+            reads: AtomicUsize::new(0),
+            after: 1, // the metadata read is quick
+            then: Then::Slow(Duration::from_secs(30)),
+        })
+    };
+    let flag = Arc::new(AtomicBool::new(false));
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let t = Instant::now();
+    let e = Loader::from_backend(stuck())
+        .chunk_size(4096)
+        .cancel_flag(flag)
+        .load()
+        .expect_err("cancelled");
+    setter.join().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+
+    let t = Instant::now();
+    let e = Loader::from_backend(stuck())
+        .chunk_size(4096)
+        .deadline(Duration::from_millis(300))
+        .load()
+        .expect_err("past the deadline");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}

@@ -20,10 +20,12 @@
 //! * Readers returned by [`Backend::open_reader`] own the buffers handed to them until the read
 //!   completes, and give every buffer back, on success and on failure — also after
 //!   [`RangeReader::abandon`]: a failing or cancelled load waits for every read in flight.
-//! * Nothing interrupts a `read_at` or `stat` call: the engine checks the cancel flag and its
-//!   deadlines between calls. A call that can block (a network request) must time out by itself;
-//!   one that never returns holds the load (the metadata reads and `stat` run on the caller's
-//!   thread). A reader session sees the cancel flag in [`ReaderOptions`] and can stop early.
+//! * Nothing interrupts a `read_at` or `stat` call. A call that can block (a network request)
+//!   should time out by itself. The engine waits for a cancellable load's reads in short ticks
+//!   ([`RangeReader::wait_timeout`]; the default reader implements it) and, once cancelled,
+//!   gives the reads in flight 2 s before it leaves them to a thread of their own and reports
+//!   the cancel; the `Loader` likewise abandons an opening (`stat`, the metadata reads) on a
+//!   cancel. A reader session sees the cancel flag in [`ReaderOptions`] and can stop early.
 //! * A panic in `read_at` on the engine's reader threads becomes an error of the read that
 //!   panicked; a panic in a call made on the caller's thread (`stat`, the metadata reads, a
 //!   conversion of a backend with `kernel_reads`) propagates to the caller like any panic.
@@ -142,6 +144,14 @@ pub trait RangeReader: Send {
     /// Blocks until a read completes and returns it. Errors only when the reader itself broke
     /// (per-read failures come back in [`ReadDone::result`] together with the buffer).
     fn wait(&mut self) -> Result<ReadDone>;
+    /// Optional: [`RangeReader::wait`] for at most about `timeout`; `Ok(None)` when no read
+    /// completed by then. The engine waits this way when a load can be cancelled, so that a
+    /// read stuck in the backend (a hung server, a hard NFS mount) does not keep a cancel or a
+    /// deadline from being seen. The default waits without a limit.
+    fn wait_timeout(&mut self, timeout: std::time::Duration) -> Result<Option<ReadDone>> {
+        let _ = timeout;
+        self.wait().map(Some)
+    }
     /// Reads submitted and not yet returned by `wait`.
     fn in_flight(&self) -> usize;
     /// Optional: buffers (by region) that should be registered with the kernel for faster I/O.
@@ -365,6 +375,21 @@ impl RangeReader for ThreadPoolReader {
             .map_err(|_| Error::new(ErrorKind::Io, "reader threads exited"))?;
         self.in_flight -= 1;
         Ok(d)
+    }
+    fn wait_timeout(&mut self, timeout: std::time::Duration) -> Result<Option<ReadDone>> {
+        if self.in_flight == 0 {
+            return Err(Error::invalid("wait() with no read in flight"));
+        }
+        match self.rx.recv_timeout(timeout) {
+            Ok(d) => {
+                self.in_flight -= 1;
+                Ok(Some(d))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err(Error::new(ErrorKind::Io, "reader threads exited"))
+            }
+        }
     }
     fn in_flight(&self) -> usize {
         self.in_flight

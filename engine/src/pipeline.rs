@@ -271,7 +271,24 @@ pub fn execute<S: Sink>(
             }
             continue;
         }
-        let done = match reader.wait() {
+        let waited = if opts.cancel.is_some() {
+            // A cancellable load waits in ticks, so that a read stuck in the backend does not
+            // keep the cancel (or the deadline, which sets the flag) from being seen.
+            match reader.wait_timeout(CANCEL_TICK) {
+                Ok(Some(d)) => Ok(d),
+                Ok(None) => {
+                    if is_cancelled(&opts.cancel) {
+                        read_err.get_or_insert(cancelled(next, total));
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            reader.wait()
+        };
+        let done = match waited {
             Ok(d) => {
                 outstanding -= 1;
                 d
@@ -386,8 +403,31 @@ pub fn execute<S: Sink>(
     if !abandoned && (read_err.is_some() || sink_failed.load(Ordering::SeqCst)) {
         reader.abandon();
     }
-    while outstanding > 0 && reader.in_flight() > 0 {
-        if reader.wait().is_err() {
+    let drain_until = Instant::now() + STUCK_READ_GRACE;
+    let mut reader = Some(reader);
+    while let Some(r) = reader.as_mut() {
+        if outstanding == 0 || r.in_flight() == 0 {
+            break;
+        }
+        if is_cancelled(&opts.cancel) {
+            match r.wait_timeout(CANCEL_TICK) {
+                Ok(Some(_)) => outstanding -= 1,
+                Ok(None) if Instant::now() < drain_until => {}
+                Ok(None) => {
+                    // Cancelled, and reads are still stuck in the backend after the grace
+                    // period: they are left to end on a thread of their own, which then drops
+                    // them (their buffers stay alive until then: a read never writes into freed
+                    // memory), and the cancel is reported now.
+                    if let Some(r) = reader.take() {
+                        leave_stuck_reads(r, outstanding, &loc);
+                    }
+                    read_err.get_or_insert(cancelled(next, total));
+                }
+                Err(_) => break,
+            }
+            continue;
+        }
+        if r.wait().is_err() {
             break;
         }
         outstanding -= 1;
@@ -441,6 +481,41 @@ pub fn execute<S: Sink>(
     }
     stats.elapsed = start.elapsed();
     Ok((sink, stats))
+}
+
+/// How long a cancellable load waits for a read at a time before it looks at the cancel flag.
+const CANCEL_TICK: Duration = Duration::from_millis(50);
+
+/// How long a cancelled load waits for the reads in flight to come back before it leaves the
+/// ones still stuck in the backend to a thread of their own.
+const STUCK_READ_GRACE: Duration = Duration::from_secs(2);
+
+/// Hands `reader`, with `outstanding` reads stuck in it, to a thread that waits for them and
+/// then drops it, so that a cancelled load returns now. Without a thread, the reader (and the
+/// buffers it holds) is leaked rather than dropped under reads that may still write into them.
+fn leave_stuck_reads(reader: Box<dyn crate::RangeReader>, mut outstanding: usize, loc: &str) {
+    log::warn!(
+        "{loc}: {outstanding} read(s) still stuck in the backend {} s after the cancel are left \
+         to finish on their own",
+        STUCK_READ_GRACE.as_secs()
+    );
+    // (Not dropped with the closure if the thread cannot start: dropping a reader waits for
+    // its reads, which is what must not happen here.)
+    let mut reader = std::mem::ManuallyDrop::new(reader);
+    let spawned = std::thread::Builder::new()
+        .name("ts-stuck-reads".into())
+        .spawn(move || {
+            while outstanding > 0 && reader.in_flight() > 0 {
+                if reader.wait().is_err() {
+                    break;
+                }
+                outstanding -= 1;
+            }
+            drop(std::mem::ManuallyDrop::into_inner(reader));
+        });
+    if let Err(e) = spawned {
+        log::warn!("{loc}: no thread for the stuck reads ({e}): their buffers are leaked");
+    }
 }
 
 /// True when `flag` is set.

@@ -33,7 +33,8 @@
 //! * Objects of at least `2 × preferred_chunk + 77` bytes (capped at 48 MiB, at least 8 MiB) read
 //!   correctly with `read_at` in one piece and in reads of `preferred_chunk + 1` bytes at high
 //!   offsets, and load end to end with `chunk_size = preferred_chunk`.
-//! * Reader sessions ([`Backend::open_reader`]) with queue depth 1 and 32, reads submitted in
+//! * Reader sessions ([`Backend::open_reader`]) with queue depth 1 and 32 (waited for with
+//!   `wait` and, every other time, `wait_timeout` in short ticks), reads submitted in
 //!   random order with buffers aligned to `capabilities().alignment`: every completion carries
 //!   its id and offset, the right bytes, the right count (short only at the end: one read always
 //!   runs past the end), the very buffer submitted with that id (same length), writes nothing past
@@ -349,6 +350,7 @@ impl Ctx {
         Ok(Session {
             reader: Some(r),
             pending: BTreeMap::new(),
+            waits: 0,
         })
     }
 
@@ -372,13 +374,28 @@ impl Ctx {
     }
 
     /// `wait()` on the session, failing the check (naming the pending ids) if it errs or hangs.
+    /// Every other call waits with `wait_timeout` in short ticks instead (as a cancellable load
+    /// does), so that both are checked.
     #[track_caller]
     fn wait(&self, s: &mut Session) -> ReadDone {
         let ids = s.pending_ids();
+        s.waits += 1;
+        let ticked = s.waits.is_multiple_of(2);
         let r = self.with_reader(
             s,
             || format!("wait() with reads pending (ids {ids})"),
-            |r| r.wait(),
+            move |r| {
+                if !ticked {
+                    return r.wait();
+                }
+                loop {
+                    match r.wait_timeout(Duration::from_millis(5)) {
+                        Ok(Some(d)) => return Ok(d),
+                        Ok(None) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            },
         );
         match r {
             Ok(d) => d,
@@ -413,6 +430,8 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 struct Session {
     reader: Option<Box<dyn RangeReader>>,
     pending: BTreeMap<u64, usize>,
+    /// `wait` calls so far (every other one uses `wait_timeout`).
+    waits: usize,
 }
 
 impl Session {

@@ -479,6 +479,49 @@ impl RangeReader for UringReader {
         }
     }
 
+    fn wait_timeout(&mut self, timeout: std::time::Duration) -> Result<Option<ReadDone>> {
+        // Without IORING_FEAT_EXT_ARG (kernels before 5.11) the wait cannot time out.
+        if !self.ring.params().is_feature_ext_arg() {
+            return self.wait().map(Some);
+        }
+        if self.in_flight == 0 {
+            return Err(Error::invalid("wait() with no read in flight"));
+        }
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(d) = self.ready.pop_front() {
+                self.in_flight -= 1;
+                return Ok(Some(d));
+            }
+            if self.kernel == 0 {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "io_uring reader lost track of its reads",
+                ));
+            }
+            if self.ring.completion().is_empty() {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                let ts = types::Timespec::from(left);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => {}
+                    // Timed out, or interrupted: look again (the loop ends at `until`).
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {
+                    }
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+                    Err(e) => return Err(ring_error(e, "io_uring_enter")),
+                }
+            } else if !self.ring.submission().is_empty() {
+                self.enter(0)?;
+            }
+            self.reap()?;
+        }
+    }
+
     fn in_flight(&self) -> usize {
         self.in_flight
     }
