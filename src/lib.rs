@@ -267,8 +267,25 @@ impl Loader {
     }
 
     fn read_options(&self, index: &TensorIndex) -> ReadOptions {
+        let encrypted = format::tensorizer::is_encrypted(index);
+        if self.scope.is_some() {
+            // A shard of a checkpoint: the checkpoint's key and verification apply to the
+            // shards that take them (tensorizer ones; encrypted ones for the key), so that
+            // safetensors and tensorizer shards, encrypted or not, can be mixed. A key or a
+            // verification no shard takes is refused for the checkpoint as a whole
+            // (`check_checkpoint_options`).
+            let tensorizer = index.format == tensorstream_engine::Format::Tensorizer;
+            return ReadOptions {
+                verify: self.verify && tensorizer,
+                key: if encrypted {
+                    self.key.clone().or_else(|| self.fallback_password.clone())
+                } else {
+                    None
+                },
+            };
+        }
         let key = self.key.clone().or_else(|| {
-            if format::tensorizer::is_encrypted(index) {
+            if encrypted {
                 self.fallback_password.clone()
             } else {
                 None
@@ -278,6 +295,31 @@ impl Loader {
             verify: self.verify,
             key,
         }
+    }
+
+    /// For a sharded checkpoint: a verification or a key that no shard takes is refused, as
+    /// it would be for a single file.
+    fn check_checkpoint_options<'a>(
+        &self,
+        indexes: impl Iterator<Item = &'a TensorIndex> + Clone,
+        index_uri: &str,
+    ) -> Result<()> {
+        let loc = || sharded::redact(index_uri);
+        let mut formats = indexes.clone().map(|i| i.format);
+        if self.verify && !formats.any(|f| f == tensorstream_engine::Format::Tensorizer) {
+            return Err(Error::unsupported(
+                "no shard of the checkpoint is a tensorizer file, and safetensors files carry no \
+                 checksums to verify",
+            )
+            .with_location(loc()));
+        }
+        if self.key.is_some() && !indexes.clone().any(format::tensorizer::is_encrypted) {
+            return Err(Error::invalid(
+                "a key or password was given but no shard of the checkpoint is encrypted",
+            )
+            .with_location(loc()));
+        }
+        Ok(())
     }
 
     /// For a conversion to tensorizer: the tensor type to give tensors whose input does not
@@ -667,6 +709,7 @@ impl Loader {
                         shard: Some(shard.file.clone()),
                     });
                 }
+                self.check_checkpoint_options(out.iter().map(|f| &f.index), &map.index_uri)?;
                 Ok(out)
             }
         }
@@ -1039,6 +1082,7 @@ impl Loader {
                 todo.push((l, bytes));
             }
         }
+        self.check_checkpoint_options(indexes.iter(), &map.index_uri)?;
         let merged = combined_index(&indexes)
             .map_err(|e| e.with_location(sharded::redact(&map.index_uri)))?;
         drop(indexes);

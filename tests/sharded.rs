@@ -679,3 +679,71 @@ fn a_conversion_keeps_every_shards_metadata() {
         ]
     );
 }
+
+/// A checkpoint mixing a safetensors shard, an encrypted tensorizer shard and a plain one:
+/// the key and verification apply to the shards that take them (they were refused for the
+/// safetensors shard, so such a checkpoint could not be used at all), and a key or a
+/// verification that no shard takes is still refused.
+#[test]
+fn keys_and_verification_apply_to_the_shards_that_take_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = checkpoint::write(dir.path(), &SHARDS, 21);
+    let key = tensorstream::KeySource::from_key_file("cd".repeat(32).as_bytes()).unwrap();
+    // Shard 2 becomes an encrypted tensorizer file, shard 3 a plain one.
+    for (k, encrypt) in [(2usize, Some(key.clone())), (3, None)] {
+        let st = dir.path().join(checkpoint::shard_name(k, 3));
+        let tz = dir.path().join(format!("part-{k}.tensors"));
+        Loader::new(st.display().to_string())
+            .convert(&tz, encrypt)
+            .unwrap();
+        std::fs::remove_file(&st).unwrap();
+        let old = checkpoint::shard_name(k, 3);
+        for w in want.iter_mut().filter(|w| w.file == old) {
+            w.file = format!("part-{k}.tensors");
+        }
+    }
+    checkpoint::write_index(dir.path(), "model.safetensors.index.json", &want);
+    let uri = dir.path().display().to_string();
+    let m = Loader::new(&uri)
+        .key(key.clone())
+        .verify_hashes(true)
+        .load()
+        .unwrap();
+    for w in &want {
+        assert!(
+            m.get(&w.name).unwrap().data == w.bytes.as_slice(),
+            "{}",
+            w.name
+        );
+    }
+    Loader::new(&uri).key(key.clone()).inspect().unwrap();
+    let out = dir.path().join("joined.safetensors");
+    let st = Loader::new(&uri)
+        .key(key.clone())
+        .verify_hashes(true)
+        .convert(&out, None)
+        .unwrap();
+    assert_eq!(st.tensors, want.len());
+    // Without the key, the encrypted shard is refused, naming it.
+    let e = Loader::new(&uri).load().unwrap_err();
+    assert!(e.to_string().contains("part-2.tensors"), "{e}");
+    // A checkpoint of safetensors shards takes neither.
+    let plain = tempfile::tempdir().unwrap();
+    checkpoint::write(plain.path(), &SHARDS, 22);
+    let uri = plain.path().display().to_string();
+    let e = Loader::new(&uri).verify_hashes(true).load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    let e = Loader::new(&uri).key(key.clone()).load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(
+        e.to_string()
+            .contains("no shard of the checkpoint is encrypted"),
+        "{e}"
+    );
+    let e = Loader::new(&uri).key(key).inspect().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no shard of the checkpoint is encrypted"),
+        "{e}"
+    );
+}
