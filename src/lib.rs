@@ -865,11 +865,22 @@ impl Loader {
     /// Warns about tensors a shard holds that its checkpoint index does not list.
     fn warn_unlisted(&self, unlisted: usize) {
         if let (Some(scope), true) = (&self.scope, unlisted > 0) {
-            log::warn!(
+            let msg = format!(
                 "{}: {unlisted} tensor(s) not listed in the checkpoint index {} are skipped",
                 sharded::redact(&self.uri),
                 sharded::redact(&scope.index_uri)
             );
+            // Once per process and shard: a checkpoint is checked, then loaded (and `bench`
+            // loads it again and again), and each would say it anew.
+            static SAID: std::sync::Mutex<Option<std::collections::HashSet<String>>> =
+                std::sync::Mutex::new(None);
+            let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+            if said
+                .get_or_insert_with(Default::default)
+                .insert(msg.clone())
+            {
+                log::warn!("{msg}");
+            }
         }
     }
 

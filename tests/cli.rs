@@ -759,6 +759,41 @@ fn the_inspect_table_lines_up_whatever_the_names() {
     assert!(at.iter().all(|&c| c == at[0]), "columns {at:?}:\n{out}");
 }
 
+/// A shard holding a tensor the index does not list: the warning says "warning:" (as the
+/// CLI's own do) and comes once per shard, not once per load of `bench`.
+#[test]
+fn a_library_warning_is_marked_and_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = checkpoint::write(dir.path(), &[&[4096, 10], &[5000]], 3);
+    // The index forgets one tensor of shard 1.
+    want.retain(|w| w.name != "layers.0.w1");
+    checkpoint::write_index(dir.path(), "model.safetensors.index.json", &want);
+    let out = bin()
+        .args(["bench", dir.path().to_str().unwrap(), "--repeat", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("not listed")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("tensorstream: warning: "), "{err}");
+}
+
+/// An empty TMPDIR counts as unset (the demo wrote its model into the current directory).
+#[test]
+fn demo_with_an_empty_tmpdir_writes_to_tmp() {
+    let cwd = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["demo", "--size", "16MiB", "--quiet"])
+        .env("TMPDIR", "")
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains(" to /tmp/tensorstream-demo-"), "{text}");
+}
+
 /// Ctrl-C / SIGTERM while `demo` writes its model: the process stops with 128 + the signal and
 /// leaves no temporary directory behind (with the default action it left a whole model file).
 #[test]
@@ -1266,6 +1301,12 @@ fn convert_never_replaces_its_input_and_replaces_an_output_only_with_force() {
     std::fs::create_dir(&d).unwrap();
     let e = run_err(&["convert", s, d.to_str().unwrap(), "--force"]);
     assert!(e.contains("is a directory"), "{e}");
+    // Without --force too (it suggested --force, which cannot help).
+    let e = run_err(&["convert", s, d.to_str().unwrap()]);
+    assert!(
+        e.contains("is a directory") && !e.contains("--force"),
+        "{e}"
+    );
 
     // 254 bytes: the longest name most file systems take (with its 16 bytes the temporary
     // file's name would be 270).

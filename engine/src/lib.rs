@@ -61,9 +61,14 @@ pub fn log_warnings_to_stderr() {
             if self.enabled(r.metadata()) {
                 // Not `eprintln!`, which panics when standard error is a closed pipe.
                 use std::io::Write as _;
+                // Prefixed like the CLI's own warnings and errors, so that a script can find them.
+                let level = match r.level() {
+                    log::Level::Error => "error: ",
+                    _ => "warning: ",
+                };
                 let _ = writeln!(
                     std::io::stderr().lock(),
-                    "tensorstream: {}",
+                    "tensorstream: {level}{}",
                     terminal_safe(&r.args().to_string())
                 );
             }

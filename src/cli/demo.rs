@@ -172,7 +172,12 @@ pub fn run(
             super::output::human(MAX_SIZE)
         )));
     }
-    let dir = dir.unwrap_or_else(std::env::temp_dir);
+    // (An empty TMPDIR counts as unset, as for mktemp: `temp_dir()` would give "", the current
+    // directory.)
+    let dir = dir.unwrap_or_else(|| match std::env::var_os("TMPDIR") {
+        Some(t) if !t.is_empty() => std::path::PathBuf::from(t),
+        _ => std::path::PathBuf::from("/tmp"),
+    });
     // A model that cannot fit is refused before anything is written (not after filling the
     // disk). The free space is what an unprivileged writer may use.
     if let Ok(st) = rustix::fs::statvfs(&dir) {

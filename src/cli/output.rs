@@ -134,6 +134,12 @@ pub fn convert(
     io: &IoArgs,
 ) -> Result<(), Error> {
     use tensorstream::KeySource;
+    if output.is_dir() {
+        return Err(Error::invalid(format!(
+            "the output {} is a directory",
+            field(&output.display().to_string())
+        )));
+    }
     // (A link, even a dangling one, is there too: the output would replace it.)
     if !force && output.symlink_metadata().is_ok() {
         return Err(Error::invalid(format!(
