@@ -779,6 +779,23 @@ fn a_library_warning_is_marked_and_said_once() {
     assert!(lines[0].starts_with("tensorstream: warning: "), "{err}");
 }
 
+/// `bench --cold` refuses a file on a memory file system, whose pages dropping the cache
+/// cannot evict (it printed "cold" rows read from memory).
+#[test]
+fn bench_cold_refuses_a_file_in_memory() {
+    let shm = std::path::Path::new("/dev/shm");
+    let tmpfs = rustix::fs::statfs(shm).is_ok_and(|st| st.f_type as u64 == 0x0102_1994);
+    if !tmpfs || !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs a tmpfs /dev/shm and root (--cold drops the page cache)");
+        return;
+    }
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let p = dir.path().join("m.safetensors");
+    std::fs::copy(fixtures().join("mixed.safetensors"), &p).unwrap();
+    let e = run_err(&["bench", p.to_str().unwrap(), "--cold", "--repeat", "1"]);
+    assert!(e.contains("memory file system"), "{e}");
+}
+
 /// An empty TMPDIR counts as unset (the demo wrote its model into the current directory).
 #[test]
 fn demo_with_an_empty_tmpdir_writes_to_tmp() {

@@ -610,6 +610,22 @@ pub fn bench(
     } else {
         Vec::new()
     };
+    if cold {
+        // Pages of a memory file system are the file itself: no cache to drop.
+        for p in &paths {
+            let memory = rustix::fs::statfs(p.as_str()).is_ok_and(|st| {
+                tensorstream::backends::local::config::fs_kind(st.f_type as u64)
+                    == tensorstream::backends::local::FsKind::Memory
+            });
+            if memory {
+                return Err(Error::invalid(format!(
+                    "--cold: {} is on a memory file system (tmpfs, ramfs), whose pages cannot \
+                     be dropped: every run would read from memory",
+                    field(p)
+                )));
+            }
+        }
+    }
     // A GPU bench's device handle, opened by its first load.
     let mut gpu: Option<Arc<tensorstream::cuda::CudaDevice>> = None;
     let mut modes = Vec::new();
