@@ -836,6 +836,18 @@ fn shorter_206_answers_are_continued() {
     assert!(gets >= 8 * 4, "{log:?}");
 }
 
+/// The first MiB of `be`, read on a thread of its own; fails the test if the read takes more
+/// than `secs` seconds.
+fn read_mib_within(be: Arc<S3Backend>, secs: u64) -> Result<usize> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let _ = tx.send(be.read_at(0, &mut buf));
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("a slow server held the read for {secs} s"))
+}
+
 /// A server trickling bytes (never a gap as long as the timeout) is cut once the GET has had
 /// the retry layer's attempts plus its size at 256 KiB/s; with so little brought, it is a
 /// Timeout error.
@@ -852,15 +864,7 @@ fn a_trickling_server_times_out() {
         trickle: Some((100, Duration::from_millis(100))),
         ..Faults::default()
     });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 20];
-        let _ = tx.send(be.read_at(0, &mut buf));
-    });
-    let r = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("a trickling server held the read for 60 s");
-    let e = r.unwrap_err();
+    let e = read_mib_within(be, 60).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("too slow"), "{e}");
 }
@@ -883,15 +887,7 @@ fn a_server_that_stays_too_slow_is_given_up_on_after_three_cuts() {
         trickle: Some((500, Duration::from_millis(100))),
         ..Faults::default()
     });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 20];
-        let _ = tx.send(be.read_at(0, &mut buf));
-    });
-    let r = rx
-        .recv_timeout(Duration::from_secs(150))
-        .expect("a server that stays too slow held the read for 150 s");
-    let e = r.unwrap_err();
+    let e = read_mib_within(be, 150).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("3 GETs in a row were cut"), "{e}");
     let gets = f.proxy.log().iter().filter(|x| x.method == "GET").count();

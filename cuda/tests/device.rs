@@ -156,6 +156,14 @@ fn model_file() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     (file, datas)
 }
 
+/// Engine options of the tests' loads: four reads in flight.
+fn four_deep() -> EngineOptions {
+    EngineOptions {
+        queue_depth: 4,
+        ..Default::default()
+    }
+}
+
 fn gpu_plan(index: &TensorIndex, chunk: u64) -> Arc<Plan> {
     let mut o = PlanOptions::new(index.object_size);
     o.layout = Layout::Packed {
@@ -221,10 +229,7 @@ fn gpu_generated_file_lands_byte_exact_through_the_ring() {
         want,
     } = mem_model();
     let plan = gpu_plan(&index, 64 << 10);
-    let eo = EngineOptions {
-        queue_depth: 4,
-        ..Default::default()
-    };
+    let eo = four_deep();
     let (m, stats) = load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo).unwrap();
     assert!(stats.reads as usize > 3, "the ring must cycle");
     check_model(&m, &want);
@@ -788,10 +793,7 @@ fn gpu_a_load_after_a_sticky_device_fault_names_the_fault() {
         be, meta, index, ..
     } = mem_model();
     let plan = gpu_plan(&index, 64 << 10);
-    let eo = EngineOptions {
-        queue_depth: 4,
-        ..Default::default()
-    };
+    let eo = four_deep();
     let first = load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo);
     let e = first.expect_err("the injected fault fails the first load");
     assert!(e.to_string().contains("CUDA_ERROR_LAUNCH_FAILED"), "{e}");
@@ -852,10 +854,7 @@ fn gpu_calls_leave_the_threads_cuda_context_as_they_found_it() {
             want,
         } = mem_model();
         let plan = gpu_plan(&index, 64 << 10);
-        let eo = EngineOptions {
-            queue_depth: 4,
-            ..Default::default()
-        };
+        let eo = four_deep();
         let (m, _) = load(&dev, be.clone(), &meta, index.clone(), plan.clone(), &eo).unwrap();
         check("load");
         check_model(&m, &want);

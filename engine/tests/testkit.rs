@@ -226,22 +226,14 @@ fn broken_backends_fail_the_suite_with_a_named_check() {
     }
 }
 
-/// Run by `a_backend_call_that_never_returns_fails_the_check_at_its_deadline`, in a child
-/// process with a short deadline (the variable is read per check; setting it here would race
-/// the other tests of this binary).
-#[test]
-#[ignore = "run in a child process by a_backend_call_that_never_returns_fails_the_check_at_its_deadline"]
-fn child_runs_the_suite_against_a_hanging_backend() {
-    testkit::run_all(&BrokenFixture(Flaw::HangsInReadAt));
-}
-
-#[test]
-fn a_backend_call_that_never_returns_fails_the_check_at_its_deadline() {
+/// Runs the ignored test `name` of this binary in a child process whose checks have a 2 s
+/// deadline, checks that it failed, and returns its output.
+fn failing_child(name: &str) -> String {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
             "--exact",
-            "child_runs_the_suite_against_a_hanging_backend",
+            name,
             "--nocapture",
             "--test-threads=1",
         ])
@@ -253,10 +245,22 @@ fn a_backend_call_that_never_returns_fails_the_check_at_its_deadline() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !out.status.success(),
-        "the suite passed a hanging backend: {text}"
-    );
+    assert!(!out.status.success(), "{name}: the suite passed: {text}");
+    text
+}
+
+/// Run by `a_backend_call_that_never_returns_fails_the_check_at_its_deadline`, in a child
+/// process with a short deadline (the variable is read per check; setting it here would race
+/// the other tests of this binary).
+#[test]
+#[ignore = "run in a child process by a_backend_call_that_never_returns_fails_the_check_at_its_deadline"]
+fn child_runs_the_suite_against_a_hanging_backend() {
+    testkit::run_all(&BrokenFixture(Flaw::HangsInReadAt));
+}
+
+#[test]
+fn a_backend_call_that_never_returns_fails_the_check_at_its_deadline() {
+    let text = failing_child("child_runs_the_suite_against_a_hanging_backend");
     assert!(
         text.contains("did not return: the check ran past its deadline of 2 s")
             && text.contains("read_at(")
@@ -277,23 +281,7 @@ fn child_runs_the_suite_against_a_reader_that_loses_abandoned_reads() {
 /// serves reads correctly), and fails 'reader abandon' at the deadline, naming the wait.
 #[test]
 fn a_reader_that_loses_abandoned_reads_fails_the_abandon_check() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "child_runs_the_suite_against_a_reader_that_loses_abandoned_reads",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("TENSORSTREAM_TESTKIT_DEADLINE_S", "2")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "the suite passed: {text}");
+    let text = failing_child("child_runs_the_suite_against_a_reader_that_loses_abandoned_reads");
     assert!(
         text.contains("testkit check 'reader abandon' failed for broken backend")
             && text.contains("wait() with reads pending"),
