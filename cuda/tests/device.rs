@@ -156,6 +156,26 @@ fn model_file() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     (file, datas)
 }
 
+/// [`load_mapped`] into a new allocation, with no subscriber, version check or cancel flag.
+fn warm_load(
+    dev: &Arc<CudaDevice>,
+    path: &std::path::Path,
+    index: TensorIndex,
+    plan: &Plan,
+    strategy: WarmStrategy,
+) -> Result<(DeviceModel, WarmStats)> {
+    load_mapped(
+        dev,
+        path,
+        index,
+        plan,
+        strategy,
+        Default::default(),
+        None,
+        None,
+    )
+}
+
 /// Engine options of the tests' loads: four reads in flight.
 fn four_deep() -> EngineOptions {
     EngineOptions {
@@ -381,17 +401,7 @@ fn gpu_warm_mapped_path_matches_both_strategies() {
     let plan = gpu_plan(&index, 64 << 10);
     assert!(residency(&path).unwrap() > 0.0);
     for strategy in [WarmStrategy::Register, WarmStrategy::Pread] {
-        let (m, st) = load_mapped(
-            &dev,
-            &path,
-            index.clone(),
-            &plan,
-            strategy,
-            Default::default(),
-            None,
-            None,
-        )
-        .unwrap();
+        let (m, st) = warm_load(&dev, &path, index.clone(), &plan, strategy).unwrap();
         assert_eq!(st.registered + st.fallback, st.pieces, "{st:?}");
         if strategy == WarmStrategy::Pread {
             assert_eq!(st.registered, 0);
@@ -892,17 +902,7 @@ fn gpu_calls_leave_the_threads_cuda_context_as_they_found_it() {
         let path = dir.path().join("m.safetensors");
         std::fs::write(&path, &file).unwrap();
         for strategy in [WarmStrategy::Register, WarmStrategy::Pread] {
-            let (m, _) = load_mapped(
-                &dev,
-                &path,
-                index.clone(),
-                &plan,
-                strategy,
-                Default::default(),
-                None,
-                None,
-            )
-            .unwrap();
+            let (m, _) = warm_load(&dev, &path, index.clone(), &plan, strategy).unwrap();
             check("load_mapped");
             drop(m);
             check("dropping a model of the warm path");
@@ -976,17 +976,7 @@ fn gpu_a_device_without_read_only_registration_copies_through_the_slots() {
     let meta = be.stat().unwrap();
     let index = format::read_index(be.as_ref(), &meta).unwrap();
     let plan = gpu_plan(&index, 64 << 10);
-    let (m, st) = load_mapped(
-        &dev,
-        &path,
-        index,
-        &plan,
-        WarmStrategy::Register,
-        Default::default(),
-        None,
-        None,
-    )
-    .unwrap();
+    let (m, st) = warm_load(&dev, &path, index, &plan, WarmStrategy::Register).unwrap();
     assert_eq!(st.registering, 0, "{st:?}");
     assert_eq!(st.registered, 0, "{st:?}");
     assert_eq!(st.fallback, st.pieces, "{st:?}");
