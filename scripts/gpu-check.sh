@@ -3,7 +3,8 @@
 # (filled here by scripts/prepare-gpu-check.sh). Needs root (drops the page cache), python3 with
 # torch + safetensors (present there), ~15 GB free disk (see the work folder below).
 # Budget: ≤ 6 minutes for the required steps (TS_GPU_BUDGET=330), a hard end at TS_GPU_HARD=500 s
-# (give the device call timeout_s ≈ 560). Writes gpu-check.log and results.jsonl to $OUT as they
+# (give the device call timeout_s ≈ 560). Writes gpu-check.log, results.jsonl and peers.log (the
+# peers' own output) to $OUT as they
 # grow, so even a run killed from outside leaves them; the table is printed last in any case.
 # Rehearsal without a GPU (checks the script; loads go to host memory): TS_GPU_DRY=1 TS_GPU_GB=0.5
 # Rehearsal of the GPU steps against fakecuda, a CPU stand-in for the driver (scripts/fakecuda.sh

@@ -232,10 +232,22 @@ def run_rss(cmd, timeout=300):
     killer.start()
     chunks = []
     try:
-        with os.fdopen(r, "r", errors="replace") as f:
-            for line in f:
-                chunks.append(line)
-                print("   | " + line.rstrip(), flush=True)
+        # (Also to $OUT/peers.log: the device tool returns only the end of the output, and the
+        # peers' failures and tracebacks come long before it.)
+        log = open(os.path.join(OUT, "peers.log"), "a") if OUT else None
+        try:
+            if log:
+                log.write("$ " + " ".join(cmd)[:500] + "\n")
+            with os.fdopen(r, "r", errors="replace") as f:
+                for line in f:
+                    chunks.append(line)
+                    print("   | " + line.rstrip(), flush=True)
+                    if log:
+                        log.write(line)
+                        log.flush()
+        finally:
+            if log:
+                log.close()
         _, status, ru = os.wait4(pid, 0)
     finally:
         killer.cancel()
@@ -378,7 +390,7 @@ def load_json(cmd, digests, name, timeout):
     return j
 
 
-def ts_load(path, extra=(), digests=False, name=None, timeout=240):
+def ts_load(path, extra=(), digests=False, name=None, timeout=90):
     """tensorstream load --device cuda:0 --json (or ts-gpu-bench load if the CLI cannot)."""
     if CLI_GPU:
         cmd = [TS, "load", path, "--device", DEV, "--json", "--quiet"] + list(extra)
@@ -387,7 +399,7 @@ def ts_load(path, extra=(), digests=False, name=None, timeout=240):
     return load_json(cmd, digests, name, timeout)
 
 
-def bench_load(path, extra=(), digests=False, name=None, timeout=240):
+def bench_load(path, extra=(), digests=False, name=None, timeout=90):
     if DRY:
         say("  (dry run: skipped ts-gpu-bench load", " ".join(extra) + ")")
         return None
@@ -1080,16 +1092,20 @@ def finish():
                   if r.get("gbps_open_nc") or r.get("gbps_open")]
         full = [r["gbps_open"] for r in cold_ts if r.get("gbps_open")]
         ours = med(opened) if opened else ts_cold["gbps"]
-        check("cold faster than every peer (device open included, context creation not, as for the peers)",
-              ours > peers_cold["gbps"],
-              f"median {ours:.2f} of {len(opened)} cold loads vs median {peers_cold['gbps']:.2f} of "
-              f"{peers_cold['n']} ({peers_cold['loader']})")
+        what = "cold faster than every peer (device open included, context creation not, as for the peers)"
+        detail = (f"median {ours:.2f} of {len(opened)} cold loads vs median {peers_cold['gbps']:.2f} of "
+                  f"{peers_cold['n']} ({peers_cold['loader']})")
+        if missing_peers and ours > peers_cold["gbps"]:
+            # A peer that did not run may be the fastest: beating the others is not beating it.
+            nj(what, detail + "; but no cold result from " + ", ".join(missing_peers))
+        else:
+            check(what, ours > peers_cold["gbps"], detail)
         if full:
             say(f"NOTE: counting the CUDA context's creation too (which the peers' timings leave out): "
                 f"median {med(full):.2f}, slowest {min(full):.2f} GB/s; fastest sample of that peer "
                 f"{peers_cold['max']:.2f} GB/s")
         if missing_peers:
-            nj("every peer ran", "missing: " + ", ".join(missing_peers) + " (see the peers' output above)")
+            nj("every peer ran", "missing: " + ", ".join(missing_peers) + " (see peers.log)")
     else:
         nj("cold faster than every peer", "no cold tensorstream load" if not ts_cold else "no cold peer result")
     # The default (ring) route; the mapped rows' RSS counts page-cache pages of the file mapped

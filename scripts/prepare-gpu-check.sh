@@ -20,13 +20,17 @@ done
 test_bin() { # NAME CARGO-ARGS...: build one test target, copy its executable to .gpu/bin/test-NAME
   local name=$1; shift
   local exe
-  exe=$(cargo test --release --no-run --message-format=json "$@" 2>/tmp/prepare-gpu-test-build.log | python3 -c '
+  # (`if !`: under `set -e -o pipefail` a failed build would end the script here, silently.)
+  if ! exe=$(cargo test --release --no-run --message-format=json "$@" 2>/tmp/prepare-gpu-test-build.log | python3 -c '
 import json, sys
 for line in sys.stdin:
     j = json.loads(line)
     if j.get("reason") == "compiler-artifact" and j.get("executable") and "test" in j["target"]["kind"]:
-        print(j["executable"])')
-  [ -x "$exe" ] || { echo "building the $name test binary failed:" >&2; tail -30 /tmp/prepare-gpu-test-build.log >&2; exit 1; }
+        print(j["executable"])') || [ ! -x "$exe" ]; then
+    echo "building the $name test binary failed:" >&2
+    tail -30 /tmp/prepare-gpu-test-build.log >&2
+    exit 1
+  fi
   cp "$exe" ".gpu/bin/test-$name"
   strip ".gpu/bin/test-$name" 2>/dev/null || true
 }
