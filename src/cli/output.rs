@@ -640,6 +640,21 @@ pub fn bench(
             for path in &paths {
                 buffered_read(path)?; // populate the page cache
             }
+            // One untimed load first: the first load of a process runs slower (its threads,
+            // the allocator's first mappings, the CPU's clock still rising), and a warm figure
+            // is about the steady state.
+            match device {
+                Device::Cpu => drop(loader.load()?),
+                Device::Cuda(_) => {
+                    let l = match &gpu {
+                        Some(dev) => loader.clone().on_device(Arc::clone(dev)),
+                        None => loader.clone().device(device),
+                    };
+                    let cm = l.load_cuda()?;
+                    gpu.get_or_insert_with(|| cm.device().clone());
+                    cm.release()?;
+                }
+            }
         }
         for _ in 0..repeat {
             if is_cold {
