@@ -1330,3 +1330,63 @@ fn https_endpoint_uses_tls() {
     assert_eq!(e.kind(), ErrorKind::Io, "{e}");
     assert!(e.to_string().contains(&endpoint), "{e}");
 }
+
+/// The warnings logged in this test process (a logger that keeps them; set once).
+fn warnings() -> &'static Mutex<Vec<String>> {
+    struct Keep;
+    static KEPT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    impl log::Log for Keep {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.level() <= log::Level::Warn
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if self.enabled(r.metadata()) {
+                KEPT.lock().unwrap().push(r.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static KEEP: Keep = Keep;
+    if log::set_logger(&KEEP).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    &KEPT
+}
+
+/// An object served with neither ETag nor Last-Modified gets a warning that only a change of
+/// its size can be seen; one with an ETag gets none.
+#[test]
+fn an_object_without_validators_is_warned_about() {
+    let said = |uri: &str| {
+        warnings()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.contains(uri) && w.contains("neither ETag nor Last-Modified"))
+            .count()
+    };
+    // (A key of its own: other tests of this process strip validators from theirs.)
+    let s3 = S3s::start();
+    s3.put("bkt", "unversioned-warning", pattern(4096, 70));
+    let proxy = Proxy::start(s3.addr());
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port());
+    let open = || s3.backend_via(&endpoint, "bkt", "unversioned-warning", &small_chunks());
+    let uri = "s3://bkt/unversioned-warning";
+    warnings();
+    open().stat().unwrap();
+    assert_eq!(said(uri), 0, "{:?}", warnings().lock().unwrap());
+    proxy.set_faults(Faults {
+        strip_etag: true,
+        strip_last_modified: true,
+        ..Faults::default()
+    });
+    let bare = open();
+    bare.stat().unwrap();
+    bare.stat().unwrap();
+    assert_eq!(
+        said(uri),
+        1,
+        "once per backend: {:?}",
+        warnings().lock().unwrap()
+    );
+}
