@@ -46,7 +46,26 @@ pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
         ))
         .with_range(0..5));
     }
-    safetensors::parse_prefix(prefix, object_size)
+    safetensors::parse_prefix(prefix, object_size).map_err(|e| {
+        if prefix.first() != Some(&b'{') {
+            return e;
+        }
+        // A JSON file: most likely a sharded checkpoint's index under another name (a valid
+        // safetensors header length may start with this byte too, hence only a hint).
+        let hinted = Error::new(
+            e.kind(),
+            format!(
+                "{}; the file starts with '{{' (JSON?): a sharded checkpoint's index is \
+                 recognised by its name (NAME.safetensors.index.json, NAME.tensors.index.json) \
+                 or by giving its directory",
+                e.message()
+            ),
+        );
+        match e.range() {
+            Some(r) => hinted.with_range(r),
+            None => hinted,
+        }
+    })
 }
 
 /// Reads and parses the metadata of the object behind `backend`.

@@ -63,6 +63,20 @@ fn too_short_files() {
     }
 }
 
+/// A JSON file (a sharded checkpoint's index under another name) gets a hint about index names;
+/// a safetensors failure that does not start with '{' gets none.
+#[test]
+fn a_json_file_is_hinted_at_as_an_index() {
+    let json = br#"{"metadata": {"total_size": 12}, "weight_map": {"a": "model-00001-of-00002.safetensors"}}"#;
+    let e = format::parse_prefix(json, json.len() as u64).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("NAME.safetensors.index.json"), "{e}");
+    let mut other = (1u64 << 40).to_le_bytes().to_vec();
+    other.extend_from_slice(b"{}      ");
+    let e = format::parse_prefix(&other, other.len() as u64).unwrap_err();
+    assert!(!e.to_string().contains("index.json"), "{e}");
+}
+
 #[test]
 fn absurd_header_lengths() {
     for n in [u64::MAX, 1 << 40, MAX_HEADER + 1] {
