@@ -1480,8 +1480,6 @@ impl Loader {
         .map(|s| s.with_index(index).with_stop(stop).with_keeper(keeper))
     }
 
-    /// The object's index. A shard's index read moments ago (by `check_shards`) is reused when
-    /// the object is provably the same (same size and version tag); otherwise it is read again.
     /// The opening steps of a load, conversion or inspection: the backend (connecting), its
     /// `stat` and the metadata. Nothing in them checks the cancel flag (a backend call cannot be
     /// interrupted: a server that does not answer holds them until the backend's own timeouts
@@ -1532,6 +1530,8 @@ impl Loader {
         }
     }
 
+    /// The object's index. A shard's index read moments ago (by `check_shards`) is reused when
+    /// the object is provably the same (same size and version tag); otherwise it is read again.
     fn read_index(&self, be: &dyn Backend, meta: &ObjectMeta) -> Result<TensorIndex> {
         let known = self
             .scope
