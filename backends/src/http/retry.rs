@@ -419,7 +419,7 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
         // and then fails (or trickles) must not be retried forever.
         let progress = got > 0 && got >= PROGRESS_MIN.min(want - pos);
         pos += got;
-        match outcome {
+        let (err, after, slow) = match outcome {
             Ok(()) if got == 0 => {
                 return Err(ctx.err(
                     ErrorKind::Io,
@@ -439,34 +439,31 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
                         ),
                     ));
                 }
+                continue;
             }
-            Ok(()) => failures = 0,
+            Ok(()) => {
+                failures = 0;
+                continue;
+            }
             Err(Failure::Fatal(e)) => return Err(*e),
-            Err(Failure::Slow(err)) => {
-                // Resumed from `pos`, but counted whatever it brought: a server slower than
-                // `min_rate` must not hold a load for hours by bringing a little each time.
-                failures += 1;
-                if failures > ctx.cfg.max_retries {
-                    return Err(give_up(ctx, *err, failures));
-                }
-                backoff(ctx, failures, None).await;
-            }
-            Err(Failure::Retry { err, after }) => {
-                if pos >= want {
-                    // Everything arrived; only the tail of the exchange failed.
-                    break;
-                }
-                if progress {
-                    // Progress: resume from `pos`; only attempts without progress count.
-                    failures = 0;
-                }
-                failures += 1;
-                if failures > ctx.cfg.max_retries {
-                    return Err(give_up(ctx, *err, failures));
-                }
-                backoff(ctx, failures, after).await;
-            }
+            Err(Failure::Retry { err, after }) => (err, after, false),
+            Err(Failure::Slow(err)) => (err, None, true),
+        };
+        if pos >= want {
+            // Everything arrived; only the tail of the exchange failed.
+            break;
         }
+        if progress && !slow {
+            // Progress: resume from `pos`; only attempts without progress count. (An answer
+            // cut for slowness is resumed too, but counted whatever it brought: a server slower
+            // than `min_rate` must not hold a load for hours by bringing a little each time.)
+            failures = 0;
+        }
+        failures += 1;
+        if failures > ctx.cfg.max_retries {
+            return Err(give_up(ctx, *err, failures));
+        }
+        backoff(ctx, failures, after).await;
     }
     Ok(want)
 }
