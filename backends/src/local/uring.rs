@@ -296,6 +296,55 @@ impl UringReader {
         }
     }
 
+    /// The next completed read, waiting for the kernel as needed; `None` once `until` has
+    /// passed (never without a time limit, or on kernels without IORING_FEAT_EXT_ARG (before
+    /// 5.11), where a wait cannot time out).
+    fn next_done(&mut self, until: Option<std::time::Instant>) -> Result<Option<ReadDone>> {
+        if self.in_flight == 0 {
+            return Err(Error::invalid("wait() with no read in flight"));
+        }
+        let until = until.filter(|_| self.ring.params().is_feature_ext_arg());
+        loop {
+            if let Some(d) = self.ready.pop_front() {
+                self.in_flight -= 1;
+                return Ok(Some(d));
+            }
+            if self.kernel == 0 {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "io_uring reader lost track of its reads",
+                ));
+            }
+            if self.ring.completion().is_empty() {
+                match until {
+                    None => self.enter(1)?,
+                    Some(until) => {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            return Ok(None);
+                        }
+                        let ts = types::Timespec::from(left);
+                        let args = types::SubmitArgs::new().timespec(&ts);
+                        match self.ring.submitter().submit_with_args(1, &args) {
+                            Ok(_) => {}
+                            // Timed out, interrupted, or busy: look again (the loop ends at
+                            // `until`).
+                            Err(e)
+                                if matches!(
+                                    e.raw_os_error(),
+                                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                                ) => {}
+                            Err(e) => return Err(ring_error(e, "io_uring_enter")),
+                        }
+                    }
+                }
+            } else if !self.ring.submission().is_empty() {
+                self.enter(0)?;
+            }
+            self.reap()?;
+        }
+    }
+
     /// Handles every completion in the queue.
     fn reap(&mut self) -> Result<()> {
         let mut cqes = std::mem::take(&mut self.cqes);
@@ -455,71 +504,16 @@ impl RangeReader for UringReader {
     }
 
     fn wait(&mut self) -> Result<ReadDone> {
-        if self.in_flight == 0 {
-            return Err(Error::invalid("wait() with no read in flight"));
-        }
-        loop {
-            if let Some(d) = self.ready.pop_front() {
-                self.in_flight -= 1;
-                return Ok(d);
-            }
-            if self.kernel == 0 {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    "io_uring reader lost track of its reads",
-                ));
-            }
-            let cq_empty = self.ring.completion().is_empty();
-            if cq_empty {
-                self.enter(1)?;
-            } else if !self.ring.submission().is_empty() {
-                self.enter(0)?;
-            }
-            self.reap()?;
-        }
+        self.next_done(None)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Io,
+                "io_uring reader returned no read without a time limit",
+            )
+        })
     }
 
     fn wait_timeout(&mut self, timeout: std::time::Duration) -> Result<Option<ReadDone>> {
-        // Without IORING_FEAT_EXT_ARG (kernels before 5.11) the wait cannot time out.
-        if !self.ring.params().is_feature_ext_arg() {
-            return self.wait().map(Some);
-        }
-        if self.in_flight == 0 {
-            return Err(Error::invalid("wait() with no read in flight"));
-        }
-        let until = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(d) = self.ready.pop_front() {
-                self.in_flight -= 1;
-                return Ok(Some(d));
-            }
-            if self.kernel == 0 {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    "io_uring reader lost track of its reads",
-                ));
-            }
-            if self.ring.completion().is_empty() {
-                let left = until.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return Ok(None);
-                }
-                let ts = types::Timespec::from(left);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                match self.ring.submitter().submit_with_args(1, &args) {
-                    Ok(_) => {}
-                    // Timed out, or interrupted: look again (the loop ends at `until`).
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {
-                    }
-                    Err(e)
-                        if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
-                    Err(e) => return Err(ring_error(e, "io_uring_enter")),
-                }
-            } else if !self.ring.submission().is_empty() {
-                self.enter(0)?;
-            }
-            self.reap()?;
-        }
+        self.next_done(std::time::Instant::now().checked_add(timeout))
     }
 
     fn in_flight(&self) -> usize {
