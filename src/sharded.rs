@@ -32,8 +32,9 @@ pub struct Shard {
     pub names: Arc<HashSet<String>>,
 }
 
-/// A parsed index: its URI and its shards, in file-name order.
-#[derive(Debug, Clone)]
+/// A parsed index: its URI and its shards, in file-name order. (`Debug` shows the URI without
+/// its secrets, as messages do.)
+#[derive(Clone)]
 pub struct ShardMap {
     /// The index file's URI.
     pub index_uri: String,
@@ -41,6 +42,16 @@ pub struct ShardMap {
     pub shards: Vec<Shard>,
     /// Tensors the index lists.
     pub tensors: usize,
+}
+
+impl std::fmt::Debug for ShardMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardMap")
+            .field("index_uri", &redact(&self.index_uri))
+            .field("shards", &self.shards)
+            .field("tensors", &self.tensors)
+            .finish()
+    }
 }
 
 impl ShardMap {

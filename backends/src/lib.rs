@@ -59,8 +59,28 @@ pub(crate) fn warn_unversioned(location: &str) {
     );
 }
 
+/// For a failure that names a certificate (a server whose certificate the client does not
+/// trust: a private CA, a self-signed test server): how to make it trusted. Such a failure is
+/// not retried (retrying cannot make the certificate trusted).
+#[cfg(any(feature = "http", feature = "s3"))]
+pub(crate) fn certificate_hint(msg: &str, s3: bool) -> Option<&'static str> {
+    if !msg.to_ascii_lowercase().contains("certificate") {
+        return None;
+    }
+    Some(if s3 {
+        "; to trust a private CA, set AWS_CA_BUNDLE (added to the system's roots) or \
+         SSL_CERT_FILE / SSL_CERT_DIR (used instead of them) to its PEM certificates"
+    } else {
+        "; to trust a private CA, set SSL_CERT_FILE / SSL_CERT_DIR to its PEM certificates \
+         (used instead of the system's roots)"
+    })
+}
+
 /// Options shared by all backends; each backend reads the ones that concern it.
-#[derive(Debug, Clone, Default)]
+///
+/// Its `Debug` output leaves out the headers' values (an `Authorization` token) and the
+/// endpoint's user information and query.
+#[derive(Clone, Default)]
 pub struct OpenOptions {
     /// Requests in flight (remote backends) or queue depth (local). `None`: backend default.
     pub concurrency: Option<usize>,
@@ -80,6 +100,26 @@ pub struct OpenOptions {
     /// `Some(false)` = buffered, `None` = `TENSORSTREAM_DIRECT` or automatic (O_DIRECT unless the
     /// file is already mostly in the page cache).
     pub direct_io: Option<bool>,
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(name, _)| (name.as_str(), "…"))
+            .collect();
+        f.debug_struct("OpenOptions")
+            .field("concurrency", &self.concurrency)
+            .field("chunk_size", &self.chunk_size)
+            .field("headers", &headers)
+            .field("s3_endpoint", &self.s3_endpoint.as_deref().map(redact_uri))
+            .field("s3_region", &self.s3_region)
+            .field("timeout", &self.timeout)
+            .field("io_mode", &self.io_mode)
+            .field("direct_io", &self.direct_io)
+            .finish()
+    }
 }
 
 /// How the local backend does I/O.
@@ -233,5 +273,27 @@ mod uri_tests {
         );
         assert!(local_path("file://localhostx/p").is_err());
         assert!(local_path("s3://b/k").is_err());
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::OpenOptions;
+
+    #[test]
+    fn open_options_debug_leaves_secrets_out() {
+        let o = OpenOptions {
+            headers: vec![("Authorization".into(), "Bearer s3cret-token".into())],
+            s3_endpoint: Some("https://u:s3cret@h:9000/?sig=s3cret".into()),
+            chunk_size: Some(4096),
+            ..Default::default()
+        };
+        let shown = format!("{o:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("Authorization") && shown.contains("https://h:9000/?…"),
+            "{shown}"
+        );
+        assert!(shown.contains("chunk_size: Some(4096)"), "{shown}");
     }
 }

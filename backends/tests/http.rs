@@ -339,6 +339,7 @@ fn https_with_http2_against_nginx() {
     let e = HttpBackend::open_with(&url, quick_cfg(4, 1 << 20, Duration::from_secs(10), 3))
         .unwrap_err();
     assert!(e.to_string().contains("certificate"), "{e}");
+    assert!(e.to_string().contains("SSL_CERT_FILE"), "no hint: {e}");
     assert!(!e.is_retryable(), "{e:?}");
     assert!(
         !e.to_string().contains("giving up"),

@@ -461,6 +461,69 @@ fn wrong_credentials_are_permission_denied() {
 }
 
 #[test]
+fn https_endpoint_signed_by_a_private_ca() {
+    use support::nginx::{Nginx, TestPki};
+    let s3 = S3s::start();
+    let (data, _) = safetensors(&[100_000, 3], 41);
+    s3.put("tlsb", "m.safetensors", data.clone());
+    // nginx terminates TLS (a private CA's certificate) in front of the real S3 server; the
+    // Host header (signed) goes through unchanged.
+    let pki = TestPki::generate();
+    let root = tempfile::tempdir().unwrap();
+    let proxy = format!(
+        "location ^~ /tlsb {{ proxy_pass http://127.0.0.1:{}; proxy_set_header Host $http_host; \
+         proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; \
+         proxy_request_buffering off; }}",
+        s3.port()
+    );
+    let nginx = Nginx::start_tls_with(root.path(), &pki, &proxy);
+    let endpoint = format!("https://127.0.0.1:{}", nginx.port());
+    let loc = || S3Location::parse("s3://tlsb/m.safetensors").unwrap();
+
+    // Not trusting the CA: a clear error, at once (not retried), that says how to trust it.
+    let be = S3Backend::with_config(loc(), s3.config_for(&endpoint, &small_chunks())).unwrap();
+    let e = be.stat().unwrap_err();
+    let msg = e.to_string();
+    eprintln!("untrusted certificate: {msg}");
+    assert!(msg.contains("certificate"), "{msg}");
+    assert!(msg.contains("AWS_CA_BUNDLE"), "{msg}");
+    assert!(
+        !msg.contains("gave up"),
+        "certificate errors must not be retried: {msg}"
+    );
+
+    // AWS_CA_BUNDLE (here set in the resolved settings): the bytes come through.
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("ca.pem");
+    std::fs::write(&bundle, &pki.ca_pem).unwrap();
+    let mut cfg = s3.config_for(&endpoint, &small_chunks());
+    cfg.ca_bundle = Some(bundle.clone());
+    let be = S3Backend::with_config(loc(), cfg).unwrap();
+    assert_eq!(be.stat().unwrap().size, data.len() as u64);
+    let mut buf = vec![0u8; data.len()];
+    assert_eq!(be.read_at(0, &mut buf).unwrap(), data.len());
+    assert!(buf == data, "bytes over https differ");
+
+    // A bundle that cannot be read, or holds no certificate: an error naming the variable.
+    for (path, why) in [
+        (dir.path().join("missing.pem"), "cannot read"),
+        (dir.path().to_path_buf(), "cannot read"),
+        (dir.path().join("empty.pem"), "no PEM certificate"),
+    ] {
+        std::fs::write(dir.path().join("empty.pem"), b"not a certificate\n").unwrap();
+        let mut cfg = s3.config_for(&endpoint, &small_chunks());
+        cfg.ca_bundle = Some(path.clone());
+        let e = S3Backend::with_config(loc(), cfg).unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{msg}");
+        assert!(
+            msg.contains("AWS_CA_BUNDLE=") && msg.contains(why),
+            "{path:?}: {msg}"
+        );
+    }
+}
+
+#[test]
 fn server_down_is_a_clear_error_after_bounded_retries() {
     let s3 = S3s::start();
     let endpoint = s3.endpoint();

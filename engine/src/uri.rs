@@ -25,6 +25,13 @@ pub fn redact_uri(uri: &str) -> String {
     let host_end = rest.find('/').unwrap_or(rest.len());
     let rest = match rest[..host_end].rfind('@') {
         Some(at) => &rest[at + 1..],
+        // No '@' before the first '/', but what precedes it is no `host[:port]`: a password
+        // holding '/' (AWS secret keys and base64 tokens do) cut the authority short, and the
+        // URL does not parse. Everything up to the last '@' goes.
+        None if !plain_authority(&rest[..host_end]) => match rest.rfind('@') {
+            Some(at) => &rest[at + 1..],
+            None => rest,
+        },
         None => rest,
     };
     if scheme == "file" {
@@ -41,6 +48,34 @@ pub fn redact_uri(uri: &str) -> String {
         "?…"
     };
     format!("{head}{path}{query}")
+}
+
+/// Whether `a` (the text between `://` and the first `/`) reads as `host[:port]`: a host name,
+/// an IPv4 address or a bracketed IPv6 one, and a port of digits.
+fn plain_authority(a: &str) -> bool {
+    let (host, port) = match a.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((ip, after))
+                if !ip.is_empty()
+                    && ip
+                        .chars()
+                        .all(|c| c.is_ascii_hexdigit() || ":.%".contains(c)) =>
+            {
+                match after {
+                    "" => return true,
+                    p => ("x", p.strip_prefix(':').unwrap_or("x")),
+                }
+            }
+            _ => return false,
+        },
+        None => match a.split_once(':') {
+            Some((h, p)) => (h, p),
+            None => (a, "0"),
+        },
+    };
+    host.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._~%!$&'()*+,;=".contains(c))
+        && port.chars().all(|c| c.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -68,6 +103,16 @@ mod tests {
             // A password holding '?' or '#' (the URL does not parse): still left out.
             ("https://user:p#ss@h/m", "https://h/m"),
             ("https://user:p?ss@h:99999/m?sig=x", "https://h:99999/m?…"),
+            // A password holding '/' (the URL does not parse either).
+            (
+                "http://user:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY@127.0.0.1:18081/m.safetensors",
+                "http://127.0.0.1:18081/m.safetensors",
+            ),
+            ("https://:tok/en@h/m?x", "https://h/m?…"),
+            ("https://user:pa/ss@[::1]:9/m", "https://[::1]:9/m"),
+            // '@' in the path of a URL whose authority is plain stays.
+            ("http://[::1]:80/a@b", "http://[::1]:80/a@b"),
+            ("http://h:8080/a@b", "http://h:8080/a@b"),
         ];
         for (uri, want) in cases {
             assert_eq!(redact_uri(uri), want, "{uri}");

@@ -124,8 +124,9 @@ pub(crate) fn describe_reqwest(e: reqwest::Error) -> (ErrorKind, bool, String) {
         }
     }
     // A certificate the client does not trust will not become trusted by retrying.
-    if msg.contains("certificate") || msg.contains("Certificate") {
+    if let Some(hint) = crate::certificate_hint(&msg, false) {
         retryable = false;
+        msg.push_str(hint);
     }
     (kind, retryable, msg)
 }

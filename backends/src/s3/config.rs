@@ -113,6 +113,10 @@ pub struct S3Config {
     pub timeout: Duration,
     /// Deadline of each I/O step of a GET.
     pub io_timeout: Duration,
+    /// A PEM bundle of extra trusted root certificates (`AWS_CA_BUNDLE`), for an endpoint
+    /// whose certificate a private CA signed. (`SSL_CERT_FILE` / `SSL_CERT_DIR` replace the
+    /// system's roots instead.)
+    pub ca_bundle: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -134,6 +138,7 @@ impl std::fmt::Debug for S3Config {
             .field("chunk_size", &self.chunk_size)
             .field("timeout", &self.timeout)
             .field("io_timeout", &self.io_timeout)
+            .field("ca_bundle", &self.ca_bundle)
             .finish()
     }
 }
@@ -170,11 +175,8 @@ fn check_endpoint(what: &str, e: &str) -> Result<String> {
             "{what} {shown:?}: an S3 endpoint URL has no query or fragment"
         )));
     }
-    if rest
-        .split('/')
-        .next()
-        .is_some_and(|host| host.contains('@'))
-    {
+    // Anywhere, not only before the first '/': a secret key holding '/' cuts the authority.
+    if rest.contains('@') {
         return Err(Error::invalid(format!(
             "{what} {shown:?}: the S3 endpoint must not hold user information (user:password@); \
              credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -191,7 +193,9 @@ impl S3Config {
     /// * region: `opts.s3_region`, `AWS_REGION`, `AWS_DEFAULT_REGION`, [`DEFAULT_REGION`];
     /// * credentials: `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`);
     /// * addressing: path style unless `AWS_S3_FORCE_PATH_STYLE=false` or
-    ///   `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`.
+    ///   `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`;
+    /// * extra trusted root certificates: `AWS_CA_BUNDLE` (a PEM file, read when the backend
+    ///   is built).
     pub fn resolve(opts: &OpenOptions, env: &dyn Fn(&str) -> Option<String>) -> Result<S3Config> {
         let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
 
@@ -269,6 +273,8 @@ impl S3Config {
             None => (DEFAULT_TIMEOUT, DEFAULT_IO_TIMEOUT),
         };
 
+        let ca_bundle = var("AWS_CA_BUNDLE").map(std::path::PathBuf::from);
+
         Ok(S3Config {
             endpoint,
             region,
@@ -280,6 +286,7 @@ impl S3Config {
             chunk_size,
             timeout,
             io_timeout,
+            ca_bundle,
         })
     }
 
@@ -291,7 +298,7 @@ impl S3Config {
     /// The endpoint for messages (`AWS default for <region>` when none is set).
     pub fn endpoint_display(&self) -> String {
         match &self.endpoint {
-            Some(e) => e.clone(),
+            Some(e) => crate::redact_uri(e),
             None => format!("AWS S3 ({})", self.region),
         }
     }
@@ -430,6 +437,23 @@ mod tests {
         assert_eq!(c.endpoint.as_deref(), Some("http://x:1"));
         assert_eq!(c.region, DEFAULT_REGION);
         assert_eq!(c.access_key_id, None);
+        assert_eq!(c.ca_bundle, None);
+    }
+
+    #[test]
+    fn ca_bundle_from_the_environment() {
+        let c = S3Config::resolve(
+            &OpenOptions::default(),
+            &env(&[("AWS_CA_BUNDLE", "/etc/ssl/private-ca.pem")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.ca_bundle.as_deref(),
+            Some(std::path::Path::new("/etc/ssl/private-ca.pem"))
+        );
+        let c =
+            S3Config::resolve(&OpenOptions::default(), &env(&[("AWS_CA_BUNDLE", " ")])).unwrap();
+        assert_eq!(c.ca_bundle, None);
     }
 
     #[test]
@@ -484,6 +508,8 @@ mod tests {
             "ftp://user:s3cret@h?sig=s3cret",
             "http://h:9000?sig=s3cret",
             "http://h:9000/#s3cret",
+            // A secret key holding '/' (the authority ends early).
+            "http://minio:wJalr/s3cret/K7MDENG@127.0.0.1:18900",
         ] {
             let e = S3Config::resolve(
                 &OpenOptions {

@@ -47,7 +47,7 @@ use tensorstream_engine::{
 
 pub use config::{
     S3Config, S3Location, DEFAULT_CHUNK, DEFAULT_CONCURRENCY, DEFAULT_IO_TIMEOUT, DEFAULT_REGION,
-    DEFAULT_TIMEOUT,
+    DEFAULT_TIMEOUT, MAX_CHUNK, MAX_CONCURRENCY,
 };
 pub use reader::S3Reader;
 
@@ -257,7 +257,10 @@ pub(crate) fn map_error(
         ),
         _ => (
             ErrorKind::Io,
-            format!("{what} failed at {endpoint}{gave_up}: {detail}"),
+            format!(
+                "{what} failed at {endpoint}{gave_up}: {detail}{}",
+                crate::certificate_hint(&detail, true).unwrap_or_default()
+            ),
         ),
     };
     Error::new(kind, message)
@@ -332,7 +335,8 @@ impl S3Backend {
         let rt = Runtime::new()?;
         let handle = rt.handle()?;
         let _guard = handle.enter();
-        let op = build_operator(&loc, &cfg)
+        let roots = ca_bundle(&cfg).map_err(|e| e.with_location(&uri))?;
+        let op = build_operator(&loc, &cfg, roots)
             .map_err(|e| {
                 map_error(
                     e,
@@ -386,8 +390,40 @@ impl S3Backend {
     }
 }
 
+/// The certificates of `AWS_CA_BUNDLE` ([`S3Config::ca_bundle`]), if set.
+fn ca_bundle(cfg: &S3Config) -> Result<Vec<reqwest::Certificate>> {
+    let Some(path) = &cfg.ca_bundle else {
+        return Ok(Vec::new());
+    };
+    let what = format!("AWS_CA_BUNDLE={}", path.display());
+    let pem = std::fs::read(path).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what}: cannot read the CA bundle: {e}"),
+        )
+        .with_backend("s3")
+    })?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        Error::invalid(format!(
+            "{what}: not a PEM certificate bundle: {}",
+            e.without_url()
+        ))
+        .with_backend("s3")
+    })?;
+    if certs.is_empty() {
+        return Err(
+            Error::invalid(format!("{what}: the file holds no PEM certificate")).with_backend("s3"),
+        );
+    }
+    Ok(certs)
+}
+
 /// Builds the operator: S3 service, then (inner to outer) ETag pin check, timeouts, retries.
-fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator> {
+fn build_operator(
+    loc: &S3Location,
+    cfg: &S3Config,
+    roots: Vec<reqwest::Certificate>,
+) -> opendal::Result<Operator> {
     // rustls is built without a default crypto provider: install ring unless the process already
     // chose one (the http backend does the same).
     if rustls::crypto::CryptoProvider::get_default().is_none() {
@@ -397,6 +433,7 @@ fn build_operator(loc: &S3Location, cfg: &S3Config) -> opendal::Result<Operator>
     // No redirects (a signed request cannot follow one to another host anyway; S3's own
     // redirects name the right endpoint in the error), no Referer.
     let client = reqwest::Client::builder()
+        .tls_certs_merge(roots)
         .redirect(reqwest::redirect::Policy::none())
         .referer(false)
         .build()

@@ -43,7 +43,13 @@ impl HttpTransport for RangeCheckedTransport {
             .flatten()
             .and_then(|v| v.to_str().ok())
             .and_then(parse_range_request);
-        let resp = self.inner.fetch(req).await?;
+        let resp = match self.inner.fetch(req).await {
+            Ok(r) => r,
+            // A certificate the client does not trust will not become trusted by retrying
+            // (OpenDAL marks every failed send as temporary).
+            Err(e) if names_certificate(&e) => return Err(e.set_permanent()),
+            Err(e) => return Err(e),
+        };
         if !resp.status().is_success() {
             return Ok(cap_error_body(resp));
         }
@@ -126,4 +132,16 @@ fn cap_error_body(resp: Response<HttpBody>) -> Response<HttpBody> {
         })
         .take_while(|r| std::future::ready(!matches!(r, Ok(b) if b.is_empty())));
     Response::from_parts(parts, HttpBody::new(capped, None))
+}
+
+/// Whether `e` or one of its causes is about a TLS certificate.
+fn names_certificate(e: &Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if c.to_string().to_ascii_lowercase().contains("certificate") {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }

@@ -92,6 +92,11 @@ impl Nginx {
         Self::launch(root, "", Some(pki))
     }
 
+    /// [`Nginx::start_tls`] with `extra` added to the server block (as [`Nginx::start_with`]).
+    pub fn start_tls_with(root: &Path, pki: &TestPki, extra: &str) -> Nginx {
+        Self::launch(root, extra, Some(pki))
+    }
+
     fn launch(root: &Path, extra: &str, tls: Option<&TestPki>) -> Nginx {
         let bin = nginx_binary();
         let mut last_log = String::new();
