@@ -30,14 +30,17 @@
 //! * **Blocking.** [`Loader::load`], [`Loader::load_cuda`], [`Loader::inspect`] and
 //!   [`Loader::convert`] block the calling thread until done (seconds for big models; remote
 //!   backends also wait on retries). From async code run them on a blocking thread
-//!   (`tokio::task::spawn_blocking`). [`Loader::load_cuda_streaming`] returns at once and loads
-//!   on its own thread; dropping its handle before `wait()` stops that load, as does `stop()`
+//!   (`tokio::task::spawn_blocking`). [`Loader::load_cuda_streaming`] returns once the load
+//!   has started (after opening the device and the object, reading its header and planning:
+//!   blocking work too, network round trips included) and loads on its own thread; dropping its handle before `wait()` stops that load, as does `stop()`
 //!   or the loader's cancel flag. The drop waits for the load to let go of its device memory,
 //!   up to [`cuda::load::DROP_WAIT`] (moments on a GPU; a remote read that does not end can
 //!   take longer): from async code, drop the handle on a blocking thread too.
 //! * **Stopping.** [`Loader::cancel_flag`] stops a load or conversion between reads (reads in
-//!   retry backoff on HTTP, S3 and NFS are stopped at once); the opening steps (connect, index,
-//!   key derivation) are not interrupted. Per-request timeouts are in [`OpenOptions::timeout`],
+//!   retry backoff on HTTP, S3 and NFS are stopped at once); a cancel while the object is
+//!   being opened (connecting, `stat`, the metadata) returns at once and leaves the opening to
+//!   end on a thread of its own; a key derivation and a sharded checkpoint's index file are not
+//!   interrupted. Per-request timeouts are in [`OpenOptions::timeout`],
 //!   and a server trickling bytes counts as stalled (HTTP: slower than 256 KiB/s per GET is cut
 //!   and resumed; NFS: under 64 KiB per timeout). [`Loader::deadline`] bounds a whole load or
 //!   conversion (it fails with `Timeout`).
@@ -93,7 +96,8 @@ pub use tensorstream_cuda as cuda;
 pub use tensorstream_engine as engine;
 
 pub use tensorstream_backends::{IoMode, OpenOptions};
-pub use tensorstream_engine::format::convert::{ConvertOptions, ConvertStats};
+use tensorstream_engine::format::convert::ConvertOptions;
+pub use tensorstream_engine::format::convert::ConvertStats;
 pub use tensorstream_engine::format::tensorizer::KeySource;
 use tensorstream_engine::format::tensorizer::ReadOptions;
 pub use tensorstream_engine::{
@@ -106,7 +110,7 @@ use tensorstream_engine::{
 };
 
 /// Where tensors are loaded to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Device {
     /// Host memory.
     Cpu,
@@ -452,7 +456,10 @@ impl Loader {
         self.device = device;
         self
     }
-    /// Keeps only tensors whose name matches `glob` (several calls: any may match).
+    /// Keeps only tensors whose name matches `glob`. Several calls: a tensor is kept when any
+    /// of the globs matches it, and each glob must match at least one of the model's tensors
+    /// (a typo beside a glob that matches would otherwise go unnoticed): one that matches none
+    /// fails the load with `InvalidInput`.
     pub fn filter_glob(mut self, glob: &str) -> Result<Self> {
         filter_glob(glob)?;
         self.globs.push(glob.to_string());
@@ -468,14 +475,17 @@ impl Loader {
         self
     }
     /// Reads in flight (default: the backend's preference, 16 for local files; GPU loads of
-    /// local files keep one read per pinned slot, 32 by default; 0 counts as 1). The shards of
-    /// a checkpoint that load at the same time share them.
+    /// local files keep 32, and never more than the pinned slots, 40 by default). Taken into
+    /// 1..=1024 for every backend (0 counts as 1, more than 1024 as 1024). The shards of a
+    /// checkpoint that load at the same time share them.
     pub fn queue_depth(mut self, n: usize) -> Self {
-        self.queue_depth = Some(n.max(1));
-        self.open.concurrency = Some(n.max(1));
+        let n = n.clamp(1, tensorstream_engine::pipeline::MAX_QUEUE_DEPTH);
+        self.queue_depth = Some(n);
+        self.open.concurrency = Some(n);
         self
     }
-    /// Size of one read (default: the backend's preference).
+    /// Size of one read (default: the backend's preference; at least 4096 bytes, a smaller
+    /// value counts as 4096).
     pub fn chunk_size(mut self, bytes: usize) -> Self {
         self.chunk_size = Some(bytes.max(4096));
         self.open.chunk_size = Some(bytes.max(4096));
@@ -547,8 +557,8 @@ impl Loader {
     /// [`Loader::cancel_flag`] still works, seen within 50 ms, and still gives `Cancelled`).
     /// Opening the object (connecting, `stat`, the metadata) is abandoned at the limit like a
     /// cancel abandons it; a key derivation and a sharded checkpoint's index file are not
-    /// interrupted, but no read starts after the limit. Not for [`Loader::load_cuda_streaming`], which
-    /// returns at once: cancel that one with a flag.
+    /// interrupted, but no read starts after the limit. Not for [`Loader::load_cuda_streaming`],
+    /// which returns once its load has started: cancel that one with a flag.
     pub fn deadline(mut self, limit: Duration) -> Self {
         self.deadline = Some(limit);
         self
@@ -1263,7 +1273,13 @@ impl Loader {
             ));
         };
         match &self.opened {
-            Some(d) if d.ordinal() == n => {
+            Some(d) if d.ordinal() != n => Err(Error::invalid(format!(
+                "the loader targets cuda:{n}, but the device given to on_device() is cuda:{}: \
+                 a later device() does not replace that handle (give the cuda:{n} one to \
+                 on_device())",
+                d.ordinal()
+            ))),
+            Some(d) => {
                 // The handle keeps its options normalised (slot size in whole pages).
                 if self.cuda.validated().ok().as_ref() != Some(d.options()) {
                     return Err(Error::invalid(
@@ -1406,8 +1422,14 @@ impl Loader {
         Ok((p, route))
     }
 
-    /// Like [`Loader::load_cuda`], but returns at once: iterate the result to get each tensor as
-    /// soon as its bytes are on the device, then `wait()` for the whole model.
+    /// Like [`Loader::load_cuda`], but returns once the load has started: iterate the result to
+    /// get each tensor as soon as its bytes are on the device, then `wait()` for the whole
+    /// model.
+    ///
+    /// Before it returns, this call blocks like [`Loader::load_cuda`] does for the same steps:
+    /// it opens the device (unless [`Loader::on_device`] gave one), opens the object (`stat`,
+    /// connecting, retries), reads its header and plans the load; the reads and copies then
+    /// run on a thread of their own. From async code, call it on a blocking thread.
     ///
     /// A sharded checkpoint is checked (every shard's header against its index) before this
     /// returns; the shards then load one after another into one device allocation. Each
@@ -1422,8 +1444,8 @@ impl Loader {
     pub fn load_cuda_streaming(&self) -> Result<tensorstream_cuda::StreamingLoad> {
         if self.deadline.is_some() {
             return Err(Error::invalid(
-                "Loader::deadline does not apply to load_cuda_streaming (it returns at once): \
-                 stop a streaming load with Loader::cancel_flag",
+                "Loader::deadline does not apply to load_cuda_streaming (it returns once the \
+                 load has started): stop a streaming load with Loader::cancel_flag",
             ));
         }
         // The load stops on its own flag: set by dropping the handle, and following the
@@ -2132,11 +2154,20 @@ pub struct CudaModel {
     stats: LoadStats,
 }
 
-#[derive(Debug)]
 struct CudaPart {
     uri: String,
     shard: Option<String>,
     model: tensorstream_cuda::DeviceModel,
+}
+
+impl std::fmt::Debug for CudaPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaPart")
+            .field("uri", &sharded::redact(&self.uri))
+            .field("shard", &self.shard)
+            .field("model", &self.model)
+            .finish()
+    }
 }
 
 /// One file of a [`CudaModel`]: the model file, or one shard of a sharded checkpoint.
@@ -2262,8 +2293,9 @@ impl CudaModel {
     }
 }
 
-/// What a load did.
+/// What a load did. (Fields may be added: build none yourself.)
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LoadStats {
     /// Bytes of tensor data loaded.
     pub tensor_bytes: u64,
@@ -2288,8 +2320,10 @@ pub struct LoadStats {
     pub queue_depth: usize,
     /// Read size.
     pub chunk_size: u64,
-    /// GPU loads: opening the device (driver, context, streams, pinned staging), paid once per
-    /// [`Loader::load_cuda`] call and not part of `elapsed`. Zero for host loads.
+    /// GPU loads: opening the device (driver, context, streams, pinned staging), not part of
+    /// `elapsed`: paid by each [`Loader::load_cuda`] call that opens a handle of its own; near
+    /// zero for one given a handle with [`Loader::on_device`] (opened before). Zero for host
+    /// loads.
     pub device_open: Duration,
     /// GPU loads: the part of `device_open` the driver took to create the CUDA context (zero
     /// when the device handle was already open, and for host loads). A process whose framework
@@ -2408,7 +2442,7 @@ impl<'a> ModelFile<'a> {
 impl std::fmt::Debug for ModelFile<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelFile")
-            .field("uri", &self.part.uri)
+            .field("uri", &sharded::redact(&self.part.uri))
             .field("tensors", &self.part.host.len())
             .finish()
     }
@@ -2489,8 +2523,10 @@ fn scoped_index(mut index: TensorIndex, names: &std::collections::HashSet<String
     index
 }
 
-/// One file's index, from [`Loader::inspect_files`].
-#[derive(Debug, Clone)]
+/// One file's index, from [`Loader::inspect_files`]. (`Debug` shows the URI without its
+/// secrets, as messages do.)
+#[derive(Clone)]
+#[non_exhaustive]
 pub struct FileIndex {
     /// Where the file is read from.
     pub uri: String,
@@ -2498,6 +2534,16 @@ pub struct FileIndex {
     pub index: TensorIndex,
     /// For a shard of a sharded checkpoint: its file name in the checkpoint index.
     pub shard: Option<String>,
+}
+
+impl std::fmt::Debug for FileIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileIndex")
+            .field("uri", &sharded::redact(&self.uri))
+            .field("index", &self.index)
+            .field("shard", &self.shard)
+            .finish()
+    }
 }
 
 /// Several files' indexes as one, as [`LoadedModel::index`] describes: tensors file by file,
@@ -2819,5 +2865,56 @@ mod tests {
             pick(vec![cancelled("s0"), cancelled("s1")]),
             Some((ErrorKind::Cancelled, "s0".into()))
         );
+    }
+
+    #[test]
+    fn queue_depth_is_taken_into_the_range_every_backend_accepts() {
+        let max = tensorstream_engine::pipeline::MAX_QUEUE_DEPTH;
+        for (n, want) in [
+            (0, 1),
+            (7, 7),
+            (max, max),
+            (max + 1, max),
+            (usize::MAX, max),
+        ] {
+            let l = Loader::new("m.safetensors").queue_depth(n);
+            assert_eq!(
+                (l.queue_depth, l.open.concurrency),
+                (Some(want), Some(want)),
+                "{n}"
+            );
+        }
+        // The HTTP and S3 backends refuse more than this: the clamp keeps them agreeing.
+        #[cfg(feature = "http")]
+        assert_eq!(tensorstream_backends::http::config::MAX_CONCURRENCY, max);
+        #[cfg(feature = "s3")]
+        assert_eq!(tensorstream_backends::s3::MAX_CONCURRENCY, max);
+    }
+
+    #[test]
+    fn debug_output_leaves_uri_secrets_out() {
+        let uri = "https://u:s3cret@h/m.safetensors?X-Amz-Signature=s3cret";
+        let index = TensorIndex {
+            format: tensorstream_engine::Format::Safetensors,
+            tensors: Vec::new(),
+            metadata: Default::default(),
+            object_size: 8,
+            header_len: 8,
+            version: 0,
+        };
+        let fi = FileIndex {
+            uri: uri.into(),
+            index,
+            shard: None,
+        };
+        let map = sharded::ShardMap {
+            index_uri: uri.into(),
+            shards: Vec::new(),
+            tensors: 0,
+        };
+        for shown in [format!("{fi:?}"), format!("{map:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("https://h/m.safetensors?…"), "{shown}");
+        }
     }
 }

@@ -276,6 +276,16 @@ fn gpu_one_device_handle_serves_several_loads() {
         .on_device(dev2)
         .load_cuda()
         .unwrap_or_else(|e| panic!("{file} with rounded options: {e}"));
+    // A later device() naming another ordinal is refused, not served by a new handle.
+    let Err(e) = loader(file, entry)
+        .on_device(dev.clone())
+        .device(tensorstream::Device::Cuda(1))
+        .load_cuda()
+    else {
+        panic!("device(cuda:1) after on_device(cuda:0) loaded");
+    };
+    assert_eq!(e.kind(), tensorstream::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("on_device()"), "{e}");
 
     // A streaming load dropped after its first tensor (its thread still stopping: 4 MiB
     // through 64 KiB slots) and then the next load on the same handle: it waits for the pinned

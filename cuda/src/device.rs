@@ -152,12 +152,12 @@ impl CudaOptions {
     }
 }
 
-/// Parses a device string: `cuda`, `cuda:N` (or `gpu:N`). Returns the ordinal.
+/// Parses a device string: `cuda` or `cuda:N`. Returns the ordinal.
 pub fn parse_device(s: &str) -> Result<usize> {
     let t = s.trim().to_ascii_lowercase();
+    // One spelling, as `tensorstream::Device` parses it (no "gpu:N").
     let rest = t
         .strip_prefix("cuda")
-        .or_else(|| t.strip_prefix("gpu"))
         .ok_or_else(|| Error::invalid(format!("device {s:?}: expected \"cuda:N\"")))?;
     if rest.is_empty() {
         return Ok(0);

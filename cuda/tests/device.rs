@@ -131,7 +131,7 @@ fn device_strings() {
     assert_eq!(parse_device("cuda").unwrap(), 0);
     assert_eq!(parse_device("cuda:3").unwrap(), 3);
     assert_eq!(parse_device("CUDA:1").unwrap(), 1);
-    for bad in ["cpu", "cuda:", "cuda:x", "cuda:-1", "cuda3"] {
+    for bad in ["cpu", "cuda:", "cuda:x", "cuda:-1", "cuda3", "gpu:0", "gpu"] {
         assert!(parse_device(bad).is_err(), "{bad}");
     }
 }

@@ -185,6 +185,17 @@ impl Error {
     pub fn range(&self) -> Option<Range<u64>> {
         self.range.clone()
     }
+    /// The underlying error attached with [`Error::with_source`] or [`Error::from_io`], even
+    /// when the message already quotes it (then [`std::error::Error::source`] leaves it out, so
+    /// that printing the error with its causes does not show its text twice).
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+    /// The OS error behind the failure, if it came from one ([`Error::from_io`]): for
+    /// `raw_os_error()` and the exact [`std::io::ErrorKind`].
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        self.cause()?.downcast_ref::<std::io::Error>()
+    }
 }
 
 impl fmt::Display for Error {
@@ -215,10 +226,16 @@ impl fmt::Debug for Error {
 }
 
 impl std::error::Error for Error {
+    /// The underlying error, unless the message already quotes it (as [`Error::from_io`]'s
+    /// does): a chain printer (`anyhow`'s `{:#}`, `tracing`) would show it twice. See
+    /// [`Error::cause`] for it either way.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|e| e.as_ref() as &(dyn std::error::Error + 'static))
+        let src = self.source.as_deref()?;
+        let text = src.to_string();
+        if !text.is_empty() && self.message.contains(&text) {
+            return None;
+        }
+        Some(src as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -260,6 +277,29 @@ pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quoted_cause_is_not_repeated_by_source() {
+        use std::error::Error as _;
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = Error::from_io(io, "cannot open");
+        assert!(e.to_string().contains("No such file or directory"), "{e}");
+        // The message quotes it: `source` leaves it out, `cause` / `io_error` still give it.
+        assert!(e.source().is_none(), "{e:?}");
+        assert_eq!(e.io_error().and_then(|i| i.raw_os_error()), Some(2));
+        assert!(e.cause().is_some());
+        // A cause the message does not quote is the source.
+        let e = Error::new(ErrorKind::Io, "read failed")
+            .with_source(std::io::Error::other("disk on fire"));
+        assert_eq!(
+            e.source().map(|s| s.to_string()).as_deref(),
+            Some("disk on fire")
+        );
+        assert_eq!(
+            e.io_error().map(|i| i.kind()),
+            Some(std::io::ErrorKind::Other)
+        );
+    }
 
     #[test]
     fn terminal_safe_escapes_control_characters_only() {

@@ -112,7 +112,9 @@ impl TensorInfo {
 pub struct TensorIndex {
     /// The format.
     pub format: Format,
-    /// Tensors in file order (ascending `range.start`).
+    /// Tensors in file order (ascending `range.start`). In a sharded checkpoint's combined
+    /// index (`tensorstream`'s `combined_index`), file after file, each `range` an offset in its
+    /// own file: ascending within each file only.
     pub tensors: Vec<TensorInfo>,
     /// Free-form metadata (`__metadata__` in safetensors).
     pub metadata: BTreeMap<String, String>,

@@ -473,8 +473,7 @@ pub(crate) use errln;
 
 /// True when `e` is a write to a closed pipe (the reader, e.g. `head`, has had enough).
 fn is_broken_pipe(e: &Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
+    e.io_error()
         .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 

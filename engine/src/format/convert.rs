@@ -208,7 +208,8 @@ pub struct ConvertOptions {
     pub read: ReadOptions,
     /// Encrypt a tensorizer output with this key or password.
     pub encrypt: Option<KeySource>,
-    /// Argon2id (opslimit, memlimit) when encrypting with a password.
+    /// Argon2id limits when encrypting with a password: (opslimit, the passes; memlimit, in
+    /// bytes).
     pub pwhash_limits: (u64, u64),
     /// Bytes per read when streaming.
     pub buffer_size: usize,
@@ -242,8 +243,9 @@ impl Default for ConvertOptions {
     }
 }
 
-/// What [`convert`] wrote.
+/// What [`convert`] wrote. (Fields may be added: build none yourself.)
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ConvertStats {
     /// Tensors written.
     pub tensors: usize,
