@@ -123,7 +123,15 @@ impl HttpBackend {
     /// Opens `uri` with a full configuration (retry counts, backoff, runtime size …).
     pub fn open_with(uri: &str, cfg: HttpConfig) -> Result<Self> {
         let url = reqwest::Url::parse(uri).map_err(|e| {
-            Error::invalid(format!("invalid http URL: {e}"))
+            // A user name or password holding '/', '?', '#' or '@' cuts the URL at the wrong
+            // place (the message does not show it).
+            let hint = if uri.contains('@') {
+                " (credentials in a URL must have their '/', '?', '#' and '@' \
+                 percent-encoded: %2F, %3F, %23, %40)"
+            } else {
+                ""
+            };
+            Error::invalid(format!("invalid http URL: {e}{hint}"))
                 .with_backend("http")
                 .with_location(crate::redact_uri(uri))
         })?;

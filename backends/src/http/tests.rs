@@ -97,6 +97,15 @@ fn url_secrets_are_redacted() {
         m.contains("invalid http URL") && m.contains("example.com:99999/m?…"),
         "{m}"
     );
+    // A password holding '/': not shown, and the message says how to write it.
+    let e = crate::http::HttpBackend::open(
+        "http://user:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY@127.0.0.1:18081/m.safetensors",
+        &crate::OpenOptions::default(),
+    )
+    .unwrap_err();
+    let m2 = e.to_string();
+    assert!(!m2.contains("K7MDENG") && !m2.contains("wJalr"), "{m2}");
+    assert!(m2.contains("percent-encoded") && m2.contains("%2F"), "{m2}");
     assert!(
         !m.contains("pw") && !m.contains("abc") && !m.contains("user"),
         "{m}"
