@@ -595,6 +595,34 @@ fn cancel_and_deadline_stop_a_call_still_opening_the_object() {
     assert_eq!(Loader::from_backend(quick).load().unwrap().len(), 3);
 }
 
+#[path = "../backends/tests/support/blackhole.rs"]
+mod blackhole;
+
+/// A deadline (or cancel) at a server that never answers: the call returns at the limit, and
+/// the opening it leaves behind stops too (the backend sees the load's flag), closing its
+/// connections, instead of running the request timeout and its retries (about 3 minutes, with
+/// their threads and connections).
+#[test]
+fn an_abandoned_remote_opening_stops_within_moments() {
+    use std::time::{Duration, Instant};
+    use tensorstream_engine::ErrorKind;
+    let hole = blackhole::Blackhole::start();
+    let url = format!("{}/m.safetensors", hole.endpoint());
+    let t = Instant::now();
+    let e = Loader::new(&url)
+        .deadline(Duration::from_millis(300))
+        .load()
+        .expect_err("nothing answers");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(hole.accepted() > 0, "the HEAD never reached the server");
+    assert!(
+        hole.all_closed_within(Duration::from_secs(3)),
+        "{} connection(s) still open after the deadline",
+        hole.open()
+    );
+}
+
 /// Reads stuck in the backend (every data read takes 30 s: a hung server, a hard NFS mount)
 /// keep neither a cancel nor a deadline waiting: the load returns within the 2 s grace, and
 /// the stuck reads are left to end on a thread of their own. (It waited for them.)

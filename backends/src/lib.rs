@@ -13,6 +13,7 @@
 // `unsafe` only in `local::uring` (io_uring submission), which allows it explicitly.
 #![deny(unsafe_code)]
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +77,39 @@ pub(crate) fn certificate_hint(msg: &str, s3: bool) -> Option<&'static str> {
     })
 }
 
+/// Runs `fut` until it ends or `cancel` is set (looked at every 25 ms): `None` when cancelled
+/// (the future is dropped, and with it its requests and their connections).
+#[cfg(any(feature = "http", feature = "s3"))]
+pub(crate) async fn until_cancelled<F: std::future::Future>(
+    cancel: Option<Arc<AtomicBool>>,
+    fut: F,
+) -> Option<F::Output> {
+    let Some(flag) = cancel else {
+        return Some(fut.await);
+    };
+    tokio::pin!(fut);
+    loop {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+        }
+    }
+}
+
+/// The error of a backend call stopped by [`OpenOptions::cancel`].
+#[cfg(any(feature = "http", feature = "s3"))]
+pub(crate) fn call_cancelled(backend: &str, location: &str, what: &str) -> Error {
+    Error::new(
+        tensorstream_engine::ErrorKind::Cancelled,
+        format!("{what} stopped: the load was cancelled or its deadline passed"),
+    )
+    .with_backend(backend)
+    .with_location(location)
+}
+
 /// Options shared by all backends; each backend reads the ones that concern it.
 ///
 /// Its `Debug` output leaves out the headers' values (an `Authorization` token) and the
@@ -100,6 +134,12 @@ pub struct OpenOptions {
     /// `Some(false)` = buffered, `None` = `TENSORSTREAM_DIRECT` or automatic (O_DIRECT unless the
     /// file is already mostly in the page cache).
     pub direct_io: Option<bool>,
+    /// Once set, the backend's own calls (HTTP and S3: opening it, `stat`, `read_at`) stop
+    /// within about 25 ms and fail with `Cancelled`, instead of running their timeouts and
+    /// retries to the end: a load's cancel flag or deadline, so that an abandoned opening does
+    /// not hold threads and connections for minutes. (Readers follow
+    /// [`tensorstream_engine::ReaderOptions::cancel`].) Not used by the local and NFS backends.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -118,6 +158,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("timeout", &self.timeout)
             .field("io_mode", &self.io_mode)
             .field("direct_io", &self.direct_io)
+            .field("cancel", &self.cancel)
             .finish()
     }
 }

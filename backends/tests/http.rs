@@ -308,6 +308,44 @@ fn server_without_ranges_is_refused() {
     assert!(e.to_string().contains("range"), "{e}");
 }
 
+/// A cancel flag stops the opening (its HEAD) at a server that never answers: it returned
+/// only after the request timeout and its retries (minutes), holding connections meanwhile.
+#[test]
+fn cancel_stops_the_opening_at_a_silent_server() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    let hole = support::blackhole::Blackhole::start();
+    let flag = Arc::new(AtomicBool::new(false));
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, Ordering::SeqCst);
+        })
+    };
+    let url = format!("{}/m.safetensors", hole.endpoint());
+    let t = Instant::now();
+    let e = open(
+        &url,
+        &OpenOptions {
+            cancel: Some(flag),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap_err();
+    setter.join().unwrap();
+    let waited = t.elapsed();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(e.to_string().contains(&url), "{e}");
+    assert!(waited < Duration::from_secs(3), "returned after {waited:?}");
+    assert!(hole.accepted() > 0, "the HEAD never reached the server");
+    assert!(
+        hole.all_closed_within(Duration::from_secs(3)),
+        "{} connection(s) still open after the cancel",
+        hole.open()
+    );
+}
+
 #[test]
 fn server_down_fails_clearly_after_bounded_retries() {
     let port = free_port(); // nothing listens there

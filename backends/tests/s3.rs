@@ -523,6 +523,57 @@ fn https_endpoint_signed_by_a_private_ca() {
     }
 }
 
+/// A cancel flag stops the backend's own calls at a server that never answers: they returned
+/// only after the request timeout and its retries (minutes), holding connections meanwhile.
+#[test]
+fn cancel_stops_stat_and_read_at_at_a_silent_server() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let s3 = S3s::start(); // for its settings (credentials) only
+    let hole = support::blackhole::Blackhole::start();
+    let loc = S3Location::parse("s3://bkt/m.safetensors").unwrap();
+    for call in ["stat", "read_at"] {
+        let flag = Arc::new(AtomicBool::new(false));
+        let be = S3Backend::with_config(
+            loc.clone(),
+            s3.config_for(&hole.endpoint(), &small_chunks()),
+        )
+        .unwrap()
+        .with_cancel(Some(flag.clone()));
+        let setter = {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                flag.store(true, Ordering::SeqCst);
+            })
+        };
+        let t = Instant::now();
+        let e = match call {
+            "stat" => be.stat().unwrap_err(),
+            _ => be.read_at(0, &mut [0u8; 16]).unwrap_err(),
+        };
+        setter.join().unwrap();
+        let waited = t.elapsed();
+        assert_eq!(e.kind(), ErrorKind::Cancelled, "{call}: {e}");
+        assert!(
+            e.to_string().contains("s3://bkt/m.safetensors"),
+            "{call}: {e}"
+        );
+        assert!(
+            waited < Duration::from_secs(3),
+            "{call}: returned after {waited:?}"
+        );
+        if call == "stat" {
+            assert!(hole.accepted() > 0, "the HEAD never reached the server");
+        }
+        assert!(
+            hole.all_closed_within(Duration::from_secs(3)),
+            "{call}: {} connection(s) still open after the cancel",
+            hole.open()
+        );
+    }
+}
+
 #[test]
 fn server_down_is_a_clear_error_after_bounded_retries() {
     let s3 = S3s::start();

@@ -67,6 +67,9 @@ pub struct HttpConfig {
     /// Extra trusted root certificates (PEM, one or more per entry), added to the system's
     /// roots (which also honour `SSL_CERT_FILE` / `SSL_CERT_DIR`).
     pub root_certificates_pem: Vec<Vec<u8>>,
+    /// [`OpenOptions::cancel`]: once set, opening, `stat` and `read_at` stop and fail with
+    /// `Cancelled`.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for HttpConfig {
@@ -84,6 +87,7 @@ impl Default for HttpConfig {
             runtime_threads: 2,
             headers: HeaderMap::new(),
             root_certificates_pem: Vec::new(),
+            cancel: None,
         }
     }
 }
@@ -114,6 +118,7 @@ impl HttpConfig {
             c.connect_timeout = c.connect_timeout.min(t);
         }
         c.headers = parse_headers(&opts.headers)?;
+        c.cancel = opts.cancel.clone();
         Ok(c)
     }
 }

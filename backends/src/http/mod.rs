@@ -91,6 +91,17 @@ impl Drop for Rt {
     }
 }
 
+/// Runs one of the backend's own calls on its runtime, stopped with a `Cancelled` error once
+/// [`HttpConfig::cancel`] is set.
+fn call<F>(rt: &Rt, ctx: &Ctx, what: &str, fut: F) -> Result<F::Output>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    rt.block_on(crate::until_cancelled(ctx.cfg.cancel.clone(), fut))?
+        .ok_or_else(|| crate::call_cancelled("http", &ctx.display, &format!("http {what}")))
+}
+
 /// An object served over HTTP(S).
 #[derive(Debug)]
 pub struct HttpBackend {
@@ -198,7 +209,7 @@ impl HttpBackend {
             cfg,
         });
         let c = ctx.clone();
-        let pin = rt.block_on(async move { retry::stat(&c).await })??;
+        let pin = call(&rt, &ctx, "opening", async move { retry::stat(&c).await })??;
         let b = HttpBackend {
             ctx,
             rt,
@@ -229,7 +240,12 @@ impl Backend for HttpBackend {
 
     fn stat(&self) -> Result<ObjectMeta> {
         let c = self.ctx.clone();
-        let pin = self.rt.block_on(async move { retry::stat(&c).await })??;
+        let pin = call(
+            &self.rt,
+            &self.ctx,
+            "stat",
+            async move { retry::stat(&c).await },
+        )??;
         let meta = ObjectMeta {
             size: pin.size,
             version: pin.version(),
@@ -270,16 +286,22 @@ impl Backend for HttpBackend {
         let want = usize::try_from((pin.size - offset).min(buf.len() as u64)).unwrap_or(buf.len());
         let buf = &mut buf[..want];
         if want <= chunk {
-            return self
-                .rt
-                .block_on(retry::fetch_range(ctx, &pin, offset, buf))?;
+            return call(
+                &self.rt,
+                ctx,
+                "read",
+                retry::fetch_range(ctx, &pin, offset, buf),
+            )?;
         }
         let pin = &pin;
         let parts = buf.chunks_mut(chunk).enumerate().map(|(i, part)| {
             let off = offset + (i * chunk) as u64;
             async move { retry::fetch_range(ctx, pin, off, part).await }
         });
-        let results: Vec<Result<usize>> = self.rt.block_on(
+        let results: Vec<Result<usize>> = call(
+            &self.rt,
+            ctx,
+            "read",
             futures_util::stream::iter(parts)
                 .buffer_unordered(ctx.cfg.concurrency)
                 .collect::<Vec<_>>(),

@@ -307,6 +307,8 @@ pub struct S3Backend {
     io: Arc<IoCtx>,
     /// The version the most recent `stat` saw; `read_at` reads that version.
     pinned: Mutex<Option<ObjectMeta>>,
+    /// [`OpenOptions::cancel`]: stops `stat` and `read_at` once set.
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     // Last field: dropped after everything that might still use it.
     rt: Runtime,
 }
@@ -326,7 +328,38 @@ impl S3Backend {
     pub fn open(uri: &str, opts: &OpenOptions) -> Result<Self> {
         let loc = S3Location::parse(uri)?;
         let cfg = S3Config::from_env(opts).map_err(|e| e.with_location(uri).with_backend("s3"))?;
-        Self::with_config(loc, cfg)
+        Ok(Self::with_config(loc, cfg)?.with_cancel(opts.cancel.clone()))
+    }
+
+    /// [`OpenOptions::cancel`] for a backend built with [`S3Backend::with_config`]: once the
+    /// flag is set, `stat` and `read_at` stop and fail with `Cancelled`.
+    pub fn with_cancel(mut self, cancel: Option<Arc<std::sync::atomic::AtomicBool>>) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    /// Runs one of the backend's own calls (`stat`, `read_at`) on its runtime, stopped with a
+    /// `Cancelled` error once [`OpenOptions::cancel`] is set.
+    fn call<T, F>(&self, what: &str, fut: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        run(&self.rt.handle()?, async move {
+            crate::until_cancelled(cancel, fut)
+                .await
+                .unwrap_or_else(|| {
+                    Err(Error::new(
+                        ErrorKind::Cancelled,
+                        "stopped: the load was cancelled or its deadline passed",
+                    ))
+                })
+        })
+        .map_err(|e| match e.kind() {
+            ErrorKind::Cancelled => crate::call_cancelled("s3", &self.uri, &format!("S3 {what}")),
+            _ => e,
+        })
     }
 
     /// Opens an object with explicit settings (no environment lookup).
@@ -363,6 +396,7 @@ impl S3Backend {
             cfg,
             io,
             pinned: Mutex::new(None),
+            cancel: None,
             rt,
         })
     }
@@ -501,8 +535,8 @@ impl Backend for S3Backend {
 
     fn stat(&self) -> Result<ObjectMeta> {
         let io = self.io.clone();
-        let md = run(
-            &self.rt.handle()?,
+        let md = self.call(
+            "HEAD",
             counted(async move {
                 io.op
                     .stat(&io.key)
@@ -550,14 +584,13 @@ impl Backend for S3Backend {
         }
         // The borrowed `buf` cannot travel to the runtime: read through a temporary buffer,
         // in pieces, so that a large read costs one piece more, not a second copy of it all.
-        let handle = self.rt.handle()?;
         let mut done = 0usize;
         while done < want {
             let len = (want - done).min(READ_AT_PIECE);
             let io = self.io.clone();
             let pin = pin.clone();
             let at = offset + done as u64;
-            let data = run(&handle, async move {
+            let data = self.call("GET", async move {
                 let mut v = vec![0u8; len];
                 let n = reader::read_into(&io, &pin, at, &mut v).await?;
                 v.truncate(n);

@@ -3,6 +3,7 @@
 //! file leaves unused is not dead code).
 #![allow(dead_code)]
 
+pub mod blackhole;
 pub mod ganesha;
 pub mod nginx;
 pub mod proxy;
