@@ -572,7 +572,16 @@ impl Loader {
     fn bounded<T>(&self, f: impl FnOnce(&Loader) -> Result<T>) -> Result<T> {
         use std::sync::atomic::{AtomicBool, Ordering};
         let Some(limit) = self.deadline else {
-            return f(self);
+            if self.cancel.is_none() {
+                return f(self);
+            }
+            // The call and its backend follow a flag of their own, which follows the caller's
+            // and is never cleared: an opening the call abandons on a cancel (left to end on its
+            // thread, its backend stopping its requests once the flag is set) still sees it
+            // after the caller has cleared their flag to reuse the loader.
+            let mut inner = self.clone();
+            inner.cancel = Some(stop_flag(self.cancel.clone())?);
+            return f(&inner);
         };
         // Already set when the caller's flag is, or when no time at all was given: the load
         // must not finish before the timer thread has had a chance to say so.
@@ -1467,11 +1476,12 @@ impl Loader {
         let stop = stop_flag(self.cancel.clone())?;
         let this = match self.source()? {
             sharded::Source::Sharded(map) => return self.stream_cuda_sharded(&map, stop),
-            sharded::Source::File(u) if u == self.uri => std::borrow::Cow::Borrowed(self),
-            sharded::Source::File(u) => std::borrow::Cow::Owned(Loader {
+            // Opened under the stop flag (the backend's own calls follow it: see `bounded`).
+            sharded::Source::File(u) => Loader {
                 uri: u,
+                cancel: Some(stop.clone()),
                 ..self.clone()
-            }),
+            },
         };
         let (dev, _) = this.cuda_device()?;
         let (mut p, route) = this.prepare_cuda(&dev, None)?;

@@ -621,6 +621,30 @@ fn an_abandoned_remote_opening_stops_within_moments() {
         "{} connection(s) still open after the deadline",
         hole.open()
     );
+
+    // A cancel flag the caller clears as soon as the call returns (to reuse the loader): the
+    // abandoned openings stop all the same (they followed the caller's flag, and missed it).
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = Arc::new(AtomicBool::new(false));
+    let l = Loader::new(&url).cancel_flag(flag.clone());
+    for round in 0..5 {
+        let setter = {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                flag.store(true, Ordering::SeqCst);
+            })
+        };
+        let e = l.load().expect_err("nothing answers");
+        flag.store(false, Ordering::SeqCst);
+        setter.join().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Cancelled, "round {round}: {e}");
+    }
+    assert!(
+        hole.all_closed_within(Duration::from_secs(3)),
+        "{} connection(s) still open 3 s after the cancels",
+        hole.open()
+    );
 }
 
 /// Reads stuck in the backend (every data read takes 30 s: a hung server, a hard NFS mount)

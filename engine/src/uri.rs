@@ -23,15 +23,21 @@ pub fn redact_uri(uri: &str) -> String {
     let rest_at = uri.find("://").map_or(0, |i| i + 3);
     let (head, rest) = uri.split_at(rest_at);
     let host_end = rest.find('/').unwrap_or(rest.len());
+    // Where the authority ends for a URL that parses: the first '/', '?' or '#'.
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let rest = match rest[..host_end].rfind('@') {
         Some(at) => &rest[at + 1..],
-        // No '@' before the first '/', but what precedes it is no `host[:port]`: a password
-        // holding '/' (AWS secret keys and base64 tokens do) cut the authority short, and the
-        // URL does not parse. Everything up to the last '@' goes.
-        None if !plain_authority(&rest[..host_end]) => match rest.rfind('@') {
-            Some(at) => &rest[at + 1..],
-            None => rest,
-        },
+        // No '@' before the first '/', and the authority is no `host[:port]` (`user:pa` of
+        // `user:pa/ss@host`): a password holding '/' (AWS secret keys and base64 tokens do)
+        // cut it short, and the URL does not parse. Everything up to the last '@' before the
+        // query goes (the last '@' at all when the password holds '?' or '#' too).
+        None if !plain_authority(&rest[..auth_end]) => {
+            let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
+            match rest[..query_at].rfind('@').or_else(|| rest.rfind('@')) {
+                Some(at) => &rest[at + 1..],
+                None => rest,
+            }
+        }
         None => rest,
     };
     if scheme == "file" {
@@ -50,8 +56,9 @@ pub fn redact_uri(uri: &str) -> String {
     format!("{head}{path}{query}")
 }
 
-/// Whether `a` (the text between `://` and the first `/`) reads as `host[:port]`: a host name,
-/// an IPv4 address or a bracketed IPv6 one, and a port of digits.
+/// Whether `a` (the authority of a URL without user information) reads as `host[:port]`: a
+/// host name (internationalized ones too), an IPv4 address or a bracketed IPv6 one (with a
+/// zone), and a port of digits.
 fn plain_authority(a: &str) -> bool {
     let (host, port) = match a.strip_prefix('[') {
         Some(v6) => match v6.split_once(']') {
@@ -59,7 +66,7 @@ fn plain_authority(a: &str) -> bool {
                 if !ip.is_empty()
                     && ip
                         .chars()
-                        .all(|c| c.is_ascii_hexdigit() || ":.%".contains(c)) =>
+                        .all(|c| c.is_ascii_alphanumeric() || ":.%-_~".contains(c)) =>
             {
                 match after {
                     "" => return true,
@@ -74,7 +81,7 @@ fn plain_authority(a: &str) -> bool {
         },
     };
     host.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-._~%!$&'()*+,;=".contains(c))
+        .all(|c| !c.is_ascii() || c.is_ascii_alphanumeric() || "-._~%!$&'()*+,;=".contains(c))
         && port.chars().all(|c| c.is_ascii_digit())
 }
 
@@ -113,6 +120,16 @@ mod tests {
             // '@' in the path of a URL whose authority is plain stays.
             ("http://[::1]:80/a@b", "http://[::1]:80/a@b"),
             ("http://h:8080/a@b", "http://h:8080/a@b"),
+            // Legitimate URLs with an '@' later on keep their host.
+            ("http://bücher.example/a@b/m", "http://bücher.example/a@b/m"),
+            ("http://[fe80::1%25eth0]:80/a@b", "http://[fe80::1%25eth0]:80/a@b"),
+            ("https://h?email=a/b@c.com", "https://h?…"),
+            ("https://h#x/y@z", "https://h?…"),
+            // A password holding '/', and an '@' in the query: the host is the one after the
+            // password, not the query's.
+            ("https://user:pa/ss@h/m?sig=a@b", "https://h/m?…"),
+            // ... holding '?' and '/' too.
+            ("https://u:p?x/y@h/m", "https://h/m"),
         ];
         for (uri, want) in cases {
             assert_eq!(redact_uri(uri), want, "{uri}");
