@@ -39,9 +39,9 @@
 //! * **Stopping.** [`Loader::cancel_flag`] stops a load or conversion between reads (reads in
 //!   retry backoff on HTTP, S3 and NFS are stopped at once); a cancel while the object is
 //!   being opened (connecting, `stat`, the metadata) returns at once and leaves the opening to
-//!   end on a thread of its own (HTTP and S3 stop it within moments; an NFS opening runs to its
-//!   own timeouts); a key derivation is not interrupted, and a sharded checkpoint's index file
-//!   only on HTTP and S3. Per-request timeouts are in [`OpenOptions::timeout`],
+//!   end on a thread of its own (the HTTP, S3 and NFS backends stop it within moments); a key
+//!   derivation is not interrupted, and a sharded checkpoint's index file only on HTTP, S3 and
+//!   NFS. Per-request timeouts are in [`OpenOptions::timeout`],
 //!   and a server trickling bytes counts as stalled (HTTP: slower than 256 KiB/s per GET is cut
 //!   and resumed; NFS: under 64 KiB per timeout). [`Loader::deadline`] bounds a whole load or
 //!   conversion (it fails with `Timeout`).
@@ -545,11 +545,11 @@ impl Loader {
     /// first; they run on the device.) While the object is being opened (connecting, its
     /// `stat`, reading its metadata: backend calls nothing can interrupt), a cancel returns at
     /// once and leaves the opening to finish on a thread of its own, which then drops what it
-    /// made (the HTTP and S3 backends see the flag too, through [`OpenOptions::cancel`], and
-    /// stop their requests within about 25 ms; NFS runs its opening to its own timeouts);
+    /// made (the HTTP, S3 and NFS backends see the flag too, through [`OpenOptions::cancel`],
+    /// and stop their requests within moments);
     /// reads stuck in a backend (a hard NFS mount whose server is gone) get 2 s and are then
     /// left the same way (their buffers are freed when they end). Resolving a sharded
-    /// checkpoint's index file is interrupted only on HTTP and S3.
+    /// checkpoint's index file is interrupted only on HTTP, S3 and NFS.
     pub fn cancel_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
         self.cancel = Some(flag);
         self
@@ -559,8 +559,8 @@ impl Loader {
     /// the call stops as with a cancel and fails with [`ErrorKind::Timeout`] (a
     /// [`Loader::cancel_flag`] still works, seen within 50 ms, and still gives `Cancelled`).
     /// Opening the object (connecting, `stat`, the metadata) is abandoned at the limit like a
-    /// cancel abandons it; a key derivation (and a sharded checkpoint's index file, except on
-    /// HTTP and S3) is not interrupted, but no read starts after the limit. Not for [`Loader::load_cuda_streaming`],
+    /// cancel abandons it; a key derivation (and a sharded checkpoint's local index file) is
+    /// not interrupted, but no read starts after the limit. Not for [`Loader::load_cuda_streaming`],
     /// which returns once its load has started: cancel that one with a flag.
     pub fn deadline(mut self, limit: Duration) -> Self {
         self.deadline = Some(limit);
@@ -916,8 +916,8 @@ impl Loader {
     }
 
     /// The backend options, with the load's cancel flag (the deadline's, when one is set): the
-    /// HTTP and S3 backends stop their own calls (opening, `stat`, metadata reads) once it is
-    /// set, so that an opening left behind by a cancel ends within moments.
+    /// HTTP, S3 and NFS backends stop their own calls (opening, `stat`, metadata reads) once it
+    /// is set, so that an opening left behind by a cancel ends within moments.
     fn backend_options(&self) -> OpenOptions {
         let mut o = self.open.clone();
         if let Some(c) = &self.cancel {

@@ -134,11 +134,12 @@ pub struct OpenOptions {
     /// `Some(false)` = buffered, `None` = `TENSORSTREAM_DIRECT` or automatic (O_DIRECT unless the
     /// file is already mostly in the page cache).
     pub direct_io: Option<bool>,
-    /// Once set, the backend's own calls (HTTP and S3: opening it, `stat`, `read_at`) stop
-    /// within about 25 ms and fail with `Cancelled`, instead of running their timeouts and
-    /// retries to the end: a load's cancel flag or deadline, so that an abandoned opening does
-    /// not hold threads and connections for minutes. (Readers follow
-    /// [`tensorstream_engine::ReaderOptions::cancel`].) Not used by the local and NFS backends.
+    /// Once set, the backend's own calls (HTTP, S3 and NFS: opening it, `stat`, `read_at`)
+    /// stop within moments (25-100 ms) and fail with `Cancelled`, instead of running their
+    /// timeouts and retries to the end: a load's cancel flag or deadline, so that an abandoned
+    /// opening does not hold threads and connections for minutes. (Readers follow
+    /// [`tensorstream_engine::ReaderOptions::cancel`].) Not used by the local backend, whose
+    /// calls the kernel serves.
     pub cancel: Option<Arc<AtomicBool>>,
 }
 

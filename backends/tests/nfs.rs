@@ -257,6 +257,72 @@ fn reference_fixture_hashes_match_over_nfs() {
     }
 }
 
+#[path = "support/blackhole.rs"]
+mod blackhole;
+
+/// At a server that accepts connections and never replies: a cancel flag stops the opening
+/// within moments (it ran its request timeout and a retry to the end, about 61 s with the
+/// defaults, holding a thread and three sockets per connection), and without one the retry
+/// waits no longer than what is left of the opening's 5 s budget (it waited a whole request
+/// timeout more).
+#[test]
+fn a_silent_server_is_given_up_on_in_time_and_on_a_cancel() {
+    use std::time::Instant;
+    let hole = blackhole::Blackhole::start();
+    let uri = format!("nfs://127.0.0.1:{}/export/m.safetensors", hole.port());
+
+    let flag = Arc::new(AtomicBool::new(false));
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, Ordering::SeqCst);
+        })
+    };
+    let t = Instant::now();
+    let e = open(
+        &uri,
+        &OpenOptions {
+            cancel: Some(flag),
+            ..opts()
+        },
+    )
+    .unwrap_err();
+    setter.join().unwrap();
+    let waited = t.elapsed();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "returned after {waited:?}: {e}"
+    );
+    assert!(hole.accepted() > 0, "the opening never reached the server");
+    assert!(
+        hole.all_closed_within(Duration::from_secs(3)),
+        "{} connection(s) still open after the cancel",
+        hole.open()
+    );
+
+    // No cancel, a 4 s request timeout: the first call waits it out, the retries share the
+    // 5 s opening budget that follows (about 9 s in all; a retry that then waited its own
+    // full timeout ended past 12 s).
+    let t = Instant::now();
+    let e = open(
+        &uri,
+        &OpenOptions {
+            timeout: Some(Duration::from_secs(4)),
+            ..opts()
+        },
+    )
+    .unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("giving up after"), "{e}");
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_millis(10_500),
+        "gave up after {waited:?}: {e}"
+    );
+}
+
 #[test]
 fn missing_paths_are_not_found() {
     let g = Ganesha::start();

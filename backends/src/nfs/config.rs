@@ -5,7 +5,8 @@
 //! default the process's), `retry_for` (seconds a call that failed on a broken connection or a
 //! busy server keeps being retried, default 60: long enough to ride out a server restart; while
 //! the file is being opened at most 5 s, so a server that refuses connections fails after about
-//! 5 s and one that does not answer at all after about 10) and
+//! 5 s, one whose connect hangs after about 10, and one that accepts connections but never
+//! replies after the request timeout and the 5 s of retries that follow) and
 //! `retries` (most attempts after the first, default 1000). For copy-paste compatibility with
 //! libnfs URLs, `version=4` and `nfsport=PORT` are accepted too.
 

@@ -591,8 +591,14 @@ impl Conn {
         None
     }
 
-    /// One COMPOUND call whose reply is small: returns the reply after the xid.
-    pub(crate) fn call(&self, args: impl FnOnce(&mut Enc)) -> Result<Vec<u8>, Failure> {
+    /// One COMPOUND call whose reply is small: returns the reply after the xid. Besides the
+    /// connection's stall timeout, `limits` may end the wait earlier (its time, its cancel flag);
+    /// the connection is then shut down, as for a stall (its reply would come to nobody).
+    pub(crate) fn call(
+        &self,
+        limits: CallLimits<'_>,
+        args: impl FnOnce(&mut Enc),
+    ) -> Result<Vec<u8>, Failure> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let xid = self.shared.xid();
         let mut msg = Vec::new();
@@ -612,30 +618,57 @@ impl Conn {
             .timeout
             .saturating_mul(2)
             .saturating_add(Duration::from_secs(1));
-        match rx.recv_timeout(margin) {
-            Ok(r) => r,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                // The reader thread dropped the call without answering: the connection died.
-                let dead = lock(&self.shared.state).dead.clone();
-                Err(dead.unwrap_or_else(|| {
-                    Failure::new(
-                        ErrorKind::Io,
-                        format!("connection to {} closed", self.shared.peer),
-                        true,
-                    )
-                }))
+        let started = Instant::now();
+        // (No end at all where the time cannot be represented: a timeout of centuries.)
+        let cap = started.checked_add(margin);
+        let end = match (limits.until, cap) {
+            (Some(u), Some(c)) => Some(u.min(c)),
+            (u, c) => u.or(c),
+        };
+        let give_up = |f: Failure| {
+            lock(&self.shared.state).calls.remove(&xid);
+            self.shared.shutdown();
+            Err(f)
+        };
+        loop {
+            if limits.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                return give_up(Failure::new(
+                    ErrorKind::Cancelled,
+                    "stopped: the load was cancelled or its deadline passed".into(),
+                    false,
+                ));
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                lock(&self.shared.state).calls.remove(&xid);
-                self.shared.shutdown();
-                Err(Failure::new(
+            let now = Instant::now();
+            if let Some(end) = end.filter(|&e| now >= e) {
+                let waited = if limits.until == Some(end) && cap != Some(end) {
+                    now - started
+                } else {
+                    self.shared.timeout
+                };
+                return give_up(Failure::new(
                     ErrorKind::Timeout,
-                    format!(
-                        "no reply from {} within {:?}",
-                        self.shared.peer, self.shared.timeout
-                    ),
+                    format!("no reply from {} within {waited:.1?}", self.shared.peer),
                     true,
-                ))
+                ));
+            }
+            let mut tick = end.map_or(Duration::from_secs(3600), |e| e - now);
+            if limits.cancel.is_some() {
+                tick = tick.min(CANCEL_TICK);
+            }
+            match rx.recv_timeout(tick) {
+                Ok(r) => return r,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    // The reader thread dropped the call without answering: the connection died.
+                    let dead = lock(&self.shared.state).dead.clone();
+                    return Err(dead.unwrap_or_else(|| {
+                        Failure::new(
+                            ErrorKind::Io,
+                            format!("connection to {} closed", self.shared.peer),
+                            true,
+                        )
+                    }));
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             }
         }
     }
@@ -881,6 +914,18 @@ fn check_read(
         return Ok(Some(o.count));
     }
     Ok(None)
+}
+
+/// How often a small call with a cancel flag looks at it while it waits for its reply.
+const CANCEL_TICK: Duration = Duration::from_millis(25);
+
+/// What may end a small call's wait before the connection's stall timeout does.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct CallLimits<'a> {
+    /// The reply must have come by then (a retry within what is left of its budget).
+    pub until: Option<Instant>,
+    /// Once set, the call stops and fails with `Cancelled` ([`crate::OpenOptions::cancel`]).
+    pub cancel: Option<&'a AtomicBool>,
 }
 
 /// Longest wait for one TCP connect (also capped by the per-request timeout): a server that

@@ -42,7 +42,7 @@ pub use config::{parse as parse_uri, NfsConfig};
 pub use reader::NfsReader;
 
 use crate::OpenOptions;
-use conn::{Conn, Pool};
+use conn::{CallLimits, Conn, Pool};
 use proto::{Attrs, Version};
 use xdr::{SliceSource, XdrError};
 
@@ -166,6 +166,8 @@ pub(crate) struct Inner {
     rsize: usize,
     /// Set once the first retry after opening was logged.
     warned: AtomicBool,
+    /// [`OpenOptions::cancel`]: stops the opening, `stat` and `read_at` once set.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -182,20 +184,37 @@ impl std::fmt::Debug for Inner {
 impl Inner {
     /// Runs a small call, retrying retryable failures with backoff for at most `retries` more
     /// attempts and `budget` from the first failure. `on_retry` sees each failure retried.
+    ///
+    /// A retry (its connect and its wait for the reply) never runs past the budget, and once
+    /// `cancel` is set the call stops within moments and fails with `Cancelled`.
     fn call_with_retry<T>(
         pool: &Pool,
         retries: u32,
         budget: Duration,
+        cancel: Option<&AtomicBool>,
         mut on_retry: impl FnMut(&Failure),
-        mut f: impl FnMut(&Conn) -> std::result::Result<T, Failure>,
+        mut f: impl FnMut(&Conn, CallLimits<'_>) -> std::result::Result<T, Failure>,
     ) -> std::result::Result<T, Failure> {
         let mut attempt = 0;
         let mut since: Option<Instant> = None;
         loop {
-            // The first connect gets the usual limit (at most 5 s); a retry's never runs past
-            // the budget (it starts with at least MIN_ATTEMPT left, see `retry_delay`).
+            // The first attempt gets the usual limits (a connect of at most 5 s, then the
+            // request timeout); a retry never runs past the budget (it starts with at least
+            // MIN_ATTEMPT left, see `retry_delay`).
             let limit = since.map(|first| budget.saturating_sub(first.elapsed()).max(MIN_ATTEMPT));
-            match pool.get_within(limit).and_then(|c| f(&c)) {
+            let limits = CallLimits {
+                until: limit.and_then(|l| Instant::now().checked_add(l)),
+                cancel,
+            };
+            let result = match cancel {
+                Some(c) if c.load(Ordering::SeqCst) => Err(Failure::new(
+                    ErrorKind::Cancelled,
+                    "stopped: the load was cancelled or its deadline passed".into(),
+                    false,
+                )),
+                _ => pool.get_within(limit).and_then(|c| f(&c, limits)),
+            };
+            match result {
                 Err(e) if e.retryable => {
                     let first = *since.get_or_insert_with(Instant::now);
                     let delay = if e.spent(attempt) {
@@ -207,7 +226,14 @@ impl Inner {
                         Some(delay) => {
                             on_retry(&e);
                             attempt += 1;
-                            std::thread::sleep(delay);
+                            // In ticks with a cancel flag (the next attempt looks at it).
+                            let wake = Instant::now() + delay;
+                            while let Some(left) = wake.checked_duration_since(Instant::now()) {
+                                if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                                    break;
+                                }
+                                std::thread::sleep(left.min(Duration::from_millis(25)));
+                            }
                         }
                         None => return Err(e.context(&gave_up(attempt + 1, first))),
                     }
@@ -301,9 +327,10 @@ impl NfsBackend {
             &pool,
             cfg.retries,
             open_budget,
+            opts.cancel.as_deref(),
             |_| {},
-            |c| {
-                let reply = c.call(|e| proto::encode_resolve(e, &components))?;
+            |c, limits| {
+                let reply = c.call(limits, |e| proto::encode_resolve(e, &components))?;
                 decode_call(&reply, |s| proto::decode_resolve(s, &components))
             },
         )
@@ -367,6 +394,7 @@ impl NfsBackend {
                 pin,
                 rsize,
                 warned: AtomicBool::new(false),
+                cancel: opts.cancel.clone(),
             }),
         })
     }
@@ -405,10 +433,17 @@ impl Backend for NfsBackend {
     fn stat(&self) -> Result<ObjectMeta> {
         let i = &self.inner;
         let retry = |f: &Failure| i.note_retry(f);
-        let attrs = Inner::call_with_retry(&i.pool, i.cfg.retries, i.cfg.retry_for, retry, |c| {
-            let reply = c.call(|e| proto::encode_stat(e, &i.fh))?;
-            decode_call(&reply, |s| proto::decode_stat(s))
-        })
+        let attrs = Inner::call_with_retry(
+            &i.pool,
+            i.cfg.retries,
+            i.cfg.retry_for,
+            i.cancel.as_deref(),
+            retry,
+            |c, limits| {
+                let reply = c.call(limits, |e| proto::encode_stat(e, &i.fh))?;
+                decode_call(&reply, |s| proto::decode_stat(s))
+            },
+        )
         .map_err(|f| f.into_error(&i.uri))?;
         let now = version_of(&attrs, "GETATTR").map_err(|f| f.into_error(&i.uri))?;
         if now != i.pin {

@@ -339,6 +339,8 @@ pub(crate) fn read_at(inner: &Arc<Inner>, offset: u64, buf: &mut [u8]) -> Result
     let piece = inner.cfg.chunk.max(1);
     let depth = (inner.pool.len() * 2).clamp(1, inner.cfg.concurrency);
     let mut runner = Runner::new(inner.clone());
+    // The backend's cancel flag ([`crate::OpenOptions::cancel`]): a metadata read stops too.
+    runner.cancel = inner.cancel.clone();
     let mut next = 0usize;
     let mut first_err: Option<Error> = None;
     loop {
