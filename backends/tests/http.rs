@@ -312,17 +312,9 @@ fn server_without_ranges_is_refused() {
 /// only after the request timeout and its retries (minutes), holding connections meanwhile.
 #[test]
 fn cancel_stops_the_opening_at_a_silent_server() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Instant;
     let hole = support::blackhole::Blackhole::start();
-    let flag = Arc::new(AtomicBool::new(false));
-    let setter = {
-        let flag = flag.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            flag.store(true, Ordering::SeqCst);
-        })
-    };
+    let (flag, setter) = support::blackhole::cancel_after(Duration::from_millis(300));
     let url = format!("{}/m.safetensors", hole.endpoint());
     let t = Instant::now();
     let e = open(

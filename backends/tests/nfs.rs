@@ -271,14 +271,7 @@ fn a_silent_server_is_given_up_on_in_time_and_on_a_cancel() {
     let hole = blackhole::Blackhole::start();
     let uri = format!("nfs://127.0.0.1:{}/export/m.safetensors", hole.port());
 
-    let flag = Arc::new(AtomicBool::new(false));
-    let setter = {
-        let flag = flag.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            flag.store(true, Ordering::SeqCst);
-        })
-    };
+    let (flag, setter) = blackhole::cancel_after(Duration::from_millis(300));
     let t = Instant::now();
     let e = open(
         &uri,

@@ -527,26 +527,18 @@ fn https_endpoint_signed_by_a_private_ca() {
 /// only after the request timeout and its retries (minutes), holding connections meanwhile.
 #[test]
 fn cancel_stops_stat_and_read_at_at_a_silent_server() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
     let s3 = S3s::start(); // for its settings (credentials) only
     let hole = support::blackhole::Blackhole::start();
     let loc = S3Location::parse("s3://bkt/m.safetensors").unwrap();
     for call in ["stat", "read_at"] {
-        let flag = Arc::new(AtomicBool::new(false));
+        let (flag, setter) = support::blackhole::cancel_after(Duration::from_millis(300));
         let be = S3Backend::with_config(
             loc.clone(),
             s3.config_for(&hole.endpoint(), &small_chunks()),
         )
         .unwrap()
-        .with_cancel(Some(flag.clone()));
-        let setter = {
-            let flag = flag.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(300));
-                flag.store(true, Ordering::SeqCst);
-            })
-        };
+        .with_cancel(Some(flag));
         let t = Instant::now();
         let e = match call {
             "stat" => be.stat().unwrap_err(),

@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,4 +76,18 @@ impl Blackhole {
         }
         self.open() == 0
     }
+}
+
+/// A cancel flag that a thread sets after `delay` (a caller giving up on a silent server), and
+/// that thread (join it to be sure it has set the flag).
+pub fn cancel_after(delay: Duration) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let flag = Arc::new(AtomicBool::new(false));
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            flag.store(true, Ordering::SeqCst);
+        })
+    };
+    (flag, setter)
 }
