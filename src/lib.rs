@@ -851,9 +851,9 @@ impl Loader {
     /// Tensors the file holds but the index does not list are not part of the checkpoint (they
     /// are skipped, with a warning).
     /// Returns how many tensors the file holds that the index does not list.
-    fn check_scope(&self, index: &TensorIndex) -> Result<usize> {
+    fn check_scope(&self, index: &TensorIndex) -> Result<Vec<String>> {
         let Some(scope) = &self.scope else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
         let held: std::collections::HashSet<&str> =
             index.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -881,16 +881,23 @@ impl Loader {
             .tensors
             .iter()
             .filter(|t| !scope.names.contains(&t.name))
-            .count())
+            .map(|t| t.name.clone())
+            .collect())
     }
 
-    /// Warns about tensors a shard holds that its checkpoint index does not list.
-    fn warn_unlisted(&self, unlisted: usize) {
-        if let (Some(scope), true) = (&self.scope, unlisted > 0) {
+    /// Warns about tensors a shard holds that its checkpoint index does not place there (not
+    /// listed at all, or listed in another shard), naming the first few.
+    fn warn_unlisted(&self, unlisted: Vec<String>) {
+        if let (Some(scope), false) = (&self.scope, unlisted.is_empty()) {
+            let shown: Vec<String> = unlisted.iter().take(3).map(|n| sharded::quote(n)).collect();
             let msg = format!(
-                "{}: {unlisted} tensor(s) not listed in the checkpoint index {} are skipped",
+                "{}: {} tensor(s) that the checkpoint index {} does not place in this shard are \
+                 skipped: {}{}",
                 sharded::redact(&self.uri),
-                sharded::redact(&scope.index_uri)
+                unlisted.len(),
+                sharded::redact(&scope.index_uri),
+                shown.join(", "),
+                if unlisted.len() > 3 { ", …" } else { "" }
             );
             // Once per process and shard: a checkpoint is checked, then loaded (and `bench`
             // loads it again and again), and each would say it anew.
@@ -1576,20 +1583,47 @@ impl Loader {
         }
     }
 
-    /// The object's index. A shard's index read moments ago (by `check_shards`) is reused when
-    /// the object is provably the same (same size and version tag); otherwise it is read again.
+    /// The object's index. For a shard checked moments ago (by `check_shards`, whose combined
+    /// index the load returns), the object must still be the one checked: the same size and
+    /// version tag (then the index read then is reused), or, without a version tag, a header
+    /// describing the same tensors. A shard replaced in between fails with `ObjectChanged`
+    /// (it was loaded in its new version, under the old combined index).
     fn read_index(&self, be: &dyn Backend, meta: &ObjectMeta) -> Result<TensorIndex> {
-        let known = self
-            .scope
-            .as_ref()
-            .and_then(|s| s.known.as_ref())
-            .filter(|k| {
-                k.0.size == meta.size && k.0.version.is_some() && k.0.version == meta.version
-            });
-        match known {
-            Some(k) => Ok(k.1.clone()),
-            None => format::read_index(be, meta),
+        let Some(known) = self.scope.as_ref().and_then(|s| s.known.as_ref()) else {
+            return format::read_index(be, meta);
+        };
+        let changed = |why: String| {
+            Error::new(
+                ErrorKind::ObjectChanged,
+                format!(
+                    "the shard changed after the checkpoint's shards were checked ({why}); load \
+                     the checkpoint again"
+                ),
+            )
+            .with_location(sharded::redact(&self.uri))
+        };
+        let (then, index) = (&known.0, &known.1);
+        if then.size != meta.size || then.version != meta.version {
+            return Err(changed(format!(
+                "{} bytes then, {} now{}",
+                then.size,
+                meta.size,
+                if then.version != meta.version {
+                    ", and another version tag"
+                } else {
+                    ""
+                }
+            )));
         }
+        if then.version.is_some() {
+            return Ok(index.clone());
+        }
+        // No version tag to compare: the header is read again and must say the same.
+        let now = format::read_index(be, meta)?;
+        if !same_tensors(&now, index) {
+            return Err(changed("its header describes other tensors".into()));
+        }
+        Ok(now)
     }
 
     /// Metadata, selection, verification hooks and the plan, for either destination.
@@ -2541,6 +2575,21 @@ fn names_to_parts<'a, N: Iterator<Item = &'a str>>(
     by_name
 }
 
+/// Whether two indexes of one object describe the same tensors at the same places.
+fn same_tensors(a: &TensorIndex, b: &TensorIndex) -> bool {
+    a.tensors.len() == b.tensors.len()
+        && a.tensors.iter().zip(&b.tensors).all(|(x, y)| {
+            x.name == y.name
+                && x.dtype == y.dtype
+                && x.shape == y.shape
+                && x.range == y.range
+                && x.source == y.source
+                && x.prefix == y.prefix
+                && x.role == y.role
+                && x.path == y.path
+        })
+}
+
 /// A shard's index restricted to the tensors the checkpoint index places in it.
 fn scoped_index(mut index: TensorIndex, names: &std::collections::HashSet<String>) -> TensorIndex {
     index.tensors.retain(|t| names.contains(&t.name));
@@ -2888,6 +2937,72 @@ mod tests {
         assert_eq!(
             pick(vec![cancelled("s0"), cancelled("s1")]),
             Some((ErrorKind::Cancelled, "s0".into()))
+        );
+    }
+
+    /// A shard replaced between the checkpoint's check and its own load fails with
+    /// `ObjectChanged` (it was loaded in its new version, under the combined index of the old
+    /// one, with success); an unchanged one reuses or re-reads its index.
+    #[test]
+    fn a_shard_changed_since_the_check_is_refused() {
+        let file = |sizes: &[u64]| {
+            let (bytes, _) = tensorstream_engine::testkit::u8_model(sizes, 5);
+            tensorstream_engine::MemoryBackend::new("mem://s.safetensors", bytes)
+        };
+        let (old, new) = (file(&[16, 32]), file(&[16, 64]));
+        let stat = |b: &tensorstream_engine::MemoryBackend| b.stat().unwrap();
+        let index_of =
+            |b: &tensorstream_engine::MemoryBackend| format::read_index(b, &stat(b)).unwrap();
+        let checked = |meta: ObjectMeta, index: TensorIndex| {
+            let mut l = Loader::new("http://h/ckpt/model-00001-of-00002.safetensors");
+            l.scope = Some(ShardScope {
+                index_uri: "http://h/ckpt/model.safetensors.index.json".into(),
+                file: "model-00001-of-00002.safetensors".into(),
+                names: Arc::new(Default::default()),
+                known: Some(Arc::new((meta, index))),
+                total: None,
+            });
+            l
+        };
+        let tagged = |b: &tensorstream_engine::MemoryBackend, tag: &str| ObjectMeta {
+            version: Some(tag.into()),
+            ..stat(b)
+        };
+        let untagged = |b: &tensorstream_engine::MemoryBackend| ObjectMeta {
+            version: None,
+            ..stat(b)
+        };
+        let refused = |r: Result<TensorIndex>, what: &str| {
+            let e = r.expect_err(what);
+            assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{what}: {e}");
+            assert!(
+                e.to_string().contains("model-00001-of-00002"),
+                "{what}: {e}"
+            );
+        };
+        // Same size and tag: the checked index, as it was.
+        let l = checked(tagged(&old, "v1"), index_of(&old));
+        let got = l.read_index(&old, &tagged(&old, "v1")).unwrap();
+        assert!(same_tensors(&got, &index_of(&old)));
+        // Another tag, or another size: refused.
+        refused(l.read_index(&old, &tagged(&old, "v2")), "new tag");
+        refused(l.read_index(&new, &tagged(&new, "v1")), "new size");
+        // No tag: read again, and it must describe the tensors checked.
+        let l = checked(untagged(&old), index_of(&old));
+        assert!(same_tensors(
+            &l.read_index(&old, &untagged(&old)).unwrap(),
+            &index_of(&old)
+        ));
+        let (same_size, _) = tensorstream_engine::testkit::u8_model(&[32, 16], 5);
+        let other = tensorstream_engine::MemoryBackend::new("mem://s.safetensors", same_size);
+        assert_eq!(
+            stat(&other).size,
+            stat(&old).size,
+            "the test needs equal sizes"
+        );
+        refused(
+            l.read_index(&other, &untagged(&other)),
+            "same size, other header",
         );
     }
 
