@@ -165,6 +165,9 @@ pub struct Loader {
     open: OpenOptions,
     progress: Option<Arc<AtomicU64>>,
     cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The flag the backend's own calls follow (`backend_options`), when not `cancel`: one that
+    /// follows `cancel` and is never cleared (see `bounded`).
+    backend_cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     deadline: Option<Duration>,
     progress_total: Option<Arc<AtomicU64>>,
     cuda: tensorstream_cuda::CudaOptions,
@@ -229,6 +232,7 @@ impl Loader {
             open: OpenOptions::default(),
             progress: None,
             cancel: None,
+            backend_cancel: None,
             deadline: None,
             progress_total: None,
             cuda: tensorstream_cuda::CudaOptions::default(),
@@ -575,12 +579,13 @@ impl Loader {
             if self.cancel.is_none() {
                 return f(self);
             }
-            // The call and its backend follow a flag of their own, which follows the caller's
-            // and is never cleared: an opening the call abandons on a cancel (left to end on its
-            // thread, its backend stopping its requests once the flag is set) still sees it
-            // after the caller has cleared their flag to reuse the loader.
+            // The backend follows a flag of its own, which follows the caller's and is never
+            // cleared: an opening the call abandons on a cancel (left to end on its thread, its
+            // backend stopping its requests once the flag is set) still sees it after the
+            // caller has cleared their flag to reuse the loader. (The call itself looks at the
+            // caller's flag: at once, not at the follower's next look.)
             let mut inner = self.clone();
-            inner.cancel = Some(stop_flag(self.cancel.clone())?);
+            inner.backend_cancel = Some(stop_flag(self.cancel.clone())?);
             return f(&inner);
         };
         // Already set when the caller's flag is, or when no time at all was given: the load
@@ -927,7 +932,7 @@ impl Loader {
     /// is set, so that an opening left behind by a cancel ends within moments.
     fn backend_options(&self) -> OpenOptions {
         let mut o = self.open.clone();
-        if let Some(c) = &self.cancel {
+        if let Some(c) = self.backend_cancel.as_ref().or(self.cancel.as_ref()) {
             o.cancel = Some(c.clone());
         }
         o
@@ -1483,10 +1488,10 @@ impl Loader {
         let stop = stop_flag(self.cancel.clone())?;
         let this = match self.source()? {
             sharded::Source::Sharded(map) => return self.stream_cuda_sharded(&map, stop),
-            // Opened under the stop flag (the backend's own calls follow it: see `bounded`).
+            // The backend's own calls follow the stop flag (never cleared: see `bounded`).
             sharded::Source::File(u) => Loader {
                 uri: u,
-                cancel: Some(stop.clone()),
+                backend_cancel: Some(stop.clone()),
                 ..self.clone()
             },
         };
@@ -1571,6 +1576,11 @@ impl Loader {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     if flag.load(Ordering::SeqCst) {
+                        // The opening left behind stops too: its backend follows this flag,
+                        // which the caller cannot clear (see `bounded`).
+                        if let Some(b) = &self.backend_cancel {
+                            b.store(true, Ordering::SeqCst);
+                        }
                         return Err(Error::new(
                             ErrorKind::Cancelled,
                             "cancelled while opening the object (connecting, or reading its \

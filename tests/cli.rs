@@ -774,7 +774,10 @@ fn a_library_warning_is_marked_and_said_once() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err.lines().filter(|l| l.contains("not listed")).collect();
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("does not place in this shard"))
+        .collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].starts_with("tensorstream: warning: "), "{err}");
 }
