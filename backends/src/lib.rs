@@ -99,12 +99,16 @@ pub(crate) async fn until_cancelled<F: std::future::Future>(
     }
 }
 
+/// Why a backend call stopped by [`OpenOptions::cancel`] failed.
+#[cfg(any(feature = "http", feature = "s3", feature = "nfs"))]
+pub(crate) const CALL_CANCELLED: &str = "stopped: the load was cancelled or its deadline passed";
+
 /// The error of a backend call stopped by [`OpenOptions::cancel`].
 #[cfg(any(feature = "http", feature = "s3"))]
 pub(crate) fn call_cancelled(backend: &str, location: &str, what: &str) -> Error {
     Error::new(
         tensorstream_engine::ErrorKind::Cancelled,
-        format!("{what} stopped: the load was cancelled or its deadline passed"),
+        format!("{what} {CALL_CANCELLED}"),
     )
     .with_backend(backend)
     .with_location(location)

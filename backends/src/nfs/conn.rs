@@ -634,7 +634,7 @@ impl Conn {
             if limits.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
                 return give_up(Failure::new(
                     ErrorKind::Cancelled,
-                    "stopped: the load was cancelled or its deadline passed".into(),
+                    crate::CALL_CANCELLED.into(),
                     false,
                 ));
             }

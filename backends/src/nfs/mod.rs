@@ -209,7 +209,7 @@ impl Inner {
             let result = match cancel {
                 Some(c) if c.load(Ordering::SeqCst) => Err(Failure::new(
                     ErrorKind::Cancelled,
-                    "stopped: the load was cancelled or its deadline passed".into(),
+                    crate::CALL_CANCELLED.into(),
                     false,
                 )),
                 _ => pool.get_within(limit).and_then(|c| f(&c, limits)),

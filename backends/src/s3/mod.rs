@@ -349,12 +349,7 @@ impl S3Backend {
         run(&self.rt.handle()?, async move {
             crate::until_cancelled(cancel, fut)
                 .await
-                .unwrap_or_else(|| {
-                    Err(Error::new(
-                        ErrorKind::Cancelled,
-                        "stopped: the load was cancelled or its deadline passed",
-                    ))
-                })
+                .unwrap_or_else(|| Err(Error::new(ErrorKind::Cancelled, crate::CALL_CANCELLED)))
         })
         .map_err(|e| match e.kind() {
             ErrorKind::Cancelled => crate::call_cancelled("s3", &self.uri, &format!("S3 {what}")),
