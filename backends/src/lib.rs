@@ -114,6 +114,30 @@ pub(crate) fn call_cancelled(backend: &str, location: &str, what: &str) -> Error
     .with_location(location)
 }
 
+/// For a failure to connect: which proxy variables are set (HTTP and S3 requests go through
+/// the proxy they name, so "cannot connect" may be about the proxy, not the server). Names
+/// only: a proxy URL may hold credentials. `env` looks a variable up.
+#[cfg(any(feature = "http", feature = "s3"))]
+pub(crate) fn proxy_note(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let set: Vec<&str> = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .filter(|v| env(v).is_some_and(|x| !x.trim().is_empty()))
+    .collect();
+    (!set.is_empty()).then(|| {
+        format!(
+            " (requests go through the proxy that {} names, except to the hosts NO_PROXY lists)",
+            set.join(" / ")
+        )
+    })
+}
+
 /// Options shared by all backends; each backend reads the ones that concern it.
 ///
 /// Its `Debug` output leaves out the headers' values (an `Authorization` token) and the
@@ -325,6 +349,31 @@ mod uri_tests {
 #[cfg(test)]
 mod debug_tests {
     use super::OpenOptions;
+
+    #[cfg(any(feature = "http", feature = "s3"))]
+    #[test]
+    fn a_connect_failure_names_the_proxy_variables_set_not_their_values() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(super::proxy_note(&env(&[("NO_PROXY", "h")])), None);
+        assert_eq!(super::proxy_note(&env(&[("HTTPS_PROXY", " ")])), None);
+        let note = super::proxy_note(&env(&[
+            ("HTTPS_PROXY", "http://u:s3cret@proxy:3128"),
+            ("all_proxy", "socks5://p:1"),
+        ]))
+        .unwrap();
+        assert!(note.contains("HTTPS_PROXY / all_proxy"), "{note}");
+        assert!(
+            !note.contains("s3cret") && !note.contains("proxy:3128"),
+            "{note}"
+        );
+    }
 
     #[test]
     fn open_options_debug_leaves_secrets_out() {

@@ -98,7 +98,8 @@ pub(crate) fn describe_reqwest(e: reqwest::Error) -> (ErrorKind, bool, String) {
         ErrorKind::Io
     };
     let mut retryable = !(e.is_builder() || e.is_redirect());
-    let what = if e.is_connect() {
+    let connect = e.is_connect();
+    let what = if connect {
         "cannot connect"
     } else if e.is_body() || e.is_decode() {
         "response body broke off"
@@ -127,6 +128,11 @@ pub(crate) fn describe_reqwest(e: reqwest::Error) -> (ErrorKind, bool, String) {
     if let Some(hint) = crate::certificate_hint(&msg, false) {
         retryable = false;
         msg.push_str(hint);
+    }
+    if connect {
+        if let Some(note) = crate::proxy_note(&|v| std::env::var(v).ok()) {
+            msg.push_str(&note);
+        }
     }
     (kind, retryable, msg)
 }

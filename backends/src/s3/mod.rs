@@ -258,8 +258,15 @@ pub(crate) fn map_error(
         _ => (
             ErrorKind::Io,
             format!(
-                "{what} failed at {endpoint}{gave_up}: {detail}{}",
-                crate::certificate_hint(&detail, true).unwrap_or_default()
+                "{what} failed at {endpoint}{gave_up}: {detail}{}{}",
+                crate::certificate_hint(&detail, true).unwrap_or_default(),
+                // A failed connect may be the proxy's.
+                detail
+                    .to_ascii_lowercase()
+                    .contains("connect")
+                    .then(|| crate::proxy_note(&|v| std::env::var(v).ok()))
+                    .flatten()
+                    .unwrap_or_default()
             ),
         ),
     };
