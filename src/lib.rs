@@ -32,7 +32,8 @@
 //!   backends also wait on retries). From async code run them on a blocking thread
 //!   (`tokio::task::spawn_blocking`). [`Loader::load_cuda_streaming`] returns once the load
 //!   has started (after opening the device and the object, reading its header and planning:
-//!   blocking work too, network round trips included) and loads on its own thread; dropping its handle before `wait()` stops that load, as does `stop()`
+//!   blocking work too, network round trips included) and loads on its own thread; dropping
+//!   its handle before `wait()` stops that load, as does `stop()`
 //!   or the loader's cancel flag. The drop waits for the load to let go of its device memory,
 //!   up to [`cuda::load::DROP_WAIT`] (moments on a GPU; a remote read that does not end can
 //!   take longer): from async code, drop the handle on a blocking thread too.
@@ -2587,16 +2588,9 @@ fn names_to_parts<'a, N: Iterator<Item = &'a str>>(
 
 /// Whether two indexes of one object describe the same tensors at the same places.
 fn same_tensors(a: &TensorIndex, b: &TensorIndex) -> bool {
-    a.tensors.len() == b.tensors.len()
+    a.same_tensors_as(b)
         && a.tensors.iter().zip(&b.tensors).all(|(x, y)| {
-            x.name == y.name
-                && x.dtype == y.dtype
-                && x.shape == y.shape
-                && x.range == y.range
-                && x.source == y.source
-                && x.prefix == y.prefix
-                && x.role == y.role
-                && x.path == y.path
+            x.range == y.range && x.prefix == y.prefix && x.role == y.role && x.path == y.path
         })
 }
 

@@ -134,6 +134,14 @@ impl TensorIndex {
             .iter()
             .fold(0u64, |a, t| a.saturating_add(t.nbytes()))
     }
+    /// Whether `other` lists the same tensors in the same order: names, dtypes, shapes and
+    /// sources (what a reader of the tensors sees; not where their bytes sit).
+    pub fn same_tensors_as(&self, other: &TensorIndex) -> bool {
+        self.tensors.len() == other.tensors.len()
+            && self.tensors.iter().zip(&other.tensors).all(|(a, b)| {
+                a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.source == b.source
+            })
+    }
     /// Looks a tensor up by name.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)

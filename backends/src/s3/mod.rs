@@ -353,14 +353,11 @@ impl S3Backend {
         F: Future<Output = Result<T>> + Send + 'static,
     {
         let cancel = self.cancel.clone();
+        let stopped = crate::call_cancelled("s3", &self.uri, &format!("S3 {what}"));
         run(&self.rt.handle()?, async move {
             crate::until_cancelled(cancel, fut)
                 .await
-                .unwrap_or_else(|| Err(Error::new(ErrorKind::Cancelled, crate::CALL_CANCELLED)))
-        })
-        .map_err(|e| match e.kind() {
-            ErrorKind::Cancelled => crate::call_cancelled("s3", &self.uri, &format!("S3 {what}")),
-            _ => e,
+                .unwrap_or(Err(stopped))
         })
     }
 

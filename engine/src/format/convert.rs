@@ -452,11 +452,7 @@ pub fn conversion_read(read: &ReadOptions, index: &TensorIndex) -> ReadOptions {
 fn open_part<'a>(part: ConvertPart<'a>) -> Result<(OpenedPart<'a>, String)> {
     let loc = part.location;
     let (be, index, hook) = (part.open)().map_err(|e| e.with_location(&loc))?;
-    let same = index.tensors.len() == part.index.tensors.len()
-        && index.tensors.iter().zip(&part.index.tensors).all(|(a, b)| {
-            a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.source == b.source
-        });
-    if !same {
+    if !index.same_tensors_as(&part.index) {
         return Err(Error::new(
             crate::ErrorKind::ObjectChanged,
             "its tensors are not the ones listed when the conversion started",
