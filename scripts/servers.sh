@@ -1,5 +1,5 @@
 # Sourced by scripts/test.sh and scripts/measure-remote.sh: starts nginx (HTTP ranges), s3s-fs
-# (S3) and NFS-Ganesha (NFSv4) on free 127.0.0.1 ports, exports their addresses as TS_* variables,
+# (S3; a second one without credentials for public-bucket reads) and NFS-Ganesha (NFSv4) on free 127.0.0.1 ports, exports their addresses as TS_* variables,
 # and stops them by PID on exit. Needs: log(), NGINX, GANESHA, s3s-fs on PATH.
 
 cleanup() {
@@ -103,6 +103,17 @@ start_s3s() { # s3s-fs: a bucket is a directory under its root.
   log "s3s-fs on $TS_S3_ENDPOINT (pid ${PIDS[-1]})"
 }
 
+start_s3s_public() { # s3s-fs without credentials: serves unsigned requests, as a public bucket does.
+  rm -rf "$RUN/s3-public"
+  mkdir -p "$RUN/s3-public/root"
+  S3P_PORT=$(free_port)
+  s3s-fs --host 127.0.0.1 --port "$S3P_PORT" "$RUN/s3-public/root" >"$RUN/s3-public/out.log" 2>&1 &
+  PIDS+=($!)
+  wait_port s3s-fs "$S3P_PORT" $! "<ListAllMyBucketsResult" || { cat "$RUN/s3-public/out.log" >&2; drop_last; return 1; }
+  export TS_S3_PUBLIC_ENDPOINT="http://127.0.0.1:$S3P_PORT" TS_S3_PUBLIC_ROOT="$RUN/s3-public/root"
+  log "s3s-fs (no credentials) on $TS_S3_PUBLIC_ENDPOINT (pid ${PIDS[-1]})"
+}
+
 start_ganesha() { # NFS-Ganesha: NFSv4 on loopback, no rpcbind, export at pseudo path /export.
   rm -rf "$RUN/nfs"
   mkdir -p "$RUN/nfs/export" "$RUN/nfs/recovery"
@@ -153,5 +164,6 @@ start_servers() {
   trap cleanup EXIT INT TERM
   start_retrying nginx start_nginx
   start_retrying s3s-fs start_s3s
+  start_retrying "s3s-fs (public)" start_s3s_public
   start_retrying nfs-ganesha start_ganesha
 }

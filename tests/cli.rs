@@ -305,6 +305,7 @@ fn s3_without_credentials_says_which_variables_to_set() {
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env_remove("AWS_SESSION_TOKEN")
         .env_remove("AWS_PROFILE")
+        .env_remove("AWS_NO_SIGN_REQUEST")
         // Nor any other source of OpenDAL's credential chain (CI runners may have them).
         .env_remove("AWS_CONFIG_FILE")
         .env_remove("AWS_SHARED_CREDENTIALS_FILE")
@@ -319,7 +320,9 @@ fn s3_without_credentials_says_which_variables_to_set() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("no S3 credentials") && err.contains("AWS_ACCESS_KEY_ID"),
+        err.contains("no S3 credentials")
+            && err.contains("AWS_ACCESS_KEY_ID")
+            && err.contains("AWS_NO_SIGN_REQUEST=true"),
         "{err}"
     );
 }
@@ -1264,10 +1267,12 @@ fn flags_a_command_ignores_are_named() {
         "X: y",
         "--timeout",
         "5",
+        "--s3-no-sign-request",
     ]);
     assert!(e.contains("--streams ignored"), "{e}");
     assert!(
-        e.contains("--header, --timeout ignored") && e.contains("local files"),
+        e.contains("--header, --s3-no-sign-request, --timeout ignored")
+            && e.contains("local files"),
         "{e}"
     );
     // Defaults and flags that apply: nothing said.

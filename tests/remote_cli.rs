@@ -150,6 +150,61 @@ fn s3_fixtures_match_manifest() {
     );
 }
 
+/// A public bucket (the second s3s-fs, which has no credentials) read with unsigned requests:
+/// `--s3-no-sign-request`, or `AWS_NO_SIGN_REQUEST=true`. Credentials in the environment are
+/// then not sent (that server would refuse a signed request).
+#[test]
+fn s3_public_bucket_with_unsigned_requests() {
+    let root = PathBuf::from(env("TS_S3_PUBLIC_ROOT"));
+    let endpoint = env("TS_S3_PUBLIC_ENDPOINT");
+    let keys = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+    ];
+    check_all(
+        |n| format!("s3://public/{n}"),
+        &root.join("public"),
+        "",
+        &["--s3-endpoint", &endpoint, "--s3-no-sign-request"],
+        &keys,
+    );
+    let name = "mixed.safetensors";
+    let uri = format!("s3://public/{name}");
+    let mut unsigned = keys.clone();
+    unsigned.push(("AWS_NO_SIGN_REQUEST".to_string(), "true".to_string()));
+    let v = load_json(&uri, name, &["--s3-endpoint", &endpoint], &unsigned);
+    assert!(!v["tensors"].as_array().unwrap().is_empty(), "{v}");
+    // Signed (the keys, no option): that server refuses it, so the option is what worked.
+    let out = cli()
+        .args(["load", &uri, "--quiet", "--s3-endpoint", &endpoint])
+        .envs(keys.iter().map(|(k, v)| (k, v)))
+        .env_remove("AWS_NO_SIGN_REQUEST")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a signed request was served");
+
+    // The server that needs credentials: an unsigned request is denied, and says why.
+    let private = PathBuf::from(env("TS_S3_ROOT")).join("cli-unsigned");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::copy(fixtures().join(name), private.join(name)).unwrap();
+    let out = cli()
+        .args(["load", &format!("s3://cli-unsigned/{name}"), "--quiet"])
+        .args([
+            "--s3-endpoint",
+            &env("TS_S3_ENDPOINT"),
+            "--s3-no-sign-request",
+        ])
+        .envs(keys.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unsigned request") && err.contains("needs credentials"),
+        "{err}"
+    );
+}
+
 #[test]
 fn http_fixtures_match_manifest() {
     let root = PathBuf::from(env("TS_NGINX_ROOT"));

@@ -154,6 +154,10 @@ pub struct OpenOptions {
     pub s3_endpoint: Option<String>,
     /// S3 region (overrides `AWS_REGION`).
     pub s3_region: Option<String>,
+    /// S3 requests without a signature, for public buckets: `Some(true)` = unsigned (no
+    /// credentials looked up or sent), `Some(false)` = signed, `None` = `AWS_NO_SIGN_REQUEST`,
+    /// else signed.
+    pub s3_no_sign_request: Option<bool>,
     /// Per-request timeout for remote backends. `None`: backend default.
     pub timeout: Option<Duration>,
     /// Local I/O engine: `None` = `TENSORSTREAM_IO`, else automatic ([`IoMode::Auto`]).
@@ -184,6 +188,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("headers", &headers)
             .field("s3_endpoint", &self.s3_endpoint.as_deref().map(redact_uri))
             .field("s3_region", &self.s3_region)
+            .field("s3_no_sign_request", &self.s3_no_sign_request)
             .field("timeout", &self.timeout)
             .field("io_mode", &self.io_mode)
             .field("direct_io", &self.direct_io)

@@ -461,6 +461,53 @@ fn wrong_credentials_are_permission_denied() {
 }
 
 #[test]
+fn public_bucket_read_with_unsigned_requests() {
+    // A server without credentials serves unsigned requests, as a public bucket does.
+    let public = S3s::start_public();
+    let (data, tensors) = safetensors(&[300_000, 5, 70_000], 43);
+    public.put("open", "m.safetensors", data.clone());
+    let unsigned = OpenOptions {
+        s3_no_sign_request: Some(true),
+        ..small_chunks()
+    };
+    let be = public.backend("open", "m.safetensors", &unsigned);
+    assert!(be.config().no_sign_request);
+    assert_eq!(be.stat().unwrap().size, data.len() as u64);
+    let (model, _) = load(be, None, Layout::Packed { align: 64 }, 1 << 20, 8).unwrap();
+    assert_eq!(model.len(), tensors.len());
+    for (t, want) in model.tensors().zip(&tensors) {
+        assert!(t.data == &want[..], "tensor {} differs", t.name);
+    }
+    // The same server refuses signed requests: the option is what made them pass.
+    let signed = public.backend(
+        "open",
+        "m.safetensors",
+        &OpenOptions {
+            s3_no_sign_request: Some(false),
+            ..OpenOptions::default()
+        },
+    );
+    assert!(signed.stat().is_err());
+
+    // A server that requires credentials: an unsigned request is denied, and the message says
+    // that the request went unsigned and that this bucket needs credentials.
+    let private = S3s::start();
+    private.put("closed", "k", b"private bytes".to_vec());
+    let be = private.backend("closed", "k", &unsigned);
+    let e = be.stat().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    let msg = e.to_string();
+    eprintln!("unsigned request to a private bucket: {msg}");
+    assert!(msg.contains("s3://closed/k"), "{msg}");
+    assert!(msg.contains("unsigned request"), "{msg}");
+    assert!(msg.contains("needs credentials"), "{msg}");
+    assert!(!e.is_retryable(), "{e:?}");
+    let mut buf = [0u8; 4];
+    let e = be.read_at(0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+}
+
+#[test]
 fn https_endpoint_signed_by_a_private_ca() {
     use support::nginx::{Nginx, TestPki};
     let s3 = S3s::start();

@@ -155,6 +155,10 @@ struct IoArgs {
     /// S3 region (default: $AWS_REGION, else $AWS_DEFAULT_REGION, else us-east-1).
     #[arg(long, value_name = "REGION")]
     s3_region: Option<String>,
+    /// S3: send requests unsigned, for public buckets (no credentials are looked up or sent)
+    /// [default: $AWS_NO_SIGN_REQUEST, else signed].
+    #[arg(long)]
+    s3_no_sign_request: bool,
     /// Per-request timeout for remote backends, in seconds [default: 30; S3: 30 for HEAD, 10
     /// for each step of a GET body; this option sets both].
     #[arg(long, value_name = "SECS")]
@@ -238,6 +242,9 @@ impl IoArgs {
         }
         open.s3_endpoint = self.s3_endpoint.clone();
         open.s3_region = self.s3_region.clone();
+        if self.s3_no_sign_request {
+            open.s3_no_sign_request = Some(true);
+        }
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite()) {
                 return Err(Error::invalid(format!(
@@ -540,6 +547,11 @@ impl IoArgs {
             ),
             ("--s3-endpoint", self.s3_endpoint.is_some(), scheme == "s3"),
             ("--s3-region", self.s3_region.is_some(), scheme == "s3"),
+            (
+                "--s3-no-sign-request",
+                self.s3_no_sign_request,
+                scheme == "s3",
+            ),
             ("--timeout", self.timeout.is_some(), scheme != "file"),
             ("--io", self.io.is_some(), scheme == "file"),
         ];

@@ -103,6 +103,8 @@ pub struct S3Config {
     pub secret_access_key: Option<String>,
     /// Session token for temporary credentials.
     pub session_token: Option<String>,
+    /// Unsigned requests (public buckets): no credentials are looked up or sent.
+    pub no_sign_request: bool,
     /// Virtual-hosted-style addressing (`bucket.host`) instead of path style (`host/bucket`).
     pub virtual_host_style: bool,
     /// Ranged GETs in flight at most.
@@ -133,6 +135,7 @@ impl std::fmt::Debug for S3Config {
                 "session_token",
                 &self.session_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("no_sign_request", &self.no_sign_request)
             .field("virtual_host_style", &self.virtual_host_style)
             .field("concurrency", &self.concurrency)
             .field("chunk_size", &self.chunk_size)
@@ -191,7 +194,9 @@ impl S3Config {
     ///
     /// * endpoint: `opts.s3_endpoint`, `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`;
     /// * region: `opts.s3_region`, `AWS_REGION`, `AWS_DEFAULT_REGION`, [`DEFAULT_REGION`];
-    /// * credentials: `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`);
+    /// * credentials: `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`),
+    ///   none (unsigned requests, for public buckets) with `opts.s3_no_sign_request` or
+    ///   `AWS_NO_SIGN_REQUEST=true` (the variable GDAL reads);
     /// * addressing: path style unless `AWS_S3_FORCE_PATH_STYLE=false` or
     ///   `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`;
     /// * extra trusted root certificates: `AWS_CA_BUNDLE` (a PEM file, read when the backend
@@ -220,8 +225,17 @@ impl S3Config {
                 .unwrap_or_else(|| DEFAULT_REGION.to_string()),
         };
 
-        let access_key_id = var("AWS_ACCESS_KEY_ID");
-        let secret_access_key = var("AWS_SECRET_ACCESS_KEY");
+        let no_sign_request = match opts.s3_no_sign_request {
+            Some(v) => v,
+            None => match var("AWS_NO_SIGN_REQUEST") {
+                Some(v) => parse_bool("AWS_NO_SIGN_REQUEST", &v)?,
+                None => false,
+            },
+        };
+        // Unsigned requests send no credentials, so none are read (or checked).
+        let credential = |name: &str| if no_sign_request { None } else { var(name) };
+        let access_key_id = credential("AWS_ACCESS_KEY_ID");
+        let secret_access_key = credential("AWS_SECRET_ACCESS_KEY");
         match (&access_key_id, &secret_access_key) {
             (Some(_), None) => {
                 return Err(Error::invalid(
@@ -281,6 +295,7 @@ impl S3Config {
             access_key_id,
             secret_access_key,
             session_token,
+            no_sign_request,
             virtual_host_style,
             concurrency,
             chunk_size,
@@ -481,6 +496,61 @@ mod tests {
         let e = c(&[("AWS_S3_FORCE_PATH_STYLE", "maybe")]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
         assert!(e.to_string().contains("AWS_S3_FORCE_PATH_STYLE"));
+    }
+
+    #[test]
+    fn unsigned_requests() {
+        let c = |opts: &OpenOptions, pairs: &[(&str, &str)]| S3Config::resolve(opts, &env(pairs));
+        let keys = [
+            ("AWS_ACCESS_KEY_ID", "AK"),
+            ("AWS_SECRET_ACCESS_KEY", "SK"),
+            ("AWS_SESSION_TOKEN", "TOK"),
+        ];
+        let signed = c(&OpenOptions::default(), &keys).unwrap();
+        assert!(!signed.no_sign_request);
+        assert_eq!(signed.access_key_id.as_deref(), Some("AK"));
+        // The variable (GDAL's spelling too), and no credentials kept when it is on.
+        for on in ["true", "YES", "1"] {
+            let mut pairs = keys.to_vec();
+            pairs.push(("AWS_NO_SIGN_REQUEST", on));
+            let u = c(&OpenOptions::default(), &pairs).unwrap();
+            assert!(u.no_sign_request, "{on}");
+            assert_eq!(
+                (u.access_key_id, u.secret_access_key, u.session_token),
+                (None, None, None),
+                "{on}"
+            );
+        }
+        assert!(
+            !c(&OpenOptions::default(), &[("AWS_NO_SIGN_REQUEST", "no")])
+                .unwrap()
+                .no_sign_request
+        );
+        // The option wins over the variable, either way.
+        let yes = OpenOptions {
+            s3_no_sign_request: Some(true),
+            ..Default::default()
+        };
+        let no = OpenOptions {
+            s3_no_sign_request: Some(false),
+            ..Default::default()
+        };
+        assert!(
+            c(&yes, &[("AWS_NO_SIGN_REQUEST", "false")])
+                .unwrap()
+                .no_sign_request
+        );
+        let mut pairs = keys.to_vec();
+        pairs.push(("AWS_NO_SIGN_REQUEST", "true"));
+        let s = c(&no, &pairs).unwrap();
+        assert!(!s.no_sign_request);
+        assert_eq!(s.access_key_id.as_deref(), Some("AK"));
+        // Half-set credentials do not matter when none are sent.
+        assert!(c(&yes, &[("AWS_ACCESS_KEY_ID", "AK")]).is_ok());
+        assert!(c(&OpenOptions::default(), &[("AWS_ACCESS_KEY_ID", "AK")]).is_err());
+        let e = c(&OpenOptions::default(), &[("AWS_NO_SIGN_REQUEST", "maybe")]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("AWS_NO_SIGN_REQUEST"), "{e}");
     }
 
     #[test]

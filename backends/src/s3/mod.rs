@@ -122,6 +122,8 @@ pub(crate) struct IoCtx {
     pub(crate) key: String,
     pub(crate) uri: String,
     pub(crate) endpoint: String,
+    /// Requests go unsigned ([`S3Config::no_sign_request`]).
+    pub(crate) unsigned: bool,
     pub(crate) chunk: usize,
     pub(crate) io_timeout: Duration,
     /// Limit of a whole non-data request (HEAD).
@@ -134,8 +136,15 @@ impl IoCtx {
     /// Call it inside the request's [`counted`] scope.
     pub(crate) fn error(&self, e: opendal::Error, what: &str, range: Option<Range<u64>>) -> Error {
         let limit = limit_for(what, self.timeout, self.io_timeout);
-        let err =
-            map_error(e, what, &self.endpoint, limit, retries_seen()).with_location(&self.uri);
+        let err = map_error(
+            e,
+            what,
+            &self.endpoint,
+            limit,
+            retries_seen(),
+            self.unsigned,
+        )
+        .with_location(&self.uri);
         match range {
             Some(r) => err.with_range(r),
             None => err,
@@ -168,6 +177,7 @@ pub(crate) fn map_error(
     endpoint: &str,
     limit: Duration,
     retries: usize,
+    unsigned: bool,
 ) -> Error {
     use opendal::ErrorKind as K;
     let retryable = retries > 0 || e.is_temporary();
@@ -209,6 +219,15 @@ pub(crate) fn map_error(
             ErrorKind::NotFound,
             format!("{what}: no such object or bucket at {endpoint}"),
         ),
+        K::PermissionDenied if unsigned => (
+            ErrorKind::PermissionDenied,
+            format!(
+                "{what}: access denied by {endpoint} to an unsigned request \
+                 (AWS_NO_SIGN_REQUEST / --s3-no-sign-request, which read public buckets only): \
+                 this bucket or object needs credentials (AWS_ACCESS_KEY_ID / \
+                 AWS_SECRET_ACCESS_KEY){paren}"
+            ),
+        ),
         K::PermissionDenied => (
             ErrorKind::PermissionDenied,
             format!(
@@ -232,7 +251,8 @@ pub(crate) fn map_error(
             ErrorKind::PermissionDenied,
             format!(
                 "{what}: no S3 credentials found: set AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials){paren}"
+                 AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), or \
+                 for a public bucket AWS_NO_SIGN_REQUEST=true (--s3-no-sign-request){paren}"
             ),
         ),
         K::ConfigInvalid => (
@@ -376,6 +396,7 @@ impl S3Backend {
                     &cfg.endpoint_display(),
                     cfg.io_timeout,
                     0,
+                    cfg.no_sign_request,
                 )
             })
             .map_err(|e| e.with_location(&uri))?;
@@ -384,6 +405,7 @@ impl S3Backend {
             key: loc.key.clone(),
             uri: uri.clone(),
             endpoint: cfg.endpoint_display(),
+            unsigned: cfg.no_sign_request,
             chunk: cfg.chunk_size,
             io_timeout: cfg.io_timeout,
             timeout: cfg.timeout,
@@ -481,7 +503,10 @@ fn build_operator(
     if let Some(e) = &cfg.endpoint {
         b = b.endpoint(e);
     }
-    if let (Some(ak), Some(sk)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+    if cfg.no_sign_request {
+        // No credential lookup (profile files, instance metadata) and no signature.
+        b = b.skip_signature();
+    } else if let (Some(ak), Some(sk)) = (&cfg.access_key_id, &cfg.secret_access_key) {
         b = b.access_key_id(ak).secret_access_key(sk);
         if let Some(t) = &cfg.session_token {
             b = b.session_token(t);

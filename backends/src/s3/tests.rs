@@ -81,7 +81,14 @@ fn error_mapping() {
         (K::Unexpected, ErrorKind::Io, "GET failed at http://e:1"),
     ];
     for (from, to, msg) in cases {
-        let e = map_error(opendal::Error::new(from, "boom"), "GET", "http://e:1", t, 0);
+        let e = map_error(
+            opendal::Error::new(from, "boom"),
+            "GET",
+            "http://e:1",
+            t,
+            0,
+            false,
+        );
         assert_eq!(e.kind(), to, "{from:?}");
         assert_eq!(e.backend(), Some("s3"));
         assert!(e.to_string().contains(msg), "{from:?}: {e}");
@@ -93,6 +100,7 @@ fn error_mapping() {
         "http://e:1",
         t,
         4,
+        false,
     );
     assert_eq!(e.kind(), ErrorKind::Timeout);
     assert!(e.is_retryable());
@@ -105,6 +113,7 @@ fn error_mapping() {
         "http://e:1",
         t,
         0,
+        false,
     );
     assert!(!e.is_retryable());
     assert!(!e.to_string().contains("gave up"), "{e}");
@@ -184,6 +193,32 @@ fn partial_answers_must_be_the_range_asked() {
 }
 
 #[test]
+fn access_denied_to_unsigned_requests_says_so() {
+    let t = Duration::from_secs(3);
+    let denied = || opendal::Error::new(opendal::ErrorKind::PermissionDenied, "AccessDenied");
+    let signed = map_error(denied(), "HEAD", "http://e:1", t, 0, false);
+    let unsigned = map_error(denied(), "HEAD", "http://e:1", t, 0, true);
+    for e in [&signed, &unsigned] {
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("access denied by http://e:1"), "{e}");
+    }
+    assert!(!signed.to_string().contains("unsigned"), "{signed}");
+    assert!(
+        unsigned.to_string().contains("unsigned request")
+            && unsigned.to_string().contains("needs credentials"),
+        "{unsigned}"
+    );
+    // No credentials found: the message names the way to read a public bucket.
+    let none = opendal::Error::new(
+        opendal::ErrorKind::Unexpected,
+        "failed to load signing credential",
+    );
+    let e = map_error(none, "HEAD", "http://e:1", t, 0, false);
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("AWS_NO_SIGN_REQUEST=true"), "{e}");
+}
+
+#[test]
 fn head_timeouts_name_the_head_limit() {
     let (whole, io) = (Duration::from_secs(30), Duration::from_secs(10));
     assert_eq!(super::limit_for("HEAD", whole, io), whole);
@@ -195,6 +230,7 @@ fn head_timeouts_name_the_head_limit() {
         "http://x",
         super::limit_for("HEAD", whole, io),
         0,
+        false,
     );
     assert_eq!(m.kind(), ErrorKind::Timeout, "{m}");
     assert!(m.to_string().contains("within 30.0 s"), "{m}");

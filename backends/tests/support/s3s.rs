@@ -58,9 +58,11 @@ pub struct S3s {
     dir: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
     client: reqwest::Client,
+    /// Started without credentials: it serves unsigned requests (a public bucket's server).
+    public: bool,
 }
 
-/// Waits until s3s-fs answers on `port` as itself: its S3 error for an unsigned `GET /`, so that
+/// Waits until s3s-fs answers on `port` as itself: its S3 answer to an unsigned `GET /`, so that
 /// a foreign listener that took the port is not mistaken for it.
 fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
     use std::io::{Read, Write};
@@ -78,7 +80,8 @@ fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
             {
                 let _ = c.read_to_string(&mut answer);
             }
-            if answer.contains("<Error><Code>") {
+            // (A server without credentials lists its buckets instead.)
+            if answer.contains("<Error><Code>") || answer.contains("<ListAllMyBucketsResult") {
                 return Ok(());
             }
         }
@@ -93,6 +96,16 @@ impl S3s {
     /// Starts s3s-fs on a free port over a fresh temp root and waits until it answers. A port
     /// taken between choosing and binding it is retried with another (three tries).
     pub fn start() -> S3s {
+        Self::launch(false)
+    }
+
+    /// Like [`S3s::start`], but without credentials: s3s-fs then serves unsigned requests, as
+    /// a public bucket does (and refuses signed ones). Uploads go unsigned too.
+    pub fn start_public() -> S3s {
+        Self::launch(true)
+    }
+
+    fn launch(public: bool) -> S3s {
         let bin = s3s_binary();
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("root");
@@ -114,9 +127,12 @@ impl S3s {
             let log = std::fs::File::create(dir.path().join("s3s.log")).expect("log file");
             let log2 = log.try_clone().expect("log file");
             let port = free_port();
-            let mut child = Command::new(&bin)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+            if !public {
+                cmd.args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY]);
+            }
+            let mut child = cmd
                 .arg(&root)
                 .stdin(Stdio::null())
                 .stdout(log)
@@ -131,6 +147,7 @@ impl S3s {
                         dir,
                         rt,
                         client,
+                        public,
                     }
                 }
                 Err(why) => {
@@ -178,11 +195,13 @@ impl S3s {
         std::fs::create_dir_all(self.root().join(name)).expect("create bucket dir");
     }
 
-    /// Settings for this server with the test credentials, endpoint `endpoint` (this server, or
-    /// a proxy in front of it) and `opts` for the rest. The process environment is not read.
+    /// Settings for this server with the test credentials (unsigned requests for a public
+    /// server, unless `opts` says otherwise), endpoint `endpoint` (this server, or a proxy in
+    /// front of it) and `opts` for the rest. The process environment is not read.
     pub fn config_for(&self, endpoint: &str, opts: &OpenOptions) -> S3Config {
         let opts = OpenOptions {
             s3_endpoint: Some(endpoint.to_string()),
+            s3_no_sign_request: opts.s3_no_sign_request.or(Some(self.public)),
             ..opts.clone()
         };
         S3Config::resolve(&opts, &|name| match name {
@@ -217,9 +236,12 @@ impl S3s {
             .root("/")
             .bucket(bucket)
             .region("us-east-1")
-            .endpoint(&self.endpoint())
-            .access_key_id(ACCESS_KEY)
-            .secret_access_key(SECRET_KEY);
+            .endpoint(&self.endpoint());
+        let b = if self.public {
+            b.skip_signature()
+        } else {
+            b.access_key_id(ACCESS_KEY).secret_access_key(SECRET_KEY)
+        };
         // Uploads are set-up, not what is tested: a keep-alive race with the server is retried.
         let ctx = opendal::OperationContext::default().with_http_transport(
             opendal::HttpTransporter::new(opendal_http_transport_reqwest::ReqwestTransport::new(
