@@ -195,6 +195,11 @@ pub struct CudaDevice {
     /// ([`CudaDevice::reserve`]): between its parts the slots are free, but no other thread
     /// may take them.
     reserved: Mutex<Option<std::thread::ThreadId>>,
+    /// Set once the load that took the slots last has ended (its [`SlotLease`] dropped);
+    /// `None` for slots taken with [`CudaDevice::take_slots`], whose end is not known. Slots
+    /// still held after their load ended are held by reads that load left behind on a cancel
+    /// (a backend read that does not return): no load will give them back.
+    lent: Mutex<Option<Arc<AtomicBool>>>,
     /// Last: restores the dropping thread's CUDA context after the streams, events, staging
     /// and context (whose drops make it current) have gone.
     keep: KeepCurrent,
@@ -217,6 +222,18 @@ impl Drop for Reservation<'_> {
         if let Ok(mut r) = self.dev.reserved.lock() {
             *r = None;
         }
+    }
+}
+
+/// Held by a load for as long as it uses the slots it took ([`CudaDevice::lease_slots`]):
+/// dropping it tells the device that the load has ended, so that slots still out after that
+/// are known to be held by reads the load left behind, not by a load.
+#[derive(Debug)]
+pub(crate) struct SlotLease(Arc<AtomicBool>);
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -302,6 +319,7 @@ impl CudaDevice {
             context_open,
             holder: Mutex::new(None),
             reserved: Mutex::new(None),
+            lent: Mutex::new(None),
             keep: KeepCurrent::idle(),
         }))
     }
@@ -385,6 +403,22 @@ impl CudaDevice {
     /// that dropping a [`crate::StreamingLoad`] and starting the next load on the same device
     /// just works. A waiting streaming load that is asked to stop stops waiting (`Cancelled`).
     pub fn take_slots(&self) -> Result<Vec<IoBuf>> {
+        self.take_slots_for(false).map(|(slots, _)| slots)
+    }
+
+    /// [`CudaDevice::take_slots`] for a load that holds the returned lease for as long as it
+    /// uses the slots. If, when the next load takes them, some are still out although that
+    /// load has ended, they are held by reads it left behind when it was cancelled (reads
+    /// stuck in a backend, left to end on a thread of their own, which keeps their slots until
+    /// then): the device then lends a fresh pinned region, the old one being freed when those
+    /// reads end, instead of refusing every later load as if one were still running.
+    pub(crate) fn lease_slots(&self) -> Result<(Vec<IoBuf>, SlotLease)> {
+        let (slots, lease) = self.take_slots_for(true)?;
+        let lease = lease.ok_or_else(|| Error::invalid("slots lent without a lease"))?;
+        Ok((slots, lease))
+    }
+
+    fn take_slots_for(&self, leased: bool) -> Result<(Vec<IoBuf>, Option<SlotLease>)> {
         let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
         loop {
             let mut g = self
@@ -396,12 +430,38 @@ impl CudaDevice {
             // the next load's device allocation finds that memory free too.
             if !self.holder_left() {
                 self.check_reservation()?;
+                let mut lent = self
+                    .lent
+                    .lock()
+                    .map_err(|_| Error::invalid("staging lock poisoned"))?;
+                let left_behind = PinnedRegion::in_use(&g)
+                    && lent.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+                // (Not after a device fault: a load that failed on one keeps its slots on
+                // purpose, and the context is unusable anyway; `slots_refused` says so.)
+                if left_behind && {
+                    let _keep = KeepCurrent::now();
+                    driver::context_fault(&self.ctx).is_none()
+                } {
+                    let _keep = KeepCurrent::now();
+                    let fresh = PinnedRegion::new(&self.ctx, g.len(), self.opts.huge_pages)?;
+                    log::warn!(
+                        "cuda:{}: {} pinned staging slot(s) are still held by reads that an \
+                         earlier, cancelled load left in its backend; the device lends a fresh \
+                         staging region (the old one is freed when those reads end)",
+                        self.ordinal,
+                        // The device's own handle aside, one per slot still out.
+                        Arc::strong_count(&g).saturating_sub(1)
+                    );
+                    *g = fresh;
+                }
                 let slots = PinnedRegion::slots(&mut g, self.opts.slots, self.opts.slot_size)
                     .map_err(|e| self.slots_refused(e))?;
+                let flag = leased.then(|| Arc::new(AtomicBool::new(false)));
+                *lent = flag.clone();
                 if let Ok(mut h) = self.holder.lock() {
                     *h = LoadToken::own();
                 }
-                return Ok(slots);
+                return Ok((slots, flag.map(SlotLease)));
             }
             drop(g);
             self.wait_for_dropped_load(until)?;

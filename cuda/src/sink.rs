@@ -60,6 +60,8 @@ pub struct CudaSink {
     /// The plan and the thread allocating its device memory, until the first copy needs it.
     allocating: Option<(Arc<Plan>, Allocating)>,
     finished: bool,
+    /// Held while this load uses the device's slots (see [`CudaDevice::lease_slots`]).
+    lease: Option<crate::device::SlotLease>,
 }
 
 /// A device allocation being made: the arena and the time it took.
@@ -92,6 +94,7 @@ impl CudaSink {
             keep: target.keep,
             allocating: None,
             finished: false,
+            lease: None,
         }
     }
 
@@ -425,7 +428,8 @@ impl Sink for CudaSink {
                  plan with a chunk size of at most the slot size (--slot-size)"
             )));
         }
-        let slots = self.dev.take_slots()?;
+        let (slots, lease) = self.dev.lease_slots()?;
+        self.lease = Some(lease);
         self.slots.lend(slots.len());
         Ok(Some(slots))
     }

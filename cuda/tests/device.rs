@@ -1042,3 +1042,104 @@ fn gpu_a_reserved_device_serves_only_its_thread() {
     );
     releaser.join().unwrap();
 }
+
+/// A backend over [`model_file`] whose reads of the tensor data block until released: a
+/// stand-in for a read stuck in its backend (a hard NFS mount whose server went away).
+#[derive(Debug)]
+struct StuckReads {
+    inner: MemoryBackend,
+    /// Reads at or past this offset block until `release` is closed.
+    from: u64,
+    release: crossbeam_channel::Receiver<()>,
+    blocked: std::sync::atomic::AtomicUsize,
+}
+
+impl Backend for StuckReads {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= self.from {
+            self.blocked
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Disconnected once the test lets the reads go (or after a minute).
+            let _ = self
+                .release
+                .recv_timeout(std::time::Duration::from_secs(60));
+        }
+        self.inner.read_at(offset, buf)
+    }
+}
+
+/// A load cancelled while a read is stuck in its backend returns after the engine's grace
+/// period, leaving that read (and the pinned slot it reads into) to end on its own thread.
+/// The device handle must still serve the next load: it is not "in use by another load".
+#[test]
+fn gpu_a_read_left_stuck_by_a_cancelled_load_does_not_block_the_device() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let MemModel {
+        meta, index, want, ..
+    } = mem_model();
+    let (file, _) = model_file();
+    let plan = gpu_plan(&index, 16 << 10);
+    let (release, released) = crossbeam_channel::bounded::<()>(0);
+    let stuck = Arc::new(StuckReads {
+        inner: MemoryBackend::new("stuck", file.clone()),
+        from: index.tensors[5].range.start,
+        release: released,
+        blocked: Default::default(),
+    });
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (flag, seen) = (cancel.clone(), stuck.clone());
+    let setter = std::thread::spawn(move || {
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while seen.blocked.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+    let be: Arc<dyn Backend> = stuck.clone();
+    let r = load(
+        &dev,
+        be,
+        &meta,
+        index.clone(),
+        plan.clone(),
+        &EngineOptions {
+            queue_depth: 3,
+            cancel: Some(cancel),
+            ..Default::default()
+        },
+    );
+    setter.join().unwrap();
+    assert_eq!(
+        r.map(drop).unwrap_err().kind(),
+        ErrorKind::Cancelled,
+        "the stuck load"
+    );
+    // The read is still stuck: the next load on the handle is served all the same.
+    let good: Arc<dyn Backend> = Arc::new(MemoryBackend::new("mem", file));
+    let eo = four_deep();
+    let (m, _) = load(&dev, good.clone(), &meta, index.clone(), plan.clone(), &eo)
+        .unwrap_or_else(|e| panic!("the device did not serve the next load: {e}"));
+    check_model(&m, &want);
+    m.release().unwrap();
+    // Once the stuck read ends, the device still serves loads.
+    drop(release);
+    for _ in 0..2 {
+        let (m, _) = load(&dev, good.clone(), &meta, index.clone(), plan.clone(), &eo)
+            .unwrap_or_else(|e| panic!("after the stuck read ended: {e}"));
+        check_model(&m, &want);
+        m.release().unwrap();
+    }
+}
