@@ -62,6 +62,10 @@ pub struct CudaSink {
     finished: bool,
     /// Held while this load uses the device's slots (see [`CudaDevice::lease_slots`]).
     lease: Option<crate::device::SlotLease>,
+    /// The slots, taken in `prepare` (before any device memory is allocated: a load the device
+    /// refuses, another one holding it, must not take memory the running one needs) until the
+    /// engine asks for them in `staging`.
+    taken: Option<Vec<IoBuf>>,
 }
 
 /// A device allocation being made: the arena and the time it took.
@@ -95,6 +99,7 @@ impl CudaSink {
             allocating: None,
             finished: false,
             lease: None,
+            taken: None,
         }
     }
 
@@ -328,6 +333,14 @@ impl Sink for CudaSink {
             return Err(Error::invalid("CUDA sink prepared twice"));
         }
         self.start = Instant::now();
+        // The slots first: while another load holds the device this load is refused here,
+        // before it allocates device memory (which could leave the running load, allocating
+        // on its own thread meanwhile, out of memory).
+        if self.taken.is_none() && self.lease.is_none() {
+            let (slots, lease) = self.dev.lease_slots()?;
+            self.taken = Some(slots);
+            self.lease = Some(lease);
+        }
         match self.given.take() {
             Some(memory) => {
                 let made = arena_for(&self.dev, plan, Some(memory))?;
@@ -428,8 +441,14 @@ impl Sink for CudaSink {
                  plan with a chunk size of at most the slot size (--slot-size)"
             )));
         }
-        let (slots, lease) = self.dev.lease_slots()?;
-        self.lease = Some(lease);
+        let slots = match self.taken.take() {
+            Some(s) => s,
+            None => {
+                let (slots, lease) = self.dev.lease_slots()?;
+                self.lease = Some(lease);
+                slots
+            }
+        };
         self.slots.lend(slots.len());
         Ok(Some(slots))
     }

@@ -63,12 +63,15 @@ impl HostUpload {
     /// [`HostUpload::settle`] finds it on the device.
     pub fn with_target(dev: &Arc<CudaDevice>, plan: Arc<Plan>, target: Target) -> Result<Self> {
         let _keep = crate::raw::driver::KeepCurrent::now();
-        let start = Instant::now(); // like CudaSink: the device allocation counts
+        // Like CudaSink: the device allocation counts.
+        let start = Instant::now();
+        // The slots before the device memory: a load refused because another one holds the
+        // device must not allocate memory the running load may need.
+        let free = dev.take_slots()?;
         let (arena, alloc) = crate::sink::arena_for(dev, &plan, target.arena)?;
         if let Some(k) = &target.keep {
             k.hold(arena.clone());
         }
-        let free = dev.take_slots()?;
         if free.is_empty() {
             return Err(Error::invalid("the device has no pinned staging slots"));
         }

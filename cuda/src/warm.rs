@@ -160,6 +160,9 @@ pub fn load_mapped(
         )
         .with_location(&loc));
     }
+    // The slots before the device memory: a load refused because another one holds the device
+    // must not allocate memory the running load may need.
+    let slots = dev.take_slots()?;
     let (arena, alloc) = crate::sink::arena_for(dev, plan, target.arena)?;
     if let Some(k) = &target.keep {
         k.hold(arena.clone());
@@ -201,7 +204,6 @@ pub fn load_mapped(
         }
         s => s,
     };
-    let slots = dev.take_slots()?;
     let o = dev.options();
     let (registering, preading) = split_threads(
         strategy,

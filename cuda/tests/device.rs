@@ -1143,3 +1143,40 @@ fn gpu_a_read_left_stuck_by_a_cancelled_load_does_not_block_the_device() {
         m.release().unwrap();
     }
 }
+
+/// A load that the device refuses because another load holds it is refused before it
+/// allocates device memory: otherwise its allocation, made on a thread of its own while the
+/// running load allocates too, could leave the running load out of device memory (two loads
+/// of a model larger than half the device on one handle: the refused one made the other fail
+/// with CUDA_ERROR_OUT_OF_MEMORY in about 4 % of tries under fakecuda). So the sink refuses in
+/// `prepare`, which comes before the allocation, and the warm route does too.
+#[test]
+fn gpu_a_refused_concurrent_load_allocates_nothing() {
+    let Some(dev) = gpu(&small_ring()) else {
+        return;
+    };
+    let MemModel { index, .. } = mem_model();
+    let plan = gpu_plan(&index, 16 << 10);
+    // The running load, as far as the device can tell.
+    let held = dev.take_slots().unwrap();
+    let mut sink = CudaSink::on(dev.clone());
+    let e = sink
+        .prepare(&plan)
+        .map(drop)
+        .expect_err("prepared (and allocating) while another load holds the device");
+    assert!(e.to_string().contains("one at a time"), "{e}");
+    drop(sink);
+    // The warm route likewise.
+    let (file, _) = model_file();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    std::fs::write(&path, &file).unwrap();
+    let e = warm_load(&dev, &path, index.clone(), &plan, WarmStrategy::Pread)
+        .map(drop)
+        .unwrap_err();
+    assert!(e.to_string().contains("one at a time"), "{e}");
+    drop(held);
+    // The device serves the next load.
+    let (m, _) = warm_load(&dev, &path, index, &plan, WarmStrategy::Pread).unwrap();
+    m.release().unwrap();
+}
