@@ -52,6 +52,14 @@ pub struct PlanOptions {
     /// Values below 1 (and NaN) count as 1: no gap bytes. With `alignment` 1 this is: the run's
     /// read bytes ≤ `max_amplification` × its useful bytes.
     pub max_amplification: f64,
+    /// Gaps of at most this many bytes (and at most `max_gap`, less than one chunk) are always
+    /// read, whatever `max_amplification` says, and do not count towards a run's gap bytes:
+    /// reading them costs less than the request (or system call) a split would add. Without
+    /// it, tensors smaller than a few times the bytes between them (scalar scales, tensorizer's
+    /// per-tensor headers when they are not verified, a filter picking every other small
+    /// tensor) are read one request each: 100,000 requests for 100,000 such tensors. 0: every
+    /// gap byte counts.
+    pub free_gap: u64,
     /// Arena layout.
     pub layout: Layout,
     /// Size of the object (reads never start past it; aligned reads may end past it).
@@ -60,13 +68,14 @@ pub struct PlanOptions {
 
 impl PlanOptions {
     /// Defaults for an object of `object_size` bytes: unaligned, 8 MiB chunks, 256 KiB gaps,
-    /// 1.25× amplification, mirror layout.
+    /// 1.25× amplification, gaps of up to 4 KiB always read, mirror layout.
     pub fn new(object_size: u64) -> Self {
         PlanOptions {
             alignment: 1,
             chunk_size: 8 << 20,
             max_gap: 256 << 10,
             max_amplification: 1.25,
+            free_gap: 4096,
             layout: Layout::Mirror,
             object_size,
         }
@@ -246,11 +255,12 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
                 align_down(r.start, a).saturating_sub(align_up(run.end, a).ok_or_else(overflow)?);
             // Disjoint ranges inside the object: these sums cannot overflow.
             let useful = *run_useful + len;
-            let total_waste = *run_waste + waste;
+            let allowed = waste <= opts.max_gap && waste < chunk;
+            let free = waste <= opts.free_gap;
+            let total_waste = *run_waste + if free { 0 } else { waste };
             let merge = waste == 0
-                || (waste <= opts.max_gap
-                    && waste < chunk
-                    && (total_waste as f64) <= (useful as f64) * (amp - 1.0));
+                || (allowed
+                    && (free || (total_waste as f64) <= (useful as f64) * (amp - 1.0)));
             if merge {
                 run.end = r.end;
                 members.push(i);

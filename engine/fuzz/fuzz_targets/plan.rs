@@ -29,6 +29,7 @@ struct Input {
     chunk_size: u64,
     max_gap: u64,
     max_amplification: f64,
+    free_gap: u64,
     packed: Option<u8>,
     tail: u16,
     object_size: Option<u64>,
@@ -91,6 +92,7 @@ fuzz_target!(|input: Input| {
         chunk_size,
         max_gap: input.max_gap,
         max_amplification: input.max_amplification,
+        free_gap: input.free_gap,
         layout: match input.packed {
             None => Layout::Mirror,
             Some(x) if x >= 250 => Layout::Packed { align: 0 },

@@ -66,6 +66,7 @@ fn strict(object_size: u64) -> PlanOptions {
         chunk_size: 1 << 40,
         max_gap: 0,
         max_amplification: 1.0,
+        free_gap: 0,
         layout: Layout::Mirror,
         object_size,
     }
@@ -698,6 +699,36 @@ fn many_small_tensors_plan_in_linear_time() {
     assert_eq!(p.reads[0].segments.len(), n as usize);
 }
 
+/// Small tensors with small gaps between them (scalar scales between tensorizer's per-tensor
+/// headers, or a filter taking every other small tensor) are read in a few large reads, not one
+/// read (an HTTP request) each: gaps of up to `free_gap` bytes are always read. Before, the
+/// amplification bound split 100 000 such tensors into 100 000 reads.
+#[test]
+fn small_tensors_with_small_gaps_are_read_together() {
+    let n = 100_000u64;
+    // 16 data bytes, then 112 bytes the load does not need (a per-tensor header, another
+    // tensor): 8x amplification in bytes, far above max_amplification.
+    let idx = index(
+        (0..n)
+            .map(|i| stored(&format!("t{i}"), i * 128 + 112..(i + 1) * 128))
+            .collect(),
+        n * 128,
+    );
+    let mut o = PlanOptions::new(n * 128);
+    o.chunk_size = 1 << 20;
+    let p = plan(&idx, &all(&idx), &o).unwrap();
+    p.verify(&idx, &all(&idx), &o).unwrap();
+    assert_eq!(p.reads.len(), (n * 128).div_ceil(1 << 20) as usize);
+    assert_eq!(p.placements.len(), n as usize);
+    check_data(&idx, &all(&idx), &p, &file_bytes(n * 128, 5));
+    // Larger gaps still obey the amplification bound, and `free_gap` 0 turns the rule off.
+    o.free_gap = 111;
+    assert_eq!(plan(&idx, &all(&idx), &o).unwrap().reads.len(), n as usize);
+    o.free_gap = 4096;
+    o.max_gap = 100; // and never beyond max_gap
+    assert_eq!(plan(&idx, &all(&idx), &o).unwrap().reads.len(), n as usize);
+}
+
 // ---------------------------------------------------------------------------------------------
 // property tests against the naive oracle
 
@@ -783,6 +814,8 @@ proptest! {
             chunk_size,
             max_gap,
             max_amplification,
+            // Sometimes none, sometimes more or less than max_gap.
+            free_gap: [0, 7, 300, 5000][(seed % 4) as usize],
             layout,
             object_size: idx.object_size,
         };

@@ -432,7 +432,9 @@ impl Plan {
                                 "gap {g0}..{g1} ({waste} bytes) is read: max_gap {}, chunk {chunk}",
                                 opts.max_gap
                             );
-                            chain_waste += waste;
+                            if waste > opts.free_gap {
+                                chain_waste += waste;
+                            }
                         }
                         got == waste
                     }
