@@ -30,6 +30,13 @@ pub const INDEX_START: u64 = FILE_HEADER_LEN as u64 + 8;
 const MIN_ENTRY: u64 = 2 + 1 + 1 + 1 + 24;
 /// Largest metadata index this reader accepts.
 pub const MAX_INDEX: u64 = 1 << 30;
+/// Most tensors a file may hold: about 2 million, 10-20 times the largest real checkpoints
+/// (mixture-of-experts models hold 10^5 tensors) and more than a safetensors header (100 MB)
+/// can describe, so every safetensors file converts. Each tensor costs a few hundred bytes of
+/// memory however few bytes its index entry has (29 at least): without a bound, a 1 GiB index
+/// of 37 million entries would take over 10 GiB to parse (92 MB of 2 million entries took
+/// 1 GiB).
+pub const MAX_TENSORS: u64 = 1 << 21;
 
 /// The fixed file header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +187,7 @@ pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
         return Ok(Probe::NeedPrefix(INDEX_START));
     }
     let fh = parse_file_header(prefix)?;
+    check_tensor_count(fh.tensor_count)?;
     let mut l = [0u8; 8];
     l.copy_from_slice(&prefix[FILE_HEADER_LEN..INDEX_START as usize]);
     let index_len = u64::from_le_bytes(l);
@@ -205,6 +213,18 @@ pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
     }
     let body = &prefix[INDEX_START as usize..index_end as usize];
     parse_index(&fh, body, index_end, object_size).map(Probe::Index)
+}
+
+/// Refuses a tensor count over [`MAX_TENSORS`] (before the index is read).
+pub fn check_tensor_count(count: u64) -> Result<()> {
+    if count > MAX_TENSORS {
+        return Err(Error::unsupported(format!(
+            "tensorizer file holds {count} tensors; more than {MAX_TENSORS} are refused \
+             (corrupt or hostile header?)"
+        ))
+        .with_range(57..65));
+    }
+    Ok(())
 }
 
 /// One raw index entry.
@@ -234,6 +254,7 @@ pub const MAX_TENSOR_HEADER: u64 = 64 << 20;
 
 /// Reads the index entries.
 pub fn parse_entries(fh: &FileHeader, body: &[u8]) -> Result<Vec<Entry>> {
+    check_tensor_count(fh.tensor_count)?;
     let max_entries = body.len() as u64 / MIN_ENTRY;
     if fh.tensor_count > max_entries {
         return Err(Error::corrupt(format!(

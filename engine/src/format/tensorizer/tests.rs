@@ -129,6 +129,39 @@ fn hostile_headers_and_indexes_fail_clearly() {
     );
 }
 
+/// A header claiming more than `MAX_TENSORS` tensors is refused from the fixed header alone,
+/// before its index (here 61 MB; up to 1 GiB) is read or parsed; at the limit, the index is
+/// asked for as usual.
+#[test]
+fn a_tensor_count_over_the_limit_is_refused_before_the_index_is_read() {
+    use super::index::{parse_prefix, MAX_TENSORS};
+    let mut b = sample();
+    b.truncate(INDEX_START as usize);
+    for (count, refused) in [(MAX_TENSORS + 1, true), (MAX_TENSORS, false)] {
+        set_u64(&mut b, 57, count);
+        // The smallest entries (29 bytes) that many: an index that could hold them.
+        let index_len = count * 29;
+        set_u64(&mut b, 65, index_len);
+        let size = INDEX_START + index_len + 8;
+        match parse_prefix(&b, size) {
+            Err(e) if refused => {
+                assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+                assert!(e.to_string().contains("tensors; more than 2097152"), "{e}");
+            }
+            Ok(Probe::NeedPrefix(n)) if !refused => assert_eq!(n, INDEX_START + index_len),
+            Ok(Probe::NeedPrefix(n)) => panic!("{count} tensors: asked for a {n}-byte prefix"),
+            Ok(Probe::Index(_)) => panic!("{count} tensors: parsed without an index"),
+            Err(e) => panic!("{count} tensors: {e}"),
+        }
+    }
+    // The writer does not make files readers refuse.
+    let specs = vec![spec("a", DType::U8, &[0]); MAX_TENSORS as usize + 1];
+    let e = Serializer::new(IoCursor::new(Vec::new()), &specs, &SerializerOptions::default())
+        .err()
+        .expect("too many tensors to write");
+    assert!(e.to_string().contains("at most 2097152"), "{e}");
+}
+
 #[test]
 fn probe_asks_for_exactly_the_stored_index_length() {
     let mut b = sample();

@@ -96,6 +96,13 @@ pub struct Serializer<W: Write + Seek> {
 impl<W: Write + Seek> Serializer<W> {
     /// Writes the file header and the complete index for `specs` to `out` (positioned at 0).
     pub fn new(mut out: W, specs: &[TensorSpec], opts: &SerializerOptions) -> Result<Self> {
+        if specs.len() as u64 > super::index::MAX_TENSORS {
+            return Err(Error::invalid(format!(
+                "{} tensors: a tensorizer file holds at most {} (readers refuse more)",
+                specs.len(),
+                super::index::MAX_TENSORS
+            )));
+        }
         let encrypted = opts.encryption.is_some();
         let (key, kdf) = match &opts.encryption {
             None => (None, None),
