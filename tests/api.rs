@@ -102,6 +102,11 @@ fn progress_total_is_what_the_selected_load_reads() {
     assert_eq!(done.load(Ordering::Relaxed), t);
 }
 
+/// Conversions read small tensors of a backend that is not the kernel's several at once (a read
+/// of under 1 MiB is widened over the tensors that follow): tensors of this size take one read
+/// each, so that a conversion makes a known number of reads.
+const ONE_READ_EACH: u64 = 1 << 20;
+
 /// What [`AfterReads`] does once `after` reads were made.
 #[derive(Debug)]
 enum Then {
@@ -157,10 +162,9 @@ impl tensorstream_engine::Backend for AfterReads {
 fn a_cancel_flag_stops_loads_and_conversions_cleanly() {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use tensorstream_engine::ErrorKind;
-    let cancelling = |after: usize| {
+    let cancelling = |after: usize, sizes: &[u64]| {
         let flag = Arc::new(AtomicBool::new(false));
-        // 200 tensors of 4 KiB: hundreds of 4 KiB reads.
-        let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 200], 7);
+        let (file, _) = tensorstream_engine::testkit::u8_model(sizes, 7);
         let be = Arc::new(AfterReads {
             inner: Arc::new(MemoryBackend::new("mem://big.safetensors", file)),
             reads: AtomicUsize::new(0),
@@ -169,8 +173,9 @@ fn a_cancel_flag_stops_loads_and_conversions_cleanly() {
         });
         (be, flag)
     };
-    // A load: small chunks and one read in flight, so the flag is seen long before the end.
-    let (be, flag) = cancelling(5);
+    // A load: 200 tensors of 4 KiB, 4 KiB chunks and one read in flight, so the flag is seen
+    // long before the end.
+    let (be, flag) = cancelling(5, &[4096; 200]);
     let Err(e) = Loader::from_backend(be.clone())
         .chunk_size(4096)
         .queue_depth(1)
@@ -186,7 +191,7 @@ fn a_cancel_flag_stops_loads_and_conversions_cleanly() {
     // A conversion: fails as cancelled and leaves neither the output nor a temporary file.
     let dir = tempfile::tempdir().unwrap();
     for out in ["c.safetensors", "c.tensors"] {
-        let (be, flag) = cancelling(30);
+        let (be, flag) = cancelling(30, &[ONE_READ_EACH; 40]);
         let path = dir.path().join(out);
         let e = Loader::from_backend(be)
             .cancel_flag(flag)
@@ -211,9 +216,10 @@ fn a_deadline_stops_loads_and_conversions_with_a_timeout() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
     use tensorstream_engine::ErrorKind;
-    // 200 tensors of 4 KiB read one 4 KiB read at a time, 20 ms each: about 4 s in all.
-    let slow = || {
-        let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 200], 8);
+    // Loads: 200 tensors of 4 KiB read one 4 KiB read at a time, 20 ms each: about 4 s in all.
+    // Conversions: 30 reads of 1 MiB, 20 ms each.
+    let slow = |sizes: &[u64]| {
+        let (file, _) = tensorstream_engine::testkit::u8_model(sizes, 8);
         Arc::new(AfterReads {
             inner: Arc::new(MemoryBackend::new("mem://slow.safetensors", file)),
             reads: AtomicUsize::new(0),
@@ -221,7 +227,7 @@ fn a_deadline_stops_loads_and_conversions_with_a_timeout() {
             then: Then::Slow(Duration::from_millis(20)),
         })
     };
-    let be = slow();
+    let be = slow(&[4096; 200]);
     let e = Loader::from_backend(be.clone())
         .chunk_size(4096)
         .queue_depth(1)
@@ -239,7 +245,7 @@ fn a_deadline_stops_loads_and_conversions_with_a_timeout() {
 
     // A conversion: a timeout too, and nothing left behind.
     let dir = tempfile::tempdir().unwrap();
-    let e = Loader::from_backend(slow())
+    let e = Loader::from_backend(slow(&[ONE_READ_EACH; 30]))
         .deadline(Duration::from_millis(300))
         .convert(&dir.path().join("d.safetensors"), None)
         .unwrap_err();
@@ -284,7 +290,7 @@ fn a_deadline_stops_loads_and_conversions_with_a_timeout() {
 
 #[test]
 fn conversion_errors_keep_the_source_errors_kind() {
-    let (file, _) = tensorstream_engine::testkit::u8_model(&[4096; 50], 9);
+    let (file, _) = tensorstream_engine::testkit::u8_model(&[ONE_READ_EACH; 30], 9);
     let dir = tempfile::tempdir().unwrap();
     for out in ["k.safetensors", "k.tensors"] {
         let be = Arc::new(AfterReads {

@@ -259,8 +259,7 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
             let free = waste <= opts.free_gap;
             let total_waste = *run_waste + if free { 0 } else { waste };
             let merge = waste == 0
-                || (allowed
-                    && (free || (total_waste as f64) <= (useful as f64) * (amp - 1.0)));
+                || (allowed && (free || (total_waste as f64) <= (useful as f64) * (amp - 1.0)));
             if merge {
                 run.end = r.end;
                 members.push(i);

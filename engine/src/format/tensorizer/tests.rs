@@ -156,9 +156,13 @@ fn a_tensor_count_over_the_limit_is_refused_before_the_index_is_read() {
     }
     // The writer does not make files readers refuse.
     let specs = vec![spec("a", DType::U8, &[0]); MAX_TENSORS as usize + 1];
-    let e = Serializer::new(IoCursor::new(Vec::new()), &specs, &SerializerOptions::default())
-        .err()
-        .expect("too many tensors to write");
+    let e = Serializer::new(
+        IoCursor::new(Vec::new()),
+        &specs,
+        &SerializerOptions::default(),
+    )
+    .err()
+    .expect("too many tensors to write");
     assert!(e.to_string().contains("at most 2097152"), "{e}");
 }
 
