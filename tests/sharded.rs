@@ -169,6 +169,67 @@ fn a_missing_shard_or_misplaced_tensor_fails_before_any_data_is_read() {
     }
 }
 
+/// Shard headers are read several at a time; a failure is still the first in shard order, as
+/// a loop over the shards would report it, whichever shard's reading ended first.
+#[test]
+fn of_several_failing_shards_the_first_in_order_is_reported() {
+    let shards: Vec<&[usize]> = vec![&[64, 3]; 20];
+    for (first, later) in [(5usize, 15usize), (2, 3), (19, 20)] {
+        let dir = tempfile::tempdir().unwrap();
+        checkpoint::write(dir.path(), &shards, 6);
+        let missing = dir.path().join(checkpoint::shard_name(first, 20));
+        std::fs::remove_file(&missing).unwrap();
+        // A later shard that fails too, differently (a truncated header).
+        let truncated = dir.path().join(checkpoint::shard_name(later, 20));
+        std::fs::write(&truncated, [1u8, 2, 3]).unwrap();
+        let uri = dir.path().display().to_string();
+        let l = Loader::new(&uri);
+        for (what, e) in [
+            ("load", l.load().map(drop).unwrap_err()),
+            ("inspect", l.inspect().map(drop).unwrap_err()),
+            ("inspect_files", l.inspect_files().map(drop).unwrap_err()),
+            ("check_data", l.check_data().map(drop).unwrap_err()),
+        ] {
+            assert_eq!(e.kind(), ErrorKind::NotFound, "{what}: {e}");
+            assert_eq!(
+                e.location(),
+                Some(missing.display().to_string().as_str()),
+                "{what}: {e}"
+            );
+        }
+        // Only the later one broken: it is reported.
+        checkpoint::write(dir.path(), &shards, 6);
+        std::fs::write(&truncated, [1u8, 2, 3]).unwrap();
+        let e = l.load().map(drop).unwrap_err();
+        assert_eq!(
+            e.location(),
+            Some(truncated.display().to_string().as_str()),
+            "{e}"
+        );
+    }
+    // And a checkpoint of many shards loads whole, in order.
+    let dir = tempfile::tempdir().unwrap();
+    let want = checkpoint::write(dir.path(), &shards, 7);
+    let m = Loader::new(dir.path().display().to_string())
+        .load()
+        .unwrap();
+    let files = Loader::new(dir.path().display().to_string())
+        .inspect_files()
+        .unwrap();
+    assert_eq!(files.len(), 20);
+    for (k, f) in files.iter().enumerate() {
+        assert_eq!(
+            f.shard.as_deref(),
+            Some(checkpoint::shard_name(k + 1, 20).as_str())
+        );
+    }
+    assert_eq!(m.len(), want.len());
+    for (t, w) in m.tensors().zip(&want) {
+        assert_eq!(t.name, w.name);
+        assert!(t.data == &w.bytes[..], "{}", w.name);
+    }
+}
+
 #[test]
 fn tensors_the_index_does_not_list_are_not_loaded() {
     let dir = tempfile::tempdir().unwrap();
