@@ -333,12 +333,17 @@ static struct op *new_op(enum op_kind k) {
     return o;
 }
 
+/* Callers must not hold mu: `sticky` and a context's `retained` count are written under it by
+ * other threads (a primary context released while another thread queues work on it). */
 static CUresult need_ctx(void) {
     if (!initialised)
         return ERR_NOT_INITIALIZED;
-    if (sticky)
-        return sticky;
-    return current && current->retained > 0 ? OK : ERR_INVALID_CONTEXT;
+    pthread_mutex_lock(&mu);
+    CUresult r = sticky ? sticky
+                 : current && current->retained > 0 ? OK
+                                                    : ERR_INVALID_CONTEXT;
+    pthread_mutex_unlock(&mu);
+    return r;
 }
 
 /* --- initialisation, devices, contexts --- */
