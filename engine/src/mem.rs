@@ -202,6 +202,21 @@ pub struct AlignedBuf {
 /// an alignment above 16 does `posix_memalign` + `memset`, touching every page on the calling
 /// thread before the first read.)
 const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// `madvise`, or (under Miri, which has no shim for it) a refusal: every caller treats advice
+/// as best effort.
+///
+/// # Safety
+/// As `libc::madvise`.
+#[cfg(not(miri))]
+unsafe fn madvise(addr: *mut libc::c_void, len: usize, advice: libc::c_int) -> libc::c_int {
+    // SAFETY: as the caller promised.
+    unsafe { libc::madvise(addr, len, advice) }
+}
+#[cfg(miri)]
+unsafe fn madvise(_addr: *mut libc::c_void, _len: usize, _advice: libc::c_int) -> libc::c_int {
+    -1
+}
 const PAGE: usize = 4096;
 
 // SAFETY: AlignedBuf owns its allocation exclusively; the raw pointer is not shared with anyone
@@ -244,7 +259,7 @@ impl AlignedBuf {
                 if huge_pages {
                     // SAFETY: advice on the mapping just created, exactly its length.
                     unsafe {
-                        libc::madvise(raw, len, libc::MADV_HUGEPAGE);
+                        madvise(raw, len, libc::MADV_HUGEPAGE);
                     }
                 }
                 if let Some(ptr) = NonNull::new(raw.cast::<u8>()) {
@@ -328,7 +343,7 @@ unsafe impl MemRegion for AlignedBuf {
             // SAFETY: advice on exactly the mapping made in `zeroed_with` (page-aligned, this
             // length), which lives as long as `self`; it changes no contents.
             unsafe {
-                libc::madvise(self.ptr.as_ptr().cast(), self.len, advice);
+                madvise(self.ptr.as_ptr().cast(), self.len, advice);
             }
         }
     }
@@ -403,7 +418,7 @@ impl Arena {
                         // changing their contents, so concurrent window owners (reader threads,
                         // the kernel's DMA) observe nothing.
                         let rc = unsafe {
-                            libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE)
+                            madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE)
                         };
                         if rc != 0 {
                             return;
@@ -529,6 +544,7 @@ mod tests {
     /// Staging slots are never in a forked child (`dc`: do not copy on fork); an arena is kept
     /// out while reads land in it and let back in after; small heap buffers are left alone.
     #[test]
+    #[cfg_attr(miri, ignore = "reads /proc (vm flags, RSS), which Miri cannot")]
     fn fork_inheritance_of_read_targets() {
         let slots = staging_slots(4, 1 << 20, 4096).unwrap();
         let f = vm_flags(slots[0].as_ptr() as usize);
@@ -608,6 +624,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads /proc (vm flags, RSS), which Miri cannot")]
     fn large_buffers_are_zeroed_lazily() {
         // 256 MiB aligned to a page: must not be written up front (no memset of every page).
         let before = rss_bytes();
