@@ -601,6 +601,7 @@ fn cancel_and_deadline_stop_a_call_still_opening_the_object() {
     assert_eq!(Loader::from_backend(quick).load().unwrap().len(), 3);
 }
 
+#[cfg(feature = "http")]
 #[path = "../backends/tests/support/blackhole.rs"]
 mod blackhole;
 
@@ -609,6 +610,7 @@ mod blackhole;
 /// connections, instead of running the request timeout and its retries (about 3 minutes, with
 /// their threads and connections).
 #[test]
+#[cfg(feature = "http")]
 fn an_abandoned_remote_opening_stops_within_moments() {
     use std::time::{Duration, Instant};
     use tensorstream_engine::ErrorKind;

@@ -292,6 +292,7 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
 }
 
 #[test]
+#[cfg(feature = "s3")]
 fn s3_without_credentials_says_which_variables_to_set() {
     let home = tempfile::tempdir().unwrap();
     let out = bin()
@@ -870,6 +871,7 @@ fn interrupted_demo_removes_its_files() {
 /// A tiny HTTP server for one safetensors file: HEAD and GETs within the header are answered,
 /// a GET of tensor data hangs (a stalled server). Returns its port, and a channel told of each
 /// data GET that hangs.
+#[cfg(feature = "http")]
 fn stalling_http_server(data: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<()>) {
     let (stalled_tx, stalled) = std::sync::mpsc::channel::<()>();
     let data_start = 8 + u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
@@ -944,6 +946,7 @@ fn stalling_http_server(data: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<()>) {
 /// never answers) stops the command at once, not after the 10 s grace period (it waited for the
 /// request timeout until then, and the grace period cut that short).
 #[test]
+#[cfg(feature = "http")]
 fn ctrl_c_while_opening_a_remote_object_stops_at_once() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -991,6 +994,7 @@ fn ctrl_c_while_opening_a_remote_object_stops_at_once() {
 /// flight is abandoned, not waited out for the 100 s request timeout) and removes its partial
 /// output.
 #[test]
+#[cfg(feature = "http")]
 fn ctrl_c_stops_a_conversion_stuck_on_a_stalled_server() {
     let data = std::fs::read(fixtures().join("mixed.safetensors")).unwrap();
     let (port, stalled) = stalling_http_server(data);
