@@ -733,6 +733,7 @@ impl Loader {
             sharded::Source::Sharded(map) => {
                 let mut out = Vec::with_capacity(map.shards.len());
                 for (shard, l, index) in self.each_shard(&map, Loader::inspect_file)? {
+                    let index = index?;
                     l.warn_unlisted(l.check_scope(&index)?);
                     out.push(FileIndex {
                         index: scoped_index(index, &shard.names),
@@ -943,14 +944,16 @@ impl Loader {
     }
 
     /// `open` run on the loader of every shard of `map`, [`SHARD_OPENS`] shards at a time;
-    /// the loaders and results in shard order. The first failure in shard order is returned
-    /// (after one, no further shard is started; every earlier one was, and has finished), as
-    /// a loop over the shards would return it.
+    /// the loaders and results in shard order, up to and including the first failure (after
+    /// one, no further shard is started; every earlier one was, and has finished). The caller
+    /// takes them in order, so that what it checks of an earlier shard (its scope, say) fails
+    /// before a later shard's opening does, as in a loop over the shards.
+    #[allow(clippy::type_complexity)]
     fn each_shard<'m, T: Send>(
         &self,
         map: &'m sharded::ShardMap,
         open: impl Fn(&Loader) -> Result<T> + Sync,
-    ) -> Result<Vec<(&'m sharded::Shard, Loader, T)>> {
+    ) -> Result<Vec<(&'m sharded::Shard, Loader, Result<T>)>> {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let n = map.shards.len();
         let results: Vec<std::sync::Mutex<Option<Result<T>>>> =
@@ -992,18 +995,23 @@ impl Loader {
         }
         let mut out = Vec::with_capacity(n);
         for (shard, r) in map.shards.iter().zip(results) {
-            match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                Some(r) => out.push((shard, self.shard_loader(map, shard), r?)),
+            let l = self.shard_loader(map, shard);
+            let r = match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(r) => r,
                 // Not started: an earlier shard failed (and was returned above), or the load
                 // was cancelled meanwhile.
-                None => {
-                    self.check_cancelled()?;
-                    return Err(Error::new(
+                None => Err(self.check_cancelled().err().unwrap_or_else(|| {
+                    Error::new(
                         ErrorKind::Io,
                         "a shard's header was not read (a thread reading them failed)",
                     )
-                    .with_location(sharded::redact(&self.shard_loader(map, shard).uri)));
-                }
+                    .with_location(sharded::redact(&l.uri))
+                })),
+            };
+            let failed = r.is_err();
+            out.push((shard, l, r));
+            if failed {
+                break;
             }
         }
         Ok(out)
@@ -1194,7 +1202,8 @@ impl Loader {
             drop(be);
             Ok((meta, index))
         })?;
-        for (shard, mut l, (meta, index)) in opened {
+        for (shard, mut l, opened) in opened {
+            let (meta, index) = opened?;
             l.warn_unlisted(l.check_scope(&index)?);
             let sel = l.select(&index)?;
             let bytes = sel

@@ -230,6 +230,32 @@ fn of_several_failing_shards_the_first_in_order_is_reported() {
     }
 }
 
+/// A shard that holds fewer tensors than the index places there fails the check as much as a
+/// shard that cannot be opened: of the two, the first in shard order is reported, as a loop
+/// over the shards reports it (the headers being read several at a time must not change that).
+#[test]
+fn a_misplaced_tensor_is_reported_before_a_later_missing_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = checkpoint::write(dir.path(), &SHARDS, 11);
+    // Shard 2 is said to hold a tensor of shard 1, and shard 3 is missing.
+    want[0].file = checkpoint::shard_name(2, 3);
+    checkpoint::write_index(dir.path(), "model.safetensors.index.json", &want);
+    std::fs::remove_file(dir.path().join(checkpoint::shard_name(3, 3))).unwrap();
+    let uri = dir.path().display().to_string();
+    let l = Loader::new(&uri);
+    for (what, e) in [
+        ("load", l.load().map(drop).unwrap_err()),
+        ("inspect", l.inspect().map(drop).unwrap_err()),
+        ("inspect_files", l.inspect_files().map(drop).unwrap_err()),
+        ("check_data", l.check_data().map(drop).unwrap_err()),
+    ] {
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
+        let s = e.to_string();
+        assert!(s.contains("does not hold"), "{what}: {s}");
+        assert!(s.contains(&checkpoint::shard_name(2, 3)), "{what}: {s}");
+    }
+}
+
 #[test]
 fn tensors_the_index_does_not_list_are_not_loaded() {
     let dir = tempfile::tempdir().unwrap();
