@@ -732,7 +732,9 @@ impl Loader {
             }
             sharded::Source::Sharded(map) => {
                 let mut out = Vec::with_capacity(map.shards.len());
-                for (shard, l, index) in self.each_shard(&map, Loader::inspect_file)? {
+                let derivations = std::sync::Mutex::new(());
+                let opened = self.each_shard(&map, |l| l.inspect_file_with(Some(&derivations)))?;
+                for (shard, l, index) in opened {
                     let index = index?;
                     l.warn_unlisted(l.check_scope(&index)?);
                     out.push(FileIndex {
@@ -748,10 +750,23 @@ impl Loader {
     }
 
     fn inspect_file(&self) -> Result<TensorIndex> {
+        self.inspect_file_with(None)
+    }
+
+    /// [`Loader::inspect_file`]; with `derivations`, the password check (an Argon2id key
+    /// derivation, up to 4 GiB of memory) holds that lock, so that shards inspected side by
+    /// side ([`Loader::each_shard`]) derive their keys one at a time, as a loop over them did.
+    fn inspect_file_with(&self, derivations: Option<&std::sync::Mutex<()>>) -> Result<TensorIndex> {
         let (be, _, index) = self.open_index()?;
         // The key a load would use: the one given, or the fallback password (e.g. from
         // TENSORSTREAM_PASSWORD) when the file is encrypted.
         let key = self.read_options(&index).key;
+        let _one_at_a_time = match (&key, derivations) {
+            (Some(KeySource::Password(_)), Some(m)) => {
+                Some(m.lock().unwrap_or_else(|p| p.into_inner()))
+            }
+            _ => None,
+        };
         if key.is_some() {
             // A key given for a file that takes none is refused here as it would be by a load.
             let mut checked = index.clone();
