@@ -215,6 +215,9 @@ impl std::fmt::Debug for Loader {
 /// Shards of a sharded checkpoint loaded to host memory at the same time.
 const SHARD_LANES: usize = 2;
 
+/// A shard, its loader, and what [`Loader::each_shard`] made of it.
+type Opened<'m, T> = (&'m sharded::Shard, Loader, Result<T>);
+
 /// Shards of a sharded checkpoint whose headers are read at the same time (the first pass, and
 /// `inspect`): each is a few requests to a remote store, one round trip after another, so that
 /// reading them one by one made the first pass over 100 shards behind a 25 ms link take 11 s.
@@ -963,12 +966,11 @@ impl Loader {
     /// one, no further shard is started; every earlier one was, and has finished). The caller
     /// takes them in order, so that what it checks of an earlier shard (its scope, say) fails
     /// before a later shard's opening does, as in a loop over the shards.
-    #[allow(clippy::type_complexity)]
     fn each_shard<'m, T: Send>(
         &self,
         map: &'m sharded::ShardMap,
         open: impl Fn(&Loader) -> Result<T> + Sync,
-    ) -> Result<Vec<(&'m sharded::Shard, Loader, Result<T>)>> {
+    ) -> Result<Vec<Opened<'m, T>>> {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let n = map.shards.len();
         let results: Vec<std::sync::Mutex<Option<Result<T>>>> =
