@@ -58,8 +58,14 @@ pub struct PlanOptions {
     /// it, tensors smaller than a few times the bytes between them (scalar scales, tensorizer's
     /// per-tensor headers when they are not verified, a filter picking every other small
     /// tensor) are read one request each: 100,000 requests for 100,000 such tensors. 0: every
-    /// gap byte counts.
+    /// gap byte counts. The free gaps of a plan add up to at most `free_gap_budget` bytes or
+    /// the selected tensors' bytes, whichever is more; past that, gaps count again.
     pub free_gap: u64,
+    /// Most bytes of free gaps (see `free_gap`) in one plan, unless the selected tensors hold
+    /// more bytes: with the `Mirror` layout gap bytes take host memory beside the tensors, so
+    /// this bounds what they add (small tensors picked out between 4 KiB ones would otherwise
+    /// take up to 65 times their own size).
+    pub free_gap_budget: u64,
     /// Arena layout.
     pub layout: Layout,
     /// Size of the object (reads never start past it; aligned reads may end past it).
@@ -76,6 +82,7 @@ impl PlanOptions {
             max_gap: 256 << 10,
             max_amplification: 1.25,
             free_gap: 4096,
+            free_gap_budget: 64 << 20,
             layout: Layout::Mirror,
             object_size,
         }
@@ -154,6 +161,16 @@ fn amplification(opts: &PlanOptions) -> f64 {
     } else {
         opts.max_amplification.max(1.0)
     }
+}
+
+/// The bytes of free gaps (see [`PlanOptions::free_gap`]) a plan may read: the budget, or the
+/// bytes of the `needed` ranges (disjoint, inside the object) if they are more.
+pub(crate) fn free_gap_budget<'r>(
+    opts: &PlanOptions,
+    needed: impl Iterator<Item = &'r Range<u64>>,
+) -> u64 {
+    let selected = needed.fold(0u64, |a, r| a.saturating_add(r.end - r.start));
+    opts.free_gap_budget.max(selected)
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -243,6 +260,7 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
     // the rule). The gap bytes a merge reads are the whole alignment blocks between the run and
     // the next range: blocks holding needed bytes are read either way.
     let amp = amplification(opts);
+    let mut free_left = free_gap_budget(opts, items.iter().map(|(_, r, _)| r));
     // (object range, item indices, useful bytes, gap bytes read)
     let mut runs: Vec<(Range<u64>, Vec<usize>, u64, u64)> = Vec::new();
     for (i, (_, r, _)) in items.iter().enumerate() {
@@ -256,11 +274,14 @@ pub fn plan(index: &TensorIndex, selected: &[usize], opts: &PlanOptions) -> Resu
             // Disjoint ranges inside the object: these sums cannot overflow.
             let useful = *run_useful + len;
             let allowed = waste <= opts.max_gap && waste < chunk;
-            let free = waste <= opts.free_gap;
+            let free = waste <= opts.free_gap && waste <= free_left;
             let total_waste = *run_waste + if free { 0 } else { waste };
             let merge = waste == 0
                 || (allowed && (free || (total_waste as f64) <= (useful as f64) * (amp - 1.0)));
             if merge {
+                if free {
+                    free_left -= waste;
+                }
                 run.end = r.end;
                 members.push(i);
                 *run_useful = useful;

@@ -30,6 +30,7 @@ struct Input {
     max_gap: u64,
     max_amplification: f64,
     free_gap: u64,
+    free_gap_budget: u64,
     packed: Option<u8>,
     tail: u16,
     object_size: Option<u64>,
@@ -93,6 +94,7 @@ fuzz_target!(|input: Input| {
         max_gap: input.max_gap,
         max_amplification: input.max_amplification,
         free_gap: input.free_gap,
+        free_gap_budget: input.free_gap_budget,
         layout: match input.packed {
             None => Layout::Mirror,
             Some(x) if x >= 250 => Layout::Packed { align: 0 },

@@ -67,6 +67,7 @@ fn strict(object_size: u64) -> PlanOptions {
         max_gap: 0,
         max_amplification: 1.0,
         free_gap: 0,
+        free_gap_budget: 0,
         layout: Layout::Mirror,
         object_size,
     }
@@ -727,6 +728,67 @@ fn small_tensors_with_small_gaps_are_read_together() {
     o.free_gap = 4096;
     o.max_gap = 100; // and never beyond max_gap
     assert_eq!(plan(&idx, &all(&idx), &o).unwrap().reads.len(), n as usize);
+
+    // The free gaps of a plan add up to at most the budget or the selected bytes (1.6 MB
+    // here), whichever is more: with no budget, 14 285 gaps of 112 bytes are free (and a few
+    // hundred more that the amplification bound allows beside the first run's 228 KB), and the
+    // tensors after them are read one by one again. Memory: the selected bytes, the free gaps,
+    // at most a quarter of the selected bytes more, and each run's start aligned.
+    o.max_gap = 256 << 10;
+    o.free_gap_budget = 0;
+    let p = plan(&idx, &all(&idx), &o).unwrap();
+    p.verify(&idx, &all(&idx), &o).unwrap();
+    check_data(&idx, &all(&idx), &p, &file_bytes(n * 128, 5));
+    let free = (n * 16) / 112;
+    let reads = p.reads.len() as u64;
+    assert!(
+        (n - free - 1000..=n - free + 1).contains(&reads),
+        "{reads} reads"
+    );
+    assert!(
+        p.arena_len <= n * 16 + free * 112 + n * 16 / 4 + reads * p.arena_align,
+        "{}",
+        p.arena_len
+    );
+    // A budget that covers every gap: as without a limit.
+    o.free_gap_budget = n * 112;
+    assert_eq!(
+        plan(&idx, &all(&idx), &o).unwrap().reads.len(),
+        (n * 128).div_ceil(1 << 20) as usize
+    );
+}
+
+/// A filter picking small tensors out between larger ones: the gaps read for free take no more
+/// host memory than the budget (or the selected bytes).
+#[test]
+fn free_gaps_take_at_most_their_budget_of_memory() {
+    // 10 000 tensors of 64 bytes, each after a 4 KiB tensor that is not selected.
+    let n = 10_000u64;
+    let stride = 4096 + 64;
+    let mut tensors = Vec::new();
+    for i in 0..n {
+        tensors.push(stored(&format!("big{i}"), i * stride..i * stride + 4096));
+        tensors.push(stored(
+            &format!("small{i}"),
+            i * stride + 4096..(i + 1) * stride,
+        ));
+    }
+    let idx = index(tensors, n * stride);
+    let small: Vec<usize> = (0..n as usize).map(|i| 2 * i + 1).collect();
+    let mut o = PlanOptions::new(n * stride);
+    o.free_gap_budget = 1 << 20;
+    let p = plan(&idx, &small, &o).unwrap();
+    p.verify(&idx, &small, &o).unwrap();
+    check_data(&idx, &small, &p, &file_bytes(n * stride, 9));
+    // 640 000 selected bytes, at most 1 MiB of free gaps: 256 of them (and one more that the
+    // amplification bound allows beside the first run's 257 tensors); the rest, one read each.
+    let reads = p.reads.len() as u64;
+    assert!(
+        p.arena_len <= n * 64 + (1 << 20) + n * 64 / 4 + reads * p.arena_align,
+        "{}",
+        p.arena_len
+    );
+    assert!((n - 260..=n - 256).contains(&reads), "{reads} reads");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -816,6 +878,7 @@ proptest! {
             max_amplification,
             // Sometimes none, sometimes more or less than max_gap.
             free_gap: [0, 7, 300, 5000][(seed % 4) as usize],
+            free_gap_budget: [0, 100, 1 << 40][((seed / 4) % 3) as usize],
             layout,
             object_size: idx.object_size,
         };

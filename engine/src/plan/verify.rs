@@ -408,6 +408,7 @@ impl Plan {
                 .sum()
         };
         let mut expected_read = 0u64;
+        let mut free_left = super::free_gap_budget(opts, needed.iter());
         let mut chain_start = 0;
         let (mut chain_useful, mut chain_waste) = (0u64, 0u64);
         for (i, n) in needed.iter().enumerate() {
@@ -432,7 +433,11 @@ impl Plan {
                                 "gap {g0}..{g1} ({waste} bytes) is read: max_gap {}, chunk {chunk}",
                                 opts.max_gap
                             );
-                            if waste > opts.free_gap {
+                            // Free as the planner takes them: in object order, while the
+                            // budget lasts.
+                            if waste <= opts.free_gap && waste <= free_left {
+                                free_left -= waste;
+                            } else {
                                 chain_waste += waste;
                             }
                         }
