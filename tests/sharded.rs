@@ -169,6 +169,17 @@ fn a_missing_shard_or_misplaced_tensor_fails_before_any_data_is_read() {
     }
 }
 
+/// The error of each call that checks every shard first (`load`, `inspect`, `inspect_files`,
+/// `check_data`), named; each must fail.
+fn every_check_fails(l: &Loader) -> [(&'static str, tensorstream::Error); 4] {
+    [
+        ("load", l.load().map(drop).unwrap_err()),
+        ("inspect", l.inspect().map(drop).unwrap_err()),
+        ("inspect_files", l.inspect_files().map(drop).unwrap_err()),
+        ("check_data", l.check_data().map(drop).unwrap_err()),
+    ]
+}
+
 /// Shard headers are read several at a time; a failure is still the first in shard order, as
 /// a loop over the shards would report it, whichever shard's reading ended first.
 #[test]
@@ -184,12 +195,7 @@ fn of_several_failing_shards_the_first_in_order_is_reported() {
         std::fs::write(&truncated, [1u8, 2, 3]).unwrap();
         let uri = dir.path().display().to_string();
         let l = Loader::new(&uri);
-        for (what, e) in [
-            ("load", l.load().map(drop).unwrap_err()),
-            ("inspect", l.inspect().map(drop).unwrap_err()),
-            ("inspect_files", l.inspect_files().map(drop).unwrap_err()),
-            ("check_data", l.check_data().map(drop).unwrap_err()),
-        ] {
+        for (what, e) in every_check_fails(&l) {
             assert_eq!(e.kind(), ErrorKind::NotFound, "{what}: {e}");
             assert_eq!(
                 e.location(),
@@ -243,12 +249,7 @@ fn a_misplaced_tensor_is_reported_before_a_later_missing_shard() {
     std::fs::remove_file(dir.path().join(checkpoint::shard_name(3, 3))).unwrap();
     let uri = dir.path().display().to_string();
     let l = Loader::new(&uri);
-    for (what, e) in [
-        ("load", l.load().map(drop).unwrap_err()),
-        ("inspect", l.inspect().map(drop).unwrap_err()),
-        ("inspect_files", l.inspect_files().map(drop).unwrap_err()),
-        ("check_data", l.check_data().map(drop).unwrap_err()),
-    ] {
+    for (what, e) in every_check_fails(&l) {
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
         let s = e.to_string();
         assert!(s.contains("does not hold"), "{what}: {s}");
