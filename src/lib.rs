@@ -1015,8 +1015,8 @@ impl Loader {
             let l = self.shard_loader(map, shard);
             let r = match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
                 Some(r) => r,
-                // Not started: an earlier shard failed (and was returned above), or the load
-                // was cancelled meanwhile.
+                // Not started (every shard before a failure was): the call was cancelled
+                // meanwhile.
                 None => Err(self.check_cancelled().err().unwrap_or_else(|| {
                     Error::new(
                         ErrorKind::Io,
@@ -1057,10 +1057,10 @@ impl Loader {
     /// else its only model file).
     /// Every shard's header is read (eight at a time) and checked against the index before any
     /// tensor data, then the shards load, two at a time; the model's [`LoadedModel::files`]
-    /// tell which file each tensor came from. [`Loader::load_cuda`] loads a checkpoint too (one device
-    /// allocation for all shards, a device model per shard), and so does
-    /// [`Loader::load_cuda_streaming`] (one device model); [`Loader::convert`] joins a checkpoint's
-    /// shards into one file.
+    /// tell which file each tensor came from. [`Loader::load_cuda`] loads a checkpoint too
+    /// (one device allocation for all shards, a device model per shard), and so does
+    /// [`Loader::load_cuda_streaming`] (one device model); [`Loader::convert`] joins a
+    /// checkpoint's shards into one file.
     pub fn load(&self) -> Result<LoadedModel> {
         self.bounded(Loader::load_now)
     }

@@ -3,9 +3,10 @@
 //!
 //! Memory: tensors that need no processing stream through one buffer of
 //! [`ConvertOptions::buffer_size`] bytes (remote inputs also use the buffers of a reader session,
-//! at most 8 requests of at most 8 MiB); a tensor that must be verified or decrypted is held
-//! whole while it is (so the bound is the largest such tensor, never the model). The output is written to
-//! a temporary file beside it and renamed into place only when everything succeeded.
+//! at most 8 requests of at most 8 MiB, and a read-ahead of at most 1 MiB for small tensors); a
+//! tensor that must be verified or decrypted is held whole while it is (so the bound is the
+//! largest such tensor, never the model). The output is written to a temporary file beside it
+//! and renamed into place only when everything succeeded.
 
 use std::io::{BufWriter, Read, Seek, Write};
 use std::path::Path;
