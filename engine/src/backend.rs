@@ -458,3 +458,51 @@ impl Backend for MemoryBackend {
         Ok(n)
     }
 }
+
+/// A [`MemoryBackend`] that records every read (offset, length asked) and the bytes it served:
+/// for the crate's tests of how many reads a parse or conversion makes.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct CountingBackend {
+    inner: MemoryBackend,
+    pub(crate) bytes: std::sync::atomic::AtomicU64,
+    pub(crate) reads: std::sync::Mutex<Vec<(u64, usize)>>,
+}
+
+#[cfg(test)]
+impl CountingBackend {
+    pub(crate) fn new(name: impl Into<String>, data: Vec<u8>) -> Self {
+        CountingBackend {
+            inner: MemoryBackend::new(name, data),
+            bytes: Default::default(),
+            reads: Default::default(),
+        }
+    }
+
+    /// How many reads were made.
+    pub(crate) fn read_count(&self) -> usize {
+        self.reads.lock().map_or(0, |r| r.len())
+    }
+}
+
+#[cfg(test)]
+impl Backend for CountingBackend {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> Result<ObjectMeta> {
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let n = self.inner.read_at(offset, buf)?;
+        self.bytes
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut r) = self.reads.lock() {
+            r.push((offset, buf.len()));
+        }
+        Ok(n)
+    }
+}

@@ -867,31 +867,9 @@ fn count(opts: &ConvertOptions, n: u64) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use super::*;
-    use crate::backend::{Capabilities, MemoryBackend};
+    use crate::backend::{CountingBackend, MemoryBackend};
     use crate::dtype::DType;
-
-    /// A remote-like backend (no `kernel_reads`) that counts its reads.
-    #[derive(Debug)]
-    struct Counting(MemoryBackend, AtomicUsize);
-
-    impl Backend for Counting {
-        fn location(&self) -> &str {
-            self.0.location()
-        }
-        fn stat(&self) -> Result<ObjectMeta> {
-            self.0.stat()
-        }
-        fn capabilities(&self) -> Capabilities {
-            self.0.capabilities()
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-            self.1.fetch_add(1, Ordering::Relaxed);
-            self.0.read_at(offset, buf)
-        }
-    }
 
     /// 20,000 tensors of 16 bytes converted from a backend whose reads are requests: a few
     /// dozen reads, not one per tensor (20,000 before), through `read_at` and through a reader
@@ -909,10 +887,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (k, ext) in ["safetensors", "tensors"].iter().enumerate() {
             for shared in [false, true] {
-                let be = Arc::new(Counting(
-                    MemoryBackend::new("mem://m.safetensors", file.clone()),
-                    AtomicUsize::new(0),
-                ));
+                // A memory backend: no `kernel_reads`, as a remote one.
+                let be = Arc::new(CountingBackend::new("mem://m.safetensors", file.clone()));
                 let out = dir.path().join(format!("o{k}{shared}.{ext}"));
                 let opts = ConvertOptions::default();
                 let st = if shared {
@@ -921,7 +897,7 @@ mod tests {
                     convert(be.as_ref(), &out, &opts).unwrap()
                 };
                 assert_eq!(st.tensors, n);
-                let reads = be.1.load(Ordering::Relaxed);
+                let reads = be.read_count();
                 assert!(
                     reads < 50,
                     "{ext}, shared {shared}: {reads} reads for {n} tensors"

@@ -1,14 +1,13 @@
 //! safetensors reader tests: hostile headers, every dtype, the reference fixture, round trips.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::backend::{Backend, Capabilities, MemoryBackend, ObjectMeta};
+use crate::backend::{Backend, CountingBackend, MemoryBackend};
 use crate::error::ErrorKind;
 use crate::format::{self, Probe};
 
@@ -452,32 +451,6 @@ fn short_prefix_asks_for_more() {
     ));
 }
 
-/// Serves a `MemoryBackend` and records every read.
-#[derive(Debug)]
-struct Counting {
-    inner: MemoryBackend,
-    bytes: AtomicU64,
-    reads: Mutex<Vec<(u64, usize)>>,
-}
-
-impl Backend for Counting {
-    fn location(&self) -> &str {
-        self.inner.location()
-    }
-    fn stat(&self) -> Result<ObjectMeta> {
-        self.inner.stat()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let n = self.inner.read_at(offset, buf)?;
-        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        self.reads.lock().unwrap().push((offset, buf.len()));
-        Ok(n)
-    }
-}
-
 #[test]
 fn a_large_header_is_read_through_the_backend_and_nothing_more() {
     // ~3000 tensors: a header of about 200 KiB, more than the 64 KiB first read.
@@ -496,11 +469,7 @@ fn a_large_header_is_read_through_the_backend_and_nothing_more() {
     let data = 3000 * 1024;
     let mut bytes = header.clone();
     bytes.resize(header.len() + data, 0xEE);
-    let backend = Counting {
-        inner: MemoryBackend::new("mem://big", bytes),
-        bytes: AtomicU64::new(0),
-        reads: Mutex::new(Vec::new()),
-    };
+    let backend = CountingBackend::new("mem://big", bytes);
     let meta = backend.stat().unwrap();
     let idx = format::read_index(&backend, &meta).unwrap();
     assert_eq!(idx.tensors.len(), 3000);
