@@ -45,6 +45,22 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 GANESHA=$(command -v ganesha.nfsd || echo /usr/bin/ganesha.nfsd)
 
+# ---- disk ----------------------------------------------------------------------------------
+# A full run builds about 4 GiB under target/ (and the tests write fixtures to the temporary
+# directory). A disk that fills mid-build fails with scattered "No space left on device" errors
+# from cargo, mkdir and Python; say so plainly first.
+need_kib=$((5 * 1024 * 1024))
+tdir=${CARGO_TARGET_DIR:-target}
+mkdir -p "$tdir" 2>/dev/null || true
+for d in "$tdir" "${TMPDIR:-/tmp}"; do
+  free_kib=$(df -Pk "$d" 2>/dev/null | awk 'NR == 2 { print $4 }')
+  if [ -n "$free_kib" ] && [ "$free_kib" -lt "$need_kib" ]; then
+    log "WARNING: only $((free_kib / 1024)) MiB free on the disk holding $d; a full run needs about" \
+      "$((need_kib / 1024)) MiB. Free some space (for instance \`cargo clean\`) if the build or tests" \
+      "fail with \"No space left on device\"."
+  fi
+done
+
 # ---- servers ----------------------------------------------------------------------------
 # shellcheck source=scripts/servers.sh
 . scripts/servers.sh
