@@ -46,10 +46,10 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 GANESHA=$(command -v ganesha.nfsd || echo /usr/bin/ganesha.nfsd)
 
 # ---- disk ----------------------------------------------------------------------------------
-# A full run builds about 4 GiB under target/ (and the tests write fixtures to the temporary
+# A full run builds about 3.2 GiB under target/ (and the tests write fixtures to the temporary
 # directory). A disk that fills mid-build fails with scattered "No space left on device" errors
 # from cargo, mkdir and Python; say so plainly first.
-need_kib=$((5 * 1024 * 1024))
+need_kib=$((4 * 1024 * 1024))
 tdir=${CARGO_TARGET_DIR:-target}
 mkdir -p "$tdir" 2>/dev/null || true
 for d in "$tdir" "${TMPDIR:-/tmp}"; do
