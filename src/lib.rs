@@ -183,6 +183,8 @@ pub struct Loader {
     lane: (usize, usize),
     /// [`Loader::convert_untyped_as`].
     untyped_role: Option<tensorstream_engine::TensorRole>,
+    /// [`Loader::replace_output`].
+    replace_output: bool,
 }
 
 /// One shard of a sharded checkpoint: the tensors its index places there.
@@ -252,6 +254,7 @@ impl Loader {
             scope: None,
             lane: (0, 1),
             untyped_role: None,
+            replace_output: true,
         }
     }
 
@@ -350,6 +353,16 @@ impl Loader {
         self
     }
 
+    /// Whether a conversion may replace an `output` that exists when it finishes (default:
+    /// yes, as a rename does). With `false`, the finished conversion is moved into place only
+    /// if no file (or link) has that name by then, else it fails with [`ErrorKind::InvalidInput`],
+    /// removes what it wrote and leaves the file there as it was: what the CLI does without
+    /// `--force`, for an output that appears while the conversion runs.
+    pub fn replace_output(mut self, replace: bool) -> Self {
+        self.replace_output = replace;
+        self
+    }
+
     /// Converts the source into `output` (`.tensors` or `.safetensors`), tensor by tensor,
     /// verifying / decrypting the input as configured and encrypting the output if `encrypt`.
     /// Filters apply: only the selected tensors are written. A sharded checkpoint becomes one
@@ -398,6 +411,7 @@ impl Loader {
             untyped_role: self.untyped_role,
             progress: self.progress.clone(),
             cancel: self.cancel.clone(),
+            replace: self.replace_output,
             ..ConvertOptions::default()
         };
         // The header already read serves the conversion too (read once).
@@ -450,6 +464,7 @@ impl Loader {
             progress: self.progress.clone(),
             cancel: self.cancel.clone(),
             untyped_role: self.untyped_role,
+            replace: self.replace_output,
             ..ConvertOptions::default()
         };
         format::convert::convert_parts(parts, output, &opts)
@@ -2755,10 +2770,6 @@ pub fn combined_index<'a>(
     Ok(merged)
 }
 
-/// Refuses a conversion whose output cannot fit the free space beside `output`, before anything
-/// is written: the tensors' bytes (a tensorizer output stores no bytes for all-zero meta tensors;
-/// a safetensors output writes their zeros). Headers are not counted; where the free space
-/// cannot be read, the conversion goes ahead.
 /// A `--filter` glob, or an error naming it.
 fn filter_glob(glob: &str) -> Result<globset::Glob> {
     globset::Glob::new(glob).map_err(|e| Error::invalid(format!("bad filter {glob:?}: {e}")))
@@ -2793,6 +2804,10 @@ fn check_not_input<'a>(
     Ok(())
 }
 
+/// Refuses a conversion whose output cannot fit the free space beside `output`, before anything
+/// is written: the tensors' bytes (a tensorizer output stores no bytes for all-zero meta tensors;
+/// a safetensors output writes their zeros). Headers are not counted; where the free space
+/// cannot be read, the conversion goes ahead.
 fn check_room<'a>(
     output: &std::path::Path,
     tensors: impl Iterator<Item = &'a TensorInfo>,

@@ -873,6 +873,15 @@ fn interrupted_demo_removes_its_files() {
 /// data GET that hangs.
 #[cfg(feature = "http")]
 fn stalling_http_server(data: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<()>) {
+    stalling_http_server_until(data, None)
+}
+
+/// [`stalling_http_server`] whose stalled GETs, once `release` is set, go on and are answered.
+#[cfg(feature = "http")]
+fn stalling_http_server_until(
+    data: Vec<u8>,
+    release: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) -> (u16, std::sync::mpsc::Receiver<()>) {
     let (stalled_tx, stalled) = std::sync::mpsc::channel::<()>();
     let data_start = 8 + u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
     use std::io::{BufRead, BufReader, Write};
@@ -882,6 +891,7 @@ fn stalling_http_server(data: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<()>) {
         for conn in l.incoming().flatten() {
             let data = data.clone();
             let stalled_tx = stalled_tx.clone();
+            let release = release.clone();
             std::thread::spawn(move || {
                 let mut r = BufReader::new(conn.try_clone().unwrap());
                 let mut w = conn;
@@ -920,8 +930,17 @@ fn stalling_http_server(data: Vec<u8>) -> (u16, std::sync::mpsc::Receiver<()>) {
                         if a >= data_start {
                             // Says that a data read is now stuck here.
                             let _ = stalled_tx.send(());
-                            std::thread::sleep(std::time::Duration::from_secs(120));
-                            return;
+                            let Some(go) = &release else {
+                                std::thread::sleep(std::time::Duration::from_secs(120));
+                                return;
+                            };
+                            let t0 = std::time::Instant::now();
+                            while !go.load(std::sync::atomic::Ordering::SeqCst) {
+                                if t0.elapsed().as_secs() > 120 {
+                                    return;
+                                }
+                                std::thread::sleep(std::time::Duration::from_millis(10));
+                            }
                         }
                         let mut v = format!(
                             "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\nETag: \"v1\"\r\n\r\n",
@@ -1044,6 +1063,66 @@ fn ctrl_c_stops_a_conversion_stuck_on_a_stalled_server() {
     );
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind {left:?}: {stderr}");
+}
+
+/// An output that appears while the conversion runs (after the up-front "exists" check) is
+/// kept as it is without `--force`, the conversion failing and leaving no temporary file; with
+/// `--force` it is replaced. (It was replaced in both cases: the final rename overwrote it.)
+#[test]
+#[cfg(feature = "http")]
+fn an_output_that_appears_during_a_conversion_is_replaced_only_with_force() {
+    let data = std::fs::read(fixtures().join("mixed.safetensors")).unwrap();
+    for force in [false, true] {
+        let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (port, stalled) = stalling_http_server_until(data.clone(), Some(release.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.tensors");
+        let mut cmd = bin();
+        cmd.args(["convert", &format!("http://127.0.0.1:{port}/m.safetensors")])
+            .arg(&out)
+            .args(["--quiet", "--timeout", "100"]);
+        if force {
+            cmd.arg("--force");
+        }
+        let child = Reap(Some(
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        stalled
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("no data read reached the stalling server");
+        std::fs::write(&out, b"theirs").unwrap();
+        release.store(true, std::sync::atomic::Ordering::SeqCst);
+        let o = child.wait_with_output();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let now = std::fs::read(&out).unwrap();
+        if force {
+            assert!(o.status.success(), "{stderr}");
+            assert_ne!(now, b"theirs", "--force did not replace it");
+            let v: serde_json::Value = serde_json::from_str(&run_ok(&[
+                "load",
+                out.to_str().unwrap(),
+                "--verify",
+                "--json",
+            ]))
+            .unwrap();
+            assert_eq!(v["format"], "tensorizer", "{v}");
+        } else {
+            assert_eq!(o.status.code(), Some(1), "{stderr}");
+            assert!(
+                stderr.contains("appeared while the conversion ran"),
+                "{stderr}"
+            );
+            assert_eq!(now, b"theirs", "replaced without --force");
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["o.tensors"], "force {force}: {stderr}");
+    }
 }
 
 /// A sharded checkpoint (a directory with `model.safetensors.index.json`): `inspect`, `load
@@ -1327,6 +1406,14 @@ fn convert_never_replaces_its_input_and_replaces_an_output_only_with_force() {
         first,
         "--force did not replace it"
     );
+
+    // A path that names a directory is not the file without its slash.
+    for bad in ["new.tensors/", "new.tensors/."] {
+        let p = format!("{}/{bad}", dir.path().display());
+        let e = run_err(&["convert", s, &p]);
+        assert!(e.contains("names a directory"), "{bad}: {e}");
+    }
+    assert!(!dir.path().join("new.tensors").exists());
 
     let d = dir.path().join("d.tensors");
     std::fs::create_dir(&d).unwrap();

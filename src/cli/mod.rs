@@ -94,7 +94,7 @@ enum Cmd {
         #[arg(long)]
         as_parameters: bool,
         /// Replace the output if it exists (only once the conversion is complete) [default: an
-        /// existing output is an error].
+        /// existing output is an error, and so is one that appears while converting].
         #[arg(long, short = 'f')]
         force: bool,
         #[command(flatten)]

@@ -162,7 +162,9 @@ pub fn convert(
     let mut loader = io
         .loader(input)?
         .progress(counter.clone())
-        .progress_total(total.clone());
+        .progress_total(total.clone())
+        // Without --force, neither an output there now nor one that appears while we convert.
+        .replace_output(force);
     if as_parameters {
         if output.extension().is_none_or(|e| e != "tensors") {
             return Err(Error::invalid(

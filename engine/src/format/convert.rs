@@ -315,6 +315,10 @@ pub struct ConvertOptions {
     /// [`crate::TensorRole::Parameter`] makes a file that tensorizer's `load_into_module` (vLLM's
     /// loader) accepts. A tensorizer input's own types are kept.
     pub untyped_role: Option<crate::TensorRole>,
+    /// Whether the finished output may replace a file (or link) that has its name by then
+    /// (default: yes, as a rename does). With `false`, such a file is left as it was and the
+    /// conversion fails with [`crate::ErrorKind::InvalidInput`], removing what it wrote.
+    pub replace: bool,
 }
 
 impl Default for ConvertOptions {
@@ -329,6 +333,7 @@ impl Default for ConvertOptions {
             progress: None,
             cancel: None,
             untyped_role: None,
+            replace: true,
         }
     }
 }
@@ -458,7 +463,16 @@ pub fn convert_parts(
         }
     }
     drop(seen);
-    // What would fail the final rename fails now, before any tensor is converted.
+    // What would fail the final rename fails now, before any tensor is converted: a path that
+    // names a directory (`out.tensors/` is not the file `out.tensors`, whatever `Path` makes
+    // of the slash) or is one.
+    let raw = output.as_os_str().as_encoded_bytes();
+    if raw.ends_with(b"/") || raw.ends_with(b"/.") || raw == b"." {
+        return Err(Error::invalid(format!(
+            "the output {} names a directory: give a file name",
+            output.display()
+        )));
+    }
     if output.is_dir() {
         return Err(Error::invalid(format!(
             "the output {} is a directory",
@@ -510,8 +524,27 @@ pub fn convert_parts(
     // Dropping `tmp` (an error, or a failed rename) removes the temporary file. Errors that
     // name no input (writing, flushing) concern the output.
     let stats = result.map_err(|e| e.with_location(output.display().to_string()))?;
-    tmp.persist(output)
-        .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
+    if opts.replace {
+        tmp.persist(output)
+            .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
+    } else {
+        // Moved into place only if the name is still free (no file or link appeared there while
+        // the conversion ran); otherwise that file stays as it is and ours is removed.
+        tmp.persist_noclobber(output).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::invalid(format!(
+                    "{} appeared while the conversion ran: it was left as it is and the \
+                     conversion discarded (replace it with --force, or Loader::replace_output)",
+                    output.display()
+                ))
+            } else {
+                Error::from_io(
+                    e.error,
+                    format!("moving the output into {}", output.display()),
+                )
+            }
+        })?;
+    }
     Ok(stats)
 }
 
@@ -913,5 +946,76 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A file that takes the output's name while the conversion runs (here: when the input is
+    /// opened, after every check made up front) is kept, byte for byte, unless the options say
+    /// to replace it; no temporary file is left either way. A path that names a directory
+    /// (`x.safetensors/`, `x.safetensors/.`) is refused before anything is read or written.
+    #[test]
+    fn an_output_that_appears_during_a_conversion_is_replaced_only_if_asked() {
+        let tensors = vec![("a".to_string(), DType::U8, vec![4u64], 4u64)];
+        let mut file =
+            super::super::safetensors::write_header(&tensors, &Default::default()).unwrap();
+        file.extend([1u8, 2, 3, 4]);
+        let be = MemoryBackend::new("mem://m.safetensors", file);
+        let meta = be.stat().unwrap();
+        let index = super::super::read_index(&be, &meta).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.safetensors");
+        let part = |appears: bool| {
+            let (be, out, idx, meta) = (&be, out.clone(), index.clone(), meta.clone());
+            ConvertPart {
+                location: "mem://m.safetensors".into(),
+                index: index.clone(),
+                open: Box::new(move || {
+                    if appears {
+                        std::fs::write(&out, b"theirs").unwrap();
+                    }
+                    Ok((PartBackend::Borrowed(be, meta), idx, None))
+                }),
+            }
+        };
+        for replace in [false, true] {
+            let _ = std::fs::remove_file(&out);
+            let opts = ConvertOptions {
+                replace,
+                ..Default::default()
+            };
+            let r = convert_parts(vec![part(true)], &out, &opts);
+            let now = std::fs::read(&out).unwrap();
+            if replace {
+                assert_eq!(r.unwrap().tensors, 1);
+                assert!(now.ends_with(&[1, 2, 3, 4]), "{now:?}");
+            } else {
+                let e = r.unwrap_err();
+                assert_eq!(e.kind(), crate::ErrorKind::InvalidInput, "{e}");
+                assert!(
+                    e.to_string().contains("appeared while the conversion ran"),
+                    "{e}"
+                );
+                assert_eq!(now, b"theirs", "the file that appeared was replaced");
+            }
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["o.safetensors"], "replace {replace}");
+        }
+        // With nothing in the way, `replace: false` writes the output as usual.
+        std::fs::remove_file(&out).unwrap();
+        let opts = ConvertOptions {
+            replace: false,
+            ..Default::default()
+        };
+        convert_parts(vec![part(false)], &out, &opts).unwrap();
+        assert!(std::fs::read(&out).unwrap().ends_with(&[1, 2, 3, 4]));
+
+        for bad in ["x.safetensors/", "x.safetensors/."] {
+            let p = dir.path().join(bad);
+            let e = convert_parts(vec![part(false)], &p, &Default::default()).unwrap_err();
+            assert!(e.to_string().contains("names a directory"), "{bad}: {e}");
+        }
+        assert!(!dir.path().join("x.safetensors").exists());
     }
 }
