@@ -203,7 +203,8 @@ pub(crate) fn counted(n: impl std::fmt::Display, word: &str) -> String {
 pub(crate) fn field(s: &str) -> std::borrow::Cow<'_, str> {
     use tensorstream::engine::error::is_invisible_format;
     let escaped = |c: char| c.is_control() || is_invisible_format(c);
-    if !s.chars().any(escaped) {
+    // Printable ASCII (nearly every tensor name) needs no look at each character's class.
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(escaped) {
         return std::borrow::Cow::Borrowed(s);
     }
     s.chars()
@@ -218,10 +219,20 @@ pub(crate) fn field(s: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
+/// The terminal columns `s` takes: one per character of printable ASCII (nearly every name,
+/// counted without a look at each character's class), else as Unicode says.
+fn columns(s: &str) -> usize {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        s.len()
+    } else {
+        unicode_width::UnicodeWidthStr::width(s)
+    }
+}
+
 /// `s` followed by spaces up to `w` terminal columns (`{:<w$}` counts characters: a name in
 /// CJK characters, two columns each, would push its row's other fields out of line).
 fn pad(s: &str, w: usize) -> String {
-    let cols = unicode_width::UnicodeWidthStr::width(s);
+    let cols = columns(s);
     format!("{s}{}", " ".repeat(w.saturating_sub(cols)))
 }
 
@@ -230,7 +241,7 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
     let w = idx
         .tensors
         .iter()
-        .map(|t| unicode_width::UnicodeWidthStr::width(field(&t.name).as_ref()))
+        .map(|t| columns(&field(&t.name)))
         .max()
         .unwrap_or(4)
         .clamp(4, 80);
