@@ -454,6 +454,55 @@ fn demo_verifies_and_compares() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
+/// `demo --keep | head -1`: standard output closes after the first line, the next line ends
+/// the run (status 141), and the model written is still kept (it was removed); without --keep nothing is
+/// left.
+#[test]
+fn demo_keep_keeps_the_model_when_standard_output_closes_early() {
+    use std::io::BufRead as _;
+    for keep in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = bin();
+        cmd.args(["demo", "--size", "16MiB", "--quiet", "--dir"])
+            .arg(dir.path());
+        if keep {
+            cmd.arg("--keep");
+        }
+        let mut child = Reap(Some(
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        let mut first = String::new();
+        std::io::BufReader::new(child.get().stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        // (The reader is dropped here: the pipe's read end is closed, as `head -1` does.)
+        assert!(first.contains("writing a"), "{first}");
+        let o = child.wait_with_output();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        // Quietly, with the status of a death by SIGPIPE, as other tools.
+        assert_eq!(o.status.code(), Some(141), "{stderr}");
+        let left: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        if !keep {
+            assert!(left.is_empty(), "left behind {left:?}");
+            continue;
+        }
+        assert_eq!(left.len(), 1, "{left:?}");
+        let model = left[0].join("model.safetensors");
+        let v: serde_json::Value =
+            serde_json::from_str(&run_ok(&["load", model.to_str().unwrap(), "--json"])).unwrap();
+        assert_eq!(v["format"], "safetensors", "{v}");
+        // The whole model (whole layers of a 16 MiB budget; at least 12 MiB).
+        assert!(v["bytes"].as_u64().unwrap() >= 12 << 20, "{v}");
+        assert!(!v["tensors"].as_array().unwrap().is_empty());
+    }
+}
+
 #[test]
 fn demo_refuses_sizes_it_cannot_write_before_writing_anything() {
     let dir = tempfile::tempdir().unwrap();

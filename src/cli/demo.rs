@@ -218,6 +218,13 @@ pub fn run(
     )?;
     let t = Instant::now();
     let (count, total) = write_model(&path, size, io.quiet)?;
+    // With --keep, the model is kept from here on, whatever stops the run later (a failed write
+    // to standard output, as with `demo --keep | head -1`, a failed load, Ctrl-C).
+    let (kept, _tmp) = if keep {
+        (Some(tmp.into_inner().keep()), None)
+    } else {
+        (None, Some(tmp))
+    };
     out!(
         "  wrote {count} tensors, {total} bytes in {:.2} s",
         t.elapsed().as_secs_f64()
@@ -381,8 +388,7 @@ pub fn run(
             }
         )?;
     }
-    if keep {
-        let kept = tmp.into_inner().keep();
+    if let Some(kept) = kept {
         let kept = kept.join("model.safetensors").display().to_string();
         out!("  kept {}", super::output::field(&kept))?;
     }

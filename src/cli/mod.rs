@@ -68,7 +68,8 @@ enum Cmd {
         /// Directory for the temporary file (default: $TMPDIR or /tmp). Removed afterwards.
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
-        /// Keep the generated file and print its path.
+        /// Keep the generated file (once it is completely written, even if the run stops later)
+        /// and print its path.
         #[arg(long)]
         keep: bool,
         #[command(flatten)]
