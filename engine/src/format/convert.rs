@@ -525,6 +525,22 @@ pub fn convert_parts(
     // name no input (writing, flushing) concern the output.
     let stats = result.map_err(|e| e.with_location(output.display().to_string()))?;
     if opts.replace {
+        // A file replaced keeps its permission bits (as `sed -i` and `cp` keep them): a forced
+        // conversion over a file kept private must not make the new one readable by all.
+        if let Ok(old) = output.symlink_metadata() {
+            if old.is_file() {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = old.permissions().mode() & 0o777;
+                tmp.as_file()
+                    .set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| {
+                        Error::from_io(
+                            e,
+                            format!("giving the output the mode of {}", output.display()),
+                        )
+                    })?;
+            }
+        }
         tmp.persist(output)
             .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
     } else {
@@ -544,6 +560,11 @@ pub fn convert_parts(
                 )
             }
         })?;
+    }
+    // The rename itself made durable too (best effort: some file systems cannot sync a
+    // directory; the file's bytes are synced already).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
     Ok(stats)
 }
@@ -1001,6 +1022,25 @@ mod tests {
                 .map(|e| e.unwrap().file_name())
                 .collect();
             assert_eq!(names, ["o.safetensors"], "replace {replace}");
+        }
+        // A file replaced keeps its permission bits; a new one gets 0666 less the umask.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o600)).unwrap();
+            convert_parts(vec![part(false)], &out, &Default::default()).unwrap();
+            assert_eq!(mode(&out), 0o600);
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+            convert_parts(vec![part(false)], &out, &Default::default()).unwrap();
+            assert_eq!(mode(&out), 0o640);
+            let fresh = dir.path().join("fresh.safetensors");
+            convert_parts(vec![part(false)], &fresh, &Default::default()).unwrap();
+            // (What File::create gives: 0666 less the umask.)
+            let probe = dir.path().join("probe");
+            std::fs::File::create(&probe).unwrap();
+            assert_eq!(mode(&fresh), mode(&probe));
+            std::fs::remove_file(&fresh).unwrap();
+            std::fs::remove_file(&probe).unwrap();
         }
         // With nothing in the way, `replace: false` writes the output as usual.
         std::fs::remove_file(&out).unwrap();
