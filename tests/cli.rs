@@ -1114,6 +1114,54 @@ fn ctrl_c_stops_a_conversion_stuck_on_a_stalled_server() {
     assert!(left.is_empty(), "left behind {left:?}: {stderr}");
 }
 
+/// Partial files that killed conversions left beside the output (`.NAME.partial-XXXXXX`) are
+/// named in a warning, with their sizes, and left alone; files of other outputs and names
+/// that only look alike are not named.
+#[test]
+fn convert_warns_of_partial_files_that_killed_conversions_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let leftover = dir.path().join(".o.tensors.partial-Ab3x9Q");
+    std::fs::write(&leftover, vec![7u8; 3000]).unwrap();
+    for other in [".p.tensors.partial-abcdef", ".o.tensors.partial-toolong7"] {
+        std::fs::write(dir.path().join(other), b"x").unwrap();
+    }
+    let out = dir.path().join("o.tensors");
+    let src = fixtures().join("mixed.safetensors");
+    let o = bin()
+        .args(["convert", src.to_str().unwrap(), out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:")
+            && stderr.contains("1 partial file left by earlier conversions to o.tensors")
+            && stderr.contains(".o.tensors.partial-Ab3x9Q (2.9 KiB)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("abcdef") && !stderr.contains("toolong7"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&leftover).unwrap(), vec![7u8; 3000]);
+    // Nothing to say when nothing is left.
+    std::fs::remove_file(&leftover).unwrap();
+    let o = bin()
+        .args([
+            "convert",
+            src.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "-f",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !stderr.contains("partial file"),
+        "{stderr}"
+    );
+}
+
 /// An output that appears while the conversion runs (after the up-front "exists" check) is
 /// kept as it is without `--force`, the conversion failing and leaving no temporary file; with
 /// `--force` it is replaced. (It was replaced in both cases: the final rename overwrote it.)

@@ -147,6 +147,7 @@ pub fn convert(
             field(&output.display().to_string())
         )));
     }
+    warn_leftover_partials(output);
     let encrypt = match (encrypt_key_file, encrypt_password_file) {
         (Some(k), _) => {
             Some(KeySource::from_key_path(k).map_err(|e| e.context("--encrypt-key-file"))?)
@@ -187,6 +188,55 @@ pub fn convert(
         started.elapsed().as_secs_f64()
     )?;
     Ok(())
+}
+
+/// Warns of temporary files that earlier conversions to `output` left beside it
+/// (`.NAME.partial-XXXXXX`: a conversion killed with SIGKILL, or by a crash, cannot remove its
+/// own), naming them and their sizes. They are not removed: another conversion to the same
+/// output may be writing one right now.
+fn warn_leftover_partials(output: &std::path::Path) {
+    let Some(name) = output.file_name() else {
+        return;
+    };
+    let prefix = tensorstream::engine::format::convert::partial_prefix(&name.to_string_lossy());
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut found: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            // The prefix and tempfile's six random characters.
+            let rest = n.strip_prefix(prefix.as_str())?;
+            let m = e.metadata().ok()?;
+            (rest.chars().count() == 6 && m.is_file()).then(|| (n, m.len()))
+        })
+        .collect();
+    if found.is_empty() {
+        return;
+    }
+    found.sort();
+    let total = found.iter().fold(0u64, |a, (_, l)| a.saturating_add(*l));
+    let names: Vec<String> = found
+        .iter()
+        .take(5)
+        .map(|(n, l)| format!("{} ({})", field(n), human(*l)))
+        .collect();
+    super::errln!(
+        "tensorstream: warning: {} holds {} left by earlier conversions to {} that did not finish \
+         ({} in all): {}{}; remove {} unless another conversion to that output is running",
+        field(&dir.display().to_string()),
+        counted(found.len(), "partial file"),
+        field(&name.to_string_lossy()),
+        human(total),
+        names.join(", "),
+        if found.len() > 5 { ", …" } else { "" },
+        if found.len() == 1 { "it" } else { "them" },
+    );
 }
 
 /// `n` and `word`, in the plural unless `n` is 1 ("1 tensor", "2 tensors").
