@@ -113,6 +113,7 @@ use tensorstream_engine::{
 
 /// Where tensors are loaded to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Device {
     /// Host memory.
     Cpu,

@@ -199,6 +199,7 @@ impl std::fmt::Debug for OpenOptions {
 
 /// How the local backend does I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IoMode {
     /// io_uring (O_DIRECT where possible, registered buffers).
     Uring,

@@ -12,6 +12,7 @@ use crate::raw::pinned::{PinnedRegion, PAGE};
 
 /// How the warm page-cache path is used (see [`crate::warm`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum WarmMode {
     /// Never: every load goes through the engine and the staging ring (the default until the
     /// mapped path has been measured on a GPU).
@@ -25,6 +26,7 @@ pub enum WarmMode {
 
 /// How the mapped warm path's copying threads fill their pinned slots (see [`crate::warm`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum WarmCopy {
     /// Buffered `pread` from the file (the kernel copies out of the page cache).
     #[default]

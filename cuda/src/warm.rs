@@ -46,6 +46,7 @@ use crate::tracker::Readiness;
 
 /// How the warm path moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WarmStrategy {
     /// Register mapped pieces read-only and let the copy engine read them (falls back to
     /// `Pread` per piece when registration is refused).

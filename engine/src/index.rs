@@ -8,6 +8,7 @@ use crate::dtype::DType;
 /// Which file format an index came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Format {
     /// Hugging Face safetensors.
     Safetensors,
@@ -27,6 +28,7 @@ impl Format {
 
 /// Where a tensor's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TensorSource {
     /// Stored bytes at `range` of the object.
     Stored,
@@ -38,6 +40,7 @@ pub enum TensorSource {
 /// tensor type: `write_module` marks parameters and buffers, `write_state_dict` state-dict
 /// entries; tensorizer's `load_into_module` accepts only the first two).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TensorRole {
     /// A module parameter (tensorizer type 0).
     Parameter,
@@ -48,6 +51,15 @@ pub enum TensorRole {
 }
 
 impl TensorRole {
+    /// Its name in text and JSON output: `parameter`, `buffer` or `state_dict`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TensorRole::Parameter => "parameter",
+            TensorRole::Buffer => "buffer",
+            TensorRole::StateDictEntry => "state_dict",
+        }
+    }
+
     /// The tensorizer type byte.
     pub fn tensorizer_type(self) -> u8 {
         match self {

@@ -59,11 +59,7 @@ pub fn inspect(uri: &str, as_json: bool, io: &IoArgs) -> Result<(), Error> {
                     o["zeros"] = json!(true);
                 }
                 if let Some(r) = t.role {
-                    o["role"] = json!(match r {
-                        tensorstream::TensorRole::Parameter => "parameter",
-                        tensorstream::TensorRole::Buffer => "buffer",
-                        tensorstream::TensorRole::StateDictEntry => "state_dict",
-                    });
+                    o["role"] = json!(r.name());
                 }
                 if let Some(file) = &f.shard {
                     o["shard"] = json!(file);
@@ -213,7 +209,7 @@ fn warn_leftover_partials(output: &std::path::Path) {
             // The prefix and tempfile's six random characters.
             let rest = n.strip_prefix(prefix.as_str())?;
             let m = e.metadata().ok()?;
-            (rest.chars().count() == 6 && m.is_file()).then(|| (n, m.len()))
+            (rest.chars().count() == 6 && m.is_file()).then_some((n, m.len()))
         })
         .collect();
     if found.is_empty() {
@@ -708,7 +704,7 @@ pub fn bench(
             // is about the steady state.
             match device {
                 Device::Cpu => drop(loader.load()?),
-                Device::Cuda(_) => {
+                _ => {
                     let l = match &gpu {
                         Some(dev) => loader.clone().on_device(Arc::clone(dev)),
                         None => loader.clone().device(device),
@@ -731,7 +727,7 @@ pub fn bench(
                     line("tensorstream", m.stats().tensor_bytes, secs, is_cold)?;
                     drop(m);
                 }
-                Device::Cuda(n) => {
+                _ => {
                     // The device is opened by the first load and reused (its opening — driver,
                     // context, pinned ring — is not in any timing, as in `load`'s seconds:
                     // from after the device is open to the last tensor on it).
@@ -743,7 +739,7 @@ pub fn bench(
                     let st = cm.stats().clone();
                     gpu.get_or_insert_with(|| cm.device().clone());
                     cm.release()?;
-                    let name = format!("cuda:{n}");
+                    let name = device.to_string();
                     let secs = st.elapsed.as_secs_f64();
                     line_on("tensorstream", st.tensor_bytes, secs, is_cold, Some(&name))?;
                 }

@@ -30,6 +30,7 @@ pub const FALLBACK_ALIGNMENT: usize = 4096;
 
 /// What kind of filesystem a file lives on, as far as I/O strategy is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FsKind {
     /// A block-device filesystem (ext4, xfs, btrfs, …): O_DIRECT pays off.
     Disk,
@@ -147,6 +148,7 @@ pub fn version_string(dev: u64, ino: u64, size: u64, mtime_ns: i128, ctime_ns: i
 
 /// Whether loads may bypass the page cache (`TENSORSTREAM_DIRECT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CachePolicy {
     /// O_DIRECT unless the file is already (mostly) in the page cache. The default.
     Auto,

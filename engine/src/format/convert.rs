@@ -350,6 +350,7 @@ pub struct ConvertStats {
 
 /// Output format, from the path's extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OutputFormat {
     /// `.safetensors`
     Safetensors,

@@ -63,6 +63,7 @@ fn read_secret_file(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
 
 /// A decryption/encryption key: raw, or a password to derive it from.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum KeySource {
     /// The exact 32-byte XSalsa20 key.
     Key([u8; 32]),
@@ -154,6 +155,7 @@ pub struct PwHash {
 
 /// How a tensor's data was encrypted.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Cipher {
     /// Independent boxes of `chunk_size` bytes, nonces `nonce`, `nonce + 1`, … (one MAC each).
     Parallel {
