@@ -547,20 +547,15 @@ pub fn convert_parts(
     } else {
         // Moved into place only if the name is still free (no file or link appeared there while
         // the conversion ran); otherwise that file stays as it is and ours is removed.
-        tmp.persist_noclobber(output).map_err(|e| {
-            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::invalid(format!(
-                    "{} appeared while the conversion ran: it was left as it is and the \
-                     conversion discarded (replace it with --force, or Loader::replace_output)",
-                    output.display()
-                ))
-            } else {
-                Error::from_io(
-                    e.error,
-                    format!("moving the output into {}", output.display()),
-                )
+        match tmp.persist_noclobber(output) {
+            Ok(_) => {}
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(appeared(output));
             }
-        })?;
+            // A file system that takes neither a no-replace rename nor a hard link (vfat, many
+            // FUSE mounts): look, then rename.
+            Err(e) => move_if_free(e.file, output)?,
+        }
     }
     // The rename itself made durable too (best effort: some file systems cannot sync a
     // directory; the file's bytes are synced already).
@@ -568,6 +563,27 @@ pub fn convert_parts(
         let _ = d.sync_all();
     }
     Ok(stats)
+}
+
+/// The error of a conversion that must not replace `output`, a name taken meanwhile.
+fn appeared(output: &Path) -> Error {
+    Error::invalid(format!(
+        "{} appeared while the conversion ran: it was left as it is and the conversion \
+         discarded (replace it with --force, or Loader::replace_output)",
+        output.display()
+    ))
+}
+
+/// Renames `tmp` to `output` if no file (or link) has that name: the fallback of a no-replace
+/// rename where the file system has none (a file created between the look and the rename is
+/// replaced, a window of microseconds instead of the whole conversion).
+fn move_if_free(tmp: tempfile::NamedTempFile, output: &Path) -> Result<()> {
+    if output.symlink_metadata().is_ok() {
+        return Err(appeared(output));
+    }
+    tmp.persist(output)
+        .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
+    Ok(())
 }
 
 /// The name prefix of the temporary file a conversion writes beside its output named `name`
@@ -1058,5 +1074,29 @@ mod tests {
             assert!(e.to_string().contains("names a directory"), "{bad}: {e}");
         }
         assert!(!dir.path().join("x.safetensors").exists());
+    }
+
+    /// The fallback where the file system has no no-replace rename (nor hard links): a free
+    /// name gets the file; a taken one (file, or dangling link) is kept and the file dropped.
+    #[test]
+    fn without_a_no_replace_rename_a_taken_name_is_still_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = |bytes: &[u8]| {
+            let mut t = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+            std::io::Write::write_all(&mut t, bytes).unwrap();
+            t
+        };
+        let out = dir.path().join("o.tensors");
+        move_if_free(tmp(b"ours"), &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"ours");
+        let e = move_if_free(tmp(b"second"), &out).unwrap_err();
+        assert!(e.to_string().contains("appeared while"), "{e}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"ours");
+        let link = dir.path().join("l.tensors");
+        std::os::unix::fs::symlink("nowhere", &link).unwrap();
+        assert!(move_if_free(tmp(b"third"), &link).is_err());
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("nowhere"));
+        // Only the two names: the refused temporary files are gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }
