@@ -358,7 +358,8 @@ impl Loader {
     /// yes, as a rename does). With `false`, the finished conversion is moved into place only
     /// if no file (or link) has that name by then, else it fails with [`ErrorKind::InvalidInput`],
     /// removes what it wrote and leaves the file there as it was: what the CLI does without
-    /// `--force`, for an output that appears while the conversion runs.
+    /// `--force`, for an output that appears while the conversion runs. An output that is there
+    /// already when the conversion starts fails it at once, before any tensor is read.
     pub fn replace_output(mut self, replace: bool) -> Self {
         self.replace_output = replace;
         self

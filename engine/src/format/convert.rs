@@ -317,7 +317,8 @@ pub struct ConvertOptions {
     pub untyped_role: Option<crate::TensorRole>,
     /// Whether the finished output may replace a file (or link) that has its name by then
     /// (default: yes, as a rename does). With `false`, such a file is left as it was and the
-    /// conversion fails with [`crate::ErrorKind::InvalidInput`], removing what it wrote.
+    /// conversion fails with [`crate::ErrorKind::InvalidInput`], removing what it wrote; one
+    /// that is there when the conversion starts fails it at once, before anything is read.
     pub replace: bool,
 }
 
@@ -477,6 +478,14 @@ pub fn convert_parts(
     if output.is_dir() {
         return Err(Error::invalid(format!(
             "the output {} is a directory",
+            output.display()
+        )));
+    }
+    // An output that must not be replaced and is there already (a file, or a link, even a
+    // dangling one) fails now, not after the whole conversion as one that appeared meanwhile.
+    if !opts.replace && output.symlink_metadata().is_ok() {
+        return Err(Error::invalid(format!(
+            "{} exists: it is not replaced (replace it with --force, or Loader::replace_output)",
             output.display()
         )));
     }
@@ -1097,6 +1106,66 @@ mod tests {
         assert!(move_if_free(tmp(b"third"), &link).is_err());
         assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("nowhere"));
         // Only the two names: the refused temporary files are gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    /// A one-tensor safetensors part whose `open` sets `opened` (the conversion's work starts).
+    fn counted_part<'a>(
+        be: &'a MemoryBackend,
+        opened: &'a std::sync::atomic::AtomicBool,
+    ) -> ConvertPart<'a> {
+        let meta = be.stat().unwrap();
+        let index = super::super::read_index(be, &meta).unwrap();
+        let idx = index.clone();
+        ConvertPart {
+            location: "mem://m.safetensors".into(),
+            index,
+            open: Box::new(move || {
+                opened.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok((PartBackend::Borrowed(be, meta), idx, None))
+            }),
+        }
+    }
+
+    fn one_tensor_file() -> MemoryBackend {
+        let tensors = vec![("a".to_string(), DType::U8, vec![4u64], 4u64)];
+        let mut file =
+            super::super::safetensors::write_header(&tensors, &Default::default()).unwrap();
+        file.extend([1u8, 2, 3, 4]);
+        MemoryBackend::new("mem://m.safetensors", file)
+    }
+
+    /// With `replace: false`, an output that is there before the conversion starts (a file, or
+    /// a dangling link) is refused up front, before any input is opened, as existing: not after
+    /// the whole conversion as one that "appeared while the conversion ran".
+    #[test]
+    fn without_replace_an_existing_output_is_refused_before_converting() {
+        let be = one_tensor_file();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.safetensors");
+        std::fs::write(&out, b"theirs").unwrap();
+        let link = dir.path().join("l.safetensors");
+        std::os::unix::fs::symlink("nowhere", &link).unwrap();
+        let opts = ConvertOptions {
+            replace: false,
+            ..Default::default()
+        };
+        for p in [&out, &link] {
+            let opened = std::sync::atomic::AtomicBool::new(false);
+            let e = convert_parts(vec![counted_part(&be, &opened)], p, &opts).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidInput, "{e}");
+            assert!(
+                e.to_string().contains("exists") && !e.to_string().contains("appeared"),
+                "{e}"
+            );
+            assert!(
+                !opened.load(std::sync::atomic::Ordering::SeqCst),
+                "{}: converted before refusing",
+                p.display()
+            );
+        }
+        assert_eq!(std::fs::read(&out).unwrap(), b"theirs");
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("nowhere"));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }
