@@ -536,10 +536,17 @@ pub fn convert_parts(
     let stats = result.map_err(|e| e.with_location(output.display().to_string()))?;
     if opts.replace {
         // A file replaced keeps its permission bits (as `sed -i` and `cp` keep them): a forced
-        // conversion over a file kept private must not make the new one readable by all.
+        // conversion over a file kept private must not make the new one readable by all. Its
+        // owner and group too, where this process may give them (root may; others may keep
+        // their own uid and a group they are in), as `sed -i` does: bits kept for a new owner
+        // or group would lock out those the old file let read it.
         if let Ok(old) = output.symlink_metadata() {
             if old.is_file() {
-                use std::os::unix::fs::PermissionsExt as _;
+                use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+                let f = tmp.as_file();
+                if std::os::unix::fs::fchown(f, Some(old.uid()), Some(old.gid())).is_err() {
+                    let _ = std::os::unix::fs::fchown(f, None, Some(old.gid()));
+                }
                 let mode = old.permissions().mode() & 0o777;
                 tmp.as_file()
                     .set_permissions(std::fs::Permissions::from_mode(mode))
@@ -1167,5 +1174,29 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), b"theirs");
         assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("nowhere"));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    /// A replaced file keeps its owner and group along with its permission bits, where the
+    /// process may give them (as root): a 0600 file of another user that became root's would
+    /// lock its owner out (it was readable by all, 0644, before the bits were kept). Checked
+    /// only where this process can chown (root).
+    #[test]
+    fn a_replaced_output_keeps_its_owner_and_group() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let be = one_tensor_file();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.safetensors");
+        std::fs::write(&out, b"old").unwrap();
+        if std::os::unix::fs::chown(&out, Some(65534), Some(65534)).is_err() {
+            eprintln!("skipped: this process cannot chown (not root)");
+            return;
+        }
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let opened = std::sync::atomic::AtomicBool::new(false);
+        convert_parts(vec![counted_part(&be, &opened)], &out, &Default::default()).unwrap();
+        let m = std::fs::metadata(&out).unwrap();
+        assert!(std::fs::read(&out).unwrap().ends_with(&[1, 2, 3, 4]));
+        assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+        assert_eq!((m.uid(), m.gid()), (65534, 65534));
     }
 }
