@@ -119,6 +119,14 @@ pub fn write_model(
     }
     let f = w.into_inner().map_err(|e| io_err(e.into_error()))?;
     f.sync_all().map_err(io_err)?;
+    // A signal during the flush or the sync (seconds, for a large model) still stops the
+    // write: the model is not complete until this returns (and `demo --keep` keeps it only then).
+    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::new(
+            ErrorKind::Cancelled,
+            "demo cancelled while writing",
+        ));
+    }
     Ok((tensors.len(), total))
 }
 
