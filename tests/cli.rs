@@ -1122,7 +1122,14 @@ fn convert_warns_of_partial_files_that_killed_conversions_left() {
     let dir = tempfile::tempdir().unwrap();
     let leftover = dir.path().join(".o.tensors.partial-Ab3x9Q");
     std::fs::write(&leftover, vec![7u8; 3000]).unwrap();
-    for other in [".p.tensors.partial-abcdef", ".o.tensors.partial-toolong7"] {
+    // (tempfile's six random characters are ASCII letters and digits: the last two names are
+    // no conversion's.)
+    for other in [
+        ".p.tensors.partial-abcdef",
+        ".o.tensors.partial-toolong7",
+        ".o.tensors.partial-\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}1",
+        ".o.tensors.partial-a-b~c.",
+    ] {
         std::fs::write(dir.path().join(other), b"x").unwrap();
     }
     let out = dir.path().join("o.tensors");
@@ -1140,7 +1147,10 @@ fn convert_warns_of_partial_files_that_killed_conversions_left() {
         "{stderr}"
     );
     assert!(
-        !stderr.contains("abcdef") && !stderr.contains("toolong7"),
+        !stderr.contains("abcdef")
+            && !stderr.contains("toolong7")
+            && !stderr.contains("\u{e9}")
+            && !stderr.contains("a-b~c."),
         "{stderr}"
     );
     assert_eq!(std::fs::read(&leftover).unwrap(), vec![7u8; 3000]);

@@ -209,7 +209,9 @@ fn warn_leftover_partials(output: &std::path::Path) {
             // The prefix and tempfile's six random characters.
             let rest = n.strip_prefix(prefix.as_str())?;
             let m = e.metadata().ok()?;
-            (rest.chars().count() == 6 && m.is_file()).then_some((n, m.len()))
+            // (ASCII letters and digits only: a name with others is no conversion's.)
+            let random = rest.len() == 6 && rest.bytes().all(|b| b.is_ascii_alphanumeric());
+            (random && m.is_file()).then_some((n, m.len()))
         })
         .collect();
     if found.is_empty() {
