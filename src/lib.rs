@@ -59,7 +59,9 @@
 //!   `TENSORSTREAM_PREFAULT`, `TENSORSTREAM_HUGEPAGES` and, for S3, the `AWS_*` variables; a
 //!   malformed value fails the load with a clear error.
 //! * **TLS.** The HTTP and S3 backends install rustls' `ring` provider as the process default
-//!   when none is installed yet; a program that wants another provider installs it first.
+//!   when none is installed yet; a program that wants another provider installs it first. The
+//!   trusted roots (the system's, or `SSL_CERT_FILE` / `SSL_CERT_DIR`'s) are read once per
+//!   process, when the first HTTP or S3 backend opens: a later change is seen by a new process.
 //! * **GPU.** Loads on one [`cuda::CudaDevice`] handle run one at a time (a second concurrent
 //!   load is refused with `InvalidInput`); open one handle per concurrent load, or queue them.
 //!   Dropping a running streaming load stops it and waits (up to [`cuda::load::DROP_WAIT`])

@@ -36,6 +36,9 @@ pub mod s3;
 #[cfg(any(feature = "http", feature = "s3"))]
 #[forbid(unsafe_code)]
 pub(crate) mod stop;
+#[cfg(any(feature = "http", feature = "s3"))]
+#[forbid(unsafe_code)]
+pub(crate) mod tls;
 
 /// The remote backends' rule for a server that trickles bytes (each gap shorter than the
 /// timeout): a request for N bytes gets its timeout plus N at this rate (bytes per second);

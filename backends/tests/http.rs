@@ -418,6 +418,57 @@ fn rig() -> Rig {
     }
 }
 
+/// The trusted roots are built once per process and shared by the backends that trust the same
+/// ones (see `tls.rs`): a private CA given to one backend must never be trusted by a backend
+/// opened later without it, or with another CA, in the same process.
+#[test]
+fn a_private_ca_is_trusted_only_by_the_backends_given_it() {
+    let dir = served_dir();
+    let data = pattern(64 << 10, 73);
+    write_file(dir.path(), "x.bin", &data);
+    let pki = TestPki::generate();
+    let other = TestPki::generate();
+    let nginx = Nginx::start_tls(dir.path(), &pki);
+    let url = nginx.url("x.bin");
+    let cfg = |roots: &[&TestPki]| {
+        let mut c = quick_cfg(2, 32 << 10, Duration::from_secs(10), 1);
+        c.root_certificates_pem = roots
+            .iter()
+            .map(|p| p.ca_pem.clone().into_bytes())
+            .collect();
+        c
+    };
+    let refused = |c: HttpConfig, what: &str| {
+        let e = HttpBackend::open_with(&url, c)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the private CA leaked into this backend's trust"));
+        assert!(e.to_string().contains("certificate"), "{what}: {e}");
+        assert!(!e.is_retryable(), "{what}: {e:?}");
+    };
+    let read_ok = |c: HttpConfig, what: &str| {
+        let b = HttpBackend::open_with(&url, c).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut buf = vec![0u8; data.len()];
+        assert_eq!(b.read_at(0, &mut buf).unwrap(), data.len(), "{what}");
+        assert!(buf == data, "{what}: bytes differ");
+    };
+
+    // Trusted first (its verifier is then cached), and kept by the backend while others open.
+    let kept = HttpBackend::open_with(&url, cfg(&[&pki])).unwrap();
+    refused(cfg(&[]), "no extra root, after a backend with the CA");
+    refused(cfg(&[&other]), "another CA only");
+    read_ok(cfg(&[&pki]), "the CA again (a cached verifier)");
+    read_ok(cfg(&[&other, &pki]), "both CAs");
+    refused(cfg(&[]), "no extra root, again");
+    drop(kept);
+    refused(cfg(&[]), "no extra root, the CA's backends gone");
+    // Through the plain `open` (options from the environment) as well.
+    let e = open(&url, &OpenOptions::default()).err();
+    assert!(
+        e.is_some_and(|e| e.to_string().contains("certificate")),
+        "open() trusted the private CA"
+    );
+}
+
 fn quick_cfg(concurrency: usize, chunk: usize, timeout: Duration, retries: u32) -> HttpConfig {
     HttpConfig {
         concurrency,

@@ -551,6 +551,23 @@ fn https_endpoint_signed_by_a_private_ca() {
     assert_eq!(be.read_at(0, &mut buf).unwrap(), data.len());
     assert!(buf == data, "bytes over https differ");
 
+    // The roots are built once per process and shared by backends with the same bundle: one
+    // opened afterwards without AWS_CA_BUNDLE (while the trusting one is still open) must still
+    // refuse the certificate, and so must one given another CA's bundle.
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, TestPki::generate().ca_pem).unwrap();
+    for bundle in [None, Some(other)] {
+        let mut cfg = s3.config_for(&endpoint, &small_chunks());
+        cfg.ca_bundle = bundle.clone();
+        let e = S3Backend::with_config(loc(), cfg)
+            .unwrap()
+            .stat()
+            .err()
+            .unwrap_or_else(|| panic!("{bundle:?}: the private CA leaked into this backend"));
+        assert!(e.to_string().contains("certificate"), "{bundle:?}: {e}");
+    }
+    drop(be);
+
     // A bundle that cannot be read, or holds no certificate: an error naming the variable.
     for (path, why) in [
         (dir.path().join("missing.pem"), "cannot read"),

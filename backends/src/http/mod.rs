@@ -165,22 +165,26 @@ impl HttpBackend {
             )
             .with_location(display));
         }
-        if rustls::crypto::CryptoProvider::get_default().is_none() {
-            // Another thread may win the race: either provider is fine.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
         let mut roots = Vec::new();
         for pem in &cfg.root_certificates_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
-                let (_, _, msg) = retry::describe_reqwest(e);
+            let certs = crate::tls::parse_pem_bundle(pem).map_err(|msg| {
                 Error::invalid(format!("invalid root certificate (PEM): {msg}"))
                     .with_backend("http")
                     .with_location(&display)
             })?;
             roots.extend(certs);
         }
+        // The system's roots are loaded once per process (see `crate::tls`).
+        let tls = crate::tls::client_config(roots).map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("cannot build the http client: TLS settings: {e}"),
+            )
+            .with_backend("http")
+            .with_location(&display)
+        })?;
         let client = reqwest::Client::builder()
-            .tls_certs_merge(roots)
+            .tls_backend_preconfigured(tls)
             .user_agent(concat!("tensorstream/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.connect_timeout)
             .pool_max_idle_per_host(cfg.concurrency)

@@ -446,7 +446,7 @@ impl S3Backend {
 }
 
 /// The certificates of `AWS_CA_BUNDLE` ([`S3Config::ca_bundle`]), if set.
-fn ca_bundle(cfg: &S3Config) -> Result<Vec<reqwest::Certificate>> {
+fn ca_bundle(cfg: &S3Config) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     let Some(path) = &cfg.ca_bundle else {
         return Ok(Vec::new());
     };
@@ -458,12 +458,8 @@ fn ca_bundle(cfg: &S3Config) -> Result<Vec<reqwest::Certificate>> {
         )
         .with_backend("s3")
     })?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-        Error::invalid(format!(
-            "{what}: not a PEM certificate bundle: {}",
-            e.without_url()
-        ))
-        .with_backend("s3")
+    let certs = crate::tls::parse_pem_bundle(&pem).map_err(|e| {
+        Error::invalid(format!("{what}: not a PEM certificate bundle: {e}")).with_backend("s3")
     })?;
     if certs.is_empty() {
         return Err(
@@ -477,18 +473,19 @@ fn ca_bundle(cfg: &S3Config) -> Result<Vec<reqwest::Certificate>> {
 fn build_operator(
     loc: &S3Location,
     cfg: &S3Config,
-    roots: Vec<reqwest::Certificate>,
+    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 ) -> opendal::Result<Operator> {
-    // rustls is built without a default crypto provider: install ring unless the process already
-    // chose one (the http backend does the same).
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
+    // TLS: the system's roots (loaded once per process, see `crate::tls`) plus AWS_CA_BUNDLE's;
+    // installs rustls' ring provider unless the process already chose one.
+    let tls = crate::tls::client_config(roots).map_err(|e| {
+        opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
+            .set_source(e)
+    })?;
     // This backend's own HTTP client (and so its own connection pool: see `transport.rs`).
     // No redirects (a signed request cannot follow one to another host anyway; S3's own
     // redirects name the right endpoint in the error), no Referer.
     let client = reqwest::Client::builder()
-        .tls_certs_merge(roots)
+        .tls_backend_preconfigured(tls)
         .redirect(reqwest::redirect::Policy::none())
         .referer(false)
         .build()
