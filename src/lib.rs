@@ -2963,9 +2963,11 @@ mod tests {
     #[test]
     fn gpu_plans_read_cold_local_files_in_1mib_pieces() {
         use tensorstream_engine::DType;
-        let dir = tempfile::Builder::new()
-            .tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target"))
-            .unwrap();
+        // (On the checkout's disk, not a tmpfs /tmp where O_DIRECT is refused; target/ is
+        // created when CARGO_TARGET_DIR builds elsewhere.)
+        let base = concat!(env!("CARGO_MANIFEST_DIR"), "/target");
+        std::fs::create_dir_all(base).unwrap();
+        let dir = tempfile::Builder::new().tempdir_in(base).unwrap();
         let path = dir.path().join("m.safetensors");
         let n = 12u64 << 20;
         let mut file = format::safetensors::write_header(
