@@ -2821,10 +2821,7 @@ fn check_room<'a>(
     let needed = tensors
         .filter(|t| zeros_written || t.source != tensorstream_engine::TensorSource::Zeros)
         .fold(0u64, |n, t| n.saturating_add(t.nbytes()));
-    let dir = match output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
+    let dir = format::convert::output_dir(output);
     let Ok(st) = rustix::fs::statvfs(dir) else {
         return Ok(());
     };

@@ -41,10 +41,7 @@ pub struct PartialOutput(Option<(PathBuf, String)>);
 
 impl PartialOutput {
     pub fn new(output: &Path) -> PartialOutput {
-        let dir = match output.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+        let dir = tensorstream::engine::format::convert::output_dir(output);
         let (Ok(dir), Some(name)) = (std::fs::canonicalize(dir), output.file_name()) else {
             // No such directory: the conversion fails before it creates anything.
             return PartialOutput(None);

@@ -195,10 +195,7 @@ fn warn_leftover_partials(output: &std::path::Path) {
         return;
     };
     let prefix = tensorstream::engine::format::convert::partial_prefix(&name.to_string_lossy());
-    let dir = match output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
+    let dir = tensorstream::engine::format::convert::output_dir(output);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -208,10 +205,12 @@ fn warn_leftover_partials(output: &std::path::Path) {
             let n = e.file_name().to_string_lossy().into_owned();
             // The prefix and tempfile's six random characters.
             let rest = n.strip_prefix(prefix.as_str())?;
-            let m = e.metadata().ok()?;
             // (ASCII letters and digits only: a name with others is no conversion's.)
-            let random = rest.len() == 6 && rest.bytes().all(|b| b.is_ascii_alphanumeric());
-            (random && m.is_file()).then_some((n, m.len()))
+            if rest.len() != 6 || !rest.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return None;
+            }
+            let m = e.metadata().ok()?;
+            m.is_file().then_some((n, m.len()))
         })
         .collect();
     if found.is_empty() {

@@ -495,10 +495,7 @@ pub fn convert_parts(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let dir = match output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = output_dir(output);
     let tmp = tempfile::Builder::new()
         .prefix(&partial_prefix(&name))
         // Like File::create: 0666 less the umask (tempfile's default is 0600).
@@ -548,8 +545,7 @@ pub fn convert_parts(
                     let _ = std::os::unix::fs::fchown(f, None, Some(old.gid()));
                 }
                 let mode = old.permissions().mode() & 0o777;
-                tmp.as_file()
-                    .set_permissions(std::fs::Permissions::from_mode(mode))
+                f.set_permissions(std::fs::Permissions::from_mode(mode))
                     .map_err(|e| {
                         Error::from_io(
                             e,
@@ -600,6 +596,15 @@ fn move_if_free(tmp: tempfile::NamedTempFile, output: &Path) -> Result<()> {
     tmp.persist(output)
         .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
     Ok(())
+}
+
+/// The directory a conversion writes `output` in (and its temporary file): `.` for a bare
+/// file name.
+pub fn output_dir(output: &Path) -> &Path {
+    match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 /// The name prefix of the temporary file a conversion writes beside its output named `name`
