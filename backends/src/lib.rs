@@ -35,6 +35,9 @@ pub(crate) mod ranges;
 pub mod s3;
 #[cfg(any(feature = "http", feature = "s3"))]
 #[forbid(unsafe_code)]
+pub(crate) mod shared;
+#[cfg(any(feature = "http", feature = "s3"))]
+#[forbid(unsafe_code)]
 pub(crate) mod stop;
 #[cfg(any(feature = "http", feature = "s3"))]
 #[forbid(unsafe_code)]

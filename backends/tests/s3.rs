@@ -813,12 +813,13 @@ fn connection_reset_mid_body_resumes_with_correct_bytes() {
     assert!(resumed >= 1, "no resumed range in {log:?}");
 }
 
-/// Each backend has its own connection pool. A pooled connection is driven by a task of the
-/// runtime that opened it, and each backend owns its runtime: sharing one pool (OpenDAL's
-/// process-wide client) handed one backend connections that died with another backend
-/// ("error sending request", seen in CI on the test's own uploads).
+/// Backends with the same settings share the process's S3 client (its connection pool) and
+/// runtime: a sharded checkpoint's shards reuse one another's connections. The runtime is never
+/// shut down, so dropping one backend cannot kill the connections another goes on using (with a
+/// runtime per backend, a shared pool handed out connections that had died with another
+/// backend's runtime: "error sending request").
 #[test]
-fn backends_do_not_share_connections() {
+fn backends_share_connections_and_outlive_each_other() {
     let f = faulty();
     let read = |be: &S3Backend| {
         let mut buf = vec![0u8; 100_000];
@@ -834,20 +835,17 @@ fn backends_do_not_share_connections() {
     a.stat().unwrap();
     read(&a);
     let of_a = conns();
-    // While `a` keeps its idle connection, `b` uses only connections of its own.
+    // `b` takes up the connections `a` left idle.
     let b = f.backend(&small_chunks());
     b.stat().unwrap();
     read(&b);
     let of_b = conns();
-    assert!(of_a.is_disjoint(&of_b), "a used {of_a:?}, b used {of_b:?}");
-    // Dropping `a` (and its runtime) does not disturb `b`, which goes on with connections `a`
-    // never had.
+    assert!(!of_a.is_disjoint(&of_b), "a used {of_a:?}, b used {of_b:?}");
+    // Dropping `a` does not disturb `b`.
     drop(a);
     read(&b);
     read(&b);
-    let log = f.proxy.log();
-    assert!(!log.is_empty());
-    assert!(log.iter().all(|x| !of_a.contains(&x.conn)), "{log:?}");
+    assert!(!f.proxy.log().is_empty());
 }
 
 #[test]

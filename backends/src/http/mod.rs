@@ -41,27 +41,21 @@ use retry::Ctx;
 
 use crate::OpenOptions;
 
-/// The tokio runtime of one backend. Shut down in the background on drop, so that dropping the
-/// last handle from inside an async context cannot panic.
+/// The tokio runtime a backend runs on: the process's one for its thread count (see
+/// `crate::shared`), never shut down, so dropping a backend anywhere (even inside another
+/// async context) cannot block or panic.
 #[derive(Debug)]
-pub(crate) struct Rt(Option<tokio::runtime::Runtime>);
+pub(crate) struct Rt(&'static tokio::runtime::Runtime);
 
 impl Rt {
     fn new(threads: usize) -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.clamp(1, 64))
-            .thread_name("ts-http")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::from_io(e, "starting the http runtime").with_backend("http"))?;
-        Ok(Rt(Some(rt)))
+        crate::shared::runtime("ts-http", threads.clamp(1, 64))
+            .map(Rt)
+            .map_err(|e| Error::from_io(e, "starting the http runtime").with_backend("http"))
     }
 
     pub(crate) fn handle(&self) -> Result<&tokio::runtime::Handle> {
-        self.0
-            .as_ref()
-            .map(|r| r.handle())
-            .ok_or_else(|| Error::new(ErrorKind::Io, "http runtime is shut down"))
+        Ok(self.0.handle())
     }
 
     /// Runs `fut` to completion from synchronous code. From inside another async runtime (where
@@ -80,14 +74,6 @@ impl Rt {
                 .join()
                 .map_err(|_| Error::new(ErrorKind::Io, "http request thread panicked"))
         })
-    }
-}
-
-impl Drop for Rt {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
     }
 }
 
@@ -174,6 +160,16 @@ impl HttpBackend {
             })?;
             roots.extend(certs);
         }
+        // One client (connection pool, TLS sessions) for every backend of the process with the
+        // same roots and client settings: a sharded checkpoint's shards on one host share
+        // connections (see `crate::shared`).
+        let key = crate::shared::ClientKey::new(
+            "http",
+            &roots,
+            Some(cfg.connect_timeout),
+            Some(cfg.concurrency),
+            cfg.runtime_threads.clamp(1, 64),
+        );
         // The system's roots are loaded once per process (see `crate::tls`).
         let tls = crate::tls::client_config(roots).map_err(|e| {
             Error::new(
@@ -183,28 +179,31 @@ impl HttpBackend {
             .with_backend("http")
             .with_location(&display)
         })?;
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .user_agent(concat!("tensorstream/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(cfg.connect_timeout)
-            .pool_max_idle_per_host(cfg.concurrency)
-            .tcp_nodelay(true)
-            .http2_adaptive_window(true)
-            // Redirects are followed by hand (retry::send): the user's headers stay with the
-            // URL's origin, https never leads to http. No Referer (it would carry the URL's
-            // query, often a signature).
-            .redirect(reqwest::redirect::Policy::none())
-            .referer(false)
-            .build()
-            .map_err(|e| {
-                let (_, _, msg) = retry::describe_reqwest(e);
-                Error::new(
-                    ErrorKind::Io,
-                    format!("cannot build the http client: {msg}"),
-                )
-                .with_backend("http")
-                .with_location(&display)
-            })?;
+        let build = || {
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .user_agent(concat!("tensorstream/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(cfg.connect_timeout)
+                .pool_max_idle_per_host(cfg.concurrency)
+                .tcp_nodelay(true)
+                .http2_adaptive_window(true)
+                // Redirects are followed by hand (retry::send): the user's headers stay with the
+                // URL's origin, https never leads to http. No Referer (it would carry the URL's
+                // query, often a signature).
+                .redirect(reqwest::redirect::Policy::none())
+                .referer(false)
+                .build()
+                .map_err(|e| {
+                    let (_, _, msg) = retry::describe_reqwest(e);
+                    Error::new(
+                        ErrorKind::Io,
+                        format!("cannot build the http client: {msg}"),
+                    )
+                    .with_backend("http")
+                    .with_location(&display)
+                })
+        };
+        let client = crate::shared::client(key, build)?;
         let rt = Arc::new(Rt::new(cfg.runtime_threads)?);
         let ctx = Arc::new(Ctx {
             client,

@@ -80,39 +80,28 @@ fn note_retry(_event: RetryEvent<'_>) {
     let _ = RETRIES_SEEN.try_with(|c| c.set(c.get() + 1));
 }
 
-/// The tokio runtime the backend owns. Shut down without blocking when the backend goes away,
-/// so dropping a backend is fine anywhere (even inside another runtime).
-struct Runtime(Option<tokio::runtime::Runtime>);
+/// The tokio runtime the backend runs on: the process's S3 runtime (see `crate::shared`), never
+/// shut down, so dropping a backend is fine anywhere (even inside another runtime).
+struct Runtime(&'static tokio::runtime::Runtime);
 
 impl Runtime {
     fn new() -> Result<Self> {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .clamp(2, 8);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("ts-s3")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::from_io(e, "starting the S3 I/O runtime").with_backend("s3"))?;
-        Ok(Runtime(Some(rt)))
+        crate::shared::runtime("ts-s3", runtime_threads())
+            .map(Runtime)
+            .map_err(|e| Error::from_io(e, "starting the S3 I/O runtime").with_backend("s3"))
     }
 
     fn handle(&self) -> Result<tokio::runtime::Handle> {
-        self.0
-            .as_ref()
-            .map(|rt| rt.handle().clone())
-            .ok_or_else(|| Error::new(ErrorKind::Io, "S3 I/O runtime already shut down"))
+        Ok(self.0.handle().clone())
     }
 }
 
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
+/// Worker threads of the S3 runtime: the machine's cores, 2 to 8.
+fn runtime_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
 }
 
 /// What the I/O tasks need: shared by the backend, its readers and their tasks (which never own
@@ -475,24 +464,28 @@ fn build_operator(
     cfg: &S3Config,
     roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 ) -> opendal::Result<Operator> {
+    let key = crate::shared::ClientKey::new("s3", &roots, None, None, runtime_threads());
     // TLS: the system's roots (loaded once per process, see `crate::tls`) plus AWS_CA_BUNDLE's;
     // installs rustls' ring provider unless the process already chose one.
     let tls = crate::tls::client_config(roots).map_err(|e| {
         opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
             .set_source(e)
     })?;
-    // This backend's own HTTP client (and so its own connection pool: see `transport.rs`).
-    // No redirects (a signed request cannot follow one to another host anyway; S3's own
-    // redirects name the right endpoint in the error), no Referer.
-    let client = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .redirect(reqwest::redirect::Policy::none())
-        .referer(false)
-        .build()
-        .map_err(|e| {
-            opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
-                .set_source(e)
-        })?;
+    // The process's client for these roots (one connection pool for every S3 backend with
+    // them: see `crate::shared` and `transport.rs`). No redirects (a signed request cannot
+    // follow one to another host anyway; S3's own redirects name the right endpoint in the
+    // error), no Referer.
+    let client = crate::shared::client(key, || {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
+            .build()
+            .map_err(|e| {
+                opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
+                    .set_source(e)
+            })
+    })?;
     let mut b = opendal::services::S3::default()
         .root("/")
         .bucket(&loc.bucket)

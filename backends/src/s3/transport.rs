@@ -25,10 +25,11 @@ pub(crate) struct RangeCheckedTransport {
 }
 
 impl RangeCheckedTransport {
-    /// A transport with its own connection pool. Each backend owns one, built on the backend's
-    /// own runtime: a pooled connection is served by a task of the runtime that opened it, so a
-    /// pool shared across backends (OpenDAL's process-wide default client) would hand one backend
-    /// connections whose task died with another backend's runtime ("error sending request").
+    /// A transport over `client`: the process's S3 client for the backend's roots (see
+    /// `crate::shared`). Its pooled connections are served by tasks of the process's S3 runtime,
+    /// which is never shut down; a pool shared with a runtime that a backend shut down would
+    /// hand out connections whose task had died ("error sending request"), which is why the
+    /// client and the runtime are shared together.
     pub(crate) fn new(client: reqwest::Client) -> Self {
         RangeCheckedTransport {
             inner: ReqwestTransport::new(client),
