@@ -57,7 +57,9 @@ fn http_backends_share_runtime_and_connections() {
     let threads = cfg.runtime_threads;
     let open_all = || -> Vec<Arc<HttpBackend>> {
         (0..SHARDS)
-            .map(|i| Arc::new(HttpBackend::open_with(&nginx.url(&format!("s{i}")), cfg.clone()).unwrap()))
+            .map(|i| {
+                Arc::new(HttpBackend::open_with(&nginx.url(&format!("s{i}")), cfg.clone()).unwrap())
+            })
             .collect()
     };
     let sockets_before = sockets();
@@ -67,7 +69,10 @@ fn http_backends_share_runtime_and_connections() {
     // Their opening requests went one after another over one pooled connection (was one
     // connection per backend).
     let opened = sockets() - sockets_before;
-    assert!(opened <= 2, "{opened} sockets for {SHARDS} backends of one host");
+    assert!(
+        opened <= 2,
+        "{opened} sockets for {SHARDS} backends of one host"
+    );
     drop(shards);
 
     let round = || {
@@ -89,7 +94,10 @@ fn http_backends_share_runtime_and_connections() {
          sockets, {rss_50} KiB resident"
     );
     assert_eq!(threads_named("ts-http"), threads);
-    assert!(sockets_50 <= sockets_1 + 1, "sockets leak: {sockets_1} then {sockets_50}");
+    assert!(
+        sockets_50 <= sockets_1 + 1,
+        "sockets leak: {sockets_1} then {sockets_50}"
+    );
     assert!(
         rss_50 < rss_1 + 32 * 1024,
         "memory grows: {rss_1} KiB then {rss_50} KiB"
@@ -124,7 +132,10 @@ fn s3_backends_share_one_runtime() {
         .collect();
     let n = threads_named("ts-s3");
     // (The runtime has 2 to 8 workers; 16 runtimes had at least 32.)
-    assert!((2..=8).contains(&n), "{n} S3 runtime threads for 16 backends");
+    assert!(
+        (2..=8).contains(&n),
+        "{n} S3 runtime threads for 16 backends"
+    );
     // Dropping them inside another runtime neither blocks nor panics.
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()

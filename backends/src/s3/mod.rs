@@ -98,10 +98,14 @@ impl Runtime {
 
 /// Worker threads of the S3 runtime: the machine's cores, 2 to 8.
 fn runtime_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(2, 8)
+    // (Read once: on Linux it reads the cgroup files.)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 8)
+    })
 }
 
 /// What the I/O tasks need: shared by the backend, its readers and their tasks (which never own
@@ -440,13 +444,20 @@ fn ca_bundle(cfg: &S3Config) -> Result<Vec<rustls::pki_types::CertificateDer<'st
         return Ok(Vec::new());
     };
     let what = format!("AWS_CA_BUNDLE={}", path.display());
-    let pem = std::fs::read(path).map_err(|e| {
+    let unreadable = |e: std::io::Error| {
         Error::new(
             ErrorKind::InvalidInput,
             format!("{what}: cannot read the CA bundle: {e}"),
         )
         .with_backend("s3")
-    })?;
+    };
+    // A sharded checkpoint opens a backend per shard: the bundle (often the whole system store,
+    // some 150 certificates) is parsed once per process and file version, not once per shard.
+    let stamp = bundle_stamp(&std::fs::metadata(path).map_err(unreadable)?);
+    if let Some(certs) = bundles::get(path, stamp) {
+        return Ok(certs);
+    }
+    let pem = std::fs::read(path).map_err(unreadable)?;
     let certs = crate::tls::parse_pem_bundle(&pem).map_err(|e| {
         Error::invalid(format!("{what}: not a PEM certificate bundle: {e}")).with_backend("s3")
     })?;
@@ -455,7 +466,62 @@ fn ca_bundle(cfg: &S3Config) -> Result<Vec<rustls::pki_types::CertificateDer<'st
             Error::invalid(format!("{what}: the file holds no PEM certificate")).with_backend("s3"),
         );
     }
+    bundles::put(path, stamp, &certs);
     Ok(certs)
+}
+
+/// What tells one version of a bundle file from another: size, modification time, inode.
+type BundleStamp = (u64, Option<std::time::SystemTime>, u64);
+
+fn bundle_stamp(m: &std::fs::Metadata) -> BundleStamp {
+    use std::os::unix::fs::MetadataExt;
+    (m.len(), m.modified().ok(), m.ino())
+}
+
+/// The parsed `AWS_CA_BUNDLE` files of the process, by path and file version (at most 16, the
+/// lot forgotten when a 17th comes; a file whose stamp changed is parsed again). Only bundles that parsed are kept.
+mod bundles {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, OnceLock};
+
+    use rustls::pki_types::CertificateDer;
+
+    use super::BundleStamp;
+
+    type Certs = Vec<CertificateDer<'static>>;
+    /// Per path: the stamp parsed, its certificates, and how often the path was parsed.
+    type Kept = HashMap<PathBuf, (BundleStamp, Certs, usize)>;
+    static KEPT: OnceLock<Mutex<Kept>> = OnceLock::new();
+
+    fn kept() -> std::sync::MutexGuard<'static, Kept> {
+        KEPT.get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn get(path: &Path, stamp: BundleStamp) -> Option<Certs> {
+        kept()
+            .get(path)
+            .filter(|(s, _, _)| *s == stamp)
+            .map(|(_, c, _)| c.clone())
+    }
+
+    pub(super) fn put(path: &Path, stamp: BundleStamp, certs: &Certs) {
+        let mut map = kept();
+        let parses = map.get(path).map_or(0, |e| e.2) + 1;
+        if map.len() >= 16 && !map.contains_key(path) {
+            // (A program cycling through many bundles: start over rather than grow.)
+            map.clear();
+        }
+        map.insert(path.to_path_buf(), (stamp, certs.clone(), parses));
+    }
+
+    /// How often `path` was parsed (tests).
+    #[cfg(test)]
+    pub(super) fn parses(path: &Path) -> usize {
+        kept().get(path).map_or(0, |e| e.2)
+    }
 }
 
 /// Builds the operator: S3 service, then (inner to outer) ETag pin check, timeouts, retries.
@@ -465,26 +531,21 @@ fn build_operator(
     roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 ) -> opendal::Result<Operator> {
     let key = crate::shared::ClientKey::new("s3", &roots, None, None, runtime_threads());
-    // TLS: the system's roots (loaded once per process, see `crate::tls`) plus AWS_CA_BUNDLE's;
-    // installs rustls' ring provider unless the process already chose one.
-    let tls = crate::tls::client_config(roots).map_err(|e| {
-        opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
-            .set_source(e)
-    })?;
     // The process's client for these roots (one connection pool for every S3 backend with
-    // them: see `crate::shared` and `transport.rs`). No redirects (a signed request cannot
-    // follow one to another host anyway; S3's own redirects name the right endpoint in the
-    // error), no Referer.
+    // them: see `crate::shared` and `transport.rs`). TLS: the system's roots (loaded once per
+    // process, see `crate::tls`) plus AWS_CA_BUNDLE's; installs rustls' ring provider unless the
+    // process already chose one. No redirects (a signed request cannot follow one to another
+    // host anyway; S3's own redirects name the right endpoint in the error), no Referer.
     let client = crate::shared::client(key, || {
+        let building =
+            || opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client");
+        let tls = crate::tls::client_config(roots).map_err(|e| building().set_source(e))?;
         reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .redirect(reqwest::redirect::Policy::none())
             .referer(false)
             .build()
-            .map_err(|e| {
-                opendal::Error::new(opendal::ErrorKind::Unexpected, "building the HTTP client")
-                    .set_source(e)
-            })
+            .map_err(|e| building().set_source(e))
     })?;
     let mut b = opendal::services::S3::default()
         .root("/")

@@ -235,3 +235,43 @@ fn head_timeouts_name_the_head_limit() {
     assert_eq!(m.kind(), ErrorKind::Timeout, "{m}");
     assert!(m.to_string().contains("within 30.0 s"), "{m}");
 }
+
+/// `AWS_CA_BUNDLE` is parsed once per file version, not once per backend (a sharded
+/// checkpoint opens one per shard); a changed file is parsed again.
+#[test]
+fn ca_bundle_is_parsed_once_per_file_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.pem");
+    let pem = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    };
+    std::fs::write(&path, pem("bundle one")).unwrap();
+    let bundle = path.display().to_string();
+    let cfg = S3Config::resolve(&OpenOptions::default(), &|name| {
+        (name == "AWS_CA_BUNDLE").then(|| bundle.clone())
+    })
+    .unwrap();
+    let first = super::ca_bundle(&cfg).unwrap();
+    for _ in 0..5 {
+        assert_eq!(super::ca_bundle(&cfg).unwrap(), first);
+    }
+    assert_eq!(super::bundles::parses(&path), 1);
+    // Another version of the file (another size): parsed again, its certificates used.
+    std::fs::write(&path, pem("bundle number two") + &pem("and a third")).unwrap();
+    let second = super::ca_bundle(&cfg).unwrap();
+    assert_eq!(second.len(), 2);
+    assert_eq!(super::bundles::parses(&path), 2);
+    // A file that no longer parses is an error, not the kept version.
+    std::fs::write(
+        &path,
+        "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    assert!(super::ca_bundle(&cfg).is_err());
+}
