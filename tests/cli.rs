@@ -1222,6 +1222,11 @@ fn an_output_that_appears_during_a_conversion_is_replaced_only_with_force() {
                 stderr.contains("appeared while the conversion ran"),
                 "{stderr}"
             );
+            // The CLI user is told of --force, not of the library's switch.
+            assert!(
+                stderr.contains("give --force to replace it") && !stderr.contains("Loader::"),
+                "{stderr}"
+            );
             assert_eq!(now, b"theirs", "replaced without --force");
         }
         let left: Vec<_> = std::fs::read_dir(dir.path())

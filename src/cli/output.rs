@@ -174,7 +174,16 @@ pub fn convert(
         let _bar = Progress::start_dynamic("converting", total, counter, io.quiet);
         // Removed on a forced exit too (Ctrl-C twice, or a conversion stuck past the grace).
         let _partial = super::interrupt::PartialOutput::new(output);
-        loader.convert(output, encrypt)?
+        // The library's error for an output that exists names the library's switch: a CLI user
+        // is told of --force.
+        loader.convert(output, encrypt).map_err(|e| {
+            match tensorstream::engine::format::convert::output_taken(&e) {
+                Some(what) if !force => {
+                    Error::invalid(format!("{what}: give --force to replace it"))
+                }
+                _ => e,
+            }
+        })?
     };
     out!(
         "converted {} ({}) to {} in {:.3} s",

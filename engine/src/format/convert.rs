@@ -484,8 +484,8 @@ pub fn convert_parts(
     // An output that must not be replaced and is there already (a file, or a link, even a
     // dangling one) fails now, not after the whole conversion as one that appeared meanwhile.
     if !opts.replace && output.symlink_metadata().is_ok() {
-        return Err(Error::invalid(format!(
-            "{} exists: it is not replaced (replace it with --force, or Loader::replace_output)",
+        return Err(taken(format!(
+            "{} exists: it is not replaced",
             output.display()
         )));
     }
@@ -579,11 +579,42 @@ pub fn convert_parts(
 
 /// The error of a conversion that must not replace `output`, a name taken meanwhile.
 fn appeared(output: &Path) -> Error {
-    Error::invalid(format!(
+    taken(format!(
         "{} appeared while the conversion ran: it was left as it is and the conversion \
-         discarded (replace it with --force, or Loader::replace_output)",
+         discarded",
         output.display()
     ))
+}
+
+/// What the error of a conversion refused because its output name is taken adds to its
+/// message, for a library caller. A front end with its own way to ask for a replacement (the
+/// CLI's `--force`) strips it ([`output_taken`]) and adds its own.
+pub const REPLACE_HINT: &str =
+    " (set ConvertOptions::replace, or Loader::replace_output(true), to replace it)";
+
+/// The error of a conversion that must not replace its output, whose name is taken: `what`
+/// and [`REPLACE_HINT`], with an [`std::io::ErrorKind::AlreadyExists`] cause
+/// ([`output_taken`] tells it apart).
+fn taken(what: String) -> Error {
+    Error::invalid(format!("{what}{REPLACE_HINT}")).with_source(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        "output exists",
+    ))
+}
+
+/// If `e` is the error of a conversion refused because its output exists (there before it
+/// began, or there when it ended), its message without [`REPLACE_HINT`].
+pub fn output_taken(e: &Error) -> Option<&str> {
+    if e.kind() != crate::ErrorKind::InvalidInput
+        || e.io_error()?.kind() != std::io::ErrorKind::AlreadyExists
+    {
+        return None;
+    }
+    Some(
+        e.message()
+            .strip_suffix(REPLACE_HINT)
+            .unwrap_or(e.message()),
+    )
 }
 
 /// Renames `tmp` to `output` if no file (or link) has that name: the fallback of a no-replace
@@ -1053,6 +1084,17 @@ mod tests {
                     e.to_string().contains("appeared while the conversion ran"),
                     "{e}"
                 );
+                // A library caller is told of the library's switch, not of the CLI's flag.
+                assert!(
+                    e.to_string().contains("Loader::replace_output(true)")
+                        && !e.to_string().contains("--force"),
+                    "{e}"
+                );
+                let what = output_taken(&e).expect("not told apart as an output taken");
+                assert!(
+                    what.contains("appeared while") && !what.contains("Loader::"),
+                    "{what}"
+                );
                 assert_eq!(now, b"theirs", "the file that appeared was replaced");
             }
             let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -1170,6 +1212,13 @@ mod tests {
                 e.to_string().contains("exists") && !e.to_string().contains("appeared"),
                 "{e}"
             );
+            assert!(
+                e.to_string().contains("ConvertOptions::replace")
+                    && !e.to_string().contains("--force"),
+                "{e}"
+            );
+            let what = output_taken(&e).expect("not told apart as an output taken");
+            assert!(what.ends_with("exists: it is not replaced"), "{what}");
             assert!(
                 !opened.load(std::sync::atomic::Ordering::SeqCst),
                 "{}: converted before refusing",
