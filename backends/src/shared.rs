@@ -10,6 +10,11 @@
 //!   anywhere (even inside another async runtime) neither blocks nor panics. Work a backend
 //!   leaves behind is stopped by its own means (a reader's stop signal, `until_cancelled`),
 //!   not by a runtime shutdown.
+//! * **Forked children**: a child process has none of its parent's threads, so the parent's
+//!   runtimes would never run its tasks there (and the parent's pooled connections are served
+//!   by those tasks). Both are kept per process id: a child forked after a load starts its own
+//!   runtimes and clients at its first backend, and forgets (neither drops nor uses) the
+//!   parent's.
 //! * **Clients**: one per [`ClientKey`] (backend kind, the extra trusted roots, the client
 //!   settings, the proxy environment), at most [`MAX_CLIENTS`] kept; past that a client is
 //!   built and not kept. Backends with the same key share the client's connection pool and TLS
@@ -24,7 +29,36 @@ use std::time::Duration;
 /// Distinct clients kept (see the module docs).
 pub(crate) const MAX_CLIENTS: usize = 16;
 
-type Runtimes = HashMap<(&'static str, usize), &'static tokio::runtime::Runtime>;
+/// What one process keeps: `items` belong to the process `pid`. In another process (a child
+/// forked after they were made) they are forgotten and made again.
+struct PerProcess<T> {
+    pid: u32,
+    items: T,
+}
+
+impl<T: Default> Default for PerProcess<T> {
+    fn default() -> Self {
+        PerProcess {
+            pid: std::process::id(),
+            items: T::default(),
+        }
+    }
+}
+
+impl<T: Default> PerProcess<T> {
+    /// The items of the process `pid`. The items of another (the parent of a forked child) are
+    /// leaked, not dropped: their runtimes' threads and connections' tasks do not exist here,
+    /// and dropping them could wait on those.
+    fn of(&mut self, pid: u32) -> &mut T {
+        if self.pid != pid {
+            std::mem::forget(std::mem::take(&mut self.items));
+            self.pid = pid;
+        }
+        &mut self.items
+    }
+}
+
+type Runtimes = PerProcess<HashMap<(&'static str, usize), &'static tokio::runtime::Runtime>>;
 static RUNTIMES: OnceLock<Mutex<Runtimes>> = OnceLock::new();
 
 /// The process's runtime `name` with `threads` worker threads (threads named `name`).
@@ -32,10 +66,22 @@ pub(crate) fn runtime(
     name: &'static str,
     threads: usize,
 ) -> std::io::Result<&'static tokio::runtime::Runtime> {
-    let mut map = RUNTIMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    runtime_in(
+        RUNTIMES.get_or_init(Default::default),
+        std::process::id(),
+        name,
+        threads,
+    )
+}
+
+fn runtime_in(
+    kept: &Mutex<Runtimes>,
+    pid: u32,
+    name: &'static str,
+    threads: usize,
+) -> std::io::Result<&'static tokio::runtime::Runtime> {
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    let map = kept.of(pid);
     if let Some(rt) = map.get(&(name, threads)) {
         return Ok(rt);
     }
@@ -95,7 +141,8 @@ impl ClientKey {
     }
 }
 
-static CLIENTS: OnceLock<Mutex<HashMap<ClientKey, reqwest::Client>>> = OnceLock::new();
+type Clients = PerProcess<HashMap<ClientKey, reqwest::Client>>;
+static CLIENTS: OnceLock<Mutex<Clients>> = OnceLock::new();
 
 /// The process's client for `key`, built with `build` when there is none yet. A failure is
 /// not kept.
@@ -103,13 +150,32 @@ pub(crate) fn client<E>(
     key: ClientKey,
     build: impl FnOnce() -> Result<reqwest::Client, E>,
 ) -> Result<reqwest::Client, E> {
-    let cache = CLIENTS.get_or_init(Default::default);
-    if let Some(c) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+    client_in(
+        CLIENTS.get_or_init(Default::default),
+        std::process::id(),
+        key,
+        build,
+    )
+}
+
+fn client_in<E>(
+    cache: &Mutex<Clients>,
+    pid: u32,
+    key: ClientKey,
+    build: impl FnOnce() -> Result<reqwest::Client, E>,
+) -> Result<reqwest::Client, E> {
+    if let Some(c) = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .of(pid)
+        .get(&key)
+    {
         return Ok(c.clone());
     }
     // Built outside the lock; two threads may both build one, and the first kept wins.
     let built = build()?;
-    let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    let mut kept = cache.lock().unwrap_or_else(|p| p.into_inner());
+    let map = kept.of(pid);
     if let Some(c) = map.get(&key) {
         return Ok(c.clone());
     }
@@ -152,5 +218,43 @@ mod tests {
         let other = vec![rustls::pki_types::CertificateDer::from(vec![1u8, 2, 3])];
         client(key(&other), &mut build).unwrap();
         assert_eq!(builds, 2);
+    }
+
+    /// A forked child (another process id) gets runtimes and clients of its own, never its
+    /// parent's, whose threads it does not have.
+    #[test]
+    fn a_forked_child_gets_its_own_runtimes_and_clients() {
+        let runtimes = Mutex::new(Runtimes::default());
+        let parent = std::process::id();
+        let child = parent.wrapping_add(1);
+        let a = runtime_in(&runtimes, parent, "ts-test-fork", 1).unwrap();
+        assert!(std::ptr::eq(
+            a,
+            runtime_in(&runtimes, parent, "ts-test-fork", 1).unwrap()
+        ));
+        let b = runtime_in(&runtimes, child, "ts-test-fork", 1).unwrap();
+        assert!(!std::ptr::eq(a, b), "the child got its parent's runtime");
+        assert!(std::ptr::eq(
+            b,
+            runtime_in(&runtimes, child, "ts-test-fork", 1).unwrap()
+        ));
+        // The child's runtime runs its tasks.
+        assert_eq!(b.block_on(b.spawn(async { 7 })).unwrap(), 7);
+
+        let clients = Mutex::new(Clients::default());
+        let key = || ClientKey::new("test", &[], None, Some(3), 1);
+        let mut builds = 0;
+        let mut build = || {
+            builds += 1;
+            let tls = crate::tls::client_config(Vec::new()).unwrap();
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .build()
+        };
+        client_in(&clients, parent, key(), &mut build).unwrap();
+        client_in(&clients, parent, key(), &mut build).unwrap();
+        client_in(&clients, child, key(), &mut build).unwrap();
+        client_in(&clients, child, key(), &mut build).unwrap();
+        assert_eq!(builds, 2, "the child used its parent's client");
     }
 }
