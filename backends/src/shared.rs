@@ -189,6 +189,13 @@ fn client_in<E>(
 mod tests {
     use super::*;
 
+    fn plain_client() -> Result<reqwest::Client, reqwest::Error> {
+        let tls = crate::tls::client_config(Vec::new()).unwrap();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+    }
+
     #[test]
     fn one_runtime_per_name_and_size() {
         let a = runtime("ts-test-rt", 2).unwrap();
@@ -207,10 +214,7 @@ mod tests {
         let mut builds = 0;
         let mut build = || {
             builds += 1;
-            let tls = crate::tls::client_config(Vec::new()).unwrap();
-            reqwest::Client::builder()
-                .tls_backend_preconfigured(tls)
-                .build()
+            plain_client()
         };
         client(key(&[]), &mut build).unwrap();
         client(key(&[]), &mut build).unwrap();
@@ -246,10 +250,7 @@ mod tests {
         let mut builds = 0;
         let mut build = || {
             builds += 1;
-            let tls = crate::tls::client_config(Vec::new()).unwrap();
-            reqwest::Client::builder()
-                .tls_backend_preconfigured(tls)
-                .build()
+            plain_client()
         };
         client_in(&clients, parent, key(), &mut build).unwrap();
         client_in(&clients, parent, key(), &mut build).unwrap();

@@ -109,11 +109,11 @@ pub(crate) fn client_config(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A throwaway self-signed CA certificate, distinct per call: (DER, PEM).
-    fn ca(name: &str) -> (CertificateDer<'static>, String) {
+    pub(crate) fn ca(name: &str) -> (CertificateDer<'static>, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params

@@ -242,15 +242,7 @@ fn head_timeouts_name_the_head_limit() {
 fn ca_bundle_is_parsed_once_per_file_version() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bundle.pem");
-    let pem = |name: &str| {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.self_signed(&key).unwrap().pem()
-    };
+    let pem = |name: &str| crate::tls::tests::ca(name).1;
     std::fs::write(&path, pem("bundle one")).unwrap();
     let bundle = path.display().to_string();
     let cfg = S3Config::resolve(&OpenOptions::default(), &|name| {
