@@ -80,16 +80,28 @@ fn runtime_in(
     name: &'static str,
     threads: usize,
 ) -> std::io::Result<&'static tokio::runtime::Runtime> {
-    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
-    let map = kept.of(pid);
-    if let Some(rt) = map.get(&(name, threads)) {
+    if let Some(rt) = kept
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .of(pid)
+        .get(&(name, threads))
+    {
         return Ok(rt);
     }
+    // Built outside the lock (it starts threads: a child forked meanwhile must not find the
+    // lock held for ever); of two built side by side, the first kept wins and the other is
+    // shut down without waiting, which is fine in any context.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name(name)
         .enable_all()
         .build()?;
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    let map = kept.of(pid);
+    if let Some(won) = map.get(&(name, threads)) {
+        rt.shutdown_background();
+        return Ok(won);
+    }
     // Kept for the life of the process (bounded: one per name and thread count).
     let rt: &'static tokio::runtime::Runtime = Box::leak(Box::new(rt));
     map.insert((name, threads), rt);
@@ -222,6 +234,28 @@ mod tests {
         let other = vec![rustls::pki_types::CertificateDer::from(vec![1u8, 2, 3])];
         client(key(&other), &mut build).unwrap();
         assert_eq!(builds, 2);
+    }
+
+    /// Backends opened side by side for the first time all get one runtime (the ones built
+    /// meanwhile and not kept are shut down).
+    #[test]
+    fn racing_first_backends_get_one_runtime() {
+        let runtimes = Mutex::new(Runtimes::default());
+        let start = std::sync::Barrier::new(8);
+        let got: Vec<usize> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        let rt = runtime_in(&runtimes, 1, "ts-test-race", 1).unwrap();
+                        rt as *const tokio::runtime::Runtime as usize
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(got.iter().all(|&p| p == got[0]), "{got:?}");
+        assert_eq!(runtimes.lock().unwrap().items.len(), 1);
     }
 
     /// A forked child (another process id) gets runtimes and clients of its own, never its
