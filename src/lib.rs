@@ -716,6 +716,17 @@ impl Loader {
         }
     }
 
+    /// The backend and the object's size and version: one HEAD for an HTTP object, whose
+    /// opening asks for them anyway (see `tensorstream_backends::open_stat`).
+    fn backend_stat(&self) -> Result<(Arc<dyn Backend>, ObjectMeta)> {
+        if self.backend.is_some() {
+            let be = self.backend()?;
+            let meta = be.stat_located()?;
+            return Ok((be, meta));
+        }
+        backends::open_stat(&self.uri, &self.backend_options())
+    }
+
     /// Reads only the metadata: the file's tensor index. With a key or password set and an
     /// encrypted tensorizer file, it also decrypts the smallest tensor (one read, skipped when
     /// that tensor is over 64 MiB or when no tensor has stored bytes) so that a wrong key is an
@@ -1664,8 +1675,7 @@ impl Loader {
     fn open_index(&self) -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
         use std::sync::atomic::Ordering;
         let steps = |l: &Loader| -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
-            let be = l.backend()?;
-            let meta = be.stat_located()?;
+            let (be, meta) = l.backend_stat()?;
             let index = l.read_index(be.as_ref(), &meta)?;
             Ok((be, meta, index))
         };

@@ -261,8 +261,7 @@ pub fn parse_index(index_uri: &str, bytes: &[u8]) -> Result<ShardMap> {
 
 /// Reads and parses the index at `uri` through its backend.
 pub fn read_index(uri: &str, open: &OpenOptions) -> Result<ShardMap> {
-    let be = tensorstream_backends::open(uri, open)?;
-    let meta = be.stat_located()?;
+    let (be, meta) = tensorstream_backends::open_stat(uri, open)?;
     if meta.size > MAX_INDEX_BYTES {
         return Err(Error::corrupt(format!(
             "the sharded-checkpoint index is {} bytes; larger than {MAX_INDEX_BYTES} is refused",

@@ -362,6 +362,58 @@ fn sharded_loads_and_conversions_read_each_shard_header_once() {
     }
 }
 
+/// Lines of the nginx access log (format `METHOD URI STATUS range=RANGE`) for `uri` with
+/// `method`.
+fn requests(log: &str, method: &str, uri: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            let mut w = l.split(' ');
+            w.next() == Some(method) && w.next() == Some(uri)
+        })
+        .count()
+}
+
+/// An HTTP object's opening asks the server for its size and version (the HEAD that checks the
+/// object and the server's range support), and a load takes them from that answer instead of
+/// asking again at once: a sharded load sends each shard three HEADs (the check's, the load's
+/// look that the shard is still the one checked, and the last look after its bytes landed),
+/// and the index one. Counted in the access log of the real nginx.
+#[test]
+fn a_sharded_http_load_does_not_ask_twice_for_what_the_opening_saw() {
+    let url = env("TS_NGINX_URL");
+    let log = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+    let root = PathBuf::from(env("TS_NGINX_ROOT"));
+    let name = "heads-per-shard";
+    let shards: [&[usize]; 3] = [&[1000, 3000], &[17, 40], &[(1 << 20) + 3]];
+    let want = checkpoint::write(&root.join(name), &shards, 23);
+    let uri = format!("{url}/{name}/model.safetensors.index.json");
+    let out = succeed(
+        cli().args(["load", &uri, "--digests", "--json", "--quiet"]),
+        "load",
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = got["tensors"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["sha256"], w.sha256.as_str(), "{}", w.name);
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    let index = format!("/{name}/model.safetensors.index.json");
+    assert_eq!(requests(&log, "HEAD", &index), 1, "HEADs for the index");
+    for k in 1..=shards.len() {
+        let shard = format!("/{name}/{}", checkpoint::shard_name(k, shards.len()));
+        assert_eq!(
+            requests(&log, "HEAD", &shard),
+            3,
+            "HEADs for {shard}:\n{}",
+            log.lines()
+                .filter(|l| l.contains(&shard))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
 /// A tensorizer file converted through each remote backend, verified, read in 1 MiB requests
 /// (several side by side per tensor): the output holds the source's bytes.
 #[test]

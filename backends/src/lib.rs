@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tensorstream_engine::{Backend, Error, Result};
+use tensorstream_engine::{Backend, BackendExt, Error, ObjectMeta, Result};
 
 #[cfg(feature = "http")]
 #[forbid(unsafe_code)]
@@ -299,6 +299,23 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
             compiled_schemes()
         ))),
     }
+}
+
+/// [`open`], then the object's size and version ([`Backend::stat`], its errors located): the
+/// opening of a read. A backend whose opening already asked the server for them answers from that
+/// request instead of making the same one again moments later: HTTP(S), whose opening sends the
+/// HEAD that checks the object and the server's range support (`http::HttpBackend::open`),
+/// so an HTTP object opened this way costs one HEAD, not two.
+pub fn open_stat(uri: &str, opts: &OpenOptions) -> Result<(Arc<dyn Backend>, ObjectMeta)> {
+    #[cfg(feature = "http")]
+    if matches!(scheme_of(uri).as_deref(), Some("http") | Some("https")) {
+        let be = http::HttpBackend::open(uri, opts)?;
+        let meta = be.last_seen();
+        return Ok((Arc::new(be), meta));
+    }
+    let be = open(uri, opts)?;
+    let meta = be.stat_located()?;
+    Ok((be, meta))
 }
 
 fn compiled_schemes() -> String {

@@ -223,6 +223,18 @@ impl HttpBackend {
         Ok(b)
     }
 
+    /// The object's size and version as the latest request that asked for them saw them (the
+    /// opening's HEAD, or the latest [`Backend::stat`]), without a request: what
+    /// [`crate::open_stat`] returns, so that an opening followed at once by a `stat` costs one
+    /// HEAD, not two.
+    pub fn last_seen(&self) -> ObjectMeta {
+        let pin = self.current_pin();
+        ObjectMeta {
+            size: pin.size,
+            version: pin.version(),
+        }
+    }
+
     /// The configuration in use.
     pub fn config(&self) -> &HttpConfig {
         &self.ctx.cfg
