@@ -1296,11 +1296,10 @@ impl Loader {
         // its share of the staging budget and of the queue depth, so the load keeps the reads
         // in flight and the host memory of a single-file load. They stop on their own flag,
         // which follows the caller's cancel flag and is set when a shard fails.
-        let lanes = todo
-            .len()
-            .min(SHARD_LANES)
-            .min(self.queue_depth.unwrap_or(usize::MAX))
-            .max(1);
+        let lanes = shard_lanes(
+            todo.iter().map(|(_, bytes)| *bytes),
+            self.queue_depth.or(self.open.concurrency),
+        );
         let stop = stop_flag(self.cancel.clone())?;
         for (l, _) in &mut todo {
             l.cancel = Some(stop.clone());
@@ -1865,6 +1864,17 @@ const GPU_LOCAL_DEPTH: usize = 32;
 
 /// Read size of GPU loads of cold local files (O_DIRECT) when no chunk size was given.
 const GPU_DIRECT_CHUNK: u64 = 1 << 20;
+
+/// How many shards of a sharded checkpoint load to host memory at the same time, given the
+/// tensor bytes each loads and the queue depth asked for (if any): [`SHARD_LANES`], never more
+/// than the shards nor than the reads in flight.
+fn shard_lanes(shard_bytes: impl Iterator<Item = u64>, depth: Option<usize>) -> usize {
+    shard_bytes
+        .count()
+        .min(SHARD_LANES)
+        .min(depth.unwrap_or(usize::MAX))
+        .max(1)
+}
 
 /// A flag a streaming load stops on: set by dropping its handle, and set when `user` (the
 /// caller's cancel flag) is, seen within 10 ms by a watcher thread that ends once nothing
