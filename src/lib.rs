@@ -220,6 +220,17 @@ impl std::fmt::Debug for Loader {
 /// Shards of a sharded checkpoint loaded to host memory at the same time.
 const SHARD_LANES: usize = 2;
 
+/// Shards loaded to host memory at the same time when none loads more than [`SMALL_SHARD`]:
+/// such a shard's load is a few requests to a remote store (its HEADs and a GET or two), one
+/// round trip after another, and with two at a time a checkpoint of many small shards spent
+/// most of its load waiting (500 shards of 2 KiB on a local s3s-fs, whose small answers each
+/// wait about 40 ms for the client's delayed ACK: 10.2 s, of which 8.2 s in the load phase).
+const SMALL_SHARD_LANES: usize = SHARD_OPENS;
+
+/// The most tensor bytes a shard loads and still counts as small (see [`SMALL_SHARD_LANES`]):
+/// one S3 request (16 MiB chunks), two HTTP ones (8 MiB).
+const SMALL_SHARD: u64 = 16 << 20;
+
 /// A shard, its loader, and what [`Loader::each_shard`] made of it.
 type Opened<'m, T> = (&'m sharded::Shard, Loader, Result<T>);
 
@@ -1287,12 +1298,14 @@ impl Loader {
     }
 
     /// A sharded checkpoint: checked (see `check_shards`), then the shards with selected
-    /// tensors loaded, [`SHARD_LANES`] at a time.
+    /// tensors loaded, [`SHARD_LANES`] at a time ([`SMALL_SHARD_LANES`] when all are small:
+    /// see `shard_lanes`).
     fn load_sharded(&self, map: &sharded::ShardMap, started: Instant) -> Result<LoadedModel> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let (mut todo, merged) = self.check_shards(map)?;
         // Two shards load at a time, so that one's start (open, plan, first reads) overlaps
-        // the other's last reads instead of the storage idling between shards. Each lane gets
+        // the other's last reads instead of the storage idling between shards; more when all
+        // are small, whose loads are mostly round trips (see `shard_lanes`). Each lane gets
         // its share of the staging budget and of the queue depth, so the load keeps the reads
         // in flight and the host memory of a single-file load. They stop on their own flag,
         // which follows the caller's cancel flag and is set when a shard fails.
@@ -1866,14 +1879,21 @@ const GPU_LOCAL_DEPTH: usize = 32;
 const GPU_DIRECT_CHUNK: u64 = 1 << 20;
 
 /// How many shards of a sharded checkpoint load to host memory at the same time, given the
-/// tensor bytes each loads and the queue depth asked for (if any): [`SHARD_LANES`], never more
-/// than the shards nor than the reads in flight.
+/// tensor bytes each loads and the queue depth asked for (if any): [`SHARD_LANES`], or
+/// [`SMALL_SHARD_LANES`] when no shard loads more than [`SMALL_SHARD`]; never more than the
+/// shards nor than the reads in flight.
 fn shard_lanes(shard_bytes: impl Iterator<Item = u64>, depth: Option<usize>) -> usize {
-    shard_bytes
-        .count()
-        .min(SHARD_LANES)
-        .min(depth.unwrap_or(usize::MAX))
-        .max(1)
+    let (mut shards, mut small) = (0usize, true);
+    for bytes in shard_bytes {
+        shards += 1;
+        small &= bytes <= SMALL_SHARD;
+    }
+    let most = if small {
+        SMALL_SHARD_LANES
+    } else {
+        SHARD_LANES
+    };
+    shards.min(most).min(depth.unwrap_or(usize::MAX)).max(1)
 }
 
 /// A flag a streaming load stops on: set by dropping its handle, and set when `user` (the
@@ -2890,6 +2910,35 @@ pub struct ReadmeDoctests;
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Shards that are all small (a request or two each: loading one is mostly waiting for
+    /// round trips) load SMALL_SHARD_LANES at a time; once one is large, SHARD_LANES at a time;
+    /// never more at a time than there are shards or reads in flight.
+    #[test]
+    fn small_shards_load_more_at_a_time() {
+        const { assert!(SMALL_SHARD_LANES > SHARD_LANES) };
+        let mib = 1u64 << 20;
+        let cases: &[(&[u64], Option<usize>, usize)] = &[
+            (&[2048; 500], None, SMALL_SHARD_LANES),
+            (&[16 * mib; 20], None, SMALL_SHARD_LANES),
+            (&[0, 1, 2], None, 3),
+            (&[2048, 2048, 2048, 16 * mib + 1], None, SHARD_LANES),
+            (&[5 << 30; 4], None, SHARD_LANES),
+            (&[2048; 500], Some(4), 4),
+            (&[2048; 500], Some(1), 1),
+            (&[5 << 30; 4], Some(1), 1),
+            (&[], None, 1),
+        ];
+        for &(bytes, depth, want) in cases {
+            assert_eq!(
+                shard_lanes(bytes.iter().copied(), depth),
+                want,
+                "{} shards, largest {:?}, depth {depth:?}",
+                bytes.len(),
+                bytes.iter().max()
+            );
+        }
+    }
 
     #[test]
     fn covered_counts_overlapping_spans_once_and_gaps_not_at_all() {
