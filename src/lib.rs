@@ -82,6 +82,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod prefetched;
 mod sharded;
 mod staged;
 
@@ -200,6 +201,10 @@ struct ShardScope {
     /// The shard's metadata and index as read when the checkpoint was checked: reused by the
     /// load if the object still has the same size and version tag.
     known: Option<Arc<(ObjectMeta, TensorIndex)>>,
+    /// A small shard's whole bytes, read with its header by the check (see
+    /// [`SMALL_OBJECTS_KEPT`]): the load reads its tensors from them when the object still has
+    /// the size and version tag `known` holds.
+    object: Option<Arc<Vec<u8>>>,
     /// The checkpoint's progress total, corrected by each shard to its plan's read bytes.
     total: Option<Arc<AtomicU64>>,
 }
@@ -231,6 +236,10 @@ const SMALL_SHARD_LANES: usize = SHARD_OPENS;
 /// one S3 request (16 MiB chunks), two HTTP ones (8 MiB).
 const SMALL_SHARD: u64 = 16 << 20;
 
+/// What [`Loader::open_index_with`] opens: the backend, the object's size and version, its
+/// index and (when asked for and they came whole) its bytes.
+type OpenedIndex = (Arc<dyn Backend>, ObjectMeta, TensorIndex, Option<Vec<u8>>);
+
 /// A shard, its loader, and what [`Loader::each_shard`] made of it.
 type Opened<'m, T> = (&'m sharded::Shard, Loader, Result<T>);
 
@@ -238,6 +247,12 @@ type Opened<'m, T> = (&'m sharded::Shard, Loader, Result<T>);
 /// `inspect`): each is a few requests to a remote store, one round trip after another, so that
 /// reading them one by one made the first pass over 100 shards behind a 25 ms link take 11 s.
 const SHARD_OPENS: usize = 8;
+
+/// Most bytes of small shards the check of a sharded checkpoint keeps for their loads: a
+/// shard of at most [`format::FIRST_READ`] bytes comes whole with its header, and its load
+/// then reads its tensors from memory rather than asking the store for them again (one GET and
+/// the final HEAD fewer per small remote shard). Shards past the budget are read again.
+const SMALL_OBJECTS_KEPT: u64 = 64 << 20;
 
 /// Default staging-ring budget (host memory beyond the destination).
 pub const DEFAULT_RING_BUDGET: usize = 256 << 20;
@@ -1085,6 +1100,7 @@ impl Loader {
             file: shard.file.clone(),
             names: shard.names.clone(),
             known: None,
+            object: None,
             total: l.progress_total.take(),
         });
         l
@@ -1256,12 +1272,13 @@ impl Loader {
         let mut indexes = Vec::with_capacity(map.shards.len());
         let mut total = 0u64;
         let opened = self.each_shard(map, |l| {
-            let (be, meta, index) = l.open_index()?;
+            let (be, meta, index, object) = l.open_index_with(true)?;
             drop(be);
-            Ok((meta, index))
+            Ok((meta, index, object))
         })?;
+        let mut kept = 0u64;
         for (shard, mut l, opened) in opened {
-            let (meta, index) = opened?;
+            let (meta, index, object) = opened?;
             l.warn_unlisted(l.check_scope(&index)?);
             let sel = l.select(&index)?;
             let bytes = sel
@@ -1273,6 +1290,13 @@ impl Loader {
                 total = total.checked_add(bytes).ok_or_else(too_big)?;
                 if let Some(scope) = l.scope.as_mut() {
                     scope.known = Some(Arc::new((meta, index)));
+                    if let Some(bytes) = object {
+                        let size = bytes.len() as u64;
+                        if kept.saturating_add(size) <= SMALL_OBJECTS_KEPT {
+                            kept += size;
+                            scope.object = Some(Arc::new(bytes));
+                        }
+                    }
                 }
                 todo.push((l, bytes));
             }
@@ -1685,11 +1709,26 @@ impl Loader {
     /// cancel (or the deadline, which sets the flag) returns `Cancelled` at once. The abandoned
     /// thread ends by itself when its call returns, dropping what it made.
     fn open_index(&self) -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
+        self.open_index_with(false)
+            .map(|(be, meta, index, _)| (be, meta, index))
+    }
+
+    /// [`Loader::open_index`]; with `keep_small`, also the object's bytes when they came whole
+    /// with its metadata, for a remote object with a version tag (what the check of a sharded
+    /// checkpoint keeps for the shard's load: see [`SMALL_OBJECTS_KEPT`]). A shard whose bytes
+    /// the check kept is opened and its size and version compared as always (`read_index`),
+    /// and then read from those bytes.
+    fn open_index_with(&self, keep_small: bool) -> Result<OpenedIndex> {
         use std::sync::atomic::Ordering;
-        let steps = |l: &Loader| -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
+        let steps = move |l: &Loader| -> Result<OpenedIndex> {
             let (be, meta) = l.backend_stat()?;
+            if keep_small && meta.version.is_some() && !be.capabilities().kernel_reads {
+                let (index, object) = format::read_index_and_object(be.as_ref(), &meta)?;
+                return Ok((be, meta, index, object));
+            }
             let index = l.read_index(be.as_ref(), &meta)?;
-            Ok((be, meta, index))
+            let be = l.prefetched(be, &meta);
+            Ok((be, meta, index, None))
         };
         let Some(flag) = self.cancel.clone() else {
             return steps(self);
@@ -1773,6 +1812,28 @@ impl Loader {
             return Err(changed("its header describes other tensors".into()));
         }
         Ok(now)
+    }
+
+    /// The shard's bytes kept by the check (see [`SMALL_OBJECTS_KEPT`]) in place of `be`, once
+    /// `read_index` found the object still the size and version the check saw; `be` otherwise.
+    fn prefetched(&self, be: Arc<dyn Backend>, meta: &ObjectMeta) -> Arc<dyn Backend> {
+        let Some(scope) = &self.scope else {
+            return be;
+        };
+        match (&scope.known, &scope.object) {
+            (Some(known), Some(bytes))
+                if known.0 == *meta
+                    && meta.version.is_some()
+                    && bytes.len() as u64 == meta.size =>
+            {
+                Arc::new(prefetched::Prefetched::new(
+                    be.as_ref(),
+                    meta.clone(),
+                    bytes.clone(),
+                ))
+            }
+            _ => be,
+        }
     }
 
     /// Metadata, selection, verification hooks and the plan, for either destination.
@@ -3148,6 +3209,7 @@ mod tests {
                 file: "model-00001-of-00002.safetensors".into(),
                 names: Arc::new(Default::default()),
                 known: Some(Arc::new((meta, index))),
+                object: None,
                 total: None,
             });
             l

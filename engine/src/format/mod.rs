@@ -70,6 +70,16 @@ pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
 
 /// Reads and parses the metadata of the object behind `backend`.
 pub fn read_index(backend: &dyn Backend, meta: &ObjectMeta) -> Result<TensorIndex> {
+    read_index_and_object(backend, meta).map(|(index, _)| index)
+}
+
+/// [`read_index`], and the whole object's bytes when the reads of its metadata brought all of
+/// it (an object of at most [`FIRST_READ`] bytes, say): the bytes the index was parsed from,
+/// which a caller that loads the object's tensors next may keep instead of reading them again.
+pub fn read_index_and_object(
+    backend: &dyn Backend,
+    meta: &ObjectMeta,
+) -> Result<(TensorIndex, Option<Vec<u8>>)> {
     let loc = backend.location().to_string();
     let mut want = FIRST_READ.min(meta.size);
     let mut prefix = backend
@@ -77,7 +87,11 @@ pub fn read_index(backend: &dyn Backend, meta: &ObjectMeta) -> Result<TensorInde
         .map_err(|e| e.with_location(&loc))?;
     loop {
         match parse_prefix(&prefix, meta.size).map_err(|e| e.with_location(&loc))? {
-            Probe::Index(idx) => return Ok(idx),
+            Probe::Index(idx) => {
+                // (`want` bytes were read, and `want` <= the object's size.)
+                let whole = want == meta.size && prefix.len() as u64 == meta.size;
+                return Ok((idx, whole.then_some(prefix)));
+            }
             Probe::NeedPrefix(n) => {
                 if n <= want || n > meta.size || n > MAX_METADATA {
                     return Err(Error::new(
