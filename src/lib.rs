@@ -3256,6 +3256,92 @@ mod tests {
         );
     }
 
+    /// A small shard's bytes kept by the check serve its load only while the store still has
+    /// the version the check read: the load then asks the store for nothing more than its look
+    /// at the object; a shard replaced meanwhile is refused with `ObjectChanged`, never loaded
+    /// from the kept bytes; kept bytes that are not the whole object are not used.
+    #[test]
+    fn a_kept_small_shard_serves_its_load_only_while_the_store_has_its_version() {
+        use std::sync::atomic::AtomicUsize;
+        /// A remote-like object with a version tag, counting the reads it serves.
+        #[derive(Debug)]
+        struct Store {
+            inner: tensorstream_engine::MemoryBackend,
+            tag: &'static str,
+            reads: AtomicUsize,
+        }
+        impl Backend for Store {
+            fn location(&self) -> &str {
+                self.inner.location()
+            }
+            fn stat(&self) -> Result<ObjectMeta> {
+                Ok(ObjectMeta {
+                    version: Some(self.tag.into()),
+                    ..self.inner.stat()?
+                })
+            }
+            fn capabilities(&self) -> tensorstream_engine::Capabilities {
+                let mut caps = self.inner.capabilities();
+                caps.kernel_reads = false;
+                caps
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                self.inner.read_at(offset, buf)
+            }
+        }
+        let store = |bytes: Vec<u8>, tag| {
+            Arc::new(Store {
+                inner: tensorstream_engine::MemoryBackend::new(
+                    "http://h/ckpt/model-00001-of-00002.safetensors",
+                    bytes,
+                ),
+                tag,
+                reads: AtomicUsize::new(0),
+            })
+        };
+        let (old, _) = tensorstream_engine::testkit::u8_model(&[16, 32], 5);
+        let (new, _) = tensorstream_engine::testkit::u8_model(&[16, 32], 6);
+        assert!(
+            old.len() == new.len() && old != new,
+            "the test needs two versions"
+        );
+        // The check reads the small shard whole with its header.
+        let (_, meta, index, object) = Loader::from_backend(store(old.clone(), "v1"))
+            .open_index_with(true)
+            .unwrap();
+        assert_eq!(object.as_deref(), Some(&old[..]), "not kept whole");
+        let load = |now: Arc<Store>, kept: Vec<u8>| {
+            let mut l = Loader::from_backend(now);
+            l.scope = Some(ShardScope {
+                index_uri: "http://h/ckpt/model.safetensors.index.json".into(),
+                file: "model-00001-of-00002.safetensors".into(),
+                names: Arc::new(Default::default()),
+                known: Some(Arc::new((meta.clone(), index.clone()))),
+                object: Some(Arc::new(kept)),
+                total: None,
+            });
+            l.open_index()
+        };
+        // Still v1: served from the kept bytes, the store not read again.
+        let now = store(old.clone(), "v1");
+        let (be, _, _) = load(now.clone(), old.clone()).unwrap();
+        assert_eq!(be.read_exact_at(0, old.len()).unwrap(), old);
+        assert_eq!(
+            now.reads.load(Ordering::SeqCst),
+            0,
+            "the store was read again"
+        );
+        // Replaced since the check (another tag): refused, whatever was kept.
+        let e = load(store(new.clone(), "v2"), old.clone()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+        // Kept bytes that are not the whole object: the store is read.
+        let now = store(old.clone(), "v1");
+        let (be, _, _) = load(now.clone(), old[..old.len() - 1].to_vec()).unwrap();
+        assert_eq!(be.read_exact_at(0, old.len()).unwrap(), old);
+        assert!(now.reads.load(Ordering::SeqCst) > 0);
+    }
+
     #[test]
     fn queue_depth_is_taken_into_the_range_every_backend_accepts() {
         let max = tensorstream_engine::pipeline::MAX_QUEUE_DEPTH;
