@@ -297,13 +297,28 @@ fn sharded_checkpoints_load_through_every_remote_backend() {
 }
 
 /// Lines of the nginx access log (format `METHOD URI STATUS range=RANGE`, see
-/// scripts/servers.sh) for `uri` that ask for a range starting at byte 0: header reads.
+/// scripts/servers.sh) for `uri` with `method`.
+fn request_lines<'a>(
+    log: &'a str,
+    method: &'a str,
+    uri: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    log.lines().filter(move |l| {
+        let mut w = l.split(' ');
+        w.next() == Some(method) && w.next() == Some(uri)
+    })
+}
+
+/// Requests for `uri` with `method` in the nginx access log.
+fn requests(log: &str, method: &str, uri: &str) -> usize {
+    request_lines(log, method, uri).count()
+}
+
+/// GETs for `uri` in the nginx access log that ask for a range starting at byte 0: header
+/// reads.
 fn header_reads(log: &str, uri: &str) -> usize {
-    log.lines()
-        .filter(|l| {
-            let mut w = l.split(' ');
-            w.next() == Some("GET") && w.next() == Some(uri) && l.contains(" range=bytes=0-")
-        })
+    request_lines(log, "GET", uri)
+        .filter(|l| l.contains(" range=bytes=0-"))
         .count()
 }
 
@@ -360,17 +375,6 @@ fn sharded_loads_and_conversions_read_each_shard_header_once() {
             );
         }
     }
-}
-
-/// Lines of the nginx access log (format `METHOD URI STATUS range=RANGE`) for `uri` with
-/// `method`.
-fn requests(log: &str, method: &str, uri: &str) -> usize {
-    log.lines()
-        .filter(|l| {
-            let mut w = l.split(' ');
-            w.next() == Some(method) && w.next() == Some(uri)
-        })
-        .count()
 }
 
 /// An HTTP object's opening asks the server for its size and version (the HEAD that checks the
