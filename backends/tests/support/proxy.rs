@@ -16,7 +16,11 @@
 //! * `strip_etag`: drop the `ETag` header of responses (a server or gateway that sends none);
 //! * `weak_etag`, `strip_last_modified`: mark the `ETag` weak, drop `Last-Modified`;
 //! * `partial_as_200`: turn `206` answers into `200 OK` without `Content-Range` (a proxy or
-//!   cache that ignored `Range`).
+//!   cache that ignored `Range`);
+//! * `delay`: hold every request this long before forwarding it (a store's round trip).
+//!
+//! It also counts the requests in flight (read from a client, their answer not yet begun) and
+//! keeps the most seen at once ([`Proxy::peak_in_flight`]).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -98,6 +102,8 @@ pub struct Faults {
     /// Answer `206` responses as `200 OK` without `Content-Range` (a proxy or cache that
     /// ignores `Range`; the body is still the range the server sent).
     pub partial_as_200: bool,
+    /// Hold every request this long before forwarding it to the server.
+    pub delay: Option<Duration>,
 }
 
 struct Armed {
@@ -125,6 +131,7 @@ struct Armed {
     weak_etag: bool,
     strip_last_modified: bool,
     partial_as_200: bool,
+    delay: Option<Duration>,
 }
 
 impl Armed {
@@ -162,6 +169,7 @@ impl Armed {
             weak_etag: f.weak_etag,
             strip_last_modified: f.strip_last_modified,
             partial_as_200: f.partial_as_200,
+            delay: f.delay,
         }
     }
 }
@@ -179,6 +187,28 @@ struct Shared {
     body_bytes: AtomicU64,
     clients: Mutex<std::collections::HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
+    /// Requests read and not yet answered, and the most at once.
+    in_flight: AtomicUsize,
+    peak_in_flight: AtomicUsize,
+}
+
+/// One request in flight: counted from when the proxy read it until its answer begins (or the
+/// exchange ends otherwise). Not until the answer's end: a client that got a whole answer and
+/// sent its next request could find the first still counted.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The running proxy. Dropping it stops accepting and closes every connection.
@@ -201,6 +231,8 @@ impl Proxy {
             body_bytes: AtomicU64::new(0),
             clients: Mutex::new(std::collections::HashMap::new()),
             next_conn: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            peak_in_flight: AtomicUsize::new(0),
         });
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -263,6 +295,16 @@ impl Proxy {
     /// Body bytes forwarded to clients so far.
     pub fn body_bytes(&self) -> u64 {
         self.shared.body_bytes.load(Ordering::SeqCst)
+    }
+    /// The most requests in flight at once (read from a client, their answer not yet begun)
+    /// since the start or the last [`Proxy::reset_peak_in_flight`].
+    pub fn peak_in_flight(&self) -> usize {
+        self.shared.peak_in_flight.load(Ordering::SeqCst)
+    }
+    /// Starts [`Proxy::peak_in_flight`] again from the requests in flight now.
+    pub fn reset_peak_in_flight(&self) {
+        let now = self.shared.in_flight.load(Ordering::SeqCst);
+        self.shared.peak_in_flight.store(now, Ordering::SeqCst);
     }
 }
 
@@ -349,6 +391,8 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
         let Some(mut req) = read_head(&mut client_r)? else {
             return Ok(());
         };
+        // Until its answer starts: a client that has its answer never finds it counted.
+        let in_flight = InFlight::new(shared);
         let armed = shared.faults.lock().unwrap().clone();
         let method = req[0].split(' ').next().unwrap_or("").to_string();
         let range = header(&req, "range").map(str::to_string);
@@ -378,6 +422,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                     ""
                 }
             );
+            drop(in_flight);
             client_w.write_all(resp.as_bytes())?;
             continue;
         }
@@ -388,6 +433,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 let resp = format!(
                     "HTTP/1.1 302 Found\r\nLocation: {to}{rest}\r\nContent-Length: 0\r\n\r\n"
                 );
+                drop(in_flight);
                 client_w.write_all(resp.as_bytes())?;
                 continue;
             }
@@ -398,6 +444,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 "HTTP/1.1 {} Boom\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n",
                 armed.error_status, armed.error_bytes
             );
+            drop(in_flight);
             client_w.write_all(head.as_bytes())?;
             let start =
                 b"<?xml version=\"1.0\"?><Error><Code>InternalError</Code><Message>\x1b[31mboom ";
@@ -426,6 +473,9 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 !l.split_once(':')
                     .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("range"))
             });
+        }
+        if let Some(d) = armed.delay {
+            pause(shared, d);
         }
         if upstream.is_none() {
             let s = TcpStream::connect(shared.upstream)?;
@@ -546,6 +596,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
             });
             log.len() - 1
         };
+        drop(in_flight);
         client_w.write_all(&head_bytes(&resp))?;
         let mut sent = 0u64;
         let mut buf = vec![0u8; 256 << 10];
