@@ -10,6 +10,9 @@ use std::process::Command;
 #[path = "support/checkpoint.rs"]
 mod checkpoint;
 
+#[path = "../backends/tests/support/proxy.rs"]
+mod proxy;
+
 fn fixtures() -> PathBuf {
     let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
     assert!(
@@ -292,6 +295,93 @@ fn sharded_checkpoints_load_through_every_remote_backend() {
         let got = loaded_as_written(&uri, &extra, &envs, &want);
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g["shard"], w.file.as_str(), "{uri}");
+        }
+    }
+}
+
+/// The address of a server the test command started, from its URL (`http://127.0.0.1:PORT`).
+fn server_addr(url: &str) -> std::net::SocketAddr {
+    url.strip_prefix("http://")
+        .and_then(|a| a.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("not an http://HOST:PORT URL: {url}"))
+}
+
+/// The shards' headers of a checkpoint on an HTTP or S3 store are read 32 shards at a time
+/// (eight before: each opening is a few round trips, one after another, and a check of 500
+/// small shards on S3 waited on them), and never more than the `--concurrency` given. Counted
+/// at a proxy in front of the real nginx and s3s-fs that holds every request 100 ms (a store's
+/// round trip, so that openings started together are in flight together) and records the most
+/// requests in flight at once.
+#[test]
+fn remote_shard_headers_are_read_32_at_a_time() {
+    let name = "shard-opens";
+    let shards: Vec<&[usize]> = vec![&[16, 8]; 40];
+    let s3_envs = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+    ];
+    let servers = [
+        (
+            "http",
+            env("TS_NGINX_URL"),
+            PathBuf::from(env("TS_NGINX_ROOT")),
+        ),
+        (
+            "s3",
+            env("TS_S3_ENDPOINT"),
+            PathBuf::from(env("TS_S3_ROOT")),
+        ),
+    ];
+    for (kind, url, root) in servers {
+        checkpoint::write(&root.join(name), &shards, 31);
+        let proxy = proxy::Proxy::start(server_addr(&url));
+        proxy.set_faults(proxy::Faults {
+            delay: Some(std::time::Duration::from_millis(100)),
+            ..Default::default()
+        });
+        let index = "model.safetensors.index.json";
+        let (uri, extra, envs) = match kind {
+            "http" => (proxy.url(&format!("{name}/{index}")), vec![], vec![]),
+            _ => (
+                format!("s3://{name}/{index}"),
+                vec![
+                    "--s3-endpoint".to_string(),
+                    format!("http://127.0.0.1:{}", proxy.port()),
+                ],
+                s3_envs.clone(),
+            ),
+        };
+        for (concurrency, most) in [(None, 32), (Some("4"), 4)] {
+            proxy.reset_peak_in_flight();
+            let connections = proxy.connections();
+            let mut cmd = cli();
+            cmd.args(["inspect", &uri, "--json"])
+                .args(&extra)
+                .envs(envs.iter().map(|(k, v)| (k, v)));
+            if let Some(c) = concurrency {
+                cmd.args(["--concurrency", c]);
+            }
+            let out = succeed(&mut cmd, &format!("inspect {uri}"));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(
+                v["tensors"].as_array().map(Vec::len),
+                Some(2 * shards.len()),
+                "{kind}"
+            );
+            let (peak, opened) = (proxy.peak_in_flight(), proxy.connections() - connections);
+            // (The connections, for the record: HTTP takes a few more than the openings, as a
+            // connection goes back to the pool a moment after its answer.)
+            eprintln!(
+                "{kind}, --concurrency {concurrency:?}: {peak} requests in flight at most, \
+                 {opened} connections"
+            );
+            // At most `most` at once; with 32, more than the eight of before (each request is
+            // held 100 ms, so the openings started together are all in flight together).
+            assert!(
+                peak <= most && (most < 32 || peak > 16),
+                "{kind}, --concurrency {concurrency:?}: {peak} requests in flight at most"
+            );
         }
     }
 }
