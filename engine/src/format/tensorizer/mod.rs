@@ -92,36 +92,11 @@ pub fn prepare(
     index: &mut TensorIndex,
     opts: &ReadOptions,
 ) -> Result<Option<Arc<dyn TensorHook>>> {
+    check_options(index, opts)?;
     if index.format != Format::Tensorizer {
-        if opts.verify {
-            return Err(Error::unsupported(format!(
-                "{} files carry no checksums to verify",
-                index.format.name()
-            )));
-        }
-        if opts.key.is_some() {
-            return Err(Error::invalid(format!(
-                "{} files are never encrypted; no key or password is needed",
-                index.format.name()
-            )));
-        }
         return Ok(None);
     }
     let encrypted = is_encrypted(index);
-    match (encrypted, &opts.key) {
-        (true, None) => {
-            return Err(Error::invalid(
-                "this tensorizer file is encrypted: give its key (--key-file) or password \
-                 (--password-file, TENSORSTREAM_PASSWORD)",
-            ))
-        }
-        (false, Some(_)) => {
-            return Err(Error::invalid(
-                "a key or password was given but this tensorizer file is not encrypted",
-            ))
-        }
-        _ => {}
-    }
     let plain = !encrypted && !opts.verify;
     if plain
         && index
@@ -129,20 +104,18 @@ pub fn prepare(
             .iter()
             .all(|t| t.source != TensorSource::Zeros)
     {
-        for t in &mut index.tensors {
-            t.prefix = None;
-        }
+        strip_prefixes(index, opts);
         return Ok(None);
     }
     let hook = hook::TensorizerHook::new(index, opts.verify, opts.key.clone())?;
     // The meta tensors' headers, in file order, read in batches of neighbours (on a remote
     // backend each read is a round trip: a model with many meta tensors would pay one each).
     let mut metas = Vec::new();
-    for (i, t) in index.tensors.iter_mut().enumerate() {
+    for (i, t) in index.tensors.iter().enumerate() {
         if t.source != TensorSource::Zeros {
             continue;
         }
-        let span = t.prefix.take().unwrap_or(0..0);
+        let span = t.prefix.clone().unwrap_or(0..0);
         let len = span.end.saturating_sub(span.start);
         if len > MAX_META_HEADER {
             return Err(Error::corrupt(format!(
@@ -174,13 +147,59 @@ pub fn prepare(
         }
         k = last;
     }
+    strip_prefixes(index, opts);
     if plain {
-        for t in &mut index.tensors {
-            t.prefix = None;
-        }
         return Ok(None);
     }
     Ok(Some(Arc::new(hook)))
+}
+
+/// The refusals of [`prepare`] that need nothing read: verification or a key asked of a file
+/// that takes none, an encrypted file without a key.
+pub fn check_options(index: &TensorIndex, opts: &ReadOptions) -> Result<()> {
+    if index.format != Format::Tensorizer {
+        if opts.verify {
+            return Err(Error::unsupported(format!(
+                "{} files carry no checksums to verify",
+                index.format.name()
+            )));
+        }
+        if opts.key.is_some() {
+            return Err(Error::invalid(format!(
+                "{} files are never encrypted; no key or password is needed",
+                index.format.name()
+            )));
+        }
+        return Ok(());
+    }
+    match (is_encrypted(index), &opts.key) {
+        (true, None) => Err(Error::invalid(
+            "this tensorizer file is encrypted: give its key (--key-file) or password \
+             (--password-file, TENSORSTREAM_PASSWORD)",
+        )),
+        (false, Some(_)) => Err(Error::invalid(
+            "a key or password was given but this tensorizer file is not encrypted",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The changes [`prepare`] makes to `index` for a load with `opts` (when it succeeds), without
+/// reading anything: a tensorizer file's per-tensor header prefixes dropped, all of them when
+/// the load neither verifies nor decrypts, else the meta tensors' ones. A plan made from the
+/// index this leaves lays out the same memory as one made after `prepare` (what a sharded GPU
+/// load sizes its shards' device memory by before it opens them again). Other formats' indexes
+/// are left as they are.
+pub fn strip_prefixes(index: &mut TensorIndex, opts: &ReadOptions) {
+    if index.format != Format::Tensorizer {
+        return;
+    }
+    let plain = !is_encrypted(index) && !opts.verify;
+    for t in &mut index.tensors {
+        if plain || t.source == TensorSource::Zeros {
+            t.prefix = None;
+        }
+    }
 }
 
 #[cfg(test)]

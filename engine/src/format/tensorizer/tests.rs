@@ -580,3 +580,79 @@ fn meta_tensor_headers_are_read_in_batches() {
     let e = run(bad).unwrap_err();
     assert!(e.to_string().contains("m39"), "{e}");
 }
+
+/// `strip_prefixes` makes the index `prepare` makes, without reading: plain, verified and
+/// encrypted files, with meta tensors among stored ones (a sharded GPU load sizes its shards'
+/// device memory from it, and a plan over another index would lay out other memory).
+#[test]
+fn strip_prefixes_leaves_the_index_prepare_leaves() {
+    let specs = [
+        spec("a", DType::F32, &[4]),
+        TensorSpec {
+            meta: true,
+            ..spec("m", DType::F32, &[3, 4])
+        },
+        spec("b", DType::F32, &[2, 4]),
+    ];
+    let key = [5u8; 32];
+    let file = |encryption: Option<KeySource>| {
+        let opts = SerializerOptions {
+            encryption,
+            ..SerializerOptions::default()
+        };
+        let mut s = Serializer::new(IoCursor::new(Vec::new()), &specs, &opts).unwrap();
+        s.write_tensor(&[1u8; 16]).unwrap();
+        s.write_tensor(&[]).unwrap();
+        s.write_tensor(&[2u8; 32]).unwrap();
+        s.finish().unwrap().into_inner()
+    };
+    let cases = [
+        (file(None), ReadOptions::default()),
+        (
+            file(None),
+            ReadOptions {
+                verify: true,
+                key: None,
+            },
+        ),
+        (
+            file(Some(KeySource::Key(key))),
+            ReadOptions {
+                verify: false,
+                key: Some(KeySource::Key(key)),
+            },
+        ),
+        (
+            file(Some(KeySource::Key(key))),
+            ReadOptions {
+                verify: true,
+                key: Some(KeySource::Key(key)),
+            },
+        ),
+    ];
+    let prefixes = |i: &crate::TensorIndex| -> Vec<_> {
+        i.tensors
+            .iter()
+            .map(|t| (t.range.clone(), t.prefix.clone()))
+            .collect()
+    };
+    for (k, (bytes, opts)) in cases.iter().enumerate() {
+        let be = MemoryBackend::new("t.tensors", bytes.clone());
+        let read = read_index(&be, &be.stat().unwrap()).unwrap();
+        assert!(
+            read.tensors.iter().all(|t| t.prefix.is_some()),
+            "case {k}: {read:?}"
+        );
+        let mut prepared = read.clone();
+        let hook = prepare(&be, &mut prepared, opts).unwrap();
+        let mut stripped = read.clone();
+        strip_prefixes(&mut stripped, opts);
+        assert_eq!(prefixes(&stripped), prefixes(&prepared), "case {k}");
+        // With a hook, the stored tensors keep their headers (the hook reads them).
+        assert_eq!(
+            stripped.tensors.iter().any(|t| t.prefix.is_some()),
+            hook.is_some(),
+            "case {k}"
+        );
+    }
+}
