@@ -1560,10 +1560,11 @@ impl Loader {
     }
 
     /// A sharded checkpoint onto the device: the shards checked (as for a host load), the
-    /// device opened once, every shard planned, ONE device allocation made for all of them,
-    /// then the shards loaded one after another, each into its window of that allocation
-    /// (opened and planned again when its turn comes: no shard's backend is held open
-    /// meanwhile).
+    /// device opened once, every shard's device memory laid out from the header the check read
+    /// (no shard is opened again for it: `shard_layouts`), ONE device allocation made for all
+    /// of them, then the shards loaded one after another, each into its window of that
+    /// allocation (opened and planned again when its turn comes: no shard's backend is held
+    /// open meanwhile).
     fn load_cuda_sharded(&self, map: &sharded::ShardMap) -> Result<CudaModel> {
         // The checkpoint is checked before the device is opened (a bad one costs no driver
         // start-up); `elapsed` leaves the opening out, as for one file.
@@ -1715,10 +1716,10 @@ impl Loader {
     }
 
     /// [`Loader::load_cuda_streaming`] of a sharded checkpoint: checked and the device opened
-    /// before it returns; then, on the load's thread, every shard planned, one device
-    /// allocation made, and the shards loaded one after another into their windows of it. Each
-    /// tensor is announced under its place in the combined index; the model is one
-    /// `DeviceModel` over the whole allocation.
+    /// before it returns; then, on the load's thread, every shard's device memory laid out
+    /// from the header the check read, one device allocation made, and the shards loaded one
+    /// after another into their windows of it. Each tensor is announced under its place in the
+    /// combined index; the model is one `DeviceModel` over the whole allocation.
     fn stream_cuda_sharded(
         &self,
         map: &sharded::ShardMap,
@@ -1967,6 +1968,34 @@ impl Loader {
             host_eopts,
         })
     }
+
+    /// The device memory this shard's GPU plan will lay out, `(arena length, alignment)`,
+    /// without opening it: from the metadata and index the checkpoint's check read
+    /// (`ShardScope::known`), which `prepare` reuses or finds unchanged. A packed layout
+    /// depends only on the index (as `format::tensorizer::prepare` leaves it, which
+    /// `strip_prefixes` does without reading), the selection and the tensor alignment: not on
+    /// the backend's read sizes or alignment. A loader without a checked index is prepared.
+    /// Options `prepare` refuses without reading (`check_options`) are refused here too.
+    fn gpu_layout(&self, o: &tensorstream_cuda::CudaOptions) -> Result<(u64, u64)> {
+        let Some(known) = self.scope.as_ref().and_then(|s| s.known.clone()) else {
+            let p = self.prepare(Some(o))?;
+            return Ok((p.plan.arena_len, p.plan.arena_align));
+        };
+        let (meta, index) = (&known.0, &known.1);
+        let sel = self.select(index)?;
+        let ropts = self.read_options(index);
+        // What `prepare` would refuse without reading (an encrypted shard without its key),
+        // refused before the device memory is allocated.
+        format::tensorizer::check_options(index, &ropts).map_err(|e| e.with_location(&self.uri))?;
+        let mut index = index.clone();
+        format::tensorizer::strip_prefixes(&mut index, &ropts);
+        let mut popts = PlanOptions::new(meta.size);
+        popts.layout = Layout::Packed {
+            align: tensorstream_cuda::TENSOR_ALIGN,
+        };
+        let plan = plan(&index, &sel, &popts).map_err(|e| e.with_location(&self.uri))?;
+        Ok((plan.arena_len, plan.arena_align))
+    }
 }
 
 /// Reads a GPU load of a local file keeps in flight by default (one per pinned slot with fewer
@@ -2176,9 +2205,9 @@ fn run_cuda(
     .map_err(located)
 }
 
-/// Each shard's device memory as its GPU plan lays it out (arena length and alignment),
-/// planned one shard at a time: no shard's backend stays open (each is opened again when its
-/// turn comes, `prepare_shard`).
+/// Each shard's device memory as its GPU plan will lay it out (arena length and alignment),
+/// from the index the checkpoint's check read (`Loader::gpu_layout`): no shard is opened again
+/// for it (a `stat`, and on a remote store a round trip or more, per shard, one after another).
 fn shard_layouts(
     dev: &tensorstream_cuda::CudaDevice,
     todo: &[(Loader, u64)],
@@ -2186,10 +2215,10 @@ fn shard_layouts(
     let mut out = Vec::with_capacity(todo.len());
     for (l, _) in todo {
         l.check_cancelled()?;
-        let p = l
-            .prepare(Some(dev.options()))
+        let layout = l
+            .gpu_layout(dev.options())
             .map_err(|e| e.with_location(sharded::redact(&l.uri)))?;
-        out.push((p.plan.arena_len, p.plan.arena_align));
+        out.push(layout);
     }
     Ok(out)
 }
@@ -3377,6 +3406,120 @@ mod tests {
         let (be, _, _) = load(now.clone(), old[..old.len() - 1].to_vec()).unwrap();
         assert_eq!(be.read_exact_at(0, old.len()).unwrap(), old);
         assert!(now.reads.load(Ordering::SeqCst) > 0);
+    }
+
+    /// The device memory a sharded GPU load lays out for a shard from the index its check
+    /// read (`gpu_layout`, without opening it) is what the shard's plan needs when it loads
+    /// (`prepare`): safetensors, and tensorizer files (whose per-tensor headers a load keeps
+    /// only to verify or decrypt) with a meta tensor and an empty one, plain, verified and
+    /// encrypted, whole or filtered.
+    #[test]
+    fn a_shards_device_memory_is_laid_out_without_opening_it_as_its_load_plans_it() {
+        use tensorstream_engine::format::tensorizer::{Serializer, SerializerOptions, TensorSpec};
+        let spec = |name: &str, shape: &[u64], meta: bool| TensorSpec {
+            name: name.into(),
+            path: None,
+            dtype: tensorstream_engine::DType::F32,
+            shape: shape.to_vec(),
+            meta,
+            role: None,
+        };
+        let key = [7u8; 32];
+        let tensorizer = |encryption: Option<KeySource>| {
+            let specs = [
+                spec("a", &[5], false),
+                spec("m", &[3, 4], true),
+                spec("e", &[0], false),
+                spec("b", &[300], false),
+                spec("c", &[1], false),
+            ];
+            let opts = SerializerOptions {
+                encryption,
+                ..SerializerOptions::default()
+            };
+            let mut w = Serializer::new(std::io::Cursor::new(Vec::new()), &specs, &opts).unwrap();
+            for t in [&[1u8; 20][..], &[], &[], &[2u8; 1200], &[3u8; 4]] {
+                w.write_tensor(t).unwrap();
+            }
+            w.finish().unwrap().into_inner()
+        };
+        let (st, _) = tensorstream_engine::testkit::u8_model(&[16, 0, 1000, 3, 257], 5);
+        let cases: Vec<(&str, Vec<u8>, bool, Option<KeySource>)> = vec![
+            ("safetensors", st, false, None),
+            ("tensorizer", tensorizer(None), false, None),
+            ("tensorizer verified", tensorizer(None), true, None),
+            (
+                "tensorizer encrypted",
+                tensorizer(Some(KeySource::Key(key))),
+                false,
+                Some(KeySource::Key(key)),
+            ),
+            (
+                "tensorizer encrypted, verified",
+                tensorizer(Some(KeySource::Key(key))),
+                true,
+                Some(KeySource::Key(key)),
+            ),
+        ];
+        let o = tensorstream_cuda::CudaOptions::default();
+        for (what, bytes, verify, key) in cases {
+            let be: Arc<dyn Backend> = Arc::new(tensorstream_engine::MemoryBackend::new(
+                "mem://ckpt/model-00001-of-00002.safetensors",
+                bytes,
+            ));
+            let mut l = Loader::from_backend(be).verify_hashes(verify);
+            if let Some(k) = key {
+                l = l.key(k);
+            }
+            let (_, meta, index) = l.open_index().unwrap();
+            let names: std::collections::HashSet<String> =
+                index.tensors.iter().map(|t| t.name.clone()).collect();
+            l.scope = Some(ShardScope {
+                index_uri: "mem://ckpt/model.safetensors.index.json".into(),
+                file: "model-00001-of-00002.safetensors".into(),
+                names: Arc::new(names),
+                known: Some(Arc::new((meta, index))),
+                object: None,
+                total: None,
+            });
+            for filter in [None, Some("[!a]*")] {
+                let l = match filter {
+                    Some(g) => l.clone().filter_glob(g).unwrap(),
+                    None => l.clone(),
+                };
+                let p = l.prepare(Some(&o)).unwrap();
+                assert!(p.plan.arena_len > 0, "{what}: nothing planned");
+                assert_eq!(
+                    l.gpu_layout(&o).unwrap(),
+                    (p.plan.arena_len, p.plan.arena_align),
+                    "{what}, filter {filter:?}"
+                );
+            }
+        }
+        // An encrypted shard without its key is refused as its load would refuse it.
+        let be: Arc<dyn Backend> = Arc::new(tensorstream_engine::MemoryBackend::new(
+            "mem://ckpt/model-00001-of-00002.safetensors",
+            tensorizer(Some(KeySource::Key(key))),
+        ));
+        let mut l = Loader::from_backend(be);
+        let (_, meta, index) = l.open_index().unwrap();
+        l.scope = Some(ShardScope {
+            index_uri: "mem://ckpt/model.safetensors.index.json".into(),
+            file: "model-00001-of-00002.safetensors".into(),
+            names: Arc::new(index.tensors.iter().map(|t| t.name.clone()).collect()),
+            known: Some(Arc::new((meta, index))),
+            object: None,
+            total: None,
+        });
+        let (want, got) = (
+            l.prepare(Some(&o)).err().expect("refused by prepare"),
+            l.gpu_layout(&o).unwrap_err(),
+        );
+        assert_eq!(
+            (got.kind(), got.to_string()),
+            (want.kind(), want.to_string())
+        );
+        assert!(got.to_string().contains("give its key"), "{got}");
     }
 
     #[test]

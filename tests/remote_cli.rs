@@ -523,6 +523,78 @@ fn a_sharded_http_load_asks_no_question_twice() {
     }
 }
 
+/// The folder of fakecuda's libcuda.so (`scripts/fakecuda.sh` builds it), to load to "cuda:0"
+/// on a machine without a GPU.
+fn fakecuda() -> String {
+    let out = succeed(
+        &mut Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fakecuda.sh")),
+        "building fakecuda (scripts/fakecuda.sh)",
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A sharded GPU load asks an HTTP store what a host load does, per shard (see
+/// `a_sharded_http_load_asks_no_question_twice`): the device memory is laid out from the
+/// headers the check read, without opening the shards again for it. Against fakecuda.
+#[test]
+fn a_sharded_http_gpu_load_opens_no_shard_to_lay_out_its_memory() {
+    let url = env("TS_NGINX_URL");
+    let log = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+    let root = PathBuf::from(env("TS_NGINX_ROOT"));
+    let name = "gpu-heads-per-shard";
+    let shards: [&[usize]; 4] = [&[1000, 3000], &[17, 40], &[(1 << 20) + 3], &[5, 6, 7]];
+    let want = checkpoint::write(&root.join(name), &shards, 29);
+    let uri = format!("{url}/{name}/model.safetensors.index.json");
+    let out = succeed(
+        cli()
+            .args([
+                "load",
+                &uri,
+                "--device",
+                "cuda:0",
+                "--digests",
+                "--json",
+                "--quiet",
+            ])
+            .env("LD_LIBRARY_PATH", fakecuda())
+            .env("FAKECUDA_DELAY_US", "20"),
+        "load",
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = got["tensors"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["sha256"], w.sha256.as_str(), "{}", w.name);
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    for k in 1..=shards.len() {
+        let file = checkpoint::shard_name(k, shards.len());
+        let small = std::fs::metadata(root.join(name).join(&file))
+            .unwrap()
+            .len()
+            <= 64 << 10;
+        // The check's HEAD and header read, the load's HEAD (the shard unchanged) and tensor
+        // read (none for a small shard: the check read it whole), the last look.
+        let (heads, gets) = if small { (2, 1) } else { (3, 2) };
+        let shard = format!("/{name}/{file}");
+        let lines = log
+            .lines()
+            .filter(|l| l.contains(&shard))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            requests(&log, "HEAD", &shard),
+            heads,
+            "HEADs for {shard}:\n{lines}"
+        );
+        assert_eq!(
+            requests(&log, "GET", &shard),
+            gets,
+            "GETs for {shard}:\n{lines}"
+        );
+    }
+}
+
 /// A tensorizer file converted through each remote backend, verified, read in 1 MiB requests
 /// (several side by side per tensor): the output holds the source's bytes.
 #[test]
