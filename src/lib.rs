@@ -1562,9 +1562,9 @@ impl Loader {
     /// A sharded checkpoint onto the device: the shards checked (as for a host load), the
     /// device opened once, every shard's device memory laid out from the header the check read
     /// (no shard is opened again for it: `shard_layouts`), ONE device allocation made for all
-    /// of them, then the shards loaded one after another, each into its window of that
-    /// allocation (opened and planned again when its turn comes: no shard's backend is held
-    /// open meanwhile).
+    /// of them, then the shards loaded in order, each into its window of that allocation,
+    /// each opened and planned again while the one before it copies (`each_shard_on_device`:
+    /// no shard's backend is open more than one shard ahead).
     fn load_cuda_sharded(&self, map: &sharded::ShardMap) -> Result<CudaModel> {
         // The checkpoint is checked before the device is opened (a bad one costs no driver
         // start-up); `elapsed` leaves the opening out, as for one file.
@@ -1582,9 +1582,8 @@ impl Loader {
         let (whole, windows, alloc) = shard_arena(&dev, &layouts, &sharded::redact(&self.uri))?;
         let mut parts = Vec::with_capacity(todo.len());
         let mut stats: Option<LoadStats> = None;
-        for ((l, bytes), window) in todo.into_iter().zip(windows) {
+        each_shard_on_device(&dev, todo, windows, |(l, p, route, window)| {
             self.check_cancelled()?;
-            let (l, p, route) = prepare_shard(&dev, l, bytes, &window)?;
             let shard_start = started.elapsed().saturating_sub(device_open);
             let location = sharded::redact(&l.uri);
             let target = tensorstream_cuda::Target {
@@ -1601,8 +1600,9 @@ impl Loader {
                 shard: l.scope.as_ref().map(|s| s.file.clone()),
                 model,
             });
-            stats = Some(LoadStats::add_shard(stats, st, shard_start));
-        }
+            stats = Some(LoadStats::add_shard(stats.take(), st, shard_start));
+            Ok(())
+        })?;
         drop(whole); // the windows hold the allocation now
         let mut stats = stats.expect("at least one shard was loaded");
         stats.elapsed = started.elapsed().saturating_sub(device_open);
@@ -1669,10 +1669,10 @@ impl Loader {
     /// run on a thread of their own. From async code, call it on a blocking thread.
     ///
     /// A sharded checkpoint is checked (every shard's header against its index) before this
-    /// returns; the shards then load one after another into one device allocation. Each
-    /// [`tensorstream_cuda::ReadyTensor::tensor`] indexes the checkpoint's combined index (the
-    /// stream's `index()`), its `at` counts from the start of the whole load, and `wait()`
-    /// gives one device model over all shards.
+    /// returns; the shards then load in order (each opened and planned while the one before it
+    /// copies) into one device allocation. Each [`tensorstream_cuda::ReadyTensor::tensor`]
+    /// indexes the checkpoint's combined index (the stream's `index()`), its `at` counts from
+    /// the start of the whole load, and `wait()` gives one device model over all shards.
     ///
     /// A tensor is announced once its bytes are on the device, and the load can still fail
     /// after that (a later read, a later shard, or the final check that the file did not
@@ -1717,9 +1717,10 @@ impl Loader {
 
     /// [`Loader::load_cuda_streaming`] of a sharded checkpoint: checked and the device opened
     /// before it returns; then, on the load's thread, every shard's device memory laid out
-    /// from the header the check read, one device allocation made, and the shards loaded one
-    /// after another into their windows of it. Each tensor is announced under its place in the
-    /// combined index; the model is one `DeviceModel` over the whole allocation.
+    /// from the header the check read, one device allocation made, and the shards loaded in
+    /// order into their windows of it, each opened and planned while the one before it copies.
+    /// Each tensor is announced under its place in the combined index; the model is one
+    /// `DeviceModel` over the whole allocation.
     fn stream_cuda_sharded(
         &self,
         map: &sharded::ShardMap,
@@ -2223,13 +2224,13 @@ fn shard_layouts(
     Ok(out)
 }
 
-/// A shard's GPU load, prepared when its turn comes (index, selection, plan, route), to go
-/// into `window`, the device memory `shard_layouts` planned for it.
+/// A shard's GPU load, prepared (index, selection, plan, route) to go into a window of `room`
+/// bytes, the device memory `shard_layouts` laid out for it.
 fn prepare_shard(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
     l: Loader,
     bytes: u64,
-    window: &tensorstream_cuda::DeviceArena,
+    room: u64,
 ) -> Result<(Loader, Prepared, GpuRoute)> {
     let l = l.on_device(dev.clone());
     let location = sharded::redact(&l.uri);
@@ -2237,19 +2238,85 @@ fn prepare_shard(
     let (p, route) = l
         .prepare_cuda(dev, Some(bytes))
         .map_err(|e| e.with_location(&location))?;
-    if p.plan.arena_len > window.len() {
+    if p.plan.arena_len > room {
         return Err(Error::new(
             ErrorKind::ObjectChanged,
             format!(
                 "the shard changed while the checkpoint was loading: its tensors need {} bytes \
-                 of device memory, {} when it was planned",
+                 of device memory, {room} when it was planned",
                 p.plan.arena_len,
-                window.len()
             ),
         )
         .with_location(location));
     }
     Ok((l, p, route))
+}
+
+/// The shards of a sharded GPU load, in order, each prepared (`prepare_shard`) and handed to
+/// `run` with its window, the next one prepared while `run` copies the current one (see
+/// `one_ahead`): neither the device nor the store waits for a shard's opening and plan (on a
+/// remote store a round trip or more each), and at most two shards' backends are open at once,
+/// the one copying and the next. `run` stays on the calling thread (the one that reserved the
+/// device).
+fn each_shard_on_device(
+    dev: &Arc<tensorstream_cuda::CudaDevice>,
+    todo: Vec<(Loader, u64)>,
+    windows: Vec<Arc<tensorstream_cuda::DeviceArena>>,
+    run: impl FnMut(ShardOnDevice) -> Result<()>,
+) -> Result<()> {
+    one_ahead(
+        todo.into_iter().zip(windows),
+        |((l, bytes), window)| {
+            let (l, p, route) = prepare_shard(dev, l, bytes, window.len())?;
+            Ok((l, p, route, window))
+        },
+        run,
+    )
+}
+
+/// A shard prepared for its GPU load (`prepare_shard`), with its window of the device memory.
+type ShardOnDevice = (
+    Loader,
+    Prepared,
+    GpuRoute,
+    Arc<tensorstream_cuda::DeviceArena>,
+);
+
+/// `run` on what `prepare` made of each item, in order, with the next item's `prepare` on a
+/// helper thread while `run` works on the current one: one item ahead, never more (item k+2
+/// is not started before `run` of item k has returned). The first failure in item order ends
+/// it and is the one returned: `run`'s on item k comes before `prepare`'s on item k+1, whose
+/// result is then waited for and dropped; no further item is started.
+fn one_ahead<T: Send, P: Send>(
+    items: impl IntoIterator<Item = T>,
+    prepare: impl Fn(T) -> Result<P> + Sync,
+    mut run: impl FnMut(P) -> Result<()>,
+) -> Result<()> {
+    let prepare = &prepare;
+    let mut items = items.into_iter();
+    let Some(first) = items.next() else {
+        return Ok(());
+    };
+    let mut current = prepare(first);
+    std::thread::scope(|s| loop {
+        let prepared = current?;
+        let next = match items.next() {
+            None => None,
+            Some(item) => Some(
+                std::thread::Builder::new()
+                    .name("ts-shard-prepare".into())
+                    .spawn_scoped(s, move || prepare(item))
+                    .map_err(|e| Error::from_io(e, "starting the thread preparing a shard"))?,
+            ),
+        };
+        run(prepared)?;
+        let Some(next) = next else {
+            return Ok(());
+        };
+        current = next
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    })
 }
 
 /// The body of a sharded streaming GPU load (see `Loader::stream_cuda_sharded`): each shard's
@@ -2276,8 +2343,7 @@ fn stream_shards(
     let position = merged.positions();
     let mut parts = Vec::with_capacity(todo.len());
     let mut total = tensorstream_engine::EngineStats::default();
-    for ((l, bytes), window) in todo.into_iter().zip(windows) {
-        let (l, p, route) = prepare_shard(dev, l, bytes, &window)?;
+    each_shard_on_device(dev, todo, windows, |(l, p, route, window)| {
         let at = started.elapsed();
         // The shard's own numbering → the combined index's (every selected tensor of a shard
         // is in it: `check_shards` scoped the shard to the names the checkpoint lists).
@@ -2314,7 +2380,8 @@ fn stream_shards(
         total.bytes_read += es.bytes_read;
         total.staging_bytes = total.staging_bytes.max(es.staging_bytes);
         parts.push((model, at));
-    }
+        Ok(())
+    })?;
     total.elapsed = started.elapsed();
     let model = tensorstream_cuda::DeviceModel::combine(whole, merged, parts, alloc)?;
     Ok((model, total))
@@ -3520,6 +3587,93 @@ mod tests {
             (want.kind(), want.to_string())
         );
         assert!(got.to_string().contains("give its key"), "{got}");
+    }
+
+    /// The shards of a sharded GPU load: the next one is prepared while the current one is
+    /// run (each run waits to see the next preparation start, which a loop preparing each item
+    /// only when its turn comes never does), never two ahead, in order; the first failure in
+    /// item order is the one returned (a run's, not the next item's preparation's, which is
+    /// dropped), and nothing after it starts.
+    #[test]
+    fn the_next_shard_is_prepared_while_the_current_one_runs_and_never_two_ahead() {
+        use std::sync::{Condvar, Mutex};
+        #[derive(Default)]
+        struct Seen {
+            started: Vec<usize>,
+            runs: Vec<usize>,
+        }
+        let seen = (Mutex::new(Seen::default()), Condvar::new());
+        let fail = |what: &str, i: usize| Error::new(ErrorKind::Io, format!("{what} {i}"));
+        let go = |n: usize, bad_prepare: Option<usize>, bad_run: Option<usize>| {
+            *seen.0.lock().unwrap() = Seen::default();
+            let r = one_ahead(
+                0..n,
+                |i| {
+                    let mut g = seen.0.lock().unwrap();
+                    // Never two ahead: the run two items back has finished.
+                    assert!(
+                        i < 2 || g.runs.contains(&(i - 2)),
+                        "item {i} prepared before the run of item {} ended",
+                        i - 2
+                    );
+                    g.started.push(i);
+                    seen.1.notify_all();
+                    drop(g);
+                    if bad_prepare == Some(i) {
+                        return Err(fail("prepare", i));
+                    }
+                    Ok(i * 10)
+                },
+                |p| {
+                    let i = p / 10;
+                    let g = seen.0.lock().unwrap();
+                    let (mut g, _) = seen
+                        .1
+                        .wait_timeout_while(g, Duration::from_secs(10), |g| {
+                            i + 1 < n && !g.started.contains(&(i + 1))
+                        })
+                        .unwrap();
+                    assert!(
+                        i + 1 >= n || g.started.contains(&(i + 1)),
+                        "item {} was not being prepared while item {i} ran",
+                        i + 1
+                    );
+                    g.runs.push(i);
+                    if bad_run == Some(i) {
+                        return Err(fail("run", i));
+                    }
+                    Ok(())
+                },
+            );
+            let g = seen.0.lock().unwrap();
+            (r, g.started.clone(), g.runs.clone())
+        };
+        let (r, started, runs) = go(6, None, None);
+        r.unwrap();
+        assert_eq!(started, (0..6).collect::<Vec<_>>());
+        assert_eq!(runs, (0..6).collect::<Vec<_>>());
+        let (r, _, runs) = go(1, None, None);
+        r.unwrap();
+        assert_eq!(runs, [0]);
+        go(0, None, None).0.unwrap();
+        // Item 2's run fails while item 3's preparation fails too: item 2's error, and
+        // nothing after item 3 was started.
+        let (r, started, runs) = go(6, Some(3), Some(2));
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("run 2"), "{e}");
+        assert_eq!(started, [0, 1, 2, 3]);
+        assert_eq!(runs, [0, 1, 2]);
+        // Item 3's preparation fails: reported once item 2 has run; item 3 never runs.
+        let (r, started, runs) = go(6, Some(3), None);
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("prepare 3"), "{e}");
+        assert_eq!(started, [0, 1, 2, 3]);
+        assert_eq!(runs, [0, 1, 2]);
+        // The first item's preparation fails: nothing runs.
+        let (r, started, runs) = go(6, Some(0), None);
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("prepare 0"), "{e}");
+        assert_eq!((started, runs), (vec![0], vec![]));
     }
 
     #[test]
