@@ -866,6 +866,84 @@ fn gpu_device_faults_fail_cleanly() {
     }
 }
 
+/// Device faults in the middle of a sharded checkpoint's load (fakecuda's injected ones, as in
+/// `gpu_device_faults_fail_cleanly`), while the next shard is being opened and planned beside
+/// the copies: every load either succeeds with every tensor's bytes right or fails with a
+/// device error naming the shard that failed (not the next one's preparation) — never a panic,
+/// a hang or a signal. A real driver ignores the variables: there every load must succeed.
+#[test]
+fn gpu_device_faults_in_a_sharded_load_name_the_shard() {
+    if !have_gpu() {
+        return;
+    }
+    let cli = cli();
+    let fake = tensorstream_cuda::CudaDevice::open(0, &small_ring())
+        .unwrap()
+        .name()
+        .unwrap()
+        .contains("fakecuda");
+    let dir = tempfile::tempdir().unwrap();
+    let shards: [&[usize]; 4] = [&[1000, 300_000], &[5], &[(1 << 20) + 7, 17], &[600_000]];
+    let want = checkpoint::write(dir.path(), &shards, 41);
+    let ckpt = dir.path().to_str().unwrap();
+    let small = ["--slots", "3", "--slot-size", "256KiB"];
+    let routes: [&[&str]; 2] = [&[], &["--gpu-warm", "force", "--gpu-warm-piece", "1MiB"]];
+    let (vars, ns): (&[&str], &[u32]) = if fake {
+        (
+            &["FAKECUDA_FAIL_H2D_AT", "FAKECUDA_FAIL_SYNC_AT"],
+            &[1, 2, 3, 5, 8, 13],
+        )
+    } else {
+        (&["FAKECUDA_FAIL_H2D_AT"], &[1])
+    };
+    let mut failed = 0;
+    for extra in routes {
+        for var in vars {
+            for n in ns {
+                let what = format!("{extra:?} {var}={n}");
+                let out = output_within(
+                    std::process::Command::new(&cli)
+                        .args(["load", ckpt, "--device", "cuda:0"])
+                        .args(["--digests", "--json", "--quiet"])
+                        .args(small)
+                        .args(extra)
+                        .env(var, n.to_string()),
+                    120,
+                );
+                let err = String::from_utf8_lossy(&out.stderr);
+                match out.status.code() {
+                    Some(0) => {
+                        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+                        let got = j["tensors"].as_array().unwrap();
+                        assert_eq!(got.len(), want.len(), "{what}");
+                        for w in &want {
+                            let g = got.iter().find(|t| t["name"] == w.name.as_str());
+                            assert_eq!(g.unwrap()["sha256"], w.sha256.as_str(), "{what}");
+                        }
+                    }
+                    Some(1) => {
+                        failed += 1;
+                        // (Warnings before it may name other shards.)
+                        let error = err.lines().find(|l| l.contains(" error: ")).unwrap_or("");
+                        assert!(error.contains("CUDA_ERROR_"), "{what}: {err}");
+                        let named = (1..=shards.len())
+                            .filter(|&k| error.contains(&checkpoint::shard_name(k, shards.len())))
+                            .count();
+                        assert_eq!(named, 1, "{what}: not one shard named: {err}");
+                    }
+                    other => panic!("{what}: exit {other:?}: {err}"),
+                }
+                assert!(!err.contains("panicked"), "{what}: {err}");
+            }
+        }
+    }
+    if fake {
+        assert!(failed > 6, "the injected faults failed only {failed} loads");
+    } else {
+        assert_eq!(failed, 0, "a real driver ignores the fault variables");
+    }
+}
+
 /// Loads on separate device handles run side by side, each with its own bytes right; a second
 /// load on a handle whose slots a live load holds is refused at once (not waited for: only
 /// dropped streaming loads are), and the handle serves loads again once they are free.
