@@ -2256,21 +2256,30 @@ fn prepare_shard(
 /// `run` with its window, the next one prepared while `run` copies the current one (see
 /// `one_ahead`): neither the device nor the store waits for a shard's opening and plan (on a
 /// remote store a round trip or more each), and at most two shards' backends are open at once,
-/// the one copying and the next. `run` stays on the calling thread (the one that reserved the
-/// device).
+/// the one copying and the next (after a failure, a preparation still running is left to end
+/// by itself, holding no device memory). `run` stays on the calling thread (the one that
+/// reserved the device).
 fn each_shard_on_device(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
     todo: Vec<(Loader, u64)>,
     windows: Vec<Arc<tensorstream_cuda::DeviceArena>>,
     run: impl FnMut(ShardOnDevice) -> Result<()>,
 ) -> Result<()> {
+    // The preparing thread gets each window's length, not the window: device memory is never
+    // held by a preparation left running after a failure (see `one_ahead`).
+    let rooms: Vec<u64> = windows.iter().map(|w| w.len()).collect();
+    let mut windows = windows.into_iter();
+    let mut run = run;
+    let dev = dev.clone();
     one_ahead(
-        todo.into_iter().zip(windows),
-        |((l, bytes), window)| {
-            let (l, p, route) = prepare_shard(dev, l, bytes, window.len())?;
-            Ok((l, p, route, window))
+        todo.into_iter().zip(rooms),
+        move |((l, bytes), room)| prepare_shard(&dev, l, bytes, room),
+        |(l, p, route)| {
+            let window = windows
+                .next()
+                .ok_or_else(|| Error::invalid("a shard without its window of device memory"))?;
+            run((l, p, route, window))
         },
-        run,
     )
 }
 
@@ -2285,30 +2294,40 @@ type ShardOnDevice = (
 /// `run` on what `prepare` made of each item, in order, with the next item's `prepare` on a
 /// helper thread while `run` works on the current one: one item ahead, never more (item k+2
 /// is not started before `run` of item k has returned). The first failure in item order ends
-/// it and is the one returned: `run`'s on item k comes before `prepare`'s on item k+1, whose
-/// result is then waited for and dropped; no further item is started.
-fn one_ahead<T: Send, P: Send>(
+/// it and is the one returned: `run`'s on item k comes before `prepare`'s on item k+1; no
+/// further item is started. A failure returns at once: a preparation still running then (an
+/// opening waiting on a store that does not answer, say) is left to end by itself, its result
+/// dropped, rather than waited for.
+fn one_ahead<T, P>(
     items: impl IntoIterator<Item = T>,
-    prepare: impl Fn(T) -> Result<P> + Sync,
+    prepare: impl Fn(T) -> Result<P> + Send + Sync + 'static,
     mut run: impl FnMut(P) -> Result<()>,
-) -> Result<()> {
-    let prepare = &prepare;
+) -> Result<()>
+where
+    T: Send + 'static,
+    P: Send + 'static,
+{
+    let prepare = Arc::new(prepare);
     let mut items = items.into_iter();
     let Some(first) = items.next() else {
         return Ok(());
     };
     let mut current = prepare(first);
-    std::thread::scope(|s| loop {
+    loop {
         let prepared = current?;
         let next = match items.next() {
             None => None,
-            Some(item) => Some(
-                std::thread::Builder::new()
-                    .name("ts-shard-prepare".into())
-                    .spawn_scoped(s, move || prepare(item))
-                    .map_err(|e| Error::from_io(e, "starting the thread preparing a shard"))?,
-            ),
+            Some(item) => {
+                let prepare = prepare.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("ts-shard-prepare".into())
+                        .spawn(move || prepare(item))
+                        .map_err(|e| Error::from_io(e, "starting the thread preparing a shard"))?,
+                )
+            }
         };
+        // On an error here `next`, dropped, detaches its thread.
         run(prepared)?;
         let Some(next) = next else {
             return Ok(());
@@ -2316,7 +2335,7 @@ fn one_ahead<T: Send, P: Send>(
         current = next
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-    })
+    }
 }
 
 /// The body of a sharded streaming GPU load (see `Loader::stream_cuda_sharded`): each shard's
@@ -3593,7 +3612,7 @@ mod tests {
     /// run (each run waits to see the next preparation start, which a loop preparing each item
     /// only when its turn comes never does), never two ahead, in order; the first failure in
     /// item order is the one returned (a run's, not the next item's preparation's, which is
-    /// dropped), and nothing after it starts.
+    /// dropped), at once (not after a preparation still running), and nothing after it starts.
     #[test]
     fn the_next_shard_is_prepared_while_the_current_one_runs_and_never_two_ahead() {
         use std::sync::{Condvar, Mutex};
@@ -3601,76 +3620,116 @@ mod tests {
         struct Seen {
             started: Vec<usize>,
             runs: Vec<usize>,
+            /// Set by the test once `one_ahead` returned (a preparation told to wait for it).
+            returned: bool,
+            /// Whether the preparation that waited saw `returned` (rather than giving up).
+            waited_saw_return: Option<bool>,
         }
-        let seen = (Mutex::new(Seen::default()), Condvar::new());
+        let seen = Arc::new((Mutex::new(Seen::default()), Condvar::new()));
         let fail = |what: &str, i: usize| Error::new(ErrorKind::Io, format!("{what} {i}"));
-        let go = |n: usize, bad_prepare: Option<usize>, bad_run: Option<usize>| {
-            *seen.0.lock().unwrap() = Seen::default();
-            let r = one_ahead(
-                0..n,
-                |i| {
-                    let mut g = seen.0.lock().unwrap();
-                    // Never two ahead: the run two items back has finished.
-                    assert!(
-                        i < 2 || g.runs.contains(&(i - 2)),
-                        "item {i} prepared before the run of item {} ended",
-                        i - 2
-                    );
-                    g.started.push(i);
-                    seen.1.notify_all();
-                    drop(g);
-                    if bad_prepare == Some(i) {
-                        return Err(fail("prepare", i));
-                    }
-                    Ok(i * 10)
-                },
-                |p| {
-                    let i = p / 10;
-                    let g = seen.0.lock().unwrap();
-                    let (mut g, _) = seen
+        let go =
+            |n: usize, bad_prepare: Option<usize>, bad_run: Option<usize>, stall: Option<usize>| {
+                *seen.0.lock().unwrap() = Seen::default();
+                let s = seen.clone();
+                let r = one_ahead(
+                    0..n,
+                    move |i| {
+                        let mut g = s.0.lock().unwrap();
+                        // Never two ahead: the run two items back has finished.
+                        assert!(
+                            i < 2 || g.runs.contains(&(i - 2)),
+                            "item {i} prepared before the run of item {} ended",
+                            i - 2
+                        );
+                        g.started.push(i);
+                        s.1.notify_all();
+                        if stall == Some(i) {
+                            // A store that does not answer: this preparation ends only once
+                            // `one_ahead` has returned (or after 10 s).
+                            let (mut g, _) =
+                                s.1.wait_timeout_while(g, Duration::from_secs(10), |g| !g.returned)
+                                    .unwrap();
+                            g.waited_saw_return = Some(g.returned);
+                            s.1.notify_all();
+                        } else {
+                            drop(g);
+                        }
+                        if bad_prepare == Some(i) {
+                            return Err(fail("prepare", i));
+                        }
+                        Ok(i * 10)
+                    },
+                    |p| {
+                        let i = p / 10;
+                        let g = seen.0.lock().unwrap();
+                        let (mut g, _) = seen
+                            .1
+                            .wait_timeout_while(g, Duration::from_secs(10), |g| {
+                                i + 1 < n && !g.started.contains(&(i + 1))
+                            })
+                            .unwrap();
+                        assert!(
+                            i + 1 >= n || g.started.contains(&(i + 1)),
+                            "item {} was not being prepared while item {i} ran",
+                            i + 1
+                        );
+                        g.runs.push(i);
+                        if bad_run == Some(i) {
+                            return Err(fail("run", i));
+                        }
+                        Ok(())
+                    },
+                );
+                let mut g = seen.0.lock().unwrap();
+                g.returned = true;
+                seen.1.notify_all();
+                if stall.is_some() {
+                    // The stalled preparation tells what it saw before the next case starts.
+                    g = seen
                         .1
-                        .wait_timeout_while(g, Duration::from_secs(10), |g| {
-                            i + 1 < n && !g.started.contains(&(i + 1))
+                        .wait_timeout_while(g, Duration::from_secs(20), |g| {
+                            g.waited_saw_return.is_none()
                         })
-                        .unwrap();
-                    assert!(
-                        i + 1 >= n || g.started.contains(&(i + 1)),
-                        "item {} was not being prepared while item {i} ran",
-                        i + 1
-                    );
-                    g.runs.push(i);
-                    if bad_run == Some(i) {
-                        return Err(fail("run", i));
-                    }
-                    Ok(())
-                },
-            );
-            let g = seen.0.lock().unwrap();
-            (r, g.started.clone(), g.runs.clone())
-        };
-        let (r, started, runs) = go(6, None, None);
+                        .unwrap()
+                        .0;
+                }
+                (r, g.started.clone(), g.runs.clone(), g.waited_saw_return)
+            };
+        let (r, started, runs, _) = go(6, None, None, None);
         r.unwrap();
         assert_eq!(started, (0..6).collect::<Vec<_>>());
         assert_eq!(runs, (0..6).collect::<Vec<_>>());
-        let (r, _, runs) = go(1, None, None);
+        let (r, _, runs, _) = go(1, None, None, None);
         r.unwrap();
         assert_eq!(runs, [0]);
-        go(0, None, None).0.unwrap();
+        go(0, None, None, None).0.unwrap();
         // Item 2's run fails while item 3's preparation fails too: item 2's error, and
         // nothing after item 3 was started.
-        let (r, started, runs) = go(6, Some(3), Some(2));
+        let (r, started, runs, _) = go(6, Some(3), Some(2), None);
         let e = r.unwrap_err().to_string();
         assert!(e.contains("run 2"), "{e}");
         assert_eq!(started, [0, 1, 2, 3]);
         assert_eq!(runs, [0, 1, 2]);
+        // Item 2's run fails while item 3's preparation hangs: item 2's error comes at once,
+        // the preparation left to end by itself (it saw `one_ahead` return).
+        let (r, started, runs, saw) = go(6, None, Some(2), Some(3));
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("run 2"), "{e}");
+        assert_eq!(started, [0, 1, 2, 3]);
+        assert_eq!(runs, [0, 1, 2]);
+        assert_eq!(
+            saw,
+            Some(true),
+            "the error waited for the next shard's preparation"
+        );
         // Item 3's preparation fails: reported once item 2 has run; item 3 never runs.
-        let (r, started, runs) = go(6, Some(3), None);
+        let (r, started, runs, _) = go(6, Some(3), None, None);
         let e = r.unwrap_err().to_string();
         assert!(e.contains("prepare 3"), "{e}");
         assert_eq!(started, [0, 1, 2, 3]);
         assert_eq!(runs, [0, 1, 2]);
         // The first item's preparation fails: nothing runs.
-        let (r, started, runs) = go(6, Some(0), None);
+        let (r, started, runs, _) = go(6, Some(0), None, None);
         let e = r.unwrap_err().to_string();
         assert!(e.contains("prepare 0"), "{e}");
         assert_eq!((started, runs), (vec![0], vec![]));
