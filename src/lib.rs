@@ -1655,7 +1655,7 @@ impl Loader {
     ) -> Result<(Prepared, GpuRoute)> {
         let p = self.prepare(Some(dev.options()))?;
         self.correct_total(&p, selected);
-        let route = p.gpu_route(dev)?;
+        let route = p.gpu_route(dev.options())?;
         Ok((p, route))
     }
 
@@ -2224,20 +2224,20 @@ fn shard_layouts(
     Ok(out)
 }
 
-/// A shard's GPU load, prepared (index, selection, plan, route) to go into a window of `room`
-/// bytes, the device memory `shard_layouts` laid out for it.
+/// A shard's GPU load, prepared (index, selection, plan, route) with the device's options `o`
+/// to go into a window of `room` bytes, the device memory `shard_layouts` laid out for it. It
+/// needs no device, and touches nothing the load shares: the checkpoint's progress total is
+/// corrected to its plan by the load's thread, once it takes the shard (see
+/// `each_shard_on_device`).
 fn prepare_shard(
-    dev: &Arc<tensorstream_cuda::CudaDevice>,
-    l: Loader,
-    bytes: u64,
+    o: &tensorstream_cuda::CudaOptions,
+    l: &Loader,
     room: u64,
-) -> Result<(Loader, Prepared, GpuRoute)> {
-    let l = l.on_device(dev.clone());
+) -> Result<(Prepared, GpuRoute)> {
     let location = sharded::redact(&l.uri);
     l.check_cancelled()?;
-    let (p, route) = l
-        .prepare_cuda(dev, Some(bytes))
-        .map_err(|e| e.with_location(&location))?;
+    let p = l.prepare(Some(o)).map_err(|e| e.with_location(&location))?;
+    let route = p.gpu_route(o).map_err(|e| e.with_location(&location))?;
     if p.plan.arena_len > room {
         return Err(Error::new(
             ErrorKind::ObjectChanged,
@@ -2249,36 +2249,42 @@ fn prepare_shard(
         )
         .with_location(location));
     }
-    Ok((l, p, route))
+    Ok((p, route))
 }
 
 /// The shards of a sharded GPU load, in order, each prepared (`prepare_shard`) and handed to
 /// `run` with its window, the next one prepared while `run` copies the current one (see
 /// `one_ahead`): neither the device nor the store waits for a shard's opening and plan (on a
 /// remote store a round trip or more each), and at most two shards' backends are open at once,
-/// the one copying and the next (after a failure, a preparation still running is left to end
-/// by itself, holding no device memory). `run` stays on the calling thread (the one that
-/// reserved the device).
+/// the one copying and the next. After a failure, a preparation still running is left to end
+/// by itself: it holds neither the device (only its options: not its context, pinned staging
+/// ring or memory) nor anything of the load's it could change (the progress total is corrected
+/// here, on the calling thread, for the shard `run` takes). `run` stays on the calling thread
+/// (the one that reserved the device).
 fn each_shard_on_device(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
     todo: Vec<(Loader, u64)>,
     windows: Vec<Arc<tensorstream_cuda::DeviceArena>>,
     run: impl FnMut(ShardOnDevice) -> Result<()>,
 ) -> Result<()> {
-    // The preparing thread gets each window's length, not the window: device memory is never
-    // held by a preparation left running after a failure (see `one_ahead`).
     let rooms: Vec<u64> = windows.iter().map(|w| w.len()).collect();
     let mut windows = windows.into_iter();
     let mut run = run;
-    let dev = dev.clone();
+    let o = dev.options().clone();
     one_ahead(
         todo.into_iter().zip(rooms),
-        move |((l, bytes), room)| prepare_shard(&dev, l, bytes, room),
-        |(l, p, route)| {
+        move |((mut l, bytes), room)| {
+            // A device given to `on_device` stays with the load's thread too.
+            l.opened = None;
+            let (p, route) = prepare_shard(&o, &l, room)?;
+            Ok((l, bytes, p, route))
+        },
+        |(l, bytes, p, route)| {
             let window = windows
                 .next()
                 .ok_or_else(|| Error::invalid("a shard without its window of device memory"))?;
-            run((l, p, route, window))
+            l.correct_total(&p, Some(bytes));
+            run((l.on_device(dev.clone()), p, route, window))
         },
     )
 }
@@ -2534,7 +2540,7 @@ impl Prepared {
     }
 
     /// Which way a GPU load of this preparation goes.
-    fn gpu_route(&self, dev: &tensorstream_cuda::CudaDevice) -> Result<GpuRoute> {
+    fn gpu_route(&self, opts: &tensorstream_cuda::CudaOptions) -> Result<GpuRoute> {
         if self.hook.is_some() {
             return Ok(GpuRoute::Staged);
         }
@@ -2542,7 +2548,7 @@ impl Prepared {
         // resident" for any mapping).
         let path = std::path::Path::new(self.backend.location());
         if self.caps.kind == "local"
-            && tensorstream_cuda::use_mapped(dev.options().warm, || {
+            && tensorstream_cuda::use_mapped(opts.warm, || {
                 tensorstream_backends::local::cached_fraction_of(path)
             })
         {

@@ -944,6 +944,97 @@ fn gpu_device_faults_in_a_sharded_load_name_the_shard() {
     }
 }
 
+/// A sharded GPU load whose shard fails while the next shard is being prepared (on a thread of
+/// its own, left to end by itself): that preparation holds neither the device
+/// (a failed load's device handle, its context and pinned staging ring, would live on until
+/// the preparation ended: a store that does not answer for minutes) nor writes to the failed
+/// load's progress total when it ends (a retry with the same counter, or a later load, would
+/// see its total change under it).
+#[test]
+fn gpu_a_failed_sharded_load_leaves_its_next_shards_preparation_nothing() {
+    if !have_gpu() {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    // Shard 2's middle tensor is left out: its plan reads that small gap, so the shard
+    // corrects the progress total (the selected tensors' bytes) by it.
+    checkpoint::write(dir.path(), &[&[300_000], &[1000, 100, 1000]], 7);
+    let shard1 = dir.path().join(checkpoint::shard_name(1, 2));
+    let dev = tensorstream_cuda::CudaDevice::open(0, &small_ring()).unwrap();
+    let (release, waited) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    // Held by every loader of the load (in their filter): gone once the preparation has ended.
+    let marker = Arc::new(());
+    let filter = {
+        let (release, waited, calls, marker) = (
+            release.clone(),
+            waited.clone(),
+            calls.clone(),
+            marker.clone(),
+        );
+        let shard1 = shard1.clone();
+        move |t: &tensorstream::TensorInfo| {
+            let _ = &marker;
+            let preparing = std::thread::current().name() == Some("ts-shard-prepare");
+            // Shard 1's preparation (after the check and the layout, on the load's thread):
+            // its file cut short once opened, so that its copies fail.
+            if t.name == "layers.0.w0" && !preparing && calls.fetch_add(1, SeqCst) == 2 {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&shard1)
+                    .and_then(|f| f.set_len(1000))
+                    .unwrap();
+            }
+            // Shard 2's preparation: a store that does not answer until told to.
+            if t.name == "layers.1.w0" && preparing && !waited.swap(true, SeqCst) {
+                let until = Instant::now() + Duration::from_secs(30);
+                while !release.load(SeqCst) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            t.name != "layers.1.w1"
+        }
+    };
+    let total = Arc::new(AtomicU64::new(0));
+    let l = Loader::new(dir.path().display().to_string())
+        .on_device(dev.clone())
+        .progress_total(total.clone())
+        .filter(filter);
+    let e = l.load_cuda().expect_err("shard 1 was cut short");
+    drop(l);
+    assert!(
+        e.to_string().contains(&checkpoint::shard_name(1, 2)),
+        "not shard 1's failure: {e}"
+    );
+    // Shard 2's preparation started before shard 1's copies (and may reach its filter only
+    // after the load returned).
+    let until = Instant::now() + Duration::from_secs(30);
+    while !waited.load(SeqCst) {
+        assert!(Instant::now() < until, "shard 2 was not prepared: {e}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let held = Arc::strong_count(&dev) - 1;
+    let at_failure = total.load(SeqCst);
+    release.store(true, SeqCst);
+    while Arc::strong_count(&marker) > 1 {
+        assert!(Instant::now() < until, "shard 2's preparation did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let after = total.load(SeqCst);
+    assert_eq!(
+        (held, after),
+        (0, at_failure),
+        "after the load failed, the preparation left running held the device handle (times) \
+         and changed the failed load's progress total (to)"
+    );
+}
+
 /// Loads on separate device handles run side by side, each with its own bytes right; a second
 /// load on a handle whose slots a live load holds is refused at once (not waited for: only
 /// dropped streaming loads are), and the handle serves loads again once they are free.
