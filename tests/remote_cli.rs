@@ -377,9 +377,10 @@ fn remote_shard_headers_are_read_32_at_a_time() {
                  {opened} connections"
             );
             // At most `most` at once; with 32, more than the eight of before (each request is
-            // held 100 ms, so the openings started together are all in flight together).
+            // held 100 ms, so the openings started together are in flight together; seen 32,
+            // but a loaded machine may start some late, so only more than eight is asked).
             assert!(
-                peak <= most && (most < 32 || peak > 16),
+                peak <= most && (most < 32 || peak > 8),
                 "{kind}, --concurrency {concurrency:?}: {peak} requests in flight at most"
             );
         }
