@@ -498,12 +498,17 @@ fn a_sharded_http_load_asks_no_question_twice() {
     let log = std::fs::read_to_string(&log).unwrap();
     let index = format!("/{name}/model.safetensors.index.json");
     assert_eq!(requests(&log, "HEAD", &index), 1, "HEADs for the index");
-    for k in 1..=shards.len() {
-        let file = checkpoint::shard_name(k, shards.len());
-        let small = std::fs::metadata(root.join(name).join(&file))
-            .unwrap()
-            .len()
-            <= 64 << 10;
+    assert_requests_per_shard(&log, &root.join(name), name, shards.len());
+}
+
+/// Each of the `n` shards of the checkpoint `name` (in `dir`, served by nginx) was asked what
+/// a load asks, by nginx's access log `log`: the check's HEAD and header read, the load's HEAD
+/// (the shard unchanged) and tensor read (none for a small shard: the check read it whole),
+/// the last look.
+fn assert_requests_per_shard(log: &str, dir: &std::path::Path, name: &str, n: usize) {
+    for k in 1..=n {
+        let file = checkpoint::shard_name(k, n);
+        let small = std::fs::metadata(dir.join(&file)).unwrap().len() <= 64 << 10;
         let (heads, gets) = if small { (2, 1) } else { (3, 2) };
         let shard = format!("/{name}/{file}");
         let lines = log
@@ -512,12 +517,12 @@ fn a_sharded_http_load_asks_no_question_twice() {
             .collect::<Vec<_>>()
             .join("\n");
         assert_eq!(
-            requests(&log, "HEAD", &shard),
+            requests(log, "HEAD", &shard),
             heads,
             "HEADs for {shard}:\n{lines}"
         );
         assert_eq!(
-            requests(&log, "GET", &shard),
+            requests(log, "GET", &shard),
             gets,
             "GETs for {shard}:\n{lines}"
         );
@@ -568,32 +573,7 @@ fn a_sharded_http_gpu_load_opens_no_shard_to_lay_out_its_memory() {
         assert_eq!(g["sha256"], w.sha256.as_str(), "{}", w.name);
     }
     let log = std::fs::read_to_string(&log).unwrap();
-    for k in 1..=shards.len() {
-        let file = checkpoint::shard_name(k, shards.len());
-        let small = std::fs::metadata(root.join(name).join(&file))
-            .unwrap()
-            .len()
-            <= 64 << 10;
-        // The check's HEAD and header read, the load's HEAD (the shard unchanged) and tensor
-        // read (none for a small shard: the check read it whole), the last look.
-        let (heads, gets) = if small { (2, 1) } else { (3, 2) };
-        let shard = format!("/{name}/{file}");
-        let lines = log
-            .lines()
-            .filter(|l| l.contains(&shard))
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert_eq!(
-            requests(&log, "HEAD", &shard),
-            heads,
-            "HEADs for {shard}:\n{lines}"
-        );
-        assert_eq!(
-            requests(&log, "GET", &shard),
-            gets,
-            "GETs for {shard}:\n{lines}"
-        );
-    }
+    assert_requests_per_shard(&log, &root.join(name), name, shards.len());
 }
 
 /// A tensorizer file converted through each remote backend, verified, read in 1 MiB requests
