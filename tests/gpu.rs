@@ -771,6 +771,63 @@ fn gpu_a_model_larger_than_the_device_fails_clearly() {
     );
 }
 
+/// The device faults fakecuda injects, swept: `load FILE --device cuda:0 --digests --json` of
+/// each `(file, options)` case with a 3 × 256 KiB ring and each of `FAKECUDA_FAIL_H2D_AT` /
+/// `FAKECUDA_FAIL_SYNC_AT` = 1, 2, 3, 5, 8, 13 (on a real GPU, whose driver ignores the
+/// variables, one load per case: each opens the device, a CUDA context). Every load ends
+/// within 120 s without a panic, with exit 0 (`ok` checks its JSON) or 1 (`failed` checks its
+/// stderr); the arguments of both start with a description of the load (`failed` gets the
+/// file next). Returns whether the driver is fakecuda and how many loads failed.
+fn device_fault_sweep(
+    cases: &[(&str, &[&str])],
+    ok: impl Fn(&str, &Value),
+    failed: impl Fn(&str, &str, &str),
+) -> (bool, usize) {
+    let cli = cli();
+    let fake = tensorstream_cuda::CudaDevice::open(0, &small_ring())
+        .unwrap()
+        .name()
+        .unwrap()
+        .contains("fakecuda");
+    let small = ["--slots", "3", "--slot-size", "256KiB"];
+    let (vars, ns): (&[&str], &[u32]) = if fake {
+        (
+            &["FAKECUDA_FAIL_H2D_AT", "FAKECUDA_FAIL_SYNC_AT"],
+            &[1, 2, 3, 5, 8, 13],
+        )
+    } else {
+        (&["FAKECUDA_FAIL_H2D_AT"], &[1])
+    };
+    let mut failures = 0;
+    for &(file, extra) in cases {
+        for var in vars {
+            for n in ns {
+                let what = format!("{file} {extra:?} {var}={n}");
+                let out = output_within(
+                    std::process::Command::new(&cli)
+                        .args(["load", file, "--device", "cuda:0"])
+                        .args(["--digests", "--json", "--quiet"])
+                        .args(small)
+                        .args(extra)
+                        .env(var, n.to_string()),
+                    120,
+                );
+                let err = String::from_utf8_lossy(&out.stderr);
+                match out.status.code() {
+                    Some(0) => ok(&what, &serde_json::from_slice(&out.stdout).unwrap()),
+                    Some(1) => {
+                        failures += 1;
+                        failed(&what, file, &err);
+                    }
+                    other => panic!("{what}: exit {other:?}: {err}"),
+                }
+                assert!(!err.contains("panicked"), "{what}: {err}");
+            }
+        }
+    }
+    (fake, failures)
+}
+
 /// Device faults in the middle of a load (under fakecuda, which injects them when
 /// `FAKECUDA_FAIL_H2D_AT=N` / `FAKECUDA_FAIL_SYNC_AT=N` is set: the Nth copy submission fails,
 /// or the Nth wait reports a device fault), on the ring, mapped and staged routes: every load
@@ -782,19 +839,13 @@ fn gpu_device_faults_fail_cleanly() {
     if !have_gpu() {
         return;
     }
-    let cli = cli();
-    let fake = tensorstream_cuda::CudaDevice::open(0, &small_ring())
-        .unwrap()
-        .name()
-        .unwrap()
-        .contains("fakecuda");
     let sizes = [1000u64, (1 << 20) + 7, 5, 600_000, 1 << 20];
     let (bytes, data) = tensorstream_engine::testkit::u8_model(&sizes, 9);
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("f.safetensors");
     std::fs::write(&st, &bytes).unwrap();
     let tz = dir.path().join("f.tensors");
-    let out = std::process::Command::new(&cli)
+    let out = std::process::Command::new(cli())
         .args([
             "convert",
             st.to_str().unwrap(),
@@ -805,57 +856,27 @@ fn gpu_device_faults_fail_cleanly() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let want: Vec<String> = data.iter().map(|d| sha(d)).collect();
-    let small = ["--slots", "3", "--slot-size", "256KiB"];
-    let routes: [(&std::path::Path, &[&str]); 3] = [
-        (&st, &[]),
-        (&st, &["--gpu-warm", "force", "--gpu-warm-piece", "1MiB"]),
-        (&tz, &["--verify"]),
+    let (st, tz) = (st.to_str().unwrap(), tz.to_str().unwrap());
+    let cases: [(&str, &[&str]); 3] = [
+        (st, &[]),
+        (st, &["--gpu-warm", "force", "--gpu-warm-piece", "1MiB"]),
+        (tz, &["--verify"]),
     ];
-    // On a real GPU one load per route is enough (each opens the device: a CUDA context).
-    let (vars, ns): (&[&str], &[u32]) = if fake {
-        (
-            &["FAKECUDA_FAIL_H2D_AT", "FAKECUDA_FAIL_SYNC_AT"],
-            &[1, 2, 3, 5, 8, 13],
-        )
-    } else {
-        (&["FAKECUDA_FAIL_H2D_AT"], &[1])
-    };
-    let mut failed = 0;
-    for (file, extra) in routes {
-        for var in vars {
-            for n in ns {
-                let what = format!("{} {extra:?} {var}={n}", file.display());
-                let out = output_within(
-                    std::process::Command::new(&cli)
-                        .args(["load", file.to_str().unwrap(), "--device", "cuda:0"])
-                        .args(["--digests", "--json", "--quiet"])
-                        .args(small)
-                        .args(extra)
-                        .env(var, n.to_string()),
-                    120,
-                );
-                let err = String::from_utf8_lossy(&out.stderr);
-                match out.status.code() {
-                    Some(0) => {
-                        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-                        for (i, w) in want.iter().enumerate() {
-                            let name = format!("t{i:03}");
-                            let mut t = j["tensors"].as_array().unwrap().iter();
-                            let g = t.find(|t| t["name"] == name.as_str());
-                            assert_eq!(g.unwrap()["sha256"], w.as_str(), "{what}: {name}");
-                        }
-                    }
-                    Some(1) => {
-                        failed += 1;
-                        assert!(err.contains("CUDA_ERROR_"), "{what}: {err}");
-                        assert!(err.contains(file.to_str().unwrap()), "{what}: {err}");
-                    }
-                    other => panic!("{what}: exit {other:?}: {err}"),
-                }
-                assert!(!err.contains("panicked"), "{what}: {err}");
+    let (fake, failed) = device_fault_sweep(
+        &cases,
+        |what, j| {
+            for (i, w) in want.iter().enumerate() {
+                let name = format!("t{i:03}");
+                let mut t = j["tensors"].as_array().unwrap().iter();
+                let g = t.find(|t| t["name"] == name.as_str());
+                assert_eq!(g.unwrap()["sha256"], w.as_str(), "{what}: {name}");
             }
-        }
-    }
+        },
+        |what, file, err| {
+            assert!(err.contains("CUDA_ERROR_"), "{what}: {err}");
+            assert!(err.contains(file), "{what}: {err}");
+        },
+    );
     if fake {
         assert!(
             failed > 20,
@@ -876,67 +897,34 @@ fn gpu_device_faults_in_a_sharded_load_name_the_shard() {
     if !have_gpu() {
         return;
     }
-    let cli = cli();
-    let fake = tensorstream_cuda::CudaDevice::open(0, &small_ring())
-        .unwrap()
-        .name()
-        .unwrap()
-        .contains("fakecuda");
     let dir = tempfile::tempdir().unwrap();
     let shards: [&[usize]; 4] = [&[1000, 300_000], &[5], &[(1 << 20) + 7, 17], &[600_000]];
     let want = checkpoint::write(dir.path(), &shards, 41);
     let ckpt = dir.path().to_str().unwrap();
-    let small = ["--slots", "3", "--slot-size", "256KiB"];
-    let routes: [&[&str]; 2] = [&[], &["--gpu-warm", "force", "--gpu-warm-piece", "1MiB"]];
-    let (vars, ns): (&[&str], &[u32]) = if fake {
-        (
-            &["FAKECUDA_FAIL_H2D_AT", "FAKECUDA_FAIL_SYNC_AT"],
-            &[1, 2, 3, 5, 8, 13],
-        )
-    } else {
-        (&["FAKECUDA_FAIL_H2D_AT"], &[1])
-    };
-    let mut failed = 0;
-    for extra in routes {
-        for var in vars {
-            for n in ns {
-                let what = format!("{extra:?} {var}={n}");
-                let out = output_within(
-                    std::process::Command::new(&cli)
-                        .args(["load", ckpt, "--device", "cuda:0"])
-                        .args(["--digests", "--json", "--quiet"])
-                        .args(small)
-                        .args(extra)
-                        .env(var, n.to_string()),
-                    120,
-                );
-                let err = String::from_utf8_lossy(&out.stderr);
-                match out.status.code() {
-                    Some(0) => {
-                        let j: Value = serde_json::from_slice(&out.stdout).unwrap();
-                        let got = j["tensors"].as_array().unwrap();
-                        assert_eq!(got.len(), want.len(), "{what}");
-                        for w in &want {
-                            let g = got.iter().find(|t| t["name"] == w.name.as_str());
-                            assert_eq!(g.unwrap()["sha256"], w.sha256.as_str(), "{what}");
-                        }
-                    }
-                    Some(1) => {
-                        failed += 1;
-                        // (Warnings before it may name other shards.)
-                        let error = err.lines().find(|l| l.contains(" error: ")).unwrap_or("");
-                        assert!(error.contains("CUDA_ERROR_"), "{what}: {err}");
-                        let named = (1..=shards.len())
-                            .filter(|&k| error.contains(&checkpoint::shard_name(k, shards.len())))
-                            .count();
-                        assert_eq!(named, 1, "{what}: not one shard named: {err}");
-                    }
-                    other => panic!("{what}: exit {other:?}: {err}"),
-                }
-                assert!(!err.contains("panicked"), "{what}: {err}");
+    let cases: [(&str, &[&str]); 2] = [
+        (ckpt, &[]),
+        (ckpt, &["--gpu-warm", "force", "--gpu-warm-piece", "1MiB"]),
+    ];
+    let (fake, failed) = device_fault_sweep(
+        &cases,
+        |what, j| {
+            let got = j["tensors"].as_array().unwrap();
+            assert_eq!(got.len(), want.len(), "{what}");
+            for w in &want {
+                let g = got.iter().find(|t| t["name"] == w.name.as_str());
+                assert_eq!(g.unwrap()["sha256"], w.sha256.as_str(), "{what}");
             }
-        }
-    }
+        },
+        |what, _, err| {
+            // (Warnings before it may name other shards.)
+            let error = err.lines().find(|l| l.contains(" error: ")).unwrap_or("");
+            assert!(error.contains("CUDA_ERROR_"), "{what}: {err}");
+            let named = (1..=shards.len())
+                .filter(|&k| error.contains(&checkpoint::shard_name(k, shards.len())))
+                .count();
+            assert_eq!(named, 1, "{what}: not one shard named: {err}");
+        },
+    );
     if fake {
         assert!(failed > 6, "the injected faults failed only {failed} loads");
     } else {

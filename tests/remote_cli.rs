@@ -485,16 +485,7 @@ fn a_sharded_http_load_asks_no_question_twice() {
     let shards: [&[usize]; 3] = [&[1000, 3000], &[17, 40], &[(1 << 20) + 3]];
     let want = checkpoint::write(&root.join(name), &shards, 23);
     let uri = format!("{url}/{name}/model.safetensors.index.json");
-    let out = succeed(
-        cli().args(["load", &uri, "--digests", "--json", "--quiet"]),
-        "load",
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let got = got["tensors"].as_array().unwrap();
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g["sha256"], w.sha256.as_str(), "{}", w.name);
-    }
+    loaded_as_written(&uri, &[], &[], &want);
     let log = std::fs::read_to_string(&log).unwrap();
     let index = format!("/{name}/model.safetensors.index.json");
     assert_eq!(requests(&log, "HEAD", &index), 1, "HEADs for the index");
@@ -551,27 +542,12 @@ fn a_sharded_http_gpu_load_opens_no_shard_to_lay_out_its_memory() {
     let shards: [&[usize]; 4] = [&[1000, 3000], &[17, 40], &[(1 << 20) + 3], &[5, 6, 7]];
     let want = checkpoint::write(&root.join(name), &shards, 29);
     let uri = format!("{url}/{name}/model.safetensors.index.json");
-    let out = succeed(
-        cli()
-            .args([
-                "load",
-                &uri,
-                "--device",
-                "cuda:0",
-                "--digests",
-                "--json",
-                "--quiet",
-            ])
-            .env("LD_LIBRARY_PATH", fakecuda())
-            .env("FAKECUDA_DELAY_US", "20"),
-        "load",
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let got = got["tensors"].as_array().unwrap();
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g["sha256"], w.sha256.as_str(), "{}", w.name);
-    }
+    let gpu = ["--device", "cuda:0"].map(String::from);
+    let envs = [
+        ("LD_LIBRARY_PATH".to_string(), fakecuda()),
+        ("FAKECUDA_DELAY_US".to_string(), "20".to_string()),
+    ];
+    loaded_as_written(&uri, &gpu, &envs, &want);
     let log = std::fs::read_to_string(&log).unwrap();
     assert_requests_per_shard(&log, &root.join(name), name, shards.len());
 }
