@@ -2265,11 +2265,10 @@ fn each_shard_on_device(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
     todo: Vec<(Loader, u64)>,
     windows: Vec<Arc<tensorstream_cuda::DeviceArena>>,
-    run: impl FnMut(ShardOnDevice) -> Result<()>,
+    mut run: impl FnMut(ShardOnDevice) -> Result<()>,
 ) -> Result<()> {
     let rooms: Vec<u64> = windows.iter().map(|w| w.len()).collect();
     let mut windows = windows.into_iter();
-    let mut run = run;
     let o = dev.options().clone();
     one_ahead(
         todo.into_iter().zip(rooms),
