@@ -1058,8 +1058,15 @@ fn a_server_that_stays_too_slow_is_given_up_on_after_three_cuts() {
     let e = read_mib_within(be, 150).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("3 GETs in a row were cut"), "{e}");
-    let gets = f.proxy.log().iter().filter(|x| x.method == "GET").count();
-    assert_eq!(gets, 3, "{:?}", f.proxy.log());
+    // The three GETs that were cut, each after more than 64 KiB. (On a machine starved of CPU
+    // a GET can also see a 300 ms gap in the trickle before 64 KiB came: a stall, retried,
+    // which neither counts as a cut nor breaks the row; seen once in CI beside two builds.)
+    let log = f.proxy.log();
+    let cut = log
+        .iter()
+        .filter(|x| x.method == "GET" && x.body_bytes > 64 << 10)
+        .count();
+    assert_eq!(cut, 3, "{log:?}");
 }
 
 /// A gateway that answers every ranged GET with 64 KiB: a 8 MiB part takes 128 GETs, more than
