@@ -173,6 +173,10 @@ pub struct Loader {
     /// The flag the backend's own calls follow (`backend_options`), when not `cancel`: one that
     /// follows `cancel` and is never cleared (see `bounded`).
     backend_cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Set once nobody will take what this loader is preparing: a sharded GPU load's next shard
+    /// whose load failed meanwhile (see `one_ahead`). The preparation stops at its next step
+    /// (`check_abandoned`) and asks the store nothing more.
+    abandoned: Option<Arc<std::sync::atomic::AtomicBool>>,
     deadline: Option<Duration>,
     progress_total: Option<Arc<AtomicU64>>,
     cuda: tensorstream_cuda::CudaOptions,
@@ -294,6 +298,7 @@ impl Loader {
             progress: None,
             cancel: None,
             backend_cancel: None,
+            abandoned: None,
             deadline: None,
             progress_total: None,
             cuda: tensorstream_cuda::CudaOptions::default(),
@@ -1486,6 +1491,24 @@ impl Loader {
         self.scope.as_ref().and_then(|s| s.total.clone())
     }
 
+    /// Fails with `Cancelled` once what this loader prepares was given up (`abandoned`):
+    /// checked before each step of a preparation that may ask the store something (opening the
+    /// object, reading its metadata, the tensorizer hooks' reads) and before its plan.
+    fn check_abandoned(&self) -> Result<()> {
+        if self
+            .abandoned
+            .as_ref()
+            .is_some_and(|a| a.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return Err(Error::new(
+                ErrorKind::Cancelled,
+                "given up: the load this shard was being prepared for has failed",
+            )
+            .with_location(sharded::redact(&self.uri)));
+        }
+        Ok(())
+    }
+
     /// Fails with `Cancelled` once the cancel flag is set (checked between shards).
     fn check_cancelled(&self) -> Result<()> {
         if self
@@ -1746,7 +1769,9 @@ impl Loader {
     /// interrupted: a server that does not answer holds them until the backend's own timeouts
     /// and retries give up), so with a cancel flag they run on a thread of their own, and a
     /// cancel (or the deadline, which sets the flag) returns `Cancelled` at once. The abandoned
-    /// thread ends by itself when its call returns, dropping what it made.
+    /// thread ends by itself when its call returns, dropping what it made. Before each step
+    /// they look at the loader's `abandoned` flag: a shard's preparation that its load gave up
+    /// on starts no further call (`check_abandoned`).
     fn open_index(&self) -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
         self.open_index_with(false)
             .map(|(be, meta, index, _)| (be, meta, index))
@@ -1760,7 +1785,9 @@ impl Loader {
     fn open_index_with(&self, keep_small: bool) -> Result<OpenedIndex> {
         use std::sync::atomic::Ordering;
         let steps = move |l: &Loader| -> Result<OpenedIndex> {
+            l.check_abandoned()?;
             let (be, meta) = l.backend_stat()?;
+            l.check_abandoned()?;
             if keep_small && meta.version.is_some() && !be.capabilities().kernel_reads {
                 let (index, object) = format::read_index_and_object(be.as_ref(), &meta)?;
                 return Ok((be, meta, index, object));
@@ -1880,6 +1907,7 @@ impl Loader {
         let (be, meta, mut index) = self.open_index()?;
         let sel = self.select(&index)?;
         let ropts = self.read_options(&index);
+        self.check_abandoned()?;
         let hook = format::tensorizer::prepare(be.as_ref(), &mut index, &ropts)
             .map_err(|e| e.with_location(&self.uri))?;
         let caps = be.capabilities();
@@ -1950,6 +1978,7 @@ impl Loader {
                     .min(tensorstream_engine::pipeline::MAX_QUEUE_DEPTH);
             }
         }
+        self.check_abandoned()?;
         let plan = Arc::new(plan(&index, &sel, &popts).map_err(|e| e.with_location(&self.uri))?);
         if let Some(t) = &self.progress_total {
             t.store(plan.read_bytes, std::sync::atomic::Ordering::Relaxed);
@@ -2237,6 +2266,7 @@ fn prepare_shard(
     let location = sharded::redact(&l.uri);
     l.check_cancelled()?;
     let p = l.prepare(Some(o)).map_err(|e| e.with_location(&location))?;
+    l.check_abandoned()?;
     let route = p.gpu_route(o).map_err(|e| e.with_location(&location))?;
     if p.plan.arena_len > room {
         return Err(Error::new(
@@ -2256,11 +2286,13 @@ fn prepare_shard(
 /// `run` with its window, the next one prepared while `run` copies the current one (see
 /// `one_ahead`): neither the device nor the store waits for a shard's opening and plan (on a
 /// remote store a round trip or more each), and at most two shards' backends are open at once,
-/// the one copying and the next. After a failure, a preparation still running is left to end
-/// by itself: it holds neither the device (only its options: not its context, pinned staging
-/// ring or memory) nor anything of the load's it could change (the progress total is corrected
-/// here, on the calling thread, for the shard `run` takes). `run` stays on the calling thread
-/// (the one that reserved the device).
+/// the one copying and the next. After a failure, a preparation still running is told to stop
+/// (its loader's `abandoned` flag) and left to end by itself: it finishes at most the store
+/// call it is in (opening the shard, its `stat`, its metadata) and starts no other, the next
+/// step seeing the flag (`check_abandoned`). It holds neither the device (only its options:
+/// not its context, pinned staging ring or memory) nor anything of the load's it could change
+/// (the progress total is corrected here, on the calling thread, for the shard `run` takes).
+/// `run` stays on the calling thread (the one that reserved the device).
 fn each_shard_on_device(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
     todo: Vec<(Loader, u64)>,
@@ -2272,9 +2304,10 @@ fn each_shard_on_device(
     let o = dev.options().clone();
     one_ahead(
         todo.into_iter().zip(rooms),
-        move |((mut l, bytes), room)| {
+        move |((mut l, bytes), room), abandoned| {
             // A device given to `on_device` stays with the load's thread too.
             l.opened = None;
+            l.abandoned = Some(abandoned);
             let (p, route) = prepare_shard(&o, &l, room)?;
             Ok((l, bytes, p, route))
         },
@@ -2302,44 +2335,77 @@ type ShardOnDevice = (
 /// it and is the one returned: `run`'s on item k comes before `prepare`'s on item k+1; no
 /// further item is started. A failure returns at once: a preparation still running then (an
 /// opening waiting on a store that does not answer, say) is left to end by itself, its result
-/// dropped, rather than waited for.
+/// dropped, rather than waited for; its flag (the one `prepare` is handed) is set then, for it
+/// to stop at its next look (`run` failing or panicking both set it; a preparation whose
+/// result is taken never sees it set, nor does the first item's, which runs on the calling
+/// thread before anything can fail).
 fn one_ahead<T, P>(
     items: impl IntoIterator<Item = T>,
-    prepare: impl Fn(T) -> Result<P> + Send + Sync + 'static,
+    prepare: impl Fn(T, Arc<std::sync::atomic::AtomicBool>) -> Result<P> + Send + Sync + 'static,
     mut run: impl FnMut(P) -> Result<()>,
 ) -> Result<()>
 where
     T: Send + 'static,
     P: Send + 'static,
 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// The next item's preparation on its thread, and its flag: set when this is dropped
+    /// before its result was taken (`run` failed or panicked meanwhile).
+    struct Ahead<P> {
+        thread: Option<std::thread::JoinHandle<Result<P>>>,
+        abandoned: Arc<AtomicBool>,
+    }
+    impl<P> Ahead<P> {
+        fn take(mut self) -> Result<P> {
+            match self.thread.take() {
+                Some(t) => t
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                None => Err(Error::new(
+                    ErrorKind::Io,
+                    "a shard's preparation taken twice",
+                )),
+            }
+        }
+    }
+    impl<P> Drop for Ahead<P> {
+        fn drop(&mut self) {
+            // Dropping the handle detaches the thread; the flag tells it to stop.
+            if self.thread.is_some() {
+                self.abandoned.store(true, Ordering::SeqCst);
+            }
+        }
+    }
     let prepare = Arc::new(prepare);
     let mut items = items.into_iter();
     let Some(first) = items.next() else {
         return Ok(());
     };
-    let mut current = prepare(first);
+    let mut current = prepare(first, Arc::new(AtomicBool::new(false)));
     loop {
         let prepared = current?;
         let next = match items.next() {
             None => None,
             Some(item) => {
                 let prepare = prepare.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("ts-shard-prepare".into())
-                        .spawn(move || prepare(item))
-                        .map_err(|e| Error::from_io(e, "starting the thread preparing a shard"))?,
-                )
+                let abandoned = Arc::new(AtomicBool::new(false));
+                let flag = abandoned.clone();
+                let thread = std::thread::Builder::new()
+                    .name("ts-shard-prepare".into())
+                    .spawn(move || prepare(item, flag))
+                    .map_err(|e| Error::from_io(e, "starting the thread preparing a shard"))?;
+                Some(Ahead {
+                    thread: Some(thread),
+                    abandoned,
+                })
             }
         };
-        // On an error here `next`, dropped, detaches its thread.
+        // On an error here (or a panic) `next`, dropped, sets its flag and detaches its thread.
         run(prepared)?;
         let Some(next) = next else {
             return Ok(());
         };
-        current = next
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        current = next.take();
     }
 }
 
@@ -3638,7 +3704,7 @@ mod tests {
                 let s = seen.clone();
                 let r = one_ahead(
                     0..n,
-                    move |i| {
+                    move |i, _| {
                         let mut g = s.0.lock().unwrap();
                         // Never two ahead: the run two items back has finished.
                         assert!(
@@ -3738,6 +3804,235 @@ mod tests {
         let e = r.unwrap_err().to_string();
         assert!(e.contains("prepare 0"), "{e}");
         assert_eq!((started, runs), (vec![0], vec![]));
+    }
+
+    /// A preparation left behind by a failure (item k's run fails while item k+1's preparation
+    /// waits on a store call, answered here only once `one_ahead` has returned) stops at its
+    /// next look at the flag it was handed: the call in flight is its last. The same when the
+    /// run panics. The preparations whose results were taken, the first item's included, never
+    /// see their flag set.
+    #[test]
+    fn a_preparation_left_behind_by_a_failure_stops_at_its_next_look() {
+        use std::sync::{Condvar, Mutex};
+        #[derive(Default)]
+        struct Seen {
+            /// The store calls made: (item, call).
+            calls: Vec<(usize, usize)>,
+            /// The items whose preparation stopped at a look at its flag.
+            stopped: Vec<usize>,
+            /// The items whose preparation has ended.
+            ended: Vec<usize>,
+            /// Set once `one_ahead` has returned.
+            returned: bool,
+        }
+        /// What a run does once the call `hold` of the next preparation is in flight.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Run {
+            Fail,
+            Panic,
+        }
+        const CALLS: usize = 3;
+        let seen = Arc::new((Mutex::new(Seen::default()), Condvar::new()));
+        // Items 0..n, each prepared with CALLS store calls and a look at its flag before each;
+        // the run of item `hold.0 - 1` waits for the call `hold` to be in flight, then does
+        // `then`. Returns the store calls each item made, the items that stopped, and whether
+        // a taken preparation's flag was set.
+        let go = |n: usize, hold: Option<(usize, usize)>, then: Option<Run>| {
+            *seen.0.lock().unwrap() = Seen::default();
+            let s = seen.clone();
+            let mut taken: Vec<Arc<AtomicBool>> = Vec::new();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                one_ahead(
+                    0..n,
+                    move |i, abandoned: Arc<AtomicBool>| {
+                        let mut made = Ok(());
+                        for call in 0..CALLS {
+                            if abandoned.load(Ordering::SeqCst) {
+                                s.0.lock().unwrap().stopped.push(i);
+                                made = Err(Error::new(ErrorKind::Cancelled, "stopped"));
+                                break;
+                            }
+                            let mut g = s.0.lock().unwrap();
+                            g.calls.push((i, call));
+                            s.1.notify_all();
+                            if hold == Some((i, call)) {
+                                // Answered once `one_ahead` has returned (or after 10 s).
+                                drop(
+                                    s.1.wait_timeout_while(g, Duration::from_secs(10), |g| {
+                                        !g.returned
+                                    })
+                                    .unwrap(),
+                                );
+                            }
+                        }
+                        s.0.lock().unwrap().ended.push(i);
+                        s.1.notify_all();
+                        made.map(|()| (i, abandoned))
+                    },
+                    |(i, flag)| {
+                        taken.push(flag);
+                        let Some(held) = hold.filter(|h| h.0 == i + 1) else {
+                            return Ok(());
+                        };
+                        let g = seen.0.lock().unwrap();
+                        let (g, _) = seen
+                            .1
+                            .wait_timeout_while(g, Duration::from_secs(10), |g| {
+                                !g.calls.contains(&held)
+                            })
+                            .unwrap();
+                        assert!(g.calls.contains(&held), "call {held:?} was not made");
+                        drop(g);
+                        match then {
+                            Some(Run::Fail) => Err(Error::new(ErrorKind::Io, format!("run {i}"))),
+                            Some(Run::Panic) => panic!("run {i} panics (as the test asks)"),
+                            None => Ok(()),
+                        }
+                    },
+                )
+            }));
+            let mut g = seen.0.lock().unwrap();
+            g.returned = true;
+            seen.1.notify_all();
+            if let Some((k, _)) = hold {
+                // The preparation left behind tells what it did before the next case starts.
+                g = seen
+                    .1
+                    .wait_timeout_while(g, Duration::from_secs(20), |g| !g.ended.contains(&k))
+                    .unwrap()
+                    .0;
+                assert!(g.ended.contains(&k), "item {k}'s preparation did not end");
+            }
+            let calls: Vec<Vec<usize>> = (0..n)
+                .map(|i| g.calls.iter().filter(|c| c.0 == i).map(|c| c.1).collect())
+                .collect();
+            let taken_set = taken.iter().any(|f| f.load(Ordering::SeqCst));
+            (r, calls, g.stopped.clone(), taken_set)
+        };
+        // Nothing fails: every call is made, no flag is set.
+        let (r, calls, stopped, taken_set) = go(4, None, None);
+        r.unwrap().unwrap();
+        assert_eq!(calls, vec![vec![0, 1, 2]; 4]);
+        assert_eq!((stopped, taken_set), (vec![], false));
+        // Item 0's run fails during item 1's first call: that call is item 1's only one.
+        let (r, calls, stopped, taken_set) = go(4, Some((1, 0)), Some(Run::Fail));
+        let e = r.unwrap().unwrap_err().to_string();
+        assert!(e.contains("run 0"), "{e}");
+        assert_eq!(
+            (calls, stopped, taken_set),
+            (vec![vec![0, 1, 2], vec![0], vec![], vec![]], vec![1], false),
+            "(the calls of each item, the items that stopped, a taken preparation's flag set)"
+        );
+        // Item 1's run fails during item 2's second call (item 1's preparation was taken).
+        let (r, calls, stopped, taken_set) = go(4, Some((2, 1)), Some(Run::Fail));
+        let e = r.unwrap().unwrap_err().to_string();
+        assert!(e.contains("run 1"), "{e}");
+        assert_eq!(
+            (calls, stopped, taken_set),
+            (
+                vec![vec![0, 1, 2], vec![0, 1, 2], vec![0, 1], vec![]],
+                vec![2],
+                false
+            ),
+            "(the calls of each item, the items that stopped, a taken preparation's flag set)"
+        );
+        // Item 0's run panics during item 1's second call.
+        let (r, calls, stopped, taken_set) = go(3, Some((1, 1)), Some(Run::Panic));
+        assert!(r.is_err(), "the run's panic was not passed on");
+        assert_eq!(
+            (calls, stopped, taken_set),
+            (vec![vec![0, 1, 2], vec![0, 1], vec![]], vec![1], false),
+            "(the calls of each item, the items that stopped, a taken preparation's flag set)"
+        );
+    }
+
+    /// A shard's preparation whose load gave up on it (its `abandoned` flag set) asks the store
+    /// nothing more: set while a store call is in flight, that call is the last one made (the
+    /// preparation ends `Cancelled`, without a plan); set before it starts, it asks nothing.
+    /// Also when a cancel flag makes the opening run on a thread of its own.
+    #[test]
+    fn an_abandoned_shard_preparation_asks_the_store_nothing_more() {
+        use std::sync::Mutex;
+        /// An object that logs the calls it serves and sets `flag` during call `give_up_at`.
+        #[derive(Debug)]
+        struct Store {
+            inner: tensorstream_engine::MemoryBackend,
+            calls: Mutex<Vec<&'static str>>,
+            give_up_at: Option<usize>,
+            flag: Arc<AtomicBool>,
+        }
+        impl Store {
+            fn call(&self, what: &'static str) {
+                let mut calls = self.calls.lock().unwrap();
+                if self.give_up_at == Some(calls.len()) {
+                    self.flag.store(true, Ordering::SeqCst);
+                }
+                calls.push(what);
+            }
+        }
+        impl Backend for Store {
+            fn location(&self) -> &str {
+                self.inner.location()
+            }
+            fn stat(&self) -> Result<ObjectMeta> {
+                self.call("stat");
+                self.inner.stat()
+            }
+            fn capabilities(&self) -> tensorstream_engine::Capabilities {
+                self.inner.capabilities()
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+                self.call("read");
+                self.inner.read_at(offset, buf)
+            }
+        }
+        let (bytes, _) = tensorstream_engine::testkit::u8_model(&[16, 32], 5);
+        let o = tensorstream_cuda::CudaOptions::default();
+        // (The flag set before the preparation, or during call k; with a cancel flag or not.)
+        for (before, give_up_at) in [
+            (false, None),
+            (true, None),
+            (false, Some(0)),
+            (false, Some(1)),
+        ] {
+            for with_cancel in [false, true] {
+                let what = format!(
+                    "set before: {before}, during call {give_up_at:?}, cancel flag: {with_cancel}"
+                );
+                let flag = Arc::new(AtomicBool::new(before));
+                let store = Arc::new(Store {
+                    inner: tensorstream_engine::MemoryBackend::new(
+                        "http://h/ckpt/model-00002-of-00002.safetensors",
+                        bytes.clone(),
+                    ),
+                    calls: Mutex::new(Vec::new()),
+                    give_up_at,
+                    flag: flag.clone(),
+                });
+                let mut l = Loader::from_backend(store.clone());
+                if with_cancel {
+                    l = l.cancel_flag(Arc::new(AtomicBool::new(false)));
+                }
+                l.abandoned = Some(flag);
+                let r = prepare_shard(&o, &l, u64::MAX);
+                let calls = store.calls.lock().unwrap().clone();
+                match (before, give_up_at) {
+                    (false, None) => {
+                        r.unwrap();
+                        assert_eq!(calls, ["stat", "read"], "{what}");
+                    }
+                    _ => {
+                        let Err(e) = r else {
+                            panic!("{what}: a preparation given up made its plan");
+                        };
+                        assert_eq!(e.kind(), ErrorKind::Cancelled, "{what}: {e}");
+                        // The calls up to and including the one in flight when it gave up.
+                        let made = give_up_at.map_or(0, |k| k + 1);
+                        assert_eq!(calls, ["stat", "read"][..made], "{what}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
