@@ -17,7 +17,9 @@
 //! * `weak_etag`, `strip_last_modified`: mark the `ETag` weak, drop `Last-Modified`;
 //! * `partial_as_200`: turn `206` answers into `200 OK` without `Content-Range` (a proxy or
 //!   cache that ignored `Range`);
-//! * `delay`: hold every request this long before forwarding it (a store's round trip).
+//! * `delay`: hold every request this long before forwarding it (a store's round trip);
+//! * `gate`: a function each request goes through first (method, path, `Range`): it may hold
+//!   the request as long as it likes, and answers it itself with a status, or lets it through.
 //!
 //! It also counts the requests in flight (read from a client, their answer not yet begun) and
 //! keeps the most seen at once ([`Proxy::peak_in_flight`]).
@@ -104,7 +106,14 @@ pub struct Faults {
     pub partial_as_200: bool,
     /// Hold every request this long before forwarding it to the server.
     pub delay: Option<Duration>,
+    /// Called with each request (method, path, `Range`) before anything else: it may block
+    /// (holding the request); `Some(status)` answers with that status and an empty body,
+    /// `None` lets the request through.
+    pub gate: Option<Gate>,
 }
+
+/// See [`Faults::gate`].
+pub type Gate = Arc<dyn Fn(&str, &str, Option<&str>) -> Option<u16> + Send + Sync>;
 
 struct Armed {
     reset_bytes: u64,
@@ -132,6 +141,7 @@ struct Armed {
     strip_last_modified: bool,
     partial_as_200: bool,
     delay: Option<Duration>,
+    gate: Option<Gate>,
 }
 
 impl Armed {
@@ -170,6 +180,7 @@ impl Armed {
             strip_last_modified: f.strip_last_modified,
             partial_as_200: f.partial_as_200,
             delay: f.delay,
+            gate: f.gate,
         }
     }
 }
@@ -410,6 +421,16 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
                 request_headers: req[1..].to_vec(),
             })
         };
+        if let Some(gate) = &armed.gate {
+            let path = req[0].split(' ').nth(1).unwrap_or("");
+            if let Some(status) = gate(&method, path, range.as_deref()) {
+                log_answer(status);
+                let resp = format!("HTTP/1.1 {status} Gated\r\nContent-Length: 0\r\n\r\n");
+                drop(in_flight);
+                client_w.write_all(resp.as_bytes())?;
+                continue;
+            }
+        }
         if take_one(&armed.unavailable_left) {
             // Logged before answering, so a client that saw the answer finds it in the log.
             log_answer(503);
