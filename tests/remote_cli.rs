@@ -552,6 +552,140 @@ fn a_sharded_http_gpu_load_opens_no_shard_to_lay_out_its_memory() {
     assert_requests_per_shard(&log, &root.join(name), name, shards.len());
 }
 
+/// A sharded GPU load whose shard fails while the next shard is being opened asks the store
+/// nothing more for that next shard once the request it has in flight is answered: here shard
+/// 2's HEAD, held by the store until the load has returned (shard 1's reads are refused with
+/// 404 once that HEAD is in flight). The opening left behind used to go on and read shard 2's
+/// header again (the store sends no version tag, so the load compares the header with the one
+/// the check read). Shard 3 is never asked for after the check. Through the library, against
+/// fakecuda, in a child process of this test binary (the driver library is looked up when the
+/// process starts).
+#[test]
+fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+    const NAME: &str = "a_failed_sharded_http_gpu_load_stops_opening_its_next_shard";
+    if std::env::var_os("TS_TEST_UNDER_FAKECUDA").is_none() {
+        let lib = match std::env::var("LD_LIBRARY_PATH") {
+            Ok(p) if !p.is_empty() => format!("{}:{p}", fakecuda()),
+            _ => fakecuda(),
+        };
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env("LD_LIBRARY_PATH", lib)
+            .env("FAKECUDA_DELAY_US", "20")
+            .env("TS_TEST_UNDER_FAKECUDA", "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("test result: ok. 1 passed"),
+            "under fakecuda:\n{text}"
+        );
+        return;
+    }
+    let url = env("TS_NGINX_URL");
+    let root = PathBuf::from(env("TS_NGINX_ROOT"));
+    let name = "gpu-failed-shard-stops-next";
+    let shards: [&[usize]; 3] = [&[1000, 3000], &[17, 40], &[5, 6]];
+    checkpoint::write(&root.join(name), &shards, 37);
+    let file = |k: usize| format!("/{name}/{}", checkpoint::shard_name(k, shards.len()));
+    #[derive(Default)]
+    struct State {
+        /// Every request, in the order the store got them: (method, path, Range).
+        seen: Vec<(String, String, Option<String>)>,
+        /// Where in `seen` the load's HEAD of shard 2 (its second) is: held until `release`.
+        held: Option<usize>,
+        release: bool,
+    }
+    let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
+    let gate: proxy::Gate = {
+        let state = state.clone();
+        let (one, two) = (file(1), file(2));
+        Arc::new(move |method: &str, path: &str, range: Option<&str>| {
+            let (lock, cv) = &*state;
+            let mut g = lock.lock().unwrap();
+            g.seen
+                .push((method.into(), path.into(), range.map(String::from)));
+            let wait = Duration::from_secs(30);
+            let heads = |g: &State| {
+                g.seen
+                    .iter()
+                    .filter(|s| s.0 == "HEAD" && s.1 == two)
+                    .count()
+            };
+            if method == "HEAD" && path == two && heads(&g) == 2 {
+                // The opening of shard 2 while shard 1 loads: answered once the load returned.
+                g.held = Some(g.seen.len() - 1);
+                cv.notify_all();
+                drop(cv.wait_timeout_while(g, wait, |g| !g.release).unwrap());
+                return None;
+            }
+            if method == "GET" && path == one && range.is_some_and(|r| !r.starts_with("bytes=0-")) {
+                // Shard 1's tensors: refused once shard 2's opening is in flight.
+                drop(
+                    cv.wait_timeout_while(g, wait, |g| g.held.is_none())
+                        .unwrap(),
+                );
+                return Some(404);
+            }
+            None
+        })
+    };
+    let proxy = proxy::Proxy::start(server_addr(&url));
+    proxy.set_faults(proxy::Faults {
+        strip_etag: true,
+        strip_last_modified: true,
+        gate: Some(gate),
+        ..Default::default()
+    });
+    // Held by every loader of the load (in its filter): gone once shard 2's opening has ended.
+    let marker = Arc::new(());
+    let l = {
+        let marker = marker.clone();
+        tensorstream::Loader::new(proxy.url(&format!("{name}/model.safetensors.index.json")))
+            .device(tensorstream::Device::Cuda(0))
+            .filter(move |_| {
+                let _ = &marker;
+                true
+            })
+    };
+    let e = l.load_cuda().expect_err("shard 1's tensors were refused");
+    drop(l);
+    assert!(
+        e.to_string()
+            .contains(&checkpoint::shard_name(1, shards.len())),
+        "not shard 1's failure: {e}"
+    );
+    let held = {
+        let (lock, cv) = &*state;
+        let mut g = lock.lock().unwrap();
+        g.release = true;
+        cv.notify_all();
+        g.held
+            .unwrap_or_else(|| panic!("shard 2 was not being opened: {:?}", g.seen))
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    while Arc::strong_count(&marker) > 1 {
+        assert!(Instant::now() < until, "shard 2's opening did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let g = state.0.lock().unwrap();
+    let after: Vec<_> = g.seen[held + 1..]
+        .iter()
+        .filter(|s| s.1 == file(2) || s.1 == file(3))
+        .collect();
+    assert!(
+        after.is_empty(),
+        "asked after shard 1 failed, while shard 2's HEAD was in flight: {after:?} (all: {:?})",
+        g.seen
+    );
+}
+
 /// A tensorizer file converted through each remote backend, verified, read in 1 MiB requests
 /// (several side by side per tensor): the output holds the source's bytes.
 #[test]
