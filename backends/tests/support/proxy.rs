@@ -201,25 +201,47 @@ struct Shared {
     /// Requests read and not yet answered, and the most at once.
     in_flight: AtomicUsize,
     peak_in_flight: AtomicUsize,
+    /// The same for GETs of a range that does not start at byte 0 (reads of tensor data, not
+    /// of a header).
+    data_in_flight: AtomicUsize,
+    peak_data_in_flight: AtomicUsize,
 }
 
 /// One request in flight: counted from when the proxy read it until its answer begins (or the
 /// exchange ends otherwise). Not until the answer's end: a client that got a whole answer and
-/// sent its next request could find the first still counted.
-struct InFlight<'a>(&'a Shared);
+/// sent its next request could find the first still counted. A data read (see
+/// [`is_data_read`]) is counted twice: among all requests and among data reads.
+struct InFlight<'a>(&'a Shared, bool);
 
 impl<'a> InFlight<'a> {
-    fn new(shared: &'a Shared) -> Self {
+    fn new(shared: &'a Shared, data: bool) -> Self {
         let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         shared.peak_in_flight.fetch_max(now, Ordering::SeqCst);
-        InFlight(shared)
+        if data {
+            let now = shared.data_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            shared.peak_data_in_flight.fetch_max(now, Ordering::SeqCst);
+        }
+        InFlight(shared, data)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.1 {
+            self.0.data_in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
     }
+}
+
+/// Whether a request (its head's lines) is a GET of a range that does not start at byte 0: a
+/// read of tensor data, not of a file's header.
+fn is_data_read(req: &[String]) -> bool {
+    req.first().is_some_and(|l| l.starts_with("GET "))
+        && header(req, "range").is_some_and(|r| {
+            r.strip_prefix("bytes=")
+                .is_some_and(|r| !r.starts_with("0-"))
+        })
 }
 
 /// The running proxy. Dropping it stops accepting and closes every connection.
@@ -244,6 +266,8 @@ impl Proxy {
             next_conn: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             peak_in_flight: AtomicUsize::new(0),
+            data_in_flight: AtomicUsize::new(0),
+            peak_data_in_flight: AtomicUsize::new(0),
         });
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -312,10 +336,18 @@ impl Proxy {
     pub fn peak_in_flight(&self) -> usize {
         self.shared.peak_in_flight.load(Ordering::SeqCst)
     }
-    /// Starts [`Proxy::peak_in_flight`] again from the requests in flight now.
+    /// The most GETs of a range not starting at byte 0 (reads of tensor data, not of headers)
+    /// in flight at once since the start or the last [`Proxy::reset_peak_in_flight`].
+    pub fn peak_data_reads_in_flight(&self) -> usize {
+        self.shared.peak_data_in_flight.load(Ordering::SeqCst)
+    }
+    /// Starts [`Proxy::peak_in_flight`] and [`Proxy::peak_data_reads_in_flight`] again from the
+    /// requests in flight now.
     pub fn reset_peak_in_flight(&self) {
         let now = self.shared.in_flight.load(Ordering::SeqCst);
         self.shared.peak_in_flight.store(now, Ordering::SeqCst);
+        let now = self.shared.data_in_flight.load(Ordering::SeqCst);
+        self.shared.peak_data_in_flight.store(now, Ordering::SeqCst);
     }
 }
 
@@ -403,7 +435,7 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
             return Ok(());
         };
         // Until its answer starts: a client that has its answer never finds it counted.
-        let in_flight = InFlight::new(shared);
+        let in_flight = InFlight::new(shared, is_data_read(&req));
         let armed = shared.faults.lock().unwrap().clone();
         let method = req[0].split(' ').next().unwrap_or("").to_string();
         let range = header(&req, "range").map(str::to_string);
