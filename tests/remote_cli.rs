@@ -387,6 +387,74 @@ fn remote_shard_headers_are_read_32_at_a_time() {
     }
 }
 
+/// The small shards of a checkpoint on an HTTP or S3 store load 32 at a time (eight before:
+/// each shard's load is a few round trips, one after another), and never more than the
+/// `--concurrency` given. Counted at a proxy in front of the real nginx and s3s-fs that holds
+/// every request 100 ms and records the most reads of tensor data (GETs of a range past the
+/// header, which only the loads send: each shard, larger than what the check reads with its
+/// header, holds one tensor read in one GET) in flight at once.
+#[test]
+fn remote_small_shards_load_32_at_a_time() {
+    let name = "shard-lanes";
+    let shards: Vec<&[usize]> = vec![&[100 << 10]; 40];
+    let s3_envs = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+    ];
+    let servers = [
+        (
+            "http",
+            env("TS_NGINX_URL"),
+            PathBuf::from(env("TS_NGINX_ROOT")),
+        ),
+        (
+            "s3",
+            env("TS_S3_ENDPOINT"),
+            PathBuf::from(env("TS_S3_ROOT")),
+        ),
+    ];
+    for (kind, url, root) in servers {
+        let want = checkpoint::write(&root.join(name), &shards, 37);
+        let proxy = proxy::Proxy::start(server_addr(&url));
+        proxy.set_faults(proxy::Faults {
+            delay: Some(std::time::Duration::from_millis(100)),
+            ..Default::default()
+        });
+        let index = "model.safetensors.index.json";
+        let (uri, extra, envs) = match kind {
+            "http" => (proxy.url(&format!("{name}/{index}")), vec![], vec![]),
+            _ => (
+                format!("s3://{name}/{index}"),
+                vec![
+                    "--s3-endpoint".to_string(),
+                    format!("http://127.0.0.1:{}", proxy.port()),
+                ],
+                s3_envs.clone(),
+            ),
+        };
+        for (concurrency, most) in [(None, 32), (Some("4"), 4)] {
+            proxy.reset_peak_in_flight();
+            let mut extra = extra.clone();
+            if let Some(c) = concurrency {
+                extra.extend(["--concurrency".to_string(), c.to_string()]);
+            }
+            loaded_as_written(&uri, &extra, &envs, &want);
+            let peak = proxy.peak_data_reads_in_flight();
+            eprintln!(
+                "{kind}, --concurrency {concurrency:?}: {peak} tensor reads in flight at most"
+            );
+            // At most `most` at once; with 32, more than the eight of before (each request is
+            // held 100 ms, so the loads started together read together; a loaded machine may
+            // start some late, so only more than eight is asked).
+            assert!(
+                peak <= most && (most < 32 || peak > 8),
+                "{kind}, --concurrency {concurrency:?}: {peak} tensor reads in flight at most"
+            );
+        }
+    }
+}
+
 /// Lines of the nginx access log (format `METHOD URI STATUS range=RANGE`, see
 /// scripts/servers.sh) for `uri` with `method`.
 fn request_lines<'a>(
