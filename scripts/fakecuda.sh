@@ -15,8 +15,12 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd) # absolute: test binaries run from other folders
 if [ ! -f "$dir/libcuda.so" ] || [ "$src" -nt "$dir/libcuda.so" ]; then
   command -v cc >/dev/null || { echo "fakecuda.sh: no C compiler (cc) to build $src" >&2; exit 2; }
-  cc -O2 -g -Wall -Wextra -Werror -shared -fPIC -pthread -o "$dir/libcuda.so.tmp" "$src"
-  mv "$dir/libcuda.so.tmp" "$dir/libcuda.so"
+  # Built under a name of this process's own, then renamed into place: tests that build it
+  # side by side (each a whole library, the last rename wins) never see a partial one.
+  tmp=$dir/libcuda.so.tmp.$$
+  trap 'rm -f "$tmp"' EXIT
+  cc -O2 -g -Wall -Wextra -Werror -shared -fPIC -pthread -o "$tmp" "$src"
+  mv -f "$tmp" "$dir/libcuda.so"
 fi
 if [ "${1:-}" = run ]; then
   shift
