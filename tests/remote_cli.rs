@@ -306,42 +306,44 @@ fn server_addr(url: &str) -> std::net::SocketAddr {
         .unwrap_or_else(|| panic!("not an http://HOST:PORT URL: {url}"))
 }
 
-/// The shards' headers of a checkpoint on an HTTP or S3 store are read 32 shards at a time
-/// (eight before: each opening is a few round trips, one after another, and a check of 500
-/// small shards on S3 waited on them), and never more than the `--concurrency` given. Counted
-/// at a proxy in front of the real nginx and s3s-fs that holds every request 100 ms (a store's
-/// round trip, so that openings started together are in flight together) and records the most
-/// requests in flight at once.
-#[test]
-fn remote_shard_headers_are_read_32_at_a_time() {
-    let name = "shard-opens";
-    let shards: Vec<&[usize]> = vec![&[16, 8]; 40];
+/// A checkpoint on a remote store (see [`slow_stores`]) behind a proxy holding every request
+/// 100 ms.
+struct SlowStore {
+    /// "http" or "s3".
+    kind: &'static str,
+    proxy: proxy::Proxy,
+    /// The checkpoint's index, through the proxy.
+    uri: String,
+    /// What the CLI needs besides the URI (the S3 endpoint: the proxy).
+    args: Vec<String>,
+    /// The environment it needs (S3 credentials).
+    envs: Vec<(String, String)>,
+    written: Vec<checkpoint::Written>,
+}
+
+/// The checkpoint `name` of `shards` (written with `seed`) on the real nginx and s3s-fs, each
+/// behind a proxy that holds every request 100 ms (a store's round trip, so that requests
+/// started together are in flight together).
+fn slow_stores(name: &str, shards: &[&[usize]], seed: u64) -> Vec<SlowStore> {
     let s3_envs = vec![
         ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
         ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
         ("AWS_REGION".to_string(), "us-east-1".to_string()),
     ];
-    let servers = [
-        (
-            "http",
-            env("TS_NGINX_URL"),
-            PathBuf::from(env("TS_NGINX_ROOT")),
-        ),
-        (
-            "s3",
-            env("TS_S3_ENDPOINT"),
-            PathBuf::from(env("TS_S3_ROOT")),
-        ),
-    ];
-    for (kind, url, root) in servers {
-        checkpoint::write(&root.join(name), &shards, 31);
+    let index = "model.safetensors.index.json";
+    [
+        ("http", env("TS_NGINX_URL"), env("TS_NGINX_ROOT")),
+        ("s3", env("TS_S3_ENDPOINT"), env("TS_S3_ROOT")),
+    ]
+    .into_iter()
+    .map(|(kind, url, root)| {
+        let written = checkpoint::write(&PathBuf::from(root).join(name), shards, seed);
         let proxy = proxy::Proxy::start(server_addr(&url));
         proxy.set_faults(proxy::Faults {
             delay: Some(std::time::Duration::from_millis(100)),
             ..Default::default()
         });
-        let index = "model.safetensors.index.json";
-        let (uri, extra, envs) = match kind {
+        let (uri, args, envs) = match kind {
             "http" => (proxy.url(&format!("{name}/{index}")), vec![], vec![]),
             _ => (
                 format!("s3://{name}/{index}"),
@@ -352,6 +354,37 @@ fn remote_shard_headers_are_read_32_at_a_time() {
                 s3_envs.clone(),
             ),
         };
+        SlowStore {
+            kind,
+            proxy,
+            uri,
+            args,
+            envs,
+            written,
+        }
+    })
+    .collect()
+}
+
+/// The shards' headers of a checkpoint on an HTTP or S3 store are read 32 shards at a time
+/// (eight before: each opening is a few round trips, one after another, and a check of 500
+/// small shards on S3 waited on them), and never more than the `--concurrency` given. Counted
+/// at a proxy in front of the real nginx and s3s-fs that holds every request 100 ms (a store's
+/// round trip, so that openings started together are in flight together) and records the most
+/// requests in flight at once.
+#[test]
+fn remote_shard_headers_are_read_32_at_a_time() {
+    let name = "shard-opens";
+    let shards: Vec<&[usize]> = vec![&[16, 8]; 40];
+    for SlowStore {
+        kind,
+        proxy,
+        uri,
+        args: extra,
+        envs,
+        ..
+    } in slow_stores(name, &shards, 31)
+    {
         for (concurrency, most) in [(None, 32), (Some("4"), 4)] {
             proxy.reset_peak_in_flight();
             let connections = proxy.connections();
@@ -397,42 +430,15 @@ fn remote_shard_headers_are_read_32_at_a_time() {
 fn remote_small_shards_load_32_at_a_time() {
     let name = "shard-lanes";
     let shards: Vec<&[usize]> = vec![&[100 << 10]; 40];
-    let s3_envs = vec![
-        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
-        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
-        ("AWS_REGION".to_string(), "us-east-1".to_string()),
-    ];
-    let servers = [
-        (
-            "http",
-            env("TS_NGINX_URL"),
-            PathBuf::from(env("TS_NGINX_ROOT")),
-        ),
-        (
-            "s3",
-            env("TS_S3_ENDPOINT"),
-            PathBuf::from(env("TS_S3_ROOT")),
-        ),
-    ];
-    for (kind, url, root) in servers {
-        let want = checkpoint::write(&root.join(name), &shards, 37);
-        let proxy = proxy::Proxy::start(server_addr(&url));
-        proxy.set_faults(proxy::Faults {
-            delay: Some(std::time::Duration::from_millis(100)),
-            ..Default::default()
-        });
-        let index = "model.safetensors.index.json";
-        let (uri, extra, envs) = match kind {
-            "http" => (proxy.url(&format!("{name}/{index}")), vec![], vec![]),
-            _ => (
-                format!("s3://{name}/{index}"),
-                vec![
-                    "--s3-endpoint".to_string(),
-                    format!("http://127.0.0.1:{}", proxy.port()),
-                ],
-                s3_envs.clone(),
-            ),
-        };
+    for SlowStore {
+        kind,
+        proxy,
+        uri,
+        args: extra,
+        envs,
+        written: want,
+    } in slow_stores(name, &shards, 37)
+    {
         for (concurrency, most) in [(None, 32), (Some("4"), 4)] {
             proxy.reset_peak_in_flight();
             let mut extra = extra.clone();
