@@ -2386,16 +2386,14 @@ where
         abandoned: Arc<AtomicBool>,
     }
     impl<P> Ahead<P> {
+        /// The preparation's result (waited for). The handle is there: only this, which
+        /// consumes `self`, takes it (`Option` only so that `drop` can tell).
         fn take(mut self) -> Result<P> {
-            match self.thread.take() {
-                Some(t) => t
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                None => Err(Error::new(
-                    ErrorKind::Io,
-                    "a shard's preparation taken twice",
-                )),
-            }
+            self.thread
+                .take()
+                .expect("a preparation's handle is taken once, here")
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         }
     }
     impl<P> Drop for Ahead<P> {
