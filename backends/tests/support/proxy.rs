@@ -20,6 +20,8 @@
 //! * `delay`: hold every request this long before forwarding it (a store's round trip);
 //! * `gate`: a function each request goes through first (method, path, `Range`): it may hold
 //!   the request as long as it likes, and answers it itself with a status, or lets it through.
+//!   A client that closes its connection while the gate holds its request is noted
+//!   ([`Proxy::hung_up_while_gated`]), and the request is then dropped, not answered.
 //!
 //! It also counts the requests in flight (read from a client, their answer not yet begun) and
 //! keeps the most seen at once ([`Proxy::peak_in_flight`]).
@@ -108,7 +110,8 @@ pub struct Faults {
     pub delay: Option<Duration>,
     /// Called with each request (method, path, `Range`) before anything else: it may block
     /// (holding the request); `Some(status)` answers with that status and an empty body,
-    /// `None` lets the request through.
+    /// `None` lets the request through. A request whose client hangs up meanwhile is noted
+    /// ([`Proxy::hung_up_while_gated`]) and dropped with its connection when the gate returns.
     pub gate: Option<Gate>,
 }
 
@@ -205,6 +208,9 @@ struct Shared {
     /// of a header).
     data_in_flight: AtomicUsize,
     peak_data_in_flight: AtomicUsize,
+    /// The requests (method, path) whose client closed its connection while the gate held
+    /// them, in the order seen.
+    gated_hang_ups: Mutex<Vec<(String, String)>>,
 }
 
 /// One request in flight: counted from when the proxy read it until its answer begins (or the
@@ -268,6 +274,7 @@ impl Proxy {
             peak_in_flight: AtomicUsize::new(0),
             data_in_flight: AtomicUsize::new(0),
             peak_data_in_flight: AtomicUsize::new(0),
+            gated_hang_ups: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -340,6 +347,11 @@ impl Proxy {
     /// in flight at once since the start or the last [`Proxy::reset_peak_in_flight`].
     pub fn peak_data_reads_in_flight(&self) -> usize {
         self.shared.peak_data_in_flight.load(Ordering::SeqCst)
+    }
+    /// The requests (method, path) whose client closed its connection while the gate
+    /// ([`Faults::gate`]) held them: the client gave up waiting for the answer.
+    pub fn hung_up_while_gated(&self) -> Vec<(String, String)> {
+        self.shared.gated_hang_ups.lock().unwrap().clone()
     }
     /// Starts [`Proxy::peak_in_flight`] and [`Proxy::peak_data_reads_in_flight`] again from the
     /// requests in flight now.
@@ -426,7 +438,95 @@ fn pause(shared: &Shared, d: Duration) {
     }
 }
 
-fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> {
+/// Watches a connection whose request the gate holds, on a thread of its own: a client that
+/// closes the connection (or resets it) before [`GateWatch::released`] is noted in
+/// `gated_hang_ups`. The thread looks at the client's side (without taking its bytes) every
+/// 10 ms, with a read timeout set on the socket for the hold (nothing else reads it meanwhile:
+/// the request's thread is in the gate); `released` ends the thread and puts the socket's
+/// timeout back, so that nothing but the request's thread holds the connection afterwards.
+struct GateWatch {
+    state: Arc<std::sync::atomic::AtomicU8>,
+    thread: JoinHandle<()>,
+    sock: TcpStream,
+    timeout_before: Option<Duration>,
+}
+
+impl GateWatch {
+    const HELD: u8 = 0;
+    const RELEASED: u8 = 1;
+    const HUNG_UP: u8 = 2;
+
+    fn start(
+        client: &TcpStream,
+        shared: &Arc<Shared>,
+        method: &str,
+        path: &str,
+    ) -> std::io::Result<GateWatch> {
+        let state = Arc::new(std::sync::atomic::AtomicU8::new(Self::HELD));
+        let sock = client.try_clone()?;
+        let timeout_before = sock.read_timeout()?;
+        sock.set_read_timeout(Some(Duration::from_millis(10)))?;
+        let (st, shared, watched) = (state.clone(), shared.clone(), sock.try_clone()?);
+        let what = (method.to_string(), path.to_string());
+        let thread = std::thread::Builder::new()
+            .name("proxy-gate-watch".into())
+            .spawn(move || {
+                let mut b = [0u8; 1];
+                while st.load(Ordering::SeqCst) == Self::HELD {
+                    let gone = match watched.peek(&mut b) {
+                        Ok(0) => true,
+                        // More bytes from the client: not a hang-up.
+                        Ok(_) => return,
+                        Err(e) => !matches!(
+                            e.kind(),
+                            std::io::ErrorKind::Interrupted
+                                | std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                        ),
+                    };
+                    if gone {
+                        if st
+                            .compare_exchange(
+                                Self::HELD,
+                                Self::HUNG_UP,
+                                Ordering::SeqCst,
+                                Ordering::SeqCst,
+                            )
+                            .is_ok()
+                        {
+                            shared.gated_hang_ups.lock().unwrap().push(what);
+                        }
+                        return;
+                    }
+                }
+            })?;
+        Ok(GateWatch {
+            state,
+            thread,
+            sock,
+            timeout_before,
+        })
+    }
+
+    /// The gate returned: whether the client was still there (it hung up otherwise). Ends the
+    /// watch (its thread, the socket's read timeout).
+    fn released(self) -> std::io::Result<bool> {
+        let there = self
+            .state
+            .compare_exchange(
+                Self::HELD,
+                Self::RELEASED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok();
+        let _ = self.thread.join();
+        self.sock.set_read_timeout(self.timeout_before)?;
+        Ok(there)
+    }
+}
+
+fn handle(client: TcpStream, shared: &Arc<Shared>, conn: u64) -> std::io::Result<()> {
     let mut client_r = BufReader::new(client.try_clone()?);
     let mut client_w = client;
     let mut upstream: Option<(TcpStream, BufReader<TcpStream>)> = None;
@@ -455,7 +555,13 @@ fn handle(client: TcpStream, shared: &Shared, conn: u64) -> std::io::Result<()> 
         };
         if let Some(gate) = &armed.gate {
             let path = req[0].split(' ').nth(1).unwrap_or("");
-            if let Some(status) = gate(&method, path, range.as_deref()) {
+            let watch = GateWatch::start(&client_w, shared, &method, path)?;
+            let answer = gate(&method, path, range.as_deref());
+            if !watch.released()? {
+                // The client gave up on the request while it was held: nobody to answer.
+                return Ok(());
+            }
+            if let Some(status) = answer {
                 log_answer(status);
                 let resp = format!("HTTP/1.1 {status} Gated\r\nContent-Length: 0\r\n\r\n");
                 drop(in_flight);
