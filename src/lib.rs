@@ -171,11 +171,13 @@ pub struct Loader {
     progress: Option<Arc<AtomicU64>>,
     cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The flag the backend's own calls follow (`backend_options`), when not `cancel`: one that
-    /// follows `cancel` and is never cleared (see `bounded`).
+    /// follows `cancel` and is never cleared (see `bounded`); for a sharded GPU load's shard,
+    /// one that also follows `abandoned` (see `each_shard_on_device`).
     backend_cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Set once nobody will take what this loader is preparing: a sharded GPU load's next shard
     /// whose load failed meanwhile (see `one_ahead`). The preparation stops at its next step
-    /// (`check_abandoned`) and asks the store nothing more.
+    /// (`check_abandoned`) and asks the store nothing more; the store call in flight stops too
+    /// on the HTTP, S3 and NFS backends (`backend_cancel` follows this flag).
     abandoned: Option<Arc<std::sync::atomic::AtomicBool>>,
     deadline: Option<Duration>,
     progress_total: Option<Arc<AtomicU64>>,
@@ -1509,7 +1511,10 @@ impl Loader {
 
     /// Fails with `Cancelled` once what this loader prepares was given up (`abandoned`):
     /// checked before each step of a preparation that may ask the store something (opening the
-    /// object, reading its metadata, the tensorizer hooks' reads) and before its plan.
+    /// object, reading its metadata, the tensorizer hooks' reads) and before its plan. The step
+    /// in flight when the flag is set is not looked at here: a shard's preparation gives its
+    /// backend a flag that follows `abandoned` (see `each_shard_on_device`), and the HTTP, S3
+    /// and NFS backends stop that step's request once it is set, failing it `Cancelled`.
     fn check_abandoned(&self) -> Result<()> {
         if self
             .abandoned
@@ -1787,7 +1792,9 @@ impl Loader {
     /// cancel (or the deadline, which sets the flag) returns `Cancelled` at once. The abandoned
     /// thread ends by itself when its call returns, dropping what it made. Before each step
     /// they look at the loader's `abandoned` flag: a shard's preparation that its load gave up
-    /// on starts no further call (`check_abandoned`).
+    /// on starts no further call (`check_abandoned`), and the call it is in stops too on the
+    /// HTTP, S3 and NFS backends (its backend flag follows `abandoned`: see
+    /// `each_shard_on_device`).
     fn open_index(&self) -> Result<(Arc<dyn Backend>, ObjectMeta, TensorIndex)> {
         self.open_index_with(false)
             .map(|(be, meta, index, _)| (be, meta, index))
@@ -2084,27 +2091,39 @@ fn shard_lanes(
 }
 
 /// A flag a streaming load stops on: set by dropping its handle, and set when `user` (the
-/// caller's cancel flag) is, seen within 10 ms by a watcher thread that ends once nothing
-/// holds the flag any more (the load finished and its handle is gone) or it was set. Set from
-/// the start when `user` already is.
+/// caller's cancel flag) is (see `follower`: the watcher thread is `ts-stream-stop`, and ends
+/// once the load finished and its handle is gone).
 fn stop_flag(
     user: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<Arc<std::sync::atomic::AtomicBool>> {
+    follower("ts-stream-stop", user)
+}
+
+/// A new flag, set once any of `followed` is: seen within 10 ms by a watcher thread named
+/// `name`, which ends once nothing holds the new flag any more or it was set (by the watcher,
+/// or by whoever holds it: the followed flags are only read, never written). Set from the
+/// start, without a watcher, when one of `followed` already is; without any to follow, there is
+/// no watcher either (only its holders set it).
+fn follower(
+    name: &str,
+    followed: impl IntoIterator<Item = Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<Arc<std::sync::atomic::AtomicBool>> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    // The caller's flag read once: set already, the stop is set from the start; otherwise
-    // the watcher follows it.
-    let set = user.as_ref().is_some_and(|u| u.load(Ordering::SeqCst));
+    let followed: Vec<_> = followed.into_iter().collect();
+    // The followed flags read once: one set already, the new flag is set from the start;
+    // otherwise the watcher follows them.
+    let set = followed.iter().any(|f| f.load(Ordering::SeqCst));
     let stop = Arc::new(AtomicBool::new(set));
-    if let Some(user) = user.filter(|_| !set) {
+    if !set && !followed.is_empty() {
         let weak = Arc::downgrade(&stop);
         std::thread::Builder::new()
-            .name("ts-stream-stop".into())
+            .name(name.into())
             .spawn(move || {
                 while let Some(stop) = weak.upgrade() {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    if user.load(Ordering::SeqCst) {
+                    if followed.iter().any(|f| f.load(Ordering::SeqCst)) {
                         stop.store(true, Ordering::SeqCst);
                         return;
                     }
@@ -2317,12 +2336,19 @@ fn prepare_shard(
 /// `one_ahead`): neither the device nor the store waits for a shard's opening and plan (on a
 /// remote store a round trip or more each), and at most two shards' backends are open at once,
 /// the one copying and the next. After a failure, a preparation still running is told to stop
-/// (its loader's `abandoned` flag) and left to end by itself: it finishes at most the store
-/// call it is in (opening the shard, its `stat`, its metadata) and starts no other, the next
-/// step seeing the flag (`check_abandoned`). It holds neither the device (only its options:
-/// not its context, pinned staging ring or memory) nor anything of the load's it could change
-/// (the progress total is corrected here, on the calling thread, for the shard `run` takes).
-/// `run` stays on the calling thread (the one that reserved the device).
+/// (its loader's `abandoned` flag) and left to end by itself: the store call it is in (opening
+/// the shard, its `stat`, its metadata) stops within moments on the HTTP, S3 and NFS backends,
+/// and it starts no other call, the next step seeing the flag (`check_abandoned`); on other
+/// backends that call runs to its end. For that, each shard's backend follows a flag of its own
+/// (its loader's `backend_cancel`, a `follower`): set when the load's backend flag is (its
+/// cancel flag, or the deadline's, without one), and when the preparation is abandoned; its
+/// `ts-shard-stop` watcher ends once the flag is set, or dropped with the shard's loader and
+/// backend. A preparation whose result `run` takes is never abandoned: that shard's backend
+/// then stops on the load's flag alone, as before (seen through the watcher, within 10 ms).
+/// A preparation holds neither the device (only its options: not its context, pinned staging
+/// ring or memory) nor anything of the load's it could change (the progress total is corrected
+/// here, on the calling thread, for the shard `run` takes). `run` stays on the calling thread
+/// (the one that reserved the device).
 fn each_shard_on_device(
     dev: &Arc<tensorstream_cuda::CudaDevice>,
     todo: Vec<(Loader, u64)>,
@@ -2334,9 +2360,16 @@ fn each_shard_on_device(
     let o = dev.options().clone();
     one_ahead(
         todo.into_iter().zip(rooms),
-        move |((mut l, bytes), room), abandoned| {
+        move |((mut l, bytes), room), abandoned: Arc<std::sync::atomic::AtomicBool>| {
             // A device given to `on_device` stays with the load's thread too.
             l.opened = None;
+            // The shard's backend stops its calls once the load's flag (the one it followed
+            // before: see `backend_options`) is set, or once this preparation is abandoned.
+            let load = l.backend_cancel.clone().or_else(|| l.cancel.clone());
+            l.backend_cancel = Some(follower(
+                "ts-shard-stop",
+                load.into_iter().chain([abandoned.clone()]),
+            )?);
             l.abandoned = Some(abandoned);
             let (p, route) = prepare_shard(&o, &l, room)?;
             Ok((l, bytes, p, route))
@@ -3424,6 +3457,48 @@ mod tests {
         let stop = stop_flag(Some(Arc::new(AtomicBool::new(true)))).unwrap();
         assert!(stop.load(Ordering::SeqCst));
         assert_eq!(threads_named("ts-stream-stop"), 0);
+    }
+
+    /// The flag a shard's preparation gives its backend (`each_shard_on_device`) follows
+    /// several: set once any of them is (each alone), never writing them; its watcher ends once
+    /// it is set or dropped. (Its own thread name: other tests' watchers are not counted.)
+    #[test]
+    fn a_flag_following_several_is_set_by_any_and_its_watcher_ends() {
+        const NAME: &str = "ts-test-follow";
+        for k in 0..2 {
+            let flags = [0, 1].map(|_| Arc::new(AtomicBool::new(false)));
+            let f = follower(NAME, flags.iter().cloned()).unwrap();
+            assert!(within(5, || threads_named(NAME) == 1));
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(!f.load(Ordering::SeqCst), "set with none of its flags set");
+            flags[k].store(true, Ordering::SeqCst);
+            assert!(
+                within(5, || f.load(Ordering::SeqCst)),
+                "flag {k} not followed"
+            );
+            assert!(
+                !flags[1 - k].load(Ordering::SeqCst),
+                "a followed flag was written"
+            );
+            // Set, it has nothing more to watch (though still held).
+            assert!(within(5, || threads_named(NAME) == 0));
+        }
+        // Dropped unset: its watcher ends.
+        let flags = [0, 1].map(|_| Arc::new(AtomicBool::new(false)));
+        let f = follower(NAME, flags.iter().cloned()).unwrap();
+        assert!(within(5, || threads_named(NAME) == 1));
+        drop(f);
+        assert!(within(5, || threads_named(NAME) == 0));
+        // One of them set already: set from the start, without a watcher.
+        flags[1].store(true, Ordering::SeqCst);
+        let f = follower(NAME, flags.iter().cloned()).unwrap();
+        assert!(f.load(Ordering::SeqCst));
+        assert_eq!(threads_named(NAME), 0);
+        // None to follow: never set but by its holders, without a watcher.
+        let f = follower(NAME, []).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!f.load(Ordering::SeqCst));
+        assert_eq!(threads_named(NAME), 0);
     }
 
     #[test]
