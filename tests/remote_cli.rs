@@ -626,40 +626,60 @@ fn a_sharded_http_gpu_load_opens_no_shard_to_lay_out_its_memory() {
     assert_requests_per_shard(&log, &root.join(name), name, shards.len());
 }
 
-/// A sharded GPU load whose shard fails while the next shard is being opened asks the store
-/// nothing more for that next shard once the request it has in flight is answered: here shard
-/// 2's HEAD, held by the store until the load has returned (shard 1's reads are refused with
-/// 404 once that HEAD is in flight). The opening left behind used to go on and read shard 2's
-/// header again (the store sends no version tag, so the load compares the header with the one
-/// the check read). Shard 3 is never asked for after the check. Through the library, against
-/// fakecuda, in a child process of this test binary (the driver library is looked up when the
-/// process starts).
+/// Whether this process runs under fakecuda (its driver library is looked up when the process
+/// starts). If not, runs the test `name` alone in a child process of this test binary that
+/// does, checks that it passed, and returns `false`: the caller then returns.
+fn under_fakecuda(name: &str) -> bool {
+    if std::env::var_os("TS_TEST_UNDER_FAKECUDA").is_some() {
+        return true;
+    }
+    let lib = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", fakecuda()),
+        _ => fakecuda(),
+    };
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("LD_LIBRARY_PATH", lib)
+        .env("FAKECUDA_DELAY_US", "20")
+        .env("TS_TEST_UNDER_FAKECUDA", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("test result: ok. 1 passed"),
+        "under fakecuda:\n{text}"
+    );
+    false
+}
+
+/// Threads of this process named `name` (Linux).
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == name)
+        .count()
+}
+
+/// A sharded GPU load whose shard fails while the next shard is being opened gives up the
+/// request that opening has in flight and asks the store nothing more for that shard: here
+/// shard 2's HEAD, held by the store until the load has returned (shard 1's reads are refused
+/// with 404 once that HEAD is in flight). Once the load has returned, the client closes that
+/// request's connection (it used to wait for the answer, up to the backend's 30 s timeout);
+/// the opening left behind used to go on and read shard 2's header again (the store sends no
+/// version tag, so the load compares the header with the one the check read). Shard 3 is never
+/// asked for after the check, and the flags' watcher threads (`ts-shard-stop`) all end.
+/// Through the library, against fakecuda, in a child process of this test binary (the driver
+/// library is looked up when the process starts).
 #[test]
 fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
     use std::sync::{Arc, Condvar, Mutex};
     use std::time::{Duration, Instant};
-    const NAME: &str = "a_failed_sharded_http_gpu_load_stops_opening_its_next_shard";
-    if std::env::var_os("TS_TEST_UNDER_FAKECUDA").is_none() {
-        let lib = match std::env::var("LD_LIBRARY_PATH") {
-            Ok(p) if !p.is_empty() => format!("{}:{p}", fakecuda()),
-            _ => fakecuda(),
-        };
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
-            .env("LD_LIBRARY_PATH", lib)
-            .env("FAKECUDA_DELAY_US", "20")
-            .env("TS_TEST_UNDER_FAKECUDA", "1")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && text.contains("test result: ok. 1 passed"),
-            "under fakecuda:\n{text}"
-        );
+    if !under_fakecuda("a_failed_sharded_http_gpu_load_stops_opening_its_next_shard") {
         return;
     }
     let url = env("TS_NGINX_URL");
@@ -676,6 +696,168 @@ fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
         held: Option<usize>,
         release: bool,
     }
+    // Without a cancel flag, and with one (never set: the shards' openings then run on
+    // threads of their own, and their backends follow the load's flag too).
+    for with_cancel in [false, true] {
+        let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
+        let gate: proxy::Gate = {
+            let state = state.clone();
+            let (one, two) = (file(1), file(2));
+            Arc::new(move |method: &str, path: &str, range: Option<&str>| {
+                let (lock, cv) = &*state;
+                let mut g = lock.lock().unwrap();
+                g.seen
+                    .push((method.into(), path.into(), range.map(String::from)));
+                let wait = Duration::from_secs(30);
+                let heads = |g: &State| {
+                    g.seen
+                        .iter()
+                        .filter(|s| s.0 == "HEAD" && s.1 == two)
+                        .count()
+                };
+                if method == "HEAD" && path == two && heads(&g) == 2 {
+                    // The opening of shard 2 while shard 1 loads: answered once the load
+                    // returned.
+                    g.held = Some(g.seen.len() - 1);
+                    cv.notify_all();
+                    drop(cv.wait_timeout_while(g, wait, |g| !g.release).unwrap());
+                    return None;
+                }
+                if method == "GET"
+                    && path == one
+                    && range.is_some_and(|r| !r.starts_with("bytes=0-"))
+                {
+                    // Shard 1's tensors: refused once shard 2's opening is in flight.
+                    drop(
+                        cv.wait_timeout_while(g, wait, |g| g.held.is_none())
+                            .unwrap(),
+                    );
+                    return Some(404);
+                }
+                None
+            })
+        };
+        let proxy = proxy::Proxy::start(server_addr(&url));
+        proxy.set_faults(proxy::Faults {
+            strip_etag: true,
+            strip_last_modified: true,
+            gate: Some(gate),
+            ..Default::default()
+        });
+        // Held by every loader of the load (in its filter): gone once shard 2's opening has
+        // ended.
+        let marker = Arc::new(());
+        let l = {
+            let marker = marker.clone();
+            tensorstream::Loader::new(proxy.url(&format!("{name}/model.safetensors.index.json")))
+                .device(tensorstream::Device::Cuda(0))
+                .filter(move |_| {
+                    let _ = &marker;
+                    true
+                })
+        };
+        let l = if with_cancel {
+            l.cancel_flag(Arc::new(std::sync::atomic::AtomicBool::new(false)))
+        } else {
+            l
+        };
+        let e = l.load_cuda().expect_err("shard 1's tensors were refused");
+        drop(l);
+        assert!(
+            e.to_string()
+                .contains(&checkpoint::shard_name(1, shards.len())),
+            "cancel flag: {with_cancel}: not shard 1's failure: {e}"
+        );
+        // The preparation left behind stops its request in flight: the client hangs up on
+        // shard 2's HEAD, which the store still holds. (A bounded wait for that event: without
+        // it the client waits for the answer until the gate lets it go, after 30 s, or its own
+        // timeout.)
+        let hung_up = |p: &proxy::Proxy| {
+            p.hung_up_while_gated()
+                .iter()
+                .any(|(m, path)| m == "HEAD" && *path == file(2))
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while !hung_up(&proxy) {
+            assert!(
+                Instant::now() < until,
+                "cancel flag: {with_cancel}: shard 2's HEAD, held since before the load \
+                 returned, was still awaited by the client 10 s after the load returned \
+                 (requests given up while held: {:?})",
+                proxy.hung_up_while_gated()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let held = {
+            let (lock, cv) = &*state;
+            let mut g = lock.lock().unwrap();
+            g.release = true;
+            cv.notify_all();
+            g.held.unwrap_or_else(|| {
+                panic!(
+                    "cancel flag: {with_cancel}: shard 2 was not being opened: {:?}",
+                    g.seen
+                )
+            })
+        };
+        let until = Instant::now() + Duration::from_secs(30);
+        while Arc::strong_count(&marker) > 1 {
+            assert!(
+                Instant::now() < until,
+                "cancel flag: {with_cancel}: shard 2's opening did not end"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // No flag's watcher is left behind (this process runs this test alone).
+        while threads_named("ts-shard-stop") > 0 {
+            assert!(
+                Instant::now() < until,
+                "cancel flag: {with_cancel}: {} shard flag watchers (ts-shard-stop) still running",
+                threads_named("ts-shard-stop")
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let g = state.0.lock().unwrap();
+        let after: Vec<_> = g.seen[held + 1..]
+            .iter()
+            .filter(|s| s.1 == file(2) || s.1 == file(3))
+            .collect();
+        assert!(
+            after.is_empty(),
+            "cancel flag: {with_cancel}: asked after shard 1 failed, while shard 2's HEAD was in \
+             flight: {after:?} (all: {:?})",
+            g.seen
+        );
+    }
+}
+
+/// A sharded GPU load cancelled while shard 1 copies (its first tensor read held by the store)
+/// and shard 2 is being opened (its HEAD held too) returns `Cancelled`, and the client gives up
+/// both requests while the store still holds them; no flag's watcher is left behind. Against
+/// fakecuda, in a child process (see `under_fakecuda`).
+#[test]
+fn a_cancelled_sharded_http_gpu_load_gives_up_its_requests() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+    if !under_fakecuda("a_cancelled_sharded_http_gpu_load_gives_up_its_requests") {
+        return;
+    }
+    let url = env("TS_NGINX_URL");
+    let root = PathBuf::from(env("TS_NGINX_ROOT"));
+    let name = "gpu-cancelled-shards";
+    let shards: [&[usize]; 3] = [&[1000, 3000], &[17, 40], &[5, 6]];
+    checkpoint::write(&root.join(name), &shards, 41);
+    let file = |k: usize| format!("/{name}/{}", checkpoint::shard_name(k, shards.len()));
+    #[derive(Default)]
+    struct State {
+        /// Held until `release`: shard 1's first read of tensor data, shard 2's load-time HEAD
+        /// (its second).
+        data: bool,
+        head: bool,
+        heads: usize,
+        release: bool,
+    }
     let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
     let gate: proxy::Gate = {
         let state = state.clone();
@@ -683,81 +865,99 @@ fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
         Arc::new(move |method: &str, path: &str, range: Option<&str>| {
             let (lock, cv) = &*state;
             let mut g = lock.lock().unwrap();
-            g.seen
-                .push((method.into(), path.into(), range.map(String::from)));
-            let wait = Duration::from_secs(30);
-            let heads = |g: &State| {
-                g.seen
-                    .iter()
-                    .filter(|s| s.0 == "HEAD" && s.1 == two)
-                    .count()
+            let held = if method == "HEAD" && path == two {
+                g.heads += 1;
+                g.heads == 2 && !std::mem::replace(&mut g.head, true)
+            } else {
+                method == "GET"
+                    && path == one
+                    && range.is_some_and(|r| !r.starts_with("bytes=0-"))
+                    && !std::mem::replace(&mut g.data, true)
             };
-            if method == "HEAD" && path == two && heads(&g) == 2 {
-                // The opening of shard 2 while shard 1 loads: answered once the load returned.
-                g.held = Some(g.seen.len() - 1);
+            if held {
                 cv.notify_all();
+                let wait = Duration::from_secs(30);
                 drop(cv.wait_timeout_while(g, wait, |g| !g.release).unwrap());
-                return None;
-            }
-            if method == "GET" && path == one && range.is_some_and(|r| !r.starts_with("bytes=0-")) {
-                // Shard 1's tensors: refused once shard 2's opening is in flight.
-                drop(
-                    cv.wait_timeout_while(g, wait, |g| g.held.is_none())
-                        .unwrap(),
-                );
-                return Some(404);
             }
             None
         })
     };
     let proxy = proxy::Proxy::start(server_addr(&url));
+    // Without a version tag, no shard's bytes are kept by the check: shard 1's load reads its
+    // tensors from the store.
     proxy.set_faults(proxy::Faults {
         strip_etag: true,
         strip_last_modified: true,
         gate: Some(gate),
         ..Default::default()
     });
-    // Held by every loader of the load (in its filter): gone once shard 2's opening has ended.
+    let cancel = Arc::new(AtomicBool::new(false));
+    // Held by every loader of the load (in its filter): gone once the last has ended.
     let marker = Arc::new(());
     let l = {
         let marker = marker.clone();
         tensorstream::Loader::new(proxy.url(&format!("{name}/model.safetensors.index.json")))
             .device(tensorstream::Device::Cuda(0))
+            .cancel_flag(cancel.clone())
             .filter(move |_| {
                 let _ = &marker;
                 true
             })
     };
-    let e = l.load_cuda().expect_err("shard 1's tensors were refused");
-    drop(l);
-    assert!(
-        e.to_string()
-            .contains(&checkpoint::shard_name(1, shards.len())),
-        "not shard 1's failure: {e}"
-    );
-    let held = {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(l.load_cuda().map(|_| ()));
+    });
+    {
         let (lock, cv) = &*state;
-        let mut g = lock.lock().unwrap();
-        g.release = true;
-        cv.notify_all();
-        g.held
-            .unwrap_or_else(|| panic!("shard 2 was not being opened: {:?}", g.seen))
+        let g = lock.lock().unwrap();
+        let (g, _) = cv
+            .wait_timeout_while(g, Duration::from_secs(30), |g| !(g.data && g.head))
+            .unwrap();
+        assert!(
+            g.data && g.head,
+            "held: shard 1's read {}, shard 2's HEAD {}",
+            g.data,
+            g.head
+        );
+    }
+    cancel.store(true, Ordering::SeqCst);
+    let r = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the cancelled load did not return");
+    let e = r.expect_err("the load was cancelled");
+    assert_eq!(e.kind(), tensorstream::ErrorKind::Cancelled, "{e}");
+    // Both requests are given up while the store still holds them (a bounded wait for that).
+    let given_up = |p: &proxy::Proxy| {
+        let h = p.hung_up_while_gated();
+        let has = |m: &str, f: String| h.iter().any(|(hm, hp)| hm == m && *hp == f);
+        has("GET", file(1)) && has("HEAD", file(2))
     };
-    let until = Instant::now() + Duration::from_secs(30);
-    while Arc::strong_count(&marker) > 1 {
-        assert!(Instant::now() < until, "shard 2's opening did not end");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !given_up(&proxy) {
+        assert!(
+            Instant::now() < until,
+            "10 s after the load was cancelled, the client still awaited a held request \
+             (given up: {:?})",
+            proxy.hung_up_while_gated()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let g = state.0.lock().unwrap();
-    let after: Vec<_> = g.seen[held + 1..]
-        .iter()
-        .filter(|s| s.1 == file(2) || s.1 == file(3))
-        .collect();
-    assert!(
-        after.is_empty(),
-        "asked after shard 1 failed, while shard 2's HEAD was in flight: {after:?} (all: {:?})",
-        g.seen
-    );
+    {
+        let (lock, cv) = &*state;
+        lock.lock().unwrap().release = true;
+        cv.notify_all();
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while Arc::strong_count(&marker) > 1 || threads_named("ts-shard-stop") > 0 {
+        assert!(
+            Instant::now() < until,
+            "the load's loaders ({} left) or shard flag watchers ({} left) did not end",
+            Arc::strong_count(&marker) - 1,
+            threads_named("ts-shard-stop")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A tensorizer file converted through each remote backend, verified, read in 1 MiB requests
