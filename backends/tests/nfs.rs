@@ -314,6 +314,19 @@ fn a_silent_server_is_given_up_on_in_time_and_on_a_cancel() {
         waited >= Duration::from_secs(4) && waited < Duration::from_millis(10_500),
         "gave up after {waited:?}: {e}"
     );
+    // The time the message gives is the whole wait, the first call's timeout included (it said
+    // "in 5.0 s", the retry budget alone, after about 9 s).
+    let msg = e.to_string();
+    let said: f64 = msg
+        .split(" attempts in ")
+        .nth(1)
+        .and_then(|rest| rest.split(" s").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no \"attempts in N s\" in {msg}"));
+    assert!(
+        said >= waited.as_secs_f64() - 0.5 && said <= waited.as_secs_f64() + 0.1,
+        "the message says {said} s after {waited:?}: {msg}"
+    );
 }
 
 #[test]

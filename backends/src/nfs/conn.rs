@@ -80,6 +80,8 @@ pub(crate) struct Job {
     pub attempt: u32,
     /// When the first attempt failed (the retry budget counts from there).
     pub first_failure: Option<Instant>,
+    /// When the job was made (a failure's message says how long it was tried).
+    pub started: Instant,
     /// File handle.
     pub fh: Arc<[u8]>,
     /// The version every sub-read must observe.
@@ -114,6 +116,7 @@ impl Job {
             dest,
             attempt: 0,
             first_failure: None,
+            started: Instant::now(),
             fh,
             pin,
             rsize,

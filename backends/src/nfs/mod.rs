@@ -148,11 +148,14 @@ pub(crate) fn retry_delay_at(
 /// The least budget a retry starts with (its connect may wait that long).
 pub(crate) const MIN_ATTEMPT: Duration = Duration::from_millis(250);
 
-/// The context added to a retryable failure when the retries are used up.
-pub(crate) fn gave_up(attempts: u32, since: Instant) -> String {
+/// The context added to a retryable failure when the retries are used up: the attempts, and
+/// the time since the first of them began (`started`; not since the first failure, from which
+/// the retry budget counts: a first attempt that waited out its request timeout took that long
+/// too).
+pub(crate) fn gave_up(attempts: u32, started: Instant) -> String {
     format!(
         "giving up after {attempts} attempts in {:.1} s",
-        since.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64()
     )
 }
 
@@ -197,6 +200,7 @@ impl Inner {
     ) -> std::result::Result<T, Failure> {
         let mut attempt = 0;
         let mut since: Option<Instant> = None;
+        let started = Instant::now();
         loop {
             // The first attempt gets the usual limits (a connect of at most 5 s, then the
             // request timeout); a retry never runs past the budget (it starts with at least
@@ -235,7 +239,7 @@ impl Inner {
                                 std::thread::sleep(left.min(Duration::from_millis(25)));
                             }
                         }
-                        None => return Err(e.context(&gave_up(attempt + 1, first))),
+                        None => return Err(e.context(&gave_up(attempt + 1, started))),
                     }
                 }
                 other => return other,

@@ -200,7 +200,7 @@ impl Runner {
                         }
                         None => {
                             self.in_flight -= 1;
-                            let msg = gave_up(job.attempt + 1, since);
+                            let msg = gave_up(job.attempt + 1, job.started);
                             return Some((job, Err(f.context(&msg))));
                         }
                     }
