@@ -13,7 +13,7 @@ SIZE=${1:-2GiB}
 DIR=${2:-$PWD/target}
 REPEAT=${3:-3}
 cargo build --release --quiet
-TS=$PWD/target/release/tensorstream
+TS=${CARGO_TARGET_DIR:-$PWD/target}/release/tensorstream  # where `cargo build` just put it
 DIR="$DIR/measure-local-$SIZE"
 mkdir -p "$DIR"
 FILE=$(ls -d "$DIR"/tensorstream-demo-*/model.safetensors 2>/dev/null | head -1 || true)

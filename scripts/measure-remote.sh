@@ -13,7 +13,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 GANESHA=$(command -v ganesha.nfsd || echo /usr/bin/ganesha.nfsd)
 command -v nfs-cp >/dev/null && command -v curl >/dev/null || { log "needs curl and nfs-cp (libnfs-utils)"; exit 1; }
 cargo build --release --quiet
-TS=$PWD/target/release/tensorstream
+TS=${CARGO_TARGET_DIR:-$PWD/target}/release/tensorstream  # where `cargo build` just put it
 . scripts/servers.sh
 start_servers
 
