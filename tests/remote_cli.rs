@@ -487,13 +487,48 @@ fn header_reads(log: &str, uri: &str) -> usize {
         .count()
 }
 
+/// The real nginx's access log from a mark on: a test counting requests looks only at what was
+/// logged after its start, so that it counts right when run again against servers still
+/// running (the log keeps what earlier runs asked for the same paths). Other tests running
+/// meanwhile log their own paths.
+struct AccessLog {
+    path: PathBuf,
+    from: usize,
+}
+
+impl AccessLog {
+    fn mark() -> Self {
+        let path = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+        let from = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .len();
+        let from = usize::try_from(from).expect("an access log larger than memory");
+        AccessLog { path, from }
+    }
+
+    /// What was logged since the mark.
+    fn since(&self) -> String {
+        let all = std::fs::read(&self.path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.path.display()));
+        let new = all.get(self.from..).unwrap_or_else(|| {
+            panic!(
+                "{} shrank from {} to {} bytes during the test",
+                self.path.display(),
+                self.from,
+                all.len()
+            )
+        });
+        String::from_utf8_lossy(new).into_owned()
+    }
+}
+
 /// A shard's header is read once per load or conversion of a checkpoint: the check before any
 /// tensor data reads it, and the shard's open later reuses it, as the object's size and
 /// version show it unchanged. Counted in the access log of the real nginx.
 #[test]
 fn sharded_loads_and_conversions_read_each_shard_header_once() {
     let url = env("TS_NGINX_URL");
-    let log = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+    let log = AccessLog::mark();
     let root = PathBuf::from(env("TS_NGINX_ROOT"));
     let shards: [&[usize]; 3] = [&[1000, 3 << 20], &[17, 40], &[(5 << 20) + 3]];
     let out_dir = tempfile::tempdir().unwrap();
@@ -526,7 +561,7 @@ fn sharded_loads_and_conversions_read_each_shard_header_once() {
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g["sha256"], w.sha256.as_str(), "{what}: {}", w.name);
         }
-        let log = std::fs::read_to_string(&log).unwrap();
+        let log = log.since();
         for k in 1..=shards.len() {
             let shard = format!("/{name}/{}", checkpoint::shard_name(k, shards.len()));
             assert_eq!(
@@ -553,14 +588,14 @@ fn sharded_loads_and_conversions_read_each_shard_header_once() {
 #[test]
 fn a_sharded_http_load_asks_no_question_twice() {
     let url = env("TS_NGINX_URL");
-    let log = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+    let log = AccessLog::mark();
     let root = PathBuf::from(env("TS_NGINX_ROOT"));
     let name = "heads-per-shard";
     let shards: [&[usize]; 3] = [&[1000, 3000], &[17, 40], &[(1 << 20) + 3]];
     let want = checkpoint::write(&root.join(name), &shards, 23);
     let uri = format!("{url}/{name}/model.safetensors.index.json");
     loaded_as_written(&uri, &[], &[], &want);
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = log.since();
     let index = format!("/{name}/model.safetensors.index.json");
     assert_eq!(requests(&log, "HEAD", &index), 1, "HEADs for the index");
     assert_requests_per_shard(&log, &root.join(name), name, shards.len());
@@ -610,7 +645,7 @@ fn fakecuda() -> String {
 #[test]
 fn a_sharded_http_gpu_load_opens_no_shard_to_lay_out_its_memory() {
     let url = env("TS_NGINX_URL");
-    let log = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+    let log = AccessLog::mark();
     let root = PathBuf::from(env("TS_NGINX_ROOT"));
     let name = "gpu-heads-per-shard";
     let shards: [&[usize]; 4] = [&[1000, 3000], &[17, 40], &[(1 << 20) + 3], &[5, 6, 7]];
@@ -622,7 +657,7 @@ fn a_sharded_http_gpu_load_opens_no_shard_to_lay_out_its_memory() {
         ("FAKECUDA_DELAY_US".to_string(), "20".to_string()),
     ];
     loaded_as_written(&uri, &gpu, &envs, &want);
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = log.since();
     assert_requests_per_shard(&log, &root.join(name), name, shards.len());
 }
 
@@ -1002,7 +1037,7 @@ fn verified_conversions_through_every_remote_backend_keep_every_byte() {
 #[test]
 fn a_one_file_conversion_reads_the_header_once() {
     let url = env("TS_NGINX_URL");
-    let log = PathBuf::from(env("TS_NGINX_ACCESS_LOG"));
+    let log = AccessLog::mark();
     let root = PathBuf::from(env("TS_NGINX_ROOT"));
     let dir = root.join("header-once-file");
     let want = checkpoint::write(&dir, &[&[1000, 3 << 20]], 23);
@@ -1018,7 +1053,7 @@ fn a_one_file_conversion_reads_the_header_once() {
         "convert",
     );
     loaded_as_written(dst.to_str().unwrap(), &[], &[], &want);
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = log.since();
     let uri = format!("/header-once-file/{name}");
     assert_eq!(header_reads(&log, &uri), 1, "{log}");
 }
