@@ -1193,3 +1193,53 @@ fn bench_http_vs_curl() {
         );
     }
 }
+
+/// Connections opened side by side stay pooled for the next requests, up to twice
+/// `concurrency` of them. A request that finds no idle connection opens one, also when its
+/// predecessor's is a moment from coming back to the pool (hyper puts a connection back only
+/// once its task asks for the next request), so a load can hold more connections than its
+/// concurrency. The pool kept only `concurrency` idle: it closed the others, and the next such
+/// moment opened yet another (a sharded load at `--concurrency 1` opened 13 to 23 connections
+/// for 40 shards). Here each burst of twice `concurrency` openings (their HEADs held together at
+/// the proxy) opened two connections more than the one before; now all are reused.
+#[test]
+fn connections_opened_side_by_side_stay_pooled() {
+    let r = rig();
+    const CONCURRENCY: usize = 2;
+    const BURST: usize = 2 * CONCURRENCY;
+    for i in 0..BURST {
+        write_file(r.dir.path(), &format!("s{i}"), &pattern(4096, i as u64));
+    }
+    // A store's round trip: the openings of a burst are in flight together.
+    r.proxy.set_faults(Faults {
+        delay: Some(Duration::from_millis(100)),
+        ..Default::default()
+    });
+    let cfg = quick_cfg(CONCURRENCY, 1 << 20, Duration::from_secs(10), 1);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let start = std::sync::Barrier::new(BURST);
+        std::thread::scope(|s| {
+            for i in 0..BURST {
+                let (start, cfg, url) = (&start, cfg.clone(), r.proxy.url(&format!("s{i}")));
+                s.spawn(move || {
+                    start.wait();
+                    let b = HttpBackend::open_with(&url, cfg).unwrap();
+                    assert_eq!(b.last_seen().size, 4096);
+                });
+            }
+        });
+        seen.push(r.proxy.connections());
+        // The last answers' connections back in the pool (a moment after the answers).
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "connections after each burst of {BURST} openings: {seen:?} (at most {} requests in \
+         flight at once)",
+        r.proxy.peak_in_flight()
+    );
+    assert!(
+        r.proxy.connections() <= BURST as u64,
+        "connections after each burst of {BURST} openings at concurrency {CONCURRENCY}: {seen:?}"
+    );
+}

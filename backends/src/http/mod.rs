@@ -160,6 +160,13 @@ impl HttpBackend {
             })?;
             roots.extend(certs);
         }
+        // Idle connections kept per host: room for twice the connections in use. A request that
+        // finds no idle connection opens one, also while another is a moment from coming back
+        // (hyper returns a connection to the pool only once its task asks for the next
+        // request), so a load may hold more connections than its concurrency for a while.
+        // Capped at `concurrency`, the pool closed those, and the next such moment opened yet
+        // another (sequential openings at --concurrency 1 opened a connection every few shards).
+        let max_idle = cfg.concurrency.saturating_mul(2);
         // One client (connection pool, TLS sessions) for every backend of the process with the
         // same roots and client settings: a sharded checkpoint's shards on one host share
         // connections (see `crate::shared`).
@@ -167,7 +174,7 @@ impl HttpBackend {
             "http",
             &roots,
             Some(cfg.connect_timeout),
-            Some(cfg.concurrency),
+            Some(max_idle),
             cfg.runtime_threads.clamp(1, 64),
         );
         // The system's roots are loaded once per process (see `crate::tls`).
@@ -184,7 +191,7 @@ impl HttpBackend {
                 .tls_backend_preconfigured(tls)
                 .user_agent(concat!("tensorstream/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(cfg.connect_timeout)
-                .pool_max_idle_per_host(cfg.concurrency)
+                .pool_max_idle_per_host(max_idle)
                 .tcp_nodelay(true)
                 .http2_adaptive_window(true)
                 // Redirects are followed by hand (retry::send): the user's headers stay with the
