@@ -1231,15 +1231,18 @@ fn connections_opened_side_by_side_stay_pooled() {
         });
         seen.push(r.proxy.connections());
         // The last answers' connections back in the pool (a moment after the answers).
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!(
         "connections after each burst of {BURST} openings: {seen:?} (at most {} requests in \
          flight at once)",
         r.proxy.peak_in_flight()
     );
+    // All reused: `BURST` connections (seen each time). Two more are let pass for a busy
+    // machine, where a connection may come back to the pool after the next burst has started;
+    // the pool that closed the extra ones reached 10.
     assert!(
-        r.proxy.connections() <= BURST as u64,
+        r.proxy.connections() <= BURST as u64 + 2,
         "connections after each burst of {BURST} openings at concurrency {CONCURRENCY}: {seen:?}"
     );
 }
