@@ -18,28 +18,19 @@ pub fn redact_uri(uri: &str) -> String {
     let Some(scheme) = scheme_of(uri) else {
         return uri.to_string();
     };
-    // User information first, over the whole authority as far as the first '/': a password
-    // holding '?' or '#' (a URL that does not parse) must not survive as the "query".
-    let rest_at = uri.find("://").map_or(0, |i| i + 3);
-    let (head, rest) = uri.split_at(rest_at);
-    let host_end = rest.find('/').unwrap_or(rest.len());
-    // Where the authority ends for a URL that parses: the first '/', '?' or '#'.
-    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let rest = match rest[..host_end].rfind('@') {
-        Some(at) => &rest[at + 1..],
-        // No '@' before the first '/', and the authority is no `host[:port]` (`user:pa` of
-        // `user:pa/ss@host`): a password holding '/' (AWS secret keys and base64 tokens do)
-        // cut it short, and the URL does not parse. Everything up to the last '@' before the
-        // query goes (the last '@' at all when the password holds '?' or '#' too).
-        None if !plain_authority(&rest[..auth_end]) => {
-            let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
-            match rest[..query_at].rfind('@').or_else(|| rest.rfind('@')) {
-                Some(at) => &rest[at + 1..],
-                None => rest,
-            }
+    let (head, rest) = uri.split_at(uri.find("://").map_or(0, |i| i + 3));
+    // What one pass leaves can read as user information again (`s3://@x./@h`, or a password
+    // holding both '@' and '/': `s3://us@er:pa/ss@h`, whose first pass kept `er:pa/ss@h`):
+    // strip until nothing more goes, so that a redacted URI is its own redaction and no part
+    // of such a password survives. Each pass removes at least one '@'.
+    let mut rest = rest;
+    loop {
+        let next = strip_user_info(rest);
+        if next.len() == rest.len() {
+            break;
         }
-        None => rest,
-    };
+        rest = next;
+    }
     if scheme == "file" {
         // A path: its '?' and '#' belong to file names.
         return format!("{head}{rest}");
@@ -54,6 +45,31 @@ pub fn redact_uri(uri: &str) -> String {
         "?…"
     };
     format!("{head}{path}{query}")
+}
+
+/// One pass of user-information removal over `rest` (a URI after its `scheme://`): what follows
+/// the user information, or `rest` itself when there is none.
+fn strip_user_info(rest: &str) -> &str {
+    // User information first, over the whole authority as far as the first '/': a password
+    // holding '?' or '#' (a URL that does not parse) must not survive as the "query".
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    // Where the authority ends for a URL that parses: the first '/', '?' or '#'.
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        // No '@' before the first '/', and the authority is no `host[:port]` (`user:pa` of
+        // `user:pa/ss@host`): a password holding '/' (AWS secret keys and base64 tokens do)
+        // cut it short, and the URL does not parse. Everything up to the last '@' before the
+        // query goes (the last '@' at all when the password holds '?' or '#' too).
+        None if !plain_authority(&rest[..auth_end]) => {
+            let query_at = rest.find(['?', '#']).unwrap_or(rest.len());
+            match rest[..query_at].rfind('@').or_else(|| rest.rfind('@')) {
+                Some(at) => &rest[at + 1..],
+                None => rest,
+            }
+        }
+        None => rest,
+    }
 }
 
 /// Whether `a` (the authority of a URL without user information) reads as `host[:port]`: a
@@ -141,5 +157,26 @@ mod tests {
             !shown.contains("secret") && shown.contains("http://h/m?…"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn redaction_strips_what_one_pass_leaves_looking_like_user_info() {
+        // Found by the remote_fields fuzz target: an empty user information before a host that
+        // is no `host[:port]`, then an '@' in the path. One pass kept `\0372./@…`, which a
+        // second pass cut to what follows its last '@': redaction was not idempotent.
+        let cases = [
+            ("s1://@\x00372./@\x18\x18\x18", "s1://\x18\x18\x18"),
+            // A password holding '@' and '/': one pass kept "er:pa/ss@h/m", its end.
+            ("s3://us@er:pa/ss@h/m", "s3://h/m"),
+            ("https://us@er:pa/ss@h/m?sig=x", "https://h/m?…"),
+            (
+                "nfs://us@er:pa/ss@h/e/m?nconnect=4",
+                "nfs://h/e/m?nconnect=4",
+            ),
+        ];
+        for (uri, want) in cases {
+            assert_eq!(redact_uri(uri), want, "{uri:?}");
+            assert_eq!(redact_uri(want), want, "not idempotent: {want:?}");
+        }
     }
 }
