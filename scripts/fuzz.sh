@@ -46,7 +46,7 @@ if [ ! -d engine/fuzz/corpus/load ] || [ ! -d backends/fuzz/corpus/nfs_replies ]
     trap 'rm -rf "$models"' EXIT
     python3 scripts/fuzz_seeds.py model "$models/small.safetensors"
     printf '\007%.0s' $(seq 32) >"$models/key"
-    ts=target/release/tensorstream
+    ts=${CARGO_TARGET_DIR:-target}/release/tensorstream  # where `cargo build` just put it
     "$ts" convert --quiet "$models/small.safetensors" "$models/small.tensors" >/dev/null
     "$ts" convert --quiet --encrypt-key-file "$models/key" "$models/small.safetensors" \
         "$models/small_encrypted.tensors" >/dev/null
