@@ -3,8 +3,8 @@
 # with small valid inputs, with debug assertions on (integer overflow panics), and prints a
 # table last. Exits 1 if any target found a crash; its input is kept under
 # {engine,backends}/fuzz/artifacts/TARGET/ (replay: cd engine && cargo +nightly fuzz run -O -a
-# TARGET artifacts/TARGET/crash-…). Corpora grow under {engine,backends}/fuzz/corpus/ (ignored
-# by git) and are reused by the next run.
+# TARGET fuzz/artifacts/TARGET/crash-…). Corpora grow under {engine,backends}/fuzz/corpus/
+# (ignored by git) and are reused by the next run.
 #
 #   scripts/fuzz.sh                 every target, 60 s each
 #   scripts/fuzz.sh 600 load        one target for 10 minutes
