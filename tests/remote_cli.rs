@@ -700,6 +700,33 @@ fn threads_named(name: &str) -> usize {
         .count()
 }
 
+/// nginx behind a proxy that asks `gate` about each request and strips the version tags (so
+/// the check keeps no shard's bytes: each shard's load asks the store), and a GPU load of the
+/// checkpoint `name` through it, whose filter holds `marker` (every loader of the load holds a
+/// copy: the count drops back once they have all ended).
+fn gated_gpu_load(
+    url: &str,
+    name: &str,
+    gate: proxy::Gate,
+    marker: &std::sync::Arc<()>,
+) -> (proxy::Proxy, tensorstream::Loader) {
+    let proxy = proxy::Proxy::start(server_addr(url));
+    proxy.set_faults(proxy::Faults {
+        strip_etag: true,
+        strip_last_modified: true,
+        gate: Some(gate),
+        ..Default::default()
+    });
+    let marker = marker.clone();
+    let l = tensorstream::Loader::new(proxy.url(&format!("{name}/model.safetensors.index.json")))
+        .device(tensorstream::Device::Cuda(0))
+        .filter(move |_| {
+            let _ = &marker;
+            true
+        });
+    (proxy, l)
+}
+
 /// A sharded GPU load whose shard fails while the next shard is being opened gives up the
 /// request that opening has in flight and asks the store nothing more for that shard: here
 /// shard 2's HEAD, held by the store until the load has returned (shard 1's reads are refused
@@ -772,25 +799,9 @@ fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
                 None
             })
         };
-        let proxy = proxy::Proxy::start(server_addr(&url));
-        proxy.set_faults(proxy::Faults {
-            strip_etag: true,
-            strip_last_modified: true,
-            gate: Some(gate),
-            ..Default::default()
-        });
-        // Held by every loader of the load (in its filter): gone once shard 2's opening has
-        // ended.
+        // Gone once shard 2's opening has ended.
         let marker = Arc::new(());
-        let l = {
-            let marker = marker.clone();
-            tensorstream::Loader::new(proxy.url(&format!("{name}/model.safetensors.index.json")))
-                .device(tensorstream::Device::Cuda(0))
-                .filter(move |_| {
-                    let _ = &marker;
-                    true
-                })
-        };
+        let (proxy, l) = gated_gpu_load(&url, name, gate, &marker);
         let l = if with_cancel {
             l.cancel_flag(Arc::new(std::sync::atomic::AtomicBool::new(false)))
         } else {
@@ -917,28 +928,11 @@ fn a_cancelled_sharded_http_gpu_load_gives_up_its_requests() {
             None
         })
     };
-    let proxy = proxy::Proxy::start(server_addr(&url));
-    // Without a version tag, no shard's bytes are kept by the check: shard 1's load reads its
-    // tensors from the store.
-    proxy.set_faults(proxy::Faults {
-        strip_etag: true,
-        strip_last_modified: true,
-        gate: Some(gate),
-        ..Default::default()
-    });
     let cancel = Arc::new(AtomicBool::new(false));
-    // Held by every loader of the load (in its filter): gone once the last has ended.
+    // Gone once the load's last loader has ended.
     let marker = Arc::new(());
-    let l = {
-        let marker = marker.clone();
-        tensorstream::Loader::new(proxy.url(&format!("{name}/model.safetensors.index.json")))
-            .device(tensorstream::Device::Cuda(0))
-            .cancel_flag(cancel.clone())
-            .filter(move |_| {
-                let _ = &marker;
-                true
-            })
-    };
+    let (proxy, l) = gated_gpu_load(&url, name, gate, &marker);
+    let l = l.cancel_flag(cancel.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(l.load_cuda().map(|_| ()));
