@@ -94,8 +94,13 @@ fn http_backends_share_runtime_and_connections() {
          sockets, {rss_50} KiB resident"
     );
     assert_eq!(threads_named("ts-http"), threads);
+    // A leak grows with the rounds (a socket per backend or per round: 50 or more here). A
+    // few more may be open without one: hyper puts a connection back in the pool a moment
+    // after its answer, and a request meanwhile opens another, which the pool then keeps
+    // (seen: 1 then 4 on two busy cores, failing a bound of one more about one run in five,
+    // before and after the pool kept twice `concurrency` idle).
     assert!(
-        sockets_50 <= sockets_1 + 1,
+        sockets_50 <= sockets_1 + 8,
         "sockets leak: {sockets_1} then {sockets_50}"
     );
     assert!(
