@@ -691,6 +691,16 @@ fn under_fakecuda(name: &str) -> bool {
     false
 }
 
+/// Waits (looking every 5 ms) until `done`, and fails with `what` once `limit` has passed: a
+/// bounded wait for an event, not a timing.
+fn wait_for(limit: std::time::Duration, mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let until = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < until, "{}", what());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Threads of this process named `name` (Linux).
 fn threads_named(name: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -823,17 +833,18 @@ fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
                 .iter()
                 .any(|(m, path)| m == "HEAD" && *path == file(2))
         };
-        let until = Instant::now() + Duration::from_secs(10);
-        while !hung_up(&proxy) {
-            assert!(
-                Instant::now() < until,
-                "cancel flag: {with_cancel}: shard 2's HEAD, held since before the load \
-                 returned, was still awaited by the client 10 s after the load returned \
-                 (requests given up while held: {:?})",
-                proxy.hung_up_while_gated()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for(
+            Duration::from_secs(10),
+            || hung_up(&proxy),
+            || {
+                format!(
+                    "cancel flag: {with_cancel}: shard 2's HEAD, held since before the load \
+                     returned, was still awaited by the client 10 s after the load returned \
+                     (requests given up while held: {:?})",
+                    proxy.hung_up_while_gated()
+                )
+            },
+        );
         let held = {
             let (lock, cv) = &*state;
             let mut g = lock.lock().unwrap();
@@ -847,22 +858,23 @@ fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
             })
         };
         let until = Instant::now() + Duration::from_secs(30);
-        while Arc::strong_count(&marker) > 1 {
-            assert!(
-                Instant::now() < until,
-                "cancel flag: {with_cancel}: shard 2's opening did not end"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for(
+            until.saturating_duration_since(Instant::now()),
+            || Arc::strong_count(&marker) == 1,
+            || format!("cancel flag: {with_cancel}: shard 2's opening did not end"),
+        );
         // No flag's watcher is left behind (this process runs this test alone).
-        while threads_named("ts-shard-stop") > 0 {
-            assert!(
-                Instant::now() < until,
-                "cancel flag: {with_cancel}: {} shard flag watchers (ts-shard-stop) still running",
-                threads_named("ts-shard-stop")
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for(
+            until.saturating_duration_since(Instant::now()),
+            || threads_named("ts-shard-stop") == 0,
+            || {
+                format!(
+                    "cancel flag: {with_cancel}: {} shard flag watchers (ts-shard-stop) still \
+                     running",
+                    threads_named("ts-shard-stop")
+                )
+            },
+        );
         let g = state.0.lock().unwrap();
         let after: Vec<_> = g.seen[held + 1..]
             .iter()
@@ -885,7 +897,7 @@ fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
 fn a_cancelled_sharded_http_gpu_load_gives_up_its_requests() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Condvar, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     if !under_fakecuda("a_cancelled_sharded_http_gpu_load_gives_up_its_requests") {
         return;
     }
@@ -962,31 +974,33 @@ fn a_cancelled_sharded_http_gpu_load_gives_up_its_requests() {
         let has = |m: &str, f: String| h.iter().any(|(hm, hp)| hm == m && *hp == f);
         has("GET", file(1)) && has("HEAD", file(2))
     };
-    let until = Instant::now() + Duration::from_secs(10);
-    while !given_up(&proxy) {
-        assert!(
-            Instant::now() < until,
-            "10 s after the load was cancelled, the client still awaited a held request \
-             (given up: {:?})",
-            proxy.hung_up_while_gated()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(
+        Duration::from_secs(10),
+        || given_up(&proxy),
+        || {
+            format!(
+                "10 s after the load was cancelled, the client still awaited a held request \
+                 (given up: {:?})",
+                proxy.hung_up_while_gated()
+            )
+        },
+    );
     {
         let (lock, cv) = &*state;
         lock.lock().unwrap().release = true;
         cv.notify_all();
     }
-    let until = Instant::now() + Duration::from_secs(30);
-    while Arc::strong_count(&marker) > 1 || threads_named("ts-shard-stop") > 0 {
-        assert!(
-            Instant::now() < until,
-            "the load's loaders ({} left) or shard flag watchers ({} left) did not end",
-            Arc::strong_count(&marker) - 1,
-            threads_named("ts-shard-stop")
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(
+        Duration::from_secs(30),
+        || Arc::strong_count(&marker) == 1 && threads_named("ts-shard-stop") == 0,
+        || {
+            format!(
+                "the load's loaders ({} left) or shard flag watchers ({} left) did not end",
+                Arc::strong_count(&marker) - 1,
+                threads_named("ts-shard-stop")
+            )
+        },
+    );
 }
 
 /// A tensorizer file converted through each remote backend, verified, read in 1 MiB requests
