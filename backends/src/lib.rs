@@ -318,6 +318,34 @@ pub fn open_stat(uri: &str, opts: &OpenOptions) -> Result<(Arc<dyn Backend>, Obj
     Ok((be, meta))
 }
 
+/// The opening of a read of an object whose size and version `meta` a recent [`open_stat`] of
+/// the same URI gave (the check of a sharded checkpoint, before its shards load): a backend
+/// opened without a request, its reads pinned to `meta`, where the backend's reads carry that
+/// version's precondition, so that an object replaced since fails its first read with
+/// `ObjectChanged` (and one replaced during the load fails the load's last `stat`, as always).
+/// That is HTTP(S) with a strong ETag or a Last-Modified date
+/// (`http::HttpBackend::open_pinned`), and S3 with a version (`s3::S3Backend::open_pinned`).
+/// `None` otherwise (no version, a weak HTTP ETag, local files and NFS): open those with
+/// [`open_stat`], whose `stat` is what tells a replaced object there.
+pub fn open_pinned(
+    uri: &str,
+    opts: &OpenOptions,
+    meta: &ObjectMeta,
+) -> Result<Option<Arc<dyn Backend>>> {
+    let _ = (opts, meta);
+    match scheme_of(uri).as_deref() {
+        #[cfg(feature = "http")]
+        Some("http") | Some("https") if http::HttpBackend::pins_whole(meta) => Ok(Some(Arc::new(
+            http::HttpBackend::open_pinned(uri, opts, meta)?,
+        ))),
+        #[cfg(feature = "s3")]
+        Some("s3") if meta.version.is_some() => {
+            Ok(Some(Arc::new(s3::S3Backend::open_pinned(uri, opts, meta)?)))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn compiled_schemes() -> String {
     let mut s = String::new();
     if cfg!(feature = "nfs") {

@@ -959,6 +959,73 @@ fn object_replaced_mid_load_is_object_changed() {
     assert!(model.get("b").unwrap().data == &img2[img2.len() - (16 << 20)..img2.len() - (8 << 20)]);
 }
 
+/// `open_pinned` (a sharded checkpoint's shard, opened for its load after the check stat'ed
+/// it) asks the server nothing, and its reads carry the version it was given: the object's
+/// bytes while it is that version, `ObjectChanged` once it was replaced. A version the
+/// precondition cannot carry whole (none, a weak ETag) is left to `open_stat`.
+#[test]
+fn open_pinned_asks_nothing_and_reads_only_the_version_given() {
+    let r = rig();
+    let (img, _) = safetensors(&[("a", 3000)], 51);
+    let path = write_file(r.dir.path(), "p.safetensors", &img);
+    let url = r.proxy.url("p.safetensors");
+    let o = opts(2, 1 << 20);
+    let (_, meta) = tensorstream_backends::open_stat(&url, &o).unwrap();
+    assert!(meta.version.is_some(), "nginx sends an ETag");
+    r.proxy.clear_log();
+    let b = tensorstream_backends::open_pinned(&url, &o, &meta)
+        .unwrap()
+        .expect("a strong ETag is pinned without a request");
+    assert!(r.proxy.log().is_empty(), "asked: {:?}", r.proxy.log());
+    let mut got = vec![0u8; img.len()];
+    assert_eq!(b.read_at(0, &mut got).unwrap(), img.len());
+    assert_eq!(got, img);
+    let log = r.proxy.log();
+    assert_eq!(log.len(), 1, "one GET: {log:?}");
+    let want = format!("if-match: {}", meta.version.as_deref().unwrap());
+    assert!(
+        log[0]
+            .request_headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&want)),
+        "not pinned: {:?}",
+        log[0].request_headers
+    );
+    // Replaced (same size, other bytes): the pinned read refuses it.
+    let (img2, _) = safetensors(&[("a", 3000)], 52);
+    replacement(&path, &img2)();
+    let e = b.read_at(0, &mut got).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+    // Nothing to pin whole: left to `open_stat`, and refused by `HttpBackend::open_pinned`.
+    for version in [None, Some("W/\"abc\"".to_string())] {
+        let m = tensorstream_engine::ObjectMeta {
+            size: meta.size,
+            version,
+        };
+        assert!(tensorstream_backends::open_pinned(&url, &o, &m)
+            .unwrap()
+            .is_none());
+        let e = HttpBackend::open_pinned(&url, &o, &m).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    }
+    // A Last-Modified date (an object without an ETag) is pinned too.
+    let m = tensorstream_engine::ObjectMeta {
+        size: meta.size,
+        version: Some("last-modified: Mon, 02 Jan 2006 15:04:05 GMT".into()),
+    };
+    assert!(HttpBackend::pins_whole(&m));
+    // A local file is not opened this way.
+    let m = tensorstream_engine::ObjectMeta {
+        size: meta.size,
+        version: Some("\"x\"".into()),
+    };
+    assert!(
+        tensorstream_backends::open_pinned(path.to_str().unwrap(), &o, &m)
+            .unwrap()
+            .is_none()
+    );
+}
+
 #[test]
 fn range_ignored_200_is_sliced_when_small_refused_when_large() {
     let r = rig();

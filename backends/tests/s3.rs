@@ -700,6 +700,39 @@ fn object_replaced_before_the_data_reads_is_object_changed() {
     assert_eq!(be.read_at(0, &mut buf).unwrap(), 16);
 }
 
+/// A backend pinned to the size and version a `stat` gave (`with_pin`: a sharded checkpoint's
+/// shard, opened for its load after its check) reads that version without a `stat` of its
+/// own, and refuses the object once it was replaced; a pin without a version is refused.
+#[test]
+fn a_backend_pinned_to_a_checked_version_refuses_a_replaced_object() {
+    let s3 = S3s::start();
+    let (v1, _) = safetensors(&[3000], 32);
+    let (v2, _) = safetensors(&[3000], 33);
+    assert_eq!(v1.len(), v2.len());
+    s3.put("bkt", "p", v1.clone());
+    let meta = s3.backend("bkt", "p", &small_chunks()).stat().unwrap();
+    assert!(meta.version.is_some(), "s3s-fs sends an ETag");
+    let pinned = || {
+        let loc = S3Location::parse("s3://bkt/p").unwrap();
+        S3Backend::with_config(loc, s3.config_for(&s3.endpoint(), &small_chunks())).unwrap()
+    };
+    let be = pinned().with_pin(meta.clone()).unwrap();
+    let mut buf = vec![0u8; v1.len()];
+    assert_eq!(be.read_at(0, &mut buf).unwrap(), v1.len());
+    assert_eq!(buf, v1);
+    s3.put("bkt", "p", v2); // same size, different bytes and ETag
+    let e = be.read_at(0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+    let e = pinned()
+        .with_pin(ObjectMeta {
+            version: None,
+            ..meta
+        })
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+}
+
 #[test]
 fn object_replaced_mid_load_never_mixes_versions() {
     let s3 = Arc::new(S3s::start());

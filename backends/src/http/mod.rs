@@ -8,10 +8,11 @@
 //!   server offers it over TLS; rustls, no OpenSSL). Bodies are streamed straight into the
 //!   request's buffer.
 //! * Every GET carries `If-Match` (or `If-Unmodified-Since`) for the version seen by the `stat`
-//!   that started the load, and every answer's `Content-Range` total and `ETag` are checked: an
-//!   object replaced mid-load fails with `ObjectChanged`, never with mixed bytes. (A server that
-//!   sends neither `ETag` nor `Last-Modified` gives nothing to pin: only a change of size can be
-//!   seen, and `stat` logs a warning once.)
+//!   that started the load (or given to [`HttpBackend::open_pinned`]), and every answer's
+//!   `Content-Range` total and `ETag` are checked: an object replaced mid-load fails with
+//!   `ObjectChanged`, never with mixed bytes. (A server that sends neither `ETag` nor
+//!   `Last-Modified` gives nothing to pin: only a change of size can be seen, and `stat` logs a
+//!   warning once.)
 //! * A `206` answer must start at the asked offset and end within the asked range; another
 //!   window is refused as `Corrupt`.
 //! * A `200` answer to a range request is never taken for the range: it is sliced when it is the
@@ -119,6 +120,52 @@ impl HttpBackend {
 
     /// Opens `uri` with a full configuration (retry counts, backoff, runtime size …).
     pub fn open_with(uri: &str, cfg: HttpConfig) -> Result<Self> {
+        let b = Self::unopened(uri, cfg)?;
+        let c = b.ctx.clone();
+        let pin = call(
+            &b.rt,
+            &b.ctx,
+            "opening",
+            async move { retry::stat(&c).await },
+        )??;
+        b.set_pin(pin);
+        Ok(b)
+    }
+
+    /// Opens `uri` without a request, its reads pinned to `meta`: the size and version a
+    /// [`Backend::stat`] (or an opening) of the same object gave moments ago, such as the check
+    /// of a sharded checkpoint before its shards load. Every read then carries the precondition
+    /// of that version, so an object replaced since fails its first read with `ObjectChanged`,
+    /// as the load's last `stat` fails for one replaced during the load.
+    ///
+    /// Only for a version the precondition carries whole: a strong ETag, or a Last-Modified
+    /// date of an object without an ETag. Refused (`InvalidInput`) without a version and with a
+    /// weak ETag (whose reads the opening's HEAD pins with its Last-Modified date too, which
+    /// `meta` does not hold): open those with [`HttpBackend::open`].
+    pub fn open_pinned(uri: &str, opts: &OpenOptions, meta: &ObjectMeta) -> Result<Self> {
+        if !Self::pins_whole(meta) {
+            return Err(Error::invalid(
+                "an http object is opened without a request only for a strong ETag or a \
+                 Last-Modified date",
+            )
+            .with_backend("http")
+            .with_location(crate::redact_uri(uri)));
+        }
+        let b = Self::unopened(uri, HttpConfig::from_options(opts)?)?;
+        b.set_pin(Pin::from_meta(meta.size, meta.version.as_deref()));
+        Ok(b)
+    }
+
+    /// Whether [`HttpBackend::open_pinned`] takes `meta`: its version is a strong ETag or a
+    /// Last-Modified date.
+    pub fn pins_whole(meta: &ObjectMeta) -> bool {
+        Pin::from_meta(meta.size, meta.version.as_deref())
+            .precondition()
+            .is_some()
+    }
+
+    /// The backend for `uri` with its client and runtime, before any request (its pin empty).
+    fn unopened(uri: &str, cfg: HttpConfig) -> Result<Self> {
         let url = reqwest::Url::parse(uri).map_err(|e| {
             // A user name or password holding '/', '?', '#' or '@' cuts the URL at the wrong
             // place (the message does not show it).
@@ -218,16 +265,12 @@ impl HttpBackend {
             display,
             cfg,
         });
-        let c = ctx.clone();
-        let pin = call(&rt, &ctx, "opening", async move { retry::stat(&c).await })??;
-        let b = HttpBackend {
+        Ok(HttpBackend {
             ctx,
             rt,
             pin: Mutex::new(Pin::from_meta(0, None)),
             warned_unversioned: AtomicBool::new(false),
-        };
-        b.set_pin(pin);
-        Ok(b)
+        })
     }
 
     /// The object's size and version as the latest request that asked for them saw them (the

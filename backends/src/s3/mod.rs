@@ -351,6 +351,30 @@ impl S3Backend {
         Ok(Self::with_config(loc, cfg)?.with_cancel(opts.cancel.clone()))
     }
 
+    /// Opens `s3://bucket/key` as [`S3Backend::open`] does, its reads pinned to `meta` (see
+    /// [`S3Backend::with_pin`]).
+    pub fn open_pinned(uri: &str, opts: &OpenOptions, meta: &ObjectMeta) -> Result<Self> {
+        Self::open(uri, opts)?.with_pin(meta.clone())
+    }
+
+    /// Pins the backend's reads to `meta`: the size and version a [`Backend::stat`] of the same
+    /// object gave moments ago (the check of a sharded checkpoint before its shards load),
+    /// which no `stat` then asks for again. Every read carries that version's precondition (or
+    /// compares it), so an object replaced since fails its first read with `ObjectChanged`, as
+    /// a load's last `stat` fails for one replaced during the load. Refused (`InvalidInput`)
+    /// without a version: then only a `stat` can tell a replaced object.
+    pub fn with_pin(self, meta: ObjectMeta) -> Result<Self> {
+        if meta.version.is_none() {
+            return Err(Error::invalid(
+                "an S3 object's reads are pinned to a size and version only with a version",
+            )
+            .with_backend("s3")
+            .with_location(&self.uri));
+        }
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(meta);
+        Ok(self)
+    }
+
     /// [`OpenOptions::cancel`] for a backend built with [`S3Backend::with_config`]: once the
     /// flag is set, `stat` and `read_at` stop and fail with `Cancelled`.
     pub fn with_cancel(mut self, cancel: Option<Arc<std::sync::atomic::AtomicBool>>) -> Self {
