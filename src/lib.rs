@@ -795,6 +795,29 @@ impl Loader {
         backends::open_stat(&self.uri, &self.backend_options())
     }
 
+    /// A checked shard's backend, opened without a request: for a shard of a sharded
+    /// checkpoint whose check saw a version tag the backend's reads carry as a precondition
+    /// (HTTP(S), S3: see `tensorstream_backends::open_pinned`), pinned to the size and version
+    /// the check saw, which `read_index` then finds unchanged. Its `stat` (a HEAD) would only
+    /// repeat the check's moments later: a shard replaced since fails its first read with
+    /// `ObjectChanged` instead, and one replaced during its load fails the load's last look
+    /// (`unchanged_since`) as always. `None` otherwise, and for a small shard whose bytes the
+    /// check kept: its load reads nothing from the store, so its opening's `stat` is what
+    /// finds it still the version the check read.
+    fn checked_backend(&self) -> Result<Option<(Arc<dyn Backend>, ObjectMeta)>> {
+        let Some(scope) = self.scope.as_ref().filter(|_| self.backend.is_none()) else {
+            return Ok(None);
+        };
+        let (Some(known), None) = (&scope.known, &scope.object) else {
+            return Ok(None);
+        };
+        let meta = &known.0;
+        Ok(
+            backends::open_pinned(&self.uri, &self.backend_options(), meta)?
+                .map(|be| (be, meta.clone())),
+        )
+    }
+
     /// Reads only the metadata: the file's tensor index. With a key or password set and an
     /// encrypted tensorizer file, it also decrypts the smallest tensor (one read, skipped when
     /// that tensor is over 64 MiB or when no tensor has stored bytes) so that a wrong key is an
@@ -1809,7 +1832,10 @@ impl Loader {
         use std::sync::atomic::Ordering;
         let steps = move |l: &Loader| -> Result<OpenedIndex> {
             l.check_abandoned()?;
-            let (be, meta) = l.backend_stat()?;
+            let (be, meta) = match l.checked_backend()? {
+                Some(opened) => opened,
+                None => l.backend_stat()?,
+            };
             l.check_abandoned()?;
             if keep_small && meta.version.is_some() && !be.capabilities().kernel_reads {
                 let (index, object) = format::read_index_and_object(be.as_ref(), &meta)?;
@@ -1864,7 +1890,9 @@ impl Loader {
     /// index the load returns), the object must still be the one checked: the same size and
     /// version tag (then the index read then is reused), or, without a version tag, a header
     /// describing the same tensors. A shard replaced in between fails with `ObjectChanged`
-    /// (it was loaded in its new version, under the old combined index).
+    /// (it was loaded in its new version, under the old combined index). (A remote shard whose
+    /// reads carry its version is not asked again: `checked_backend` hands the check's size and
+    /// version here, and its reads fail if the shard was replaced.)
     fn read_index(&self, be: &dyn Backend, meta: &ObjectMeta) -> Result<TensorIndex> {
         let Some(known) = self.scope.as_ref().and_then(|s| s.known.as_ref()) else {
             return format::read_index(be, meta);

@@ -579,12 +579,14 @@ fn sharded_loads_and_conversions_read_each_shard_header_once() {
 
 /// An HTTP object's opening asks the server for its size and version (the HEAD that checks the
 /// object and the server's range support), and a load takes them from that answer instead of
-/// asking again at once: a sharded load sends the index one HEAD, and each shard three (the
-/// check's, the load's look that the shard is still the one checked, and the last look after
-/// its bytes landed) and two GETs (its header, its tensors). A shard small enough to come
-/// whole with its header (64 KiB) is read once: its load, after the HEAD that finds it
-/// unchanged, takes its tensors from the bytes the check read (two HEADs, one GET). Counted
-/// in the access log of the real nginx.
+/// asking again at once: a sharded load sends the index one HEAD, and each shard two (the
+/// check's, and the last look after its bytes landed) and two GETs (its header, its tensors).
+/// The shard's load does not ask again what the check asked moments before: it reads pinned
+/// to the version the check saw (`If-Match`), so that a shard replaced in between fails its
+/// first read (three HEADs per shard before). A shard small enough to come whole with its
+/// header (64 KiB) is read once: its load, after the HEAD that finds it unchanged, takes its
+/// tensors from the bytes the check read (two HEADs, one GET). Counted in the access log of
+/// the real nginx.
 #[test]
 fn a_sharded_http_load_asks_no_question_twice() {
     let url = env("TS_NGINX_URL");
@@ -601,15 +603,16 @@ fn a_sharded_http_load_asks_no_question_twice() {
     assert_requests_per_shard(&log, &root.join(name), name, shards.len());
 }
 
-/// Each of the `n` shards of the checkpoint `name` (in `dir`, served by nginx) was asked what
-/// a load asks, by nginx's access log `log`: the check's HEAD and header read, the load's HEAD
-/// (the shard unchanged) and tensor read (none for a small shard: the check read it whole),
-/// the last look.
+/// Each of the `n` shards of the checkpoint `name` (in `dir`, served by nginx or s3s-fs) was
+/// asked what a load asks, by the log `log` (lines `METHOD /name/file …`, as nginx's access
+/// log): the check's HEAD and header read, then for a shard larger than 64 KiB its tensor read
+/// (pinned to the version the check saw) and the last look (a HEAD); a smaller one the check
+/// read whole, and its load's HEAD finds it unchanged.
 fn assert_requests_per_shard(log: &str, dir: &std::path::Path, name: &str, n: usize) {
     for k in 1..=n {
         let file = checkpoint::shard_name(k, n);
         let small = std::fs::metadata(dir.join(&file)).unwrap().len() <= 64 << 10;
-        let (heads, gets) = if small { (2, 1) } else { (3, 2) };
+        let (heads, gets) = if small { (2, 1) } else { (2, 2) };
         let shard = format!("/{name}/{file}");
         let lines = log
             .lines()
@@ -625,6 +628,137 @@ fn assert_requests_per_shard(log: &str, dir: &std::path::Path, name: &str, n: us
             requests(log, "GET", &shard),
             gets,
             "GETs for {shard}:\n{lines}"
+        );
+    }
+}
+
+/// A sharded load from S3 asks each shard what it asks an HTTP store (see
+/// `a_sharded_http_load_asks_no_question_twice`): two HEADs, the check's and the last look
+/// (three before: the shard's load asked again what the check asked moments before), and two
+/// GETs, its header and its tensors (a small shard: one GET, read whole by the check). Counted
+/// at a proxy in front of the real s3s-fs that records every request.
+#[test]
+fn a_sharded_s3_load_asks_no_question_twice() {
+    use std::sync::{Arc, Mutex};
+    let name = "s3-heads-per-shard";
+    let dir = PathBuf::from(env("TS_S3_ROOT")).join(name);
+    let shards: [&[usize]; 3] = [&[1000, 3000], &[17, 40], &[(1 << 20) + 3]];
+    let want = checkpoint::write(&dir, &shards, 43);
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let proxy = proxy::Proxy::start(server_addr(&env("TS_S3_ENDPOINT")));
+    let gate: proxy::Gate = {
+        let seen = seen.clone();
+        Arc::new(move |method: &str, target: &str, _: Option<&str>| {
+            let path = target.split('?').next().unwrap_or(target);
+            seen.lock().unwrap().push(format!("{method} {path}"));
+            None
+        })
+    };
+    proxy.set_faults(proxy::Faults {
+        gate: Some(gate),
+        ..Default::default()
+    });
+    let extra = [
+        "--s3-endpoint".to_string(),
+        format!("http://127.0.0.1:{}", proxy.port()),
+    ];
+    let envs = [
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+    ];
+    let uri = format!("s3://{name}/model.safetensors.index.json");
+    loaded_as_written(&uri, &extra, &envs, &want);
+    let log = seen.lock().unwrap().join("\n");
+    assert_requests_per_shard(&log, &dir, name, shards.len());
+}
+
+/// A shard replaced after the check read its header, before its load reads its tensors,
+/// fails the load with `ObjectChanged` naming the shard, on HTTP and S3: the load reads pinned
+/// to the version the check saw (it does not ask for the shard's version again). The proxy in
+/// front of the real nginx and s3s-fs replaces the shard (same size, other bytes, another
+/// modification time) when the shard's first tensor read arrives, before passing it on.
+#[test]
+fn a_shard_replaced_after_the_check_fails_its_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let name = "shard-replaced-after-check";
+    let shards: [&[usize]; 2] = [&[17, 40], &[(1 << 20) + 3]];
+    let s3_envs = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+    ];
+    for (kind, url, root) in [
+        ("http", env("TS_NGINX_URL"), env("TS_NGINX_ROOT")),
+        ("s3", env("TS_S3_ENDPOINT"), env("TS_S3_ROOT")),
+    ] {
+        let dir = PathBuf::from(root).join(name);
+        let written = checkpoint::write(&dir, &shards, 47);
+        let file = checkpoint::shard_name(2, shards.len());
+        let replaced = Arc::new(AtomicBool::new(false));
+        let gate: proxy::Gate = {
+            let (replaced, dir, file) = (replaced.clone(), dir.clone(), file.clone());
+            let path = format!("/{name}/{file}");
+            Arc::new(move |method: &str, target: &str, range: Option<&str>| {
+                let tensors = method == "GET"
+                    && target.split('?').next() == Some(path.as_str())
+                    && range.is_some_and(|r| !r.starts_with("bytes=0-"));
+                if tensors && !replaced.swap(true, Ordering::SeqCst) {
+                    let t: Vec<(String, Vec<u8>)> = written
+                        .iter()
+                        .filter(|w| w.file == file)
+                        .map(|w| (w.name.clone(), w.bytes.iter().map(|b| !b).collect()))
+                        .collect();
+                    let new = dir.join(".replacement");
+                    checkpoint::write_file(&new, &t);
+                    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&new)
+                        .and_then(|f| f.set_modified(later))
+                        .unwrap();
+                    std::fs::rename(&new, dir.join(&file)).unwrap();
+                }
+                None
+            })
+        };
+        let proxy = proxy::Proxy::start(server_addr(&url));
+        proxy.set_faults(proxy::Faults {
+            gate: Some(gate),
+            ..Default::default()
+        });
+        let (uri, args, envs) = match kind {
+            "http" => (
+                proxy.url(&format!("{name}/model.safetensors.index.json")),
+                vec![],
+                vec![],
+            ),
+            _ => (
+                format!("s3://{name}/model.safetensors.index.json"),
+                vec![
+                    "--s3-endpoint".to_string(),
+                    format!("http://127.0.0.1:{}", proxy.port()),
+                ],
+                s3_envs.clone(),
+            ),
+        };
+        let out = cli()
+            .args(["load", &uri, "--quiet"])
+            .args(&args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            replaced.load(Ordering::SeqCst),
+            "{kind}: the shard's tensors were never read: {stderr}"
+        );
+        eprintln!("{kind}: {}", stderr.trim());
+        assert!(
+            !out.status.success() && stderr.contains("changed") && stderr.contains(&file),
+            "{kind}: a shard replaced after the check did not fail its load ({}): {stderr}",
+            out.status
         );
     }
 }
