@@ -58,36 +58,69 @@ impl Rt {
     pub(crate) fn handle(&self) -> Result<&tokio::runtime::Handle> {
         Ok(self.0.handle())
     }
+}
 
-    /// Runs `fut` to completion from synchronous code. From inside another async runtime (where
-    /// blocking the thread would panic) it runs on a scoped helper thread.
-    pub(crate) fn block_on<F>(&self, fut: F) -> Result<F::Output>
-    where
-        F: std::future::Future + Send,
-        F::Output: Send,
-    {
-        let handle = self.handle()?;
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Ok(handle.block_on(fut));
-        }
-        std::thread::scope(|s| {
-            s.spawn(|| handle.block_on(fut))
-                .join()
-                .map_err(|_| Error::new(ErrorKind::Io, "http request thread panicked"))
-        })
+/// Stops a spawned call's task when the caller stops waiting for it (it unwinds).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
-/// Runs one of the backend's own calls on its runtime, stopped with a `Cancelled` error once
-/// [`HttpConfig::cancel`] is set.
-fn call<F>(rt: &Rt, ctx: &Ctx, what: &str, fut: F) -> Result<F::Output>
+/// Runs one of the backend's own calls (`stat`, the opening's HEAD, `read_at`) as a task on its
+/// runtime and waits for it from this (non-async) thread, as the S3 backend does; stopped with a
+/// `Cancelled` error once [`HttpConfig::cancel`] is set. Safe from any thread, including threads
+/// of another tokio runtime.
+///
+/// A task, not `Handle::block_on` on the calling thread: hyper puts a connection back into the
+/// pool from a small task it spawns when the answer is done. Spawned from a worker, that task
+/// runs on the same worker right after the request's own; spawned from the calling thread, it
+/// waited for a worker to wake while the caller already sent its next request (a shard's
+/// opening HEAD, then its header GET), which found no idle connection and opened another: a
+/// 40-shard `inspect` behind a proxy holding each request 100 ms opened 2 connections at
+/// `--concurrency 1`, 5 to 7 at 4 and 34 to 38 at 32; as tasks, 1 (now and then 2), 4 and 32,
+/// as S3. The task also yields once before it reports (see [`let_connection_return`]).
+fn call<T, F>(rt: &Rt, ctx: &Ctx, what: &str, fut: F) -> Result<T>
 where
-    F: std::future::Future + Send,
-    F::Output: Send,
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
 {
-    rt.block_on(crate::until_cancelled(ctx.cfg.cancel.clone(), fut))?
-        .ok_or_else(|| crate::call_cancelled("http", &ctx.display, &format!("http {what}")))
+    let handle = rt.handle()?;
+    let cancel = ctx.cfg.cancel.clone();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let task = handle.spawn(async move {
+        let out = crate::until_cancelled(cancel, fut).await;
+        let_connection_return().await;
+        let _ = tx.send(out);
+    });
+    let _abort = AbortOnDrop(task.abort_handle());
+    match rx.recv() {
+        Ok(Some(out)) => Ok(out),
+        Ok(None) => Err(crate::call_cancelled(
+            "http",
+            &ctx.display,
+            &format!("http {what}"),
+        )),
+        // The task ended without sending: it panicked.
+        Err(_) => Err(ctx.err(
+            ErrorKind::Io,
+            format!("http {what} task ended without a result (it panicked)"),
+        )),
+    }
 }
+
+/// Lets hyper's task that puts a finished request's connection back into the pool run before
+/// whoever waits for the request hears of it (and sends the next one): woken on this worker as
+/// the answer ended, that task runs before a task that yields is resumed.
+pub(crate) async fn let_connection_return() {
+    tokio::task::yield_now().await;
+}
+
+/// Largest temporary buffer of one `read_at` (larger reads go in pieces of this size, or of
+/// the chunk size when that is larger).
+const READ_AT_PIECE: usize = 64 << 20;
 
 /// An object served over HTTP(S).
 #[derive(Debug)]
@@ -210,9 +243,11 @@ impl HttpBackend {
         // Idle connections kept per host: room for twice the connections in use. A request that
         // finds no idle connection opens one, also while another is a moment from coming back
         // (hyper returns a connection to the pool only once its task asks for the next
-        // request), so a load may hold more connections than its concurrency for a while.
-        // Capped at `concurrency`, the pool closed those, and the next such moment opened yet
-        // another (sequential openings at --concurrency 1 opened a connection every few shards).
+        // request), so a load may hold more connections than its concurrency for a while
+        // (rarely since the calls run as tasks, see `call`, but a busy machine may delay that
+        // task). Capped at `concurrency`, the pool closed those, and the next such moment
+        // opened yet another (sequential openings at --concurrency 1 opened a connection every
+        // few shards).
         let max_idle = cfg.concurrency.saturating_mul(2);
         // One client (connection pool, TLS sessions) for every backend of the process with the
         // same roots and client settings: a sharded checkpoint's shards on one host share
@@ -349,39 +384,44 @@ impl Backend for HttpBackend {
                 .with_range(offset..offset.saturating_add(buf.len() as u64)));
         }
         let want = usize::try_from((pin.size - offset).min(buf.len() as u64)).unwrap_or(buf.len());
-        let buf = &mut buf[..want];
-        if want <= chunk {
-            return call(
-                &self.rt,
-                ctx,
-                "read",
-                retry::fetch_range(ctx, &pin, offset, buf),
-            )?;
-        }
-        let pin = &pin;
-        let parts = buf.chunks_mut(chunk).enumerate().map(|(i, part)| {
-            let off = offset + (i * chunk) as u64;
-            async move { retry::fetch_range(ctx, pin, off, part).await }
-        });
-        let results: Vec<Result<usize>> = call(
-            &self.rt,
-            ctx,
-            "read",
-            futures_util::stream::iter(parts)
-                .buffer_unordered(ctx.cfg.concurrency)
-                .collect::<Vec<_>>(),
-        )?;
-        let mut total = 0usize;
-        for r in results {
-            total += r?;
-        }
-        if total != want {
-            return Err(ctx
-                .err(
-                    ErrorKind::Io,
-                    format!("read {total} of {want} bytes (internal short read)"),
-                )
-                .with_range(offset..offset + want as u64));
+        // The borrowed `buf` cannot travel to the runtime's task (see `call`): read through a
+        // temporary buffer, in pieces, so that a large read costs one piece more, not a second
+        // copy of it all. Each piece is split into chunk-sized GETs run concurrently.
+        let piece = READ_AT_PIECE.max(chunk);
+        let mut done = 0usize;
+        while done < want {
+            let len = (want - done).min(piece);
+            let at = offset + done as u64;
+            let (c, pin) = (self.ctx.clone(), pin.clone());
+            let (data, results) = call(&self.rt, ctx, "read", async move {
+                let mut data = vec![0u8; len];
+                // Collected first: a lazy `map` here makes the task's future not `Send` as
+                // far as the compiler can tell (a closure over borrowed parts).
+                let mut parts = Vec::with_capacity(len.div_ceil(chunk));
+                for (i, part) in data.chunks_mut(chunk).enumerate() {
+                    let off = at + (i * chunk) as u64;
+                    parts.push(retry::fetch_range(&c, &pin, off, part));
+                }
+                let results: Vec<Result<usize>> = futures_util::stream::iter(parts)
+                    .buffer_unordered(c.cfg.concurrency)
+                    .collect()
+                    .await;
+                (data, results)
+            })?;
+            let mut total = 0usize;
+            for r in results {
+                total += r?;
+            }
+            if total != len {
+                return Err(ctx
+                    .err(
+                        ErrorKind::Io,
+                        format!("read {total} of {len} bytes (internal short read)"),
+                    )
+                    .with_range(at..at + len as u64));
+            }
+            buf[done..done + len].copy_from_slice(&data);
+            done += len;
         }
         Ok(want)
     }

@@ -68,7 +68,9 @@ impl RangeReader for HttpReader {
                     .acquire()
                     .await
                     .map_err(|_| Error::new(ErrorKind::Io, "http reader closed"))?;
-                fetch_range(&ctx, &pin, offset, buf.as_mut_slice()).await
+                let r = fetch_range(&ctx, &pin, offset, buf.as_mut_slice()).await;
+                super::let_connection_return().await;
+                r
             };
             let result = tokio::select! {
                 r = AssertUnwindSafe(work).catch_unwind() => match r {
