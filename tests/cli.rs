@@ -504,6 +504,44 @@ fn demo_keep_keeps_the_model_when_standard_output_closes_early() {
 }
 
 #[test]
+fn a_missing_output_directory_is_named_without_temporary_file_names() {
+    // `tempfile` appends ` at path "…/.o.tensors.partial-XXXXXX"` (a Debug-quoted name of a
+    // file never created) to its OS errors: the message names the directory instead.
+    let src = fixtures().join("mixed.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nodir");
+    let out = missing.join("o.tensors");
+    let e = run_err(&["convert", src.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(
+        e.contains(&format!(
+            "the directory {} does not exist",
+            missing.display()
+        )),
+        "{e}"
+    );
+    assert!(
+        !e.contains("partial-") && !e.contains("at path"),
+        "names a temporary file: {e}"
+    );
+    let e = run_err(&[
+        "demo",
+        "--size",
+        "16MiB",
+        "--dir",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains(missing.to_str().unwrap()) && e.contains("No such file or directory"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("tensorstream-demo-") && !e.contains("at path"),
+        "names a temporary directory: {e}"
+    );
+    assert!(!missing.exists());
+}
+
+#[test]
 fn demo_refuses_sizes_it_cannot_write_before_writing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();

@@ -203,7 +203,9 @@ pub fn run(
         .prefix("tensorstream-demo-")
         .tempdir_in(&dir)
         .map_err(|e| {
-            Error::from_io(e, "cannot create a temporary directory")
+            // (Without tempfile's quoted name of a directory never created.)
+            let e = tensorstream::engine::format::convert::without_temp_path(e);
+            Error::from_io(e, "cannot create a temporary directory in it")
                 .with_location(dir.display().to_string())
         })?;
     // Removed on Ctrl-C too.

@@ -502,10 +502,13 @@ pub fn convert_parts(
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir)
         .map_err(|e| {
-            Error::from_io(
-                e,
-                format!("creating a temporary file next to {}", output.display()),
-            )
+            let e = without_temp_path(e);
+            let what = if e.kind() == std::io::ErrorKind::NotFound {
+                format!("the directory {} does not exist", dir.display())
+            } else {
+                format!("creating a temporary file in {}", dir.display())
+            };
+            Error::from_io(e, format!("cannot write {}: {what}", output.display()))
         })?;
     let file = tmp
         .as_file()
@@ -627,6 +630,17 @@ fn move_if_free(tmp: tempfile::NamedTempFile, output: &Path) -> Result<()> {
     tmp.persist(output)
         .map_err(|e| Error::from_io(e.error, format!("renaming into {}", output.display())))?;
     Ok(())
+}
+
+/// `e`, an error of `tempfile`'s, without the ` at path "…/.NAME.partial-XXXXXX"` it appends
+/// to the OS error: that quoted name of a file never created means nothing to the user, and
+/// the caller names the directory itself.
+pub fn without_temp_path(e: std::io::Error) -> std::io::Error {
+    let shown = e.to_string();
+    match shown.rsplit_once(" at path \"") {
+        Some((msg, _)) => std::io::Error::new(e.kind(), msg.to_string()),
+        None => e,
+    }
 }
 
 /// The directory a conversion writes `output` in (and its temporary file): `.` for a bare
