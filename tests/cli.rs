@@ -955,6 +955,50 @@ fn interrupted_demo_removes_its_files() {
     }
 }
 
+#[test]
+fn https_to_a_plain_http_port_says_so_and_is_not_retried() {
+    use std::io::{Read as _, Write as _};
+    // A plain HTTP server: it answers whatever it is sent (a TLS ClientHello) with an HTTP
+    // error, which rustls reports as "received corrupt message of type InvalidContentType".
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let url = format!("https://127.0.0.1:{port}/model.safetensors");
+    let out = bin()
+        .args(["inspect", &url])
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("did not answer in TLS") && err.contains("http:// URL"),
+        "{err}"
+    );
+    // A plain HTTP server will not speak TLS on a second try.
+    assert!(!err.contains("attempts"), "retried: {err}");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "{err}"
+    );
+}
+
 /// A tiny HTTP server for one safetensors file: HEAD and GETs within the header are answered,
 /// a GET of tensor data hangs (a stalled server). Returns its port, and a channel told of each
 /// data GET that hangs.

@@ -69,8 +69,20 @@ pub(crate) fn warn_unversioned(location: &str) {
 /// For a failure that names a certificate (a server whose certificate the client does not
 /// trust: a private CA, a self-signed test server): how to make it trusted. Such a failure is
 /// not retried (retrying cannot make the certificate trusted).
+///
+/// Also for a server that answers a TLS handshake in plain text (rustls: "received corrupt
+/// message of type InvalidContentType"), an `https://` URL or endpoint given for a plain HTTP
+/// port: that will not change on a retry either, and rustls' words do not say it.
 #[cfg(any(feature = "http", feature = "s3"))]
 pub(crate) fn certificate_hint(msg: &str, s3: bool) -> Option<&'static str> {
+    if msg.contains("InvalidContentType") {
+        return Some(if s3 {
+            "; the endpoint did not answer in TLS: if it serves plain HTTP, give an http:// \
+             endpoint"
+        } else {
+            "; the server did not answer in TLS: if it serves plain HTTP, use an http:// URL"
+        });
+    }
     if !msg.to_ascii_lowercase().contains("certificate") {
         return None;
     }
