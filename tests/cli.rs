@@ -999,6 +999,47 @@ fn https_to_a_plain_http_port_says_so_and_is_not_retried() {
     );
 }
 
+/// A server that answers every request with 200, `content_type` and a small body, ranges or
+/// not (as a directory listing, or a server without range support, does). Returns its port.
+fn whole_answer_server(content_type: &'static str) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body =
+                "<html><body><a href=\"model.safetensors\">model.safetensors</a></body></html>";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn an_html_page_is_not_blamed_on_the_servers_range_support() {
+    // A directory listing (or a page about the file) comes back 200 to a Range request: the
+    // URL is wrong, not the server.
+    let port = whole_answer_server("text/html; charset=utf-8");
+    let e = run_err(&["inspect", &format!("http://127.0.0.1:{port}/models/")]);
+    assert!(
+        e.contains("web page (Content-Type: text/html)") && e.contains("directory listing"),
+        "{e}"
+    );
+    assert!(!e.contains("byte-range"), "{e}");
+    // A server that sends a file whole is still told apart.
+    let port = whole_answer_server("application/octet-stream");
+    let e = run_err(&["inspect", &format!("http://127.0.0.1:{port}/m.safetensors")]);
+    assert!(e.contains("does not support byte-range requests"), "{e}");
+}
+
 /// A tiny HTTP server for one safetensors file: HEAD and GETs within the header are answered,
 /// a GET of tensor data hangs (a stalled server). Returns its port, and a channel told of each
 /// data GET that hangs.

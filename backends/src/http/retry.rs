@@ -323,6 +323,14 @@ async fn stat_once(ctx: &Ctx) -> Result<Pin, Failure> {
     }
 }
 
+/// Whether an answer is an HTML page.
+fn is_html(h: &HeaderMap) -> bool {
+    header_str(h, header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.trim_start().to_ascii_lowercase();
+        v.starts_with("text/html") || v.starts_with("application/xhtml")
+    })
+}
+
 fn no_ranges(ctx: &Ctx, why: &str) -> Error {
     ctx.err(
         ErrorKind::Unsupported,
@@ -366,6 +374,15 @@ async fn probe(ctx: &Ctx) -> Result<Pin, Failure> {
                 last_modified,
             })
         }
+        // A web page (a directory listing, a page about the file, a login page) is not a
+        // server without ranges: the URL is wrong, and saying the server lacks ranges would
+        // send the user after the server.
+        StatusClass::Whole if is_html(&h) => Err(fatal(ctx.err(
+            ErrorKind::InvalidInput,
+            "the server answered with a web page (Content-Type: text/html), not a model file: \
+             the URL may name a directory listing, a page about the file or a login page; give \
+             the URL of the file itself",
+        ))),
         StatusClass::Whole => Err(fatal(no_ranges(
             ctx,
             "it answered 200 with the whole object to a Range request",
