@@ -1040,6 +1040,20 @@ fn an_html_page_is_not_blamed_on_the_servers_range_support() {
     assert!(e.contains("does not support byte-range requests"), "{e}");
 }
 
+#[test]
+fn an_nfs_uri_to_an_http_port_says_the_server_speaks_text() {
+    let port = whole_answer_server("text/plain");
+    let e = run_err(&[
+        "inspect",
+        &format!("nfs://127.0.0.1:{port}/export/m.safetensors"),
+    ]);
+    assert!(
+        e.contains("answered with text (\"HTTP\")") && e.contains("NFS server"),
+        "{e}"
+    );
+    assert!(!e.contains("exceeds the limit"), "{e}");
+}
+
 /// A tiny HTTP server for one safetensors file: HEAD and GETs within the header are answered,
 /// a GET of tensor data hangs (a stalled server). Returns its port, and a channel told of each
 /// data GET that hangs.

@@ -346,9 +346,9 @@ impl<R: BufRead> Wire<R> {
         }
     }
     fn header(&mut self) -> Result<(), XdrError> {
-        let mut h = [0u8; 4];
-        self.inner.read_exact(&mut h)?;
-        let h = u32::from_be_bytes(h);
+        let mut raw = [0u8; 4];
+        self.inner.read_exact(&mut raw)?;
+        let h = u32::from_be_bytes(raw);
         self.last = h & LAST_FRAGMENT != 0;
         self.frag_left = h & !LAST_FRAGMENT;
         // An empty fragment counts its header's 4 bytes, so that empty fragments that never end
@@ -361,6 +361,17 @@ impl<R: BufRead> Wire<R> {
         };
         self.record_len = self.record_len.saturating_add(counted);
         if self.record_len > MAX_RECORD {
+            // A record that starts with text, over the limit: another protocol's server on
+            // this port ("HTTP", "SSH-"), which a length of a billion bytes does not say.
+            if self.record_len == u64::from(self.frag_left)
+                && raw.iter().all(|b| b.is_ascii_graphic())
+            {
+                return Err(XdrError::Bad(format!(
+                    "the server answered with text ({:?}), not an NFS (ONC RPC) reply: is this \
+                     the port of an NFS server?",
+                    String::from_utf8_lossy(&raw)
+                )));
+            }
             return Err(XdrError::TooLong {
                 what: "RPC record",
                 len: self.record_len,
