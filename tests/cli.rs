@@ -293,6 +293,34 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
 
 #[test]
 #[cfg(feature = "s3")]
+fn s3_credentials_in_the_uri_are_refused_not_sent_as_the_bucket_name() {
+    // A closed port: before, the request went out with "AKIA:topsecret@bucket" as the bucket.
+    for uri in [
+        "s3://AKIA:topsecret@bucket/m.safetensors",
+        "s3://AKIA:top/secret@bucket/m.safetensors",
+    ] {
+        let out = bin()
+            .args(["inspect", uri, "--s3-endpoint", "http://127.0.0.1:9"])
+            .env("AWS_ACCESS_KEY_ID", "a")
+            .env("AWS_SECRET_ACCESS_KEY", "b")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("user:password@") && err.contains("AWS_ACCESS_KEY_ID"),
+            "{uri}: {err}"
+        );
+        assert!(
+            !err.contains("topsecret") && !err.contains("secret@"),
+            "{err}"
+        );
+        assert!(!err.contains("attempts"), "a request was made: {err}");
+    }
+}
+
+#[test]
+#[cfg(feature = "s3")]
 fn s3_without_credentials_says_which_variables_to_set() {
     let home = tempfile::tempdir().unwrap();
     let out = bin()

@@ -56,6 +56,16 @@ impl S3Location {
         if bucket.is_empty() {
             return Err(bad("missing bucket name"));
         }
+        // `s3://KEY:SECRET@bucket/key` (or `s3://host:9000/…`) would otherwise send
+        // "KEY:SECRET@bucket" as the bucket name, to the server and with virtual-hosted
+        // addressing into the host name. No bucket name holds ':' or '@'.
+        if bucket.contains([':', '@']) {
+            return Err(bad(
+                "the bucket name holds ':' or '@': an s3:// URI names no host, port or \
+                 user:password@ (the endpoint comes from --s3-endpoint or AWS_ENDPOINT_URL, \
+                 credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+            ));
+        }
         if bucket.len() > 255 || bucket.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad(&format!("invalid bucket name {bucket:?}")));
         }
@@ -368,6 +378,9 @@ mod tests {
             ("s3://b/./k", "'.' or '..' segment"),
             ("s3://b/k/..", "'..' segment"),
             ("s3://b/k?X-Amz-Signature=s3cret", "query"),
+            ("s3://AKIA:s3cret@b/k", "user:password@"),
+            ("s3://AKIA:s3/cret@b/k", "user:password@"),
+            ("s3://minio:9000/b/k", "holds ':' or '@'"),
         ];
         for (uri, msg) in bad {
             let e = S3Location::parse(uri).unwrap_err();
