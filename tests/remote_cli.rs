@@ -282,6 +282,29 @@ fn every_remote(name: &str, object: &str, nfs_query: &str) -> Vec<Remote> {
     ]
 }
 
+/// A FIFO on the NFS server is named as one, not as `type Some(7)` (a Rust Debug dump).
+#[test]
+fn nfs_special_files_are_named_in_words() {
+    let dir = PathBuf::from(env("TS_NFS_ROOT")).join("special-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("pipe.safetensors");
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let uri = format!(
+        "nfs://127.0.0.1:{}/export/special-files/pipe.safetensors",
+        env("TS_NFS_PORT")
+    );
+    let out = cli().args(["inspect", &uri]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is a FIFO (named pipe), not a regular file"),
+        "{err}"
+    );
+    assert!(!err.contains("Some("), "a Debug dump: {err}");
+}
+
 /// A sharded checkpoint through each remote backend: the shards are found beside the index
 /// (same URL directory, bucket prefix, NFS directory; the NFS URI's query is kept) and every
 /// tensor's digest matches what was written.

@@ -361,12 +361,22 @@ impl NfsBackend {
                 .into_error(uri))
             }
             other => {
+                // The type in words (RFC 7530 nfs_ftype4), not a Debug `Some(7)`.
+                let what = match other {
+                    Some(3) => "a block device".to_string(),
+                    Some(4) => "a character device".to_string(),
+                    Some(6) => "a socket".to_string(),
+                    Some(7) => "a FIFO (named pipe)".to_string(),
+                    Some(8 | 9) => "a named attribute".to_string(),
+                    Some(t) => format!("an object of NFS type {t}"),
+                    None => "an object whose type the server did not say".to_string(),
+                };
                 return Err(Failure::new(
                     ErrorKind::InvalidInput,
-                    format!("not a regular file (type {other:?})"),
+                    format!("is {what}, not a regular file"),
                     false,
                 )
-                .into_error(uri))
+                .into_error(uri));
             }
         }
         let pin = version_of(a, "GETATTR").map_err(|f| f.into_error(uri))?;
