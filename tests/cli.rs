@@ -984,6 +984,34 @@ fn interrupted_demo_removes_its_files() {
 }
 
 #[test]
+fn a_proxy_variable_the_client_cannot_use_is_refused_not_bypassed() {
+    // reqwest skips a proxy URL it cannot parse and connects directly: a mistyped HTTP_PROXY
+    // would silently bypass the proxy. A server that serves the file proves the bypass.
+    let port = whole_answer_server("application/octet-stream");
+    let url = format!("http://127.0.0.1:{port}/m.safetensors");
+    let out = bin()
+        .args(["inspect", &url])
+        .env("HTTP_PROXY", "http://user:pr0xysecret@bad host:3128")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("HTTP_PROXY is set but is not a proxy URL"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("pr0xysecret") && !err.contains("bad host"),
+        "{err}"
+    );
+}
+
+#[test]
 fn https_to_a_plain_http_port_says_so_and_is_not_retried() {
     use std::io::{Read as _, Write as _};
     // A plain HTTP server: it answers whatever it is sent (a TLS ClientHello) with an HTTP

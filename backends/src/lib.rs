@@ -156,6 +156,47 @@ pub(crate) fn proxy_note(env: &dyn Fn(&str) -> Option<String>) -> Option<String>
     })
 }
 
+/// The proxy variables set to a value the HTTP client cannot use: `reqwest` (hyper-util's
+/// matcher) skips such a value without a word and connects directly, so a mistyped
+/// `HTTPS_PROXY` would bypass the proxy meant to carry every request. The checks are the
+/// matcher's: of `X_PROXY` and `x_proxy` the first that is set counts; a value must parse as a
+/// URI with an authority, and a scheme, if any, of http, https or socks4/4a/5/5h. An error names
+/// the variable, never its value (it may hold credentials).
+#[cfg(any(feature = "http", feature = "s3"))]
+pub(crate) fn check_proxy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    for [upper, lower] in [
+        ["HTTPS_PROXY", "https_proxy"],
+        ["HTTP_PROXY", "http_proxy"],
+        ["ALL_PROXY", "all_proxy"],
+    ] {
+        let (name, value) = match (env(upper), env(lower)) {
+            (Some(v), _) => (upper, v),
+            (None, Some(v)) => (lower, v),
+            (None, None) => continue,
+        };
+        if value.is_empty() {
+            continue;
+        }
+        let usable = value.parse::<::http::Uri>().is_ok_and(|u| {
+            u.authority().is_some()
+                && u.scheme_str().is_none_or(|s| {
+                    matches!(
+                        s,
+                        "http" | "https" | "socks4" | "socks4a" | "socks5" | "socks5h"
+                    )
+                })
+        });
+        if !usable {
+            return Err(Error::invalid(format!(
+                "{name} is set but is not a proxy URL the HTTP client can use (expected \
+                 http://host:port, https://… or socks5://…; the value is not shown): requests \
+                 would bypass the proxy; fix or unset it"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Options shared by all backends; each backend reads the ones that concern it.
 ///
 /// Its `Debug` output leaves out the headers' values (an `Authorization` token) and the
@@ -418,6 +459,39 @@ mod uri_tests {
 #[cfg(test)]
 mod debug_tests {
     use super::OpenOptions;
+
+    #[cfg(any(feature = "http", feature = "s3"))]
+    #[test]
+    fn unusable_proxy_variables_are_refused_by_name() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |v: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == v)
+                    .map(|(_, x)| x.to_string())
+            }
+        };
+        for ok in [
+            &[][..],
+            &[("HTTPS_PROXY", "http://u:p@proxy:3128")],
+            &[("HTTP_PROXY", "proxy:3128")],
+            &[("all_proxy", "socks5h://p:1")],
+            &[("HTTPS_PROXY", "")],
+        ] {
+            assert!(super::check_proxy_env(&env(ok)).is_ok(), "{ok:?}");
+        }
+        for (bad, name) in [
+            (
+                &[("HTTP_PROXY", "http://u:s3cret@bad host:1")][..],
+                "HTTP_PROXY",
+            ),
+            (&[("https_proxy", "ftp://s3cret@p:1")], "https_proxy"),
+            (&[("ALL_PROXY", "http://")], "ALL_PROXY"),
+        ] {
+            let e = super::check_proxy_env(&env(bad)).unwrap_err().to_string();
+            assert!(e.contains(name) && !e.contains("s3cret"), "{bad:?}: {e}");
+        }
+    }
 
     #[cfg(any(feature = "http", feature = "s3"))]
     #[test]

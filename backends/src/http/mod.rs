@@ -225,6 +225,8 @@ impl HttpBackend {
                 .with_backend("http")
                 .with_location(display));
         }
+        crate::check_proxy_env(&|v| std::env::var(v).ok())
+            .map_err(|e| e.with_backend("http").with_location(&display))?;
         if cfg.concurrency == 0 || cfg.chunk_size == 0 || cfg.timeout.is_zero() {
             return Err(Error::invalid(
                 "http concurrency, chunk size and timeout must be positive",

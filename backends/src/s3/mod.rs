@@ -401,6 +401,8 @@ impl S3Backend {
     /// Opens an object with explicit settings (no environment lookup).
     pub fn with_config(loc: S3Location, cfg: S3Config) -> Result<Self> {
         let uri = loc.uri();
+        crate::check_proxy_env(&|v| std::env::var(v).ok())
+            .map_err(|e| e.with_backend("s3").with_location(&uri))?;
         let rt = Runtime::new()?;
         let handle = rt.handle()?;
         let _guard = handle.enter();
