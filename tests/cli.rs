@@ -1079,6 +1079,45 @@ fn whole_answer_server(content_type: &'static str) -> u16 {
     port
 }
 
+/// A server that answers every request with `answer`, a whole raw HTTP response. Returns its
+/// port.
+fn fixed_answer_server(answer: String) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    port
+}
+
+#[test]
+fn an_error_status_after_a_redirect_names_where_the_redirect_led() {
+    let missing = fixed_answer_server(
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+    );
+    let redirect = fixed_answer_server(format!(
+        "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{missing}/blobs/x?sig=s3cret\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    ));
+    let e = run_err(&[
+        "inspect",
+        &format!("http://127.0.0.1:{redirect}/model.safetensors"),
+    ]);
+    assert!(
+        e.contains(&format!(
+            "HTTP 404 Not Found from http://127.0.0.1:{missing}/blobs/x?…, where a redirect led"
+        )),
+        "{e}"
+    );
+    assert!(!e.contains("s3cret"), "{e}");
+}
+
 #[test]
 fn an_html_page_is_not_blamed_on_the_servers_range_support() {
     // A directory listing (or a page about the file) comes back 200 to a Range request: the

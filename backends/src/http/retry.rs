@@ -161,7 +161,14 @@ fn status_text(resp: &Response) -> String {
 
 /// The failure for a status that is not a success.
 fn status_failure(ctx: &Ctx, resp: &Response, class: StatusClass) -> Failure {
-    let text = status_text(resp);
+    let mut text = status_text(resp);
+    // The answer of a redirect's target: name it, or the URL given is blamed for its 404.
+    if resp.url() != &ctx.url {
+        text.push_str(&format!(
+            " from {}, where a redirect led",
+            super::config::redact_url(resp.url())
+        ));
+    }
     match class {
         StatusClass::Retry => {
             let after = header_str(resp.headers(), header::RETRY_AFTER)
