@@ -532,6 +532,21 @@ fn demo_keep_keeps_the_model_when_standard_output_closes_early() {
 }
 
 #[test]
+fn an_error_naming_a_path_with_a_newline_stays_one_line() {
+    // A hostile file name must not split the error into a second line that could pass for the
+    // tool's own ("tensorstream: loaded …").
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir
+        .path()
+        .join("x\ntensorstream: loaded 7 tensors.safetensors");
+    let e = run_err(&["inspect", path.to_str().unwrap()]);
+    assert!(
+        e.contains("x\\ntensorstream: loaded 7 tensors.safetensors: cannot open"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_missing_output_directory_is_named_without_temporary_file_names() {
     // `tempfile` appends ` at path "…/.o.tensors.partial-XXXXXX"` (a Debug-quoted name of a
     // file never created) to its OS errors: the message names the directory instead.

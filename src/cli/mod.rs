@@ -638,10 +638,7 @@ pub fn run() -> i32 {
             // Stopped by the signal: exit as the signal asked (128 + its number).
             Err(e) => {
                 if e.kind() != tensorstream::ErrorKind::Cancelled {
-                    errln!(
-                        "tensorstream: error: {}",
-                        tensorstream::engine::terminal_safe(&e.to_string())
-                    );
+                    errln!("tensorstream: error: {}", error_line(e));
                 }
                 errln!("tensorstream: interrupted");
                 return 128 + sig;
@@ -653,14 +650,17 @@ pub fn run() -> i32 {
         // Quietly, with the status a SIGPIPE death would give (128 + 13), like other tools.
         Err(e) if is_broken_pipe(&e) => 141,
         Err(e) => {
-            // Error texts may carry a server's words: no raw control characters to the terminal.
-            errln!(
-                "tensorstream: error: {}",
-                tensorstream::engine::terminal_safe(&e.to_string())
-            );
+            errln!("tensorstream: error: {}", error_line(&e));
             1
         }
     }
+}
+
+/// An error as the one line the CLI prints: error texts may carry a server's words or a file
+/// name, so no raw control characters go to the terminal, and no newline either (a name holding
+/// one would split the error, and could print a line of its own that looks like the tool's).
+fn error_line(e: &tensorstream::Error) -> String {
+    tensorstream::engine::terminal_safe(&e.to_string()).replace('\n', "\\n")
 }
 
 /// A value parser accepting only `values` (in any case), so that a mistyped choice is a usage
