@@ -289,6 +289,14 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
         ]);
         assert!(e.contains("--timeout"), "{t}: {e}");
     }
+    // Infinity is positive: the message must not say it is not.
+    let e = run_err(&[
+        "load",
+        fixtures().join("mixed.safetensors").to_str().unwrap(),
+        "--timeout",
+        "inf",
+    ]);
+    assert!(e.contains("positive, finite number of seconds"), "{e}");
 }
 
 #[test]

@@ -249,7 +249,7 @@ impl IoArgs {
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite()) {
                 return Err(Error::invalid(format!(
-                    "bad --timeout {t}: must be positive"
+                    "bad --timeout {t}: must be a positive, finite number of seconds"
                 )));
             }
             open.timeout =
