@@ -156,19 +156,23 @@ pub(crate) fn proxy_note(env: &dyn Fn(&str) -> Option<String>) -> Option<String>
     })
 }
 
-/// The proxy variables set to a value the HTTP client cannot use: `reqwest` (hyper-util's
-/// matcher) skips such a value without a word and connects directly, so a mistyped
-/// `HTTPS_PROXY` would bypass the proxy meant to carry every request. The checks are the
-/// matcher's: of `X_PROXY` and `x_proxy` the first that is set counts; a value must parse as a
-/// URI with an authority, and a scheme, if any, of http, https or socks4/4a/5/5h. An error names
-/// the variable, never its value (it may hold credentials).
+/// The proxy variables that apply to requests of the scheme `https` tells (`HTTPS_PROXY` or
+/// `HTTP_PROXY`, and `ALL_PROXY`) set to a value the HTTP client cannot use: `reqwest`
+/// (hyper-util's matcher) skips such a value without a word and connects directly, so a
+/// mistyped `HTTPS_PROXY` would bypass the proxy meant to carry every request. A variable of
+/// the other scheme is not looked at (it would carry none of these requests). The checks are
+/// the matcher's: of `X_PROXY` and `x_proxy` the first that is set counts; a value must parse as
+/// a URI with an authority, and a scheme, if any, of http, https or socks4/4a/5/5h. An error
+/// names the variable, never its value (it may hold credentials). (`NO_PROXY` is not consulted:
+/// an unusable proxy variable is refused even for a host it exempts.)
 #[cfg(any(feature = "http", feature = "s3"))]
-pub(crate) fn check_proxy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
-    for [upper, lower] in [
-        ["HTTPS_PROXY", "https_proxy"],
-        ["HTTP_PROXY", "http_proxy"],
-        ["ALL_PROXY", "all_proxy"],
-    ] {
+pub(crate) fn check_proxy_env(env: &dyn Fn(&str) -> Option<String>, https: bool) -> Result<()> {
+    let scheme = if https {
+        ["HTTPS_PROXY", "https_proxy"]
+    } else {
+        ["HTTP_PROXY", "http_proxy"]
+    };
+    for [upper, lower] in [scheme, ["ALL_PROXY", "all_proxy"]] {
         let (name, value) = match (env(upper), env(lower)) {
             (Some(v), _) => (upper, v),
             (None, Some(v)) => (lower, v),
@@ -471,24 +475,41 @@ mod debug_tests {
                     .map(|(_, x)| x.to_string())
             }
         };
-        for ok in [
-            &[][..],
-            &[("HTTPS_PROXY", "http://u:p@proxy:3128")],
-            &[("HTTP_PROXY", "proxy:3128")],
-            &[("all_proxy", "socks5h://p:1")],
-            &[("HTTPS_PROXY", "")],
-        ] {
-            assert!(super::check_proxy_env(&env(ok)).is_ok(), "{ok:?}");
+        for https in [false, true] {
+            for ok in [
+                &[][..],
+                &[("HTTPS_PROXY", "http://u:p@proxy:3128")],
+                &[("HTTP_PROXY", "proxy:3128")],
+                &[("all_proxy", "socks5h://p:1")],
+                &[("HTTPS_PROXY", "")],
+            ] {
+                assert!(super::check_proxy_env(&env(ok), https).is_ok(), "{ok:?}");
+            }
         }
-        for (bad, name) in [
+        // (https, variables, the one named): a variable of the other scheme carries none of
+        // the requests and is not looked at.
+        for (https, bad, name) in [
             (
+                false,
                 &[("HTTP_PROXY", "http://u:s3cret@bad host:1")][..],
-                "HTTP_PROXY",
+                Some("HTTP_PROXY"),
             ),
-            (&[("https_proxy", "ftp://s3cret@p:1")], "https_proxy"),
-            (&[("ALL_PROXY", "http://")], "ALL_PROXY"),
+            (true, &[("HTTP_PROXY", "http://u:s3cret@bad host:1")], None),
+            (
+                true,
+                &[("https_proxy", "ftp://s3cret@p:1")],
+                Some("https_proxy"),
+            ),
+            (false, &[("https_proxy", "ftp://s3cret@p:1")], None),
+            (false, &[("ALL_PROXY", "http://")], Some("ALL_PROXY")),
+            (true, &[("ALL_PROXY", "http://")], Some("ALL_PROXY")),
         ] {
-            let e = super::check_proxy_env(&env(bad)).unwrap_err().to_string();
+            let r = super::check_proxy_env(&env(bad), https);
+            let Some(name) = name else {
+                assert!(r.is_ok(), "https {https}, {bad:?}: {r:?}");
+                continue;
+            };
+            let e = r.unwrap_err().to_string();
             assert!(e.contains(name) && !e.contains("s3cret"), "{bad:?}: {e}");
         }
     }

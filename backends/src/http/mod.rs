@@ -225,7 +225,7 @@ impl HttpBackend {
                 .with_backend("http")
                 .with_location(display));
         }
-        crate::check_proxy_env(&|v| std::env::var(v).ok())
+        crate::check_proxy_env(&|v| std::env::var(v).ok(), url.scheme() == "https")
             .map_err(|e| e.with_backend("http").with_location(&display))?;
         if cfg.concurrency == 0 || cfg.chunk_size == 0 || cfg.timeout.is_zero() {
             return Err(Error::invalid(

@@ -401,7 +401,12 @@ impl S3Backend {
     /// Opens an object with explicit settings (no environment lookup).
     pub fn with_config(loc: S3Location, cfg: S3Config) -> Result<Self> {
         let uri = loc.uri();
-        crate::check_proxy_env(&|v| std::env::var(v).ok())
+        // (Without an endpoint, AWS's own, over https.)
+        let https = cfg
+            .endpoint
+            .as_deref()
+            .is_none_or(|e| e.to_ascii_lowercase().starts_with("https:"));
+        crate::check_proxy_env(&|v| std::env::var(v).ok(), https)
             .map_err(|e| e.with_backend("s3").with_location(&uri))?;
         let rt = Runtime::new()?;
         let handle = rt.handle()?;
