@@ -79,6 +79,8 @@ http {
   server {
     listen 127.0.0.1:$NGINX_PORT;
     root $RUN/nginx/root;
+    # Directory listings (an HTML page, as a URL to a folder instead of a file gets).
+    location /listing/ { autoindex on; }
   }
 }
 CONF

@@ -282,6 +282,31 @@ fn every_remote(name: &str, object: &str, nfs_query: &str) -> Vec<Remote> {
     ]
 }
 
+/// A URL to a folder that nginx lists (`autoindex`, as `scripts/servers.sh` sets for
+/// `/listing/`) gets a web page, 200 to the Range request: the error says the URL names a
+/// page, not that nginx lacks range support (it serves the file in that folder by ranges).
+#[test]
+fn a_directory_listing_from_nginx_is_named_as_a_web_page() {
+    let dir = PathBuf::from(env("TS_NGINX_ROOT")).join("listing/models");
+    let names = stage(&dir, "");
+    let url = env("TS_NGINX_URL");
+    let out = cli()
+        .args(["inspect", &format!("{url}/listing/models/")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("web page (Content-Type: text/html)") && err.contains("directory listing"),
+        "{err}"
+    );
+    assert!(!err.contains("byte-range"), "{err}");
+    succeed(
+        cli().args(["inspect", &format!("{url}/listing/models/{}", names[0])]),
+        "a file in the listed folder",
+    );
+}
+
 /// A FIFO on the NFS server is named as one, not as `type Some(7)` (a Rust Debug dump).
 #[test]
 fn nfs_special_files_are_named_in_words() {
