@@ -377,6 +377,23 @@ fn hostile_tensorizer_input_gives_one_line_errors() {
         ]),
     );
     assert!(e.contains("wrong key or password"), "{e}");
+    // A key for a file encrypted with a password: the message says which secret it needs
+    // (before: "wrong key or password, or corrupted data").
+    let e = fails(
+        bin().args([
+            "load",
+            fixtures()
+                .join("v3_encrypted_password.tensors")
+                .to_str()
+                .unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+        ]),
+    );
+    assert!(
+        e.contains("encrypted with a password") && e.contains("a raw key was given"),
+        "{e}"
+    );
     // A wrong password from the environment is caught by inspect too (it checks the key a
     // load would use), while an unencrypted file ignores the variable.
     let e = fails(

@@ -257,6 +257,13 @@ fn encrypted_files_need_the_right_key() {
         Layout::Mirror,
     ));
     assert_eq!(e.kind(), ErrorKind::IntegrityMismatch);
+    // ... and says the file needs a password, not a key (its crypt info holds the KDF's).
+    assert!(
+        e.to_string().contains("encrypted with a password")
+            && e.to_string().contains("a raw key was given")
+            && !e.to_string().contains("wrong key or password"),
+        "{e}"
+    );
 }
 
 #[test]

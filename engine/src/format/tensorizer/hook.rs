@@ -161,12 +161,20 @@ impl TensorizerHook {
                 Some(c) => {
                     let key = self.key_for(&t.name, ci.kdf.as_ref())?;
                     crypt::decrypt(&key, c, data).map_err(|why| {
+                        // The crypt info tells how the file was encrypted: a raw key given for
+                        // a password-encrypted file is most likely the wrong kind of secret
+                        // (a password for a key-encrypted file is refused in `key_for`).
+                        let which = match (&self.key, &ci.kdf) {
+                            (Some(KeySource::Key(_)), Some(_)) => {
+                                "the tensor was encrypted with a password (Argon2id parameters \
+                                 stored in the file) but a raw key was given: give the password \
+                                 instead (a key works only if it is the one derived from it)"
+                            }
+                            _ => "wrong key or password, or corrupted data",
+                        };
                         Error::new(
                             ErrorKind::IntegrityMismatch,
-                            format!(
-                                "tensor {:?}: decryption failed ({why}): wrong key or password, or corrupted data",
-                                t.name
-                            ),
+                            format!("tensor {:?}: decryption failed ({why}): {which}", t.name),
                         )
                     })?;
                 }
