@@ -229,7 +229,8 @@ fn bad_input_gives_one_line_errors_naming_the_file() {
     std::fs::write(&empty, b"").unwrap();
     let e = run_err(&["inspect", empty.to_str().unwrap()]);
     assert!(
-        e.contains("empty.safetensors") && e.contains("empty"),
+        e.contains("empty.safetensors: the object's size is 0 bytes: an empty file")
+            && e.contains("as those in /proc do"),
         "{e}"
     );
 

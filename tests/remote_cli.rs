@@ -307,6 +307,30 @@ fn a_directory_listing_from_nginx_is_named_as_a_web_page() {
     );
 }
 
+/// An empty object on each server is named in the error, which says it is empty, without the
+/// hint about /proc that only a local file gets (before, every backend got "an empty file (or
+/// a special file that reports no size, as those in /proc do)").
+#[test]
+fn an_empty_remote_object_is_named_without_the_proc_hint() {
+    for (dir, uri, extra, envs) in every_remote("cli-empty", "empty.safetensors", "") {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("empty.safetensors"), b"").unwrap();
+        let out = cli()
+            .args(["inspect", &uri])
+            .args(&extra)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{uri}: {err}");
+        assert!(
+            err.contains(&format!("{uri}: the object's size is 0 bytes: it is empty")),
+            "{uri}: {err}"
+        );
+        assert!(!err.contains("/proc"), "{uri}: {err}");
+    }
+}
+
 /// A FIFO on the NFS server is named as one, not as `type Some(7)` (a Rust Debug dump).
 #[test]
 fn nfs_special_files_are_named_in_words() {

@@ -27,13 +27,18 @@ pub const FIRST_READ: u64 = 64 * 1024;
 /// Largest metadata prefix any format may ask for (hostile headers are rejected before this).
 pub const MAX_METADATA: u64 = 1 << 30;
 
+/// The error of an empty object, whatever its backend.
+const EMPTY_OBJECT: &str = "the object's size is 0 bytes: it is empty";
+
+/// [`EMPTY_OBJECT`] for a local file ([`read_index`] through a backend whose capabilities'
+/// kind is `local`): a file in /proc (or /sys) reports size 0 too, whatever it holds.
+const EMPTY_LOCAL_FILE: &str = "the object's size is 0 bytes: an empty file (or a special \
+     file that reports no size, as those in /proc do)";
+
 /// Detects the format from the first bytes and parses the index if `prefix` holds enough.
 pub fn parse_prefix(prefix: &[u8], object_size: u64) -> Result<Probe> {
     if object_size == 0 {
-        return Err(Error::corrupt(
-            "the object's size is 0 bytes: an empty file (or a special file that reports no \
-             size, as those in /proc do)",
-        ));
+        return Err(Error::corrupt(EMPTY_OBJECT));
     }
     if prefix.len() >= 5 && &prefix[..5] == tensorizer::MAGIC {
         return tensorizer::parse_prefix(prefix, object_size);
@@ -81,6 +86,9 @@ pub fn read_index_and_object(
     meta: &ObjectMeta,
 ) -> Result<(TensorIndex, Option<Vec<u8>>)> {
     let loc = backend.location().to_string();
+    if meta.size == 0 && backend.capabilities().kind == "local" {
+        return Err(Error::corrupt(EMPTY_LOCAL_FILE).with_location(&loc));
+    }
     let mut want = FIRST_READ.min(meta.size);
     let mut prefix = backend
         .read_exact_at(0, want as usize)

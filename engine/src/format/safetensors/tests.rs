@@ -62,6 +62,48 @@ fn too_short_files() {
     }
 }
 
+/// An empty object is named, and only a local file gets the hint about /proc (whose files
+/// report size 0): an empty HTTP, S3 or NFS object has nothing to do with /proc.
+#[test]
+fn an_empty_object_gets_the_proc_hint_only_when_local() {
+    #[derive(Debug)]
+    struct Local(MemoryBackend);
+    impl Backend for Local {
+        fn location(&self) -> &str {
+            self.0.location()
+        }
+        fn stat(&self) -> Result<crate::backend::ObjectMeta> {
+            self.0.stat()
+        }
+        fn capabilities(&self) -> crate::backend::Capabilities {
+            crate::backend::Capabilities {
+                kind: "local",
+                ..self.0.capabilities()
+            }
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+            self.0.read_at(offset, buf)
+        }
+    }
+    let remote = MemoryBackend::new("s3://bkt/empty.safetensors", Vec::new());
+    let e = format::read_index(&remote, &remote.stat().unwrap()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(
+        e.to_string(),
+        "s3://bkt/empty.safetensors: the object's size is 0 bytes: it is empty"
+    );
+    let local = Local(MemoryBackend::new("/proc/self/empty", Vec::new()));
+    let e = format::read_index(&local, &local.stat().unwrap()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("/proc/self/empty: ")
+            && msg.contains("empty file")
+            && msg.contains("/proc do"),
+        "{msg}"
+    );
+}
+
 /// A JSON file (a sharded checkpoint's index under another name) gets a hint about index names;
 /// a safetensors failure that does not start with '{' gets none.
 #[test]
