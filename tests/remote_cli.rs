@@ -331,6 +331,32 @@ fn an_empty_remote_object_is_named_without_the_proc_hint() {
     }
 }
 
+/// s3s-fs answers a HEAD of a bucket name it finds bad with a bare 400 (its
+/// `InvalidBucketName` body is not sent with a HEAD answer): the error says what a 400 with no
+/// reason most often means, instead of only "HTTP 400".
+#[test]
+fn a_bare_400_from_s3s_fs_hints_at_the_region_and_bucket_name() {
+    let out = cli()
+        .args(["inspect", "s3://Bad_Bucket/model.safetensors"])
+        .args(["--s3-endpoint", &env("TS_S3_ENDPOINT")])
+        .env("AWS_ACCESS_KEY_ID", env("TS_S3_ACCESS_KEY"))
+        .env("AWS_SECRET_ACCESS_KEY", env("TS_S3_SECRET_KEY"))
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("s3://Bad_Bucket/model.safetensors: HEAD failed at ")
+            && err.contains(
+                "HTTP 400 (Bad Request; the answer to a HEAD carries no reason): on AWS most \
+                 often a region that is not the bucket's (set --s3-region or AWS_REGION to the \
+                 bucket's region); else check the bucket name and the endpoint"
+            ),
+        "{err}"
+    );
+}
+
 /// A FIFO on the NFS server is named as one, not as `type Some(7)` (a Rust Debug dump).
 #[test]
 fn nfs_special_files_are_named_in_words() {

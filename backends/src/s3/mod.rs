@@ -185,22 +185,32 @@ pub(crate) fn map_error(
         cause = s.to_string();
         src = s.source();
     }
-    let mut detail = if cause.is_empty() || e.message().contains(&cause) {
-        e.message().trim().to_string()
+    // OpenDAL gives an S3 error body as the Debug text of its `S3Error`: show its Code and
+    // Message as a person would read them.
+    let s3 = s3_error(e.message());
+    let text = match &s3 {
+        Some((code, msg)) if msg.is_empty() => code.clone(),
+        Some((code, msg)) => format!("{code}: {msg}"),
+        None => e.message().trim().to_string(),
+    };
+    let mut detail = if cause.is_empty() || text.contains(&cause) {
+        text
     } else {
-        format!("{}: {cause}", e.message().trim())
+        format!("{text}: {cause}")
     };
     // The server's words, but not a whole page of them.
     if let Some((cut, _)) = detail.char_indices().nth(DETAIL_MAX) {
         detail.truncate(cut);
         detail.push_str(" …");
     }
-    if detail.is_empty() {
+    let display = e.to_string();
+    let status = http_status(&display);
+    let bare = detail.is_empty();
+    if bare {
         // An error response without a body (HEAD, or a proxy's 503): name the HTTP status.
-        detail = http_status(&e.to_string())
-            .map(|s| format!("HTTP {s}"))
-            .unwrap_or_default();
+        detail = status.map(|s| format!("HTTP {s}")).unwrap_or_default();
     }
+    let region = region_hint(s3.as_ref(), &display, status, bare);
     let timed_out = e.message().contains("timeout reached");
     let paren = if detail.is_empty() {
         String::new()
@@ -271,7 +281,7 @@ pub(crate) fn map_error(
         _ => (
             ErrorKind::Io,
             format!(
-                "{what} failed at {endpoint}{gave_up}: {detail}{}{}",
+                "{what} failed at {endpoint}{gave_up}: {detail}{region}{}{}",
                 crate::certificate_hint(&detail, true).unwrap_or_default(),
                 // A failed connect may be the proxy's.
                 detail
@@ -287,6 +297,98 @@ pub(crate) fn map_error(
         .with_retryable(retryable)
         .with_backend("s3")
         .with_source(e)
+}
+
+/// The Code and Message of an S3 error body, from the Debug text (`S3Error { code: "…",
+/// message: "…", … }`) OpenDAL makes the message of an error whose body parsed as one.
+pub(crate) fn s3_error(message: &str) -> Option<(String, String)> {
+    let rest = message.trim().strip_prefix("S3Error {")?;
+    let code = debug_field(rest, "code")?;
+    if code.is_empty() {
+        return None;
+    }
+    Some((code, debug_field(rest, "message").unwrap_or_default()))
+}
+
+/// The string field `name: "…"` of a derived Debug text, unescaped, except that control
+/// characters (a newline, an escape sequence) stay written as escapes: the message is one line
+/// of plain text.
+fn debug_field(text: &str, name: &str) -> Option<String> {
+    let at = text.find(&format!("{name}: \""))? + name.len() + 3;
+    let mut out = String::new();
+    let mut chars = text[at..].chars();
+    loop {
+        match chars.next()? {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'u' => {
+                    // `\u{XXXX}`
+                    let hex: String = chars.by_ref().skip(1).take_while(|&c| c != '}').collect();
+                    match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                        Some(c) if !c.is_control() => out.push(c),
+                        _ => out.push_str(&format!("\\u{{{hex}}}")),
+                    }
+                }
+                c @ ('"' | '\'' | '\\') => out.push(c),
+                c => {
+                    out.push('\\');
+                    out.push(c);
+                }
+            },
+            c => out.push(c),
+        }
+    }
+}
+
+/// The region a server names in an error answer's `x-amz-bucket-region` header (AWS sends it
+/// with the 400 to a request signed for another region, HEAD included), from the response
+/// headers OpenDAL shows in its error's context.
+pub(crate) fn bucket_region(display: &str) -> Option<&str> {
+    let at = display.find("\"x-amz-bucket-region\": \"")? + "\"x-amz-bucket-region\": \"".len();
+    let value = &display[at..];
+    let value = &value[..value.find('"')?];
+    let plausible = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    plausible.then_some(value)
+}
+
+/// A hint on the region for a 400 answer: AWS answers a request signed for another region than
+/// the bucket's with `400 AuthorizationHeaderMalformed` ("the region 'us-east-1' is wrong;
+/// expecting 'eu-west-1'") and an `x-amz-bucket-region` header, and a HEAD (no body) with a
+/// bare 400 and that header. s3s-fs answers a bad bucket name with `400 InvalidBucketName`,
+/// which a HEAD shows as a bare 400 too. Empty when nothing points at the region.
+fn region_hint(
+    s3: Option<&(String, String)>,
+    display: &str,
+    status: Option<u16>,
+    bare: bool,
+) -> String {
+    let set = "set --s3-region or AWS_REGION to the bucket's region";
+    let regional = s3.is_some_and(|(code, msg)| {
+        code == "AuthorizationHeaderMalformed"
+            || code.contains("Region")
+            || msg.to_ascii_lowercase().contains("region")
+    });
+    match bucket_region(display) {
+        Some(r) if regional || matches!(status, Some(301 | 400)) => {
+            return format!("; the bucket is in region {r} (x-amz-bucket-region): {set}");
+        }
+        _ => {}
+    }
+    if regional {
+        return format!("; the request was signed for another region than the bucket's: {set}");
+    }
+    if bare && status == Some(400) {
+        return format!(
+            " (Bad Request; the answer to a HEAD carries no reason): on AWS most often a \
+             region that is not the bucket's ({set}); else check the bucket name and the \
+             endpoint"
+        );
+    }
+    String::new()
 }
 
 /// The `status: NNN` an OpenDAL error shows in its context, if any.

@@ -267,3 +267,105 @@ fn ca_bundle_is_parsed_once_per_file_version() {
     .unwrap();
     assert!(super::ca_bundle(&cfg).is_err());
 }
+
+/// A 400's S3 error Code and Message are shown as such (not OpenDAL's `S3Error { … }` Debug
+/// text), and a region mismatch, or a bare 400 to a HEAD (no body, as AWS answers a HEAD signed
+/// for another region), gets a hint on the region. Before: "HEAD failed at …: HTTP 400".
+#[test]
+fn a_400_shows_the_s3_error_and_hints_at_the_region() {
+    let t = Duration::from_secs(3);
+    let response = |headers: &str| {
+        format!("Parts {{ status: 400, version: HTTP/1.1, headers: {{{headers}}} }}")
+    };
+    let map = |e: opendal::Error, what: &str| map_error(e, what, "http://e:1", t, 0, false);
+    // AWS, GET signed for us-east-1 of a bucket in eu-west-1.
+    let body = r#"S3Error { code: "AuthorizationHeaderMalformed", message: "The authorization header is malformed; the region 'us-east-1' is wrong; expecting 'eu-west-1'", resource: "", request_id: "C43BE7872B207E9E" }"#;
+    let aws = || {
+        opendal::Error::new(opendal::ErrorKind::Unexpected, body).with_context(
+            "response",
+            response(r#""content-type": "application/xml", "x-amz-bucket-region": "eu-west-1""#),
+        )
+    };
+    let m = map(aws(), "GET").to_string();
+    assert!(
+        m.contains(
+            "GET failed at http://e:1: AuthorizationHeaderMalformed: The authorization header \
+             is malformed; the region 'us-east-1' is wrong; expecting 'eu-west-1'; the bucket \
+             is in region eu-west-1 (x-amz-bucket-region): set --s3-region or AWS_REGION"
+        ),
+        "{m}"
+    );
+    assert!(!m.contains("S3Error"), "{m}");
+    // The same without the header: the code alone points at the region.
+    let e = opendal::Error::new(opendal::ErrorKind::Unexpected, body)
+        .with_context("response", response(""));
+    let m = map(e, "GET").to_string();
+    assert!(
+        m.contains("expecting 'eu-west-1'; the request was signed for another region"),
+        "{m}"
+    );
+    // A HEAD: no body, only the header.
+    let e = opendal::Error::new(opendal::ErrorKind::Unexpected, "").with_context(
+        "response",
+        response(r#""x-amz-bucket-region": "eu-west-1""#),
+    );
+    let m = map(e, "HEAD").to_string();
+    assert!(
+        m.contains("HTTP 400; the bucket is in region eu-west-1"),
+        "{m}"
+    );
+    // A bare 400 to a HEAD (s3s-fs's answer to a bad bucket name, say).
+    let e = opendal::Error::new(opendal::ErrorKind::Unexpected, "")
+        .with_context("response", response(r#""content-type": "application/xml""#));
+    let m = map(e, "HEAD").to_string();
+    assert!(
+        m.contains("HTTP 400 (Bad Request; the answer to a HEAD carries no reason)")
+            && m.contains("--s3-region")
+            && m.contains("bucket name"),
+        "{m}"
+    );
+    // s3s-fs's answer to a request it finds bad: the code and message, no region hint.
+    let e = opendal::Error::new(
+        opendal::ErrorKind::Unexpected,
+        r#"S3Error { code: "InvalidRequest", message: "invalid header: authorization", resource: "", request_id: "" }"#,
+    )
+    .with_context("response", response(r#""content-type": "application/xml""#));
+    let m = map(e, "GET").to_string();
+    assert!(
+        m.ends_with("GET failed at http://e:1: InvalidRequest: invalid header: authorization"),
+        "{m}"
+    );
+    // Other statuses get no region hint.
+    let e = opendal::Error::new(opendal::ErrorKind::Unexpected, "").with_context(
+        "response",
+        "Parts { status: 503, version: HTTP/1.1, headers: {} }",
+    );
+    let m = map(e, "HEAD").to_string();
+    assert!(m.ends_with("HTTP 503"), "{m}");
+}
+
+#[test]
+fn s3_error_debug_text_is_read_back() {
+    use super::{bucket_region, s3_error};
+    assert_eq!(
+        s3_error(r#"S3Error { code: "A", message: "\u{e9} \\ \"q\" \'", resource: "" }"#),
+        Some(("A".into(), "\u{e9} \\ \"q\" '".into()))
+    );
+    // Control characters stay escaped: the message stays one line, without terminal codes.
+    assert_eq!(
+        s3_error(r#"S3Error { code: "A", message: "a\nb \u{1b}[31m", resource: "" }"#),
+        Some(("A".into(), r"a\nb \u{1b}[31m".into()))
+    );
+    assert_eq!(s3_error(r#"S3Error { code: "", message: "x" }"#), None);
+    assert_eq!(s3_error("<html>proxy error</html>"), None);
+    // Cut short (a truncated message): no closing quote, no code.
+    assert_eq!(s3_error(r#"S3Error { code: "Abc"#), None);
+    assert_eq!(
+        bucket_region(r#"headers: {"x-amz-bucket-region": "ap-south-1"}"#),
+        Some("ap-south-1")
+    );
+    assert_eq!(
+        bucket_region(r#"headers: {"x-amz-bucket-region": "<script>"}"#),
+        None
+    );
+}
