@@ -106,12 +106,12 @@ pub use tensorstream_engine::format::convert::ConvertStats;
 pub use tensorstream_engine::format::tensorizer::KeySource;
 use tensorstream_engine::format::tensorizer::ReadOptions;
 pub use tensorstream_engine::{
-    Backend, DType, Error, ErrorKind, Result, TensorIndex, TensorInfo, TensorRole, TensorView,
+    Backend, Capabilities, DType, Error, ErrorKind, ObjectMeta, Result, TensorIndex, TensorInfo,
+    TensorRole, TensorView,
 };
 
 use tensorstream_engine::{
-    execute, format, plan, BackendExt, EngineOptions, HostModel, HostSink, Layout, ObjectMeta,
-    PlanOptions,
+    execute, format, plan, BackendExt, EngineOptions, HostModel, HostSink, Layout, PlanOptions,
 };
 
 /// Where tensors are loaded to.
@@ -547,6 +547,55 @@ impl Loader {
     /// already open, so [`Loader::open_options`] (headers, timeouts, I/O mode, concurrency of
     /// the built-in backends) does not apply to it, and it is read as one model file: a
     /// sharded checkpoint's `*.index.json` is not resolved through it.
+    ///
+    /// Everything an implementation names is re-exported here ([`Backend`], [`Capabilities`],
+    /// [`ObjectMeta`], [`Error`], [`ErrorKind`], [`Result`]), so a program that depends on
+    /// `tensorstream` alone can write one; the contract is on [`engine::backend`], and the
+    /// conformance suite is `engine::testkit` (a dev-dependency on `tensorstream-engine`
+    /// with feature `testkit`).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tensorstream::{Backend, Capabilities, Error, ErrorKind, Loader, ObjectMeta, Result};
+    ///
+    /// /// Serves one object from memory, under a made-up scheme.
+    /// #[derive(Debug)]
+    /// struct InMemory(Vec<u8>);
+    ///
+    /// impl Backend for InMemory {
+    ///     fn location(&self) -> &str { "mem://model.safetensors" }
+    ///     fn stat(&self) -> Result<ObjectMeta> {
+    ///         Ok(ObjectMeta { size: self.0.len() as u64, version: Some("v1".into()) })
+    ///     }
+    ///     fn capabilities(&self) -> Capabilities {
+    ///         Capabilities { kind: "mem", max_concurrency: 4, ..Default::default() }
+    ///     }
+    ///     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    ///         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.0.len());
+    ///         let n = buf.len().min(self.0.len() - start);
+    ///         buf[..n].copy_from_slice(&self.0[start..start + n]);
+    ///         Ok(n)
+    ///     }
+    /// }
+    ///
+    /// // A safetensors file of one u8 tensor `w` of 4 bytes.
+    /// let header = br#"{"w":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
+    /// let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    /// file.extend_from_slice(header);
+    /// file.extend_from_slice(&[1, 2, 3, 4]);
+    ///
+    /// let model = Loader::from_backend(Arc::new(InMemory(file))).load()?;
+    /// assert_eq!(model.get("w").map(|t| t.data), Some(&[1u8, 2, 3, 4][..]));
+    /// assert_eq!(model.stats().backend, "mem");
+    ///
+    /// // Errors come back by kind, whatever the backend.
+    /// let err = Loader::from_backend(Arc::new(InMemory(b"not a model".to_vec())))
+    ///     .load()
+    ///     .unwrap_err();
+    /// assert!(matches!(err.kind(), ErrorKind::Corrupt | ErrorKind::Unsupported), "{err}");
+    /// # let _ = Error::invalid("");
+    /// # Ok::<(), tensorstream::Error>(())
+    /// ```
     pub fn from_backend(backend: Arc<dyn Backend>) -> Self {
         let mut l = Loader::new(backend.location().to_string());
         l.backend = Some(backend);
