@@ -7,9 +7,11 @@
 //! from that offset) — and describes itself with [`Capabilities`]. It knows nothing of tensors.
 //!
 //! * `read_at(offset, buf)` fills `buf` completely and returns `buf.len()`, unless the object ends
-//!   first: then it returns the number of bytes up to the end (possibly 0). A short count anywhere
-//!   else is a bug. Transient failures are retried inside the backend; the error that escapes is
-//!   final for that range, with [`Error::is_retryable`] telling whether a fresh attempt might help.
+//!   first: then it returns the number of bytes up to the end (possibly 0; a read that starts
+//!   at or past the end may instead fail with [`ErrorKind::RangeNotSatisfiable`], not
+//!   retryable). A short count anywhere else is a bug. Transient failures are retried inside
+//!   the backend; the error that escapes is final for that range, with [`Error::is_retryable`]
+//!   telling whether a fresh attempt might help.
 //! * Every read of one load must observe the same object version as the `stat` that started it.
 //!   Backends that can detect a change (ETag, mtime, size) return [`ErrorKind::ObjectChanged`]
 //!   instead of mixing bytes of two versions. The engine also calls `stat` once more after a
@@ -63,10 +65,16 @@ pub struct Capabilities {
     /// Reads bypass the page cache (O_DIRECT): offsets, lengths and buffers must be aligned.
     pub direct_io: bool,
     /// Required alignment of offset, length and buffer address (power of two; 1 = none).
+    /// Honoured only together with `direct_io`: the `Loader` plans a backend without
+    /// `direct_io` with alignment 1 whatever this says, and the `testkit` refuses
+    /// `alignment > 1` without `direct_io` (and `direct_io` with alignment 1).
     pub alignment: usize,
-    /// Preferred size of one read request.
+    /// Preferred size of one read request: the `Loader`'s read size unless the caller sets one
+    /// (`Loader::chunk_size`); below 4096 it counts as 4096.
     pub preferred_chunk: usize,
-    /// Reads the backend is happy to have in flight at once.
+    /// Reads the backend is happy to have in flight at once: the `Loader`'s queue depth unless
+    /// the caller sets one (`Loader::queue_depth`), taken into 1..=1024; the default reader
+    /// ([`Backend::open_reader`]) runs that many threads, at most 64.
     pub max_concurrency: usize,
     /// Name of the backend kind (`local`, `http`, `s3`, `nfs`, …) for messages and stats.
     pub kind: &'static str,
