@@ -214,6 +214,10 @@ fn encrypted_files_need_the_right_key() {
     ));
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(e.to_string().contains("encrypted"), "{e}");
+    // It says how to give one to the library (which does not read TENSORSTREAM_PASSWORD), not
+    // only to the command-line tool.
+    assert!(e.to_string().contains("Loader::key"), "{e}");
+    assert!(e.to_string().contains("--key-file"), "{e}");
     // Wrong raw key.
     let wrong = ReadOptions {
         verify: false,

@@ -174,8 +174,9 @@ pub fn check_options(index: &TensorIndex, opts: &ReadOptions) -> Result<()> {
     }
     match (is_encrypted(index), &opts.key) {
         (true, None) => Err(Error::invalid(
-            "this tensorizer file is encrypted: give its key (--key-file) or password \
-             (--password-file, TENSORSTREAM_PASSWORD)",
+            "this tensorizer file is encrypted: give its key or password (library: \
+             Loader::key, key_file or password_file; command line: --key-file, \
+             --password-file or TENSORSTREAM_PASSWORD)",
         )),
         (false, Some(_)) => Err(Error::invalid(
             "a key or password was given but this tensorizer file is not encrypted",
