@@ -62,8 +62,9 @@ impl S3Location {
         if bucket.contains([':', '@']) {
             return Err(bad(
                 "the bucket name holds ':' or '@': an s3:// URI names no host, port or \
-                 user:password@ (the endpoint comes from --s3-endpoint or AWS_ENDPOINT_URL, \
-                 credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+                 user:password@ (the endpoint comes from --s3-endpoint, \
+                 OpenOptions::s3_endpoint or AWS_ENDPOINT_URL, credentials from \
+                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
             ));
         }
         if bucket.len() > 255 || bucket.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -215,7 +216,10 @@ impl S3Config {
         let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
 
         let endpoint = if let Some(e) = opts.s3_endpoint.as_deref() {
-            Some(check_endpoint("--s3-endpoint", e)?)
+            Some(check_endpoint(
+                "--s3-endpoint (OpenOptions::s3_endpoint)",
+                e,
+            )?)
         } else if let Some(e) = var("AWS_ENDPOINT_URL_S3") {
             Some(check_endpoint("AWS_ENDPOINT_URL_S3", &e)?)
         } else if let Some(e) = var("AWS_ENDPOINT_URL") {
@@ -226,7 +230,9 @@ impl S3Config {
 
         let region = match opts.s3_region.as_deref() {
             Some(r) if r.trim().is_empty() => {
-                return Err(Error::invalid("--s3-region is empty"));
+                return Err(Error::invalid(
+                    "--s3-region (OpenOptions::s3_region) is empty",
+                ));
             }
             Some(r) => r.trim().to_string(),
             None => var("AWS_REGION")
@@ -605,6 +611,8 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
             assert!(!e.to_string().contains("s3cret"), "{e}");
             assert!(e.to_string().contains("--s3-endpoint"), "{e}");
+            // A library caller set the option, not the flag: both are named.
+            assert!(e.to_string().contains("OpenOptions::s3_endpoint"), "{e}");
         }
 
         let cases: [(OpenOptions, &str); 5] = [
@@ -641,7 +649,7 @@ mod tests {
                     s3_region: Some(String::new()),
                     ..Default::default()
                 },
-                "--s3-region",
+                "--s3-region (OpenOptions::s3_region)",
             ),
         ];
         for (o, msg) in cases {
