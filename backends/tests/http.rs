@@ -287,6 +287,9 @@ fn not_found_denied_and_auth_headers() {
 
     let e = open(&nginx.url("auth/x.bin"), &OpenOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    // The hint names the library's way to send a header too, not only the CLI flag.
+    assert!(e.to_string().contains("OpenOptions::headers"), "{e}");
+    assert!(e.to_string().contains("--header"), "{e}");
     let with_auth = OpenOptions {
         headers: vec![("Authorization".into(), "Bearer s3cret".into())],
         ..Default::default()

@@ -184,7 +184,10 @@ fn status_failure(ctx: &Ctx, resp: &Response, class: StatusClass) -> Failure {
         StatusClass::NotFound => fatal(ctx.err(ErrorKind::NotFound, text)),
         StatusClass::Denied => fatal(ctx.err(
             ErrorKind::PermissionDenied,
-            format!("{text} (check credentials or --header Authorization)"),
+            format!(
+                "{text} (check credentials: an Authorization header, --header on the command \
+                 line, OpenOptions::headers in the library)"
+            ),
         )),
         StatusClass::Unsatisfiable => fatal(ctx.err(ErrorKind::RangeNotSatisfiable, text)),
         _ => fatal(ctx.err(ErrorKind::Io, format!("unexpected answer {text}"))),
