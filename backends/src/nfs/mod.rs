@@ -362,14 +362,14 @@ impl NfsBackend {
             }
             other => {
                 // The type in words (RFC 7530 nfs_ftype4), not a Debug `Some(7)`.
-                let what = match other {
-                    Some(3) => "a block device".to_string(),
-                    Some(4) => "a character device".to_string(),
-                    Some(6) => "a socket".to_string(),
-                    Some(7) => "a FIFO (named pipe)".to_string(),
-                    Some(8 | 9) => "a named attribute".to_string(),
-                    Some(t) => format!("an object of NFS type {t}"),
-                    None => "an object whose type the server did not say".to_string(),
+                let what: std::borrow::Cow<str> = match other {
+                    Some(3) => "a block device".into(),
+                    Some(4) => "a character device".into(),
+                    Some(6) => "a socket".into(),
+                    Some(7) => "a FIFO (named pipe)".into(),
+                    Some(8 | 9) => "a named attribute".into(),
+                    Some(t) => format!("an object of NFS type {t}").into(),
+                    None => "an object whose type the server did not say".into(),
                 };
                 return Err(Failure::new(
                     ErrorKind::InvalidInput,

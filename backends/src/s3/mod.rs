@@ -372,11 +372,10 @@ fn region_hint(
             || code.contains("Region")
             || msg.to_ascii_lowercase().contains("region")
     });
-    match bucket_region(display) {
-        Some(r) if regional || matches!(status, Some(301 | 400)) => {
-            return format!("; the bucket is in region {r} (x-amz-bucket-region): {set}");
-        }
-        _ => {}
+    if let Some(r) =
+        bucket_region(display).filter(|_| regional || matches!(status, Some(301 | 400)))
+    {
+        return format!("; the bucket is in region {r} (x-amz-bucket-region): {set}");
     }
     if regional {
         return format!("; the request was signed for another region than the bucket's: {set}");
