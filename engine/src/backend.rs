@@ -34,7 +34,13 @@
 //!
 //! Backends with their own asynchronous machinery (io_uring, an HTTP client on tokio) override
 //! [`Backend::open_reader`]; the default runs `read_at` on a pool of threads, which is all a simple
-//! third-party backend needs. Run [`crate::testkit`] (feature `testkit`) against your backend.
+//! third-party backend needs. Run the conformance suite
+#![cfg_attr(feature = "testkit", doc = "([`crate::testkit`], feature `testkit`)")]
+#![cfg_attr(
+    not(feature = "testkit"),
+    doc = "(module `testkit`, feature `testkit`)"
+)]
+//! against your backend.
 //!
 //! [`ErrorKind::ObjectChanged`]: crate::ErrorKind::ObjectChanged
 

@@ -2,7 +2,13 @@
 //!
 //! Data flows one way: a [`Backend`] (storage) → a format reader ([`mod@format`]) → a
 //! [`TensorIndex`] → a [`Plan`] ([`mod@plan`]) → the engine ([`pipeline`]) → a [`Sink`] → a
-//! loaded model. Third-party storage implements [`Backend`] and runs [`testkit`] against itself.
+//! loaded model. Third-party storage implements [`Backend`] and runs the conformance suite
+// The suite's module exists only with feature `testkit` (docs.rs builds with it): link it then.
+#![cfg_attr(feature = "testkit", doc = "([`testkit`]) against itself.")]
+#![cfg_attr(
+    not(feature = "testkit"),
+    doc = "(module `testkit`, feature `testkit`) against itself."
+)]
 //!
 //! `unsafe` lives only in [`mem`] (owned I/O buffers over raw memory); every other module forbids
 //! it.

@@ -1,14 +1,26 @@
 //! Conformance suite for [`crate::Backend`] implementations, third-party ones included.
 //!
-//! ```text
-//! struct MyFixture { /* a server, a temp dir … */ }
-//! impl tensorstream_engine::testkit::Fixture for MyFixture {
-//!     fn create(&self, name: &str, data: &[u8]) -> Result<Arc<dyn Backend>> { … }
-//!     fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> { … }
-//!     // Optional: lets the suite check that a changed object is noticed.
-//!     fn overwrite(&self, name: &str, data: &[u8]) -> Result<()> { … }
+//! ```no_run
+//! use std::sync::Arc;
+//! use tensorstream_engine::testkit::{self, Fixture};
+//! use tensorstream_engine::{Backend, Error, ErrorKind, MemoryBackend, Result};
+//!
+//! // Makes objects for the suite: here in memory; yours uploads to its server or temp dir and
+//! // returns your backend reading them.
+//! struct MyFixture;
+//! impl Fixture for MyFixture {
+//!     fn create(&self, name: &str, data: &[u8]) -> Result<Arc<dyn Backend>> {
+//!         Ok(Arc::new(MemoryBackend::new(name, data.to_vec())))
+//!     }
+//!     fn missing(&self, name: &str) -> Result<Arc<dyn Backend>> {
+//!         Err(Error::new(ErrorKind::NotFound, "no such object").with_location(name))
+//!     }
+//!     // Optional (`Fixture::overwrite`): replace an object by new bytes of the same size, so the
+//!     // suite can check that a changed object is noticed. Left out here: that check is skipped.
 //! }
-//! #[test] fn conformance() { tensorstream_engine::testkit::run_all(&MyFixture::new()); }
+//!
+//! // In a test file: `#[test] fn conformance() { testkit::run_all(&MyFixture); }`
+//! testkit::run_all(&MyFixture);
 //! ```
 //!
 //! [`run_all`] runs every check; each check is also public so a backend can run one on its own.
