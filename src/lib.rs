@@ -62,8 +62,9 @@
 //!   when none is installed yet; a program that wants another provider installs it first. The
 //!   trusted roots (the system's, or `SSL_CERT_FILE` / `SSL_CERT_DIR`'s) are read once per
 //!   process, when the first HTTP or S3 backend opens: a later change is seen by a new process.
-//! * **GPU.** Loads on one [`cuda::CudaDevice`] handle run one at a time (a second concurrent
-//!   load is refused with `InvalidInput`); open one handle per concurrent load, or queue them.
+//! * **GPU.** Loads on one [`cuda::CudaDevice`] handle run one at a time: a load holds the
+//!   handle from its start (before it opens its object) to its end, and a second concurrent
+//!   load is refused with `InvalidInput`; open one handle per concurrent load, or queue them.
 //!   Dropping a running streaming load stops it and waits (up to [`cuda::load::DROP_WAIT`])
 //!   for it to let go of the device memory and the pinned slots; one that takes longer
 //!   finishes on its own thread, and the next load on its handle waits for it to end (up to
@@ -666,7 +667,8 @@ impl Loader {
     /// Loads onto an already opened device (its streams, pinned staging and options), instead of
     /// opening one per load: open it once with [`tensorstream_cuda::CudaDevice::open`] and load
     /// many models without paying the open again or pinning another ring. Loads on one device
-    /// handle run one at a time (a second concurrent load is refused with a clear error; one
+    /// handle run one at a time, each holding it from its start to its end (a second
+    /// concurrent load is refused with a clear error; one
     /// that follows a dropped, still stopping streaming load waits for it). The
     /// handle's options apply; a later [`Loader::cuda_options`] with other values is an error at
     /// load time.
@@ -1683,6 +1685,9 @@ impl Loader {
     /// each opened and planned again while the one before it copies (`each_shard_on_device`:
     /// no shard's backend is open more than one shard ahead).
     fn load_cuda_sharded(&self, map: &sharded::ShardMap) -> Result<CudaModel> {
+        // A handle given to `on_device` is claimed before the check: another load on it is
+        // refused from this load's start.
+        let early = self.claim_given_device()?;
         // The checkpoint is checked before the device is opened (a bad one costs no driver
         // start-up); `elapsed` leaves the opening out, as for one file.
         let started = Instant::now();
@@ -1692,9 +1697,8 @@ impl Loader {
         let device_open = opening.elapsed();
         // The device stays this load's between its shards (each takes and gives back the
         // slots): another load on the handle is refused, not let in half-way.
-        let _reserved = dev
-            .reserve()
-            .map_err(|e| e.with_location(sharded::redact(&self.uri)))?;
+        let claim = self.claimed(&dev, early)?;
+        let _acting = claim.enter();
         let layouts = shard_layouts(&dev, &todo)?;
         let (whole, windows, alloc) = shard_arena(&dev, &layouts, &sharded::redact(&self.uri))?;
         let mut parts = Vec::with_capacity(todo.len());
@@ -1742,6 +1746,10 @@ impl Loader {
         let opening = Instant::now();
         let (dev, device_context) = self.cuda_device()?;
         let device_open = opening.elapsed();
+        // Another load on the handle is refused from here (before the object is opened and
+        // planned) until this one has ended.
+        let claim = self.claimed(&dev, None)?;
+        let _acting = claim.enter();
         let started = Instant::now();
         let (p, route) = self.prepare_cuda(&dev, selected)?;
         // The device model's times count from the start of its copies.
@@ -1761,6 +1769,33 @@ impl Loader {
             by_name: None,
             stats,
         })
+    }
+
+    /// Claims the device handle given to [`Loader::on_device`] for this load (see
+    /// [`tensorstream_cuda::CudaDevice::claim`]); `None` without one (the load opens a handle
+    /// of its own, which no other load can use).
+    fn claim_given_device(&self) -> Result<Option<tensorstream_cuda::Claim>> {
+        self.opened
+            .as_ref()
+            .filter(|_| matches!(self.device, Device::Cuda(_)))
+            .map(|d| d.claim())
+            .transpose()
+            .map_err(|e| e.with_location(sharded::redact(&self.uri)))
+    }
+
+    /// The load's claim on `dev`: `early` (the claim of the handle given to `on_device`, made
+    /// at the load's start), or one made now.
+    fn claimed(
+        &self,
+        dev: &tensorstream_cuda::CudaDevice,
+        early: Option<tensorstream_cuda::Claim>,
+    ) -> Result<tensorstream_cuda::Claim> {
+        match early {
+            Some(c) => Ok(c),
+            None => dev
+                .claim()
+                .map_err(|e| e.with_location(sharded::redact(&self.uri))),
+        }
     }
 
     /// One file's GPU load, up to the copies: metadata, selection, plan, and which way the
@@ -1815,6 +1850,8 @@ impl Loader {
             },
         };
         let (dev, _) = this.cuda_device()?;
+        // Claimed before the object is opened and planned, until the load's thread ends.
+        let claim = this.claimed(&dev, None)?;
         let (mut p, route) = this.prepare_cuda(&dev, None)?;
         let index = p.index.clone();
         p.eopts.cancel = Some(stop.clone());
@@ -1822,6 +1859,7 @@ impl Loader {
         let keeper = tensorstream_cuda::Keeper::default();
         let keep = keeper.clone();
         tensorstream_cuda::StreamingLoad::spawn(move |tx| {
+            let _acting = claim.enter();
             let target = tensorstream_cuda::Target {
                 arena: None,
                 subscriber: Some(tx),
@@ -1843,8 +1881,11 @@ impl Loader {
         map: &sharded::ShardMap,
         stop: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<tensorstream_cuda::StreamingLoad> {
+        // Claimed from the start (see `load_cuda_sharded`) until the load's thread ends.
+        let early = self.claim_given_device()?;
         let (mut todo, merged) = self.check_shards(map)?;
         let (dev, _) = self.cuda_device()?;
+        let claim = self.claimed(&dev, early)?;
         for (l, _) in &mut todo {
             l.cancel = Some(stop.clone());
         }
@@ -1853,6 +1894,7 @@ impl Loader {
         let keep = keeper.clone();
         let location = sharded::redact(&self.uri);
         tensorstream_cuda::StreamingLoad::spawn(move |tx| {
+            let _acting = claim.enter();
             stream_shards(&dev, &location, todo, merged, &tx, &keep)
         })
         .map(|s| s.with_index(index).with_stop(stop).with_keeper(keeper))
@@ -2563,8 +2605,8 @@ fn stream_shards(
     tensorstream_engine::EngineStats,
 )> {
     let started = Instant::now();
-    // Reserved for this thread between the shards (see `load_cuda_sharded`).
-    let _reserved = dev.reserve().map_err(|e| e.with_location(location))?;
+    // The device is this load's (the caller's claim, which this thread works for) between
+    // the shards too (see `load_cuda_sharded`).
     let layouts = shard_layouts(dev, &todo)?;
     let (whole, windows, alloc) = shard_arena(dev, &layouts, location)?;
     // Every shard's window is in it: streamed tensors stay valid if a later shard fails.

@@ -1104,3 +1104,206 @@ fn gpu_separate_handles_load_in_parallel_and_a_busy_handle_refuses() {
         .load_cuda()
         .expect("the handle serves loads once its slots are free");
 }
+
+/// A backend over a file's bytes whose first `stat` says so on `entered`, then waits for a word
+/// on `go` (later ones answer at once): a load held at its very start, before it opened its
+/// object, read its header or planned anything.
+#[derive(Debug)]
+struct HeldStat {
+    inner: tensorstream_engine::MemoryBackend,
+    entered: std::sync::mpsc::Sender<()>,
+    go: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl tensorstream::Backend for HeldStat {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn stat(&self) -> tensorstream::Result<tensorstream::ObjectMeta> {
+        let go = self.go.lock().unwrap().take();
+        if let Some(go) = go {
+            let _ = self.entered.send(());
+            let _ = go.recv_timeout(std::time::Duration::from_secs(60));
+        }
+        self.inner.stat()
+    }
+    fn capabilities(&self) -> tensorstream::Capabilities {
+        self.inner.capabilities()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> tensorstream::Result<usize> {
+        self.inner.read_at(offset, buf)
+    }
+}
+
+/// A load on a device handle holds it from its start, not only once it reaches its copies: a
+/// second load (plain or streaming, one file or a checkpoint) while the first is still
+/// opening its object is refused at once with the clear error, and once the first has ended
+/// the handle serves the next load. (Before, the second load got the handle and the first
+/// failed, or ran after it, depending on which reached its copies first.)
+#[test]
+fn gpu_a_handle_is_refused_to_a_second_load_from_the_first_loads_start() {
+    if !have_gpu() {
+        return;
+    }
+    let sizes = [3000u64, (1 << 20) + 1, 77];
+    let (bytes, data) = tensorstream_engine::testkit::u8_model(&sizes, 31);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let path = path.to_str().unwrap();
+    let ckpt = tempfile::tempdir().unwrap();
+    checkpoint::write(ckpt.path(), &[&[4096], &[100]], 32);
+    let ckpt = ckpt.path().display().to_string();
+    let dev = tensorstream_cuda::CudaDevice::open(0, &small_ring()).unwrap();
+    let check = |m: &tensorstream::CudaModel, what: &str| {
+        for (i, want) in data.iter().enumerate() {
+            let (dm, t) = m.get(&format!("t{i:03}")).unwrap();
+            assert!(dm.to_host(&t).unwrap() == *want, "{what}: t{i:03}");
+        }
+    };
+    for streaming in [false, true] {
+        let (entered, entered_rx) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let be = std::sync::Arc::new(HeldStat {
+            inner: tensorstream_engine::MemoryBackend::new("mem://held.safetensors", bytes.clone()),
+            entered,
+            go: std::sync::Mutex::new(Some(go_rx)),
+        });
+        let d = dev.clone();
+        let first = std::thread::spawn(move || {
+            let l = Loader::from_backend(be).on_device(d);
+            if streaming {
+                l.load_cuda_streaming()?.wait().map(|(m, _)| m.len())
+            } else {
+                l.load_cuda().map(|m| m.len())
+            }
+        });
+        entered_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the first load's stat");
+        let second = [
+            (
+                "a load",
+                Loader::new(path)
+                    .on_device(dev.clone())
+                    .load_cuda()
+                    .map(drop),
+            ),
+            (
+                "a streaming load",
+                Loader::new(path)
+                    .on_device(dev.clone())
+                    .load_cuda_streaming()
+                    .and_then(|s| s.wait())
+                    .map(drop),
+            ),
+            (
+                "a checkpoint's load",
+                Loader::new(&ckpt)
+                    .on_device(dev.clone())
+                    .load_cuda()
+                    .map(drop),
+            ),
+            (
+                "a checkpoint's streaming load",
+                Loader::new(&ckpt)
+                    .on_device(dev.clone())
+                    .load_cuda_streaming()
+                    .and_then(|s| s.wait())
+                    .map(drop),
+            ),
+        ];
+        for (what, r) in second {
+            let Err(e) = r else {
+                panic!(
+                    "{what} on a handle whose load (streaming: {streaming}) was opening its \
+                     object loaded"
+                );
+            };
+            assert_eq!(
+                e.kind(),
+                tensorstream::ErrorKind::InvalidInput,
+                "{what}: {e}"
+            );
+            assert!(e.to_string().contains("one at a time"), "{what}: {e}");
+        }
+        go.send(()).unwrap();
+        let n = first
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the first load (streaming: {streaming}): {e}"));
+        assert_eq!(n, sizes.len());
+        let m = Loader::new(path)
+            .on_device(dev.clone())
+            .load_cuda()
+            .expect("a load once the first has ended");
+        check(&m, "after the first ended");
+    }
+}
+
+/// A load that fails or is cancelled before its copies (no such file, a filter matching
+/// nothing, a cancel flag set from the start), plain or streaming, one file or a checkpoint,
+/// gives its device handle back: the next load on it loads.
+#[test]
+fn gpu_a_load_that_fails_early_gives_its_handle_back() {
+    if !have_gpu() {
+        return;
+    }
+    let sizes = [3000u64, 77];
+    let (bytes, data) = tensorstream_engine::testkit::u8_model(&sizes, 33);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    let ckpt = tempfile::tempdir().unwrap();
+    checkpoint::write(ckpt.path(), &[&[4096], &[100]], 34);
+    let ckpt = ckpt.path().display().to_string();
+    let missing = dir.path().join("missing.safetensors").display().to_string();
+    let dev = tensorstream_cuda::CudaDevice::open(0, &small_ring()).unwrap();
+    type Case = (&'static str, Box<dyn Fn(Loader) -> Loader>);
+    let cases: Vec<(String, Case)> = [&path, &missing, &ckpt]
+        .into_iter()
+        .flat_map(|uri| {
+            let early: [Case; 3] = [
+                ("as it is", Box::new(|l| l)),
+                (
+                    "a filter matching nothing",
+                    Box::new(|l: Loader| l.filter_glob("nothing.*").unwrap()),
+                ),
+                (
+                    "cancelled from the start",
+                    Box::new(|l: Loader| {
+                        l.cancel_flag(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+                            true,
+                        )))
+                    }),
+                ),
+            ];
+            early.into_iter().map(move |c| (uri.clone(), c))
+        })
+        .collect();
+    let mut failed = 0;
+    for (uri, (how, make)) in &cases {
+        for streaming in [false, true] {
+            let l = make(Loader::new(uri).on_device(dev.clone()));
+            let r = if streaming {
+                l.load_cuda_streaming().and_then(|s| s.wait()).map(drop)
+            } else {
+                l.load_cuda().map(drop)
+            };
+            failed += usize::from(r.is_err());
+            let m = Loader::new(&path)
+                .on_device(dev.clone())
+                .load_cuda()
+                .unwrap_or_else(|e| {
+                    panic!("a load after {uri} ({how}, streaming: {streaming}): {e}")
+                });
+            for (i, want) in data.iter().enumerate() {
+                let (dm, t) = m.get(&format!("t{i:03}")).unwrap();
+                assert!(dm.to_host(&t).unwrap() == *want, "t{i:03}");
+            }
+        }
+    }
+    // Every case but the two plain loads of files that exist failed.
+    assert_eq!(failed, cases.len() * 2 - 4);
+}

@@ -1,7 +1,7 @@
 //! A CUDA device opened for loading: context, copy streams, the pinned staging region
 //! (allocated once, reused by every load) and an event pool.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
@@ -193,10 +193,10 @@ pub struct CudaDevice {
     /// streaming load's). Weak: the device must not keep a load's results (models hold the
     /// device).
     holder: Mutex<Option<Weak<LoadToken>>>,
-    /// The thread a multi-part load (a sharded checkpoint) reserved the device for
-    /// ([`CudaDevice::reserve`]): between its parts the slots are free, but no other thread
-    /// may take them.
-    reserved: Mutex<Option<std::thread::ThreadId>>,
+    /// The load that claimed the device ([`CudaDevice::claim`]), from its start to its end:
+    /// before it takes the slots, and between its parts (a sharded checkpoint's shards), no
+    /// other load may take them.
+    reserved: Arc<Mutex<Option<Claimed>>>,
     /// Set once the load that took the slots last has ended (its [`SlotLease`] dropped);
     /// `None` for slots taken with [`CudaDevice::take_slots`], whose end is not known. Slots
     /// still held after their load ended are held by reads that load left behind on a cancel
@@ -213,17 +213,87 @@ impl Drop for CudaDevice {
     }
 }
 
-/// A device reserved for the calling thread's loads ([`CudaDevice::reserve`]) until dropped.
+/// A device reserved for the calling thread's loads ([`CudaDevice::reserve`]) until dropped:
+/// a [`Claim`] the thread acts for.
 #[derive(Debug)]
 pub struct Reservation<'a> {
-    dev: &'a CudaDevice,
+    _acting: Acting,
+    _claim: Claim,
+    _dev: std::marker::PhantomData<&'a CudaDevice>,
 }
 
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut r) = self.dev.reserved.lock() {
-            *r = None;
+/// Who holds a device's claim: the claim's number, and the streaming load acting for it, if
+/// any (one whose handle was dropped is waited for, not refused).
+#[derive(Debug)]
+struct Claimed {
+    id: u64,
+    load: Option<Weak<LoadToken>>,
+}
+
+/// Numbers claims; 0 is no claim.
+static NEXT_CLAIM: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The claim the calling thread acts for ([`Claim::enter`]); 0: none.
+    static ACTING: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A load's hold on a device handle, from the load's start (before it opens its object and
+/// plans) to its end ([`CudaDevice::claim`]): while it lives, every other load on the handle
+/// is refused at once (one whose streaming handle was dropped while it ran is waited for).
+/// The threads that work for the load take the slots and allocate once they
+/// [`Claim::enter`] it. Dropping it gives the device back. It can be moved to the thread that
+/// runs the load (a streaming load's).
+#[derive(Debug)]
+pub struct Claim {
+    reserved: Arc<Mutex<Option<Claimed>>>,
+    id: u64,
+    /// False for a claim made on a thread that already acts for the device's claim (a load
+    /// inside another's reservation): it gives nothing back when dropped.
+    owner: bool,
+}
+
+impl Claim {
+    /// Marks the calling thread as working for this claim's load until the result is dropped
+    /// (the mark made before is restored then). A streaming load's thread also tells the
+    /// device which load it is, so that a load that follows its dropped handle waits for it.
+    pub fn enter(&self) -> Acting {
+        if let (Some(load), Ok(mut r)) = (LoadToken::own(), self.reserved.lock()) {
+            if let Some(c) = r.as_mut().filter(|c| c.id == self.id) {
+                c.load = Some(load);
+            }
         }
+        Acting {
+            before: ACTING.with(|a| a.replace(self.id)),
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.owner {
+            return;
+        }
+        if let Ok(mut r) = self.reserved.lock() {
+            if r.as_ref().is_some_and(|c| c.id == self.id) {
+                *r = None;
+            }
+        }
+    }
+}
+
+/// The calling thread's work for a [`Claim`] ([`Claim::enter`]); it ends when this is dropped.
+#[derive(Debug)]
+pub struct Acting {
+    before: u64,
+    /// Stays on the thread that made it (it restores that thread's mark).
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for Acting {
+    fn drop(&mut self) {
+        ACTING.with(|a| a.set(self.before));
     }
 }
 
@@ -320,7 +390,7 @@ impl CudaDevice {
             opts,
             context_open,
             holder: Mutex::new(None),
-            reserved: Mutex::new(None),
+            reserved: Arc::new(Mutex::new(None)),
             lent: Mutex::new(None),
             keep: KeepCurrent::idle(),
         }))
@@ -399,8 +469,9 @@ impl CudaDevice {
         self.staging.lock().ok().and_then(|g| g.huge_bytes())
     }
 
-    /// The pinned staging slots (all of them). Fails at once while another load holds them —
-    /// except a streaming load whose handle was dropped while it ran (it is stopping on its own
+    /// The pinned staging slots (all of them). Fails at once while another load holds them or
+    /// has claimed the device ([`CudaDevice::claim`]: a thread that works for the claim is
+    /// that load's) — except a streaming load whose handle was dropped while it ran (it is stopping on its own
     /// thread): that one is waited for until it has ended, up to [`ABANDONED_LOAD_WAIT`], so
     /// that dropping a [`crate::StreamingLoad`] and starting the next load on the same device
     /// just works. A waiting streaming load that is asked to stop stops waiting (`Cancelled`).
@@ -470,24 +541,78 @@ impl CudaDevice {
         }
     }
 
-    /// Reserves the device for the calling thread's loads until the result is dropped: a load
-    /// made of several parts (the shards of a checkpoint, each taking and giving back the
-    /// slots) keeps the device between them, so that another thread's load on this handle is
-    /// refused at once instead of slipping in between and failing this one half-way. Fails as
-    /// [`CudaDevice::take_slots`] does while another load holds or has reserved the device
-    /// (and waits, as it does, for a dropped streaming load).
+    /// Reserves the device for the calling thread's loads until the result is dropped: a
+    /// [`CudaDevice::claim`] the thread acts for.
     pub fn reserve(&self) -> Result<Reservation<'_>> {
-        // Taken (which also makes this load the holder, so that a dropped one is waited for)
-        // and reserved while still held: no other load can come in between.
-        let slots = self.take_slots()?;
-        if let Ok(mut r) = self.reserved.lock() {
-            *r = Some(std::thread::current().id());
-        }
-        drop(slots);
-        Ok(Reservation { dev: self })
+        let claim = self.claim()?;
+        Ok(Reservation {
+            _acting: claim.enter(),
+            _claim: claim,
+            _dev: std::marker::PhantomData,
+        })
     }
 
-    /// Refuses when another thread reserved the device ([`CudaDevice::reserve`]).
+    /// Claims the device for a load from its start to its end (until the result is dropped);
+    /// the threads that work for the load, the claiming one included, [`Claim::enter`] it: a
+    /// load made of several steps (opening its object and planning, then the copies; or the
+    /// shards of a checkpoint, each taking and giving back the slots) keeps the device
+    /// throughout, so that another load on this handle is refused at once instead of slipping
+    /// in before or between them and failing this one half-way. Fails as
+    /// [`CudaDevice::take_slots`] does while another load holds the slots or has claimed the
+    /// device, and waits, as it does, for a dropped streaming load. On a thread that already
+    /// works for the device's claim it gives a claim that leaves the device to that one.
+    pub fn claim(&self) -> Result<Claim> {
+        let until = std::time::Instant::now() + ABANDONED_LOAD_WAIT;
+        let acting = ACTING.with(|a| a.get());
+        loop {
+            let mut r = self
+                .reserved
+                .lock()
+                .map_err(|_| Error::invalid("device claim lock poisoned"))?;
+            match r.as_ref() {
+                Some(c) if c.id == acting => {
+                    return Ok(Claim {
+                        reserved: self.reserved.clone(),
+                        id: acting,
+                        owner: false,
+                    })
+                }
+                Some(c) => {
+                    let left = c
+                        .load
+                        .as_ref()
+                        .and_then(Weak::upgrade)
+                        .is_some_and(|t| t.is_left());
+                    if !left {
+                        return Err(self.claimed_error());
+                    }
+                    drop(r);
+                    self.wait_for_dropped_load(until)?;
+                }
+                None => {
+                    let id = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
+                    *r = Some(Claimed {
+                        id,
+                        load: LoadToken::own(),
+                    });
+                    drop(r);
+                    let claim = Claim {
+                        reserved: self.reserved.clone(),
+                        id,
+                        owner: true,
+                    };
+                    // Taken (which also makes this load the holder, so that a dropped one is
+                    // waited for) while claimed: the slots are free, or held by a dropped load
+                    // that was waited for. On an error the claim goes again.
+                    let acting = claim.enter();
+                    drop(self.take_slots()?);
+                    drop(acting);
+                    return Ok(claim);
+                }
+            }
+        }
+    }
+
     /// The error for slots that cannot be lent: in use by another load — or kept by a load
     /// that failed on an unrecoverable device fault, whose copies the device could not confirm
     /// finished (they are never handed back then). The context then fails every call, so that
@@ -508,17 +633,24 @@ impl CudaDevice {
         }
     }
 
+    /// Refuses when another load claimed the device ([`CudaDevice::claim`]) and the calling
+    /// thread does not work for it.
     fn check_reservation(&self) -> Result<()> {
-        let me = std::thread::current().id();
-        match self.reserved.lock().ok().and_then(|r| *r) {
-            Some(t) if t != me => Err(Error::invalid(format!(
-                "cuda:{}: the device handle is reserved by another load (a sharded \
-                 checkpoint between two shards): loads on one CudaDevice run one at a time \
-                 (open another to load in parallel)",
-                self.ordinal
-            ))),
+        let acting = ACTING.with(|a| a.get());
+        match self.reserved.lock().ok().as_deref() {
+            Some(Some(c)) if c.id != acting => Err(self.claimed_error()),
             _ => Ok(()),
         }
+    }
+
+    /// The error for a load on a device another load has claimed.
+    fn claimed_error(&self) -> Error {
+        Error::invalid(format!(
+            "cuda:{}: the device handle is reserved by another load (from its start to its \
+             end, between a sharded checkpoint's shards too): loads on one CudaDevice run one \
+             at a time (open another to load in parallel)",
+            self.ordinal
+        ))
     }
 
     /// Allocates `len` bytes (at least one) of device memory on this device, as one

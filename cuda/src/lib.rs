@@ -40,8 +40,8 @@ pub mod upload;
 pub mod warm;
 
 pub use device::{
-    device_count, driver_present, parse_device, CudaDevice, CudaOptions, Reservation, WarmCopy,
-    WarmMode,
+    device_count, driver_present, parse_device, Acting, Claim, CudaDevice, CudaOptions,
+    Reservation, WarmCopy, WarmMode,
 };
 pub use load::{load, load_streaming, load_to, Keeper, StreamingLoad};
 pub use model::{DeviceModel, DeviceTensor, LoadTimes, Target};
