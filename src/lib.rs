@@ -1394,7 +1394,8 @@ impl Loader {
     }
 
     /// The first pass over a sharded checkpoint: every shard's header read and checked against
-    /// the index (so that a missing or mismatched shard fails before gigabytes are read).
+    /// the index, a tensorizer shard's meta tensors' headers too (`check_meta_headers`), so
+    /// that a missing, mismatched or corrupted shard fails before gigabytes are read.
     /// Returns the loaders of the shards holding a selected tensor with the tensor bytes each
     /// selects, and the combined index; sets the progress total.
     fn check_shards(&self, map: &sharded::ShardMap) -> Result<(Vec<(Loader, u64)>, TensorIndex)> {
@@ -1407,6 +1408,7 @@ impl Loader {
         let mut total = 0u64;
         let opened = self.each_shard(map, |l| {
             let (be, meta, index, object) = l.open_index_with(true)?;
+            l.check_meta_headers(be.as_ref(), &index)?;
             drop(be);
             Ok((meta, index, object))
         })?;
@@ -1453,6 +1455,29 @@ impl Loader {
             t.store(total, std::sync::atomic::Ordering::Relaxed);
         }
         Ok((todo, merged))
+    }
+
+    /// The per-tensor headers of a tensorizer shard's meta tensors (which store no bytes and
+    /// load as zeros), read and checked against its index as every load of the shard checks
+    /// them (`format::tensorizer::prepare`): a corrupted one fails the checkpoint's check,
+    /// before anything is loaded or allocated (the other shards' bytes, a GPU load's one
+    /// device allocation), not at that shard's turn. One read for a few neighbouring headers;
+    /// nothing for a shard without meta tensors. A shard whose options are refused (an
+    /// encrypted one without a key) is left to `check_checkpoint_options`, which names them.
+    fn check_meta_headers(&self, be: &dyn Backend, index: &TensorIndex) -> Result<()> {
+        let ropts = self.read_options(index);
+        if index.format != tensorstream_engine::Format::Tensorizer
+            || !index
+                .tensors
+                .iter()
+                .any(|t| t.source == tensorstream_engine::TensorSource::Zeros)
+            || format::tensorizer::check_options(index, &ropts).is_err()
+        {
+            return Ok(());
+        }
+        format::tensorizer::prepare(be, &mut index.clone(), &ropts)
+            .map(drop)
+            .map_err(|e| e.with_location(sharded::redact(&self.uri)))
     }
 
     /// A sharded checkpoint: checked (see `check_shards`), then the shards with selected

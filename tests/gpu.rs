@@ -1307,3 +1307,64 @@ fn gpu_a_load_that_fails_early_gives_its_handle_back() {
     // Every case but the two plain loads of files that exist failed.
     assert_eq!(failed, cases.len() * 2 - 4);
 }
+
+/// A later shard whose tensorizer meta tensor's per-tensor header is corrupted fails a sharded
+/// GPU load on an open device before anything is copied: no bytes counted, no tensor
+/// announced by a streaming load, and the error names the shard and the tensor. (Before, the
+/// first shards had been copied into the load's device allocation when that shard's turn
+/// came.) The handle then loads the checkpoint once the shard is repaired.
+#[test]
+fn gpu_a_corrupt_meta_header_in_a_later_shard_fails_before_any_copy() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = checkpoint::write_corrupt_meta_header(dir.path());
+    let uri = dir.path().display().to_string();
+    let dev = tensorstream_cuda::CudaDevice::open(0, &small_ring()).unwrap();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let on = || {
+        Loader::new(&uri)
+            .on_device(dev.clone())
+            .progress(progress.clone())
+    };
+    let check = |e: tensorstream::Error, what: &str| {
+        assert_eq!(e.kind(), tensorstream::ErrorKind::Corrupt, "{what}: {e}");
+        let s = e.to_string();
+        assert!(
+            s.contains(&bad) && s.contains("layers.2.w1") && s.contains("per-tensor header"),
+            "{what}: {e}"
+        );
+        assert_eq!(
+            progress.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{what}: shards were copied before the corrupt one was found: {e}"
+        );
+    };
+    check(on().load_cuda().unwrap_err(), "load_cuda");
+    let e = match on().load_cuda_streaming() {
+        Err(e) => e,
+        Ok(mut s) => {
+            let announced = (&mut s).count();
+            let e = s.wait().unwrap_err();
+            assert_eq!(announced, 0, "tensors were announced before: {e}");
+            e
+        }
+    };
+    check(e, "load_cuda_streaming");
+    // Repaired (the header names its tensor again), the checkpoint loads on the handle.
+    let path = dir.path().join(&bad);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(11)
+        .enumerate()
+        .filter(|(_, w)| *w == b"layers.2.w0")
+        .map(|(i, _)| i)
+        .nth(2)
+        .expect("the corrupted header");
+    bytes[at + 10] = b'1';
+    std::fs::write(&path, bytes).unwrap();
+    let m = on().load_cuda().expect("the repaired checkpoint");
+    let (dm, t) = m.get("layers.2.w1").unwrap();
+    assert_eq!(dm.to_host(&t).unwrap(), vec![0u8; 64]);
+}

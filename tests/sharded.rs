@@ -835,3 +835,46 @@ fn keys_and_verification_apply_to_the_shards_that_take_them() {
         "{e}"
     );
 }
+
+/// A later shard whose tensorizer meta tensor's per-tensor header is corrupted fails the
+/// checkpoint's check, naming the shard and the tensor, before any shard is loaded (no bytes
+/// counted) — for the host, and for a device before one is opened (asked for one that does
+/// not exist, the load still names the shard, not the device). Before, the host had loaded
+/// the first shards, and a GPU load had made its device allocation and copied them, when that
+/// shard's turn came.
+#[test]
+fn a_corrupt_meta_header_in_a_later_shard_fails_before_any_shard_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = checkpoint::write_corrupt_meta_header(dir.path());
+    let uri = dir.path().display().to_string();
+    let check = |e: tensorstream::Error, what: &str| {
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
+        let s = e.to_string();
+        assert!(
+            s.contains(&bad) && s.contains("layers.2.w1") && s.contains("per-tensor header"),
+            "{what}: {e}"
+        );
+    };
+    let progress = Arc::new(AtomicU64::new(0));
+    let e = Loader::new(&uri)
+        .progress(progress.clone())
+        .load()
+        .unwrap_err();
+    assert_eq!(
+        progress.load(Ordering::SeqCst),
+        0,
+        "shards were loaded before the corrupt one was found: {e}"
+    );
+    check(e, "host");
+    let on = || {
+        Loader::new(&uri)
+            .device(tensorstream::Device::Cuda(99))
+            .progress(progress.clone())
+    };
+    check(on().load_cuda().unwrap_err(), "cuda:99");
+    check(
+        on().load_cuda_streaming().unwrap_err(),
+        "cuda:99, streaming",
+    );
+    assert_eq!(progress.load(Ordering::SeqCst), 0);
+}

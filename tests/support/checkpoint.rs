@@ -86,3 +86,73 @@ pub fn write_index(dir: &Path, name: &str, tensors: &[Written]) {
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": map});
     std::fs::write(dir.join(name), serde_json::to_vec_pretty(&index).unwrap()).unwrap();
 }
+
+/// Writes a checkpoint of three shards into `dir` whose third, a tensorizer file, holds a
+/// meta tensor (`layers.2.w1`, 64 zero bytes: stored as its per-tensor header only) whose
+/// per-tensor header names another tensor: a corruption only that header shows. The first
+/// shard is over 16 MiB (so that a host load runs two shards at a time, the third starting
+/// once one of the first two has loaded). Returns the corrupted shard's file name.
+pub fn write_corrupt_meta_header(dir: &Path) -> String {
+    use tensorstream_engine::format::tensorizer::{Serializer, SerializerOptions, TensorSpec};
+    std::fs::create_dir_all(dir).unwrap();
+    let pattern = tensorstream_engine::testkit::pattern;
+    let mut all = Vec::new();
+    for (k, (name, len)) in [("layers.0.w0", 17 << 20), ("layers.1.w0", 4096)]
+        .into_iter()
+        .enumerate()
+    {
+        let file = shard_name(k + 1, 3);
+        let bytes = pattern(len, k as u64);
+        write_file(&dir.join(&file), &[(name.to_string(), bytes.clone())]);
+        all.push(Written {
+            sha256: hex(&Sha256::digest(&bytes)),
+            name: name.into(),
+            file,
+            bytes,
+        });
+    }
+    let bad = "model-00003-of-00003.tensors".to_string();
+    let spec = |name: &str, len: u64, meta: bool| TensorSpec {
+        name: name.into(),
+        path: None,
+        dtype: DType::U8,
+        shape: vec![len],
+        meta,
+        role: None,
+    };
+    let specs = [
+        spec("layers.2.w0", 100, false),
+        spec("layers.2.w1", 64, true),
+    ];
+    let stored = pattern(100, 2);
+    let mut s = Serializer::new(
+        std::io::Cursor::new(Vec::new()),
+        &specs,
+        &SerializerOptions::default(),
+    )
+    .unwrap();
+    s.write_tensor(&stored).unwrap();
+    s.write_tensor(&[]).unwrap();
+    let mut bytes = s.finish().unwrap().into_inner();
+    for (name, b) in [("layers.2.w0", stored), ("layers.2.w1", vec![0u8; 64])] {
+        all.push(Written {
+            sha256: hex(&Sha256::digest(&b)),
+            name: name.into(),
+            file: bad.clone(),
+            bytes: b,
+        });
+    }
+    write_index(dir, "model.safetensors.index.json", &all);
+    // The name's second occurrence is in the meta tensor's per-tensor header (the first is
+    // in the index).
+    let at = bytes
+        .windows(11)
+        .enumerate()
+        .filter(|(_, w)| *w == b"layers.2.w1")
+        .map(|(i, _)| i)
+        .nth(1)
+        .expect("layers.2.w1's per-tensor header");
+    bytes[at + 10] = b'0'; // it now names layers.2.w0
+    std::fs::write(dir.join(&bad), bytes).unwrap();
+    bad
+}
