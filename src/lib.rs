@@ -2236,21 +2236,40 @@ fn shard_lanes(
 }
 
 /// A flag a streaming load stops on: set by dropping its handle, and set when `user` (the
-/// caller's cancel flag) is (see `follower`: the watcher thread is `ts-stream-stop`, and ends
-/// once the load finished and its handle is gone).
+/// caller's cancel flag) is (see `follower`: the process's one watcher thread,
+/// `ts-stop-watch`, looks at it until the load finished and its handle is gone).
 fn stop_flag(
     user: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<Arc<std::sync::atomic::AtomicBool>> {
     follower("ts-stream-stop", user)
 }
 
-/// A new flag, set once any of `followed` is: seen within 10 ms by a watcher thread named
-/// `name`, which ends once nothing holds the new flag any more or it was set (by the watcher,
-/// or by whoever holds it: the followed flags are only read, never written). Set from the
-/// start, without a watcher, when one of `followed` already is; without any to follow, there is
-/// no watcher either (only its holders set it).
+/// A flag `follower` made that follows others, as the watcher keeps it: `name` says what it
+/// is for (the tests count them by it).
+struct Following {
+    #[cfg_attr(not(test), allow(dead_code))] // read by the tests (`followed_named`)
+    name: &'static str,
+    flag: std::sync::Weak<std::sync::atomic::AtomicBool>,
+    followed: Vec<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// The flags that follow others (`follower`), and whether the watcher thread that looks at
+/// them runs: one for the whole process, not one per flag (a sharded GPU load makes one such
+/// flag per shard), started with the first flag and ending once none is left.
+static FOLLOWING: std::sync::Mutex<(Vec<Following>, bool)> =
+    std::sync::Mutex::new((Vec::new(), false));
+
+/// How often the watcher looks at the followed flags.
+const FOLLOW_LOOK: Duration = Duration::from_millis(10);
+
+/// A new flag, set once any of `followed` is: seen within 10 ms by the process's one watcher
+/// thread (`ts-stop-watch`), which stops looking at it once nothing holds the new flag any
+/// more or it was set (by the watcher, or by whoever holds it: the followed flags are only
+/// read, never written), and ends once it looks at no flag. Set from the start, without being
+/// watched, when one of `followed` already is; without any to follow, it is not watched either
+/// (only its holders set it). `name` says what the flag is for.
 fn follower(
-    name: &str,
+    name: &'static str,
     followed: impl IntoIterator<Item = Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<Arc<std::sync::atomic::AtomicBool>> {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -2259,26 +2278,68 @@ fn follower(
     // otherwise the watcher follows them.
     let set = followed.iter().any(|f| f.load(Ordering::SeqCst));
     let stop = Arc::new(AtomicBool::new(set));
-    if !set && !followed.is_empty() {
-        let weak = Arc::downgrade(&stop);
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                while let Some(stop) = weak.upgrade() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    if followed.iter().any(|f| f.load(Ordering::SeqCst)) {
-                        stop.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    drop(stop);
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            })
-            .map_err(|e| Error::from_io(e, "starting the stop watcher"))?;
+    if set || followed.is_empty() {
+        return Ok(stop);
+    }
+    let mut g = FOLLOWING.lock().unwrap_or_else(|p| p.into_inner());
+    g.0.push(Following {
+        name,
+        flag: Arc::downgrade(&stop),
+        followed,
+    });
+    if !g.1 {
+        // Started under the lock: it looks at the flags once this call has let go of it.
+        let started = std::thread::Builder::new()
+            .name("ts-stop-watch".into())
+            .spawn(watch_followed);
+        if let Err(e) = started {
+            g.0.pop();
+            return Err(Error::from_io(e, "starting the stop watcher"));
+        }
+        g.1 = true;
     }
     Ok(stop)
+}
+
+/// The watcher thread of `follower`'s flags: every `FOLLOW_LOOK`, sets each flag one of whose
+/// followed flags is set, and forgets the flags set or no longer held; ends once it has none.
+fn watch_followed() {
+    use std::sync::atomic::Ordering;
+    loop {
+        {
+            let mut g = FOLLOWING.lock().unwrap_or_else(|p| p.into_inner());
+            g.0.retain(|f| {
+                let Some(stop) = f.flag.upgrade() else {
+                    return false;
+                };
+                if stop.load(Ordering::SeqCst) {
+                    return false;
+                }
+                if f.followed.iter().any(|x| x.load(Ordering::SeqCst)) {
+                    stop.store(true, Ordering::SeqCst);
+                    return false;
+                }
+                true
+            });
+            if g.0.is_empty() {
+                g.1 = false;
+                return;
+            }
+        }
+        std::thread::sleep(FOLLOW_LOOK);
+    }
+}
+
+/// How many flags named `name` the watcher looks at (`follower`).
+#[cfg(test)]
+fn followed_named(name: &str) -> usize {
+    FOLLOWING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .iter()
+        .filter(|f| f.name == name && f.flag.strong_count() > 0)
+        .count()
 }
 
 /// Sets the flag when the thread holding it unwinds from a panic.
@@ -2486,10 +2547,11 @@ fn prepare_shard(
 /// and it starts no other call, the next step seeing the flag (`check_abandoned`); on other
 /// backends that call runs to its end. For that, each shard's backend follows a flag of its own
 /// (its loader's `backend_cancel`, a `follower`): set when the load's backend flag is (its
-/// cancel flag, or the deadline's, without one), and when the preparation is abandoned; its
-/// `ts-shard-stop` watcher ends once the flag is set, or dropped with the shard's loader and
-/// backend. A preparation whose result `run` takes is never abandoned: that shard's backend
-/// then stops on the load's flag alone, as before (seen through the watcher, within 10 ms).
+/// cancel flag, or the deadline's, without one), and when the preparation is abandoned; the
+/// watcher stops looking at it once it is set, or dropped with the shard's loader and backend
+/// (one watcher thread for all such flags, not one per shard). A preparation whose result
+/// `run` takes is never abandoned: that shard's backend then stops on the load's flag alone,
+/// as before (seen through the watcher, within 10 ms).
 /// A preparation holds neither the device (only its options: not its context, pinned staging
 /// ring or memory) nor anything of the load's it could change (the progress total is corrected
 /// here, on the calling thread, for the shard `run` takes). `run` stays on the calling thread
@@ -3575,7 +3637,7 @@ mod tests {
     }
 
     #[test]
-    fn a_streaming_loads_stop_flag_follows_the_callers_and_its_watcher_ends() {
+    fn a_streaming_loads_stop_flag_follows_the_callers_and_stops_being_watched() {
         // The caller's flag is seen (and never written).
         let user = Arc::new(AtomicBool::new(false));
         let stop = stop_flag(Some(user.clone())).unwrap();
@@ -3588,32 +3650,34 @@ mod tests {
         stop.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(120));
         assert!(!user.load(Ordering::SeqCst));
-        // Once nothing holds the flag, its watcher ends.
+        // Once nothing holds the flag, it is not watched any more. (Other tests' loads may
+        // make such flags meanwhile: only the count going down is looked for.)
         drop(stop);
-        assert!(within(5, || threads_named("ts-stream-stop") == 0));
+        let before = followed_named("ts-stream-stop");
         let stop = stop_flag(Some(Arc::new(AtomicBool::new(false)))).unwrap();
-        assert!(within(5, || threads_named("ts-stream-stop") == 1));
+        assert!(followed_named("ts-stream-stop") > before);
         drop(stop);
-        assert!(within(5, || threads_named("ts-stream-stop") == 0));
-        // Without a caller's flag there is no watcher.
+        assert!(within(5, || followed_named("ts-stream-stop") <= before));
+        // Without a caller's flag nothing is watched; nor with one set already (stopped from
+        // the start).
+        let before = followed_named("ts-stream-stop");
         let _stop = stop_flag(None).unwrap();
-        assert_eq!(threads_named("ts-stream-stop"), 0);
-        // A caller's flag already set: stopped from the start, nothing to watch.
         let stop = stop_flag(Some(Arc::new(AtomicBool::new(true)))).unwrap();
         assert!(stop.load(Ordering::SeqCst));
-        assert_eq!(threads_named("ts-stream-stop"), 0);
+        assert!(followed_named("ts-stream-stop") <= before);
     }
 
     /// The flag a shard's preparation gives its backend (`each_shard_on_device`) follows
-    /// several: set once any of them is (each alone), never writing them; its watcher ends once
-    /// it is set or dropped. (Its own thread name: other tests' watchers are not counted.)
+    /// several: set once any of them is (each alone), never writing them; it stops being
+    /// watched once it is set or dropped, and one watcher thread serves every such flag, which
+    /// ends once none is left. (Its own name: other tests' flags are not counted.)
     #[test]
-    fn a_flag_following_several_is_set_by_any_and_its_watcher_ends() {
+    fn a_flag_following_several_is_set_by_any_and_stops_being_watched() {
         const NAME: &str = "ts-test-follow";
         for k in 0..2 {
             let flags = [0, 1].map(|_| Arc::new(AtomicBool::new(false)));
             let f = follower(NAME, flags.iter().cloned()).unwrap();
-            assert!(within(5, || threads_named(NAME) == 1));
+            assert_eq!(followed_named(NAME), 1);
             std::thread::sleep(Duration::from_millis(30));
             assert!(!f.load(Ordering::SeqCst), "set with none of its flags set");
             flags[k].store(true, Ordering::SeqCst);
@@ -3626,24 +3690,41 @@ mod tests {
                 "a followed flag was written"
             );
             // Set, it has nothing more to watch (though still held).
-            assert!(within(5, || threads_named(NAME) == 0));
+            assert!(within(5, || followed_named(NAME) == 0));
         }
-        // Dropped unset: its watcher ends.
+        // Dropped unset: no longer watched.
         let flags = [0, 1].map(|_| Arc::new(AtomicBool::new(false)));
         let f = follower(NAME, flags.iter().cloned()).unwrap();
-        assert!(within(5, || threads_named(NAME) == 1));
+        assert_eq!(followed_named(NAME), 1);
         drop(f);
-        assert!(within(5, || threads_named(NAME) == 0));
-        // One of them set already: set from the start, without a watcher.
+        assert!(within(5, || followed_named(NAME) == 0));
+        // One of them set already: set from the start, not watched.
         flags[1].store(true, Ordering::SeqCst);
         let f = follower(NAME, flags.iter().cloned()).unwrap();
         assert!(f.load(Ordering::SeqCst));
-        assert_eq!(threads_named(NAME), 0);
-        // None to follow: never set but by its holders, without a watcher.
+        assert_eq!(followed_named(NAME), 0);
+        // None to follow: never set but by its holders, not watched.
         let f = follower(NAME, []).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         assert!(!f.load(Ordering::SeqCst));
-        assert_eq!(threads_named(NAME), 0);
+        assert_eq!(followed_named(NAME), 0);
+        // Many at once: one watcher thread, which ends once none is left.
+        let flags: Vec<_> = (0..50).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let many: Vec<_> = flags
+            .iter()
+            .map(|x| follower(NAME, [x.clone()]).unwrap())
+            .collect();
+        assert_eq!(followed_named(NAME), 50);
+        // (A watcher that has just ended may still be listed beside the new one for a moment.)
+        assert!(within(5, || threads_named("ts-stop-watch") == 1));
+        flags[7].store(true, Ordering::SeqCst);
+        assert!(within(5, || many[7].load(Ordering::SeqCst)));
+        assert!(many
+            .iter()
+            .enumerate()
+            .all(|(i, m)| i == 7 || !m.load(Ordering::SeqCst)));
+        drop(many);
+        assert!(within(5, || followed_named(NAME) == 0));
     }
 
     #[test]

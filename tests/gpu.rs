@@ -1368,3 +1368,83 @@ fn gpu_a_corrupt_meta_header_in_a_later_shard_fails_before_any_copy() {
     let (dm, t) = m.get("layers.2.w1").unwrap();
     assert_eq!(dm.to_host(&t).unwrap(), vec![0u8; 64]);
 }
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == name)
+        .count()
+}
+
+/// A sharded GPU load (streaming or not, with a cancel flag) of many shards runs no stop-flag
+/// watcher thread per shard: whenever its filter is asked about a tensor (the check, each
+/// shard's layout and each shard's preparation, while the shard before it copies) the process
+/// has at most one such thread (`ts-stop-watch`, which serves every load's flags; before, a
+/// `ts-shard-stop` per shard being prepared or copied, beside the load's `ts-stream-stop`).
+/// The cancel flag still stops such a load.
+#[test]
+fn gpu_a_sharded_load_runs_no_watcher_thread_per_shard() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    if !have_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sizes: Vec<[usize; 1]> = (0..24).map(|k| [4096 + k]).collect();
+    let shards: Vec<&[usize]> = sizes.iter().map(|s| &s[..]).collect();
+    let want = checkpoint::write(dir.path(), &shards, 41);
+    let uri = dir.path().display().to_string();
+    let watchers = || {
+        ["ts-stream-stop", "ts-shard-stop", "ts-stop-watch"]
+            .iter()
+            .map(|n| threads_named(n))
+            .sum::<usize>()
+    };
+    let dev = tensorstream_cuda::CudaDevice::open(0, &small_ring()).unwrap();
+    for streaming in [false, true] {
+        let most = Arc::new(AtomicUsize::new(0));
+        let (seen, asked) = (most.clone(), Arc::new(AtomicUsize::new(0)));
+        let count = asked.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let l = Loader::new(&uri)
+            .on_device(dev.clone())
+            .cancel_flag(cancel.clone())
+            .filter(move |_| {
+                seen.fetch_max(watchers(), Ordering::SeqCst);
+                count.fetch_add(1, Ordering::SeqCst);
+                true
+            });
+        let n = if streaming {
+            let mut s = l.load_cuda_streaming().unwrap();
+            let ready = (&mut s).count();
+            let (m, _) = s.wait().unwrap();
+            assert_eq!(ready, want.len());
+            m.len()
+        } else {
+            l.load_cuda().unwrap().len()
+        };
+        assert_eq!(n, want.len());
+        assert!(asked.load(Ordering::SeqCst) >= 2 * want.len());
+        assert!(
+            most.load(Ordering::SeqCst) <= 1,
+            "streaming: {streaming}: {} stop-flag watcher threads at once during a load of {} \
+             shards",
+            most.load(Ordering::SeqCst),
+            want.len()
+        );
+        // The cancel flag still stops it.
+        cancel.store(true, Ordering::SeqCst);
+        let l = Loader::new(&uri)
+            .on_device(dev.clone())
+            .cancel_flag(cancel.clone());
+        let r = if streaming {
+            l.load_cuda_streaming().and_then(|s| s.wait()).map(drop)
+        } else {
+            l.load_cuda().map(drop)
+        };
+        let e = r.expect_err("a cancelled load loaded");
+        assert_eq!(e.kind(), tensorstream::ErrorKind::Cancelled, "{e}");
+    }
+}

@@ -976,7 +976,7 @@ fn gated_gpu_load(
 /// request's connection (it used to wait for the answer, up to the backend's 30 s timeout);
 /// the opening left behind used to go on and read shard 2's header again (the store sends no
 /// version tag, so the load compares the header with the one the check read). Shard 3 is never
-/// asked for after the check, and the flags' watcher threads (`ts-shard-stop`) all end.
+/// asked for after the check, and the flags' watcher thread (`ts-stop-watch`) ends.
 /// Through the library, against fakecuda, in a child process of this test binary (the driver
 /// library is looked up when the process starts).
 #[test]
@@ -1098,14 +1098,8 @@ fn a_failed_sharded_http_gpu_load_stops_opening_its_next_shard() {
         // No flag's watcher is left behind (this process runs this test alone).
         wait_for(
             until.saturating_duration_since(Instant::now()),
-            || threads_named("ts-shard-stop") == 0,
-            || {
-                format!(
-                    "cancel flag: {with_cancel}: {} shard flag watchers (ts-shard-stop) still \
-                     running",
-                    threads_named("ts-shard-stop")
-                )
-            },
+            || threads_named("ts-stop-watch") == 0,
+            || format!("cancel flag: {with_cancel}: the flags' watcher (ts-stop-watch) still runs"),
         );
         let g = state.0.lock().unwrap();
         let after: Vec<_> = g.seen[held + 1..]
@@ -1224,12 +1218,12 @@ fn a_cancelled_sharded_http_gpu_load_gives_up_its_requests() {
     }
     wait_for(
         Duration::from_secs(30),
-        || Arc::strong_count(&marker) == 1 && threads_named("ts-shard-stop") == 0,
+        || Arc::strong_count(&marker) == 1 && threads_named("ts-stop-watch") == 0,
         || {
             format!(
-                "the load's loaders ({} left) or shard flag watchers ({} left) did not end",
+                "the load's loaders ({} left) or the flags' watcher ({} left) did not end",
                 Arc::strong_count(&marker) - 1,
-                threads_named("ts-shard-stop")
+                threads_named("ts-stop-watch")
             )
         },
     );
