@@ -7,7 +7,8 @@ usage: fuzz_seeds.py model PATH            writes a small safetensors file (6 dt
 
 Each model file in MODELS_DIR becomes a seed of every engine target, in the byte
 layout that target's `arbitrary` input reads (a mode byte, an object size, then the file).
-The NFS seeds are well-formed replies to a LOOKUP, a GETATTR and a READ.
+The NFS seeds are well-formed replies to a LOOKUP (of a path, and of the export's root, as a
+stat's) and a READ.
 """
 import json
 import os
@@ -103,11 +104,12 @@ def nfs_seeds(corpus):
     for _ in range(comps):
         resolve += op(15)
     resolve += op(10) + xdr_opaque(b"\1\2\3\4\5\6\7\x08") + op(9) + stat_attrs
-    stat = compound(2) + op(22) + op(9) + stat_attrs
+    # A stat walks the path as the opening does; mode 1 decodes a walk of the export's root.
+    stat = compound(3) + op(24) + op(10) + xdr_opaque(b"\1\2\3\4\5\6\7\x08") + op(9) + stat_attrs
     data = bytes(range(100))
     read = (compound(3) + op(22) + op(25) + struct.pack(">I", 0) + xdr_opaque(data)
             + op(9) + fattr([(3, change), (4, size)]))
-    failed = compound(2) + op(22) + op(9, 10006)
+    failed = compound(1) + op(24, 10006)
     d = os.path.join(corpus, "nfs_replies")
     os.makedirs(d, exist_ok=True)
     # Input layout: mode (u8), read_len (u16), then the records.

@@ -849,9 +849,9 @@ impl Loader {
 
     /// A checked shard's backend, opened without a request: for a shard of a sharded
     /// checkpoint whose check saw a version tag the backend's reads carry as a precondition
-    /// (HTTP(S), S3: see `tensorstream_backends::open_pinned`), pinned to the size and version
-    /// the check saw, which `read_index` then finds unchanged. Its `stat` (a HEAD) would only
-    /// repeat the check's moments later: a shard replaced since fails its first read with
+    /// (HTTP(S), S3, NFS: see `tensorstream_backends::open_pinned`), pinned to the size and
+    /// version the check saw, which `read_index` then finds unchanged. Its opening's request
+    /// (a HEAD; on NFS a path walk and GETATTR) would only repeat the check's moments later: a shard replaced since fails its first read with
     /// `ObjectChanged` instead, and one replaced during its load fails the load's last look
     /// (`unchanged_since`) as always. `None` otherwise, and for a small shard whose bytes the
     /// check kept: its load reads nothing from the store, so its opening's `stat` is what

@@ -13,6 +13,9 @@ mod checkpoint;
 #[path = "../backends/tests/support/proxy.rs"]
 mod proxy;
 
+#[path = "support/nfs_relay.rs"]
+mod nfs_relay;
+
 fn fixtures() -> PathBuf {
     let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
     assert!(
@@ -856,6 +859,137 @@ fn a_shard_replaced_after_the_check_fails_its_load() {
         assert!(
             !out.status.success() && stderr.contains("changed") && stderr.contains(&file),
             "{kind}: a shard replaced after the check did not fail its load ({}): {stderr}",
+            out.status
+        );
+    }
+}
+
+/// The calls of `calls` naming `file`: (path walks, GETATTRs by handle, READs at offset 0,
+/// READs elsewhere).
+fn nfs_calls_for(calls: &[nfs_relay::Call], file: &str) -> (usize, usize, usize, usize) {
+    use nfs_relay::Call;
+    let mut n = (0, 0, 0, 0);
+    for c in calls {
+        match c {
+            Call::Lookup(f) if f == file => n.0 += 1,
+            Call::Getattr(f) if f == file => n.1 += 1,
+            Call::Read(f, 0) if f == file => n.2 += 1,
+            Call::Read(f, _) if f == file => n.3 += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
+/// A sharded load from NFS asks each shard's attributes twice: the check's opening (its
+/// COMPOUND walks the path and ends with the file's GETATTR, which the check takes as the
+/// shard's size and version) and the load's last look after the bytes landed (which walks the
+/// path too, so that a file replaced under the name is found). The shard's load opens it by
+/// the file handle in the version tag the check saw, without a request (before: the check's
+/// opening and a GETATTR, the load's opening and a GETATTR, then the last look's GETATTR: two
+/// walks and three GETATTRs per shard). A shard small enough to come whole with its header
+/// (64 KiB) is read once, by the check; its load's opening walks the path to find it unchanged
+/// (two GETATTRs besides before). Counted at a relay in front of the real Ganesha that notes
+/// every call.
+#[test]
+fn a_sharded_nfs_load_asks_each_shards_attributes_twice() {
+    let name = "nfs-calls-per-shard";
+    let dir = PathBuf::from(env("TS_NFS_ROOT")).join(name);
+    let shards: [&[usize]; 3] = [&[1000, 3000], &[17, 40], &[(1 << 20) + 3]];
+    let want = checkpoint::write(&dir, &shards, 53);
+    let relay =
+        nfs_relay::Relay::start(format!("127.0.0.1:{}", env("TS_NFS_PORT")).parse().unwrap());
+    let uri = format!(
+        "nfs://127.0.0.1:{}/export/{name}/model.safetensors.index.json",
+        relay.port()
+    );
+    loaded_as_written(&uri, &[], &[], &want);
+    let calls = relay.calls();
+    for k in 1..=shards.len() {
+        let file = checkpoint::shard_name(k, shards.len());
+        let small = std::fs::metadata(dir.join(&file)).unwrap().len() <= 64 << 10;
+        let (walks, getattrs, header_reads, tensor_reads) = nfs_calls_for(&calls, &file);
+        let all: Vec<_> = calls
+            .iter()
+            .filter(|c| format!("{c:?}").contains(&file))
+            .collect();
+        assert_eq!(
+            (walks, getattrs, header_reads),
+            (2, 0, 1),
+            "{file}: (path walks, GETATTRs by handle, header READs):\n{all:?}"
+        );
+        assert_eq!(tensor_reads > 0, !small, "{file}: tensor READs:\n{all:?}");
+    }
+}
+
+/// A shard replaced after the check read its header, before its load reads its tensors, fails
+/// the load with `ObjectChanged` naming the shard, on NFS, whose shard loads read by the file
+/// handle the check saw, without walking the path again: a shard rewritten in place (same size,
+/// other bytes, a later modification time) fails the READ whose GETATTR shows another change
+/// attribute, and one replaced by another file under its name (rename) fails the READ by the old
+/// handle (stale) or, where the server still serves the old file by it, the load's last look,
+/// which walks the path. The relay in front of the real Ganesha changes the shard when the
+/// shard's first tensor READ arrives, before passing it on.
+#[test]
+fn a_shard_replaced_after_the_check_fails_its_nfs_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let shards: [&[usize]; 2] = [&[17, 40], &[(1 << 20) + 3]];
+    for how in ["rewritten", "renamed"] {
+        let name = format!("nfs-shard-{how}-after-check");
+        let dir = PathBuf::from(env("TS_NFS_ROOT")).join(&name);
+        let written = checkpoint::write(&dir, &shards, 59);
+        let file = checkpoint::shard_name(2, shards.len());
+        let replaced = Arc::new(AtomicBool::new(false));
+        let relay =
+            nfs_relay::Relay::start(format!("127.0.0.1:{}", env("TS_NFS_PORT")).parse().unwrap());
+        relay.set_on_read({
+            let (replaced, dir, file) = (replaced.clone(), dir.clone(), file.clone());
+            Arc::new(move |f: &str, offset: u64| {
+                if f != file || offset == 0 || replaced.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                let t: Vec<(String, Vec<u8>)> = written
+                    .iter()
+                    .filter(|w| w.file == file)
+                    .map(|w| (w.name.clone(), w.bytes.iter().map(|b| !b).collect()))
+                    .collect();
+                let path = dir.join(&file);
+                let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+                if how == "rewritten" {
+                    let tmp = dir.join(".replacement");
+                    checkpoint::write_file(&tmp, &t);
+                    let bytes = std::fs::read(&tmp).unwrap();
+                    std::fs::remove_file(&tmp).unwrap();
+                    let f = std::fs::File::options().write(true).open(&path).unwrap();
+                    std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0).unwrap();
+                    f.set_modified(later).unwrap();
+                } else {
+                    let new = dir.join(".replacement");
+                    checkpoint::write_file(&new, &t);
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&new)
+                        .and_then(|f| f.set_modified(later))
+                        .unwrap();
+                    std::fs::rename(&new, &path).unwrap();
+                }
+            })
+        });
+        let uri = format!(
+            "nfs://127.0.0.1:{}/export/{name}/model.safetensors.index.json",
+            relay.port()
+        );
+        let out = cli().args(["load", &uri, "--quiet"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            replaced.load(Ordering::SeqCst),
+            "{how}: the shard's tensors were never read: {stderr}"
+        );
+        eprintln!("{how}: {}", stderr.trim());
+        assert!(
+            !out.status.success() && stderr.contains("changed") && stderr.contains(&file),
+            "{how}: a shard {how} after the check did not fail its load ({}): {stderr}",
             out.status
         );
     }

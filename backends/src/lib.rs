@@ -362,11 +362,18 @@ pub fn open(uri: &str, opts: &OpenOptions) -> Result<Arc<dyn Backend>> {
 /// opening of a read. A backend whose opening already asked the server for them answers from that
 /// request instead of making the same one again moments later: HTTP(S), whose opening sends the
 /// HEAD that checks the object and the server's range support (`http::HttpBackend::open`),
-/// so an HTTP object opened this way costs one HEAD, not two.
+/// so an HTTP object opened this way costs one HEAD, not two; and NFS, whose opening's
+/// request (`nfs::NfsBackend::open`) ends with the file's GETATTR: one request, not two.
 pub fn open_stat(uri: &str, opts: &OpenOptions) -> Result<(Arc<dyn Backend>, ObjectMeta)> {
     #[cfg(feature = "http")]
     if matches!(scheme_of(uri).as_deref(), Some("http") | Some("https")) {
         let be = http::HttpBackend::open(uri, opts)?;
+        let meta = be.last_seen();
+        return Ok((Arc::new(be), meta));
+    }
+    #[cfg(feature = "nfs")]
+    if scheme_of(uri).as_deref() == Some("nfs") {
+        let be = nfs::NfsBackend::open(uri, opts)?;
         let meta = be.last_seen();
         return Ok((Arc::new(be), meta));
     }
@@ -381,10 +388,15 @@ pub fn open_stat(uri: &str, opts: &OpenOptions) -> Result<(Arc<dyn Backend>, Obj
 /// version's precondition, so that an object replaced since fails its first read with
 /// `ObjectChanged` (and one replaced during the load fails the load's last `stat`, as always).
 /// That is HTTP(S) with a strong ETag or a Last-Modified date
-/// (`http::HttpBackend::open_pinned`), and S3 with a version (`s3::S3Backend::open_pinned`).
-/// `None` otherwise (no version, a weak HTTP ETag, local files and NFS): open those with
+/// (`http::HttpBackend::open_pinned`), S3 with a version (`s3::S3Backend::open_pinned`), and
+/// NFS, whose version tag holds the file handle the reads go to and the change attribute each
+/// READ's GETATTR is compared with (`nfs::NfsBackend::open_pinned`).
+/// `None` otherwise (no version, a weak HTTP ETag, local files): open those with
 /// [`open_stat`], whose `stat` is what tells a replaced object there.
-#[cfg_attr(not(any(feature = "http", feature = "s3")), allow(unused_variables))]
+#[cfg_attr(
+    not(any(feature = "http", feature = "s3", feature = "nfs")),
+    allow(unused_variables)
+)]
 pub fn open_pinned(
     uri: &str,
     opts: &OpenOptions,
@@ -399,6 +411,10 @@ pub fn open_pinned(
         Some("s3") if meta.version.is_some() => {
             Ok(Some(Arc::new(s3::S3Backend::open_pinned(uri, opts, meta)?)))
         }
+        #[cfg(feature = "nfs")]
+        Some("nfs") if nfs::NfsBackend::pins(meta) => Ok(Some(Arc::new(
+            nfs::NfsBackend::open_pinned(uri, opts, meta)?,
+        ))),
         _ => Ok(None),
     }
 }

@@ -457,6 +457,67 @@ fn file_replaced_after_open_is_object_changed_or_old_bytes() {
     }
 }
 
+/// A backend opened pinned to the size and version a stat gave (a checked shard's load,
+/// `tensorstream_backends::open_pinned`) asks the server nothing at its opening (it opens while
+/// the server is down), reads the file by the handle in the version tag, and fails with
+/// `ObjectChanged` once the file was modified. A file put in place of the pinned one fails its
+/// `stat`, which walks the path again and finds another file under the name.
+#[test]
+fn a_backend_pinned_to_a_stat_reads_the_checked_file_without_asking() {
+    let mut g = Ganesha::start();
+    let data = pattern(300_000, 31);
+    let uri = g.put("pin.bin", &data);
+    let (_, meta) = tensorstream_backends::open_stat(&uri, &opts()).unwrap();
+    g.stop();
+    let be = tensorstream_backends::open_pinned(&uri, &opts(), &meta)
+        .unwrap()
+        .expect("an NFS stat's version pins a backend");
+    let e = open(&uri, &opts()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    g.restart();
+    assert_eq!(be.read_exact_at(0, data.len()).unwrap(), data);
+    assert_eq!(be.stat().unwrap(), meta);
+
+    // Another file under the name: the old handle may still read the old bytes, but the stat
+    // (the load's last look) walks the path.
+    std::fs::write(g.path("pin.new"), pattern(300_000, 32)).unwrap();
+    std::fs::rename(g.path("pin.new"), g.path("pin.bin")).unwrap();
+    let e = be.stat().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+    assert!(e.to_string().contains("pin.bin"), "{e}");
+    match be.read_exact_at(0, data.len()) {
+        Ok(v) => assert!(v == data, "bytes of the replacement were returned"),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}"),
+    }
+
+    // Modified in place (same size, a later mtime): its next read fails.
+    let (_, meta) = tensorstream_backends::open_stat(&uri, &opts()).unwrap();
+    let be = tensorstream_backends::open_pinned(&uri, &opts(), &meta)
+        .unwrap()
+        .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(g.path("pin.bin"))
+        .unwrap();
+    f.write_all_at(&[0u8; 4096], 1000).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    drop(f);
+    let e = be.read_exact_at(0, 10).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{e}");
+
+    // A version an NFS stat did not give pins nothing; NfsBackend::open_pinned refuses it.
+    let other = ObjectMeta {
+        size: meta.size,
+        version: Some("\"etag\"".into()),
+    };
+    assert!(tensorstream_backends::open_pinned(&uri, &opts(), &other)
+        .unwrap()
+        .is_none());
+    let e = tensorstream_backends::nfs::NfsBackend::open_pinned(&uri, &opts(), &other).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+}
+
 #[test]
 fn file_changed_during_a_load_is_never_mixed() {
     let g = Ganesha::start();

@@ -4,7 +4,11 @@
 //! * Transport: ONC RPC over TCP with record marking, AUTH_SYS (module `rpc`), XDR (module `xdr`).
 //! * Open: one COMPOUND `[PUTROOTFH, LOOKUP…, GETFH, GETATTR(type, change, size, maxread,
 //!   mtime)]` resolves the path from the server's pseudo-root and pins the version (the change
-//!   attribute and the size).
+//!   attribute and the size; the version tag holds the change attribute and the file handle).
+//!   `stat` sends the same COMPOUND, so it finds a file replaced under its name as well as one
+//!   modified. A backend opened pinned to a tag a `stat` gave (`NfsBackend::open_pinned`, a
+//!   sharded checkpoint's shard after its check) sends nothing at its opening: it reads by the
+//!   tag's file handle.
 //! * Reads: `[PUTFH, READ(anonymous stateid), GETATTR(change, size)]`, split to the server's
 //!   maxread (capped by `rsize`, default 1 MiB), pipelined on `nconnect` connections (default 4)
 //!   with replies matched by xid. Each READ's GETATTR runs after the data was read, so a reply
@@ -185,6 +189,11 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    /// The version tag of the pinned version (see [`Version::tag`]).
+    fn tag(&self) -> String {
+        self.pin.tag(&self.fh)
+    }
+
     /// Runs a small call, retrying retryable failures with backoff for at most `retries` more
     /// attempts and `budget` from the first failure. `on_retry` sees each failure retried.
     ///
@@ -308,8 +317,8 @@ fn version_of(attrs: &Attrs, what: &str) -> std::result::Result<Version, Failure
 }
 
 impl NfsBackend {
-    /// Connects to the server of `uri`, resolves the path and pins the file's version.
-    pub fn open(uri: &str, opts: &OpenOptions) -> Result<Self> {
+    /// The configuration of `uri` and a pool of connections to its server (none made yet).
+    fn connect(uri: &str, opts: &OpenOptions) -> Result<(NfsConfig, Pool)> {
         let cfg = config::parse(uri, opts)?;
         let peer = cfg.peer();
         let addrs: Vec<_> = (cfg.host.as_str(), cfg.port)
@@ -325,6 +334,12 @@ impl NfsBackend {
             .collect();
         let auth = rpc::AuthSys::new(&cfg.machine, cfg.uid, cfg.gid);
         let pool = Pool::new(addrs, peer, cfg.nconnect, cfg.timeout, auth);
+        Ok((cfg, pool))
+    }
+
+    /// Connects to the server of `uri`, resolves the path and pins the file's version.
+    pub fn open(uri: &str, opts: &OpenOptions) -> Result<Self> {
+        let (cfg, pool) = Self::connect(uri, opts)?;
         let components = cfg.components.clone();
         let open_budget = cfg.retry_for.min(config::OPEN_RETRY_FOR);
         let resolved = Inner::call_with_retry(
@@ -413,7 +428,67 @@ impl NfsBackend {
         })
     }
 
-    /// The READ size in use (the smaller of `rsize` and the server's maxread).
+    /// Whether `meta` is what a [`Backend::stat`] of an NFS file gives (its version tag holds
+    /// the change attribute and the file handle), so that [`NfsBackend::open_pinned`] can open
+    /// the file it describes.
+    pub fn pins(meta: &ObjectMeta) -> bool {
+        meta.version.as_deref().and_then(proto::parse_tag).is_some()
+    }
+
+    /// Opens the file of `uri` pinned to `meta`, the size and version a [`Backend::stat`] of
+    /// the same URI gave moments ago (the check of a sharded checkpoint before its shards
+    /// load), without a request: the file handle comes from the version tag, so the path is
+    /// not walked again, and every READ's GETATTR is compared with the pinned change attribute
+    /// and size as after [`NfsBackend::open`]. A file modified since fails its first read with
+    /// `ObjectChanged`; one replaced (another file under the name) fails it with
+    /// `ObjectChanged` too once the server finds the old handle stale, and a [`Backend::stat`]
+    /// (the load's last look) fails for it in any case, as it walks the path. The READ size is
+    /// `rsize` (the server's maxread is not asked for; a server that allows less answers
+    /// shorter READs, which are continued). Refused (`InvalidInput`) for a `meta` without such
+    /// a tag (see [`NfsBackend::pins`]).
+    pub fn open_pinned(uri: &str, opts: &OpenOptions, meta: &ObjectMeta) -> Result<Self> {
+        let Some((change, fh)) = meta.version.as_deref().and_then(proto::parse_tag) else {
+            return Err(Failure::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "a read is pinned only to a version an NFS stat gave (change attribute and \
+                     file handle), not to {:?}",
+                    meta.version
+                ),
+                false,
+            )
+            .into_error(uri));
+        };
+        let (cfg, pool) = Self::connect(uri, opts)?;
+        let rsize = cfg.rsize;
+        Ok(NfsBackend {
+            inner: Arc::new(Inner {
+                uri: uri.to_string(),
+                fh: Arc::from(fh),
+                cfg,
+                pool,
+                pin: Version {
+                    change,
+                    size: meta.size,
+                },
+                rsize,
+                warned: AtomicBool::new(false),
+                cancel: opts.cancel.clone(),
+            }),
+        })
+    }
+
+    /// The size and version pinned at the opening (by the GETATTR of [`NfsBackend::open`]'s
+    /// request, or given to [`NfsBackend::open_pinned`]), without asking the server again.
+    pub fn last_seen(&self) -> ObjectMeta {
+        ObjectMeta {
+            size: self.inner.pin.size,
+            version: Some(self.inner.tag()),
+        }
+    }
+
+    /// The READ size in use (the smaller of `rsize` and the server's maxread; `rsize` for a
+    /// backend opened by [`NfsBackend::open_pinned`]).
     pub fn read_size(&self) -> usize {
         self.inner.rsize
     }
@@ -442,31 +517,42 @@ impl Backend for NfsBackend {
         &self.inner.uri
     }
 
-    /// Fresh attributes from the server; an error if the file changed since it was opened
-    /// (a backend serves one version of one file).
+    /// Fresh attributes from the server, of the file the path names now (one request that
+    /// walks the path, as the opening's); an error if it changed since it was opened, or if the
+    /// path now names another file (a backend serves one version of one file). Walking the
+    /// path finds a file replaced under its name even while the server still serves the old
+    /// one by its handle.
     fn stat(&self) -> Result<ObjectMeta> {
         let i = &self.inner;
         let retry = |f: &Failure| i.note_retry(f);
-        let attrs = Inner::call_with_retry(
+        let components = &i.cfg.components;
+        let resolved = Inner::call_with_retry(
             &i.pool,
             i.cfg.retries,
             i.cfg.retry_for,
             i.cancel.as_deref(),
             retry,
             |c, limits| {
-                let reply = c.call(limits, |e| proto::encode_stat(e, &i.fh))?;
-                decode_call(&reply, |s| proto::decode_stat(s))
+                let reply = c.call(limits, |e| proto::encode_resolve(e, components))?;
+                decode_call(&reply, |s| proto::decode_resolve(s, components))
             },
         )
         .map_err(|f| f.into_error(&i.uri))?;
-        let now = version_of(&attrs, "GETATTR").map_err(|f| f.into_error(&i.uri))?;
+        if *resolved.fh != *i.fh {
+            return Err(Failure::new(
+                ErrorKind::ObjectChanged,
+                "the file was replaced on the server since it was opened (the path names \
+                 another file now)"
+                    .into(),
+                false,
+            )
+            .into_error(&i.uri));
+        }
+        let now = version_of(&resolved.attrs, "GETATTR").map_err(|f| f.into_error(&i.uri))?;
         if now != i.pin {
             return Err(self.changed(now));
         }
-        Ok(ObjectMeta {
-            size: i.pin.size,
-            version: Some(i.pin.tag()),
-        })
+        Ok(self.last_seen())
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -490,17 +576,14 @@ impl Backend for NfsBackend {
         meta: &ObjectMeta,
         opts: &ReaderOptions,
     ) -> Result<Box<dyn RangeReader>> {
-        let pin = self.inner.pin;
-        if meta.size != pin.size || meta.version.as_ref().is_some_and(|v| *v != pin.tag()) {
+        let (pin, tag) = (self.inner.pin, self.inner.tag());
+        if meta.size != pin.size || meta.version.as_ref().is_some_and(|v| *v != tag) {
             return Err(Failure::new(
                 ErrorKind::ObjectChanged,
                 format!(
                     "load was planned for another version of the file ({} bytes, {:?}; the \
                      backend serves {} bytes, {})",
-                    meta.size,
-                    meta.version,
-                    pin.size,
-                    pin.tag()
+                    meta.size, meta.version, pin.size, tag
                 ),
                 false,
             )
@@ -516,7 +599,7 @@ impl Backend for NfsBackend {
 /// Decodes `data` as a hostile server's replies would be decoded (the fuzz target
 /// `nfs_replies` in `backends/fuzz`): up to four RPC records through a connection's
 /// record-marking reader, each as the reply to a LOOKUP of a path of `mode % 4` components
-/// (`mode / 4 % 3 == 0`), to a GETATTR (`1`) or to a READ of `read_len` bytes (`2`, decoded
+/// (`mode / 4 % 3 == 0`), of the export's root (`1`) or to a READ of `read_len` bytes (`2`, decoded
 /// straight from the stream as a connection does). Returns at the first error; panics only
 /// where a decoder broke its own contract.
 #[cfg(fuzzing)]
@@ -536,13 +619,11 @@ pub fn fuzz_replies(data: &[u8], mode: u8, read_len: u16) {
                     return;
                 };
                 assert!(body.len() <= conn::MAX_CALL_REPLY);
-                if kind == 0 {
-                    if let Ok(r) = decode_call(&body, |s| proto::decode_resolve(s, &components)) {
-                        assert!(!r.fh.is_empty() && r.fh.len() <= proto::MAX_FH, "{r:?}");
-                        let _ = version_of(&r.attrs, "LOOKUP");
-                    }
-                } else if let Ok(a) = decode_call(&body, |s| proto::decode_stat(s)) {
-                    let _ = version_of(&a, "GETATTR");
+                // (Kind 1 was a GETATTR by handle, before `stat` walked the path.)
+                let path = if kind == 0 { &components[..] } else { &[] };
+                if let Ok(r) = decode_call(&body, |s| proto::decode_resolve(s, path)) {
+                    assert!(!r.fh.is_empty() && r.fh.len() <= proto::MAX_FH, "{r:?}");
+                    let _ = version_of(&r.attrs, "LOOKUP");
                 }
                 Ok(())
             }

@@ -78,10 +78,35 @@ pub(crate) struct Version {
 }
 
 impl Version {
-    /// The string reported as [`tensorstream_engine::ObjectMeta::version`].
-    pub(crate) fn tag(&self) -> String {
-        format!("nfs4-change:{:x}", self.change)
+    /// The string reported as [`tensorstream_engine::ObjectMeta::version`] for this version of
+    /// the file whose handle is `fh`: the change attribute and the file handle (in hex), as a
+    /// local file's tag holds its inode. A file put in place of another under the same name
+    /// has another handle, so its tag differs even where its change attribute happens not to;
+    /// and a backend opened pinned to a tag ([`parse_tag`]) reads by that handle, without
+    /// walking the path again.
+    pub(crate) fn tag(&self, fh: &[u8]) -> String {
+        let mut s = format!("nfs4-change:{:x};fh=", self.change);
+        for b in fh {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
     }
+}
+
+/// The change attribute and the file handle of a tag [`Version::tag`] made; `None` for any
+/// other string (a tag of another backend, or of an older version of this one).
+pub(crate) fn parse_tag(tag: &str) -> Option<(u64, Vec<u8>)> {
+    let (change, fh) = tag.strip_prefix("nfs4-change:")?.split_once(";fh=")?;
+    let change = u64::from_str_radix(change, 16).ok()?;
+    if fh.is_empty() || fh.len() % 2 != 0 || fh.len() / 2 > MAX_FH || !fh.is_ascii() {
+        return None;
+    }
+    let fh = (0..fh.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&fh[i..i + 2], 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    // (Only the tag this function's twin writes: lowercase, no sign, no leading zeros.)
+    (Version { change, size: 0 }.tag(&fh) == tag).then_some((change, fh))
 }
 
 /// Writes COMPOUND4args' header (empty tag, minor version 0) for `nops` operations.
@@ -111,13 +136,6 @@ pub(crate) fn encode_resolve(e: &mut Enc, components: &[String]) {
         e.u32(OP_LOOKUP).opaque(c.as_bytes());
     }
     e.u32(OP_GETFH);
-    op_getattr(e, stat_bitmap());
-}
-
-/// Encodes PUTFH + GETATTR(stat).
-pub(crate) fn encode_stat(e: &mut Enc, fh: &[u8]) {
-    compound(e, 2);
-    e.u32(OP_PUTFH).opaque(fh);
     op_getattr(e, stat_bitmap());
 }
 
@@ -276,18 +294,6 @@ pub(crate) fn decode_resolve(
         return Ok(Err(f));
     }
     Ok(Ok(Resolved { fh, attrs }))
-}
-
-/// Decodes PUTFH + GETATTR results.
-pub(crate) fn decode_stat(src: &mut impl Source) -> Result<Result<Attrs, Failure>, XdrError> {
-    let (status, n) = decode_compound_header(src, 2)?;
-    op!(src, status, n, 0, OP_PUTFH, "PUTFH");
-    op!(src, status, n, 1, OP_GETATTR, "GETATTR");
-    let attrs = decode_fattr(src)?;
-    if let Err(f) = compound_ok(status) {
-        return Ok(Err(f));
-    }
-    Ok(Ok(attrs))
 }
 
 /// Outcome of a READ compound whose data went into the caller's buffer.

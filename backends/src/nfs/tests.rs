@@ -529,3 +529,30 @@ fn backoff_grows_and_is_capped() {
         assert!(super::backoff(a) <= Duration::from_secs(2));
     }
 }
+
+#[test]
+fn version_tags_hold_the_change_attribute_and_the_file_handle() {
+    let v = proto::Version {
+        change: 0x1f0a,
+        size: 7,
+    };
+    let tag = v.tag(&[0, 0xab, 7]);
+    assert_eq!(tag, "nfs4-change:1f0a;fh=00ab07");
+    assert_eq!(proto::parse_tag(&tag), Some((0x1f0a, vec![0, 0xab, 7])));
+    for other in [
+        "nfs4-change:1f0a",
+        "nfs4-change:1f0a;fh=",
+        "nfs4-change:1f0a;fh=0ab",
+        "nfs4-change:1F0A;fh=00ab07",
+        "nfs4-change:01f0a;fh=00ab07",
+        "nfs4-change:+1f0a;fh=00ab07",
+        "nfs4-change:1f0a;fh=00AB07",
+        "nfs4-change:1f0a;fh=+0ab07",
+        "nfs4-change:1f0a;fh=00ab0aé",
+        "\"etag\"",
+    ] {
+        assert_eq!(proto::parse_tag(other), None, "{other}");
+    }
+    let long = format!("nfs4-change:1;fh={}", "00".repeat(proto::MAX_FH + 1));
+    assert_eq!(proto::parse_tag(&long), None);
+}
