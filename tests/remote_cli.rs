@@ -995,6 +995,72 @@ fn a_shard_replaced_after_the_check_fails_its_nfs_load() {
     }
 }
 
+/// A proxy variable the HTTP client cannot use is refused (naming it) only for a request it
+/// would carry: a host that `NO_PROXY` exempts is asked directly whatever the proxy variables
+/// say, so a load from the real nginx and s3s-fs on 127.0.0.1 with `NO_PROXY=127.0.0.1` works
+/// (it was refused before), and without `NO_PROXY` the same load is refused.
+#[test]
+fn an_unusable_proxy_variable_is_no_error_for_a_host_no_proxy_exempts() {
+    let name = "proxy-exempt";
+    let shards: [&[usize]; 1] = [&[1000, 3000]];
+    let s3_envs = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), env("TS_S3_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), env("TS_S3_SECRET_KEY")),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+    ];
+    for (kind, root, uri, extra, mut envs) in [
+        (
+            "http",
+            env("TS_NGINX_ROOT"),
+            format!(
+                "{}/{name}/model.safetensors.index.json",
+                env("TS_NGINX_URL")
+            ),
+            vec![],
+            vec![],
+        ),
+        (
+            "s3",
+            env("TS_S3_ROOT"),
+            format!("s3://{name}/model.safetensors.index.json"),
+            vec!["--s3-endpoint".to_string(), env("TS_S3_ENDPOINT")],
+            s3_envs.clone(),
+        ),
+    ] {
+        let want = checkpoint::write(&PathBuf::from(root).join(name), &shards, 67);
+        envs.push((
+            "HTTP_PROXY".to_string(),
+            "http://user:pr0xysecret@bad host:3128".to_string(),
+        ));
+        let mut cmd = cli();
+        cmd.args(["load", &uri, "--quiet"])
+            .args(&extra)
+            .envs(envs.iter().map(|(k, v)| (k, v)));
+        for v in [
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            cmd.env_remove(v);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{kind}: {err}");
+        assert!(
+            err.contains("HTTP_PROXY is set but is not a proxy URL")
+                && !err.contains("pr0xysecret"),
+            "{kind}: {err}"
+        );
+        for no_proxy in ["NO_PROXY", "no_proxy"] {
+            let mut envs = envs.clone();
+            envs.push((no_proxy.to_string(), "localhost,127.0.0.1".to_string()));
+            loaded_as_written(&uri, &extra, &envs, &want);
+        }
+    }
+}
+
 /// The folder of fakecuda's libcuda.so (`scripts/fakecuda.sh` builds it), to load to "cuda:0"
 /// on a machine without a GPU.
 fn fakecuda() -> String {

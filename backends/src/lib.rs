@@ -160,18 +160,30 @@ pub(crate) fn proxy_note(env: &dyn Fn(&str) -> Option<String>) -> Option<String>
 /// `HTTP_PROXY`, and `ALL_PROXY`) set to a value the HTTP client cannot use: `reqwest`
 /// (hyper-util's matcher) skips such a value without a word and connects directly, so a
 /// mistyped `HTTPS_PROXY` would bypass the proxy meant to carry every request. A variable of
-/// the other scheme is not looked at (it would carry none of these requests). The checks are
-/// the matcher's: of `X_PROXY` and `x_proxy` the first that is set counts; a value must parse as
-/// a URI with an authority, and a scheme, if any, of http, https or socks4/4a/5/5h. An error
-/// names the variable, never its value (it may hold credentials). (`NO_PROXY` is not consulted:
-/// an unusable proxy variable is refused even for a host it exempts.)
+/// the other scheme is not looked at (it would carry none of these requests), nor any for a
+/// `host` that `NO_PROXY` (or `no_proxy`) exempts, whose requests go to it directly whatever
+/// the proxy variables say, nor any where `REQUEST_METHOD` is set (a CGI program, where the
+/// matcher uses no proxy at all). The checks are the matcher's: of `X_PROXY` and `x_proxy`
+/// the first that is set counts; a value must parse as a URI with an authority, and a scheme,
+/// if any, of http, https or socks4/4a/5/5h; `NO_PROXY` is asked of the matcher itself (a
+/// comma-separated list of host names, each matching itself and its subdomains, with or
+/// without a leading dot; IP addresses and CIDR ranges; `*` for every host). An error names
+/// the variable, never its value (it may hold credentials).
 #[cfg(any(feature = "http", feature = "s3"))]
-pub(crate) fn check_proxy_env(env: &dyn Fn(&str) -> Option<String>, https: bool) -> Result<()> {
+pub(crate) fn check_proxy_env(
+    env: &dyn Fn(&str) -> Option<String>,
+    https: bool,
+    host: &str,
+) -> Result<()> {
+    if env("REQUEST_METHOD").is_some() {
+        return Ok(());
+    }
     let scheme = if https {
         ["HTTPS_PROXY", "https_proxy"]
     } else {
         ["HTTP_PROXY", "http_proxy"]
     };
+    let mut no_proxy = None;
     for [upper, lower] in [scheme, ["ALL_PROXY", "all_proxy"]] {
         let (name, value) = match (env(upper), env(lower)) {
             (Some(v), _) => (upper, v),
@@ -190,7 +202,14 @@ pub(crate) fn check_proxy_env(env: &dyn Fn(&str) -> Option<String>, https: bool)
                     )
                 })
         });
-        if !usable {
+        if usable {
+            continue;
+        }
+        let exempt = *no_proxy.get_or_insert_with(|| {
+            let list = env("NO_PROXY").or_else(|| env("no_proxy"));
+            list.is_some_and(|list| no_proxy_exempts(&list, https, host))
+        });
+        if !exempt {
             return Err(Error::invalid(format!(
                 "{name} is set but is not a proxy URL the HTTP client can use (expected \
                  http://host:port, https://… or socks5://…; the value is not shown): requests \
@@ -199,6 +218,23 @@ pub(crate) fn check_proxy_env(env: &dyn Fn(&str) -> Option<String>, https: bool)
         }
     }
     Ok(())
+}
+
+/// Whether the `NO_PROXY` list `list` exempts requests to `host` (as a URI writes it: an IPv6
+/// address in brackets) from the proxy, as the HTTP client's matcher decides: asked of the
+/// matcher itself, given a stand-in proxy that it would otherwise use.
+#[cfg(any(feature = "http", feature = "s3"))]
+fn no_proxy_exempts(list: &str, https: bool, host: &str) -> bool {
+    use hyper_util::client::proxy::matcher::Matcher;
+    let scheme = if https { "https" } else { "http" };
+    let Ok(dst) = format!("{scheme}://{host}/").parse::<::http::Uri>() else {
+        return false;
+    };
+    let matcher = Matcher::builder()
+        .all("http://proxy.invalid:3128")
+        .no(list)
+        .build();
+    matcher.intercept(&dst).is_none()
 }
 
 /// Options shared by all backends; each backend reads the ones that concern it.
@@ -499,7 +535,10 @@ mod debug_tests {
                 &[("all_proxy", "socks5h://p:1")],
                 &[("HTTPS_PROXY", "")],
             ] {
-                assert!(super::check_proxy_env(&env(ok), https).is_ok(), "{ok:?}");
+                assert!(
+                    super::check_proxy_env(&env(ok), https, "example.com").is_ok(),
+                    "{ok:?}"
+                );
             }
         }
         // (https, variables, the one named): a variable of the other scheme carries none of
@@ -520,7 +559,7 @@ mod debug_tests {
             (false, &[("ALL_PROXY", "http://")], Some("ALL_PROXY")),
             (true, &[("ALL_PROXY", "http://")], Some("ALL_PROXY")),
         ] {
-            let r = super::check_proxy_env(&env(bad), https);
+            let r = super::check_proxy_env(&env(bad), https, "example.com");
             let Some(name) = name else {
                 assert!(r.is_ok(), "https {https}, {bad:?}: {r:?}");
                 continue;
@@ -528,6 +567,65 @@ mod debug_tests {
             let e = r.unwrap_err().to_string();
             assert!(e.contains(name) && !e.contains("s3cret"), "{bad:?}: {e}");
         }
+    }
+
+    /// An unusable proxy variable is not refused for a host that NO_PROXY (or no_proxy)
+    /// exempts, as the HTTP client's matcher reads it: its requests go there directly.
+    #[cfg(any(feature = "http", feature = "s3"))]
+    #[test]
+    fn an_unusable_proxy_variable_is_not_refused_for_a_host_no_proxy_exempts() {
+        let bad = "http://u:s3cret@bad host:1";
+        // (NO_PROXY, host, exempt)
+        for (no, host, exempt) in [
+            ("127.0.0.1", "127.0.0.1", true),
+            ("127.0.0.1", "127.0.0.2", false),
+            ("10.0.0.0/8, example.com", "10.1.2.3", true),
+            ("10.0.0.0/8", "11.1.2.3", false),
+            ("::1", "[::1]", true),
+            ("example.com", "example.com", true),
+            ("example.com", "s3.example.com", true),
+            ("example.com", "S3.EXAMPLE.COM", true),
+            (".example.com", "s3.example.com", true),
+            ("example.com", "notexample.com", false),
+            ("other.org,example.com", "a.example.com", true),
+            (" other.org , example.com ", "a.example.com", true),
+            ("*", "anything.at.all", true),
+            ("*.example.com", "a.example.com", false),
+            ("", "example.com", false),
+        ] {
+            for (var, https) in [("HTTP_PROXY", false), ("https_proxy", true)] {
+                for no_var in ["NO_PROXY", "no_proxy"] {
+                    let vars = [(var, bad), (no_var, no)];
+                    let env = |v: &str| {
+                        vars.iter()
+                            .find(|(k, _)| *k == v)
+                            .map(|(_, x)| x.to_string())
+                    };
+                    let r = super::check_proxy_env(&env, https, host);
+                    assert_eq!(r.is_ok(), exempt, "{var}, {no_var}={no:?}, {host}: {r:?}");
+                }
+            }
+        }
+        // NO_PROXY counts before no_proxy, as for the matcher.
+        let vars = [
+            ("HTTP_PROXY", bad),
+            ("NO_PROXY", "other.org"),
+            ("no_proxy", "*"),
+        ];
+        let env = |v: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == v)
+                .map(|(_, x)| x.to_string())
+        };
+        assert!(super::check_proxy_env(&env, false, "example.com").is_err());
+        // A CGI program (REQUEST_METHOD set): the matcher uses no proxy at all.
+        let vars = [("ALL_PROXY", bad), ("REQUEST_METHOD", "GET")];
+        let env = |v: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == v)
+                .map(|(_, x)| x.to_string())
+        };
+        assert!(super::check_proxy_env(&env, true, "example.com").is_ok());
     }
 
     #[cfg(any(feature = "http", feature = "s3"))]

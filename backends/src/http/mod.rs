@@ -225,7 +225,8 @@ impl HttpBackend {
                 .with_backend("http")
                 .with_location(display));
         }
-        crate::check_proxy_env(&|v| std::env::var(v).ok(), url.scheme() == "https")
+        let host = url.host_str().unwrap_or_default();
+        crate::check_proxy_env(&|v| std::env::var(v).ok(), url.scheme() == "https", host)
             .map_err(|e| e.with_backend("http").with_location(&display))?;
         if cfg.concurrency == 0 || cfg.chunk_size == 0 || cfg.timeout.is_zero() {
             return Err(Error::invalid(

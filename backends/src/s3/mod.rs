@@ -507,7 +507,7 @@ impl S3Backend {
             .endpoint
             .as_deref()
             .is_none_or(|e| e.to_ascii_lowercase().starts_with("https:"));
-        crate::check_proxy_env(&|v| std::env::var(v).ok(), https)
+        crate::check_proxy_env(&|v| std::env::var(v).ok(), https, &request_host(&loc, &cfg))
             .map_err(|e| e.with_backend("s3").with_location(&uri))?;
         let rt = Runtime::new()?;
         let handle = rt.handle()?;
@@ -653,6 +653,42 @@ mod bundles {
     #[cfg(test)]
     pub(super) fn parses(path: &Path) -> usize {
         kept().get(path).map_or(0, |e| e.2)
+    }
+}
+
+/// The host S3 requests for `loc` go to, as OpenDAL builds it (`build_operator`): the
+/// endpoint's (without a leading `bucket.`; AWS's global endpoint, or none, for the region's:
+/// `s3.REGION.amazonaws.com`), after `bucket.` with virtual-host style. For the proxy check
+/// (`NO_PROXY` is matched against it).
+fn request_host(loc: &S3Location, cfg: &S3Config) -> String {
+    let endpoint_host = cfg.endpoint.as_deref().and_then(|e| {
+        let e = if e.starts_with("http") {
+            e.to_string()
+        } else {
+            format!("https://{e}")
+        };
+        e.parse::<::http::Uri>()
+            .ok()?
+            .host()
+            .map(str::to_ascii_lowercase)
+    });
+    let host = match endpoint_host {
+        Some(h) => {
+            let h = h
+                .strip_prefix(&format!("{}.", loc.bucket))
+                .map_or(h.clone(), str::to_string);
+            if h == "s3.amazonaws.com" {
+                format!("s3.{}.amazonaws.com", cfg.region)
+            } else {
+                h
+            }
+        }
+        None => format!("s3.{}.amazonaws.com", cfg.region),
+    };
+    if cfg.virtual_host_style {
+        format!("{}.{host}", loc.bucket)
+    } else {
+        host
     }
 }
 

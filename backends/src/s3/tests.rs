@@ -369,3 +369,33 @@ fn s3_error_debug_text_is_read_back() {
         None
     );
 }
+
+/// The host the unusable-proxy check matches NO_PROXY against is the one OpenDAL sends the
+/// requests to.
+#[test]
+fn the_proxy_check_matches_no_proxy_against_the_requests_host() {
+    let loc = S3Location::parse("s3://bkt/a/b.safetensors").unwrap();
+    let host = |endpoint: Option<&str>, virtual_host: bool| {
+        let mut cfg = S3Config::resolve(&OpenOptions::default(), &|name| match name {
+            "AWS_REGION" => Some("eu-west-3".to_string()),
+            _ => None,
+        })
+        .unwrap();
+        cfg.endpoint = endpoint.map(str::to_string);
+        cfg.virtual_host_style = virtual_host;
+        super::request_host(&loc, &cfg)
+    };
+    assert_eq!(host(None, false), "s3.eu-west-3.amazonaws.com");
+    assert_eq!(host(None, true), "bkt.s3.eu-west-3.amazonaws.com");
+    assert_eq!(
+        host(Some("https://s3.amazonaws.com"), false),
+        "s3.eu-west-3.amazonaws.com"
+    );
+    assert_eq!(host(Some("http://127.0.0.1:9000"), false), "127.0.0.1");
+    assert_eq!(host(Some("http://[::1]:9000/"), false), "[::1]");
+    assert_eq!(host(Some("minio.lan:9000"), true), "bkt.minio.lan");
+    assert_eq!(
+        host(Some("https://bkt.store.example"), false),
+        "store.example"
+    );
+}
