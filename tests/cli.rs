@@ -1841,3 +1841,176 @@ fn every_filter_must_match_something() {
     let e = run_err(&["load", d, "--filter", "*", "--filter", "typo"]);
     assert!(e.contains("filter \"typo\" matches none"), "{e}");
 }
+
+/// What README.md says about the CLI matches the CLI itself: every subcommand it runs exists
+/// (and every subcommand is shown), every `--flag` it gives a subcommand (in a command line, or
+/// an inline `load --flag` / `--flag` span) is one the subcommand (or some subcommand) accepts,
+/// the options table names only flags every command accepts, and a default the `--help` text
+/// states for a flag of that table appears in the flag's row; and every option `--help` lists
+/// is mentioned, the shared ones in the options table.
+#[test]
+fn readme_cli_claims_match_the_cli() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    // Each subcommand's options as `--help` lists them: flag (and alias) → `[default: …]`.
+    let subs = ["inspect", "load", "demo", "convert", "bench"];
+    let help = |sub: &str| {
+        let out = run_ok(&[sub, "--help"]);
+        let mut opts = std::collections::BTreeMap::<String, Option<String>>::new();
+        for line in out.lines().filter(|l| l.trim_start().starts_with('-')) {
+            let default = line
+                .split("[default: ")
+                .nth(1)
+                .map(|d| d.split([']', ';']).next().unwrap().trim().to_string());
+            for w in flags_in(line.split("  ").find(|s| !s.trim().is_empty()).unwrap()) {
+                opts.insert(w, default.clone());
+            }
+            if let Some(alias) = line.split("Alias: ").nth(1) {
+                opts.extend(flags_in(alias).into_iter().map(|a| (a, None)));
+            }
+        }
+        opts
+    };
+    let helps: std::collections::BTreeMap<&str, _> = subs.iter().map(|&s| (s, help(s))).collect();
+    let top = run_ok(&["--help"]);
+    for s in &subs {
+        assert!(
+            top.contains(&format!("  {s} ")),
+            "subcommand {s} missing from --help: {top}"
+        );
+        assert!(
+            readme.contains(&format!("tensorstream {s} ")),
+            "README.md shows no `tensorstream {s} …` command line"
+        );
+    }
+    let mut problems = Vec::new();
+    // And the other way: every option is documented, the shared ones in the options table.
+    let readme_flags: std::collections::BTreeSet<String> = flags_in(&readme).into_iter().collect();
+    let table_flags: std::collections::BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `--")?.split(" | ").next())
+        .flat_map(|names| flags_in(&format!("`--{names}")))
+        .collect();
+    for (s, opts) in &helps {
+        for f in opts.keys().filter(|f| *f != "--help") {
+            let shared = helps.values().all(|h| h.contains_key(f));
+            if shared && s != &"load" {
+                continue; // (checked once)
+            }
+            if shared && !table_flags.contains(f) {
+                problems.push(format!(
+                    "{f} (every command's) has no row in the options table"
+                ));
+            } else if !readme_flags.contains(f) {
+                problems.push(format!("{f} (of `{s}`) is not mentioned in README.md"));
+            }
+        }
+    }
+    let check =
+        |problems: &mut Vec<String>, sub: Option<&str>, flags: Vec<String>, context: &str| {
+            for f in flags {
+                let known = match sub {
+                    Some(s) => helps[s].contains_key(&f),
+                    None => helps.values().any(|h| h.contains_key(&f)),
+                };
+                if !known {
+                    let whose = sub.map_or("any subcommand".to_string(), |s| format!("`{s}`"));
+                    problems.push(format!("{f} is not an option of {whose}: {context}"));
+                }
+            }
+        };
+    // The fenced block a line is in: its language (`sh`, `rust`, …), or None outside one.
+    let mut block: Option<&str> = None;
+    for line in readme.lines() {
+        if let Some(lang) = line.strip_prefix("```") {
+            block = if block.is_some() { None } else { Some(lang) };
+            continue;
+        }
+        if let Some(lang) = block {
+            if lang != "sh" {
+                continue;
+            }
+            // A command line running the tool (also behind `scripts/fakecuda.sh run`): its
+            // subcommand must exist and take every flag on the line, comments included.
+            if let Some(rest) = line
+                .split("tensorstream ")
+                .nth(1)
+                .filter(|_| line.starts_with("tensorstream ") || line.contains("/tensorstream "))
+            {
+                let sub = rest.split_whitespace().next().unwrap_or("");
+                if !subs.contains(&sub) {
+                    problems.push(format!("unknown subcommand {sub:?}: {line}"));
+                    continue;
+                }
+                check(&mut problems, Some(sub), flags_in(rest), line);
+            }
+            continue;
+        }
+        // Inline code spans: `load --flag …` (a subcommand's) or `--flag …` (some subcommand's).
+        for span in line.split('`').skip(1).step_by(2) {
+            let first = span.split_whitespace().next().unwrap_or("");
+            let span = span.strip_prefix("tensorstream ").unwrap_or(span);
+            let sub = span.split_whitespace().next().unwrap_or("");
+            if subs.contains(&sub) && span.contains(" --") {
+                check(&mut problems, Some(sub), flags_in(span), span);
+            } else if first.starts_with("--") {
+                check(&mut problems, None, flags_in(span), span);
+            }
+        }
+        // The options table: its flags are shared by every subcommand, and a default `--help`
+        // states (a plain value) is stated in the row too.
+        if let Some(row) = line.strip_prefix("| `--") {
+            let (names, meaning) = row.split_once(" | ").unwrap();
+            let names = flags_in(&format!("`--{names}"));
+            for s in &subs {
+                check(&mut problems, Some(s), names.clone(), line);
+            }
+            let squeezed = meaning.replace(" MiB", "MiB").replace(" KiB", "KiB");
+            let has = |text: &str, d: &str| {
+                text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+                    .any(|w| w.trim_end_matches('.') == d)
+            };
+            // Plain defaults (not "the backend's: …"), in the order of the row's flags.
+            let defaults: Vec<(&String, &String)> = names
+                .iter()
+                .filter_map(|f| Some((f, helps["load"].get(f)?.as_ref()?)))
+                .filter(|(_, d)| d.chars().all(|c| c.is_ascii_alphanumeric() || c == '.'))
+                .collect();
+            // A row of several flags gives their defaults in parentheses, in order.
+            let groups: Vec<&str> = squeezed.split('(').skip(1).collect();
+            for (k, (f, d)) in defaults.iter().enumerate() {
+                let stated = if defaults.len() > 1 {
+                    groups
+                        .get(k)
+                        .is_some_and(|g| has(g.split(')').next().unwrap(), d))
+                } else {
+                    has(&squeezed, d)
+                };
+                if !stated {
+                    problems.push(format!(
+                        "{f}: --help's default {d} is not in its row: {line}"
+                    ));
+                }
+            }
+        }
+    }
+    problems.dedup();
+    assert!(
+        problems.is_empty(),
+        "README.md vs the CLI:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The `--long-flag` names in `text`.
+fn flags_in(text: &str) -> Vec<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| {
+            w.starts_with("--")
+                && w.len() > 2
+                && w.as_bytes()[2].is_ascii_alphabetic()
+                && !w.ends_with('-')
+        })
+        .map(str::to_string)
+        .collect()
+}
