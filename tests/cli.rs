@@ -2014,3 +2014,23 @@ fn flags_in(text: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// `--help` says what README.md says: the kernel-NFS-mount queue depth among the defaults of
+/// `--concurrency`, that `demo --keep` keeps the file `--dir` would see removed, and a count
+/// placeholder `<N>` for `bench --repeat` as for every other count.
+#[test]
+fn help_texts_agree_with_the_readme() {
+    let line = |sub: &str, flag: &str| {
+        run_ok(&[sub, "--help"])
+            .lines()
+            .find(|l| l.trim_start().starts_with(flag))
+            .unwrap_or_else(|| panic!("{sub} --help lists no {flag}"))
+            .to_string()
+    };
+    let c = line("load", "--concurrency");
+    assert!(c.contains("kernel NFS mount"), "{c}");
+    let d = line("demo", "--dir");
+    assert!(d.contains("--keep"), "{d}");
+    let r = line("bench", "--repeat");
+    assert!(r.starts_with("      --repeat <N> "), "{r}");
+}

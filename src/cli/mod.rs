@@ -65,7 +65,8 @@ enum Cmd {
         /// Size of the generated model (e.g. 1GiB, 512MiB, 2G).
         #[arg(long, default_value = "1GiB", value_parser = parse_size)]
         size: u64,
-        /// Directory for the temporary file (default: $TMPDIR or /tmp). Removed afterwards.
+        /// Directory for the temporary file (default: $TMPDIR or /tmp). Removed afterwards,
+        /// unless --keep.
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
         /// Keep the generated file (once it is completely written, even if the run stops later)
@@ -119,7 +120,7 @@ enum Cmd {
         #[arg(long)]
         warm: bool,
         /// Runs of each kind (at least 1).
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
         #[command(flatten)]
         io: IoArgs,
@@ -130,8 +131,8 @@ enum Cmd {
 #[derive(Args, Debug, Clone)]
 struct IoArgs {
     /// Reads in flight (local queue depth / remote concurrent requests; at most 1024) [default:
-    /// the backend's: local 16, NFS 32, HTTP 32, S3 16; GPU loads of local files: one per
-    /// pinned slot (--slots), up to 32]. Alias: --queue-depth.
+    /// the backend's: local 16 (64 on a kernel NFS mount), NFS 32, HTTP 32, S3 16; GPU loads of
+    /// local files: one per pinned slot (--slots), up to 32]. Alias: --queue-depth.
     #[arg(long, alias = "queue-depth", value_name = "N")]
     concurrency: Option<usize>,
     /// Size of one read, e.g. 8MiB (K/M/G = KiB/MiB/GiB; at least 4 KiB) [default: the
@@ -485,7 +486,6 @@ fn is_broken_pipe(e: &Error) -> bool {
         .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
-/// Runs the CLI; returns the process exit code.
 impl IoArgs {
     /// The GPU flags given a value other than their default.
     fn gpu_flags_set(&self) -> Vec<&'static str> {
@@ -570,6 +570,7 @@ impl IoArgs {
     }
 }
 
+/// Runs the CLI; returns the process exit code.
 pub fn run() -> i32 {
     let cli = Cli::parse();
     tensorstream::engine::log_warnings_to_stderr();
