@@ -449,6 +449,21 @@ fn inspect_marks_the_manifests_meta_tensors_as_zeros() {
     assert!(metas >= 1, "the fixtures have a meta tensor");
 }
 
+/// The table's footnote counts the meta tensors in words that fit the count.
+#[test]
+fn inspect_footnote_counts_one_meta_tensor_in_the_singular() {
+    let path = fixtures().join("v4_module_with_meta.tensors");
+    let out = ok(bin().args(["inspect", path.to_str().unwrap()]));
+    let note = out
+        .lines()
+        .find(|l| l.starts_with("(zeros):"))
+        .unwrap_or_else(|| panic!("no (zeros) footnote: {out}"));
+    assert!(
+        note.starts_with("(zeros): 1 tensorizer meta tensor stores no bytes"),
+        "{note}"
+    );
+}
+
 /// `convert` checks a tensorizer input's hashes even without `--verify`: a corrupted tensor
 /// would otherwise come out of a tensorizer-to-tensorizer conversion with fresh hashes of its
 /// corrupted bytes, and pass every later `--verify`.

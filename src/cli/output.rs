@@ -337,8 +337,13 @@ fn print_index(uri: &str, idx: &TensorIndex) -> Result<(), Error> {
     }
     out!("total {} bytes", idx.total_bytes())?;
     if zeros > 0 {
+        let (tensors, store) = if zeros == 1 {
+            ("tensor", "stores")
+        } else {
+            ("tensors", "store")
+        };
         out!(
-            "(zeros): {zeros} tensorizer meta tensors store no bytes and load as zeros (a \
+            "(zeros): {zeros} tensorizer meta {tensors} {store} no bytes and load as zeros (a \
              conversion to safetensors writes the zeros)"
         )?;
     }
