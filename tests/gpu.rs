@@ -7,6 +7,10 @@ use std::path::PathBuf;
 #[path = "support/checkpoint.rs"]
 mod checkpoint;
 
+#[path = "support/threads.rs"]
+mod threads;
+use threads::threads_named;
+
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tensorstream::engine::format::tensorizer::KeySource;
@@ -1367,15 +1371,6 @@ fn gpu_a_corrupt_meta_header_in_a_later_shard_fails_before_any_copy() {
     let m = on().load_cuda().expect("the repaired checkpoint");
     let (dm, t) = m.get("layers.2.w1").unwrap();
     assert_eq!(dm.to_host(&t).unwrap(), vec![0u8; 64]);
-}
-
-/// Threads of this process named `name`.
-fn threads_named(name: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|c| c.trim() == name)
-        .count()
 }
 
 /// A sharded GPU load (streaming or not, with a cancel flag) of many shards runs no stop-flag

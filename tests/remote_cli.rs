@@ -10,6 +10,10 @@ use std::process::Command;
 #[path = "support/checkpoint.rs"]
 mod checkpoint;
 
+#[path = "support/threads.rs"]
+mod threads;
+use threads::threads_named;
+
 #[path = "../backends/tests/support/proxy.rs"]
 mod proxy;
 
@@ -1131,15 +1135,6 @@ fn wait_for(limit: std::time::Duration, mut done: impl FnMut() -> bool, what: im
         assert!(std::time::Instant::now() < until, "{}", what());
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-}
-
-/// Threads of this process named `name` (Linux).
-fn threads_named(name: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|c| c.trim() == name)
-        .count()
 }
 
 /// nginx behind a proxy that asks `gate` about each request and strips the version tags (so
