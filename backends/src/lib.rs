@@ -516,17 +516,20 @@ mod uri_tests {
 mod debug_tests {
     use super::OpenOptions;
 
+    /// An environment made of `pairs` (name, value), as the proxy checks read one.
+    #[cfg(any(feature = "http", feature = "s3"))]
+    fn env_of<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
     #[cfg(any(feature = "http", feature = "s3"))]
     #[test]
     fn unusable_proxy_variables_are_refused_by_name() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |v: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == v)
-                    .map(|(_, x)| x.to_string())
-            }
-        };
         for https in [false, true] {
             for ok in [
                 &[][..],
@@ -536,7 +539,7 @@ mod debug_tests {
                 &[("HTTPS_PROXY", "")],
             ] {
                 assert!(
-                    super::check_proxy_env(&env(ok), https, "example.com").is_ok(),
+                    super::check_proxy_env(&env_of(ok), https, "example.com").is_ok(),
                     "{ok:?}"
                 );
             }
@@ -559,7 +562,7 @@ mod debug_tests {
             (false, &[("ALL_PROXY", "http://")], Some("ALL_PROXY")),
             (true, &[("ALL_PROXY", "http://")], Some("ALL_PROXY")),
         ] {
-            let r = super::check_proxy_env(&env(bad), https, "example.com");
+            let r = super::check_proxy_env(&env_of(bad), https, "example.com");
             let Some(name) = name else {
                 assert!(r.is_ok(), "https {https}, {bad:?}: {r:?}");
                 continue;
@@ -596,12 +599,7 @@ mod debug_tests {
             for (var, https) in [("HTTP_PROXY", false), ("https_proxy", true)] {
                 for no_var in ["NO_PROXY", "no_proxy"] {
                     let vars = [(var, bad), (no_var, no)];
-                    let env = |v: &str| {
-                        vars.iter()
-                            .find(|(k, _)| *k == v)
-                            .map(|(_, x)| x.to_string())
-                    };
-                    let r = super::check_proxy_env(&env, https, host);
+                    let r = super::check_proxy_env(&env_of(&vars), https, host);
                     assert_eq!(r.is_ok(), exempt, "{var}, {no_var}={no:?}, {host}: {r:?}");
                 }
             }
@@ -612,36 +610,18 @@ mod debug_tests {
             ("NO_PROXY", "other.org"),
             ("no_proxy", "*"),
         ];
-        let env = |v: &str| {
-            vars.iter()
-                .find(|(k, _)| *k == v)
-                .map(|(_, x)| x.to_string())
-        };
-        assert!(super::check_proxy_env(&env, false, "example.com").is_err());
+        assert!(super::check_proxy_env(&env_of(&vars), false, "example.com").is_err());
         // A CGI program (REQUEST_METHOD set): the matcher uses no proxy at all.
         let vars = [("ALL_PROXY", bad), ("REQUEST_METHOD", "GET")];
-        let env = |v: &str| {
-            vars.iter()
-                .find(|(k, _)| *k == v)
-                .map(|(_, x)| x.to_string())
-        };
-        assert!(super::check_proxy_env(&env, true, "example.com").is_ok());
+        assert!(super::check_proxy_env(&env_of(&vars), true, "example.com").is_ok());
     }
 
     #[cfg(any(feature = "http", feature = "s3"))]
     #[test]
     fn a_connect_failure_names_the_proxy_variables_set_not_their_values() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
-        assert_eq!(super::proxy_note(&env(&[("NO_PROXY", "h")])), None);
-        assert_eq!(super::proxy_note(&env(&[("HTTPS_PROXY", " ")])), None);
-        let note = super::proxy_note(&env(&[
+        assert_eq!(super::proxy_note(&env_of(&[("NO_PROXY", "h")])), None);
+        assert_eq!(super::proxy_note(&env_of(&[("HTTPS_PROXY", " ")])), None);
+        let note = super::proxy_note(&env_of(&[
             ("HTTPS_PROXY", "http://u:s3cret@proxy:3128"),
             ("all_proxy", "socks5://p:1"),
         ]))
