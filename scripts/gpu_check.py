@@ -556,6 +556,18 @@ def main():
               ["uname", "-r"], ["df", "-h", WORK], ["cat", os.path.join(G, "COMMIT")]):
         rc, out, err, _, _ = run(c, 30)
         say(" ".join(c[:1]), "->", (out or err).strip())
+    # The CPU and memory topology the warm route runs on (not recorded by any run so far):
+    # NUMA nodes and which of them the GPU hangs off, for telling a memory-bandwidth or
+    # cross-socket limit of the warm copies from a slow copy.
+    rc, out, err, _, _ = run(["lscpu"], 30)
+    for line in (out or err).splitlines():
+        if line.split(":")[0].strip() in ("Model name", "Socket(s)", "Core(s) per socket",
+                                          "Thread(s) per core", "NUMA node(s)", "L3", "L3 cache") \
+                or line.startswith("NUMA node"):
+            say("lscpu ->", " ".join(line.split()))
+    rc, out, err, _, _ = run(["nvidia-smi", "topo", "-m"], 30)
+    for line in (out or err).strip().splitlines()[:4]:
+        say("nvidia-smi topo ->", " ".join(line.split()))
     ok, detail = sources_match()
     check("binaries built from these sources", ok,
           detail + ("" if ok else " (results below are for other code: rebuild .gpu/)"))
