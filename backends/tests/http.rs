@@ -850,6 +850,37 @@ fn a_server_slower_than_min_rate_is_given_up_on_even_when_each_cut_brings_much()
 }
 
 #[test]
+fn a_slow_server_answering_short_ranges_is_given_up_on() {
+    let r = rig();
+    let data = pattern(1 << 20, 10);
+    write_file(r.dir.path(), "x.bin", &data);
+    // Every 206 is cut to 64 KiB (enough to count as progress for a shorter answer) and sent
+    // at 16 KiB every 400 ms (~40 KiB/s) against an accepted 1 MiB/s. Each answer, on its own,
+    // arrives well within the 3 s + 1 s one GET for the 1 MiB range gets; the answers for the
+    // range together must do so too, or the server could hold a load for hours at a few KiB/s
+    // (it did: 16 answers of 64 KiB, the range read whole, however slowly they came).
+    r.proxy.set_faults(Faults {
+        shorten_206: Some(64 << 10),
+        trickle: Some((16 << 10, Duration::from_millis(400))),
+        ..Default::default()
+    });
+    let cfg = HttpConfig {
+        min_rate: 1 << 20,
+        ..quick_cfg(1, 1 << 20, Duration::from_secs(3), 2)
+    };
+    let b = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg).unwrap();
+    let got = within(Duration::from_secs(90), move || {
+        b.read_at(0, &mut vec![0u8; 1 << 20])
+    });
+    let e = got.expect_err("a server slower than min_rate in short answers was read to the end");
+    // (Cut mid-answer as too slow, or between answers, with no byte of the next, as stalled.)
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("giving up after 3 attempts"), "{e}");
+    let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert!(gets < 16, "{gets} GETs: {:?}", r.proxy.log());
+}
+
+#[test]
 fn a_server_that_resets_after_every_few_bytes_is_given_up_on() {
     let r = rig();
     let data = pattern(1 << 20, 8);

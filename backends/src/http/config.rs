@@ -48,8 +48,10 @@ pub struct HttpConfig {
     /// timeout) cannot hold a load forever. A GET cut this way is resumed where it stopped (its
     /// bytes are kept), but counts as a failed attempt whatever it brought: a range that is
     /// still not complete after `max_retries` such cuts in a row fails with a `Timeout` error
-    /// ("too slow"). In practice a connection slower than about 30 KiB/s fails with the defaults
-    /// (six attempts of 30 s or more for 8 MiB). 0: no limit.
+    /// ("too slow"). The answers to a GET that the server answered with a shorter range share
+    /// that GET's time, and progress does not take a cut off the count, so a server answering
+    /// small ranges slowly is given up on as well. In practice a connection slower than about
+    /// 30 KiB/s fails with the defaults (six attempts of 30 s or more for 8 MiB). 0: no limit.
     pub min_rate: u64,
     /// Retries of one range that made no progress (connection errors, 429, 5xx, stalls, fewer
     /// than [`PROGRESS_MIN`] bytes, answers cut for being slower than `min_rate`).

@@ -447,8 +447,18 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
     let dest = &mut dest[..want];
     let mut pos = 0usize;
     let mut failures = 0u32;
+    // Answers cut for slowness so far: progress never takes them off the count of failures.
+    let mut slow_cuts = 0u32;
+    // The deadline of the GETs answering the range since the last failed attempt: a shorter
+    // answer is continued within the time the GET it answered had (see `attempt_deadline`),
+    // so that a server answering small ranges slowly is cut as a slow one is. (Each answer on
+    // its own time, and the count of failures restarted by each, let 64 KiB every 30 s count
+    // as progress for as long as the range lasted.)
+    let mut chain: Option<Option<tokio::time::Instant>> = None;
     while pos < want {
-        let (got, outcome) = attempt(ctx, pin, offset + pos as u64, &mut dest[pos..]).await;
+        let deadline = *chain.get_or_insert_with(|| attempt_deadline(&ctx.cfg, want - pos));
+        let (got, outcome) =
+            attempt(ctx, pin, offset + pos as u64, &mut dest[pos..], deadline).await;
         // Progress restarts the retry count only when it is real: a server that sends a byte
         // and then fails (or trickles) must not be retried forever.
         let progress = got > 0 && got >= PROGRESS_MIN.min(want - pos);
@@ -476,7 +486,7 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
                 continue;
             }
             Ok(()) => {
-                failures = 0;
+                failures = slow_cuts;
                 continue;
             }
             Err(Failure::Fatal(e)) => return Err(*e),
@@ -487,11 +497,16 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
             // Everything arrived; only the tail of the exchange failed.
             break;
         }
+        // The next GET starts a new allowance.
+        chain = None;
         if progress && !slow {
             // Progress: resume from `pos`; only attempts without progress count. (An answer
             // cut for slowness is resumed too, but counted whatever it brought: a server slower
             // than `min_rate` must not hold a load for hours by bringing a little each time.)
-            failures = 0;
+            failures = slow_cuts;
+        }
+        if slow {
+            slow_cuts += 1;
         }
         failures += 1;
         if failures > ctx.cfg.max_retries {
@@ -503,15 +518,17 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
 }
 
 /// One GET for `dest.len()` bytes at `start`. Returns the bytes written to `dest` (a prefix),
-/// also when the attempt failed part-way.
+/// also when the attempt failed part-way. A `206` must arrive whole by `deadline` (from
+/// [`attempt_deadline`], for this GET or, when it continues a shorter answer, for the GET
+/// that answer came to) or it is cut as too slow.
 async fn attempt(
     ctx: &Ctx,
     pin: &Pin,
     start: u64,
     dest: &mut [u8],
+    deadline: Option<tokio::time::Instant>,
 ) -> (usize, Result<(), Failure>) {
     let end = start + dest.len() as u64 - 1; // dest is non-empty
-    let deadline = attempt_deadline(&ctx.cfg, dest.len());
     let range = format!("bytes={start}-{end}");
     let mut resp = match send(ctx, reqwest::Method::GET, Some(pin), Some(&range)).await {
         Ok(r) => r,
