@@ -1102,6 +1102,34 @@ fn a_server_that_stays_too_slow_is_given_up_on_after_three_cuts() {
     assert_eq!(cut, 3, "{log:?}");
 }
 
+/// A server slower than the slowest accepted rate that answers every GET with a shorter range
+/// of 64 KiB (enough to be continued): each answer arrives well within the time one GET for
+/// the part gets, but the answers for the part must do so together, so three cuts fail the
+/// read (before, each answer had its own time and reset the count of cuts: the read went on
+/// at 8 kB/s, 64 KiB a GET, for the 16 GETs the part takes).
+#[test]
+fn a_slow_server_answering_short_ranges_is_given_up_on() {
+    let f = faulty();
+    let be = f.backend(&OpenOptions {
+        timeout: Some(Duration::from_millis(300)),
+        concurrency: Some(1),
+        ..small_chunks()
+    });
+    be.stat().unwrap();
+    f.proxy.set_faults(Faults {
+        // 8 kB/s: 64 KiB in about 8 s, well within the 6 × 0.3 s + 4 × 4 s + 4 s a GET of
+        // the 1 MiB part gets; about 170 kB in that time, a sixth of the part.
+        shorten_206: Some(64 << 10),
+        trickle: Some((800, Duration::from_millis(100))),
+        ..Faults::default()
+    });
+    let e = read_mib_within(be, 100).expect_err("a slow server was read to the end");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("3 GETs in a row were cut"), "{e}");
+    let gets = f.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert!(gets < 16, "{gets} GETs: {:?}", f.proxy.log());
+}
+
 /// A gateway that answers every ranged GET with 64 KiB: a 8 MiB part takes 128 GETs, more than
 /// the 64 short answers in a row allowed when each brings little, and is read whole.
 #[test]

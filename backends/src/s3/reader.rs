@@ -66,36 +66,47 @@ const MAX_SHORT_ANSWERS: u32 = 64;
 /// Slowest accepted transfer: one GET for N bytes gets the retry layer's attempts at the timeout
 /// and their backoff, plus N / this long in all (16 MiB: 6 × 10 s + 4 × 4 s + 64 s), so that a
 /// server trickling bytes, each gap shorter than the timeout, cannot hold a load for ever. A GET
-/// cut this way is continued where it stopped if it brought [`PROGRESS_MIN`] bytes, and is a
-/// `Timeout` error otherwise; [`MAX_SLOW_CUTS`] cuts in a row are a `Timeout` error too.
+/// cut this way is continued where it stopped if it brought [`PROGRESS_MIN`] bytes (with the
+/// shorter answers before it that it continues), and is a `Timeout` error otherwise;
+/// [`MAX_SLOW_CUTS`] cuts in a row are a `Timeout` error too.
 const MIN_RATE: u64 = crate::SLOWEST_RATE;
 /// Bytes a GET cut for slowness (or shorter than asked) must have brought to be continued
 /// (without counting towards [`MAX_SHORT_ANSWERS`]).
 const PROGRESS_MIN: usize = crate::PROGRESS_BYTES;
-/// GETs of one part cut for slowness in a row after which the part fails, however much each
-/// brought: a server slower than [`MIN_RATE`] must not hold a load for hours by bringing a
-/// little each time (with the defaults a connection slower than about 50 KiB/s fails).
+/// GETs of one part cut for slowness in a row (shorter answers between them do not break the
+/// row) after which the part fails, however much each brought: a server slower than
+/// [`MIN_RATE`] must not hold a load for hours by bringing a little each time (with the
+/// defaults a connection slower than about 50 KiB/s fails).
 const MAX_SLOW_CUTS: u32 = 3;
 
 /// `dst` from `offset`: one ranged GET, and more for the rest when the server answers with a
 /// shorter range. Returns fewer bytes than `dst` holds only where the object ends.
+///
+/// The GETs that continue a shorter answer share the time of the GET it answered (see
+/// [`get_deadline`]), and a cut for slowness stays counted whatever answers follow it: each on
+/// its own time, with the count restarted by every answer of 64 KiB, a server answering small
+/// ranges slowly held a part for as long as it lasted.
 async fn read_part(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) -> Result<usize> {
     let mut n = 0usize;
     let mut short = 0u32;
     let mut cuts = 0u32;
     let started = tokio::time::Instant::now();
     let part = offset..offset.saturating_add(dst.len() as u64);
+    // The deadline of the GET answering the part since the last cut (set by its `read_once`),
+    // and the bytes its answers must still bring by then to be continued rather than fail.
+    let mut deadline: Option<Option<tokio::time::Instant>> = None;
+    let mut need = PROGRESS_MIN.min(dst.len());
     while n < dst.len() {
         let at = offset + n as u64; // n <= dst.len(), and the range was clamped to the object
-        let Got { bytes: got, cut } = read_once(io, etag, at, &mut dst[n..]).await?;
-        if got == 0 {
-            break; // the object ends here
-        }
+        let Got { bytes: got, cut } =
+            read_once(io, etag, at, &mut dst[n..], &mut deadline, need).await?;
         n += got;
         if n >= dst.len() {
             break;
         }
         if cut {
+            deadline = None;
+            need = PROGRESS_MIN.min(dst.len() - n);
             cuts += 1;
             if cuts >= MAX_SLOW_CUTS {
                 return Err(Error::new(
@@ -114,7 +125,10 @@ async fn read_part(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
             }
             continue;
         }
-        cuts = 0;
+        if got == 0 {
+            break; // the object ends here
+        }
+        need = need.saturating_sub(got);
         if got >= PROGRESS_MIN {
             short = 0;
             continue;
@@ -140,12 +154,36 @@ async fn read_part(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
 struct Got {
     /// Bytes written to the front of the destination.
     bytes: usize,
-    /// The GET was cut for being slower than [`MIN_RATE`] (it brought [`PROGRESS_MIN`] or more).
+    /// The GET was cut for being slower than [`MIN_RATE`] (it brought the bytes it needed).
     cut: bool,
 }
 
-/// One ranged GET into `dst` (the server may answer a shorter range).
-async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) -> Result<Got> {
+/// When one GET for `len` bytes must be done: room for the retry layer's own attempts at a
+/// stalled body first (each `io_timeout`, with backoff between them), plus `len` at
+/// [`MIN_RATE`], from now. This is the backstop for bodies that never stall outright. `None`
+/// when the clock would overflow.
+fn get_deadline(io: &IoCtx, len: usize) -> Option<tokio::time::Instant> {
+    let allowed = io
+        .timeout
+        .max(io.io_timeout)
+        .saturating_mul(super::RETRIES as u32 + 2)
+        // (twice the largest backoff: the retry layer adds jitter)
+        .saturating_add(super::MAX_BACKOFF.saturating_mul(2 * super::RETRIES as u32))
+        .saturating_add(Duration::from_secs(len as u64 / MIN_RATE));
+    tokio::time::Instant::now().checked_add(allowed)
+}
+
+/// One ranged GET into `dst` (the server may answer a shorter range), done by `deadline`: the
+/// one of the GET it continues, or set here once the answer begins (see [`get_deadline`]). Cut
+/// then, it is continued if it brought `need` bytes, and a `Timeout` error otherwise.
+async fn read_once(
+    io: &IoCtx,
+    etag: Option<&str>,
+    offset: u64,
+    dst: &mut [u8],
+    deadline: &mut Option<Option<tokio::time::Instant>>,
+    need: usize,
+) -> Result<Got> {
     let end = offset.saturating_add(dst.len() as u64);
     let range = offset..end;
     let _permit =
@@ -174,21 +212,12 @@ async fn read_once(io: &IoCtx, etag: Option<&str>, offset: u64, dst: &mut [u8]) 
         .map_err(|e| io.error(e, "GET", Some(range.clone())))?;
     let mut n = 0usize;
     let started = tokio::time::Instant::now();
-    // Room for the retry layer's own attempts at a stalled body first (each `io_timeout`, with
-    // backoff between them): this is the backstop for bodies that never stall outright.
-    let allowed = io
-        .timeout
-        .max(io.io_timeout)
-        .saturating_mul(super::RETRIES as u32 + 2)
-        // (twice the largest backoff: the retry layer adds jitter)
-        .saturating_add(super::MAX_BACKOFF.saturating_mul(2 * super::RETRIES as u32))
-        .saturating_add(Duration::from_secs(dst.len() as u64 / MIN_RATE));
-    let deadline = started.checked_add(allowed);
+    let deadline = *deadline.get_or_insert_with(|| get_deadline(io, dst.len()));
     loop {
         let next = match deadline {
             Some(d) => match tokio::time::timeout_at(d, stream.try_next()).await {
                 Ok(r) => r,
-                Err(_) if n >= PROGRESS_MIN.min(dst.len()) => {
+                Err(_) if n >= need => {
                     return Ok(Got {
                         bytes: n,
                         cut: true,
