@@ -52,7 +52,8 @@ pub(crate) const SLOWEST_RATE: u64 = 256 << 10;
 /// ... and an answer that is merely shorter than asked (or broken off) counts as progress (is
 /// continued rather than failed) only if it brought this many bytes. NFS applies both per
 /// connection: bytes count as progress once they are this many and came at that rate or faster
-/// since the connection began waiting, and a connection without progress for its timeout fails.
+/// since the connection began waiting, and a connection without progress for its timeout fails
+/// (a reply is progress too, but not one to a READ continuing a shorter answer).
 #[cfg(any(feature = "http", feature = "s3", feature = "nfs"))]
 pub(crate) const PROGRESS_BYTES: usize = 64 << 10;
 

@@ -1058,12 +1058,12 @@ fn self_contradicting_replies_are_errors() {
 /// answers every READ with at most `cap` bytes and no EOF flag before the end — legal (RFC 7530
 /// §16.23), and something no real server here can be made to do on demand. Counts the READs.
 fn short_read_server(cap: u32) -> (u16, Arc<AtomicUsize>) {
-    read_server(cap, 0)
+    read_server(cap, 0, Duration::ZERO)
 }
 
 /// Like [`short_read_server`], but every READ answer carries `over` bytes more than asked (a
-/// protocol violation).
-fn read_server(cap: u32, over: u32) -> (u16, Arc<AtomicUsize>) {
+/// protocol violation), and each is sent `pause` after its READ came.
+fn read_server(cap: u32, over: u32, pause: Duration) -> (u16, Arc<AtomicUsize>) {
     const SIZE: u64 = 1 << 20;
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -1103,6 +1103,7 @@ fn read_server(cap: u32, over: u32) -> (u16, Arc<AtomicUsize>) {
                     let off = (u64::from(rd(&mut at)) << 32) | u64::from(rd(&mut at));
                     let asked = rd(&mut at);
                     reads.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(pause);
                     let n = asked.min(cap).min((SIZE - off.min(SIZE)) as u32) + over;
                     let eof = off + u64::from(n) >= SIZE;
                     let mut v = be32(&[1, 0, 0, 0, 0, 0, 0, 3, 22, 0, 25, 0, eof as u32, n]);
@@ -1162,7 +1163,7 @@ fn short_reads_are_continued() {
 fn a_server_breaking_the_protocol_is_not_retried_for_the_whole_budget() {
     // Every READ answered with more bytes than asked: refused, retried on a new connection a
     // few times (a garbled reply may be a one-off), then an error; not a minute of retries.
-    let (port, reads) = read_server(u32::MAX, 8);
+    let (port, reads) = read_server(u32::MAX, 8, Duration::ZERO);
     let be = open(
         &format!("nfs://127.0.0.1:{port}/x?nconnect=1&retry_for=600"),
         &opts(),
@@ -1205,6 +1206,47 @@ fn a_server_answering_a_byte_at_a_time_is_given_up_on() {
         reads.load(Ordering::SeqCst) <= 500 + 1025,
         "{reads:?} READs"
     );
+}
+
+/// A server answering every READ with 16 KiB, each answer well inside the timeout (300 ms, the
+/// timeout 2 s) but at about 53 KiB/s in all: the answers to the READs continuing a short one
+/// are no progress of their own, so the connection stalls as under a trickle and the read
+/// fails as a timeout after its retry, instead of being read to the end (64 READs for the
+/// 1 MiB, at any pace the server likes: 1 KiB every 25 s would have held one READ 7 hours).
+#[test]
+fn a_server_answering_short_and_slowly_times_out() {
+    let (port, reads) = read_server(16 << 10, 0, Duration::from_millis(300));
+    let o = OpenOptions {
+        timeout: Some(Duration::from_secs(2)),
+        ..opts()
+    };
+    let be = open(
+        &format!("nfs://127.0.0.1:{port}/x?retries=1&nconnect=1"),
+        &o,
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let e = be.read_at(0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("short pieces, too slowly"), "{e}");
+    assert!(e.to_string().contains("giving up after 2 attempts"), "{e}");
+    // Each attempt: the first answer, then those within the 2 s that follow (about 7) and the
+    // one after them.
+    let n = reads.load(Ordering::SeqCst);
+    assert!(n <= 2 * 10, "{n} READs");
+
+    // Answers 1.5 s apart: the stall shows between two of them, and says so too.
+    let (port, reads) = read_server(16 << 10, 0, Duration::from_millis(1500));
+    let be = open(
+        &format!("nfs://127.0.0.1:{port}/x?retries=0&nconnect=1"),
+        &o,
+    )
+    .unwrap();
+    let e = be.read_at(0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("short pieces, too slowly"), "{e}");
+    let n = reads.load(Ordering::SeqCst);
+    assert!(n <= 3, "{n} READs");
 }
 
 #[test]

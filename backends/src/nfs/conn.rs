@@ -38,7 +38,10 @@ const SLOWEST_RATE: u64 = crate::SLOWEST_RATE;
 /// Replies to calls never made (or given up on) in a row before the connection is dropped.
 const MAX_UNKNOWN_REPLIES: u32 = 64;
 /// Short READ answers for one sub-read before it fails (RFC 7530 allows short reads; a server
-/// answering a byte at a time would take a million round trips for 1 MiB).
+/// answering a byte at a time would take a million round trips for 1 MiB). The answers to the
+/// READs continuing a short answer are no progress of their own on the stall clock (their
+/// bytes count as any bytes do), so a server answering in small pieces slowly, each inside the
+/// timeout, stalls as a trickle does instead of holding a READ for up to this many timeouts.
 const MAX_SHORT_READS: u32 = 1024;
 
 /// Locks a mutex, ignoring poisoning (the protected state stays consistent: every critical
@@ -164,8 +167,11 @@ struct State {
     jobs: HashMap<u64, Job>,
     next_key: u64,
     busy_since: Instant,
-    /// When the last whole reply to a call of ours arrived.
+    /// When the last reply to a call of ours began (not one to a READ continuing a short
+    /// answer: see [`MAX_SHORT_READS`]).
     progress: Instant,
+    /// When the last reply to a READ continuing a short answer began.
+    continued: Instant,
     /// Replies in a row to calls not (or no longer) waiting.
     unknown_in_row: u32,
 }
@@ -220,11 +226,10 @@ impl Shared {
         }
         Some(last_recv.max(st.busy_since).max(st.progress))
     }
-    /// Whether calls are waiting (or a reply is half read) and nothing arrived for longer than
-    /// the timeout.
-    fn stalled(&self, last_recv: Instant) -> bool {
-        self.waiting_since(last_recv)
-            .is_some_and(|since| since.elapsed() > self.timeout)
+    /// Whether answers to READs continuing short answers began after `since`: a stall since
+    /// then is their slowness, not silence.
+    fn continued_since(&self, since: Instant) -> bool {
+        lock(&self.state).continued > since
     }
     fn send(&self, msg: &[u8]) {
         let mut w = lock(&self.writer);
@@ -265,6 +270,26 @@ struct TimedStream {
     bytes: usize,
 }
 
+impl TimedStream {
+    /// What a connection that brought bytes, but no progress, for a timeout since `since` (the
+    /// wait began) fails with.
+    fn too_slow(&self, since: Instant) -> String {
+        let what = if self.shared.continued_since(since) {
+            "answered READs only in short pieces, too slowly: it sent"
+        } else {
+            "sent"
+        };
+        format!(
+            "{} {what} only {} bytes in {:?} (progress needs {PROGRESS_BYTES} bytes, at {} \
+             KiB/s or faster)",
+            self.shared.peer,
+            self.bytes,
+            self.shared.timeout,
+            SLOWEST_RATE >> 10
+        )
+    }
+}
+
 impl Read for TimedStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::io::ErrorKind as K;
@@ -291,31 +316,26 @@ impl Read for TimedStream {
                     if self.bytes >= PROGRESS_BYTES && self.bytes as f64 >= at_rate {
                         self.last_recv = Instant::now();
                         self.bytes = 0;
-                    } else if n > 0 && since.is_some_and(|s| s.elapsed() > self.shared.timeout) {
+                    } else if let Some(since) =
+                        since.filter(|s| n > 0 && s.elapsed() > self.shared.timeout)
+                    {
                         // Bytes keep coming, too few to be progress (a trickle).
-                        return Err(std::io::Error::new(
-                            K::TimedOut,
-                            format!(
-                                "{} sent only {} bytes in {:?} (progress needs {PROGRESS_BYTES} \
-                                 bytes, at {} KiB/s or faster)",
-                                self.shared.peer,
-                                self.bytes,
-                                self.shared.timeout,
-                                SLOWEST_RATE >> 10
-                            ),
-                        ));
+                        return Err(std::io::Error::new(K::TimedOut, self.too_slow(since)));
                     }
                     return Ok(n);
                 }
                 Err(e) if matches!(e.kind(), K::WouldBlock | K::TimedOut) => {
-                    if self.shared.stalled(self.last_recv) {
-                        return Err(std::io::Error::new(
-                            K::TimedOut,
+                    let since = self.shared.waiting_since(self.last_recv);
+                    if let Some(since) = since.filter(|s| s.elapsed() > self.shared.timeout) {
+                        let msg = if self.shared.continued_since(since) {
+                            self.too_slow(since)
+                        } else {
                             format!(
                                 "no reply from {} within {:?}",
                                 self.shared.peer, self.shared.timeout
-                            ),
-                        ));
+                            )
+                        };
+                        return Err(std::io::Error::new(K::TimedOut, msg));
                     }
                 }
                 Err(e) if e.kind() == K::Interrupted => {}
@@ -535,6 +555,7 @@ impl Conn {
                 next_key: 0,
                 busy_since: Instant::now(),
                 progress: Instant::now(),
+                continued: Instant::now(),
                 unknown_in_row: 0,
             }),
             next_xid: AtomicU32::new(seed),
@@ -738,7 +759,13 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
         let p = st.calls.remove(&xid);
         if p.is_some() {
             st.unknown_in_row = 0;
-            st.progress = Instant::now();
+            // The answer to a READ continuing a short answer is no progress of its own (see
+            // MAX_SHORT_READS): only its bytes count, at the slowest rate or faster.
+            if matches!(p, Some(Pending::Read { short: 1.., .. })) {
+                st.continued = Instant::now();
+            } else {
+                st.progress = Instant::now();
+            }
         } else {
             st.unknown_in_row += 1;
             if st.unknown_in_row > MAX_UNKNOWN_REPLIES {
@@ -836,7 +863,8 @@ fn reply_body<R: BufRead>(shared: &Shared, wire: &mut Wire<R>) -> Result<(), Fat
                     let xid = shared.encode_read(&mut msg, &job, off, len);
                     let mut st = lock(&shared.state);
                     if st.dead.is_none() {
-                        st.expect(
+                        // Not `expect`: the wait goes on, its stall clock with it.
+                        st.calls.insert(
                             xid,
                             Pending::Read {
                                 key,

@@ -15,10 +15,12 @@
 //!   whose change attribute still matches the pinned one carries bytes of the pinned version;
 //!   anything else is [`ErrorKind::ObjectChanged`]. The data goes from the socket straight into
 //!   the engine's buffer.
-//! * Failures: a broken or stalled connection (nothing received for `timeout` while calls are
-//!   pending) fails its reads as retryable; they are re-sent on a fresh connection with backoff
-//!   (50 ms doubling to 2 s), for up to `retry_for` from the first failure (default 60 s, enough
-//!   for a server restart; 5 s while opening) and at most `retries` times. A TCP connect waits
+//! * Failures: a broken or stalled connection (with calls pending, no reply for `timeout`, nor
+//!   64 KiB at 256 KiB/s or faster; the answers to READs continuing a short answer are no
+//!   reply of their own) fails its reads as retryable; they are re-sent on a fresh connection
+//!   with backoff (50 ms doubling to 2 s), for up to `retry_for` from the first failure
+//!   (default 60 s, enough for a server restart; 5 s while opening) and at most `retries`
+//!   times. A TCP connect waits
 //!   at most 5 s. The first retry of a backend logs one warning. NFS errors map to error kinds (NOENT → NotFound, ACCESS/PERM →
 //!   PermissionDenied, STALE → ObjectChanged, DELAY/GRACE → retried).
 //! * Hostile servers: every length read from the wire is bounded before use (file handle ≤ 128
