@@ -1054,6 +1054,20 @@ fn shorter_206_answers_are_continued() {
     assert!(gets >= 8 * 4, "{log:?}");
 }
 
+/// A faulty rig and a backend on it making one GET at a time, each step of a body timed out
+/// after 300 ms, its object already stat'ed: the slow-server tests' set-up (their comments
+/// count the time a GET gets from these settings).
+fn one_get_at_a_time() -> (Faulty, Arc<S3Backend>) {
+    let f = faulty();
+    let be = f.backend(&OpenOptions {
+        timeout: Some(Duration::from_millis(300)),
+        concurrency: Some(1),
+        ..small_chunks()
+    });
+    be.stat().unwrap();
+    (f, be)
+}
+
 /// The first MiB of `be`, read on a thread of its own; fails the test if the read takes more
 /// than `secs` seconds.
 fn read_mib_within(be: Arc<S3Backend>, secs: u64) -> Result<usize> {
@@ -1092,13 +1106,7 @@ fn a_trickling_server_times_out() {
 /// brought 64 KiB was continued, and a trickle could hold a load for hours).
 #[test]
 fn a_server_that_stays_too_slow_is_given_up_on_after_three_cuts() {
-    let f = faulty();
-    let be = f.backend(&OpenOptions {
-        timeout: Some(Duration::from_millis(300)),
-        concurrency: Some(1),
-        ..small_chunks()
-    });
-    be.stat().unwrap();
+    let (f, be) = one_get_at_a_time();
     f.proxy.set_faults(Faults {
         // 5 kB/s: about 110 kB in each GET's 6 × 0.3 s + 4 × 4 s + 4 s, well over 64 KiB, and
         // about a third of the 1 MiB part in three GETs.
@@ -1126,13 +1134,7 @@ fn a_server_that_stays_too_slow_is_given_up_on_after_three_cuts() {
 /// at 8 kB/s, 64 KiB a GET, for the 16 GETs the part takes).
 #[test]
 fn a_slow_server_answering_short_ranges_is_given_up_on() {
-    let f = faulty();
-    let be = f.backend(&OpenOptions {
-        timeout: Some(Duration::from_millis(300)),
-        concurrency: Some(1),
-        ..small_chunks()
-    });
-    be.stat().unwrap();
+    let (f, be) = one_get_at_a_time();
     f.proxy.set_faults(Faults {
         // 8 kB/s: 64 KiB in about 8 s, well within the 6 × 0.3 s + 4 × 4 s + 4 s a GET of
         // the 1 MiB part gets; about 170 kB in that time, a sixth of the part.
