@@ -16,8 +16,10 @@
 //!   Backends that can detect a change (ETag, mtime, size) return [`ErrorKind::ObjectChanged`]
 //!   instead of mixing bytes of two versions. The engine also calls `stat` once more after a
 //!   load's last read ([`crate::unchanged_since`]): a version tag that changes with the content
-//!   lets it catch what no read noticed. `stat` must therefore be cheap and callable while a
-//!   reader is open.
+//!   lets it catch what no read noticed, and again when a load or conversion fails on bytes a
+//!   change explains (a checksum mismatch, an object ending early), to report the change
+//!   rather than a corrupt object. `stat` must therefore be cheap and callable while a reader
+//!   is open.
 //! * `read_at` may be called from many threads at once (`Backend: Sync`).
 //! * Readers returned by [`Backend::open_reader`] own the buffers handed to them until the read
 //!   completes, and give every buffer back, on success and on failure — also after

@@ -463,7 +463,7 @@ pub fn execute<S: Sink>(
                 ),
             );
         }
-        return Err(e.with_location(&loc));
+        return Err(or_changed(backend.as_ref(), meta, e).with_location(&loc));
     }
     let (sink, sink_res) = joined.map_err(|p| {
         Error::new(
@@ -472,7 +472,7 @@ pub fn execute<S: Sink>(
         )
         .with_location(&loc)
     })?;
-    sink_res.map_err(|e| e.with_location(&loc))?;
+    sink_res.map_err(|e| or_changed(backend.as_ref(), meta, e).with_location(&loc))?;
     if next < total || landed.iter().any(|&l| !l) {
         return Err(
             Error::new(ErrorKind::Io, "load stopped before all reads completed")
@@ -553,6 +553,27 @@ pub fn unchanged_since(backend: &dyn Backend, meta: &ObjectMeta) -> Result<()> {
             now.version.as_deref().unwrap_or("-")
         ),
     ))
+}
+
+/// `e`, unless it is a failure that a change of the object explains (bytes that fail their
+/// checksum, a per-tensor header that disagrees with the index, an object that ends early)
+/// and the object did change since `meta`: then the change (`ObjectChanged`, naming `e` too),
+/// so that a file rewritten during a load or conversion is not reported as a corrupt one. (One
+/// more `stat`, on such a failure only.)
+pub(crate) fn or_changed(backend: &dyn Backend, meta: &ObjectMeta, e: Error) -> Error {
+    if !matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::IntegrityMismatch) {
+        return e;
+    }
+    match unchanged_since(backend, meta) {
+        Err(changed) if changed.kind() == ErrorKind::ObjectChanged => {
+            let changed = changed.context(e.message());
+            match e.range() {
+                Some(r) => changed.with_range(r),
+                None => changed,
+            }
+        }
+        _ => e,
+    }
 }
 
 /// The message of a panic payload, for errors that report a panic.

@@ -824,8 +824,9 @@ impl Backend for Overwritten {
         "mem://overwritten"
     }
     fn stat(&self) -> Result<ObjectMeta> {
+        let now = if self.changed() { &self.new } else { &self.old };
         Ok(ObjectMeta {
-            size: self.old.len() as u64,
+            size: now.len() as u64,
             version: Some(if self.changed() { "v2" } else { "v1" }.into()),
         })
     }
@@ -874,5 +875,118 @@ fn a_conversion_of_an_object_that_changed_meanwhile_fails_and_writes_nothing() {
         assert_eq!(e.location(), Some("mem://overwritten"), "{out}: {e}");
         assert!(!path.exists(), "{out}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{out}");
+    }
+}
+
+/// Reads `read_index` makes of `bytes` (a conversion's or a load's first reads): an
+/// [`Overwritten`] changed after that many reads is changed before any tensor is read.
+fn index_reads(bytes: &[u8]) -> usize {
+    let be = Overwritten {
+        old: bytes.to_vec(),
+        new: bytes.to_vec(),
+        after: usize::MAX,
+        reads: 0.into(),
+    };
+    let mut index = format::read_index(&be, &be.stat().unwrap()).unwrap();
+    let ro = ReadOptions {
+        verify: index.format == Format::Tensorizer,
+        key: None,
+    };
+    tensorizer::prepare(&be, &mut index, &ro).unwrap();
+    be.reads.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The three ways a rewrite in progress meets the reads of a conversion or a load: a
+/// tensorizer file whose last tensor is half rewritten (its bytes fail their checksum), and a
+/// tensorizer or safetensors file cut short (as a writer that truncates first leaves it, the
+/// reads find it ending early). Each as (name, bytes before, bytes seen after the change).
+fn rewrites_in_progress() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    use tensorstream_engine::format::convert::{convert, ConvertOptions};
+    let (st, _) = tensorstream_engine::testkit::u8_model(&[3 << 20, 3 << 20, 3 << 20], 5);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.tensors");
+    convert(
+        &MemoryBackend::new("mem://m", st.clone()),
+        &path,
+        &ConvertOptions::default(),
+    )
+    .unwrap();
+    let tz = std::fs::read(&path).unwrap();
+    let mut torn = tz.clone();
+    let n = torn.len();
+    torn[n - (1 << 20)..].iter_mut().for_each(|b| *b ^= 0x5a);
+    let cut = |b: &[u8]| b[..b.len() - (1 << 20)].to_vec();
+    vec![
+        ("tensorizer, half rewritten", tz.clone(), torn),
+        ("tensorizer, cut short", tz.clone(), cut(&tz)),
+        ("safetensors, cut short", st.clone(), cut(&st)),
+    ]
+}
+
+/// An object rewritten while it is converted, whose new bytes a read meets before the final
+/// check (a tensor half written, a file cut short): the conversion reports the change
+/// (`ObjectChanged`), not a corrupt input (a checksum mismatch, an object that "ended at" an
+/// offset it does not end at), and writes nothing.
+#[test]
+fn a_conversion_that_meets_a_rewrite_in_progress_reports_the_change() {
+    use tensorstream_engine::format::convert::{convert, ConvertOptions};
+    let dir = tempfile::tempdir().unwrap();
+    for (what, old, new) in rewrites_in_progress() {
+        let after = index_reads(&old);
+        for out in ["o.safetensors", "o.tensors"] {
+            let be = Overwritten {
+                old: old.clone(),
+                new: new.clone(),
+                after,
+                reads: 0.into(),
+            };
+            let path = dir.path().join(out);
+            let e = convert(&be, &path, &ConvertOptions::default()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{what} → {out}: {e}");
+            assert_eq!(
+                e.location(),
+                Some("mem://overwritten"),
+                "{what} → {out}: {e}"
+            );
+            assert!(!path.exists(), "{what} → {out}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+}
+
+/// The same for a load (verifying a tensorizer file's hashes): the change, not a corrupt file,
+/// is what fails it.
+#[test]
+fn a_load_that_meets_a_rewrite_in_progress_reports_the_change() {
+    for (what, old, new) in rewrites_in_progress() {
+        let be = Arc::new(Overwritten {
+            after: index_reads(&old),
+            old,
+            new,
+            reads: 0.into(),
+        });
+        let meta = be.stat().unwrap();
+        let mut index = format::read_index(be.as_ref(), &meta).unwrap();
+        let ro = ReadOptions {
+            verify: index.format == Format::Tensorizer,
+            key: None,
+        };
+        let hook = tensorizer::prepare(be.as_ref(), &mut index, &ro).unwrap();
+        let sel: Vec<usize> = (0..index.tensors.len()).collect();
+        let mut po = PlanOptions::new(meta.size);
+        po.chunk_size = 1 << 20;
+        let plan = Arc::new(plan(&index, &sel, &po).unwrap());
+        let sink = match hook {
+            Some(h) => HostSink::with_hook(h, 3),
+            None => HostSink::new(),
+        };
+        let eo = EngineOptions {
+            queue_depth: 4,
+            ring_budget: 4 << 20,
+            progress: None,
+            cancel: None,
+        };
+        let e = err(execute(be, &meta, plan, sink, &eo));
+        assert_eq!(e.kind(), ErrorKind::ObjectChanged, "{what}: {e}");
     }
 }

@@ -73,6 +73,13 @@ impl PartBackend<'_> {
     fn check_unchanged(&self, loc: &str) -> Result<()> {
         crate::unchanged_since(self.get(), self.meta()).map_err(|e| e.with_location(loc))
     }
+
+    /// A failure while the part's tensors were converted, or the object's change where one
+    /// explains it (a checksum mismatch, an object that ends early: a rewrite in progress),
+    /// as a load reports it ([`crate::pipeline::or_changed`]).
+    fn or_changed(&self, e: Error, loc: &str) -> Error {
+        crate::pipeline::or_changed(self.get(), self.meta(), e).with_location(loc)
+    }
 }
 
 /// How a part's bytes are read: a reader session ([`PartBackend::Session`] of a remote backend)
@@ -858,7 +865,8 @@ fn write_safetensors(
                     w.write_all(p)
                         .map_err(|e| Error::from_io(e, "writing safetensors data"))
                 },
-            )?;
+            )
+            .map_err(|e| be.or_changed(e, &loc))?;
             stats.tensors += 1;
         }
         drop(reads);
@@ -913,8 +921,9 @@ fn write_tensorizer<W: Write + Seek>(
                 // Feed the serializer through a reader that pulls pieces on demand.
                 check_cancel(opts)?;
                 // Read errors name the part (inside); write errors are the output's.
-                let mut pieces = PieceReader::new(&mut reads, &loc, &index, ti, &hook, opts)?;
-                ser.write_tensor_from(&mut pieces)?;
+                PieceReader::new(&mut reads, &loc, &index, ti, &hook, opts)
+                    .and_then(|mut pieces| ser.write_tensor_from(&mut pieces))
+                    .map_err(|e| be.or_changed(e, &loc))?;
             }
             stats.bytes = stats.bytes.saturating_add(t.nbytes());
             stats.tensors += 1;
