@@ -170,6 +170,73 @@ fn an_explicit_io_option_wins_over_the_environment() {
     }
 }
 
+/// `tensorstream` with the kernel refusing io_uring to it (tests/support/no_io_uring.py: a
+/// seccomp filter, as container runtimes install): `(exit code, stdout, stderr)`.
+fn run_without_io_uring(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String, String) {
+    let launcher = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/no_io_uring.py");
+    let out = Command::new("python3")
+        .arg(launcher)
+        .arg(env!("CARGO_BIN_EXE_tensorstream"))
+        .args(args)
+        .env_remove("TENSORSTREAM_IO")
+        .env_remove("TENSORSTREAM_DIRECT")
+        .envs(env.iter().copied())
+        .output()
+        .expect("python3 runs the io_uring-refusing launcher");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(
+        out.status.code(),
+        Some(97),
+        "the seccomp filter could not be installed: {err}"
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        err,
+    )
+}
+
+#[test]
+fn a_kernel_refusing_io_uring_gets_pread_or_a_hint_at_what_asked_for_it() {
+    let path = fixtures().join("mixed.safetensors");
+    let path = path.to_str().unwrap();
+    // Asked for by the option: the hint is the option (it overrides the variable, so setting
+    // TENSORSTREAM_IO would change nothing). This also shows the filter refuses io_uring.
+    let (code, _, err) = run_without_io_uring(&[], &["load", path, "--io", "io_uring"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("io_uring_setup failed"), "{err}");
+    assert!(err.contains("--io pread"), "{err}");
+    assert!(!err.contains("TENSORSTREAM_IO"), "{err}");
+    // Asked for by the variable: the hint is the variable.
+    let (code, _, err) = run_without_io_uring(&[("TENSORSTREAM_IO", "io_uring")], &["load", path]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("TENSORSTREAM_IO=pread"), "{err}");
+    // Not asked for: io_uring would be used (O_DIRECT wanted, no page-cache probe), the kernel
+    // refuses it, and the pread pool loads the same bytes, with one warning.
+    let (code, out, err) = run_without_io_uring(
+        &[("TENSORSTREAM_DIRECT", "always")],
+        &["load", path, "--digests", "--json"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        err.matches("io_uring unavailable").count(),
+        1,
+        "one warning: {err}"
+    );
+    assert!(err.contains("using the pread thread pool"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let m = manifest();
+    let want = m["files"]["mixed.safetensors"]["tensors"]
+        .as_array()
+        .unwrap();
+    let got = v["tensors"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for w in want {
+        let g = got.iter().find(|g| g["name"] == w["name"]).unwrap();
+        assert_eq!(g["sha256"], w["sha256"], "{}", w["name"]);
+    }
+}
+
 #[test]
 fn dtype_names_are_lower_case_safetensors_names() {
     let out = run_ok(&[

@@ -101,6 +101,23 @@ pub fn requested_mode(option: Option<IoMode>, env: Option<IoMode>) -> Option<IoM
     }
 }
 
+/// Why an explicit request for io_uring fails, and what to ask for instead: the option when it
+/// was given (it overrides `TENSORSTREAM_IO`, so changing the variable would not help), else
+/// the variable.
+pub fn uring_refused(by_option: bool, why: &str) -> String {
+    if by_option {
+        format!(
+            "io_uring was requested (io mode io_uring, `--io io_uring` in the CLI) but is not \
+             available ({why}); ask for pread or auto instead (`--io pread`)"
+        )
+    } else {
+        format!(
+            "io_uring was requested by TENSORSTREAM_IO but is not available ({why}); set \
+             TENSORSTREAM_IO=pread or auto instead"
+        )
+    }
+}
+
 /// Parses a sysfs `logical_block_size` file's content: a power of two between 512 and 64 KiB.
 pub fn parse_block_size(text: &str) -> Option<usize> {
     let n: usize = text.trim().parse().ok()?;

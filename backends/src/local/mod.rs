@@ -386,11 +386,9 @@ impl LocalBackend {
             Some(IoMode::Pread) => IoMode::Pread,
             Some(IoMode::Uring) => {
                 uring::available().map_err(|why| {
-                    Error::unsupported(format!(
-                        "io_uring was requested but is not available ({why}); use TENSORSTREAM_IO=pread"
-                    ))
-                    .with_location(path)
-                    .with_backend("local")
+                    Error::unsupported(config::uring_refused(opts.io_mode.is_some(), &why))
+                        .with_location(path)
+                        .with_backend("local")
                 })?;
                 IoMode::Uring
             }

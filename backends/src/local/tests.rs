@@ -87,6 +87,21 @@ fn fs_magic_selects_profile() {
 }
 
 #[test]
+fn a_refused_io_uring_request_says_to_change_what_made_it() {
+    // The option overrides TENSORSTREAM_IO: its hint must not be to set the variable.
+    let by_option = uring_refused(true, "io_uring_setup failed: EPERM");
+    assert!(by_option.contains("--io pread"), "{by_option}");
+    assert!(!by_option.contains("TENSORSTREAM_IO"), "{by_option}");
+    assert!(
+        by_option.contains("io_uring_setup failed: EPERM"),
+        "{by_option}"
+    );
+    let by_env = uring_refused(false, "io_uring_setup failed: EPERM");
+    assert!(by_env.contains("TENSORSTREAM_IO=pread"), "{by_env}");
+    assert!(by_env.contains("io_uring_setup failed: EPERM"), "{by_env}");
+}
+
+#[test]
 fn option_beats_environment() {
     assert_eq!(
         requested_mode(Some(IoMode::Pread), Some(IoMode::Uring)),
