@@ -30,7 +30,7 @@ apt_pkgs=()
 have nginx || apt_pkgs+=(nginx-light)
 have ganesha.nfsd || apt_pkgs+=(nfs-ganesha nfs-ganesha-vfs)
 have nfs-cat || apt_pkgs+=(libnfs-utils)
-have python3 || apt_pkgs+=(python3)  # scripts/test_gpu_check.py (the GPU check's judging)
+have python3 || apt_pkgs+=(python3)  # scripts/test_gpu_check.py (the GPU check's judging), tests/support/no_io_uring.py
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   log "installing ${apt_pkgs[*]}"
   if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
