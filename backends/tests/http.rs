@@ -904,6 +904,34 @@ fn a_server_that_resets_after_every_few_bytes_is_given_up_on() {
     assert_eq!(gets, 4, "{:?}", r.proxy.log());
 }
 
+/// A server that closes kept-alive connections after a short idle time (nginx's
+/// `keepalive_timeout`, here 5 ms) closes some of them just as the client takes them from its
+/// pool for the next GET, which then meets a closed connection before any answer ("connection
+/// closed before message completed", or a reset). Such a GET is sent again at once and is no
+/// failed attempt: with no retries allowed, a load of 1024 small ranges still arrives whole.
+/// (Counted, about one GET in ten failed here, and the load failed at its first.)
+#[test]
+fn connections_the_server_closes_as_they_are_reused_are_no_failed_attempts() {
+    let dir = served_dir();
+    let nginx = Nginx::start_with(dir.path(), "keepalive_timeout 5ms;");
+    let (img, ranges) = safetensors(&[("a", 6 << 20), ("b", 5 << 20), ("c", 5 << 20)], 41);
+    write_file(dir.path(), "m.safetensors", &img);
+    let b = Arc::new(
+        HttpBackend::open_with(
+            &nginx.url("m.safetensors"),
+            quick_cfg(32, 16 << 10, Duration::from_secs(10), 0),
+        )
+        .unwrap(),
+    );
+    let (model, _) = load(b, None).unwrap_or_else(|e| {
+        panic!(
+            "the load failed: {e}\nnginx's error log:\n{}",
+            nginx.error_log()
+        )
+    });
+    assert_tensors(&model, &img, &["a", "b", "c"], &ranges);
+}
+
 #[test]
 fn unavailable_503_is_retried_then_bounded() {
     let r = rig();

@@ -54,7 +54,9 @@ pub struct HttpConfig {
     /// 30 KiB/s fails with the defaults (six attempts of 30 s or more for 8 MiB). 0: no limit.
     pub min_rate: u64,
     /// Retries of one range that made no progress (connection errors, 429, 5xx, stalls, fewer
-    /// than [`PROGRESS_MIN`] bytes, answers cut for being slower than `min_rate`).
+    /// than [`PROGRESS_MIN`] bytes, answers cut for being slower than `min_rate`). A request
+    /// that meets a connection closed before any answer (a kept-alive one the server closed as
+    /// it was reused) is sent again at once and not counted, up to `2 × concurrency + 1` in a row.
     pub max_retries: u32,
     /// First retry delay; doubles on each retry (full jitter).
     pub backoff_base: Duration,

@@ -20,7 +20,9 @@
 //!   refused with `Unsupported` otherwise.
 //! * Broken bodies resume from the byte where they stopped (under the same precondition);
 //!   connection errors, stalls, 429 and 5xx are retried with exponential backoff and full jitter,
-//!   honouring `Retry-After` (capped), a bounded number of times.
+//!   honouring `Retry-After` (capped), a bounded number of times. A request that meets a
+//!   kept-alive connection the server closed as it was reused (no answer began) is sent again at
+//!   once without counting, up to a bound (see `retry::closed_in_a_row_max`).
 
 pub mod config;
 pub mod reader;

@@ -75,6 +75,10 @@ pub(crate) enum Failure {
     Slow(Box<Error>),
     /// Give up.
     Fatal(Box<Error>),
+    /// The connection closed before any answer came (see [`closed_before_answer`]): a
+    /// kept-alive connection the server closed just as this request went out on it, most
+    /// likely. Sent again at once, and no failed attempt up to [`closed_in_a_row_max`] in a row.
+    Closed(Box<Error>),
 }
 
 fn fatal(e: Error) -> Failure {
@@ -137,7 +141,50 @@ pub(crate) fn describe_reqwest(e: reqwest::Error) -> (ErrorKind, bool, String) {
     (kind, retryable, msg)
 }
 
+/// Whether a request failed on a connection that closed (or was reset) before any answer came,
+/// not one that could not be opened: what a kept-alive connection from the pool gives when the
+/// server closed it (its idle timeout: nginx's `keepalive_timeout`, Apache's `KeepAliveTimeout`)
+/// as the request was sent on it. hyper's "connection closed before message completed".
+fn closed_before_answer(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() || !e.is_request() {
+        return false;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return matches!(
+                io.kind(),
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+            );
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// Requests in a row (for one `stat` or range) that may meet a connection closed before any
+/// answer ([`Failure::Closed`]) without counting as failed attempts: one more than the idle
+/// connections the pool keeps (see `HttpBackend::unopened`), each of which the server may have
+/// closed, so that past them a fresh connection was tried. Beyond that, such failures count
+/// (with backoff), and a server that closes every connection unanswered is given up on after
+/// the retries, as before.
+pub(crate) fn closed_in_a_row_max(cfg: &HttpConfig) -> u32 {
+    u32::try_from(cfg.concurrency.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .saturating_add(1)
+}
+
 fn from_reqwest(ctx: &Ctx, e: reqwest::Error) -> Failure {
+    if closed_before_answer(&e) {
+        let (kind, _, msg) = describe_reqwest(e);
+        return Failure::Closed(Box::new(ctx.err(kind, msg).with_retryable(true)));
+    }
     let (kind, retryable, msg) = describe_reqwest(e);
     let err = ctx.err(kind, msg);
     if retryable {
@@ -223,13 +270,22 @@ fn give_up(ctx: &Ctx, err: Error, attempts: u32) -> Error {
 /// or inconclusive), with retries.
 pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
     let mut failures = 0u32;
+    let mut closed = 0u32;
     loop {
         let (err, after) = match stat_once(ctx).await {
             Ok(p) => return Ok(p),
             Err(Failure::Fatal(e)) => return Err(*e),
+            Err(Failure::Closed(err)) => {
+                closed += 1;
+                if closed <= closed_in_a_row_max(&ctx.cfg) {
+                    continue;
+                }
+                (err, None)
+            }
             Err(Failure::Retry { err, after }) => (err, after),
             Err(Failure::Slow(err)) => (err, None),
         };
+        closed = 0;
         failures += 1;
         if failures > ctx.cfg.max_retries {
             return Err(give_up(ctx, *err, failures));
@@ -455,6 +511,8 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
     // its own time, and the count of failures restarted by each, let 64 KiB every 30 s count
     // as progress for as long as the range lasted.)
     let mut chain: Option<Option<tokio::time::Instant>> = None;
+    // GETs in a row that met a connection closed before any answer (see `Failure::Closed`).
+    let mut closed = 0u32;
     while pos < want {
         let deadline = *chain.get_or_insert_with(|| attempt_deadline(&ctx.cfg, want - pos));
         let (got, outcome) =
@@ -463,6 +521,9 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
         // and then fails (or trickles) must not be retried forever.
         let progress = got > 0 && got >= PROGRESS_MIN.min(want - pos);
         pos += got;
+        if !matches!(outcome, Err(Failure::Closed(_))) {
+            closed = 0;
+        }
         let (err, after, slow) = match outcome {
             Ok(()) if got == 0 => {
                 return Err(ctx.err(
@@ -490,6 +551,15 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
                 continue;
             }
             Err(Failure::Fatal(e)) => return Err(*e),
+            Err(Failure::Closed(err)) => {
+                closed += 1;
+                if closed <= closed_in_a_row_max(&ctx.cfg) {
+                    // No answer began (nothing arrived): the same GET again at once, on
+                    // another connection, within the same time.
+                    continue;
+                }
+                (err, None, false)
+            }
             Err(Failure::Retry { err, after }) => (err, after, false),
             Err(Failure::Slow(err)) => (err, None, true),
         };
@@ -710,7 +780,12 @@ async fn current_version(ctx: &Ctx) -> String {
             "{unknown}; a HEAD for the new version got {}",
             status_text(&r)
         ),
-        Ok(Err(Failure::Retry { err, .. } | Failure::Slow(err) | Failure::Fatal(err))) => {
+        Ok(Err(
+            Failure::Retry { err, .. }
+            | Failure::Slow(err)
+            | Failure::Fatal(err)
+            | Failure::Closed(err),
+        )) => {
             format!("{unknown}; a HEAD for the new version failed: {err}")
         }
         Err(_) => format!("{unknown}; a HEAD for the new version timed out"),
