@@ -626,6 +626,36 @@ fn a_redirect_loop_is_a_clear_error_without_retries() {
     );
 }
 
+/// The hops of a redirect chain share the request's timeout: a server taking 1 s over each
+/// answer of an endless chain of redirects, with a 2.5 s timeout, fails with a `Timeout` before
+/// the chain's end. (Each hop had a timeout of its own: the six answers came, 6 s in all, and the
+/// chain failed as too long.)
+#[test]
+fn the_hops_of_a_redirect_chain_share_the_requests_timeout() {
+    let r = rig();
+    write_file(r.dir.path(), "x.bin", &pattern(1000, 1));
+    r.proxy.set_faults(Faults {
+        redirect: Some((
+            "/r/".into(),
+            format!("http://127.0.0.1:{}/r/", r.proxy.port()),
+        )),
+        gate: Some(Arc::new(|_: &str, _: &str, _: Option<&str>| {
+            std::thread::sleep(Duration::from_secs(1));
+            None
+        })),
+        ..Default::default()
+    });
+    let e = HttpBackend::open_with(
+        &r.proxy.url("r/x.bin"),
+        quick_cfg(1, 1 << 20, Duration::from_millis(2500), 0),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("redirects followed)"), "{e}");
+    let answered = r.proxy.log().len();
+    assert!(answered < 6, "{answered} answers, the whole chain: {e}");
+}
+
 /// A read waiting out a long `Retry-After` is stopped at once when the load is cancelled (the
 /// reader sees the flag) or abandoned (another read failed), not after all its retries.
 #[test]

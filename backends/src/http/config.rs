@@ -14,7 +14,8 @@ use crate::OpenOptions;
 pub const DEFAULT_CONCURRENCY: usize = 32;
 /// Default size of one ranged GET.
 pub const DEFAULT_CHUNK: usize = 8 << 20;
-/// Default per-request timeout (time to response headers, and longest pause between body bytes).
+/// Default per-request timeout (time to response headers, redirects included, and longest pause
+/// between body bytes).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default slowest accepted transfer rate: one GET for N bytes may take the timeout plus
 /// N / this long (8 MiB: 30 s + 32 s). A slower answer is cut and resumed, and counts as a
@@ -39,7 +40,8 @@ pub struct HttpConfig {
     pub concurrency: usize,
     /// Size of one ranged GET (the planner's preferred chunk).
     pub chunk_size: usize,
-    /// Time allowed until response headers arrive, and longest pause between body bytes (stall).
+    /// Time allowed until response headers arrive (the final answer's: the hops of a redirect
+    /// chain share it), and longest pause between body bytes (stall).
     pub timeout: Duration,
     /// Time allowed to open a TCP (+ TLS) connection.
     pub connect_timeout: Duration,

@@ -296,7 +296,8 @@ pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
 
 /// Sends `method` (with the version pin's precondition and a `Range`, if given) to the URL,
 /// following up to [`super::config::MAX_REDIRECTS`] redirects by hand (see [`next_hop`]); the client follows
-/// none itself, so that the user's headers never reach another origin.
+/// none itself, so that the user's headers never reach another origin. The final answer's
+/// headers must arrive within the timeout, redirects included (the hops share it).
 async fn send(
     ctx: &Ctx,
     method: reqwest::Method,
@@ -305,17 +306,28 @@ async fn send(
 ) -> Result<Response, Failure> {
     let mut url = ctx.url.clone();
     let mut hops = 0;
+    // `None` (each hop on its own timeout) only where a huge timeout would overflow the clock.
+    let deadline = tokio::time::Instant::now().checked_add(ctx.cfg.timeout);
     loop {
         let mut req = ctx.request_to(&url, method.clone(), pin);
         if let Some(r) = range {
             req = req.header(header::RANGE, r);
         }
-        let resp = match tokio::time::timeout(ctx.cfg.timeout, req.send()).await {
+        let answer = match deadline {
+            Some(d) => tokio::time::timeout_at(d, req.send()).await,
+            None => tokio::time::timeout(ctx.cfg.timeout, req.send()).await,
+        };
+        let resp = match answer {
             Err(_) => {
+                let redirects = match hops {
+                    0 => String::new(),
+                    1 => " (1 redirect followed)".to_string(),
+                    n => format!(" ({n} redirects followed)"),
+                };
                 return Err(retry(ctx.err(
                     ErrorKind::Timeout,
-                    format!("no response within {:?}", ctx.cfg.timeout),
-                )))
+                    format!("no response within {:?}{redirects}", ctx.cfg.timeout),
+                )));
             }
             Ok(Err(e)) => return Err(from_reqwest(ctx, e)),
             Ok(Ok(r)) => r,
