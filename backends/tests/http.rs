@@ -903,8 +903,42 @@ fn a_slow_server_answering_short_ranges_is_given_up_on() {
         b.read_at(0, &mut vec![0u8; 1 << 20])
     });
     let e = got.expect_err("a server slower than min_rate in short answers was read to the end");
-    // (Cut mid-answer as too slow, or between answers, with no byte of the next, as stalled.)
+    // (Cut mid-answer or between answers: too slow either way, not stalled.)
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("too slow"), "{e}");
+    assert!(e.to_string().contains("giving up after 3 attempts"), "{e}");
+    let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
+    assert!(gets < 16, "{gets} GETs: {:?}", r.proxy.log());
+}
+
+/// The answers continuing a GET share its time also while the next answer is awaited: a server
+/// that holds every request 1 s and answers it with 64 KiB (fast) reads 1 MiB at ~64 KiB/s
+/// against an accepted 1 MiB/s, and is given up on as too slow. (Only a body's bytes were held
+/// to the GET's time: with the time run out, the next answer was still awaited on a timeout of
+/// its own and then read whole, each answer progress, and the range was read to the end, 16
+/// GETs in 16 s.)
+#[test]
+fn a_server_answering_short_ranges_each_after_a_pause_is_given_up_on() {
+    let r = rig();
+    let data = pattern(1 << 20, 12);
+    write_file(r.dir.path(), "x.bin", &data);
+    r.proxy.set_faults(Faults {
+        shorten_206: Some(64 << 10),
+        delay: Some(Duration::from_secs(1)),
+        ..Default::default()
+    });
+    let cfg = HttpConfig {
+        min_rate: 1 << 20,
+        ..quick_cfg(1, 1 << 20, Duration::from_secs(3), 2)
+    };
+    let b = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg).unwrap();
+    r.proxy.clear_log();
+    let got = within(Duration::from_secs(90), move || {
+        b.read_at(0, &mut vec![0u8; 1 << 20])
+    });
+    let e = got.expect_err("a server slower than min_rate in paused short answers was read whole");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("too slow"), "{e}");
     assert!(e.to_string().contains("giving up after 3 attempts"), "{e}");
     let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
     assert!(gets < 16, "{gets} GETs: {:?}", r.proxy.log());

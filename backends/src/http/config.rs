@@ -51,7 +51,7 @@ pub struct HttpConfig {
     /// bytes are kept), but counts as a failed attempt whatever it brought: a range that is
     /// still not complete after `max_retries` such cuts in a row fails with a `Timeout` error
     /// ("too slow"). The answers to a GET that the server answered with a shorter range share
-    /// that GET's time, and progress does not take a cut off the count, so a server answering
+    /// that GET's time (the waits for them too), and progress does not take a cut off the count, so a server answering
     /// small ranges slowly is given up on as well. In practice a connection slower than about
     /// 30 KiB/s fails with the defaults (six attempts of 30 s or more for 8 MiB). 0: no limit.
     pub min_rate: u64,

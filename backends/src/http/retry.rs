@@ -297,17 +297,25 @@ pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
 /// Sends `method` (with the version pin's precondition and a `Range`, if given) to the URL,
 /// following up to [`super::config::MAX_REDIRECTS`] redirects by hand (see [`next_hop`]); the client follows
 /// none itself, so that the user's headers never reach another origin. The final answer's
-/// headers must arrive within the timeout, redirects included (the hops share it).
+/// headers must arrive within the timeout, redirects included (the hops share it), and by
+/// `allowance` (the time left to the ranged GET that a shorter answer came to, see
+/// [`attempt_deadline`]) when that comes first: past it, the answer is too slow.
 async fn send(
     ctx: &Ctx,
     method: reqwest::Method,
     pin: Option<&Pin>,
     range: Option<&str>,
+    allowance: Option<tokio::time::Instant>,
 ) -> Result<Response, Failure> {
     let mut url = ctx.url.clone();
     let mut hops = 0;
     // `None` (each hop on its own timeout) only where a huge timeout would overflow the clock.
-    let deadline = tokio::time::Instant::now().checked_add(ctx.cfg.timeout);
+    let own = tokio::time::Instant::now().checked_add(ctx.cfg.timeout);
+    let (deadline, by_allowance) = match (own, allowance) {
+        (Some(o), Some(a)) if a < o => (Some(a), true),
+        (None, Some(a)) => (Some(a), true),
+        (o, _) => (o, false),
+    };
     loop {
         let mut req = ctx.request_to(&url, method.clone(), pin);
         if let Some(r) = range {
@@ -318,6 +326,20 @@ async fn send(
             None => tokio::time::timeout(ctx.cfg.timeout, req.send()).await,
         };
         let resp = match answer {
+            Err(_) if by_allowance => {
+                return Err(Failure::Slow(Box::new(
+                    ctx.err(
+                        ErrorKind::Timeout,
+                        format!(
+                            "response too slow: no answer before the time of the ranged GET \
+                             ran out (the shorter answers to a GET share its time; slowest \
+                             accepted rate {} bytes/s)",
+                            ctx.cfg.min_rate
+                        ),
+                    )
+                    .with_retryable(true),
+                )))
+            }
             Err(_) => {
                 let redirects = match hops {
                     0 => String::new(),
@@ -373,7 +395,7 @@ fn validators(h: &HeaderMap) -> (Option<String>, Option<String>) {
 }
 
 async fn stat_once(ctx: &Ctx) -> Result<Pin, Failure> {
-    let resp = send(ctx, reqwest::Method::HEAD, None, None).await?;
+    let resp = send(ctx, reqwest::Method::HEAD, None, None, None).await?;
     let status = resp.status().as_u16();
     if resp.status().is_success() {
         let h = resp.headers();
@@ -417,7 +439,7 @@ fn no_ranges(ctx: &Ctx, why: &str) -> Error {
 }
 
 async fn probe(ctx: &Ctx) -> Result<Pin, Failure> {
-    let mut resp = send(ctx, reqwest::Method::GET, None, Some("bytes=0-0")).await?;
+    let mut resp = send(ctx, reqwest::Method::GET, None, Some("bytes=0-0"), None).await?;
     let status = resp.status().as_u16();
     let h = resp.headers().clone();
     match classify(status) {
@@ -525,10 +547,35 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
     let mut chain: Option<Option<tokio::time::Instant>> = None;
     // GETs in a row that met a connection closed before any answer (see `Failure::Closed`).
     let mut closed = 0u32;
+    // Where the GETs sharing `chain` began, and when.
+    let (mut chain_from, mut chain_started) = (pos, tokio::time::Instant::now());
     while pos < want {
-        let deadline = *chain.get_or_insert_with(|| attempt_deadline(&ctx.cfg, want - pos));
-        let (got, outcome) =
-            attempt(ctx, pin, offset + pos as u64, &mut dest[pos..], deadline).await;
+        let deadline = *chain.get_or_insert_with(|| {
+            (chain_from, chain_started) = (pos, tokio::time::Instant::now());
+            attempt_deadline(&ctx.cfg, want - pos)
+        });
+        let (got, outcome) = if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+            // The time ran out between two answers: too slow, as when it runs out in a body
+            // (not a GET sent only to be cut at once, as stalled).
+            let err = ctx.err(
+                ErrorKind::Timeout,
+                format!(
+                    "response too slow: {} of {} bytes in {:.1} s, in answers shorter than \
+                     asked (slowest accepted rate {} bytes/s)",
+                    pos - chain_from,
+                    want - chain_from,
+                    chain_started.elapsed().as_secs_f64(),
+                    ctx.cfg.min_rate
+                ),
+            );
+            (0, Err(Failure::Slow(Box::new(err.with_retryable(true)))))
+        } else {
+            // (Only a GET continuing shorter answers waits for its answer within `deadline`: a
+            // new one has the timeout, which ends first unless the range is a few bytes.)
+            let continues = pos > chain_from;
+            let at = offset + pos as u64;
+            attempt(ctx, pin, at, &mut dest[pos..], deadline, continues).await
+        };
         // Progress restarts the retry count only when it is real: a server that sends a byte
         // and then fails (or trickles) must not be retried forever.
         let progress = got > 0 && got >= PROGRESS_MIN.min(want - pos);
@@ -601,18 +648,28 @@ async fn fetch_inner(ctx: &Ctx, pin: &Pin, offset: u64, dest: &mut [u8]) -> Resu
 
 /// One GET for `dest.len()` bytes at `start`. Returns the bytes written to `dest` (a prefix),
 /// also when the attempt failed part-way. A `206` must arrive whole by `deadline` (from
-/// [`attempt_deadline`], for this GET or, when it continues a shorter answer, for the GET
-/// that answer came to) or it is cut as too slow.
+/// [`attempt_deadline`], for this GET or, when it `continues` a shorter answer, for the GET
+/// that answer came to, and then the answer's headers too) or it is cut as too slow.
 async fn attempt(
     ctx: &Ctx,
     pin: &Pin,
     start: u64,
     dest: &mut [u8],
     deadline: Option<tokio::time::Instant>,
+    continues: bool,
 ) -> (usize, Result<(), Failure>) {
     let end = start + dest.len() as u64 - 1; // dest is non-empty
+    let allowance = deadline.filter(|_| continues);
     let range = format!("bytes={start}-{end}");
-    let mut resp = match send(ctx, reqwest::Method::GET, Some(pin), Some(&range)).await {
+    let mut resp = match send(
+        ctx,
+        reqwest::Method::GET,
+        Some(pin),
+        Some(&range),
+        allowance,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(f) => return (0, Err(f)),
     };
@@ -771,7 +828,7 @@ fn version_mismatch(ctx: &Ctx, pin: &Pin, h: &HeaderMap) -> Option<Failure> {
 async fn current_version(ctx: &Ctx) -> String {
     let unknown = "a different version (412 Precondition Failed)";
     let head = || {
-        let fut = send(ctx, reqwest::Method::HEAD, None, None);
+        let fut = send(ctx, reqwest::Method::HEAD, None, None, None);
         tokio::time::timeout(ctx.cfg.timeout.min(Duration::from_secs(5)), fut)
     };
     let mut answer = head().await;
@@ -840,9 +897,10 @@ async fn stream_body(
             None => ctx.cfg.timeout,
         };
         let chunk = match tokio::time::timeout(wait, resp.chunk()).await {
-            // Cut by the deadline after some bytes: too slow. (With none at all it is a stall,
-            // whichever limit came first.)
-            Err(_) if wait < ctx.cfg.timeout && got > 0 => {
+            // Cut by the deadline (the GET's time ran out before the timeout did): too slow,
+            // also with no byte of this answer yet (a shorter answer continuing a GET, whose
+            // time ran out as this one began, stalled for no time at all).
+            Err(_) if wait < ctx.cfg.timeout => {
                 return (
                     got,
                     Err(Failure::Slow(Box::new(
