@@ -997,6 +997,51 @@ fn connections_the_server_closes_as_they_are_reused_are_no_failed_attempts() {
 }
 
 #[test]
+fn a_server_closing_every_request_unanswered_is_given_up_on_soon() {
+    // Connections closed before any answer are sent again at once, uncounted, only up to
+    // 2 × concurrency + 1 in a row (as many as may be stale kept-alive ones); past that each
+    // counts, so a server that drops every request sees few of them before the error.
+    let r = rig();
+    let data = pattern(1 << 20, 12);
+    write_file(r.dir.path(), "x.bin", &data);
+    let (concurrency, retries) = (2, 2);
+    let cfg = || quick_cfg(concurrency, 1 << 20, Duration::from_secs(10), retries);
+    let most = 2 * concurrency + 1 + retries as usize + 1;
+    let hung_up = |r: &Rig| r.proxy.log().iter().filter(|x| x.status == 0).count();
+
+    // The HEAD of the opening.
+    r.proxy.set_faults(Faults {
+        hang_up: 1000,
+        ..Default::default()
+    });
+    r.proxy.clear_log();
+    let e = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg()).unwrap_err();
+    assert!(e.to_string().contains("giving up after"), "{e}");
+    let n = hung_up(&r);
+    assert!(
+        (1..=most).contains(&n),
+        "the opening sent {n} requests to a server closing each (at most {most})"
+    );
+
+    // A ranged GET.
+    r.proxy.set_faults(Faults::default());
+    let b = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg()).unwrap();
+    r.proxy.set_faults(Faults {
+        hang_up: 1000,
+        ..Default::default()
+    });
+    r.proxy.clear_log();
+    let mut buf = vec![0u8; data.len()];
+    let e = b.read_at(0, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("giving up after"), "{e}");
+    let n = hung_up(&r);
+    assert!(
+        (1..=most).contains(&n),
+        "a read sent {n} requests to a server closing each (at most {most})"
+    );
+}
+
+#[test]
 fn unavailable_503_is_retried_then_bounded() {
     let r = rig();
     let data = pattern(1 << 20, 9);

@@ -272,7 +272,13 @@ pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
     let mut failures = 0u32;
     let mut closed = 0u32;
     loop {
-        let (err, after) = match stat_once(ctx).await {
+        let outcome = stat_once(ctx).await;
+        // (Only another kind of answer ends a row: past the bound, closed connections count,
+        // each of them, as in `fetch_inner`.)
+        if !matches!(outcome, Err(Failure::Closed(_))) {
+            closed = 0;
+        }
+        let (err, after) = match outcome {
             Ok(p) => return Ok(p),
             Err(Failure::Fatal(e)) => return Err(*e),
             Err(Failure::Closed(err)) => {
@@ -285,7 +291,6 @@ pub(crate) async fn stat(ctx: &Ctx) -> Result<Pin> {
             Err(Failure::Retry { err, after }) => (err, after),
             Err(Failure::Slow(err)) => (err, None),
         };
-        closed = 0;
         failures += 1;
         if failures > ctx.cfg.max_retries {
             return Err(give_up(ctx, *err, failures));

@@ -8,6 +8,8 @@
 //! * `stall_after`: stop forwarding after N body bytes for a while (longer than the client's
 //!   timeout), then close;
 //! * `unavailable`: answer the next K requests with `503 Service Unavailable` + `Retry-After`;
+//! * `hang_up`: close the connection without answering the next K requests (logged with
+//!   status 0);
 //! * `strip_range`: drop the `Range` header of requests (the server then answers 200);
 //! * `shift_content_range`: add N to both ends of a `206` answer's `Content-Range` (the body is
 //!   unchanged): a server or cache that says it sends another window than the one asked for;
@@ -76,6 +78,9 @@ pub struct Faults {
     pub unavailable: Option<(usize, String)>,
     /// Send those 503 answers with `Content-Encoding: gzip` (a CDN's compressed error page).
     pub unavailable_gzip: bool,
+    /// Close the connection, unanswered, on each of the next this many requests (a server or
+    /// gateway that drops requests); logged with status 0.
+    pub hang_up: usize,
     /// Remove `Range` from requests.
     pub strip_range: bool,
     /// Shift the `Content-Range` of `206` answers by this many bytes.
@@ -127,6 +132,7 @@ struct Armed {
     unavailable_left: AtomicUsize,
     retry_after: String,
     unavailable_gzip: bool,
+    hang_up_left: AtomicUsize,
     strip_range: bool,
     shift_content_range: Option<u64>,
     replace_at: u64,
@@ -166,6 +172,7 @@ impl Armed {
             unavailable_left: AtomicUsize::new(unavailable_left),
             retry_after,
             unavailable_gzip: f.unavailable_gzip,
+            hang_up_left: AtomicUsize::new(f.hang_up),
             strip_range: f.strip_range,
             shift_content_range: f.shift_content_range,
             replace_at,
@@ -568,6 +575,12 @@ fn handle(client: TcpStream, shared: &Arc<Shared>, conn: u64) -> std::io::Result
                 client_w.write_all(resp.as_bytes())?;
                 continue;
             }
+        }
+        if take_one(&armed.hang_up_left) {
+            // Logged before hanging up, so a client that saw the close finds it in the log.
+            log_answer(0);
+            drop(in_flight);
+            return Ok(());
         }
         if take_one(&armed.unavailable_left) {
             // Logged before answering, so a client that saw the answer finds it in the log.
