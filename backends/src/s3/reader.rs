@@ -175,7 +175,9 @@ fn get_deadline(io: &IoCtx, len: usize) -> Option<tokio::time::Instant> {
 
 /// One ranged GET into `dst` (the server may answer a shorter range), done by `deadline`: the
 /// one of the GET it continues, or set here once the answer begins (see [`get_deadline`]). Cut
-/// then, it is continued if it brought `need` bytes, and a `Timeout` error otherwise.
+/// then, it is continued if it brought `need` bytes, and a `Timeout` error otherwise. OpenDAL
+/// sends the GET when its stream is first polled, so the wait for a continuing GET's answer
+/// counts against the deadline too, not only its body.
 async fn read_once(
     io: &IoCtx,
     etag: Option<&str>,
