@@ -889,20 +889,33 @@ fn a_slow_server_answering_short_ranges_is_given_up_on() {
     // arrives well within the 3 s + 1 s one GET for the 1 MiB range gets; the answers for the
     // range together must do so too, or the server could hold a load for hours at a few KiB/s
     // (it did: 16 answers of 64 KiB, the range read whole, however slowly they came).
-    r.proxy.set_faults(Faults {
-        shorten_206: Some(64 << 10),
+    let faults = Faults {
         trickle: Some((16 << 10, Duration::from_millis(400))),
         ..Default::default()
+    };
+    short_answers_are_given_up_on(&r, faults, "short answers");
+}
+
+/// Reads 1 MiB of `x.bin` through `r`'s proxy with `faults`, every 206 cut to 64 KiB, from
+/// a backend accepting 1 MiB/s (timeout 3 s, 2 retries, one GET at a time): it must fail as
+/// too slow after 3 attempts, in fewer than the 16 GETs reading it to the end would take.
+fn short_answers_are_given_up_on(r: &Rig, faults: Faults, what: &str) {
+    r.proxy.set_faults(Faults {
+        shorten_206: Some(64 << 10),
+        ..faults
     });
     let cfg = HttpConfig {
         min_rate: 1 << 20,
         ..quick_cfg(1, 1 << 20, Duration::from_secs(3), 2)
     };
     let b = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg).unwrap();
+    r.proxy.clear_log();
     let got = within(Duration::from_secs(90), move || {
         b.read_at(0, &mut vec![0u8; 1 << 20])
     });
-    let e = got.expect_err("a server slower than min_rate in short answers was read to the end");
+    let Err(e) = got else {
+        panic!("a server slower than min_rate in {what} was read to the end")
+    };
     // (Cut mid-answer or between answers: too slow either way, not stalled.)
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("too slow"), "{e}");
@@ -922,26 +935,11 @@ fn a_server_answering_short_ranges_each_after_a_pause_is_given_up_on() {
     let r = rig();
     let data = pattern(1 << 20, 12);
     write_file(r.dir.path(), "x.bin", &data);
-    r.proxy.set_faults(Faults {
-        shorten_206: Some(64 << 10),
+    let faults = Faults {
         delay: Some(Duration::from_secs(1)),
         ..Default::default()
-    });
-    let cfg = HttpConfig {
-        min_rate: 1 << 20,
-        ..quick_cfg(1, 1 << 20, Duration::from_secs(3), 2)
     };
-    let b = HttpBackend::open_with(&r.proxy.url("x.bin"), cfg).unwrap();
-    r.proxy.clear_log();
-    let got = within(Duration::from_secs(90), move || {
-        b.read_at(0, &mut vec![0u8; 1 << 20])
-    });
-    let e = got.expect_err("a server slower than min_rate in paused short answers was read whole");
-    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
-    assert!(e.to_string().contains("too slow"), "{e}");
-    assert!(e.to_string().contains("giving up after 3 attempts"), "{e}");
-    let gets = r.proxy.log().iter().filter(|x| x.method == "GET").count();
-    assert!(gets < 16, "{gets} GETs: {:?}", r.proxy.log());
+    short_answers_are_given_up_on(&r, faults, "paused short answers");
 }
 
 #[test]
