@@ -12,7 +12,8 @@ pub fn scheme_of(uri: &str) -> Option<String> {
 }
 
 /// `uri` for messages: user information and (except for `nfs://`, whose query holds options)
-/// the query and the fragment are left out, since they may hold credentials or signatures.
+/// the query and the fragment are left out, since they may hold credentials or signatures
+/// (shown as `?…`, or `#…` where the fragment comes first).
 /// Works on any string (a URI that does not parse is redacted all the same).
 pub fn redact_uri(uri: &str) -> String {
     let Some(scheme) = scheme_of(uri) else {
@@ -39,8 +40,12 @@ pub fn redact_uri(uri: &str) -> String {
         Some(q) => rest.split_at(q),
         None => (rest, ""),
     };
+    // What is left out keeps its mark: a fragment (`#` before any `?`) is shown as `#…`, not as
+    // a query the user never wrote.
     let query = if query.is_empty() || scheme == "nfs" {
         query
+    } else if query.starts_with('#') {
+        "#…"
     } else {
         "?…"
     };
@@ -140,7 +145,10 @@ mod tests {
             ("http://bücher.example/a@b/m", "http://bücher.example/a@b/m"),
             ("http://[fe80::1%25eth0]:80/a@b", "http://[fe80::1%25eth0]:80/a@b"),
             ("https://h?email=a/b@c.com", "https://h?…"),
-            ("https://h#x/y@z", "https://h?…"),
+            ("https://h#x/y@z", "https://h#…"),
+            ("s3://b/k#v2", "s3://b/k#…"),
+            ("https://h/m#a?sig=x", "https://h/m#…"),
+            ("https://h/m?sig=x#a", "https://h/m?…"),
             // A password holding '/', and an '@' in the query: the host is the one after the
             // password, not the query's.
             ("https://user:pa/ss@h/m?sig=a@b", "https://h/m?…"),
