@@ -972,6 +972,14 @@ fn a_server_that_resets_after_every_few_bytes_is_given_up_on() {
 /// closed before message completed", or a reset). Such a GET is sent again at once and is no
 /// failed attempt: with no retries allowed, a load of 1024 small ranges still arrives whole.
 /// (Counted, about one GET in ten failed here, and the load failed at its first.)
+///
+/// The backend's runtime has one thread here: with two, hyper (1.12) now and then strands a GET
+/// sent on a pooled connection just as that connection's task ends on the other thread (its
+/// queue closed and drained while the send was between reserving its place and putting the
+/// request in it), and that GET is neither written nor failed: it waits out the timeout, and
+/// with no retries the load fails (hyperium/hyper#4122). Counted, this test failed so in 3 of
+/// 80 runs with two threads (and a load like it with a 3 s timeout in 4 of 100), in none of 80
+/// (and 100) with one.
 #[test]
 fn connections_the_server_closes_as_they_are_reused_are_no_failed_attempts() {
     let dir = served_dir();
@@ -981,7 +989,10 @@ fn connections_the_server_closes_as_they_are_reused_are_no_failed_attempts() {
     let b = Arc::new(
         HttpBackend::open_with(
             &nginx.url("m.safetensors"),
-            quick_cfg(32, 16 << 10, Duration::from_secs(10), 0),
+            HttpConfig {
+                runtime_threads: 1,
+                ..quick_cfg(32, 16 << 10, Duration::from_secs(10), 0)
+            },
         )
         .unwrap(),
     );
