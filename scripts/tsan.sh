@@ -20,6 +20,11 @@
 # is the only edge (a new load taking slots that a dropped one let go of, the arena read while
 # no join or channel orders it), TSan reports a race between the old window's last access and
 # the new one's first.
+#
+# TSan's allocator aborts the whole test binary on a request above its 1 TiB limit, where the
+# system allocator returns null (and the engine reports "out of host memory", which tests
+# check: engine/tests/tensorizer.rs a_tiny_file_declaring_huge_zero_tensors_fails_cleanly_…);
+# allocator_may_return_null=1 makes it return null too. Set TSAN_OPTIONS to override.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/tsan}
@@ -33,5 +38,5 @@ if [ ! -f "$lib/libcuda.so" ] || [ "$src" -nt "$lib/libcuda.so" ]; then
 fi
 export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RUSTFLAGS="-Zsanitizer=thread -Clink-arg=-Wl,--export-dynamic"
-export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=0:second_deadlock_stack=1}
+export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=0:second_deadlock_stack=1:allocator_may_return_null=1}
 exec cargo +nightly test -Zbuild-std --target "$(rustc -vV | sed -n 's/^host: //p')" "$@"
