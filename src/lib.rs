@@ -4174,6 +4174,12 @@ mod tests {
             Panic,
         }
         const CALLS: usize = 3;
+        // Bounds on the waits below, there only so that a hang fails the test rather than
+        // stalling it: every wait is answered long before on a working `one_ahead`. Printing
+        // the run's panic with RUST_BACKTRACE=1 under ThreadSanitizer made this test take 9 s
+        // on two cores (0.01 s without the backtrace), 22 s with the other core busy: the held
+        // call, given up on after the 10 s it had, went on as if its flag were never set.
+        const BOUND: Duration = Duration::from_secs(120);
         let seen = Arc::new((Mutex::new(Seen::default()), Condvar::new()));
         // Items 0..n, each prepared with CALLS store calls and a look at its flag before each;
         // the run of item `hold.0 - 1` waits for the call `hold` to be in flight, then does
@@ -4198,13 +4204,8 @@ mod tests {
                             g.calls.push((i, call));
                             s.1.notify_all();
                             if hold == Some((i, call)) {
-                                // Answered once `one_ahead` has returned (or after 10 s).
-                                drop(
-                                    s.1.wait_timeout_while(g, Duration::from_secs(10), |g| {
-                                        !g.returned
-                                    })
-                                    .unwrap(),
-                                );
+                                // Answered once `one_ahead` has returned (or after BOUND).
+                                drop(s.1.wait_timeout_while(g, BOUND, |g| !g.returned).unwrap());
                             }
                         }
                         s.0.lock().unwrap().ended.push(i);
@@ -4219,9 +4220,7 @@ mod tests {
                         let g = seen.0.lock().unwrap();
                         let (g, _) = seen
                             .1
-                            .wait_timeout_while(g, Duration::from_secs(10), |g| {
-                                !g.calls.contains(&held)
-                            })
+                            .wait_timeout_while(g, BOUND, |g| !g.calls.contains(&held))
                             .unwrap();
                         assert!(g.calls.contains(&held), "call {held:?} was not made");
                         drop(g);
@@ -4240,7 +4239,7 @@ mod tests {
                 // The preparation left behind tells what it did before the next case starts.
                 g = seen
                     .1
-                    .wait_timeout_while(g, Duration::from_secs(20), |g| !g.ended.contains(&k))
+                    .wait_timeout_while(g, BOUND, |g| !g.ended.contains(&k))
                     .unwrap()
                     .0;
                 assert!(g.ended.contains(&k), "item {k}'s preparation did not end");
