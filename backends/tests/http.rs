@@ -601,22 +601,29 @@ fn a_redirect_to_another_origin_keeps_the_users_headers_home() {
     }
 }
 
-#[test]
-fn a_redirect_loop_is_a_clear_error_without_retries() {
-    let r = rig();
+/// Opens `r/x.bin` through a proxy that redirects every `/r/` request to itself (an endless
+/// chain), each answer first passing `gate`, and returns the error.
+fn open_endless_redirect_chain(
+    r: &Rig,
+    gate: Option<support::proxy::Gate>,
+    cfg: HttpConfig,
+) -> tensorstream_engine::Error {
     write_file(r.dir.path(), "x.bin", &pattern(1000, 1));
     r.proxy.set_faults(Faults {
         redirect: Some((
             "/r/".into(),
             format!("http://127.0.0.1:{}/r/", r.proxy.port()),
         )),
+        gate,
         ..Default::default()
     });
-    let e = HttpBackend::open_with(
-        &r.proxy.url("r/x.bin"),
-        quick_cfg(1, 1 << 20, Duration::from_secs(5), 3),
-    )
-    .unwrap_err();
+    HttpBackend::open_with(&r.proxy.url("r/x.bin"), cfg).unwrap_err()
+}
+
+#[test]
+fn a_redirect_loop_is_a_clear_error_without_retries() {
+    let r = rig();
+    let e = open_endless_redirect_chain(&r, None, quick_cfg(1, 1 << 20, Duration::from_secs(5), 3));
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("more than 5 redirects"), "{e}");
     assert_eq!(
@@ -633,23 +640,15 @@ fn a_redirect_loop_is_a_clear_error_without_retries() {
 #[test]
 fn the_hops_of_a_redirect_chain_share_the_requests_timeout() {
     let r = rig();
-    write_file(r.dir.path(), "x.bin", &pattern(1000, 1));
-    r.proxy.set_faults(Faults {
-        redirect: Some((
-            "/r/".into(),
-            format!("http://127.0.0.1:{}/r/", r.proxy.port()),
-        )),
-        gate: Some(Arc::new(|_: &str, _: &str, _: Option<&str>| {
-            std::thread::sleep(Duration::from_secs(1));
-            None
-        })),
-        ..Default::default()
+    let slow: support::proxy::Gate = Arc::new(|_: &str, _: &str, _: Option<&str>| {
+        std::thread::sleep(Duration::from_secs(1));
+        None
     });
-    let e = HttpBackend::open_with(
-        &r.proxy.url("r/x.bin"),
+    let e = open_endless_redirect_chain(
+        &r,
+        Some(slow),
         quick_cfg(1, 1 << 20, Duration::from_millis(2500), 0),
-    )
-    .unwrap_err();
+    );
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("redirects followed)"), "{e}");
     let answered = r.proxy.log().len();
